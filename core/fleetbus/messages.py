@@ -1,0 +1,258 @@
+"""Bus API v1 request and reply bodies (JSON), validated at the boundary.
+
+Every request model forbids unknown fields: a misspelt field from another system gets
+``invalid_request`` naming the field instead of being silently ignored. docs/bus-api.md
+documents each field; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .names import COMMAND_ID_RE
+
+OPERATIONS = ("exec", "put", "get", "info", "ping")
+Operation = Literal["exec", "put", "get", "info", "ping"]
+
+# A request body is one NATS message; replies with inline file content must fit one too.
+MAX_REQUEST_BYTES = 1024 * 1024
+MAX_INLINE_BYTES = 512 * 1024
+DEFAULT_TAIL_BYTES = 64 * 1024
+DEFAULT_EXEC_TIMEOUT_S = 600.0
+MAX_EXEC_TIMEOUT_S = 7 * 24 * 3600.0
+
+_ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A plain subject: tokens of printable non-space characters, no wildcards.
+_SUBJECT_RE = re.compile(r"^[^\s.*>]+(\.[^\s.*>]+)*$")
+_OBJECT_RE = re.compile(r"^[A-Za-z0-9_.=/-]{1,255}$")
+
+
+class Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_max_length=MAX_REQUEST_BYTES)
+
+    id: str | None = Field(
+        default=None,
+        description="Command id. A retried exec or put with the same id is not run twice.",
+    )
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str | None) -> str | None:
+        if v is not None and not COMMAND_ID_RE.match(v):
+            raise ValueError("id must be 1-64 letters, digits, '-' or '_'")
+        return v
+
+
+def _check_path(v: str) -> str:
+    if not v or "\x00" in v:
+        raise ValueError("path must be non-empty and contain no NUL byte")
+    if len(v) > 4096:
+        raise ValueError("path is longer than 4096 characters")
+    return v
+
+
+def _decode_b64(v: str, field: str) -> bytes:
+    try:
+        return base64.b64decode(v, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{field} is not valid base64") from None
+
+
+class ExecRequest(Request):
+    argv: list[str] | None = Field(default=None, min_length=1, max_length=4096)
+    shell: str | None = Field(default=None, min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    stdin: str | None = None
+    stdin_b64: str | None = None
+    timeout_s: float = Field(default=DEFAULT_EXEC_TIMEOUT_S, gt=0, le=MAX_EXEC_TIMEOUT_S)
+    output_subject: str | None = Field(default=None, max_length=255)
+
+    @model_validator(mode="after")
+    def _one_command(self) -> "ExecRequest":
+        if (self.argv is None) == (self.shell is None):
+            raise ValueError("give exactly one of argv (a list) or shell (a string)")
+        if self.stdin is not None and self.stdin_b64 is not None:
+            raise ValueError("give at most one of stdin or stdin_b64")
+        if self.stdin_b64 is not None:
+            _decode_b64(self.stdin_b64, "stdin_b64")
+        return self
+
+    @field_validator("argv")
+    @classmethod
+    def _argv(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and any("\x00" in a for a in v):
+            raise ValueError("argv items must not contain NUL bytes")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not _ENV_KEY_RE.match(key):
+                raise ValueError(f"invalid environment variable name {key[:64]!r}")
+            if "\x00" in value:
+                raise ValueError(f"environment variable {key} contains a NUL byte")
+        return v
+
+    @field_validator("cwd")
+    @classmethod
+    def _cwd(cls, v: str | None) -> str | None:
+        return None if v is None else _check_path(v)
+
+    @field_validator("output_subject")
+    @classmethod
+    def _subject(cls, v: str | None) -> str | None:
+        if v is not None and not _SUBJECT_RE.match(v):
+            raise ValueError("output_subject must be a plain NATS subject without wildcards")
+        return v
+
+    def stdin_bytes(self) -> bytes | None:
+        if self.stdin_b64 is not None:
+            return base64.b64decode(self.stdin_b64)
+        if self.stdin is not None:
+            return self.stdin.encode()
+        return None
+
+
+def _parse_mode(v: Any) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        raise ValueError("mode must be an octal string like '0644' or an integer")
+    if isinstance(v, str):
+        try:
+            v = int(v, 8)
+        except ValueError:
+            raise ValueError("mode must be an octal string like '0644'") from None
+    if not isinstance(v, int) or not 0 <= v <= 0o7777:
+        raise ValueError("mode must be between 0 and 07777")
+    return v
+
+
+class PutRequest(Request):
+    path: str
+    mode: int | None = None
+    content_b64: str | None = None
+    object: str | None = None
+    make_parents: bool = True
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+
+    _content: bytes | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return _check_path(v)
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode(cls, v: Any) -> int | None:
+        return _parse_mode(v)
+
+    @field_validator("object")
+    @classmethod
+    def _object(cls, v: str | None) -> str | None:
+        if v is not None and not _OBJECT_RE.match(v):
+            raise ValueError("object must be 1-255 characters of A-Z a-z 0-9 _ . = / -")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "PutRequest":
+        if (self.content_b64 is None) == (self.object is None):
+            raise ValueError("give exactly one of content_b64 (inline) or object (object store)")
+        if self.content_b64 is not None:
+            self._content = _decode_b64(self.content_b64, "content_b64")
+        return self
+
+    def content(self) -> bytes | None:
+        return self._content
+
+
+class GetRequest(Request):
+    path: str
+    object: str | None = None
+    max_inline: int = Field(default=MAX_INLINE_BYTES, ge=0, le=MAX_INLINE_BYTES)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        return _check_path(v)
+
+    @field_validator("object")
+    @classmethod
+    def _object(cls, v: str | None) -> str | None:
+        if v is not None and not _OBJECT_RE.match(v):
+            raise ValueError("object must be 1-255 characters of A-Z a-z 0-9 _ . = / -")
+        return v
+
+
+class InfoRequest(Request):
+    pass
+
+
+class PingRequest(Request):
+    pass
+
+
+REQUEST_MODELS: dict[str, type[Request]] = {
+    "exec": ExecRequest,
+    "put": PutRequest,
+    "get": GetRequest,
+    "info": InfoRequest,
+    "ping": PingRequest,
+}
+
+
+class CancelRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not COMMAND_ID_RE.match(v):
+            raise ValueError("id must be 1-64 letters, digits, '-' or '_'")
+        return v
+
+
+def parse_json_object(data: bytes) -> dict[str, Any]:
+    """Decode a request body: an empty body is ``{}``; anything but an object is refused."""
+    from .errors import InvalidRequest, TooLarge
+
+    if len(data) > MAX_REQUEST_BYTES:
+        raise TooLarge(
+            f"request body is {len(data)} bytes; the limit is {MAX_REQUEST_BYTES}: "
+            "send large files through the object store"
+        )
+    try:
+        body = json.loads(data) if data.strip() else {}
+    except (UnicodeDecodeError, ValueError):
+        raise InvalidRequest("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return body
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming the first few bad fields, for an ``invalid_request`` reply."""
+    parts = []
+    for err in exc.errors()[:3]:
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "body"
+        msg = "unknown field" if err.get("type") == "extra_forbidden" else str(err.get("msg", "invalid"))
+        parts.append(f"{loc}: {msg.removeprefix('Value error, ')}")
+    more = len(exc.errors()) - 3
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")

@@ -1,0 +1,110 @@
+"""Records kept in the JetStream key-value buckets: servers, their status, credentials.
+
+These are pydantic models because they cross process boundaries (every core, worker
+and gateway reads them from NATS); unknown fields are refused so a typo in an admin
+request is an error rather than silently ignored data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import InvalidRequest
+from .names import LABEL_KEY_RE, check_credential_name, check_server_name
+
+
+def _field(check: Callable[[str], str], value: str) -> str:
+    # pydantic reports ValueError as a field error; our checks raise InvalidRequest.
+    try:
+        return check(value)
+    except InvalidRequest as exc:
+        raise ValueError(exc.message) from None
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Server(Strict):
+    """A registered server: its name and how to reach it."""
+
+    name: str
+    transport: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    host: str | None = Field(default=None, max_length=253)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    credential: str | None = None
+    roles: list[str] = Field(default_factory=list, max_length=64)
+    environment: str | None = Field(default=None, max_length=64)
+    labels: dict[str, str] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)
+    max_concurrency: int = Field(default=16, ge=1, le=1024)
+    description: str | None = Field(default=None, max_length=1024)
+    created: datetime = Field(default_factory=utcnow)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _field(check_server_name, v)
+
+    @field_validator("credential")
+    @classmethod
+    def _credential(cls, v: str | None) -> str | None:
+        return None if v is None else _field(check_credential_name, v)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        if len(v) > 64:
+            raise ValueError("at most 64 labels")
+        for key, value in v.items():
+            if not LABEL_KEY_RE.match(key):
+                raise ValueError(f"invalid label key {key!r}")
+            if len(value) > 256:
+                raise ValueError(f"label {key!r} is longer than 256 characters")
+        return v
+
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, v: list[str]) -> list[str]:
+        for role in v:
+            if not LABEL_KEY_RE.match(role):
+                raise ValueError(f"invalid role {role!r}")
+        return v
+
+
+class ServerStatus(Strict):
+    """What the fleet last saw of a server; written by whoever serves it."""
+
+    name: str
+    state: Literal["online", "offline", "unknown"] = "unknown"
+    served_by: str | None = None
+    transport_version: str | None = None
+    since: datetime | None = None
+    last_seen: datetime | None = None
+    detail: str | None = None
+
+
+CredentialType = Literal["password", "ssh-key", "token"]
+
+
+class CredentialInfo(Strict):
+    """What anyone may see of a credential: never its secret."""
+
+    name: str
+    type: CredentialType
+    user: str | None = None
+    description: str | None = None
+    created: datetime = Field(default_factory=utcnow)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return _field(check_credential_name, v)
