@@ -1,0 +1,219 @@
+"""The transport interface: everything a transport plugin author implements.
+
+A transport knows how to talk to one kind of server (this host, sshd, WinRM, a fleetbus
+agent) and nothing about NATS. The plugin host (``fleetbus.host``) subscribes to the bus
+subjects, validates requests, enforces timeouts, cancellation and concurrency limits,
+writes the audit trail and replies; it calls a transport only through the methods below.
+
+The shape is: a :class:`Transport` is created once per process and opens one
+:class:`Session` per server, which the host keeps and reuses across commands (so an SSH
+connection or an agent link is shared by concurrent commands) and closes when idle or
+after it reports itself dead.
+
+Cancellation: when a command times out or is cancelled, the host cancels the coroutine
+running :meth:`Session.exec` (or ``put``/``get``). The transport must then stop the
+remote work (kill the process group, close the channel) before letting
+``asyncio.CancelledError`` propagate.
+
+Blocking client libraries (paramiko, pywinrm) must run through
+:meth:`TransportContext.run_blocking`, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal, Protocol, TypeVar
+
+from .records import Server
+
+T = TypeVar("T")
+
+StreamName = Literal["stdout", "stderr"]
+
+
+@dataclass(frozen=True)
+class ExecSpec:
+    """One process to run. Exactly one of ``argv`` and ``shell`` is set."""
+
+    argv: list[str] | None
+    shell: str | None
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    stdin: bytes | None = None
+    timeout_s: float | None = None
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """How the process ended: ``exit_code``, or the ``signal`` that killed it."""
+
+    exit_code: int | None
+    signal: int | None = None
+
+
+class OutputSink(Protocol):
+    """Where a transport sends process output as it arrives.
+
+    ``write`` may wait when the consumer is slow (back-pressure); transports should
+    read the next chunk only after it returns.
+    """
+
+    async def write(self, stream: StreamName, data: bytes) -> None: ...
+
+
+@dataclass(frozen=True)
+class PutSpec:
+    """A file to write atomically: write a temporary file beside ``path``, then rename."""
+
+    path: str
+    mode: int | None = None
+    make_parents: bool = True
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class FileStat:
+    size: int
+    mode: int | None = None
+
+
+@dataclass
+class RemoteFile:
+    """A file being read: its size and mode up front, then its bytes in chunks."""
+
+    size: int
+    mode: int | None
+    chunks: AsyncIterator[bytes]
+
+    async def aclose(self) -> None:
+        closer = getattr(self.chunks, "aclose", None)
+        if closer is not None:
+            await closer()
+
+
+@dataclass(frozen=True)
+class ServerFacts:
+    """What ``info`` reports. Unknown facts stay ``None``; ``extra`` holds the rest."""
+
+    hostname: str | None = None
+    os: str | None = None
+    os_version: str | None = None
+    kernel: str | None = None
+    arch: str | None = None
+    uptime_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A decrypted credential, handed to :meth:`Transport.open` and nowhere else."""
+
+    name: str
+    type: str
+    user: str | None
+    secret: bytes = field(repr=False)
+    passphrase: bytes | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:  # never show the secret, even in a traceback
+        return f"Credential(name={self.name!r}, type={self.type!r}, user={self.user!r})"
+
+
+class TransportContext(Protocol):
+    """What the plugin host gives a transport."""
+
+    transport_name: str
+    logger: logging.Logger
+    settings: dict[str, Any]
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking call in the host's bounded thread pool."""
+        ...
+
+    async def serve(self, server: Server) -> None:
+        """Start answering the bus subjects of ``server`` (dynamic transports only)."""
+        ...
+
+    async def unserve(self, name: str) -> None:
+        """Stop answering the bus subjects of the server ``name``."""
+        ...
+
+    async def lookup_server(self, name: str) -> Server | None:
+        """The registry record of ``name``, or None."""
+        ...
+
+
+class Session(abc.ABC):
+    """An open line to one server, shared by concurrent commands."""
+
+    @abc.abstractmethod
+    async def exec(self, spec: ExecSpec, output: OutputSink) -> ExecResult:
+        """Run a process, send its output to ``output`` as it arrives, return how it ended."""
+
+    @abc.abstractmethod
+    async def put(self, spec: PutSpec, source: AsyncIterator[bytes]) -> FileStat:
+        """Write the bytes from ``source`` to ``spec.path`` atomically."""
+
+    @abc.abstractmethod
+    async def get(self, path: str) -> RemoteFile:
+        """Open ``path`` for reading; raise :class:`fleetbus.errors.NotFound` if absent."""
+
+    @abc.abstractmethod
+    async def info(self) -> ServerFacts:
+        """Facts about the server."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """The cheapest round trip that proves the server itself answers."""
+
+    async def close(self) -> None:
+        """Release the connection. Called when idle, on shutdown, or after a failure."""
+
+    @property
+    def alive(self) -> bool:
+        """False once the session knows its connection is gone; the host reopens it."""
+        return True
+
+
+class Transport(abc.ABC):
+    """A kind of connection to servers. One instance per process.
+
+    Class attributes describe it to ``fleetbus plugins list`` and to the host:
+
+    - ``name``: the value of ``Server.transport`` this transport serves.
+    - ``serves_registered``: when True (the default) the host answers the subjects of
+      every registered server with this transport and :meth:`accepts` returns True,
+      sharing the work with other processes through a NATS queue group. When False the
+      transport calls ``ctx.serve``/``ctx.unserve`` itself (an agent gateway serves a
+      server only while that server's agent is connected to it).
+    - ``idle_timeout_s``: how long an unused session stays open.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "0"
+    description: ClassVar[str] = ""
+    serves_registered: ClassVar[bool] = True
+    idle_timeout_s: ClassVar[float] = 300.0
+
+    def __init__(self, ctx: TransportContext) -> None:
+        self.ctx = ctx
+
+    async def start(self) -> None:
+        """Called once when the host starts (open listeners, thread pools)."""
+
+    async def stop(self) -> None:
+        """Called once when the host stops."""
+
+    def accepts(self, server: Server) -> bool:
+        """Whether this process should serve ``server`` (e.g. only its own host)."""
+        return True
+
+    @abc.abstractmethod
+    async def open(self, server: Server, credential: Credential | None) -> Session:
+        """Open a session to ``server``. Raise ServerOffline/AuthFailed on failure."""
+
+
+TransportFactory = Callable[[TransportContext], Transport]
+AsyncChunkSource = Callable[[], Awaitable[bytes]]
