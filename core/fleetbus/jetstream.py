@@ -1,0 +1,91 @@
+"""Creating and opening the JetStream buckets and streams fleetbus keeps its state in.
+
+Every process calls :func:`open_state` at start; creation is idempotent, so whichever
+process starts first creates them and the others find them. ``replicas`` > 1 is for a
+NATS cluster (see docs/operations.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import (
+    KeyValueConfig,
+    ObjectStoreConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from .subjects import Names
+
+COMMAND_MEMORY_S = 3600.0
+FILE_TTL_S = 3600.0
+AUDIT_MAX_AGE_S = 90 * 24 * 3600.0
+
+
+@dataclass
+class State:
+    js: JetStreamContext
+    names: Names
+    servers: KeyValue
+    status: KeyValue
+    credentials: KeyValue
+    commands: KeyValue
+    files: ObjectStore
+
+
+async def _kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
+    try:
+        return await js.key_value(config.bucket)
+    except (NotFoundError, BadRequestError):
+        return await js.create_key_value(config)
+
+
+async def open_state(nc: NATS, names: Names, replicas: int = 1) -> State:
+    js = nc.jetstream(timeout=10)
+    servers = await _kv(
+        js, KeyValueConfig(bucket=names.servers_bucket, history=5, replicas=replicas,
+                           storage=StorageType.FILE)
+    )
+    status = await _kv(
+        js, KeyValueConfig(bucket=names.status_bucket, history=1, replicas=replicas,
+                           storage=StorageType.FILE)
+    )
+    credentials = await _kv(
+        js, KeyValueConfig(bucket=names.credentials_bucket, history=3, replicas=replicas,
+                           storage=StorageType.FILE)
+    )
+    commands = await _kv(
+        js,
+        KeyValueConfig(bucket=names.commands_bucket, history=1, ttl=COMMAND_MEMORY_S,
+                       replicas=replicas, storage=StorageType.FILE),
+    )
+    try:
+        files = await js.object_store(names.files_bucket)
+    except (NotFoundError, BadRequestError):
+        files = await js.create_object_store(
+            bucket=names.files_bucket,
+            config=ObjectStoreConfig(bucket=names.files_bucket, ttl=FILE_TTL_S,
+                                     replicas=replicas, storage=StorageType.FILE)
+        )
+    try:
+        await js.stream_info(names.audit_stream)
+    except NotFoundError:
+        await js.add_stream(
+            StreamConfig(
+                name=names.audit_stream,
+                subjects=[names.audit_all],
+                retention=RetentionPolicy.LIMITS,
+                max_age=AUDIT_MAX_AGE_S,
+                storage=StorageType.FILE,
+                num_replicas=replicas,
+            )
+        )
+    return State(js=js, names=names, servers=servers, status=status, credentials=credentials,
+                 commands=commands, files=files)

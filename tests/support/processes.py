@@ -1,0 +1,179 @@
+"""Real processes for tests: nats-server, `fleetbus up`, the fleetbus CLI.
+
+Everything listens on loopback on ports chosen at run time, and readiness is waited for
+with a deadline, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+FLEETBUS = str(BIN / "fleetbus")
+NATS_SERVER = str(BIN / "nats-server")
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); treat it as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@dataclass
+class NatsServer:
+    """A plain nats-server with JetStream, no auth, on a free loopback port."""
+
+    workdir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    url: str = ""
+
+    def start(self) -> "NatsServer":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        store = self.workdir / "js"
+        log = open(self.workdir / "nats.log", "ab")
+        conf = self.workdir / "nats.conf"
+        conf.write_text(
+            'host: "127.0.0.1"\nport: -1\nmax_payload: 8388608\n'
+            f"ports_file_dir: {json.dumps(str(self.workdir))}\n"
+            f"jetstream {{ store_dir: {json.dumps(str(store))} }}\n"
+        )
+        self.proc = subprocess.Popen(
+            [NATS_SERVER, "-c", str(conf)],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        ports = self.workdir / f"nats-server_{self.proc.pid}.ports"
+
+        def ready() -> str | None:
+            if self.proc and self.proc.poll() is not None:
+                raise RuntimeError((self.workdir / "nats.log").read_text()[-2000:])
+            if ports.exists():
+                try:
+                    return json.loads(ports.read_text())["nats"][0]
+                except (ValueError, KeyError):
+                    return None
+            return None
+
+        self.url = wait_for(ready, what="nats-server to listen")
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@dataclass
+class Fleet:
+    """A `fleetbus up` process tree with its own home folder."""
+
+    home: Path
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    nats_url: str = ""
+    token: str = ""
+
+    def environ(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+        env.update(self.env)
+        env["FLEETBUS_HOME"] = str(self.home)
+        return env
+
+    def start(self) -> "Fleet":
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.log = open(self.home.parent / f"{self.home.name}-up.log", "ab")
+        self.proc = subprocess.Popen(
+            [FLEETBUS, "up", "--nats-port", "0", *self.extra_args],
+            stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, env=self.environ(),
+        )
+        run_file = self.home / "run.json"
+
+        def ready() -> dict[str, Any] | None:
+            if self.proc and self.proc.poll() is not None:
+                raise RuntimeError(self.output()[-3000:])
+            try:
+                return json.loads(run_file.read_text())
+            except (FileNotFoundError, ValueError):
+                return None
+
+        info = wait_for(ready, timeout=30, what="fleetbus up")
+        self.nats_url = info["nats_url"]
+        self.token = (self.home / "nats.token").read_text().strip()
+        return self
+
+    def output(self) -> str:
+        return (self.home.parent / f"{self.home.name}-up.log").read_text(errors="replace")
+
+    def cli(self, *args: str, input: bytes | None = None, timeout: float = 120,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        merged = self.environ()
+        merged.update(env or {})
+        proc = subprocess.run(
+            [FLEETBUS, *args], input=input, capture_output=True, timeout=timeout, env=merged,
+        )
+        return subprocess.CompletedProcess(
+            proc.args, proc.returncode, proc.stdout.decode(errors="replace"),
+            proc.stderr.decode(errors="replace"),
+        )
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()
+        if int(fields[1]) == pid:
+            out.append(int(entry.name))
+    return out
