@@ -1,0 +1,364 @@
+"""Writing and reading files on this host for ``Session.put`` and ``Session.get``.
+
+All file I/O runs on the host's thread pool (``ctx.run_blocking``) so a slow disk never
+stalls the event loop. A cancelled coroutine cannot stop a thread that is already
+inside a read or write, so whenever we give up on one we close its descriptor only
+after that call has returned: closing it earlier would let the descriptor number be
+reused by an unrelated file while the thread still writes to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import stat
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from fleetbus.errors import FleetbusError, InvalidRequest, NotFound, TransportError
+from fleetbus.transport import FileStat, PutSpec, RemoteFile, TransportContext
+
+T = TypeVar("T")
+
+GET_CHUNK = 256 * 1024
+"""The largest chunk ``get`` yields."""
+
+TEMP_PREFIX = ".fleetbus-"
+"""Name prefix of the temporary file ``put`` writes beside its target."""
+
+DEFAULT_MODE = 0o644
+
+# Small chunks from the bus are gathered into writes of about this size, so that a
+# many-small-chunks upload does not cost one thread-pool round trip per chunk.
+_WRITE_BATCH = 1024 * 1024
+
+
+def shown_path(path: str) -> str:
+    """``path`` for a one-line message: as is, or quoted if it holds control characters."""
+    text = path if path.isprintable() else repr(path)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def check_path(path: str) -> str:
+    """Refuse paths that are empty, hold a NUL byte, or are relative.
+
+    A relative path would resolve against whatever directory the fleetbus process
+    happens to run in, which nobody sending a request can know.
+    """
+    if not isinstance(path, str) or not path:
+        raise InvalidRequest("path must not be empty")
+    if "\0" in path:
+        raise InvalidRequest(f"path contains a NUL byte: {shown_path(path)}")
+    if not os.path.isabs(path):
+        raise InvalidRequest(f"path must be absolute: {shown_path(path)}")
+    return path
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    # Mark an abandoned task's outcome as seen, so asyncio does not log it as lost.
+    if not task.cancelled():
+        task.exception()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_directory(path: str) -> None:
+    # Makes the rename itself durable. Some file systems refuse to fsync a directory;
+    # the data is already safe by then, so that is not worth failing the put for.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicPut:
+    """One ``put`` in progress: a temporary file beside the target, renamed over it.
+
+    Readers of the target see either the old content or the complete new one, never a
+    partial write. On any failure or cancellation the temporary file is removed and the
+    target is left as it was.
+    """
+
+    def __init__(self, ctx: TransportContext, spec: PutSpec) -> None:
+        self._ctx = ctx
+        self._spec = spec
+        self._path = check_path(spec.path)
+        if self._path.endswith("/"):
+            raise InvalidRequest(f"path names a directory: {shown_path(self._path)}")
+        self._parent = os.path.dirname(self._path)
+        if spec.mode is not None and not 0 <= spec.mode <= 0o7777:
+            raise InvalidRequest(f"invalid file mode {spec.mode:#o} for {shown_path(self._path)}")
+        if spec.size is not None and spec.size < 0:
+            raise InvalidRequest(f"invalid size {spec.size} for {shown_path(self._path)}")
+        self._mode = DEFAULT_MODE
+        self._owner: tuple[int, int] | None = None
+        # Set and cleared by the blocking steps, read by _remove_temp once they are done.
+        self._fd: int | None = None
+        self._temp: str | None = None
+        self._inflight: asyncio.Future[Any] | None = None
+
+    async def run(self, source: AsyncIterator[bytes]) -> FileStat:
+        expected = self._spec.size
+        try:
+            await self._blocking(self._create_temp)
+            received = 0
+            batch: list[bytes] = []
+            batched = 0
+            async for chunk in source:
+                if not isinstance(chunk, bytes):
+                    # The source may reuse its buffer once we ask for the next chunk.
+                    chunk = bytes(chunk)
+                received += len(chunk)
+                if expected is not None and received > expected:
+                    raise self._size_mismatch(received)
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= _WRITE_BATCH:
+                    await self._blocking(self._write, batch)
+                    batch, batched = [], 0
+            if expected is not None and received != expected:
+                raise self._size_mismatch(received)
+            await self._blocking(self._commit, batch)
+        except BaseException:
+            self._discard()
+            raise
+        return FileStat(size=received, mode=self._mode)
+
+    def _size_mismatch(self, received: int) -> TransportError:
+        qualifier = (
+            "at least " if self._spec.size is not None and received > self._spec.size else ""
+        )
+        return TransportError(
+            f"size mismatch for {shown_path(self._path)}: expected {self._spec.size} bytes, "
+            f"received {qualifier}{received}"
+        )
+
+    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        task = asyncio.ensure_future(self._ctx.run_blocking(fn, *args))
+        self._inflight = task
+        try:
+            # Shielded: if we are cancelled the call still finishes in its thread, and
+            # _discard waits for it through self._inflight.
+            return await asyncio.shield(task)
+        except OSError as exc:
+            raise self._error(exc) from exc
+
+    # The three blocking steps, each run in a worker thread.
+
+    def _create_temp(self) -> None:
+        try:
+            existing: os.stat_result | None = os.stat(self._path)
+        except (FileNotFoundError, NotADirectoryError):
+            existing = None
+        if existing is not None:
+            if stat.S_ISDIR(existing.st_mode):
+                raise InvalidRequest(f"is a directory: {shown_path(self._path)}")
+            if not stat.S_ISREG(existing.st_mode):
+                # Replacing a device node or a FIFO with a regular file is never what
+                # anyone uploading a file meant.
+                raise InvalidRequest(f"not a regular file: {shown_path(self._path)}")
+            # Replacing a file should not change who may read it: keep its mode (unless
+            # one is given) and, when we can, its owner.
+            self._owner = (existing.st_uid, existing.st_gid)
+            if self._spec.mode is None:
+                self._mode = stat.S_IMODE(existing.st_mode)
+        if self._spec.mode is not None:
+            self._mode = self._spec.mode
+        if self._spec.make_parents:
+            os.makedirs(self._parent, exist_ok=True)
+        # mkstemp creates the file 0600, so nobody can read it before its final mode.
+        fd, temp = tempfile.mkstemp(dir=self._parent, prefix=TEMP_PREFIX)
+        self._fd, self._temp = fd, temp
+
+    def _write(self, batch: list[bytes]) -> None:
+        assert self._fd is not None
+        _write_all(self._fd, batch[0] if len(batch) == 1 else b"".join(batch))
+
+    def _commit(self, batch: list[bytes]) -> None:
+        assert self._fd is not None and self._temp is not None
+        if batch:
+            self._write(batch)
+        fd = self._fd
+        if self._owner is not None and self._owner != (os.geteuid(), os.getegid()):
+            try:
+                os.fchown(fd, *self._owner)
+            except PermissionError:
+                pass  # only root may give a file away; it stays ours
+        # After fchown: chown clears the setuid and setgid bits.
+        os.fchmod(fd, self._mode)
+        os.fsync(fd)
+        self._fd = None
+        os.close(fd)
+        os.replace(self._temp, self._path)
+        self._temp = None
+        _fsync_directory(self._parent)
+
+    def _discard(self) -> None:
+        task = self._inflight
+        if task is not None and not task.done():
+            task.add_done_callback(lambda done: (_consume(done), self._remove_temp()))
+        else:
+            self._remove_temp()
+
+    def _remove_temp(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        temp, self._temp = self._temp, None
+        if temp is not None:
+            try:
+                os.unlink(temp)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                self._ctx.logger.warning("cannot remove temporary file %s: %s", temp, exc)
+
+    def _error(self, exc: OSError) -> FleetbusError:
+        path = shown_path(self._path)
+        if isinstance(exc, PermissionError):
+            return TransportError(f"permission denied: {path}")
+        if isinstance(exc, (FileNotFoundError, NotADirectoryError)) and not self._spec.make_parents:
+            return NotFound(f"no such directory: {shown_path(self._parent)}")
+        if isinstance(exc, (FileExistsError, NotADirectoryError)):
+            # makedirs met a path component that is a file.
+            return InvalidRequest(
+                f"cannot create the parent directories of {path}: "
+                "a path component is not a directory"
+            )
+        return TransportError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+async def put_file(ctx: TransportContext, spec: PutSpec, source: AsyncIterator[bytes]) -> FileStat:
+    """Write the bytes of ``source`` to ``spec.path`` atomically; see :class:`AtomicPut`."""
+    return await AtomicPut(ctx, spec).run(source)
+
+
+class FileChunks(AsyncIterator[bytes]):
+    """The bytes of an open file, read in chunks of at most GET_CHUNK on the thread pool.
+
+    The file is closed at end of file, on a read error, or by :meth:`aclose` (which may
+    be called at any time, also before the first chunk).
+    """
+
+    def __init__(
+        self, ctx: TransportContext, file: io.FileIO, path: str, limit: int | None
+    ) -> None:
+        self._ctx = ctx
+        self._file: io.FileIO | None = file
+        self._path = path
+        self._remaining = limit
+        self._inflight: asyncio.Future[bytes | None] | None = None
+
+    async def __anext__(self) -> bytes:
+        file = self._file
+        if file is None:
+            raise StopAsyncIteration
+        if self._inflight is not None and not self._inflight.done():
+            raise RuntimeError("FileChunks is already being read by another task")
+        size = GET_CHUNK if self._remaining is None else min(GET_CHUNK, self._remaining)
+        if size <= 0:
+            self._close()
+            raise StopAsyncIteration
+        task = asyncio.ensure_future(self._ctx.run_blocking(file.read, size))
+        self._inflight = task
+        try:
+            chunk = await asyncio.shield(task)
+        except BaseException as exc:
+            # On cancellation the close waits for the read still running in its thread.
+            self._close()
+            if isinstance(exc, OSError):
+                raise TransportError(
+                    f"cannot read {shown_path(self._path)}: {exc.strerror or exc}"
+                ) from exc
+            raise
+        if not chunk:
+            self._close()
+            raise StopAsyncIteration
+        if self._remaining is not None:
+            self._remaining -= len(chunk)
+        return chunk
+
+    async def aclose(self) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        file, self._file = self._file, None
+        if file is None:
+            return
+        task = self._inflight
+        if task is not None and not task.done():
+            task.add_done_callback(lambda done: (_consume(done), file.close()))
+        else:
+            file.close()
+
+
+def _open_for_reading(path: str) -> tuple[io.FileIO, os.stat_result]:
+    # stat before open: opening some devices has side effects (a tape rewinds), and
+    # opening a FIFO blocks until someone writes to it.
+    _check_readable(path, os.stat(path))
+    # O_NONBLOCK so that if the path became a FIFO in between, open cannot hang.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        _check_readable(path, st)
+        os.set_blocking(fd, True)
+        return io.FileIO(fd, "rb", closefd=True), st
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _check_readable(path: str, st: os.stat_result) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise InvalidRequest(f"is a directory: {shown_path(path)}")
+    if not stat.S_ISREG(st.st_mode):
+        raise InvalidRequest(f"not a regular file: {shown_path(path)}")
+
+
+def _close_opened(task: asyncio.Future[tuple[io.FileIO, os.stat_result]]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        task.result()[0].close()
+
+
+async def get_file(ctx: TransportContext, path: str) -> RemoteFile:
+    """Open ``path`` for reading in chunks.
+
+    ``size`` is the size at open time and no more than that is read, so a log file
+    being appended to yields a consistent snapshot. A file whose size is 0 is read to
+    its end instead: pseudo-files in /proc report 0 but have content.
+    """
+    check_path(path)
+    task = asyncio.ensure_future(ctx.run_blocking(_open_for_reading, path))
+    try:
+        file, st = await asyncio.shield(task)
+    except asyncio.CancelledError:
+        task.add_done_callback(_close_opened)
+        raise
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise NotFound(f"no such file: {shown_path(path)}") from exc
+    except PermissionError as exc:
+        raise TransportError(f"permission denied: {shown_path(path)}") from exc
+    except OSError as exc:
+        raise TransportError(f"cannot read {shown_path(path)}: {exc.strerror or exc}") from exc
+    limit = st.st_size if st.st_size > 0 else None
+    return RemoteFile(
+        size=st.st_size,
+        mode=stat.S_IMODE(st.st_mode),
+        chunks=FileChunks(ctx, file, path, limit),
+    )
