@@ -1,0 +1,198 @@
+"""The admin API: registry and credential management as a NATS micro service.
+
+Subjects are ``<prefix>.v1.admin.<area>.<verb>``; the service answers NATS micro
+discovery (``$SRV.PING|INFO|STATS``) as ``fleetbus-admin``. Only the core runs it, and
+only the core holds the master key, so a secret sent to ``credentials.add`` is sealed
+before it is stored and is never sent back by any endpoint.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.micro import add_service
+from nats.micro.request import Request as MicroRequest
+from nats.micro.service import Service
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import __version__
+from .errors import FleetbusError, InternalError, InvalidRequest
+from .messages import describe_validation_error, parse_json_object
+from .names import check_credential_name, check_server_name
+from .records import CredentialInfo, CredentialType, Server
+from .registry import Registry
+from .subjects import Names
+from .vault import Vault
+
+log = logging.getLogger("fleetbus.admin")
+
+Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerAdd(_Body):
+    server: Server
+    replace: bool = False
+
+
+class NameBody(_Body):
+    name: str
+
+
+class CredentialAdd(_Body):
+    name: str
+    type: CredentialType
+    user: str | None = Field(default=None, max_length=256)
+    description: str | None = Field(default=None, max_length=1024)
+    secret_b64: str = Field(repr=False)
+    passphrase_b64: str | None = Field(default=None, repr=False)
+    replace: bool = False
+
+
+class CredentialRemove(_Body):
+    name: str
+    force: bool = False
+
+
+def _b64(value: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidRequest(f"{what} is not valid base64") from None
+
+
+class AdminService:
+    def __init__(self, nc: NATS, names: Names, registry: Registry, vault: Vault,
+                 known_transports: set[str]) -> None:
+        self.nc = nc
+        self.names = names
+        self.registry = registry
+        self.vault = vault
+        self.known_transports = known_transports
+        self.service: Service | None = None
+
+    async def start(self) -> None:
+        self.service = await add_service(
+            self.nc, name="fleetbus-admin", version=__version__,
+            description="fleetbus registry and credential administration",
+        )
+        endpoints: dict[str, Handler] = {
+            "servers.add": self.servers_add,
+            "servers.list": self.servers_list,
+            "servers.get": self.servers_get,
+            "servers.remove": self.servers_remove,
+            "credentials.add": self.credentials_add,
+            "credentials.list": self.credentials_list,
+            "credentials.remove": self.credentials_remove,
+        }
+        for subject, handler in endpoints.items():
+            await self.service.add_endpoint(
+                name=subject.replace(".", "-"), subject=self.names.admin(subject),
+                handler=self._wrap(handler),
+            )
+
+    async def stop(self) -> None:
+        if self.service is not None:
+            await self.service.stop()
+
+    def _wrap(self, handler: Handler) -> Callable[[MicroRequest], Awaitable[None]]:
+        async def run(req: MicroRequest) -> None:
+            try:
+                body = parse_json_object(req.data)
+                reply = await handler(body)
+            except FleetbusError as exc:
+                reply = {"ok": False, "error": exc.to_wire()}
+            except ValidationError as exc:
+                reply = {"ok": False, "error": InvalidRequest(describe_validation_error(exc)).to_wire()}
+            except Exception:
+                log.exception("admin request on %s failed", req.subject)
+                reply = {"ok": False, "error": InternalError("internal error; see the core's log").to_wire()}
+            await req.respond(json.dumps(reply, default=str).encode())
+
+        return run
+
+    async def _event(self, *tokens: str) -> None:
+        try:
+            await self.nc.publish(self.names.event(*tokens), b"{}")
+        except Exception:
+            pass
+
+    # servers ---------------------------------------------------------------------
+    async def servers_add(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = ServerAdd.model_validate(body)
+        server = req.server
+        if server.credential is not None:
+            await self.vault.info(server.credential)  # NotFound names the credential
+        await self.registry.add(server, replace=req.replace)
+        await self._event("servers", server.name, "registered")
+        warnings = []
+        if server.transport not in self.known_transports:
+            warnings.append(
+                f"no transport named {server.transport!r} is installed beside the core; "
+                "the server answers once a worker with that plugin runs"
+            )
+        return {"ok": True, "server": server.model_dump(mode="json"), "warnings": warnings}
+
+    async def servers_list(self, body: dict[str, Any]) -> dict[str, Any]:
+        _Body.model_validate(body)
+        servers = await self.registry.list()
+        statuses = await self.registry.statuses()
+        return {
+            "ok": True,
+            "servers": [
+                {**s.model_dump(mode="json"),
+                 "status": statuses[s.name].model_dump(mode="json") if s.name in statuses else None}
+                for s in servers
+            ],
+        }
+
+    async def servers_get(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = check_server_name(NameBody.model_validate(body).name)
+        server = await self.registry.get(name)
+        status = await self.registry.status(name)
+        return {"ok": True, "server": server.model_dump(mode="json"),
+                "status": status.model_dump(mode="json") if status else None}
+
+    async def servers_remove(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = check_server_name(NameBody.model_validate(body).name)
+        await self.registry.remove(name)
+        await self._event("servers", name, "removed")
+        return {"ok": True, "name": name}
+
+    # credentials -------------------------------------------------------------------
+    async def credentials_add(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = CredentialAdd.model_validate(body)
+        info = CredentialInfo(name=check_credential_name(req.name), type=req.type,
+                              user=req.user, description=req.description)
+        secret = _b64(req.secret_b64, "secret_b64")
+        passphrase = None if req.passphrase_b64 is None else _b64(req.passphrase_b64, "passphrase_b64")
+        await self.vault.add(info, secret, passphrase, replace=req.replace)
+        await self._event("credentials", info.name, "added")
+        return {"ok": True, "credential": info.model_dump(mode="json")}
+
+    async def credentials_list(self, body: dict[str, Any]) -> dict[str, Any]:
+        _Body.model_validate(body)
+        return {"ok": True,
+                "credentials": [c.model_dump(mode="json") for c in await self.vault.list()]}
+
+    async def credentials_remove(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = CredentialRemove.model_validate(body)
+        name = check_credential_name(req.name)
+        await self.vault.info(name)
+        users = [s.name for s in await self.registry.list() if s.credential == name]
+        if users and not req.force:
+            shown = ", ".join(users[:10]) + (" ..." if len(users) > 10 else "")
+            raise InvalidRequest(f"credential {name} is used by {shown}; pass --force to remove it anyway")
+        await self.vault.remove(name)
+        await self._event("credentials", name, "removed")
+        return {"ok": True, "name": name, "was_used_by": users}
+

@@ -1,0 +1,72 @@
+"""The audit trail: one JetStream message per command, whoever sent it.
+
+The plugin host writes the record after it has replied, so auditing adds no latency to
+the command; it is still a JetStream publish with an acknowledgement, so a record that
+cannot be stored is logged as an error rather than lost silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from typing import Any
+
+from nats.js import JetStreamContext
+from pydantic import BaseModel, ConfigDict
+
+from .subjects import Names
+
+log = logging.getLogger("fleetbus.audit")
+
+MAX_SUMMARY_CHARS = 1024
+
+
+class AuditRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ts: datetime
+    id: str
+    server: str
+    transport: str
+    op: str
+    requester: str
+    outcome: str
+    exit_code: int | None = None
+    duration_s: float
+    worker: str
+    summary: str | None = None
+    bytes: int | None = None
+    replayed: bool = False
+
+
+def summarize(op: str, body: dict[str, Any]) -> str | None:
+    """A short description of what was asked, for humans reading the trail.
+
+    Only the command line or path is kept: stdin, file contents and environment values
+    are never written to the trail.
+    """
+    if op == "exec":
+        if body.get("shell") is not None:
+            text = str(body["shell"])
+        else:
+            text = json.dumps(body.get("argv"))
+    elif op in ("put", "get"):
+        text = str(body.get("path"))
+    else:
+        return None
+    return text if len(text) <= MAX_SUMMARY_CHARS else text[: MAX_SUMMARY_CHARS - 3] + "..."
+
+
+class Auditor:
+    def __init__(self, js: JetStreamContext, names: Names) -> None:
+        self.js = js
+        self.names = names
+
+    async def record(self, rec: AuditRecord) -> None:
+        try:
+            await self.js.publish(
+                self.names.audit(rec.server, rec.op), rec.model_dump_json().encode(), timeout=5
+            )
+        except Exception as exc:
+            log.error("audit record for command %s was not stored: %s", rec.id, type(exc).__name__)

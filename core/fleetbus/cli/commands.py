@@ -1,0 +1,217 @@
+"""``fleetbus run|put|get|info|ping``: commands on one server, by name."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..client import Client, ExecOutcome
+from ..errors import Cancelled, FleetbusError, Timeout
+from ..messages import MAX_INLINE_BYTES
+from .context import (
+    EXIT_INTERRUPTED,
+    Globals,
+    client_call,
+    fail,
+    parse_pairs,
+    pass_globals,
+    run_async,
+    with_client,
+)
+from .render import Progress, emit_json, human_bytes
+
+EXIT_FLEETBUS_ERROR = 125  # as `docker run`: the command could not be run at all
+EXIT_TIMEOUT = 124  # as timeout(1)
+
+
+def _write(stream: str, data: bytes) -> None:
+    out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+    out.write(data)
+    out.flush()
+
+
+@click.command("run", context_settings={"ignore_unknown_options": True})
+@click.argument("server")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.001), default=600.0, show_default=True,
+              help="Seconds before the process group is killed.")
+@click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Environment variable (repeatable).")
+@click.option("--cwd", help="Working directory on the server.")
+@click.option("--shell", "use_shell", is_flag=True, help="Run COMMAND as one shell command line.")
+@click.option("--stdin", "-i", "forward_stdin", is_flag=True, help=f"Send standard input (up to {MAX_INLINE_BYTES // 1024} KiB).")
+@click.option("--id", "command_id", help="Command id; a retry with the same id is not run twice.")
+@click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON instead of streaming output.")
+@pass_globals
+def run(g: Globals, server: str, command: tuple[str, ...], timeout_s: float, env: tuple[str, ...],
+        cwd: str | None, use_shell: bool, forward_stdin: bool, command_id: str | None, as_json: bool) -> None:
+    """Run COMMAND on SERVER, streaming its output; exit with its exit code.
+
+    Put `--` before COMMAND when it has options of its own:
+    fleetbus run web1 -- ls -la /srv
+    """
+    argv = list(command)
+    stdin = None
+    if forward_stdin:
+        stdin = sys.stdin.buffer.read(MAX_INLINE_BYTES + 1)
+        if len(stdin) > MAX_INLINE_BYTES:
+            fail(f"standard input is larger than {MAX_INLINE_BYTES // 1024} KiB; use `fleetbus put` for files",
+                 EXIT_FLEETBUS_ERROR)
+    command_id = command_id or uuid.uuid4().hex
+    env_map = parse_pairs(env, "--env")
+
+    async def go(c: Client) -> ExecOutcome:
+        task = asyncio.create_task(c.exec(
+            server, None if use_shell else argv, shell=" ".join(argv) if use_shell else None,
+            env=env_map, cwd=cwd, stdin=stdin, timeout_s=timeout_s,
+            on_output=None if as_json else _write, command_id=command_id))
+        interrupted = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGINT, interrupted.set)
+        loop.add_signal_handler(signal.SIGTERM, interrupted.set)
+        waiter = asyncio.create_task(interrupted.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():
+                # Stop the remote process too, not just our wait for it.
+                await c.cancel(server, command_id)
+                try:
+                    await asyncio.wait_for(task, timeout=10)
+                except (FleetbusError, TimeoutError):
+                    pass
+                click.echo("fleetbus: interrupted; the command was cancelled", err=True)
+                sys.exit(EXIT_INTERRUPTED)
+            return task.result()
+        finally:
+            waiter.cancel()
+            loop.remove_signal_handler(signal.SIGINT)
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    outcome = run_async(lambda: with_client(g, go), EXIT_FLEETBUS_ERROR,
+                        {Timeout: EXIT_TIMEOUT, Cancelled: EXIT_INTERRUPTED})
+    if as_json:
+        emit_json(outcome.raw)
+    if outcome.signal is not None:
+        if not as_json:
+            click.echo(f"fleetbus: the command was killed by signal {outcome.signal}", err=True)
+        sys.exit(128 + outcome.signal)
+    sys.exit(outcome.exit_code if outcome.exit_code is not None else EXIT_FLEETBUS_ERROR)
+
+
+def _mode(value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        mode = int(value, 8)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an octal mode like 0644", param_hint="--mode") from None
+    if not 0 <= mode <= 0o7777:
+        raise click.BadParameter("mode must be between 0 and 07777", param_hint="--mode")
+    return mode
+
+
+@click.command("put")
+@click.argument("server")
+@click.argument("local", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@click.argument("remote")
+@click.option("--mode", help="Octal file mode on the server, e.g. 0640.")
+@click.option("--no-parents", is_flag=True, help="Fail if the remote folder does not exist.")
+@click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
+@pass_globals
+def put(g: Globals, server: str, local: str, remote: str, mode: str | None, no_parents: bool, as_json: bool) -> None:
+    """Copy the file LOCAL (- for stdin) to REMOTE on SERVER, atomically."""
+    source: bytes | Path = sys.stdin.buffer.read() if local == "-" else Path(local)
+    progress = Progress(f"put {server}:{remote}", sys.stderr.isatty() and not as_json)
+    try:
+        reply = client_call(g, lambda c: c.put(server, source, remote, mode=_mode(mode),
+                                               make_parents=not no_parents, progress=progress))
+    finally:
+        progress.close()
+    if as_json:
+        emit_json(reply)
+    else:
+        click.echo(f"{server}:{remote}  {human_bytes(reply['size'])}  sha256 {reply['sha256']}")
+
+
+@click.command("get")
+@click.argument("server")
+@click.argument("remote")
+@click.argument("local", type=click.Path(dir_okay=False, allow_dash=True), required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the reply (without content) as JSON.")
+@pass_globals
+def get(g: Globals, server: str, remote: str, local: str | None, as_json: bool) -> None:
+    """Copy REMOTE on SERVER to LOCAL (default: its base name here; - for stdout)."""
+    to_stdout = local == "-"
+    dest = None if to_stdout else Path(local or Path(remote).name or "download")
+    progress = Progress(f"get {server}:{remote}", sys.stderr.isatty() and not as_json and not to_stdout)
+    tmp = dest.with_name(f".{dest.name}.fleetbus-partial") if dest else None
+    try:
+        reply, data = client_call(g, lambda c: c.get(server, remote, tmp, progress=progress))
+        if tmp is not None and dest is not None:
+            tmp.replace(dest)  # a failed download never leaves a half file under the real name
+    finally:
+        progress.close()
+        if tmp is not None and tmp.exists():
+            tmp.unlink()
+    if to_stdout and data is not None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    if as_json:
+        emit_json(reply)
+    else:
+        click.echo(f"{dest}  {human_bytes(reply['size'])}  sha256 {reply['sha256']}")
+
+
+@click.command("info")
+@click.argument("server")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_globals
+def info(g: Globals, server: str, as_json: bool) -> None:
+    """Facts about SERVER: host name, OS, architecture, uptime, transport."""
+    reply = client_call(g, lambda c: c.info(server))
+    if as_json:
+        emit_json(reply)
+        return
+    rows: list[tuple[str, Any]] = [(k, reply.get(k)) for k in (
+        "server", "hostname", "os", "os_version", "kernel", "arch", "transport", "transport_version")]
+    if reply.get("uptime_s") is not None:
+        rows.append(("uptime", _duration(float(reply["uptime_s"]))))
+    rows += [(k, v) for k, v in (reply.get("extra") or {}).items()]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        if value is not None:
+            click.echo(f"{key.ljust(width)}  {value}")
+
+
+def _duration(seconds: float) -> str:
+    days, rest = divmod(int(seconds), 86400)
+    hours, rest = divmod(rest, 3600)
+    return f"{days}d {hours}h {rest // 60}m"
+
+
+@click.command("ping")
+@click.argument("server")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_globals
+def ping(g: Globals, server: str, as_json: bool) -> None:
+    """Round trip to SERVER itself, through its transport."""
+    import time
+
+    async def go(c: Client) -> tuple[dict[str, Any], float]:
+        started = time.monotonic()
+        reply = await c.ping(server)
+        return reply, time.monotonic() - started
+
+    reply, total = client_call(g, go)
+    reply["round_trip_s"] = round(total, 6)
+    if as_json:
+        emit_json(reply)
+    else:
+        click.echo(f"{server} answered over {reply['transport']} in {total * 1000:.1f} ms "
+                   f"(transport {reply['latency_s'] * 1000:.1f} ms)")

@@ -1,0 +1,105 @@
+"""What every CLI command shares: global options, a connected client, error exits.
+
+Errors leave as one line on stderr and a non-zero exit; a traceback only with
+``FLEETBUS_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from ..client import Client
+from ..connection import NatsSettings
+from ..errors import FleetbusError
+from ..home import Home
+
+T = TypeVar("T")
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130
+
+
+@dataclass
+class Globals:
+    nats: str | None
+    home: str | None
+    prefix: str | None
+
+    def home_dir(self) -> Home:
+        return Home.resolve(self.home)
+
+    def settings(self) -> NatsSettings:
+        return NatsSettings.resolve(url=self.nats, home=self.home_dir(), prefix=self.prefix)
+
+
+pass_globals = click.make_pass_decorator(Globals)
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    click.echo(f"fleetbus: error: {message}", err=True)
+    sys.exit(code)
+
+
+def run_async(
+    coro_fn: Callable[[], Awaitable[T]],
+    error_exit: int = EXIT_ERROR,
+    exits: dict[type[FleetbusError], int] | None = None,
+) -> T:
+    """Run a coroutine, turning every failure into one line and an exit code."""
+    try:
+        return asyncio.run(coro_fn())  # type: ignore[arg-type]
+    except FleetbusError as exc:
+        code = next((v for k, v in (exits or {}).items() if isinstance(exc, k)), error_exit)
+        fail(exc.message, code)
+    except KeyboardInterrupt:
+        click.echo("fleetbus: interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except (click.exceptions.Exit, click.exceptions.Abort, SystemExit):
+        raise
+    except Exception as exc:
+        if os.environ.get("FLEETBUS_DEBUG"):
+            raise
+        first = (str(exc).splitlines() or [""])[0][:300]
+        fail(f"unexpected {type(exc).__name__}: {first} (FLEETBUS_DEBUG=1 shows a traceback)")
+
+
+async def with_client(g: Globals, fn: Callable[[Client], Awaitable[T]]) -> T:
+    client = await Client.connect(g.settings())
+    try:
+        return await fn(client)
+    finally:
+        await client.close()
+
+
+def client_call(g: Globals, fn: Callable[[Client], Awaitable[T]], error_exit: int = EXIT_ERROR) -> T:
+    return run_async(lambda: with_client(g, fn), error_exit)
+
+
+def parse_pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint=what)
+        out[key] = value
+    return out
+
+
+def parse_options(values: tuple[str, ...]) -> dict[str, Any]:
+    """``--option k=v``: values that look like JSON (numbers, true, lists) are parsed."""
+    import json
+
+    out: dict[str, Any] = {}
+    for key, raw in parse_pairs(values, "--option").items():
+        try:
+            out[key] = json.loads(raw)
+        except ValueError:
+            out[key] = raw
+    return out

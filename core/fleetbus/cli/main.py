@@ -1,0 +1,38 @@
+"""The ``fleetbus`` command."""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+from .commands import get, info, ping, put, run
+from .context import Globals
+from .credentials import credentials
+from .plugins_cmd import plugins
+from .servers import servers
+from .stack_cmds import core, up, worker
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fleetbus")
+@click.option("--nats", envvar="FLEETBUS_NATS_URL", metavar="URL",
+              help="NATS to use (default: the one `fleetbus up` started). Env: FLEETBUS_NATS_URL.")
+@click.option("--home", envvar="FLEETBUS_HOME", type=click.Path(file_okay=False),
+              help="Data folder (default ~/.fleetbus). Env: FLEETBUS_HOME.")
+@click.option("--prefix", envvar="FLEETBUS_PREFIX", help="Subject prefix (default fleetbus).")
+@click.pass_context
+def cli(ctx: click.Context, nats: str | None, home: str | None, prefix: str | None) -> None:
+    """Register a server once, then run commands and move files on it by name."""
+    ctx.obj = Globals(nats=nats, home=home, prefix=prefix)
+
+
+for command in (up, core, worker, servers, credentials, run, put, get, info, ping, plugins):
+    cli.add_command(command)
+
+
+def main() -> None:
+    cli(prog_name="fleetbus")
+
+
+if __name__ == "__main__":
+    main()

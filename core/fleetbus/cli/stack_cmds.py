@@ -1,0 +1,113 @@
+"""``fleetbus up|core|worker``: the long-running processes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from contextlib import AsyncExitStack
+
+import click
+
+from .. import __version__
+from ..host import HostSettings
+from ..stack import StackOptions, ensure_local_server, start_stack, wait_for_signal
+from .context import Globals, pass_globals, run_async
+
+
+def _logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if verbose < 2:
+        logging.getLogger("nats").setLevel(logging.CRITICAL)
+
+
+def _transports(value: str | None) -> list[str] | None:
+    return [t.strip() for t in value.split(",") if t.strip()] if value else None
+
+
+def _say(text: str) -> None:
+    click.echo(text, err=False)
+    sys.stdout.flush()
+
+
+@click.command("up")
+@click.option("--nats-host", default="127.0.0.1", show_default=True, help="Address the embedded NATS listens on.")
+@click.option("--nats-port", type=click.IntRange(0, 65535), default=4222, show_default=True,
+              help="Port of the embedded NATS (0: any free port).")
+@click.option("--transports", help="Comma-separated transports to serve (default: all installed).")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@pass_globals
+def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, verbose: int) -> None:
+    """Start everything on this machine: NATS (unless --nats), the core and every transport."""
+    _logging(verbose)
+    home = g.home_dir()
+    opts = StackOptions(home=home, nats_url=g.nats, nats_host=nats_host, nats_port=nats_port,
+                        prefix=g.prefix, transports=_transports(transports))
+
+    async def main() -> None:
+        started = time.monotonic()
+        async with AsyncExitStack() as stack:
+            home.ensure()
+            running = await start_stack(opts, stack, embedded_nats=g.nats is None, core=True, worker=True)
+            stack.callback(home.clear_run)
+            added = await ensure_local_server(running.state)
+            home.write_run({"nats_url": running.nats_url, "prefix": running.names.prefix,
+                            "embedded": running.embedded is not None, "version": __version__})
+            served = ", ".join(running.host.transports) if running.host and running.host.transports else "none"
+            _say(f"fleetbus {__version__} is up in {time.monotonic() - started:.2f} s")
+            _say(f"  nats      {running.nats_url}" + (" (embedded, token required)" if running.embedded else ""))
+            _say(f"  home      {home.path}")
+            if running.embedded:
+                _say(f"  data      {home.nats_data}")
+                _say(f"  nats log  {running.embedded.log_path}")
+            _say(f"  serving   {served}")
+            _say("  server 'local' registered" if added else "  server 'local' already registered")
+            _say("try: fleetbus run local -- uname -a      (Ctrl-C stops fleetbus)")
+            await wait_for_signal(lambda name: _say(f"\nfleetbus: {name} received, shutting down"))
+        _say("fleetbus stopped")
+
+    run_async(main)
+
+
+@click.command("core")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("--replicas", type=click.IntRange(1, 5), default=1, show_default=True,
+              help="JetStream replicas for new buckets (on a NATS cluster).")
+@pass_globals
+def core(g: Globals, verbose: int, replicas: int) -> None:
+    """Run the core alone (admin API, vault, registry) against a shared NATS."""
+    _logging(verbose)
+    opts = StackOptions(home=g.home_dir(), nats_url=g.nats, prefix=g.prefix, replicas=replicas)
+
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            running = await start_stack(opts, stack, embedded_nats=False, core=True, worker=False)
+            _say(f"fleetbus core {__version__} on {running.nats_url}")
+            await wait_for_signal()
+
+    run_async(main)
+
+
+@click.command("worker")
+@click.option("--transports", help="Comma-separated transports to serve (default: all installed).")
+@click.option("--threads", type=click.IntRange(1, 1024), default=32, show_default=True,
+              help="Threads for blocking client libraries.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@pass_globals
+def worker(g: Globals, transports: str | None, threads: int, verbose: int) -> None:
+    """Run a plugin host serving the given transports against a shared NATS."""
+    _logging(verbose)
+    opts = StackOptions(home=g.home_dir(), nats_url=g.nats, prefix=g.prefix,
+                        transports=_transports(transports),
+                        host_settings=HostSettings(blocking_threads=threads))
+
+    async def main() -> None:
+        async with AsyncExitStack() as stack:
+            running = await start_stack(opts, stack, embedded_nats=False, core=False, worker=True)
+            served = ", ".join(running.host.transports) if running.host and running.host.transports else "none"
+            _say(f"fleetbus worker {__version__} on {running.nats_url} serving {served}")
+            await wait_for_signal()
+
+    run_async(main)

@@ -1,0 +1,371 @@
+"""The async Python client: what the CLI uses, and what other Python systems import.
+
+    async with await Client.connect() as fb:
+        result = await fb.exec("web1", ["uname", "-a"], on_output=print_chunk)
+        await fb.put("web1", Path("app.tar"), "/srv/app.tar", mode=0o640)
+
+Every failure raises a :class:`fleetbus.errors.FleetbusError` subclass whose ``code`` is
+the bus error code. A request to a server no process serves fails at once: NATS answers
+"no responders", and the client asks the registry whether the server exists to raise
+:class:`NotFound` or :class:`ServerOffline`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import getpass
+import inspect
+import json
+import socket
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from .connection import NatsSettings, connect
+from .errors import FleetbusError, InvalidRequest, NotFound, ServerOffline, Timeout
+from .home import Home
+from .messages import MAX_INLINE_BYTES
+from .names import check_server_name
+from .objects import ObjectFiles
+from .output import HDR_END, HDR_STREAM
+from .subjects import Names
+
+OutputCallback = Callable[[str, bytes], Awaitable[None] | None]
+ProgressCallback = Callable[[int, int], None]
+# Extra time beyond a command's own limit before the client stops waiting for a reply.
+REPLY_GRACE_S = 30.0
+FILE_CHUNK = 256 * 1024
+
+
+@dataclass(frozen=True)
+class ExecOutcome:
+    id: str
+    exit_code: int | None
+    signal: int | None
+    stdout: str
+    stderr: str
+    stdout_truncated: bool
+    stderr_truncated: bool
+    duration_s: float
+    raw: dict[str, Any]
+
+
+def default_requester() -> str:
+    try:
+        user = getpass.getuser()
+    except Exception:
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+class Client:
+    def __init__(self, nc: NATS, names: Names, requester: str | None = None) -> None:
+        self.nc = nc
+        self.names = names
+        self.requester = requester or default_requester()
+        self.files = ObjectFiles(nc.jetstream(timeout=30), names.files_bucket)
+
+    @classmethod
+    async def connect(
+        cls,
+        settings: NatsSettings | None = None,
+        *,
+        url: str | None = None,
+        home: str | Path | None = None,
+        requester: str | None = None,
+    ) -> "Client":
+        settings = settings or NatsSettings.resolve(url=url, home=Home.resolve(home))
+        nc = await connect(settings, name="fleetbus-client", reconnect_forever=False)
+        return cls(nc, Names(settings.prefix), requester)
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # plumbing ---------------------------------------------------------------------
+    async def _request(self, subject: str, body: dict[str, Any], timeout: float,
+                       server: str | None = None) -> dict[str, Any]:
+        data = json.dumps(body).encode()
+        try:
+            msg = await self.nc.request(
+                subject, data, timeout=timeout, headers={"Fleetbus-Requester": self.requester}
+            )
+        except nats.errors.NoRespondersError:
+            raise await self._nobody_serves(server) from None
+        except nats.errors.TimeoutError:
+            raise Timeout(f"no reply on {subject} within {timeout:g} s") from None
+        except nats.errors.MaxPayloadError:
+            raise InvalidRequest("the request is larger than NATS accepts") from None
+        try:
+            reply = json.loads(msg.data)
+        except ValueError:
+            raise FleetbusError(f"unreadable reply on {subject}") from None
+        if not reply.get("ok"):
+            raise FleetbusError.from_wire(reply.get("error") or {})
+        return reply
+
+    async def _nobody_serves(self, server: str | None) -> FleetbusError:
+        if server is None:
+            return ServerOffline("the fleetbus core is not running (nobody answers the admin API)")
+        try:
+            found = await self.get_server(server)
+        except NotFound:
+            return NotFound(f"no server named {server}")
+        except ServerOffline:
+            return ServerOffline(f"nobody serves {server} right now")
+        transport = found["server"]["transport"]
+        return ServerOffline(
+            f"nobody serves {server} right now: no running worker has the "
+            f"{transport!r} transport for it"
+        )
+
+    async def _server(self, server: str, op: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        check_server_name(server)
+        return await self._request(self.names.server(server, op), body, timeout, server=server)
+
+    async def _admin(self, endpoint: str, body: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        return await self._request(self.names.admin(endpoint), body, timeout)
+
+    # commands -------------------------------------------------------------------------
+    async def exec(
+        self,
+        server: str,
+        argv: list[str] | None = None,
+        *,
+        shell: str | None = None,
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        stdin: bytes | None = None,
+        timeout_s: float = 600.0,
+        on_output: OutputCallback | None = None,
+        command_id: str | None = None,
+    ) -> ExecOutcome:
+        """Run a process on ``server``; stream its output to ``on_output(stream, bytes)``."""
+        command_id = command_id or uuid.uuid4().hex
+        body: dict[str, Any] = {"id": command_id, "timeout_s": timeout_s}
+        if shell is not None:
+            body["shell"] = shell
+        else:
+            body["argv"] = argv
+        if env:
+            body["env"] = env
+        if cwd:
+            body["cwd"] = cwd
+        if stdin is not None:
+            body["stdin_b64"] = base64.b64encode(stdin).decode()
+        stream = None
+        if on_output is not None:
+            stream = _OutputStream(on_output)
+            body["output_subject"] = self.nc.new_inbox()
+            stream.sub = await self.nc.subscribe(body["output_subject"], cb=stream.on_msg)
+        try:
+            reply = await self._server(server, "exec", body, timeout_s + REPLY_GRACE_S)
+        except FleetbusError:
+            if stream is not None:
+                await stream.finish(1.0)
+            raise
+        if stream is not None:
+            await stream.finish(5.0)
+        return ExecOutcome(
+            id=reply["id"], exit_code=reply.get("exit_code"), signal=reply.get("signal"),
+            stdout=reply.get("stdout", ""), stderr=reply.get("stderr", ""),
+            stdout_truncated=bool(reply.get("stdout_truncated")),
+            stderr_truncated=bool(reply.get("stderr_truncated")),
+            duration_s=float(reply.get("duration_s", 0.0)), raw=reply,
+        )
+
+    async def cancel(self, server: str, command_id: str, timeout: float = 3.0) -> bool:
+        """Ask whoever runs ``command_id`` on ``server`` to stop it; False if none did."""
+        check_server_name(server)
+        try:
+            await self._request(self.names.server(server, "cancel"), {"id": command_id}, timeout, server)
+        except (Timeout, ServerOffline, NotFound):
+            return False
+        return True
+
+    async def put(
+        self,
+        server: str,
+        source: bytes | Path,
+        path: str,
+        *,
+        mode: int | None = None,
+        make_parents: bool = True,
+        progress: ProgressCallback | None = None,
+        command_id: str | None = None,
+        timeout_s: float = 6 * 3600.0,
+    ) -> dict[str, Any]:
+        """Write ``source`` (bytes or a local file) to ``path`` on ``server`` atomically."""
+        command_id = command_id or uuid.uuid4().hex
+        body: dict[str, Any] = {"id": command_id, "path": path, "make_parents": make_parents}
+        if mode is not None:
+            body["mode"] = f"{mode:04o}"
+        size = len(source) if isinstance(source, bytes) else source.stat().st_size
+        if size <= MAX_INLINE_BYTES:
+            data = source if isinstance(source, bytes) else source.read_bytes()
+            body["content_b64"] = base64.b64encode(data).decode()
+            reply = await self._server(server, "put", body, timeout_s)
+            if progress:
+                progress(size, size)
+            return reply
+        name = f"put/{server}/{command_id}"
+        stored = await self.files.write(name, _read_chunks(source, size, progress))
+        body.update(object=name, sha256=stored.sha256)
+        try:
+            return await self._server(server, "put", body, timeout_s)
+        finally:
+            await self.files.delete(name)
+
+    async def get(
+        self,
+        server: str,
+        path: str,
+        dest: Path | None = None,
+        *,
+        progress: ProgressCallback | None = None,
+        timeout_s: float = 6 * 3600.0,
+    ) -> tuple[dict[str, Any], bytes | None]:
+        """Read ``path`` from ``server``: into ``dest`` if given (any size), else into memory."""
+        body: dict[str, Any] = {"path": path}
+        reply = await self._server(server, "get", body, timeout_s)
+        if "content_b64" in reply:
+            data = base64.b64decode(reply.pop("content_b64"))
+            if progress:
+                progress(len(data), len(data))
+            if dest is None:
+                return reply, data
+            await asyncio.to_thread(_write_file, dest, [data])
+            return reply, None
+        name = reply["object"]
+        try:
+            size, chunks = await self.files.read(name)
+            if dest is None:
+                buf = bytearray()
+                async for chunk in chunks:
+                    buf += chunk
+                    if progress:
+                        progress(len(buf), size)
+                return reply, bytes(buf)
+            await _stream_to_file(dest, chunks, size, progress)
+            return reply, None
+        finally:
+            await self.files.delete(name)
+
+    async def info(self, server: str, timeout_s: float = 60.0) -> dict[str, Any]:
+        return await self._server(server, "info", {}, timeout_s)
+
+    async def ping(self, server: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        return await self._server(server, "ping", {}, timeout_s)
+
+    # admin -------------------------------------------------------------------------------
+    async def add_server(self, server: dict[str, Any], replace: bool = False) -> dict[str, Any]:
+        return await self._admin("servers.add", {"server": server, "replace": replace})
+
+    async def list_servers(self) -> list[dict[str, Any]]:
+        return (await self._admin("servers.list", {}))["servers"]
+
+    async def get_server(self, name: str) -> dict[str, Any]:
+        return await self._admin("servers.get", {"name": name})
+
+    async def remove_server(self, name: str) -> None:
+        await self._admin("servers.remove", {"name": name})
+
+    async def add_credential(
+        self, name: str, type: str, secret: bytes, *, user: str | None = None,
+        passphrase: bytes | None = None, description: str | None = None, replace: bool = False,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "name": name, "type": type, "user": user, "description": description,
+            "secret_b64": base64.b64encode(secret).decode(), "replace": replace,
+        }
+        if passphrase is not None:
+            body["passphrase_b64"] = base64.b64encode(passphrase).decode()
+        return (await self._admin("credentials.add", body))["credential"]
+
+    async def list_credentials(self) -> list[dict[str, Any]]:
+        return (await self._admin("credentials.list", {}))["credentials"]
+
+    async def remove_credential(self, name: str, force: bool = False) -> dict[str, Any]:
+        return await self._admin("credentials.remove", {"name": name, "force": force})
+
+
+class _OutputStream:
+    """Delivers live output in publish order and notices the end marker."""
+
+    def __init__(self, callback: OutputCallback) -> None:
+        self.callback = callback
+        self.sub: Any = None
+        self.ended = asyncio.Event()
+
+    async def on_msg(self, msg: Msg) -> None:
+        headers = msg.headers or {}
+        if headers.get(HDR_END):
+            self.ended.set()
+            return
+        result = self.callback(headers.get(HDR_STREAM, "stdout"), msg.data)
+        if inspect.isawaitable(result):
+            await result
+
+    async def finish(self, wait_s: float) -> None:
+        # The reply can overtake the last output chunks (separate subscriptions), so wait
+        # for the end marker before returning: no output is lost.
+        try:
+            await asyncio.wait_for(self.ended.wait(), timeout=wait_s)
+        except TimeoutError:
+            pass
+        if self.sub is not None:
+            await self.sub.unsubscribe()
+
+
+async def _read_chunks(source: bytes | Path, size: int, progress: ProgressCallback | None) -> AsyncIterator[bytes]:
+    if isinstance(source, bytes):
+        for offset in range(0, len(source), FILE_CHUNK):
+            yield source[offset : offset + FILE_CHUNK]
+            if progress:
+                progress(min(offset + FILE_CHUNK, size), size)
+        return
+    done = 0
+    with open(source, "rb") as fh:
+        while True:
+            chunk = await asyncio.to_thread(fh.read, 4 * FILE_CHUNK)
+            if not chunk:
+                break
+            done += len(chunk)
+            yield chunk
+            if progress:
+                progress(done, size)
+
+
+def _write_file(dest: Path, parts: list[bytes]) -> None:
+    with open(dest, "wb") as fh:
+        for part in parts:
+            fh.write(part)
+
+
+async def _stream_to_file(dest: Path, chunks: AsyncIterator[bytes], size: int,
+                          progress: ProgressCallback | None) -> None:
+    done = 0
+    fh = await asyncio.to_thread(open, dest, "wb")
+    try:
+        async for chunk in chunks:
+            await asyncio.to_thread(fh.write, chunk)
+            done += len(chunk)
+            if progress:
+                progress(done, size)
+    finally:
+        await asyncio.to_thread(fh.close)
+
+

@@ -1,0 +1,104 @@
+"""How every fleetbus process finds and connects to NATS.
+
+The URL comes from ``--nats``, else ``FLEETBUS_NATS_URL``, else the run file that
+``fleetbus up`` writes in the home folder. The embedded NATS requires a token; it is
+read from ``FLEETBUS_NATS_TOKEN`` or the token file, never from a command line, so it
+never shows in a process list.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats
+from nats.aio.client import Client as NATS
+
+from .errors import ServerOffline
+from .home import Home
+
+ENV_URL = "FLEETBUS_NATS_URL"
+ENV_TOKEN = "FLEETBUS_NATS_TOKEN"
+ENV_CREDS = "FLEETBUS_NATS_CREDS"
+ENV_PREFIX = "FLEETBUS_PREFIX"
+DEFAULT_PREFIX = "fleetbus"
+
+
+@dataclass(frozen=True)
+class NatsSettings:
+    url: str
+    token: str | None = field(default=None, repr=False)
+    creds_file: str | None = None
+    prefix: str = DEFAULT_PREFIX
+
+    @classmethod
+    def resolve(
+        cls,
+        url: str | None = None,
+        home: Home | None = None,
+        prefix: str | None = None,
+        creds_file: str | None = None,
+    ) -> "NatsSettings":
+        home = home or Home.resolve()
+        token = os.environ.get(ENV_TOKEN) or None
+        creds = creds_file or os.environ.get(ENV_CREDS) or None
+        prefix = prefix or os.environ.get(ENV_PREFIX) or DEFAULT_PREFIX
+        url = url or os.environ.get(ENV_URL)
+        if not url:
+            run = home.read_run()
+            if not run or "nats_url" not in run:
+                raise ServerOffline(
+                    f"no NATS to talk to: start `fleetbus up`, or pass --nats URL "
+                    f"(or set {ENV_URL}); looked for {home.run_file}"
+                )
+            url = str(run["nats_url"])
+            prefix = str(run.get("prefix", prefix))
+            if token is None and home.nats_token.exists():
+                token = home.nats_token.read_text().strip()
+        return cls(url=url, token=token, creds_file=creds, prefix=prefix)
+
+
+async def connect(
+    settings: NatsSettings, name: str, reconnect_forever: bool = True, **kwargs: object
+) -> NATS:
+    """Connect to NATS; an unreachable server is a one-line ServerOffline.
+
+    The first connection fails fast (a CLI must not hang on a stopped stack); once
+    connected, long-running processes reconnect forever.
+    """
+
+    async def _quiet(_: Exception) -> None:  # nats-py prints tracebacks by default
+        return None
+
+    opts: dict[str, object] = {
+        "servers": [settings.url],
+        "name": name,
+        "connect_timeout": 3,
+        "allow_reconnect": True,
+        "max_reconnect_attempts": 1,
+        "reconnect_time_wait": 0.25,
+        "error_cb": _quiet,
+    }
+    if settings.token:
+        opts["token"] = settings.token
+    if settings.creds_file:
+        opts["user_credentials"] = str(Path(settings.creds_file).expanduser())
+    opts.update(kwargs)
+    try:
+        nc = await nats.connect(**opts)  # type: ignore[arg-type]
+    except Exception as exc:  # nats-py raises several unrelated types here
+        raise ServerOffline(f"cannot connect to NATS at {settings.url}: {_reason(exc)}") from None
+    # nats-py reads this option on every reconnect, so relaxing it now keeps the
+    # fail-fast first connect while long-running processes ride out NATS restarts.
+    nc.options["max_reconnect_attempts"] = -1 if reconnect_forever else 3
+    return nc
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    if "authorization" in text.lower() or "Authorization" in type(exc).__name__:
+        return "authorization refused (wrong or missing token)"
+    if type(exc).__name__ == "NoServersError":
+        return "nothing is listening there"
+    return text.splitlines()[0][:200]

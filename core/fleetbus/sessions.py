@@ -1,0 +1,109 @@
+"""One open session per server, shared by concurrent commands, closed when idle.
+
+This is where per-server connection reuse lives (an SSH connection with many channels,
+one multiplexed agent link), so transports do not each reinvent it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from .errors import FleetbusError, ServerOffline
+from .records import Server
+from .transport import Credential, Session, Transport
+
+log = logging.getLogger("fleetbus.sessions")
+
+CredentialLookup = Callable[[str], Awaitable[Credential]]
+
+
+@dataclass
+class _Entry:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    session: Session | None = None
+    server: Server | None = None
+    in_use: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class SessionPool:
+    def __init__(self, transport: Transport, credentials: CredentialLookup) -> None:
+        self.transport = transport
+        self.credentials = credentials
+        self.entries: dict[str, _Entry] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+
+    @asynccontextmanager
+    async def use(self, server: Server) -> AsyncIterator[Session]:
+        entry = self.entries.setdefault(server.name, _Entry())
+        async with entry.lock:
+            stale = entry.session is not None and (
+                not entry.session.alive or entry.server != server
+            )
+            if stale:
+                # Commands still using the old session keep it; it closes in the background.
+                self._close_later(entry.session)  # type: ignore[arg-type]
+                entry.session = None
+            if entry.session is None:
+                entry.session = await self._open(server)
+                entry.server = server
+            session = entry.session
+        entry.in_use += 1
+        try:
+            yield session
+        finally:
+            entry.in_use -= 1
+            entry.last_used = time.monotonic()
+
+    async def _open(self, server: Server) -> Session:
+        """Open a session; failures are marked ``before_start``: no command reached the server."""
+        try:
+            credential = await self.credentials(server.credential) if server.credential else None
+            return await self.transport.open(server, credential)
+        except FleetbusError as exc:
+            exc.before_start = True  # type: ignore[attr-defined]
+            raise
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            err = ServerOffline(
+                f"cannot reach {server.name} over {self.transport.name}: "
+                f"{(str(exc).splitlines() or [''])[0][:200] or type(exc).__name__}"
+            )
+            err.before_start = True  # type: ignore[attr-defined]
+            raise err from None
+
+    def _close_later(self, session: Session) -> None:
+        task = asyncio.create_task(self._close(session))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    @staticmethod
+    async def _close(session: Session) -> None:
+        try:
+            await asyncio.wait_for(session.close(), timeout=10)
+        except Exception as exc:
+            log.warning("closing a session failed: %s", type(exc).__name__)
+
+    async def drop(self, name: str) -> None:
+        entry = self.entries.pop(name, None)
+        if entry is not None and entry.session is not None:
+            await self._close(entry.session)
+
+    async def close_idle(self, idle_s: float) -> None:
+        now = time.monotonic()
+        for name, entry in list(self.entries.items()):
+            if entry.in_use == 0 and entry.session is not None and now - entry.last_used > idle_s:
+                session, entry.session = entry.session, None
+                await self._close(session)
+            if entry.session is None and entry.in_use == 0 and not entry.lock.locked():
+                self.entries.pop(name, None)
+
+    async def close_all(self) -> None:
+        for name in list(self.entries):
+            await self.drop(name)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)

@@ -1,0 +1,125 @@
+"""Assembling processes: the core, a worker (the plugin host), and ``up`` (all of it).
+
+``fleetbus up`` = embedded NATS + core + worker with every installed transport, in one
+process tree. ``fleetbus core`` and ``fleetbus worker`` run the same parts separately
+against a shared NATS, which is how fleetbus scales out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+
+from nats.aio.client import Client as NATS
+
+from .admin import AdminService
+from .connection import NatsSettings, connect
+from .embedded import EmbeddedNats
+from .home import Home
+from .host import HostSettings, PluginHost
+from .jetstream import State, open_state
+from .plugins import load_plugins
+from .records import Server
+from .registry import Registry
+from .subjects import Names
+from .vault import MasterKey, Vault
+
+log = logging.getLogger("fleetbus.stack")
+
+
+@dataclass
+class StackOptions:
+    home: Home
+    nats_url: str | None = None
+    nats_host: str = "127.0.0.1"
+    nats_port: int = 4222
+    prefix: str | None = None
+    transports: list[str] | None = None
+    replicas: int = 1
+    host_settings: HostSettings = field(default_factory=HostSettings)
+
+
+@dataclass
+class Running:
+    nats_url: str
+    names: Names
+    nc: NATS
+    state: State
+    host: PluginHost | None = None
+    admin: AdminService | None = None
+    embedded: EmbeddedNats | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+async def _connect(opts: StackOptions, embedded: EmbeddedNats | None, name: str) -> tuple[NATS, NatsSettings]:
+    if embedded is not None:
+        settings = NatsSettings(url=embedded.url, token=embedded.token, prefix=opts.prefix or "fleetbus")
+    else:
+        settings = NatsSettings.resolve(url=opts.nats_url, home=opts.home, prefix=opts.prefix)
+    return await connect(settings, name=name), settings
+
+
+async def start_stack(opts: StackOptions, stack: AsyncExitStack, *, embedded_nats: bool,
+                      core: bool, worker: bool) -> Running:
+    """Start the requested parts; ``stack`` stops them in reverse order."""
+    embedded = None
+    if embedded_nats:
+        embedded = EmbeddedNats(opts.home, opts.nats_host, opts.nats_port)
+        await embedded.start()
+        stack.push_async_callback(embedded.stop)
+    nc, settings = await _connect(opts, embedded, "fleetbus-" + ("up" if embedded else "core" if core else "worker"))
+    stack.push_async_callback(_close_nats, nc)
+    names = Names(settings.prefix)
+    state = await open_state(nc, names, replicas=opts.replicas)
+    plugins = load_plugins()
+    # Only a process that must open or seal secrets needs the master key.
+    master = MasterKey.load(opts.home, create=core) if (core or worker) else None
+    vault = Vault(state.credentials, master)
+    running = Running(nats_url=settings.url, names=names, nc=nc, state=state, embedded=embedded)
+    if core:
+        running.admin = AdminService(nc, names, Registry(state.servers, state.status), vault,
+                                     set(plugins.transports))
+        await running.admin.start()
+        stack.push_async_callback(running.admin.stop)
+    if worker:
+        transports = plugins.select(opts.transports)
+        running.host = PluginHost(nc, state, transports, vault, opts.host_settings)
+        await running.host.start()
+        stack.push_async_callback(running.host.stop)
+    return running
+
+
+async def _close_nats(nc: NATS) -> None:
+    try:
+        await asyncio.wait_for(nc.drain(), timeout=5)
+    except Exception:
+        await nc.close()
+
+
+async def ensure_local_server(state: State) -> bool:
+    """Register ``local`` (this host) on first start; True if it was added now."""
+    registry = Registry(state.servers, state.status)
+    if await registry.find("local") is not None:
+        return False
+    try:
+        await registry.add(Server(name="local", transport="local",
+                                  description="the host fleetbus runs on"))
+    except Exception:
+        return False  # another process registered it first
+    return True
+
+
+async def wait_for_signal(on_signal: Callable[[str], None] | None = None) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda s=sig: (on_signal and on_signal(s.name), stop.set()))
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
