@@ -103,6 +103,7 @@ def test_credentials_never_show_their_secret(fleet: Fleet) -> None:
         assert SECRET not in out
     home_dump = b"".join(p.read_bytes() for p in fleet.home.rglob("*") if p.is_file())
     assert SECRET.encode() not in home_dump  # not in the KV files on disk either
+    assert SECRET not in fleet.output()  # nor in the stack's log (it runs with -v)
     assert fleet.cli("servers", "add", "uses-cred", "--transport", "local", "--credential", "deploy").returncode == 0
     refused = fleet.cli("credentials", "remove", "deploy")
     assert "used by uses-cred" in one_line_error(refused)

@@ -31,7 +31,7 @@ from nats.aio.msg import Msg
 from .connection import NatsSettings, connect
 from .errors import FleetbusError, InvalidRequest, NotFound, ServerOffline, Timeout
 from .home import Home
-from .messages import MAX_INLINE_BYTES
+from .limits import MAX_INLINE_BYTES
 from .names import check_server_name
 from .objects import ObjectFiles
 from .output import HDR_END, HDR_STREAM

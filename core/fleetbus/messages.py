@@ -11,9 +11,10 @@ import base64
 import binascii
 import json
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -22,17 +23,21 @@ from pydantic import (
     model_validator,
 )
 
+from .limits import (
+    DEFAULT_EXEC_TIMEOUT_S,
+    DEFAULT_TAIL_BYTES,
+    MAX_EXEC_TIMEOUT_S,
+    MAX_INLINE_BYTES,
+    MAX_REQUEST_BYTES,
+)
 from .names import COMMAND_ID_RE
+
+__all__ = [
+    "DEFAULT_TAIL_BYTES", "MAX_INLINE_BYTES", "MAX_REQUEST_BYTES", "OPERATIONS", "REQUEST_MODELS",
+]
 
 OPERATIONS = ("exec", "put", "get", "info", "ping")
 Operation = Literal["exec", "put", "get", "info", "ping"]
-
-# A request body is one NATS message; replies with inline file content must fit one too.
-MAX_REQUEST_BYTES = 1024 * 1024
-MAX_INLINE_BYTES = 512 * 1024
-DEFAULT_TAIL_BYTES = 64 * 1024
-DEFAULT_EXEC_TIMEOUT_S = 600.0
-MAX_EXEC_TIMEOUT_S = 7 * 24 * 3600.0
 
 _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # A plain subject: tokens of printable non-space characters, no wildcards.
@@ -128,6 +133,16 @@ class ExecRequest(Request):
         return None
 
 
+def _check_object(v: str) -> str:
+    if not _OBJECT_RE.match(v):
+        raise ValueError("object must be 1-255 characters of A-Z a-z 0-9 _ . = / -")
+    return v
+
+
+RemotePath = Annotated[str, AfterValidator(_check_path)]
+ObjectName = Annotated[str, AfterValidator(_check_object)]
+
+
 def _parse_mode(v: Any) -> int | None:
     if v is None:
         return None
@@ -144,31 +159,19 @@ def _parse_mode(v: Any) -> int | None:
 
 
 class PutRequest(Request):
-    path: str
+    path: RemotePath
     mode: int | None = None
     content_b64: str | None = None
-    object: str | None = None
+    object: ObjectName | None = None
     make_parents: bool = True
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
     _content: bytes | None = None
 
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        return _check_path(v)
-
     @field_validator("mode", mode="before")
     @classmethod
     def _mode(cls, v: Any) -> int | None:
         return _parse_mode(v)
-
-    @field_validator("object")
-    @classmethod
-    def _object(cls, v: str | None) -> str | None:
-        if v is not None and not _OBJECT_RE.match(v):
-            raise ValueError("object must be 1-255 characters of A-Z a-z 0-9 _ . = / -")
-        return v
 
     @model_validator(mode="after")
     def _one_source(self) -> "PutRequest":
@@ -183,21 +186,9 @@ class PutRequest(Request):
 
 
 class GetRequest(Request):
-    path: str
-    object: str | None = None
+    path: RemotePath
+    object: ObjectName | None = None
     max_inline: int = Field(default=MAX_INLINE_BYTES, ge=0, le=MAX_INLINE_BYTES)
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        return _check_path(v)
-
-    @field_validator("object")
-    @classmethod
-    def _object(cls, v: str | None) -> str | None:
-        if v is not None and not _OBJECT_RE.match(v):
-            raise ValueError("object must be 1-255 characters of A-Z a-z 0-9 _ . = / -")
-        return v
 
 
 class InfoRequest(Request):

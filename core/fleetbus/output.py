@@ -9,10 +9,12 @@ the command is over.
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING
 
 from nats.aio.client import Client as NATS
 
-from .transport import StreamName
+if TYPE_CHECKING:  # importing transport builds pydantic models; the CLI avoids that
+    from .transport import StreamName
 
 HDR_STREAM = "Fleetbus-Stream"
 HDR_SEQ = "Fleetbus-Seq"

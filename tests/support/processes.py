@@ -48,6 +48,20 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> int | None:
+    """Signal ``proc`` and wait for it; kill it if it has not stopped within 30 s."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 @dataclass
 class NatsServer:
     """A plain nats-server with JetStream, no auth, on a free loopback port."""
@@ -87,13 +101,7 @@ class NatsServer:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 @dataclass
@@ -117,7 +125,7 @@ class Fleet:
         self.home.mkdir(parents=True, exist_ok=True)
         self.log = open(self.home.parent / f"{self.home.name}-up.log", "ab")
         self.proc = subprocess.Popen(
-            [FLEETBUS, "up", "--nats-port", "0", *self.extra_args],
+            [FLEETBUS, "up", "--nats-port", "0", "-v", *self.extra_args],
             stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, env=self.environ(),
         )
         run_file = self.home / "run.json"
@@ -132,7 +140,8 @@ class Fleet:
 
         info = wait_for(ready, timeout=30, what="fleetbus up")
         self.nats_url = info["nats_url"]
-        self.token = (self.home / "nats.token").read_text().strip()
+        token_file = self.home / "nats.token"
+        self.token = token_file.read_text().strip() if info.get("embedded") else ""
         return self
 
     def output(self) -> str:
@@ -151,17 +160,9 @@ class Fleet:
         )
 
     def stop(self, sig: int = signal.SIGTERM) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc, sig)
         self.log.close()
-        return self.proc.returncode
+        return code
 
 
 def children_of(pid: int) -> list[int]:
@@ -177,3 +178,31 @@ def children_of(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             out.append(int(entry.name))
     return out
+
+
+@dataclass
+class Daemon:
+    """A long-running fleetbus process (core, worker) with its output in a log file."""
+
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path
+    ready_text: str
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> "Daemon":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([FLEETBUS, *self.args], stdout=log, stderr=log,
+                                     stdin=subprocess.DEVNULL, env=self.env)
+        log.close()
+
+        def ready() -> bool:
+            if self.proc and self.proc.poll() is not None:
+                raise RuntimeError(self.log_path.read_text()[-3000:])
+            return self.ready_text in self.log_path.read_text(errors="replace")
+
+        wait_for(ready, timeout=30, what=f"fleetbus {self.args}")
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int | None:
+        return stop_process(self.proc, sig)

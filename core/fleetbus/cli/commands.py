@@ -13,7 +13,7 @@ import click
 
 from ..client import Client, ExecOutcome
 from ..errors import Cancelled, FleetbusError, Timeout
-from ..messages import MAX_INLINE_BYTES
+from ..limits import MAX_INLINE_BYTES
 from .context import (
     EXIT_INTERRUPTED,
     Globals,
@@ -24,7 +24,7 @@ from .context import (
     run_async,
     with_client,
 )
-from .render import Progress, emit_json, human_bytes
+from .render import Progress, emit_json, human_bytes, key_values
 
 EXIT_FLEETBUS_ERROR = 125  # as `docker run`: the command could not be run at all
 EXIT_TIMEOUT = 124  # as timeout(1)
@@ -183,10 +183,7 @@ def info(g: Globals, server: str, as_json: bool) -> None:
     if reply.get("uptime_s") is not None:
         rows.append(("uptime", _duration(float(reply["uptime_s"]))))
     rows += [(k, v) for k, v in (reply.get("extra") or {}).items()]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        if value is not None:
-            click.echo(f"{key.ljust(width)}  {value}")
+    key_values(rows)
 
 
 def _duration(seconds: float) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from ..plugins import load_plugins
 from .context import run_async
 from .render import emit_json, table
 
@@ -18,6 +17,8 @@ def plugins() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def list_(as_json: bool) -> None:
     """List the transports the installed plugins provide."""
+
+    from ..plugins import load_plugins  # builds pydantic models: only when asked
 
     async def load() -> tuple[list[dict[str, object]], dict[str, str]]:
         loaded = load_plugins()

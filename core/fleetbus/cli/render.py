@@ -24,6 +24,14 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         click.echo("  ".join(v.ljust(widths[i]) for i, v in enumerate(row)).rstrip())
 
 
+def key_values(rows: Sequence[tuple[str, Any]]) -> None:
+    """Aligned ``key  value`` lines, skipping empty values."""
+    shown = [(k, v) for k, v in rows if v not in (None, "")]
+    width = max((len(k) for k, _ in shown), default=0)
+    for key, value in shown:
+        click.echo(f"{key.ljust(width)}  {value}")
+
+
 def human_bytes(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -8,7 +8,7 @@ import click
 
 from ..client import Client
 from .context import Globals, client_call, parse_options, parse_pairs, pass_globals
-from .render import emit_json, table
+from .render import emit_json, key_values, table
 
 
 @click.group("servers")
@@ -106,10 +106,7 @@ def show(g: Globals, name: str, as_json: bool) -> None:
              ("options", ", ".join(f"{k}={v}" for k, v in server.get("options", {}).items())),
              ("status", _status_text(status)), ("served by", status.get("served_by")),
              ("last seen", status.get("last_seen"))]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        if value not in (None, ""):
-            click.echo(f"{key.ljust(width)}  {value}")
+    key_values(rows)
 
 
 @servers.command("remove")

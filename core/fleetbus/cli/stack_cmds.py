@@ -10,8 +10,6 @@ from contextlib import AsyncExitStack
 import click
 
 from .. import __version__
-from ..host import HostSettings
-from ..stack import StackOptions, ensure_local_server, start_stack, wait_for_signal
 from .context import Globals, pass_globals, run_async
 
 
@@ -41,6 +39,8 @@ def _say(text: str) -> None:
 @pass_globals
 def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, verbose: int) -> None:
     """Start everything on this machine: NATS (unless --nats), the core and every transport."""
+    from ..stack import StackOptions, ensure_local_server, start_stack, wait_for_signal
+
     _logging(verbose)
     home = g.home_dir()
     opts = StackOptions(home=home, nats_url=g.nats, nats_host=nats_host, nats_port=nats_port,
@@ -78,6 +78,8 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, verbo
 @pass_globals
 def core(g: Globals, verbose: int, replicas: int) -> None:
     """Run the core alone (admin API, vault, registry) against a shared NATS."""
+    from ..stack import StackOptions, start_stack, wait_for_signal
+
     _logging(verbose)
     opts = StackOptions(home=g.home_dir(), nats_url=g.nats, prefix=g.prefix, replicas=replicas)
 
@@ -98,6 +100,9 @@ def core(g: Globals, verbose: int, replicas: int) -> None:
 @pass_globals
 def worker(g: Globals, transports: str | None, threads: int, verbose: int) -> None:
     """Run a plugin host serving the given transports against a shared NATS."""
+    from ..host import HostSettings  # the stack is heavy; `fleetbus run` never needs it
+    from ..stack import StackOptions, start_stack, wait_for_signal
+
     _logging(verbose)
     opts = StackOptions(home=g.home_dir(), nats_url=g.nats, prefix=g.prefix,
                         transports=_transports(transports),
