@@ -256,3 +256,89 @@ async def test_every_command_is_audited_including_raw_bus_ones(fleet_nc: NATS, b
     assert mine["server"] == "local" and mine["transport"] == "local" and mine["duration_s"] >= 0
     garbage = next(r for r in records if r["id"] == bad["id"])
     assert garbage["outcome"] == "invalid_request"
+
+
+async def test_command_id_reused_for_another_request_is_refused(fleet_nc: NATS, bus, tmp_path: Path) -> None:
+    cid = f"reuse-{uuid.uuid4().hex}"
+    first = await bus(fleet_nc, f"{S}.local.exec", {"id": cid, "argv": ["echo", "one"]})
+    assert first["ok"]
+    other = await bus(fleet_nc, f"{S}.local.exec", {"id": cid, "argv": ["echo", "two"]})
+    assert other["error"]["code"] == "invalid_request" and "different" in other["error"]["message"]
+    target = tmp_path / "same-id.txt"
+    put = await bus(fleet_nc, f"{S}.local.put", {"id": cid, "path": str(target),
+                                                 "content_b64": base64.b64encode(b"x").decode()})
+    assert put["ok"] and target.read_bytes() == b"x"  # another op: its own command
+
+
+async def test_retry_of_a_timed_out_command_replays_its_output(fleet_nc: NATS, bus) -> None:
+    cid = f"tmo-{uuid.uuid4().hex}"
+    body = {"id": cid, "shell": "echo before-timeout; sleep 30", "timeout_s": 0.5}
+    first = await bus(fleet_nc, f"{S}.local.exec", body)
+    assert first["error"]["code"] == "timeout"
+    inbox = fleet_nc.new_inbox()
+    chunks: list[bytes] = []
+    ended = asyncio.Event()
+
+    async def on_msg(msg) -> None:
+        if (msg.headers or {}).get("Fleetbus-End"):
+            assert msg.headers["Fleetbus-Error"] == "timeout"
+            ended.set()
+        else:
+            chunks.append(msg.data)
+
+    await fleet_nc.subscribe(inbox, cb=on_msg)
+    again = await bus(fleet_nc, f"{S}.local.exec", {**body, "output_subject": inbox})
+    await asyncio.wait_for(ended.wait(), 10)
+    assert again == first and b"".join(chunks) == b"before-timeout\n"
+
+
+async def test_inline_put_over_the_limit_is_too_large(fleet_nc: NATS, bus, tmp_path: Path) -> None:
+    data = base64.b64encode(os.urandom(600 * 1024)).decode()
+    reply = await bus(fleet_nc, f"{S}.local.put", {"path": str(tmp_path / "big"), "content_b64": data})
+    assert reply["error"]["code"] == "too_large" and not (tmp_path / "big").exists()
+
+
+async def test_a_queued_command_can_be_cancelled(fleet_nc: NATS, bus, tmp_path: Path) -> None:
+    add = await bus(fleet_nc, "fleetbus.v1.admin.servers.add",
+                    {"server": {"name": "one-slot", "transport": "local", "max_concurrency": 1}})
+    assert add["ok"], add
+    await _wait_served(fleet_nc, "one-slot")
+    gate = tmp_path / "gate"
+    started = tmp_path / "started"
+    blocker = asyncio.create_task(bus(fleet_nc, f"{S}.one-slot.exec", {
+        "shell": f"touch {started}; while [ ! -e {gate} ]; do sleep 0.02; done"}))
+    while not started.exists():
+        await asyncio.sleep(0.01)
+    queued_id = f"queued-{uuid.uuid4().hex}"
+    queued = asyncio.create_task(bus(fleet_nc, f"{S}.one-slot.exec", {"id": queued_id, "argv": ["true"]}))
+    ack = None
+    deadline = asyncio.get_running_loop().time() + 10
+    while ack is None:
+        try:
+            ack = await bus(fleet_nc, f"{S}.one-slot.cancel", {"id": queued_id}, timeout=0.5)
+        except nats.errors.TimeoutError:
+            assert asyncio.get_running_loop().time() < deadline
+    assert ack["cancelled"] is True
+    reply = await asyncio.wait_for(queued, 10)
+    assert reply["error"]["code"] == "cancelled" and "queued" in reply["error"]["message"]
+    gate.touch()
+    assert (await blocker)["ok"]
+
+
+async def test_admin_changes_are_audited_without_secrets(fleet_nc: NATS, bus) -> None:
+    secret = f"pw-{uuid.uuid4().hex}"
+    name = f"aud-{uuid.uuid4().hex[:8]}"
+    reply = await bus(fleet_nc, "fleetbus.v1.admin.credentials.add", {
+        "name": name, "type": "password", "secret_b64": base64.b64encode(secret.encode()).decode()})
+    assert reply["ok"]
+    js = fleet_nc.jetstream()
+    sub = await js.subscribe("fleetbus.v1.audit._admin.credentials.add", ordered_consumer=True)
+    found = None
+    while found is None:
+        msg = await sub.next_msg(timeout=10)
+        assert secret.encode() not in msg.data
+        record = json.loads(msg.data)
+        if record["server"] == name:
+            found = record
+    await sub.unsubscribe()
+    assert found["outcome"] == "ok" and found["transport"] == "admin"

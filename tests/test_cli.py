@@ -106,7 +106,7 @@ def test_credentials_never_show_their_secret(fleet: Fleet) -> None:
     assert SECRET not in fleet.output()  # nor in the stack's log (it runs with -v)
     assert fleet.cli("servers", "add", "uses-cred", "--transport", "local", "--credential", "deploy").returncode == 0
     refused = fleet.cli("credentials", "remove", "deploy")
-    assert "used by uses-cred" in one_line_error(refused)
+    assert "used by uses-cred" in one_line_error(refused) and "--force" in refused.stderr
     assert fleet.cli("credentials", "remove", "deploy", "--force").returncode == 0
     missing = fleet.cli("servers", "add", "x1", "--transport", "local", "--credential", "nope")
     assert "no credential named nope" in one_line_error(missing)

@@ -12,25 +12,33 @@ import base64
 import binascii
 import json
 import logging
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.aio.client import Client as NATS
+from nats.js.kv import KeyValue
 from nats.micro import add_service
 from nats.micro.request import Request as MicroRequest
 from nats.micro.service import Service
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
+from .audit import Auditor, AuditRecord
 from .errors import FleetbusError, InternalError, InvalidRequest
+from .keys import AgentKeys
 from .messages import describe_validation_error, parse_json_object
 from .names import check_credential_name, check_server_name
-from .records import CredentialInfo, CredentialType, Server
-from .registry import Registry
+from .records import CredentialInfo, CredentialType, Server, utcnow
+from .registry import Registry, kv_snapshot
 from .subjects import Names
 from .vault import Vault
 
 log = logging.getLogger("fleetbus.admin")
+
+# Transports whose servers authenticate with a fleetbus-issued secret key.
+KEYED_TRANSPORTS = frozenset({"agent-outbound"})
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -72,11 +80,14 @@ def _b64(value: str, what: str) -> bytes:
 
 class AdminService:
     def __init__(self, nc: NATS, names: Names, registry: Registry, vault: Vault,
-                 known_transports: set[str]) -> None:
+                 agent_keys: AgentKeys, gateways: KeyValue, known_transports: set[str]) -> None:
         self.nc = nc
         self.names = names
         self.registry = registry
         self.vault = vault
+        self.agent_keys = agent_keys
+        self.gateways = gateways
+        self.auditor = Auditor(nc.jetstream(timeout=10), names)
         self.known_transports = known_transports
         self.service: Service | None = None
 
@@ -90,6 +101,9 @@ class AdminService:
             "servers.list": self.servers_list,
             "servers.get": self.servers_get,
             "servers.remove": self.servers_remove,
+            "servers.rotate-key": self.servers_rotate_key,
+            "servers.revoke-key": self.servers_revoke_key,
+            "gateways.list": self.gateways_list,
             "credentials.add": self.credentials_add,
             "credentials.list": self.credentials_list,
             "credentials.remove": self.credentials_remove,
@@ -106,6 +120,8 @@ class AdminService:
 
     def _wrap(self, handler: Handler) -> Callable[[MicroRequest], Awaitable[None]]:
         async def run(req: MicroRequest) -> None:
+            started = time.monotonic()
+            body: dict[str, Any] = {}
             try:
                 body = parse_json_object(req.data)
                 reply = await handler(body)
@@ -117,8 +133,26 @@ class AdminService:
                 log.exception("admin request on %s failed", req.subject)
                 reply = {"ok": False, "error": InternalError("internal error; see the core's log").to_wire()}
             await req.respond(json.dumps(reply, default=str).encode())
+            await self._audit(req, body, reply, started)
 
         return run
+
+    async def _audit(self, req: MicroRequest, body: dict[str, Any], reply: dict[str, Any],
+                     started: float) -> None:
+        """Who changed the registry or the vault: names only, never a secret."""
+        endpoint = req.subject[len(self.names.admin_root) + 1:]
+        if endpoint.endswith(".list") or endpoint.endswith(".get"):
+            return  # reads are not changes
+        server_body = body.get("server")
+        target = body.get("name") or (server_body.get("name") if isinstance(server_body, dict) else None)
+        error = reply.get("error") or {}
+        requester = str((req.headers or {}).get("Fleetbus-Requester", "bus"))[:128]
+        await self.auditor.record(AuditRecord(
+            ts=utcnow(), id=uuid.uuid4().hex, server=str(target or "")[:64], transport="admin",
+            op=endpoint, requester=requester,
+            outcome="ok" if reply.get("ok") else str(error.get("code", "internal")),
+            duration_s=round(time.monotonic() - started, 6), worker="core",
+            summary=f"{endpoint} {target or ''}".strip()), admin=True)
 
     async def _event(self, *tokens: str) -> None:
         try:
@@ -134,13 +168,20 @@ class AdminService:
             await self.vault.info(server.credential)  # NotFound names the credential
         await self.registry.add(server, replace=req.replace)
         await self._event("servers", server.name, "registered")
+        reply: dict[str, Any] = {"ok": True}
+        if server.transport in KEYED_TRANSPORTS:
+            # The key is returned this once and stored only as a hash.
+            issued = await self.agent_keys.issue(server.name)
+            reply["key"] = issued.key
+            reply["gateways"] = await self._gateways()
         warnings = []
         if server.transport not in self.known_transports:
             warnings.append(
                 f"no transport named {server.transport!r} is installed beside the core; "
                 "the server answers once a worker with that plugin runs"
             )
-        return {"ok": True, "server": server.model_dump(mode="json"), "warnings": warnings}
+        reply.update(server=server.model_dump(mode="json"), warnings=warnings)
+        return reply
 
     async def servers_list(self, body: dict[str, Any]) -> dict[str, Any]:
         _Body.model_validate(body)
@@ -165,8 +206,42 @@ class AdminService:
     async def servers_remove(self, body: dict[str, Any]) -> dict[str, Any]:
         name = check_server_name(NameBody.model_validate(body).name)
         await self.registry.remove(name)
+        if await self.agent_keys.current_id(name) is not None:
+            await self.agent_keys.revoke(name)  # drops a connected agent at once
         await self._event("servers", name, "removed")
         return {"ok": True, "name": name}
+
+    async def _keyed_server(self, body: dict[str, Any]) -> Server:
+        server = await self.registry.get(check_server_name(NameBody.model_validate(body).name))
+        if server.transport not in KEYED_TRANSPORTS:
+            raise InvalidRequest(
+                f"{server.name} uses the {server.transport} transport, which has no agent key")
+        return server
+
+    async def servers_rotate_key(self, body: dict[str, Any]) -> dict[str, Any]:
+        server = await self._keyed_server(body)
+        issued = await self.agent_keys.issue(server.name)
+        await self._event("servers", server.name, "key-rotated")
+        return {"ok": True, "name": server.name, "key": issued.key, "gateways": await self._gateways()}
+
+    async def servers_revoke_key(self, body: dict[str, Any]) -> dict[str, Any]:
+        server = await self._keyed_server(body)
+        await self.agent_keys.revoke(server.name)
+        await self._event("servers", server.name, "key-revoked")
+        return {"ok": True, "name": server.name}
+
+    async def _gateways(self) -> list[dict[str, Any]]:
+        out = []
+        for raw in (await kv_snapshot(self.gateways)).values():
+            try:
+                out.append(json.loads(raw))
+            except ValueError:
+                continue
+        return sorted(out, key=lambda g: str(g.get("worker")))
+
+    async def gateways_list(self, body: dict[str, Any]) -> dict[str, Any]:
+        _Body.model_validate(body)
+        return {"ok": True, "gateways": await self._gateways()}
 
     # credentials -------------------------------------------------------------------
     async def credentials_add(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -191,7 +266,7 @@ class AdminService:
         users = [s.name for s in await self.registry.list() if s.credential == name]
         if users and not req.force:
             shown = ", ".join(users[:10]) + (" ..." if len(users) > 10 else "")
-            raise InvalidRequest(f"credential {name} is used by {shown}; pass --force to remove it anyway")
+            raise InvalidRequest(f"credential {name} is used by {shown}; force removal (CLI: --force) to remove it anyway")
         await self.vault.remove(name)
         await self._event("credentials", name, "removed")
         return {"ok": True, "name": name, "was_used_by": users}

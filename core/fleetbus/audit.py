@@ -63,10 +63,10 @@ class Auditor:
         self.js = js
         self.names = names
 
-    async def record(self, rec: AuditRecord) -> None:
+    async def record(self, rec: AuditRecord, admin: bool = False) -> None:
+        # Server names cannot start with "_", so admin records never share a subject with one.
+        subject = self.names.audit("_admin", rec.op) if admin else self.names.audit(rec.server, rec.op)
         try:
-            await self.js.publish(
-                self.names.audit(rec.server, rec.op), rec.model_dump_json().encode(), timeout=5
-            )
+            await self.js.publish(subject, rec.model_dump_json().encode(), timeout=5)
         except Exception as exc:
             log.error("audit record for command %s was not stored: %s", rec.id, type(exc).__name__)

@@ -283,6 +283,16 @@ class Client:
     async def remove_server(self, name: str) -> None:
         await self._admin("servers.remove", {"name": name})
 
+    async def rotate_key(self, name: str) -> dict[str, Any]:
+        """A new secret key for an outbound-agent server; the old one stops working at once."""
+        return await self._admin("servers.rotate-key", {"name": name})
+
+    async def revoke_key(self, name: str) -> None:
+        await self._admin("servers.revoke-key", {"name": name})
+
+    async def list_gateways(self) -> list[dict[str, Any]]:
+        return (await self._admin("gateways.list", {}))["gateways"]
+
     async def add_credential(
         self, name: str, type: str, secret: bytes, *, user: str | None = None,
         passphrase: bytes | None = None, description: str | None = None, replace: bool = False,

@@ -1,14 +1,17 @@
 """At-most-once execution for retried commands, shared by every worker through NATS KV.
 
-A request that carries an ``id`` claims the key ``<server>.<id>`` with a KV *create*,
-which only one writer can win: the winner runs the command and stores its reply; a
-retry that arrives later (at any worker in the queue group) gets the stored reply, or
-waits for the running one to finish. Keys expire with the bucket's TTL (one hour).
+A request that carries an ``id`` claims the key ``<server>.<op>.<id>`` with a KV
+*create*, which only one writer can win: the winner runs the command and stores its
+reply; a retry that arrives later (at any worker in the queue group) gets the stored
+reply, or waits for the running one to finish. The claim records a fingerprint of the
+request body, so an id reused for a different request is refused instead of answered
+with another command's reply. Keys expire with the bucket's TTL (one hour).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -22,8 +25,14 @@ from .records import utcnow
 
 @dataclass(frozen=True)
 class Claim:
-    outcome: Literal["run", "replay", "running"]
+    outcome: Literal["run", "replay", "running", "conflict"]
     reply: dict[str, Any] | None = None
+
+
+def fingerprint(body: dict[str, Any]) -> str:
+    """A stable digest of a request body, ignoring the id and where output goes."""
+    core = {k: v for k, v in body.items() if k not in ("id", "output_subject")}
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
 
 
 class CommandMemory:
@@ -31,35 +40,38 @@ class CommandMemory:
         self.kv = kv
 
     @staticmethod
-    def key(server: str, command_id: str) -> str:
-        return f"{server}.{command_id}"
+    def key(server: str, op: str, command_id: str) -> str:
+        return f"{server}.{op}.{command_id}"
 
-    async def claim(self, server: str, op: str, command_id: str) -> Claim:
-        key = self.key(server, command_id)
-        record = {"state": "running", "op": op, "since": utcnow().isoformat()}
+    async def claim(self, server: str, op: str, command_id: str, body_fp: str) -> Claim:
+        key = self.key(server, op, command_id)
+        record = {"state": "running", "fp": body_fp, "since": utcnow().isoformat()}
         try:
             await self.kv.create(key, json.dumps(record).encode())
             return Claim("run")
         except KeyWrongLastSequenceError:
             pass
         stored = await self._load(key)
+        if stored is not None and stored.get("fp") not in (None, body_fp):
+            return Claim("conflict")
         if stored is not None and stored.get("state") == "done":
             return Claim("replay", stored.get("reply"))
         return Claim("running")
 
-    async def finish(self, server: str, command_id: str, reply: dict[str, Any]) -> None:
-        body = json.dumps({"state": "done", "reply": reply}).encode()
-        await self.kv.put(self.key(server, command_id), body)
+    async def finish(self, server: str, op: str, command_id: str, body_fp: str,
+                     reply: dict[str, Any]) -> None:
+        body = json.dumps({"state": "done", "fp": body_fp, "reply": reply}).encode()
+        await self.kv.put(self.key(server, op, command_id), body)
 
-    async def forget(self, server: str, command_id: str) -> None:
+    async def forget(self, server: str, op: str, command_id: str) -> None:
         try:
-            await self.kv.delete(self.key(server, command_id))
+            await self.kv.delete(self.key(server, op, command_id))
         except KVNotFound:
             pass
 
-    async def wait(self, server: str, command_id: str, timeout: float) -> dict[str, Any] | None:
+    async def wait(self, server: str, op: str, command_id: str, timeout: float) -> dict[str, Any] | None:
         """The reply of a command another worker is running, once it is done, or None."""
-        key = self.key(server, command_id)
+        key = self.key(server, op, command_id)
         watcher = await self.kv.watch(key)
         try:
             async with asyncio.timeout(timeout):

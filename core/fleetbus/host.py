@@ -31,7 +31,7 @@ from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
 from .audit import Auditor, AuditRecord, summarize
-from .dedupe import CommandMemory
+from .dedupe import CommandMemory, fingerprint
 from .errors import (
     Cancelled,
     FleetbusError,
@@ -41,7 +41,10 @@ from .errors import (
     TooLarge,
     TransportError,
 )
+from .home import Home
 from .jetstream import State
+from .keys import AgentKeys
+from .limits import MAX_INLINE_BYTES
 from .messages import (
     DEFAULT_TAIL_BYTES,
     OPERATIONS,
@@ -56,8 +59,9 @@ from .messages import (
 )
 from .objects import ObjectFiles
 from .output import BusOutput
-from .records import Server, ServerStatus, utcnow
+from .records import Server, utcnow
 from .registry import Registry
+from .services import CoreServices
 from .sessions import SessionPool
 from .subjects import Names
 from .transport import Credential, ExecSpec, PutSpec, Session, Transport
@@ -80,6 +84,7 @@ class HostSettings:
     transfer_timeout_s: float = 6 * 3600.0
     quick_timeout_s: float = 30.0
     tail_bytes: int = DEFAULT_TAIL_BYTES
+    home: Home = field(default_factory=Home.resolve)
     transport_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -91,6 +96,7 @@ class _Context:
         self.transport_name = name
         self.logger = logging.getLogger(f"fleetbus.transport.{name}")
         self.settings = host.settings.transport_settings.get(name, {})
+        self.services = host.services
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.host.pool, fn, *args)
@@ -140,6 +146,11 @@ class PluginHost:
         self.auditor = Auditor(state.js, self.names)
         self.files = ObjectFiles(state.js, self.names.files_bucket)
         self.vault = vault
+        self.services = CoreServices(
+            nc=nc, names=self.names, home=self.settings.home, registry=self.registry,
+            agent_keys=AgentKeys(state.agent_keys), gateways=state.gateways,
+            master=vault.master if vault else None, worker_id=self.settings.worker_id,
+        )
         self.pool = ThreadPoolExecutor(
             max_workers=self.settings.blocking_threads, thread_name_prefix="fleetbus-blocking"
         )
@@ -267,19 +278,9 @@ class PluginHost:
         log.info("stopped serving %s", name)
 
     async def _set_status(self, name: str, state: str, transport: str) -> None:
-        try:
-            if state == "offline" and await self.registry.find(name) is None:
-                return
-            now = utcnow()
-            await self.registry.set_status(
-                ServerStatus(
-                    name=name, state=state, served_by=self.settings.worker_id,  # type: ignore[arg-type]
-                    transport_version=self.transport_classes[transport].version,
-                    since=now, last_seen=now,
-                )
-            )
-        except Exception as exc:
-            log.warning("could not record status of %s: %s", name, type(exc).__name__)
+        if state == "offline" and await self.registry.find(name) is None:
+            return
+        await self.services.report_status(name, state, self.transport_classes[transport].version)
 
     # cancel ------------------------------------------------------------------------
     async def _on_cancel(self, msg: Msg) -> None:
@@ -317,21 +318,26 @@ class PluginHost:
                 command_id = req.id
             outcome: _Outcome
             if req.id is not None and op in ("exec", "put"):
-                claim = await self.memory.claim(server.name, op, req.id)
+                body_fp = fingerprint(body)
+                claim = await self.memory.claim(server.name, op, req.id, body_fp)
+                if claim.outcome == "conflict":
+                    raise InvalidRequest(
+                        f"command id {req.id} was already used for a different {op} on {server.name}")
                 if claim.outcome == "run":
                     outcome = await self._dispatch(served, op, req, command_id)
                     if outcome.ran:
-                        await self.memory.finish(server.name, req.id, outcome.reply)
+                        await self.memory.finish(server.name, op, req.id, body_fp, outcome.reply)
                     else:  # it never reached the server: a retry may run it
-                        await self.memory.forget(server.name, req.id)
+                        await self.memory.forget(server.name, op, req.id)
                 else:
                     reply = claim.reply
                     if reply is None:
                         wait_s = (req.timeout_s if isinstance(req, ExecRequest)
                                   else self.settings.transfer_timeout_s)
-                        reply = await self.memory.wait(server.name, req.id, wait_s)
+                        reply = await self.memory.wait(server.name, op, req.id, wait_s)
                     if reply is None:
-                        raise Timeout(f"command {req.id} is still running elsewhere")
+                        raise Timeout(f"command {req.id} is still running elsewhere; "
+                                      "this retry stopped waiting for it")
                     replayed = True
                     outcome = _Outcome(reply=reply, exit_code=reply.get("exit_code"))
                     if isinstance(req, ExecRequest) and req.output_subject:
@@ -345,16 +351,21 @@ class PluginHost:
             outcome = _Outcome(reply={"ok": False, "id": command_id,
                                       "error": Cancelled("the worker is shutting down").to_wire()})
             await self._respond(msg, outcome.reply)
+            await self._audit(served, op, body, command_id, requester, started, outcome, replayed)
             raise
         except Exception:
             log.exception("command %s on %s failed unexpectedly", command_id, server.name)
             outcome = _Outcome(reply={"ok": False, "id": command_id, "error": InternalError(
                 "internal error in the plugin host; see its log").to_wire()})
         await self._respond(msg, outcome.reply)
+        await self._audit(served, op, body, command_id, requester, started, outcome, replayed)
+
+    async def _audit(self, served: _Served, op: str, body: dict[str, Any], command_id: str,
+                     requester: str, started: float, outcome: _Outcome, replayed: bool) -> None:
         error = outcome.reply.get("error") or {}
         await self.auditor.record(
             AuditRecord(
-                ts=utcnow(), id=command_id, server=server.name, transport=served.transport,
+                ts=utcnow(), id=command_id, server=served.server.name, transport=served.transport,
                 op=op if op in OPERATIONS else "invalid", requester=requester,
                 outcome="ok" if outcome.reply.get("ok") else str(error.get("code", "internal")),
                 exit_code=outcome.exit_code, duration_s=round(time.monotonic() - started, 6),
@@ -366,8 +377,9 @@ class PluginHost:
     async def _replay_output(self, subject: str, command_id: str, reply: dict[str, Any]) -> None:
         """A retry's live output is the stored tail, so consumers see the same shape."""
         output = BusOutput(self.nc, command_id, subject, self.settings.tail_bytes)
+        details = (reply.get("error") or {}).get("details") or {}
         for stream in ("stdout", "stderr"):
-            text = reply.get(stream) or ""
+            text = reply.get(stream) or details.get(stream) or ""
             if text:
                 await output.write(stream, text.encode())  # type: ignore[arg-type]
         error = (reply.get("error") or {}).get("code")
@@ -391,20 +403,31 @@ class PluginHost:
     async def _run_tracked(self, served: _Served, op: str, req: Request, command_id: str) -> _Outcome:
         if command_id in served.running:
             raise InvalidRequest(f"command {command_id} is already running on {served.server.name}")
-        async with served.slots:
-            task = asyncio.create_task(self._run(served, op, req, command_id))
-            served.running[command_id] = task
+
+        async def in_slot() -> _Outcome:
             try:
-                return await asyncio.shield(task)
+                await served.slots.acquire()
             except asyncio.CancelledError:
-                if task.done():
-                    raise
-                # The host is stopping: stop the command too, then report it.
-                task.cancel()
-                await asyncio.wait({task}, timeout=CANCEL_GRACE_S)
-                raise
+                raise Cancelled(f"command {command_id} was cancelled while queued") from None
+            try:
+                return await self._run(served, op, req, command_id)
             finally:
-                served.running.pop(command_id, None)
+                served.slots.release()
+
+        # Registered before it waits for a slot, so a queued command can be cancelled too.
+        task = asyncio.create_task(in_slot())
+        served.running[command_id] = task
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            # The host is stopping: stop the command too, then report it.
+            task.cancel()
+            await asyncio.wait({task}, timeout=CANCEL_GRACE_S)
+            raise
+        finally:
+            served.running.pop(command_id, None)
 
     async def _run(self, served: _Served, op: str, req: Request, command_id: str) -> _Outcome:
         server = served.server
@@ -460,6 +483,10 @@ class PluginHost:
         except FleetbusError as exc:
             await output.end(None, exc.code)
             raise
+        except BaseException:
+            # Whatever went wrong, a consumer of the output subject must see the end.
+            await output.end(None, TransportError.code)
+            raise
         await output.end(result.exit_code)
         reply = {
             "ok": True,
@@ -476,6 +503,9 @@ class PluginHost:
 
     async def _put(self, session: Session, req: PutRequest, command_id: str) -> _Outcome:
         content = req.content()
+        if content is not None and len(content) > MAX_INLINE_BYTES:
+            raise TooLarge(f"inline content is {len(content)} bytes; above {MAX_INLINE_BYTES} "
+                           "send it through the object store")
         if content is not None:
             size = len(content)
 

@@ -25,6 +25,8 @@ from nats.js.object_store import ObjectStore
 from .subjects import Names
 
 COMMAND_MEMORY_S = 3600.0
+# A gateway refreshes its record well within this; a dead one drops out by itself.
+GATEWAY_RECORD_TTL_S = 60.0
 FILE_TTL_S = 3600.0
 AUDIT_MAX_AGE_S = 90 * 24 * 3600.0
 
@@ -37,6 +39,8 @@ class State:
     status: KeyValue
     credentials: KeyValue
     commands: KeyValue
+    agent_keys: KeyValue
+    gateways: KeyValue
     files: ObjectStore
 
 
@@ -66,6 +70,14 @@ async def open_state(nc: NATS, names: Names, replicas: int = 1) -> State:
         KeyValueConfig(bucket=names.commands_bucket, history=1, ttl=COMMAND_MEMORY_S,
                        replicas=replicas, storage=StorageType.FILE),
     )
+    agent_keys = await _kv(
+        js, KeyValueConfig(bucket=names.agent_keys_bucket, history=1, replicas=replicas,
+                           storage=StorageType.FILE)
+    )
+    gateways = await _kv(
+        js, KeyValueConfig(bucket=names.gateways_bucket, history=1, ttl=GATEWAY_RECORD_TTL_S,
+                           replicas=replicas, storage=StorageType.FILE)
+    )
     try:
         files = await js.object_store(names.files_bucket)
     except (NotFoundError, BadRequestError):
@@ -88,4 +100,4 @@ async def open_state(nc: NATS, names: Names, replicas: int = 1) -> State:
             )
         )
     return State(js=js, names=names, servers=servers, status=status, credentials=credentials,
-                 commands=commands, files=files)
+                 commands=commands, agent_keys=agent_keys, gateways=gateways, files=files)

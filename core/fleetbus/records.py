@@ -90,6 +90,8 @@ class ServerStatus(Strict):
     since: datetime | None = None
     last_seen: datetime | None = None
     detail: str | None = None
+    agent_version: str | None = None
+    remote_address: str | None = None
 
 
 CredentialType = Literal["password", "ssh-key", "token"]

@@ -22,6 +22,7 @@ from .embedded import EmbeddedNats
 from .home import Home
 from .host import HostSettings, PluginHost
 from .jetstream import State, open_state
+from .keys import AgentKeys
 from .plugins import load_plugins
 from .records import Server
 from .registry import Registry
@@ -82,11 +83,13 @@ async def start_stack(opts: StackOptions, stack: AsyncExitStack, *, embedded_nat
     running = Running(nats_url=settings.url, names=names, nc=nc, state=state, embedded=embedded)
     if core:
         running.admin = AdminService(nc, names, Registry(state.servers, state.status), vault,
+                                     AgentKeys(state.agent_keys), state.gateways,
                                      set(plugins.transports))
         await running.admin.start()
         stack.push_async_callback(running.admin.stop)
     if worker:
         transports = plugins.select(opts.transports)
+        opts.host_settings.home = opts.home
         running.host = PluginHost(nc, state, transports, vault, opts.host_settings)
         await running.host.start()
         stack.push_async_callback(running.host.stop)

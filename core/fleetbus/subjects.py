@@ -73,6 +73,14 @@ class Names:
         return f"{self._b}_commands"
 
     @property
+    def agent_keys_bucket(self) -> str:
+        return f"{self._b}_agent_keys"
+
+    @property
+    def gateways_bucket(self) -> str:
+        return f"{self._b}_gateways"
+
+    @property
     def files_bucket(self) -> str:
         return f"{self._b}_files"
 

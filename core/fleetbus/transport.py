@@ -127,6 +127,9 @@ class TransportContext(Protocol):
     transport_name: str
     logger: logging.Logger
     settings: dict[str, Any]
+    #: Core facilities (home folder, agent keys, status, derived secrets): see
+    #: ``fleetbus.services.CoreServices``. Most transports need none of it.
+    services: Any
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking call in the host's bounded thread pool."""

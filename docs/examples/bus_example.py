@@ -49,7 +49,8 @@ async def request(nc, subject, body, timeout):
     return json.loads(msg.data)
 
 
-async def run(remote_path):
+def connection_settings():
+    """The NATS URL, token and subject prefix of the running `fleetbus up`."""
     home = os.path.expanduser(os.environ.get("FLEETBUS_HOME") or "~/.fleetbus")
     try:
         with open(os.path.join(home, "run.json")) as f:
@@ -58,13 +59,16 @@ async def run(remote_path):
         raise Failed(f"no {home}/run.json: is `fleetbus up` running?") from None
     with open(os.path.join(home, "nats.token")) as f:
         token = f.read().strip()
-    prefix = run_info.get("prefix", "fleetbus")
+    return run_info["nats_url"], token, run_info.get("prefix", "fleetbus")
+
+
+async def run(url, token, prefix, remote_path):
     subject = f"{prefix}.v1.servers.{SERVER}"
 
     async def on_error(exc):  # one line instead of nats-py's default traceback
         print(f"nats: {exc}", file=sys.stderr)
 
-    nc = await nats.connect(run_info["nats_url"], token=token, name="fleetbus-bus-example",
+    nc = await nats.connect(url, token=token, name="fleetbus-bus-example",
                             connect_timeout=5, max_reconnect_attempts=1, error_cb=on_error)
     try:
         # 1. exec with live output: chunks arrive on our inbox as raw bytes, the stream
@@ -95,7 +99,10 @@ async def run(remote_path):
             "output_subject": inbox,
         }, timeout=90), "exec")
         # The reply can overtake the last output chunks: wait for the end marker.
-        await asyncio.wait_for(ended.wait(), timeout=10)
+        try:
+            await asyncio.wait_for(ended.wait(), timeout=10)
+        except asyncio.TimeoutError:
+            raise Failed("no end marker on the output subject within 10 s") from None
         await sub.unsubscribe()
         if reply["exit_code"] != 0:
             raise Failed(f"uname exited with {reply['exit_code']}: {reply['stderr']}")
@@ -136,7 +143,8 @@ async def run(remote_path):
 def main():
     remote_path = sys.argv[1] if len(sys.argv) > 1 else "/tmp/fleetbus-bus-example.txt"
     try:
-        asyncio.run(run(remote_path))
+        url, token, prefix = connection_settings()
+        asyncio.run(run(url, token, prefix, remote_path))
     except (Failed, OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
         print(f"bus_example: error: {exc or type(exc).__name__}", file=sys.stderr)
         return 1

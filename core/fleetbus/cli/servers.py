@@ -54,6 +54,49 @@ def add(g: Globals, name: str, transport: str, host: str | None, port: int | Non
     for warning in reply.get("warnings", []):
         click.echo(f"fleetbus: warning: {warning}", err=True)
     click.echo(f"registered {name} ({transport})")
+    if "key" in reply:
+        _show_key(name, reply["key"], reply.get("gateways") or [])
+
+
+def _show_key(name: str, key: str, gateways: list[dict[str, Any]]) -> None:
+    """Print an agent key once, with the command that starts the agent with it."""
+    gw = gateways[0] if gateways else {}
+    address = gw.get("address", "GATEWAY-HOST:7443")
+    pin = gw.get("fingerprint", "sha256:...")
+    click.echo("")
+    click.echo(f"secret key for {name} (shown only now; fleetbus keeps just a hash):")
+    click.echo(f"  {key}")
+    click.echo("")
+    click.echo(f"on {name}, save it readable only by the agent's user, then start the agent:")
+    click.echo("  install -d -m 700 /etc/fleetbus-agent && "
+               "(umask 077; cat > /etc/fleetbus-agent/key)   # paste the key, then Ctrl-D")
+    click.echo(f"  fleetbus-agent connect --gateway {address} --fingerprint {pin} "
+               "--key-file /etc/fleetbus-agent/key")
+    if not gateways:
+        click.echo("(no gateway is running yet: `fleetbus gateway info` shows its address and fingerprint)")
+
+
+@servers.command("rotate-key")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (includes the key).")
+@pass_globals
+def rotate_key(g: Globals, name: str, as_json: bool) -> None:
+    """Give outbound-agent server NAME a new secret key; the old one is dropped at once."""
+    reply = client_call(g, lambda c: c.rotate_key(name))
+    if as_json:
+        emit_json(reply)
+        return
+    click.echo(f"rotated the key of {name}; its agent is disconnected until it uses the new key")
+    _show_key(name, reply["key"], reply.get("gateways") or [])
+
+
+@servers.command("revoke-key")
+@click.argument("name")
+@pass_globals
+def revoke_key(g: Globals, name: str) -> None:
+    """Revoke outbound-agent server NAME's key; its agent is disconnected at once."""
+    client_call(g, lambda c: c.revoke_key(name))
+    click.echo(f"revoked the key of {name}; rotate-key issues a new one")
 
 
 def _status_text(status: dict[str, Any] | None) -> str:
@@ -75,12 +118,14 @@ def list_(g: Globals, as_json: bool) -> None:
         click.echo("no servers registered; add one with: fleetbus servers add NAME --transport ...")
         return
     table(
-        ["name", "transport", "address", "status", "environment", "roles", "last seen"],
+        ["name", "transport", "address", "status", "agent", "remote", "environment", "roles", "last seen"],
         [
             [
                 s["name"], s["transport"],
                 (s.get("host") or "") + (f":{s['port']}" if s.get("port") else ""),
-                _status_text(s.get("status")), s.get("environment"), ",".join(s.get("roles", [])),
+                _status_text(s.get("status")), (s.get("status") or {}).get("agent_version"),
+                (s.get("status") or {}).get("remote_address"),
+                s.get("environment"), ",".join(s.get("roles", [])),
                 (s.get("status") or {}).get("last_seen"),
             ]
             for s in found
@@ -105,6 +150,7 @@ def show(g: Globals, name: str, as_json: bool) -> None:
              ("labels", ", ".join(f"{k}={v}" for k, v in server.get("labels", {}).items())),
              ("options", ", ".join(f"{k}={v}" for k, v in server.get("options", {}).items())),
              ("status", _status_text(status)), ("served by", status.get("served_by")),
+             ("agent", status.get("agent_version")), ("remote", status.get("remote_address")),
              ("last seen", status.get("last_seen"))]
     key_values(rows)
 

@@ -1,0 +1,60 @@
+"""Core facilities a transport may use beyond the Transport interface.
+
+The built-in agent transports need the agent-key store, the gateway registry, the home
+folder and secrets derived from the master key; third-party transports usually need
+none of this. Reached as ``ctx.services``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.js.kv import KeyValue
+
+from .errors import InternalError
+from .home import Home
+from .keys import AgentKeys
+from .records import ServerStatus, utcnow
+from .registry import Registry
+from .subjects import Names
+from .vault import MasterKey
+
+log = logging.getLogger("fleetbus.services")
+
+
+@dataclass
+class CoreServices:
+    nc: NATS
+    names: Names
+    home: Home
+    registry: Registry
+    agent_keys: AgentKeys
+    gateways: KeyValue
+    master: MasterKey | None
+    worker_id: str
+
+    def derive_secret(self, purpose: str) -> bytes:
+        """A 32-byte secret for ``purpose``, derived from the master key (never stored)."""
+        if self.master is None:
+            raise InternalError("this process holds no master key")
+        return hmac.new(self.master.key, f"fleetbus-derive-v1:{purpose}".encode(),
+                        hashlib.sha256).digest()
+
+    async def report_status(self, name: str, state: str, transport_version: str | None = None,
+                            **fields: Any) -> None:
+        """Record what this process sees of ``name`` in the status bucket."""
+        now = utcnow()
+        previous = await self.registry.status(name)
+        since = previous.since if previous is not None and previous.state == state and previous.since else now
+        try:
+            await self.registry.set_status(ServerStatus(
+                name=name, state=state,  # type: ignore[arg-type]
+                served_by=self.worker_id, transport_version=transport_version,
+                since=since, last_seen=now, **fields))
+        except Exception as exc:
+            log.warning("could not record status of %s: %s", name, type(exc).__name__)
