@@ -22,10 +22,12 @@ import fleetbus
 import pytest
 from fleetbus.errors import InvalidRequest, NotFound, Timeout, TransportError
 from fleetbus.records import Server
+from fleetbus.secretenv import SECRET_ENV_VARS
 from fleetbus.transport import ExecResult, ExecSpec, PutSpec, Session
+from fleetbus_agent.ops import environment
+from fleetbus_agent.ops.files import GET_CHUNK, TEMP_PREFIX
+from fleetbus_agent.ops.process import READ_CHUNK, ProcessTimings
 from fleetbus_local import plugin
-from fleetbus_local.files import GET_CHUNK, TEMP_PREFIX
-from fleetbus_local.process import READ_CHUNK, ProcessTimings
 from fleetbus_local.transport import LocalSession, LocalTransport
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the local transport is POSIX only")
@@ -198,18 +200,26 @@ async def test_fleetbus_secrets_are_not_inherited(
 ) -> None:
     monkeypatch.setenv("FLEETBUS_MASTER_KEY", "master-secret")
     monkeypatch.setenv("FLEETBUS_NATS_TOKEN", "token-secret")
+    monkeypatch.setenv("FLEETBUS_AGENT_KEY", "agent-secret")
     monkeypatch.setenv("FLEETBUS_T_VISIBLE", "visible")
     sink = RecordingSink()
     assert (await session.exec(ExecSpec(argv=["env"], shell=None), sink)).exit_code == 0
     out = sink.data("stdout")
     assert b"FLEETBUS_T_VISIBLE=visible" in out
     assert b"master-secret" not in out and b"token-secret" not in out
+    assert b"agent-secret" not in out
 
     # Asked for explicitly, a variable is passed like any other.
     sink = RecordingSink()
     spec = ExecSpec(argv=["env"], shell=None, env={"FLEETBUS_NATS_TOKEN": "given"})
     await session.exec(spec, sink)
     assert b"FLEETBUS_NATS_TOKEN=given" in sink.data("stdout")
+
+
+def test_core_secret_env_vars_are_the_agents() -> None:
+    # One list for fleetbus and its agent, so neither can forget the other's secrets.
+    assert SECRET_ENV_VARS is environment.SECRET_ENV_VARS
+    assert {"FLEETBUS_MASTER_KEY", "FLEETBUS_NATS_TOKEN", "FLEETBUS_AGENT_KEY"} <= SECRET_ENV_VARS
 
 
 async def test_stdin_is_fed_while_output_is_read(session: Session) -> None:

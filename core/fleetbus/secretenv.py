@@ -6,6 +6,4 @@ Transports that start processes remove these from the environment they pass on, 
 
 from __future__ import annotations
 
-SECRET_ENV_VARS: frozenset[str] = frozenset(
-    {"FLEETBUS_MASTER_KEY", "FLEETBUS_NATS_TOKEN", "FLEETBUS_EMBEDDED_NATS_TOKEN"}
-)
+from fleetbus_agent.ops.environment import SECRET_ENV_VARS  # noqa: F401  (re-exported)

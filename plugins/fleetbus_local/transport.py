@@ -3,6 +3,11 @@
 Commands run and files are written as the user the fleetbus process runs as; a
 credential attached to a ``local`` server is never used to change that. POSIX only
 (process groups, ``/bin/sh``).
+
+What exec, put, get and info do is defined once, in :mod:`fleetbus_agent.ops`, which
+the fleetbus agent runs on remote servers too; this module only adapts it to the
+:class:`fleetbus.transport.Transport` interface: fleetbus dataclasses in and out, and
+:class:`~fleetbus_agent.ops.OpError` raised as the fleetbus error with the same code.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import socket
 from collections.abc import AsyncIterator
 
 import fleetbus
+from fleetbus.errors import ERROR_CLASSES, FleetbusError, InternalError
 from fleetbus.records import Server
 from fleetbus.transport import (
     Credential,
@@ -25,39 +31,96 @@ from fleetbus.transport import (
     Transport,
     TransportContext,
 )
-
-from .facts import server_facts
-from .files import get_file, put_file
-from .process import ProcessTimings, run_process
+from fleetbus_agent import ops
 
 # Names that always mean "this machine", whoever resolves them.
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
+def fleetbus_error(exc: ops.OpError) -> FleetbusError:
+    """The fleetbus error with the same code and message as ``exc``."""
+    return ERROR_CLASSES.get(exc.code, InternalError)(exc.message)
+
+
+class _Chunks(AsyncIterator[bytes]):
+    """The chunks of an ops file, raising fleetbus errors.
+
+    A class rather than an async generator: ``aclose`` must reach the file even before
+    the first chunk is read, which an unstarted generator's ``aclose`` would not.
+    """
+
+    def __init__(self, chunks: ops.FileChunks) -> None:
+        self._chunks = chunks
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._chunks.__anext__()
+        except ops.OpError as exc:
+            raise fleetbus_error(exc) from exc
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
+
+
 class LocalSession(Session):
     """A session on this host. There is no connection, so it is never stale."""
 
-    def __init__(self, ctx: TransportContext, timings: ProcessTimings) -> None:
+    def __init__(self, ctx: TransportContext, timings: ops.ProcessTimings) -> None:
         self._ctx = ctx
         self._timings = timings
 
     async def exec(self, spec: ExecSpec, output: OutputSink) -> ExecResult:
-        return await run_process(
-            spec,
-            output,
-            timings=self._timings,
-            logger=self._ctx.logger,
-            run_blocking=self._ctx.run_blocking,
-        )
+        try:
+            result = await ops.run_process(
+                ops.ExecSpec(
+                    argv=spec.argv,
+                    shell=spec.shell,
+                    env=spec.env,
+                    cwd=spec.cwd,
+                    stdin=spec.stdin,
+                    timeout_s=spec.timeout_s,
+                ),
+                output.write,
+                timings=self._timings,
+                logger=self._ctx.logger,
+                run_blocking=self._ctx.run_blocking,
+            )
+        except ops.OpError as exc:
+            raise fleetbus_error(exc) from exc
+        return ExecResult(exit_code=result.exit_code, signal=result.signal)
 
     async def put(self, spec: PutSpec, source: AsyncIterator[bytes]) -> FileStat:
-        return await put_file(self._ctx, spec, source)
+        try:
+            written = await ops.put_file(
+                ops.PutSpec(
+                    path=spec.path, mode=spec.mode, make_parents=spec.make_parents, size=spec.size
+                ),
+                source,
+                run_blocking=self._ctx.run_blocking,
+                logger=self._ctx.logger,
+            )
+        except ops.OpError as exc:
+            raise fleetbus_error(exc) from exc
+        return FileStat(size=written.size, mode=written.mode)
 
     async def get(self, path: str) -> RemoteFile:
-        return await get_file(self._ctx, path)
+        try:
+            opened = await ops.get_file(path, run_blocking=self._ctx.run_blocking)
+        except ops.OpError as exc:
+            raise fleetbus_error(exc) from exc
+        return RemoteFile(size=opened.size, mode=opened.mode, chunks=_Chunks(opened.chunks))
 
     async def info(self) -> ServerFacts:
-        return server_facts()
+        facts = ops.server_facts()
+        return ServerFacts(
+            hostname=facts.hostname,
+            os=facts.os,
+            os_version=facts.os_version,
+            kernel=facts.kernel,
+            arch=facts.arch,
+            uptime_s=facts.uptime_s,
+            extra=facts.extra,
+        )
 
     async def ping(self) -> None:
         # This host answers as long as this process runs.
@@ -72,7 +135,7 @@ class LocalTransport(Transport):
 
     Optional settings (``ctx.settings``), all in seconds: ``term_grace_s``,
     ``exit_grace_s``, ``reap_timeout_s`` and ``timeout_backstop_s``; see
-    :class:`fleetbus_local.process.ProcessTimings`.
+    :class:`fleetbus_agent.ops.ProcessTimings`.
     """
 
     name = "local"
@@ -82,7 +145,10 @@ class LocalTransport(Transport):
 
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
-        self.timings = ProcessTimings.from_settings(ctx.settings or {})
+        try:
+            self.timings = ops.ProcessTimings.from_settings(ctx.settings or {})
+        except ValueError as exc:
+            raise ValueError(f"local transport setting {exc}") from None
 
     def accepts(self, server: Server) -> bool:
         """Serve servers without a host, and those whose host names this machine.

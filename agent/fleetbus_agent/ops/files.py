@@ -1,26 +1,30 @@
-"""Writing and reading files on this host for ``Session.put`` and ``Session.get``.
+"""Writing and reading files for ``put`` and ``get``.
 
-All file I/O runs on the host's thread pool (``ctx.run_blocking``) so a slow disk never
-stalls the event loop. A cancelled coroutine cannot stop a thread that is already
-inside a read or write, so whenever we give up on one we close its descriptor only
-after that call has returned: closing it earlier would let the descriptor number be
-reused by an unrelated file while the thread still writes to it.
+All file I/O runs through ``run_blocking`` (a thread pool) so a slow disk never stalls
+the event loop. A cancelled coroutine cannot stop a thread that is already inside a read
+or write, so whenever we give up on one we close its descriptor only after that call has
+returned: closing it earlier would let the descriptor number be reused by an unrelated
+file while the thread still writes to it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import os
 import stat
 import tempfile
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, Optional, TypeVar
 
-from fleetbus.errors import FleetbusError, InvalidRequest, NotFound, TransportError
-from fleetbus.transport import FileStat, PutSpec, RemoteFile, TransportContext
+from .blocking import RunBlocking, resolve_run_blocking
+from .errors import OpError, invalid_request, not_found, transport_error
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 GET_CHUNK = 256 * 1024
 """The largest chunk ``get`` yields."""
@@ -29,10 +33,51 @@ TEMP_PREFIX = ".fleetbus-"
 """Name prefix of the temporary file ``put`` writes beside its target."""
 
 DEFAULT_MODE = 0o644
+"""The mode of a file ``put`` creates when the request gives none."""
 
-# Small chunks from the bus are gathered into writes of about this size, so that a
+# Small chunks from the sender are gathered into writes of about this size, so that a
 # many-small-chunks upload does not cost one thread-pool round trip per chunk.
 _WRITE_BATCH = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PutSpec:
+    """A file to write atomically: a temporary file beside ``path``, then a rename.
+
+    - ``mode``: permission bits (0 to 0o7777); None keeps the mode of the file being
+      replaced, or :data:`DEFAULT_MODE` for a new file. Never subject to the umask.
+    - ``make_parents``: create missing parent directories.
+    - ``size``: when given, the exact number of bytes the source must yield.
+    """
+
+    path: str
+    mode: Optional[int] = None
+    make_parents: bool = True
+    size: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """What ``put`` wrote: its size and the mode the file now has."""
+
+    size: int
+    mode: Optional[int] = None
+
+
+@dataclass
+class RemoteFile:
+    """A file being read: its size and mode up front, then its bytes in ``chunks``.
+
+    Close it with :meth:`aclose` unless ``chunks`` is read to its end.
+    """
+
+    size: int
+    mode: Optional[int]
+    chunks: FileChunks
+
+    async def aclose(self) -> None:
+        """Close the file; safe at any time, also twice."""
+        await self.chunks.aclose()
 
 
 def shown_path(path: str) -> str:
@@ -42,18 +87,22 @@ def shown_path(path: str) -> str:
 
 
 def check_path(path: str) -> str:
-    """Refuse paths that are empty, hold a NUL byte, or are relative.
+    """Refuse paths that are empty, hold a NUL byte, or are relative; return ``path``.
 
-    A relative path would resolve against whatever directory the fleetbus process
-    happens to run in, which nobody sending a request can know.
+    A relative path would resolve against whatever directory the fleetbus process or
+    agent happens to run in, which nobody sending a request can know.
     """
     if not isinstance(path, str) or not path:
-        raise InvalidRequest("path must not be empty")
+        raise invalid_request("path must not be empty")
     if "\0" in path:
-        raise InvalidRequest(f"path contains a NUL byte: {shown_path(path)}")
+        raise invalid_request(f"path contains a NUL byte: {shown_path(path)}")
     if not os.path.isabs(path):
-        raise InvalidRequest(f"path must be absolute: {shown_path(path)}")
+        raise invalid_request(f"path must be absolute: {shown_path(path)}")
     return path
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _consume(task: asyncio.Future[Any]) -> None:
@@ -92,25 +141,33 @@ class AtomicPut:
     target is left as it was.
     """
 
-    def __init__(self, ctx: TransportContext, spec: PutSpec) -> None:
-        self._ctx = ctx
+    def __init__(
+        self,
+        spec: PutSpec,
+        run_blocking: Optional[RunBlocking] = None,
+        logger: Optional[logging.Logger] = None,
+    ) -> None:
         self._spec = spec
+        self._run_blocking = resolve_run_blocking(run_blocking)
+        self._logger = logger if logger is not None else log
         self._path = check_path(spec.path)
         if self._path.endswith("/"):
-            raise InvalidRequest(f"path names a directory: {shown_path(self._path)}")
+            raise invalid_request(f"path names a directory: {shown_path(self._path)}")
         self._parent = os.path.dirname(self._path)
-        if spec.mode is not None and not 0 <= spec.mode <= 0o7777:
-            raise InvalidRequest(f"invalid file mode {spec.mode:#o} for {shown_path(self._path)}")
-        if spec.size is not None and spec.size < 0:
-            raise InvalidRequest(f"invalid size {spec.size} for {shown_path(self._path)}")
+        if spec.mode is not None and not (_is_int(spec.mode) and 0 <= spec.mode <= 0o7777):
+            shown = f"{spec.mode:#o}" if _is_int(spec.mode) else repr(spec.mode)
+            raise invalid_request(f"invalid file mode {shown} for {shown_path(self._path)}")
+        if spec.size is not None and not (_is_int(spec.size) and spec.size >= 0):
+            raise invalid_request(f"invalid size {spec.size!r} for {shown_path(self._path)}")
         self._mode = DEFAULT_MODE
-        self._owner: tuple[int, int] | None = None
+        self._owner: Optional[tuple[int, int]] = None
         # Set and cleared by the blocking steps, read by _remove_temp once they are done.
-        self._fd: int | None = None
-        self._temp: str | None = None
-        self._inflight: asyncio.Future[Any] | None = None
+        self._fd: Optional[int] = None
+        self._temp: Optional[str] = None
+        self._inflight: Optional[asyncio.Future[Any]] = None
 
-    async def run(self, source: AsyncIterator[bytes]) -> FileStat:
+    async def run(self, source: AsyncIterable[bytes]) -> FileStat:
+        """Write everything ``source`` yields, then replace the target with it."""
         expected = self._spec.size
         try:
             await self._blocking(self._create_temp)
@@ -137,17 +194,17 @@ class AtomicPut:
             raise
         return FileStat(size=received, mode=self._mode)
 
-    def _size_mismatch(self, received: int) -> TransportError:
+    def _size_mismatch(self, received: int) -> OpError:
         qualifier = (
             "at least " if self._spec.size is not None and received > self._spec.size else ""
         )
-        return TransportError(
+        return transport_error(
             f"size mismatch for {shown_path(self._path)}: expected {self._spec.size} bytes, "
             f"received {qualifier}{received}"
         )
 
     async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        task = asyncio.ensure_future(self._ctx.run_blocking(fn, *args))
+        task = asyncio.ensure_future(self._run_blocking(fn, *args))
         self._inflight = task
         try:
             # Shielded: if we are cancelled the call still finishes in its thread, and
@@ -160,16 +217,16 @@ class AtomicPut:
 
     def _create_temp(self) -> None:
         try:
-            existing: os.stat_result | None = os.stat(self._path)
+            existing: Optional[os.stat_result] = os.stat(self._path)
         except (FileNotFoundError, NotADirectoryError):
             existing = None
         if existing is not None:
             if stat.S_ISDIR(existing.st_mode):
-                raise InvalidRequest(f"is a directory: {shown_path(self._path)}")
+                raise invalid_request(f"is a directory: {shown_path(self._path)}")
             if not stat.S_ISREG(existing.st_mode):
                 # Replacing a device node or a FIFO with a regular file is never what
                 # anyone uploading a file meant.
-                raise InvalidRequest(f"not a regular file: {shown_path(self._path)}")
+                raise invalid_request(f"not a regular file: {shown_path(self._path)}")
             # Replacing a file should not change who may read it: keep its mode (unless
             # one is given) and, when we can, its owner.
             self._owner = (existing.st_uid, existing.st_gid)
@@ -227,43 +284,67 @@ class AtomicPut:
             except FileNotFoundError:
                 pass
             except OSError as exc:
-                self._ctx.logger.warning("cannot remove temporary file %s: %s", temp, exc)
+                self._logger.warning("cannot remove temporary file %s: %s", temp, exc)
 
-    def _error(self, exc: OSError) -> FleetbusError:
+    def _error(self, exc: OSError) -> OpError:
         path = shown_path(self._path)
         if isinstance(exc, PermissionError):
-            return TransportError(f"permission denied: {path}")
+            return transport_error(f"permission denied: {path}")
         if isinstance(exc, (FileNotFoundError, NotADirectoryError)) and not self._spec.make_parents:
-            return NotFound(f"no such directory: {shown_path(self._parent)}")
+            return not_found(f"no such directory: {shown_path(self._parent)}")
         if isinstance(exc, (FileExistsError, NotADirectoryError)):
             # makedirs met a path component that is a file.
-            return InvalidRequest(
+            return invalid_request(
                 f"cannot create the parent directories of {path}: "
                 "a path component is not a directory"
             )
-        return TransportError(f"cannot write {path}: {exc.strerror or exc}")
+        return transport_error(f"cannot write {path}: {exc.strerror or exc}")
 
 
-async def put_file(ctx: TransportContext, spec: PutSpec, source: AsyncIterator[bytes]) -> FileStat:
-    """Write the bytes of ``source`` to ``spec.path`` atomically; see :class:`AtomicPut`."""
-    return await AtomicPut(ctx, spec).run(source)
+async def put_file(
+    spec: PutSpec,
+    source: AsyncIterable[bytes],
+    *,
+    run_blocking: Optional[RunBlocking] = None,
+    logger: Optional[logging.Logger] = None,
+) -> FileStat:
+    """Write the bytes of ``source`` to ``spec.path`` atomically.
+
+    A temporary file (``TEMP_PREFIX``, mode 0600) is written beside the target, given
+    its mode and, when replacing a file, that file's owner, fsynced, renamed over the
+    target, and the directory fsynced. The target is never left partly written: on
+    any error or cancellation the temporary file is removed. Exceptions raised by
+    ``source`` propagate unchanged; everything else is an :class:`OpError`:
+    ``invalid_request`` (relative path, directory, FIFO or device, bad mode),
+    ``not_found`` (missing parent without ``make_parents``), ``transport_error``
+    (permission denied, I/O error, size mismatch).
+    """
+    return await AtomicPut(spec, run_blocking, logger).run(source)
 
 
 class FileChunks(AsyncIterator[bytes]):
     """The bytes of an open file, read in chunks of at most GET_CHUNK on the thread pool.
 
     The file is closed at end of file, on a read error, or by :meth:`aclose` (which may
-    be called at any time, also before the first chunk).
+    be called at any time, also before the first chunk). A read error raises an
+    :class:`OpError` with code ``transport_error``.
     """
 
     def __init__(
-        self, ctx: TransportContext, file: io.FileIO, path: str, limit: int | None
+        self,
+        file: io.FileIO,
+        path: str,
+        limit: Optional[int],
+        run_blocking: Optional[RunBlocking] = None,
     ) -> None:
-        self._ctx = ctx
-        self._file: io.FileIO | None = file
+        self._run_blocking = resolve_run_blocking(run_blocking)
+        self._file: Optional[io.FileIO] = file
         self._path = path
         self._remaining = limit
-        self._inflight: asyncio.Future[bytes | None] | None = None
+        self._inflight: Optional[asyncio.Future[Optional[bytes]]] = None
+
+    def __aiter__(self) -> FileChunks:
+        return self
 
     async def __anext__(self) -> bytes:
         file = self._file
@@ -275,7 +356,7 @@ class FileChunks(AsyncIterator[bytes]):
         if size <= 0:
             self._close()
             raise StopAsyncIteration
-        task = asyncio.ensure_future(self._ctx.run_blocking(file.read, size))
+        task = asyncio.ensure_future(self._run_blocking(file.read, size))
         self._inflight = task
         try:
             chunk = await asyncio.shield(task)
@@ -283,7 +364,7 @@ class FileChunks(AsyncIterator[bytes]):
             # On cancellation the close waits for the read still running in its thread.
             self._close()
             if isinstance(exc, OSError):
-                raise TransportError(
+                raise transport_error(
                     f"cannot read {shown_path(self._path)}: {exc.strerror or exc}"
                 ) from exc
             raise
@@ -295,6 +376,7 @@ class FileChunks(AsyncIterator[bytes]):
         return chunk
 
     async def aclose(self) -> None:
+        """Close the file (after any read still running in its thread)."""
         self._close()
 
     def _close(self) -> None:
@@ -326,9 +408,9 @@ def _open_for_reading(path: str) -> tuple[io.FileIO, os.stat_result]:
 
 def _check_readable(path: str, st: os.stat_result) -> None:
     if stat.S_ISDIR(st.st_mode):
-        raise InvalidRequest(f"is a directory: {shown_path(path)}")
+        raise invalid_request(f"is a directory: {shown_path(path)}")
     if not stat.S_ISREG(st.st_mode):
-        raise InvalidRequest(f"not a regular file: {shown_path(path)}")
+        raise invalid_request(f"not a regular file: {shown_path(path)}")
 
 
 def _close_opened(task: asyncio.Future[tuple[io.FileIO, os.stat_result]]) -> None:
@@ -336,29 +418,33 @@ def _close_opened(task: asyncio.Future[tuple[io.FileIO, os.stat_result]]) -> Non
         task.result()[0].close()
 
 
-async def get_file(ctx: TransportContext, path: str) -> RemoteFile:
-    """Open ``path`` for reading in chunks.
+async def get_file(path: str, *, run_blocking: Optional[RunBlocking] = None) -> RemoteFile:
+    """Open ``path`` for reading in chunks of at most :data:`GET_CHUNK` bytes.
 
     ``size`` is the size at open time and no more than that is read, so a log file
     being appended to yields a consistent snapshot. A file whose size is 0 is read to
     its end instead: pseudo-files in /proc report 0 but have content.
+
+    Raises :class:`OpError`: ``invalid_request`` (relative path, directory, FIFO or
+    device), ``not_found``, ``transport_error`` (permission denied, I/O error).
     """
     check_path(path)
-    task = asyncio.ensure_future(ctx.run_blocking(_open_for_reading, path))
+    run_blocking = resolve_run_blocking(run_blocking)
+    task = asyncio.ensure_future(run_blocking(_open_for_reading, path))
     try:
         file, st = await asyncio.shield(task)
     except asyncio.CancelledError:
         task.add_done_callback(_close_opened)
         raise
     except (FileNotFoundError, NotADirectoryError) as exc:
-        raise NotFound(f"no such file: {shown_path(path)}") from exc
+        raise not_found(f"no such file: {shown_path(path)}") from exc
     except PermissionError as exc:
-        raise TransportError(f"permission denied: {shown_path(path)}") from exc
+        raise transport_error(f"permission denied: {shown_path(path)}") from exc
     except OSError as exc:
-        raise TransportError(f"cannot read {shown_path(path)}: {exc.strerror or exc}") from exc
+        raise transport_error(f"cannot read {shown_path(path)}: {exc.strerror or exc}") from exc
     limit = st.st_size if st.st_size > 0 else None
     return RemoteFile(
         size=st.st_size,
         mode=stat.S_IMODE(st.st_mode),
-        chunks=FileChunks(ctx, file, path, limit),
+        chunks=FileChunks(file, path, limit, run_blocking),
     )

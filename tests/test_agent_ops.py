@@ -1,0 +1,762 @@
+"""Tests of ``fleetbus_agent.ops`` used directly, as the agent uses it.
+
+Real processes and real files in tmp_path; nothing from fleetbus core is imported, so
+these tests see the package exactly as a remote server running the agent does. The last
+tests check that the agent package imports nothing outside the standard library and
+works on the oldest Python the agent supports (3.9), when such an interpreter exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import hashlib
+import os
+import platform
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import zipfile
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+from fleetbus_agent.ops import (
+    ERROR_CODES,
+    GET_CHUNK,
+    READ_CHUNK,
+    SECRET_ENV_VARS,
+    TEMP_PREFIX,
+    ExecResult,
+    ExecSpec,
+    OpError,
+    ProcessTimings,
+    PutSpec,
+    ThreadRunner,
+    child_environment,
+    default_run_blocking,
+    get_file,
+    put_file,
+    run_process,
+    server_facts,
+)
+from fleetbus_agent.ops import errors as op_errors
+from fleetbus_agent.ops.facts import parse_os_release
+
+pytestmark = pytest.mark.skipif(os.name != "posix", reason="the operations are POSIX only")
+
+DEADLINE_S = 5.0
+AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
+PACKAGE_DIR = AGENT_DIR / "fleetbus_agent"
+
+
+class Output:
+    """An output callback that records every write and lets a test wait for what arrived."""
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.writes: list[tuple[str, bytes]] = []
+        self._fail = fail
+        self._changed = asyncio.Event()
+
+    async def write(self, stream: str, data: bytes) -> None:
+        assert stream in ("stdout", "stderr")
+        assert isinstance(data, bytes) and 0 < len(data) <= READ_CHUNK
+        self.writes.append((stream, data))
+        self._changed.set()
+        if self._fail is not None:
+            raise self._fail
+
+    def data(self, stream: str) -> bytes:
+        return b"".join(chunk for name, chunk in self.writes if name == stream)
+
+    async def wait_for(self, predicate: Callable[[], bool]) -> None:
+        async with asyncio.timeout(DEADLINE_S):
+            while not predicate():
+                self._changed.clear()
+                await self._changed.wait()
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs; a zombie waiting to be reaped counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return state not in ("Z", "X")
+
+
+async def wait_until(predicate: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {DEADLINE_S} s")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def stray_pids() -> Iterator[list[int]]:
+    """Pids of background processes a test started; killed at teardown if still there."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        if alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def temp_files(directory: Path) -> list[str]:
+    return [name for name in os.listdir(directory) if name.startswith(TEMP_PREFIX)]
+
+
+async def chunks(*parts: bytes) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_op_error_codes_and_helpers() -> None:
+    assert ERROR_CODES == (
+        "invalid_request",
+        "not_found",
+        "timeout",
+        "cancelled",
+        "transport_error",
+        "too_large",
+        "internal",
+    )
+    for code in ERROR_CODES:
+        err = getattr(op_errors, code)("what happened")
+        assert isinstance(err, OpError)
+        assert (err.code, err.message, str(err)) == (code, "what happened", "what happened")
+        assert err.to_dict() == {"code": code, "message": "what happened"}
+    with pytest.raises(ValueError, match="server_offline"):
+        OpError("server_offline", "not an operation's error")
+
+
+# ---------------------------------------------------------------- exec
+
+
+async def test_exec_streams_output_while_running_and_returns_exit_code(tmp_path: Path) -> None:
+    fifo = tmp_path / "go"
+    os.mkfifo(fifo)
+    spec = ExecSpec(
+        shell='echo first; echo early >&2; read line < "$GO"; echo "second $line"; exit 7',
+        env={"GO": str(fifo)},
+    )
+    out = Output()
+    task = asyncio.create_task(run_process(spec, out.write))
+    try:
+        await out.wait_for(
+            lambda: out.data("stdout") == b"first\n" and out.data("stderr") == b"early\n"
+        )
+        assert not task.done()  # still blocked on the fifo: the output came live
+
+        def release() -> None:
+            with open(fifo, "w") as f:
+                f.write("now\n")
+
+        await asyncio.wait_for(asyncio.to_thread(release), DEADLINE_S)
+        result = await asyncio.wait_for(task, DEADLINE_S)
+    finally:
+        task.cancel()
+    assert result == ExecResult(exit_code=7, signal=None)
+    assert out.data("stdout") == b"first\nsecond now\n"
+
+
+async def test_exec_argv_stdin_and_large_output_in_bounded_chunks() -> None:
+    data = os.urandom(2 * 1024 * 1024 + 3)
+    out = Output()
+    result = await run_process(ExecSpec(argv=["cat"], stdin=data), out.write)
+    assert result == ExecResult(exit_code=0)
+    assert hashlib.sha256(out.data("stdout")).digest() == hashlib.sha256(data).digest()
+    assert len(out.writes) >= len(data) // READ_CHUNK  # Output.write checks each size
+
+    out = Output()
+    await run_process(ExecSpec(argv=["echo", "$HOME;", "*"]), out.write)
+    assert out.data("stdout") == b"$HOME; *\n"  # no shell in between
+
+
+async def test_exec_reports_the_killing_signal() -> None:
+    result = await run_process(ExecSpec(shell="kill -TERM $$"), Output().write)
+    assert result == ExecResult(exit_code=None, signal=signal.SIGTERM)
+
+
+async def test_exec_strips_secret_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert "FLEETBUS_AGENT_KEY" in SECRET_ENV_VARS
+    monkeypatch.setenv("FLEETBUS_AGENT_KEY", "agent-secret")
+    monkeypatch.setenv("FLEETBUS_MASTER_KEY", "master-secret")
+    monkeypatch.setenv("FLEETBUS_T_VISIBLE", "visible")
+    out = Output()
+    await run_process(ExecSpec(argv=["env"], env={"FLEETBUS_T_NEW": "new"}), out.write)
+    env = out.data("stdout")
+    assert b"FLEETBUS_T_VISIBLE=visible" in env and b"FLEETBUS_T_NEW=new" in env
+    assert b"agent-secret" not in env and b"master-secret" not in env
+
+    # Given explicitly, a secret's name is passed on like any other variable.
+    assert child_environment({"FLEETBUS_AGENT_KEY": "given"}, base={"FLEETBUS_AGENT_KEY": "x"}) == {
+        "FLEETBUS_AGENT_KEY": "given"
+    }
+
+
+async def _start_group(
+    shell: str, stray_pids: list[int], timings: ProcessTimings
+) -> tuple[asyncio.Task[ExecResult], int, int]:
+    """Start ``shell`` (which prints "$$ $!"); the task, the leader and the grandchild."""
+    out = Output()
+    task = asyncio.create_task(run_process(ExecSpec(shell=shell), out.write, timings=timings))
+    await out.wait_for(lambda: out.data("stdout").endswith(b"\n"))
+    leader, grandchild = (int(pid) for pid in out.data("stdout").split())
+    stray_pids.extend([grandchild, leader])
+    assert alive(leader) and alive(grandchild)
+    return task, leader, grandchild
+
+
+@pytest.mark.parametrize(
+    "shell",
+    ['sleep 300 & echo "$$ $!"; wait', 'trap "" TERM; sleep 300 & echo "$$ $!"; wait'],
+    ids=["sigterm", "sigkill-after-ignored-sigterm"],
+)
+async def test_cancel_kills_the_process_group(shell: str, stray_pids: list[int]) -> None:
+    # No run_blocking given: the group check runs on the package's own thread pool.
+    task, leader, grandchild = await _start_group(
+        shell, stray_pids, ProcessTimings(term_grace_s=0.3)
+    )
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, DEADLINE_S)
+    assert not alive(leader)  # reaped before the cancellation came out
+    await wait_until(lambda: not alive(grandchild))
+
+
+async def test_timeout_backstop_raises_timeout_and_kills(stray_pids: list[int]) -> None:
+    out = Output()
+    spec = ExecSpec(shell='sleep 300 & echo "$$ $!"; wait', timeout_s=0.2)
+    with pytest.raises(OpError) as info:
+        await asyncio.wait_for(
+            run_process(spec, out.write, timings=ProcessTimings(timeout_backstop_s=0.1)),
+            DEADLINE_S,
+        )
+    assert info.value.code == "timeout"
+    leader, grandchild = (int(pid) for pid in out.data("stdout").split())
+    stray_pids.extend([grandchild, leader])
+    assert not alive(leader)
+    await wait_until(lambda: not alive(grandchild))
+
+
+async def test_callback_failure_propagates_and_stops_the_group(
+    tmp_path: Path, stray_pids: list[int]
+) -> None:
+    pidfile = tmp_path / "pid"
+    spec = ExecSpec(shell=f'sleep 300 & echo $! > "{pidfile}"; echo out; wait')
+    # A TimeoutError from the callback is its own, not mistaken for the backstop.
+    with pytest.raises(TimeoutError, match="consumer gone"):
+        await asyncio.wait_for(
+            run_process(spec, Output(fail=TimeoutError("consumer gone")).write), DEADLINE_S
+        )
+    grandchild = int(pidfile.read_text())
+    stray_pids.append(grandchild)
+    await wait_until(lambda: not alive(grandchild))
+
+
+async def test_background_process_holding_the_pipe_does_not_hang(stray_pids: list[int]) -> None:
+    out = Output()
+    started = time.monotonic()
+    result = await asyncio.wait_for(
+        run_process(
+            ExecSpec(shell="sleep 300 & echo $!; echo done >&2"),
+            out.write,
+            timings=ProcessTimings(exit_grace_s=0.3),
+        ),
+        DEADLINE_S,
+    )
+    stray_pids.append(int(out.data("stdout")))
+    assert result.exit_code == 0 and out.data("stderr") == b"done\n"
+    assert time.monotonic() - started < 3.0
+
+
+async def test_exec_errors_have_bus_codes(tmp_path: Path) -> None:
+    async def code_of(spec: ExecSpec) -> tuple[str, str]:
+        with pytest.raises(OpError) as info:
+            await run_process(spec, Output().write)
+        return info.value.code, info.value.message
+
+    assert await code_of(ExecSpec(argv=["fleetbus-no-such-command"])) == (
+        "not_found",
+        "no such file or directory: 'fleetbus-no-such-command'",
+    )
+    missing = str(tmp_path / "gone")
+    assert await code_of(ExecSpec(argv=["true"], cwd=missing)) == (
+        "not_found",
+        f"no such working directory: {missing!r}",
+    )
+    a_file = tmp_path / "file"
+    a_file.write_text("#!/bin/sh\n")
+    a_file.chmod(0o644)
+    assert (await code_of(ExecSpec(shell="true", cwd=str(a_file))))[0] == "invalid_request"
+    if os.geteuid() != 0:
+        assert (await code_of(ExecSpec(argv=[str(a_file)]))) == (
+            "transport_error",
+            f"permission denied: {str(a_file)!r}",
+        )
+    for bad in (
+        ExecSpec(argv=["true"], shell="true"),
+        ExecSpec(),
+        ExecSpec(argv=[]),
+        ExecSpec(argv="true"),  # type: ignore[arg-type]
+        ExecSpec(argv=["echo", "nul\0byte"]),
+        ExecSpec(argv=["true"], env={"BAD=NAME": "x"}),
+        ExecSpec(argv=["true"], env={"N": 1}),  # type: ignore[dict-item]
+        ExecSpec(argv=["true"], timeout_s=float("nan")),
+    ):
+        assert (await code_of(bad))[0] == "invalid_request", bad
+
+
+def test_timings_from_settings() -> None:
+    assert ProcessTimings.from_settings({}) == ProcessTimings()
+    assert ProcessTimings.from_settings({"exit_grace_s": 3, "x": 1}).exit_grace_s == 3.0
+    with pytest.raises(ValueError, match="^'reap_timeout_s' must be"):
+        ProcessTimings.from_settings({"reap_timeout_s": -1})
+
+
+# ---------------------------------------------------------------- put
+
+
+async def test_put_is_atomic_and_applies_the_mode(tmp_path: Path) -> None:
+    target = tmp_path / "f"
+    target.write_bytes(b"old content")
+    target.chmod(0o644)
+    midway: list[tuple[list[str], bytes]] = []
+
+    async def source() -> AsyncIterator[bytes]:
+        yield b"n" * (2 * 1024 * 1024)  # past the write batch, so some is on disk
+        midway.append((temp_files(tmp_path), target.read_bytes()))
+        yield b"end"
+
+    result = await put_file(PutSpec(path=str(target), mode=0o4750), source())
+    [(temps, content)] = midway
+    assert len(temps) == 1 and content == b"old content"
+    assert result.size == 2 * 1024 * 1024 + 3 and result.mode == 0o4750
+    assert stat.S_IMODE(target.stat().st_mode) == 0o4750
+    assert target.read_bytes().endswith(b"nend")
+    assert temp_files(tmp_path) == []
+
+
+async def test_put_default_mode_and_kept_mode(tmp_path: Path) -> None:
+    new = tmp_path / "a" / "b" / "new"
+    old_umask = os.umask(0o077)  # the default mode must not depend on the umask
+    try:
+        result = await put_file(PutSpec(path=str(new)), chunks(b"hello ", b"", b"world"))
+    finally:
+        os.umask(old_umask)
+    assert (result.size, result.mode) == (11, 0o644)
+    assert stat.S_IMODE(new.stat().st_mode) == 0o644 and new.read_bytes() == b"hello world"
+
+    new.chmod(0o600)
+    assert (await put_file(PutSpec(path=str(new)), chunks(b"x"))).mode == 0o600
+    assert stat.S_IMODE(new.stat().st_mode) == 0o600
+
+
+async def test_put_failure_or_cancellation_leaves_the_target(tmp_path: Path) -> None:
+    target = tmp_path / "f"
+    target.write_bytes(b"old")
+
+    async def broken() -> AsyncIterator[bytes]:
+        yield b"x" * (1024 * 1024)
+        raise RuntimeError("source broke")
+
+    with pytest.raises(RuntimeError, match="source broke"):
+        await put_file(PutSpec(path=str(target)), broken())
+    with pytest.raises(OpError, match="size mismatch") as info:
+        await put_file(PutSpec(path=str(target), size=10), chunks(b"12345"))
+    assert info.value.code == "transport_error"
+
+    never = asyncio.Event()
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield b"x" * (2 * 1024 * 1024)
+        await never.wait()
+        yield b"unreachable"
+
+    task = asyncio.create_task(put_file(PutSpec(path=str(target)), stalled()))
+    await wait_until(lambda: len(temp_files(tmp_path)) == 1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_until(lambda: temp_files(tmp_path) == [])
+    assert target.read_bytes() == b"old"
+
+
+async def test_put_errors_have_bus_codes(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    cases = [
+        (PutSpec(path="relative/f"), "invalid_request", "absolute"),
+        (PutSpec(path=str(tmp_path)), "invalid_request", "is a directory"),
+        (PutSpec(path=str(tmp_path / "d") + "/"), "invalid_request", "names a directory"),
+        (PutSpec(path=str(fifo)), "invalid_request", "not a regular file"),
+        (PutSpec(path=str(tmp_path / "f"), mode=0o10000), "invalid_request", "mode"),
+        (
+            PutSpec(path=str(tmp_path / "missing" / "f"), make_parents=False),
+            "not_found",
+            "no such directory",
+        ),
+    ]
+    for spec, code, words in cases:
+        with pytest.raises(OpError, match=words) as info:
+            await put_file(spec, chunks(b"x"))
+        assert info.value.code == code, spec
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+    assert temp_files(tmp_path) == []
+
+
+# ---------------------------------------------------------------- get
+
+
+async def test_get_is_chunked_and_round_trips(tmp_path: Path) -> None:
+    data = os.urandom(5 * GET_CHUNK + 123)
+    path = tmp_path / "big"
+    path.write_bytes(data)
+    path.chmod(0o640)
+    remote = await get_file(str(path))
+    assert (remote.size, remote.mode) == (len(data), 0o640)
+    digest = hashlib.sha256()
+    sizes = []
+    async for chunk in remote.chunks:
+        sizes.append(len(chunk))
+        digest.update(chunk)
+    assert max(sizes) == GET_CHUNK and len(sizes) == 6
+    assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+
+    # Put and get agree with each other.
+    copy = tmp_path / "copy"
+    await put_file(PutSpec(path=str(copy), size=len(data)), (await get_file(str(path))).chunks)
+    assert hashlib.sha256(copy.read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
+async def test_get_reads_the_size_it_reported_and_closes(tmp_path: Path) -> None:
+    path = tmp_path / "growing.log"
+    path.write_bytes(b"0123456789")
+    remote = await get_file(str(path))
+    with open(path, "ab") as f:
+        f.write(b"appended after the get started")
+    assert b"".join([chunk async for chunk in remote.chunks]) == b"0123456789"
+
+    remote = await get_file(str(path))
+    await remote.aclose()  # before the first chunk
+    assert [chunk async for chunk in remote.chunks] == []
+
+
+async def test_get_errors_have_bus_codes(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    cases = [
+        (str(tmp_path / "missing"), "not_found", "no such file"),
+        (str(tmp_path / "missing" / "below"), "not_found", "no such file"),
+        (str(tmp_path), "invalid_request", "is a directory"),
+        (str(fifo), "invalid_request", "not a regular file"),
+        ("relative", "invalid_request", "absolute"),
+        ("", "invalid_request", "empty"),
+    ]
+    for path, code, words in cases:
+        with pytest.raises(OpError, match=words) as info:
+            await asyncio.wait_for(get_file(path), DEADLINE_S)
+        assert info.value.code == code, path
+
+
+# ---------------------------------------------------------------- info, blocking
+
+
+def test_server_facts() -> None:
+    facts = server_facts()
+    assert facts.hostname == socket.gethostname()
+    assert (facts.os, facts.kernel, facts.arch) == (
+        platform.system(),
+        platform.release(),
+        platform.machine(),
+    )
+    if os.path.exists("/etc/os-release") or os.path.exists("/usr/lib/os-release"):
+        assert facts.os_version == platform.freedesktop_os_release()["PRETTY_NAME"]
+    if platform.system() == "Linux":
+        assert facts.uptime_s is not None and facts.uptime_s > 0
+    assert set(facts.extra) == {"python", "user"}
+    assert facts.to_dict()["hostname"] == facts.hostname
+
+
+def test_os_release_parsing() -> None:
+    parsed = parse_os_release(
+        ['PRETTY_NAME="Some \\"Linux\\" 1.0"\n', "ID=some\n", "# comment\n", "VERSION_ID='1'\n"]
+    )
+    assert parsed["PRETTY_NAME"] == 'Some "Linux" 1.0'
+    assert (parsed["ID"], parsed["VERSION_ID"], parsed["NAME"]) == ("some", "1", "Linux")
+    assert parse_os_release([])["PRETTY_NAME"] == "Linux"
+
+
+async def test_thread_runner_runs_off_the_loop_and_is_bounded() -> None:
+    runner = ThreadRunner(max_workers=2)
+    running = 0
+    peak = 0
+    lock = threading.Lock()
+
+    def work() -> str:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        return threading.current_thread().name
+
+    try:
+        names = await asyncio.gather(*(runner(work) for _ in range(6)))
+    finally:
+        runner.shutdown()
+    assert peak == 2
+    assert all(name.startswith("fleetbus-ops") for name in names)
+    assert default_run_blocking() is default_run_blocking()
+
+
+# ---------------------------------------------------------------- standard library only
+
+# Imports every module of the agent package from sys.argv[1] (a folder or a zip) with
+# nothing else on sys.path but the standard library, then fails if any module came
+# from anywhere else. Runs unchanged on every Python the agent supports.
+IMPORT_CHECK = textwrap.dedent(
+    """
+    import importlib, os, pkgutil, sys
+    root = sys.argv[1]
+    sys.path.insert(0, root)
+    import fleetbus_agent
+    names = ["fleetbus_agent"] + [
+        m.name for m in pkgutil.walk_packages(fleetbus_agent.__path__, "fleetbus_agent.")
+    ]
+    for name in names:
+        if name.rsplit(".", 1)[-1] != "__main__":  # importing it would run the agent
+            importlib.import_module(name)
+    assert "fleetbus_agent.ops.process" in names, names
+    loaded = dict(sys.modules)  # before sysconfig, which this check needs, is imported
+    import sysconfig
+    allowed = [os.path.join(os.path.realpath(root), "fleetbus_agent")] + [
+        os.path.realpath(sysconfig.get_paths()[key]) for key in ("stdlib", "platstdlib")
+    ]
+    stdlib_names = getattr(sys, "stdlib_module_names", None)
+    foreign = []
+    for name, module in sorted(loaded.items()):
+        top = name.split(".")[0]
+        if top == "__main__":  # this script
+            continue
+        if stdlib_names is not None and top not in stdlib_names and top != "fleetbus_agent":
+            foreign.append(name)
+            continue
+        origin = getattr(module, "__file__", None)
+        if origin and not any(
+            os.path.realpath(origin).startswith(base + os.sep) for base in allowed
+        ):
+            foreign.append(name + " from " + origin)
+    if foreign:
+        sys.exit("not from the standard library: " + ", ".join(foreign))
+    print(len(names), "modules")
+    """
+)
+
+
+def run_isolated(python: str, *args: str) -> subprocess.CompletedProcess[str]:
+    # -I: no PYTHONPATH, no user site, no script folder on sys.path; -S: no site
+    # module, so no site-packages (where pydantic and fleetbus core live).
+    return subprocess.run(
+        [python, "-I", "-S", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={"PATH": os.environ.get("PATH", os.defpath)},
+    )
+
+
+def build_zip(tmp_path: Path) -> Path:
+    """The agent package as a zip, as it travels inside the agent's zipapp."""
+    archive = tmp_path / "agent.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for src in sorted(PACKAGE_DIR.rglob("*.py")):
+            zf.write(src, src.relative_to(AGENT_DIR).as_posix())
+    return archive
+
+
+@pytest.mark.parametrize("form", ["folder", "zip"])
+def test_agent_package_imports_only_the_standard_library(tmp_path: Path, form: str) -> None:
+    root = str(AGENT_DIR) if form == "folder" else str(build_zip(tmp_path))
+    proc = run_isolated(sys.executable, "-c", IMPORT_CHECK, root)
+    assert proc.returncode == 0, proc.stderr
+    assert "modules" in proc.stdout
+
+
+def find_python(version: str) -> str | None:
+    """A working interpreter of ``version`` ("3.9"), or None.
+
+    pyenv puts shims on PATH that exist but refuse to run unless that version is
+    selected, so each candidate is asked for its version.
+    """
+    candidates = [shutil.which(f"python{version}")]
+    for root in ("~/.pyenv/versions", "/root/.pyenv/versions", "/opt/python", "/usr/local"):
+        pattern = os.path.join(os.path.expanduser(root), f"{version}*", "bin", f"python{version}")
+        candidates += sorted(glob.glob(pattern))
+    want = tuple(int(part) for part in version.split("."))
+    for candidate in candidates:
+        if not candidate:
+            continue
+        try:
+            proc = subprocess.run(
+                [candidate, "-c", "import sys; print(tuple(sys.version_info[:2]))"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if proc.returncode == 0 and proc.stdout.strip() == str(want):
+            return candidate
+    return None
+
+
+OLD_PYTHONS = ["3.9", "3.10"]  # 3.9 is the agent's floor; 3.10 also lacks asyncio.timeout
+
+
+@pytest.fixture(params=OLD_PYTHONS)
+def old_python(request: pytest.FixtureRequest) -> str:
+    python = find_python(request.param)
+    if python is None:
+        pytest.skip(f"no Python {request.param} interpreter on this machine")
+    return python
+
+
+def test_agent_package_compiles_and_imports_on_old_python(
+    old_python: str, tmp_path: Path
+) -> None:
+    # Byte-compiling catches syntax the old parser refuses (match, except*, ...);
+    # importing catches what only fails when evaluated (X | Y outside annotations,
+    # newer stdlib names).
+    compile_all = textwrap.dedent(
+        """
+        import pathlib, py_compile, sys
+        root, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+        for i, src in enumerate(sorted(root.rglob("*.py"))):
+            py_compile.compile(str(src), cfile=str(out / f"{i}.pyc"), doraise=True)
+        """
+    )
+    proc = run_isolated(old_python, "-c", compile_all, str(PACKAGE_DIR), str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    proc = run_isolated(old_python, "-c", IMPORT_CHECK, str(AGENT_DIR))
+    assert proc.returncode == 0, proc.stderr
+
+
+# exec, cancel, backstop, put, get and info end to end, on the old interpreter's asyncio.
+OLD_PYTHON_SMOKE = textwrap.dedent(
+    """
+    import asyncio, hashlib, os, sys
+    sys.path.insert(0, sys.argv[1])
+    from fleetbus_agent import ops
+    tmp = sys.argv[2]
+
+    def alive(pid):
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except FileNotFoundError:
+            return False
+
+    async def main():
+        out = []
+        async def write(stream, data):
+            out.append((stream, data))
+        result = await ops.run_process(ops.ExecSpec(shell="echo hi; echo err >&2; exit 3"), write)
+        assert result == ops.ExecResult(exit_code=3), result
+        assert out == [("stdout", b"hi\\n"), ("stderr", b"err\\n")], out
+
+        try:
+            await ops.run_process(ops.ExecSpec(argv=["fleetbus-no-such-command"]), write)
+        except ops.OpError as exc:
+            assert exc.code == "not_found", exc
+        else:
+            raise AssertionError("no error for a missing command")
+
+        out.clear()
+        spec = ops.ExecSpec(shell='trap "" TERM; sleep 300 & echo "$$ $!"; wait')
+        task = asyncio.ensure_future(
+            ops.run_process(spec, write, timings=ops.ProcessTimings(term_grace_s=0.2))
+        )
+        while not out:
+            await asyncio.sleep(0.02)
+        leader, child = (int(pid) for pid in out[0][1].split())
+        task.cancel()
+        try:
+            await asyncio.wait_for(task, 5)
+        except asyncio.CancelledError:
+            pass
+        else:
+            raise AssertionError("cancel did not propagate")
+        for _ in range(250):
+            if not alive(leader) and not alive(child):
+                break
+            await asyncio.sleep(0.02)
+        else:
+            raise AssertionError("process group survived cancel")
+
+        try:
+            await ops.run_process(
+                ops.ExecSpec(shell="sleep 300", timeout_s=0.1),
+                write,
+                timings=ops.ProcessTimings(timeout_backstop_s=0.1),
+            )
+        except ops.OpError as exc:
+            assert exc.code == "timeout", exc
+        else:
+            raise AssertionError("no timeout")
+
+        data = os.urandom(3 * ops.GET_CHUNK + 5)
+        async def source():
+            yield data[:1000]
+            yield data[1000:]
+        path = os.path.join(tmp, "sub", "f")
+        stat = await ops.put_file(ops.PutSpec(path, mode=0o600, size=len(data)), source())
+        assert (stat.size, stat.mode) == (len(data), 0o600), stat
+        remote = await ops.get_file(path)
+        got = [chunk async for chunk in remote.chunks]
+        assert max(map(len, got)) == ops.GET_CHUNK
+        assert hashlib.sha256(b"".join(got)).digest() == hashlib.sha256(data).digest()
+        try:
+            await ops.get_file(os.path.join(tmp, "missing"))
+        except ops.OpError as exc:
+            assert exc.code == "not_found", exc
+        else:
+            raise AssertionError("no error for a missing file")
+
+        assert ops.server_facts().to_dict()["hostname"]
+
+    asyncio.run(main())
+    print("ok")
+    """
+)
+
+
+def test_operations_work_on_old_python(old_python: str, tmp_path: Path) -> None:
+    proc = run_isolated(old_python, "-c", OLD_PYTHON_SMOKE, str(AGENT_DIR), str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
