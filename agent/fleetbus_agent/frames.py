@@ -1,0 +1,180 @@
+"""Framing for the fleetbus agent wire protocol (v1): constants, errors, one frame.
+
+Every frame on the wire is::
+
+    u32 big-endian N      number of bytes that follow
+    u16 big-endian H      length of the JSON header
+    H bytes               UTF-8 JSON object, always with a string "t" (frame type)
+    N - 2 - H bytes       raw binary body, possibly empty
+
+This module knows nothing about handshakes, streams or connections (see
+:mod:`fleetbus_agent.protocol`). It is standard library only and runs on Python 3.9+,
+because both the agent (shipped as one zipapp to any server) and the gateway use it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+PROTOCOL_VERSION = 1
+"""The newest protocol version this module speaks."""
+
+SUPPORTED_VERSIONS = (1,)
+"""Every protocol version this module can speak, announced in ``hello``."""
+
+MAX_HEADER = 0xFFFF
+"""Largest JSON header (H) in bytes: 64 KiB - 1, all a u16 can say. Not negotiable."""
+
+DEFAULT_MAX_BODY = 256 * 1024
+"""Default largest frame body a side accepts; each side announces its own."""
+
+DEFAULT_WINDOW = 1024 * 1024
+"""Default per-stream, per-direction flow-control window; each side announces its own."""
+
+MIN_LIMIT = 1024
+"""Smallest ``max_body`` / ``window`` a peer may announce (tiny values only waste frames)."""
+
+MAX_ANNOUNCED_BODY = 16 * 1024 * 1024
+"""Largest ``max_body`` a peer may announce; bounds the chunks we build for it."""
+
+MAX_ANNOUNCED_WINDOW = 1024 * 1024 * 1024
+"""Largest ``window`` a peer may announce; bounds what we may queue for it per stream."""
+
+_PREFIX = struct.Struct(">IH")
+
+# Frame types that belong to a stream and so must carry a positive integer "s".
+STREAM_FRAME_TYPES = frozenset(
+    {"open", "out", "data", "eof", "meta", "done", "fail", "cancel", "window"}
+)
+
+# Frame types whose body counts against flow control and that the writer sends
+# round-robin after every control frame (see docs/agent-protocol.md, "Fairness").
+DATA_FRAME_TYPES = frozenset({"out", "data"})
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol, or a protocol exchange failed.
+
+    ``code`` is a bus error code (most often ``invalid_request``) and ``message`` a
+    human-readable explanation that is safe to log and to send to the peer: it never
+    contains header contents, so it can never leak a secret key.
+    """
+
+    def __init__(self, message: str, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One decoded frame: the JSON ``header`` object and the raw ``body`` bytes."""
+
+    # repr=False: a hello header carries the secret key; a Frame must be safe to log.
+    header: Dict[str, Any] = field(repr=False)
+    body: bytes = field(default=b"", repr=False)
+    size: int = field(default=0, repr=False, compare=False)
+    """Bytes this frame took on the wire, prefix included (0 if not read from one)."""
+
+    @property
+    def type(self) -> str:
+        """The frame type, header field ``"t"`` (always a string once decoded)."""
+        return str(self.header["t"])
+
+    @property
+    def stream(self) -> Optional[int]:
+        """The stream id, header field ``"s"``, or None for connection-level frames."""
+        s = self.header.get("s")
+        return s if _is_stream_id(s) else None
+
+    def __repr__(self) -> str:
+        return f"Frame(type={self.type!r}, stream={self.stream!r}, body={len(self.body)} bytes)"
+
+
+def _is_stream_id(value: Any) -> bool:
+    # bool is an int subclass; True must not pass for stream 1.
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def encode_frame(
+    header: Dict[str, Any], body: bytes = b"", max_body: Optional[int] = None
+) -> bytes:
+    """Encode one frame: length prefix, compact UTF-8 JSON header, raw body.
+
+    ``header`` must be a JSON-serialisable dict with a string ``"t"``. Raises
+    ValueError when the header is missing ``"t"``, is larger than :data:`MAX_HEADER`
+    after encoding, or when ``max_body`` is given and the body is larger.
+    """
+    if not isinstance(header.get("t"), str):
+        raise ValueError('a frame header needs a string "t"')
+    # allow_nan=False: NaN/Infinity are not JSON and another implementation may reject them.
+    hbytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
+        "utf-8"
+    )
+    if len(hbytes) > MAX_HEADER:
+        raise ValueError(f"frame header is {len(hbytes)} bytes, limit {MAX_HEADER}")
+    if max_body is not None and len(body) > max_body:
+        raise ValueError(f"frame body is {len(body)} bytes, limit {max_body}")
+    return b"".join((_PREFIX.pack(2 + len(hbytes) + len(body), len(hbytes)), hbytes, body))
+
+
+def max_frame_size(max_body: int) -> int:
+    """Largest N (bytes after the u32 prefix) a receiver with ``max_body`` accepts."""
+    return 2 + MAX_HEADER + max_body
+
+
+async def read_frame(reader: asyncio.StreamReader, max_body: int = DEFAULT_MAX_BODY) -> Frame:
+    """Read and validate one frame from ``reader``.
+
+    Every length is checked before anything is read into memory for it, so a peer
+    announcing a 4 GiB frame costs nothing: at most ``2 + MAX_HEADER + max_body`` bytes
+    are ever buffered for one frame.
+
+    Raises :class:`ProtocolError` (code ``invalid_request``) when the frame is too
+    large, the header is not a UTF-8 JSON object with a string ``"t"``, or ``"s"`` is
+    present but not a positive integer; ``EOFError`` when the peer closed the
+    connection (cleanly between frames or in the middle of one). Transport errors
+    (``ConnectionError``, ``ssl.SSLError``) propagate unchanged.
+    """
+    try:
+        prefix = await reader.readexactly(_PREFIX.size)
+    except asyncio.IncompleteReadError as exc:
+        if exc.partial:
+            raise EOFError("connection closed in the middle of a frame") from None
+        raise EOFError("connection closed by peer") from None
+    n, h = _PREFIX.unpack(prefix)
+    if n > max_frame_size(max_body):
+        raise ProtocolError(f"frame of {n} bytes exceeds the limit of {max_frame_size(max_body)}")
+    if h > n - 2 or n < 2:
+        raise ProtocolError("frame header length exceeds the frame length")
+    if h == 0:
+        raise ProtocolError("frame has no header")
+    body_len = n - 2 - h
+    if body_len > max_body:
+        raise ProtocolError(f"frame body of {body_len} bytes exceeds the limit of {max_body}")
+    try:
+        hbytes = await reader.readexactly(h)
+        body = await reader.readexactly(body_len) if body_len else b""
+    except asyncio.IncompleteReadError:
+        raise EOFError("connection closed in the middle of a frame") from None
+    return Frame(decode_header(hbytes), body, 4 + n)
+
+
+def decode_header(data: bytes) -> Dict[str, Any]:
+    """Decode and validate a frame header; raises :class:`ProtocolError` when invalid."""
+    try:
+        header = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # The error text would quote the header; it may hold a secret, so say less.
+        raise ProtocolError("frame header is not valid UTF-8 JSON") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("frame header is not a JSON object")
+    if not isinstance(header.get("t"), str):
+        raise ProtocolError('frame header lacks a string "t"')
+    if "s" in header and not _is_stream_id(header["s"]):
+        raise ProtocolError('frame header has an "s" that is not a positive integer')
+    return header

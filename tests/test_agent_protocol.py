@@ -1,0 +1,1013 @@
+"""The agent wire protocol (fleetbus_agent.protocol) over real TLS on 127.0.0.1.
+
+Both ends run in this process: the controller (the gateway's side) behind
+``asyncio.start_server(ssl=...)`` and the agent dialling it, as in outbound mode; one
+test swaps who dials, as in inbound mode. The certificate is a throwaway self-signed
+one made here. Waits are on conditions with deadlines, never sleeps for readiness.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import datetime
+import glob
+import hashlib
+import hmac
+import ipaddress
+import os
+import random
+import shutil
+import ssl
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fleetbus_agent import protocol
+from fleetbus_agent.protocol import (
+    DEFAULT_WINDOW,
+    MAX_HEADER,
+    Accepted,
+    AgentStream,
+    AuthError,
+    Connection,
+    ControllerStream,
+    Event,
+    HandshakeError,
+    ProtocolError,
+    StreamError,
+    agent_handshake,
+    controller_handshake,
+    encode_frame,
+    read_frame,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+KEY = "fbk_" + "k" * 40
+DEADLINE_S = 5.0
+MIB = 1024 * 1024
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@dataclass
+class Tls:
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
+    """A throwaway self-signed certificate for localhost/127.0.0.1 and contexts for it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    folder = tmp_path_factory.mktemp("tls")
+    cert_file, key_file = folder / "cert.pem", folder / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_file, key_file)
+    client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert_file))
+    return Tls(server=server, client=client)
+
+
+# ----------------------------------------------------------------- agent operations
+
+
+class OpFailed(Exception):
+    """Shaped like the agent's OpError: code and message attributes."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def make_block(i: int) -> bytes:
+    """1 MiB of reproducible pseudo-random bytes, different for every i."""
+    return random.Random(i).randbytes(MIB)
+
+
+@dataclass
+class Flow:
+    """Measures how far a producer gets ahead of its consumer."""
+
+    produced: int = 0
+    consumed: int = 0
+    max_ahead: int = 0
+
+    def note_consumed(self, n: int) -> None:
+        self.consumed += n
+        self.max_ahead = max(self.max_ahead, self.produced - self.consumed)
+
+
+@dataclass
+class Ops:
+    """The agent's on_open callback for these tests, with hooks to observe it."""
+
+    started: dict[int, asyncio.Event] = field(default_factory=dict)
+    cancelled: dict[int, asyncio.Event] = field(default_factory=dict)
+    flow: Flow = field(default_factory=Flow)
+    slow_s: float = 0.0
+
+    def _event(self, table: dict[int, asyncio.Event], stream_id: int) -> asyncio.Event:
+        return table.setdefault(stream_id, asyncio.Event())
+
+    async def wait_started(self, stream_id: int) -> None:
+        await asyncio.wait_for(self._event(self.started, stream_id).wait(), DEADLINE_S)
+
+    async def wait_cancelled(self, stream_id: int) -> None:
+        await asyncio.wait_for(self._event(self.cancelled, stream_id).wait(), DEADLINE_S)
+
+    async def __call__(self, stream: AgentStream) -> dict[str, Any] | None:
+        self._event(self.started, stream.id).set()
+        args = stream.args
+        if stream.op == "exec":  # an echo: argv joined, repeated, on stdout
+            text = " ".join(args["argv"]).encode() * int(args.get("repeat", 1))
+            await stream.send_out("stdout", text)
+            await stream.send_out("stderr", b"warn")
+            return {"exit_code": 0}
+        if stream.op == "put":
+            digest, size = hashlib.sha256(), 0
+            async for chunk in stream.data():
+                digest.update(chunk)
+                size += len(chunk)
+                self.flow.note_consumed(len(chunk))
+                if self.slow_s:
+                    await asyncio.sleep(self.slow_s)
+            await stream.done({"sha256": digest.hexdigest(), "size": size})
+            return None
+        if stream.op == "get":
+            blocks = int(args["mib"])
+            await stream.send_meta(blocks * MIB, 0o640)
+            for i in range(blocks):
+                await stream.send_data(make_block(i))
+                self.flow.produced += MIB
+            return {"sent": blocks * MIB}
+        if stream.op == "block":
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                self._event(self.cancelled, stream.id).set()
+                if args.get("late_output"):
+                    # Lands after the controller forgot the stream: must be ignored there.
+                    await stream.send_out("stdout", b"late output after cancel")
+                raise
+        if stream.op == "refuse":
+            raise OpFailed("not_found", "no such file: /nope")
+        if stream.op == "crash":
+            raise RuntimeError("secret detail that must not leave the agent")
+        if stream.op == "ping":
+            return {"pong": True}
+        raise OpFailed("invalid_request", f"unknown op {stream.op}")
+
+
+async def authenticate(hello: dict[str, Any]) -> str:
+    key = hello["auth"].get("key", "")
+    if not isinstance(key, str) or not hmac.compare_digest(key.encode(), KEY.encode()):
+        raise AuthError("auth_failed", "unknown or revoked key")
+    return "web-1"
+
+
+async def collect(stream: ControllerStream) -> tuple[dict[str, bytes], Event]:
+    """Drain a stream: output per name (out and data), and the final event."""
+    out: dict[str, bytes] = {}
+    async for event in stream.events():
+        if event.kind in ("out", "data"):
+            name = event.stream or "data"
+            out[name] = out.get(name, b"") + event.body
+        elif event.kind in ("done", "fail"):
+            return out, event
+    raise AssertionError("events() ended without done or fail")
+
+
+async def final_event(stream: ControllerStream) -> Event:
+    return (await asyncio.wait_for(collect(stream), DEADLINE_S))[1]
+
+
+# ------------------------------------------------------------------ connected pairs
+
+
+@dataclass
+class Pair:
+    controller: Connection
+    agent: Connection
+    ops: Ops
+
+
+@asynccontextmanager
+async def connected(
+    tls: Tls,
+    *,
+    ops: Ops | None = None,
+    heartbeat_s: float = 5.0,
+    inbound: bool = False,
+    **limits: int,
+) -> AsyncIterator[Pair]:
+    """A controller and an agent Connection over real TLS, started; closed afterwards.
+
+    Outbound (default): the controller listens and the agent dials, as with the
+    gateway. ``inbound=True``: the agent listens and the controller dials.
+    """
+    ops = ops or Ops()
+    accepted: asyncio.Future[Connection] = asyncio.get_running_loop().create_future()
+
+    async def controller_side(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> Connection:
+        acc = await controller_handshake(
+            reader, writer, authenticate, heartbeat_s=heartbeat_s, **limits
+        )
+        conn = Connection.from_accepted(reader, writer, acc)
+        conn.start()
+        return conn
+
+    async def agent_side(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Connection:
+        welcome = await agent_handshake(
+            reader, writer, {"method": "key", "key": KEY}, {"hostname": "web-1"}, **limits
+        )
+        conn = Connection.from_welcome(reader, writer, welcome, ops)
+        conn.start()
+        return conn
+
+    listening_side, dialling_side = (
+        (agent_side, controller_side) if inbound else (controller_side, agent_side)
+    )
+
+    async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            accepted.set_result(await listening_side(reader, writer))
+        except Exception as exc:  # surfaces in the test instead of vanishing in a callback
+            accepted.set_exception(exc)
+
+    server = await asyncio.start_server(on_client, "127.0.0.1", 0, ssl=tls.server)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=tls.client, server_hostname="localhost"
+    )
+    dialled = await asyncio.wait_for(dialling_side(reader, writer), DEADLINE_S)
+    listened = await asyncio.wait_for(accepted, DEADLINE_S)
+    controller, agent = (dialled, listened) if inbound else (listened, dialled)
+    try:
+        yield Pair(controller, agent, ops)
+    finally:
+        await controller.close("test over")
+        await agent.close("test over")
+        server.close()
+        await server.wait_closed()
+
+
+@asynccontextmanager
+async def listener(
+    tls: Tls, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+) -> AsyncIterator[int]:
+    """A TLS server on 127.0.0.1 running ``handler``; yields its port."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=tls.server)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def dial(tls: Tls, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(
+        "127.0.0.1", port, ssl=tls.client, server_hostname="localhost"
+    )
+
+
+async def read_until_eof(reader: asyncio.StreamReader) -> bytes:
+    return await asyncio.wait_for(reader.read(), DEADLINE_S)
+
+
+# ---------------------------------------------------------------------- framing
+
+
+async def test_frame_roundtrip_and_limits() -> None:
+    reader = asyncio.StreamReader()
+    reader.feed_data(encode_frame({"t": "data", "s": 7}, b"\x00\xffbody"))
+    reader.feed_data(encode_frame({"t": "ping", "n": 1}))
+    reader.feed_eof()
+    frame = await read_frame(reader)
+    assert (frame.type, frame.stream, frame.body) == ("data", 7, b"\x00\xffbody")
+    assert "body" not in repr(frame.header)  # sanity: the header is what we sent
+    ping = await read_frame(reader)
+    assert (ping.type, ping.stream, ping.body) == ("ping", None, b"")
+    with pytest.raises(EOFError):
+        await read_frame(reader)
+    with pytest.raises(ValueError, match="limit"):
+        encode_frame({"t": "open", "args": {"x": "y" * MAX_HEADER}})
+    with pytest.raises(ValueError):
+        encode_frame({"no": "type"})
+    # A hello frame's repr never shows the key.
+    assert KEY not in repr(protocol.Frame({"t": "hello", "auth": {"key": KEY}}))
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        (struct.pack(">IH", 0xFFFFFFFF, 0xFFFF), "exceeds the limit"),
+        (struct.pack(">IH", 2 + MAX_HEADER + 64 * 1024 + 1, 100), "exceeds the limit"),
+        (struct.pack(">IH", 10, 20), "header length"),
+        (struct.pack(">IH", 7, 5) + b"[1,2]", "not a JSON object"),
+        (struct.pack(">IH", 7, 5) + b"{nope", "not valid UTF-8 JSON"),
+        (struct.pack(">IH", 10, 8) + b'{"s":1} ', 'lacks a string "t"'),
+        (struct.pack(">IH", 19, 17) + b'{"t":"x","s":-1} ', "positive integer"),
+    ],
+)
+async def test_read_frame_rejects_bad_frames_without_allocating(raw: bytes, match: str) -> None:
+    reader = asyncio.StreamReader()
+    reader.feed_data(raw)  # no eof: an implementation that waited for the body would hang
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match=match) as info:
+            await asyncio.wait_for(read_frame(reader, max_body=64 * 1024), DEADLINE_S)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.code == "invalid_request"
+    assert peak < 256 * 1024, f"reading a rejected frame allocated {peak} bytes"
+
+
+def test_module_is_standard_library_only() -> None:
+    # -I: no user site, no PYTHON* env; -S: no site-packages at all, so any
+    # third-party import fails outright. Then every loaded module must be stdlib.
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(REPO / "agent")!r})
+        import fleetbus_agent.protocol
+        roots = {{name.split(".")[0] for name in sys.modules}}
+        ours = ("__main__", "fleetbus_agent")
+        extra = sorted(r for r in roots if r not in sys.stdlib_module_names and r not in ours)
+        assert not extra, extra
+        print("ok")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_module_parses_as_python_3_9() -> None:
+    for name in ("protocol.py", "frames.py"):
+        source = (REPO / "agent" / "fleetbus_agent" / name).read_text()
+        ast.parse(source, filename=name, feature_version=(3, 9))
+
+
+# --------------------------------------------------------------------- handshake
+
+
+async def test_handshake_ok(tls: Tls) -> None:
+    results: asyncio.Queue[Accepted] = asyncio.Queue()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted = await controller_handshake(reader, writer, authenticate, heartbeat_s=2.5)
+        await results.put(accepted)
+        writer.close()
+
+    async with listener(tls, handler) as port:
+        reader, writer = await dial(tls, port)
+        welcome = await agent_handshake(
+            reader, writer, {"method": "key", "key": KEY}, {"hostname": "web-1"}, window=2 * MIB
+        )
+        accepted = await asyncio.wait_for(results.get(), DEADLINE_S)
+        writer.close()
+    assert (welcome.version, welcome.server, welcome.heartbeat_s) == (1, "web-1", 2.5)
+    assert welcome.peer_max_body == protocol.DEFAULT_MAX_BODY
+    assert welcome.window == 2 * MIB
+    server, hello = accepted  # unpacks as (server_name, hello_header)
+    assert server == "web-1"
+    assert accepted.peer_window == 2 * MIB
+    assert hello["facts"] == {"hostname": "web-1"}
+    assert hello["agent"].startswith("fleetbus-agent/")
+    assert hello["auth"] == {"method": "key"}  # the key is not handed on
+    assert KEY not in repr(accepted) + repr(welcome)
+
+
+async def run_refused_handshake(
+    tls: Tls, **agent_kwargs: Any
+) -> tuple[HandshakeError, HandshakeError]:
+    """An agent handshake the controller refuses: (agent's error, controller's error)."""
+    results: asyncio.Queue[HandshakeError] = asyncio.Queue()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await controller_handshake(reader, writer, authenticate)
+        except HandshakeError as exc:
+            await results.put(exc)
+
+    async with listener(tls, handler) as port:
+        reader, writer = await dial(tls, port)
+        auth = agent_kwargs.pop("auth", {"method": "key", "key": KEY})
+        with pytest.raises(HandshakeError) as info:
+            await agent_handshake(reader, writer, auth, {}, **agent_kwargs)
+        assert writer.transport.is_closing()
+        return info.value, await asyncio.wait_for(results.get(), DEADLINE_S)
+
+
+async def test_wrong_key_is_refused(tls: Tls) -> None:
+    agent_err, controller_err = await run_refused_handshake(
+        tls, auth={"method": "key", "key": "fbk_wrong"}
+    )
+    assert isinstance(agent_err, AuthError)
+    assert (agent_err.code, agent_err.message) == ("auth_failed", "unknown or revoked key")
+    assert isinstance(controller_err, AuthError)
+    assert "fbk_wrong" not in str(agent_err) + str(controller_err)
+
+
+async def test_unsupported_version_is_refused(tls: Tls) -> None:
+    agent_err, controller_err = await run_refused_handshake(tls, versions=[2, 3])
+    assert agent_err.code == controller_err.code == "unsupported_version"
+    assert not isinstance(agent_err, AuthError)
+
+
+async def test_authenticate_crash_is_internal_and_generic(tls: Tls) -> None:
+    async def broken(hello: dict[str, Any]) -> str:
+        raise RuntimeError(f"db down while checking {hello['auth']['key']}")
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with pytest.raises(HandshakeError):
+            await controller_handshake(reader, writer, broken)
+
+    async with listener(tls, handler) as port:
+        reader, writer = await dial(tls, port)
+        with pytest.raises(HandshakeError) as info:
+            await agent_handshake(reader, writer, {"method": "key", "key": KEY})
+    assert info.value.code == "internal"
+    assert KEY not in info.value.message
+
+
+@pytest.mark.parametrize(
+    "partial", [b"", encode_frame({"t": "hello"})[:9]], ids=["silent", "half-frame"]
+)
+async def test_stalled_agent_is_dropped_at_the_deadline(tls: Tls, partial: bytes) -> None:
+    results: asyncio.Queue[HandshakeError] = asyncio.Queue()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await controller_handshake(reader, writer, authenticate, timeout=0.3)
+        except HandshakeError as exc:
+            await results.put(exc)
+
+    async with listener(tls, handler) as port:
+        reader, writer = await dial(tls, port)
+        started = time.monotonic()
+        writer.write(partial)
+        assert await read_until_eof(reader) == b""  # nothing, then the connection closes
+        elapsed = time.monotonic() - started
+        err = await asyncio.wait_for(results.get(), DEADLINE_S)
+        writer.close()
+    assert err.code == "timeout"
+    assert 0.25 <= elapsed < 2.0
+
+
+async def test_stalled_controller_times_out_the_agent(tls: Tls) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # reads the hello, never answers
+
+    async with listener(tls, handler) as port:
+        reader, writer = await dial(tls, port)
+        started = time.monotonic()
+        with pytest.raises(HandshakeError) as info:
+            await agent_handshake(reader, writer, {"method": "key", "key": KEY}, timeout=0.3)
+        assert time.monotonic() - started < 2.0
+    assert info.value.code == "timeout"
+
+
+async def expect_error_then_eof(tls: Tls, raw: bytes) -> tuple[protocol.Frame, float]:
+    """Send ``raw`` instead of a hello: the controller answers an error frame, then closes."""
+    results: asyncio.Queue[HandshakeError] = asyncio.Queue()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await controller_handshake(reader, writer, authenticate, timeout=DEADLINE_S)
+        except HandshakeError as exc:
+            await results.put(exc)
+
+    async with listener(tls, handler) as port:
+        reader, writer = await dial(tls, port)
+        started = time.monotonic()
+        writer.write(raw)
+        frame = await asyncio.wait_for(read_frame(reader), DEADLINE_S)
+        assert await read_until_eof(reader) == b""
+        elapsed = time.monotonic() - started
+        err = await asyncio.wait_for(results.get(), DEADLINE_S)
+        writer.close()
+    assert err.code == "invalid_request"
+    return frame, elapsed
+
+
+async def test_garbage_is_dropped(tls: Tls) -> None:
+    frame, elapsed = await expect_error_then_eof(tls, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (frame.type, frame.header["code"]) == ("error", "invalid_request")
+    assert elapsed < DEADLINE_S / 2  # dropped at once, not at the handshake deadline
+
+
+async def test_non_object_header_is_dropped(tls: Tls) -> None:
+    frame, _ = await expect_error_then_eof(tls, struct.pack(">IH", 9, 7) + b'"hello"')
+    assert frame.header["code"] == "invalid_request"
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    [
+        struct.pack(">IH", 0xFFFFFFFF, 0xFFFF),
+        struct.pack(">IH", 2 + MAX_HEADER + protocol.DEFAULT_MAX_BODY + 1, 100),
+    ],
+    ids=["4GiB", "one-byte-over"],
+)
+async def test_oversized_frame_is_dropped_without_reading_it(tls: Tls, prefix: bytes) -> None:
+    # Only the 6-byte prefix is sent. Had the controller tried to read the claimed
+    # bytes, it would wait for them until the handshake deadline.
+    frame, elapsed = await expect_error_then_eof(tls, prefix)
+    assert frame.header["code"] == "invalid_request"
+    assert "exceeds the limit" in frame.header["message"]
+    assert elapsed < DEADLINE_S / 2
+
+
+async def test_inbound_mode_controller_dials_the_agent(tls: Tls) -> None:
+    async with connected(tls, inbound=True) as pair:
+        assert pair.controller.role == "controller" and pair.agent.role == "agent"
+        out, final = await final_event_and_output(
+            pair.controller.open_stream("exec", {"argv": ["hi"]})
+        )
+        assert (out["stdout"], final.kind, final.result) == (b"hi", "done", {"exit_code": 0})
+
+
+async def final_event_and_output(stream: ControllerStream) -> tuple[dict[str, bytes], Event]:
+    return await asyncio.wait_for(collect(stream), DEADLINE_S)
+
+
+# ------------------------------------------------------------------------ streams
+
+
+async def test_ops_results_and_errors(tls: Tls) -> None:
+    async with connected(tls) as pair:
+        c = pair.controller
+        out, final = await final_event_and_output(c.open_stream("exec", {"argv": ["a", "b"]}))
+        assert out == {"stdout": b"a b", "stderr": b"warn"}
+        assert (final.kind, final.result) == ("done", {"exit_code": 0})
+        assert (await final_event(c.open_stream("ping"))).result == {"pong": True}
+        refused = await final_event(c.open_stream("refuse"))
+        assert refused.error == {"code": "not_found", "message": "no such file: /nope"}
+        crashed = await final_event(c.open_stream("crash"))
+        assert crashed.error is not None and crashed.error["code"] == "internal"
+        assert "secret" not in crashed.error["message"]
+        assert pair.controller.peer_address[0] == "127.0.0.1"
+        assert c.open_streams == 0 and pair.agent.open_streams == 0
+
+
+async def test_many_concurrent_streams_are_multiplexed(tls: Tls) -> None:
+    async with connected(tls) as pair:
+        streams = [
+            pair.controller.open_stream("exec", {"argv": [f"stream-{i}"], "repeat": 1 + i * 100})
+            for i in range(50)
+        ]
+        results = await asyncio.gather(*(final_event_and_output(s) for s in streams))
+        for i, (out, final) in enumerate(results):
+            assert out["stdout"] == f"stream-{i}".encode() * (1 + i * 100)
+            assert final.kind == "done"
+        assert [s.id for s in streams] == list(range(1, 51))
+
+
+async def test_get_64_mib_with_a_slow_consumer_stays_bounded(tls: Tls) -> None:
+    ops = Ops()
+    async with connected(tls, ops=ops) as pair:
+        stream = pair.controller.open_stream("get", {"mib": 64})
+        digest, meta, final = hashlib.sha256(), None, None
+        chunks = 0
+        async for event in stream.events():
+            if event.kind == "meta":
+                meta = event
+            elif event.kind == "data":
+                digest.update(event.body)
+                ops.flow.note_consumed(len(event.body))
+                chunks += 1
+                if chunks % 4 == 0:
+                    await asyncio.sleep(0.001)  # the slow consumer
+            else:
+                final = event
+        expected = hashlib.sha256()
+        for i in range(64):
+            expected.update(make_block(i))
+        assert meta is not None and (meta.size, meta.mode) == (64 * MIB, 0o640)
+        assert final is not None and final.result == {"sent": 64 * MIB}
+        assert digest.hexdigest() == expected.hexdigest()
+        # Credit, not buffers, decides how far the producer runs ahead.
+        assert ops.flow.max_ahead <= DEFAULT_WINDOW
+        assert pair.agent.stats.max_queued_data_bytes <= DEFAULT_WINDOW
+        assert pair.controller.stats.max_buffered_in_bytes <= DEFAULT_WINDOW
+        assert pair.controller.stats.buffered_in_bytes == 0
+
+
+async def test_put_64_mib_with_a_slow_consumer_stays_bounded(tls: Tls) -> None:
+    ops = Ops(slow_s=0.0005)
+    async with connected(tls, ops=ops) as pair:
+        stream = pair.controller.open_stream("put", {"path": "/tmp/x"})
+        expected = hashlib.sha256()
+        for i in range(64):
+            block = make_block(i)
+            expected.update(block)
+            await stream.send(block)
+            ops.flow.produced += len(block)
+            ops.flow.max_ahead = max(ops.flow.max_ahead, ops.flow.produced - ops.flow.consumed)
+        await stream.send_eof()
+        final = await final_event(stream)
+        assert final.result == {"sha256": expected.hexdigest(), "size": 64 * MIB}
+        assert ops.flow.max_ahead <= DEFAULT_WINDOW
+        assert pair.controller.stats.max_queued_data_bytes <= DEFAULT_WINDOW
+        assert pair.agent.stats.max_buffered_in_bytes <= DEFAULT_WINDOW
+
+
+async def test_small_stream_overtakes_a_large_transfer(tls: Tls) -> None:
+    async with connected(tls) as pair:
+        finished: list[str] = []
+        large = pair.controller.open_stream("get", {"mib": 32})
+        first_data = asyncio.Event()
+
+        async def consume_large() -> None:
+            async for event in large.events():
+                if event.kind == "data":
+                    first_data.set()
+                    await asyncio.sleep(0.0005)
+                elif event.kind == "done":
+                    finished.append("large")
+
+        large_task = asyncio.create_task(consume_large())
+        await asyncio.wait_for(first_data.wait(), DEADLINE_S)
+        # The small one has output of its own, sent round-robin with the large data.
+        out, final = await final_event_and_output(
+            pair.controller.open_stream("exec", {"argv": ["x" * 1000], "repeat": 300})
+        )
+        finished.append("small")
+        assert (len(out["stdout"]), final.kind) == (300_000, "done")
+        await asyncio.wait_for(large_task, DEADLINE_S * 2)
+        assert finished == ["small", "large"]
+
+
+async def test_cancel_cancels_the_agent_handler(tls: Tls) -> None:
+    async with connected(tls) as pair:
+        stream = pair.controller.open_stream("block", {"late_output": True})
+        await pair.ops.wait_started(stream.id)
+        stream.cancel()
+        final = await final_event(stream)
+        assert final.error == {"code": "cancelled", "message": "cancelled by the controller"}
+        await pair.ops.wait_cancelled(stream.id)
+        with pytest.raises(StreamError) as info:
+            await stream.send(b"more")
+        assert info.value.code == "cancelled"
+        # The late output and the agent's "fail cancelled" were ignored; all still works.
+        out, after = await final_event_and_output(
+            pair.controller.open_stream("exec", {"argv": ["ok"]})
+        )
+        assert (out["stdout"], after.kind) == (b"ok", "done")
+        assert not pair.controller.closed and not pair.agent.closed
+
+
+async def test_close_fails_in_flight_streams_at_once(tls: Tls) -> None:
+    async with connected(tls) as pair:
+        streams = [pair.controller.open_stream("block") for _ in range(3)]
+        for s in streams:
+            await pair.ops.wait_started(s.id)
+        started = time.monotonic()
+        await pair.controller.close("gateway stopping")
+        finals = [await final_event(s) for s in streams]
+        assert time.monotonic() - started < 1.0
+        for final in finals:
+            assert final.error == {"code": "server_offline", "message": "gateway stopping"}
+        with pytest.raises(StreamError) as info:
+            pair.controller.open_stream("ping")
+        assert info.value.code == "server_offline"
+        # The agent notices the closed connection and cancels its handlers.
+        await asyncio.wait_for(pair.agent.wait_closed(), DEADLINE_S)
+        for s in streams:
+            await pair.ops.wait_cancelled(s.id)
+
+
+async def test_goaway_from_the_controller(tls: Tls) -> None:
+    async with connected(tls) as pair:
+        stream = pair.controller.open_stream("block")
+        await pair.ops.wait_started(stream.id)
+        await pair.controller.close("key revoked", code="key_revoked", goaway=True)
+        await asyncio.wait_for(pair.agent.wait_closed(), DEADLINE_S)
+        assert pair.agent.close_reason == "key revoked"
+        assert pair.agent.close_code == "key_revoked"
+        await pair.ops.wait_cancelled(stream.id)
+
+
+async def test_goaway_from_the_agent_fails_controller_streams_with_its_message(tls: Tls) -> None:
+    async with connected(tls) as pair:
+        stream = pair.controller.open_stream("block")
+        await pair.ops.wait_started(stream.id)
+        await pair.agent.close("agent shutting down", goaway=True)
+        final = await final_event(stream)
+        assert final.error == {"code": "server_offline", "message": "agent shutting down"}
+        await asyncio.wait_for(pair.controller.wait_closed(), DEADLINE_S)
+
+
+async def test_heartbeats_keep_an_idle_connection_alive(tls: Tls) -> None:
+    async with connected(tls, heartbeat_s=0.1) as pair:
+        await asyncio.sleep(0.6)  # six heartbeat intervals with no traffic of its own
+        assert not pair.controller.closed and not pair.agent.closed
+        assert pair.controller.stats.frames_received >= 4  # pings and pongs
+        assert (await final_event(pair.controller.open_stream("ping"))).kind == "done"
+
+
+async def test_silent_agent_is_declared_dead_by_heartbeat(tls: Tls) -> None:
+    conns: asyncio.Queue[Connection] = asyncio.Queue()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted = await controller_handshake(reader, writer, authenticate, heartbeat_s=0.2)
+        conn = Connection.from_accepted(reader, writer, accepted)
+        conn.start()
+        await conns.put(conn)
+
+    async with listener(tls, handler) as port:
+        reader, writer = await dial(tls, port)
+        # A handshaken agent that then neither reads nor writes (a frozen process).
+        await agent_handshake(reader, writer, {"method": "key", "key": KEY})
+        writer.transport.pause_reading()
+        controller = await asyncio.wait_for(conns.get(), DEADLINE_S)
+        streams = [controller.open_stream("exec", {"argv": ["x"]}) for _ in range(3)]
+        started = time.monotonic()
+        finals = [await final_event(s) for s in streams]
+        elapsed = time.monotonic() - started
+        await asyncio.wait_for(controller.wait_closed(), DEADLINE_S)
+        writer.close()
+    for final in finals:
+        assert final.error == {
+            "code": "server_offline",
+            "message": "agent connection lost: heartbeat timeout",
+        }
+    assert 0.4 <= elapsed < 1.5  # 3 * heartbeat_s = 0.6 s
+    assert controller.close_reason == "agent connection lost: heartbeat timeout"
+
+
+async def test_silent_controller_is_declared_dead_by_heartbeat(tls: Tls) -> None:
+    done = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await controller_handshake(reader, writer, authenticate, heartbeat_s=0.2)
+        writer.transport.pause_reading()
+        await done.wait()  # handshaken, then silent
+        writer.close()
+
+    async with listener(tls, handler) as port:
+        reader, writer = await dial(tls, port)
+        welcome = await agent_handshake(reader, writer, {"method": "key", "key": KEY})
+        agent = Connection.from_welcome(reader, writer, welcome, Ops())
+        started = time.monotonic()
+        agent.start()
+        await asyncio.wait_for(agent.wait_closed(), DEADLINE_S)
+        elapsed = time.monotonic() - started
+        done.set()
+    assert agent.close_reason == "controller connection lost: heartbeat timeout"
+    assert 0.4 <= elapsed < 1.5
+
+
+async def test_flow_control_violation_closes_the_connection(tls: Tls) -> None:
+    """A controller that ignores the agent's window is cut off, not buffered."""
+    agent_conns: asyncio.Queue[Connection] = asyncio.Queue()
+    ops = Ops(slow_s=10.0)  # takes one chunk, then sits on it
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Inbound layout: this listening side is the agent.
+        welcome = await agent_handshake(
+            reader, writer, {"method": "key", "key": KEY}, window=64 * 1024
+        )
+        conn = Connection.from_welcome(reader, writer, welcome, ops)
+        conn.start()
+        await agent_conns.put(conn)
+
+    async with listener(tls, handler) as port:
+        reader, writer = await dial(tls, port)
+        await controller_handshake(reader, writer, authenticate)
+        agent = await asyncio.wait_for(agent_conns.get(), DEADLINE_S)
+        writer.write(encode_frame({"t": "open", "s": 1, "op": "put", "args": {}}))
+        # 160 KiB against a 64 KiB window (at most one 32 KiB chunk is consumed and
+        # granted back before the handler dawdles), never waiting for window frames.
+        for _ in range(5):
+            writer.write(encode_frame({"t": "data", "s": 1}, b"x" * 32 * 1024))
+        await writer.drain()
+        frame = await asyncio.wait_for(read_frame(reader), DEADLINE_S)
+        while frame.type != "error":
+            frame = await asyncio.wait_for(read_frame(reader), DEADLINE_S)
+        await asyncio.wait_for(agent.wait_closed(), DEADLINE_S)
+        writer.close()
+    assert frame.header["code"] == "invalid_request"
+    assert "flow-control window" in frame.header["message"]
+    assert agent.stats.max_buffered_in_bytes <= 64 * 1024
+
+
+async def test_put_to_a_failing_agent_raises_instead_of_hanging(tls: Tls) -> None:
+    async with connected(tls) as pair:
+        stream = pair.controller.open_stream("refuse")  # fails without reading any data
+        with pytest.raises(StreamError) as info:
+            for _ in range(64):  # more than a window: would block forever without the fail
+                await asyncio.wait_for(stream.send(b"z" * MIB), DEADLINE_S)
+        assert (info.value.code, info.value.message) == ("not_found", "no such file: /nope")
+        assert (await final_event(stream)).error == {
+            "code": "not_found",
+            "message": "no such file: /nope",
+        }
+
+
+async def test_wire_format_and_forward_compatibility(tls: Tls) -> None:
+    """A hand-written controller: unknown types and unknown stream ids are ignored."""
+    agent_conns: asyncio.Queue[Connection] = asyncio.Queue()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        welcome = await agent_handshake(reader, writer, {"method": "key", "key": KEY})
+        conn = Connection.from_welcome(reader, writer, welcome, Ops())
+        conn.start()
+        await agent_conns.put(conn)
+
+    async def next_frame(reader: asyncio.StreamReader, *types: str) -> protocol.Frame:
+        while True:
+            frame = await asyncio.wait_for(read_frame(reader), DEADLINE_S)
+            if frame.type in types:
+                return frame
+
+    async with listener(tls, handler) as port:
+        reader, writer = await dial(tls, port)
+        hello = await asyncio.wait_for(read_frame(reader), DEADLINE_S)
+        assert hello.type == "hello" and hello.header["versions"] == [1]
+        assert hello.header["auth"] == {"method": "key", "key": KEY}
+        writer.write(
+            encode_frame(
+                {
+                    "t": "welcome",
+                    "version": 1,
+                    "server": "web-1",
+                    "heartbeat_s": 5,
+                    "max_body": 1024,
+                    "window": 4096,
+                    "future_field": True,
+                }
+            )
+        )
+        agent = await asyncio.wait_for(agent_conns.get(), DEADLINE_S)
+        for header, body in [
+            ({"t": "from-the-future", "x": [1, 2]}, b"ignored"),
+            ({"t": "data", "s": 99}, b"for a stream that does not exist"),
+            ({"t": "window", "s": 42, "n": 5}, b""),
+            ({"t": "cancel", "s": 7}, b""),
+            ({"t": "pong", "n": 3}, b""),
+            ({"t": "ping", "n": 77}, b""),
+        ]:
+            writer.write(encode_frame(header, body))
+        assert (await next_frame(reader, "pong")).header == {"t": "pong", "n": 77}
+        writer.write(
+            encode_frame({"t": "open", "s": 1, "op": "exec", "args": {"argv": ["e" * 3000]}})
+        )
+        outs = []
+        frame = await next_frame(reader, "out", "done")
+        while frame.type == "out":
+            assert frame.stream == 1 and len(frame.body) <= 1024  # our announced max_body
+            outs.append((frame.header["stream"], frame.body))
+            frame = await next_frame(reader, "out", "done")
+        assert frame.header == {"t": "done", "s": 1, "result": {"exit_code": 0}}
+        assert b"".join(b for name, b in outs if name == "stdout") == b"e" * 3000
+        assert [b for name, b in outs if name == "stderr"] == [b"warn"]
+        assert not agent.closed
+        writer.write(
+            encode_frame({"t": "goaway", "code": "replaced", "message": "newer connection"})
+        )
+        await asyncio.wait_for(agent.wait_closed(), DEADLINE_S)
+        assert (agent.close_code, agent.close_reason) == ("replaced", "newer connection")
+        writer.close()
+
+
+# ------------------------------------------------------------- Python 3.9 runtime
+
+
+def find_python39() -> str | None:
+    """A working Python 3.9 interpreter, if this machine has one (pyenv shims may lie)."""
+    candidates = [shutil.which("python3.9")]
+    candidates += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.9*/bin/python3.9")))
+    for candidate in filter(None, candidates):
+        probe = subprocess.run(
+            [candidate, "-c", "import sys; print(sys.version_info[:2] == (3, 9))"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        if probe.returncode == 0 and probe.stdout.strip() == "True":
+            return candidate
+    return None
+
+
+SMOKE_39 = """
+import asyncio, hashlib, sys
+sys.path.insert(0, sys.argv[1])
+from fleetbus_agent import protocol as p
+
+async def ops(stream):
+    if stream.op == "put":
+        h = hashlib.sha256()
+        async for chunk in stream.data():
+            h.update(chunk)
+        return {"sha256": h.hexdigest()}
+    if stream.op == "get":
+        await stream.send_meta(300000, None)
+        await stream.send_data(b"g" * 300000)
+        return None
+    await asyncio.Event().wait()
+
+async def main():
+    got = asyncio.get_running_loop().create_future()
+    async def auth(hello):
+        return "s1"
+    async def on_client(reader, writer):
+        acc = await p.controller_handshake(
+            reader, writer, auth, heartbeat_s=0.5, window=4096, max_body=1024
+        )
+        conn = p.Connection.from_accepted(reader, writer, acc)
+        conn.start()
+        got.set_result(conn)
+    server = await asyncio.start_server(on_client, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    welcome = await p.agent_handshake(
+        reader, writer, {"method": "key", "key": "k"}, window=4096, max_body=1024
+    )
+    agent = p.Connection.from_welcome(reader, writer, welcome, ops)
+    agent.start()
+    ctrl = await got
+    s = ctrl.open_stream("put")
+    await s.send(b"p" * 100000)
+    await s.send_eof()
+    events = [e async for e in s.events()]
+    assert events[-1].result == {"sha256": hashlib.sha256(b"p" * 100000).hexdigest()}, events
+    s = ctrl.open_stream("get")
+    body = b"".join([e.body async for e in s.events() if e.kind == "data"])
+    assert body == b"g" * 300000
+    s = ctrl.open_stream("block")
+    s.cancel()
+    assert [e.error["code"] async for e in s.events()] == ["cancelled"]
+    s = ctrl.open_stream("block")
+    await agent.close("bye", goaway=True)
+    assert [e.error["message"] async for e in s.events()] == ["bye"]
+    await ctrl.wait_closed()
+    server.close()
+    await server.wait_closed()
+    print("ok", sys.version_info[:2])
+
+asyncio.run(main())
+"""
+
+
+def test_runs_on_python_3_9() -> None:
+    python = find_python39()
+    if python is None:
+        pytest.skip("no Python 3.9 interpreter here")
+    result = subprocess.run(
+        [python, "-I", "-c", SMOKE_39, str(REPO / "agent")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok (3, 9)"
