@@ -125,7 +125,8 @@ class Fleet:
         self.home.mkdir(parents=True, exist_ok=True)
         self.log = open(self.home.parent / f"{self.home.name}-up.log", "ab")
         self.proc = subprocess.Popen(
-            [FLEETBUS, "up", "--nats-port", "0", "-v", *self.extra_args],
+            [FLEETBUS, "up", "--nats-port", "0", "--gateway-listen", "127.0.0.1:0", "-v",
+             *self.extra_args],
             stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, env=self.environ(),
         )
         run_file = self.home / "run.json"

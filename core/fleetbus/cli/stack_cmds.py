@@ -25,6 +25,10 @@ def _transports(value: str | None) -> list[str] | None:
     return [t.strip() for t in value.split(",") if t.strip()] if value else None
 
 
+def _gateway_settings(listen: str) -> dict[str, dict[str, object]]:
+    return {"agent-outbound": {"listen": listen}}
+
+
 def _say(text: str) -> None:
     click.echo(text, err=False)
     sys.stdout.flush()
@@ -35,16 +39,21 @@ def _say(text: str) -> None:
 @click.option("--nats-port", type=click.IntRange(0, 65535), default=4222, show_default=True,
               help="Port of the embedded NATS (0: any free port).")
 @click.option("--transports", help="Comma-separated transports to serve (default: all installed).")
+@click.option("--gateway-listen", default="0.0.0.0:7443", show_default=True, metavar="HOST:PORT",
+              help="Where the agent-outbound gateway listens (port 0: any free port).")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @pass_globals
-def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, verbose: int) -> None:
+def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gateway_listen: str,
+       verbose: int) -> None:
     """Start everything on this machine: NATS (unless --nats), the core and every transport."""
+    from ..host import HostSettings  # the stack is heavy; `fleetbus run` never needs it
     from ..stack import StackOptions, ensure_local_server, start_stack, wait_for_signal
 
     _logging(verbose)
     home = g.home_dir()
     opts = StackOptions(home=home, nats_url=g.nats, nats_host=nats_host, nats_port=nats_port,
-                        prefix=g.prefix, transports=_transports(transports))
+                        prefix=g.prefix, transports=_transports(transports),
+                        host_settings=HostSettings(transport_settings=_gateway_settings(gateway_listen)))
 
     async def main() -> None:
         started = time.monotonic()
@@ -63,6 +72,9 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, verbo
                 _say(f"  data      {home.nats_data}")
                 _say(f"  nats log  {running.embedded.log_path}")
             _say(f"  serving   {served}")
+            gateway = running.host.transports.get("agent-outbound") if running.host else None
+            if gateway is not None:
+                _say(f"  gateway   {gateway.address}  pin {gateway.fingerprint}")
             _say("  server 'local' registered" if added else "  server 'local' already registered")
             _say("try: fleetbus run local -- uname -a      (Ctrl-C stops fleetbus)")
             await wait_for_signal(lambda name: _say(f"\nfleetbus: {name} received, shutting down"))
@@ -96,9 +108,11 @@ def core(g: Globals, verbose: int, replicas: int) -> None:
 @click.option("--transports", help="Comma-separated transports to serve (default: all installed).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=32, show_default=True,
               help="Threads for blocking client libraries.")
+@click.option("--gateway-listen", default="0.0.0.0:7443", show_default=True, metavar="HOST:PORT",
+              help="Where the agent-outbound gateway listens, when this worker runs it.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @pass_globals
-def worker(g: Globals, transports: str | None, threads: int, verbose: int) -> None:
+def worker(g: Globals, transports: str | None, threads: int, gateway_listen: str, verbose: int) -> None:
     """Run a plugin host serving the given transports against a shared NATS."""
     from ..host import HostSettings  # the stack is heavy; `fleetbus run` never needs it
     from ..stack import StackOptions, start_stack, wait_for_signal
@@ -106,7 +120,8 @@ def worker(g: Globals, transports: str | None, threads: int, verbose: int) -> No
     _logging(verbose)
     opts = StackOptions(home=g.home_dir(), nats_url=g.nats, prefix=g.prefix,
                         transports=_transports(transports),
-                        host_settings=HostSettings(blocking_threads=threads))
+                        host_settings=HostSettings(blocking_threads=threads,
+                                                   transport_settings=_gateway_settings(gateway_listen)))
 
     async def main() -> None:
         async with AsyncExitStack() as stack:

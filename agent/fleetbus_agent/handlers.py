@@ -1,0 +1,92 @@
+"""What the agent does with each operation the controller opens: ops on this host.
+
+The protocol module runs one handler task per stream; cancelling it (a ``cancel`` frame
+or a lost connection) cancels the operation, which stops the process group or removes
+the temporary file, so nothing keeps running for a result nobody can receive.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import logging
+from typing import Any, Dict, Optional
+
+from . import __version__
+from .ops import (
+    ExecSpec,
+    OpError,
+    ProcessTimings,
+    PutSpec,
+    RunBlocking,
+    get_file,
+    put_file,
+    run_process,
+    server_facts,
+)
+from .protocol import AgentStream
+
+log = logging.getLogger("fleetbus_agent.handlers")
+
+
+def _stdin(args: Dict[str, Any]) -> Optional[bytes]:
+    raw = args.get("stdin_b64")
+    if raw is None:
+        return None
+    try:
+        return base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        raise OpError("invalid_request", "stdin_b64 is not valid base64") from None
+
+
+class Handler:
+    """Dispatches one stream to the ops implementation; an instance per agent process."""
+
+    def __init__(self, run_blocking: Optional[RunBlocking] = None,
+                 timings: Optional[ProcessTimings] = None) -> None:
+        self.run_blocking = run_blocking
+        self.timings = timings
+
+    async def __call__(self, stream: AgentStream) -> Optional[Dict[str, Any]]:
+        op, args = stream.op, stream.args or {}
+        if op == "ping":
+            return {}
+        if op == "exec":
+            return await self._exec(stream, args)
+        if op == "put":
+            return await self._put(stream, args)
+        if op == "get":
+            return await self._get(stream, args)
+        if op == "info":
+            facts = server_facts()
+            extra = dict(facts.extra, agent_version=__version__)
+            return dataclasses.replace(facts, extra=extra).to_dict()
+        raise OpError("invalid_request", f"this agent does not know the operation {str(op)[:32]!r}")
+
+    async def _exec(self, stream: AgentStream, args: Dict[str, Any]) -> Dict[str, Any]:
+        spec = ExecSpec(
+            argv=args.get("argv"), shell=args.get("shell"), env=args.get("env") or {},
+            cwd=args.get("cwd"), stdin=_stdin(args), timeout_s=args.get("timeout_s"),
+        )
+        result = await run_process(spec, stream.send_out, timings=self.timings, logger=log,
+                                   run_blocking=self.run_blocking)
+        return {"exit_code": result.exit_code, "signal": result.signal}
+
+    async def _put(self, stream: AgentStream, args: Dict[str, Any]) -> Dict[str, Any]:
+        spec = PutSpec(path=args.get("path"), mode=args.get("mode"),  # type: ignore[arg-type]
+                       make_parents=bool(args.get("make_parents", True)), size=args.get("size"))
+        stat = await put_file(spec, stream.data(), run_blocking=self.run_blocking, logger=log)
+        return {"size": stat.size, "mode": stat.mode}
+
+    async def _get(self, stream: AgentStream, args: Dict[str, Any]) -> Dict[str, Any]:
+        remote = await get_file(args.get("path"), run_blocking=self.run_blocking)  # type: ignore[arg-type]
+        sent = 0
+        try:
+            await stream.send_meta(remote.size, remote.mode)
+            async for chunk in remote.chunks:
+                await stream.send_data(chunk)
+                sent += len(chunk)
+        finally:
+            await remote.aclose()
+        return {"size": sent}

@@ -1,0 +1,10 @@
+"""Registers the ``agent-outbound`` transport (the TLS gateway) through the entry point."""
+
+from fleetbus.hookspecs import hookimpl
+
+
+@hookimpl
+def fleetbus_transports():
+    from .gateway import GatewayTransport
+
+    return [GatewayTransport]
