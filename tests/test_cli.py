@@ -241,3 +241,21 @@ def test_command_id_dedupe_from_the_cli(fleet: Fleet, tmp_path: Path) -> None:
         proc = fleet.cli("run", "local", "--id", cid, "--shell", "--", f"echo x >> {marker}; echo ok")
         assert proc.returncode == 0 and proc.stdout == "ok\n"
     assert marker.read_text() == "x\n"
+
+
+def test_embedded_nats_tokens_never_look_like_numbers(tmp_path: Path) -> None:
+    # nats-server reads the token from its environment like a config value; one that
+    # started with a digit was once parsed as a number and refused at start.
+    from fleetbus.embedded import TOKEN_RE, new_token
+
+    tokens = [new_token() for _ in range(200)]
+    assert all(TOKEN_RE.match(t) and t[0].isalpha() for t in tokens)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "nats.token").write_text("7" * 43)  # a token from before the fix
+    stack = Fleet(home).start()
+    try:
+        assert TOKEN_RE.match((home / "nats.token").read_text())
+        assert stack.cli("ping", "local").returncode == 0
+    finally:
+        stack.stop()

@@ -11,6 +11,7 @@ import asyncio
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -20,11 +21,18 @@ import time
 from pathlib import Path
 
 from .errors import InvalidRequest, ServerOffline
-from .home import Home, create_private
+from .home import Home, create_private, write_private
 
 TOKEN_ENV = "FLEETBUS_EMBEDDED_NATS_TOKEN"
 MAX_PAYLOAD = 8 * 1024 * 1024
 START_TIMEOUT_S = 20.0
+
+
+TOKEN_RE = re.compile(r"^fbn_[0-9a-f]{64}$")
+
+
+def new_token() -> str:
+    return "fbn_" + secrets.token_hex(32)
 
 
 def nats_server_binary() -> str:
@@ -80,8 +88,13 @@ class EmbeddedNats:
     async def start(self) -> None:
         self.home.ensure()
         self.home.nats_data.mkdir(exist_ok=True)
-        create_private(self.home.nats_token, secrets.token_urlsafe(32).encode())
+        create_private(self.home.nats_token, new_token().encode())
         self.token = self.home.nats_token.read_text().strip()
+        if not TOKEN_RE.match(self.token):
+            # nats-server parses an environment value like a config value: a token that
+            # starts with a digit is read as a number and refused. Ours never do.
+            self.token = new_token()
+            write_private(self.home.nats_token, self.token.encode())
         if self.port and not port_is_free(self.host, self.port):
             raise InvalidRequest(
                 f"port {self.port} on {self.host} is taken (another fleetbus or NATS?): "
