@@ -13,6 +13,7 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from support.ops_helpers import stray_pids  # noqa: F401  (a fixture)
 from support.processes import Fleet, NatsServer
 
 

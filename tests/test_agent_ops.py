@@ -23,7 +23,7 @@ import textwrap
 import threading
 import time
 import zipfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -32,7 +32,6 @@ from fleetbus_agent.ops import (
     GET_CHUNK,
     READ_CHUNK,
     SECRET_ENV_VARS,
-    TEMP_PREFIX,
     ExecResult,
     ExecSpec,
     OpError,
@@ -48,6 +47,7 @@ from fleetbus_agent.ops import (
 )
 from fleetbus_agent.ops import errors as op_errors
 from fleetbus_agent.ops.facts import parse_os_release
+from support.ops_helpers import alive, chunks, temp_files, wait_until
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the operations are POSIX only")
 
@@ -80,52 +80,6 @@ class Output:
             while not predicate():
                 self._changed.clear()
                 await self._changed.wait()
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs; a zombie waiting to be reaped counts as gone."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    return state not in ("Z", "X")
-
-
-async def wait_until(predicate: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {DEADLINE_S} s")
-        await asyncio.sleep(0.02)
-
-
-@pytest.fixture
-def stray_pids() -> Iterator[list[int]]:
-    """Pids of background processes a test started; killed at teardown if still there."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        if alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def temp_files(directory: Path) -> list[str]:
-    return [name for name in os.listdir(directory) if name.startswith(TEMP_PREFIX)]
-
-
-async def chunks(*parts: bytes) -> AsyncIterator[bytes]:
-    for part in parts:
-        yield part
 
 
 # ---------------------------------------------------------------- errors

@@ -20,7 +20,6 @@ from pathlib import Path
 import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
-
 from support.agents import Agent, add_agent_server, gateway_of, start_swarm, wait_online
 from support.processes import Fleet, pid_alive, stop_process, wait_for
 

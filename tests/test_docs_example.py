@@ -17,14 +17,13 @@ from pathlib import Path
 
 import nats
 import pytest
-from support.processes import Fleet
-
 from fleetbus.admin import CredentialAdd, CredentialRemove, NameBody, ServerAdd
 from fleetbus.audit import AuditRecord
 from fleetbus.errors import ERROR_CODES
 from fleetbus.messages import REQUEST_MODELS, CancelRequest
 from fleetbus.output import HDR_COMMAND, HDR_END, HDR_ERROR, HDR_EXIT, HDR_SEQ, HDR_STREAM
 from fleetbus.records import CredentialInfo, Server, ServerStatus
+from support.processes import Fleet
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "bus-api.md"

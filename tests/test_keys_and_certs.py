@@ -8,8 +8,6 @@ import stat
 from pathlib import Path
 
 import pytest
-from nats.aio.client import Client as NATS
-
 from fleetbus.certs import GatewayFiles, create_gateway_identity, fingerprint_pem, server_context
 from fleetbus.errors import AuthFailed, NotFound
 from fleetbus.home import Home
@@ -18,6 +16,7 @@ from fleetbus.keys import AgentKeys, parse_key
 from fleetbus.subjects import Names
 from fleetbus.vault import MasterKey
 from fleetbus_agent.throttle import FailureThrottle
+from nats.aio.client import Client as NATS
 
 
 @pytest.fixture

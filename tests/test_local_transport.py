@@ -14,7 +14,7 @@ import signal
 import socket
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,11 @@ from fleetbus.records import Server
 from fleetbus.secretenv import SECRET_ENV_VARS
 from fleetbus.transport import ExecResult, ExecSpec, PutSpec, Session
 from fleetbus_agent.ops import environment
-from fleetbus_agent.ops.files import GET_CHUNK, TEMP_PREFIX
+from fleetbus_agent.ops.files import GET_CHUNK
 from fleetbus_agent.ops.process import READ_CHUNK, ProcessTimings
 from fleetbus_local import plugin
 from fleetbus_local.transport import LocalSession, LocalTransport
+from support.ops_helpers import alive, chunks, temp_files, wait_until
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the local transport is POSIX only")
 
@@ -100,52 +101,6 @@ async def session() -> AsyncIterator[Session]:
     s = await open_session()
     yield s
     await s.close()
-
-
-def alive(pid: int) -> bool:
-    """Whether ``pid`` runs; a zombie waiting to be reaped by init counts as gone."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    return state not in ("Z", "X")
-
-
-async def wait_until(predicate: Callable[[], bool], timeout: float = DEADLINE_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(0.02)
-
-
-@pytest.fixture
-def stray_pids() -> Iterator[list[int]]:
-    """Pids of background processes a test started; killed at teardown if still there."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        if alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def temp_files(directory: Path) -> list[str]:
-    return [name for name in os.listdir(directory) if name.startswith(TEMP_PREFIX)]
-
-
-async def chunks(*parts: bytes) -> AsyncIterator[bytes]:
-    for part in parts:
-        yield part
 
 
 # ---------------------------------------------------------------- exec
