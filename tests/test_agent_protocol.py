@@ -1,20 +1,24 @@
 """The agent wire protocol (fleetbus_agent.protocol) over real TLS on 127.0.0.1.
 
 Both ends run in this process: the controller (the gateway's side) behind
-``asyncio.start_server(ssl=...)`` and the agent dialling it, as in outbound mode; one
-test swaps who dials, as in inbound mode. The certificate is a throwaway self-signed
-one made here. Waits are on conditions with deadlines, never sleeps for readiness.
+``asyncio.start_server(ssl=...)`` and the agent dialling it, as in outbound mode; the
+inbound handshake tests swap who dials (the agent listens, the controller dials with a
+pinning context, as fleetbus does). The certificates are throwaway self-signed ones made
+here. Waits are on conditions with deadlines, never sleeps for readiness.
 """
 
 from __future__ import annotations
 
 import ast
 import asyncio
+import base64
 import datetime
 import glob
 import hashlib
 import hmac
 import ipaddress
+import json
+import logging
 import os
 import random
 import shutil
@@ -45,9 +49,15 @@ from fleetbus_agent.protocol import (
     HandshakeError,
     ProtocolError,
     StreamError,
+    Welcome,
+    agent_accept_handshake,
     agent_handshake,
+    certificate_fingerprint,
+    controller_connect_handshake,
     controller_handshake,
     encode_frame,
+    inbound_proof,
+    peer_certificate_fingerprint,
     read_frame,
 )
 
@@ -64,10 +74,14 @@ MIB = 1024 * 1024
 class Tls:
     server: ssl.SSLContext
     client: ssl.SSLContext
+    cert_file: Path
+    key_file: Path
+    der: bytes
+    fingerprint: str
+    """``sha256:<hex>`` of the DER certificate, computed here without the module."""
 
 
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
+def make_tls(folder: Path) -> Tls:
     """A throwaway self-signed certificate for localhost/127.0.0.1 and contexts for it."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -94,7 +108,6 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    folder = tmp_path_factory.mktemp("tls")
     cert_file, key_file = folder / "cert.pem", folder / "key.pem"
     cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_file.write_bytes(
@@ -107,7 +120,26 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server.load_cert_chain(cert_file, key_file)
     client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert_file))
-    return Tls(server=server, client=client)
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return Tls(
+        server=server,
+        client=client,
+        cert_file=cert_file,
+        key_file=key_file,
+        der=der,
+        fingerprint="sha256:" + cert.fingerprint(hashes.SHA256()).hex(),
+    )
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
+    return make_tls(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def other_tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
+    """A second certificate: the one a man in the middle presents."""
+    return make_tls(tmp_path_factory.mktemp("tls-other"))
 
 
 # ----------------------------------------------------------------- agent operations
@@ -300,7 +332,7 @@ async def connected(
 async def listener(
     tls: Tls, handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 ) -> AsyncIterator[int]:
-    """A TLS server on 127.0.0.1 running ``handler``; yields its port."""
+    """A TLS server on 127.0.0.1 with ``tls``'s certificate running ``handler``; yields its port."""
     server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=tls.server)
     try:
         yield server.sockets[0].getsockname()[1]
@@ -578,6 +610,772 @@ async def test_inbound_mode_controller_dials_the_agent(tls: Tls) -> None:
 
 async def final_event_and_output(stream: ControllerStream) -> tuple[dict[str, bytes], Event]:
     return await asyncio.wait_for(collect(stream), DEADLINE_S)
+
+
+# ------------------------------------------------------------- inbound handshake
+
+PROOF_VECTOR = "62cd3011876e82918eb620bba015c8d96e5ec64de0117e9223694c6aebac143a"
+"""inbound_proof("fbk_test", bytes(range(32)), "ab" * 32), as docs/agent-protocol.md says."""
+
+
+def independent_proof(key: str, nonce: bytes, fingerprint_hex: str) -> str:
+    """The proof formula written out with hmac, not with the module."""
+    message = b"fleetbus-inbound-v1" + b"\0" + nonce + b"\0" + fingerprint_hex.encode("ascii")
+    return hmac.new(key.encode("utf-8"), message, hashlib.sha256).hexdigest()
+
+
+def bare(fingerprint: str) -> str:
+    return fingerprint.split(":", 1)[1]
+
+
+def pinning_client() -> ssl.SSLContext:
+    """How fleetbus dials an inbound agent: no CA; identity is the pinned fingerprint."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def dial_pinned(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(
+        "127.0.0.1", port, ssl=pinning_client(), server_hostname="localhost"
+    )
+
+
+# What a listening agent's handler ended with: its result and its end of the connection.
+AgentOutcome = tuple[Welcome | HandshakeError, asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@asynccontextmanager
+async def listening_agent(
+    tls: Tls, **kwargs: Any
+) -> AsyncIterator[tuple[int, asyncio.Queue[AgentOutcome]]]:
+    """A real agent on 127.0.0.1 running agent_accept_handshake per connection.
+
+    Yields ``(port, outcomes)``; each connection puts one :data:`AgentOutcome`.
+    """
+    outcomes: asyncio.Queue[AgentOutcome] = asyncio.Queue()
+    kwargs.setdefault("facts", {"hostname": "web-1"})
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            result: Welcome | HandshakeError = await agent_accept_handshake(
+                reader, writer, key=KEY, certificate_fingerprint=tls.fingerprint, **kwargs
+            )
+        except HandshakeError as exc:
+            result = exc
+        await outcomes.put((result, reader, writer))
+
+    async with listener(tls, handler) as port:
+        yield port, outcomes
+
+
+@dataclass
+class InboundRun:
+    """Both ends of one inbound handshake: results (or errors) and connections."""
+
+    agent: Welcome | HandshakeError
+    controller: Accepted | HandshakeError
+    agent_io: tuple[asyncio.StreamReader, asyncio.StreamWriter]
+    controller_io: tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+@asynccontextmanager
+async def inbound(
+    tls: Tls,
+    agent_kwargs: dict[str, Any] | None = None,
+    **controller_kwargs: Any,
+) -> AsyncIterator[InboundRun]:
+    """The agent listens (agent_accept_handshake); the controller dials and pins it."""
+    async with listening_agent(tls, **(agent_kwargs or {})) as (port, outcomes):
+        reader, writer = await dial_pinned(port)
+        controller_kwargs.setdefault("key", KEY)
+        controller_kwargs.setdefault("agent_fingerprint", tls.fingerprint)
+        controller_kwargs.setdefault("server", "web-1")
+        try:
+            accepted: Accepted | HandshakeError = await asyncio.wait_for(
+                controller_connect_handshake(reader, writer, **controller_kwargs), DEADLINE_S
+            )
+        except HandshakeError as exc:
+            accepted = exc
+        welcome, agent_reader, agent_writer = await asyncio.wait_for(outcomes.get(), DEADLINE_S)
+        try:
+            yield InboundRun(welcome, accepted, (agent_reader, agent_writer), (reader, writer))
+        finally:
+            writer.close()
+            agent_writer.close()
+
+
+def test_inbound_proof_test_vector() -> None:
+    nonce, fingerprint = bytes(range(32)), "ab" * 32
+    expected = independent_proof("fbk_test", nonce, fingerprint)
+    assert expected == PROOF_VECTOR  # also checked against `openssl dgst -sha256 -hmac`
+    assert inbound_proof("fbk_test", nonce, fingerprint) == expected
+    # Every input counts.
+    assert inbound_proof("fbk_test2", nonce, fingerprint) != expected
+    assert inbound_proof("fbk_test", bytes(32), fingerprint) != expected
+    assert inbound_proof("fbk_test", nonce, "ac" * 32) != expected
+    # The key is used as UTF-8.
+    assert inbound_proof("ключ-ü", nonce, fingerprint) == independent_proof(
+        "ключ-ü", nonce, fingerprint
+    )
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "ab" * 32,
+        "AB" * 32,
+        "sha256:" + "ab" * 32,
+        "SHA256:" + "AB" * 32,
+        "Sha256:" + "aB" * 32,
+    ],
+)
+def test_fingerprint_forms_are_normalised(form: str) -> None:
+    assert inbound_proof("fbk_test", bytes(range(32)), form) == PROOF_VECTOR
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "sha256:",
+        "ab" * 31,  # 62 digits
+        "ab" * 32 + "a",  # 65 digits
+        "sha256:" + "ab" * 32 + "\n",
+        " " + "ab" * 32,
+        "sha1:" + "ab" * 32,
+        "sha256:" + "zz" * 32,
+        ":".join(["AB"] * 32),  # the openssl x509 -fingerprint layout is not accepted
+        "sha256:sha256:" + "ab" * 32,
+        b"ab" * 32,
+        None,
+    ],
+)
+def test_malformed_fingerprints_are_refused(bad: Any) -> None:
+    with pytest.raises(ValueError, match="fingerprint"):
+        inbound_proof(KEY, bytes(32), bad)
+
+
+def test_certificate_fingerprints(tls: Tls, other_tls: Tls) -> None:
+    assert certificate_fingerprint(tls.der) == tls.fingerprint
+    assert certificate_fingerprint(tls.der) == "sha256:" + hashlib.sha256(tls.der).hexdigest()
+    assert certificate_fingerprint(other_tls.der) != tls.fingerprint
+    with pytest.raises(ValueError, match="PEM"):
+        certificate_fingerprint(tls.cert_file.read_bytes())
+    with pytest.raises(TypeError):
+        certificate_fingerprint(tls.cert_file.read_text())  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="key"):
+        inbound_proof("", bytes(32), tls.fingerprint)
+
+
+async def test_peer_certificate_fingerprint_needs_tls() -> None:
+    accepted: asyncio.Queue[asyncio.StreamWriter] = asyncio.Queue()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accepted.put(writer)
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)  # plain TCP
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", server.sockets[0].getsockname()[1]
+        )
+        with pytest.raises(HandshakeError) as info:
+            peer_certificate_fingerprint(writer)
+        assert info.value.code == "transport_error"
+        with pytest.raises(HandshakeError) as info:
+            await controller_connect_handshake(
+                reader, writer, key=KEY, agent_fingerprint="ab" * 32, server="web-1"
+            )
+        assert info.value.code == "transport_error"
+        assert writer.transport.is_closing()
+        (await asyncio.wait_for(accepted.get(), DEADLINE_S)).close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_inbound_handshake_then_streams_work(
+    tls: Tls, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with inbound(
+        tls,
+        agent_kwargs={"window": 2 * MIB, "max_body": 64 * 1024},
+        heartbeat_s=2.5,
+        max_body=32 * 1024,
+    ) as run:
+        welcome, accepted = run.agent, run.controller
+        assert isinstance(welcome, Welcome) and isinstance(accepted, Accepted)
+        assert (welcome.version, welcome.server, welcome.heartbeat_s) == (1, "web-1", 2.5)
+        assert (welcome.peer_max_body, welcome.peer_window) == (32 * 1024, protocol.DEFAULT_WINDOW)
+        assert (welcome.max_body, welcome.window) == (64 * 1024, 2 * MIB)
+        assert welcome.header["t"] == "hello" and "proof" not in welcome.header
+        assert (accepted.server, accepted.version, accepted.heartbeat_s) == ("web-1", 1, 2.5)
+        assert (accepted.peer_max_body, accepted.peer_window) == (64 * 1024, 2 * MIB)
+        assert (accepted.max_body, accepted.window) == (32 * 1024, protocol.DEFAULT_WINDOW)
+        assert accepted.hello["facts"] == {"hostname": "web-1"}
+        assert accepted.hello["agent"].startswith("fleetbus-agent/")
+        assert "nonce" not in accepted.hello
+        assert peer_certificate_fingerprint(run.controller_io[1]) == tls.fingerprint
+
+        ops = Ops()
+        agent = Connection.from_welcome(*run.agent_io, welcome, ops)
+        controller = Connection.from_accepted(*run.controller_io, accepted)
+        agent.start()
+        controller.start()
+        try:
+            out, final = await final_event_and_output(
+                controller.open_stream("exec", {"argv": ["hi"], "repeat": 50_000})
+            )
+            assert out["stdout"] == b"hi" * 50_000  # many frames of at most 32 KiB
+            assert (final.kind, final.result) == ("done", {"exit_code": 0})
+            stream = controller.open_stream("put", {"path": "/tmp/x"})
+            block = make_block(1)
+            await stream.send(block)
+            await stream.send_eof()
+            assert (await final_event(stream)).result == {
+                "sha256": hashlib.sha256(block).hexdigest(),
+                "size": MIB,
+            }
+            assert controller.peer_address[0] == "127.0.0.1"
+        finally:
+            await controller.close("test over")
+            await agent.close("test over")
+    assert KEY not in caplog.text and KEY not in repr(welcome) + repr(accepted)
+
+
+async def test_inbound_wrong_key_is_refused_on_both_sides(tls: Tls) -> None:
+    async with inbound(tls, key="fbk_wrong") as run:
+        agent_err, controller_err = run.agent, run.controller
+        assert isinstance(agent_err, AuthError) and isinstance(controller_err, AuthError)
+        assert (agent_err.code, agent_err.message) == (
+            "auth_failed",
+            "proof of the server key failed",
+        )
+        assert (controller_err.code, controller_err.message) == (
+            "auth_failed",
+            "proof of the server key failed",
+        )
+        assert run.agent_io[1].transport.is_closing()
+        assert run.controller_io[1].transport.is_closing()
+    assert "fbk_wrong" not in str(agent_err) + str(controller_err)
+
+
+async def test_inbound_man_in_the_middle_gets_nothing_it_can_use(
+    tls: Tls, other_tls: Tls
+) -> None:
+    # 1. The controller pins the agent's certificate A; an attacker presents B. The
+    #    controller stops before sending a single byte, so no proof leaves it.
+    received: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            encode_frame(
+                {"t": "challenge", "versions": [1], "nonce": base64.b64encode(bytes(32)).decode()}
+            )
+        )
+        await writer.drain()
+        await received.put(await read_until_eof(reader))
+        writer.close()
+
+    async with listener(other_tls, impostor) as port:
+        reader, writer = await dial_pinned(port)
+        assert peer_certificate_fingerprint(writer) == other_tls.fingerprint
+        with pytest.raises(HandshakeError) as info:
+            await controller_connect_handshake(
+                reader, writer, key=KEY, agent_fingerprint=tls.fingerprint, server="web-1"
+            )
+        assert info.value.code == "transport_error" and not isinstance(info.value, AuthError)
+        assert writer.transport.is_closing()
+        assert await asyncio.wait_for(received.get(), DEADLINE_S) == b""
+
+    # 2. A relay: the attacker (certificate B) passes every byte between a controller
+    #    that accepted B and the real agent (certificate A). The controller computes its
+    #    proof for the certificate it saw, B, so the real agent refuses it.
+    upstream, downstream = bytearray(), bytearray()
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, record: bytearray) -> None:
+        try:
+            while data := await src.read(65536):
+                record.extend(data)
+                dst.write(data)
+                await dst.drain()
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
+    async with listening_agent(tls) as (agent_port, outcomes):
+
+        async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            agent_reader, agent_writer = await dial_pinned(agent_port)
+            await asyncio.gather(
+                pipe(agent_reader, writer, downstream), pipe(reader, agent_writer, upstream)
+            )
+
+        async with listener(other_tls, relay) as relay_port:
+            reader, writer = await dial_pinned(relay_port)
+            with pytest.raises(AuthError) as info:
+                await controller_connect_handshake(
+                    reader, writer, key=KEY, agent_fingerprint=other_tls.fingerprint, server="web-1"
+                )
+            assert info.value.code == "auth_failed"
+            agent_result, _, agent_writer = await asyncio.wait_for(outcomes.get(), DEADLINE_S)
+            assert isinstance(agent_result, AuthError)
+            assert agent_writer.transport.is_closing()
+
+    # What the attacker relayed: a proof for its own certificate, useless for A's.
+    challenge = await read_frame(feed(bytes(downstream)))
+    hello = await read_frame(feed(bytes(upstream)))
+    nonce = base64.b64decode(challenge.header["nonce"])
+    assert hello.header["proof"] == independent_proof(KEY, nonce, bare(other_tls.fingerprint))
+    assert hello.header["proof"] != independent_proof(KEY, nonce, bare(tls.fingerprint))
+
+
+def feed(data: bytes) -> asyncio.StreamReader:
+    reader = asyncio.StreamReader()
+    reader.feed_data(data)
+    reader.feed_eof()
+    return reader
+
+
+async def read_challenge(reader: asyncio.StreamReader) -> tuple[protocol.Frame, bytes]:
+    frame = await asyncio.wait_for(read_frame(reader), DEADLINE_S)
+    assert frame.type == "challenge"
+    return frame, base64.b64decode(frame.header["nonce"], validate=True)
+
+
+def ascii_frame(header: dict[str, Any]) -> bytes:
+    """A frame whose JSON escapes non-ASCII, so it can carry lone surrogates ("\\ud800")."""
+    data = json.dumps(header).encode("ascii")
+    return struct.pack(">IH", 2 + len(data), len(data)) + data
+
+
+def good_hello(nonce: bytes, tls: Tls, **fields: Any) -> dict[str, Any]:
+    hello = {
+        "t": "hello",
+        "version": 1,
+        "proof": independent_proof(KEY, nonce, bare(tls.fingerprint)),
+        "server": "web-1",
+        "heartbeat_s": 5,
+        "max_body": 4096,
+        "window": 8192,
+    }
+    hello.update(fields)
+    return {k: v for k, v in hello.items() if v is not None}
+
+
+async def test_inbound_wire_format_and_replayed_proof(tls: Tls) -> None:
+    """A hand-written controller: exact frames both ways; a proof works for one nonce only."""
+    async with listening_agent(tls, max_body=8192, window=16384) as (port, outcomes):
+        reader, writer = await dial_pinned(port)
+        challenge, nonce = await read_challenge(reader)
+        header = dict(challenge.header)
+        assert len(nonce) == 32 and len(header.pop("nonce")) == 44
+        assert header.pop("agent").startswith("fleetbus-agent/")
+        assert header == {
+            "t": "challenge",
+            "versions": [1],
+            "facts": {"hostname": "web-1"},
+            "max_body": 8192,
+            "window": 16384,
+        }
+        hello = good_hello(nonce, tls, proof=inbound_proof(KEY, nonce, tls.fingerprint).upper())
+        writer.write(encode_frame(hello))
+        welcome = await asyncio.wait_for(read_frame(reader), DEADLINE_S)
+        assert welcome.header == {
+            "t": "welcome",
+            "version": 1,
+            "server": "web-1",
+            "heartbeat_s": 5,
+            "max_body": 8192,
+            "window": 16384,
+        }
+        result, _, agent_writer = await asyncio.wait_for(outcomes.get(), DEADLINE_S)
+        assert isinstance(result, Welcome)
+        assert (result.peer_max_body, result.peer_window) == (4096, 8192)
+        agent_writer.close()
+        writer.close()
+
+        # Replaying that good proof on a new connection fails: the nonce is new.
+        reader, writer = await dial_pinned(port)
+        _, second_nonce = await read_challenge(reader)
+        assert second_nonce != nonce
+        writer.write(encode_frame(hello))
+        error = await asyncio.wait_for(read_frame(reader), DEADLINE_S)
+        assert error.header == {
+            "t": "error",
+            "code": "auth_failed",
+            "message": "proof of the server key failed",
+        }
+        assert await read_until_eof(reader) == b""
+        result, _, _ = await asyncio.wait_for(outcomes.get(), DEADLINE_S)
+        assert isinstance(result, AuthError)
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("hello", "code"),
+    [
+        (lambda nonce, tls: {"t": "welcome"}, "invalid_request"),
+        (lambda nonce, tls: good_hello(nonce, tls, proof=None), "invalid_request"),
+        (lambda nonce, tls: good_hello(nonce, tls, proof=12), "invalid_request"),
+        (lambda nonce, tls: good_hello(nonce, tls, proof="é" * 64), "auth_failed"),
+        (
+            lambda nonce, tls: ascii_frame(good_hello(nonce, tls, proof="\ud800" * 64)),
+            "auth_failed",
+        ),
+        (lambda nonce, tls: good_hello(nonce, tls, proof="ab"), "auth_failed"),
+        # Checked before anything else: a bad proof never gets as far as the version.
+        (lambda nonce, tls: good_hello(nonce, tls, proof="0" * 64, version=7), "auth_failed"),
+        (lambda nonce, tls: good_hello(nonce, tls, version=2), "unsupported_version"),
+        (lambda nonce, tls: good_hello(nonce, tls, version="1"), "invalid_request"),
+        (lambda nonce, tls: good_hello(nonce, tls, version=True), "invalid_request"),
+        (lambda nonce, tls: good_hello(nonce, tls, server=None), "invalid_request"),
+        (lambda nonce, tls: good_hello(nonce, tls, server="x" * 5000), "invalid_request"),
+        (lambda nonce, tls: good_hello(nonce, tls, heartbeat_s=0), "invalid_request"),
+        (lambda nonce, tls: good_hello(nonce, tls, heartbeat_s="5"), "invalid_request"),
+        (lambda nonce, tls: good_hello(nonce, tls, max_body=10), "invalid_request"),
+        (lambda nonce, tls: good_hello(nonce, tls, window=2**40), "invalid_request"),
+    ],
+    ids=[
+        "not-hello",
+        "no-proof",
+        "proof-not-string",
+        "proof-not-ascii",
+        "proof-lone-surrogates",
+        "proof-short",
+        "bad-proof-first",
+        "version-not-offered",
+        "version-string",
+        "version-bool",
+        "no-server",
+        "server-too-long",
+        "heartbeat-zero",
+        "heartbeat-string",
+        "max-body-too-small",
+        "window-too-large",
+    ],
+)
+async def test_agent_refuses_bad_hellos(
+    tls: Tls, hello: Callable[[bytes, Tls], dict[str, Any] | bytes], code: str
+) -> None:
+    async with listening_agent(tls) as (port, outcomes):
+        reader, writer = await dial_pinned(port)
+        _, nonce = await read_challenge(reader)
+        started = time.monotonic()
+        frame = hello(nonce, tls)
+        writer.write(frame if isinstance(frame, bytes) else encode_frame(frame))
+        error = await asyncio.wait_for(read_frame(reader), DEADLINE_S)
+        assert await read_until_eof(reader) == b""
+        assert time.monotonic() - started < DEADLINE_S / 2  # at once, not at the deadline
+        result, _, _ = await asyncio.wait_for(outcomes.get(), DEADLINE_S)
+        writer.close()
+    assert (error.type, error.header["code"]) == ("error", code)
+    assert isinstance(result, HandshakeError) and result.code == code
+    assert isinstance(result, AuthError) == (code == "auth_failed")
+
+
+@pytest.mark.parametrize(
+    "partial", [b"", encode_frame({"t": "hello"})[:9]], ids=["silent", "half-frame"]
+)
+async def test_inbound_stalled_controller_is_dropped_at_the_deadline(
+    tls: Tls, partial: bytes
+) -> None:
+    async with listening_agent(tls, timeout=0.3) as (port, outcomes):
+        reader, writer = await dial_pinned(port)
+        started = time.monotonic()
+        await read_challenge(reader)
+        writer.write(partial)
+        assert await read_until_eof(reader) == b""  # no answer, just closed
+        elapsed = time.monotonic() - started
+        result, _, _ = await asyncio.wait_for(outcomes.get(), DEADLINE_S)
+        writer.close()
+    assert isinstance(result, HandshakeError) and not isinstance(result, AuthError)
+    assert (result.code, result.message) == ("timeout", "no hello from the controller within 0.3 s")
+    assert 0.25 <= elapsed < 2.0
+
+
+@pytest.mark.parametrize("stall", ["challenge", "welcome"])
+async def test_inbound_stalled_agent_times_out_the_controller(tls: Tls, stall: str) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if stall == "welcome":  # a challenge, then nothing after the hello
+            writer.write(encode_frame(challenge_with(nonce=base64.b64encode(bytes(32)).decode())))
+        await reader.read()  # until the controller gives up
+        writer.close()
+
+    async with listener(tls, handler) as port:
+        reader, writer = await dial_pinned(port)
+        started = time.monotonic()
+        with pytest.raises(HandshakeError) as info:
+            await controller_connect_handshake(
+                reader,
+                writer,
+                key=KEY,
+                agent_fingerprint=tls.fingerprint,
+                server="web-1",
+                timeout=0.3,
+            )
+        elapsed = time.monotonic() - started
+        assert writer.transport.is_closing()
+    assert (info.value.code, info.value.message) == (
+        "timeout",
+        f"no {stall} from the agent within 0.3 s",
+    )
+    assert 0.25 <= elapsed < 2.0
+
+
+async def test_inbound_unsupported_version(tls: Tls) -> None:
+    async with inbound(tls, agent_kwargs={"versions": [2, 3]}) as run:
+        agent_err, controller_err = run.agent, run.controller
+        assert isinstance(agent_err, HandshakeError) and isinstance(controller_err, HandshakeError)
+        assert agent_err.code == controller_err.code == "unsupported_version"
+        assert not isinstance(agent_err, AuthError) and not isinstance(controller_err, AuthError)
+        assert "[1]" in agent_err.message  # what the controller speaks
+        assert run.agent_io[1].transport.is_closing()
+        assert run.controller_io[1].transport.is_closing()
+
+
+def challenge_with(**fields: Any) -> dict[str, Any]:
+    challenge = {
+        "t": "challenge",
+        "versions": [1],
+        "nonce": base64.b64encode(bytes(range(32))).decode(),
+        "agent": "fleetbus-agent/test",
+        "facts": {},
+        "max_body": 4096,
+        "window": 8192,
+    }
+    challenge.update(fields)
+    return {k: v for k, v in challenge.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    "challenge",
+    [
+        {"t": "hello", "versions": [1]},
+        challenge_with(nonce=None),
+        challenge_with(nonce="not base64!"),
+        challenge_with(nonce=base64.b64encode(bytes(16)).decode()),
+        challenge_with(nonce=base64.b64encode(bytes(33)).decode()),
+        challenge_with(nonce=12),
+        challenge_with(nonce="é" * 44),
+        challenge_with(versions=None),
+        challenge_with(versions=[]),
+        challenge_with(versions=["1"]),
+        challenge_with(facts=["a"]),
+        challenge_with(agent=5),
+        challenge_with(max_body=10),
+        challenge_with(window=True),
+    ],
+    ids=[
+        "not-challenge",
+        "no-nonce",
+        "nonce-not-base64",
+        "nonce-16-bytes",
+        "nonce-33-bytes",
+        "nonce-int",
+        "nonce-not-ascii",
+        "no-versions",
+        "empty-versions",
+        "string-versions",
+        "facts-list",
+        "agent-int",
+        "max-body-too-small",
+        "window-bool",
+    ],
+)
+async def test_controller_refuses_bad_challenges(tls: Tls, challenge: dict[str, Any]) -> None:
+    replies: asyncio.Queue[bytes] = asyncio.Queue()
+
+    async def fake_agent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(encode_frame(challenge))
+        await replies.put(await read_until_eof(reader))
+        writer.close()
+
+    async with listener(tls, fake_agent) as port:
+        reader, writer = await dial_pinned(port)
+        with pytest.raises(HandshakeError) as info:
+            await controller_connect_handshake(
+                reader, writer, key=KEY, agent_fingerprint=tls.fingerprint, server="web-1"
+            )
+        reply = await asyncio.wait_for(replies.get(), DEADLINE_S)
+    assert info.value.code == "invalid_request"
+    error = await read_frame(feed(reply))  # the error frame, and nothing else (no hello)
+    assert (error.type, error.header["code"]) == ("error", "invalid_request")
+    assert error.size == len(reply)
+
+
+async def test_inbound_secrets_never_reach_errors_or_logs(
+    tls: Tls, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    texts: list[str] = []
+    secrets_seen: list[str] = [KEY]
+
+    def note(nonce: bytes, *proofs: str) -> None:
+        secrets_seen.extend([base64.b64encode(nonce).decode(), nonce.hex(), *proofs])
+
+    # The agent refusing a wrong proof.
+    async with listening_agent(tls) as (port, outcomes):
+        reader, writer = await dial_pinned(port)
+        _, nonce = await read_challenge(reader)
+        wrong = independent_proof("fbk_wrong", nonce, bare(tls.fingerprint))
+        note(nonce, wrong, independent_proof(KEY, nonce, bare(tls.fingerprint)))
+        writer.write(encode_frame(good_hello(nonce, tls, proof=wrong)))
+        error = await asyncio.wait_for(read_frame(reader), DEADLINE_S)
+        texts.append(repr(error.header))
+        result, _, _ = await asyncio.wait_for(outcomes.get(), DEADLINE_S)
+        assert isinstance(result, AuthError)
+        texts += [str(result), repr(result), repr(result.args)]
+        writer.close()
+
+    # The controller refused by an agent that chose the nonce; its hello is checked on
+    # the wire against the formula.
+    nonce = bytes(range(100, 132))
+    hellos: asyncio.Queue[protocol.Frame] = asyncio.Queue()
+
+    async def fake_agent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(encode_frame(challenge_with(nonce=base64.b64encode(nonce).decode())))
+        hello = await asyncio.wait_for(read_frame(reader), DEADLINE_S)
+        writer.write(
+            encode_frame(
+                {"t": "error", "code": "auth_failed", "message": "proof of the server key failed"}
+            )
+        )
+        await writer.drain()
+        await hellos.put(hello)
+        writer.close()
+
+    async with listener(tls, fake_agent) as port:
+        reader, writer = await dial_pinned(port)
+        with pytest.raises(AuthError) as info:
+            await controller_connect_handshake(
+                reader,
+                writer,
+                key=KEY,
+                agent_fingerprint=tls.fingerprint.upper(),
+                server="web-1",
+                heartbeat_s=3,
+                max_body=2048,
+                window=4096,
+            )
+        texts += [str(info.value), repr(info.value), repr(info.value.args)]
+        hello = await asyncio.wait_for(hellos.get(), DEADLINE_S)
+    proof = independent_proof(KEY, nonce, bare(tls.fingerprint))
+    note(nonce, proof)
+    assert hello.header == {
+        "t": "hello",
+        "version": 1,
+        "proof": proof,
+        "server": "web-1",
+        "heartbeat_s": 3,
+        "max_body": 2048,
+        "window": 4096,
+    }
+
+    # A successful run: the results handed on carry neither.
+    async with inbound(tls) as run:
+        assert isinstance(run.agent, Welcome) and isinstance(run.controller, Accepted)
+        texts += [repr(run.agent), repr(run.agent.header), repr(run.controller)]
+        texts.append(repr(run.controller.hello))
+
+    texts.append(caplog.text)
+    texts += [record.getMessage() for record in caplog.records]
+    everything = "\n".join(texts)
+    for secret in secrets_seen:
+        assert secret not in everything
+        assert secret.lower() not in everything.lower()
+
+
+SMOKE_39_INBOUND = """
+import asyncio, ssl, sys
+sys.path.insert(0, sys.argv[1])
+from fleetbus_agent import protocol as p
+cert, key, fingerprint = sys.argv[2:5]
+
+async def ops(stream):
+    return {"pong": True}
+
+async def main():
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.check_hostname = False
+    client_ctx.verify_mode = ssl.CERT_NONE
+    outcomes = asyncio.Queue()
+
+    async def on_client(reader, writer):
+        try:
+            welcome = await p.agent_accept_handshake(
+                reader, writer, key="k1", certificate_fingerprint=fingerprint, timeout=5
+            )
+        except p.HandshakeError as exc:
+            await outcomes.put(exc)
+            return
+        conn = p.Connection.from_welcome(reader, writer, welcome, ops)
+        conn.start()
+        await outcomes.put(conn)
+
+    server = await asyncio.start_server(on_client, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=client_ctx, server_hostname="localhost"
+    )
+    seen = p.peer_certificate_fingerprint(writer)
+    assert seen == fingerprint, seen
+    acc = await p.controller_connect_handshake(
+        reader, writer, key="k1", agent_fingerprint=seen, server="s1", heartbeat_s=0.5
+    )
+    ctrl = p.Connection.from_accepted(reader, writer, acc)
+    ctrl.start()
+    agent = await outcomes.get()
+    events = [e async for e in ctrl.open_stream("ping").events()]
+    assert events[-1].result == {"pong": True}, events
+    await ctrl.close("bye", goaway=True)
+    await agent.wait_closed()
+
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port, ssl=client_ctx, server_hostname="localhost"
+    )
+    try:
+        await p.controller_connect_handshake(
+            reader, writer, key="k2", agent_fingerprint=fingerprint, server="s1"
+        )
+        raise AssertionError("a wrong key was accepted")
+    except p.AuthError as exc:
+        assert exc.code == "auth_failed"
+    assert isinstance(await outcomes.get(), p.AuthError)
+    server.close()
+    await server.wait_closed()
+    print("ok", sys.version_info[:2])
+
+asyncio.run(main())
+"""
+
+
+def test_inbound_handshake_runs_on_python_3_9(tls: Tls) -> None:
+    python = find_python39()
+    if python is None:
+        pytest.skip("no Python 3.9 interpreter here")
+    result = subprocess.run(
+        [
+            python,
+            "-I",
+            "-c",
+            SMOKE_39_INBOUND,
+            str(REPO / "agent"),
+            str(tls.cert_file),
+            str(tls.key_file),
+            tls.fingerprint,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok (3, 9)"
 
 
 # ------------------------------------------------------------------------ streams

@@ -1,10 +1,17 @@
 """``fleetbus-agent``: the agent's command line.
 
     fleetbus-agent connect --gateway HOST:PORT --key-file FILE (--ca FILE | --fingerprint sha256:...)
+    fleetbus-agent listen [--bind ADDR] [--port PORT] --key-file FILE [--allow-path PATH]...
+                          [--cert FILE --key FILE] [--tls-dir DIR] [--new-cert]
 
 The key comes from ``--key-file`` (which must be readable by its owner only) or the
 ``FLEETBUS_AGENT_KEY`` environment variable; never from the command line, where any
-user could read it in the process list.
+user could read it in the process list. ``--key`` (listen) is the TLS private key of an
+operator-provided certificate, not the server's secret key.
+
+On start, ``listen`` prints two lines to stdout, ``fingerprint sha256:<hex>`` (what
+fleetbus must pin) and ``listening on ADDR:PORT`` (the real port when ``--port 0``),
+then logs to stderr. Errors are one line, ``fleetbus-agent: error: ...``, exit status 2.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from typing import List, Optional
 
 from . import __version__
 from .connect import ConnectOptions, normalize_fingerprint, run_connect
+from .listen import DEFAULT_BIND, DEFAULT_PORT, ListenOptions, ListenReady, identity_for, run_listen
+from .tlsid import TLSIdentity, TLSIdentityError
 
 KEY_ENV = "FLEETBUS_AGENT_KEY"
 
@@ -65,6 +74,28 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fingerprint", metavar="sha256:HEX", help="pin the gateway's certificate")
     c.add_argument("--server-name", metavar="NAME", help="host name to check the certificate against")
     c.add_argument("-v", "--verbose", action="count", default=0)
+    li = sub.add_parser("listen", help="listen for fleetbus to connect in (inbound agent)")
+    li.add_argument("--bind", default=DEFAULT_BIND, metavar="ADDR",
+                    help=f"address to listen on (default {DEFAULT_BIND})")
+    li.add_argument("--port", type=int, default=DEFAULT_PORT, metavar="PORT",
+                    help=f"port to listen on (default {DEFAULT_PORT}; 0 picks a free one)")
+    li.add_argument("--key-file", metavar="FILE", help=f"the server's secret key (else ${KEY_ENV})")
+    li.add_argument("--allow-path", action="append", default=[], metavar="PATH",
+                    help="allow put/get only inside this directory (repeatable; "
+                         "does not restrict exec)")
+    li.add_argument("--cert", dest="tls_cert", metavar="FILE",
+                    help="use this TLS certificate instead of the agent's own")
+    li.add_argument("--key", dest="tls_key", metavar="FILE",
+                    help="the private key of --cert (unencrypted, or encrypted with the "
+                         "password derived from the server key)")
+    li.add_argument("--tls-dir", metavar="DIR",
+                    help="where the agent keeps its own certificate (default: the key file's directory)")
+    li.add_argument("--new-cert", action="store_true",
+                    help="make a new certificate (fleetbus must then pin the new fingerprint)")
+    li.add_argument("--handshake-timeout", type=float, default=5.0, metavar="SECONDS",
+                    help="drop a controller that has not finished TLS and proved the key "
+                         "within this time (default 5)")
+    li.add_argument("-v", "--verbose", action="count", default=0)
     return parser
 
 
@@ -73,6 +104,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose > 1 else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.command == "listen":
+        return main_listen(args)
     try:
         host, port = parse_gateway(args.gateway)
         if not args.ca and not args.fingerprint:
@@ -90,6 +123,82 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"fleetbus-agent: error: {exc}", file=sys.stderr)
         return 2
     return asyncio.run(_serve(opts))
+
+
+def _error(message: str) -> int:
+    print(f"fleetbus-agent: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def listen_options(args: argparse.Namespace) -> ListenOptions:
+    """Check ``listen``'s arguments; raises :class:`UsageError`."""
+    if not 0 < args.handshake_timeout <= 300:
+        raise UsageError("--handshake-timeout must be more than 0 and at most 300 seconds")
+    if not 0 <= args.port < 65536:
+        raise UsageError(f"--port must be between 0 and 65535, not {args.port}")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("give both --cert FILE and --key FILE, or neither")
+    if args.tls_cert and args.new_cert:
+        raise UsageError("--new-cert makes the agent's own certificate; it cannot be used with --cert/--key")
+    for option, path in (("--cert", args.tls_cert), ("--key", args.tls_key)):
+        if path and not os.path.isfile(path):
+            raise UsageError(f"no {option} file at {path}")
+    allow = []
+    for path in args.allow_path:
+        if not os.path.isabs(path):
+            raise UsageError(f"--allow-path must be an absolute path, not {path!r}")
+        if not os.path.isdir(path):
+            logging.getLogger("fleetbus_agent.cli").warning(
+                "--allow-path %s is not an existing directory", path)
+        allow.append(path)
+    key = read_key(args.key_file)
+    tls_dir = args.tls_dir
+    if not tls_dir and not args.tls_cert:
+        if not args.key_file:
+            raise UsageError(f"with the key in ${KEY_ENV}, give --tls-dir DIR: where the agent "
+                             "keeps its TLS certificate")
+        tls_dir = os.path.dirname(os.path.abspath(args.key_file))
+    return ListenOptions(key=key, bind=args.bind, port=args.port, tls_dir=tls_dir,
+                         cert_file=args.tls_cert, key_file=args.tls_key, new_cert=args.new_cert,
+                         allow_paths=allow, handshake_timeout_s=args.handshake_timeout,
+                         tls_handshake_timeout_s=args.handshake_timeout)
+
+
+def main_listen(args: argparse.Namespace) -> int:
+    try:
+        opts = listen_options(args)
+        identity = identity_for(opts)  # may run openssl once, on first start
+    except (UsageError, TLSIdentityError) as exc:
+        return _error(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    if identity.created:
+        logging.getLogger("fleetbus_agent.cli").info(
+            "made a new TLS certificate %s; fleetbus must pin %s", identity.cert_file,
+            identity.fingerprint)
+    try:
+        return asyncio.run(_serve_listen(opts, identity))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _print_ready(info: ListenReady) -> None:
+    print(f"fingerprint {info.fingerprint}", flush=True)
+    print(f"listening on {info.address}", flush=True)
+
+
+async def _serve_listen(opts: ListenOptions, identity: TLSIdentity) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await run_listen(opts, stop, _print_ready, identity=identity)
+    except TLSIdentityError as exc:
+        return _error(str(exc))
+    except OSError as exc:
+        return _error(f"cannot listen on {opts.bind}:{opts.port}: {exc.strerror or exc}")
+    return 0
 
 
 async def _serve(opts: ConnectOptions) -> int:

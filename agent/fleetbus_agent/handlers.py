@@ -3,6 +3,10 @@
 The protocol module runs one handler task per stream; cancelling it (a ``cancel`` frame
 or a lost connection) cancels the operation, which stops the process group or removes
 the temporary file, so nothing keeps running for a result nobody can receive.
+
+A listening agent started with ``--allow-path`` passes a :class:`~.paths.PathPolicy`:
+``put`` and ``get`` check it before touching the file system. ``exec`` is not
+restricted by it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from .ops import (
     run_process,
     server_facts,
 )
+from .ops.blocking import resolve_run_blocking
+from .paths import PathPolicy
 from .protocol import AgentStream
 
 log = logging.getLogger("fleetbus_agent.handlers")
@@ -44,9 +50,11 @@ class Handler:
     """Dispatches one stream to the ops implementation; an instance per agent process."""
 
     def __init__(self, run_blocking: Optional[RunBlocking] = None,
-                 timings: Optional[ProcessTimings] = None) -> None:
+                 timings: Optional[ProcessTimings] = None,
+                 paths: Optional[PathPolicy] = None) -> None:
         self.run_blocking = run_blocking
         self.timings = timings
+        self.paths = paths if paths else None  # an empty policy allows everything
 
     async def __call__(self, stream: AgentStream) -> Optional[Dict[str, Any]]:
         op, args = stream.op, stream.args or {}
@@ -74,12 +82,17 @@ class Handler:
         return {"exit_code": result.exit_code, "signal": result.signal}
 
     async def _put(self, stream: AgentStream, args: Dict[str, Any]) -> Dict[str, Any]:
+        if self.paths is not None:
+            # realpath and friends stat the file system: off the event loop, like all file I/O.
+            await resolve_run_blocking(self.run_blocking)(self.paths.check_write, args.get("path"))
         spec = PutSpec(path=args.get("path"), mode=args.get("mode"),  # type: ignore[arg-type]
                        make_parents=bool(args.get("make_parents", True)), size=args.get("size"))
         stat = await put_file(spec, stream.data(), run_blocking=self.run_blocking, logger=log)
         return {"size": stat.size, "mode": stat.mode}
 
     async def _get(self, stream: AgentStream, args: Dict[str, Any]) -> Dict[str, Any]:
+        if self.paths is not None:
+            await resolve_run_blocking(self.run_blocking)(self.paths.check_read, args.get("path"))
         remote = await get_file(args.get("path"), run_blocking=self.run_blocking)  # type: ignore[arg-type]
         sent = 0
         try:

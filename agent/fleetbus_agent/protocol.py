@@ -7,8 +7,14 @@ The spec is docs/agent-protocol.md; this docstring is the map of the code.
 * :mod:`fleetbus_agent.frames` has the framing (:func:`read_frame`,
   :func:`encode_frame`, :class:`Frame`); everything is re-exported here.
 * :func:`agent_handshake` / :func:`controller_handshake` run the ``hello`` /
-  ``welcome`` exchange. The handshake roles ("agent", "controller") are independent of
-  which side is the TLS client, so both functions work whichever side dialled.
+  ``welcome`` exchange, in which the agent sends its key (outbound mode). The handshake
+  roles ("agent", "controller") are independent of which side is the TLS client, so
+  both functions work whichever side dialled.
+* :func:`agent_accept_handshake` / :func:`controller_connect_handshake` run the inbound
+  ``challenge`` / ``hello`` / ``welcome`` exchange, in which the controller proves it
+  knows the key without sending it (:func:`inbound_proof`, bound to the agent's
+  certificate: :func:`certificate_fingerprint`, :func:`peer_certificate_fingerprint`).
+  They produce the same :class:`Welcome` / :class:`Accepted` as the outbound pair.
 * :class:`Connection` runs a handshaken connection: a reader task, a writer task with
   a control queue before round-robin data queues, and a heartbeat task. The
   controller opens :class:`ControllerStream` s; the agent gets an
@@ -22,8 +28,13 @@ runs on Python 3.9+ (no ``asyncio.timeout``, no ``TaskGroup``).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import hashlib
+import hmac
 import logging
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -81,11 +92,16 @@ __all__ = [
     "ProtocolError",
     "StreamError",
     "Welcome",
+    "agent_accept_handshake",
     "agent_handshake",
+    "certificate_fingerprint",
+    "controller_connect_handshake",
     "controller_handshake",
     "decode_header",
     "encode_frame",
+    "inbound_proof",
     "max_frame_size",
+    "peer_certificate_fingerprint",
     "read_frame",
 ]
 
@@ -134,7 +150,9 @@ class AuthError(HandshakeError):
     The controller's ``authenticate`` callback raises it to reject a ``hello``;
     ``code`` and ``message`` go to the agent verbatim in the ``error`` frame, so the
     message must never contain the key. :func:`agent_handshake` raises it when the
-    controller answers ``auth_failed``.
+    controller answers ``auth_failed``. Inbound, :func:`agent_accept_handshake` raises
+    it for a wrong proof and :func:`controller_connect_handshake` when the agent
+    refused the proof.
     """
 
     def __init__(self, code: str = "auth_failed", message: str = "authentication failed") -> None:
@@ -160,7 +178,8 @@ class StreamError(Exception):
 
 @dataclass(frozen=True)
 class Welcome:
-    """What :func:`agent_handshake` learned; feed it to :meth:`Connection.from_welcome`."""
+    """What :func:`agent_handshake` (or, inbound, :func:`agent_accept_handshake`) learned;
+    feed it to :meth:`Connection.from_welcome`."""
 
     version: int
     """Negotiated protocol version."""
@@ -177,20 +196,24 @@ class Welcome:
     window: int
     """Per-stream window we announced (what the controller may have in flight to us)."""
     header: Dict[str, Any] = field(repr=False)
-    """The raw welcome header, for fields a later minor revision may add."""
+    """The raw welcome header, for fields a later minor revision may add (inbound: the
+    controller's hello header without its ``proof``)."""
 
 
 @dataclass(frozen=True)
 class Accepted:
-    """What :func:`controller_handshake` accepted; feed it to :meth:`Connection.from_accepted`.
+    """What :func:`controller_handshake` (or, inbound, :func:`controller_connect_handshake`)
+    accepted; feed it to :meth:`Connection.from_accepted`.
 
     Unpacks as ``(server, hello)`` for callers that only want those two.
     """
 
     server: str
-    """The server name ``authenticate`` returned (sent to the agent in welcome)."""
+    """The server name ``authenticate`` returned (sent to the agent in welcome); inbound,
+    the ``server`` given to :func:`controller_connect_handshake`."""
     hello: Dict[str, Any] = field(repr=False)
-    """The hello header with ``auth`` reduced to ``{"method": ...}``: safe to log."""
+    """The hello header with ``auth`` reduced to ``{"method": ...}``: safe to log.
+    Inbound: the agent's challenge header without its ``nonce`` (``agent``, ``facts``)."""
     version: int
     heartbeat_s: float
     peer_max_body: int
@@ -236,6 +259,29 @@ def _peer_limit(header: Dict[str, Any], name: str, default: int, low: int, high:
 def _peer_text(value: Any, default: str = "") -> str:
     text = value if isinstance(value, str) else default
     return text[:MAX_PEER_TEXT]
+
+
+def _offered_versions(header: Dict[str, Any], what: str) -> List[int]:
+    offered = header.get("versions")
+    if (
+        not isinstance(offered, list)
+        or not offered
+        or len(offered) > 64
+        or not all(_is_int(v) for v in offered)
+    ):
+        raise ProtocolError(f'{what} needs "versions", a non-empty list of integers')
+    return offered
+
+
+def _peer_heartbeat(header: Dict[str, Any], what: str) -> float:
+    heartbeat_s = header.get("heartbeat_s")
+    if (
+        not isinstance(heartbeat_s, (int, float))
+        or isinstance(heartbeat_s, bool)
+        or not 0 < heartbeat_s <= 3600
+    ):
+        raise ProtocolError(f'{what} has no valid "heartbeat_s"')
+    return float(heartbeat_s)
 
 
 async def _send_error(writer: asyncio.StreamWriter, code: str, message: str) -> None:
@@ -343,13 +389,7 @@ async def _agent_exchange(
     server = header.get("server")
     if not isinstance(server, str) or not server:
         raise ProtocolError('welcome lacks a "server" name')
-    heartbeat_s = header.get("heartbeat_s")
-    if (
-        not isinstance(heartbeat_s, (int, float))
-        or isinstance(heartbeat_s, bool)
-        or not 0 < heartbeat_s <= 3600
-    ):
-        raise ProtocolError('welcome has no valid "heartbeat_s"')
+    heartbeat_s = _peer_heartbeat(header, "welcome")
     peer_max_body = _peer_limit(header, "max_body", DEFAULT_MAX_BODY, MIN_LIMIT, MAX_ANNOUNCED_BODY)
     peer_window = _peer_limit(header, "window", DEFAULT_WINDOW, MIN_LIMIT, MAX_ANNOUNCED_WINDOW)
     return Welcome(
@@ -431,14 +471,7 @@ async def _controller_exchange(
     hello = frame.header
     if frame.type != "hello":
         raise ProtocolError(f"expected hello, got {frame.type[:40]!r}")
-    offered = hello.get("versions")
-    if (
-        not isinstance(offered, list)
-        or not offered
-        or len(offered) > 64
-        or not all(_is_int(v) for v in offered)
-    ):
-        raise ProtocolError('hello needs "versions", a non-empty list of integers')
+    offered = _offered_versions(hello, "hello")
     if not isinstance(hello.get("auth"), dict):
         raise ProtocolError('hello needs an "auth" object')
     if not isinstance(hello.get("facts", {}), dict):
@@ -481,6 +514,434 @@ async def _controller_exchange(
     return Accepted(
         server=server,
         hello=safe,
+        version=version,
+        heartbeat_s=float(heartbeat_s),
+        peer_max_body=peer_max_body,
+        peer_window=peer_window,
+        max_body=max_body,
+        window=window,
+    )
+
+
+# ------------------------------------------------------------ inbound handshake
+
+INBOUND_PROOF_LABEL = b"fleetbus-inbound-v1"
+"""Domain separation for the inbound proof: no other HMAC made with the key matches it."""
+
+NONCE_BYTES = 32
+"""Size of the agent's challenge nonce."""
+
+_HEX_DIGITS = frozenset("0123456789abcdef")
+
+
+def _normalise_fingerprint(fingerprint: Any) -> str:
+    """``"sha256:<hex>"`` or bare hex, any case, to 64 lowercase hex digits."""
+    if not isinstance(fingerprint, str):
+        raise ValueError("a certificate fingerprint must be a string")
+    text = fingerprint.lower().removeprefix("sha256:")
+    if len(text) != 64 or not _HEX_DIGITS.issuperset(text):
+        # The value is not quoted: a caller mixing up arguments may have passed the key.
+        raise ValueError(
+            'a certificate fingerprint must be "sha256:" and 64 hex digits, or the 64 digits alone'
+        )
+    return text
+
+
+def _key_bytes(key: Any) -> bytes:
+    if not isinstance(key, str) or not key:
+        raise ValueError("the server key must be a non-empty string")
+    try:
+        return key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("the server key is not encodable as UTF-8") from None
+
+
+def inbound_proof(key: str, nonce: bytes, agent_fingerprint: str) -> str:
+    """The controller's proof that it knows ``key``, for one challenge, bound to one certificate.
+
+    ``hex(HMAC-SHA256(key=UTF-8 key, msg=b"fleetbus-inbound-v1" \\0 nonce \\0 fingerprint))``
+    where ``fingerprint`` is the agent certificate's SHA-256 as 64 lowercase hex digits
+    (ASCII). ``agent_fingerprint`` may be ``"sha256:<hex>"`` or bare hex, in any case;
+    anything else raises ValueError, as does an empty key.
+    """
+    secret = _key_bytes(key)
+    if not isinstance(nonce, (bytes, bytearray, memoryview)):
+        raise TypeError("nonce must be bytes")
+    fingerprint = _normalise_fingerprint(agent_fingerprint)
+    message = b"".join(
+        (INBOUND_PROOF_LABEL, b"\0", bytes(nonce), b"\0", fingerprint.encode("ascii"))
+    )
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def certificate_fingerprint(der: bytes) -> str:
+    """``"sha256:<hex>"`` of a DER-encoded certificate (what fleetbus pins)."""
+    if not isinstance(der, (bytes, bytearray, memoryview)):
+        raise TypeError("certificate_fingerprint needs the DER certificate as bytes")
+    data = bytes(der)
+    if not data:
+        raise ValueError("the certificate is empty")
+    if data.lstrip().startswith(b"-----BEGIN"):
+        raise ValueError("that is a PEM certificate: pass its DER form (ssl.PEM_cert_to_DER_cert)")
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def peer_certificate_fingerprint(writer: asyncio.StreamWriter) -> str:
+    """``"sha256:<hex>"`` of the certificate the TLS peer of ``writer`` presented.
+
+    Works whether or not the certificate was verified (pinning contexts use
+    ``CERT_NONE``). Raises :class:`HandshakeError` (``transport_error``) when the
+    connection is not TLS or the peer presented no certificate.
+    """
+    ssl_object = writer.get_extra_info("ssl_object")
+    der = None
+    if ssl_object is not None:
+        try:
+            der = ssl_object.getpeercert(binary_form=True)
+        except (ValueError, OSError):  # the TLS handshake has not completed
+            der = None
+    if not der:
+        raise HandshakeError("transport_error", "the connection has no TLS peer certificate")
+    return certificate_fingerprint(der)
+
+
+def _peer_refusal(header: Dict[str, Any], peer: str) -> HandshakeError:
+    """The exception for an ``error`` frame the peer sent during the handshake."""
+    code = _peer_text(header.get("code"), "invalid_request")
+    message = _peer_text(header.get("message"), f"refused by the {peer}")
+    if code == "auth_failed":
+        return AuthError(code, message)
+    return HandshakeError(code, message)
+
+
+def _own_refusal(exc: ProtocolError, peer: str) -> HandshakeError:
+    """The exception for a refusal we sent the peer (``exc.code`` / ``exc.message``)."""
+    if exc.code == "auth_failed":
+        return AuthError(exc.code, exc.message)
+    if exc.code == "invalid_request":
+        return HandshakeError(exc.code, f"bad handshake from the {peer}: {exc.message}")
+    return HandshakeError(exc.code, exc.message)
+
+
+async def _fail_handshake(
+    writer: asyncio.StreamWriter, exc: BaseException, peer: str, waiting: str, timeout: float
+) -> HandshakeError:
+    """Close after a failed inbound handshake; return the exception to raise.
+
+    Errors the peer sent (:class:`HandshakeError`) and timeouts just close. Our own
+    refusals (a plain :class:`ProtocolError`, which includes the peer's malformed
+    frames) are sent to the peer first. No message here quotes a header value.
+    """
+    if isinstance(exc, asyncio.TimeoutError):
+        await _drop(writer)
+        return HandshakeError("timeout", f"no {waiting} from the {peer} within {timeout:g} s")
+    if isinstance(exc, HandshakeError):
+        await _drop(writer)
+        return exc
+    if isinstance(exc, ProtocolError):
+        await _send_error(writer, exc.code, exc.message)
+        await _drop(writer)
+        return _own_refusal(exc, peer)
+    if isinstance(exc, (EOFError, OSError)):
+        await _drop(writer)
+        return HandshakeError("transport_error", f"connection lost during handshake: {exc}")
+    # A bug. Only the type is logged: the exception's text might quote a header value.
+    log.error("inbound handshake failed with %s", type(exc).__name__)
+    await _drop(writer)
+    return HandshakeError("internal", "internal error during the handshake")
+
+
+def _proof_matches(expected: str, proof: str) -> bool:
+    """Constant-time check of a peer's hex proof (either case) against ours."""
+    if len(proof) != len(expected):
+        return False
+    candidate = proof.lower()
+    if not _HEX_DIGITS.issuperset(candidate):
+        return False
+    return hmac.compare_digest(expected.encode("ascii"), candidate.encode("ascii"))
+
+
+async def agent_accept_handshake(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    key: str,
+    certificate_fingerprint: str,
+    facts: Optional[Dict[str, Any]] = None,
+    agent: Optional[str] = None,
+    versions: Sequence[int] = SUPPORTED_VERSIONS,
+    max_body: int = DEFAULT_MAX_BODY,
+    window: int = DEFAULT_WINDOW,
+    timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+) -> Welcome:
+    """Run the listening agent's half of the inbound handshake (the agent is the TLS server).
+
+    Sends ``challenge`` (a fresh 32-byte nonce, our versions, ``facts``, limits), waits
+    for the controller's ``hello``, checks its ``proof`` against
+    :func:`inbound_proof` (``key``, the nonce, ``certificate_fingerprint`` = our own
+    certificate's, ``"sha256:<hex>"`` or bare hex) in constant time, then answers
+    ``welcome``. ``timeout`` bounds the whole exchange: a controller that stalls is
+    dropped at the deadline.
+
+    Returns a :class:`Welcome` (``header`` is the hello without its proof) for
+    :meth:`Connection.from_welcome`. On failure the controller gets an ``error`` frame
+    where one applies, the connection is closed, and :class:`AuthError` (wrong proof,
+    or the controller answered ``auth_failed``) or :class:`HandshakeError` is raised.
+    Bad arguments raise ValueError before anything is sent. Nothing logged or raised
+    here contains the key, the nonce or the proof.
+    """
+    _check_limits(max_body, window)
+    _key_bytes(key)
+    own_fingerprint = _normalise_fingerprint(certificate_fingerprint)
+    offered = list(versions)
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    # Encoded before any I/O: facts too large or not JSON are the caller's ValueError/TypeError.
+    challenge = encode_frame(
+        {
+            "t": "challenge",
+            "versions": offered,
+            "nonce": base64.b64encode(nonce).decode("ascii"),
+            "agent": agent or _default_agent_name(),
+            "facts": facts or {},
+            "max_body": max_body,
+            "window": window,
+        }
+    )
+    expected = inbound_proof(key, nonce, own_fingerprint)
+    try:
+        return await asyncio.wait_for(
+            _agent_accept_exchange(reader, writer, challenge, expected, offered, max_body, window),
+            timeout,
+        )
+    except asyncio.CancelledError:
+        writer.transport.abort()  # half a handshake is no use to anyone
+        raise
+    except Exception as exc:
+        raise await _fail_handshake(writer, exc, "controller", "hello", timeout) from None
+
+
+async def _agent_accept_exchange(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    challenge: bytes,
+    expected: str,
+    versions: List[int],
+    max_body: int,
+    window: int,
+) -> Welcome:
+    writer.write(challenge)
+    await writer.drain()
+    frame = await read_frame(reader, max_body)
+    header = frame.header
+    if frame.type == "error":
+        raise _peer_refusal(header, "controller")
+    if frame.type != "hello":
+        raise ProtocolError(f"expected hello, got {frame.type[:40]!r}")
+    proof = header.get("proof")
+    if not isinstance(proof, str):
+        raise ProtocolError('hello needs a "proof" string')
+    # Checked before anything else, so a peer without the key learns nothing more.
+    if not _proof_matches(expected, proof):
+        raise ProtocolError("proof of the server key failed", "auth_failed")
+    version = header.get("version")
+    if not _is_int(version):
+        raise ProtocolError('hello needs an integer "version"')
+    if version not in versions:
+        raise ProtocolError(
+            f"the controller chose a version the agent did not offer: it speaks "
+            f"{sorted(set(versions))}",
+            "unsupported_version",
+        )
+    server = header.get("server")
+    if not isinstance(server, str) or not 0 < len(server) <= MAX_PEER_TEXT:
+        raise ProtocolError(f'hello needs a "server" name of 1 to {MAX_PEER_TEXT} characters')
+    raw_heartbeat = header.get("heartbeat_s")
+    heartbeat_s = _peer_heartbeat(header, "hello")
+    peer_max_body = _peer_limit(header, "max_body", DEFAULT_MAX_BODY, MIN_LIMIT, MAX_ANNOUNCED_BODY)
+    peer_window = _peer_limit(header, "window", DEFAULT_WINDOW, MIN_LIMIT, MAX_ANNOUNCED_WINDOW)
+    writer.write(
+        encode_frame(
+            {
+                "t": "welcome",
+                "version": version,
+                "server": server,
+                "heartbeat_s": raw_heartbeat,
+                "max_body": max_body,
+                "window": window,
+            }
+        )
+    )
+    await writer.drain()
+    return Welcome(
+        version=int(version),
+        server=server,
+        heartbeat_s=heartbeat_s,
+        peer_max_body=peer_max_body,
+        peer_window=peer_window,
+        max_body=max_body,
+        window=window,
+        header={k: v for k, v in header.items() if k != "proof"},
+    )
+
+
+def _decode_nonce(value: Any) -> bytes:
+    # 32 bytes are 44 base64 characters; the length check comes before any decoding.
+    if isinstance(value, str) and len(value) <= 64:
+        try:
+            nonce = base64.b64decode(value.encode("ascii"), validate=True)
+        except (UnicodeEncodeError, binascii.Error, ValueError):
+            nonce = b""
+        if len(nonce) == NONCE_BYTES:
+            return nonce
+    raise ProtocolError(f'challenge needs a "nonce": base64 of {NONCE_BYTES} bytes')
+
+
+async def controller_connect_handshake(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    *,
+    key: str,
+    agent_fingerprint: str,
+    server: str,
+    heartbeat_s: float = DEFAULT_HEARTBEAT_S,
+    versions: Sequence[int] = SUPPORTED_VERSIONS,
+    max_body: int = DEFAULT_MAX_BODY,
+    window: int = DEFAULT_WINDOW,
+    timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+) -> Accepted:
+    """Run the dialling controller's half of the inbound handshake (fleetbus is the TLS client).
+
+    Call it once the TLS handshake is done and the agent's certificate matched its
+    pin. ``agent_fingerprint`` (``"sha256:<hex>"`` or bare hex) must name the
+    certificate the TLS peer actually presented, which is checked here first: on a
+    mismatch (or no TLS at all) nothing is sent and :class:`HandshakeError`
+    (``transport_error``) is raised. Then it waits for ``challenge``, answers ``hello``
+    with the highest common version and the :func:`inbound_proof` of ``key`` for the
+    challenge's nonce and the certificate seen, and waits for ``welcome``. ``server``
+    is the name fleetbus knows the agent as; ``heartbeat_s`` the interval both sides
+    will use. ``timeout`` bounds the whole exchange.
+
+    Returns an :class:`Accepted` (``hello`` is the agent's challenge without its
+    nonce: ``agent`` and ``facts`` are there) for :meth:`Connection.from_accepted`. On
+    failure the connection is closed and :class:`AuthError` (the agent refused the
+    proof: ``auth_failed``) or :class:`HandshakeError` is raised. Bad arguments raise
+    ValueError before anything is read or sent.
+    """
+    _check_limits(max_body, window)
+    if not 0 < heartbeat_s <= 3600:
+        raise ValueError("heartbeat_s must be in (0, 3600]")
+    _key_bytes(key)
+    if not isinstance(server, str) or not 0 < len(server) <= MAX_PEER_TEXT:
+        raise ValueError(f"server must be a name of 1 to {MAX_PEER_TEXT} characters")
+    pinned = _normalise_fingerprint(agent_fingerprint)
+    spoken = list(versions)
+    waiting = ["challenge"]
+    try:
+        seen = _normalise_fingerprint(peer_certificate_fingerprint(writer))
+        if not hmac.compare_digest(seen, pinned):
+            raise HandshakeError(
+                "transport_error",
+                "the agent's TLS certificate is not the one agent_fingerprint names",
+            )
+        return await asyncio.wait_for(
+            _controller_connect_exchange(
+                reader,
+                writer,
+                key,
+                seen,
+                server,
+                heartbeat_s,
+                spoken,
+                max_body,
+                window,
+                waiting,
+            ),
+            timeout,
+        )
+    except asyncio.CancelledError:
+        writer.transport.abort()
+        raise
+    except Exception as exc:
+        raise await _fail_handshake(writer, exc, "agent", waiting[0], timeout) from None
+
+
+async def _controller_connect_exchange(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    key: str,
+    seen: str,
+    server: str,
+    heartbeat_s: float,
+    versions: List[int],
+    max_body: int,
+    window: int,
+    waiting: List[str],
+) -> Accepted:
+    frame = await read_frame(reader, max_body)
+    challenge = frame.header
+    if frame.type == "error":
+        raise _peer_refusal(challenge, "agent")
+    if frame.type != "challenge":
+        raise ProtocolError(f"expected challenge, got {frame.type[:40]!r}")
+    offered = _offered_versions(challenge, "challenge")
+    nonce = _decode_nonce(challenge.get("nonce"))
+    if not isinstance(challenge.get("facts", {}), dict):
+        raise ProtocolError('challenge "facts" must be an object')
+    if not isinstance(challenge.get("agent", ""), str):
+        raise ProtocolError('challenge "agent" must be a string')
+    peer_max_body = _peer_limit(
+        challenge, "max_body", DEFAULT_MAX_BODY, MIN_LIMIT, MAX_ANNOUNCED_BODY
+    )
+    peer_window = _peer_limit(challenge, "window", DEFAULT_WINDOW, MIN_LIMIT, MAX_ANNOUNCED_WINDOW)
+    common = set(offered) & set(versions)
+    if not common:
+        raise ProtocolError(
+            f"no common protocol version: the controller speaks {sorted(set(versions))}",
+            "unsupported_version",
+        )
+    version = max(common)
+    writer.write(
+        encode_frame(
+            {
+                "t": "hello",
+                "version": version,
+                "proof": inbound_proof(key, nonce, seen),
+                "server": server,
+                "heartbeat_s": heartbeat_s,
+                "max_body": max_body,
+                "window": window,
+            }
+        )
+    )
+    await writer.drain()
+    waiting[0] = "welcome"
+    frame = await read_frame(reader, max_body)
+    welcome = frame.header
+    if frame.type == "error":
+        raise _peer_refusal(welcome, "agent")
+    if frame.type != "welcome":
+        raise ProtocolError(f"expected welcome, got {frame.type[:40]!r}")
+    if welcome.get("version") != version or not _is_int(welcome.get("version")):
+        raise ProtocolError("welcome names a version other than the one chosen")
+    if welcome.get("server") != server:
+        raise ProtocolError('welcome does not echo the hello\'s "server"')
+    if _peer_heartbeat(welcome, "welcome") != float(heartbeat_s):
+        raise ProtocolError('welcome does not echo the hello\'s "heartbeat_s"')
+    # The welcome repeats the challenge's limits; the smaller is safe either way.
+    peer_max_body = min(
+        peer_max_body,
+        _peer_limit(welcome, "max_body", peer_max_body, MIN_LIMIT, MAX_ANNOUNCED_BODY),
+    )
+    peer_window = min(
+        peer_window,
+        _peer_limit(welcome, "window", peer_window, MIN_LIMIT, MAX_ANNOUNCED_WINDOW),
+    )
+    hello = {k: v for k, v in challenge.items() if k != "nonce"}
+    hello.setdefault("agent", "")
+    hello.setdefault("facts", {})
+    return Accepted(
+        server=server,
+        hello=hello,
         version=version,
         heartbeat_s=float(heartbeat_s),
         peer_max_body=peer_max_body,
