@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -103,3 +104,42 @@ def parse_options(values: tuple[str, ...]) -> dict[str, Any]:
         except ValueError:
             out[key] = raw
     return out
+
+
+MAX_SECRET_FILE = 64 * 1024
+
+
+def read_secret_file(path: str) -> bytes:
+    p = Path(path).expanduser()
+    try:
+        if p.stat().st_size > MAX_SECRET_FILE:
+            fail(f"{p} is larger than 64 KiB; that is not a secret")
+        return p.read_bytes()
+    except OSError as exc:
+        fail(f"cannot read {p}: {exc.strerror}")
+
+
+def prompt_secret(label: str, confirm: bool) -> bytes:
+    value = click.prompt(label, hide_input=True, confirmation_prompt=confirm, default="",
+                         show_default=False, err=True)
+    return value.encode()
+
+
+def read_secret(path: str | None, label: str, strip: bool = True) -> bytes:
+    """A secret from ``path``, else standard input when it is not a terminal, else a prompt.
+
+    Never from argv: other users can read a command line in the process list.
+    """
+    if path:
+        secret = read_secret_file(path)
+    elif not sys.stdin.isatty():
+        secret = sys.stdin.buffer.read(MAX_SECRET_FILE + 1)
+        if len(secret) > MAX_SECRET_FILE:
+            fail("standard input holds more than 64 KiB; that is not a secret")
+    else:
+        secret = prompt_secret(label, confirm=True)
+    if strip:  # a trailing newline from echo or an editor is not part of a password
+        secret = secret.rstrip(b"\r\n")
+    if not secret:
+        fail("the secret is empty")
+    return secret

@@ -3,35 +3,24 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import click
 
-from .context import Globals, client_call, fail, pass_globals
+from .context import (
+    MAX_SECRET_FILE,
+    Globals,
+    client_call,
+    pass_globals,
+    prompt_secret,
+    read_secret,
+    read_secret_file,
+)
 from .render import emit_json, table
-
-MAX_SECRET_FILE = 64 * 1024
 
 
 @click.group("credentials")
 def credentials() -> None:
     """Add, list and remove credentials (stored encrypted; never shown again)."""
-
-
-def _read_file(path: str) -> bytes:
-    p = Path(path).expanduser()
-    try:
-        if p.stat().st_size > MAX_SECRET_FILE:
-            fail(f"{p} is larger than 64 KiB; that is not a credential")
-        return p.read_bytes()
-    except OSError as exc:
-        fail(f"cannot read {p}: {exc.strerror}")
-
-
-def _prompt_secret(label: str, confirm: bool) -> bytes:
-    value = click.prompt(label, hide_input=True, confirmation_prompt=confirm, default="",
-                         show_default=False, err=True)
-    return value.encode()
 
 
 @credentials.command("add")
@@ -56,25 +45,14 @@ def add(g: Globals, name: str, ctype: str, user: str | None, secret_file: str | 
     """
     source = private_key_file or secret_file
     passphrase: bytes | None = None
-    if source:
-        secret = _read_file(source)
-    elif not sys.stdin.isatty():
-        secret = sys.stdin.buffer.read(MAX_SECRET_FILE + 1)
-        if len(secret) > MAX_SECRET_FILE:
-            fail("standard input holds more than 64 KiB; that is not a credential")
-        if ctype != "ssh-key":
-            secret = secret.rstrip(b"\r\n")
-    else:
-        secret = _prompt_secret("Secret", confirm=True)
-    if not secret:
-        fail("the secret is empty")
+    secret = read_secret(source, "Secret", strip=ctype != "ssh-key")
     if ctype == "ssh-key":
         if passphrase_file:
-            passphrase = _read_file(passphrase_file).rstrip(b"\r\n")
+            passphrase = read_secret_file(passphrase_file).rstrip(b"\r\n")
         elif source and not sys.stdin.isatty():
             passphrase = sys.stdin.buffer.read(MAX_SECRET_FILE).rstrip(b"\r\n") or None
         elif source:
-            passphrase = _prompt_secret("Key passphrase (empty for none)", confirm=False) or None
+            passphrase = prompt_secret("Key passphrase (empty for none)", confirm=False) or None
 
     stored = client_call(g, lambda c: c.add_credential(
         name, ctype, secret, user=user, passphrase=passphrase, description=description,

@@ -7,8 +7,10 @@ from typing import Any
 import click
 
 from ..client import Client
-from .context import Globals, client_call, parse_options, parse_pairs, pass_globals
+from .context import Globals, client_call, fail, parse_options, parse_pairs, pass_globals, read_secret
 from .render import emit_json, key_values, table
+
+INBOUND = "agent-inbound"
 
 
 @click.group("servers")
@@ -29,23 +31,53 @@ def servers() -> None:
 @click.option("--max-concurrency", type=click.IntRange(1, 1024), default=16, show_default=True,
               help="Commands run at once on this server, per worker.")
 @click.option("--description", help="Free text.")
+@click.option("--fingerprint", help="agent-inbound: the agent's certificate fingerprint (sha256:...).")
+@click.option("--trust-on-first-use", is_flag=True, help="agent-inbound: pin the certificate seen first.")
+@click.option("--key-file", type=click.Path(dir_okay=False), help="agent-inbound: file holding the server's key "
+              "(else standard input, else a prompt).")
 @click.option("--replace", is_flag=True, help="Overwrite an existing registration.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_globals
 def add(g: Globals, name: str, transport: str, host: str | None, port: int | None,
         credential: str | None, roles: tuple[str, ...], environment: str | None,
         labels: tuple[str, ...], options: tuple[str, ...], max_concurrency: int,
-        description: str | None, replace: bool, as_json: bool) -> None:
+        description: str | None, fingerprint: str | None, trust_on_first_use: bool,
+        key_file: str | None, replace: bool, as_json: bool) -> None:
     """Register the server NAME."""
+    opts = parse_options(options)
+    agent_key: bytes | None = None
+    if transport == INBOUND:
+        if not host:
+            fail("an agent-inbound server needs --host (and --port unless it is 7444)")
+        if not fingerprint and not trust_on_first_use:
+            fail("pin the agent's certificate with --fingerprint sha256:... "
+                 "(printed by `fleetbus-agent listen`), or pass --trust-on-first-use")
+        if fingerprint:
+            opts["fingerprint"] = fingerprint
+        opts["trust_on_first_use"] = trust_on_first_use
+        if credential is None:
+            agent_key = read_secret(key_file, "Agent key")
+            credential = f"agent-{name}"
+    elif fingerprint or trust_on_first_use or key_file:
+        fail("--fingerprint, --trust-on-first-use and --key-file are for agent-inbound servers")
     body: dict[str, Any] = {
         "name": name, "transport": transport, "host": host, "port": port,
         "credential": credential, "roles": list(roles), "environment": environment,
-        "labels": parse_pairs(labels, "--label"), "options": parse_options(options),
+        "labels": parse_pairs(labels, "--label"), "options": opts,
         "max_concurrency": max_concurrency, "description": description,
     }
 
     async def go(c: Client) -> dict[str, Any]:
-        return await c.add_server(body, replace=replace)
+        if agent_key is None:
+            return await c.add_server(body, replace=replace)
+        # The key goes into the vault (sealed), the server refers to it by name.
+        await c.add_credential(str(credential), "token", agent_key,
+                               description=f"agent key of {name}", replace=replace)
+        try:
+            return await c.add_server(body, replace=replace)
+        except Exception:
+            await c.remove_credential(str(credential), force=True)
+            raise
 
     reply = client_call(g, go)
     if as_json:

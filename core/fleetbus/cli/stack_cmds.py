@@ -10,7 +10,7 @@ from contextlib import AsyncExitStack
 import click
 
 from .. import __version__
-from .context import Globals, pass_globals, run_async
+from .context import Globals, parse_options, pass_globals, run_async
 
 
 def _logging(verbose: int) -> None:
@@ -25,8 +25,15 @@ def _transports(value: str | None) -> list[str] | None:
     return [t.strip() for t in value.split(",") if t.strip()] if value else None
 
 
-def _gateway_settings(listen: str) -> dict[str, dict[str, object]]:
-    return {"agent-outbound": {"listen": listen}}
+def _settings(gateway_listen: str, pairs: tuple[str, ...]) -> dict[str, dict[str, object]]:
+    """Per-transport settings: --gateway-listen plus every --transport-setting T.KEY=VALUE."""
+    out: dict[str, dict[str, object]] = {"agent-outbound": {"listen": gateway_listen}}
+    for name, value in parse_options(pairs).items():
+        transport, dot, key = name.partition(".")
+        if not dot or not transport or not key:
+            raise click.BadParameter(f"{name!r} is not TRANSPORT.KEY", param_hint="--transport-setting")
+        out.setdefault(transport, {})[key] = value
+    return out
 
 
 def _say(text: str) -> None:
@@ -41,10 +48,12 @@ def _say(text: str) -> None:
 @click.option("--transports", help="Comma-separated transports to serve (default: all installed).")
 @click.option("--gateway-listen", default="0.0.0.0:7443", show_default=True, metavar="HOST:PORT",
               help="Where the agent-outbound gateway listens (port 0: any free port).")
+@click.option("--transport-setting", "transport_settings", multiple=True, metavar="TRANSPORT.KEY=VALUE",
+              help="A transport setting, e.g. agent-inbound.idle_timeout_s=60 (repeatable).")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @pass_globals
 def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gateway_listen: str,
-       verbose: int) -> None:
+       transport_settings: tuple[str, ...], verbose: int) -> None:
     """Start everything on this machine: NATS (unless --nats), the core and every transport."""
     from ..host import HostSettings  # the stack is heavy; `fleetbus run` never needs it
     from ..stack import StackOptions, ensure_local_server, start_stack, wait_for_signal
@@ -53,7 +62,7 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
     home = g.home_dir()
     opts = StackOptions(home=home, nats_url=g.nats, nats_host=nats_host, nats_port=nats_port,
                         prefix=g.prefix, transports=_transports(transports),
-                        host_settings=HostSettings(transport_settings=_gateway_settings(gateway_listen)))
+                        host_settings=HostSettings(transport_settings=_settings(gateway_listen, transport_settings)))
 
     async def main() -> None:
         started = time.monotonic()
@@ -110,9 +119,12 @@ def core(g: Globals, verbose: int, replicas: int) -> None:
               help="Threads for blocking client libraries.")
 @click.option("--gateway-listen", default="0.0.0.0:7443", show_default=True, metavar="HOST:PORT",
               help="Where the agent-outbound gateway listens, when this worker runs it.")
+@click.option("--transport-setting", "transport_settings", multiple=True, metavar="TRANSPORT.KEY=VALUE",
+              help="A transport setting, e.g. agent-inbound.idle_timeout_s=60 (repeatable).")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @pass_globals
-def worker(g: Globals, transports: str | None, threads: int, gateway_listen: str, verbose: int) -> None:
+def worker(g: Globals, transports: str | None, threads: int, gateway_listen: str,
+           transport_settings: tuple[str, ...], verbose: int) -> None:
     """Run a plugin host serving the given transports against a shared NATS."""
     from ..host import HostSettings  # the stack is heavy; `fleetbus run` never needs it
     from ..stack import StackOptions, start_stack, wait_for_signal
@@ -121,7 +133,7 @@ def worker(g: Globals, transports: str | None, threads: int, gateway_listen: str
     opts = StackOptions(home=g.home_dir(), nats_url=g.nats, prefix=g.prefix,
                         transports=_transports(transports),
                         host_settings=HostSettings(blocking_threads=threads,
-                                                   transport_settings=_gateway_settings(gateway_listen)))
+                                                   transport_settings=_settings(gateway_listen, transport_settings)))
 
     async def main() -> None:
         async with AsyncExitStack() as stack:
