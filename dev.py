@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -44,6 +45,29 @@ def setup(extras: str) -> Path:
     return venv_python()
 
 
+# Real servers the test suite runs (it never mocks them): Debian package -> a file it installs.
+TEST_SYSTEM_PACKAGES = {
+    "openssh-server": "/usr/sbin/sshd",
+    "prometheus": "/usr/bin/prometheus",
+}
+
+
+def ensure_system_packages() -> None:
+    """Install the real servers the tests need, when missing and when we may (root + apt)."""
+    missing = [pkg for pkg, path in TEST_SYSTEM_PACKAGES.items() if not Path(path).exists()]
+    if not missing:
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        print(f"note: tests need {', '.join(missing)}; install them (they are skipped or fail without)",
+              file=sys.stderr)
+        return
+    print(f"installing {', '.join(missing)} with apt-get", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+                   check=True, env=env, stdout=subprocess.DEVNULL)
+
+
 def main(argv: list[str]) -> int:
     cmd = argv[0] if argv else "help"
     rest = argv[1:]
@@ -56,6 +80,7 @@ def main(argv: list[str]) -> int:
         os.execv(str(fleetbus), [str(fleetbus), "up", *rest])
     if cmd == "test":
         py = setup("test")
+        ensure_system_packages()
         return subprocess.call([str(py), "-m", "pytest", *rest], cwd=ROOT)
     print(__doc__)
     return 0 if cmd in ("help", "-h", "--help") else 2

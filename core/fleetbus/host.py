@@ -57,6 +57,7 @@ from .messages import (
     describe_validation_error,
     parse_json_object,
 )
+from .metrics import Metrics
 from .objects import ObjectFiles
 from .output import BusOutput
 from .records import Server, utcnow
@@ -71,6 +72,7 @@ log = logging.getLogger("fleetbus.host")
 T = TypeVar("T")
 
 HDR_REQUESTER = "Fleetbus-Requester"
+CHECKER_REQUESTER = "fleetbus-checker"
 # A killed process or closed channel should finish well within this after cancel().
 CANCEL_GRACE_S = 15.0
 
@@ -99,7 +101,12 @@ class _Context:
         self.services = host.services
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.host.pool, fn, *args)
+        gauge = self.host.metrics.blocking_busy
+        gauge.inc()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.host.pool, fn, *args)
+        finally:
+            gauge.dec()
 
     async def serve(self, server: Server) -> None:
         await self.host.serve(self.transport_name, server)
@@ -109,6 +116,9 @@ class _Context:
 
     async def lookup_server(self, name: str) -> Server | None:
         return await self.host.registry.find(name)
+
+    async def credential(self, name: str) -> Credential:
+        return await self.host._credential(name)
 
 
 @dataclass
@@ -136,6 +146,7 @@ class PluginHost:
         transports: dict[str, type[Transport]],
         vault: Vault | None,
         settings: HostSettings | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.nc = nc
         self.state = state
@@ -146,11 +157,14 @@ class PluginHost:
         self.auditor = Auditor(state.js, self.names)
         self.files = ObjectFiles(state.js, self.names.files_bucket)
         self.vault = vault
+        self.metrics = metrics or Metrics()
         self.services = CoreServices(
             nc=nc, names=self.names, home=self.settings.home, registry=self.registry,
             agent_keys=AgentKeys(state.agent_keys), gateways=state.gateways,
             master=vault.master if vault else None, worker_id=self.settings.worker_id,
+            metrics=self.metrics,
         )
+        self.metrics.blocking_max.set(self.settings.blocking_threads)
         self.pool = ThreadPoolExecutor(
             max_workers=self.settings.blocking_threads, thread_name_prefix="fleetbus-blocking"
         )
@@ -256,6 +270,7 @@ class PluginHost:
                 pending_msgs_limit=65536, pending_bytes_limit=256 * 1024 * 1024,
             )
             self.served[server.name] = served
+            self.metrics.served.labels(transport).inc()
         await self._set_status(server.name, "online", transport)
         log.info("serving %s (%s)", server.name, transport)
 
@@ -264,6 +279,7 @@ class PluginHost:
             served = self.served.pop(name, None)
             if served is None:
                 return
+            self.metrics.served.labels(served.transport).dec()
             try:
                 await served.sub.unsubscribe()
             except Exception:
@@ -363,6 +379,15 @@ class PluginHost:
     async def _audit(self, served: _Served, op: str, body: dict[str, Any], command_id: str,
                      requester: str, started: float, outcome: _Outcome, replayed: bool) -> None:
         error = outcome.reply.get("error") or {}
+        elapsed = time.monotonic() - started
+        label_op = op if op in OPERATIONS else "invalid"
+        result = "ok" if outcome.reply.get("ok") else str(error.get("code", "internal"))
+        self.metrics.commands.labels(served.transport, label_op, result).inc()
+        self.metrics.command_seconds.labels(served.transport, label_op).observe(elapsed)
+        if outcome.bytes:
+            self.metrics.bytes.labels(served.transport, label_op).inc(outcome.bytes)
+        if op == "ping" and requester == CHECKER_REQUESTER:
+            return  # health checks would drown the trail; they are in the metrics instead
         await self.auditor.record(
             AuditRecord(
                 ts=utcnow(), id=command_id, server=served.server.name, transport=served.transport,
@@ -404,15 +429,25 @@ class PluginHost:
         if command_id in served.running:
             raise InvalidRequest(f"command {command_id} is already running on {served.server.name}")
 
+        inflight = self.metrics.inflight.labels(served.transport)
+        queued = self.metrics.queued.labels(served.transport)
+
         async def in_slot() -> _Outcome:
+            inflight.inc()
+            queued.inc()
             try:
-                await served.slots.acquire()
-            except asyncio.CancelledError:
-                raise Cancelled(f"command {command_id} was cancelled while queued") from None
-            try:
-                return await self._run(served, op, req, command_id)
+                try:
+                    await served.slots.acquire()
+                except asyncio.CancelledError:
+                    raise Cancelled(f"command {command_id} was cancelled while queued") from None
+                finally:
+                    queued.dec()
+                try:
+                    return await self._run(served, op, req, command_id)
+                finally:
+                    served.slots.release()
             finally:
-                served.slots.release()
+                inflight.dec()
 
         # Registered before it waits for a slot, so a queued command can be cancelled too.
         task = asyncio.create_task(in_slot())

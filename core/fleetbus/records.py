@@ -92,6 +92,8 @@ class ServerStatus(Strict):
     detail: str | None = None
     agent_version: str | None = None
     remote_address: str | None = None
+    last_check: datetime | None = None
+    check_latency_s: float | None = None
 
 
 CredentialType = Literal["password", "ssh-key", "token"]

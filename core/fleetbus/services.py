@@ -19,6 +19,7 @@ from nats.js.kv import KeyValue
 from .errors import InternalError
 from .home import Home
 from .keys import AgentKeys
+from .metrics import Metrics
 from .records import ServerStatus, utcnow
 from .registry import Registry
 from .subjects import Names
@@ -37,6 +38,7 @@ class CoreServices:
     gateways: KeyValue
     master: MasterKey | None
     worker_id: str
+    metrics: Metrics
 
     def derive_secret(self, purpose: str) -> bytes:
         """A 32-byte secret for ``purpose``, derived from the master key (never stored)."""
@@ -51,10 +53,12 @@ class CoreServices:
         now = utcnow()
         previous = await self.registry.status(name)
         since = previous.since if previous is not None and previous.state == state and previous.since else now
+        update = dict(state=state, served_by=self.worker_id, since=since, last_seen=now, **fields)
+        if transport_version is not None:
+            update["transport_version"] = transport_version
+        # Merge, so the checker's and the transports' fields do not erase each other.
+        base = previous or ServerStatus(name=name)
         try:
-            await self.registry.set_status(ServerStatus(
-                name=name, state=state,  # type: ignore[arg-type]
-                served_by=self.worker_id, transport_version=transport_version,
-                since=since, last_seen=now, **fields))
+            await self.registry.set_status(ServerStatus.model_validate({**base.model_dump(), **update}))
         except Exception as exc:
             log.warning("could not record status of %s: %s", name, type(exc).__name__)

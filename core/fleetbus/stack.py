@@ -13,16 +13,20 @@ import signal
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from typing import Any
 
 from nats.aio.client import Client as NATS
 
 from .admin import AdminService
+from .checks import ServerChecker
 from .connection import NatsSettings, connect
+from .discovery import start_worker_service
 from .embedded import EmbeddedNats
 from .home import Home
 from .host import HostSettings, PluginHost
 from .jetstream import State, open_state
 from .keys import AgentKeys
+from .metrics import Metrics, MetricsServer, serve_metrics
 from .plugins import load_plugins
 from .records import Server
 from .registry import Registry
@@ -42,6 +46,8 @@ class StackOptions:
     transports: list[str] | None = None
     replicas: int = 1
     host_settings: HostSettings = field(default_factory=HostSettings)
+    metrics_addr: str | None = None
+    check_interval_s: float = 30.0
 
 
 @dataclass
@@ -53,6 +59,10 @@ class Running:
     host: PluginHost | None = None
     admin: AdminService | None = None
     embedded: EmbeddedNats | None = None
+    metrics: Metrics | None = None
+    metrics_server: MetricsServer | None = None
+    checker: ServerChecker | None = None
+    worker_service: Any = None
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -80,19 +90,31 @@ async def start_stack(opts: StackOptions, stack: AsyncExitStack, *, embedded_nat
     # Only a process that must open or seal secrets needs the master key.
     master = MasterKey.load(opts.home, create=core) if (core or worker) else None
     vault = Vault(state.credentials, master)
-    running = Running(nats_url=settings.url, names=names, nc=nc, state=state, embedded=embedded)
+    metrics = Metrics()
+    running = Running(nats_url=settings.url, names=names, nc=nc, state=state, embedded=embedded,
+                      metrics=metrics)
+    if opts.metrics_addr:
+        running.metrics_server = serve_metrics(metrics, opts.metrics_addr)
+        stack.callback(running.metrics_server.stop)
     if core:
         running.admin = AdminService(nc, names, Registry(state.servers, state.status), vault,
                                      AgentKeys(state.agent_keys), state.gateways,
                                      set(plugins.transports))
         await running.admin.start()
         stack.push_async_callback(running.admin.stop)
+        if opts.check_interval_s > 0:
+            running.checker = ServerChecker(nc, names, Registry(state.servers, state.status), metrics,
+                                            interval_s=opts.check_interval_s)
+            running.checker.start()
+            stack.push_async_callback(running.checker.stop)
     if worker:
         transports = plugins.select(opts.transports)
         opts.host_settings.home = opts.home
-        running.host = PluginHost(nc, state, transports, vault, opts.host_settings)
+        running.host = PluginHost(nc, state, transports, vault, opts.host_settings, metrics)
         await running.host.start()
         stack.push_async_callback(running.host.stop)
+        running.worker_service = await start_worker_service(nc, running.host)
+        stack.push_async_callback(running.worker_service.stop)
     return running
 
 

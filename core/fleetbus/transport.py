@@ -147,6 +147,10 @@ class TransportContext(Protocol):
         """The registry record of ``name``, or None."""
         ...
 
+    async def credential(self, name: str) -> Credential:
+        """The decrypted credential ``name`` (e.g. a jump host's), or NotFound."""
+        ...
+
 
 class Session(abc.ABC):
     """An open line to one server, shared by concurrent commands."""

@@ -124,6 +124,7 @@ class GatewayTransport(Transport):
         peer = writer.get_extra_info("peername") or ("?", 0)
         ip, remote = str(peer[0]), f"{peer[0]}:{peer[1]}"
         if self.throttle.blocked_for(ip) > 0:
+            self.ctx.services.metrics.auth_failures.labels(self.name, "locked_out").inc()
             writer.transport.abort()  # locked out: no handshake, no key check, no cost
             return
         matched: dict[str, str] = {}
@@ -136,11 +137,11 @@ class GatewayTransport(Transport):
             try:
                 match = await self.ctx.services.agent_keys.verify(key)
             except AuthFailed as exc:
-                self._auth_failed(ip, exc.message)
+                self._auth_failed(ip, exc.message, "unknown_key")
                 raise AuthError("auth_failed", "unknown or revoked key") from None
             server = await self.ctx.lookup_server(match.server)
             if server is None or server.transport != self.name:
-                self._auth_failed(ip, "key of a server that is not an agent-outbound server")
+                self._auth_failed(ip, "key of a server that is not an agent-outbound server", "wrong_transport")
                 raise AuthError("auth_failed", "unknown or revoked key")
             self.throttle.success(ip)
             matched["key_id"] = match.key_id
@@ -158,6 +159,9 @@ class GatewayTransport(Transport):
         link = Link(server=accepted.server, conn=conn, key_id=matched["key_id"], remote=remote, agent=agent)
         conn.start()
         old = self.links.put(link)
+        metrics = self.ctx.services.metrics
+        metrics.agent_connects.labels(self.name).inc()
+        metrics.agents.set(len(self.links))
         if old is not None:
             self.ctx.logger.warning("agent %s connected again from %s; dropping its older connection from %s",
                                     link.server, remote, old.remote)
@@ -172,12 +176,15 @@ class GatewayTransport(Transport):
         await self._status(link, "online")
         self.ctx.logger.info("agent %s connected from %s (%s)", link.server, remote, agent)
         await conn.wait_closed()
-        if self.links.remove(link):
+        removed = self.links.remove(link)
+        metrics.agents.set(len(self.links))
+        if removed:
             await self.ctx.unserve(link.server)
             await self._status(link, "offline", detail=conn.close_reason)
         self.ctx.logger.info("agent %s disconnected: %s", link.server, conn.close_reason)
 
-    def _auth_failed(self, ip: str, reason: str) -> None:
+    def _auth_failed(self, ip: str, reason: str, label: str) -> None:
+        self.ctx.services.metrics.auth_failures.labels(self.name, label).inc()
         locked = self.throttle.failure(ip)
         self.ctx.logger.warning("agent authentication from %s failed: %s%s", ip, reason,
                                 "; locked out for a while" if locked else "")

@@ -125,7 +125,8 @@ class Fleet:
         self.home.mkdir(parents=True, exist_ok=True)
         self.log = open(self.home.parent / f"{self.home.name}-up.log", "ab")
         self.proc = subprocess.Popen(
-            [FLEETBUS, "up", "--nats-port", "0", "--gateway-listen", "127.0.0.1:0", "-v",
+            [FLEETBUS, "up", "--nats-port", "0", "--gateway-listen", "127.0.0.1:0",
+             "--metrics-addr", "127.0.0.1:0", "-v",
              *self.extra_args],
             stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, env=self.environ(),
         )
@@ -141,6 +142,7 @@ class Fleet:
 
         info = wait_for(ready, timeout=30, what="fleetbus up")
         self.nats_url = info["nats_url"]
+        self.metrics_url = info.get("metrics_url")
         token_file = self.home / "nats.token"
         self.token = token_file.read_text().strip() if info.get("embedded") else ""
         return self

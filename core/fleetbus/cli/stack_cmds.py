@@ -25,6 +25,10 @@ def _transports(value: str | None) -> list[str] | None:
     return [t.strip() for t in value.split(",") if t.strip()] if value else None
 
 
+def _metrics(addr: str) -> str | None:
+    return None if addr.strip().lower() in ("", "off", "none") else addr
+
+
 def _settings(gateway_listen: str, pairs: tuple[str, ...]) -> dict[str, dict[str, object]]:
     """Per-transport settings: --gateway-listen plus every --transport-setting T.KEY=VALUE."""
     out: dict[str, dict[str, object]] = {"agent-outbound": {"listen": gateway_listen}}
@@ -50,10 +54,15 @@ def _say(text: str) -> None:
               help="Where the agent-outbound gateway listens (port 0: any free port).")
 @click.option("--transport-setting", "transport_settings", multiple=True, metavar="TRANSPORT.KEY=VALUE",
               help="A transport setting, e.g. agent-inbound.idle_timeout_s=60 (repeatable).")
+@click.option("--metrics-addr", default="127.0.0.1:9464", show_default=True, metavar="HOST:PORT",
+              help="Serve Prometheus metrics here (port 0: any free port; 'off' to disable).")
+@click.option("--check-interval", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Seconds between server checks (0 disables them).")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @pass_globals
 def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gateway_listen: str,
-       transport_settings: tuple[str, ...], verbose: int) -> None:
+       transport_settings: tuple[str, ...], metrics_addr: str, check_interval: float,
+       verbose: int) -> None:
     """Start everything on this machine: NATS (unless --nats), the core and every transport."""
     from ..host import HostSettings  # the stack is heavy; `fleetbus run` never needs it
     from ..stack import StackOptions, ensure_local_server, start_stack, wait_for_signal
@@ -62,7 +71,8 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
     home = g.home_dir()
     opts = StackOptions(home=home, nats_url=g.nats, nats_host=nats_host, nats_port=nats_port,
                         prefix=g.prefix, transports=_transports(transports),
-                        host_settings=HostSettings(transport_settings=_settings(gateway_listen, transport_settings)))
+                        host_settings=HostSettings(transport_settings=_settings(gateway_listen, transport_settings)),
+                        metrics_addr=_metrics(metrics_addr), check_interval_s=check_interval)
 
     async def main() -> None:
         started = time.monotonic()
@@ -71,8 +81,10 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
             running = await start_stack(opts, stack, embedded_nats=g.nats is None, core=True, worker=True)
             stack.callback(home.clear_run)
             added = await ensure_local_server(running.state)
+            metrics_url = running.metrics_server.url if running.metrics_server else None
             home.write_run({"nats_url": running.nats_url, "prefix": running.names.prefix,
-                            "embedded": running.embedded is not None, "version": __version__})
+                            "embedded": running.embedded is not None, "version": __version__,
+                            "metrics_url": metrics_url})
             served = ", ".join(running.host.transports) if running.host and running.host.transports else "none"
             _say(f"fleetbus {__version__} is up in {time.monotonic() - started:.2f} s")
             _say(f"  nats      {running.nats_url}" + (" (embedded, token required)" if running.embedded else ""))
@@ -80,6 +92,7 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
             if running.embedded:
                 _say(f"  data      {home.nats_data}")
                 _say(f"  nats log  {running.embedded.log_path}")
+            _say(f"  metrics   {metrics_url or 'off'}")
             _say(f"  serving   {served}")
             gateway = running.host.transports.get("agent-outbound") if running.host else None
             if gateway is not None:
@@ -96,18 +109,24 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("--replicas", type=click.IntRange(1, 5), default=1, show_default=True,
               help="JetStream replicas for new buckets (on a NATS cluster).")
+@click.option("--metrics-addr", default="off", show_default=True, metavar="HOST:PORT",
+              help="Serve Prometheus metrics here ('off' to disable).")
+@click.option("--check-interval", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="Seconds between server checks (0 disables them).")
 @pass_globals
-def core(g: Globals, verbose: int, replicas: int) -> None:
+def core(g: Globals, verbose: int, replicas: int, metrics_addr: str, check_interval: float) -> None:
     """Run the core alone (admin API, vault, registry) against a shared NATS."""
     from ..stack import StackOptions, start_stack, wait_for_signal
 
     _logging(verbose)
-    opts = StackOptions(home=g.home_dir(), nats_url=g.nats, prefix=g.prefix, replicas=replicas)
+    opts = StackOptions(home=g.home_dir(), nats_url=g.nats, prefix=g.prefix, replicas=replicas,
+                        metrics_addr=_metrics(metrics_addr), check_interval_s=check_interval)
 
     async def main() -> None:
         async with AsyncExitStack() as stack:
             running = await start_stack(opts, stack, embedded_nats=False, core=True, worker=False)
-            _say(f"fleetbus core {__version__} on {running.nats_url}")
+            _say(f"fleetbus core {__version__} on {running.nats_url}"
+                 + (f", metrics {running.metrics_server.url}" if running.metrics_server else ""))
             await wait_for_signal()
 
     run_async(main)
@@ -122,9 +141,11 @@ def core(g: Globals, verbose: int, replicas: int) -> None:
 @click.option("--transport-setting", "transport_settings", multiple=True, metavar="TRANSPORT.KEY=VALUE",
               help="A transport setting, e.g. agent-inbound.idle_timeout_s=60 (repeatable).")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("--metrics-addr", default="off", show_default=True, metavar="HOST:PORT",
+              help="Serve Prometheus metrics here ('off' to disable).")
 @pass_globals
 def worker(g: Globals, transports: str | None, threads: int, gateway_listen: str,
-           transport_settings: tuple[str, ...], verbose: int) -> None:
+           transport_settings: tuple[str, ...], metrics_addr: str, verbose: int) -> None:
     """Run a plugin host serving the given transports against a shared NATS."""
     from ..host import HostSettings  # the stack is heavy; `fleetbus run` never needs it
     from ..stack import StackOptions, start_stack, wait_for_signal
@@ -133,13 +154,15 @@ def worker(g: Globals, transports: str | None, threads: int, gateway_listen: str
     opts = StackOptions(home=g.home_dir(), nats_url=g.nats, prefix=g.prefix,
                         transports=_transports(transports),
                         host_settings=HostSettings(blocking_threads=threads,
-                                                   transport_settings=_settings(gateway_listen, transport_settings)))
+                                                   transport_settings=_settings(gateway_listen, transport_settings)),
+                        metrics_addr=_metrics(metrics_addr))
 
     async def main() -> None:
         async with AsyncExitStack() as stack:
             running = await start_stack(opts, stack, embedded_nats=False, core=False, worker=True)
             served = ", ".join(running.host.transports) if running.host and running.host.transports else "none"
-            _say(f"fleetbus worker {__version__} on {running.nats_url} serving {served}")
+            _say(f"fleetbus worker {__version__} on {running.nats_url} serving {served}"
+                 + (f", metrics {running.metrics_server.url}" if running.metrics_server else ""))
             await wait_for_signal()
 
     run_async(main)

@@ -1,0 +1,120 @@
+"""Prometheus metrics: one registry per process, served over HTTP by ``--metrics-addr``.
+
+Conventions (https://prometheus.io/docs/practices/naming/): base units (seconds, bytes),
+``_total`` for counters, and labels with small fixed value sets. The only label whose
+values grow with the fleet is ``server`` (on the per-server check gauges); nothing
+that could hold a secret (arguments, paths, keys) is ever a label value.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+from . import __version__
+from .errors import InvalidRequest
+
+# Command latencies span a local `true` (~1 ms) to long deployments.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
+CHECK_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10)
+
+AUTH_FAILURE_REASONS = ("unknown_key", "wrong_transport", "locked_out", "bad_proof", "bad_pin", "credentials")
+
+
+class Metrics:
+    """Every metric fleetbus exports; tests may build their own instance (own registry)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.info = Info("fleetbus", "fleetbus build information", registry=r)
+        self.info.info({"version": __version__})
+        self.commands = Counter(
+            "fleetbus_commands", "Commands handled by this process, by outcome (ok or an error code).",
+            ["transport", "op", "outcome"], registry=r)
+        self.command_seconds = Histogram(
+            "fleetbus_command_duration_seconds", "Time from request to reply, seconds.",
+            ["transport", "op"], buckets=LATENCY_BUCKETS, registry=r)
+        self.bytes = Counter(
+            "fleetbus_transferred_bytes", "Bytes moved: put (to servers), get (from servers), "
+            "exec output.", ["transport", "op"], registry=r)
+        self.inflight = Gauge(
+            "fleetbus_commands_in_flight", "Commands running or waiting for a slot.",
+            ["transport"], registry=r)
+        self.queued = Gauge(
+            "fleetbus_commands_queued", "Commands waiting for a per-server concurrency slot.",
+            ["transport"], registry=r)
+        self.served = Gauge(
+            "fleetbus_servers_served", "Servers whose subjects this process answers.",
+            ["transport"], registry=r)
+        self.blocking_busy = Gauge(
+            "fleetbus_blocking_threads_busy", "Threads of the blocking-call pool in use.", registry=r)
+        self.blocking_max = Gauge(
+            "fleetbus_blocking_threads_max", "Size of the blocking-call pool.", registry=r)
+        self.agents = Gauge(
+            "fleetbus_gateway_agents_connected", "Agents connected to this gateway.", registry=r)
+        self.auth_failures = Counter(
+            "fleetbus_auth_failures", "Failed agent authentications, by reason.",
+            ["transport", "reason"], registry=r)
+        self.agent_connects = Counter(
+            "fleetbus_agent_connections", "Agent connections accepted or opened.",
+            ["transport"], registry=r)
+        self.server_up = Gauge(
+            "fleetbus_server_up", "1 if the last check of the server succeeded, else 0.",
+            ["server", "transport"], registry=r)
+        self.check_seconds = Gauge(
+            "fleetbus_server_check_duration_seconds", "Round trip of the last check, seconds.",
+            ["server", "transport"], registry=r)
+        self.checks = Counter(
+            "fleetbus_server_checks", "Server checks run, by outcome.", ["transport", "outcome"],
+            registry=r)
+        self.check_run_seconds = Histogram(
+            "fleetbus_check_round_duration_seconds", "Time to check every server once.",
+            buckets=CHECK_BUCKETS, registry=r)
+
+    def forget_server(self, server: str, transport: str) -> None:
+        for gauge in (self.server_up, self.check_seconds):
+            try:
+                gauge.remove(server, transport)
+            except KeyError:
+                pass
+
+
+@dataclass
+class MetricsServer:
+    host: str
+    port: int
+    _server: object
+    _thread: threading.Thread
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
+
+    def stop(self) -> None:
+        self._server.shutdown()  # type: ignore[attr-defined]
+        self._server.server_close()  # type: ignore[attr-defined]
+
+
+def parse_addr(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise InvalidRequest(f"--metrics-addr must be HOST:PORT, not {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def serve_metrics(metrics: Metrics, addr: str) -> MetricsServer:
+    """Serve /metrics on ``addr`` (port 0: any free port) from a daemon thread."""
+    host, port = parse_addr(addr)
+    try:
+        server, thread = start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise InvalidRequest(f"metrics port {port} on {host} is taken: pass --metrics-addr "
+                                 "with another port (0 for any)") from None
+        raise InvalidRequest(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
+    return MetricsServer(host=host, port=server.server_address[1], _server=server, _thread=thread)
