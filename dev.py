@@ -3,6 +3,7 @@
 
     python3 dev.py up      # set up, then `fleetbus up` on the embedded NATS
     python3 dev.py test    # set up, then the whole test suite
+    python3 dev.py bench   # set up, then every benchmark (--quick: under two minutes)
 
 Both are safe to run again: the virtual environment is reused and reinstalled only
 when pyproject.toml changes. Only the standard library is used here, because this runs
@@ -82,6 +83,10 @@ def main(argv: list[str]) -> int:
         py = setup("test")
         ensure_system_packages()
         return subprocess.call([str(py), "-m", "pytest", *rest], cwd=ROOT)
+    if cmd == "bench":
+        py = setup("test")
+        ensure_system_packages()
+        return subprocess.call([str(py), str(ROOT / "bench" / "run.py"), *rest], cwd=ROOT)
     print(__doc__)
     return 0 if cmd in ("help", "-h", "--help") else 2
 

@@ -7,6 +7,7 @@ cannot be stored is logged as an error rather than lost silently.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from datetime import datetime
@@ -66,7 +67,16 @@ class Auditor:
     async def record(self, rec: AuditRecord, admin: bool = False) -> None:
         # Server names cannot start with "_", so admin records never share a subject with one.
         subject = self.names.audit("_admin", rec.op) if admin else self.names.audit(rec.server, rec.op)
+        # Acknowledged asynchronously: commands do not wait for the audit stream, but a
+        # record the stream did not take is still logged.
         try:
-            await self.js.publish(subject, rec.model_dump_json().encode(), timeout=5)
+            ack = await self.js.publish_async(subject, rec.model_dump_json().encode(), wait_stall=5)
         except Exception as exc:
             log.error("audit record for command %s was not stored: %s", rec.id, type(exc).__name__)
+            return
+        ack.add_done_callback(lambda fut: self._check(fut, rec.id))
+
+    @staticmethod
+    def _check(fut: "asyncio.Future[object]", command_id: str) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            log.error("audit record for command %s was not stored", command_id)

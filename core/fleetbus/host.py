@@ -326,6 +326,7 @@ class PluginHost:
             requester = str(msg.headers.get(HDR_REQUESTER, "bus"))[:128]
         body: dict[str, Any] = {}
         replayed = False
+        remember: Any = None
         try:
             if op not in OPERATIONS:
                 raise InvalidRequest(f"unknown operation {op[:32]!r}; use one of {', '.join(OPERATIONS)}")
@@ -341,10 +342,12 @@ class PluginHost:
                         f"command id {req.id} was already used for a different {op} on {server.name}")
                 if claim.outcome == "run":
                     outcome = await self._dispatch(served, op, req, command_id)
+                    # Stored after the reply is sent: the requester does not wait for it, and
+                    # a retry arriving in between waits for the stored reply.
                     if outcome.ran:
-                        await self.memory.finish(server.name, op, req.id, body_fp, outcome.reply)
+                        remember = self.memory.finish(server.name, op, req.id, body_fp, outcome.reply)
                     else:  # it never reached the server: a retry may run it
-                        await self.memory.forget(server.name, op, req.id)
+                        remember = self.memory.forget(server.name, op, req.id)
                 else:
                     reply = claim.reply
                     if reply is None:
@@ -374,6 +377,11 @@ class PluginHost:
             outcome = _Outcome(reply={"ok": False, "id": command_id, "error": InternalError(
                 "internal error in the plugin host; see its log").to_wire()})
         await self._respond(msg, outcome.reply)
+        if remember is not None:
+            try:
+                await remember
+            except Exception as exc:
+                log.error("could not store the reply of command %s: %s", command_id, type(exc).__name__)
         await self._audit(served, op, body, command_id, requester, started, outcome, replayed)
 
     async def _audit(self, served: _Served, op: str, body: dict[str, Any], command_id: str,

@@ -1,0 +1,239 @@
+"""The benchmark figures of issue 8: each measures fleetbus and its baseline side by side.
+
+Every function returns one or more :class:`Row`. Sizes scale with the mode: ``smoke``
+(seconds, for the test suite), ``quick`` (under two minutes in all) and ``full``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness import Agent, Stack, cpu_seconds, gateway_of, percentile, rss_bytes, stop_process
+
+MS = 1000.0
+MiB = 1024 * 1024
+
+
+@dataclass
+class Row:
+    figure: str
+    fleetbus: float
+    baseline: float | None
+    unit: str
+    target: str
+    holds: bool | None
+    ratio: float | None = None
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if self.ratio is None and self.baseline:
+            self.ratio = self.fleetbus / self.baseline
+
+
+@dataclass(frozen=True)
+class Sizes:
+    exec_n: int
+    agents_ping_rate: int
+    ping_seconds: float
+    agents_held: int
+    agents_fanout: int
+    put_mib: int
+    sftp_mib: int
+
+    @classmethod
+    def of(cls, mode: str) -> "Sizes":
+        if mode == "smoke":
+            return cls(exec_n=20, agents_ping_rate=10, ping_seconds=1, agents_held=10, agents_fanout=10,
+                       put_mib=8, sftp_mib=8)
+        if mode == "quick":
+            return cls(exec_n=200, agents_ping_rate=100, ping_seconds=3, agents_held=300,
+                       agents_fanout=300, put_mib=128, sftp_mib=64)
+        return cls(exec_n=2000, agents_ping_rate=500, ping_seconds=10, agents_held=5000,
+                   agents_fanout=1000, put_mib=1024, sftp_mib=256)
+
+
+async def _exec_latencies(stack: Stack, server: str, n: int) -> list[float]:
+    for _ in range(max(5, n // 10)):  # warm the session, the caches and the JIT-less paths
+        await stack.client.exec(server, ["true"])
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        result = await stack.client.exec(server, ["true"])
+        out.append(time.perf_counter() - t0)
+        assert result.exit_code == 0
+    return out
+
+
+async def _spawn_latencies(n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        proc = await asyncio.create_subprocess_exec("true")
+        await proc.wait()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+async def exec_local(stack: Stack, sizes: Sizes, work: Path) -> list[Row]:
+    base = await _spawn_latencies(sizes.exec_n)
+    fb = await _exec_latencies(stack, "local", sizes.exec_n)
+    rows = []
+    for p in (50, 99):
+        f, b = percentile(fb, p) * MS, percentile(base, p) * MS
+        holds = (f - b) < 1.0 if p == 50 else None
+        rows.append(Row(f"exec true on local, p{p}", f, b, "ms", "p50 overhead < 1 ms" if p == 50 else "-",
+                        holds, note=f"overhead {f - b:.2f} ms"))
+    return rows
+
+
+async def exec_agent(stack: Stack, sizes: Sizes, work: Path) -> list[Row]:
+    key = (await stack.add_agents(["bench-agent"]))[0]
+    gw = await asyncio.to_thread(gateway_of, stack.fleet)
+    agent = Agent(work / "agent1", gw["address"], gw["fingerprint"], key).start()
+    try:
+        await stack.wait_answering(["bench-agent"])
+        local = await _exec_latencies(stack, "local", sizes.exec_n)
+        agent_lat = await _exec_latencies(stack, "bench-agent", sizes.exec_n)
+        await asyncio.sleep(1.0)  # let the agent settle to idle before reading its memory
+        idle_rss = rss_bytes(agent.proc.pid) / MiB  # type: ignore[union-attr]
+    finally:
+        agent.stop()
+    f, b = percentile(agent_lat, 50) * MS, percentile(local, 50) * MS
+    return [
+        Row("exec true via outbound agent, p50", f, b, "ms", "ratio <= 1.3 (vs local)", f / b <= 1.3),
+        Row("idle agent resident memory", idle_rss, None, "MiB", "<= 25 MiB", idle_rss <= 25),
+    ]
+
+
+async def _ping_rate(stack: Stack, names: list[str], seconds: float, window: int = 512) -> tuple[float, float]:
+    done = 0
+    stop_at = time.perf_counter() + seconds
+    cpu0 = cpu_seconds(stack.pid)
+    t0 = time.perf_counter()
+
+    async def worker(i: int) -> None:
+        nonlocal done
+        j = i
+        while time.perf_counter() < stop_at:
+            await stack.client.ping(names[j % len(names)], timeout_s=30)
+            done += 1
+            j += window
+
+    await asyncio.gather(*(worker(i) for i in range(window)))
+    elapsed = time.perf_counter() - t0
+    return done / elapsed, (cpu_seconds(stack.pid) - cpu0) / elapsed
+
+
+async def agents_scale(stack: Stack, sizes: Sizes, work: Path) -> list[Row]:
+    held = max(sizes.agents_held, sizes.agents_fanout, sizes.agents_ping_rate)
+    names = [f"bench-{i:05d}" for i in range(held)]
+    keys = await stack.add_agents(names)
+    rss_before = rss_bytes(stack.pid)
+    await stack.swarm(work / "swarms", keys, processes=max(1, min(4, held // 250)))
+    t0 = time.perf_counter()
+    await stack.wait_answering(names)
+    connect_s = time.perf_counter() - t0
+    rss = rss_bytes(stack.pid) / MiB
+    rows = [Row(f"agents held by one gateway ({held})", rss, None, "MiB RSS",
+                f"{sizes.agents_held} answering, RSS <= 1024 MiB", rss <= 1024,
+                note=f"all answered {connect_s:.1f} s after start; RSS before agents {rss_before / MiB:.0f} MiB")]
+    fan = names[: sizes.agents_fanout]
+    for _ in range(2):  # warm: first pings open sessions in the host
+        await asyncio.gather(*(stack.client.ping(n, timeout_s=30) for n in fan))
+    t0 = time.perf_counter()
+    await asyncio.gather(*(stack.client.ping(n, timeout_s=30) for n in fan))
+    fan_s = time.perf_counter() - t0
+    rows.append(Row(f"ping all {len(fan)} agents, concurrent", fan_s * MS, None, "ms", "<= 1000 ms",
+                    fan_s <= 1.0))
+    rate, cpu = await _ping_rate(stack, names[: sizes.agents_ping_rate], sizes.ping_seconds)
+    rows.append(Row(f"ping/s over {sizes.agents_ping_rate} agents, one gateway", rate, None, "cmd/s",
+                    ">= 5000/s on two cores", rate >= 5000,
+                    note=f"stack CPU {cpu * 100:.0f}% of one core"))
+    return rows
+
+
+def _write_file(path: Path, mib: int) -> str:
+    digest = hashlib.sha256()
+    block = os.urandom(MiB)
+    with open(path, "wb") as fh:
+        for _ in range(mib):
+            fh.write(block)
+            digest.update(block)
+    return digest.hexdigest()
+
+
+async def put_agent(stack: Stack, sizes: Sizes, work: Path, scp: Callable[[Path, Path], float] | None) -> list[Row]:
+    key = (await stack.add_agents(["bench-put"]))[0]
+    gw = await asyncio.to_thread(gateway_of, stack.fleet)
+    agent = Agent(work / "agent-put", gw["address"], gw["fingerprint"], key).start()
+    src = work / "put.bin"
+    digest = await asyncio.to_thread(_write_file, src, sizes.put_mib)
+    try:
+        await stack.wait_answering(["bench-put"])
+        dest = work / "put-dest.bin"
+        t0 = time.perf_counter()
+        reply = await stack.client.put("bench-put", src, str(dest))
+        fb_s = time.perf_counter() - t0
+        assert reply["sha256"] == digest
+    finally:
+        agent.stop()
+    fb_rate = sizes.put_mib / fb_s
+    if scp is None:
+        return [Row(f"{sizes.put_mib} MiB put via outbound agent", fb_rate, None, "MiB/s",
+                    "ratio >= 2 vs scp", None, note="no sshd: scp baseline not run")]
+    scp_s = await asyncio.to_thread(scp, src, work / "scp-dest.bin")
+    scp_rate = sizes.put_mib / scp_s
+    return [Row(f"{sizes.put_mib} MiB put via outbound agent", fb_rate, scp_rate, "MiB/s",
+                "ratio >= 2 vs scp", fb_rate / scp_rate >= 2)]
+
+
+async def up_to_first_command(work: Path) -> list[Row]:
+    from fleetbus.client import Client
+    from fleetbus.connection import NatsSettings
+    from harness import Fleet  # noqa: F401  (the same launcher the tests use)
+
+    home = work / "cold" / "home"
+    home.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+    env["FLEETBUS_HOME"] = str(home)
+    fleetbus = str(Path(os.sys.executable).parent / "fleetbus")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([fleetbus, "up", "--nats-port", "0", "--gateway-listen", "127.0.0.1:0",
+                             "--metrics-addr", "off", "--check-interval", "0"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        run_file = home / "run.json"
+        while True:
+            if run_file.exists():
+                try:
+                    import json
+                    info = json.loads(run_file.read_text())
+                    break
+                except ValueError:
+                    pass
+            if time.perf_counter() - t0 > 60:
+                raise TimeoutError("fleetbus up did not start")
+            await asyncio.sleep(0.005)
+        token = (home / "nats.token").read_text().strip()
+        client = await Client.connect(NatsSettings(url=info["nats_url"], token=token))
+        try:
+            await client.exec("local", ["true"])
+        finally:
+            await client.close()
+        elapsed = time.perf_counter() - t0
+    finally:
+        stop_process(proc)
+    return [Row("fleetbus up to first command answered", elapsed * MS, None, "ms", "<= 2000 ms",
+                elapsed <= 2.0, note="fresh home: includes creating keys and certificates")]
+
+
+def describe(rows: list[Row]) -> list[dict[str, Any]]:
+    return [r.__dict__ for r in rows]

@@ -1,0 +1,121 @@
+"""Real parts for benchmarks: a `fleetbus up`, agent swarms, a client, process stats.
+
+Reuses the test suite's process helpers (tests/support) so benchmarks and tests start
+the stack the same way. Everything listens on loopback ports chosen at run time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from fleetbus.client import Client  # noqa: E402
+from fleetbus.connection import NatsSettings  # noqa: E402
+from support.agents import Agent, gateway_of, start_swarm  # noqa: E402
+from support.processes import Fleet, stop_process  # noqa: E402
+
+__all__ = ["Agent", "Fleet", "gateway_of", "start_swarm", "stop_process", "Stack", "percentile",
+           "rss_bytes", "cpu_seconds"]
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = (len(ordered) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+@dataclass
+class Stack:
+    """A running `fleetbus up` and a connected Python client (the public client library)."""
+
+    fleet: Fleet
+    client: Client
+    swarms: list[Any] = field(default_factory=list)
+
+    @classmethod
+    async def start(cls, workdir: Path, *extra: str) -> "Stack":
+        fleet = await asyncio.to_thread(
+            lambda: Fleet(workdir / "home", extra_args=["--check-interval", "0", *extra]).start())
+        settings = NatsSettings(url=fleet.nats_url, token=fleet.token)
+        client = await Client.connect(settings, requester="bench")
+        return cls(fleet, client)
+
+    async def add_agents(self, names: list[str]) -> list[str]:
+        keys = []
+        for name in names:
+            reply = await self.client.add_server({"name": name, "transport": "agent-outbound"})
+            keys.append(reply["key"])
+        return keys
+
+    async def swarm(self, workdir: Path, keys: list[str], processes: int) -> None:
+        gw = await asyncio.to_thread(gateway_of, self.fleet)
+        for i in range(processes):
+            part = keys[i::processes]
+            if part:
+                self.swarms.append(start_swarm(workdir / f"swarm{i}", gw["address"], gw["fingerprint"], part))
+
+    async def wait_answering(self, names: list[str], timeout: float = 300) -> None:
+        pending = set(names)
+        deadline = time.monotonic() + timeout
+        sem = asyncio.Semaphore(512)
+
+        async def ping(name: str) -> str | None:
+            async with sem:
+                try:
+                    await self.client.ping(name, timeout_s=10)
+                    return name
+                except Exception:
+                    return None
+
+        while pending:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{len(pending)} agents never answered")
+            done = await asyncio.gather(*(ping(n) for n in pending))
+            pending -= {n for n in done if n}
+            if pending:
+                await asyncio.sleep(0.2)
+
+    async def stop(self) -> None:
+        await self.client.close()
+        for proc in self.swarms:
+            stop_process(proc)
+        await asyncio.to_thread(self.fleet.stop)
+
+    @property
+    def pid(self) -> int:
+        return self.fleet.proc.pid  # type: ignore[union-attr]
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"p50": percentile(values, 50), "p99": percentile(values, 99),
+            "mean": statistics.fmean(values) if values else float("nan"), "n": len(values)}
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2, default=str)

@@ -1,0 +1,123 @@
+"""Run every fleetbus benchmark and print figure, fleetbus, baseline, ratio, target, holds.
+
+    python3 dev.py bench            # full figures (several minutes)
+    python3 dev.py bench --quick    # under two minutes
+    .venv/bin/python bench/run.py --smoke --json   # seconds; what the test suite runs
+
+Absolute times on a shared machine drift; ratios against a baseline measured in the
+same run hold. The machine (cores, Python, kernel) is printed with every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from figures import Row, Sizes, agents_scale, describe, exec_agent, exec_local, put_agent, up_to_first_command  # noqa: E402
+from harness import Stack  # noqa: E402
+
+
+def machine() -> dict[str, str]:
+    return {"cores": str(os.cpu_count()), "python": platform.python_version(),
+            "platform": platform.platform(), "cpu": _cpu_model()}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 100:
+        return f"{value:,.0f}"
+    return f"{value:.2f}"
+
+
+def print_table(rows: list[Row]) -> None:
+    headers = ["figure", "fleetbus", "baseline", "unit", "ratio", "target", "holds", "note"]
+    cells = [[r.figure, _fmt(r.fleetbus), _fmt(r.baseline), r.unit, _fmt(r.ratio), r.target,
+              {True: "yes", False: "NO", None: "-"}[r.holds], r.note] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(widths[i]) for i, h in enumerate(headers)))
+    for c in cells:
+        print("  ".join(v.ljust(widths[i]) for i, v in enumerate(c)).rstrip())
+
+
+async def main(args: argparse.Namespace) -> list[Row]:
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    sizes = Sizes.of(mode)
+    rows: list[Row] = []
+    scp = None
+    try:
+        from sshbench import scp_baseline  # needs a real sshd; absent: rows say so
+        scp = scp_baseline
+    except ImportError:
+        pass
+    with tempfile.TemporaryDirectory(prefix="fleetbus-bench-") as tmp:
+        work = Path(tmp)
+        wanted = set(args.only or [])
+
+        def on(name: str) -> bool:
+            return not wanted or name in wanted
+
+        if on("startup"):
+            rows += await up_to_first_command(work)
+        stack = await Stack.start(work)
+        try:
+            if on("local"):
+                rows += await exec_local(stack, sizes, work)
+            if on("agent"):
+                rows += await exec_agent(stack, sizes, work)
+            if on("put"):
+                rows += await put_agent(stack, sizes, work, scp)
+            if on("scale"):
+                rows += await agents_scale(stack, sizes, work)
+        finally:
+            await stack.stop()
+        if on("ssh"):
+            try:
+                from sshbench import ssh_rows
+            except ImportError:
+                ssh_rows = None
+            if ssh_rows is not None:
+                rows += await ssh_rows(work, sizes)
+    return rows
+
+
+def cli() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, under two minutes")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the benchmarks work")
+    parser.add_argument("--only", action="append", choices=["startup", "local", "agent", "put", "scale", "ssh"])
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    rows = asyncio.run(main(args))
+    info = machine()
+    if args.json:
+        print(json.dumps({"machine": info, "rows": describe(rows)}, indent=2, default=str))
+    else:
+        print(f"machine: {info['cores']} cores, {info['cpu']}, Python {info['python']}, {info['platform']}")
+        print_table(rows)
+        print(f"({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
