@@ -37,15 +37,20 @@ class ServerChecker:
         self.timeout_s = timeout_s
         self.slots = asyncio.Semaphore(concurrency)
         self.known: dict[str, str] = {}  # server -> transport, to drop gauges of removed servers
+        # Our own last verdict per server: the status bucket is also written by gateways
+        # and workers, so it cannot tell us whether the state changed since our last check.
+        self.last_state: dict[str, str] = {}
+        self.running: dict[str, asyncio.Task[bool]] = {}
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [t for t in (self._task, *self.running.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _loop(self) -> None:
         while True:
@@ -58,14 +63,25 @@ class ServerChecker:
             await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))
 
     async def check_all(self) -> None:
+        """Start a check of every server not being checked already; do not wait for them.
+
+        A server that never answers holds only its own check for the timeout, never the
+        others' (each round starts what is due and returns).
+        """
         servers = await self.registry.list()
         for name in set(self.known) - {s.name for s in servers}:
             self.metrics.forget_server(name, self.known.pop(name))
-        await asyncio.gather(*(self._check_bounded(s) for s in servers))
+            self.last_state.pop(name, None)
+        for server in servers:
+            if server.name in self.running:
+                continue
+            task = asyncio.create_task(self._check_bounded(server))
+            self.running[server.name] = task
+            task.add_done_callback(lambda _t, n=server.name: self.running.pop(n, None))
 
-    async def _check_bounded(self, server: Server) -> None:
+    async def _check_bounded(self, server: Server) -> bool:
         async with self.slots:
-            await self.check(server)
+            return await self.check(server)
 
     async def check(self, server: Server) -> bool:
         self.known[server.name] = server.transport
@@ -97,12 +113,13 @@ class ServerChecker:
         state = "online" if ok else "offline"
         now = utcnow()
         base = previous.model_dump() if previous else {"name": server.name}
-        changed = previous is None or previous.state != state
+        changed = self.last_state.get(server.name) != state
+        self.last_state[server.name] = state
         update = {"state": state, "last_check": now, "check_latency_s": round(latency, 6),
                   "detail": detail}
         if ok:
             update["last_seen"] = now
-        if changed:
+        if previous is None or previous.state != state:
             update["since"] = now
         await self.registry.set_status(ServerStatus.model_validate({**base, **update}))
         if changed:

@@ -387,6 +387,8 @@ class PluginHost:
     async def _audit(self, served: _Served, op: str, body: dict[str, Any], command_id: str,
                      requester: str, started: float, outcome: _Outcome, replayed: bool) -> None:
         error = outcome.reply.get("error") or {}
+        if op == "ping" and requester == CHECKER_REQUESTER:
+            return  # health checks have their own metrics and would drown the trail
         elapsed = time.monotonic() - started
         label_op = op if op in OPERATIONS else "invalid"
         result = "ok" if outcome.reply.get("ok") else str(error.get("code", "internal"))
@@ -394,8 +396,6 @@ class PluginHost:
         self.metrics.command_seconds.labels(served.transport, label_op).observe(elapsed)
         if outcome.bytes:
             self.metrics.bytes.labels(served.transport, label_op).inc(outcome.bytes)
-        if op == "ping" and requester == CHECKER_REQUESTER:
-            return  # health checks would drown the trail; they are in the metrics instead
         await self.auditor.record(
             AuditRecord(
                 ts=utcnow(), id=command_id, server=served.server.name, transport=served.transport,

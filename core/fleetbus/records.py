@@ -96,7 +96,7 @@ class ServerStatus(Strict):
     check_latency_s: float | None = None
 
 
-CredentialType = Literal["password", "ssh-key", "token"]
+CredentialType = Literal["password", "ssh-key", "token", "windows"]
 
 
 class CredentialInfo(Strict):

@@ -48,6 +48,7 @@ class StackOptions:
     host_settings: HostSettings = field(default_factory=HostSettings)
     metrics_addr: str | None = None
     check_interval_s: float = 30.0
+    check_timeout_s: float = 10.0
 
 
 @dataclass
@@ -104,7 +105,8 @@ async def start_stack(opts: StackOptions, stack: AsyncExitStack, *, embedded_nat
         stack.push_async_callback(running.admin.stop)
         if opts.check_interval_s > 0:
             running.checker = ServerChecker(nc, names, Registry(state.servers, state.status), metrics,
-                                            interval_s=opts.check_interval_s)
+                                            interval_s=opts.check_interval_s,
+                                            timeout_s=opts.check_timeout_s)
             running.checker.start()
             stack.push_async_callback(running.checker.stop)
     if worker:

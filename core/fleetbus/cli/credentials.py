@@ -25,7 +25,7 @@ def credentials() -> None:
 
 @credentials.command("add")
 @click.argument("name")
-@click.option("--type", "ctype", type=click.Choice(["password", "ssh-key", "token"]), required=True)
+@click.option("--type", "ctype", type=click.Choice(["password", "ssh-key", "token", "windows"]), required=True)
 @click.option("--user", help="The user name the credential logs in as.")
 @click.option("--secret-file", type=click.Path(dir_okay=False), help="Read the secret from this file.")
 @click.option("--private-key-file", type=click.Path(dir_okay=False), help="ssh-key: the private key file.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import click
@@ -31,6 +32,8 @@ def servers() -> None:
 @click.option("--max-concurrency", type=click.IntRange(1, 1024), default=16, show_default=True,
               help="Commands run at once on this server, per worker.")
 @click.option("--description", help="Free text.")
+@click.option("--host-key", help="ssh: the server's host key to pin (\"ssh-ed25519 AAAA...\" or SHA256:...).")
+@click.option("--via", help="ssh: reach it through this registered ssh server (a jump host).")
 @click.option("--fingerprint", help="agent-inbound: the agent's certificate fingerprint (sha256:...).")
 @click.option("--trust-on-first-use", is_flag=True, help="agent-inbound: pin the certificate seen first.")
 @click.option("--key-file", type=click.Path(dir_okay=False), help="agent-inbound: file holding the server's key "
@@ -41,7 +44,8 @@ def servers() -> None:
 def add(g: Globals, name: str, transport: str, host: str | None, port: int | None,
         credential: str | None, roles: tuple[str, ...], environment: str | None,
         labels: tuple[str, ...], options: tuple[str, ...], max_concurrency: int,
-        description: str | None, fingerprint: str | None, trust_on_first_use: bool,
+        description: str | None, host_key: str | None, via: str | None,
+        fingerprint: str | None, trust_on_first_use: bool,
         key_file: str | None, replace: bool, as_json: bool) -> None:
     """Register the server NAME."""
     opts = parse_options(options)
@@ -60,6 +64,15 @@ def add(g: Globals, name: str, transport: str, host: str | None, port: int | Non
             credential = f"agent-{name}"
     elif fingerprint or trust_on_first_use or key_file:
         fail("--fingerprint, --trust-on-first-use and --key-file are for agent-inbound servers")
+    if transport == "ssh":
+        if not host:
+            fail("an ssh server needs --host")
+        if host_key:
+            opts["host_key"] = host_key.strip()
+        if via:
+            opts["via"] = via
+    elif host_key or via:
+        fail("--host-key and --via are for ssh servers")
     body: dict[str, Any] = {
         "name": name, "transport": transport, "host": host, "port": port,
         "credential": credential, "roles": list(roles), "environment": environment,
@@ -194,3 +207,50 @@ def remove(g: Globals, name: str) -> None:
     """Remove the server NAME from the registry."""
     client_call(g, lambda c: c.remove_server(name))
     click.echo(f"removed {name}")
+
+
+@servers.command("trust")
+@click.argument("name")
+@click.option("--yes", "-y", is_flag=True, help="Pin without asking.")
+@click.option("--replace", is_flag=True, help="Replace a pinned host key that no longer matches.")
+@pass_globals
+def trust(g: Globals, name: str, yes: bool, replace: bool) -> None:
+    """Show the host key an ssh server offers and pin it.
+
+    Compare the fingerprint with the one the server's console shows
+    (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub) before you confirm.
+    """
+    from ..errors import AuthFailed
+
+    async def offered(c: Client) -> tuple[dict[str, Any], dict[str, Any] | None, str]:
+        server = (await c.get_server(name))["server"]
+        if server["transport"] != "ssh":
+            fail(f"{name} uses the {server['transport']} transport; trust is for ssh servers")
+        try:
+            await c.ping(name)
+        except AuthFailed as exc:
+            if "host_key" in exc.details:
+                return server, exc.details, exc.message
+            raise
+        return server, None, ""
+
+    server, details, message = client_call(g, offered)
+    if details is None:
+        click.echo(f"{name}'s host key is already trusted ({server['options'].get('host_key', '')[:60]})")
+        return
+    mismatch = bool(server["options"].get("host_key"))
+    click.echo(f"{name} offers the host key {details.get('host_key_fingerprint', '?')}")
+    click.echo(f"  {details['host_key']}")
+    if mismatch:
+        click.echo(f"fleetbus: warning: {message}", err=True)
+        if not replace:
+            fail(f"{name} already has a different pinned host key; pass --replace if you know why it changed")
+    if not yes:
+        if not sys.stdin.isatty():
+            fail("pass --yes to pin without a prompt")
+        if not click.confirm("Pin this host key?", default=False, err=True):
+            fail("not pinned")
+    options = dict(server["options"], host_key=details["host_key"])
+    body = {k: v for k, v in server.items() if k != "created"} | {"options": options}
+    client_call(g, lambda c: c.add_server(body, replace=True))
+    click.echo(f"pinned {details.get('host_key_fingerprint', 'the host key')} for {name}")

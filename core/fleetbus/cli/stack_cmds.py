@@ -58,11 +58,13 @@ def _say(text: str) -> None:
               help="Serve Prometheus metrics here (port 0: any free port; 'off' to disable).")
 @click.option("--check-interval", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds between server checks (0 disables them).")
+@click.option("--check-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds a server check waits for the server's answer.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @pass_globals
 def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gateway_listen: str,
        transport_settings: tuple[str, ...], metrics_addr: str, check_interval: float,
-       verbose: int) -> None:
+       check_timeout: float, verbose: int) -> None:
     """Start everything on this machine: NATS (unless --nats), the core and every transport."""
     from ..host import HostSettings  # the stack is heavy; `fleetbus run` never needs it
     from ..stack import StackOptions, ensure_local_server, start_stack, wait_for_signal
@@ -72,7 +74,8 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
     opts = StackOptions(home=home, nats_url=g.nats, nats_host=nats_host, nats_port=nats_port,
                         prefix=g.prefix, transports=_transports(transports),
                         host_settings=HostSettings(transport_settings=_settings(gateway_listen, transport_settings)),
-                        metrics_addr=_metrics(metrics_addr), check_interval_s=check_interval)
+                        metrics_addr=_metrics(metrics_addr), check_interval_s=check_interval,
+                        check_timeout_s=check_timeout)
 
     async def main() -> None:
         started = time.monotonic()
@@ -113,14 +116,18 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
               help="Serve Prometheus metrics here ('off' to disable).")
 @click.option("--check-interval", type=click.FloatRange(min=0), default=30.0, show_default=True,
               help="Seconds between server checks (0 disables them).")
+@click.option("--check-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds a server check waits for the server's answer.")
 @pass_globals
-def core(g: Globals, verbose: int, replicas: int, metrics_addr: str, check_interval: float) -> None:
+def core(g: Globals, verbose: int, replicas: int, metrics_addr: str, check_interval: float,
+         check_timeout: float) -> None:
     """Run the core alone (admin API, vault, registry) against a shared NATS."""
     from ..stack import StackOptions, start_stack, wait_for_signal
 
     _logging(verbose)
     opts = StackOptions(home=g.home_dir(), nats_url=g.nats, prefix=g.prefix, replicas=replicas,
-                        metrics_addr=_metrics(metrics_addr), check_interval_s=check_interval)
+                        metrics_addr=_metrics(metrics_addr), check_interval_s=check_interval,
+                        check_timeout_s=check_timeout)
 
     async def main() -> None:
         async with AsyncExitStack() as stack:
