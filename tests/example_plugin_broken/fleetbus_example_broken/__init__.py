@@ -1,0 +1,1 @@
+"""A deliberately broken fleetbus plugin: importing its ``plugin`` module raises."""
