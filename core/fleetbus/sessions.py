@@ -32,11 +32,16 @@ class _Entry:
 
 
 class SessionPool:
-    def __init__(self, transport: Transport, credentials: CredentialLookup) -> None:
+    def __init__(self, transport: Transport, credentials: CredentialLookup,
+                 open_timeout_s: float = 60.0) -> None:
         self.transport = transport
         self.credentials = credentials
+        self.open_timeout_s = open_timeout_s
         self.entries: dict[str, _Entry] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        # Sessions replaced while commands still used them: closed when the last one ends.
+        self._users: dict[int, int] = {}
+        self._retired: dict[int, Session] = {}
 
     @asynccontextmanager
     async def use(self, server: Server) -> AsyncIterator[Session]:
@@ -46,29 +51,48 @@ class SessionPool:
                 not entry.session.alive or entry.server != server
             )
             if stale:
-                # Commands still using the old session keep it; it closes in the background.
-                self._close_later(entry.session)  # type: ignore[arg-type]
+                # Commands still using the old session keep it; it closes after the last one.
+                old = entry.session
+                assert old is not None
+                if self._users.get(id(old), 0) > 0:
+                    self._retired[id(old)] = old
+                else:
+                    self._close_later(old)
                 entry.session = None
             if entry.session is None:
                 entry.session = await self._open(server)
                 entry.server = server
             session = entry.session
         entry.in_use += 1
+        self._users[id(session)] = self._users.get(id(session), 0) + 1
         try:
             yield session
         finally:
             entry.in_use -= 1
             entry.last_used = time.monotonic()
+            left = self._users[id(session)] - 1
+            if left:
+                self._users[id(session)] = left
+            else:
+                del self._users[id(session)]
+                retired = self._retired.pop(id(session), None)
+                if retired is not None:
+                    self._close_later(retired)
 
     async def _open(self, server: Server) -> Session:
         """Open a session; failures are marked ``before_start``: no command reached the server."""
         try:
             credential = await self.credentials(server.credential) if server.credential else None
-            return await self.transport.open(server, credential)
+            return await asyncio.wait_for(self.transport.open(server, credential), self.open_timeout_s)
         except FleetbusError as exc:
             exc.before_start = True  # type: ignore[attr-defined]
             raise
-        except (OSError, ConnectionError, TimeoutError) as exc:
+        except TimeoutError:
+            err = ServerOffline(f"opening a {self.transport.name} session to {server.name} "
+                                f"took longer than {self.open_timeout_s:g} s")
+            err.before_start = True  # type: ignore[attr-defined]
+            raise err from None
+        except (OSError, ConnectionError) as exc:
             err = ServerOffline(
                 f"cannot reach {server.name} over {self.transport.name}: "
                 f"{(str(exc).splitlines() or [''])[0][:200] or type(exc).__name__}"

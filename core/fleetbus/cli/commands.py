@@ -44,18 +44,26 @@ def _write(stream: str, data: bytes) -> None:
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Environment variable (repeatable).")
 @click.option("--cwd", help="Working directory on the server.")
 @click.option("--shell", "use_shell", is_flag=True, help="Run COMMAND as one shell command line.")
+@click.option("--powershell", "use_powershell", is_flag=True,
+              help="wmi: run COMMAND as a PowerShell script (sent -EncodedCommand).")
 @click.option("--stdin", "-i", "forward_stdin", is_flag=True, help=f"Send standard input (up to {MAX_INLINE_BYTES // 1024} KiB).")
 @click.option("--id", "command_id", help="Command id; a retry with the same id is not run twice.")
 @click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON instead of streaming output.")
 @pass_globals
 def run(g: Globals, server: str, command: tuple[str, ...], timeout_s: float, env: tuple[str, ...],
-        cwd: str | None, use_shell: bool, forward_stdin: bool, command_id: str | None, as_json: bool) -> None:
+        cwd: str | None, use_shell: bool, use_powershell: bool, forward_stdin: bool,
+        command_id: str | None, as_json: bool) -> None:
     """Run COMMAND on SERVER, streaming its output; exit with its exit code.
 
     Put `--` before COMMAND when it has options of its own:
     fleetbus run web1 -- ls -la /srv
     """
     argv = list(command)
+    if use_shell and use_powershell:
+        fail("give --shell or --powershell, not both", EXIT_FLEETBUS_ERROR)
+    if use_powershell:
+        # The wmi transport runs ["powershell", SCRIPT] with -EncodedCommand (docs/wmi.md).
+        argv = ["powershell", " ".join(argv)]
     stdin = None
     if forward_stdin:
         stdin = sys.stdin.buffer.read(MAX_INLINE_BYTES + 1)

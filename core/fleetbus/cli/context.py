@@ -48,6 +48,29 @@ def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     sys.exit(code)
 
 
+ENV_LOOP = "FLEETBUS_LOOP"
+
+
+def choose_event_loop() -> str:
+    """uvloop when installed (the ``fast`` extra) unless FLEETBUS_LOOP=asyncio; else asyncio.
+
+    Measured in bench/: see docs/performance.md for what it gains.
+    """
+    wanted = os.environ.get(ENV_LOOP, "auto").strip().lower()
+    if wanted not in ("auto", "uvloop", "asyncio"):
+        fail(f"{ENV_LOOP} must be auto, uvloop or asyncio, not {wanted!r}")
+    if wanted == "asyncio":
+        return "asyncio"
+    try:
+        import uvloop
+    except ImportError:
+        if wanted == "uvloop":
+            fail("FLEETBUS_LOOP=uvloop but uvloop is not installed: pip install 'fleetbus[fast]'")
+        return "asyncio"
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return "uvloop"
+
+
 def run_async(
     coro_fn: Callable[[], Awaitable[T]],
     error_exit: int = EXIT_ERROR,

@@ -10,15 +10,17 @@ from contextlib import AsyncExitStack
 import click
 
 from .. import __version__
-from .context import Globals, parse_options, pass_globals, run_async
+from .context import Globals, choose_event_loop, parse_options, pass_globals, run_async
 
 
 def _logging(verbose: int) -> None:
+    loop = choose_event_loop()
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if verbose < 2:
         logging.getLogger("nats").setLevel(logging.CRITICAL)
+    logging.getLogger("fleetbus").info("event loop: %s", loop)
 
 
 def _transports(value: str | None) -> list[str] | None:
