@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
         ensure_system_packages()
         return subprocess.call([str(py), "-m", "pytest", *rest], cwd=ROOT)
     if cmd == "bench":
-        py = setup("test")
+        py = setup("test,fast")
         ensure_system_packages()
         return subprocess.call([str(py), str(ROOT / "bench" / "run.py"), *rest], cwd=ROOT)
     print(__doc__)

@@ -60,13 +60,16 @@ class Sizes:
                    agents_fanout=1000, put_mib=1024, sftp_mib=256)
 
 
-async def _exec_latencies(stack: Stack, server: str, n: int) -> list[float]:
-    for _ in range(max(5, n // 10)):  # warm the session, the caches and the JIT-less paths
+async def _exec_latencies(stack: Stack, server: str, n: int, with_id: bool = False) -> list[float]:
+    import uuid
+
+    for _ in range(max(5, n // 10)):  # warm the session and the caches
         await stack.client.exec(server, ["true"])
     out = []
     for _ in range(n):
+        cid = uuid.uuid4().hex if with_id else None
         t0 = time.perf_counter()
-        result = await stack.client.exec(server, ["true"])
+        result = await stack.client.exec(server, ["true"], command_id=cid)
         out.append(time.perf_counter() - t0)
         assert result.exit_code == 0
     return out
@@ -91,6 +94,10 @@ async def exec_local(stack: Stack, sizes: Sizes, work: Path) -> list[Row]:
         holds = (f - b) < 1.0 if p == 50 else None
         rows.append(Row(f"exec true on local, p{p}", f, b, "ms", "p50 overhead < 1 ms" if p == 50 else "-",
                         holds, note=f"overhead {f - b:.2f} ms"))
+    with_id = await _exec_latencies(stack, "local", sizes.exec_n, with_id=True)
+    f, b = percentile(with_id, 50) * MS, percentile(base, 50) * MS
+    rows.append(Row("exec true on local with a command id, p50", f, b, "ms", "(at-most-once: +1 KV claim)",
+                    None, note=f"overhead {f - b:.2f} ms"))
     return rows
 
 

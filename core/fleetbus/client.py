@@ -153,9 +153,15 @@ class Client:
         on_output: OutputCallback | None = None,
         command_id: str | None = None,
     ) -> ExecOutcome:
-        """Run a process on ``server``; stream its output to ``on_output(stream, bytes)``."""
-        command_id = command_id or uuid.uuid4().hex
-        body: dict[str, Any] = {"id": command_id, "timeout_s": timeout_s}
+        """Run a process on ``server``; stream its output to ``on_output(stream, bytes)``.
+
+        Pass ``command_id`` to make the command retry-safe (a retry with the same id is
+        not run twice) and cancellable with :meth:`cancel`; it costs one JetStream
+        round trip. Without it fleetbus names the command itself (see the result's id).
+        """
+        body: dict[str, Any] = {"timeout_s": timeout_s}
+        if command_id is not None:
+            body["id"] = command_id
         if shell is not None:
             body["shell"] = shell
         else:
@@ -209,8 +215,9 @@ class Client:
         timeout_s: float = 6 * 3600.0,
     ) -> dict[str, Any]:
         """Write ``source`` (bytes or a local file) to ``path`` on ``server`` atomically."""
-        command_id = command_id or uuid.uuid4().hex
-        body: dict[str, Any] = {"id": command_id, "path": path, "make_parents": make_parents}
+        body: dict[str, Any] = {"path": path, "make_parents": make_parents}
+        if command_id is not None:
+            body["id"] = command_id
         if mode is not None:
             body["mode"] = f"{mode:04o}"
         size = len(source) if isinstance(source, bytes) else source.stat().st_size
@@ -221,7 +228,7 @@ class Client:
             if progress:
                 progress(size, size)
             return reply
-        name = f"put/{server}/{command_id}"
+        name = f"put/{server}/{command_id or uuid.uuid4().hex}"
         stored = await self.files.write(name, _read_chunks(source, size, progress))
         body.update(object=name, sha256=stored.sha256)
         try:
