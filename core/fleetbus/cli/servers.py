@@ -235,6 +235,11 @@ def trust(g: Globals, name: str, yes: bool, replace: bool) -> None:
         return server, None, ""
 
     server, details, message = client_call(g, offered)
+    if details is not None and details.get("server", name) != name:
+        # The key in question is a jump host's: never pin it onto this server.
+        other = details["server"]
+        fail(f"the host key of {other} (the jump host of {name}) is the problem: {message}; "
+             f"run `fleetbus servers trust {other}`")
     if details is None:
         click.echo(f"{name}'s host key is already trusted ({server['options'].get('host_key', '')[:60]})")
         return

@@ -20,6 +20,10 @@ def _logging(verbose: int) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if verbose < 2:
         logging.getLogger("nats").setLevel(logging.CRITICAL)
+        # paramiko logs every refused or dropped connection at ERROR with a traceback;
+        # the ssh transport reports those itself, once, as command errors.
+        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+        logging.getLogger("fleetbus.transport.ssh.paramiko").setLevel(logging.CRITICAL)
     logging.getLogger("fleetbus").info("event loop: %s", loop)
 
 
