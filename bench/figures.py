@@ -94,6 +94,20 @@ async def exec_local(stack: Stack, sizes: Sizes, work: Path) -> list[Row]:
         holds = (f - b) < 1.0 if p == 50 else None
         rows.append(Row(f"exec true on local, p{p}", f, b, "ms", "p50 overhead < 1 ms" if p == 50 else "-",
                         holds, note=f"overhead {f - b:.2f} ms"))
+    try:
+        import uvloop  # noqa: F401  (the fast extra)
+
+        uv = await Stack.start(work / "uvloop", env={"FLEETBUS_LOOP": "uvloop"})
+        try:
+            uv_lat = await _exec_latencies(uv, "local", sizes.exec_n)
+        finally:
+            await uv.stop()
+        f = percentile(uv_lat, 50) * MS
+        b = percentile(fb, 50) * MS
+        rows.append(Row("exec true on local, p50, uvloop vs asyncio", f, b, "ms", "(uvloop where it helps)",
+                        None, note="uvloop is opt-in: FLEETBUS_LOOP=uvloop"))
+    except ImportError:
+        pass
     with_id = await _exec_latencies(stack, "local", sizes.exec_n, with_id=True)
     f, b = percentile(with_id, 50) * MS, percentile(base, 50) * MS
     rows.append(Row("exec true on local with a command id, p50", f, b, "ms", "(at-most-once: +1 KV claim)",

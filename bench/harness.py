@@ -59,9 +59,10 @@ class Stack:
     swarms: list[Any] = field(default_factory=list)
 
     @classmethod
-    async def start(cls, workdir: Path, *extra: str) -> "Stack":
+    async def start(cls, workdir: Path, *extra: str, env: dict[str, str] | None = None) -> "Stack":
         fleet = await asyncio.to_thread(
-            lambda: Fleet(workdir / "home", extra_args=["--check-interval", "0", *extra]).start())
+            lambda: Fleet(workdir / "home", extra_args=["--check-interval", "0", *extra],
+                          env=dict(env or {})).start())
         settings = NatsSettings(url=fleet.nats_url, token=fleet.token)
         client = await Client.connect(settings, requester="bench")
         return cls(fleet, client)

@@ -108,7 +108,15 @@ def cli() -> int:
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
     started = time.perf_counter()
-    rows = asyncio.run(main(args))
+    try:
+        rows = asyncio.run(main(args))
+    finally:
+        try:
+            import sshbench
+
+            sshbench.stop()
+        except ImportError:
+            pass
     info = machine()
     if args.json:
         print(json.dumps({"machine": info, "rows": describe(rows)}, indent=2, default=str))

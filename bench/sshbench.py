@@ -1,0 +1,115 @@
+"""Benchmarks against a real OpenSSH sshd: the ssh transport vs OpenSSH's own client.
+
+Baselines: `ssh` with ControlMaster (one connection reused, like fleetbus) for
+`exec true`, and `scp` to the same sshd for file transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from harness import ROOT, Stack, percentile  # noqa: F401
+from support.sshd import Sshd, generate_key, require_sshd  # noqa: E402
+
+MS = 1000.0
+MiB = 1024 * 1024
+_lab: dict[str, object] = {}
+
+
+def _sshd() -> tuple[Sshd, Path]:
+    if "sshd" not in _lab:
+        require_sshd()
+        base = Path(tempfile.mkdtemp(prefix="fleetbus-bench-ssh-"))
+        key = generate_key(base, "id_bench")
+        server = Sshd(base / "sshd")
+        server.authorize(key.public)
+        server.start()
+        key_file = base / "id_bench"
+        os.chmod(key_file, 0o600)
+        _lab.update(sshd=server, key=key_file, base=base)
+    return _lab["sshd"], _lab["key"]  # type: ignore[return-value]
+
+
+def _ssh_opts(key: Path) -> list[str]:
+    return ["-i", str(key), "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "LogLevel=ERROR", "-o", "BatchMode=yes"]
+
+
+def scp_baseline(src: Path, dest: Path) -> float:
+    server, key = _sshd()
+    t0 = time.perf_counter()
+    subprocess.run(["scp", "-q", *_ssh_opts(key), "-P", str(server.port), str(src),
+                    f"root@{server.host}:{dest}"], check=True)
+    return time.perf_counter() - t0
+
+
+def _scp_get(remote: Path, dest: Path) -> float:
+    server, key = _sshd()
+    t0 = time.perf_counter()
+    subprocess.run(["scp", "-q", *_ssh_opts(key), "-P", str(server.port),
+                    f"root@{server.host}:{remote}", str(dest)], check=True)
+    return time.perf_counter() - t0
+
+
+def _controlmaster_latencies(n: int) -> list[float]:
+    server, key = _sshd()
+    control = Path(_lab["base"]) / "cm.sock"  # type: ignore[arg-type]
+    base = ["ssh", *_ssh_opts(key), "-p", str(server.port), "-o", "ControlMaster=auto",
+            "-o", f"ControlPath={control}", "-o", "ControlPersist=60", f"root@{server.host}"]
+    for _ in range(5):
+        subprocess.run([*base, "true"], check=True)
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        subprocess.run([*base, "true"], check=True)
+        out.append(time.perf_counter() - t0)
+    subprocess.run(["ssh", "-o", f"ControlPath={control}", "-O", "exit", f"root@{server.host}"],
+                   capture_output=True)
+    return out
+
+
+async def ssh_rows(work: Path, sizes) -> list:  # noqa: ANN001
+    from figures import Row, _exec_latencies, _write_file
+
+    server, key = _sshd()
+    stack = await Stack.start(work / "sshstack")
+    try:
+        await stack.client.add_credential("bench-key", "ssh-key", key.read_bytes(), user="root")
+        await stack.client.add_server({"name": "bench-ssh", "transport": "ssh", "host": server.host,
+                                       "port": server.port, "credential": "bench-key",
+                                       "options": {"host_key": server.host_key_line}})
+        n = min(sizes.exec_n, 200)  # each round trip logs in a shell: ~0.15 s here
+        fb = await _exec_latencies(stack, "bench-ssh", n)
+        cm = await asyncio.to_thread(_controlmaster_latencies, n)
+        f, b = percentile(fb, 50) * MS, percentile(cm, 50) * MS
+        rows = [Row("exec true on ssh, p50", f, b, "ms", "ratio <= 1.1 (vs ssh ControlMaster)", f / b <= 1.1)]
+        src = work / "sftp.bin"
+        await asyncio.to_thread(_write_file, src, sizes.sftp_mib)
+        remote = work / "sftp-remote.bin"
+        t0 = time.perf_counter()
+        await stack.client.put("bench-ssh", src, str(remote))
+        put_s = time.perf_counter() - t0
+        scp_put = await asyncio.to_thread(scp_baseline, src, work / "scp-put.bin")
+        t0 = time.perf_counter()
+        await stack.client.get("bench-ssh", str(remote), work / "sftp-back.bin")
+        get_s = time.perf_counter() - t0
+        scp_get = await asyncio.to_thread(_scp_get, remote, work / "scp-back.bin")
+        mib = sizes.sftp_mib
+        rows.append(Row(f"{mib} MiB put on ssh (SFTP)", mib / put_s, mib / scp_put, "MiB/s",
+                        "ratio >= 1.0 (vs scp)", scp_put / put_s >= 1.0))
+        rows.append(Row(f"{mib} MiB get on ssh (SFTP)", mib / get_s, mib / scp_get, "MiB/s",
+                        "ratio >= 1.0 (vs scp)", scp_get / get_s >= 1.0))
+        return rows
+    finally:
+        await stack.stop()
+
+
+def stop() -> None:
+    server = _lab.get("sshd")
+    if server is not None:
+        server.stop()  # type: ignore[attr-defined]

@@ -1,0 +1,32 @@
+"""The benchmarks run (at tiny sizes) and report every figure; no timing is asserted here."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_smoke_reports_every_figure() -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--json"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["machine"]["cores"] and report["machine"]["python"]
+    figures = {row["figure"] for row in report["rows"]}
+    for expected in ("fleetbus up to first command answered", "exec true on local, p50",
+                     "exec true via outbound agent, p50", "idle agent resident memory",
+                     "exec true on ssh, p50"):
+        assert expected in figures, figures
+    assert any(f.startswith("agents held by one gateway") for f in figures)
+    assert any(f.startswith("ping all") for f in figures)
+    assert any("put via outbound agent" in f for f in figures)
+    assert any("put on ssh" in f for f in figures) and any("get on ssh" in f for f in figures)
+    for row in report["rows"]:
+        assert math.isfinite(row["fleetbus"]) and row["fleetbus"] > 0, row
+        if row["baseline"] is not None:
+            assert row["baseline"] > 0 and row["ratio"] > 0, row
