@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -34,6 +35,12 @@ def servers() -> None:
 @click.option("--description", help="Free text.")
 @click.option("--host-key", help="ssh: the server's host key to pin (\"ssh-ed25519 AAAA...\" or SHA256:...).")
 @click.option("--via", help="ssh: reach it through this registered ssh server (a jump host).")
+@click.option("--scheme", type=click.Choice(["https", "http"]), help="wmi: WinRM over https (default) or http.")
+@click.option("--auth", "winrm_auth", type=click.Choice(["ntlm", "kerberos", "basic", "credssp"]),
+              help="wmi: WinRM authentication (default ntlm).")
+@click.option("--ca", "ca_file", type=click.Path(exists=True, dir_okay=False),
+              help="wmi: CA bundle to verify the server's certificate.")
+@click.option("--insecure-skip-verify", is_flag=True, help="wmi: do not verify the certificate (not advised).")
 @click.option("--fingerprint", help="agent-inbound: the agent's certificate fingerprint (sha256:...).")
 @click.option("--trust-on-first-use", is_flag=True, help="agent-inbound: pin the certificate seen first.")
 @click.option("--key-file", type=click.Path(dir_okay=False), help="agent-inbound: file holding the server's key "
@@ -44,7 +51,8 @@ def servers() -> None:
 def add(g: Globals, name: str, transport: str, host: str | None, port: int | None,
         credential: str | None, roles: tuple[str, ...], environment: str | None,
         labels: tuple[str, ...], options: tuple[str, ...], max_concurrency: int,
-        description: str | None, host_key: str | None, via: str | None,
+        description: str | None, host_key: str | None, via: str | None, scheme: str | None,
+        winrm_auth: str | None, ca_file: str | None, insecure_skip_verify: bool,
         fingerprint: str | None, trust_on_first_use: bool,
         key_file: str | None, replace: bool, as_json: bool) -> None:
     """Register the server NAME."""
@@ -73,6 +81,19 @@ def add(g: Globals, name: str, transport: str, host: str | None, port: int | Non
             opts["via"] = via
     elif host_key or via:
         fail("--host-key and --via are for ssh servers")
+    if transport == "wmi":
+        if not host:
+            fail("a wmi server needs --host")
+        if ca_file and insecure_skip_verify:
+            fail("give --ca or --insecure-skip-verify, not both")
+        for key, value in (("scheme", scheme), ("auth", winrm_auth),
+                           ("ca", str(Path(ca_file).resolve()) if ca_file else None)):
+            if value:
+                opts[key] = value
+        if insecure_skip_verify:
+            opts["insecure_skip_verify"] = True
+    elif scheme or winrm_auth or ca_file or insecure_skip_verify:
+        fail("--scheme, --auth, --ca and --insecure-skip-verify are for wmi servers")
     body: dict[str, Any] = {
         "name": name, "transport": transport, "host": host, "port": port,
         "credential": credential, "roles": list(roles), "environment": environment,
