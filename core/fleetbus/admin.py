@@ -39,6 +39,7 @@ log = logging.getLogger("fleetbus.admin")
 
 # Transports whose servers authenticate with a fleetbus-issued secret key.
 KEYED_TRANSPORTS = frozenset({"agent-outbound"})
+GATEWAY_CACHE_S = 5.0
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -88,6 +89,7 @@ class AdminService:
         self.agent_keys = agent_keys
         self.gateways = gateways
         self.auditor = Auditor(nc.jetstream(timeout=10), names)
+        self._gateway_cache: tuple[float, list[dict[str, Any]]] | None = None
         self.known_transports = known_transports
         self.service: Service | None = None
 
@@ -231,13 +233,20 @@ class AdminService:
         return {"ok": True, "name": server.name}
 
     async def _gateways(self) -> list[dict[str, Any]]:
+        # Cached briefly: registering thousands of agent servers must not open a KV
+        # consumer per request (the server limits consumers per stream).
+        now = time.monotonic()
+        if self._gateway_cache is not None and now - self._gateway_cache[0] < GATEWAY_CACHE_S:
+            return self._gateway_cache[1]
         out = []
         for raw in (await kv_snapshot(self.gateways)).values():
             try:
                 out.append(json.loads(raw))
             except ValueError:
                 continue
-        return sorted(out, key=lambda g: str(g.get("worker")))
+        records = sorted(out, key=lambda g: str(g.get("worker")))
+        self._gateway_cache = (now, records)
+        return records
 
     async def gateways_list(self, body: dict[str, Any]) -> dict[str, Any]:
         _Body.model_validate(body)

@@ -26,8 +26,12 @@ ServerChange = Callable[[str, Server | None], Awaitable[None]]
 
 
 async def kv_snapshot(kv: KeyValue) -> dict[str, bytes]:
-    """Every live key and value in one pass (one consumer, not one request per key)."""
-    watcher = await kv.watchall()
+    """Every live key and value in one pass (one consumer, not one request per key).
+
+    The consumer is ephemeral; a short inactivity threshold lets the server drop it soon
+    after, so frequent snapshots never pile up against the consumer limit.
+    """
+    watcher = await kv.watchall(inactive_threshold=2.0)
     out: dict[str, bytes] = {}
     try:
         while True:
