@@ -28,6 +28,15 @@ from .protocol import AuthError, Connection, HandshakeError, agent_handshake
 log = logging.getLogger("fleetbus_agent.connect")
 
 CONNECT_TIMEOUT_S = 10.0
+# asyncio preallocates a 256 KiB read buffer per TLS connection; TLS records are at most
+# 16 KiB, so a smaller one costs nothing and keeps an idle agent small.
+TLS_READ_BUFFER = 64 * 1024
+
+
+def shrink_tls_buffers() -> None:
+    import asyncio.sslproto
+
+    asyncio.sslproto.SSLProtocol.max_size = min(asyncio.sslproto.SSLProtocol.max_size, TLS_READ_BUFFER)
 STABLE_AFTER_S = 30.0
 
 
@@ -116,6 +125,7 @@ async def connect_once(opts: ConnectOptions, handler: Handler, stop: asyncio.Eve
 async def run_connect(opts: ConnectOptions, stop: asyncio.Event,
                       handler: Optional[Handler] = None) -> None:
     """Stay connected to the gateway until ``stop`` is set."""
+    shrink_tls_buffers()
     handler = handler or Handler()
     attempt = 0
     while not stop.is_set():

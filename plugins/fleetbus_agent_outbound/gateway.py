@@ -40,6 +40,10 @@ from nats.js.kv import KV_DEL, KV_PURGE
 from .links import Link, Links
 
 RECORD_EVERY_S = 20.0
+# asyncio preallocates this read buffer for every TLS connection (256 KiB by default):
+# 1.25 GiB for 5,000 agents before a byte arrives. TLS records are at most 16 KiB, so
+# 64 KiB loses no throughput (bench: see docs/performance.md).
+TLS_READ_BUFFER = 64 * 1024
 STATUS_EVERY_S = 30.0
 
 
@@ -74,6 +78,9 @@ class GatewayTransport(Transport):
 
     # lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
+        import asyncio.sslproto
+
+        asyncio.sslproto.SSLProtocol.max_size = min(asyncio.sslproto.SSLProtocol.max_size, TLS_READ_BUFFER)
         services = self.ctx.services
         files = GatewayFiles.of(services.home)
         if not files.exists() and self.create_cert:
