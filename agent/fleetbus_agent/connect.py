@@ -36,7 +36,10 @@ TLS_READ_BUFFER = 64 * 1024
 def shrink_tls_buffers() -> None:
     import asyncio.sslproto
 
-    asyncio.sslproto.SSLProtocol.max_size = min(asyncio.sslproto.SSLProtocol.max_size, TLS_READ_BUFFER)
+    # Python 3.11+ only: older sslproto has no such buffer (and nothing to shrink).
+    current = getattr(asyncio.sslproto.SSLProtocol, "max_size", None)
+    if isinstance(current, int):
+        asyncio.sslproto.SSLProtocol.max_size = min(current, TLS_READ_BUFFER)
 STABLE_AFTER_S = 30.0
 
 
