@@ -342,25 +342,11 @@ async def agent_handshake(
         return await asyncio.wait_for(
             _agent_exchange(reader, writer, hello, versions, max_body, window), timeout
         )
-    except asyncio.TimeoutError:
-        await _drop(writer)
-        raise HandshakeError(
-            "timeout", f"no welcome from the controller within {timeout:g} s"
-        ) from None
-    except HandshakeError:
-        await _drop(writer)
+    except asyncio.CancelledError:
+        writer.transport.abort()  # half a handshake is no use to anyone
         raise
-    except ProtocolError as exc:
-        await _send_error(writer, exc.code, exc.message)
-        await _drop(writer)
-        raise HandshakeError(
-            exc.code, f"bad handshake from the controller: {exc.message}"
-        ) from None
-    except (EOFError, OSError) as exc:
-        await _drop(writer)
-        raise HandshakeError(
-            "transport_error", f"connection lost during handshake: {exc}"
-        ) from None
+    except Exception as exc:
+        raise await _fail_handshake(writer, exc, "controller", "welcome", timeout) from None
 
 
 async def _agent_exchange(
@@ -439,23 +425,12 @@ async def controller_handshake(
             ),
             timeout,
         )
-    except asyncio.TimeoutError:
-        await _drop(writer)
-        raise HandshakeError("timeout", f"no hello from the agent within {timeout:g} s") from None
-    except HandshakeError as exc:
-        if exc.code not in ("timeout", "transport_error"):
-            await _send_error(writer, exc.code, exc.message)
-        await _drop(writer)
+    except asyncio.CancelledError:
+        writer.transport.abort()
         raise
-    except ProtocolError as exc:
-        await _send_error(writer, exc.code, exc.message)
-        await _drop(writer)
-        raise HandshakeError(exc.code, f"bad handshake from the agent: {exc.message}") from None
-    except (EOFError, OSError) as exc:
-        await _drop(writer)
-        raise HandshakeError(
-            "transport_error", f"connection lost during handshake: {exc}"
-        ) from None
+    except Exception as exc:
+        # Refusals raised here (authenticate, versions) are ours: the agent is told.
+        raise await _fail_handshake(writer, exc, "agent", "hello", timeout, refuse_own=True) from None
 
 
 async def _controller_exchange(
@@ -624,18 +599,23 @@ def _own_refusal(exc: ProtocolError, peer: str) -> HandshakeError:
 
 
 async def _fail_handshake(
-    writer: asyncio.StreamWriter, exc: BaseException, peer: str, waiting: str, timeout: float
+    writer: asyncio.StreamWriter, exc: BaseException, peer: str, waiting: str, timeout: float,
+    refuse_own: bool = False,
 ) -> HandshakeError:
-    """Close after a failed inbound handshake; return the exception to raise.
+    """Close after a failed handshake (either mode); return the exception to raise.
 
-    Errors the peer sent (:class:`HandshakeError`) and timeouts just close. Our own
-    refusals (a plain :class:`ProtocolError`, which includes the peer's malformed
-    frames) are sent to the peer first. No message here quotes a header value.
+    Timeouts just close. A :class:`HandshakeError` is the peer's refusal and just
+    closes, unless ``refuse_own`` says this side raises its own (the outbound
+    controller's authenticate): then it is sent to the peer first. Our refusals as a
+    :class:`ProtocolError` (which includes the peer's malformed frames) are always sent.
+    No message here quotes a header value.
     """
     if isinstance(exc, asyncio.TimeoutError):
         await _drop(writer)
         return HandshakeError("timeout", f"no {waiting} from the {peer} within {timeout:g} s")
     if isinstance(exc, HandshakeError):
+        if refuse_own and exc.code not in ("timeout", "transport_error"):
+            await _send_error(writer, exc.code, exc.message)
         await _drop(writer)
         return exc
     if isinstance(exc, ProtocolError):
@@ -646,7 +626,7 @@ async def _fail_handshake(
         await _drop(writer)
         return HandshakeError("transport_error", f"connection lost during handshake: {exc}")
     # A bug. Only the type is logged: the exception's text might quote a header value.
-    log.error("inbound handshake failed with %s", type(exc).__name__)
+    log.error("handshake failed with %s", type(exc).__name__)
     await _drop(writer)
     return HandshakeError("internal", "internal error during the handshake")
 
