@@ -49,7 +49,7 @@ class Sizes:
     sftp_mib: int
 
     @classmethod
-    def of(cls, mode: str) -> "Sizes":
+    def of(cls, mode: str) -> Sizes:
         if mode == "smoke":
             return cls(exec_n=20, agents_ping_rate=10, ping_seconds=1, agents_held=10, agents_fanout=10,
                        put_mib=8, sftp_mib=8)

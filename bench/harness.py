@@ -19,13 +19,22 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from fleetbus.client import Client  # noqa: E402
-from fleetbus.connection import NatsSettings  # noqa: E402
-from support.agents import Agent, gateway_of, start_swarm  # noqa: E402
-from support.processes import Fleet, stop_process  # noqa: E402
+from fleetbus.client import Client
+from fleetbus.connection import NatsSettings
+from support.agents import Agent, gateway_of, start_swarm
+from support.processes import Fleet, stop_process
 
-__all__ = ["Agent", "Fleet", "gateway_of", "start_swarm", "stop_process", "Stack", "percentile",
-           "rss_bytes", "cpu_seconds"]
+__all__ = [
+    "Agent",
+    "Fleet",
+    "Stack",
+    "cpu_seconds",
+    "gateway_of",
+    "percentile",
+    "rss_bytes",
+    "start_swarm",
+    "stop_process",
+]
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -59,7 +68,7 @@ class Stack:
     swarms: list[Any] = field(default_factory=list)
 
     @classmethod
-    async def start(cls, workdir: Path, *extra: str, env: dict[str, str] | None = None) -> "Stack":
+    async def start(cls, workdir: Path, *extra: str, env: dict[str, str] | None = None) -> Stack:
         fleet = await asyncio.to_thread(
             lambda: Fleet(workdir / "home", extra_args=["--check-interval", "0", *extra],
                           env=dict(env or {})).start())

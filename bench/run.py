@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from figures import Row, Sizes, agents_scale, describe, exec_agent, exec_local, put_agent, up_to_first_command  # noqa: E402
-from harness import Stack  # noqa: E402
+from figures import Row, Sizes, agents_scale, describe, exec_agent, exec_local, put_agent, up_to_first_command
+from harness import Stack
 
 
 def machine() -> dict[str, str]:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from harness import ROOT, Stack, percentile  # noqa: F401
-from support.sshd import Sshd, generate_key, require_sshd  # noqa: E402
+from support.sshd import Sshd, generate_key, require_sshd
 
 MS = 1000.0
 MiB = 1024 * 1024
@@ -73,7 +73,7 @@ def _controlmaster_latencies(n: int) -> list[float]:
     return out
 
 
-async def ssh_rows(work: Path, sizes) -> list:  # noqa: ANN001
+async def ssh_rows(work: Path, sizes) -> list:
     from figures import Row, _exec_latencies, _write_file
 
     server, key = _sshd()

@@ -121,8 +121,7 @@ def test_pinned_agent_behaves_like_local(fleet: Fleet, listeners, tmp_path: Path
 
     src = tmp_path / "big.bin"
     with open(src, "wb") as fh:
-        for _ in range(100):
-            fh.write(os.urandom(1024 * 1024))
+        fh.writelines(os.urandom(1024 * 1024) for _ in range(100))
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     remote = tmp_path / "r" / "big.bin"
     put = fleet.cli("put", "db1", str(src), str(remote), "--json", timeout=300)

@@ -64,8 +64,7 @@ def test_add_shows_the_key_once_and_the_agent_behaves_like_local(fleet: Fleet, a
 
     src = tmp_path / "big.bin"
     with open(src, "wb") as fh:
-        for _ in range(100):
-            fh.write(os.urandom(1024 * 1024))
+        fh.writelines(os.urandom(1024 * 1024) for _ in range(100))
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     remote = tmp_path / "remote" / "big.bin"
     put = fleet.cli("put", "web1", str(src), str(remote), "--mode", "0640", "--json", timeout=300)

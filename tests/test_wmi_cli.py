@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from support.processes import Fleet
 from support.wsman_server import WsmanServer, make_certs
 

@@ -56,7 +56,7 @@ def read_key(path: Optional[str]) -> str:
     return key
 
 
-def parse_gateway(value: str) -> "tuple[str, int]":
+def parse_gateway(value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise UsageError(f"--gateway must be HOST:PORT, not {value!r}")

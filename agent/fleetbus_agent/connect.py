@@ -23,23 +23,11 @@ from typing import Optional
 from . import __version__
 from .handlers import Handler
 from .ops import server_facts
-from .protocol import AuthError, Connection, HandshakeError, agent_handshake
+from .protocol import AuthError, Connection, HandshakeError, agent_handshake, shrink_tls_buffers
 
 log = logging.getLogger("fleetbus_agent.connect")
 
 CONNECT_TIMEOUT_S = 10.0
-# asyncio preallocates a 256 KiB read buffer per TLS connection; TLS records are at most
-# 16 KiB, so a smaller one costs nothing and keeps an idle agent small.
-TLS_READ_BUFFER = 64 * 1024
-
-
-def shrink_tls_buffers() -> None:
-    import asyncio.sslproto
-
-    # Python 3.11+ only: older sslproto has no such buffer (and nothing to shrink).
-    current = getattr(asyncio.sslproto.SSLProtocol, "max_size", None)
-    if isinstance(current, int):
-        asyncio.sslproto.SSLProtocol.max_size = min(current, TLS_READ_BUFFER)
 STABLE_AFTER_S = 30.0
 
 
@@ -60,8 +48,7 @@ class ConnectOptions:
 
 def normalize_fingerprint(value: str) -> str:
     text = value.strip().lower()
-    if text.startswith("sha256:"):
-        text = text[len("sha256:"):]
+    text = text.removeprefix("sha256:")
     text = text.replace(":", "")
     if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
         raise ValueError("a fingerprint is sha256: followed by 64 hex digits")

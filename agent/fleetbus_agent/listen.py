@@ -28,7 +28,7 @@ from typing import Any, Callable, List, Optional, Set, Tuple
 from . import __version__, protocol
 from .handlers import Handler
 from .paths import PathPolicy
-from .protocol import AuthError, Connection, HandshakeError
+from .protocol import AuthError, Connection, HandshakeError, shrink_tls_buffers
 from .throttle import FailureThrottle
 from .tlsid import TLSIdentity, load_identity
 
@@ -226,6 +226,7 @@ async def run_listen(opts: ListenOptions, stop: asyncio.Event,
     real port when ``opts.port`` is 0). Raises :class:`OSError` when the address cannot
     be bound and :class:`.tlsid.TLSIdentityError` when the identity cannot be loaded.
     """
+    shrink_tls_buffers()
     if identity is None:
         identity = identity_for(opts)
     listener = Listener(opts, identity, handler=handler)

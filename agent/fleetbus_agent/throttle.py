@@ -30,7 +30,7 @@ class FailureThrottle:
         self.max_lockout_s = max_lockout_s
         self.max_tracked = max_tracked
         self.clock = clock
-        self._records: "OrderedDict[str, _Record]" = OrderedDict()
+        self._records: OrderedDict[str, _Record] = OrderedDict()
 
     def blocked_for(self, address: str) -> float:
         """Seconds ``address`` is still locked out for (0 when it may try)."""

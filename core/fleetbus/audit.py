@@ -77,6 +77,6 @@ class Auditor:
         ack.add_done_callback(lambda fut: self._check(fut, rec.id))
 
     @staticmethod
-    def _check(fut: "asyncio.Future[object]", command_id: str) -> None:
+    def _check(fut: asyncio.Future[object], command_id: str) -> None:
         if fut.cancelled() or fut.exception() is not None:
             log.error("audit record for command %s was not stored", command_id)

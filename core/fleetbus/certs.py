@@ -36,7 +36,7 @@ class GatewayFiles:
     folder: Path
 
     @classmethod
-    def of(cls, home: Home) -> "GatewayFiles":
+    def of(cls, home: Home) -> GatewayFiles:
         return cls(home.path / "gateway")
 
     @property
@@ -106,7 +106,7 @@ def create_gateway_identity(home: Home, master: MasterKey, hosts: list[str] | No
         return files
     files.folder.mkdir(parents=True, exist_ok=True)
     os.chmod(files.folder, 0o700)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     password = key_password(master)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = _name(f"fleetbus gateway CA {socket.gethostname()}")

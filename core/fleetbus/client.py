@@ -80,7 +80,7 @@ class Client:
         url: str | None = None,
         home: str | Path | None = None,
         requester: str | None = None,
-    ) -> "Client":
+    ) -> Client:
         settings = settings or NatsSettings.resolve(url=url, home=Home.resolve(home))
         nc = await connect(settings, name="fleetbus-client", reconnect_forever=False)
         return cls(nc, Names(settings.prefix), requester)
@@ -89,7 +89,7 @@ class Client:
         if not self.nc.is_closed:
             await self.nc.drain()
 
-    async def __aenter__(self) -> "Client":
+    async def __aenter__(self) -> Client:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -368,8 +368,7 @@ async def _read_chunks(source: bytes | Path, size: int, progress: ProgressCallba
 
 def _write_file(dest: Path, parts: list[bytes]) -> None:
     with open(dest, "wb") as fh:
-        for part in parts:
-            fh.write(part)
+        fh.writelines(parts)
 
 
 async def _stream_to_file(dest: Path, chunks: AsyncIterator[bytes], size: int,

@@ -39,7 +39,7 @@ class NatsSettings:
         home: Home | None = None,
         prefix: str | None = None,
         creds_file: str | None = None,
-    ) -> "NatsSettings":
+    ) -> NatsSettings:
         home = home or Home.resolve()
         token = os.environ.get(ENV_TOKEN) or None
         creds = creds_file or os.environ.get(ENV_CREDS) or None

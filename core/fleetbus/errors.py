@@ -29,7 +29,7 @@ class FleetbusError(Exception):
         return body
 
     @staticmethod
-    def from_wire(error: dict[str, Any]) -> "FleetbusError":
+    def from_wire(error: dict[str, Any]) -> FleetbusError:
         cls = ERROR_CLASSES.get(str(error.get("code")), InternalError)
         err = cls(str(error.get("message", "unknown error")), **(error.get("details") or {}))
         return err

@@ -20,7 +20,7 @@ class Home:
     path: Path
 
     @classmethod
-    def resolve(cls, flag: str | os.PathLike[str] | None = None) -> "Home":
+    def resolve(cls, flag: str | os.PathLike[str] | None = None) -> Home:
         raw = flag or os.environ.get(ENV_HOME) or Path.home() / ".fleetbus"
         return cls(Path(raw).expanduser().resolve())
 

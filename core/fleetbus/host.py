@@ -94,7 +94,7 @@ class HostSettings:
 class _Context:
     """The :class:`fleetbus.transport.TransportContext` one transport receives."""
 
-    def __init__(self, host: "PluginHost", name: str) -> None:
+    def __init__(self, host: PluginHost, name: str) -> None:
         self.host = host
         self.transport_name = name
         self.logger = logging.getLogger(f"fleetbus.transport.{name}")

@@ -87,7 +87,7 @@ class ExecRequest(Request):
     output_subject: str | None = Field(default=None, max_length=255)
 
     @model_validator(mode="after")
-    def _one_command(self) -> "ExecRequest":
+    def _one_command(self) -> ExecRequest:
         if (self.argv is None) == (self.shell is None):
             raise ValueError("give exactly one of argv (a list) or shell (a string)")
         if self.stdin is not None and self.stdin_b64 is not None:
@@ -174,7 +174,7 @@ class PutRequest(Request):
         return _parse_mode(v)
 
     @model_validator(mode="after")
-    def _one_source(self) -> "PutRequest":
+    def _one_source(self) -> PutRequest:
         if (self.content_b64 is None) == (self.object is None):
             raise ValueError("give exactly one of content_b64 (inline) or object (object store)")
         if self.content_b64 is not None:

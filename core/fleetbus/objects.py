@@ -15,7 +15,7 @@ import hashlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
@@ -101,7 +101,7 @@ class ObjectFiles:
                 nuid=nuid,
                 size=size,
                 chunks=count,
-                mtime=datetime.now(timezone.utc).isoformat(),
+                mtime=datetime.now(UTC).isoformat(),
                 digest=OBJ_DIGEST_TEMPLATE.format(
                     digest=base64.urlsafe_b64encode(digest.digest()).decode()
                 ),

@@ -53,7 +53,7 @@ class MasterKey:
         return hashlib.sha256(b"fleetbus-master-key-id\0" + self.key).hexdigest()[:16]
 
     @classmethod
-    def load(cls, home: Home, create: bool = True) -> "MasterKey":
+    def load(cls, home: Home, create: bool = True) -> MasterKey:
         env = os.environ.get(ENV_MASTER_KEY)
         if env:
             return cls(_decode_key(env, ENV_MASTER_KEY), ENV_MASTER_KEY)

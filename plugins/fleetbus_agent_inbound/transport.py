@@ -31,6 +31,7 @@ from fleetbus_agent.protocol import (
     HandshakeError,
     controller_connect_handshake,
     peer_certificate_fingerprint,
+    shrink_tls_buffers,
 )
 
 DEFAULT_PORT = 7444
@@ -63,6 +64,9 @@ class InboundTransport(Transport):
         self.heartbeat_s = float(settings.get("heartbeat_s", 5.0))
         self.idle_timeout_s = float(settings.get("idle_timeout_s", 300.0))
 
+    async def start(self) -> None:
+        shrink_tls_buffers()
+
     async def open(self, server: Server, credential: Credential | None) -> Session:
         if not server.host:
             raise InvalidRequest(f"{server.name} has no host: register it with --host")
@@ -83,7 +87,7 @@ class InboundTransport(Transport):
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(server.host, port, ssl=tls, server_hostname=server.host),
                 self.connect_timeout_s)
-        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+        except (TimeoutError, OSError, ssl.SSLError) as exc:
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
             raise ServerOffline(f"cannot reach {server.name}'s agent at {server.host}:{port}: {detail}") from None
         try:

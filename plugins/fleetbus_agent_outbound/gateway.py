@@ -33,6 +33,7 @@ from fleetbus_agent.protocol import (
     Connection,
     HandshakeError,
     controller_handshake,
+    shrink_tls_buffers,
 )
 from fleetbus_agent.throttle import FailureThrottle
 from nats.js.kv import KV_DEL, KV_PURGE
@@ -40,10 +41,6 @@ from nats.js.kv import KV_DEL, KV_PURGE
 from .links import Link, Links
 
 RECORD_EVERY_S = 20.0
-# asyncio preallocates this read buffer for every TLS connection (256 KiB by default):
-# 1.25 GiB for 5,000 agents before a byte arrives. TLS records are at most 16 KiB, so
-# 64 KiB loses no throughput (bench: see docs/performance.md).
-TLS_READ_BUFFER = 64 * 1024
 STATUS_EVERY_S = 30.0
 
 
@@ -78,9 +75,7 @@ class GatewayTransport(Transport):
 
     # lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        import asyncio.sslproto
-
-        asyncio.sslproto.SSLProtocol.max_size = min(asyncio.sslproto.SSLProtocol.max_size, TLS_READ_BUFFER)
+        shrink_tls_buffers()
         services = self.ctx.services
         files = GatewayFiles.of(services.home)
         if not files.exists() and self.create_cert:
@@ -158,7 +153,7 @@ class GatewayTransport(Transport):
             accepted = await controller_handshake(reader, writer, authenticate,
                                                   heartbeat_s=self.heartbeat_s,
                                                   timeout=self.handshake_timeout_s)
-        except (HandshakeError, OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, HandshakeError, OSError, ssl.SSLError) as exc:
             self.ctx.logger.debug("handshake from %s failed: %s", remote, getattr(exc, "message", exc))
             return
         conn = Connection.from_accepted(reader, writer, accepted)

@@ -49,7 +49,7 @@ class Agent:
     def log_path(self) -> Path:
         return self.workdir / "agent.log"
 
-    def start(self) -> "Agent":
+    def start(self) -> Agent:
         self.workdir.mkdir(parents=True, exist_ok=True)
         key_file = self.workdir / "key"
         fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

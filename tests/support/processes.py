@@ -70,7 +70,7 @@ class NatsServer:
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""
 
-    def start(self) -> "NatsServer":
+    def start(self) -> NatsServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         store = self.workdir / "js"
         log = open(self.workdir / "nats.log", "ab")
@@ -121,7 +121,7 @@ class Fleet:
         env["FLEETBUS_HOME"] = str(self.home)
         return env
 
-    def start(self) -> "Fleet":
+    def start(self) -> Fleet:
         self.home.mkdir(parents=True, exist_ok=True)
         self.log = open(self.home.parent / f"{self.home.name}-up.log", "ab")
         self.proc = subprocess.Popen(
@@ -193,7 +193,7 @@ class Daemon:
     ready_text: str
     proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> "Daemon":
+    def start(self) -> Daemon:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([FLEETBUS, *self.args], stdout=log, stderr=log,
                                      stdin=subprocess.DEVNULL, env=self.env)

@@ -55,7 +55,7 @@ def choose_event_loop() -> str:
     """asyncio, unless FLEETBUS_LOOP=uvloop (the ``fast`` extra installs uvloop).
 
     Measured both ways in bench/ (docs/performance.md): uvloop made `exec` on the local
-    transport slower (3.1 -> 7.2 ms p50) and ping no faster, so it is opt-in only.
+    transport slower (3.68 -> 10.77 ms p50 in the full run), so it is opt-in only.
     """
     wanted = os.environ.get(ENV_LOOP, "asyncio").strip().lower()
     if wanted not in ("uvloop", "asyncio"):
