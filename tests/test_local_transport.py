@@ -704,3 +704,38 @@ def test_timing_settings() -> None:
     for bad in (-1, "2", True, float("inf")):
         with pytest.raises(ValueError, match="term_grace_s"):
             LocalTransport(FakeContext({"term_grace_s": bad}))
+
+
+CHILD_WATCHER_PROBE = """
+import asyncio, sys
+from fleetbus_agent.childwatch import pidfd_usable, prefer_pidfd_child_watcher
+from fleetbus_agent.ops import ExecSpec, run_process
+
+chosen = prefer_pidfd_child_watcher()
+out = []
+
+async def main():
+    async def write(stream, data):
+        out.append(data)
+    result = await run_process(ExecSpec(shell="echo hi; exit 3"), write)
+    watcher = None
+    if sys.version_info < (3, 12):
+        watcher = type(asyncio.get_event_loop_policy().get_child_watcher()).__name__
+    print(chosen, pidfd_usable(), watcher, result.exit_code, b"".join(out).decode().strip())
+
+asyncio.run(main())
+"""
+
+
+def test_processes_are_watched_with_pidfds_where_the_kernel_has_them() -> None:
+    # Before 3.12 asyncio starts a thread per child; the entry points switch to pidfds.
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", CHILD_WATCHER_PROBE], capture_output=True,
+                          text=True, timeout=60, check=True)
+    chosen, usable, watcher, exit_code, output = done.stdout.split()
+    assert (exit_code, output) == ("3", "hi")
+    assert chosen == usable
+    if usable == "True" and sys.version_info < (3, 12):
+        assert watcher == "PidfdChildWatcher"

@@ -26,6 +26,7 @@ import sys
 from typing import List, Optional
 
 from . import __version__
+from .childwatch import prefer_pidfd_child_watcher
 from .connect import ConnectOptions, normalize_fingerprint, run_connect
 from .listen import DEFAULT_BIND, DEFAULT_PORT, ListenOptions, ListenReady, identity_for, run_listen
 from .tlsid import TLSIdentity, TLSIdentityError
@@ -122,6 +123,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as exc:
         print(f"fleetbus-agent: error: {exc}", file=sys.stderr)
         return 2
+    prefer_pidfd_child_watcher()
     return asyncio.run(_serve(opts))
 
 
@@ -176,6 +178,7 @@ def main_listen(args: argparse.Namespace) -> int:
         logging.getLogger("fleetbus_agent.cli").info(
             "made a new TLS certificate %s; fleetbus must pin %s", identity.cert_file,
             identity.fingerprint)
+    prefer_pidfd_child_watcher()
     try:
         return asyncio.run(_serve_listen(opts, identity))
     except KeyboardInterrupt:
