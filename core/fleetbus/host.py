@@ -387,6 +387,9 @@ class PluginHost:
             outcome = _Outcome(reply={"ok": False, "id": command_id, "error": InternalError(
                 "internal error in the plugin host; see its log").to_wire()})
         await self._respond(msg, outcome.reply)
+        # The reply is only queued; nats-py's flusher task writes it once we yield, so let
+        # it run before the bookkeeping below instead of after it.
+        await asyncio.sleep(0)
         if remember is not None:
             try:
                 await remember
