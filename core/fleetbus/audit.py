@@ -21,6 +21,9 @@ from .subjects import Names
 log = logging.getLogger("fleetbus.audit")
 
 MAX_SUMMARY_CHARS = 1024
+# nats-py allows 4,000 unacknowledged async publishes by default.
+STALL_CHECK_FROM = 3000
+STALL_LIMIT_S = 5.0
 
 
 class AuditRecord(BaseModel):
@@ -69,8 +72,12 @@ class Auditor:
         subject = self.names.audit("_admin", rec.op) if admin else self.names.audit(rec.server, rec.op)
         # Acknowledged asynchronously: commands do not wait for the audit stream, but a
         # record the stream did not take is still logged.
+        # nats-py bounds unacknowledged publishes with a semaphore, and a stall limit makes it
+        # wrap the acquire in a task. Below the bound the acquire cannot wait, so the limit
+        # is only passed when the stream is falling behind.
+        stall = None if self.js.publish_async_pending() < STALL_CHECK_FROM else STALL_LIMIT_S
         try:
-            ack = await self.js.publish_async(subject, rec.model_dump_json().encode(), wait_stall=5)
+            ack = await self.js.publish_async(subject, rec.model_dump_json().encode(), wait_stall=stall)
         except Exception as exc:
             log.error("audit record for command %s was not stored: %s", rec.id, type(exc).__name__)
             return

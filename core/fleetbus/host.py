@@ -405,10 +405,7 @@ class PluginHost:
         elapsed = time.monotonic() - started
         label_op = op if op in OPERATIONS else "invalid"
         result = "ok" if outcome.reply.get("ok") else str(error.get("code", "internal"))
-        self.metrics.commands.labels(served.transport, label_op, result).inc()
-        self.metrics.command_seconds.labels(served.transport, label_op).observe(elapsed)
-        if outcome.bytes:
-            self.metrics.bytes.labels(served.transport, label_op).inc(outcome.bytes)
+        self.metrics.for_transport(served.transport).finished(label_op, result, elapsed, outcome.bytes)
         await self.auditor.record(
             AuditRecord(
                 ts=utcnow(), id=command_id, server=served.server.name, transport=served.transport,
@@ -456,8 +453,8 @@ class PluginHost:
         if command_id in served.running:
             raise InvalidRequest(f"command {command_id} is already running on {served.server.name}")
 
-        inflight = self.metrics.inflight.labels(served.transport)
-        queued = self.metrics.queued.labels(served.transport)
+        counted = self.metrics.for_transport(served.transport)
+        inflight, queued = counted.inflight, counted.queued
 
         async def in_slot() -> _Outcome:
             inflight.inc()
