@@ -11,7 +11,7 @@ import hashlib
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,34 +60,61 @@ class Sizes:
                    agents_fanout=1000, put_mib=1024, sftp_mib=256)
 
 
-async def _exec_latencies(stack: Stack, server: str, n: int, with_id: bool = False) -> list[float]:
+Timed = Callable[[], Awaitable[Any]]
+
+
+async def _interleaved(fleetbus: Timed, baseline: Timed, n: int) -> tuple[list[float], list[float]]:
+    """Latencies of ``fleetbus`` and ``baseline``, run alternately after a warm-up.
+
+    Alternating means a burst of load from anything else on the machine lands on both
+    series alike, so their ratio holds even where the absolute times drift.
+    """
+    for _ in range(max(5, n // 10)):  # warm sessions and caches on both sides
+        await fleetbus()
+        await baseline()
+    ours: list[float] = []
+    theirs: list[float] = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await fleetbus()
+        t1 = time.perf_counter()
+        await baseline()
+        t2 = time.perf_counter()
+        ours.append(t1 - t0)
+        theirs.append(t2 - t1)
+    return ours, theirs
+
+
+def _exec_true(stack: Stack, server: str, with_id: bool = False) -> Timed:
     import uuid
 
-    for _ in range(max(5, n // 10)):  # warm the session and the caches
-        await stack.client.exec(server, ["true"])
-    out = []
-    for _ in range(n):
-        cid = uuid.uuid4().hex if with_id else None
-        t0 = time.perf_counter()
-        result = await stack.client.exec(server, ["true"], command_id=cid)
-        out.append(time.perf_counter() - t0)
+    async def run() -> None:
+        result = await stack.client.exec(server, ["true"], command_id=uuid.uuid4().hex if with_id else None)
         assert result.exit_code == 0
-    return out
+
+    return run
 
 
-async def _spawn_latencies(n: int) -> list[float]:
+async def _exec_latencies(stack: Stack, server: str, n: int) -> list[float]:
+    """Latencies of ``exec true`` alone, for figures whose baseline cannot alternate with it."""
+    run = _exec_true(stack, server)
+    for _ in range(max(5, n // 10)):
+        await run()
     out = []
     for _ in range(n):
         t0 = time.perf_counter()
-        proc = await asyncio.create_subprocess_exec("true")
-        await proc.wait()
+        await run()
         out.append(time.perf_counter() - t0)
     return out
+
+
+async def _spawn_true() -> None:
+    proc = await asyncio.create_subprocess_exec("true")
+    await proc.wait()
 
 
 async def exec_local(stack: Stack, sizes: Sizes, work: Path) -> list[Row]:
-    base = await _spawn_latencies(sizes.exec_n)
-    fb = await _exec_latencies(stack, "local", sizes.exec_n)
+    fb, base = await _interleaved(_exec_true(stack, "local"), _spawn_true, sizes.exec_n)
     rows = []
     for p in (50, 99):
         f, b = percentile(fb, p) * MS, percentile(base, p) * MS
@@ -99,16 +126,16 @@ async def exec_local(stack: Stack, sizes: Sizes, work: Path) -> list[Row]:
 
         uv = await Stack.start(work / "uvloop", env={"FLEETBUS_LOOP": "uvloop"})
         try:
-            uv_lat = await _exec_latencies(uv, "local", sizes.exec_n)
+            uv_lat, asyncio_lat = await _interleaved(_exec_true(uv, "local"), _exec_true(stack, "local"),
+                                                     sizes.exec_n)
         finally:
             await uv.stop()
-        f = percentile(uv_lat, 50) * MS
-        b = percentile(fb, 50) * MS
+        f, b = percentile(uv_lat, 50) * MS, percentile(asyncio_lat, 50) * MS
         rows.append(Row("exec true on local, p50, uvloop vs asyncio", f, b, "ms", "(uvloop where it helps)",
                         None, note="uvloop is opt-in: FLEETBUS_LOOP=uvloop"))
     except ImportError:
         pass
-    with_id = await _exec_latencies(stack, "local", sizes.exec_n, with_id=True)
+    with_id, base = await _interleaved(_exec_true(stack, "local", with_id=True), _spawn_true, sizes.exec_n)
     f, b = percentile(with_id, 50) * MS, percentile(base, 50) * MS
     rows.append(Row("exec true on local with a command id, p50", f, b, "ms", "(at-most-once: +1 KV claim)",
                     None, note=f"overhead {f - b:.2f} ms"))
@@ -121,8 +148,8 @@ async def exec_agent(stack: Stack, sizes: Sizes, work: Path) -> list[Row]:
     agent = Agent(work / "agent1", gw["address"], gw["fingerprint"], key).start()
     try:
         await stack.wait_answering(["bench-agent"])
-        local = await _exec_latencies(stack, "local", sizes.exec_n)
-        agent_lat = await _exec_latencies(stack, "bench-agent", sizes.exec_n)
+        agent_lat, local = await _interleaved(_exec_true(stack, "bench-agent"), _exec_true(stack, "local"),
+                                              sizes.exec_n)
         await asyncio.sleep(1.0)  # let the agent settle to idle before reading its memory
         idle_rss = rss_bytes(agent.proc.pid) / MiB  # type: ignore[union-attr]
     finally:
