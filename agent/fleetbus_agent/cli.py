@@ -23,12 +23,20 @@ import os
 import signal
 import stat
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
+from . import DEFAULT_LISTEN_BIND as DEFAULT_BIND
+from . import DEFAULT_LISTEN_PORT as DEFAULT_PORT
 from . import __version__
-from .connect import ConnectOptions, normalize_fingerprint, run_connect
-from .listen import DEFAULT_BIND, DEFAULT_PORT, ListenOptions, ListenReady, identity_for, run_listen
-from .tlsid import TLSIdentity, TLSIdentityError
+from .heap import trim_heap
+
+if TYPE_CHECKING:
+    from .connect import ConnectOptions
+    from .listen import ListenOptions, ListenReady
+    from .tlsid import TLSIdentity
+
+# Each mode imports its own modules when it starts (connect: the dialler; listen: the
+# listener, its TLS identity, throttling and path policy), so neither holds the other's.
 
 KEY_ENV = "FLEETBUS_AGENT_KEY"
 
@@ -106,6 +114,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.command == "listen":
         return main_listen(args)
+    from .connect import ConnectOptions, normalize_fingerprint
+
     try:
         host, port = parse_gateway(args.gateway)
         if not args.ca and not args.fingerprint:
@@ -122,6 +132,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as exc:
         print(f"fleetbus-agent: error: {exc}", file=sys.stderr)
         return 2
+    trim_heap()  # what compiling the modules above left behind (see fleetbus_agent.heap)
     return asyncio.run(_serve(opts))
 
 
@@ -132,6 +143,8 @@ def _error(message: str) -> int:
 
 def listen_options(args: argparse.Namespace) -> ListenOptions:
     """Check ``listen``'s arguments; raises :class:`UsageError`."""
+    from .listen import ListenOptions
+
     if not 0 < args.handshake_timeout <= 300:
         raise UsageError("--handshake-timeout must be more than 0 and at most 300 seconds")
     if not 0 <= args.port < 65536:
@@ -165,6 +178,9 @@ def listen_options(args: argparse.Namespace) -> ListenOptions:
 
 
 def main_listen(args: argparse.Namespace) -> int:
+    from .listen import identity_for
+    from .tlsid import TLSIdentityError
+
     try:
         opts = listen_options(args)
         identity = identity_for(opts)  # may run openssl once, on first start
@@ -176,6 +192,7 @@ def main_listen(args: argparse.Namespace) -> int:
         logging.getLogger("fleetbus_agent.cli").info(
             "made a new TLS certificate %s; fleetbus must pin %s", identity.cert_file,
             identity.fingerprint)
+    trim_heap()
     try:
         return asyncio.run(_serve_listen(opts, identity))
     except KeyboardInterrupt:
@@ -188,6 +205,9 @@ def _print_ready(info: ListenReady) -> None:
 
 
 async def _serve_listen(opts: ListenOptions, identity: TLSIdentity) -> int:
+    from .listen import run_listen
+    from .tlsid import TLSIdentityError
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -202,6 +222,8 @@ async def _serve_listen(opts: ListenOptions, identity: TLSIdentity) -> int:
 
 
 async def _serve(opts: ConnectOptions) -> int:
+    from .connect import run_connect
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
