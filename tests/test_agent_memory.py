@@ -68,3 +68,21 @@ def test_trim_heap_reports_whether_it_can() -> None:
     expected = sys.platform.startswith("linux") and heap._malloc_trim() is not None
     assert heap.trim_heap() is expected
     assert heap.trim_heap() is expected  # the lookup is cached; a second call is the same
+
+
+def test_compiled_from_source_tells_cached_bytecode_from_a_compile(tmp_path: Path) -> None:
+    out = run_fresh(f"""
+        import importlib, os, py_compile, sys, time
+        sys.path.insert(0, sys.argv[1])
+        from fleetbus_agent.heap import compiled_from_source
+        sys.path.insert(0, {str(tmp_path)!r})
+        with open({str(tmp_path / "fresh.py")!r}, "w") as fh:
+            fh.write("X = 1\\n")
+        sys.dont_write_bytecode = True
+        fresh = importlib.import_module("fresh")  # no bytecode file: compiled
+        print("no cache", compiled_from_source(fresh))
+        py_compile.compile(fresh.__file__, cfile=fresh.__spec__.cached)
+        print("cached", compiled_from_source(fresh))
+        print("builtin", compiled_from_source(sys))
+    """)
+    assert out.splitlines()[:3] == ["no cache True", "cached False", "builtin False"], out

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, List, Optional
 from . import DEFAULT_LISTEN_BIND as DEFAULT_BIND
 from . import DEFAULT_LISTEN_PORT as DEFAULT_PORT
 from . import __version__
-from .heap import trim_heap
+from .heap import trim_heap_after_start
 
 if TYPE_CHECKING:
     from .connect import ConnectOptions
@@ -132,7 +132,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as exc:
         print(f"fleetbus-agent: error: {exc}", file=sys.stderr)
         return 2
-    trim_heap()  # what compiling the modules above left behind (see fleetbus_agent.heap)
+    trim_heap_after_start()  # what compiling the modules above left behind (fleetbus_agent.heap)
     return asyncio.run(_serve(opts))
 
 
@@ -192,7 +192,7 @@ def main_listen(args: argparse.Namespace) -> int:
         logging.getLogger("fleetbus_agent.cli").info(
             "made a new TLS certificate %s; fleetbus must pin %s", identity.cert_file,
             identity.fingerprint)
-    trim_heap()
+    trim_heap_after_start()
     try:
         return asyncio.run(_serve_listen(opts, identity))
     except KeyboardInterrupt:
