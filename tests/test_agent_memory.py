@@ -31,9 +31,10 @@ def test_connect_mode_starts_without_listen_or_file_code() -> None:
         sys.path.insert(0, sys.argv[1])
         import fleetbus_agent.cli
         import fleetbus_agent.connect
+        fleetbus_agent.cli.build_parser().parse_args(["connect", "--gateway", "gw:7443"])
         loaded = set(sys.modules)
         for name in ("fleetbus_agent.listen", "fleetbus_agent.tlsid", "fleetbus_agent.throttle",
-                     "fleetbus_agent.paths", "fleetbus_agent.ops.files", "tempfile"):
+                     "fleetbus_agent.paths", "fleetbus_agent.ops.files", "tempfile", "shutil", "lzma"):
             print(name, name in loaded)
     """)
     assert all(line.endswith(" False") for line in out.splitlines()), out
@@ -86,3 +87,30 @@ def test_compiled_from_source_tells_cached_bytecode_from_a_compile(tmp_path: Pat
         print("builtin", compiled_from_source(sys))
     """)
     assert out.splitlines()[:3] == ["no cache True", "cached False", "builtin False"], out
+
+
+def test_a_refused_path_search_still_checks_the_path(tmp_path: Path) -> None:
+    """spawn_error imports shutil only on this path (kept out of an idle agent)."""
+    from fleetbus_agent.ops.process import spawn_error
+
+    searched = tmp_path / "bin"
+    searched.mkdir()
+    (searched / "fb-there").write_text("#!/bin/sh\n")
+    (searched / "fb-there").chmod(0o755)
+    refused = PermissionError(13, "Permission denied")
+    missing = spawn_error(refused, ["fb-not-there"], None, path=str(searched))
+    assert (missing.code, missing.message) == ("not_found", "no such file or directory: 'fb-not-there'")
+    found = spawn_error(refused, ["fb-there"], None, path=str(searched))
+    assert (found.code, found.message) == ("transport_error", "permission denied: 'fb-there'")
+
+
+def test_agent_help_still_fits_the_terminal() -> None:
+    out = subprocess.run([sys.executable, "-I", "-c", textwrap.dedent("""
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        from fleetbus_agent.cli import build_parser
+        build_parser().parse_args(["connect", "--help"])
+    """), str(AGENT_ROOT)], capture_output=True, text=True, timeout=60, check=False,
+                         env={"COLUMNS": "60"})
+    assert out.returncode == 0 and "--fingerprint sha256:HEX" in out.stdout, out.stderr
+    assert max(len(line) for line in out.stdout.splitlines()) <= 60, out.stdout

@@ -71,18 +71,46 @@ def parse_gateway(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _terminal_columns() -> int:
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, sized without shutil.
+
+    argparse makes a formatter for every add_argument, and the stock one imports shutil
+    (which imports bz2 and lzma) to ask for the terminal width: about half a MiB that
+    an agent would hold for as long as it runs, for help it almost never prints.
+    """
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: Optional[int] = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         width if width is not None else _terminal_columns() - 2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fleetbus-agent", description="The fleetbus agent.")
+    parser = argparse.ArgumentParser(prog="fleetbus-agent", description="The fleetbus agent.",
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"fleetbus-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("connect", help="dial out to a fleetbus gateway (outbound agent)")
+    c = sub.add_parser("connect", help="dial out to a fleetbus gateway (outbound agent)",
+                       formatter_class=_HelpFormatter)
     c.add_argument("--gateway", required=True, metavar="HOST:PORT")
     c.add_argument("--key-file", metavar="FILE", help=f"the server's secret key (else ${KEY_ENV})")
     c.add_argument("--ca", metavar="FILE", help="CA certificate that signed the gateway's certificate")
     c.add_argument("--fingerprint", metavar="sha256:HEX", help="pin the gateway's certificate")
     c.add_argument("--server-name", metavar="NAME", help="host name to check the certificate against")
     c.add_argument("-v", "--verbose", action="count", default=0)
-    li = sub.add_parser("listen", help="listen for fleetbus to connect in (inbound agent)")
+    li = sub.add_parser("listen", help="listen for fleetbus to connect in (inbound agent)",
+                        formatter_class=_HelpFormatter)
     li.add_argument("--bind", default=DEFAULT_BIND, metavar="ADDR",
                     help=f"address to listen on (default {DEFAULT_BIND})")
     li.add_argument("--port", type=int, default=DEFAULT_PORT, metavar="PORT",
