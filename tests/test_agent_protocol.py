@@ -1809,3 +1809,36 @@ def test_runs_on_python_3_9() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok (3, 9)"
+
+
+async def test_tls_connections_share_one_read_buffer_yet_keep_their_bytes_apart(tls: Tls) -> None:
+    """After shrink_tls_buffers every TLS connection of a thread reads into one buffer
+    so concurrent transfers on several connections must each still get exactly
+    their own bytes, in both directions."""
+    protocol.shrink_tls_buffers()
+    protocol.shrink_tls_buffers()  # idempotent: a second call must not wrap the class again
+    async with connected(tls) as a, connected(tls) as b, connected(tls) as c:
+        pairs = [a, b, c]
+        ends = [conn for p in pairs for conn in (p.controller, p.agent)]
+        protos = [conn._writer.transport._ssl_protocol for conn in ends]
+        views = [proto.get_buffer(-1) for proto in protos]
+        assert all(view.obj is views[0].obj for view in views)
+        assert all(len(proto._ssl_buffer) == 0 for proto in protos)  # none of their own
+
+        async def put(k: int, pair: Pair) -> None:
+            stream = pair.controller.open_stream("put", {"path": "/tmp/x"})
+            expected = hashlib.sha256()
+            for i in range(8):
+                block = make_block(1000 * (k + 1) + i)
+                expected.update(block)
+                await stream.send(block)
+            await stream.send_eof()
+            final = await asyncio.wait_for(collect(stream), 60)
+            assert final[1].result == {"sha256": expected.hexdigest(), "size": 8 * MIB}
+
+        async def get(pair: Pair) -> None:
+            out, final = await asyncio.wait_for(collect(pair.controller.open_stream("get", {"mib": 8})), 60)
+            assert final.result == {"sent": 8 * MIB}
+            assert out["data"] == b"".join(make_block(i) for i in range(8))
+
+        await asyncio.gather(*(put(k, p) for k, p in enumerate(pairs)), *(get(p) for p in pairs))

@@ -23,13 +23,21 @@ import os
 import signal
 import stat
 import sys
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
+from . import DEFAULT_LISTEN_BIND as DEFAULT_BIND
+from . import DEFAULT_LISTEN_PORT as DEFAULT_PORT
 from . import __version__
 from .childwatch import prefer_pidfd_child_watcher
-from .connect import ConnectOptions, normalize_fingerprint, run_connect
-from .listen import DEFAULT_BIND, DEFAULT_PORT, ListenOptions, ListenReady, identity_for, run_listen
-from .tlsid import TLSIdentity, TLSIdentityError
+from .heap import trim_heap_after_start
+
+if TYPE_CHECKING:
+    from .connect import ConnectOptions
+    from .listen import ListenOptions, ListenReady
+    from .tlsid import TLSIdentity
+
+# Each mode imports its own modules when it starts (connect: the dialler; listen: the
+# listener, its TLS identity, throttling and path policy), so neither holds the other's.
 
 KEY_ENV = "FLEETBUS_AGENT_KEY"
 
@@ -64,18 +72,46 @@ def parse_gateway(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _terminal_columns() -> int:
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, sized without shutil.
+
+    argparse makes a formatter for every add_argument, and the stock one imports shutil
+    (which imports bz2 and lzma) to ask for the terminal width: about half a MiB that
+    an agent would hold for as long as it runs, for help it almost never prints.
+    """
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: Optional[int] = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         width if width is not None else _terminal_columns() - 2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fleetbus-agent", description="The fleetbus agent.")
+    parser = argparse.ArgumentParser(prog="fleetbus-agent", description="The fleetbus agent.",
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--version", action="version", version=f"fleetbus-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("connect", help="dial out to a fleetbus gateway (outbound agent)")
+    c = sub.add_parser("connect", help="dial out to a fleetbus gateway (outbound agent)",
+                       formatter_class=_HelpFormatter)
     c.add_argument("--gateway", required=True, metavar="HOST:PORT")
     c.add_argument("--key-file", metavar="FILE", help=f"the server's secret key (else ${KEY_ENV})")
     c.add_argument("--ca", metavar="FILE", help="CA certificate that signed the gateway's certificate")
     c.add_argument("--fingerprint", metavar="sha256:HEX", help="pin the gateway's certificate")
     c.add_argument("--server-name", metavar="NAME", help="host name to check the certificate against")
     c.add_argument("-v", "--verbose", action="count", default=0)
-    li = sub.add_parser("listen", help="listen for fleetbus to connect in (inbound agent)")
+    li = sub.add_parser("listen", help="listen for fleetbus to connect in (inbound agent)",
+                        formatter_class=_HelpFormatter)
     li.add_argument("--bind", default=DEFAULT_BIND, metavar="ADDR",
                     help=f"address to listen on (default {DEFAULT_BIND})")
     li.add_argument("--port", type=int, default=DEFAULT_PORT, metavar="PORT",
@@ -107,6 +143,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.command == "listen":
         return main_listen(args)
+    from .connect import ConnectOptions, normalize_fingerprint
+
     try:
         host, port = parse_gateway(args.gateway)
         if not args.ca and not args.fingerprint:
@@ -124,6 +162,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"fleetbus-agent: error: {exc}", file=sys.stderr)
         return 2
     prefer_pidfd_child_watcher()
+    trim_heap_after_start()  # what compiling the modules above left behind (fleetbus_agent.heap)
     return asyncio.run(_serve(opts))
 
 
@@ -134,6 +173,8 @@ def _error(message: str) -> int:
 
 def listen_options(args: argparse.Namespace) -> ListenOptions:
     """Check ``listen``'s arguments; raises :class:`UsageError`."""
+    from .listen import ListenOptions
+
     if not 0 < args.handshake_timeout <= 300:
         raise UsageError("--handshake-timeout must be more than 0 and at most 300 seconds")
     if not 0 <= args.port < 65536:
@@ -167,6 +208,9 @@ def listen_options(args: argparse.Namespace) -> ListenOptions:
 
 
 def main_listen(args: argparse.Namespace) -> int:
+    from .listen import identity_for
+    from .tlsid import TLSIdentityError
+
     try:
         opts = listen_options(args)
         identity = identity_for(opts)  # may run openssl once, on first start
@@ -179,6 +223,7 @@ def main_listen(args: argparse.Namespace) -> int:
             "made a new TLS certificate %s; fleetbus must pin %s", identity.cert_file,
             identity.fingerprint)
     prefer_pidfd_child_watcher()
+    trim_heap_after_start()
     try:
         return asyncio.run(_serve_listen(opts, identity))
     except KeyboardInterrupt:
@@ -191,6 +236,9 @@ def _print_ready(info: ListenReady) -> None:
 
 
 async def _serve_listen(opts: ListenOptions, identity: TLSIdentity) -> int:
+    from .listen import run_listen
+    from .tlsid import TLSIdentityError
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -205,6 +253,8 @@ async def _serve_listen(opts: ListenOptions, identity: TLSIdentity) -> int:
 
 
 async def _serve(opts: ConnectOptions) -> int:
+    from .connect import run_connect
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -22,7 +22,7 @@ from typing import Optional
 
 from . import __version__
 from .handlers import Handler
-from .ops import server_facts
+from .ops.facts import server_facts
 from .protocol import AuthError, Connection, HandshakeError, agent_handshake, shrink_tls_buffers
 
 log = logging.getLogger("fleetbus_agent.connect")

@@ -15,23 +15,18 @@ import base64
 import binascii
 import dataclasses
 import logging
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from . import __version__
-from .ops import (
-    ExecSpec,
-    OpError,
-    ProcessTimings,
-    PutSpec,
-    RunBlocking,
-    get_file,
-    put_file,
-    run_process,
-    server_facts,
-)
 from .ops.blocking import resolve_run_blocking
-from .paths import PathPolicy
-from .protocol import AgentStream
+from .ops.errors import OpError
+from .ops.facts import server_facts
+from .ops.process import ExecSpec, run_process
+
+if TYPE_CHECKING:
+    from .ops import ProcessTimings, RunBlocking
+    from .paths import PathPolicy
+    from .protocol import AgentStream
 
 log = logging.getLogger("fleetbus_agent.handlers")
 
@@ -72,6 +67,8 @@ class Handler:
             return dataclasses.replace(facts, extra=extra).to_dict()
         raise OpError("invalid_request", f"this agent does not know the operation {str(op)[:32]!r}")
 
+    # The process and file code is imported on the first command that needs it, so an
+    # idle agent holds only what connecting needs (see fleetbus_agent.ops).
     async def _exec(self, stream: AgentStream, args: Dict[str, Any]) -> Dict[str, Any]:
         spec = ExecSpec(
             argv=args.get("argv"), shell=args.get("shell"), env=args.get("env") or {},
@@ -82,6 +79,8 @@ class Handler:
         return {"exit_code": result.exit_code, "signal": result.signal}
 
     async def _put(self, stream: AgentStream, args: Dict[str, Any]) -> Dict[str, Any]:
+        from .ops.files import PutSpec, put_file
+
         if self.paths is not None:
             # realpath and friends stat the file system: off the event loop, like all file I/O.
             await resolve_run_blocking(self.run_blocking)(self.paths.check_write, args.get("path"))
@@ -91,6 +90,8 @@ class Handler:
         return {"size": stat.size, "mode": stat.mode}
 
     async def _get(self, stream: AgentStream, args: Dict[str, Any]) -> Dict[str, Any]:
+        from .ops.files import get_file
+
         if self.paths is not None:
             await resolve_run_blocking(self.run_blocking)(self.paths.check_read, args.get("path"))
         remote = await get_file(args.get("path"), run_blocking=self.run_blocking)  # type: ignore[arg-type]

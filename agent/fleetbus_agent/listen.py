@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Set, Tuple
 
-from . import __version__, protocol
+from . import DEFAULT_LISTEN_BIND, DEFAULT_LISTEN_PORT, __version__, protocol
 from .handlers import Handler
 from .paths import PathPolicy
 from .protocol import AuthError, Connection, HandshakeError, shrink_tls_buffers
@@ -34,8 +34,8 @@ from .tlsid import TLSIdentity, load_identity
 
 log = logging.getLogger("fleetbus_agent.listen")
 
-DEFAULT_BIND = "0.0.0.0"
-DEFAULT_PORT = 7444
+DEFAULT_BIND = DEFAULT_LISTEN_BIND
+DEFAULT_PORT = DEFAULT_LISTEN_PORT
 STOP_TIMEOUT_S = 5.0
 
 

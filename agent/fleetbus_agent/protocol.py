@@ -35,6 +35,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -604,19 +605,59 @@ async def _handshake(
         raise await _fail_handshake(writer, exc, peer, waiting, timeout, refuse_own) from None
 
 
-# asyncio preallocates a 256 KiB read buffer for every TLS connection (3.11+): 1.25 GiB
-# for 5,000 agents on a gateway before a byte arrives. TLS records are at most 16 KiB,
-# so 64 KiB loses no throughput.
+# asyncio (3.11+) gives every TLS connection its own read buffer, 256 KiB by default,
+# allocated and zero-filled when the connection is made: 1.25 GiB for 5,000 agents on a
+# gateway before a byte arrives. The buffer only holds bytes between the socket's
+# recv_into() and SSLProtocol.buffer_updated(), which copies them into the TLS object's
+# incoming BIO in the same callback; no two connections of one event loop (one thread)
+# can be in between at once, so one buffer per thread serves all of them. TLS records
+# are at most 16 KiB, so 64 KiB per recv loses no throughput.
 TLS_READ_BUFFER = 64 * 1024
+
+_tls_read = threading.local()
+
+
+def _tls_read_view(size: int) -> memoryview:
+    view: Optional[memoryview] = getattr(_tls_read, "view", None)
+    if view is None or len(view) < size:
+        view = _tls_read.view = memoryview(bytearray(size))
+    return view
 
 
 def shrink_tls_buffers() -> None:
-    """Lower asyncio's per-connection TLS read buffer; both ends of a link call it."""
-    import asyncio.sslproto
+    """Make asyncio's TLS connections share one read buffer per thread; both ends call it.
 
-    current = getattr(asyncio.sslproto.SSLProtocol, "max_size", None)  # absent before 3.11
-    if isinstance(current, int):
-        asyncio.sslproto.SSLProtocol.max_size = min(current, TLS_READ_BUFFER)
+    Idempotent, process-wide, and a no-op where asyncio has no such buffer (3.9, 3.10:
+    their TLS protocol reads into a fresh bytes object instead).
+    """
+    from asyncio import sslproto
+
+    base = sslproto.SSLProtocol
+    if getattr(base, "_fleetbus_shared_buffer", False):
+        return
+    if not isinstance(getattr(base, "max_size", None), int) or not hasattr(base, "get_buffer"):
+        return
+
+    class SharedBufferSSLProtocol(base):  # type: ignore[misc, valid-type]
+        _fleetbus_shared_buffer = True
+        max_size = min(base.max_size, TLS_READ_BUFFER)
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            # The base allocates bytearray(self.max_size) as this connection's own
+            # buffer; shadowing max_size while it runs makes that an empty one.
+            self.max_size = 0
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                del self.max_size
+
+        def get_buffer(self, n: int) -> memoryview:
+            # buffer_updated() reads from _ssl_buffer_view: point it at the shared one.
+            view = self._ssl_buffer_view = _tls_read_view(self.max_size)
+            return view
+
+    # base_events, selector_events and proactor_events all look it up here at each use.
+    sslproto.SSLProtocol = SharedBufferSSLProtocol  # type: ignore[misc]
 
 
 async def _fail_handshake(

@@ -18,29 +18,63 @@ through a ``run_blocking`` callable; callers without a thread pool of their own 
 
 from __future__ import annotations
 
-from .blocking import RunBlocking, ThreadRunner, default_run_blocking
-from .environment import SECRET_ENV_VARS, child_environment
-from .errors import ERROR_CODES, OpError
-from .facts import Facts, server_facts
-from .files import (
-    GET_CHUNK,
-    TEMP_PREFIX,
-    FileChunks,
-    FileStat,
-    PutSpec,
-    RemoteFile,
-    check_path,
-    get_file,
-    put_file,
-)
-from .process import (
-    READ_CHUNK,
-    ExecResult,
-    ExecSpec,
-    OutputCallback,
-    ProcessTimings,
-    run_process,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .blocking import RunBlocking, ThreadRunner, default_run_blocking
+    from .environment import SECRET_ENV_VARS, child_environment
+    from .errors import ERROR_CODES, OpError
+    from .facts import Facts, server_facts
+    from .files import (
+        GET_CHUNK,
+        TEMP_PREFIX,
+        FileChunks,
+        FileStat,
+        PutSpec,
+        RemoteFile,
+        check_path,
+        get_file,
+        put_file,
+    )
+    from .process import (
+        READ_CHUNK,
+        ExecResult,
+        ExecSpec,
+        OutputCallback,
+        ProcessTimings,
+        run_process,
+    )
+
+# Each submodule is imported on first use of one of its names (PEP 562), so an agent
+# that never moved a file holds no file-transfer code (tempfile, shutil and what they
+# import) and one that never ran a process no subprocess machinery. Idle memory is the
+# agent's figure of merit on the servers it runs on.
+_SUBMODULE = {
+    "RunBlocking": "blocking", "ThreadRunner": "blocking", "default_run_blocking": "blocking",
+    "SECRET_ENV_VARS": "environment", "child_environment": "environment",
+    "ERROR_CODES": "errors", "OpError": "errors",
+    "Facts": "facts", "server_facts": "facts",
+    "GET_CHUNK": "files", "TEMP_PREFIX": "files", "FileChunks": "files", "FileStat": "files",
+    "PutSpec": "files", "RemoteFile": "files", "check_path": "files", "get_file": "files",
+    "put_file": "files",
+    "READ_CHUNK": "process", "ExecResult": "process", "ExecSpec": "process",
+    "OutputCallback": "process", "ProcessTimings": "process", "run_process": "process",
+}
+
+
+def __getattr__(name: str) -> Any:
+    submodule = _SUBMODULE.get(name)
+    if submodule is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{submodule}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_SUBMODULE))
+
 
 __all__ = [
     "ERROR_CODES",

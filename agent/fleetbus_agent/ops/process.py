@@ -21,7 +21,6 @@ import errno
 import logging
 import math
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import Awaitable, Callable, Mapping
@@ -199,6 +198,8 @@ def spawn_error(
     if isinstance(exc, PermissionError):
         # A PATH search reports EACCES from any directory it may not search, even when
         # the command is in none of them (as the shell does); say "not found" then.
+        import shutil  # here: only this rare path needs it, and it brings bz2 and lzma along
+
         if "/" not in program and shutil.which(program, path=path) is None:
             return not_found(f"no such file or directory: {_shown(program)}")
         return transport_error(f"permission denied: {_shown(program)}")
