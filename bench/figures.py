@@ -113,9 +113,56 @@ async def _spawn_true() -> None:
     await proc.wait()
 
 
+# A responder that answers every request at once: the least any command over NATS costs.
+_ECHO = """
+import asyncio, os, sys
+import nats
+
+async def main():
+    nc = await nats.connect(sys.argv[1], token=os.environ.get("ECHO_TOKEN") or None)
+    async def answer(msg):
+        await msg.respond(b'{"ok":true}')
+    await nc.subscribe("bench.echo", cb=answer)
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+async def _nats_round_trip(stack: Stack, n: int) -> list[float]:
+    """Round trips of a bare nats-py request to a responder in another process."""
+    env = {**os.environ, "ECHO_TOKEN": stack.fleet.token or ""}  # env, never argv
+    proc = await asyncio.to_thread(lambda: subprocess.Popen(
+        [os.sys.executable, "-c", _ECHO, stack.fleet.nats_url], env=env,
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL))
+    try:
+        assert proc.stdout is not None
+        if (await asyncio.to_thread(proc.stdout.readline)).strip() != b"ready":
+            raise RuntimeError("the NATS echo responder did not start")
+        nc = stack.client.nc
+
+        async def echo() -> None:
+            await nc.request("bench.echo", b"{}", timeout=10)
+
+        for _ in range(max(5, n // 10)):
+            await echo()
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await echo()
+            out.append(time.perf_counter() - t0)
+        return out
+    finally:
+        stop_process(proc)
+
+
 async def exec_local(stack: Stack, sizes: Sizes, work: Path) -> list[Row]:
     fb, base = await _interleaved(_exec_true(stack, "local"), _spawn_true, sizes.exec_n)
-    rows = []
+    echo = percentile(await _nats_round_trip(stack, sizes.exec_n), 50) * MS
+    rows = [Row("NATS request/reply to an echo responder, p50", echo, None, "ms", "(floor under every command)",
+                None, note="bare nats-py in two processes: the bus's share of any command's overhead")]
     for p in (50, 99):
         f, b = percentile(fb, p) * MS, percentile(base, p) * MS
         holds = (f - b) < 1.0 if p == 50 else None
