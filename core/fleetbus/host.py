@@ -44,7 +44,7 @@ from .errors import (
 from .home import Home
 from .jetstream import State
 from .keys import AgentKeys
-from .limits import MAX_INLINE_BYTES
+from .limits import DEFAULT_STREAM_WINDOW, MAX_INLINE_BYTES
 from .messages import (
     DEFAULT_TAIL_BYTES,
     OPERATIONS,
@@ -64,6 +64,7 @@ from .records import Server, utcnow
 from .registry import Registry
 from .services import CoreServices
 from .sessions import SessionPool
+from .streams import Receiver, Sender, chunk_limit
 from .subjects import Names
 from .transport import Credential, ExecSpec, PutSpec, Session, Transport
 from .vault import Vault
@@ -86,6 +87,8 @@ class HostSettings:
     open_timeout_s: float = 60.0
     transfer_timeout_s: float = 6 * 3600.0
     quick_timeout_s: float = 30.0
+    # What a streamed put may have in flight from its requester (bounds worker memory).
+    stream_window: int = DEFAULT_STREAM_WINDOW
     tail_bytes: int = DEFAULT_TAIL_BYTES
     home: Home = field(default_factory=Home.resolve)
     transport_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -573,6 +576,8 @@ class PluginHost:
         if content is not None and len(content) > MAX_INLINE_BYTES:
             raise TooLarge(f"inline content is {len(content)} bytes; above {MAX_INLINE_BYTES} "
                            "send it through the object store")
+        receiver: Receiver | None = None
+        size: int | None
         if content is not None:
             size = len(content)
 
@@ -580,25 +585,45 @@ class PluginHost:
                 yield content
 
             source: AsyncIterator[bytes] = inline()
+        elif req.stream is not None:
+            # The requester streams the content to us: one NATS hop, no object store.
+            receiver = Receiver(self.nc, req.stream.subject, self.settings.stream_window,
+                                req.stream.idle_s, "requester")
+            await receiver.open()
+            size = req.stream.size
+            source = receiver.chunks(grant_first=True)
         else:
             assert req.object is not None
             size, source = await self.files.read(req.object)
-        digest = hashlib.sha256()
+        digest = hashlib.sha256() if receiver is None else receiver.digest
 
         async def checked() -> AsyncIterator[bytes]:
             got = 0
             async for chunk in source:
-                digest.update(chunk)
+                if receiver is None:
+                    digest.update(chunk)  # a receiver hashes as it takes each chunk
                 got += len(chunk)
+                if size is not None and got > size:
+                    raise TransportError(f"expected {size} bytes for {req.path}, got more")
                 yield chunk
             # Raised before the transport renames the temporary file into place.
-            if got != size:
+            if size is not None and got != size:
                 raise TransportError(f"expected {size} bytes for {req.path}, got {got}")
             if req.sha256 is not None and digest.hexdigest() != req.sha256:
                 raise InvalidRequest(f"content of {req.path} does not match the given sha256")
 
-        stat = await session.put(PutSpec(path=req.path, mode=req.mode,
-                                         make_parents=req.make_parents, size=size), checked())
+        try:
+            stat = await session.put(PutSpec(path=req.path, mode=req.mode,
+                                             make_parents=req.make_parents, size=size), checked())
+        except BaseException as exc:
+            if receiver is not None:
+                # The requester may still be sending: tell it to stop now, not at a stall.
+                error = exc if isinstance(exc, FleetbusError) else Cancelled("the put was stopped")
+                await receiver.abort(error)
+            raise
+        finally:
+            if receiver is not None:
+                await receiver.close()
         reply = {"ok": True, "id": command_id, "path": req.path, "size": stat.size,
                  "sha256": digest.hexdigest(),
                  "mode": None if stat.mode is None else f"{stat.mode:04o}"}
@@ -618,6 +643,8 @@ class PluginHost:
                         raise TooLarge(f"{req.path} grew past {req.max_inline} bytes while being read")
                 digest.update(data)
                 reply.update(size=len(data), content_b64=base64.b64encode(data).decode())
+            elif req.stream is not None:
+                reply.update(size=await self._send_stream(req, remote.size, remote.chunks, digest))
             else:
                 name = req.object or f"get/{server.name}/{command_id}"
 
@@ -632,6 +659,27 @@ class PluginHost:
             await remote.aclose()
         reply["sha256"] = digest.hexdigest()
         return _Outcome(reply=reply, bytes=reply["size"])
+
+    async def _send_stream(self, req: GetRequest, size: int, chunks: AsyncIterator[bytes],
+                           digest: Any) -> int:
+        """Stream a file to the requester's subject within the credit it grants."""
+        assert req.stream is not None
+        sender = Sender(self.nc, req.stream.subject, req.stream.window, req.stream.idle_s, "requester")
+        sender.total = size or None
+        await sender.open()
+        limit = chunk_limit(self.nc)
+        try:
+            async for chunk in chunks:
+                digest.update(chunk)
+                await sender.send(chunk, limit)
+            await sender.end(digest.hexdigest())
+        except BaseException as exc:
+            error = exc if isinstance(exc, FleetbusError) else Cancelled("the get was stopped")
+            await sender.abort(error)
+            raise
+        finally:
+            await sender.close()
+        return sender.size
 
     async def _info(self, session: Session, served: _Served, command_id: str) -> _Outcome:
         facts = await session.info()
