@@ -599,7 +599,6 @@ class _FileSink:
         fh, self.fh = self.fh, None
         await asyncio.to_thread(fh.close)
         await asyncio.to_thread(os.replace, self.temp, self.dest)
-        return None
 
     async def discard(self) -> None:
         if self.behind is not None and not self.behind.done():
