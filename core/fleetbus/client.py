@@ -275,9 +275,9 @@ class Client:
                 return request.result()  # an early reply: an error, or a replayed retry
             try:
                 pumping.result()
-            except FleetbusError:
+            except FleetbusError as exc:
                 # The worker aborted or went silent: its reply, if one comes, says why.
-                return await _authoritative(request, 5.0)
+                return await _authoritative(request, exc)
             reply = await sender.watch(request)
             if reply.get("sha256") != digest.hexdigest():
                 raise TransportError(f"{server} stored content whose sha256 differs from {path_of(source)}")
@@ -361,8 +361,8 @@ class Client:
             else:
                 try:
                     pumping.result()
-                except FleetbusError:
-                    await _authoritative(request, 5.0)
+                except FleetbusError as exc:
+                    await _authoritative(request, exc)
                     raise
                 # The reply follows the end at once: a worker that sent the end but never
                 # replies is gone.
@@ -491,13 +491,15 @@ def path_of(source: bytes | Path) -> str:
     return "the bytes given" if isinstance(source, bytes) else str(source)
 
 
-async def _authoritative(request: asyncio.Future[dict[str, Any]], wait_s: float) -> dict[str, Any]:
-    """After the stream failed, the worker's reply (if it comes soon) has the real error."""
+async def _authoritative(request: asyncio.Future[dict[str, Any]], failure: FleetbusError,
+                         wait_s: float = 2.0) -> dict[str, Any]:
+    """After the stream failed, the worker's reply (if it comes soon) has the real error;
+    without one, ``failure`` (what the stream saw) is raised."""
     try:
         async with asyncio.timeout(wait_s):
             return await asyncio.shield(request)
     except TimeoutError:
-        raise Timeout("the transfer failed and the worker sent no reply") from None
+        raise failure from None
 
 
 async def _inline_result(reply: dict[str, Any], dest: Path | None,
