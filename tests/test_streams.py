@@ -77,14 +77,13 @@ async def raw_put(nc: NATS, path: Path, content: bytes, chunk: int = 256 * KIB, 
     """A put streamed by hand, the way the docs describe it."""
     inbox = await Inbox(nc).start()
     reply = request(nc, "put", {"path": str(path), "stream": {"subject": inbox.subject, "size": len(content), **stream}})
-    credit, to, seq = 0, None, 0
-    for offset in range(0, len(content), chunk):
+    credit, to = 0, None
+    for seq, offset in enumerate(range(0, len(content), chunk), start=1):
         piece = content[offset : offset + chunk]
         while credit <= 0:
             msg = await inbox.next("credit")
             credit += int(msg.headers["Fleetbus-Credit"])
             to = msg.headers["Fleetbus-Subject"]
-        seq += 1
         await send(nc, to, "data", piece, **{"Fleetbus-Seq": str(seq)})
         credit -= len(piece)
     if to is None:  # an empty file still needs the worker's subject
