@@ -56,9 +56,11 @@ KIND_ABORT = "abort"
 
 DEFAULT_WINDOW = DEFAULT_STREAM_WINDOW
 DEFAULT_IDLE_S = DEFAULT_STREAM_IDLE_S
-# One data message: large enough that per-message costs vanish, small enough for a
-# plain NATS server (1 MiB max_payload by default, headers included).
-MAX_CHUNK = 1024 * 1024 - 16 * 1024
+# One data message: large enough that per-message costs vanish; the size of a chunk
+# read by the agent ops (GET_CHUNK), so it travels on as one message. On a NATS with a
+# smaller max_payload (1 MiB by default, headers included) chunks are split to fit.
+MAX_CHUNK = 1024 * 1024
+_HEADROOM = 16 * 1024
 ALIVE_EVERY_S = 5.0
 # Credit goes back in batches of this fraction of the window.
 _GRANT_FRACTION = 4
@@ -97,7 +99,7 @@ class BackgroundHash:
 
 def chunk_limit(nc: NATS) -> int:
     """The largest data body this connection may publish (leaving room for headers)."""
-    return max(1024, min(MAX_CHUNK, nc.max_payload - 16 * 1024))
+    return max(1024, min(MAX_CHUNK, nc.max_payload - _HEADROOM))
 
 
 def _int_header(msg: Msg, name: str) -> int:
@@ -194,6 +196,9 @@ class Receiver:
         self.idle_s = idle_s
         self._peer_subject = peer
         self.sub: Subscription | None = None
+        self._inbox: asyncio.Queue[Msg] = asyncio.Queue()
+        self._queued = 0  # bytes in _inbox
+        self._overrun = False
         self.link: _Peer | None = None
         self.size = 0
         self.expected: int | None = None  # the size the sender announced, if it did
@@ -203,7 +208,9 @@ class Receiver:
     async def open(self) -> str:
         """Subscribe to a fresh inbox; returns it (the subject the sender sends to)."""
         own = self.nc.new_inbox()
-        self.sub = await self.nc.subscribe(own, **_subscribe_limits(self.window))
+        # A callback into our own queue: nats-py's next_msg costs a task, a wait_for and a
+        # uuid4 per message.
+        self.sub = await self.nc.subscribe(own, cb=self._on_msg, **_subscribe_limits(self.window))
         self.link = _Peer(self.nc, own, self._peer_subject, self.idle_s, self.who)
         return own
 
@@ -219,18 +226,36 @@ class Receiver:
     async def abort(self, error: FleetbusError) -> None:
         await _abort(self.link, error)
 
+    async def _on_msg(self, msg: Msg) -> None:
+        # Credit bounds what an honest sender has in flight; one that ignores it must not
+        # fill our memory: drop, and fail the transfer when the consumer gets there.
+        if self._overrun or self._queued + len(msg.data) > self.window + _HEADROOM:
+            self._overrun = True
+            return
+        self._queued += len(msg.data)
+        self._inbox.put_nowait(msg)
+
     async def _next(self) -> Msg:
-        assert self.sub is not None and self.link is not None
+        assert self.link is not None
         while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except asyncio.QueueEmpty:
+                if self._overrun:
+                    raise TransportError(f"the {self.who} sent more than its credit") from None
+            else:
+                self._queued -= len(msg.data)
+                return msg
+            if self.nc.is_closed:
+                raise TransportError("the NATS connection closed during the transfer")
             left = self.link.heard + self.idle_s - time.monotonic()
             if left <= 0:
                 raise self.link.stalled()
-            try:
-                return await self.sub.next_msg(timeout=left)
-            except nats.errors.TimeoutError:
-                continue
-            except nats.errors.ConnectionClosedError:
-                raise TransportError("the NATS connection closed during the transfer") from None
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, ALIVE_EVERY_S)):
+                    msg = await self._inbox.get()
+                    self._queued -= len(msg.data)
+                    return msg
 
     async def chunks(self, grant_first: bool) -> AsyncIterator[bytes]:
         """Yield the data in order; check size and digest against the sender's end.
@@ -340,15 +365,18 @@ class Sender:
                     await self._changed.wait()
 
     async def send(self, data: bytes | memoryview, limit: int) -> None:
-        """Send ``data`` in messages of at most ``limit`` bytes, within credit."""
+        """Send ``data`` in messages of at most ``limit`` bytes, never beyond the credit."""
         assert self.link is not None
         view = memoryview(data)
-        for offset in range(0, len(view), limit):
-            piece = view[offset : offset + limit]
+        offset = 0
+        while offset < len(view):
             await self._wait(lambda: self.credit > 0 and self.link.peer is not None)  # type: ignore[union-attr]
+            n = min(len(view) - offset, limit, self.credit)
+            piece = view[offset : offset + n]
+            offset += n
             self.seq += 1
-            self.credit -= len(piece)
-            self.size += len(piece)
+            self.credit -= n
+            self.size += n
             headers = {HDR_SEQ: str(self.seq)}
             if self.seq == 1 and self.total is not None:
                 headers[HDR_SIZE] = str(self.total)  # for the receiver's progress display
