@@ -229,7 +229,8 @@ async def test_requester_abort_and_cancel_end_the_transfer(fleet_nc: NATS, tmp_p
     to = (await inbox.next("credit")).headers["Fleetbus-Subject"]
     await send(fleet_nc, to, "abort", b"disk on fire", **{"Fleetbus-Error": "transport_error"})
     result = await reply
-    assert result["error"]["code"] == "transport_error" and "disk on fire" in result["error"]["message"]
+    # The requester's own code never passes for the worker's: it cancelled its command.
+    assert result["error"]["code"] == "cancelled" and "disk on fire" in result["error"]["message"]
 
     command = uuid.uuid4().hex
     inbox = await Inbox(fleet_nc).start()
@@ -242,6 +243,29 @@ async def test_requester_abort_and_cancel_end_the_transfer(fleet_nc: NATS, tmp_p
     abort = await inbox.next("abort")  # the worker tells the requester to stop sending
     assert abort.headers["Fleetbus-Error"] == "cancelled"
     assert not dest.exists() and no_temp_files(tmp_path)
+
+
+async def test_retry_waiting_for_a_running_put_keeps_its_requester_alive(fleet_nc: NATS, tmp_path: Path) -> None:
+    dest = tmp_path / "retried.bin"
+    command = uuid.uuid4().hex
+    first_inbox = await Inbox(fleet_nc).start()
+    first = request(fleet_nc, "put", {"id": command, "path": str(dest),
+                                      "stream": {"subject": first_inbox.subject, "size": 2000}})
+    to = (await first_inbox.next("credit")).headers["Fleetbus-Subject"]
+    await send(fleet_nc, to, "data", b"a" * 1000, **{"Fleetbus-Seq": "1"})
+    # The same put again (another inbox, as a retrying client would use) waits for the
+    # first run, and meanwhile tells its requester it is alive instead of going silent.
+    retry_inbox = await Inbox(fleet_nc).start()
+    retry = request(fleet_nc, "put", {"id": command, "path": str(dest),
+                                      "stream": {"subject": retry_inbox.subject, "size": 2000}})
+    await retry_inbox.next("alive")
+    await send(fleet_nc, to, "data", b"b" * 1000, **{"Fleetbus-Seq": "2"})
+    await send(fleet_nc, to, "end", **{"Fleetbus-Size": "2000"})
+    reply = await first
+    assert reply["ok"] and dest.read_bytes() == b"a" * 1000 + b"b" * 1000
+    assert await retry == reply
+    while not retry_inbox.queue.empty():  # the retry never asked for content
+        assert retry_inbox.queue.get_nowait().headers["Fleetbus-Transfer"] == "alive"
 
 
 async def test_stream_and_object_are_exclusive(fleet_nc: NATS, tmp_path: Path) -> None:

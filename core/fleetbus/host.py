@@ -64,7 +64,7 @@ from .records import Server, utcnow
 from .registry import Registry
 from .services import CoreServices
 from .sessions import SessionPool
-from .streams import BackgroundHash, Receiver, Sender, chunk_limit
+from .streams import BackgroundHash, Receiver, Sender, chunk_limit, keep_alive
 from .subjects import Names
 from .transport import Credential, ExecSpec, PutSpec, Session, Transport
 from .vault import Vault
@@ -366,7 +366,10 @@ class PluginHost:
                     if reply is None:
                         wait_s = (req.timeout_s if isinstance(req, ExecRequest)
                                   else self.settings.transfer_timeout_s)
-                        reply = await self.memory.wait(server.name, op, req.id, wait_s)
+                        waiting = self.memory.wait(server.name, op, req.id, wait_s)
+                        if isinstance(req, PutRequest) and req.stream is not None:
+                            waiting = keep_alive(self.nc, req.stream.subject, waiting)
+                        reply = await waiting
                     if reply is None:
                         raise Timeout(f"command {req.id} is still running elsewhere; "
                                       "this retry stopped waiting for it")

@@ -114,9 +114,11 @@ def _int_header(msg: Msg, name: str) -> int:
 
 def _abort_error(msg: Msg, who: str) -> FleetbusError:
     code = (msg.headers or {}).get(HDR_ERROR, "")
-    text = msg.data.decode("utf-8", errors="replace")[:500] or f"the {who} aborted the transfer"
-    if code in ("", "cancelled"):
-        return Cancelled(f"the {who} aborted the transfer: {text}")
+    text = msg.data.decode("utf-8", errors="replace")[:500] or "no reason given"
+    if who == "requester":
+        # The requester stopped its own command: that is a cancel, whatever code it
+        # names; its code must not pass for the worker's (auth_failed, server_offline).
+        return Cancelled(f"the requester aborted the transfer ({code or 'no code'}): {text}")
     return FleetbusError.from_wire({"code": code, "message": f"the {who} aborted the transfer: {text}"})
 
 
@@ -159,9 +161,6 @@ class _Peer:
             raise _abort_error(msg, self.who)
         return kind
 
-    def silent_for(self) -> float:
-        return time.monotonic() - self.heard
-
     def stalled(self) -> Timeout:
         return Timeout(f"the transfer stalled: no message from the {self.who} for {self.idle_s:g} s")
 
@@ -175,9 +174,8 @@ class _Peer:
 
 
 def _subscribe_limits(window: int) -> dict[str, int]:
-    # Credit bounds what the peer sends; the slack covers one chunk past the credit and
-    # control messages. Beyond it nats-py drops messages, which the sequence numbers
-    # turn into a clear error.
+    # nats-py's own queue in front of our callback; credit bounds what the peer sends.
+    # Beyond it nats-py drops messages, which the sequence numbers turn into an error.
     return {"pending_bytes_limit": window + 4 * MAX_CHUNK, "pending_msgs_limit": 1 << 16}
 
 
@@ -399,6 +397,25 @@ class Sender:
             if not waiter.done():
                 waiter.cancel()
                 await asyncio.gather(waiter, return_exceptions=True)
+
+
+async def keep_alive(nc: NATS, subject: str, waiting: Awaitable[Any]) -> Any:
+    """Await ``waiting`` while telling a requester at ``subject`` every few seconds that
+    we are still here (a retried put waiting for the first run of its command id), so
+    its idle deadline does not end a transfer that is merely queued."""
+
+    async def tell() -> None:
+        while True:
+            await asyncio.sleep(ALIVE_EVERY_S)
+            with contextlib.suppress(nats.errors.Error):
+                await nc.publish(subject, b"", headers={HDR_KIND: KIND_ALIVE})
+
+    teller = asyncio.create_task(tell())
+    try:
+        return await waiting
+    finally:
+        teller.cancel()
+        await asyncio.gather(teller, return_exceptions=True)
 
 
 async def _abort(link: _Peer | None, error: FleetbusError) -> None:
