@@ -306,6 +306,8 @@ async def test_client_put_and_get_any_size(client: Client, tmp_path: Path, via: 
     assert hashlib.sha256(back.read_bytes()).hexdigest() == digest
     reply, data = await client.get("local", str(tmp_path / "remote.bin"), via=via)
     assert data is not None and hashlib.sha256(data).hexdigest() == digest
+    reply = await client.put("local", data, str(tmp_path / "from-bytes.bin"), via=via)  # stdin's way
+    assert reply["sha256"] == digest and (tmp_path / "from-bytes.bin").read_bytes() == data
     assert no_temp_files(tmp_path)
 
 
