@@ -630,8 +630,11 @@ class PluginHost:
         finally:
             if receiver is not None:
                 await receiver.close()
-        if sha256 is None:  # a transport that never read its source to the end: a bug
-            raise InternalError(f"the {req.path} put finished without reading all its content")
+        if sha256 is None:
+            # The transport returned without reading its source to the end (a plugin bug).
+            if receiver is not None:  # the requester's digest was never checked: say so
+                raise InternalError(f"the put of {req.path} finished without reading all its content")
+            sha256 = digest.hexdigest()  # as before streams: the digest of what was read
         reply = {"ok": True, "id": command_id, "path": req.path, "size": stat.size,
                  "sha256": sha256, "mode": None if stat.mode is None else f"{stat.mode:04o}"}
         return _Outcome(reply=reply, bytes=stat.size)
