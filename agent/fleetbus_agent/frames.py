@@ -29,10 +29,10 @@ SUPPORTED_VERSIONS = (1,)
 MAX_HEADER = 0xFFFF
 """Largest JSON header (H) in bytes: 64 KiB - 1, all a u16 can say. Not negotiable."""
 
-DEFAULT_MAX_BODY = 256 * 1024
+DEFAULT_MAX_BODY = 1024 * 1024
 """Default largest frame body a side accepts; each side announces its own."""
 
-DEFAULT_WINDOW = 1024 * 1024
+DEFAULT_WINDOW = 4 * 1024 * 1024
 """Default per-stream, per-direction flow-control window; each side announces its own."""
 
 MIN_LIMIT = 1024

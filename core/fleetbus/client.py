@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import getpass
+import hashlib
 import inspect
 import json
+import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -29,12 +32,13 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from .connection import NatsSettings, connect
-from .errors import FleetbusError, InvalidRequest, NotFound, ServerOffline, Timeout
+from .errors import Cancelled, FleetbusError, InvalidRequest, NotFound, ServerOffline, Timeout, TransportError
 from .home import Home
-from .limits import MAX_INLINE_BYTES
+from .limits import DEFAULT_STREAM_IDLE_S, DEFAULT_STREAM_WINDOW, MAX_INLINE_BYTES
 from .names import check_server_name
 from .objects import ObjectFiles
 from .output import HDR_END, HDR_STREAM
+from .streams import Receiver, Sender, chunk_limit
 from .subjects import Names
 
 OutputCallback = Callable[[str, bytes], Awaitable[None] | None]
@@ -213,8 +217,17 @@ class Client:
         progress: ProgressCallback | None = None,
         command_id: str | None = None,
         timeout_s: float = 6 * 3600.0,
+        via: str = "stream",
+        idle_s: float = DEFAULT_STREAM_IDLE_S,
     ) -> dict[str, Any]:
-        """Write ``source`` (bytes or a local file) to ``path`` on ``server`` atomically."""
+        """Write ``source`` (bytes or a local file) to ``path`` on ``server`` atomically.
+
+        Content above the inline limit is streamed straight to the worker (``via
+        "stream"``) or goes through the object store (``via="object"``). ``idle_s``:
+        a worker silent this long mid-transfer ends it with :class:`Timeout`.
+        """
+        if via not in ("stream", "object"):
+            raise ValueError("via must be 'stream' or 'object'")
         body: dict[str, Any] = {"path": path, "make_parents": make_parents}
         if command_id is not None:
             body["id"] = command_id
@@ -228,6 +241,9 @@ class Client:
             if progress:
                 progress(size, size)
             return reply
+        check_server_name(server)
+        if via == "stream":
+            return await self._put_stream(server, source, size, body, progress, timeout_s, idle_s)
         name = f"put/{server}/{command_id or uuid.uuid4().hex}"
         stored = await self.files.write(name, _read_chunks(source, size, progress))
         body.update(object=name, sha256=stored.sha256)
@@ -235,6 +251,46 @@ class Client:
             return await self._server(server, "put", body, timeout_s)
         finally:
             await self.files.delete(name)
+
+    async def _put_stream(self, server: str, source: bytes | Path, size: int, body: dict[str, Any],
+                          progress: ProgressCallback | None, timeout_s: float,
+                          idle_s: float) -> dict[str, Any]:
+        sender = Sender(self.nc, None, 0, idle_s, "worker")
+        body["stream"] = {"subject": await sender.open(), "size": size, "idle_s": idle_s}
+        request = asyncio.ensure_future(self._server(server, "put", body, timeout_s))
+        digest = hashlib.sha256()
+        limit = chunk_limit(self.nc)
+
+        async def pump() -> None:
+            async for chunk in _read_hashed(source, limit, digest):
+                await sender.send(chunk, limit)
+                if progress:
+                    progress(sender.size, size)
+            await sender.end(digest.hexdigest())
+
+        pumping = asyncio.ensure_future(pump())
+        try:
+            await asyncio.wait({request, pumping}, return_when=asyncio.FIRST_COMPLETED)
+            if request.done():
+                return request.result()  # an early reply: an error, or a replayed retry
+            try:
+                pumping.result()
+            except FleetbusError as exc:
+                # The worker aborted or went silent: its reply, if one comes, says why.
+                return await _authoritative(request, exc)
+            reply = await sender.watch(request)
+            if reply.get("sha256") != digest.hexdigest():
+                raise TransportError(f"{server} stored content whose sha256 differs from {path_of(source)}")
+            return reply
+        except BaseException as exc:
+            if not request.done() or request.cancelled() or request.exception() is None:
+                await sender.abort(exc if isinstance(exc, FleetbusError) else Cancelled("the requester stopped"))
+            raise
+        finally:
+            for task in (pumping, request):
+                task.cancel()
+            await asyncio.gather(pumping, request, return_exceptions=True)
+            await sender.close()
 
     async def get(
         self,
@@ -244,18 +300,24 @@ class Client:
         *,
         progress: ProgressCallback | None = None,
         timeout_s: float = 6 * 3600.0,
+        via: str = "stream",
+        idle_s: float = DEFAULT_STREAM_IDLE_S,
+        window: int = DEFAULT_STREAM_WINDOW,
     ) -> tuple[dict[str, Any], bytes | None]:
-        """Read ``path`` from ``server``: into ``dest`` if given (any size), else into memory."""
+        """Read ``path`` from ``server``: into ``dest`` if given (any size), else into memory.
+
+        A file above the inline limit is streamed from the worker (``via="stream"``) or
+        fetched through the object store (``via="object"``). ``dest`` is replaced only
+        once the whole file arrived and matched its sha256.
+        """
+        if via not in ("stream", "object"):
+            raise ValueError("via must be 'stream' or 'object'")
+        if via == "stream":
+            return await self._get_stream(server, path, dest, progress, timeout_s, idle_s, window)
         body: dict[str, Any] = {"path": path}
         reply = await self._server(server, "get", body, timeout_s)
         if "content_b64" in reply:
-            data = base64.b64decode(reply.pop("content_b64"))
-            if progress:
-                progress(len(data), len(data))
-            if dest is None:
-                return reply, data
-            await asyncio.to_thread(_write_file, dest, [data])
-            return reply, None
+            return await _inline_result(reply, dest, progress)
         name = reply["object"]
         try:
             size, chunks = await self.files.read(name)
@@ -270,6 +332,60 @@ class Client:
             return reply, None
         finally:
             await self.files.delete(name)
+
+    async def _get_stream(self, server: str, path: str, dest: Path | None,
+                          progress: ProgressCallback | None, timeout_s: float, idle_s: float,
+                          window: int) -> tuple[dict[str, Any], bytes | None]:
+        check_server_name(server)
+        receiver = Receiver(self.nc, None, window, idle_s, "worker")
+        body = {"path": path, "stream": {"subject": await receiver.open(), "window": window,
+                                         "idle_s": idle_s}}
+        request = asyncio.ensure_future(self._server(server, "get", body, timeout_s))
+        sink = _FileSink(dest) if dest is not None else _MemorySink()
+
+        async def pump() -> None:
+            async for chunk in receiver.chunks(grant_first=False):
+                await sink.write(chunk)
+                if progress:
+                    progress(receiver.size, receiver.expected or -1)
+            await sink.flush()
+
+        pumping = asyncio.ensure_future(pump())
+        try:
+            await asyncio.wait({request, pumping}, return_when=asyncio.FIRST_COMPLETED)
+            if request.done():
+                reply = request.result()
+                if "content_b64" in reply:  # small files come back inline
+                    return await _inline_result(reply, dest, progress)
+                await pumping
+            else:
+                try:
+                    pumping.result()
+                except FleetbusError as exc:
+                    await _authoritative(request, exc)
+                    raise
+                # The reply follows the end at once: a worker that sent the end but never
+                # replies is gone.
+                try:
+                    async with asyncio.timeout(idle_s):
+                        reply = await request
+                except TimeoutError:
+                    raise Timeout(f"no reply from {server} within {idle_s:g} s after the file arrived") from None
+            if reply.get("sha256") != receiver.sha256 or reply.get("size") != receiver.size:
+                raise TransportError(f"the file from {server} does not match the size and sha256 "
+                                     "the worker reported")
+            if progress:
+                progress(receiver.size, receiver.size)
+            return reply, await sink.commit()
+        except BaseException as exc:
+            await receiver.abort(exc if isinstance(exc, FleetbusError) else Cancelled("the requester stopped"))
+            raise
+        finally:
+            for task in (pumping, request):
+                task.cancel()
+            await asyncio.gather(pumping, request, return_exceptions=True)
+            await receiver.close()
+            await sink.discard()
 
     async def info(self, server: str, timeout_s: float = 60.0) -> dict[str, Any]:
         return await self._server(server, "info", {}, timeout_s)
@@ -369,6 +485,131 @@ async def _read_chunks(source: bytes | Path, size: int, progress: ProgressCallba
 def _write_file(dest: Path, parts: list[bytes]) -> None:
     with open(dest, "wb") as fh:
         fh.writelines(parts)
+
+
+def path_of(source: bytes | Path) -> str:
+    return "the bytes given" if isinstance(source, bytes) else str(source)
+
+
+async def _authoritative(request: asyncio.Future[dict[str, Any]], failure: FleetbusError,
+                         wait_s: float = 2.0) -> dict[str, Any]:
+    """After the stream failed, the worker's reply (if it comes soon) has the real error;
+    without one, ``failure`` (what the stream saw) is raised."""
+    try:
+        async with asyncio.timeout(wait_s):
+            return await asyncio.shield(request)
+    except TimeoutError:
+        raise failure from None
+
+
+async def _inline_result(reply: dict[str, Any], dest: Path | None,
+                         progress: ProgressCallback | None) -> tuple[dict[str, Any], bytes | None]:
+    data = base64.b64decode(reply.pop("content_b64"))
+    if progress:
+        progress(len(data), len(data))
+    if dest is None:
+        return reply, data
+    await asyncio.to_thread(_write_file, dest, [data])
+    return reply, None
+
+
+async def _read_hashed(source: bytes | Path, limit: int, digest: Any) -> AsyncIterator[bytes | memoryview]:
+    """The content in pieces of ``limit`` bytes, hashed as read; a file is read (and
+    hashed) in a thread one piece ahead, so disk and hashing overlap the sending."""
+    if isinstance(source, bytes):
+        view = memoryview(source)
+        for offset in range(0, len(view), limit):
+            piece = view[offset : offset + limit]
+            digest.update(piece)
+            yield piece
+        return
+
+    def read(fh: Any) -> bytes:
+        data = fh.read(limit)
+        digest.update(data)
+        return data
+
+    fh = await asyncio.to_thread(open, source, "rb")
+    ahead: asyncio.Future[bytes] | None = None
+    try:
+        ahead = asyncio.ensure_future(asyncio.to_thread(read, fh))
+        while True:
+            data = await ahead
+            if not data:
+                break
+            ahead = asyncio.ensure_future(asyncio.to_thread(read, fh))
+            yield data
+    finally:
+        if ahead is not None and not ahead.done():
+            await asyncio.gather(ahead, return_exceptions=True)
+        await asyncio.to_thread(fh.close)
+
+
+class _MemorySink:
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    async def write(self, chunk: bytes) -> None:
+        self.buf += chunk
+
+    async def flush(self) -> None:
+        pass
+
+    async def commit(self) -> bytes:
+        return bytes(self.buf)
+
+    async def discard(self) -> None:
+        self.buf = bytearray()
+
+
+class _FileSink:
+    """Writes into a temporary file beside ``dest``, renamed over it only on commit, so
+    a failed download never leaves a partial file under the destination's name. Writes
+    are gathered to about 1 MiB and run in a thread one batch behind the receiving."""
+
+    BATCH = 1024 * 1024
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.temp = dest.with_name(f".{dest.name}.fleetbus-{uuid.uuid4().hex[:8]}")
+        self.fh: Any = None
+        self.batch: list[bytes] = []
+        self.batched = 0
+        self.behind: asyncio.Future[None] | None = None
+
+    async def write(self, chunk: bytes) -> None:
+        self.batch.append(chunk)
+        self.batched += len(chunk)
+        if self.batched >= self.BATCH:
+            await self._write_behind()
+
+    async def _write_behind(self) -> None:
+        if self.fh is None:
+            self.fh = await asyncio.to_thread(open, self.temp, "xb")
+        if self.behind is not None:
+            await self.behind
+        batch, self.batch, self.batched = self.batch, [], 0
+        self.behind = asyncio.ensure_future(asyncio.to_thread(self.fh.writelines, batch))
+
+    async def flush(self) -> None:
+        await self._write_behind()
+        if self.behind is not None:
+            await self.behind
+
+    async def commit(self) -> None:
+        await self.flush()
+        fh, self.fh = self.fh, None
+        await asyncio.to_thread(fh.close)
+        await asyncio.to_thread(os.replace, self.temp, self.dest)
+
+    async def discard(self) -> None:
+        if self.behind is not None and not self.behind.done():
+            await asyncio.gather(self.behind, return_exceptions=True)
+        fh, self.fh = self.fh, None
+        if fh is not None:
+            await asyncio.to_thread(fh.close)
+            with contextlib.suppress(FileNotFoundError):
+                await asyncio.to_thread(os.unlink, self.temp)
 
 
 async def _stream_to_file(dest: Path, chunks: AsyncIterator[bytes], size: int,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
+import nats.aio.client
 from nats.aio.client import Client as NATS
 
 from .errors import ServerOffline
@@ -57,6 +58,17 @@ class NatsSettings:
             if token is None and home.nats_token.exists():
                 token = home.nats_token.read_text().strip()
         return cls(url=url, token=token, creds_file=creds, prefix=prefix)
+
+
+# nats-py reads its socket in DEFAULT_BUFFER_SIZE pieces (32 KiB), and its stream
+# reader stops reading the socket above twice that: a file transfer then costs a
+# pause/resume of the socket and a parser pass every 32 KiB. Measured on a 256 MiB
+# streamed put (docs/performance.md), larger reads cut the worker's NATS receive cost.
+# The module global is what nats-py reads at connect time and in its read loop; no
+# option exposes it.
+NATS_READ_BUFFER = 512 * 1024
+if getattr(nats.aio.client, "DEFAULT_BUFFER_SIZE", NATS_READ_BUFFER) < NATS_READ_BUFFER:
+    nats.aio.client.DEFAULT_BUFFER_SIZE = NATS_READ_BUFFER
 
 
 async def connect(

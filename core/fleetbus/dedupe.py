@@ -32,6 +32,10 @@ class Claim:
 def fingerprint(body: dict[str, Any]) -> str:
     """A stable digest of a request body, ignoring the id and where output goes."""
     core = {k: v for k, v in body.items() if k not in ("id", "output_subject")}
+    stream = core.get("stream")
+    if isinstance(stream, dict):
+        # Each attempt streams from a fresh inbox; it is still the same put.
+        core["stream"] = {k: v for k, v in stream.items() if k != "subject"}
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
 
 

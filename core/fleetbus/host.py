@@ -44,7 +44,7 @@ from .errors import (
 from .home import Home
 from .jetstream import State
 from .keys import AgentKeys
-from .limits import MAX_INLINE_BYTES
+from .limits import DEFAULT_STREAM_WINDOW, MAX_INLINE_BYTES
 from .messages import (
     DEFAULT_TAIL_BYTES,
     OPERATIONS,
@@ -64,6 +64,7 @@ from .records import Server, utcnow
 from .registry import Registry
 from .services import CoreServices
 from .sessions import SessionPool
+from .streams import BackgroundHash, Receiver, Sender, chunk_limit, keep_alive
 from .subjects import Names
 from .transport import Credential, ExecSpec, PutSpec, Session, Transport
 from .vault import Vault
@@ -86,6 +87,8 @@ class HostSettings:
     open_timeout_s: float = 60.0
     transfer_timeout_s: float = 6 * 3600.0
     quick_timeout_s: float = 30.0
+    # What a streamed put may have in flight from its requester (bounds worker memory).
+    stream_window: int = DEFAULT_STREAM_WINDOW
     tail_bytes: int = DEFAULT_TAIL_BYTES
     home: Home = field(default_factory=Home.resolve)
     transport_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -363,7 +366,10 @@ class PluginHost:
                     if reply is None:
                         wait_s = (req.timeout_s if isinstance(req, ExecRequest)
                                   else self.settings.transfer_timeout_s)
-                        reply = await self.memory.wait(server.name, op, req.id, wait_s)
+                        waiting = self.memory.wait(server.name, op, req.id, wait_s)
+                        if isinstance(req, PutRequest) and req.stream is not None:
+                            waiting = keep_alive(self.nc, req.stream.subject, waiting)
+                        reply = await waiting
                     if reply is None:
                         raise Timeout(f"command {req.id} is still running elsewhere; "
                                       "this retry stopped waiting for it")
@@ -573,6 +579,8 @@ class PluginHost:
         if content is not None and len(content) > MAX_INLINE_BYTES:
             raise TooLarge(f"inline content is {len(content)} bytes; above {MAX_INLINE_BYTES} "
                            "send it through the object store")
+        receiver: Receiver | None = None
+        size: int | None
         if content is not None:
             size = len(content)
 
@@ -580,6 +588,13 @@ class PluginHost:
                 yield content
 
             source: AsyncIterator[bytes] = inline()
+        elif req.stream is not None:
+            # The requester streams the content to us: one NATS hop, no object store.
+            receiver = Receiver(self.nc, req.stream.subject, self.settings.stream_window,
+                                req.stream.idle_s, "requester")
+            await receiver.open()
+            size = req.stream.size
+            source = receiver.chunks(grant_first=True)
         else:
             assert req.object is not None
             size, source = await self.files.read(req.object)
@@ -588,20 +603,40 @@ class PluginHost:
         async def checked() -> AsyncIterator[bytes]:
             got = 0
             async for chunk in source:
-                digest.update(chunk)
+                if receiver is None:
+                    digest.update(chunk)  # a receiver hashes as it takes each chunk
                 got += len(chunk)
+                if size is not None and got > size:
+                    raise TransportError(f"expected {size} bytes for {req.path}, got more")
                 yield chunk
             # Raised before the transport renames the temporary file into place.
-            if got != size:
+            if size is not None and got != size:
                 raise TransportError(f"expected {size} bytes for {req.path}, got {got}")
-            if req.sha256 is not None and digest.hexdigest() != req.sha256:
+            nonlocal sha256
+            sha256 = receiver.sha256 if receiver is not None else digest.hexdigest()
+            if req.sha256 is not None and sha256 != req.sha256:
                 raise InvalidRequest(f"content of {req.path} does not match the given sha256")
 
-        stat = await session.put(PutSpec(path=req.path, mode=req.mode,
-                                         make_parents=req.make_parents, size=size), checked())
+        sha256: str | None = None
+        try:
+            stat = await session.put(PutSpec(path=req.path, mode=req.mode,
+                                             make_parents=req.make_parents, size=size), checked())
+        except BaseException as exc:
+            if receiver is not None:
+                # The requester may still be sending: tell it to stop now, not at a stall.
+                error = exc if isinstance(exc, FleetbusError) else Cancelled("the put was stopped")
+                await receiver.abort(error)
+            raise
+        finally:
+            if receiver is not None:
+                await receiver.close()
+        if sha256 is None:
+            # The transport returned without reading its source to the end (a plugin bug).
+            if receiver is not None:  # the requester's digest was never checked: say so
+                raise InternalError(f"the put of {req.path} finished without reading all its content")
+            sha256 = digest.hexdigest()  # as before streams: the digest of what was read
         reply = {"ok": True, "id": command_id, "path": req.path, "size": stat.size,
-                 "sha256": digest.hexdigest(),
-                 "mode": None if stat.mode is None else f"{stat.mode:04o}"}
+                 "sha256": sha256, "mode": None if stat.mode is None else f"{stat.mode:04o}"}
         return _Outcome(reply=reply, bytes=stat.size)
 
     async def _get(self, session: Session, server: Server, req: GetRequest, command_id: str) -> _Outcome:
@@ -618,6 +653,9 @@ class PluginHost:
                         raise TooLarge(f"{req.path} grew past {req.max_inline} bytes while being read")
                 digest.update(data)
                 reply.update(size=len(data), content_b64=base64.b64encode(data).decode())
+            elif req.stream is not None:
+                sent, sha256 = await self._send_stream(req, remote.size, remote.chunks)
+                reply.update(size=sent, sha256=sha256)
             else:
                 name = req.object or f"get/{server.name}/{command_id}"
 
@@ -630,8 +668,32 @@ class PluginHost:
                 reply.update(size=stored.size, object=name, bucket=self.names.files_bucket)
         finally:
             await remote.aclose()
-        reply["sha256"] = digest.hexdigest()
+        reply.setdefault("sha256", digest.hexdigest())
         return _Outcome(reply=reply, bytes=reply["size"])
+
+    async def _send_stream(self, req: GetRequest, size: int,
+                           chunks: AsyncIterator[bytes]) -> tuple[int, str]:
+        """Stream a file to the requester's subject within the credit it grants."""
+        assert req.stream is not None
+        sender = Sender(self.nc, req.stream.subject, req.stream.window, req.stream.idle_s, "requester")
+        sender.total = size or None
+        await sender.open()
+        limit = chunk_limit(self.nc)
+        hashing = BackgroundHash()
+        try:
+            async for chunk in chunks:
+                await hashing.update(chunk)
+                await sender.send(chunk, limit)
+            sha256 = await hashing.hexdigest()
+            await sender.end(sha256)
+        except BaseException as exc:
+            error = exc if isinstance(exc, FleetbusError) else Cancelled("the get was stopped")
+            await sender.abort(error)
+            raise
+        finally:
+            await hashing.settle()
+            await sender.close()
+        return sender.size, sha256
 
     async def _info(self, session: Session, served: _Served, command_id: str) -> _Outcome:
         facts = await session.info()

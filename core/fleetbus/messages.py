@@ -25,10 +25,15 @@ from pydantic import (
 
 from .limits import (
     DEFAULT_EXEC_TIMEOUT_S,
+    DEFAULT_STREAM_IDLE_S,
+    DEFAULT_STREAM_WINDOW,
     DEFAULT_TAIL_BYTES,
     MAX_EXEC_TIMEOUT_S,
     MAX_INLINE_BYTES,
     MAX_REQUEST_BYTES,
+    MAX_STREAM_IDLE_S,
+    MAX_STREAM_WINDOW,
+    MIN_STREAM_WINDOW,
 )
 from .names import COMMAND_ID_RE
 
@@ -158,11 +163,39 @@ def _parse_mode(v: Any) -> int | None:
     return v
 
 
+def _check_subject(v: str) -> str:
+    if not _SUBJECT_RE.match(v):
+        raise ValueError("subject must be a plain NATS subject without wildcards")
+    return v
+
+
+Subject = Annotated[str, Field(max_length=255), AfterValidator(_check_subject)]
+
+
+class PutStream(BaseModel):
+    """Content streamed by the requester (docs/bus-api.md, "Streamed transfers")."""
+
+    model_config = ConfigDict(extra="forbid")
+    subject: Subject
+    size: int | None = Field(default=None, ge=0)
+    idle_s: float = Field(default=DEFAULT_STREAM_IDLE_S, ge=1, le=MAX_STREAM_IDLE_S)
+
+
+class GetStream(BaseModel):
+    """Where to stream a file to, and how much the requester takes before granting more."""
+
+    model_config = ConfigDict(extra="forbid")
+    subject: Subject
+    window: int = Field(default=DEFAULT_STREAM_WINDOW, ge=MIN_STREAM_WINDOW, le=MAX_STREAM_WINDOW)
+    idle_s: float = Field(default=DEFAULT_STREAM_IDLE_S, ge=1, le=MAX_STREAM_IDLE_S)
+
+
 class PutRequest(Request):
     path: RemotePath
     mode: int | None = None
     content_b64: str | None = None
     object: ObjectName | None = None
+    stream: PutStream | None = None
     make_parents: bool = True
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
@@ -175,8 +208,9 @@ class PutRequest(Request):
 
     @model_validator(mode="after")
     def _one_source(self) -> PutRequest:
-        if (self.content_b64 is None) == (self.object is None):
-            raise ValueError("give exactly one of content_b64 (inline) or object (object store)")
+        if sum(v is not None for v in (self.content_b64, self.object, self.stream)) != 1:
+            raise ValueError("give exactly one of content_b64 (inline), object (object store) "
+                             "or stream (streamed)")
         if self.content_b64 is not None:
             self._content = _decode_b64(self.content_b64, "content_b64")
         return self
@@ -188,7 +222,14 @@ class PutRequest(Request):
 class GetRequest(Request):
     path: RemotePath
     object: ObjectName | None = None
+    stream: GetStream | None = None
     max_inline: int = Field(default=MAX_INLINE_BYTES, ge=0, le=MAX_INLINE_BYTES)
+
+    @model_validator(mode="after")
+    def _one_destination(self) -> GetRequest:
+        if self.object is not None and self.stream is not None:
+            raise ValueError("give at most one of object (object store) or stream (streamed)")
+        return self
 
 
 class InfoRequest(Request):
