@@ -1549,7 +1549,11 @@ async def test_heartbeats_keep_an_idle_connection_alive(tls: Tls) -> None:
     async with connected(tls, heartbeat_s=0.1) as pair:
         await asyncio.sleep(0.6)  # six heartbeat intervals with no traffic of its own
         assert not pair.controller.closed and not pair.agent.closed
-        assert pair.controller.stats.frames_received >= 4  # pings and pongs
+        assert pair.controller.stats.frames_received >= 4  # pongs to its pings
+        # Only the controller keeps an idle link alive: the agent hears its pings and
+        # answers, and sends none of its own (half the heartbeat frames per agent).
+        assert pair.controller.stats.pings_sent >= 4
+        assert pair.agent.stats.pings_sent == 0
         assert (await final_event(pair.controller.open_stream("ping"))).kind == "done"
 
 
@@ -1602,6 +1606,7 @@ async def test_silent_controller_is_declared_dead_by_heartbeat(tls: Tls) -> None
         elapsed = time.monotonic() - started
         done.set()
     assert agent.close_reason == "controller connection lost: heartbeat timeout"
+    assert agent.stats.pings_sent >= 1  # a quiet controller is pinged before it is given up
     assert 0.4 <= elapsed < 1.5
 
 
