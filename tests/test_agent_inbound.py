@@ -11,6 +11,7 @@ import re
 import secrets
 import socket
 import ssl
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,20 +38,17 @@ class Listener:
 
 
 def start_listener(workdir: Path, key: str, *extra: str) -> Listener:
-    import subprocess
-
     workdir.mkdir(parents=True, exist_ok=True)
     key_file = workdir / "key"
     fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.write(fd, key.encode())
     os.close(fd)
     out = workdir / "agent.out"
-    log = open(workdir / "agent.log", "ab")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
-    proc = subprocess.Popen([AGENT, "listen", "--bind", "127.0.0.1", "--port", str(extra_port(extra)),
-                             "--key-file", str(key_file), *strip_port(extra)],
-                            stdout=open(out, "wb"), stderr=log, stdin=subprocess.DEVNULL, env=env)
-    log.close()
+    with open(workdir / "agent.log", "ab") as log, open(out, "wb") as stdout:
+        proc = subprocess.Popen([AGENT, "listen", "--bind", "127.0.0.1", "--port", str(extra_port(extra)),
+                                 "--key-file", str(key_file), *strip_port(extra)],
+                                stdout=stdout, stderr=log, stdin=subprocess.DEVNULL, env=env)
 
     def ready() -> tuple[int, str] | None:
         if proc.poll() is not None:
@@ -156,8 +154,11 @@ def test_trust_on_first_use_pins_what_it_saw(fleet: Fleet, listeners) -> None:
     again = start_listener(agent.workdir, agent.key, "--port", str(agent.port), "--new-cert")
     try:
         assert again.fingerprint != agent.fingerprint
-        run = wait_for(lambda: (lambda p: p if p.returncode != 0 and "pinned" in p.stderr else None)(
-            fleet.cli("run", "tofu", "--", "true")), what="the new certificate refused")
+        def refused() -> subprocess.CompletedProcess[str] | None:
+            p = fleet.cli("run", "tofu", "--", "true")
+            return p if p.returncode != 0 and "pinned" in p.stderr else None
+
+        run = wait_for(refused, what="the new certificate refused")
         assert "not the pinned" in run.stderr
     finally:
         stop_process(again.proc)

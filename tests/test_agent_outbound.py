@@ -120,7 +120,7 @@ def test_agent_killed_mid_command_fails_it_as_offline(fleet: Fleet, agent_factor
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=fleet.environ())
     wait_for(marker.exists, what="command started on the agent")
     agent.stop(signal.SIGKILL)
-    out, err = run.communicate(timeout=30)
+    _, err = run.communicate(timeout=30)
     assert run.returncode == 125
     assert b"agent connection" in err or b"connection lost" in err or b"not connected" in err, err
     gone = fleet.cli("ping", "victim")
@@ -191,7 +191,7 @@ def test_zipapp_agent_with_ca_verification(fleet: Fleet, agent_factory, tmp_path
     for candidate in ("/root/.pyenv/versions/3.9.18/bin/python3.9", shutil.which("python3.9")):
         if candidate and Path(candidate).exists():
             probe = subprocess.run([candidate, "-c", "import sys; print(sys.version_info[:2])"],
-                                   capture_output=True, text=True)
+                                   capture_output=True, text=True, check=False)
             if probe.returncode == 0:
                 pythons.append(candidate)
                 break
@@ -319,10 +319,10 @@ def test_agent_refuses_a_readable_key_file_and_an_unverified_gateway(tmp_path: P
     key.write_text("fbk1_0123456789abcdef_" + "A" * 43)
     os.chmod(key, 0o644)
     proc = subprocess.run([AGENT, "connect", "--gateway", "127.0.0.1:9", "--key-file", str(key),
-                           "--fingerprint", "sha256:" + "0" * 64], capture_output=True, text=True, timeout=30)
+                           "--fingerprint", "sha256:" + "0" * 64], capture_output=True, text=True, timeout=30, check=False)
     assert proc.returncode == 2 and "chmod 600" in proc.stderr
     os.chmod(key, 0o600)
     proc = subprocess.run([AGENT, "connect", "--gateway", "127.0.0.1:9", "--key-file", str(key)],
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=30, check=False)
     assert proc.returncode == 2 and "--fingerprint" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -164,10 +164,10 @@ def test_plugins_list_shows_the_builtin_local_from_its_entry_point(fleet: Fleet)
 def test_cli_without_a_stack_says_so(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
     env["FLEETBUS_HOME"] = str(tmp_path / "empty")
-    proc = subprocess.run([FLEETBUS, "servers", "list"], capture_output=True, text=True, env=env, timeout=30)
+    proc = subprocess.run([FLEETBUS, "servers", "list"], capture_output=True, text=True, env=env, timeout=30, check=False)
     assert "fleetbus up" in one_line_error(proc)
     proc = subprocess.run([FLEETBUS, "--nats", "nats://127.0.0.1:1", "ping", "local"],
-                          capture_output=True, text=True, env=env, timeout=30)
+                          capture_output=True, text=True, env=env, timeout=30, check=False)
     assert "cannot connect to NATS" in one_line_error(proc)
 
 
@@ -179,7 +179,7 @@ def test_up_says_clearly_when_the_port_is_taken(tmp_path: Path) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
         env["FLEETBUS_HOME"] = str(tmp_path / "h")
         proc = subprocess.run([FLEETBUS, "up", "--nats-port", str(port)], capture_output=True,
-                              text=True, env=env, timeout=30)
+                              text=True, env=env, timeout=30, check=False)
     line = one_line_error(proc)
     assert f"port {port}" in line and "taken" in line
 

@@ -110,7 +110,7 @@ def encode_frame(
     after encoding, or when ``max_body`` is given and the body is larger.
     """
     if not isinstance(header.get("t"), str):
-        raise ValueError('a frame header needs a string "t"')
+        raise ValueError('a frame header needs a string "t"')  # noqa: TRY004 - callers catch ValueError
     # allow_nan=False: NaN/Infinity are not JSON and another implementation may reject them.
     hbytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
         "utf-8"

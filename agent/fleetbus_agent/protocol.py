@@ -505,7 +505,7 @@ _HEX_DIGITS = frozenset("0123456789abcdef")
 def _normalise_fingerprint(fingerprint: Any) -> str:
     """``"sha256:<hex>"`` or bare hex, any case, to 64 lowercase hex digits."""
     if not isinstance(fingerprint, str):
-        raise ValueError("a certificate fingerprint must be a string")
+        raise ValueError("a certificate fingerprint must be a string")  # noqa: TRY004 - callers catch ValueError
     text = fingerprint.lower().removeprefix("sha256:")
     if len(text) != 64 or not _HEX_DIGITS.issuperset(text):
         # The value is not quoted: a caller mixing up arguments may have passed the key.
@@ -1570,7 +1570,7 @@ class Connection:
         """How many streams are in flight."""
         return len(self._streams)
 
-    async def __aenter__(self) -> Connection:
+    async def __aenter__(self) -> Connection:  # noqa: PYI034 - typing.Self is 3.11+, the agent runs on 3.9
         self.start()
         return self
 
@@ -1767,7 +1767,7 @@ class Connection:
             return False
         try:
             self._writer.write(frame)
-        except Exception:  # noqa: BLE001 - the writer task meets the same error and closes
+        except Exception:  # the writer task meets the same error and closes
             return False
         self.stats.frames_sent += 1
         self.stats.bytes_sent += len(frame)

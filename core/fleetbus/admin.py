@@ -143,7 +143,7 @@ class AdminService:
                      started: float) -> None:
         """Who changed the registry or the vault: names only, never a secret."""
         endpoint = req.subject[len(self.names.admin_root) + 1:]
-        if endpoint.endswith(".list") or endpoint.endswith(".get"):
+        if endpoint.endswith((".list", ".get")):
             return  # reads are not changes
         server_body = body.get("server")
         target = body.get("name") or (server_body.get("name") if isinstance(server_body, dict) else None)

@@ -113,16 +113,14 @@ class EmbeddedNats:
         for stale in self.home.path.glob("nats-server_*.ports"):
             stale.unlink(missing_ok=True)
         env = {**os.environ, TOKEN_ENV: self.token}
-        log = open(self.log_path, "ab")
-        try:
+        # A local append-only log opens at once; the child keeps its own descriptor.
+        with open(self.log_path, "ab") as log:  # noqa: ASYNC230
             self.proc = await asyncio.create_subprocess_exec(
                 nats_server_binary(), "-c", str(self.home.nats_config),
                 stdout=log, stderr=log, stdin=asyncio.subprocess.DEVNULL, env=env,
                 # Own process group: Ctrl-C reaches us, and we stop NATS last, in order.
                 start_new_session=True,
             )
-        finally:
-            log.close()
         await self._wait_ready()
 
     async def _wait_ready(self) -> None:

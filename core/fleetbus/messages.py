@@ -152,7 +152,8 @@ def _parse_mode(v: Any) -> int | None:
     if v is None:
         return None
     if isinstance(v, bool):
-        raise ValueError("mode must be an octal string like '0644' or an integer")
+        # pydantic turns ValueError (not TypeError) into a validation error.
+        raise ValueError("mode must be an octal string like '0644' or an integer")  # noqa: TRY004
     if isinstance(v, str):
         try:
             v = int(v, 8)

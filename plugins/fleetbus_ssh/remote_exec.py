@@ -436,7 +436,7 @@ class RemoteExec:
             if self.chan is not None and kill:
                 try:
                     await self._kill()
-                except Exception as exc:  # noqa: BLE001 - best effort; must not mask why we stop
+                except Exception as exc:  # best effort; must not mask why we stop
                     self.logger.warning("could not stop the command on %s: %s", self.conn.name, short(exc))
             if self.chan is not None:
                 await self.run_blocking(self.chan.close)

@@ -149,7 +149,7 @@ class WinrmClient:
             return await asyncio.shield(future)
         except (asyncio.CancelledError, WinRMOperationTimeoutError):
             raise
-        except Exception as exc:  # noqa: BLE001 - every pywinrm/requests failure gets mapped
+        except Exception as exc:  # every pywinrm/requests failure gets mapped
             mapped = map_error(exc, self.where)
             if isinstance(mapped, (ServerOffline, AuthFailed, Timeout)):
                 self.alive = False  # the host opens a new session next time
@@ -180,7 +180,7 @@ class WinrmClient:
 def _close_protocol(protocol: Protocol) -> None:
     try:
         protocol.transport.close_session()
-    except Exception:  # noqa: BLE001, S110 - closing sockets: nothing useful to report
+    except Exception:  # closing sockets: nothing useful to report
         pass
 
 

@@ -18,7 +18,7 @@ from fleetbus_agent.handlers import Handler
 async def main() -> None:
     gateway, pin, keys_file = sys.argv[1:4]
     host, port = gateway.rsplit(":", 1)
-    with open(keys_file) as fh:
+    with open(keys_file) as fh:  # noqa: ASYNC230 - before the loop has any work
         keys = json.load(fh)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

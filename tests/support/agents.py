@@ -60,10 +60,9 @@ class Agent:
             args += ["--fingerprint", self.fingerprint]
         if self.ca:
             args += ["--ca", self.ca, "--server-name", "localhost"]
-        log = open(self.log_path, "ab")
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
-        self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
         return self
 
     def log(self) -> str:
@@ -84,8 +83,7 @@ def start_swarm(workdir: Path, gateway: str, fingerprint: str, keys: list[str]) 
     fd = os.open(keys_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.write(fd, json.dumps(keys).encode())
     os.close(fd)
-    log = open(workdir / "swarm.log", "ab")
-    proc = subprocess.Popen([sys.executable, SWARM, gateway, fingerprint, str(keys_file)],
-                            stdout=log, stderr=log, stdin=subprocess.DEVNULL)
-    log.close()
+    with open(workdir / "swarm.log", "ab") as log:
+        proc = subprocess.Popen([sys.executable, SWARM, gateway, fingerprint, str(keys_file)],
+                                stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     return proc

@@ -73,18 +73,17 @@ class NatsServer:
     def start(self) -> NatsServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         store = self.workdir / "js"
-        log = open(self.workdir / "nats.log", "ab")
         conf = self.workdir / "nats.conf"
         conf.write_text(
             'host: "127.0.0.1"\nport: -1\nmax_payload: 8388608\n'
             f"ports_file_dir: {json.dumps(str(self.workdir))}\n"
             f"jetstream {{ store_dir: {json.dumps(str(store))} }}\n"
         )
-        self.proc = subprocess.Popen(
-            [NATS_SERVER, "-c", str(conf)],
-            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
-        )
-        log.close()
+        with open(self.workdir / "nats.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                [NATS_SERVER, "-c", str(conf)],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            )
         ports = self.workdir / f"nats-server_{self.proc.pid}.ports"
 
         def ready() -> str | None:
@@ -123,7 +122,8 @@ class Fleet:
 
     def start(self) -> Fleet:
         self.home.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.home.parent / f"{self.home.name}-up.log", "ab")
+        # Kept open for the life of the stack; stop() closes it.
+        self.log = open(self.home.parent / f"{self.home.name}-up.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [FLEETBUS, "up", "--nats-port", "0", "--gateway-listen", "127.0.0.1:0",
              "--metrics-addr", "127.0.0.1:0", "-v",
@@ -155,7 +155,7 @@ class Fleet:
         merged = self.environ()
         merged.update(env or {})
         proc = subprocess.run(
-            [FLEETBUS, *args], input=input, capture_output=True, timeout=timeout, env=merged,
+            [FLEETBUS, *args], input=input, capture_output=True, timeout=timeout, env=merged, check=False,
         )
         return subprocess.CompletedProcess(
             proc.args, proc.returncode, proc.stdout.decode(errors="replace"),
@@ -194,10 +194,9 @@ class Daemon:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Daemon:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([FLEETBUS, *self.args], stdout=log, stderr=log,
-                                     stdin=subprocess.DEVNULL, env=self.env)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([FLEETBUS, *self.args], stdout=log, stderr=log,
+                                         stdin=subprocess.DEVNULL, env=self.env)
 
         def ready() -> bool:
             if self.proc and self.proc.poll() is not None:

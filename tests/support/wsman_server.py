@@ -837,7 +837,7 @@ class WsmanServer:
                 code = body()
             except Killed:
                 code = 0xC000013A
-            except Exception as exc:  # noqa: BLE001 - an emulation bug shows up as the command's error
+            except Exception as exc:  # an emulation bug shows up as the command's error
                 try:
                     cmd.write("stderr", f"emulation failed: {exc!r}\r\n".encode())
                 except Killed:
@@ -1154,7 +1154,7 @@ class _Handler(BaseHTTPRequestHandler):
                     self.ntlm_pending = spnego.server(protocol="ntlm", channel_bindings=cbt)
                     self.ntlm, self.ntlm_user = None, None
                 out = self.ntlm_pending.step(token)
-            except Exception:  # noqa: BLE001 - any NTLM failure is a refused login
+            except Exception:  # any NTLM failure is a refused login
                 self.ntlm_pending = None
                 server.auth_failures += 1
                 server.record("AuthFailed", detail="ntlm")
