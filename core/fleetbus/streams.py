@@ -179,7 +179,35 @@ def _subscribe_limits(window: int) -> dict[str, int]:
     return {"pending_bytes_limit": window + 4 * MAX_CHUNK, "pending_msgs_limit": 1 << 16}
 
 
-class Receiver:
+class _Endpoint:
+    """What both ends of a transfer share: the own inbox, the link to the peer, closing."""
+
+    def __init__(self, nc: NATS, peer: str | None, idle_s: float, who: str) -> None:
+        self.nc = nc
+        self.who = who
+        self.idle_s = idle_s
+        self._peer_subject = peer
+        self.sub: Subscription | None = None
+        self.link: _Peer | None = None
+
+    async def close(self) -> None:
+        if self.link is not None:
+            await self.link.stop()
+        if self.sub is not None:
+            with contextlib.suppress(Exception):
+                await self.sub.unsubscribe()
+            self.sub = None
+
+    async def abort(self, error: FleetbusError) -> None:
+        """Tell the peer the transfer is over (best effort: it may be gone already)."""
+        link = self.link
+        if link is None or link.peer is None:
+            return
+        with contextlib.suppress(Exception):
+            await link.say(KIND_ABORT, error.message.encode()[:1000], **{HDR_ERROR: error.code})
+
+
+class Receiver(_Endpoint):
     """Receives one stream of ``data`` messages on its own inbox and yields the chunks.
 
     Credit is granted as the consumer of :meth:`chunks` takes chunks, not when they
@@ -188,16 +216,11 @@ class Receiver:
     """
 
     def __init__(self, nc: NATS, peer: str | None, window: int, idle_s: float, who: str) -> None:
-        self.nc = nc
+        super().__init__(nc, peer, idle_s, who)
         self.window = window
-        self.who = who
-        self.idle_s = idle_s
-        self._peer_subject = peer
-        self.sub: Subscription | None = None
         self._inbox: asyncio.Queue[Msg] = asyncio.Queue()
         self._queued = 0  # bytes in _inbox
         self._overrun = False
-        self.link: _Peer | None = None
         self.size = 0
         self.expected: int | None = None  # the size the sender announced, if it did
         self.sha256: str | None = None  # the content's digest, once the end matched it
@@ -214,15 +237,7 @@ class Receiver:
 
     async def close(self) -> None:
         await self.digest.settle()
-        if self.link is not None:
-            await self.link.stop()
-        if self.sub is not None:
-            with contextlib.suppress(Exception):
-                await self.sub.unsubscribe()
-            self.sub = None
-
-    async def abort(self, error: FleetbusError) -> None:
-        await _abort(self.link, error)
+        await super().close()
 
     async def _on_msg(self, msg: Msg) -> None:
         # Credit bounds what an honest sender has in flight; one that ignores it must not
@@ -298,20 +313,15 @@ class Receiver:
             # alive, credit echoes and kinds from a later revision: liveness only
 
 
-class Sender:
+class Sender(_Endpoint):
     """Sends one stream of ``data`` messages within the credit its receiver grants.
 
     ``peer`` is where data goes; when None it is learned from the first credit.
     """
 
     def __init__(self, nc: NATS, peer: str | None, credit: int, idle_s: float, who: str) -> None:
-        self.nc = nc
+        super().__init__(nc, peer, idle_s, who)
         self.credit = credit
-        self.who = who
-        self.idle_s = idle_s
-        self._peer_subject = peer
-        self.sub: Subscription | None = None
-        self.link: _Peer | None = None
         self.seq = 0
         self.size = 0
         self.total: int | None = None  # the expected size, when known
@@ -325,17 +335,6 @@ class Sender:
         self.sub = await self.nc.subscribe(own, cb=self._on_msg, pending_msgs_limit=1 << 16)
         self.link.start()
         return own
-
-    async def close(self) -> None:
-        if self.link is not None:
-            await self.link.stop()
-        if self.sub is not None:
-            with contextlib.suppress(Exception):
-                await self.sub.unsubscribe()
-            self.sub = None
-
-    async def abort(self, error: FleetbusError) -> None:
-        await _abort(self.link, error)
 
     async def _on_msg(self, msg: Msg) -> None:
         assert self.link is not None
@@ -416,11 +415,3 @@ async def keep_alive(nc: NATS, subject: str, waiting: Awaitable[Any]) -> Any:
     finally:
         teller.cancel()
         await asyncio.gather(teller, return_exceptions=True)
-
-
-async def _abort(link: _Peer | None, error: FleetbusError) -> None:
-    """Tell the peer the transfer is over (best effort: it may be gone already)."""
-    if link is None or link.peer is None:
-        return
-    with contextlib.suppress(Exception):
-        await link.say(KIND_ABORT, error.message.encode()[:1000], **{HDR_ERROR: error.code})
