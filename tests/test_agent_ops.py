@@ -23,7 +23,7 @@ import textwrap
 import threading
 import time
 import zipfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -47,39 +47,13 @@ from fleetbus_agent.ops import (
 )
 from fleetbus_agent.ops import errors as op_errors
 from fleetbus_agent.ops.facts import parse_os_release
-from support.ops_helpers import alive, chunks, temp_files, wait_until
+from support.ops_helpers import RecordingSink, alive, chunks, temp_files, wait_until
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the operations are POSIX only")
 
 DEADLINE_S = 5.0
 AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
 PACKAGE_DIR = AGENT_DIR / "fleetbus_agent"
-
-
-class Output:
-    """An output callback that records every write and lets a test wait for what arrived."""
-
-    def __init__(self, fail: BaseException | None = None) -> None:
-        self.writes: list[tuple[str, bytes]] = []
-        self._fail = fail
-        self._changed = asyncio.Event()
-
-    async def write(self, stream: str, data: bytes) -> None:
-        assert stream in ("stdout", "stderr")
-        assert isinstance(data, bytes) and 0 < len(data) <= READ_CHUNK
-        self.writes.append((stream, data))
-        self._changed.set()
-        if self._fail is not None:
-            raise self._fail
-
-    def data(self, stream: str) -> bytes:
-        return b"".join(chunk for name, chunk in self.writes if name == stream)
-
-    async def wait_for(self, predicate: Callable[[], bool]) -> None:
-        async with asyncio.timeout(DEADLINE_S):
-            while not predicate():
-                self._changed.clear()
-                await self._changed.wait()
 
 
 # ---------------------------------------------------------------- errors
@@ -114,7 +88,7 @@ async def test_exec_streams_output_while_running_and_returns_exit_code(tmp_path:
         shell='echo first; echo early >&2; read line < "$GO"; echo "second $line"; exit 7',
         env={"GO": str(fifo)},
     )
-    out = Output()
+    out = RecordingSink()
     task = asyncio.create_task(run_process(spec, out.write))
     try:
         await out.wait_for(
@@ -136,19 +110,19 @@ async def test_exec_streams_output_while_running_and_returns_exit_code(tmp_path:
 
 async def test_exec_argv_stdin_and_large_output_in_bounded_chunks() -> None:
     data = os.urandom(2 * 1024 * 1024 + 3)
-    out = Output()
+    out = RecordingSink()
     result = await run_process(ExecSpec(argv=["cat"], stdin=data), out.write)
     assert result == ExecResult(exit_code=0)
     assert hashlib.sha256(out.data("stdout")).digest() == hashlib.sha256(data).digest()
-    assert len(out.writes) >= len(data) // READ_CHUNK  # Output.write checks each size
+    assert len(out.writes) >= len(data) // READ_CHUNK  # RecordingSink.write checks each size
 
-    out = Output()
+    out = RecordingSink()
     await run_process(ExecSpec(argv=["echo", "$HOME;", "*"]), out.write)
     assert out.data("stdout") == b"$HOME; *\n"  # no shell in between
 
 
 async def test_exec_reports_the_killing_signal() -> None:
-    result = await run_process(ExecSpec(shell="kill -TERM $$"), Output().write)
+    result = await run_process(ExecSpec(shell="kill -TERM $$"), RecordingSink().write)
     assert result == ExecResult(exit_code=None, signal=signal.SIGTERM)
 
 
@@ -157,7 +131,7 @@ async def test_exec_strips_secret_variables(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("FLEETBUS_AGENT_KEY", "agent-secret")
     monkeypatch.setenv("FLEETBUS_MASTER_KEY", "master-secret")
     monkeypatch.setenv("FLEETBUS_T_VISIBLE", "visible")
-    out = Output()
+    out = RecordingSink()
     await run_process(ExecSpec(argv=["env"], env={"FLEETBUS_T_NEW": "new"}), out.write)
     env = out.data("stdout")
     assert b"FLEETBUS_T_VISIBLE=visible" in env and b"FLEETBUS_T_NEW=new" in env
@@ -173,7 +147,7 @@ async def _start_group(
     shell: str, stray_pids: list[int], timings: ProcessTimings
 ) -> tuple[asyncio.Task[ExecResult], int, int]:
     """Start ``shell`` (which prints "$$ $!"); the task, the leader and the grandchild."""
-    out = Output()
+    out = RecordingSink()
     task = asyncio.create_task(run_process(ExecSpec(shell=shell), out.write, timings=timings))
     await out.wait_for(lambda: out.data("stdout").endswith(b"\n"))
     leader, grandchild = (int(pid) for pid in out.data("stdout").split())
@@ -200,7 +174,7 @@ async def test_cancel_kills_the_process_group(shell: str, stray_pids: list[int])
 
 
 async def test_timeout_backstop_raises_timeout_and_kills(stray_pids: list[int]) -> None:
-    out = Output()
+    out = RecordingSink()
     spec = ExecSpec(shell='sleep 300 & echo "$$ $!"; wait', timeout_s=0.2)
     with pytest.raises(OpError) as info:
         await asyncio.wait_for(
@@ -222,7 +196,7 @@ async def test_callback_failure_propagates_and_stops_the_group(
     # A TimeoutError from the callback is its own, not mistaken for the backstop.
     with pytest.raises(TimeoutError, match="consumer gone"):
         await asyncio.wait_for(
-            run_process(spec, Output(fail=TimeoutError("consumer gone")).write), DEADLINE_S
+            run_process(spec, RecordingSink(fail=TimeoutError("consumer gone")).write), DEADLINE_S
         )
     grandchild = int(pidfile.read_text())
     stray_pids.append(grandchild)
@@ -230,7 +204,7 @@ async def test_callback_failure_propagates_and_stops_the_group(
 
 
 async def test_background_process_holding_the_pipe_does_not_hang(stray_pids: list[int]) -> None:
-    out = Output()
+    out = RecordingSink()
     started = time.monotonic()
     result = await asyncio.wait_for(
         run_process(
@@ -248,7 +222,7 @@ async def test_background_process_holding_the_pipe_does_not_hang(stray_pids: lis
 async def test_exec_errors_have_bus_codes(tmp_path: Path) -> None:
     async def code_of(spec: ExecSpec) -> tuple[str, str]:
         with pytest.raises(OpError) as info:
-            await run_process(spec, Output().write)
+            await run_process(spec, RecordingSink().write)
         return info.value.code, info.value.message
 
     assert await code_of(ExecSpec(argv=["fleetbus-no-such-command"])) == (

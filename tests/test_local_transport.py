@@ -26,10 +26,10 @@ from fleetbus.secretenv import SECRET_ENV_VARS
 from fleetbus.transport import ExecResult, ExecSpec, PutSpec, Session
 from fleetbus_agent.ops import environment
 from fleetbus_agent.ops.files import GET_CHUNK
-from fleetbus_agent.ops.process import READ_CHUNK, ProcessTimings
+from fleetbus_agent.ops.process import ProcessTimings
 from fleetbus_local import plugin
 from fleetbus_local.transport import LocalSession, LocalTransport
-from support.ops_helpers import alive, chunks, temp_files, wait_until
+from support.ops_helpers import RecordingSink, alive, chunks, temp_files, wait_until
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the local transport is POSIX only")
 
@@ -55,36 +55,6 @@ class FakeContext:
 
     async def lookup_server(self, name: str) -> Server | None:
         return None
-
-
-class RecordingSink:
-    """An OutputSink that records every write and lets a test wait for what arrived."""
-
-    def __init__(self, delay_s: float = 0.0, fail: Exception | None = None) -> None:
-        self.writes: list[tuple[str, bytes]] = []
-        self._delay_s = delay_s
-        self._fail = fail
-        self._changed = asyncio.Event()
-
-    async def write(self, stream: str, data: bytes) -> None:
-        # Every exec test checks the chunk contract through this.
-        assert stream in ("stdout", "stderr")
-        assert isinstance(data, bytes) and 0 < len(data) <= READ_CHUNK
-        self.writes.append((stream, data))
-        self._changed.set()
-        if self._fail is not None:
-            raise self._fail
-        if self._delay_s:
-            await asyncio.sleep(self._delay_s)  # a slow consumer, not a readiness wait
-
-    def data(self, stream: str) -> bytes:
-        return b"".join(chunk for name, chunk in self.writes if name == stream)
-
-    async def wait_for(self, predicate: Callable[[], bool], timeout: float = DEADLINE_S) -> None:
-        async with asyncio.timeout(timeout):
-            while not predicate():
-                self._changed.clear()
-                await self._changed.wait()
 
 
 def make_server(host: str | None = None) -> Server:
