@@ -45,6 +45,7 @@ from fleetbus_agent.ops import (
     run_process,
     server_facts,
 )
+from fleetbus_agent.ops import child as child_module
 from fleetbus_agent.ops import errors as op_errors
 from fleetbus_agent.ops.facts import parse_os_release
 from support.ops_helpers import RecordingSink, alive, chunks, temp_files, wait_until
@@ -141,6 +142,95 @@ async def test_exec_strips_secret_variables(monkeypatch: pytest.MonkeyPatch) -> 
     assert child_environment({"FLEETBUS_AGENT_KEY": "given"}, base={"FLEETBUS_AGENT_KEY": "x"}) == {
         "FLEETBUS_AGENT_KEY": "given"
     }
+
+
+async def test_exec_strips_secrets_without_overrides_and_passes_ours_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With no overrides the child may inherit our environment as it is, but only when
+    # no secret is in it: each case must still hold.
+    monkeypatch.setenv("FLEETBUS_T_VISIBLE", "visible")
+    for secret in (None, "agent-secret"):
+        if secret is not None:
+            monkeypatch.setenv("FLEETBUS_AGENT_KEY", secret)
+        else:
+            monkeypatch.delenv("FLEETBUS_AGENT_KEY", raising=False)
+        out = RecordingSink()
+        await run_process(ExecSpec(argv=["env"]), out.write)
+        env = out.data("stdout")
+        assert b"FLEETBUS_T_VISIBLE=visible" in env
+        assert b"FLEETBUS_AGENT_KEY" not in env
+
+
+async def test_exec_holds_output_back_from_a_slow_consumer() -> None:
+    # A consumer that does not take output must not make us buffer all of it: the pipe
+    # stops being read, so the process blocks in write() until the consumer catches up.
+    size = 8 * 1024 * 1024
+    gate = asyncio.Event()
+    got: list[bytes] = []
+
+    async def write(stream: str, data: bytes) -> None:
+        await gate.wait()
+        got.append(data)
+
+    task = asyncio.create_task(run_process(ExecSpec(argv=["head", "-c", str(size), "/dev/zero"]), write))
+    try:
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        assert not done  # blocked writing: what it wrote does not fit in our buffers
+        gate.set()
+        result = await asyncio.wait_for(task, DEADLINE_S)
+    finally:
+        task.cancel()
+    assert result == ExecResult(exit_code=0)
+    assert sum(len(chunk) for chunk in got) == size
+
+
+async def test_exec_drops_stdin_the_process_never_reads() -> None:
+    # More than a pipe holds, to a process that exits without reading: no hang, no error.
+    result = await asyncio.wait_for(
+        run_process(ExecSpec(shell="exit 4", stdin=os.urandom(1024 * 1024)), RecordingSink().write),
+        DEADLINE_S,
+    )
+    assert result == ExecResult(exit_code=4)
+
+
+async def test_exec_without_pidfds_waits_in_a_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Kernels before 5.3 (and other POSIX systems) have no pidfd: the exit is seen by a
+    # thread blocked in waitpid instead, with the same results.
+    monkeypatch.setattr(child_module, "_pidfds", False)
+
+    def no_pidfds(pid: int) -> int:
+        raise AssertionError("pidfd_open called without pidfds")
+
+    monkeypatch.setattr(os, "pidfd_open", no_pidfds)
+    out = RecordingSink()
+    result = await asyncio.wait_for(
+        run_process(ExecSpec(argv=["cat"], stdin=b"through a thread"), out.write), DEADLINE_S
+    )
+    assert result == ExecResult(exit_code=0) and out.data("stdout") == b"through a thread"
+    result = await asyncio.wait_for(
+        run_process(ExecSpec(shell="kill -KILL $$"), RecordingSink().write), DEADLINE_S
+    )
+    assert result == ExecResult(exit_code=None, signal=signal.SIGKILL)
+    assert not [t for t in threading.enumerate() if t.name.startswith("fleetbus-waitpid-")]
+
+
+async def test_exec_leaves_no_descriptor_or_zombie_behind() -> None:
+    def open_fds() -> set[str]:
+        return set(os.listdir("/proc/self/fd"))
+
+    before = open_fds()
+    pids = []
+    for spec in (ExecSpec(shell="echo $$"), ExecSpec(shell="echo $$; cat", stdin=b"x"),
+                 ExecSpec(shell="echo $$; echo err >&2; exit 2")):
+        out = RecordingSink()
+        await run_process(spec, out.write)
+        pids.append(int(out.data("stdout").split()[0]))
+    with pytest.raises(OpError):
+        await run_process(ExecSpec(argv=["fleetbus-no-such-command"]), RecordingSink().write)
+    assert open_fds() == before
+    # Reaped, not left as zombies (a zombie keeps its /proc entry).
+    assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
 
 
 async def _start_group(

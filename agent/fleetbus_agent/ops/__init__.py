@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .blocking import RunBlocking, ThreadRunner, default_run_blocking
-    from .environment import SECRET_ENV_VARS, child_environment
+    from .environment import SECRET_ENV_VARS, child_environment, spawn_environment
     from .errors import ERROR_CODES, OpError
     from .facts import Facts, server_facts
     from .files import (
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
 _SUBMODULE = {
     "RunBlocking": "blocking", "ThreadRunner": "blocking", "default_run_blocking": "blocking",
     "SECRET_ENV_VARS": "environment", "child_environment": "environment",
+    "spawn_environment": "environment",
     "ERROR_CODES": "errors", "OpError": "errors",
     "Facts": "facts", "server_facts": "facts",
     "GET_CHUNK": "files", "TEMP_PREFIX": "files", "FileChunks": "files", "FileStat": "files",
@@ -101,4 +102,5 @@ __all__ = [
     "put_file",
     "run_process",
     "server_facts",
+    "spawn_environment",
 ]

@@ -35,3 +35,17 @@ def child_environment(
     env = {key: value for key, value in source.items() if key not in SECRET_ENV_VARS}
     env.update(overrides)
     return env
+
+
+def spawn_environment(overrides: Mapping[str, str]) -> Optional[dict[str, str]]:
+    """What to pass as ``env`` when starting a child: ``None`` when it may simply
+    inherit ours (no overrides and no secret variable in ours), else
+    :func:`child_environment`.
+
+    Building and encoding a copy of the environment costs about 0.2 ms per process,
+    a tenth of what a short ``exec`` costs in all, for nothing in the common case.
+    """
+    # Four lookups, not a walk over os.environ (which decodes every name).
+    if not overrides and not any(name in os.environ for name in SECRET_ENV_VARS):
+        return None
+    return child_environment(overrides)

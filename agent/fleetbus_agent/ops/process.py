@@ -3,10 +3,10 @@
 The process is started in a session (and so a process group) of its own, so that
 stopping it means stopping everything it started, not only the immediate child.
 
-We drive the process through ``loop.subprocess_exec`` with our own protocol rather than
-``asyncio.create_subprocess_exec``: ``Process.wait()`` only returns once every pipe is
-closed, so a background grandchild that inherited stdout would hang it forever, whereas
-the protocol's ``process_exited`` tells us the moment the process itself is reaped.
+The process itself is a :class:`~fleetbus_agent.ops.child.ChildProcess` (started and
+watched straight from the event loop, see there why not asyncio's subprocess
+transport). Its exit is reported the moment it is reaped, not when its pipes close, so
+a background grandchild that inherited stdout cannot hang the command.
 
 Every wait here is ``asyncio.wait`` on futures with a timeout, never ``asyncio.timeout``
 (Python 3.11+) or ``wait_for``: it never cancels what it waits on, and it behaves the
@@ -22,13 +22,13 @@ import logging
 import math
 import os
 import signal
-import subprocess
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional, cast
+from typing import Any, Optional
 
 from .blocking import RunBlocking, resolve_run_blocking
-from .environment import child_environment
+from .child import ChildProcess, PipeReader
+from .environment import spawn_environment
 from .errors import OpError, invalid_request, not_found, timeout, transport_error
 
 log = logging.getLogger(__name__)
@@ -259,25 +259,25 @@ async def _wait_done(future: asyncio.Future[Any], timeout_s: float) -> bool:
 class _PipeBuffer:
     """Output of one pipe waiting for the consumer, with flow control on the pipe."""
 
-    def __init__(self, pipe: Optional[asyncio.ReadTransport]) -> None:
-        self._pipe = pipe
+    def __init__(self) -> None:
+        self.pipe: Optional[PipeReader] = None  # set once the process has started
         self._chunks: collections.deque[bytes] = collections.deque()
         self._size = 0
-        self._eof = pipe is None
+        self._eof = False
         self._paused = False
         self._changed: Optional[asyncio.Future[None]] = None
 
     def feed(self, data: bytes) -> None:
-        # Pipe transports deliver up to 256 KiB at once; split so no write to the
-        # consumer is larger than READ_CHUNK.
+        # A pipe read delivers up to 256 KiB at once; split so no write to the consumer
+        # is larger than READ_CHUNK.
         if len(data) <= READ_CHUNK:
             self._chunks.append(data)
         else:
             for start in range(0, len(data), READ_CHUNK):
                 self._chunks.append(data[start : start + READ_CHUNK])
         self._size += len(data)
-        if self._size >= _HIGH_WATER and not self._paused and self._pipe is not None:
-            self._pipe.pause_reading()
+        if self._size >= _HIGH_WATER and not self._paused and self.pipe is not None:
+            self.pipe.pause_reading()
             self._paused = True
         self._wake()
 
@@ -316,40 +316,10 @@ class _PipeBuffer:
             parts.append(chunk)
             total += len(chunk)
         self._size -= total
-        if self._paused and self._size <= _LOW_WATER and self._pipe is not None:
+        if self._paused and self._size <= _LOW_WATER and self.pipe is not None:
             self._paused = False
-            self._pipe.resume_reading()
+            self.pipe.resume_reading()
         return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-class _ProcessProtocol(asyncio.SubprocessProtocol):
-    def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self.exited: asyncio.Future[None] = self._loop.create_future()
-        self.exited_at: Optional[float] = None
-        self.buffers: dict[int, _PipeBuffer] = {}
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # asyncio calls this before delivering any pipe data.
-        sub = cast(asyncio.SubprocessTransport, transport)
-        for fd in (1, 2):
-            pipe = cast("Optional[asyncio.ReadTransport]", sub.get_pipe_transport(fd))
-            self.buffers[fd] = _PipeBuffer(pipe)
-
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
-        buffer = self.buffers.get(fd)
-        if buffer is not None:
-            buffer.feed(data)
-
-    def pipe_connection_lost(self, fd: int, exc: Optional[Exception]) -> None:
-        buffer = self.buffers.get(fd)
-        if buffer is not None:
-            buffer.feed_eof()
-
-    def process_exited(self) -> None:
-        if not self.exited.done():
-            self.exited_at = self._loop.time()
-            self.exited.set_result(None)
 
 
 class _BackstopExpired(Exception):
@@ -362,37 +332,35 @@ class _Run:
 
     def __init__(
         self,
-        transport: asyncio.SubprocessTransport,
-        protocol: _ProcessProtocol,
+        child: ChildProcess,
+        buffers: dict[int, _PipeBuffer],
         write: OutputCallback,
         timings: ProcessTimings,
         logger: logging.Logger,
         run_blocking: RunBlocking,
         deadline: Optional[float],
     ) -> None:
-        self._transport = transport
-        self._protocol = protocol
+        self._child = child
+        self._buffers = buffers
         self._write = write
         self._timings = timings
         self._logger = logger
         self._run_blocking = run_blocking
         self._deadline = deadline
         self._loop = asyncio.get_running_loop()
-        self._pid: int = transport.get_pid()
+        self._pid: int = child.pid
         if self._pid <= 1:
             # killpg(0) would signal our own group; never let that happen.
-            transport.close()
+            child.close()
             raise transport_error(f"unexpected child pid {self._pid}")
         self._pumps: list[asyncio.Task[None]] = []
 
-    async def supervise(self, stdin: Optional[bytes]) -> ExecResult:
-        exited = self._protocol.exited
+    async def supervise(self) -> ExecResult:
+        exited = self._child.exited
         try:
-            if stdin is not None:
-                self._feed_stdin(stdin)
             self._pumps = [
-                self._loop.create_task(self._pump(self._protocol.buffers[1], "stdout")),
-                self._loop.create_task(self._pump(self._protocol.buffers[2], "stderr")),
+                self._loop.create_task(self._pump(self._buffers[1], "stdout")),
+                self._loop.create_task(self._pump(self._buffers[2], "stderr")),
             ]
             pending: set[asyncio.Future[Any]] = {exited, *self._pumps}
             while pending:
@@ -410,22 +378,11 @@ class _Run:
             raise
         finally:
             self._discard_pumps()
-            self._transport.close()
-        returncode = self._transport.get_returncode()
-        if returncode is None:  # cannot happen once process_exited has fired
+            self._child.close()
+        returncode = self._child.returncode
+        if returncode is None:  # cannot happen once the exit has been seen
             raise transport_error(f"exit status of pid {self._pid} is unknown")
         return exec_result(returncode)
-
-    def _feed_stdin(self, data: bytes) -> None:
-        # The whole input is already in memory, so hand it to the pipe transport, which
-        # writes it as the process reads, and close: EOF follows the last byte. If the
-        # process exits without reading it all, the transport drops the rest quietly.
-        pipe = cast("Optional[asyncio.WriteTransport]", self._transport.get_pipe_transport(0))
-        if pipe is None:
-            return
-        if data:
-            pipe.write(data)
-        pipe.close()
 
     async def _pump(self, buffer: _PipeBuffer, stream: str) -> None:
         # While the process runs we wait on the pipe as long as it takes. After it exits,
@@ -433,7 +390,7 @@ class _Run:
         # that has to wait is waiting on some background process that inherited the pipe,
         # so each pump gets exit_grace_s of such waiting in total, then stops. Time spent
         # in a slow callback does not count, so the process's own output is never cut short.
-        exited = self._protocol.exited
+        exited = self._child.exited
         budget = self._timings.exit_grace_s
         while True:
             if not buffer.ready():
@@ -463,7 +420,7 @@ class _Run:
 
     def _since_exit(self, started: float) -> float:
         # Only waiting after the exit counts against the grace period.
-        exited_at = self._protocol.exited_at
+        exited_at = self._child.exited_at
         return started if exited_at is None else max(started, exited_at)
 
     async def _terminate(self) -> None:
@@ -474,7 +431,7 @@ class _Run:
                 # The leader, or members that ignore SIGTERM, still run. Not sent once the
                 # group is known empty: its id is free for reuse from then on.
                 self._signal_group(signal.SIGKILL)
-            if not await _wait_done(self._protocol.exited, self._timings.reap_timeout_s):
+            if not await _wait_done(self._child.exited, self._timings.reap_timeout_s):
                 self._logger.warning(
                     "pid %d did not exit %.0f s after SIGKILL; leaving it to the child watcher",
                     self._pid,
@@ -487,7 +444,7 @@ class _Run:
 
     async def _wait_group_gone(self, timeout_s: float) -> bool:
         deadline = self._loop.time() + timeout_s
-        if not await _wait_done(self._protocol.exited, timeout_s):
+        if not await _wait_done(self._child.exited, timeout_s):
             return False
         # The leader is gone; other members are not our children, so there is nothing
         # to wait on but the group's existence.
@@ -546,26 +503,28 @@ async def run_process(
     _check_spec(spec)
     timings = timings if timings is not None else ProcessTimings()
     loop = asyncio.get_running_loop()
-    env = child_environment(spec.env)
+    env = spawn_environment(spec.env)
+    buffers = {1: _PipeBuffer(), 2: _PipeBuffer()}
     try:
-        transport, protocol = await loop.subprocess_exec(
-            _ProcessProtocol,
-            *argv,
-            stdin=subprocess.PIPE if spec.stdin is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+        child = ChildProcess.start(
+            argv,
             cwd=spec.cwd,
             env=env,
-            start_new_session=True,
+            stdin=None if spec.stdin is None else bytes(spec.stdin),
+            on_output=lambda fd, data: buffers[fd].feed(data),
+            on_eof=lambda fd: buffers[fd].feed_eof(),
         )
     except (OSError, ValueError, TypeError) as exc:
-        raise spawn_error(exc, argv, spec.cwd, env.get("PATH", os.defpath)) from exc
+        path = (env if env is not None else os.environ).get("PATH", os.defpath)
+        raise spawn_error(exc, argv, spec.cwd, path) from exc
+    for fd, buffer in buffers.items():
+        buffer.pipe = child.readers[fd]
     deadline = None
     if spec.timeout_s is not None:
         deadline = loop.time() + spec.timeout_s + timings.timeout_backstop_s
     run = _Run(
-        transport,
-        protocol,
+        child,
+        buffers,
         write,
         timings,
         logger if logger is not None else log,
@@ -573,6 +532,6 @@ async def run_process(
         deadline,
     )
     try:
-        return await run.supervise(spec.stdin)
+        return await run.supervise()
     except _BackstopExpired:
         raise timeout(f"command ran past its {spec.timeout_s:g} s time limit") from None
