@@ -278,6 +278,30 @@ async def test_timeout_backstop_raises_timeout_and_kills(stray_pids: list[int]) 
     await wait_until(lambda: not alive(grandchild))
 
 
+async def test_timeout_backstop_reaches_a_consumer_that_never_returns(stray_pids: list[int]) -> None:
+    # The consumer stalls on its first write: the backstop must still end the command.
+    stalled = asyncio.Event()
+    first: list[bytes] = []
+
+    async def write(stream: str, data: bytes) -> None:
+        first.append(data)
+        stalled.set()
+        await asyncio.Event().wait()
+
+    spec = ExecSpec(shell="echo $$; exec sleep 300", timeout_s=0.2)
+    task = asyncio.create_task(
+        run_process(spec, write, timings=ProcessTimings(timeout_backstop_s=0.1))
+    )
+    await asyncio.wait_for(stalled.wait(), DEADLINE_S)
+    with pytest.raises(OpError) as info:
+        await asyncio.wait_for(task, DEADLINE_S)
+    assert info.value.code == "timeout"
+    leader = int(first[0])
+    stray_pids.append(leader)
+    assert not alive(leader)  # stopped and reaped before the error came out
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+
+
 async def test_callback_failure_propagates_and_stops_the_group(
     tmp_path: Path, stray_pids: list[int]
 ) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.processes import FLEETBUS, Daemon, Fleet, NatsServer, wait_for
+from support.processes import FLEETBUS, Daemon, Fleet, NatsServer, pid_alive, wait_for
 
 
 @pytest.fixture
@@ -94,3 +94,43 @@ def test_up_with_an_existing_nats(nats_server: NatsServer, tmp_path: Path) -> No
         assert proc.returncode == 0 and proc.stdout == "via-shared-nats\n"
     finally:
         stack.stop()
+
+
+STOP_MID_COMMAND = """
+import asyncio, json, sys
+import nats
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    body = json.dumps({"shell": "echo $$ > " + sys.argv[3] + "; exec sleep 300"}).encode()
+    reply = await nc.request(sys.argv[2] + ".v1.servers.shared1.exec", body, timeout=60)
+    print(reply.data.decode())
+    await nc.close()
+asyncio.run(main())
+"""
+
+
+def test_a_worker_stopping_mid_command_stops_it_and_tells_the_requester(
+    shared: dict[str, str], tmp_path: Path
+) -> None:
+    core = Daemon(["core"], shared, tmp_path / "core.log", "fleetbus core").start()
+    worker = Daemon(["worker", "--transports", "local"], shared, tmp_path / "w.log", "serving local").start()
+    requester = None
+    try:
+        assert cli(shared, "servers", "add", "shared1", "--transport", "local").returncode == 0
+        wait_for(lambda: cli(shared, "ping", "shared1").returncode == 0, what="shared1 served")
+        pidfile = tmp_path / "pid"
+        requester = subprocess.Popen(
+            [str(Path(FLEETBUS).parent / "python"), "-c", STOP_MID_COMMAND, shared["FLEETBUS_NATS_URL"],
+             shared["FLEETBUS_PREFIX"], str(pidfile)], stdout=subprocess.PIPE, text=True)
+        pid = int(wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="command started"))
+        worker.stop()
+        out, _ = requester.communicate(timeout=60)
+        reply = json.loads(out)
+        assert reply["ok"] is False and reply["error"]["code"] == "cancelled"
+        assert "shutting down" in reply["error"]["message"]
+        assert not pid_alive(pid)  # the command's process went with the worker
+    finally:
+        if requester is not None and requester.poll() is None:
+            requester.kill()
+        worker.stop()
+        core.stop()

@@ -180,6 +180,7 @@ class PluginHost:
         self._background: list[asyncio.Task[Any]] = []
         self._cancel_sub: Subscription | None = None
         self._serve_lock = asyncio.Lock()
+        self._stopping = False
 
     # lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
@@ -212,6 +213,7 @@ class PluginHost:
                  ", ".join(self.transports) or "none")
 
     async def stop(self) -> None:
+        self._stopping = True
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -458,41 +460,38 @@ class PluginHost:
     async def _run_tracked(self, served: _Served, op: str, req: Request, command_id: str) -> _Outcome:
         if command_id in served.running:
             raise InvalidRequest(f"command {command_id} is already running on {served.server.name}")
-
-        counted = self.metrics.for_transport(served.transport)
-        inflight, queued = counted.inflight, counted.queued
-
-        async def in_slot() -> _Outcome:
-            inflight.inc()
-            queued.inc()
-            try:
-                try:
-                    await served.slots.acquire()
-                except asyncio.CancelledError:
-                    raise Cancelled(f"command {command_id} was cancelled while queued") from None
-                finally:
-                    queued.dec()
-                try:
-                    return await self._run(served, op, req, command_id)
-                finally:
-                    served.slots.release()
-            finally:
-                inflight.dec()
-
-        # Registered before it waits for a slot, so a queued command can be cancelled too.
-        task = asyncio.create_task(in_slot())
+        # The command runs in the request's own task (a task of its own would cost two
+        # event-loop hops per command); registered before it waits for a slot, so a
+        # queued command can be cancelled too.
+        task = asyncio.current_task()
+        assert task is not None
         served.running[command_id] = task
+        counted = self.metrics.for_transport(served.transport)
+        counted.inflight.inc()
+        counted.queued.inc()
         try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            # The host is stopping: stop the command too, then report it.
-            task.cancel()
-            await asyncio.wait({task}, timeout=CANCEL_GRACE_S)
-            raise
+            try:
+                await served.slots.acquire()
+            except asyncio.CancelledError:
+                self._cancelled_by_request(task)
+                raise Cancelled(f"command {command_id} was cancelled while queued") from None
+            finally:
+                counted.queued.dec()
+            try:
+                return await self._run(served, op, req, command_id)
+            finally:
+                served.slots.release()
         finally:
+            counted.inflight.dec()
             served.running.pop(command_id, None)
+
+    def _cancelled_by_request(self, task: asyncio.Task[Any]) -> None:
+        """Called on CancelledError inside a command: a cancel request (or unserve) ends
+        the command with the ``cancelled`` error; the host stopping ends the request
+        too, so it propagates (and the requester is told the worker is shutting down)."""
+        if self._stopping:
+            raise asyncio.CancelledError
+        task.uncancel()  # handled here: later awaits of this request must not see it
 
     async def _run(self, served: _Served, op: str, req: Request, command_id: str) -> _Outcome:
         server = served.server
@@ -513,7 +512,9 @@ class PluginHost:
                 return await self._limit(self._ping(session, served, command_id),
                                          self.settings.quick_timeout_s, "ping")
         except asyncio.CancelledError:
-            # Either a cancel request or the host stopping; both end the command.
+            task = asyncio.current_task()
+            assert task is not None
+            self._cancelled_by_request(task)
             raise Cancelled(f"command {command_id} was cancelled") from None
         except FleetbusError:
             raise

@@ -156,11 +156,13 @@ class ChildProcess:
         popen: subprocess.Popen[bytes],
         on_output: Callable[[int, bytes], None],
         on_eof: Callable[[int], None],
+        on_exit: Callable[[], None],
         stdout_fd: int,
         stderr_fd: int,
         stdin: Optional[tuple[int, bytes]],
     ) -> None:
         self._loop = loop
+        self._on_exit = on_exit
         # Kept until reaped: a Popen collected while its child runs would reap it from
         # subprocess's own cleanup list and take the exit status from us.
         self._popen: Optional[subprocess.Popen[bytes]] = popen
@@ -185,12 +187,15 @@ class ChildProcess:
         stdin: Optional[bytes],
         on_output: Callable[[int, bytes], None],
         on_eof: Callable[[int], None],
+        on_exit: Callable[[], None],
     ) -> ChildProcess:
         """Start ``argv`` in a new session, stdout and stderr to pipes read in the event
         loop, stdin from ``stdin`` (``None``: /dev/null).
 
         ``on_output(fd, data)`` gets what fd 1 or 2 wrote; ``on_eof(fd)`` is called once
-        per pipe when it closes. ``env`` None means ours. Raises what ``Popen`` raises
+        per pipe when it closes; ``on_exit()`` once the process has been reaped. All
+        three run in the event loop, called directly (not scheduled) as the events are
+        seen. ``env`` None means ours. Raises what ``Popen`` raises
         when the process cannot be started (OSError naming the program or the cwd,
         ValueError, TypeError); nothing is left open then.
         """
@@ -217,7 +222,7 @@ class ChildProcess:
         for fd in (out_w, err_w, in_r):
             if fd >= 0:
                 os.close(fd)
-        return cls(loop, popen, on_output, on_eof, out_r, err_r,
+        return cls(loop, popen, on_output, on_eof, on_exit, out_r, err_r,
                    (in_w, stdin) if stdin is not None else None)
 
     def close(self) -> None:
@@ -284,3 +289,4 @@ class ChildProcess:
         self.exited_at = self._loop.time()
         if not self.exited.done():
             self.exited.set_result(None)
+        self._on_exit()

@@ -263,9 +263,8 @@ class _PipeBuffer:
         self.pipe: Optional[PipeReader] = None  # set once the process has started
         self._chunks: collections.deque[bytes] = collections.deque()
         self._size = 0
-        self._eof = False
+        self.eof = False
         self._paused = False
-        self._changed: Optional[asyncio.Future[None]] = None
 
     def feed(self, data: bytes) -> None:
         # A pipe read delivers up to 256 KiB at once; split so no write to the consumer
@@ -279,35 +278,20 @@ class _PipeBuffer:
         if self._size >= _HIGH_WATER and not self._paused and self.pipe is not None:
             self.pipe.pause_reading()
             self._paused = True
-        self._wake()
 
     def feed_eof(self) -> None:
-        self._eof = True
-        self._wake()
+        self.eof = True
 
-    def _wake(self) -> None:
-        changed, self._changed = self._changed, None
-        if changed is not None and not changed.done():
-            changed.set_result(None)
+    def __bool__(self) -> bool:
+        """Whether output is waiting to be taken."""
+        return bool(self._chunks)
 
-    def ready(self) -> bool:
-        """Whether :meth:`take` has something to return: data, or end of file."""
-        return bool(self._chunks) or self._eof
-
-    def changed(self) -> asyncio.Future[None]:
-        """A future that completes when data or end of file next arrives.
-
-        Waiting on it takes nothing, so a wait that is cancelled or times out loses
-        no output.
-        """
-        if self._changed is None:
-            self._changed = asyncio.get_running_loop().create_future()
-        return self._changed
+    def done(self) -> bool:
+        """Whether the pipe is closed and everything from it was taken."""
+        return self.eof and not self._chunks
 
     def take(self) -> bytes:
-        """Up to READ_CHUNK queued bytes; ``b""`` at end of file. Call once ready()."""
-        if not self._chunks:
-            return b""
+        """Up to READ_CHUNK queued bytes. Call only when the buffer is true."""
         # Many small writes queued behind a slow consumer go out as one piece.
         parts = [self._chunks.popleft()]
         total = len(parts[0])
@@ -328,103 +312,142 @@ class _BackstopExpired(Exception):
 
 
 class _Run:
-    """One started process: pumps its output to the callback, then reports how it ended."""
+    """One started process: passes its output to the callback, then reports how it ended.
+
+    One coroutine does all of it, woken through a single future by whatever the child
+    does (output, end of file, exit): no task per pipe and no ``asyncio.wait`` per
+    event, because for a short command those hops cost more than the command.
+    """
 
     def __init__(
         self,
-        child: ChildProcess,
-        buffers: dict[int, _PipeBuffer],
         write: OutputCallback,
         timings: ProcessTimings,
         logger: logging.Logger,
         run_blocking: RunBlocking,
         deadline: Optional[float],
     ) -> None:
-        self._child = child
-        self._buffers = buffers
         self._write = write
         self._timings = timings
         self._logger = logger
         self._run_blocking = run_blocking
         self._deadline = deadline
         self._loop = asyncio.get_running_loop()
-        self._pid: int = child.pid
+        self.buffers = {1: _PipeBuffer(), 2: _PipeBuffer()}
+        self._waiter: Optional[asyncio.Future[None]] = None
+        self._expired = False
+        self._child: Optional[ChildProcess] = None
+        self._pid = 0
+
+    # What the child calls, from the event loop, as things happen.
+    def on_output(self, fd: int, data: bytes) -> None:
+        self.buffers[fd].feed(data)
+        self._poke()
+
+    def on_eof(self, fd: int) -> None:
+        self.buffers[fd].feed_eof()
+        self._poke()
+
+    def on_exit(self) -> None:
+        self._poke()
+
+    def _poke(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _wait(self, timeout_s: Optional[float]) -> None:
+        """Until the child next does something, or ``timeout_s`` passes."""
+        waiter = self._waiter = self._loop.create_future()
+        timer = None if timeout_s is None else self._loop.call_later(timeout_s, _settle, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    async def supervise(self, child: ChildProcess) -> ExecResult:
+        self._child = child
+        self._pid = child.pid
         if self._pid <= 1:
             # killpg(0) would signal our own group; never let that happen.
             child.close()
             raise transport_error(f"unexpected child pid {self._pid}")
-        self._pumps: list[asyncio.Task[None]] = []
-
-    async def supervise(self) -> ExecResult:
-        exited = self._child.exited
+        for fd, buffer in self.buffers.items():
+            buffer.pipe = child.readers[fd]
+        task = asyncio.current_task()
+        assert task is not None
+        cancels_before = _cancelling(task)
+        timer = None
+        if self._deadline is not None:
+            # The backstop interrupts whatever we wait on, a slow consumer's write included.
+            timer = self._loop.call_at(self._deadline, self._expire, task)
         try:
-            self._pumps = [
-                self._loop.create_task(self._pump(self._buffers[1], "stdout")),
-                self._loop.create_task(self._pump(self._buffers[2], "stderr")),
-            ]
-            pending: set[asyncio.Future[Any]] = {exited, *self._pumps}
-            while pending:
-                limit = None if self._deadline is None else self._deadline - self._loop.time()
-                if limit is not None and limit <= 0:
-                    raise _BackstopExpired()
-                done, pending = await asyncio.wait(
-                    pending, timeout=limit, return_when=asyncio.FIRST_COMPLETED
-                )
-                for task in done:
-                    if task is not exited:
-                        task.result()  # a failing callback ends the command
+            try:
+                await self._pass_output()
+            finally:
+                if timer is not None:
+                    timer.cancel()
+        except asyncio.CancelledError:
+            await self._terminate()
+            if self._expired and _uncancel(task) <= cancels_before:
+                raise _BackstopExpired() from None  # our own cancellation, and only ours
+            raise
         except BaseException:
             await self._terminate()
             raise
         finally:
-            self._discard_pumps()
-            self._child.close()
-        returncode = self._child.returncode
+            child.close()
+        returncode = child.returncode
         if returncode is None:  # cannot happen once the exit has been seen
             raise transport_error(f"exit status of pid {self._pid} is unknown")
         return exec_result(returncode)
 
-    async def _pump(self, buffer: _PipeBuffer, stream: str) -> None:
-        # While the process runs we wait on the pipe as long as it takes. After it exits,
-        # whatever it wrote is already in the pipe and arrives without waiting; a read
-        # that has to wait is waiting on some background process that inherited the pipe,
-        # so each pump gets exit_grace_s of such waiting in total, then stops. Time spent
-        # in a slow callback does not count, so the process's own output is never cut short.
+    def _expire(self, task: asyncio.Task[Any]) -> None:
+        self._expired = True
+        task.cancel()
+
+    async def _pass_output(self) -> None:
+        # While the process runs we wait as long as it takes. After it exits, whatever it
+        # wrote is already in its pipes and arrives without waiting; waiting longer means
+        # waiting on a background process that inherited a pipe, so such waiting gets
+        # exit_grace_s in all, then we stop. Time spent in a slow callback does not count,
+        # so the process's own output is never cut short.
+        assert self._child is not None
         exited = self._child.exited
-        budget = self._timings.exit_grace_s
+        out, err = self.buffers[1], self.buffers[2]
+        grace = self._timings.exit_grace_s
         while True:
-            if not buffer.ready():
-                started = self._loop.time()
-                while not buffer.ready():
-                    if not exited.done():
-                        await asyncio.wait(
-                            {buffer.changed(), exited}, return_when=asyncio.FIRST_COMPLETED
-                        )
-                        continue
-                    left = budget - (self._loop.time() - self._since_exit(started))
-                    if left <= 0:
+            # One chunk from each stream in turn, so neither starves the other.
+            if out:
+                await self._write("stdout", out.take())
+            if err:
+                await self._write("stderr", err.take())
+            if out or err:
+                continue
+            if exited.done() and out.done() and err.done():
+                return
+            if not exited.done():
+                await self._wait(None)
+                continue
+            if grace <= 0:
+                for name, buffer in (("stdout", out), ("stderr", err)):
+                    if not buffer.done():
                         self._logger.info(
                             "pid %d exited but a background process still holds its %s "
                             "open; not waiting for it",
                             self._pid,
-                            stream,
+                            name,
                         )
-                        return
-                    await asyncio.wait({buffer.changed()}, timeout=left)
-                if exited.done():
-                    budget -= self._loop.time() - self._since_exit(started)
-            chunk = buffer.take()
-            if not chunk:
                 return
-            await self._write(stream, chunk)
-
-    def _since_exit(self, started: float) -> float:
-        # Only waiting after the exit counts against the grace period.
-        exited_at = self._child.exited_at
-        return started if exited_at is None else max(started, exited_at)
+            started = self._loop.time()
+            await self._wait(grace)
+            grace -= self._loop.time() - started
 
     async def _terminate(self) -> None:
         """Stop the whole process group: SIGTERM, a grace period, SIGKILL, then reap."""
+        assert self._child is not None
         try:
             self._signal_group(signal.SIGTERM)
             if not await self._wait_group_gone(self._timings.term_grace_s):
@@ -443,6 +466,7 @@ class _Run:
             raise
 
     async def _wait_group_gone(self, timeout_s: float) -> bool:
+        assert self._child is not None
         deadline = self._loop.time() + timeout_s
         if not await _wait_done(self._child.exited, timeout_s):
             return False
@@ -470,12 +494,21 @@ class _Run:
                 "not permitted to send %s to process group %d", sig.name, self._pid
             )
 
-    def _discard_pumps(self) -> None:
-        for pump in self._pumps:
-            if not pump.done():
-                pump.cancel()
-            elif not pump.cancelled():
-                pump.exception()  # retrieved, so asyncio does not log it as lost
+
+def _settle(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+def _cancelling(task: asyncio.Task[Any]) -> int:
+    # Task.cancelling/uncancel exist from Python 3.11; before that nothing counts.
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling() if cancelling is not None else 0
+
+
+def _uncancel(task: asyncio.Task[Any]) -> int:
+    uncancel = getattr(task, "uncancel", None)
+    return uncancel() if uncancel is not None else 0
 
 
 async def run_process(
@@ -504,27 +537,10 @@ async def run_process(
     timings = timings if timings is not None else ProcessTimings()
     loop = asyncio.get_running_loop()
     env = spawn_environment(spec.env)
-    buffers = {1: _PipeBuffer(), 2: _PipeBuffer()}
-    try:
-        child = ChildProcess.start(
-            argv,
-            cwd=spec.cwd,
-            env=env,
-            stdin=None if spec.stdin is None else bytes(spec.stdin),
-            on_output=lambda fd, data: buffers[fd].feed(data),
-            on_eof=lambda fd: buffers[fd].feed_eof(),
-        )
-    except (OSError, ValueError, TypeError) as exc:
-        path = (env if env is not None else os.environ).get("PATH", os.defpath)
-        raise spawn_error(exc, argv, spec.cwd, path) from exc
-    for fd, buffer in buffers.items():
-        buffer.pipe = child.readers[fd]
     deadline = None
     if spec.timeout_s is not None:
         deadline = loop.time() + spec.timeout_s + timings.timeout_backstop_s
     run = _Run(
-        child,
-        buffers,
         write,
         timings,
         logger if logger is not None else log,
@@ -532,6 +548,19 @@ async def run_process(
         deadline,
     )
     try:
-        return await run.supervise()
+        child = ChildProcess.start(
+            argv,
+            cwd=spec.cwd,
+            env=env,
+            stdin=None if spec.stdin is None else bytes(spec.stdin),
+            on_output=run.on_output,
+            on_eof=run.on_eof,
+            on_exit=run.on_exit,
+        )
+    except (OSError, ValueError, TypeError) as exc:
+        path = (env if env is not None else os.environ).get("PATH", os.defpath)
+        raise spawn_error(exc, argv, spec.cwd, path) from exc
+    try:
+        return await run.supervise(child)
     except _BackstopExpired:
         raise timeout(f"command ran past its {spec.timeout_s:g} s time limit") from None
