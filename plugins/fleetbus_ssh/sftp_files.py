@@ -51,7 +51,7 @@ from fleetbus_agent.ops import GET_CHUNK, TEMP_PREFIX
 from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY, SFTPError
 
 from .connection import SshConnection, short
-from .fastpath import send_data
+from .fastpath import send_data, use_chunk_pipe
 from .settings import SshSettings
 from .slots import ChannelSlots
 
@@ -170,6 +170,7 @@ class SftpPool:
     def _open(self) -> SftpClient:
         chan = self.conn.open_session(self.settings.window_size)
         try:
+            use_chunk_pipe(chan)  # before the subsystem starts sending
             chan.invoke_subsystem("sftp")
             sftp = _SFTPClient(chan)
         except (paramiko.SSHException, OSError, EOFError) as exc:
