@@ -23,6 +23,9 @@ being sent), and reads issued ahead in batches of ``sftp_read_ahead`` bytes
 download never leaves a thread behind), with the next chunk read while the consumer
 handles the current one. Memory stays bounded by the window and one batch, whatever
 the file size.
+Below SFTP, paramiko's per-packet costs are cut down by :mod:`.fastpath`: uploads send
+several SSH packets per socket write, and the channel's input buffer and the packet
+reader avoid paramiko's per-read copying.
 
 put writes ``<dir>/.fleetbus-<random>`` (mode 0600 while being written), closes it
 (which collects every pipelined write's status), checks its size, applies the mode
