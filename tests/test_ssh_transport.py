@@ -35,6 +35,7 @@ from fleetbus.errors import (
 from fleetbus.records import Server
 from fleetbus.sessions import SessionPool
 from fleetbus.transport import Credential, ExecResult, ExecSpec, PutSpec, Session
+from fleetbus_ssh.fastpath import BatchPacketizer
 from fleetbus_ssh.hostkeys import HostKeyPin, fingerprint
 from fleetbus_ssh.remote_exec import PreambleFilter, build_command
 from fleetbus_ssh.transport import SshTransport
@@ -571,6 +572,44 @@ async def test_put_and_get_100_mib(session: Session, tmp_path: Path) -> None:
         got.update(chunk)
     assert got.hexdigest() == digest
     assert temp_files(tmp_path) == []
+
+
+async def _round_trip(session: Session, path: Path, size: int) -> None:
+    data = random.Random(size).randbytes(size)
+    stat = await session.put(PutSpec(path=str(path), size=len(data)), chunks_of(data, 300_000))
+    assert stat.size == len(data)
+    assert path.read_bytes() == data
+    remote = await session.get(str(path))
+    got = b"".join([chunk async for chunk in remote.chunks])
+    assert got == data
+
+
+async def test_put_batches_packets_under_aes_gcm(session: Session, tmp_path: Path) -> None:
+    transport = session.conn.transport  # type: ignore[attr-defined]
+    assert transport.local_cipher == "aes128-gcm@openssh.com"
+    assert isinstance(transport.packetizer, BatchPacketizer) and transport.packetizer.batch_ready()
+    await _round_trip(session, tmp_path / "gcm.bin", 5 * 1024 * 1024 + 17)
+
+
+async def test_put_survives_rekeys_mid_transfer(session: Session, tmp_path: Path) -> None:
+    # A key exchange every 256 KiB sent or received: many of them during one transfer,
+    # with batches of packets waiting at the gate while each one runs.
+    packetizer = session.conn.transport.packetizer  # type: ignore[attr-defined]
+    packetizer.REKEY_BYTES = 256 * 1024
+    await _round_trip(session, tmp_path / "rekeyed.bin", 4 * 1024 * 1024 + 5)
+    assert session.alive
+
+
+async def test_put_without_an_aead_cipher(lab: Lab, opened: Callable[..., Any], tmp_path: Path) -> None:
+    # Another cipher takes paramiko's own per-packet path.
+    with Sshd(tmp_path / "sshd", extra_config=["Ciphers aes128-ctr"]) as sshd:
+        sshd.authorize(lab.keys["ed25519"].public)
+        session = await opened(lab.server(sshd=sshd), lab.credential())
+        transport = session.conn.transport
+        assert transport.local_cipher == "aes128-ctr"
+        assert not transport.packetizer.batch_ready()
+        await _round_trip(session, tmp_path / "ctr.bin", 3 * 1024 * 1024 + 3)
+        await session.close()
 
 
 async def test_put_is_atomic_when_the_source_fails(session: Session, tmp_path: Path) -> None:

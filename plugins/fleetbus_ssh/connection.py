@@ -30,6 +30,7 @@ from fleetbus.transport import Credential
 from paramiko.common import MSG_CHANNEL_REQUEST
 
 from .auth import authenticate, login_user
+from .fastpath import BatchPacketizer
 from .hostkeys import HostKeyPin, allowed_algorithms, check_host_key, parse_pins
 from .settings import SshSettings
 
@@ -275,7 +276,8 @@ def _handshake(hop: Hop, sock: Any, settings: SshSettings, logger: logging.Logge
     name = hop.server.name
     pins: list[HostKeyPin] = parse_pins(hop.server.options.get("host_key"), name)
     transport = _Transport(sock, default_window_size=settings.window_size,
-                           default_max_packet_size=settings.max_packet_size)
+                           default_max_packet_size=settings.max_packet_size,
+                           packetizer_class=BatchPacketizer)
     # paramiko logs (at ERROR, with tracebacks) what we also raise as a clear fleetbus
     # error; under our logger's name operators can tune or silence it with the rest.
     transport.set_log_channel(f"{logger.name}.paramiko")
