@@ -16,7 +16,7 @@ that was about 130 us of CPU per 32 KiB packet, 4.2 ms per MiB.
 :class:`BatchPacketizer` encrypt all of them under one write lock and hand them to
 the socket in one write, with one copy of the data on the way. Only the AEAD case
 (``aes*-gcm@openssh.com``, which we prefer; see :mod:`.connection`) takes this path: its
-packet format is simple and has no separate MAC. Anything else (another cipher, 
+packet format is simple and has no separate MAC. Anything else (another cipher,
 compression, packet dumps while debugging, a rekey in progress) goes through paramiko's
 own ``Channel.send`` unchanged.
 
