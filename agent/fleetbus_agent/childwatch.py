@@ -6,6 +6,10 @@ process and joins it on exit. Measured on 2 cores: starting ``true`` through
 ``PidfdChildWatcher``, which waits on a pidfd in the event loop instead. Python 3.12+
 uses pidfds by default (and deprecates choosing a watcher), so this only acts on
 3.9-3.11, and only where the kernel has ``pidfd_open`` (Linux 5.3+) and it is allowed.
+
+``exec`` itself no longer goes through asyncio's subprocess machinery (see
+:mod:`fleetbus_agent.ops.child`); this still serves every other process started with
+asyncio (the embedded nats-server, for one).
 """
 
 from __future__ import annotations
