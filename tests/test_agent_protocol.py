@@ -1554,6 +1554,11 @@ async def test_heartbeats_keep_an_idle_connection_alive(tls: Tls) -> None:
         # answers, and sends none of its own (half the heartbeat frames per agent).
         assert pair.controller.stats.pings_sent >= 4
         assert pair.agent.stats.pings_sent == 0
+        # Heartbeats run from a loop timer, not a task per connection (thousands of
+        # idle agents on a gateway each woke one per interval): reader and writer only.
+        names = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("fleetbus-proto-")]
+        kinds = sorted(n.split("-")[2] for n in names)
+        assert kinds == ["read", "read", "write", "write"]
         assert (await final_event(pair.controller.open_stream("ping"))).kind == "done"
 
 
