@@ -419,3 +419,23 @@ async def test_admission_turns_a_waiter_away_and_then_admits_at_once() -> None:
     await asyncio.sleep(0)
     assert arrival.done() and arrival.result()
 
+
+def test_the_gateway_raises_the_young_gc_threshold_but_never_lowers_it() -> None:
+    import gc
+
+    from fleetbus_agent_outbound.gateway import GC_YOUNG_THRESHOLD, relax_gc
+
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        relax_gc()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, 10, 10)
+        gc.set_threshold(GC_YOUNG_THRESHOLD * 2, 5, 5)
+        relax_gc()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD * 2, 5, 5)
+        gc.set_threshold(0, 10, 10)  # collector turned off by an operator: left off
+        relax_gc()
+        assert gc.get_threshold()[0] == 0
+    finally:
+        gc.set_threshold(*saved)
+
