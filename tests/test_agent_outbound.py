@@ -439,3 +439,21 @@ def test_the_gateway_raises_the_young_gc_threshold_but_never_lowers_it() -> None
     finally:
         gc.set_threshold(*saved)
 
+
+def test_agent_status_is_refreshed_in_shares_stalest_first() -> None:
+    from types import SimpleNamespace
+
+    from fleetbus_agent_outbound.gateway import RECORD_EVERY_S, STATUS_EVERY_S, GatewayTransport
+    from fleetbus_agent_outbound.links import Link
+
+    gateway = GatewayTransport(SimpleNamespace(settings={}))
+    now = 10_000.0
+    for i in range(30):  # written 0 s, 20 s, ... 580 s ago
+        conn = SimpleNamespace(closed=False)
+        gateway.links.put(Link(server=f"s{i}", conn=conn, key_id="k", remote="r", agent="a",  # type: ignore[arg-type]
+                               status_at=now - 20 * i))
+    share = -(-30 * RECORD_EVERY_S // STATUS_EVERY_S)
+    stale = gateway._stale_links(now)
+    # Not all 15 due links in one burst: this tick's share, the stalest first.
+    assert [link.server for link in stale] == [f"s{i}" for i in range(29, 29 - int(share), -1)]
+    assert all(now - link.status_at >= STATUS_EVERY_S for link in stale)
