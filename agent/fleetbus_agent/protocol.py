@@ -1079,7 +1079,8 @@ class _Stream:
         self.op = op
         self.args = args
         self._credit = conn.peer_window
-        self._credit_event = asyncio.Event()
+        # Made on first wait: most streams (ping, info, exec without much output) never wait.
+        self._credit_event: Optional[asyncio.Event] = None
         self._recv_unacked = 0  # received body bytes not yet granted back
         self._consumed = 0  # consumed body bytes not yet granted back
         self._ended = False
@@ -1102,6 +1103,8 @@ class _Stream:
             self._check_sendable()
             if self._credit > 0:
                 return
+            if self._credit_event is None:
+                self._credit_event = asyncio.Event()
             self._credit_event.clear()
             await self._credit_event.wait()
 
@@ -1109,7 +1112,8 @@ class _Stream:
         # Capped at the announced window: a peer granting more than it received must
         # not make us queue unbounded data for it.
         self._credit = min(self._credit + n, self.conn.peer_window)
-        self._credit_event.set()
+        if self._credit_event is not None:
+            self._credit_event.set()
 
     async def _send_body(
         self, header: Dict[str, Any], data: Union[bytes, bytearray, memoryview]
@@ -1129,7 +1133,8 @@ class _Stream:
         if code is not None:
             self._end_error = (code, message)
         self.conn._streams.pop(self.id, None)
-        self._credit_event.set()  # wake senders so they raise StreamError
+        if self._credit_event is not None:
+            self._credit_event.set()  # wake senders so they raise StreamError
 
 
 class ControllerStream(_Stream):
@@ -1180,6 +1185,22 @@ class ControllerStream(_Stream):
             elif event.kind in ("done", "fail"):
                 self._finished = True
             yield event
+
+    async def final(self) -> Event:
+        """Wait for the ``done`` or ``fail`` event and return it, dropping any before it.
+
+        The cheap way to await an operation whose output nobody reads (ping, info):
+        no async generator per call. Dropped ``data``/``out`` bytes are given back as
+        credit like taken ones. Only one task may wait, and not beside :meth:`events`.
+        """
+        while not self._finished:
+            event = await self._inbox.get()
+            if event.kind in DATA_FRAME_TYPES:
+                self.conn._consumed(self, len(event.body))
+            elif event.kind in ("done", "fail"):
+                self._finished = True
+                return event
+        raise StreamError("invalid_request", "the final event was already taken")
 
     def cancel(self) -> None:
         """Cancel the operation: the agent cancels its handler.
@@ -1400,7 +1421,9 @@ class Connection:
 
     Controller role: :meth:`open_stream` starts an operation on the agent.
 
-    Agent role: each ``open`` runs ``await on_open(stream)`` in its own task. The
+    Agent role: each ``open`` runs ``await on_open(stream)`` in its own task, unless
+    ``on_open`` has an ``answer_now(stream)`` method that returns the result dict at
+    once (it returns None for operations that need the task, and must not raise). The
     stream is finished for you when the callback does not: a returned dict (or None)
     becomes ``done``; an exception with string ``code`` and ``message`` attributes
     becomes ``fail`` with those; any other exception becomes ``fail`` ``internal``
@@ -1691,6 +1714,14 @@ class Connection:
         if self._on_open is None:
             self._finish_stream(stream, "fail", "invalid_request", "this agent runs no operations")
             return
+        answer_now = getattr(self._on_open, "answer_now", None)
+        if answer_now is not None:
+            # An operation that needs no waiting (ping) is answered here, without a task:
+            # creating, running and reaping one was a third of an agent's CPU per ping.
+            result = answer_now(stream)
+            if result is not None:
+                self._finish_stream(stream, "done", result=result)
+                return
         task = asyncio.get_running_loop().create_task(
             self._run_handler(stream), name=f"fleetbus-op-{stream_id}-{op[:20]}"
         )
