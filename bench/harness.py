@@ -91,20 +91,27 @@ class Stack:
             if part:
                 self.swarms.append(start_swarm(workdir / f"swarm{i}", gw["address"], gw["fingerprint"], part))
 
-    def agents_connected(self) -> int | None:
-        """The gateway's own count of connected agents (its /metrics gauge), or None."""
+    def gateway_metrics(self, prefix: str) -> dict[str, float]:
+        """The samples of `fleetbus up`'s /metrics whose name starts with ``prefix``."""
         url = self.fleet.metrics_url
         if not url:
-            return None
+            return {}
         try:
             with urllib.request.urlopen(url, timeout=5) as resp:
                 text = resp.read().decode()
         except OSError:
-            return None
+            return {}
+        found = {}
         for line in text.splitlines():
-            if line.startswith("fleetbus_gateway_agents_connected "):
-                return int(float(line.split()[1]))
-        return None
+            if line.startswith(prefix):
+                name, _, value = line.rpartition(" ")
+                found[name] = float(value)
+        return found
+
+    def agents_connected(self) -> int | None:
+        """The gateway's own count of connected agents (its /metrics gauge), or None."""
+        value = self.gateway_metrics("fleetbus_gateway_agents_connected ").get("fleetbus_gateway_agents_connected")
+        return None if value is None else int(value)
 
     async def wait_answering(self, names: list[str], timeout: float = 300) -> None:
         pending = set(names)
