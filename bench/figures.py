@@ -258,9 +258,13 @@ async def agents_scale(stack: Stack, sizes: Sizes, work: Path) -> list[Row]:
     await stack.wait_answering(names)
     connect_s = time.perf_counter() - t0
     rss = rss_bytes(stack.pid) / MiB
+    dropped = {name.split('reason="')[1].rstrip('"}'): int(v) for name, v in
+               (await asyncio.to_thread(stack.gateway_metrics, "fleetbus_gateway_handshakes_dropped_total{")).items()}
+    turned = ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none"
     rows = [Row(f"agents held by one gateway ({held})", rss, None, "MiB RSS",
                 f"{sizes.agents_held} answering, RSS <= 1024 MiB", rss <= 1024,
-                note=f"all answered {connect_s:.1f} s after start; RSS before agents {rss_before / MiB:.0f} MiB")]
+                note=(f"all answered {connect_s:.1f} s after start; connections dropped before their "
+                      f"handshake finished: {turned}; RSS before agents {rss_before / MiB:.0f} MiB"))]
     fan = names[: sizes.agents_fanout]
     for _ in range(2):  # warm: first pings open sessions in the host
         await asyncio.gather(*(stack.client.ping(n, timeout_s=30) for n in fan))

@@ -14,12 +14,14 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
+from prometheus_client.parser import text_string_to_metric_families
 from support.agents import Agent, add_agent_server, gateway_of, start_swarm, wait_online
 from support.processes import Fleet, pid_alive, stop_process, wait_for
 
@@ -171,6 +173,65 @@ def test_a_stalled_handshake_is_dropped(fleet: Fleet) -> None:
     started = time.monotonic()
     assert _closed_by_peer(sock, 20)
     assert time.monotonic() - started < 15  # the handshake deadline, not the test's patience
+
+
+def _gateway_metric(fleet: Fleet, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(fleet.metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
+def test_handshakes_beyond_the_limit_wait_and_the_newest_goes_first(tmp_path: Path, agent_factory) -> None:
+    stack = Fleet(tmp_path / "home", extra_args=[
+        "--transport-setting", "agent-outbound.max_handshakes=1",
+        "--transport-setting", "agent-outbound.handshake_timeout_s=8"]).start()
+    try:
+        key = add_agent_server(stack, "queued")
+        host, port = gateway_of(stack)["address"].rsplit(":", 1)
+        # Takes the only slot and never starts TLS: held until its handshake deadline.
+        holder = socket.create_connection((host, int(port)), timeout=10)
+        waiter = socket.create_connection((host, int(port)), timeout=10)
+        wait_for(lambda: _gateway_metric(stack, "fleetbus_gateway_handshakes_waiting") == 1,
+                 what="a connection waiting for the handshake slot")
+        # The agent arrives last; when the holder is dropped, the slot goes to the newest.
+        agent_factory(key, "queued", target=stack)
+        wait_for(lambda: _gateway_metric(stack, "fleetbus_gateway_handshakes_waiting") == 2,
+                 what="the agent's connection waiting too")
+        wait_online(stack, "queued")
+        assert _closed_by_peer(holder, 20)
+        assert _closed_by_peer(waiter, 20)  # older than the agent's connection: turned away
+        assert _gateway_metric(stack, "fleetbus_gateway_handshakes_dropped_total", reason="tls") >= 1
+        assert _gateway_metric(stack, "fleetbus_gateway_handshakes_dropped_total", reason="waited") >= 1
+        assert _gateway_metric(stack, "fleetbus_gateway_handshakes_waiting") == 0
+        holder.close()
+        waiter.close()
+    finally:
+        stack.stop()
+
+
+def test_a_connection_that_left_while_waiting_gets_no_handshake(tmp_path: Path) -> None:
+    stack = Fleet(tmp_path / "home", extra_args=[
+        "--transport-setting", "agent-outbound.max_handshakes=1",
+        "--transport-setting", "agent-outbound.handshake_timeout_s=3"]).start()
+    try:
+        host, port = gateway_of(stack)["address"].rsplit(":", 1)
+        holder = socket.create_connection((host, int(port)), timeout=10)
+        wait_for(lambda: _gateway_metric(stack, "fleetbus_gateway_handshakes_waiting") == 0, what="holder in")
+        quitter = socket.create_connection((host, int(port)), timeout=10)
+        wait_for(lambda: _gateway_metric(stack, "fleetbus_gateway_handshakes_waiting") == 1,
+                 what="a connection waiting for the handshake slot")
+        quitter.close()  # like an agent whose connect timed out
+        assert _closed_by_peer(holder, 20)
+        wait_for(lambda: _gateway_metric(stack, "fleetbus_gateway_handshakes_dropped_total", reason="gone") == 1,
+                 what="the departed connection dropped without a handshake")
+        assert _gateway_metric(stack, "fleetbus_gateway_handshakes_dropped_total", reason="tls") == 1  # the holder only
+        holder.close()
+    finally:
+        stack.stop()
 
 
 def test_a_wrong_pin_never_sends_the_key(fleet: Fleet, agent_factory) -> None:
@@ -326,3 +387,73 @@ def test_agent_refuses_a_readable_key_file_and_an_unverified_gateway(tmp_path: P
                           capture_output=True, text=True, timeout=30, check=False)
     assert proc.returncode == 2 and "--fingerprint" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+async def test_admission_hands_a_freed_slot_to_the_newest_waiter() -> None:
+    from fleetbus_agent_outbound.gateway import Admission
+
+    admission = Admission(1)
+    assert await admission.acquire(30)
+    older = asyncio.create_task(admission.acquire(30))
+    newer = asyncio.create_task(admission.acquire(30))
+    await asyncio.sleep(0)
+    assert admission.waiting == 2
+    admission.release()
+    assert await newer
+    assert not older.done()
+    admission.release()
+    assert await older
+    admission.release()
+    assert (admission.active, admission.waiting) == (0, 0)
+
+
+async def test_admission_turns_a_waiter_away_and_then_admits_at_once() -> None:
+    from fleetbus_agent_outbound.gateway import Admission
+
+    admission = Admission(1)
+    assert await admission.acquire(30)
+    assert not await admission.acquire(0.01)  # no slot within max_wait
+    admission.release()
+    # The timed-out waiter must not keep a free slot from the next connection.
+    arrival = asyncio.create_task(admission.acquire(30))
+    await asyncio.sleep(0)
+    assert arrival.done() and arrival.result()
+
+
+def test_the_gateway_raises_the_young_gc_threshold_but_never_lowers_it() -> None:
+    import gc
+
+    from fleetbus_agent_outbound.gateway import GC_YOUNG_THRESHOLD, relax_gc
+
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        relax_gc()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, 10, 10)
+        gc.set_threshold(GC_YOUNG_THRESHOLD * 2, 5, 5)
+        relax_gc()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD * 2, 5, 5)
+        gc.set_threshold(0, 10, 10)  # collector turned off by an operator: left off
+        relax_gc()
+        assert gc.get_threshold()[0] == 0
+    finally:
+        gc.set_threshold(*saved)
+
+
+def test_agent_status_is_refreshed_in_shares_stalest_first() -> None:
+    from types import SimpleNamespace
+
+    from fleetbus_agent_outbound.gateway import RECORD_EVERY_S, STATUS_EVERY_S, GatewayTransport
+    from fleetbus_agent_outbound.links import Link
+
+    gateway = GatewayTransport(SimpleNamespace(settings={}))
+    now = 10_000.0
+    for i in range(30):  # written 0 s, 20 s, ... 580 s ago
+        conn = SimpleNamespace(closed=False)
+        gateway.links.put(Link(server=f"s{i}", conn=conn, key_id="k", remote="r", agent="a",  # type: ignore[arg-type]
+                               status_at=now - 20 * i))
+    share = -(-30 * RECORD_EVERY_S // STATUS_EVERY_S)
+    stale = gateway._stale_links(now)
+    # Not all 15 due links in one burst: this tick's share, the stalest first.
+    assert [link.server for link in stale] == [f"s{i}" for i in range(29, 29 - int(share), -1)]
+    assert all(now - link.status_at >= STATUS_EVERY_S for link in stale)

@@ -1554,6 +1554,11 @@ async def test_heartbeats_keep_an_idle_connection_alive(tls: Tls) -> None:
         # answers, and sends none of its own (half the heartbeat frames per agent).
         assert pair.controller.stats.pings_sent >= 4
         assert pair.agent.stats.pings_sent == 0
+        # Heartbeats run from a loop timer, not a task per connection (thousands of
+        # idle agents on a gateway each woke one per interval): reader and writer only.
+        names = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("fleetbus-proto-")]
+        kinds = sorted(n.split("-")[2] for n in names)
+        assert kinds == ["read", "read", "write", "write"]
         assert (await final_event(pair.controller.open_stream("ping"))).kind == "done"
 
 
@@ -1847,3 +1852,43 @@ async def test_tls_connections_share_one_read_buffer_yet_keep_their_bytes_apart(
             assert out["data"] == b"".join(make_block(i) for i in range(8))
 
         await asyncio.gather(*(put(k, p) for k, p in enumerate(pairs)), *(get(p) for p in pairs))
+
+
+@dataclass
+class QuickOps(Ops):
+    """Ops with the agent Handler's fast path: ping answered without a handler task."""
+
+    def answer_now(self, stream: AgentStream) -> dict[str, Any] | None:
+        return {"quick": True} if stream.op == "ping" else None
+
+
+async def test_an_operation_answered_at_once_runs_no_handler_task(tls: Tls) -> None:
+    ops = QuickOps()
+    async with connected(tls, ops=ops) as pair:
+        done = await asyncio.wait_for(pair.controller.open_stream("ping").final(), DEADLINE_S)
+        assert (done.kind, done.result) == ("done", {"quick": True})
+        assert not ops.started  # the coroutine callback never ran
+        other = await asyncio.wait_for(
+            pair.controller.open_stream("exec", {"argv": ["a"]}).final(), DEADLINE_S)
+        assert other.kind == "done" and ops.started  # everything else still gets its task
+
+
+def test_the_agent_handler_answers_ping_at_once_and_nothing_else() -> None:
+    from types import SimpleNamespace
+
+    from fleetbus_agent.handlers import Handler
+
+    handler = Handler()
+    assert handler.answer_now(SimpleNamespace(op="ping")) == {}  # type: ignore[arg-type]
+    for op in ("exec", "put", "get", "info", "nope"):
+        assert handler.answer_now(SimpleNamespace(op=op)) is None  # type: ignore[arg-type]
+
+
+async def test_final_skips_output_and_gives_its_credit_back(tls: Tls) -> None:
+    # Many windows of output: without the credit going back the agent would stall and
+    # final() would never return.
+    async with connected(tls, window=64 * 1024) as pair:
+        stream = pair.controller.open_stream("exec", {"argv": ["x" * 1000], "repeat": 2000})
+        done = await asyncio.wait_for(stream.final(), DEADLINE_S)
+        assert (done.kind, done.result) == ("done", {"exit_code": 0})
+        assert pair.controller.stats.buffered_in_bytes == 0

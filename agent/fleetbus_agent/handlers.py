@@ -51,6 +51,10 @@ class Handler:
         self.timings = timings
         self.paths = paths if paths else None  # an empty policy allows everything
 
+    def answer_now(self, stream: AgentStream) -> Optional[Dict[str, Any]]:
+        """The result of an operation that needs no waiting (ping), else None (see Connection)."""
+        return {} if stream.op == "ping" else None
+
     async def __call__(self, stream: AgentStream) -> Optional[Dict[str, Any]]:
         op, args = stream.op, stream.args or {}
         if op == "ping":

@@ -16,7 +16,7 @@ The spec is docs/agent-protocol.md; this docstring is the map of the code.
   certificate: :func:`certificate_fingerprint`, :func:`peer_certificate_fingerprint`).
   They produce the same :class:`Welcome` / :class:`Accepted` as the outbound pair.
 * :class:`Connection` runs a handshaken connection: a reader task, a writer task with
-  a control queue before round-robin data queues, and a heartbeat task. The
+  a control queue before round-robin data queues, and a heartbeat timer. The
   controller opens :class:`ControllerStream` s; the agent gets an
   :class:`AgentStream` per ``open`` in its ``on_open`` callback.
 
@@ -1079,7 +1079,8 @@ class _Stream:
         self.op = op
         self.args = args
         self._credit = conn.peer_window
-        self._credit_event = asyncio.Event()
+        # Made on first wait: most streams (ping, info, exec without much output) never wait.
+        self._credit_event: Optional[asyncio.Event] = None
         self._recv_unacked = 0  # received body bytes not yet granted back
         self._consumed = 0  # consumed body bytes not yet granted back
         self._ended = False
@@ -1102,6 +1103,8 @@ class _Stream:
             self._check_sendable()
             if self._credit > 0:
                 return
+            if self._credit_event is None:
+                self._credit_event = asyncio.Event()
             self._credit_event.clear()
             await self._credit_event.wait()
 
@@ -1109,7 +1112,8 @@ class _Stream:
         # Capped at the announced window: a peer granting more than it received must
         # not make us queue unbounded data for it.
         self._credit = min(self._credit + n, self.conn.peer_window)
-        self._credit_event.set()
+        if self._credit_event is not None:
+            self._credit_event.set()
 
     async def _send_body(
         self, header: Dict[str, Any], data: Union[bytes, bytearray, memoryview]
@@ -1129,7 +1133,8 @@ class _Stream:
         if code is not None:
             self._end_error = (code, message)
         self.conn._streams.pop(self.id, None)
-        self._credit_event.set()  # wake senders so they raise StreamError
+        if self._credit_event is not None:
+            self._credit_event.set()  # wake senders so they raise StreamError
 
 
 class ControllerStream(_Stream):
@@ -1180,6 +1185,22 @@ class ControllerStream(_Stream):
             elif event.kind in ("done", "fail"):
                 self._finished = True
             yield event
+
+    async def final(self) -> Event:
+        """Wait for the ``done`` or ``fail`` event and return it, dropping any before it.
+
+        The cheap way to await an operation whose output nobody reads (ping, info):
+        no async generator per call. Dropped ``data``/``out`` bytes are given back as
+        credit like taken ones. Only one task may wait, and not beside :meth:`events`.
+        """
+        while not self._finished:
+            event = await self._inbox.get()
+            if event.kind in DATA_FRAME_TYPES:
+                self.conn._consumed(self, len(event.body))
+            elif event.kind in ("done", "fail"):
+                self._finished = True
+                return event
+        raise StreamError("invalid_request", "the final event was already taken")
 
     def cancel(self) -> None:
         """Cancel the operation: the agent cancels its handler.
@@ -1400,7 +1421,9 @@ class Connection:
 
     Controller role: :meth:`open_stream` starts an operation on the agent.
 
-    Agent role: each ``open`` runs ``await on_open(stream)`` in its own task. The
+    Agent role: each ``open`` runs ``await on_open(stream)`` in its own task, unless
+    ``on_open`` has an ``answer_now(stream)`` method that returns the result dict at
+    once (it returns None for operations that need the task, and must not raise). The
     stream is finished for you when the callback does not: a returned dict (or None)
     becomes ``done``; an exception with string ``code`` and ``message`` attributes
     becomes ``fail`` with those; any other exception becomes ``fail`` ``internal``
@@ -1463,6 +1486,9 @@ class Connection:
         self._last_rx = time.monotonic()
         self._write_blocked_since: Optional[float] = None
         self._ping_seq = 0
+        self._next_ping = 0.0
+        self._heartbeat_timer: Optional[asyncio.TimerHandle] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._closing = False
         self._close_reason: Optional[str] = None
         self._close_code: Optional[str] = None
@@ -1511,17 +1537,19 @@ class Connection:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Start the reader, writer and heartbeat tasks (once, inside the event loop)."""
+        """Start the reader and writer tasks and the heartbeat timer (once, inside the event loop)."""
         if self._tasks or self._closing:
             raise RuntimeError("connection already started or closed")
         loop = asyncio.get_running_loop()
-        self._last_rx = time.monotonic()
+        self._loop = loop
+        self._last_rx = now = time.monotonic()
         label = self.name or "?"
         self._tasks = [
             loop.create_task(self._read_loop(), name=f"fleetbus-proto-read-{label}"),
             loop.create_task(self._write_loop(), name=f"fleetbus-proto-write-{label}"),
-            loop.create_task(self._heartbeat_loop(), name=f"fleetbus-proto-heartbeat-{label}"),
         ]
+        self._next_ping = now + self.heartbeat_s
+        self._heartbeat_timer = loop.call_at(self._next_ping, self._heartbeat)
 
     async def close(
         self, reason: str = "connection closed", code: Optional[str] = None, goaway: bool = False
@@ -1590,6 +1618,9 @@ class Connection:
         self._closing = True
         self._close_reason = reason
         self._close_code = code
+        if self._heartbeat_timer is not None:
+            self._heartbeat_timer.cancel()
+            self._heartbeat_timer = None
         for stream in list(self._streams.values()):
             stream._connection_closed(reason)
         self._streams.clear()
@@ -1683,6 +1714,14 @@ class Connection:
         if self._on_open is None:
             self._finish_stream(stream, "fail", "invalid_request", "this agent runs no operations")
             return
+        answer_now = getattr(self._on_open, "answer_now", None)
+        if answer_now is not None:
+            # An operation that needs no waiting (ping) is answered here, without a task:
+            # creating, running and reaping one was a third of an agent's CPU per ping.
+            result = answer_now(stream)
+            if result is not None:
+                self._finish_stream(stream, "done", result=result)
+                return
         task = asyncio.get_running_loop().create_task(
             self._run_handler(stream), name=f"fleetbus-op-{stream_id}-{op[:20]}"
         )
@@ -1855,7 +1894,7 @@ class Connection:
                 writer.write(frame)
                 self.stats.frames_sent += 1
                 self.stats.bytes_sent += len(frame)
-                # Recorded so the heartbeat task can drop a peer that stopped reading.
+                # Recorded so the heartbeat timer can drop a peer that stopped reading.
                 self._write_blocked_since = time.monotonic()
                 await writer.drain()
                 self._write_blocked_since = None
@@ -1914,8 +1953,12 @@ class Connection:
         t = frame.type
         if t == "ping":
             n = frame.header.get("n")
-            self._pong = n if _is_int(n) else 0
-            self._wake.set()
+            n = n if _is_int(n) else 0
+            # Straight to an idle socket: waking the writer task for it was a loop
+            # iteration per idle connection per interval.
+            if not self._write_now(encode_frame({"t": "pong", "n": n})):
+                self._pong = n
+                self._wake.set()
             return
         if t not in STREAM_FRAME_TYPES:
             return  # pong (liveness is already noted) or a type from a later revision
@@ -1966,36 +2009,51 @@ class Connection:
 
     # ------------------------------------------------------------------ heartbeat
 
-    async def _heartbeat_loop(self) -> None:
+    def _heartbeat(self) -> None:
+        """Check liveness and ping a quiet link; runs from a loop timer, not a task.
+
+        One timer per connection, rescheduled for the next moment something can be
+        due: a task sleeping in a loop cost a future and a task step per wake-up as
+        well, and with thousands of idle agents on a gateway those wake-ups were a
+        large part of its idle CPU.
+
+        A ping is only needed where nothing else has arrived: any frame proves the peer
+        alive, and a ping's pong proves it to the pinger while the ping proves it to the
+        other side. So only the controller pings an idle link; the agent pings only once
+        the controller has been silent for two intervals. One ping and one pong per
+        interval per idle connection, instead of two each.
+        """
+        self._heartbeat_timer = None
+        if self._closing:
+            return
         interval = self.heartbeat_s
         dead_after = DEAD_AFTER_HEARTBEATS * interval
-        # A ping is only needed where nothing else has arrived: any frame proves the peer
-        # alive, and a ping's pong proves it to the pinger while the ping proves it to
-        # the other side. So only the controller pings an idle link; the agent pings only
-        # once the controller has been silent for two intervals. One ping and one pong
-        # per interval per idle connection, instead of two each: at 5,000 agents that
-        # was 2,000 frames a second of a gateway's CPU before any command.
         quiet_for = interval if self.role == "controller" else 2 * interval
-        next_ping = time.monotonic() + interval
-        while True:
-            now = time.monotonic()
-            if now - self._last_rx >= dead_after:
-                self._begin_close(
-                    f"{self._peer} connection lost: heartbeat timeout", None, None, True
-                )
-                return
-            blocked = self._write_blocked_since
-            if blocked is not None and now - blocked >= dead_after:
-                self._begin_close(f"{self._peer} connection lost: write timeout", None, None, True)
-                return
-            if now >= next_ping and now - self._last_rx >= quiet_for:
-                self._ping_seq += 1
-                self._ping = self._ping_seq
-                self._wake.set()
-                next_ping = now + interval
-            elif now >= next_ping:
-                next_ping = self._last_rx + quiet_for  # heard from recently: wait until quiet
-            wake_at = min(next_ping, self._last_rx + dead_after)
-            if blocked is not None:
-                wake_at = min(wake_at, blocked + dead_after)
-            await asyncio.sleep(max(0.0, wake_at - now))
+        now = time.monotonic()
+        last_rx = self._last_rx
+        if now - last_rx >= dead_after:
+            self._begin_close(f"{self._peer} connection lost: heartbeat timeout", None, None, True)
+            return
+        blocked = self._write_blocked_since
+        if blocked is not None and now - blocked >= dead_after:
+            self._begin_close(f"{self._peer} connection lost: write timeout", None, None, True)
+            return
+        if now >= self._next_ping:
+            if now - last_rx >= quiet_for:
+                self._send_ping()
+                self._next_ping = now + interval
+            else:
+                self._next_ping = last_rx + quiet_for  # heard from recently: wait until quiet
+        wake_at = min(self._next_ping, last_rx + dead_after)
+        if blocked is not None:
+            wake_at = min(wake_at, blocked + dead_after)
+        assert self._loop is not None
+        self._heartbeat_timer = self._loop.call_at(max(now, wake_at), self._heartbeat)
+
+    def _send_ping(self) -> None:
+        self._ping_seq += 1
+        if self._write_now(encode_frame({"t": "ping", "n": self._ping_seq})):
+            self.stats.pings_sent += 1
+            return
+        self._ping = self._ping_seq
+        self._wake.set()

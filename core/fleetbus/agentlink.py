@@ -140,8 +140,19 @@ class AgentSession(Session):
 
         return RemoteFile(size=int(first.size or 0), mode=first.mode, chunks=chunks())
 
+    async def _final(self, stream: ControllerStream) -> dict[str, Any]:
+        """The result of an operation with no output to pass on, without an event iterator."""
+        try:
+            event = await stream.final()
+        except asyncio.CancelledError:
+            await asyncio.shield(_cancel(stream, stream.events()))
+            raise
+        if event.kind == "fail":
+            raise error_from(event.error)
+        return event.result or {}
+
     async def info(self) -> ServerFacts:
-        result = await self._result(self._open("info", {}))
+        result = await self._final(self._open("info", {}))
         return ServerFacts(
             hostname=result.get("hostname"), os=result.get("os"), os_version=result.get("os_version"),
             kernel=result.get("kernel"), arch=result.get("arch"), uptime_s=result.get("uptime_s"),
@@ -149,7 +160,7 @@ class AgentSession(Session):
         )
 
     async def ping(self) -> None:
-        await self._result(self._open("ping", {}))
+        await self._final(self._open("ping", {}))
 
     async def close(self) -> None:
         # The connection belongs to the transport (it outlives sessions); nothing to do.

@@ -57,6 +57,13 @@ class Metrics:
             "fleetbus_blocking_threads_max", "Size of the blocking-call pool.", registry=r)
         self.agents = Gauge(
             "fleetbus_gateway_agents_connected", "Agents connected to this gateway.", registry=r)
+        self.handshakes_waiting = Gauge(
+            "fleetbus_gateway_handshakes_waiting",
+            "Agent connections accepted and waiting for a handshake slot.", registry=r)
+        self.handshakes_dropped = Counter(
+            "fleetbus_gateway_handshakes_dropped",
+            "Agent connections dropped before their handshake finished, by reason.",
+            ["reason"], registry=r)
         self.auth_failures = Counter(
             "fleetbus_auth_failures", "Failed agent authentications, by reason.",
             ["transport", "reason"], registry=r)

@@ -19,6 +19,8 @@ class Link:
     remote: str
     agent: str
     since: float = field(default_factory=time.time)
+    status_at: float = field(default_factory=time.monotonic)
+    """When this link's status was last written (monotonic clock)."""
 
 
 class Links:
