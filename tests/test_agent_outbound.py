@@ -420,10 +420,11 @@ async def test_admission_turns_a_waiter_away_and_then_admits_at_once() -> None:
     assert arrival.done() and arrival.result()
 
 
-def test_the_gateway_raises_the_young_gc_threshold_but_never_lowers_it() -> None:
+def test_the_young_gc_threshold_is_raised_but_never_lowered() -> None:
     import gc
 
-    from fleetbus_agent_outbound.gateway import GC_YOUNG_THRESHOLD, relax_gc
+    from fleetbus.collector import YOUNG_THRESHOLD as GC_YOUNG_THRESHOLD
+    from fleetbus.collector import relax_gc
 
     saved = gc.get_threshold()
     try:

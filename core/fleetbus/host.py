@@ -32,6 +32,7 @@ from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
 from .audit import Auditor, AuditRecord, summarize
+from .collector import relax_gc
 from .dedupe import CommandMemory, fingerprint
 from .errors import (
     Cancelled,
@@ -192,6 +193,8 @@ class PluginHost:
 
     # lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
+        # Every process that serves commands holds long-lived state per server; see there.
+        relax_gc()
         for name, cls in list(self.transport_classes.items()):
             try:
                 transport = cls(_Context(self, name))

@@ -17,7 +17,6 @@ CA and certificate on first start when none exists).
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import socket
 import ssl
@@ -66,22 +65,6 @@ TRIM_EVERY_S = 10.0
 # 10,000 failed handshakes, 150 s until all were in).
 MAX_HANDSHAKES = 64
 _TCP_ESTABLISHED = 1
-# Python's cyclic GC starts a young collection every 700 net new container objects, and
-# a full one whenever objects promoted since the last exceed a quarter of the old ones.
-# A gateway holding 5,000 agents has over a million long-lived objects, so a full
-# collection takes 0.5 s or more (measured with gc.callbacks in `fleetbus up`), and at
-# the default young threshold every command's objects live through two young
-# collections while in flight and count as promoted: answering 500 agents' pings ran
-# five full collections in 10 s, about 0.4 ms of the gateway's 1 ms of CPU per ping.
-# A young generation that short-lived commands do not fill keeps them out of the old.
-GC_YOUNG_THRESHOLD = 100_000
-
-
-def relax_gc() -> None:
-    """Raise the process's young-generation GC threshold (never lower it); see above."""
-    young, middle, old = gc.get_threshold()
-    if 0 < young < GC_YOUNG_THRESHOLD:  # 0: an operator turned the collector off
-        gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 class Admission:
@@ -204,7 +187,6 @@ class GatewayTransport(Transport):
     # lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         shrink_tls_buffers()
-        relax_gc()
         services = self.ctx.services
         files = GatewayFiles.of(services.home)
         if not files.exists() and self.create_cert:
