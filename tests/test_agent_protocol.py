@@ -1892,3 +1892,21 @@ async def test_final_skips_output_and_gives_its_credit_back(tls: Tls) -> None:
         done = await asyncio.wait_for(stream.final(), DEADLINE_S)
         assert (done.kind, done.result) == ("done", {"exit_code": 0})
         assert pair.controller.stats.buffered_in_bytes == 0
+
+
+async def test_next_event_reads_output_then_done_and_then_no_more(tls: Tls) -> None:
+    # The generator-free way to read a stream: same events and credit as events(), and
+    # nothing left for the event loop to finalize after done.
+    async with connected(tls, window=64 * 1024) as pair:
+        stream = pair.controller.open_stream("exec", {"argv": ["x" * 1000], "repeat": 200})
+        got: dict[str, int] = {}
+        while True:
+            event = await asyncio.wait_for(stream.next_event(), DEADLINE_S)
+            if event.kind != "out":
+                break
+            got[event.stream] = got.get(event.stream, 0) + len(event.body)  # type: ignore[index]
+        assert (event.kind, event.result) == ("done", {"exit_code": 0})
+        assert got == {"stdout": 1000 * 200, "stderr": 4}
+        assert pair.controller.stats.buffered_in_bytes == 0
+        with pytest.raises(StreamError):
+            await stream.next_event()

@@ -1179,12 +1179,23 @@ class ControllerStream(_Stream):
         iterate.
         """
         while not self._finished:
-            event = await self._inbox.get()
-            if event.kind in DATA_FRAME_TYPES:
-                self.conn._consumed(self, len(event.body))
-            elif event.kind in ("done", "fail"):
-                self._finished = True
-            yield event
+            yield await self.next_event()
+
+    async def next_event(self) -> Event:
+        """The next event, as :meth:`events` yields them, without an async generator.
+
+        A generator left at ``done`` is finalized later by the event loop (a wake-up
+        and a task for every command); a caller that stops at ``done`` uses this.
+        Raises :class:`StreamError` once ``done`` or ``fail`` was taken.
+        """
+        if self._finished:
+            raise StreamError("invalid_request", "the final event was already taken")
+        event = await self._inbox.get()
+        if event.kind in DATA_FRAME_TYPES:
+            self.conn._consumed(self, len(event.body))
+        elif event.kind in ("done", "fail"):
+            self._finished = True
+        return event
 
     async def final(self) -> Event:
         """Wait for the ``done`` or ``fail`` event and return it, dropping any before it.

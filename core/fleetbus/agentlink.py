@@ -13,7 +13,7 @@ import base64
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fleetbus_agent.protocol import Connection, ControllerStream, Event
+from fleetbus_agent.protocol import Connection, ControllerStream
 
 from .errors import ERROR_CLASSES, FleetbusError, ServerOffline, TransportError
 from .transport import ExecResult, ExecSpec, FileStat, OutputSink, PutSpec, RemoteFile, ServerFacts, Session
@@ -28,13 +28,13 @@ def error_from(error: dict[str, Any] | None) -> FleetbusError:
     return cls(str(error.get("message") or "the agent reported an error"))
 
 
-async def _cancel(stream: ControllerStream, events: AsyncIterator[Event]) -> None:
+async def _cancel(stream: ControllerStream) -> None:
     """Tell the agent to stop, and wait (bounded) until it says it did."""
     stream.cancel()
     try:
         async with asyncio.timeout(CANCEL_CONFIRM_S):
-            async for event in events:
-                if event.kind in ("done", "fail"):
+            while True:
+                if (await stream.next_event()).kind in ("done", "fail"):
                     return
     except (TimeoutError, Exception):
         return
@@ -54,9 +54,9 @@ class AgentSession(Session):
         return self.conn.open_stream(op, args)
 
     async def _result(self, stream: ControllerStream, output: OutputSink | None = None) -> dict[str, Any]:
-        events = stream.events()
         try:
-            async for event in events:
+            while True:
+                event = await stream.next_event()
                 if event.kind == "out" and output is not None:
                     await output.write(event.stream or "stdout", event.body)  # type: ignore[arg-type]
                 elif event.kind == "done":
@@ -64,9 +64,8 @@ class AgentSession(Session):
                 elif event.kind == "fail":
                     raise error_from(event.error)
         except asyncio.CancelledError:
-            await asyncio.shield(_cancel(stream, events))
+            await asyncio.shield(_cancel(stream))
             raise
-        raise ServerOffline("the agent connection ended before the command finished")
 
     async def exec(self, spec: ExecSpec, output: OutputSink) -> ExecResult:
         args: dict[str, Any] = {"argv": spec.argv, "shell": spec.shell, "env": spec.env,
@@ -114,7 +113,7 @@ class AgentSession(Session):
         except StopAsyncIteration:
             raise ServerOffline("the agent connection ended before the file was opened") from None
         except asyncio.CancelledError:
-            await asyncio.shield(_cancel(stream, events))
+            await asyncio.shield(_cancel(stream))
             raise
         if first.kind == "fail":
             raise error_from(first.error)
@@ -145,7 +144,7 @@ class AgentSession(Session):
         try:
             event = await stream.final()
         except asyncio.CancelledError:
-            await asyncio.shield(_cancel(stream, stream.events()))
+            await asyncio.shield(_cancel(stream))
             raise
         if event.kind == "fail":
             raise error_from(event.error)
