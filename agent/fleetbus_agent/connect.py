@@ -10,8 +10,6 @@ gateway fails them with ``server_offline``, so none runs twice.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import logging
 import random
 import socket
@@ -21,6 +19,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import __version__
+from .digests import compare_digest, sha256_hex
 from .handlers import Handler
 from .ops.facts import server_facts
 from .protocol import AuthError, Connection, HandshakeError, agent_handshake, shrink_tls_buffers
@@ -73,7 +72,7 @@ def client_context(opts: ConnectOptions) -> ssl.SSLContext:
 def peer_fingerprint(writer: asyncio.StreamWriter) -> str:
     ssl_object = writer.get_extra_info("ssl_object")
     der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
-    return hashlib.sha256(der or b"").hexdigest()
+    return sha256_hex(der or b"")
 
 
 class GatewayRejected(Exception):
@@ -88,7 +87,7 @@ async def connect_once(opts: ConnectOptions, handler: Handler, stop: asyncio.Eve
                                 server_hostname=opts.server_hostname or opts.host),
         CONNECT_TIMEOUT_S,
     )
-    if opts.fingerprint and not hmac.compare_digest(
+    if opts.fingerprint and not compare_digest(
         peer_fingerprint(writer), normalize_fingerprint(opts.fingerprint)
     ):
         writer.close()

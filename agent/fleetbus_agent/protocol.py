@@ -31,10 +31,8 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import hashlib
-import hmac
 import logging
-import secrets
+import os
 import threading
 import time
 from collections import deque
@@ -56,6 +54,7 @@ from typing import (
     Union,
 )
 
+from .digests import compare_digest, hmac_sha256_hex, sha256_hex
 from .frames import (
     DATA_FRAME_TYPES,
     DEFAULT_MAX_BODY,
@@ -539,7 +538,7 @@ def inbound_proof(key: str, nonce: bytes, agent_fingerprint: str) -> str:
     message = b"".join(
         (INBOUND_PROOF_LABEL, b"\0", bytes(nonce), b"\0", fingerprint.encode("ascii"))
     )
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+    return hmac_sha256_hex(secret, message)
 
 
 def certificate_fingerprint(der: bytes) -> str:
@@ -551,7 +550,7 @@ def certificate_fingerprint(der: bytes) -> str:
         raise ValueError("the certificate is empty")
     if data.lstrip().startswith(b"-----BEGIN"):
         raise ValueError("that is a PEM certificate: pass its DER form (ssl.PEM_cert_to_DER_cert)")
-    return "sha256:" + hashlib.sha256(data).hexdigest()
+    return "sha256:" + sha256_hex(data)
 
 
 def peer_certificate_fingerprint(writer: asyncio.StreamWriter) -> str:
@@ -700,7 +699,7 @@ def _proof_matches(expected: str, proof: str) -> bool:
     candidate = proof.lower()
     if not _HEX_DIGITS.issuperset(candidate):
         return False
-    return hmac.compare_digest(expected.encode("ascii"), candidate.encode("ascii"))
+    return compare_digest(expected.encode("ascii"), candidate.encode("ascii"))
 
 
 async def agent_accept_handshake(
@@ -736,7 +735,7 @@ async def agent_accept_handshake(
     _key_bytes(key)
     own_fingerprint = _normalise_fingerprint(certificate_fingerprint)
     offered = list(versions)
-    nonce = secrets.token_bytes(NONCE_BYTES)
+    nonce = os.urandom(NONCE_BYTES)  # what secrets.token_bytes is; secrets would import hashlib
     # Encoded before any I/O: facts too large or not JSON are the caller's ValueError/TypeError.
     challenge = encode_frame(
         {
@@ -874,7 +873,7 @@ async def controller_connect_handshake(
     waiting = ["challenge"]
     try:
         seen = _normalise_fingerprint(peer_certificate_fingerprint(writer))
-        if not hmac.compare_digest(seen, pinned):
+        if not compare_digest(seen, pinned):
             raise HandshakeError(
                 "transport_error",
                 "the agent's TLS certificate is not the one agent_fingerprint names",

@@ -20,8 +20,6 @@ Standard library only; Python 3.9+.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import re
 import socket
@@ -30,6 +28,8 @@ import subprocess
 import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
+
+from .digests import hmac_sha256_hex, sha256_hex
 
 CERT_NAME = "agent-tls.pem"
 """The certificate's file name in the TLS directory (mode 0644)."""
@@ -57,7 +57,7 @@ class TLSIdentityError(Exception):
 
 def key_password(key: str) -> str:
     """The password the agent's TLS private key is encrypted with, derived from ``key``."""
-    return hmac.new(key.encode("utf-8"), PASSWORD_INFO, hashlib.sha256).hexdigest()
+    return hmac_sha256_hex(key.encode("utf-8"), PASSWORD_INFO)
 
 
 def pem_fingerprint(pem: str) -> str:
@@ -66,7 +66,7 @@ def pem_fingerprint(pem: str) -> str:
     if match is None:
         raise ValueError("no PEM certificate found")
     der = ssl.PEM_cert_to_DER_cert(match.group(0))
-    return "sha256:" + hashlib.sha256(der).hexdigest()
+    return "sha256:" + sha256_hex(der)
 
 
 @dataclass
