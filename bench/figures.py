@@ -95,9 +95,8 @@ def _exec_true(stack: Stack, server: str, with_id: bool = False) -> Timed:
     return run
 
 
-async def _exec_latencies(stack: Stack, server: str, n: int) -> list[float]:
-    """Latencies of ``exec true`` alone, for figures whose baseline cannot alternate with it."""
-    run = _exec_true(stack, server)
+async def _latencies(run: Timed, n: int) -> list[float]:
+    """Latencies of ``run`` alone after a warm-up, for figures with nothing to alternate with."""
     for _ in range(max(5, n // 10)):
         await run()
     out = []
@@ -106,6 +105,11 @@ async def _exec_latencies(stack: Stack, server: str, n: int) -> list[float]:
         await run()
         out.append(time.perf_counter() - t0)
     return out
+
+
+async def _exec_latencies(stack: Stack, server: str, n: int) -> list[float]:
+    """Latencies of ``exec true`` alone, for figures whose baseline cannot alternate with it."""
+    return await _latencies(_exec_true(stack, server), n)
 
 
 async def _spawn_true() -> None:
@@ -146,14 +150,7 @@ async def _nats_round_trip(stack: Stack, n: int) -> list[float]:
         async def echo() -> None:
             await nc.request("bench.echo", b"{}", timeout=10)
 
-        for _ in range(max(5, n // 10)):
-            await echo()
-        out = []
-        for _ in range(n):
-            t0 = time.perf_counter()
-            await echo()
-            out.append(time.perf_counter() - t0)
-        return out
+        return await _latencies(echo, n)
     finally:
         stop_process(proc)
 

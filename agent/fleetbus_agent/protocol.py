@@ -1203,14 +1203,10 @@ class ControllerStream(_Stream):
         no async generator per call. Dropped ``data``/``out`` bytes are given back as
         credit like taken ones. Only one task may wait, and not beside :meth:`events`.
         """
-        while not self._finished:
-            event = await self._inbox.get()
-            if event.kind in DATA_FRAME_TYPES:
-                self.conn._consumed(self, len(event.body))
-            elif event.kind in ("done", "fail"):
-                self._finished = True
+        while True:
+            event = await self.next_event()
+            if event.kind in ("done", "fail"):
                 return event
-        raise StreamError("invalid_request", "the final event was already taken")
 
     def cancel(self) -> None:
         """Cancel the operation: the agent cancels its handler.

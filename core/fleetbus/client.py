@@ -287,9 +287,7 @@ class Client:
                 await sender.abort(exc if isinstance(exc, FleetbusError) else Cancelled("the requester stopped"))
             raise
         finally:
-            for task in (pumping, request):
-                task.cancel()
-            await asyncio.gather(pumping, request, return_exceptions=True)
+            await _stop(pumping, request)
             await sender.close()
 
     async def get(
@@ -381,9 +379,7 @@ class Client:
             await receiver.abort(exc if isinstance(exc, FleetbusError) else Cancelled("the requester stopped"))
             raise
         finally:
-            for task in (pumping, request):
-                task.cancel()
-            await asyncio.gather(pumping, request, return_exceptions=True)
+            await _stop(pumping, request)
             await receiver.close()
             await sink.discard()
 
@@ -490,6 +486,13 @@ def _write_file(dest: Path, parts: list[bytes]) -> None:
 
 def path_of(source: bytes | Path) -> str:
     return "the bytes given" if isinstance(source, bytes) else str(source)
+
+
+async def _stop(*tasks: asyncio.Future[Any]) -> None:
+    """Cancel ``tasks`` and wait until they have ended, whatever they raise."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _authoritative(request: asyncio.Future[dict[str, Any]], failure: FleetbusError,

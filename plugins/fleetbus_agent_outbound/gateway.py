@@ -9,7 +9,7 @@ rotated or revoked at once.
 
 Settings (``ctx.settings``): ``listen`` ("HOST:PORT", default "0.0.0.0:7443"),
 ``advertise`` (the address agents should dial, default this host's name and the port),
-``heartbeat_s`` (5), ``handshake_timeout_s`` (5), ``max_handshakes`` (128: agents in
+``heartbeat_s`` (5), ``handshake_timeout_s`` (5), ``max_handshakes`` (64: agents in
 their TLS and key handshake at once; more wait, accepted), ``create_cert`` (True: make a
 CA and certificate on first start when none exists).
 """
