@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness import Agent, Stack, cpu_seconds, gateway_of, percentile, rss_bytes, stop_process
+from harness import Agent, Stack, cpu_seconds, gateway_of, percentile, rss_bytes, shipped_agent, stop_process
 
 MS = 1000.0
 MiB = 1024 * 1024
@@ -187,21 +187,31 @@ async def exec_local(stack: Stack, sizes: Sizes, work: Path) -> list[Row]:
 
 
 async def exec_agent(stack: Stack, sizes: Sizes, work: Path) -> list[Row]:
-    key = (await stack.add_agents(["bench-agent"]))[0]
+    keys = await stack.add_agents(["bench-agent", "bench-agent-dev"])
     gw = await asyncio.to_thread(gateway_of, stack.fleet)
-    agent = Agent(work / "agent1", gw["address"], gw["fingerprint"], key).start()
+    agent = Agent(work / "agent1", gw["address"], gw["fingerprint"], keys[0],
+                  command=shipped_agent(work)).start()
+    # The same agent code started from the development venv's console script, for
+    # comparison: its interpreter also loads the venv's site-packages hooks.
+    dev = Agent(work / "agent-dev", gw["address"], gw["fingerprint"], keys[1]).start()
     try:
-        await stack.wait_answering(["bench-agent"])
+        await stack.wait_answering(["bench-agent", "bench-agent-dev"])
         agent_lat, local = await _interleaved(_exec_true(stack, "bench-agent"), _exec_true(stack, "local"),
                                               sizes.exec_n)
-        await asyncio.sleep(1.0)  # let the agent settle to idle before reading its memory
+        await _latencies(_exec_true(stack, "bench-agent-dev"), sizes.exec_n)  # the same work as the other
+        await asyncio.sleep(1.0)  # let the agents settle to idle before reading their memory
         idle_rss = rss_bytes(agent.proc.pid) / MiB  # type: ignore[union-attr]
+        dev_rss = rss_bytes(dev.proc.pid) / MiB  # type: ignore[union-attr]
     finally:
         agent.stop()
+        dev.stop()
     f, b = percentile(agent_lat, 50) * MS, percentile(local, 50) * MS
     return [
         Row("exec true via outbound agent, p50", f, b, "ms", "ratio <= 1.3 (vs local)", f / b <= 1.3),
-        Row("idle agent resident memory", idle_rss, None, "MiB", "<= 25 MiB", idle_rss <= 25),
+        Row("idle agent resident memory", idle_rss, None, "MiB", "<= 25 MiB", idle_rss <= 25,
+            note="the zipapp, run as ops/systemd runs it"),
+        Row("idle agent from the dev venv's console script", dev_rss, None, "MiB", "-", None,
+            note="same code, venv site-packages loaded"),
     ]
 
 
@@ -294,7 +304,7 @@ def _write_file(path: Path, mib: int) -> str:
 async def put_agent(stack: Stack, sizes: Sizes, work: Path, scp: Callable[[Path, Path], float] | None) -> list[Row]:
     key = (await stack.add_agents(["bench-put"]))[0]
     gw = await asyncio.to_thread(gateway_of, stack.fleet)
-    agent = Agent(work / "agent-put", gw["address"], gw["fingerprint"], key).start()
+    agent = Agent(work / "agent-put", gw["address"], gw["fingerprint"], key, command=shipped_agent(work)).start()
     src = work / "put.bin"
     digest = await asyncio.to_thread(_write_file, src, sizes.put_mib)
     try:

@@ -33,6 +33,7 @@ __all__ = [
     "gateway_of",
     "percentile",
     "rss_bytes",
+    "shipped_agent",
     "start_swarm",
     "stop_process",
 ]
@@ -58,6 +59,18 @@ def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def shipped_agent(workdir: Path) -> list[str]:
+    """The agent as it is deployed: the zipapp `fleetbus agent build` writes, run the
+    way ops/systemd runs it (``python3 -I -S``, isolated from site-packages)."""
+    from fleetbus_agent.build import build_zipapp
+
+    pyz = workdir / "fleetbus-agent.pyz"
+    if not pyz.exists():
+        workdir.mkdir(parents=True, exist_ok=True)
+        build_zipapp(pyz)
+    return [sys.executable, "-I", "-S", str(pyz)]
 
 
 @dataclass

@@ -17,9 +17,10 @@ from fleetbus_agent import heap, ops
 AGENT_ROOT = Path(__file__).resolve().parent.parent / "agent"
 
 
-def run_fresh(code: str) -> str:
-    """Run ``code`` in a new interpreter that sees only the agent package."""
-    proc = subprocess.run([sys.executable, "-I", "-c", textwrap.dedent(code), str(AGENT_ROOT)],
+def run_fresh(code: str, *args: str) -> str:
+    """Run ``code`` in a new interpreter that sees only the agent package (``-I -S``, as
+    ops/systemd runs the agent); ``sys.argv[1]`` is the package's directory."""
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", textwrap.dedent(code), str(AGENT_ROOT), *args],
                           capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
@@ -38,6 +39,83 @@ def test_connect_mode_starts_without_listen_or_file_code() -> None:
             print(name, name in loaded)
     """)
     assert all(line.endswith(" False") for line in out.splitlines()), out
+
+
+def test_a_connected_agent_carries_no_module_it_needs_once() -> None:
+    """platform (three strings for the facts), random (one jitter per reconnect), the
+    idna codec (ssl's encoding of a str server name: unicodedata and stringprep) and
+    ctypes (one malloc_trim call) each stayed in every idle agent for good."""
+    out = run_fresh("""
+        import ssl, sys
+        sys.path.insert(0, sys.argv[1])
+        from fleetbus_agent import heap
+        from fleetbus_agent.connect import ConnectOptions, _jitter, _sni_name, client_context
+        from fleetbus_agent.ops.facts import server_facts
+        server_facts()
+        _jitter()
+        heap.trim_heap()
+        ctx = client_context(ConnectOptions("gw.example.com", 7443, "k", fingerprint="sha256:" + "0" * 64))
+        ctx.wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname=_sni_name("gw.example.com"))
+        for name in ("platform", "random", "encodings.idna", "unicodedata", "ctypes"):
+            print(name, name in sys.modules)
+    """)
+    assert out.split() == ["platform", "False", "random", "False", "encodings.idna", "False",
+                           "unicodedata", "False", "ctypes", "False"], out
+
+
+def test_the_server_name_is_what_idna_would_send() -> None:
+    from fleetbus_agent.connect import _sni_name
+
+    for name in ("gw.example.com", "127.0.0.1", "Gateway-1.example.org"):
+        assert _sni_name(name) == name.encode("idna")
+    assert _sni_name("bücher.example") == "bücher.example"  # non-ASCII: left to ssl's IDNA
+
+
+def test_the_reconnect_jitter_stays_in_its_range() -> None:
+    from fleetbus_agent.connect import _jitter
+
+    draws = [_jitter() for _ in range(2000)]
+    assert all(0.5 <= d < 1.0 for d in draws)
+    assert max(draws) - min(draws) > 0.4  # spread, not a constant
+
+
+def test_the_zipapp_runs_from_its_own_bytecode(tmp_path: Path) -> None:
+    from fleetbus_agent.build import build_zipapp
+
+    pyz = build_zipapp(tmp_path / "agent.pyz")
+    out = run_fresh("""
+        import sys
+        sys.path.insert(0, sys.argv[2])
+        import fleetbus_agent.protocol as protocol
+        from fleetbus_agent.heap import compiled_from_source
+        print(protocol.__file__.endswith(".pyc"), compiled_from_source(protocol))
+    """, str(pyz))
+    assert out.split() == ["True", "False"], out
+
+
+def test_a_zipapp_from_another_python_compiles_its_sources(tmp_path: Path) -> None:
+    """Bytecode whose magic number is not this Python's (another version built the
+    archive) is skipped: the module compiles from the source beside it."""
+    import zipfile
+
+    from fleetbus_agent.build import build_zipapp
+
+    built = build_zipapp(tmp_path / "built.pyz")
+    foreign = tmp_path / "foreign.zip"
+    with zipfile.ZipFile(built) as src, zipfile.ZipFile(foreign, "w") as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename.endswith(".pyc"):
+                data = b"\x00\x00" + data[2:]  # no Python's magic number
+            dst.writestr(item, data)
+    out = run_fresh("""
+        import sys
+        sys.path.insert(0, sys.argv[2])
+        import fleetbus_agent.protocol as protocol
+        from fleetbus_agent.heap import compiled_from_source
+        print(protocol.__file__.endswith(".py"), compiled_from_source(protocol), protocol.DEFAULT_HEARTBEAT_S)
+    """, str(foreign))
+    assert out.split() == ["True", "True", "5.0"], out
 
 
 def test_ops_names_load_their_module_on_first_use() -> None:

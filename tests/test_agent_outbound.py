@@ -257,7 +257,9 @@ def test_zipapp_agent_with_ca_verification(fleet: Fleet, agent_factory, tmp_path
                 pythons.append(candidate)
                 break
     for i, python in enumerate(pythons):
-        agent = agent_factory(key, f"zip{i}", fingerprint=None, ca=ca, command=[python, str(pyz)])
+        # As ops/systemd runs it; the other Python (3.9) compiles the sources: the archive's
+        # bytecode is this Python's.
+        agent = agent_factory(key, f"zip{i}", fingerprint=None, ca=ca, command=[python, "-I", "-S", str(pyz)])
         wait_online(fleet, "zipped")
         run = fleet.cli("run", "zipped", "--json", "--", "python3", "-c", "print(1 + 1)")
         assert json.loads(run.stdout)["stdout"] == "2\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import py_compile
 import shutil
 import sys
 import tempfile
@@ -12,12 +13,25 @@ PACKAGE = Path(__file__).resolve().parent
 
 
 def build_zipapp(output: Path) -> Path:
-    """Write ``output`` (a .pyz) holding the fleetbus_agent package and nothing else."""
+    """Write ``output`` (a .pyz) holding the fleetbus_agent package and nothing else.
+
+    Beside each module's source the archive carries its bytecode for the Python that
+    builds it. zipimport never writes bytecode, so without it every start compiles
+    every module (slower, and about 1 MiB more resident memory in an idle agent, even
+    after the heap is trimmed). The bytecode is unchecked-hash (PEP 552): it does not
+    depend on file times in the archive. A Python of another version finds the magic
+    number wrong and compiles the source, as before.
+    """
     output = output.resolve()
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp) / "app"
         shutil.copytree(PACKAGE, staging / "fleetbus_agent",
                         ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "build.py"))
+        for source in sorted((staging / "fleetbus_agent").rglob("*.py")):
+            relative = source.relative_to(staging).as_posix()
+            # zipimport looks for module.pyc next to module.py (not in __pycache__).
+            py_compile.compile(str(source), cfile=str(source) + "c", dfile=relative, doraise=True,
+                               invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
         zipapp.create_archive(staging, output, interpreter="/usr/bin/env python3",
                               main="fleetbus_agent.cli:main", compressed=True)
     return output

@@ -84,4 +84,4 @@ def build(output: str) -> None:
     from fleetbus_agent.build import build_zipapp
 
     path = build_zipapp(Path(output))
-    click.echo(f"{path}  ({path.stat().st_size // 1024} KiB)   run: python3 {path.name} connect --help")
+    click.echo(f"{path}  ({path.stat().st_size // 1024} KiB)   run: python3 -I -S {path.name} connect --help")
