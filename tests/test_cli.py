@@ -199,6 +199,19 @@ def test_up_shuts_down_cleanly_children_included(tmp_path: Path) -> None:
     assert "fleetbus stopped" in stack.output()
 
 
+def test_up_on_a_fresh_home_serves_local_before_it_says_up(tmp_path: Path) -> None:
+    """`local` is registered at the first start and reaches the host through the registry
+    watch; "up" (and run.json) must wait for it, or the first command finds nobody."""
+    stack = Fleet(tmp_path / "home").start()
+    try:
+        out = stack.output()
+        serving, up = out.find("serving local (local)"), out.find(" is up in ")
+        assert 0 <= serving < up, out[-2000:]
+        assert stack.cli("run", "local", "--", "true").returncode == 0
+    finally:
+        stack.stop()
+
+
 def test_up_restarts_on_the_same_data(tmp_path: Path) -> None:
     home = tmp_path / "home"
     first = Fleet(home).start()

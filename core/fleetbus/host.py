@@ -182,6 +182,8 @@ class PluginHost:
         self._background: list[asyncio.Task[Any]] = []
         self._cancel_sub: Subscription | None = None
         self._serve_lock = asyncio.Lock()
+        self._serve_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._online: set[str] = set()  # served, and shown online in the registry
         self._stopping = False
         # Command ids without a getrandom() call per command: random per process, then
         # counted; 32 hex digits like a uuid4, unique across workers and restarts.
@@ -299,10 +301,38 @@ class PluginHost:
             self.metrics.served.labels(transport).inc()
         await self._set_status(server.name, "online", transport)
         log.info("serving %s (%s)", server.name, transport)
+        if server.name in self.served:  # not unserved while its status was written
+            self._online.add(server.name)
+            for waiter in self._serve_waiters.pop(server.name, []):
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def wait_served(self, name: str, timeout: float) -> bool:
+        """Wait until this process answers ``name``'s subjects; False after ``timeout`` s.
+
+        A server registered a moment ago reaches the host through the registry watch,
+        so a caller that registers one and then says "ready" (``fleetbus up`` and its
+        ``local``) waits here first. True means NATS has our subscription (a request
+        sent after it finds a responder) and the registry shows the server online.
+        """
+        if name not in self._online:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._serve_waiters.setdefault(name, []).append(waiter)
+            try:
+                await asyncio.wait_for(waiter, timeout)
+            except TimeoutError:
+                return False
+            finally:
+                waiting = self._serve_waiters.get(name, [])
+                if waiter in waiting:
+                    waiting.remove(waiter)
+        await self.nc.flush(timeout=max(1, int(timeout)))
+        return True
 
     async def unserve(self, name: str, shutting_down: bool = False) -> None:
         async with self._serve_lock:
             served = self.served.pop(name, None)
+            self._online.discard(name)
             if served is None:
                 return
             self.metrics.served.labels(served.transport).dec()

@@ -127,8 +127,12 @@ async def _close_nats(nc: NATS) -> None:
         await nc.close()
 
 
-async def ensure_local_server(state: State) -> bool:
-    """Register ``local`` (this host) on first start; True if it was added now."""
+async def ensure_local_server(state: State, host: PluginHost | None = None, timeout: float = 10) -> bool:
+    """Register ``local`` (this host) on first start; True if it was added now.
+
+    With ``host``, returns only once that host answers ``local`` (or after ``timeout``
+    s, with a warning), so that whoever is told "up" next can use it at once.
+    """
     registry = Registry(state.servers, state.status)
     if await registry.find("local") is not None:
         return False
@@ -137,6 +141,8 @@ async def ensure_local_server(state: State) -> bool:
                                   description="the host fleetbus runs on"))
     except Exception:
         return False  # another process registered it first
+    if host is not None and "local" in host.transports and not await host.wait_served("local", timeout):
+        log.warning("the local server is registered but not served after %.0f s", timeout)
     return True
 
 

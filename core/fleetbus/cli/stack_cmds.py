@@ -89,7 +89,7 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
             home.ensure()
             running = await start_stack(opts, stack, embedded_nats=g.nats is None, core=True, worker=True)
             stack.callback(home.clear_run)
-            added = await ensure_local_server(running.state)
+            added = await ensure_local_server(running.state, running.host)
             metrics_url = running.metrics_server.url if running.metrics_server else None
             home.write_run({"nats_url": running.nats_url, "prefix": running.names.prefix,
                             "embedded": running.embedded is not None, "version": __version__,
