@@ -346,7 +346,12 @@ class _Run:
 
     def on_eof(self, fd: int) -> None:
         self.buffers[fd].feed_eof()
-        self._poke()
+        # Until the child has exited and both pipes are at their end, an end of file
+        # changes nothing the loop in _pass_output waits for: waking it would cost a task
+        # step per pipe for nothing (two of the three wake-ups of every short command).
+        child = self._child
+        if child is not None and child.exited.done() and all(b.eof for b in self.buffers.values()):
+            self._poke()
 
     def on_exit(self) -> None:
         self._poke()
