@@ -18,7 +18,7 @@ import asyncio
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 PROTOCOL_VERSION = 1
 """The newest protocol version this module speaks."""
@@ -45,6 +45,7 @@ MAX_ANNOUNCED_WINDOW = 1024 * 1024 * 1024
 """Largest ``window`` a peer may announce; bounds what we may queue for it per stream."""
 
 _PREFIX = struct.Struct(">IH")
+_unpack_prefix = _PREFIX.unpack_from
 
 # Frame types that belong to a stream and so must carry a positive integer "s".
 STREAM_FRAME_TYPES = frozenset(
@@ -147,6 +148,18 @@ async def read_frame(reader: asyncio.StreamReader, max_body: int = DEFAULT_MAX_B
             raise EOFError("connection closed in the middle of a frame") from None
         raise EOFError("connection closed by peer") from None
     n, h = _PREFIX.unpack(prefix)
+    _check_prefix(n, h, max_body)
+    body_len = n - 2 - h
+    try:
+        hbytes = await reader.readexactly(h)
+        body = await reader.readexactly(body_len) if body_len else b""
+    except asyncio.IncompleteReadError:
+        raise EOFError("connection closed in the middle of a frame") from None
+    return Frame(decode_header(hbytes), body, 4 + n)
+
+
+def _check_prefix(n: int, h: int, max_body: int) -> None:
+    """Validate a frame's length prefix before anything is buffered for it."""
     if n > max_frame_size(max_body):
         raise ProtocolError(f"frame of {n} bytes exceeds the limit of {max_frame_size(max_body)}")
     if h > n - 2 or n < 2:
@@ -156,12 +169,83 @@ async def read_frame(reader: asyncio.StreamReader, max_body: int = DEFAULT_MAX_B
     body_len = n - 2 - h
     if body_len > max_body:
         raise ProtocolError(f"frame body of {body_len} bytes exceeds the limit of {max_body}")
-    try:
-        hbytes = await reader.readexactly(h)
-        body = await reader.readexactly(body_len) if body_len else b""
-    except asyncio.IncompleteReadError:
-        raise EOFError("connection closed in the middle of a frame") from None
-    return Frame(decode_header(hbytes), body, 4 + n)
+
+
+class FrameParser:
+    """Frames cut out of a byte stream as it arrives: no task, no await.
+
+    A connection feeds it every chunk its transport delivers and takes frames with
+    :meth:`next` in the same callback. Reading with :func:`read_frame` in a task cost a
+    loop iteration per received frame (the stream reader wakes the task, which runs in
+    the next iteration), on both ends of every command.
+
+    The same limits as :func:`read_frame`: a prefix is checked as soon as its six bytes
+    are in, so a peer announcing a 4 GiB frame is refused before anything is kept for
+    it, and at most one frame (``2 + MAX_HEADER + max_body`` bytes) plus one chunk is
+    ever buffered. :meth:`next` raises :class:`ProtocolError` for a bad frame; frames
+    before it have been returned already, as a reader task would have dispatched them.
+    """
+
+    __slots__ = ("_buf", "_limit", "_pos", "max_body")
+
+    def __init__(self, max_body: int = DEFAULT_MAX_BODY) -> None:
+        self.max_body = max_body
+        self._limit = max_frame_size(max_body)
+        # Unparsed bytes are _buf[_pos:]. A chunk that arrives with nothing pending is
+        # parsed where it lies (no copy); only an incomplete frame's bytes are copied.
+        self._buf: Union[bytes, bytearray] = b""
+        self._pos = 0
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not make a whole frame yet."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes from the connection; take the frames with :meth:`next`."""
+        buf = self._buf
+        if not buf:
+            self._buf = data
+            return
+        if isinstance(buf, bytearray):
+            if self._pos:
+                del buf[: self._pos]  # bytearray drops a prefix without moving the rest
+            buf += data
+        else:
+            buf = bytearray(memoryview(buf)[self._pos :])
+            buf += data
+            self._buf = buf
+        self._pos = 0
+
+    def next(self) -> Optional[Frame]:
+        """The next complete frame, or None until more bytes arrive."""
+        buf = self._buf
+        if not buf:
+            return None
+        pos = self._pos
+        avail = len(buf) - pos
+        if avail < 6:
+            return None
+        n, h = _unpack_prefix(buf, pos)
+        if n > self._limit or not 0 < h <= n - 2 or n - 2 - h > self.max_body:
+            _check_prefix(n, h, self.max_body)  # raises, with the reason
+        if avail < 4 + n:
+            return None
+        start = pos + 6
+        split = start + h
+        end = pos + 4 + n
+        if isinstance(buf, bytes):
+            hbytes = buf[start:split]
+            body = buf[split:end] if end > split else b""
+        else:
+            with memoryview(buf) as view:  # released at once: a viewed bytearray cannot grow
+                hbytes = bytes(view[start:split])
+                body = bytes(view[split:end]) if end > split else b""
+        if end >= len(buf):
+            self._buf, self._pos = b"", 0  # nothing pending: hold no buffer while idle
+        else:
+            self._pos = end
+        return Frame(decode_header(hbytes), body, 4 + n)
 
 
 def decode_header(data: bytes) -> Dict[str, Any]:
