@@ -47,6 +47,12 @@ MAX_ANNOUNCED_WINDOW = 1024 * 1024 * 1024
 _PREFIX = struct.Struct(">IH")
 _unpack_prefix = _PREFIX.unpack_from
 
+# One encoder for every frame: json.dumps with any option builds a new JSONEncoder per
+# call, which was a visible part of encoding the two small frames of each command.
+# allow_nan=False: NaN/Infinity are not JSON and another implementation may reject them.
+_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+_decoder = json.JSONDecoder()
+
 # Frame types that belong to a stream and so must carry a positive integer "s".
 STREAM_FRAME_TYPES = frozenset(
     {"open", "out", "data", "eof", "meta", "done", "fail", "cancel", "window"}
@@ -112,10 +118,7 @@ def encode_frame(
     """
     if not isinstance(header.get("t"), str):
         raise ValueError('a frame header needs a string "t"')  # noqa: TRY004 - callers catch ValueError
-    # allow_nan=False: NaN/Infinity are not JSON and another implementation may reject them.
-    hbytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
-        "utf-8"
-    )
+    hbytes = _encode_json(header).encode("utf-8")
     if len(hbytes) > MAX_HEADER:
         raise ValueError(f"frame header is {len(hbytes)} bytes, limit {MAX_HEADER}")
     if max_body is not None and len(body) > max_body:
@@ -251,7 +254,15 @@ class FrameParser:
 def decode_header(data: bytes) -> Dict[str, Any]:
     """Decode and validate a frame header; raises :class:`ProtocolError` when invalid."""
     try:
-        header = json.loads(data.decode("utf-8"))
+        text = data.decode("utf-8")
+        try:
+            # Headers we and the gateway write have no surrounding whitespace: decode
+            # them without the two regex scans json.loads adds for it.
+            header, end = _decoder.raw_decode(text)
+        except ValueError:
+            end = -1
+        if end != len(text):
+            header = json.loads(text)  # whitespace or trailing data: the full rules decide
     except (UnicodeDecodeError, ValueError, RecursionError):
         # The error text would quote the header; it may hold a secret, so say less.
         raise ProtocolError("frame header is not valid UTF-8 JSON") from None
