@@ -2004,6 +2004,14 @@ async def test_tls_connections_share_one_read_buffer_yet_keep_their_bytes_apart(
             assert out["data"] == b"".join(make_block(i) for i in range(8))
 
         await asyncio.gather(*(put(k, p) for k, p in enumerate(pairs)), *(get(p) for p in pairs))
+        # The read path stops without waiting for SSLWantReadError: a TLS close must
+        # still read as the peer's close, answered at once: a missed close_notify left
+        # the controller waiting out LINGER_S for the agent's before it gave up.
+        started = time.monotonic()
+        await a.controller.close("done here")
+        assert time.monotonic() - started < protocol.LINGER_S
+        await asyncio.wait_for(a.agent.wait_closed(), DEADLINE_S)
+        assert a.agent.close_reason == "controller connection lost: connection closed by peer"
 
 
 @dataclass

@@ -629,8 +629,10 @@ def _tls_read_view(size: int) -> memoryview:
 def shrink_tls_buffers() -> None:
     """Make asyncio's TLS connections share one read buffer per thread; both ends call it.
 
-    Idempotent, process-wide, and a no-op where asyncio has no such buffer (3.9, 3.10:
-    their TLS protocol reads into a fresh bytes object instead).
+    Where it applies, the TLS read loop also stops when nothing is left to decrypt
+    instead of on an exception per received chunk. Idempotent, process-wide, and a no-op
+    where asyncio has no such buffer (3.9, 3.10: their TLS protocol reads into a fresh
+    bytes object instead).
     """
     from asyncio import sslproto
 
@@ -639,6 +641,8 @@ def shrink_tls_buffers() -> None:
         return
     if not isinstance(getattr(base, "max_size", None), int) or not hasattr(base, "get_buffer"):
         return
+
+    again = getattr(sslproto, "SSLAgainErrors", None)
 
     class SharedBufferSSLProtocol(base):  # type: ignore[misc, valid-type]
         _fleetbus_shared_buffer = True
@@ -657,6 +661,36 @@ def shrink_tls_buffers() -> None:
             # buffer_updated() reads from _ssl_buffer_view: point it at the shared one.
             view = self._ssl_buffer_view = _tls_read_view(self.max_size)
             return view
+
+        if again is not None and hasattr(base, "_do_read__copied"):
+
+            def _do_read__copied(self) -> None:
+                # The base reads until the TLS object raises SSLWantReadError: one
+                # exception per chunk received, almost always after the chunk's only
+                # record (a command is one small frame each way). Stop instead once
+                # neither the incoming BIO nor the TLS object holds another byte; a
+                # partial record still ends in the exception, a close_notify still
+                # reads as b"". Otherwise the base's logic, unchanged.
+                incoming, sslobj = self._incoming, self._sslobj
+                chunks: List[bytes] = []
+                chunk = b"1"
+                try:
+                    while True:
+                        chunk = sslobj.read(self.max_size)
+                        if not chunk:
+                            break
+                        chunks.append(chunk)
+                        if not incoming.pending and not sslobj.pending():
+                            break
+                except again:
+                    pass
+                if chunks:
+                    self._app_protocol.data_received(
+                        chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                    )
+                if not chunk:  # close_notify
+                    self._call_eof_received()
+                    self._start_shutdown()
 
     # base_events, selector_events and proactor_events all look it up here at each use.
     sslproto.SSLProtocol = SharedBufferSSLProtocol  # type: ignore[misc]
