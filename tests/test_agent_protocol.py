@@ -423,6 +423,27 @@ def parse_all(parser: FrameParser, data: bytes, chunk: int) -> list[protocol.Fra
     return frames
 
 
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"t": "open", "s": 1, "op": "exec", "args": {"argv": ["true"], "env": {}, "cwd": None}},
+        {"t": "x", "a": [1, -2.5, 1e300, None, True, False, "\u00e9\u4e2d\U0001f600\n\"\\\x00"], "b": {"c": {}}},
+        {"t": "y", 1: "an int key", "n": 2**70},
+    ],
+)
+def test_encode_frame_writes_what_json_dumps_writes(header: dict[str, Any]) -> None:
+    # encode_frame uses a prebuilt encoder for speed; the bytes must not change.
+    expected = json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    assert encode_frame(header)[6:] == expected.encode("utf-8")
+
+
+def test_encode_frame_refuses_what_is_not_json() -> None:
+    with pytest.raises(ValueError):
+        encode_frame({"t": "x", "v": float("nan")})
+    with pytest.raises(TypeError):
+        encode_frame({"t": "x", "v": object()})
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 6, 7, 100, 4096, 1 << 30])
 def test_frame_parser_cuts_frames_at_any_boundary(chunk: int) -> None:
     # The connection parses frames from whatever pieces TLS hands over: a frame split

@@ -18,7 +18,9 @@ import asyncio
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Union
+from json.encoder import c_make_encoder as _c_make_encoder  # None without the C accelerator
+from json.encoder import encode_basestring as _encode_str
+from typing import Any, Callable, Dict, Optional, Union
 
 PROTOCOL_VERSION = 1
 """The newest protocol version this module speaks."""
@@ -47,10 +49,28 @@ MAX_ANNOUNCED_WINDOW = 1024 * 1024 * 1024
 _PREFIX = struct.Struct(">IH")
 _unpack_prefix = _PREFIX.unpack_from
 
-# One encoder for every frame: json.dumps with any option builds a new JSONEncoder per
-# call, which was a visible part of encoding the two small frames of each command.
-# allow_nan=False: NaN/Infinity are not JSON and another implementation may reject them.
-_encode_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+def _make_json_encoder() -> Callable[[Any], str]:
+    """The header encoder: compact, UTF-8 as is, no NaN/Infinity (not JSON; another
+    implementation may reject them).
+
+    json.dumps with any option builds a JSONEncoder per call, and JSONEncoder.encode
+    builds its C encoder (and a dict for cycle checks) per call; for the two small
+    frames of every command that was most of encoding them. One C encoder built here
+    gives the same bytes in about half the time. Headers are ours and never circular,
+    so there is no cycle check (a bug making one would end in RecursionError).
+    """
+    encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    if _c_make_encoder is None:  # no C accelerator in this Python
+        return encoder.encode
+    c_encode = _c_make_encoder(None, encoder.default, _encode_str, None, ":", ",", False, False, False)
+
+    def encode(header: Any) -> str:
+        return "".join(c_encode(header, 0))
+
+    return encode
+
+
+_encode_json = _make_json_encoder()
 _decoder = json.JSONDecoder()
 
 # Frame types that belong to a stream and so must carry a positive integer "s".
