@@ -46,6 +46,7 @@ from fleetbus_agent.protocol import (
     Connection,
     ControllerStream,
     Event,
+    FrameParser,
     HandshakeError,
     ProtocolError,
     StreamError,
@@ -398,6 +399,89 @@ async def test_read_frame_rejects_bad_frames_without_allocating(raw: bytes, matc
         tracemalloc.stop()
     assert info.value.code == "invalid_request"
     assert peak < 256 * 1024, f"reading a rejected frame allocated {peak} bytes"
+
+
+BAD_FRAMES = [
+    (struct.pack(">IH", 0xFFFFFFFF, 0xFFFF), "exceeds the limit"),
+    (struct.pack(">IH", 2 + MAX_HEADER + 64 * 1024 + 1, 100), "exceeds the limit"),
+    (struct.pack(">IH", 10, 20), "header length"),
+    (struct.pack(">IH", 2, 0), "no header"),
+    (struct.pack(">IH", 7, 5) + b"[1,2]", "not a JSON object"),
+    (struct.pack(">IH", 7, 5) + b"{nope", "not valid UTF-8 JSON"),
+    (struct.pack(">IH", 10, 8) + b'{"s":1} ', 'lacks a string "t"'),
+    (struct.pack(">IH", 19, 17) + b'{"t":"x","s":-1} ', "positive integer"),
+    (struct.pack(">IH", 14, 12) + b'{"t":"x"} {}', "not valid UTF-8 JSON"),  # trailing data
+]
+
+
+def parse_all(parser: FrameParser, data: bytes, chunk: int) -> list[protocol.Frame]:
+    frames = []
+    for start in range(0, len(data), chunk):
+        parser.feed(data[start : start + chunk])
+        while (frame := parser.next()) is not None:
+            frames.append(frame)
+    return frames
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"t": "open", "s": 1, "op": "exec", "args": {"argv": ["true"], "env": {}, "cwd": None}},
+        {"t": "x", "a": [1, -2.5, 1e300, None, True, False, "\u00e9\u4e2d\U0001f600\n\"\\\x00"], "b": {"c": {}}},
+        {"t": "y", 1: "an int key", "n": 2**70},
+    ],
+)
+def test_encode_frame_writes_what_json_dumps_writes(header: dict[str, Any]) -> None:
+    # encode_frame uses a prebuilt encoder for speed; the bytes must not change.
+    expected = json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    assert encode_frame(header)[6:] == expected.encode("utf-8")
+
+
+def test_encode_frame_refuses_what_is_not_json() -> None:
+    with pytest.raises(ValueError):
+        encode_frame({"t": "x", "v": float("nan")})
+    with pytest.raises(TypeError):
+        encode_frame({"t": "x", "v": object()})
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 6, 7, 100, 4096, 1 << 30])
+def test_frame_parser_cuts_frames_at_any_boundary(chunk: int) -> None:
+    # The connection parses frames from whatever pieces TLS hands over: a frame split
+    # anywhere, or many in one piece, must come out the same.
+    sent = [
+        ({"t": "data", "s": 7}, b"\x00\xffbody" * 300),
+        ({"t": "ping", "n": 1}, b""),
+        ({"t": "open", "s": 8, "op": "exec", "args": {"argv": ["\u00e9"]}}, b""),
+        ({"t": "out", "s": 8, "stream": "stdout"}, b"x"),
+        ({"t": "done", "s": 8, "result": {"exit_code": 0}}, b""),
+    ]
+    data = b"".join(encode_frame(h, b) for h, b in sent)
+    parser = FrameParser(max_body=64 * 1024)
+    frames = parse_all(parser, data, chunk)
+    assert [(f.header, f.body) for f in frames] == sent
+    assert sum(f.size for f in frames) == len(data)
+    assert parser.pending == 0
+
+
+def test_frame_parser_accepts_whitespace_around_the_header() -> None:
+    # Valid JSON from another implementation; the fast path must not reject it.
+    header = b' {"t":"ping","n":2} '
+    parser = FrameParser()
+    parser.feed(struct.pack(">IH", 2 + len(header), len(header)) + header)
+    frame = parser.next()
+    assert frame is not None and frame.header == {"t": "ping", "n": 2}
+
+
+@pytest.mark.parametrize(("raw", "match"), BAD_FRAMES)
+def test_frame_parser_rejects_bad_frames_after_the_good_ones(raw: bytes, match: str) -> None:
+    parser = FrameParser(max_body=64 * 1024)
+    # The bad frame's prefix alone must be enough: nothing waits for a body it claims.
+    parser.feed(encode_frame({"t": "ping", "n": 1}) + raw)
+    first = parser.next()
+    assert first is not None and first.header == {"t": "ping", "n": 1}
+    with pytest.raises(ProtocolError, match=match) as info:
+        parser.next()
+    assert info.value.code == "invalid_request"
 
 
 def test_module_is_standard_library_only() -> None:
@@ -1555,10 +1639,11 @@ async def test_heartbeats_keep_an_idle_connection_alive(tls: Tls) -> None:
         assert pair.controller.stats.pings_sent >= 4
         assert pair.agent.stats.pings_sent == 0
         # Heartbeats run from a loop timer, not a task per connection (thousands of
-        # idle agents on a gateway each woke one per interval): reader and writer only.
+        # idle agents on a gateway each woke one per interval), and frames are parsed in
+        # the transport's callback, not a reader task: a writer task per end, no more.
         names = [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("fleetbus-proto-")]
         kinds = sorted(n.split("-")[2] for n in names)
-        assert kinds == ["read", "read", "write", "write"]
+        assert kinds == ["write", "write"]
         assert (await final_event(pair.controller.open_stream("ping"))).kind == "done"
 
 
@@ -1660,6 +1745,94 @@ async def test_put_to_a_failing_agent_raises_instead_of_hanging(tls: Tls) -> Non
             "code": "not_found",
             "message": "no such file: /nope",
         }
+
+
+async def test_frames_sent_right_behind_the_welcome_are_dispatched(tls: Tls) -> None:
+    """Frames the handshake's reader already holds are handled once the connection starts."""
+    agent_conns: asyncio.Queue[tuple[Connection, asyncio.StreamWriter]] = asyncio.Queue()
+    held: list[int] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        welcome = await agent_handshake(reader, writer, {"method": "key", "key": KEY})
+        # The welcome and the frames behind it came in one TLS record, so the stream
+        # reader holds them now; they must not be lost when the parser takes over.
+        held.append(len(reader._buffer))
+        conn = Connection.from_welcome(reader, writer, welcome, Ops())
+        conn.start()
+        await agent_conns.put((conn, writer))
+
+    async with listener(tls, handler) as port:
+        reader, writer = await dial(tls, port)
+        hello = await asyncio.wait_for(read_frame(reader), DEADLINE_S)
+        assert hello.type == "hello"
+        welcome = {"t": "welcome", "version": 1, "server": "web-1", "heartbeat_s": 5,
+                   "max_body": 1024 * 1024, "window": DEFAULT_WINDOW}
+        writer.write(
+            encode_frame(welcome)
+            + encode_frame({"t": "ping", "n": 5})
+            + encode_frame({"t": "open", "s": 1, "op": "exec", "args": {"argv": ["hi"]}})
+        )
+        agent, agent_writer = await asyncio.wait_for(agent_conns.get(), DEADLINE_S)
+        got = [await asyncio.wait_for(read_frame(reader), DEADLINE_S)]
+        while got[-1].type != "done":
+            got.append(await asyncio.wait_for(read_frame(reader), DEADLINE_S))
+        assert got[0].type == "pong" and got[0].header["n"] == 5
+        assert got[-1].header == {"t": "done", "s": 1, "result": {"exit_code": 0}}
+        writer.close()
+        await asyncio.wait_for(agent.wait_closed(), DEADLINE_S)
+        # The stream writer still learns that the connection ended (its wait_closed
+        # follows the transport, which the parser took over from the stream reader).
+        await asyncio.wait_for(agent_writer.wait_closed(), DEADLINE_S)
+    assert held and held[0] > 0
+    assert agent.close_reason == "controller connection lost: connection closed by peer"
+
+
+async def test_a_peer_gone_before_the_connection_starts_closes_it(tls: Tls) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await controller_handshake(reader, writer, authenticate)
+        writer.close()
+
+    async with listener(tls, handler) as port:
+        reader, writer = await dial(tls, port)
+        welcome = await agent_handshake(reader, writer, {"method": "key", "key": KEY})
+        assert await asyncio.wait_for(reader.read(1), DEADLINE_S) == b""  # the end, seen
+        agent = Connection.from_welcome(reader, writer, welcome, Ops())
+        agent.start()
+        await asyncio.wait_for(agent.wait_closed(), DEADLINE_S)
+    assert agent.close_reason == "controller connection lost: connection closed by peer"
+
+
+async def test_a_peer_that_stops_reading_blocks_the_writer(tls: Tls) -> None:
+    """Write backpressure still reaches the writer task once frames are parsed in the
+    transport's callback: its drain() waits while the peer reads nothing."""
+    conns: asyncio.Queue[Connection] = asyncio.Queue()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted = await controller_handshake(reader, writer, authenticate, heartbeat_s=30)
+        conn = Connection.from_accepted(reader, writer, accepted)
+        conn.start()
+        await conns.put(conn)
+
+    async with listener(tls, handler) as port:
+        reader, writer = await dial(tls, port)
+        # A large window lets the controller queue more than the kernel's socket
+        # buffers hold, so the transport's own buffer must fill up behind them.
+        await agent_handshake(reader, writer, {"method": "key", "key": KEY}, window=256 * MIB)
+        writer.transport.pause_reading()
+        controller = await asyncio.wait_for(conns.get(), DEADLINE_S)
+        stream = controller.open_stream("put", {"path": "/x"})
+        sender = asyncio.ensure_future(stream.send(b"p" * (64 * MIB)))
+        deadline = time.monotonic() + DEADLINE_S
+        while True:
+            blocked = controller._write_blocked_since
+            if blocked is not None and time.monotonic() - blocked > 0.2:
+                break  # stuck in drain() for a while: the peer's silence reached it
+            assert time.monotonic() < deadline, "the writer never waited for the peer"
+            await asyncio.sleep(0.02)
+        assert controller.stats.bytes_sent < 64 * MIB
+        await controller.close("test over")
+        await asyncio.wait_for(asyncio.gather(sender, return_exceptions=True), DEADLINE_S)
+        writer.close()
 
 
 async def test_wire_format_and_forward_compatibility(tls: Tls) -> None:
@@ -1852,6 +2025,14 @@ async def test_tls_connections_share_one_read_buffer_yet_keep_their_bytes_apart(
             assert out["data"] == b"".join(make_block(i) for i in range(8))
 
         await asyncio.gather(*(put(k, p) for k, p in enumerate(pairs)), *(get(p) for p in pairs))
+        # The read path stops without waiting for SSLWantReadError: a TLS close must
+        # still read as the peer's close, answered at once: a missed close_notify left
+        # the controller waiting out LINGER_S for the agent's before it gave up.
+        started = time.monotonic()
+        await a.controller.close("done here")
+        assert time.monotonic() - started < protocol.LINGER_S
+        await asyncio.wait_for(a.agent.wait_closed(), DEADLINE_S)
+        assert a.agent.close_reason == "controller connection lost: connection closed by peer"
 
 
 @dataclass

@@ -18,7 +18,9 @@ import asyncio
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from json.encoder import c_make_encoder as _c_make_encoder  # None without the C accelerator
+from json.encoder import encode_basestring as _encode_str
+from typing import Any, Callable, Dict, Optional, Union
 
 PROTOCOL_VERSION = 1
 """The newest protocol version this module speaks."""
@@ -45,6 +47,31 @@ MAX_ANNOUNCED_WINDOW = 1024 * 1024 * 1024
 """Largest ``window`` a peer may announce; bounds what we may queue for it per stream."""
 
 _PREFIX = struct.Struct(">IH")
+_unpack_prefix = _PREFIX.unpack_from
+
+def _make_json_encoder() -> Callable[[Any], str]:
+    """The header encoder: compact, UTF-8 as is, no NaN/Infinity (not JSON; another
+    implementation may reject them).
+
+    json.dumps with any option builds a JSONEncoder per call, and JSONEncoder.encode
+    builds its C encoder (and a dict for cycle checks) per call; for the two small
+    frames of every command that was most of encoding them. One C encoder built here
+    gives the same bytes in about half the time. Headers are ours and never circular,
+    so there is no cycle check (a bug making one would end in RecursionError).
+    """
+    encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    if _c_make_encoder is None:  # no C accelerator in this Python
+        return encoder.encode
+    c_encode = _c_make_encoder(None, encoder.default, _encode_str, None, ":", ",", False, False, False)
+
+    def encode(header: Any) -> str:
+        return "".join(c_encode(header, 0))
+
+    return encode
+
+
+_encode_json = _make_json_encoder()
+_decoder = json.JSONDecoder()
 
 # Frame types that belong to a stream and so must carry a positive integer "s".
 STREAM_FRAME_TYPES = frozenset(
@@ -111,10 +138,7 @@ def encode_frame(
     """
     if not isinstance(header.get("t"), str):
         raise ValueError('a frame header needs a string "t"')  # noqa: TRY004 - callers catch ValueError
-    # allow_nan=False: NaN/Infinity are not JSON and another implementation may reject them.
-    hbytes = json.dumps(header, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode(
-        "utf-8"
-    )
+    hbytes = _encode_json(header).encode("utf-8")
     if len(hbytes) > MAX_HEADER:
         raise ValueError(f"frame header is {len(hbytes)} bytes, limit {MAX_HEADER}")
     if max_body is not None and len(body) > max_body:
@@ -147,6 +171,18 @@ async def read_frame(reader: asyncio.StreamReader, max_body: int = DEFAULT_MAX_B
             raise EOFError("connection closed in the middle of a frame") from None
         raise EOFError("connection closed by peer") from None
     n, h = _PREFIX.unpack(prefix)
+    _check_prefix(n, h, max_body)
+    body_len = n - 2 - h
+    try:
+        hbytes = await reader.readexactly(h)
+        body = await reader.readexactly(body_len) if body_len else b""
+    except asyncio.IncompleteReadError:
+        raise EOFError("connection closed in the middle of a frame") from None
+    return Frame(decode_header(hbytes), body, 4 + n)
+
+
+def _check_prefix(n: int, h: int, max_body: int) -> None:
+    """Validate a frame's length prefix before anything is buffered for it."""
     if n > max_frame_size(max_body):
         raise ProtocolError(f"frame of {n} bytes exceeds the limit of {max_frame_size(max_body)}")
     if h > n - 2 or n < 2:
@@ -156,18 +192,97 @@ async def read_frame(reader: asyncio.StreamReader, max_body: int = DEFAULT_MAX_B
     body_len = n - 2 - h
     if body_len > max_body:
         raise ProtocolError(f"frame body of {body_len} bytes exceeds the limit of {max_body}")
-    try:
-        hbytes = await reader.readexactly(h)
-        body = await reader.readexactly(body_len) if body_len else b""
-    except asyncio.IncompleteReadError:
-        raise EOFError("connection closed in the middle of a frame") from None
-    return Frame(decode_header(hbytes), body, 4 + n)
+
+
+class FrameParser:
+    """Frames cut out of a byte stream as it arrives: no task, no await.
+
+    A connection feeds it every chunk its transport delivers and takes frames with
+    :meth:`next` in the same callback. Reading with :func:`read_frame` in a task cost a
+    loop iteration per received frame (the stream reader wakes the task, which runs in
+    the next iteration), on both ends of every command.
+
+    The same limits as :func:`read_frame`: a prefix is checked as soon as its six bytes
+    are in, so a peer announcing a 4 GiB frame is refused before anything is kept for
+    it, and at most one frame (``2 + MAX_HEADER + max_body`` bytes) plus one chunk is
+    ever buffered. :meth:`next` raises :class:`ProtocolError` for a bad frame; frames
+    before it have been returned already, as a reader task would have dispatched them.
+    """
+
+    __slots__ = ("_buf", "_limit", "_pos", "max_body")
+
+    def __init__(self, max_body: int = DEFAULT_MAX_BODY) -> None:
+        self.max_body = max_body
+        self._limit = max_frame_size(max_body)
+        # Unparsed bytes are _buf[_pos:]. A chunk that arrives with nothing pending is
+        # parsed where it lies (no copy); only an incomplete frame's bytes are copied.
+        self._buf: Union[bytes, bytearray] = b""
+        self._pos = 0
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not make a whole frame yet."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes from the connection; take the frames with :meth:`next`."""
+        buf = self._buf
+        if not buf:
+            self._buf = data
+            return
+        if isinstance(buf, bytearray):
+            if self._pos:
+                del buf[: self._pos]  # bytearray drops a prefix without moving the rest
+            buf += data
+        else:
+            buf = bytearray(memoryview(buf)[self._pos :])
+            buf += data
+            self._buf = buf
+        self._pos = 0
+
+    def next(self) -> Optional[Frame]:
+        """The next complete frame, or None until more bytes arrive."""
+        buf = self._buf
+        if not buf:
+            return None
+        pos = self._pos
+        avail = len(buf) - pos
+        if avail < 6:
+            return None
+        n, h = _unpack_prefix(buf, pos)
+        if n > self._limit or not 0 < h <= n - 2 or n - 2 - h > self.max_body:
+            _check_prefix(n, h, self.max_body)  # raises, with the reason
+        if avail < 4 + n:
+            return None
+        start = pos + 6
+        split = start + h
+        end = pos + 4 + n
+        if isinstance(buf, bytes):
+            hbytes = buf[start:split]
+            body = buf[split:end] if end > split else b""
+        else:
+            with memoryview(buf) as view:  # released at once: a viewed bytearray cannot grow
+                hbytes = bytes(view[start:split])
+                body = bytes(view[split:end]) if end > split else b""
+        if end >= len(buf):
+            self._buf, self._pos = b"", 0  # nothing pending: hold no buffer while idle
+        else:
+            self._pos = end
+        return Frame(decode_header(hbytes), body, 4 + n)
 
 
 def decode_header(data: bytes) -> Dict[str, Any]:
     """Decode and validate a frame header; raises :class:`ProtocolError` when invalid."""
     try:
-        header = json.loads(data.decode("utf-8"))
+        text = data.decode("utf-8")
+        try:
+            # Headers we and the gateway write have no surrounding whitespace: decode
+            # them without the two regex scans json.loads adds for it.
+            header, end = _decoder.raw_decode(text)
+        except ValueError:
+            end = -1
+        if end != len(text):
+            header = json.loads(text)  # whitespace or trailing data: the full rules decide
     except (UnicodeDecodeError, ValueError, RecursionError):
         # The error text would quote the header; it may hold a secret, so say less.
         raise ProtocolError("frame header is not valid UTF-8 JSON") from None

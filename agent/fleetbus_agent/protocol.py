@@ -15,8 +15,9 @@ The spec is docs/agent-protocol.md; this docstring is the map of the code.
   knows the key without sending it (:func:`inbound_proof`, bound to the agent's
   certificate: :func:`certificate_fingerprint`, :func:`peer_certificate_fingerprint`).
   They produce the same :class:`Welcome` / :class:`Accepted` as the outbound pair.
-* :class:`Connection` runs a handshaken connection: a reader task, a writer task with
-  a control queue before round-robin data queues, and a heartbeat timer. The
+* :class:`Connection` runs a handshaken connection: a frame parser fed by the
+  transport (no reader task), a writer task with a control queue before round-robin
+  data queues, and a heartbeat timer. The
   controller opens :class:`ControllerStream` s; the agent gets an
   :class:`AgentStream` per ``open`` in its ``on_open`` callback.
 
@@ -67,6 +68,7 @@ from .frames import (
     STREAM_FRAME_TYPES,
     SUPPORTED_VERSIONS,
     Frame,
+    FrameParser,
     ProtocolError,
     decode_header,
     encode_frame,
@@ -90,6 +92,7 @@ __all__ = [
     "ControllerStream",
     "Event",
     "Frame",
+    "FrameParser",
     "HandshakeError",
     "ProtocolError",
     "StreamError",
@@ -626,8 +629,10 @@ def _tls_read_view(size: int) -> memoryview:
 def shrink_tls_buffers() -> None:
     """Make asyncio's TLS connections share one read buffer per thread; both ends call it.
 
-    Idempotent, process-wide, and a no-op where asyncio has no such buffer (3.9, 3.10:
-    their TLS protocol reads into a fresh bytes object instead).
+    Where it applies, the TLS read loop also stops when nothing is left to decrypt
+    instead of on an exception per received chunk. Idempotent, process-wide, and a no-op
+    where asyncio has no such buffer (3.9, 3.10: their TLS protocol reads into a fresh
+    bytes object instead).
     """
     from asyncio import sslproto
 
@@ -636,6 +641,8 @@ def shrink_tls_buffers() -> None:
         return
     if not isinstance(getattr(base, "max_size", None), int) or not hasattr(base, "get_buffer"):
         return
+
+    again = getattr(sslproto, "SSLAgainErrors", None)
 
     class SharedBufferSSLProtocol(base):  # type: ignore[misc, valid-type]
         _fleetbus_shared_buffer = True
@@ -654,6 +661,36 @@ def shrink_tls_buffers() -> None:
             # buffer_updated() reads from _ssl_buffer_view: point it at the shared one.
             view = self._ssl_buffer_view = _tls_read_view(self.max_size)
             return view
+
+        if again is not None and hasattr(base, "_do_read__copied"):
+
+            def _do_read__copied(self) -> None:
+                # The base reads until the TLS object raises SSLWantReadError: one
+                # exception per chunk received, almost always after the chunk's only
+                # record (a command is one small frame each way). Stop instead once
+                # neither the incoming BIO nor the TLS object holds another byte; a
+                # partial record still ends in the exception, a close_notify still
+                # reads as b"". Otherwise the base's logic, unchanged.
+                incoming, sslobj = self._incoming, self._sslobj
+                chunks: List[bytes] = []
+                chunk = b"1"
+                try:
+                    while True:
+                        chunk = sslobj.read(self.max_size)
+                        if not chunk:
+                            break
+                        chunks.append(chunk)
+                        if not incoming.pending and not sslobj.pending():
+                            break
+                except again:
+                    pass
+                if chunks:
+                    self._app_protocol.data_received(
+                        chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                    )
+                if not chunk:  # close_notify
+                    self._call_eof_received()
+                    self._start_shutdown()
 
     # base_events, selector_events and proactor_events all look it up here at each use.
     sslproto.SSLProtocol = SharedBufferSSLProtocol  # type: ignore[misc]
@@ -1410,6 +1447,41 @@ class AgentStream(_Stream):
             self._task.cancel()
 
 
+class _FrameReader(asyncio.Protocol):
+    """The transport's protocol once a :class:`Connection` starts: frames are parsed and
+    dispatched in the transport's own callback.
+
+    The handshake reads with asyncio's stream reader; after it, a reader task cost a
+    loop iteration per received frame (the reader wakes the task, which runs in the
+    next iteration), and a command is one frame each way. The stream writer stays in
+    use: write-side flow control (``pause_writing``/``resume_writing``, behind
+    ``drain()``) and the end of the connection (behind ``wait_closed()``) are passed on
+    to the stream protocol the handshake used, so both keep working unchanged.
+    """
+
+    def __init__(self, conn: Connection, previous: asyncio.BaseProtocol) -> None:
+        self._conn = conn
+        self._previous = previous
+
+    def data_received(self, data: bytes) -> None:
+        self._conn._data_received(data)
+
+    def eof_received(self) -> Optional[bool]:
+        self._conn._eof_received()
+        eof_received = getattr(self._previous, "eof_received", None)
+        return eof_received() if eof_received is not None else None
+
+    def connection_lost(self, exc: Optional[BaseException]) -> None:
+        self._conn._connection_lost(exc)
+        self._previous.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._previous.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._previous.resume_writing()
+
+
 OnOpen = Callable[[AgentStream], Awaitable[Optional[Dict[str, Any]]]]
 """``async on_open(stream) -> result or None``: runs one operation on the agent."""
 
@@ -1488,7 +1560,8 @@ class Connection:
         self._wake = asyncio.Event()
         self._final: Optional[bytes] = None  # goaway/error to flush before closing
         self._final_sent = asyncio.Event()
-        self._tasks: List[asyncio.Task[None]] = []
+        self._tasks: List[asyncio.Task[None]] = []  # the writer task, once started
+        self._parser = FrameParser(max_body)
         self._last_rx = time.monotonic()
         self._write_blocked_since: Optional[float] = None
         self._ping_seq = 0
@@ -1543,19 +1616,20 @@ class Connection:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        """Start the reader and writer tasks and the heartbeat timer (once, inside the event loop)."""
+        """Start reading, the writer task and the heartbeat timer (once, inside the event loop).
+
+        Frames the handshake's reader already holds are dispatched before this returns.
+        """
         if self._tasks or self._closing:
             raise RuntimeError("connection already started or closed")
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._last_rx = now = time.monotonic()
         label = self.name or "?"
-        self._tasks = [
-            loop.create_task(self._read_loop(), name=f"fleetbus-proto-read-{label}"),
-            loop.create_task(self._write_loop(), name=f"fleetbus-proto-write-{label}"),
-        ]
+        self._tasks = [loop.create_task(self._write_loop(), name=f"fleetbus-proto-write-{label}")]
         self._next_ping = now + self.heartbeat_s
         self._heartbeat_timer = loop.call_at(self._next_ping, self._heartbeat)
+        self._take_over_reading()
 
     async def close(
         self, reason: str = "connection closed", code: Optional[str] = None, goaway: bool = False
@@ -1644,7 +1718,7 @@ class Connection:
         )
 
     async def _finish_close(self, abort: bool) -> None:
-        writer_task = self._tasks[1] if self._tasks else None
+        writer_task = self._tasks[0] if self._tasks else None
         if self._final is not None:
             if writer_task is not None and not writer_task.done():
                 # A peer that is not reading gets LINGER_S; closing matters more.
@@ -1912,48 +1986,89 @@ class Connection:
 
     # --------------------------------------------------------------------- reader
 
-    async def _read_loop(self) -> None:
-        peer = self._peer
+    def _take_over_reading(self) -> None:
+        """Parse frames in the transport's callback from now on (see :class:`_FrameReader`)."""
+        reader, transport = self._reader, self._writer.transport
+        # What the stream reader holds already (frames sent right behind the handshake)
+        # comes first. Private attributes, but the same from 3.9 to 3.13; StreamReader
+        # has no public way to take its buffer without awaiting.
+        buffered = reader._buffer  # type: ignore[attr-defined]
+        leftover = bytes(buffered)
+        buffered.clear()
+        transport.set_protocol(_FrameReader(self, transport.get_protocol()))
+        if getattr(reader, "_paused", False):  # it had stopped reading for a full buffer
+            reader._paused = False  # type: ignore[attr-defined]
+            transport.resume_reading()
+        if leftover:
+            self._data_received(leftover)
+        exc = reader.exception()
+        if exc is not None:  # the connection broke before we took it over
+            self._connection_lost(exc)
+        elif reader.at_eof():
+            self._eof_received()
+
+    def _data_received(self, data: bytes) -> None:
+        if self._closing:
+            return  # as a cancelled reader task would: nothing read is acted on any more
+        parser = self._parser
+        parser.feed(data)
+        stats = self.stats
         try:
-            while True:
-                frame = await read_frame(self._reader, self.max_body)
+            while not self._closing:
+                frame = parser.next()
+                if frame is None:
+                    return
                 self._last_rx = time.monotonic()
-                self.stats.frames_received += 1
-                self.stats.bytes_received += frame.size
-                t = frame.type
-                if t == "goaway":
-                    code = _peer_text(frame.header.get("code"), "closing")
-                    message = (
-                        _peer_text(frame.header.get("message"))
-                        or f"{peer} closed the connection ({code})"
-                    )
-                    self._begin_close(message, code, None)
-                    return
-                if t == "error":
-                    code = _peer_text(frame.header.get("code"), "invalid_request")
-                    message = _peer_text(frame.header.get("message"))
-                    self._begin_close(
-                        f"{peer} connection lost: {peer} reported {code}: {message}", code, None
-                    )
-                    return
-                self._dispatch(frame)
-        except asyncio.CancelledError:
-            raise
+                stats.frames_received += 1
+                stats.bytes_received += frame.size
+                self._on_frame(frame)
         except ProtocolError as exc:
             final = encode_frame({"t": "error", "code": exc.code, "message": exc.message})
             self._begin_close(
-                f"{peer} connection lost: protocol error: {exc.message}", exc.code, final
+                f"{self._peer} connection lost: protocol error: {exc.message}", exc.code, final
             )
-        except EOFError as exc:
-            self._begin_close(f"{peer} connection lost: {exc}", None, None)
-        except OSError as exc:  # includes ssl.SSLError and ConnectionResetError
-            reason = f"{peer} connection lost: {exc or type(exc).__name__}"
-            self._begin_close(reason, None, None, abort=True)
         except Exception as exc:
             log.exception("protocol reader failed")
             self._begin_close(
-                f"{peer} connection lost: internal error: {type(exc).__name__}", "internal", None
+                f"{self._peer} connection lost: internal error: {type(exc).__name__}",
+                "internal",
+                None,
             )
+
+    def _eof_received(self) -> None:
+        if self._closing:
+            return
+        if self._parser.pending:
+            self._begin_close(
+                f"{self._peer} connection lost: connection closed in the middle of a frame", None, None
+            )
+        else:
+            self._begin_close(f"{self._peer} connection lost: connection closed by peer", None, None)
+
+    def _connection_lost(self, exc: Optional[BaseException]) -> None:
+        if self._closing:
+            return
+        if exc is None:
+            self._eof_received()
+            return
+        # A socket or TLS error (ssl.SSLError, ConnectionResetError): nobody to be polite to.
+        reason = f"{self._peer} connection lost: {exc or type(exc).__name__}"
+        self._begin_close(reason, None, None, abort=True)
+
+    def _on_frame(self, frame: Frame) -> None:
+        t = frame.type
+        if t == "goaway":
+            code = _peer_text(frame.header.get("code"), "closing")
+            message = _peer_text(frame.header.get("message")) or f"{self._peer} closed the connection ({code})"
+            self._begin_close(message, code, None)
+        elif t == "error":
+            code = _peer_text(frame.header.get("code"), "invalid_request")
+            message = _peer_text(frame.header.get("message"))
+            self._begin_close(
+                f"{self._peer} connection lost: {self._peer} reported {code}: {message}", code, None
+            )
+        else:
+            self._dispatch(frame)
 
     def _dispatch(self, frame: Frame) -> None:
         t = frame.type
