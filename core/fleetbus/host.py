@@ -34,6 +34,7 @@ from pydantic import ValidationError
 from .audit import Auditor, AuditRecord, summarize
 from .collector import relax_gc
 from .dedupe import CommandMemory, fingerprint
+from .dispatch import subscribe_direct
 from .errors import (
     Cancelled,
     FleetbusError,
@@ -134,6 +135,7 @@ class _Served:
     sub: Subscription
     slots: asyncio.Semaphore
     running: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
+    reader: asyncio.Task[None] | None = None  # only where subscribe_direct needs one
 
 
 @dataclass
@@ -288,13 +290,14 @@ class PluginHost:
             served = _Served(server=server, transport=transport, sub=None,  # type: ignore[arg-type]
                              slots=asyncio.Semaphore(server.max_concurrency))
 
-            async def on_msg(msg: Msg) -> None:
+            def on_msg(msg: Msg) -> None:
+                # Called from nats-py's read loop as the request is parsed (dispatch.py).
                 task = asyncio.create_task(self._handle(served, msg))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
-            served.sub = await self.nc.subscribe(
-                self.names.server_all(server.name), queue=queue, cb=on_msg,
+            served.sub, served.reader = await subscribe_direct(
+                self.nc, self.names.server_all(server.name), on_msg, queue=queue,
                 pending_msgs_limit=65536, pending_bytes_limit=256 * 1024 * 1024,
             )
             self.served[server.name] = served
@@ -340,6 +343,8 @@ class PluginHost:
                 await served.sub.unsubscribe()
             except Exception:
                 pass
+            if served.reader is not None:
+                served.reader.cancel()
         if not shutting_down:
             for task in served.running.values():
                 task.cancel()
