@@ -24,6 +24,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
@@ -45,6 +46,13 @@ OutputCallback = Callable[[str, bytes], Awaitable[None] | None]
 ProgressCallback = Callable[[int, int], None]
 # Extra time beyond a command's own limit before the client stops waiting for a reply.
 REPLY_GRACE_S = 30.0
+# A server registered this recently and never served yet is probably about to be:
+# workers subscribe its subjects when the registry watch reaches them, milliseconds
+# after `servers add` returns (and a status saying "online since a moment ago" means
+# that happened after the request went out). A request finding nobody then is
+# retried for this long.
+JUST_REGISTERED_S = 10.0
+NOT_YET_SERVED_WAIT_S = 2.0
 FILE_CHUNK = 256 * 1024
 
 
@@ -131,14 +139,27 @@ class Client:
         except ServerOffline:
             return ServerOffline(f"nobody serves {server} right now")
         transport = found["server"]["transport"]
-        return ServerOffline(
-            f"nobody serves {server} right now: no running worker has the "
-            f"{transport!r} transport for it"
-        )
+        message = f"nobody serves {server} right now: no running worker has the {transport!r} transport for it"
+        status = found.get("status")
+        if status is None:  # never served: about to be, if it was registered just now
+            fresh = _age_s(found["server"].get("created")) < JUST_REGISTERED_S
+        else:  # a worker began serving it just now, after our request found nobody
+            fresh = status.get("state") == "online" and _age_s(status.get("since")) < JUST_REGISTERED_S
+        return _NotServedYet(message) if fresh else ServerOffline(message)
 
     async def _server(self, server: str, op: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         check_server_name(server)
-        return await self._request(self.names.server(server, op), body, timeout, server=server)
+        subject = self.names.server(server, op)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + NOT_YET_SERVED_WAIT_S
+        while True:
+            try:
+                return await self._request(subject, body, timeout, server=server)
+            except _NotServedYet:
+                # Nobody received the request, so sending it again cannot run it twice.
+                if loop.time() >= give_up:
+                    raise
+                await asyncio.sleep(0.05)
 
     async def _admin(self, endpoint: str, body: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
         return await self._request(self.names.admin(endpoint), body, timeout)
@@ -630,3 +651,16 @@ async def _stream_to_file(dest: Path, chunks: AsyncIterator[bytes], size: int,
         await asyncio.to_thread(fh.close)
 
 
+class _NotServedYet(ServerOffline):
+    """Nobody serves a server registered moments ago and never served: worth a retry."""
+
+
+def _age_s(created: Any) -> float:
+    """Seconds since an ISO-8601 ``created`` time; infinite when it cannot be read."""
+    try:
+        then = datetime.fromisoformat(str(created))  # 3.11 reads a trailing Z too
+    except ValueError:
+        return float("inf")
+    if then.tzinfo is None:
+        then = then.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - then).total_seconds()
