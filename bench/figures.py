@@ -107,11 +107,6 @@ async def _latencies(run: Timed, n: int) -> list[float]:
     return out
 
 
-async def _exec_latencies(stack: Stack, server: str, n: int) -> list[float]:
-    """Latencies of ``exec true`` alone, for figures whose baseline cannot alternate with it."""
-    return await _latencies(_exec_true(stack, server), n)
-
-
 async def _spawn_true() -> None:
     proc = await asyncio.create_subprocess_exec("true")
     await proc.wait()

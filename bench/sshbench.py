@@ -56,25 +56,28 @@ def _scp_get(remote: Path, dest: Path) -> float:
     return time.perf_counter() - t0
 
 
-def _controlmaster_latencies(n: int) -> list[float]:
-    server, key = _sshd()
-    control = Path(_lab["base"]) / "cm.sock"  # type: ignore[arg-type]
-    base = ["ssh", *_ssh_opts(key), "-p", str(server.port), "-o", "ControlMaster=auto",
-            "-o", f"ControlPath={control}", "-o", "ControlPersist=60", f"root@{server.host}"]
-    for _ in range(5):
-        subprocess.run([*base, "true"], check=True)
-    out = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        subprocess.run([*base, "true"], check=True)
-        out.append(time.perf_counter() - t0)
-    subprocess.run(["ssh", "-o", f"ControlPath={control}", "-O", "exit", f"root@{server.host}"],
-                   capture_output=True, check=False)
-    return out
+class _ControlMaster:
+    """OpenSSH `ssh` with a ControlMaster to the same sshd: the baseline for exec."""
+
+    def __init__(self) -> None:
+        server, key = _sshd()
+        self.control = Path(_lab["base"]) / "cm.sock"  # type: ignore[arg-type]
+        self.host = f"root@{server.host}"
+        self.base = ["ssh", *_ssh_opts(key), "-p", str(server.port), "-o", "ControlMaster=auto",
+                     "-o", f"ControlPath={self.control}", "-o", "ControlPersist=60", self.host]
+
+    async def run_true(self) -> None:
+        proc = await asyncio.create_subprocess_exec(*self.base, "true")
+        if await proc.wait() != 0:
+            raise RuntimeError("ssh with ControlMaster failed")
+
+    def close(self) -> None:
+        subprocess.run(["ssh", "-o", f"ControlPath={self.control}", "-O", "exit", self.host],
+                       capture_output=True, check=False)
 
 
 async def ssh_rows(work: Path, sizes) -> list:
-    from figures import Row, _exec_latencies, _write_file
+    from figures import Row, _exec_true, _interleaved, _write_file
 
     server, key = _sshd()
     stack = await Stack.start(work / "sshstack")
@@ -84,8 +87,11 @@ async def ssh_rows(work: Path, sizes) -> list:
                                        "port": server.port, "credential": "bench-key",
                                        "options": {"host_key": server.host_key_line}})
         n = min(sizes.exec_n, 200)  # each round trip logs in a shell: ~0.15 s here
-        fb = await _exec_latencies(stack, "bench-ssh", n)
-        cm = await asyncio.to_thread(_controlmaster_latencies, n)
+        master = _ControlMaster()
+        try:
+            fb, cm = await _interleaved(_exec_true(stack, "bench-ssh"), master.run_true, n)
+        finally:
+            master.close()
         f, b = percentile(fb, 50) * MS, percentile(cm, 50) * MS
         rows = [Row("exec true on ssh, p50", f, b, "ms", "ratio <= 1.1 (vs ssh ControlMaster)", f / b <= 1.1)]
         src = work / "sftp.bin"
