@@ -652,7 +652,8 @@ async def _stream_to_file(dest: Path, chunks: AsyncIterator[bytes], size: int,
 
 
 class _NotServedYet(ServerOffline):
-    """Nobody serves a server registered moments ago and never served: worth a retry."""
+    """Nobody answered for a server registered, or served again, moments ago: the
+    workers' subscriptions are about to reach NATS, so the request is worth resending."""
 
 
 def _age_s(created: Any) -> float:
