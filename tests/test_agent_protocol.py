@@ -348,6 +348,20 @@ async def dial(tls: Tls, port: int) -> tuple[asyncio.StreamReader, asyncio.Strea
     )
 
 
+def started_controllers(conns: asyncio.Queue[Connection], heartbeat_s: float
+                        ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    """A listener handler: handshake each agent as the controller, start the connection
+    and hand it to ``conns``."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted = await controller_handshake(reader, writer, authenticate, heartbeat_s=heartbeat_s)
+        conn = Connection.from_accepted(reader, writer, accepted)
+        conn.start()
+        await conns.put(conn)
+
+    return handler
+
+
 async def read_until_eof(reader: asyncio.StreamReader) -> bytes:
     return await asyncio.wait_for(reader.read(), DEADLINE_S)
 
@@ -1649,14 +1663,7 @@ async def test_heartbeats_keep_an_idle_connection_alive(tls: Tls) -> None:
 
 async def test_silent_agent_is_declared_dead_by_heartbeat(tls: Tls) -> None:
     conns: asyncio.Queue[Connection] = asyncio.Queue()
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted = await controller_handshake(reader, writer, authenticate, heartbeat_s=0.2)
-        conn = Connection.from_accepted(reader, writer, accepted)
-        conn.start()
-        await conns.put(conn)
-
-    async with listener(tls, handler) as port:
+    async with listener(tls, started_controllers(conns, heartbeat_s=0.2)) as port:
         reader, writer = await dial(tls, port)
         # A handshaken agent that then neither reads nor writes (a frozen process).
         await agent_handshake(reader, writer, {"method": "key", "key": KEY})
@@ -1806,14 +1813,7 @@ async def test_a_peer_that_stops_reading_blocks_the_writer(tls: Tls) -> None:
     """Write backpressure still reaches the writer task once frames are parsed in the
     transport's callback: its drain() waits while the peer reads nothing."""
     conns: asyncio.Queue[Connection] = asyncio.Queue()
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted = await controller_handshake(reader, writer, authenticate, heartbeat_s=30)
-        conn = Connection.from_accepted(reader, writer, accepted)
-        conn.start()
-        await conns.put(conn)
-
-    async with listener(tls, handler) as port:
+    async with listener(tls, started_controllers(conns, heartbeat_s=30)) as port:
         reader, writer = await dial(tls, port)
         # A large window lets the controller queue more than the kernel's socket
         # buffers hold, so the transport's own buffer must fill up behind them.

@@ -2038,12 +2038,8 @@ class Connection:
     def _eof_received(self) -> None:
         if self._closing:
             return
-        if self._parser.pending:
-            self._begin_close(
-                f"{self._peer} connection lost: connection closed in the middle of a frame", None, None
-            )
-        else:
-            self._begin_close(f"{self._peer} connection lost: connection closed by peer", None, None)
+        what = "connection closed in the middle of a frame" if self._parser.pending else "connection closed by peer"
+        self._begin_close(f"{self._peer} connection lost: {what}", None, None)
 
     def _connection_lost(self, exc: Optional[BaseException]) -> None:
         if self._closing:
