@@ -48,7 +48,9 @@ from fleetbus_agent.ops import (
 from fleetbus_agent.ops import child as child_module
 from fleetbus_agent.ops import errors as op_errors
 from fleetbus_agent.ops.facts import parse_os_release
+from fleetbus_agent.ops.pagecache import DROP_EVERY
 from support.ops_helpers import RecordingSink, alive, chunks, temp_files, wait_until
+from support.pagecache import require_droppable_cache, resident_fraction
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the operations are POSIX only")
 
@@ -398,6 +400,31 @@ async def test_put_is_atomic_and_applies_the_mode(tmp_path: Path) -> None:
     assert stat.S_IMODE(target.stat().st_mode) == 0o4750
     assert target.read_bytes().endswith(b"nend")
     assert temp_files(tmp_path) == []
+
+
+async def test_put_keeps_a_large_file_out_of_the_page_cache(tmp_path: Path) -> None:
+    require_droppable_cache(tmp_path)
+    block = os.urandom(1024 * 1024)
+    size = 3 * DROP_EVERY
+    resident_midway: list[float] = []
+
+    async def source() -> AsyncIterator[bytes]:
+        for i in range(size // len(block)):
+            yield block
+            if i == 2 * DROP_EVERY // len(block):
+                [temp] = temp_files(tmp_path)
+                resident_midway.append(resident_fraction(tmp_path / temp))
+
+    large, small = tmp_path / "large.bin", tmp_path / "small.bin"
+    assert (await put_file(PutSpec(path=str(large)), source())).size == size
+    await put_file(PutSpec(path=str(small)), chunks(block))
+    # Halfway through, what was written a drop step ago is already out of the cache;
+    # once complete (fsynced, so all clean), the large file is gone from it entirely.
+    assert resident_midway[0] < 0.75, resident_midway
+    assert resident_fraction(large) < 0.05
+    # A small file, likely read back soon, stays cached as any write would leave it.
+    assert resident_fraction(small) > 0.9
+    assert large.read_bytes() == block * (size // len(block))
 
 
 async def test_put_default_mode_and_kept_mode(tmp_path: Path) -> None:

@@ -26,6 +26,7 @@ from fleetbus.errors import InvalidRequest, Timeout
 from fleetbus.subjects import Names
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from support.pagecache import require_droppable_cache, resident_fraction
 from support.processes import Fleet, NatsServer
 
 S = "fleetbus.v1.servers.local"
@@ -309,6 +310,19 @@ async def test_client_put_and_get_any_size(client: Client, tmp_path: Path, via: 
     reply = await client.put("local", data, str(tmp_path / "from-bytes.bin"), via=via)  # stdin's way
     assert reply["sha256"] == digest and (tmp_path / "from-bytes.bin").read_bytes() == data
     assert no_temp_files(tmp_path)
+
+
+async def test_client_get_keeps_a_large_download_out_of_the_page_cache(
+        client: Client, tmp_path: Path) -> None:
+    require_droppable_cache(tmp_path)
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(48 * MIB))
+    back = tmp_path / "back.bin"
+    reply, _ = await client.get("local", str(src), back)
+    # Not fsynced, so the last few MiB may still be dirty and cached; the rest is gone.
+    # (Asked before reading it back, which would cache it again.)
+    assert resident_fraction(back) < 0.5
+    assert reply["sha256"] == hashlib.sha256(back.read_bytes()).hexdigest()
 
 
 async def test_client_retry_of_a_streamed_put_is_not_run_twice(client: Client, tmp_path: Path) -> None:

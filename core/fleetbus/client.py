@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import nats.errors
+from fleetbus_agent.ops.pagecache import DropBehind
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
@@ -590,7 +591,8 @@ class _MemorySink:
 class _FileSink:
     """Writes into a temporary file beside ``dest``, renamed over it only on commit, so
     a failed download never leaves a partial file under the destination's name. Writes
-    are gathered to about 1 MiB and run in a thread one batch behind the receiving."""
+    are gathered to about 1 MiB and run in a thread one batch behind the receiving; a
+    large file is kept out of the page cache as it is written (``DropBehind``)."""
 
     BATCH = 1024 * 1024
 
@@ -601,6 +603,7 @@ class _FileSink:
         self.batch: list[bytes] = []
         self.batched = 0
         self.behind: asyncio.Future[None] | None = None
+        self.drop: DropBehind | None = None
 
     async def write(self, chunk: bytes) -> None:
         self.batch.append(chunk)
@@ -611,10 +614,17 @@ class _FileSink:
     async def _write_behind(self) -> None:
         if self.fh is None:
             self.fh = await asyncio.to_thread(open, self.temp, "xb")
+            self.drop = DropBehind(self.fh.fileno())
         if self.behind is not None:
             await self.behind
         batch, self.batch, self.batched = self.batch, [], 0
-        self.behind = asyncio.ensure_future(asyncio.to_thread(self.fh.writelines, batch))
+        self.behind = asyncio.ensure_future(asyncio.to_thread(self._write, batch))
+
+    def _write(self, batch: list[bytes]) -> None:
+        self.fh.writelines(batch)
+        self.fh.flush()
+        assert self.drop is not None
+        self.drop.wrote(self.fh.tell())
 
     async def flush(self) -> None:
         await self._write_behind()
@@ -624,6 +634,8 @@ class _FileSink:
     async def commit(self) -> None:
         await self.flush()
         fh, self.fh = self.fh, None
+        assert self.drop is not None
+        await asyncio.to_thread(self.drop.finish, fh.tell())
         await asyncio.to_thread(fh.close)
         await asyncio.to_thread(os.replace, self.temp, self.dest)
 

@@ -21,6 +21,7 @@ from typing import Any, Optional, TypeVar
 
 from .blocking import RunBlocking, resolve_run_blocking
 from .errors import OpError, invalid_request, not_found, transport_error
+from .pagecache import DropBehind
 
 T = TypeVar("T")
 
@@ -166,6 +167,8 @@ class AtomicPut:
         # Set and cleared by the blocking steps, read by _remove_temp once they are done.
         self._fd: Optional[int] = None
         self._temp: Optional[str] = None
+        self._written = 0
+        self._drop: Optional[DropBehind] = None
         self._inflight: Optional[asyncio.Future[Any]] = None
 
     async def run(self, source: AsyncIterable[bytes]) -> FileStat:
@@ -241,10 +244,14 @@ class AtomicPut:
         # mkstemp creates the file 0600, so nobody can read it before its final mode.
         fd, temp = tempfile.mkstemp(dir=self._parent, prefix=TEMP_PREFIX)
         self._fd, self._temp = fd, temp
+        self._drop = DropBehind(fd)
 
     def _write(self, batch: list[bytes]) -> None:
-        assert self._fd is not None
-        _write_all(self._fd, batch[0] if len(batch) == 1 else b"".join(batch))
+        assert self._fd is not None and self._drop is not None
+        data = batch[0] if len(batch) == 1 else b"".join(batch)
+        _write_all(self._fd, data)
+        self._written += len(data)
+        self._drop.wrote(self._written)
 
     def _commit(self, batch: list[bytes]) -> None:
         assert self._fd is not None and self._temp is not None
@@ -259,6 +266,8 @@ class AtomicPut:
         # After fchown: chown clears the setuid and setgid bits.
         os.fchmod(fd, self._mode)
         os.fsync(fd)
+        if self._drop is not None:
+            self._drop.finish(self._written)
         self._fd = None
         os.close(fd)
         os.replace(self._temp, self._path)
