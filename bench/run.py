@@ -112,8 +112,12 @@ def cli() -> int:
     # child watcher asyncio has here (pidfd; on 3.11 the default starts a thread per
     # child, about 0.2 ms slower per spawn), as fleetbus's own processes use.
     from fleetbus_agent.childwatch import prefer_pidfd_child_watcher
+    from fleetbus_agent.heap import keep_large_buffers
 
     prefer_pidfd_child_watcher()
+    # This process is the client of the put/get rows, standing in for `fleetbus put`
+    # and `fleetbus get`, which tune the heap for their 1 MiB buffers the same way.
+    keep_large_buffers()
     try:
         rows = asyncio.run(main(args))
     finally:

@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from fleetbus_agent import heap, ops
 
 AGENT_ROOT = Path(__file__).resolve().parent.parent / "agent"
@@ -147,6 +148,56 @@ def test_trim_heap_reports_whether_it_can() -> None:
     expected = sys.platform.startswith("linux") and heap._malloc_trim() is not None
     assert heap.trim_heap() is expected
     assert heap.trim_heap() is expected  # the lookup is cached; a second call is the same
+
+
+def test_keep_large_buffers_stops_a_page_fault_per_page_of_each_chunk() -> None:
+    """The reason keep_large_buffers exists: with a few 1 MiB buffers in flight, glibc
+    hands the freed ones back (mmap, or a trimmed heap top) and faults every page of the
+    next ones in again."""
+    out = run_fresh("""
+        import resource, sys
+        sys.path.insert(0, sys.argv[1])
+        from fleetbus_agent import heap
+
+        def faults_per_chunk():
+            # A window's worth of chunks in flight, then gone, as a transfer moves them.
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            for i in range(10):
+                window = [bytes([i]) * (1024 * 1024) for _ in range(6)]  # written through
+                del window
+            return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 60
+
+        plain = faults_per_chunk()
+        kept = heap.keep_large_buffers()
+        faults_per_chunk()  # the heap grows to its working size once
+        print(plain, kept, faults_per_chunk(), heap.keep_large_buffers())
+    """)
+    plain, kept, after, again = out.split()
+    if kept == "False":
+        assert not heap.trim_heap()  # only a C library without mallopt may refuse
+        return
+    assert float(plain) > 100, out  # 256 pages per MiB, one fault each (or nearly)
+    assert float(after) < 10, out
+    assert again == "True"
+
+
+def test_transfer_heap_tunes_for_large_transfers_and_trims_after_the_last(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(heap, "keep_large_buffers", lambda: calls.append("keep"))
+    monkeypatch.setattr(heap, "trim_heap", lambda: calls.append("trim"))
+    transfers = heap.TransferHeap()
+    with transfers.transfer(1024), transfers.transfer(None):
+        pass
+    assert calls == []  # small or unknown sizes leave the heap alone
+    with transfers.transfer(heap.LARGE_TRANSFER):
+        with transfers.transfer(10 * heap.LARGE_TRANSFER):
+            pass
+        assert calls == ["keep", "keep"]  # no trim while a transfer is still running
+    assert calls == ["keep", "keep", "trim"]
+    with pytest.raises(RuntimeError), transfers.transfer(heap.LARGE_TRANSFER):
+        raise RuntimeError("a failed transfer ends too")
+    assert calls[-1] == "trim"
 
 
 def test_compiled_from_source_tells_cached_bytecode_from_a_compile(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
 from . import __version__
+from .heap import TransferHeap
 from .ops.blocking import resolve_run_blocking
 from .ops.errors import OpError
 from .ops.facts import server_facts
@@ -50,6 +51,7 @@ class Handler:
         self.run_blocking = run_blocking
         self.timings = timings
         self.paths = paths if paths else None  # an empty policy allows everything
+        self.heap = TransferHeap()
 
     def answer_now(self, stream: AgentStream) -> Optional[Dict[str, Any]]:
         """The result of an operation that needs no waiting (ping), else None (see Connection)."""
@@ -90,7 +92,8 @@ class Handler:
             await resolve_run_blocking(self.run_blocking)(self.paths.check_write, args.get("path"))
         spec = PutSpec(path=args.get("path"), mode=args.get("mode"),  # type: ignore[arg-type]
                        make_parents=bool(args.get("make_parents", True)), size=args.get("size"))
-        stat = await put_file(spec, stream.data(), run_blocking=self.run_blocking, logger=log)
+        with self.heap.transfer(spec.size):
+            stat = await put_file(spec, stream.data(), run_blocking=self.run_blocking, logger=log)
         return {"size": stat.size, "mode": stat.mode}
 
     async def _get(self, stream: AgentStream, args: Dict[str, Any]) -> Dict[str, Any]:
@@ -101,10 +104,11 @@ class Handler:
         remote = await get_file(args.get("path"), run_blocking=self.run_blocking)  # type: ignore[arg-type]
         sent = 0
         try:
-            await stream.send_meta(remote.size, remote.mode)
-            async for chunk in remote.chunks:
-                await stream.send_data(chunk)
-                sent += len(chunk)
+            with self.heap.transfer(remote.size):
+                await stream.send_meta(remote.size, remote.mode)
+                async for chunk in remote.chunks:
+                    await stream.send_data(chunk)
+                    sent += len(chunk)
         finally:
             await remote.aclose()
         return {"size": sent}

@@ -26,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from fleetbus_agent.heap import keep_large_buffers
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -197,8 +198,10 @@ class PluginHost:
 
     # lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
-        # Every process that serves commands holds long-lived state per server; see there.
+        # Every process that serves commands holds long-lived state per server, and
+        # moves files in 1 MiB buffers; see each.
         relax_gc()
+        keep_large_buffers()
         for name, cls in list(self.transport_classes.items()):
             try:
                 transport = cls(_Context(self, name))

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from fleetbus_agent.heap import keep_large_buffers
 
 from ..client import Client, ExecOutcome
 from ..errors import Cancelled, FleetbusError, Timeout
@@ -133,6 +134,7 @@ def _mode(value: str | None) -> int | None:
 @pass_globals
 def put(g: Globals, server: str, local: str, remote: str, mode: str | None, no_parents: bool, as_json: bool) -> None:
     """Copy the file LOCAL (- for stdin) to REMOTE on SERVER, atomically."""
+    keep_large_buffers()  # 1 MiB buffers per chunk; see fleetbus_agent.heap
     source: bytes | Path = sys.stdin.buffer.read() if local == "-" else Path(local)
     progress = Progress(f"put {server}:{remote}", sys.stderr.isatty() and not as_json)
     try:
@@ -154,6 +156,7 @@ def put(g: Globals, server: str, local: str, remote: str, mode: str | None, no_p
 @pass_globals
 def get(g: Globals, server: str, remote: str, local: str | None, as_json: bool) -> None:
     """Copy REMOTE on SERVER to LOCAL (default: its base name here; - for stdout)."""
+    keep_large_buffers()
     to_stdout = local == "-"
     dest = None if to_stdout else Path(local or Path(remote).name or "download")
     progress = Progress(f"get {server}:{remote}", sys.stderr.isatty() and not as_json and not to_stdout)
