@@ -406,21 +406,12 @@ async def test_put_keeps_a_large_file_out_of_the_page_cache(tmp_path: Path) -> N
     require_droppable_cache(tmp_path)
     block = os.urandom(1024 * 1024)
     size = 3 * DROP_EVERY
-    resident_midway: list[float] = []
-
-    async def source() -> AsyncIterator[bytes]:
-        for i in range(size // len(block)):
-            yield block
-            if i == 2 * DROP_EVERY // len(block):
-                [temp] = temp_files(tmp_path)
-                resident_midway.append(resident_fraction(tmp_path / temp))
-
     large, small = tmp_path / "large.bin", tmp_path / "small.bin"
-    assert (await put_file(PutSpec(path=str(large)), source())).size == size
+    assert (await put_file(PutSpec(path=str(large)), chunks(*[block] * (size // len(block))))).size == size
     await put_file(PutSpec(path=str(small)), chunks(block))
-    # Halfway through, what was written a drop step ago is already out of the cache;
-    # once complete (fsynced, so all clean), the large file is gone from it entirely.
-    assert resident_midway[0] < 0.75, resident_midway
+    # Complete (fsynced, so every page is clean): the large file is gone from the
+    # cache. How much of it is cached midway depends on how fast the disk writes back,
+    # so that is not asserted.
     assert resident_fraction(large) < 0.05
     # A small file, likely read back soon, stays cached as any write would leave it.
     assert resident_fraction(small) > 0.9

@@ -592,7 +592,8 @@ class _FileSink:
     """Writes into a temporary file beside ``dest``, renamed over it only on commit, so
     a failed download never leaves a partial file under the destination's name. Writes
     are gathered to about 1 MiB and run in a thread one batch behind the receiving; a
-    large file is kept out of the page cache as it is written (``DropBehind``)."""
+    large file is kept out of the page cache as it is written (``DropBehind``), and
+    flushed to disk before the rename so that none of it stays cached."""
 
     BATCH = 1024 * 1024
 
@@ -635,7 +636,7 @@ class _FileSink:
         await self.flush()
         fh, self.fh = self.fh, None
         assert self.drop is not None
-        await asyncio.to_thread(self.drop.finish, fh.tell())
+        await asyncio.to_thread(self.drop.finish, fh.tell(), True)
         await asyncio.to_thread(fh.close)
         await asyncio.to_thread(os.replace, self.temp, self.dest)
 

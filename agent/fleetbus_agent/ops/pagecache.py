@@ -53,10 +53,18 @@ class DropBehind:
             self._next = end + DROP_EVERY
             self._advise(end)
 
-    def finish(self, size: int) -> None:
-        """The file is complete at ``size`` bytes: drop it all if it was large."""
-        if size >= DROP_EVERY:
-            self._advise(size)
+    def finish(self, size: int, sync: bool = False) -> None:
+        """The file is complete at ``size`` bytes: drop it all if it was large.
+
+        Only clean pages go, so a caller that has not fsynced passes ``sync=True``:
+        a large file is then written back first (most of it already is, by the calls
+        before) and leaves the cache whole, however slow the disk.
+        """
+        if size < DROP_EVERY or _fadvise is None:
+            return
+        if sync:
+            os.fdatasync(self._fd)
+        self._advise(size)
 
     def _advise(self, end: int) -> None:
         if _fadvise is None:
