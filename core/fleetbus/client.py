@@ -40,6 +40,7 @@ from .limits import DEFAULT_STREAM_IDLE_S, DEFAULT_STREAM_WINDOW, MAX_INLINE_BYT
 from .names import check_server_name
 from .objects import ObjectFiles
 from .output import HDR_END, HDR_STREAM
+from .replies import Replies
 from .streams import Receiver, Sender, chunk_limit
 from .subjects import Names
 
@@ -84,6 +85,7 @@ class Client:
         self.names = names
         self.requester = requester or default_requester()
         self.files = ObjectFiles(nc.jetstream(timeout=30), names.files_bucket)
+        self.replies = Replies(nc)
 
     @classmethod
     async def connect(
@@ -101,6 +103,7 @@ class Client:
     async def close(self) -> None:
         if not self.nc.is_closed:
             await self.nc.drain()
+        await self.replies.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -113,9 +116,7 @@ class Client:
                        server: str | None = None) -> dict[str, Any]:
         data = json.dumps(body).encode()
         try:
-            msg = await self.nc.request(
-                subject, data, timeout=timeout, headers={"Fleetbus-Requester": self.requester}
-            )
+            msg = await self.replies.request(subject, data, timeout, {"Fleetbus-Requester": self.requester})
         except nats.errors.NoRespondersError:
             raise await self._nobody_serves(server) from None
         except nats.errors.TimeoutError:

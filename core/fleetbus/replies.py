@@ -1,0 +1,93 @@
+"""Request/reply for the Python client, with each reply handed over as it is read.
+
+nats-py's ``request()`` takes a reply through a callback subscription (a queue and a
+task that awaits the callback) and then ``asyncio.wait_for`` (a done callback that is
+itself scheduled before the requester wakes): event-loop iterations between reading a
+reply and the requester seeing it, on every command. :class:`Replies` keeps one
+wildcard reply subscription per connection, subscribed with
+:func:`~fleetbus.dispatch.subscribe_direct`, and resolves the waiting request's future
+from nats-py's read loop. Measured by hand against the same worker, alternating the
+two request by request: `exec true` on local about 120 us faster at the median (3.46
+-> 3.34 and 3.13 -> 3.02 ms in two runs).
+
+It raises what ``Client.request`` raises for the outcomes the client handles:
+``nats.errors.NoRespondersError`` and ``nats.errors.TimeoutError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from .dispatch import subscribe_direct
+
+_STATUS = "Status"  # the header nats-py puts a server status line in
+_NO_RESPONDERS = "503"
+
+
+class Replies:
+    """Requests on one connection, each waiting for its reply on a shared inbox."""
+
+    def __init__(self, nc: NATS) -> None:
+        self._nc = nc
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._tokens = itertools.count()
+        self._prefix = ""
+        self._sub: Subscription | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._starting: asyncio.Future[None] | None = None
+
+    async def request(self, subject: str, payload: bytes, timeout: float,
+                      headers: dict[str, str] | None = None) -> Msg:
+        """Publish ``payload`` on ``subject`` and return the first reply within ``timeout``."""
+        if self._sub is None:
+            await self._subscribe()
+        token = str(next(self._tokens))
+        future: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = future
+        try:
+            await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            try:
+                async with asyncio.timeout(timeout):
+                    msg = await future
+            except TimeoutError:
+                raise nats.errors.TimeoutError from None
+        finally:
+            self._waiting.pop(token, None)
+        if msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
+            raise nats.errors.NoRespondersError
+        return msg
+
+    async def close(self) -> None:
+        """Stop the fallback reader, if one runs; the subscription ends with the connection."""
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+            self._reader = None
+
+    async def _subscribe(self) -> None:
+        # Concurrent first requests share one subscription.
+        if self._starting is not None:
+            await asyncio.shield(self._starting)
+            return
+        self._starting = asyncio.get_running_loop().create_future()
+        try:
+            prefix = self._nc.new_inbox() + "."
+            self._sub, self._reader = await subscribe_direct(self._nc, prefix + "*", self._deliver)
+            self._prefix = prefix
+            self._starting.set_result(None)
+        except BaseException as exc:
+            self._starting.set_exception(exc)
+            self._starting.exception()  # seen here; waiters re-raise it
+            self._starting = None
+            raise
+
+    def _deliver(self, msg: Msg) -> None:
+        future = self._waiting.pop(msg.subject[len(self._prefix):], None)
+        if future is not None and not future.done():
+            future.set_result(msg)

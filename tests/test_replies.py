@@ -1,0 +1,67 @@
+"""The client's request/reply (fleetbus.replies) against a real nats-server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats.errors
+import pytest
+from fleetbus import dispatch
+from fleetbus.replies import Replies
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+
+async def _responder(nc: NATS, subject: str, delays: dict[bytes, float]) -> None:
+    """Answers each request with its own payload reversed, after its delay."""
+
+    async def answer(msg: Msg) -> None:
+        await asyncio.sleep(delays.get(msg.data, 0))
+        await msg.respond(msg.data[::-1] + b"|" + (msg.headers or {}).get("Who", "").encode())
+
+    async def on_msg(msg: Msg) -> None:
+        asyncio.ensure_future(answer(msg))
+
+    await nc.subscribe(subject, cb=on_msg)
+    await nc.flush()
+
+
+async def test_each_request_gets_its_own_reply_whatever_the_order(nc: NATS, prefix: str) -> None:
+    # The first request is answered last: replies are matched by token, not by order.
+    await _responder(nc, f"{prefix}.svc", {b"slow": 0.3})
+    replies = Replies(nc)
+    tasks_before = len(asyncio.all_tasks())
+    got = await asyncio.gather(
+        replies.request(f"{prefix}.svc", b"slow", 5, {"Who": "a"}),
+        *(replies.request(f"{prefix}.svc", f"r{i}".encode(), 5, {"Who": "b"}) for i in range(20)),
+    )
+    assert [m.data for m in got] == [b"wols|a"] + [f"r{i}"[::-1].encode() + b"|b" for i in range(20)]
+    assert replies._reader is None  # replies come straight from the read loop, no task
+    assert len(asyncio.all_tasks()) <= tasks_before
+    assert replies._waiting == {}
+    await replies.close()
+
+
+async def test_no_responders_and_timeouts_raise_what_nats_py_raises(nc: NATS, prefix: str) -> None:
+    replies = Replies(nc)
+    with pytest.raises(nats.errors.NoRespondersError):
+        await replies.request(f"{prefix}.nobody", b"x", 5)
+    await _responder(nc, f"{prefix}.late", {b"late": 0.5})
+    with pytest.raises(nats.errors.TimeoutError):
+        await replies.request(f"{prefix}.late", b"late", 0.1)
+    assert replies._waiting == {}  # the timed-out request left nothing behind
+    await asyncio.sleep(0.6)  # its reply arrives now, and is dropped quietly
+    assert (await replies.request(f"{prefix}.late", b"ok", 5)).data == b"ko|"
+    await replies.close()
+
+
+async def test_without_the_internals_replies_come_through_a_reader_task(
+        nc: NATS, prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatch, "_direct_possible", lambda sub: False)
+    await _responder(nc, f"{prefix}.svc", {})
+    replies = Replies(nc)
+    assert (await replies.request(f"{prefix}.svc", b"abc", 5)).data == b"cba|"
+    reader = replies._reader
+    assert reader is not None and not reader.done()
+    await replies.close()
+    assert reader.done()
