@@ -20,14 +20,13 @@ import asyncio
 import itertools
 
 import nats.errors
+from nats.aio.client import NO_RESPONDERS_STATUS
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.api import Header
 
 from .dispatch import subscribe_direct
-
-_STATUS = "Status"  # the header nats-py puts a server status line in
-_NO_RESPONDERS = "503"
 
 
 class Replies:
@@ -59,7 +58,7 @@ class Replies:
                 raise nats.errors.TimeoutError from None
         finally:
             self._waiting.pop(token, None)
-        if msg.headers and msg.headers.get(_STATUS) == _NO_RESPONDERS:
+        if msg.headers and msg.headers.get(Header.STATUS) == NO_RESPONDERS_STATUS:
             raise nats.errors.NoRespondersError
         return msg
 
