@@ -7,6 +7,7 @@ import asyncio
 import nats.errors
 import pytest
 from fleetbus import dispatch
+from fleetbus.connection import send_now
 from fleetbus.replies import Replies
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -65,3 +66,23 @@ async def test_without_the_internals_replies_come_through_a_reader_task(
     assert reader is not None and not reader.done()
     await replies.close()
     assert reader.done()
+
+
+async def test_send_now_hands_a_publish_to_the_socket_without_the_flusher(nc: NATS, prefix: str) -> None:
+    got: list[bytes] = []
+
+    async def on_msg(msg: Msg) -> None:
+        got.append(msg.data)
+
+    await nc.subscribe(f"{prefix}.now", cb=on_msg)
+    await nc.flush()
+    await nc.publish(f"{prefix}.now", b"one")
+    assert nc._pending_data_size > 0  # nats-py only queued it for its flusher task
+    send_now(nc)
+    assert nc._pending_data_size == 0 and nc._pending == []  # written in place
+    deadline = asyncio.get_running_loop().time() + 10
+    while not got:
+        assert asyncio.get_running_loop().time() < deadline, "the message never arrived"
+        await asyncio.sleep(0.01)
+    assert got == [b"one"]
+    send_now(nc)  # nothing pending: nothing to do

@@ -71,6 +71,29 @@ if getattr(nats.aio.client, "DEFAULT_BUFFER_SIZE", NATS_READ_BUFFER) < NATS_READ
     nats.aio.client.DEFAULT_BUFFER_SIZE = NATS_READ_BUFFER
 
 
+def send_now(nc: NATS) -> None:
+    """Hand what nats-py has buffered for sending to the socket now.
+
+    nats-py's ``publish`` only queues the bytes and wakes its flusher task, which writes
+    them one event-loop iteration later. For a command's request (the client) and its
+    reply (the plugin host) that iteration is latency on every command: about 27 us per
+    side measured here. This does the flusher's write in place; the flusher still runs
+    (finding nothing left) and waits for the socket to drain as before. Does nothing
+    while nats-py is not connected (it keeps the bytes for after a reconnect) or where
+    its internals differ from what this expects.
+    """
+    pending = getattr(nc, "_pending", None)
+    transport = getattr(nc, "_transport", None)
+    if not pending or transport is None or not isinstance(pending, list) or not nc.is_connected:
+        return
+    try:
+        transport.writelines(pending[:])
+    except Exception:
+        return
+    nc._pending = []  # type: ignore[attr-defined]
+    nc._pending_data_size = 0  # type: ignore[attr-defined]
+
+
 async def connect(
     settings: NatsSettings, name: str, reconnect_forever: bool = True, **kwargs: object
 ) -> NATS:

@@ -34,6 +34,7 @@ from pydantic import ValidationError
 
 from .audit import Auditor, AuditRecord, summarize
 from .collector import relax_gc
+from .connection import send_now
 from .dedupe import CommandMemory, fingerprint
 from .dispatch import subscribe_direct
 from .errors import (
@@ -491,6 +492,7 @@ class PluginHost:
         try:
             # default=str: a transport's odd `extra` value must not cost the requester its reply.
             await msg.respond(json.dumps(reply, default=str).encode())
+            send_now(self.nc)
         except Exception as exc:
             log.warning("could not send a reply: %s", type(exc).__name__)
 

@@ -26,6 +26,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.api import Header
 
+from .connection import send_now
 from .dispatch import subscribe_direct
 
 
@@ -51,6 +52,7 @@ class Replies:
         self._waiting[token] = future
         try:
             await self._nc.publish(subject, payload, reply=self._prefix + token, headers=headers)
+            send_now(self._nc)
             try:
                 async with asyncio.timeout(timeout):
                     msg = await future
