@@ -85,4 +85,19 @@ async def test_send_now_hands_a_publish_to_the_socket_without_the_flusher(nc: NA
         assert asyncio.get_running_loop().time() < deadline, "the message never arrived"
         await asyncio.sleep(0.01)
     assert got == [b"one"]
-    send_now(nc)  # nothing pending: nothing to do
+    # Once per loop turn: what is published after it in the same turn goes out
+    # together through nats-py's flusher, as under load it should.
+    await nc.publish(f"{prefix}.now", b"two")
+    send_now(nc)
+    await nc.publish(f"{prefix}.now", b"three")
+    send_now(nc)
+    assert nc._pending_data_size > 0  # left for the flusher
+    await nc.flush()
+    await asyncio.sleep(0)  # a new turn
+    await nc.publish(f"{prefix}.now", b"four")
+    send_now(nc)
+    assert nc._pending_data_size == 0
+    while len(got) < 4:
+        assert asyncio.get_running_loop().time() < deadline, "the messages never arrived"
+        await asyncio.sleep(0.01)
+    assert got == [b"one", b"two", b"three", b"four"]
