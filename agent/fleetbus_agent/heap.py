@@ -20,8 +20,8 @@ A transfer moves 1 MiB chunks, and each process on the way allocates a few buffe
 that size per chunk (a read, a join, a parser's copy). glibc gives every allocation
 above its mmap threshold a fresh ``mmap``, and raising that threshold dynamically does
 not help an allocation of the very size just freed, so each chunk costs 256 page faults
-and the zeroing of a MiB, more again on a VM that backs guest memory lazily. Measured on
-a 256 MiB put through an agent: page faults per MiB client 205, agent 122, worker 59, and
+and the zeroing of a MiB, more again on a VM that backs guest memory lazily. Measured by
+hand on a 256 MiB put through an agent: page faults per MiB client 205, agent 122, worker 59, and
 0 for all three with :func:`keep_large_buffers`; kernel time per MiB fell by about 0.6
 ms in the client and 0.4 in the agent (docs/performance.md). The trim threshold goes up
 with it, or the heap top would be handed back and faulted in again between two chunks.
@@ -29,10 +29,11 @@ with it, or the heap top would be handed back and faulted in again between two c
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from types import ModuleType
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 _trim: Optional[Callable[[int], Any]] = None
 _looked_up = False
@@ -129,25 +130,18 @@ class TransferHeap:
     def __init__(self) -> None:
         self._active = 0
 
-    def transfer(self, size: Optional[int]) -> _Transfer:
-        return _Transfer(self, isinstance(size, int) and size >= LARGE_TRANSFER)
-
-
-class _Transfer:
-    __slots__ = ("_heap", "_large")
-
-    def __init__(self, heap: TransferHeap, large: bool) -> None:
-        self._heap, self._large = heap, large
-
-    def __enter__(self) -> None:
-        if self._large:
-            self._heap._active += 1
-            keep_large_buffers()
-
-    def __exit__(self, *exc: object) -> None:
-        if self._large:
-            self._heap._active -= 1
-            if self._heap._active == 0:
+    @contextlib.contextmanager
+    def transfer(self, size: Optional[int]) -> Iterator[None]:
+        if not (isinstance(size, int) and size >= LARGE_TRANSFER):
+            yield
+            return
+        self._active += 1
+        keep_large_buffers()
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if self._active == 0:
                 trim_heap()
 
 

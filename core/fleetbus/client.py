@@ -619,14 +619,14 @@ class _FileSink:
             self.drop = DropBehind(self.fh.fileno())
         if self.behind is not None:
             await self.behind
-        batch, self.batch, self.batched = self.batch, [], 0
-        self.behind = asyncio.ensure_future(asyncio.to_thread(self._write, batch))
+        batch, batched, self.batch, self.batched = self.batch, self.batched, [], 0
+        self.behind = asyncio.ensure_future(asyncio.to_thread(self._write, batch, batched))
 
-    def _write(self, batch: list[bytes]) -> None:
+    def _write(self, batch: list[bytes], batched: int) -> None:
         self.fh.writelines(batch)
         self.fh.flush()
         assert self.drop is not None
-        self.drop.wrote(self.fh.tell())
+        self.drop.wrote(batched)
 
     async def flush(self) -> None:
         await self._write_behind()
@@ -637,7 +637,7 @@ class _FileSink:
         await self.flush()
         fh, self.fh = self.fh, None
         assert self.drop is not None
-        await asyncio.to_thread(self.drop.finish, fh.tell(), True)
+        await asyncio.to_thread(self.drop.finish, True)
         await asyncio.to_thread(fh.close)
         await asyncio.to_thread(os.replace, self.temp, self.dest)
 

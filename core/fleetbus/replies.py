@@ -40,7 +40,7 @@ class Replies:
         self._prefix = ""
         self._sub: Subscription | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._starting: asyncio.Future[None] | None = None
+        self._subscribing = asyncio.Lock()  # concurrent first requests share one subscription
 
     async def request(self, subject: str, payload: bytes, timeout: float,
                       headers: dict[str, str] | None = None) -> Msg:
@@ -72,21 +72,11 @@ class Replies:
             self._reader = None
 
     async def _subscribe(self) -> None:
-        # Concurrent first requests share one subscription.
-        if self._starting is not None:
-            await asyncio.shield(self._starting)
-            return
-        self._starting = asyncio.get_running_loop().create_future()
-        try:
-            prefix = self._nc.new_inbox() + "."
-            self._sub, self._reader = await subscribe_direct(self._nc, prefix + "*", self._deliver)
-            self._prefix = prefix
-            self._starting.set_result(None)
-        except BaseException as exc:
-            self._starting.set_exception(exc)
-            self._starting.exception()  # seen here; waiters re-raise it
-            self._starting = None
-            raise
+        async with self._subscribing:
+            if self._sub is None:
+                prefix = self._nc.new_inbox() + "."
+                self._sub, self._reader = await subscribe_direct(self._nc, prefix + "*", self._deliver)
+                self._prefix = prefix
 
     def _deliver(self, msg: Msg) -> None:
         future = self._waiting.pop(msg.subject[len(self._prefix):], None)

@@ -167,7 +167,6 @@ class AtomicPut:
         # Set and cleared by the blocking steps, read by _remove_temp once they are done.
         self._fd: Optional[int] = None
         self._temp: Optional[str] = None
-        self._written = 0
         self._drop: Optional[DropBehind] = None
         self._inflight: Optional[asyncio.Future[Any]] = None
 
@@ -250,8 +249,7 @@ class AtomicPut:
         assert self._fd is not None and self._drop is not None
         data = batch[0] if len(batch) == 1 else b"".join(batch)
         _write_all(self._fd, data)
-        self._written += len(data)
-        self._drop.wrote(self._written)
+        self._drop.wrote(len(data))
 
     def _commit(self, batch: list[bytes]) -> None:
         assert self._fd is not None and self._temp is not None
@@ -267,7 +265,7 @@ class AtomicPut:
         os.fchmod(fd, self._mode)
         os.fsync(fd)
         if self._drop is not None:
-            self._drop.finish(self._written)
+            self._drop.finish()
         self._fd = None
         os.close(fd)
         os.replace(self._temp, self._path)

@@ -34,37 +34,39 @@ _DONTNEED = getattr(os, "POSIX_FADV_DONTNEED", 4)
 
 
 class DropBehind:
-    """Tracks how far a file descriptor has been written and drops what lies behind.
+    """Counts what is written to a file descriptor and drops what lies behind.
 
-    Call :meth:`wrote` after each write with the file's new end, and :meth:`finish`
-    once the file is complete (after its fsync, so every page is clean and goes).
-    Both block briefly in the kernel, so call them from the thread doing the writes.
+    Call :meth:`wrote` after each write with the bytes written, and :meth:`finish`
+    once the file is complete. Both block briefly in the kernel, so call them from the
+    thread doing the writes.
     """
 
-    __slots__ = ("_fd", "_next")
+    __slots__ = ("_fd", "_next", "size")
 
     def __init__(self, fd: int) -> None:
         self._fd = fd
         self._next = DROP_EVERY
+        self.size = 0
 
-    def wrote(self, end: int) -> None:
-        """The file now ends at ``end`` bytes; drop what is behind every DROP_EVERY."""
-        if end >= self._next:
-            self._next = end + DROP_EVERY
-            self._advise(end)
+    def wrote(self, nbytes: int) -> None:
+        """``nbytes`` more were written; drop what is behind every DROP_EVERY."""
+        self.size += nbytes
+        if self.size >= self._next:
+            self._next = self.size + DROP_EVERY
+            self._advise(self.size)
 
-    def finish(self, size: int, sync: bool = False) -> None:
-        """The file is complete at ``size`` bytes: drop it all if it was large.
+    def finish(self, sync: bool = False) -> None:
+        """The file is complete: drop it all if it was large.
 
         Only clean pages go, so a caller that has not fsynced passes ``sync=True``:
         a large file is then written back first (most of it already is, by the calls
         before) and leaves the cache whole, however slow the disk.
         """
-        if size < DROP_EVERY or _fadvise is None:
+        if self.size < DROP_EVERY or _fadvise is None:
             return
         if sync:
             os.fdatasync(self._fd)
-        self._advise(size)
+        self._advise(self.size)
 
     def _advise(self, end: int) -> None:
         if _fadvise is None:
