@@ -88,7 +88,7 @@ class AdminService:
         self.vault = vault
         self.agent_keys = agent_keys
         self.gateways = gateways
-        self.auditor = Auditor(nc.jetstream(timeout=10), names)
+        self.auditor = Auditor(nc, names)
         self._gateway_cache: tuple[float, list[dict[str, Any]]] | None = None
         self.known_transports = known_transports
         self.service: Service | None = None
@@ -119,6 +119,7 @@ class AdminService:
     async def stop(self) -> None:
         if self.service is not None:
             await self.service.stop()
+        await self.auditor.close()
 
     def _wrap(self, handler: Handler) -> Callable[[MicroRequest], Awaitable[None]]:
         async def run(req: MicroRequest) -> None:

@@ -32,7 +32,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
-from .audit import Auditor, AuditRecord, summarize
+from .audit import Auditor, summarize
 from .collector import relax_gc
 from .connection import send_now
 from .dedupe import CommandMemory, fingerprint
@@ -164,7 +164,7 @@ class PluginHost:
         self.settings = settings or HostSettings()
         self.registry = Registry(state.servers, state.status)
         self.memory = CommandMemory(state.commands)
-        self.auditor = Auditor(state.js, self.names)
+        self.auditor = Auditor(nc, self.names)
         self.files = ObjectFiles(state.js, self.names.files_bucket)
         self.vault = vault
         self.metrics = metrics or Metrics()
@@ -252,6 +252,7 @@ class PluginHost:
                 await transport.stop()
             except Exception:
                 log.exception("stopping transport %s failed", transport.name)
+        await self.auditor.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     async def _reap_idle(self) -> None:
@@ -464,16 +465,15 @@ class PluginHost:
         label_op = op if op in OPERATIONS else "invalid"
         result = "ok" if outcome.reply.get("ok") else str(error.get("code", "internal"))
         self.metrics.for_transport(served.transport).finished(label_op, result, elapsed, outcome.bytes)
-        await self.auditor.record(
-            # Built from our own values: validating them again would only cost time.
-            AuditRecord.model_construct(
-                ts=utcnow(), id=command_id, server=served.server.name, transport=served.transport,
-                op=label_op, requester=requester, outcome=result,
-                exit_code=outcome.exit_code, duration_s=round(elapsed, 6),
-                worker=self.settings.worker_id, summary=summarize(op, body), bytes=outcome.bytes,
-                replayed=replayed,
-            )
-        )
+        # The fields of an AuditRecord, from our own values: building and validating a
+        # model on every command would only cost time.
+        await self.auditor.record({
+            "ts": utcnow(), "id": command_id, "server": served.server.name,
+            "transport": served.transport, "op": label_op, "requester": requester,
+            "outcome": result, "exit_code": outcome.exit_code, "duration_s": round(elapsed, 6),
+            "worker": self.settings.worker_id, "summary": summarize(op, body),
+            "bytes": outcome.bytes, "replayed": replayed,
+        })
 
     async def _replay_output(self, subject: str, command_id: str, reply: dict[str, Any]) -> None:
         """A retry's live output is the stored tail, so consumers see the same shape."""

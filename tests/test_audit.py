@@ -1,0 +1,126 @@
+"""The audit writer against a real nats-server: records stored and acknowledged, and
+every way a record can fail to be stored logged with its command id."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from datetime import UTC, datetime
+
+import pytest
+from fleetbus.audit import Auditor, AuditRecord, encode_record
+from fleetbus.jetstream import open_state
+from fleetbus.subjects import Names
+from nats.aio.client import Client as NATS
+from support.ops_helpers import wait_until
+
+
+def fields(command_id: str, **changes: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "ts": datetime(2026, 11, 27, 6, 30, 1, 250000, tzinfo=UTC), "id": command_id,
+        "server": "web1", "transport": "local", "op": "exec", "requester": "alice",
+        "outcome": "ok", "exit_code": 0, "duration_s": 0.001234, "worker": "w1",
+        "summary": '["true"]', "bytes": None, "replayed": False,
+    }
+    base.update(changes)
+    return base
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    {"ts": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "exit_code": None, "summary": None,
+     "bytes": 1 << 40, "replayed": True, "duration_s": 1e-05, "requester": "zoë \"quoted\""},
+])
+def test_encoded_record_reads_back_as_the_model_writes_it(changes: dict[str, object]) -> None:
+    data = fields("c1", **changes)
+    encoded = encode_record(data)
+    assert AuditRecord.model_validate_json(encoded) == AuditRecord(**data)  # type: ignore[arg-type]
+    # Same text for the timestamp, so readers that compare strings see no change.
+    assert json.loads(encoded)["ts"] == json.loads(AuditRecord(**data).model_dump_json())["ts"]  # type: ignore[arg-type]
+
+
+async def test_records_are_stored_and_acknowledged(nc: NATS, prefix: str) -> None:
+    names = Names(prefix)
+    state = await open_state(nc, names)
+    auditor = Auditor(nc, names)
+    for i in range(50):
+        await auditor.record(fields(f"cmd-{i}"))
+    await auditor.record(AuditRecord(**fields("admin-1", server="web1", op="servers.add")),  # type: ignore[arg-type]
+                         admin=True)
+    await wait_until(lambda: auditor.pending == 0)
+    info = await state.js.stream_info(names.audit_stream)
+    assert info.state.messages == 51
+    last = await state.js.get_last_msg(names.audit_stream, names.audit("web1", "exec"))
+    assert AuditRecord.model_validate_json(last.data).id == "cmd-49"
+    admin = await state.js.get_last_msg(names.audit_stream, names.audit("_admin", "servers.add"))
+    assert AuditRecord.model_validate_json(admin.data).id == "admin-1"
+    await auditor.close()
+
+
+async def test_a_record_no_stream_takes_is_logged(nc: NATS, prefix: str,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    auditor = Auditor(nc, Names(prefix))  # no audit stream for this prefix: no responders
+    with caplog.at_level(logging.ERROR, logger="fleetbus.audit"):
+        await auditor.record(fields("lost-1"))
+        await wait_until(lambda: auditor.pending == 0)
+    assert any("lost-1" in r.getMessage() and "not stored" in r.getMessage() and "503" in r.getMessage()
+               for r in caplog.records), caplog.text
+    await auditor.close()
+
+
+async def test_a_stream_that_stops_answering_is_bounded_and_reported(
+        nc: NATS, prefix: str, caplog: pytest.LogCaptureFixture) -> None:
+    names = Names(prefix)
+    # Something that takes the records but never acknowledges them, like a stalled stream.
+    silent = await nc.subscribe(names.audit("web1", ">"))
+    auditor = Auditor(nc, names, max_pending=3, ack_timeout_s=1.0, stall_limit_s=0.2)
+    with caplog.at_level(logging.ERROR, logger="fleetbus.audit"):
+        for i in range(4):
+            await auditor.record(fields(f"slow-{i}"))
+        # The fourth waited for room, found none, and was dropped rather than queued.
+        assert auditor.pending == 3
+        assert any("slow-3" in r.getMessage() and "not keeping up" in r.getMessage()
+                   for r in caplog.records), caplog.text
+        await wait_until(lambda: auditor.pending == 0)
+        await wait_until(lambda: sum("not confirmed" in r.getMessage() for r in caplog.records) == 3)
+    assert {f"slow-{i}" for i in range(3)} <= {
+        word for r in caplog.records if "not confirmed" in r.getMessage() for word in r.getMessage().split()}
+    # Room again: the next record goes out.
+    await auditor.record(fields("slow-4"))
+    assert auditor.pending == 1
+    await silent.unsubscribe()
+    await auditor.close(wait_s=0.1)
+    assert auditor.pending == 0
+
+
+async def test_a_late_acknowledgement_after_the_timeout_is_ignored(nc: NATS, prefix: str,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    names = Names(prefix)
+    held: list[str] = []
+
+    async def hold(msg):  # answers only when told to, like a stream that was stalled
+        held.append(msg.reply)
+
+    sub = await nc.subscribe(names.audit("web1", ">"), cb=hold)
+    auditor = Auditor(nc, names, ack_timeout_s=0.2)
+    with caplog.at_level(logging.ERROR, logger="fleetbus.audit"):
+        await auditor.record(fields("late-1"))
+        await wait_until(lambda: auditor.pending == 0 and bool(held))
+        await nc.publish(held[0], b'{"error":{"code":500,"description":"late"}}')
+        await nc.flush()  # the answer comes back to this connection before the flush's PONG
+    errors = [r.getMessage() for r in caplog.records]
+    assert sum("late-1" in e for e in errors) == 1, errors  # reported once, as not confirmed
+    await sub.unsubscribe()
+    await auditor.close(wait_s=0.1)
+
+
+async def test_close_waits_for_outstanding_acknowledgements(nc: NATS, prefix: str) -> None:
+    names = Names(prefix)
+    await open_state(nc, names)
+    auditor = Auditor(nc, names)
+    for i in range(200):
+        await auditor.record(fields(f"c-{i}"))
+    assert auditor.pending > 0
+    await asyncio.wait_for(auditor.close(wait_s=10), 15)
+    assert auditor.pending == 0
