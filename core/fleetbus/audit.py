@@ -80,6 +80,10 @@ def summarize(op: str, body: dict[str, Any]) -> str | None:
     return text if len(text) <= MAX_SUMMARY_CHARS else text[: MAX_SUMMARY_CHARS - 3] + "..."
 
 
+# Built once: json.dumps with any option builds a new encoder per call.
+_RECORD_JSON = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode_record(fields: Mapping[str, Any]) -> bytes:
     """The JSON of an audit record given as the fields of :class:`AuditRecord`.
 
@@ -91,7 +95,7 @@ def encode_record(fields: Mapping[str, Any]) -> bytes:
     if isinstance(ts, datetime):
         # pydantic writes UTC as "Z"; readers get the same text either way.
         out["ts"] = ts.isoformat().replace("+00:00", "Z")
-    return json.dumps(out, separators=(",", ":")).encode()
+    return _RECORD_JSON.encode(out).encode()
 
 
 class Auditor:

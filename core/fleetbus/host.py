@@ -75,6 +75,9 @@ from .transport import Credential, ExecSpec, PutSpec, Session, Transport
 from .vault import Vault
 
 log = logging.getLogger("fleetbus.host")
+# default=str: a transport's odd `extra` value must not cost the requester its reply.
+# One encoder for every reply: json.dumps with any option builds a new one per call.
+_REPLY_JSON = json.JSONEncoder(default=str)
 T = TypeVar("T")
 
 HDR_REQUESTER = "Fleetbus-Requester"
@@ -490,8 +493,7 @@ class PluginHost:
         if not msg.reply:
             return
         try:
-            # default=str: a transport's odd `extra` value must not cost the requester its reply.
-            await msg.respond(json.dumps(reply, default=str).encode())
+            await msg.respond(_REPLY_JSON.encode(reply).encode())
             send_now(self.nc)
         except Exception as exc:
             log.warning("could not send a reply: %s", type(exc).__name__)

@@ -23,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from .errors import InvalidRequest, TooLarge
 from .limits import (
     DEFAULT_EXEC_TIMEOUT_S,
     DEFAULT_STREAM_IDLE_S,
@@ -264,8 +265,6 @@ class CancelRequest(BaseModel):
 
 def parse_json_object(data: bytes) -> dict[str, Any]:
     """Decode a request body: an empty body is ``{}``; anything but an object is refused."""
-    from .errors import InvalidRequest, TooLarge
-
     if len(data) > MAX_REQUEST_BYTES:
         raise TooLarge(
             f"request body is {len(data)} bytes; the limit is {MAX_REQUEST_BYTES}: "

@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from .errors import FleetbusError, ServerOffline
@@ -43,41 +42,52 @@ class SessionPool:
         self._users: dict[int, int] = {}
         self._retired: dict[int, Session] = {}
 
-    @asynccontextmanager
-    async def use(self, server: Server) -> AsyncIterator[Session]:
-        entry = self.entries.setdefault(server.name, _Entry())
-        async with entry.lock:
-            stale = entry.session is not None and (
-                not entry.session.alive or entry.server != server
-            )
-            if stale:
-                # Commands still using the old session keep it; it closes after the last one.
-                old = entry.session
-                assert old is not None
-                if self._users.get(id(old), 0) > 0:
-                    self._retired[id(old)] = old
-                else:
-                    self._close_later(old)
-                entry.session = None
-            if entry.session is None:
-                entry.session = await self._open(server)
-                entry.server = server
-            session = entry.session
+    def use(self, server: Server) -> _Use:
+        """``async with pool.use(server) as session``: the server's open session (opened
+        or replaced first if needed), counted as in use until the block ends."""
+        return _Use(self, server)
+
+    async def _acquire(self, server: Server) -> tuple[_Entry, Session]:
+        entry = self.entries.get(server.name)
+        if entry is None:
+            entry = self.entries[server.name] = _Entry()
+        session = entry.session
+        # The common case, a live session for the same definition and nobody opening
+        # one, needs neither the lock nor an event-loop step.
+        if (session is None or entry.lock.locked() or not session.alive
+                or not (entry.server is server or entry.server == server)):
+            async with entry.lock:
+                stale = entry.session is not None and (
+                    not entry.session.alive or entry.server != server
+                )
+                if stale:
+                    # Commands still using the old session keep it; it closes after the last one.
+                    old = entry.session
+                    assert old is not None
+                    if self._users.get(id(old), 0) > 0:
+                        self._retired[id(old)] = old
+                    else:
+                        self._close_later(old)
+                    entry.session = None
+                if entry.session is None:
+                    entry.session = await self._open(server)
+                    entry.server = server
+                session = entry.session
         entry.in_use += 1
         self._users[id(session)] = self._users.get(id(session), 0) + 1
-        try:
-            yield session
-        finally:
-            entry.in_use -= 1
-            entry.last_used = time.monotonic()
-            left = self._users[id(session)] - 1
-            if left:
-                self._users[id(session)] = left
-            else:
-                del self._users[id(session)]
-                retired = self._retired.pop(id(session), None)
-                if retired is not None:
-                    self._close_later(retired)
+        return entry, session
+
+    def _release(self, entry: _Entry, session: Session) -> None:
+        entry.in_use -= 1
+        entry.last_used = time.monotonic()
+        left = self._users[id(session)] - 1
+        if left:
+            self._users[id(session)] = left
+        else:
+            del self._users[id(session)]
+            retired = self._retired.pop(id(session), None)
+            if retired is not None:
+                self._close_later(retired)
 
     async def _open(self, server: Server) -> Session:
         """Open a session; failures are marked ``before_start``: no command reached the server."""
@@ -131,3 +141,25 @@ class SessionPool:
             await self.drop(name)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+class _Use:
+    """What :meth:`SessionPool.use` returns: a plain class rather than an
+    ``@asynccontextmanager`` generator, which costs a generator and two extra frames on
+    every command."""
+
+    __slots__ = ("_entry", "_pool", "_server", "_session")
+
+    def __init__(self, pool: SessionPool, server: Server) -> None:
+        self._pool = pool
+        self._server = server
+        self._entry: _Entry | None = None
+        self._session: Session | None = None
+
+    async def __aenter__(self) -> Session:
+        self._entry, self._session = await self._pool._acquire(self._server)
+        return self._session
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._entry is not None and self._session is not None:
+            self._pool._release(self._entry, self._session)
