@@ -258,6 +258,15 @@ async def test_every_command_is_audited_including_raw_bus_ones(fleet_nc: NATS, b
     assert garbage["outcome"] == "invalid_request"
 
 
+async def test_replies_do_not_echo_the_request_headers(fleet_nc: NATS) -> None:
+    # nats-py's Msg.respond() would copy them back: bytes on the wire and a header
+    # block every requester parses, for nothing it did not already know.
+    msg = await fleet_nc.request(f"{S}.local.ping", b"{}", timeout=10,
+                                 headers={"Fleetbus-Requester": "billing-system"})
+    assert json.loads(msg.data)["ok"] is True
+    assert not msg.headers
+
+
 async def test_command_id_reused_for_another_request_is_refused(fleet_nc: NATS, bus, tmp_path: Path) -> None:
     cid = f"reuse-{uuid.uuid4().hex}"
     first = await bus(fleet_nc, f"{S}.local.exec", {"id": cid, "argv": ["echo", "one"]})

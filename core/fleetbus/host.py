@@ -380,7 +380,7 @@ class PluginHost:
             return
         task.cancel("cancelled by request")
         if msg.reply:
-            await msg.respond(json.dumps({"ok": True, "id": req.id, "cancelled": True}).encode())
+            await self.nc.publish(msg.reply, json.dumps({"ok": True, "id": req.id, "cancelled": True}).encode())
 
     # one request ---------------------------------------------------------------------
     async def _handle(self, served: _Served, msg: Msg) -> None:
@@ -493,7 +493,9 @@ class PluginHost:
         if not msg.reply:
             return
         try:
-            await msg.respond(_REPLY_JSON.encode(reply).encode())
+            # Not msg.respond(): nats-py's copies the request's headers onto the reply, which
+            # the requester then parses again on every command.
+            await self.nc.publish(msg.reply, _REPLY_JSON.encode(reply).encode())
             send_now(self.nc)
         except Exception as exc:
             log.warning("could not send a reply: %s", type(exc).__name__)
