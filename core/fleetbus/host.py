@@ -448,10 +448,10 @@ class PluginHost:
             log.exception("command %s on %s failed unexpectedly", command_id, server.name)
             outcome = _Outcome(reply={"ok": False, "id": command_id, "error": InternalError(
                 "internal error in the plugin host; see its log").to_wire()})
+        # The reply is on the socket already (send_now), or batched with the others of
+        # this loop turn for nats-py's flusher, which the bookkeeping below holds back by
+        # a few microseconds; yielding to it here cost every command a loop turn.
         await self._respond(msg, outcome.reply)
-        # The reply is only queued; nats-py's flusher task writes it once we yield, so let
-        # it run before the bookkeeping below instead of after it.
-        await asyncio.sleep(0)
         if remember is not None:
             try:
                 await remember
@@ -523,15 +523,18 @@ class PluginHost:
         served.running[command_id] = task
         counted = self.metrics.for_transport(served.transport)
         counted.inflight.inc()
-        counted.queued.inc()
         try:
-            try:
-                await served.slots.acquire()
-            except asyncio.CancelledError:
-                self._cancelled_by_request(task)
-                raise Cancelled(f"command {command_id} was cancelled while queued") from None
-            finally:
-                counted.queued.dec()
+            if served.slots.locked():  # only a command that has to wait is counted as queued
+                counted.queued.inc()
+                try:
+                    await served.slots.acquire()
+                except asyncio.CancelledError:
+                    self._cancelled_by_request(task)
+                    raise Cancelled(f"command {command_id} was cancelled while queued") from None
+                finally:
+                    counted.queued.dec()
+            else:
+                await served.slots.acquire()  # free: returns without waiting
             try:
                 return await self._run(served, op, req, command_id)
             finally:
