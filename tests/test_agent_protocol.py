@@ -61,6 +61,7 @@ from fleetbus_agent.protocol import (
     peer_certificate_fingerprint,
     read_frame,
 )
+from support.ops_helpers import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "fbk_" + "k" * 40
@@ -1600,6 +1601,19 @@ async def test_cancel_cancels_the_agent_handler(tls: Tls) -> None:
         )
         assert (out["stdout"], after.kind) == (b"ok", "done")
         assert not pair.controller.closed and not pair.agent.closed
+
+
+async def test_cancel_read_with_its_open_is_answered_and_forgotten(tls: Tls) -> None:
+    async with connected(tls) as pair:
+        # Both frames leave in this loop turn, so the agent reads them together and its
+        # task for the stream is cancelled before the handler starts.
+        stream = pair.controller.open_stream("block", {})
+        stream.cancel()
+        assert (await final_event(stream)).error["code"] == "cancelled"
+        await wait_until(lambda: stream.id not in pair.agent._streams)
+        assert stream.id not in pair.ops.started  # the handler never ran
+        out, after = await final_event_and_output(pair.controller.open_stream("exec", {"argv": ["ok"]}))
+        assert (out["stdout"], after.kind) == (b"ok", "done")
 
 
 async def test_close_fails_in_flight_streams_at_once(tls: Tls) -> None:

@@ -1807,7 +1807,15 @@ class Connection:
         )
         stream._task = task
         self._handlers[stream_id] = task
-        task.add_done_callback(lambda _t, sid=stream_id: self._handlers.pop(sid, None))
+        task.add_done_callback(lambda t, st=stream: self._handler_done(t, st))
+
+    def _handler_done(self, task: asyncio.Task[None], stream: AgentStream) -> None:
+        self._handlers.pop(stream.id, None)
+        if task.cancelled() and stream._cancel_requested:
+            # A cancel read with its open (one TCP read) cancels the task before its
+            # first step: the handler never ran to answer it, and the stream would stay
+            # in the table until the connection closes. Nothing if it was answered.
+            self._finish_stream(stream, "fail", "cancelled", "cancelled by the controller")
 
     async def _run_handler(self, stream: AgentStream) -> None:
         assert self._on_open is not None
