@@ -86,7 +86,7 @@ async def ssh_rows(work: Path, sizes) -> list:
         await stack.client.add_server({"name": "bench-ssh", "transport": "ssh", "host": server.host,
                                        "port": server.port, "credential": "bench-key",
                                        "options": {"host_key": server.host_key_line}})
-        n = min(sizes.exec_n, 200)  # each round trip logs in a shell: ~0.15 s here
+        n = sizes.ssh_exec_n
         master = _ControlMaster()
         try:
             fb, cm = await _interleaved(_exec_true(stack, "bench-ssh"), master.run_true, n)
