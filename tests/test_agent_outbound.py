@@ -47,6 +47,31 @@ def agent_factory(fleet: Fleet, tmp_path: Path) -> Iterator:
         agent.stop()
 
 
+def test_gateway_on_uvloop_serves_agents(tmp_path: Path) -> None:
+    # FLEETBUS_LOOP=uvloop is a documented option; its transports are not asyncio.Transport
+    # subclasses, which once made the gateway refuse every agent.
+    pytest.importorskip("uvloop")
+    uv = Fleet(tmp_path / "home", env={"FLEETBUS_LOOP": "uvloop"}).start()
+    agent = None
+    try:
+        key = add_agent_server(uv, "uv1")
+        gw = gateway_of(uv)
+        agent = Agent(tmp_path / "agent", gw["address"], gw["fingerprint"], key).start()
+        wait_online(uv, "uv1")
+        run = uv.cli("run", "uv1", "--", "sh", "-c", "echo on-uvloop; exit 3")
+        assert (run.returncode, run.stdout) == (3, "on-uvloop\n"), run.stderr
+        src = tmp_path / "src.bin"
+        src.write_bytes(os.urandom(3 * 1024 * 1024 + 5))
+        put = uv.cli("put", "uv1", str(src), str(tmp_path / "dest.bin"))
+        assert put.returncode == 0, put.stderr
+        assert (tmp_path / "dest.bin").read_bytes() == src.read_bytes()
+        assert "Traceback" not in uv.output()
+    finally:
+        if agent is not None:
+            agent.stop()
+        uv.stop()
+
+
 def test_add_shows_the_key_once_and_the_agent_behaves_like_local(fleet: Fleet, agent_factory, tmp_path: Path) -> None:
     add = fleet.cli("servers", "add", "web1", "--transport", "agent-outbound")
     assert add.returncode == 0, add.stderr

@@ -23,7 +23,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from fleetbus import __version__
 from fleetbus.agentlink import AgentSession
@@ -132,10 +132,11 @@ class _Waiting(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Paused before the loop first adds the socket's reader, so not a byte (the
         # ClientHello) is read into a buffer TLS would never see: it waits in the kernel
-        # until start_tls resumes reading.
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()
-        self._accepted(transport)
+        # until start_tls resumes reading. Not an isinstance check: uvloop's transports
+        # (FLEETBUS_LOOP=uvloop) behave as asyncio.Transport without subclassing it.
+        stream = cast(asyncio.Transport, transport)
+        stream.pause_reading()
+        self._accepted(stream)
 
 
 def _peer_gone(transport: asyncio.BaseTransport) -> bool:
