@@ -66,6 +66,7 @@ def test_gateway_on_uvloop_serves_agents(tmp_path: Path) -> None:
         assert put.returncode == 0, put.stderr
         assert (tmp_path / "dest.bin").read_bytes() == src.read_bytes()
         assert "Traceback" not in uv.output()
+        assert "use the default asyncio event loop" in uv.output()  # the limit is said at start
     finally:
         if agent is not None:
             agent.stop()

@@ -204,6 +204,16 @@ class GatewayTransport(Transport):
             raise InvalidRequest(
                 f"the gateway cannot listen on {host}:{port}: {exc.strerror} "
                 "(pass --gateway-listen to choose another address)") from None
+        if not isinstance(loop, asyncio.BaseEventLoop):
+            # uvloop starts reading an accepted connection right after connection_made,
+            # whatever _Waiting asked: the ClientHello of one waiting for a handshake slot
+            # is read and lost, its handshake then times out, and in a reconnect storm
+            # (measured: 5,000 agents) the gateway never catches up.
+            self.ctx.logger.warning(
+                "the agent gateway runs on %s: more than %d agents connecting at once may "
+                "not get in; use the default asyncio event loop (unset FLEETBUS_LOOP) for a "
+                "gateway with many agents", type(loop).__module__.split(".")[0],
+                self.max_handshakes)
         self.ctx.services.metrics.handshakes_waiting.set_function(lambda: self.admission.waiting)
         bound = self.server.sockets[0].getsockname()
         self.address = self.advertise or f"{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{bound[1]}"
