@@ -23,6 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 STAMP = VENV / ".fleetbus-installed"
+# One set of extras for every command, so switching between them reinstalls nothing;
+# "fast" (uvloop) so the tests cover FLEETBUS_LOOP=uvloop too.
+EXTRAS = "test,fast"
 
 
 def venv_python() -> Path:
@@ -74,18 +77,18 @@ def main(argv: list[str]) -> int:
     cmd = argv[0] if argv else "help"
     rest = argv[1:]
     if cmd == "setup":
-        setup("test")
+        setup(EXTRAS)
         return 0
     if cmd == "up":
-        py = setup("test")
+        py = setup(EXTRAS)
         fleetbus = py.parent / "fleetbus"
         os.execv(str(fleetbus), [str(fleetbus), "up", *rest])
     if cmd == "test":
-        py = setup("test")
+        py = setup(EXTRAS)
         ensure_system_packages()
         return subprocess.call([str(py), "-m", "pytest", *rest], cwd=ROOT)
     if cmd == "bench":
-        py = setup("test,fast")
+        py = setup(EXTRAS)
         ensure_system_packages()
         return subprocess.call([str(py), str(ROOT / "bench" / "run.py"), *rest], cwd=ROOT)
     print(__doc__)
