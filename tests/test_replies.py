@@ -11,20 +11,25 @@ from fleetbus.connection import send_now
 from fleetbus.replies import Replies
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from support.ops_helpers import wait_until
 
 
-async def _responder(nc: NATS, subject: str, delays: dict[bytes, float]) -> None:
-    """Answers each request with its own payload reversed, after its delay."""
+async def _responder(nc: NATS, subject: str, delays: dict[bytes, float]) -> list[bytes]:
+    """Answers each request with its own payload reversed, after its delay; returns the
+    list of what it has answered so far."""
+    answered: list[bytes] = []
 
     async def answer(msg: Msg) -> None:
         await asyncio.sleep(delays.get(msg.data, 0))
         await msg.respond(msg.data[::-1] + b"|" + (msg.headers or {}).get("Who", "").encode())
+        answered.append(msg.data)
 
     async def on_msg(msg: Msg) -> None:
         asyncio.ensure_future(answer(msg))
 
     await nc.subscribe(subject, cb=on_msg)
     await nc.flush()
+    return answered
 
 
 async def test_each_request_gets_its_own_reply_whatever_the_order(nc: NATS, prefix: str) -> None:
@@ -37,7 +42,7 @@ async def test_each_request_gets_its_own_reply_whatever_the_order(nc: NATS, pref
         *(replies.request(f"{prefix}.svc", f"r{i}".encode(), 5, {"Who": "b"}) for i in range(20)),
     )
     assert [m.data for m in got] == [b"wols|a"] + [f"r{i}"[::-1].encode() + b"|b" for i in range(20)]
-    assert replies._reader is None  # replies come straight from the read loop, no task
+    assert replies._inbox.reader is None  # replies come straight from the read loop, no task
     assert len(asyncio.all_tasks()) <= tasks_before
     assert replies._waiting == {}
     await replies.close()
@@ -47,11 +52,12 @@ async def test_no_responders_and_timeouts_raise_what_nats_py_raises(nc: NATS, pr
     replies = Replies(nc)
     with pytest.raises(nats.errors.NoRespondersError):
         await replies.request(f"{prefix}.nobody", b"x", 5)
-    await _responder(nc, f"{prefix}.late", {b"late": 0.5})
+    answered = await _responder(nc, f"{prefix}.late", {b"late": 0.5})
     with pytest.raises(nats.errors.TimeoutError):
         await replies.request(f"{prefix}.late", b"late", 0.1)
     assert replies._waiting == {}  # the timed-out request left nothing behind
-    await asyncio.sleep(0.6)  # its reply arrives now, and is dropped quietly
+    await wait_until(lambda: b"late" in answered)
+    await nc.flush()  # its reply came back before the flush's PONG, and was dropped quietly
     assert (await replies.request(f"{prefix}.late", b"ok", 5)).data == b"ko|"
     await replies.close()
 
@@ -62,7 +68,7 @@ async def test_without_the_internals_replies_come_through_a_reader_task(
     await _responder(nc, f"{prefix}.svc", {})
     replies = Replies(nc)
     assert (await replies.request(f"{prefix}.svc", b"abc", 5)).data == b"cba|"
-    reader = replies._reader
+    reader = replies._inbox.reader
     assert reader is not None and not reader.done()
     await replies.close()
     assert reader.done()

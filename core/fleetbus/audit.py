@@ -5,7 +5,7 @@ the command. Each record is still acknowledged by the stream, so one that cannot
 stored is logged as an error rather than lost silently.
 
 The acknowledgements come back on one wildcard inbox read straight from nats-py's read
-loop (:func:`~fleetbus.dispatch.subscribe_direct`). nats-py's ``publish_async`` would
+loop (:class:`~fleetbus.dispatch.ReplyInbox`, as the client's replies do). nats-py's ``publish_async`` would
 cost, per record, a random token (a ``getrandom`` call), a future with two callbacks,
 a semaphore and a parsed ``PubAck``, and deliver the acknowledgement through a
 subscription task: about a tenth of what the worker spends on a ``ping`` through an
@@ -15,7 +15,6 @@ agent (bench ping-rate row; docs/performance.md).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 from collections.abc import Mapping
@@ -24,11 +23,10 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js.api import Header
 from pydantic import BaseModel, ConfigDict
 
-from .dispatch import subscribe_direct
+from .dispatch import ReplyInbox
 from .subjects import Names
 
 log = logging.getLogger("fleetbus.audit")
@@ -110,11 +108,7 @@ class Auditor:
         self.stall_limit_s = stall_limit_s
         # token -> (command id, when sent); insertion order is sending order.
         self._pending: dict[str, tuple[str, float]] = {}
-        self._tokens = itertools.count()
-        self._prefix = ""
-        self._sub: Subscription | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._subscribing = asyncio.Lock()
+        self._inbox = ReplyInbox(nc, self._on_ack)
         self._room = asyncio.Event()  # set while fewer than max_pending are outstanding
         self._room.set()
         self._drained = asyncio.Event()  # set while none are
@@ -140,17 +134,15 @@ class Auditor:
         subject = self.names.audit(server, str(fields["op"]))
         token = ""
         try:
-            if self._sub is None:
-                await self._subscribe()
             if len(self._pending) >= self.max_pending and not await self._wait_for_room():
                 log.error("audit record for command %s was not stored: the audit stream is not "
                           "keeping up (%d records unacknowledged)", command_id, len(self._pending))
                 return
-            token = str(next(self._tokens))
+            token, reply = await self._inbox.reply_to()
             self._pending[token] = (command_id, asyncio.get_running_loop().time())
             self._drained.clear()
             self._arm_expiry()
-            await self.nc.publish(subject, encode_record(fields), reply=self._prefix + token)
+            await self.nc.publish(subject, encode_record(fields), reply=reply)
         except Exception as exc:
             self._settled(token)
             log.error("audit record for command %s was not stored: %s", command_id, type(exc).__name__)
@@ -173,23 +165,7 @@ class Auditor:
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-            self._reader = None
-        if self._sub is not None:
-            try:
-                await self._sub.unsubscribe()
-            except Exception:
-                pass  # the connection is closing
-            self._sub = None
-
-    async def _subscribe(self) -> None:
-        async with self._subscribing:
-            if self._sub is None:
-                prefix = self.nc.new_inbox() + "."
-                self._sub, self._reader = await subscribe_direct(self.nc, prefix + "*", self._on_ack)
-                self._prefix = prefix
+        await self._inbox.close()
 
     async def _wait_for_room(self) -> bool:
         try:
@@ -209,8 +185,8 @@ class Auditor:
             self._drained.set()
         return entry
 
-    def _on_ack(self, msg: Msg) -> None:
-        entry = self._settled(msg.subject[len(self._prefix):])
+    def _on_ack(self, token: str, msg: Msg) -> None:
+        entry = self._settled(token)
         if entry is None:
             return  # already reported as not confirmed
         problem = _refusal(msg)
@@ -245,7 +221,8 @@ def _refusal(msg: Msg) -> str | None:
     status = msg.headers.get(Header.STATUS) if msg.headers else None
     if status:
         # 503: no stream holds the subject (or JetStream is not running).
-        return f"status {status} {msg.headers.get(Header.DESCRIPTION, '') if msg.headers else ''}".strip()
+        assert msg.headers is not None
+        return f"status {status} {msg.headers.get(Header.DESCRIPTION, '')}".strip()
     if b'"error"' not in msg.data:  # a stored record's answer is {"stream":..,"seq":..}
         return None
     try:

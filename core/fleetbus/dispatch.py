@@ -17,6 +17,7 @@ slower by the same hop, never wrong.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -98,3 +99,51 @@ async def subscribe_direct(nc: NATS, subject: str, dispatch: Dispatch, *, queue:
                 log.exception("dispatching a message on %s failed", msg.subject)
 
     return sub, asyncio.get_running_loop().create_task(read())
+
+
+class ReplyInbox:
+    """One wildcard reply subject on a connection, read with :func:`subscribe_direct`.
+
+    Each publish that wants an answer takes a fresh reply subject from
+    :meth:`reply_to`; the answers come to ``deliver(token, msg)`` from nats-py's read
+    loop, told apart by the token the subject ends with. One subscription serves them
+    all, instead of one per request (or nats-py's own reply machinery, a task and
+    futures per message). Used for the client's requests and the audit trail's
+    acknowledgements.
+    """
+
+    def __init__(self, nc: NATS, deliver: Callable[[str, Msg], None]) -> None:
+        self._nc = nc
+        self._deliver = deliver
+        self._tokens = itertools.count()
+        self._prefix = ""
+        self._sub: Subscription | None = None
+        self.reader: asyncio.Task[None] | None = None  # only where the direct path is not possible
+        self._subscribing = asyncio.Lock()  # concurrent first users share one subscription
+
+    async def reply_to(self) -> tuple[str, str]:
+        """A fresh token and the reply subject that carries it; subscribes on first use."""
+        if self._sub is None:
+            async with self._subscribing:
+                if self._sub is None:
+                    prefix = self._nc.new_inbox() + "."
+                    self._sub, self.reader = await subscribe_direct(self._nc, prefix + "*", self._on_msg)
+                    self._prefix = prefix
+        token = str(next(self._tokens))
+        return token, self._prefix + token
+
+    async def close(self) -> None:
+        """Stop listening (the subscription ends with the connection anyway)."""
+        if self.reader is not None:
+            self.reader.cancel()
+            await asyncio.gather(self.reader, return_exceptions=True)
+            self.reader = None
+        if self._sub is not None and self._nc.is_connected:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:
+                pass  # closing meanwhile: the server drops it with the connection
+        self._sub = None
+
+    def _on_msg(self, msg: Msg) -> None:
+        self._deliver(msg.subject[len(self._prefix):], msg)

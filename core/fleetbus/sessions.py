@@ -30,6 +30,12 @@ class _Entry:
     last_used: float = field(default_factory=time.monotonic)
 
 
+def _current(entry: _Entry, server: Server) -> bool:
+    """Whether the entry's session is alive and opened for this definition of the server."""
+    return (entry.session is not None and entry.session.alive
+            and (entry.server is server or entry.server == server))
+
+
 class SessionPool:
     def __init__(self, transport: Transport, credentials: CredentialLookup,
                  open_timeout_s: float = 60.0) -> None:
@@ -51,19 +57,13 @@ class SessionPool:
         entry = self.entries.get(server.name)
         if entry is None:
             entry = self.entries[server.name] = _Entry()
-        session = entry.session
         # The common case, a live session for the same definition and nobody opening
         # one, needs neither the lock nor an event-loop step.
-        if (session is None or entry.lock.locked() or not session.alive
-                or not (entry.server is server or entry.server == server)):
+        if entry.lock.locked() or not _current(entry, server):
             async with entry.lock:
-                stale = entry.session is not None and (
-                    not entry.session.alive or entry.server != server
-                )
-                if stale:
+                old = entry.session
+                if old is not None and not _current(entry, server):
                     # Commands still using the old session keep it; it closes after the last one.
-                    old = entry.session
-                    assert old is not None
                     if self._users.get(id(old), 0) > 0:
                         self._retired[id(old)] = old
                     else:
@@ -72,7 +72,8 @@ class SessionPool:
                 if entry.session is None:
                     entry.session = await self._open(server)
                     entry.server = server
-                session = entry.session
+        session = entry.session
+        assert session is not None
         entry.in_use += 1
         self._users[id(session)] = self._users.get(id(session), 0) + 1
         return entry, session
