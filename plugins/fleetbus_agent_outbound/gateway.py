@@ -17,13 +17,13 @@ CA and certificate on first start when none exists).
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import socket
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 from fleetbus import __version__
 from fleetbus.agentlink import AgentSession
@@ -44,6 +44,13 @@ from fleetbus_agent.throttle import FailureThrottle
 from nats.js.kv import KV_DEL, KV_PURGE
 
 from .links import Link, Links
+
+# Connections accepted per wake-up of the listening socket at most (asyncio's own
+# server accepts up to its backlog); and how long to stop accepting when the process
+# is out of descriptors or memory.
+ACCEPT_BATCH = 128
+ACCEPT_RETRY_S = 1.0
+_ACCEPT_LATER = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 RECORD_EVERY_S = 20.0
 # How often each connected agent's status (its last_seen) is written again. It was every
@@ -123,33 +130,24 @@ def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
         fut.set_result(value)
 
 
-class _Waiting(asyncio.Protocol):
-    """An accepted connection nobody reads from yet; its TLS handshake starts reading."""
-
-    def __init__(self, accepted: Callable[[asyncio.Transport], None]) -> None:
-        self._accepted = accepted
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Paused before the loop first adds the socket's reader, so not a byte (the
-        # ClientHello) is read into a buffer TLS would never see: it waits in the kernel
-        # until start_tls resumes reading. Not an isinstance check: uvloop's transports
-        # (FLEETBUS_LOOP=uvloop) behave as asyncio.Transport without subclassing it.
-        stream = cast(asyncio.Transport, transport)
-        stream.pause_reading()
-        self._accepted(stream)
-
-
-def _peer_gone(transport: asyncio.BaseTransport) -> bool:
+def _peer_gone(sock: socket.socket) -> bool:
     """True when the peer already closed or reset the TCP connection (Linux; else False)."""
-    sock = transport.get_extra_info("socket")
     tcp_info = getattr(socket, "TCP_INFO", None)
-    if sock is None or tcp_info is None:
+    if tcp_info is None:
         return False
     try:
         state = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 1)[0]
     except OSError:
         return False
     return state != _TCP_ESTABLISHED
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A non-blocking listening socket (what asyncio's create_server would bind)."""
+    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    sock = socket.create_server((host, port), family=family, backlog=1024)
+    sock.setblocking(False)
+    return sock
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -169,7 +167,8 @@ class GatewayTransport(Transport):
         super().__init__(ctx)
         self.links = Links()
         self.throttle = FailureThrottle()
-        self.server: asyncio.base_events.Server | None = None
+        self._listener: socket.socket | None = None
+        self._accept_paused: asyncio.TimerHandle | None = None
         self.address = ""
         self.fingerprint = ""
         self._tasks: list[asyncio.Task[Any]] = []
@@ -196,26 +195,18 @@ class GatewayTransport(Transport):
         self.fingerprint = fingerprint_pem(files.cert.read_bytes())
         host, port = self.listen
         try:
-            # Plain TCP here; TLS starts per connection once a handshake slot is free.
-            loop = asyncio.get_running_loop()
-            self.server = await loop.create_server(lambda: _Waiting(self._accepted), host, port,
-                                                   backlog=1024)
+            # Accepted by hand and held as plain sockets until a handshake slot is free:
+            # no event loop reads a byte (the ClientHello) of a waiting connection, so
+            # its TLS handshake finds it in the kernel. An asyncio server would hand
+            # each connection to a transport that, on uvloop, starts reading at once.
+            self._listener = _listen(host, port)
         except OSError as exc:
             raise InvalidRequest(
                 f"the gateway cannot listen on {host}:{port}: {exc.strerror} "
                 "(pass --gateway-listen to choose another address)") from None
-        if not isinstance(loop, asyncio.BaseEventLoop):
-            # uvloop starts reading an accepted connection right after connection_made,
-            # whatever _Waiting asked: the ClientHello of one waiting for a handshake slot
-            # is read and lost, its handshake then times out, and in a reconnect storm
-            # (measured: 5,000 agents) the gateway never catches up.
-            self.ctx.logger.warning(
-                "the agent gateway runs on %s: more than %d agents connecting at once may "
-                "not get in; use the default asyncio event loop (unset FLEETBUS_LOOP) for a "
-                "gateway with many agents", type(loop).__module__.split(".")[0],
-                self.max_handshakes)
+        asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept_ready)
         self.ctx.services.metrics.handshakes_waiting.set_function(lambda: self.admission.waiting)
-        bound = self.server.sockets[0].getsockname()
+        bound = self._listener.getsockname()
         self.address = self.advertise or f"{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{bound[1]}"
         self.bound_port = bound[1]
         self._tasks = [asyncio.create_task(self._watch_keys()), asyncio.create_task(self._refresh()),
@@ -224,8 +215,10 @@ class GatewayTransport(Transport):
                              host, bound[1], self.address, self.fingerprint)
 
     async def stop(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        if self._listener is not None:
+            self._stop_accepting()
+            self._listener.close()
+            self._listener = None
         for task in [*self._tasks, *self._handshakes]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._handshakes, return_exceptions=True)
@@ -237,58 +230,93 @@ class GatewayTransport(Transport):
             pass
 
     # connections ------------------------------------------------------------------------
-    def _accepted(self, transport: asyncio.Transport) -> None:
+    def _accept_ready(self) -> None:
+        """The listening socket is readable: accept what is queued (as asyncio does)."""
+        assert self._listener is not None
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ACCEPT_LATER:
+                    # Out of descriptors or memory: retrying at once would spin.
+                    self.ctx.logger.warning("the gateway cannot accept connections for now (%s); "
+                                            "trying again in %g s", exc.strerror, ACCEPT_RETRY_S)
+                    self._stop_accepting()
+                    self._accept_paused = asyncio.get_running_loop().call_later(
+                        ACCEPT_RETRY_S, self._resume_accepting)
+                    return
+                continue  # that one connection failed (ECONNABORTED and the like)
+            conn.setblocking(False)
+            self._accepted(conn)
+
+    def _stop_accepting(self) -> None:
+        assert self._listener is not None
+        asyncio.get_running_loop().remove_reader(self._listener.fileno())
+        if self._accept_paused is not None:
+            self._accept_paused.cancel()
+            self._accept_paused = None
+
+    def _resume_accepting(self) -> None:
+        self._accept_paused = None
+        if self._listener is not None:
+            asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept_ready)
+
+    def _accepted(self, conn: socket.socket) -> None:
         self._accepted_since_trim += 1
-        task = asyncio.get_running_loop().create_task(self._accept(transport))
+        task = asyncio.get_running_loop().create_task(self._accept(conn))
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
 
-    async def _accept(self, transport: asyncio.Transport) -> None:
+    async def _accept(self, conn: socket.socket) -> None:
         try:
-            streams = await self._admit(transport)
+            streams = await self._admit(conn)
         except BaseException:
-            transport.abort()  # cancelled (the gateway is stopping) or a bug: no half-open peer
+            conn.close()  # cancelled (the gateway is stopping) or a bug: no half-open peer
             raise
         if streams is not None:
             await self._run_link(*streams)
 
-    async def _admit(self, transport: asyncio.Transport) -> tuple[Any, ...] | None:
+    async def _admit(self, conn: socket.socket) -> tuple[Any, ...] | None:
         """Wait for a handshake slot, then TLS and hello; the link's parts, or None."""
-        peer = transport.get_extra_info("peername") or ("?", 0)
+        try:
+            peer = conn.getpeername()
+        except OSError:
+            peer = ("?", 0)  # already gone: the handshake finds out
         ip, remote = str(peer[0]), f"{peer[0]}:{peer[1]}"
         if self.throttle.blocked_for(ip) > 0:
             self.ctx.services.metrics.auth_failures.labels(self.name, "locked_out").inc()
-            transport.abort()  # locked out: no handshake, no key check, no cost
+            conn.close()  # locked out: no handshake, no key check, no cost
             return None
         if not await self.admission.acquire(self.handshake_timeout_s):
             self._dropped("waited")
-            transport.abort()  # waited too long: its agent is about to give up and retry
+            conn.close()  # waited too long: its agent is about to give up and retry
             return None
         try:
-            return await self._handshake(transport, ip, remote)
+            return await self._handshake(conn, ip, remote)
         finally:
             self.admission.release()
 
-    async def _handshake(self, transport: asyncio.Transport, ip: str, remote: str) -> tuple[Any, ...] | None:
+    async def _handshake(self, conn: socket.socket, ip: str, remote: str) -> tuple[Any, ...] | None:
         """TLS, then hello/welcome with the key check; None when it failed."""
-        if _peer_gone(transport):
+        if _peer_gone(conn):
             # It gave up while waiting for a slot (its connect timeout): a handshake
             # with it would cost the key exchange and fail anyway.
             self._dropped("gone")
-            transport.abort()
+            conn.close()
             return None
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         protocol = asyncio.StreamReaderProtocol(reader)
         try:
-            tls = await loop.start_tls(transport, protocol, self._tls, server_side=True,
-                                       ssl_handshake_timeout=self.handshake_timeout_s)
+            tls, _ = await loop.connect_accepted_socket(
+                lambda: protocol, conn, ssl=self._tls, ssl_handshake_timeout=self.handshake_timeout_s)
         except (TimeoutError, OSError, ssl.SSLError) as exc:
             self._dropped("tls")
             self.ctx.logger.debug("TLS handshake from %s failed: %s", remote, exc)
-            transport.abort()
+            conn.close()
             return None
-        protocol.connection_made(tls)  # start_tls leaves that to the caller
         writer = asyncio.StreamWriter(tls, protocol, reader, loop)
         matched: dict[str, str] = {}
 
