@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from figures import Row, Sizes, agents_scale, describe, exec_agent, exec_local, put_agent, up_to_first_command
+from floors import floor_rows
 from harness import Stack
 
 
@@ -86,6 +87,9 @@ async def main(args: argparse.Namespace) -> list[Row]:
                 rows += await exec_agent(stack, sizes, work)
             if on("put"):
                 rows += await put_agent(stack, sizes, work, scp)
+            if on("floors"):
+                # Before the scale rows: their thousands of agents stay connected.
+                rows += await floor_rows(stack, sizes, work, scp)
             if on("scale"):
                 rows += await agents_scale(stack, sizes, work)
         finally:
@@ -104,7 +108,7 @@ def cli() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, under two minutes")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the benchmarks work")
-    parser.add_argument("--only", action="append", choices=["startup", "local", "agent", "put", "scale", "ssh"])
+    parser.add_argument("--only", action="append", choices=["startup", "local", "agent", "put", "floors", "scale", "ssh"])
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
     started = time.perf_counter()

@@ -26,6 +26,11 @@ def test_bench_smoke_reports_every_figure() -> None:
     assert any(f.startswith("ping all") for f in figures)
     assert any("put via outbound agent" in f for f in figures)
     assert any("put on ssh" in f for f in figures) and any("get on ssh" in f for f in figures)
+    # The floors: each figure again through the bus and transport layers alone.
+    assert "floor: exec true through the bus, p50" in figures
+    for part in ("floor: ping/s", "floor: 8 MiB put over the bus", "floor: 8 MiB put on ssh",
+                 "floor: 8 MiB get on ssh", "ssh transport alone: 8 MiB put", "ssh transport alone: 8 MiB get"):
+        assert any(f.startswith(part) for f in figures), (part, figures)
     for row in report["rows"]:
         assert math.isfinite(row["fleetbus"]) and row["fleetbus"] > 0, row
         if row["baseline"] is not None:
