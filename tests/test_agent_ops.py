@@ -40,6 +40,7 @@ from fleetbus_agent.ops import (
     ThreadRunner,
     child_environment,
     default_run_blocking,
+    executables,
     get_file,
     put_file,
     run_process,
@@ -221,6 +222,7 @@ async def test_exec_leaves_no_descriptor_or_zombie_behind() -> None:
     def open_fds() -> set[str]:
         return set(os.listdir("/proc/self/fd"))
 
+    child_module._devnull()  # the one /dev/null every child's stdin shares, kept open
     before = open_fds()
     pids = []
     for spec in (ExecSpec(shell="echo $$"), ExecSpec(shell="echo $$; cat", stdin=b"x"),
@@ -370,6 +372,58 @@ async def test_exec_errors_have_bus_codes(tmp_path: Path) -> None:
         ExecSpec(argv=["true"], timeout_s=float("nan")),
     ):
         assert (await code_of(bad))[0] == "invalid_request", bad
+
+
+def _tool(directory: Path, says: str) -> None:
+    directory.mkdir(exist_ok=True)
+    tool = directory / "fleetbus-test-tool"
+    tool.write_text(f"#!/bin/sh\necho {says}\n")
+    tool.chmod(0o755)
+
+
+async def test_exec_runs_what_a_fresh_path_search_finds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Commands named without a path are looked up in the parent and the answer reused
+    # for a moment; what runs must still be what the child's own search would run.
+    first, second = tmp_path / "first", tmp_path / "second"
+    _tool(second, "second")
+    path = f"{first}:{second}:{os.environ.get('PATH', '')}"
+
+    async def run_tool() -> bytes:
+        out = RecordingSink()
+        result = await run_process(ExecSpec(argv=["fleetbus-test-tool"], env={"PATH": path}), out.write)
+        assert result == ExecResult(exit_code=0)
+        return out.data("stdout")
+
+    assert await run_tool() == b"second\n"
+    # Removed while remembered: searched again at once, not reported missing.
+    monkeypatch.setattr(executables, "REMEMBER_S", 3600.0)
+    _tool(first, "first")
+    assert executables.resolve("fleetbus-test-tool", {"PATH": path}) == str(second / "fleetbus-test-tool")
+    (second / "fleetbus-test-tool").unlink()
+    assert await run_tool() == b"first\n"
+    # Installed earlier on PATH: found once the remembered answer is older than REMEMBER_S.
+    _tool(second, "second")
+    (first / "fleetbus-test-tool").unlink()
+    monkeypatch.setattr(executables, "REMEMBER_S", 0.0)
+    assert await run_tool() == b"second\n"
+
+
+def test_path_lookup_matches_execvp(tmp_path: Path) -> None:
+    not_executable, a_directory, good = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for directory in (not_executable, a_directory, good):
+        directory.mkdir()
+    (not_executable / "tool").write_text("#!/bin/sh\n")
+    (not_executable / "tool").chmod(0o644)
+    (a_directory / "tool").mkdir()
+    (good / "tool").write_text("#!/bin/sh\n")
+    (good / "tool").chmod(0o755)
+    env = {"PATH": f"{not_executable}:{a_directory}:{good}"}
+    assert executables.resolve("tool", env) == str(good / "tool")  # as execvp: skips both
+    assert executables.resolve(str(good / "tool"), env) is None  # a path is used as given
+    assert executables.resolve("no-such-tool", env) is None  # left to the child, which reports it
+    assert executables.resolve("tool", {"PATH": f"relative:{good}"}) is None  # depends on the cwd
+    assert executables.resolve("tool", {"PATH": f":{good}"}) is None  # "" is the cwd
+    assert executables.resolve("tool", {}) is None  # no PATH: exec's default search
 
 
 def test_timings_from_settings() -> None:

@@ -24,6 +24,8 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Optional
 
+from . import executables
+
 log = logging.getLogger(__name__)
 
 PIPE_READ_SIZE = 256 * 1024
@@ -42,6 +44,34 @@ def _pidfds_usable() -> bool:
 
         _pidfds = pidfd_usable()
     return _pidfds
+
+
+_devnull_fd = -1
+
+
+def _devnull() -> int:
+    """One /dev/null kept open for every child's stdin (subprocess's DEVNULL opens and
+    closes it again for each process)."""
+    global _devnull_fd
+    if _devnull_fd < 0:
+        _devnull_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    return _devnull_fd
+
+
+def _popen(argv: list[str], stdin: int, stdout: int, stderr: int, cwd: Optional[str],
+           env: Optional[Mapping[str, str]]) -> subprocess.Popen[bytes]:
+    # A command named without a path is started from where executables.resolve found
+    # it (argv[0] stays the name); if that file has gone since, the search runs again.
+    executable = executables.resolve(argv[0], env) if argv else None
+    try:
+        return subprocess.Popen(argv, executable=executable, stdin=stdin, stdout=stdout, stderr=stderr,
+                                cwd=cwd, env=env, start_new_session=True)
+    except FileNotFoundError as exc:
+        if executable is None or exc.filename != executable:
+            raise
+        executables.forget(argv[0], env)
+        return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env,
+                                start_new_session=True)
 
 
 class PipeReader:
@@ -210,10 +240,7 @@ class ChildProcess:
             if stdin is not None:
                 in_r, in_w = os.pipe()
                 fds += (in_r, in_w)
-            popen = subprocess.Popen(
-                list(argv), stdin=in_r if stdin is not None else subprocess.DEVNULL,
-                stdout=out_w, stderr=err_w, cwd=cwd, env=env, start_new_session=True,
-            )
+            popen = _popen(list(argv), in_r if stdin is not None else _devnull(), out_w, err_w, cwd, env)
         except BaseException:
             for fd in fds:
                 os.close(fd)
