@@ -215,7 +215,9 @@ async def test_exec_without_pidfds_waits_in_a_thread(monkeypatch: pytest.MonkeyP
         run_process(ExecSpec(shell="kill -KILL $$"), RecordingSink().write), DEADLINE_S
     )
     assert result == ExecResult(exit_code=None, signal=signal.SIGKILL)
-    assert not [t for t in threading.enumerate() if t.name.startswith("fleetbus-waitpid-")]
+    # Each waiting thread ends once it has handed the exit to the loop (a moment after
+    # the result is in): none is left behind.
+    await wait_until(lambda: not [t for t in threading.enumerate() if t.name.startswith("fleetbus-waitpid-")])
 
 
 async def test_exec_leaves_no_descriptor_or_zombie_behind() -> None:

@@ -7,7 +7,7 @@ import asyncio
 import nats.errors
 import pytest
 from fleetbus import dispatch
-from fleetbus.connection import send_now
+from fleetbus.connection import publish_now, send_now
 from fleetbus.replies import Replies
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -103,6 +103,38 @@ async def test_send_now_hands_a_publish_to_the_socket_without_the_flusher(nc: NA
     await nc.publish(f"{prefix}.now", b"four")
     send_now(nc)
     assert nc._pending_data_size == 0
+    while len(got) < 4:
+        assert asyncio.get_running_loop().time() < deadline, "the messages never arrived"
+        await asyncio.sleep(0.01)
+    assert got == [b"one", b"two", b"three", b"four"]
+
+
+async def test_publish_now_writes_a_reply_in_order_and_falls_back_when_it_must(nc: NATS, prefix: str) -> None:
+    got: list[bytes] = []
+
+    async def on_msg(msg: Msg) -> None:
+        got.append(msg.data)
+
+    await nc.subscribe(f"{prefix}.direct", cb=on_msg)
+    await nc.flush()
+    await asyncio.sleep(0)  # a turn of our own
+    out_before = nc.stats["out_msgs"]
+    assert publish_now(nc, f"{prefix}.direct", b"one")  # straight to the socket
+    assert nc._pending == [] and nc.stats["out_msgs"] == out_before + 1
+    # In the same turn, or behind bytes nats-py still holds, it declines: writing
+    # then would put this message before those.
+    assert not publish_now(nc, f"{prefix}.direct", b"x")
+    await asyncio.sleep(0)
+    await nc.publish(f"{prefix}.direct", b"two")
+    assert nc._pending and not publish_now(nc, f"{prefix}.direct", b"x")
+    await nc.publish(f"{prefix}.direct", b"three")
+    await nc.flush()
+    await asyncio.sleep(0)
+    for bad in ("", "has space", "new\r\nline", "ünïcode"):
+        assert not publish_now(nc, bad, b"x")  # left to nats-py's own checks
+    assert not publish_now(nc, f"{prefix}.direct", b"x" * (nc._max_payload + 1))
+    assert publish_now(nc, f"{prefix}.direct", b"four")
+    deadline = asyncio.get_running_loop().time() + 10
     while len(got) < 4:
         assert asyncio.get_running_loop().time() < deadline, "the messages never arrived"
         await asyncio.sleep(0.01)

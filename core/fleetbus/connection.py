@@ -102,6 +102,41 @@ def send_now(nc: NATS) -> None:
     asyncio.get_running_loop().call_soon(_wrote_this_turn.discard, nc)
 
 
+def publish_now(nc: NATS, subject: str, payload: bytes) -> bool:
+    """Write one message without headers (a reply) to the socket at once; False when it
+    cannot, and the caller publishes it the usual way (``publish``, then
+    :func:`send_now`).
+
+    nats-py's ``publish`` makes a future and queues it for its flusher task on every
+    message, and the flusher then wakes in the next loop turn to find the bytes gone
+    already (:func:`send_now` wrote them). For the reply a command's requester waits on,
+    this writes the ``PUB`` directly instead. It writes only when nothing is buffered
+    (so messages keep their order), only for the first message in a loop turn (the
+    rest are batched, as with :func:`send_now`), and only while connected.
+    """
+    if nc in _wrote_this_turn or not nc.is_connected:
+        return False
+    transport = getattr(nc, "_transport", None)
+    stats = getattr(nc, "stats", None)
+    if (transport is None or getattr(nc, "_pending", True) or not isinstance(stats, dict)
+            or len(payload) > getattr(nc, "_max_payload", 0) or not _plain_subject(subject)):
+        return False
+    try:
+        transport.write(b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(payload), payload))
+    except Exception:
+        return False
+    stats["out_msgs"] += 1
+    stats["out_bytes"] += len(payload)
+    _wrote_this_turn.add(nc)
+    asyncio.get_running_loop().call_soon(_wrote_this_turn.discard, nc)
+    return True
+
+
+def _plain_subject(subject: str) -> bool:
+    # What nats-py's publish checks: a subject is one token of the protocol line.
+    return bool(subject) and subject.isascii() and subject.isprintable() and " " not in subject
+
+
 # Connections written to directly in the current event-loop iteration (see send_now).
 _wrote_this_turn: set[NATS] = set()
 

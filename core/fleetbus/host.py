@@ -34,7 +34,7 @@ from pydantic import ValidationError
 
 from .audit import Auditor, summarize
 from .collector import relax_gc
-from .connection import send_now
+from .connection import publish_now, send_now
 from .dedupe import CommandMemory, fingerprint
 from .dispatch import subscribe_direct
 from .errors import (
@@ -495,8 +495,10 @@ class PluginHost:
         try:
             # Not msg.respond(): nats-py's copies the request's headers onto the reply, which
             # the requester then parses again on every command.
-            await self.nc.publish(msg.reply, _REPLY_JSON.encode(reply).encode())
-            send_now(self.nc)
+            body = _REPLY_JSON.encode(reply).encode()
+            if not publish_now(self.nc, msg.reply, body):
+                await self.nc.publish(msg.reply, body)
+                send_now(self.nc)
         except Exception as exc:
             log.warning("could not send a reply: %s", type(exc).__name__)
 
