@@ -98,8 +98,7 @@ def send_now(nc: NATS) -> None:
         return
     nc._pending = []  # type: ignore[attr-defined]
     nc._pending_data_size = 0  # type: ignore[attr-defined]
-    _wrote_this_turn.add(nc)
-    asyncio.get_running_loop().call_soon(_wrote_this_turn.discard, nc)
+    _wrote(nc)
 
 
 def publish_now(nc: NATS, subject: str, payload: bytes) -> bool:
@@ -127,14 +126,19 @@ def publish_now(nc: NATS, subject: str, payload: bytes) -> bool:
         return False
     stats["out_msgs"] += 1
     stats["out_bytes"] += len(payload)
-    _wrote_this_turn.add(nc)
-    asyncio.get_running_loop().call_soon(_wrote_this_turn.discard, nc)
+    _wrote(nc)
     return True
 
 
 def _plain_subject(subject: str) -> bool:
     # What nats-py's publish checks: a subject is one token of the protocol line.
     return bool(subject) and subject.isascii() and subject.isprintable() and " " not in subject
+
+
+def _wrote(nc: NATS) -> None:
+    """Note that ``nc`` was written to directly in this loop turn."""
+    _wrote_this_turn.add(nc)
+    asyncio.get_running_loop().call_soon(_wrote_this_turn.discard, nc)
 
 
 # Connections written to directly in the current event-loop iteration (see send_now).

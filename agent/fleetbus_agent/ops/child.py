@@ -22,7 +22,7 @@ import signal
 import subprocess
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 from . import executables
 
@@ -63,15 +63,15 @@ def _popen(argv: list[str], stdin: int, stdout: int, stderr: int, cwd: Optional[
     # A command named without a path is started from where executables.resolve found
     # it (argv[0] stays the name); if that file has gone since, the search runs again.
     executable = executables.resolve(argv[0], env) if argv else None
+    options: dict[str, Any] = {"stdin": stdin, "stdout": stdout, "stderr": stderr, "cwd": cwd, "env": env,
+               "start_new_session": True}
     try:
-        return subprocess.Popen(argv, executable=executable, stdin=stdin, stdout=stdout, stderr=stderr,
-                                cwd=cwd, env=env, start_new_session=True)
+        return subprocess.Popen(argv, executable=executable, **options)
     except FileNotFoundError as exc:
         if executable is None or exc.filename != executable:
             raise
         executables.forget(argv[0], env)
-        return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, cwd=cwd, env=env,
-                                start_new_session=True)
+        return subprocess.Popen(argv, **options)
 
 
 class PipeReader:

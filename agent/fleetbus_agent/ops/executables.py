@@ -38,7 +38,7 @@ def resolve(name: str, env: Optional[Mapping[str, str]]) -> Optional[str]:
     """
     if not name or "/" in name:
         return None
-    path = (env if env is not None else os.environ).get("PATH")
+    path = _path(env)
     if path is None:
         return None  # the default search path is platform business; leave it to exec
     key = (name, path)
@@ -58,9 +58,13 @@ def resolve(name: str, env: Optional[Mapping[str, str]]) -> Optional[str]:
 
 def forget(name: str, env: Optional[Mapping[str, str]]) -> None:
     """Drop what :func:`resolve` remembers for ``name`` (its file could not be run)."""
-    path = (env if env is not None else os.environ).get("PATH")
+    path = _path(env)
     if path is not None:
         _found.pop((name, path), None)
+
+
+def _path(env: Optional[Mapping[str, str]]) -> Optional[str]:
+    return (env if env is not None else os.environ).get("PATH")
 
 
 def _search(name: str, path: str) -> Optional[str]:
