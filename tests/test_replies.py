@@ -74,22 +74,25 @@ async def test_without_the_internals_replies_come_through_a_reader_task(
     assert reader.done()
 
 
-async def test_send_now_hands_a_publish_to_the_socket_without_the_flusher(nc: NATS, prefix: str) -> None:
+async def _collect(nc: NATS, subject: str) -> list[bytes]:
+    """The payloads that arrive on ``subject``, in order, as a list that fills up."""
     got: list[bytes] = []
 
     async def on_msg(msg: Msg) -> None:
         got.append(msg.data)
 
-    await nc.subscribe(f"{prefix}.now", cb=on_msg)
+    await nc.subscribe(subject, cb=on_msg)
     await nc.flush()
+    return got
+
+
+async def test_send_now_hands_a_publish_to_the_socket_without_the_flusher(nc: NATS, prefix: str) -> None:
+    got = await _collect(nc, f"{prefix}.now")
     await nc.publish(f"{prefix}.now", b"one")
     assert nc._pending_data_size > 0  # nats-py only queued it for its flusher task
     send_now(nc)
     assert nc._pending_data_size == 0 and nc._pending == []  # written in place
-    deadline = asyncio.get_running_loop().time() + 10
-    while not got:
-        assert asyncio.get_running_loop().time() < deadline, "the message never arrived"
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: bool(got))
     assert got == [b"one"]
     # Once per loop turn: what is published after it in the same turn goes out
     # together through nats-py's flusher, as under load it should.
@@ -103,20 +106,12 @@ async def test_send_now_hands_a_publish_to_the_socket_without_the_flusher(nc: NA
     await nc.publish(f"{prefix}.now", b"four")
     send_now(nc)
     assert nc._pending_data_size == 0
-    while len(got) < 4:
-        assert asyncio.get_running_loop().time() < deadline, "the messages never arrived"
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: len(got) >= 4)
     assert got == [b"one", b"two", b"three", b"four"]
 
 
 async def test_publish_now_writes_a_reply_in_order_and_falls_back_when_it_must(nc: NATS, prefix: str) -> None:
-    got: list[bytes] = []
-
-    async def on_msg(msg: Msg) -> None:
-        got.append(msg.data)
-
-    await nc.subscribe(f"{prefix}.direct", cb=on_msg)
-    await nc.flush()
+    got = await _collect(nc, f"{prefix}.direct")
     await asyncio.sleep(0)  # a turn of our own
     out_before = nc.stats["out_msgs"]
     assert publish_now(nc, f"{prefix}.direct", b"one")  # straight to the socket
@@ -134,8 +129,5 @@ async def test_publish_now_writes_a_reply_in_order_and_falls_back_when_it_must(n
         assert not publish_now(nc, bad, b"x")  # left to nats-py's own checks
     assert not publish_now(nc, f"{prefix}.direct", b"x" * (nc._max_payload + 1))
     assert publish_now(nc, f"{prefix}.direct", b"four")
-    deadline = asyncio.get_running_loop().time() + 10
-    while len(got) < 4:
-        assert asyncio.get_running_loop().time() < deadline, "the messages never arrived"
-        await asyncio.sleep(0.01)
+    await wait_until(lambda: len(got) >= 4)
     assert got == [b"one", b"two", b"three", b"four"]
