@@ -254,18 +254,17 @@ def _children(pid: int) -> list[int]:
     return [int(c) for c in text.split()]
 
 
-async def _ping_rate(stack: Stack, names: list[str], seconds: float,
-                     window: int = 512) -> tuple[float, float, dict[str, float]]:
-    """Pings per second, the stack's CPU (fraction of one core), and CPU per ping by process.
+async def request_rate(request: Callable[[int], Awaitable[Any]], count: int, seconds: float,
+                       parts: dict[str, list[int]], window: int = 512) -> tuple[float, dict[str, float]]:
+    """Requests per second with ``window`` in flight, spread over targets ``0..count-1``
+    (``request(i)``), and the CPU each part (named lists of pids; "client" is this
+    process) spent per request.
 
-    Every process of the run shares the machine's cores, so the CPU each spends per ping
-    says what rate the machine could reach at best: two cores / total CPU per ping.
+    Every process of the run shares the machine's cores, so the CPU each spends per
+    request says what rate the machine could reach at best: cores / total CPU.
     """
     done = 0
     stop_at = time.perf_counter() + seconds
-    parts = {"gateway (fleetbus up)": [stack.pid],
-             "nats-server": _children(stack.pid),
-             "agents": [p.pid for p in stack.swarms]}
     cpu0 = {k: sum(cpu_seconds(p) for p in pids) for k, pids in parts.items()}
     client0 = time.process_time()
     t0 = time.perf_counter()
@@ -274,16 +273,29 @@ async def _ping_rate(stack: Stack, names: list[str], seconds: float,
         nonlocal done
         j = i
         while time.perf_counter() < stop_at:
-            await stack.client.ping(names[j % len(names)], timeout_s=30)
+            await request(j % count)
             done += 1
             j += window
 
     await asyncio.gather(*(worker(i) for i in range(window)))
     elapsed = time.perf_counter() - t0
-    per_ping = {k: (sum(cpu_seconds(p) for p in pids) - cpu0[k]) / max(done, 1) for k, pids in parts.items()}
-    per_ping["client"] = (time.process_time() - client0) / max(done, 1)
-    stack_cpu = per_ping["gateway (fleetbus up)"] * done / elapsed
-    return done / elapsed, stack_cpu, per_ping
+    per = {k: (sum(cpu_seconds(p) for p in pids) - cpu0[k]) / max(done, 1) for k, pids in parts.items()}
+    per["client"] = (time.process_time() - client0) / max(done, 1)
+    return done / elapsed, per
+
+
+async def _ping_rate(stack: Stack, names: list[str], seconds: float,
+                     window: int = 512) -> tuple[float, float, dict[str, float]]:
+    """Pings per second, the gateway's CPU (fraction of one core), and CPU per ping by process."""
+    parts = {"gateway (fleetbus up)": [stack.pid],
+             "nats-server": _children(stack.pid),
+             "agents": [p.pid for p in stack.swarms]}
+
+    async def ping(i: int) -> None:
+        await stack.client.ping(names[i], timeout_s=30)
+
+    rate, per_ping = await request_rate(ping, len(names), seconds, parts, window)
+    return rate, per_ping["gateway (fleetbus up)"] * rate, per_ping
 
 
 async def agents_scale(stack: Stack, sizes: Sizes, work: Path) -> list[Row]:
@@ -332,12 +344,23 @@ def _write_file(path: Path, mib: int) -> str:
     return digest.hexdigest()
 
 
+_sources: dict[Path, str] = {}
+
+
+async def source_file(work: Path, mib: int) -> tuple[Path, str]:
+    """A file of ``mib`` MiB to send, and its sha256: written once per size and run,
+    shared by every row that sends that much."""
+    path = work / f"source-{mib}MiB.bin"
+    if path not in _sources:
+        _sources[path] = await asyncio.to_thread(_write_file, path, mib)
+    return path, _sources[path]
+
+
 async def put_agent(stack: Stack, sizes: Sizes, work: Path, scp: Callable[[Path, Path], float] | None) -> list[Row]:
     key = (await stack.add_agents(["bench-put"]))[0]
     gw = await asyncio.to_thread(gateway_of, stack.fleet)
     agent = Agent(work / "agent-put", gw["address"], gw["fingerprint"], key, command=shipped_agent(work)).start()
-    src = work / "put.bin"
-    digest = await asyncio.to_thread(_write_file, src, sizes.put_mib)
+    src, digest = await source_file(work, sizes.put_mib)
     figure = f"{sizes.put_mib} MiB put via outbound agent"
 
     async def put(dest: Path) -> None:

@@ -19,7 +19,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 from fleetbus_agent.ops.pagecache import DropBehind
-from floor_relay import DATA, DONE, END, HELLO, OPEN, PING, FramedProtocol
+from floor_relay import DATA, DONE, END, HELLO, OPEN, PING, FramedProtocol, write_chunk
 
 
 class Sink:
@@ -55,11 +55,8 @@ class Sink:
             peer.transport.resume_reading()
 
     def _write(self, payload: bytes) -> None:
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(self.fd, view):]
         assert self.dropper is not None
-        self.dropper.wrote(len(payload))
+        write_chunk(self.fd, payload, self.dropper)
 
     def _finish(self) -> None:
         os.fsync(self.fd)

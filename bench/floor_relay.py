@@ -25,6 +25,7 @@ import os
 import ssl
 import struct
 import sys
+from collections import deque
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,6 +41,15 @@ from nats.aio.msg import Msg
 HEADER = struct.Struct(">IB")
 HELLO, PING, OPEN, DATA, END, DONE = (ord(c) for c in "HPODEK")
 WINDOW = 4  # chunks in flight on a stream, as fleetbus's 4 MiB stream window of 1 MiB chunks
+
+
+def write_chunk(fd: int, data: bytes, dropper: Any) -> None:
+    """Write all of ``data`` to ``fd`` and tell ``dropper`` (a ``DropBehind``), as
+    fleetbus's writers do."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    dropper.wrote(len(data))
 
 
 class FramedProtocol(asyncio.Protocol):
@@ -106,14 +116,14 @@ class _SshContext:
 
 
 class Relay:
-    def __init__(self, nc: Any, config: dict[str, Any]) -> None:
+    def __init__(self, nc: Any) -> None:
         self.nc = nc
-        self.config = config
         self.replies = Replies(nc)
         self.peers: dict[int, FramedProtocol] = {}
+        self.peer_index: dict[FramedProtocol, int] = {}
         self.sink: FramedProtocol | None = None
         self.sink_done: asyncio.Future[None] | None = None
-        self.ping_waiting: dict[int, list[asyncio.Future[bytes]]] = {}
+        self.ping_waiting: dict[int, deque[asyncio.Future[bytes]]] = {}
         self.session: Any = None
         self.put_chunks: asyncio.Queue[bytes | None] | None = None
         self.put_result: asyncio.Future[Any] | None = None
@@ -150,7 +160,7 @@ class Relay:
     async def _ping(self, msg: Msg) -> None:
         index = int(msg.subject.rsplit(".", 1)[1])
         answered: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self.ping_waiting.setdefault(index, []).append(answered)
+        self.ping_waiting.setdefault(index, deque()).append(answered)
         self.peers[index].send(PING, msg.data)
         await self.reply(msg.reply, await answered)
 
@@ -227,25 +237,23 @@ class Relay:
     # the TLS side ------------------------------------------------------------------
     def on_frame(self, peer: FramedProtocol, kind: int, payload: bytes) -> None:
         if kind == PING:
-            self.ping_waiting[peer_index[peer]].pop(0).set_result(payload)
+            self.ping_waiting[self.peer_index[peer]].popleft().set_result(payload)
         elif kind == HELLO:
             if payload == b"sink":
                 self.sink = peer
             else:
-                peer_index[peer] = int(payload)
+                self.peer_index[peer] = int(payload)
                 self.peers[int(payload)] = peer
         elif kind == DONE and self.sink_done is not None:
             self.sink_done.set_result(None)
 
-
-peer_index: dict[FramedProtocol, int] = {}
 
 
 async def main(config_path: str) -> None:
     config = json.loads(Path(config_path).read_text())
     nc = await nats.connect(config["nats_url"], token=os.environ.get("FLOOR_NATS_TOKEN") or None,
                             max_reconnect_attempts=0)
-    relay = Relay(nc, config)
+    relay = Relay(nc)
     for name, handler in (("peers", relay.on_peers), ("exec", relay.on_exec), ("ping.*", relay.on_ping), ("put.*", relay.on_put),
                           ("sshput.*", relay.on_sshput), ("sshget", relay.on_sshget)):
         await subscribe_direct(nc, f"bench.floor.{name}", handler)

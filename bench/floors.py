@@ -34,10 +34,12 @@ from figures import (
     _children,
     _interleaved,
     _spawn_true,
-    _write_file,
     percentile,
+    request_rate,
+    source_file,
 )
-from harness import Stack, cpu_seconds, stop_process
+from floor_relay import write_chunk
+from harness import Stack, stop_process
 
 MiB = 1024 * 1024
 HERE = Path(__file__).resolve().parent
@@ -166,10 +168,7 @@ async def _receive_file(floor: Floor, remote: Path, dest: Path) -> None:
         await nc.publish(reply, b"")
 
     def on_chunk(msg: Any) -> None:
-        view = memoryview(msg.data)
-        while view:
-            view = view[os.write(fd, view):]
-        dropper.wrote(len(msg.data))
+        write_chunk(fd, msg.data, dropper)
         task = asyncio.ensure_future(ack(msg.reply))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
@@ -208,31 +207,18 @@ async def ping_floor(stack: Stack, sizes: Sizes, work: Path) -> list[Row]:
             await floor.add_peers("echo", str(first), str((i + 1) * count // processes - first))
         await floor.wait_peers(count, sink=False)
         assert floor.relay is not None
-        parts = {"relay": [floor.relay.pid], "nats-server": _children(stack.pid),
-                 "peers": [p.pid for p in floor.peers]}
-        window, done = 512, 0
         for i in range(count):  # warm every link once
             await floor.request(f"bench.floor.ping.{i}", b"{}")
-        cpu0 = {k: sum(cpu_seconds(p) for p in pids) for k, pids in parts.items()}
-        client0 = time.process_time()
-        t0 = time.perf_counter()
-        stop_at = t0 + sizes.ping_seconds
 
-        async def worker(i: int) -> None:
-            nonlocal done
-            j = i
-            while time.perf_counter() < stop_at:
-                await floor.request(f"bench.floor.ping.{j % count}", b"{}")
-                done += 1
-                j += window
+        async def ping(i: int) -> None:
+            await floor.request(f"bench.floor.ping.{i}", b"{}")
 
-        await asyncio.gather(*(worker(i) for i in range(window)))
-        elapsed = time.perf_counter() - t0
-        per = {k: (sum(cpu_seconds(p) for p in pids) - cpu0[k]) / max(done, 1) for k, pids in parts.items()}
-        per["client"] = (time.process_time() - client0) / max(done, 1)
+        rate, per = await request_rate(ping, count, sizes.ping_seconds,
+                                       {"relay": [floor.relay.pid], "nats-server": _children(stack.pid),
+                                        "peers": [p.pid for p in floor.peers]})
     finally:
         floor.stop()
-    rate, total = done / elapsed, sum(per.values())
+    total = sum(per.values())
     spent = ", ".join(f"{k} {v * 1e6:.0f}" for k, v in per.items())
     return [Row(f"floor: ping/s over {count} TLS peers, one relay", rate, None, "cmd/s", ">= 5000/s on two cores",
                 rate >= 5000, note=(f"relay CPU {per['relay'] * rate * 100:.0f}% of one core; CPU us per ping: "
@@ -242,12 +228,11 @@ async def ping_floor(stack: Stack, sizes: Sizes, work: Path) -> list[Row]:
 async def put_floor(stack: Stack, sizes: Sizes, work: Path, scp: Callable[[Path, Path], float] | None) -> list[Row]:
     if scp is None:
         return []
+    src, _ = await source_file(work, sizes.put_mib)
     floor = await Floor(stack, work / "floor-put").start()
-    src = work / "floor-put.bin"
     try:
         await floor.add_peers("sink")
         await floor.wait_peers(0, sink=True)
-        await asyncio.to_thread(_write_file, src, sizes.put_mib)
 
         async def put(dest: Path) -> None:
             await _send_file(floor, "bench.floor.put", src, dest)
@@ -256,7 +241,6 @@ async def put_floor(stack: Stack, sizes: Sizes, work: Path, scp: Callable[[Path,
                                                    sizes.transfer_rounds)
     finally:
         floor.stop()
-        src.unlink(missing_ok=True)
     mib = sizes.put_mib
     return [Row(f"floor: {mib} MiB put over the bus and TLS to a bare sink", mib / fl_s, mib / scp_s, "MiB/s",
                 "ratio >= 2 vs scp", scp_s / fl_s >= 2,
@@ -272,10 +256,9 @@ async def ssh_floors(stack: Stack, sizes: Sizes, work: Path) -> list[Row]:
     server, key = _sshd()
     ssh = {"host": server.host, "port": server.port, "host_key": server.host_key_line, "key_file": str(key)}
     mib, rounds = sizes.sftp_mib, sizes.transfer_rounds
-    src = work / "floor-sftp.bin"
-    remote = work / "floor-sftp-remote.bin"
-    await asyncio.to_thread(_write_file, src, mib)
-    await asyncio.to_thread(_write_file, remote, mib)
+    # One file to send and to fetch: it lives on the same machine as sshd.
+    src, _ = await source_file(work, mib)
+    remote = src
     note = f"median of {rounds}, alternating with scp"
     rows: list[Row] = []
     floor = await Floor(stack, work / "floor-ssh", ssh).start()
@@ -313,8 +296,7 @@ async def ssh_floors(stack: Stack, sizes: Sizes, work: Path) -> list[Row]:
             try:
                 dropper = DropBehind(fd)
                 async for chunk in remote_file.chunks:
-                    os.write(fd, chunk)
-                    dropper.wrote(len(chunk))
+                    write_chunk(fd, chunk, dropper)
                 dropper.finish(sync=True)
             finally:
                 os.close(fd)
@@ -325,8 +307,6 @@ async def ssh_floors(stack: Stack, sizes: Sizes, work: Path) -> list[Row]:
                                                       rounds)
     finally:
         await session.close()
-        src.unlink(missing_ok=True)
-        remote.unlink(missing_ok=True)
     for op, ours, theirs in (("put", put_s, scp_put), ("get", get_s, scp_get)):
         rows.append(Row(f"ssh transport alone: {mib} MiB {op}, no bus", mib / ours, mib / theirs, "MiB/s",
                         "(what the transport itself does)", None, note=f"{note}; in the benchmark's process"))

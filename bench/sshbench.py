@@ -77,7 +77,7 @@ class _ControlMaster:
 
 
 async def ssh_rows(work: Path, sizes) -> list:
-    from figures import Row, _alternating_transfers, _exec_true, _interleaved, _write_file
+    from figures import Row, _alternating_transfers, _exec_true, _interleaved, source_file
 
     server, key = _sshd()
     stack = await Stack.start(work / "sshstack")
@@ -94,8 +94,7 @@ async def ssh_rows(work: Path, sizes) -> list:
             master.close()
         f, b = percentile(fb, 50) * MS, percentile(cm, 50) * MS
         rows = [Row("exec true on ssh, p50", f, b, "ms", "ratio <= 1.1 (vs ssh ControlMaster)", f / b <= 1.1)]
-        src = work / "sftp.bin"
-        await asyncio.to_thread(_write_file, src, sizes.sftp_mib)
+        src, _ = await source_file(work, sizes.sftp_mib)
         remote = work / "sftp-remote.bin"
 
         async def put(dest: Path) -> None:
