@@ -371,10 +371,11 @@ def test_wrong_keys_are_refused_and_throttled(tmp_path: Path, agent_factory) -> 
         wait_for(lambda: "refused this agent" in liar.log(), what="refusal")
         wait_for(lambda: "locked out" in stack.output(), timeout=30, what="lockout after repeated failures")
         liar.stop()
-        # Locked out: even the right key from this address is turned away for now.
+        # Locked out: this address guessed at this key id, so even the right key from it
+        # is turned away for now, at its hello and unchecked (tests/test_hostile_listeners.py
+        # has the NAT neighbour with other keys, who is not).
         honest = agent_factory(good, "honest", target=stack)
-        wait_for(lambda: any(w in honest.log() for w in ("failed", "cannot reach")),
-                 what="the locked-out address turned away")
+        wait_for(lambda: "refused this agent" in honest.log(), what="the locked-out address turned away")
         assert "connected to" not in honest.log()
         assert stack.cli("ping", "good").returncode != 0
         honest.stop()
@@ -429,7 +430,7 @@ def test_agent_refuses_a_readable_key_file_and_an_unverified_gateway(tmp_path: P
 
 
 async def test_admission_hands_a_freed_slot_to_the_newest_waiter() -> None:
-    from fleetbus_agent_outbound.gateway import Admission
+    from fleetbus_agent.admission import Admission
 
     admission = Admission(1)
     assert await admission.acquire(30)
@@ -447,7 +448,7 @@ async def test_admission_hands_a_freed_slot_to_the_newest_waiter() -> None:
 
 
 async def test_admission_turns_a_waiter_away_and_then_admits_at_once() -> None:
-    from fleetbus_agent_outbound.gateway import Admission
+    from fleetbus_agent.admission import Admission
 
     admission = Admission(1)
     assert await admission.acquire(30)
