@@ -221,6 +221,10 @@ def _gateway_metric(fleet: Fleet, name: str, **labels: str) -> float:
     return 0.0
 
 
+# The first byte of a TLS handshake record: enough to count as a client that spoke.
+TLS_RECORD_START = b"\x16"
+
+
 def test_handshakes_beyond_the_limit_wait_and_the_newest_goes_first(tmp_path: Path, agent_factory) -> None:
     stack = Fleet(tmp_path / "home", extra_args=[
         "--transport-setting", "agent-outbound.max_handshakes=1",
@@ -228,9 +232,13 @@ def test_handshakes_beyond_the_limit_wait_and_the_newest_goes_first(tmp_path: Pa
     try:
         key = add_agent_server(stack, "queued")
         host, port = gateway_of(stack)["address"].rsplit(":", 1)
-        # Takes the only slot and never starts TLS: held until its handshake deadline.
+        # Takes the only slot and never finishes its TLS hello: held until its handshake
+        # deadline. (A peer that sends nothing at all takes no slot: see
+        # tests/test_hostile_listeners.py.)
         holder = socket.create_connection((host, int(port)), timeout=10)
+        holder.sendall(TLS_RECORD_START)
         waiter = socket.create_connection((host, int(port)), timeout=10)
+        waiter.sendall(TLS_RECORD_START)
         wait_for(lambda: _gateway_metric(stack, "fleetbus_gateway_handshakes_waiting") == 1,
                  what="a connection waiting for the handshake slot")
         # The agent arrives last; when the holder is dropped, the slot goes to the newest.
@@ -259,7 +267,9 @@ def test_a_connection_that_left_while_waiting_gets_no_handshake(tmp_path: Path) 
     try:
         host, port = gateway_of(stack)["address"].rsplit(":", 1)
         holder = socket.create_connection((host, int(port)), timeout=10)  # accepted first: takes the slot
+        holder.sendall(TLS_RECORD_START)
         quitter = socket.create_connection((host, int(port)), timeout=10)
+        quitter.sendall(TLS_RECORD_START)
         wait_for(lambda: _gateway_metric(stack, "fleetbus_gateway_handshakes_waiting") == 1,
                  what="a connection waiting for the handshake slot")
         quitter.close()  # like an agent whose connect timed out

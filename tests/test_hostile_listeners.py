@@ -229,8 +229,10 @@ def test_wrong_keys_neither_lock_out_a_nat_neighbour_nor_pass_from_rotating_addr
         assert result["trusted"] == "welcome" and result["again"] == "welcome"
         assert result["fresh"] == "refused"  # the key id is locked for addresses it never came from
         url = stack.metrics_url
-        assert metric(url, "fleetbus_auth_failures_total", reason="bad_method") >= 10
-        assert metric(url, "fleetbus_auth_failures_total", reason="malformed_key") >= 10
+        # Most of the 1,000 never reach a hello once the address is penalised (dropped at
+        # admission); of those that do, every kind is counted.
+        assert metric(url, "fleetbus_auth_failures_total", reason="bad_method") > 0
+        assert metric(url, "fleetbus_auth_failures_total", reason="malformed_key") > 0
         assert metric(url, "fleetbus_auth_failures_total", reason="unknown_key") >= 20 + 20
         # Past the per-key budget, rotating guesses were refused unchecked.
         assert metric(url, "fleetbus_auth_failures_total", reason="locked_out") >= 300 - 40
@@ -239,7 +241,11 @@ def test_wrong_keys_neither_lock_out_a_nat_neighbour_nor_pass_from_rotating_addr
         wait_for(lambda: "more failed agent authentications from 127.0.0.5" in stack.output(),
                  timeout=10, what="the summary line")
         lines = [line for line in stack.output().splitlines() if "agent authentication" in line]
-        assert len(lines) < 60, len(lines)
+        intervals = took / 2 + 2  # auth_log_interval_s=2 above
+        # At most 20 first-failure or lockout lines and 21 summaries per interval in all;
+        # for one address, at most a first line, a lockout line and a summary.
+        assert len(lines) <= intervals * 41, len(lines)
+        assert len([line for line in lines if "from 127.0.0.5 " in line]) <= intervals * 3
         assert key not in stack.output() and key_id not in "\n".join(lines)
     finally:
         stack.stop()
@@ -290,7 +296,7 @@ def test_listening_agent_flood_commands_keep_working_and_memory_returns(tmp_path
             return time.monotonic() - started
 
         flood = start_flood(f"127.0.0.1:{port}", rate=RATE, hold=HELD + 1000, sources=SOURCES)
-        wait_for(lambda: "not accepting" in log_path.read_text() or open_fds(listener.pid) > 400,
+        wait_for(lambda: open_fds(listener.pid) > 200,  # MAX_UNAUTHENTICATED of listen.py: 256
                  timeout=10, what="the flood biting")
         runs, joins, peak = [], [], 0.0
         while flood.poll() is None:
@@ -336,9 +342,6 @@ async def test_a_new_address_goes_before_a_flooding_one() -> None:
     admission.release()
     await asyncio.sleep(0)
     assert flood[-1].done()  # within one address the newest goes first
-    assert admission.evict_oldest("flood")
-    await asyncio.sleep(0)
-    assert flood[0].result() == "shed"
     for f in flood:
         f.cancel()
     await asyncio.gather(*flood, return_exceptions=True)

@@ -16,10 +16,11 @@ handshake slot is free (:class:`Admission`). What it bounds, and why:
   total (``max_unauthenticated``). Past the total, a newcomer from a lighter address
   evicts the oldest waiting connection of the heaviest one, so a new address always
   gets a place.
+- **Silent peers take no slot**: a connection waits for a slot only once it has sent
+  something (a real client sends its TLS hello as soon as it connects); one that sends
+  nothing within ``silent_s`` is dropped, as is one whose peer hung up while waiting.
 - **One deadline** (``handshake_timeout_s``) for TLS and the hello together, and a
-  bounded wait for a slot (``wait_s``); a connection granted a slot after waiting
-  ``silent_s`` without sending a byte, or whose peer hung up, is dropped without a
-  handshake (a real client sends its TLS hello as soon as it connects).
+  bounded wait for a slot (``wait_s``).
 - **Descriptors** (:class:`.fdbudget.FdBudget`): past the budget it sheds as above, and
   when the reserve itself is reached it stops accepting (the kernel's backlog costs
   this process nothing) until descriptors are free again.
@@ -38,7 +39,7 @@ import socket
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Deque, Dict, Generic, Iterable, Optional, Set, TypeVar
+from typing import Any, Awaitable, Callable, Deque, Dict, Generic, Optional, Set, TypeVar
 
 from .fdbudget import RESERVE_FRACTION, RESERVE_MIN, FdBudget
 
@@ -99,7 +100,7 @@ class Admission:
         return await self.take(max_wait, source) == ""
 
     async def take(self, max_wait: float, source: str = "") -> str:
-        """Take a slot: "" when granted, else why not ("waited" or "shed")."""
+        """Take a slot: "" when granted, else why not ("waited")."""
         # A slot is only ever free while no live waiter is left, so a free one is taken
         # at once: nobody is overtaken.
         if self.active < self.limit:
@@ -143,23 +144,6 @@ class Admission:
             del self._queues[source]
         self.active -= 1
 
-    def sources_waiting(self) -> Iterable[str]:
-        """The source addresses with connections waiting (some may have just timed out)."""
-        return self._queues.keys()
-
-    def evict_oldest(self, source: str) -> bool:
-        """Turn away ``source``'s oldest waiting connection ("shed"); False if it has none."""
-        queue = self._queues.get(source)
-        while queue:
-            fut = queue.popleft()
-            if not fut.done():
-                fut.set_result("shed")
-                if not queue:
-                    del self._queues[source]
-                return True
-        self._queues.pop(source, None)
-        return False
-
     def _last_turn(self, source: str) -> int:
         return self._served.get(source, 0)
 
@@ -176,26 +160,25 @@ def _resolve(fut: asyncio.Future[str], value: str) -> None:
         fut.set_result(value)
 
 
-def _not_ready(sock: socket.socket, accepted_at: float, silent_s: float) -> str:
-    """Why a connection granted a slot is not worth a handshake ("" when it is)."""
+def _peer_gone(sock: socket.socket) -> bool:
+    """True when the peer already closed or reset the connection (Linux; else False)."""
     tcp_info = getattr(socket, "TCP_INFO", None)
-    if tcp_info is not None:
-        try:
-            if sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 1)[0] != _TCP_ESTABLISHED:
-                return "gone"  # it gave up while waiting (its connect timed out)
-        except OSError:
-            pass
+    if tcp_info is None:
+        return False
     try:
-        first = sock.recv(1, socket.MSG_PEEK)
-    except (BlockingIOError, InterruptedError):
-        first = None
+        return sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 1)[0] != _TCP_ESTABLISHED
     except OSError:
-        return "gone"
-    if first == b"":
-        return "gone"
-    if first is None and time.monotonic() - accepted_at >= silent_s:
-        return "silent"
-    return ""
+        return False
+
+
+def _peek(sock: socket.socket) -> Optional[bool]:
+    """True when the peer sent something, False when it hung up, None when nothing yet."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK) != b""
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return False
 
 
 def source_of(peer: Any) -> str:
@@ -230,6 +213,9 @@ class Gate(Generic[T]):
         self._dropped = dropped
         self._source_cap = source_cap
         self._held: Dict[str, int] = {}
+        # Per source, its connections not yet given a slot, oldest first (a dict as an
+        # ordered set): the ones a newcomer from a lighter source may evict.
+        self._waiting: Dict[str, Dict[asyncio.Task[Any], None]] = {}
         self.unauthenticated = 0
         """Connections accepted and not yet through their handshake."""
         self.accepted = 0
@@ -301,15 +287,29 @@ class Gate(Generic[T]):
         self.unauthenticated += 1
         assert self._loop is not None
         task = self._loop.create_task(self._run(conn, source, time.monotonic()))
+        self._waiting.setdefault(source, {})[task] = None
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     def _evict_for(self, held: int) -> bool:
-        """Turn away a waiting connection of the heaviest source, if heavier than ``held + 1``."""
-        heaviest = max(self.admission.sources_waiting(), key=lambda s: self._held.get(s, 0), default=None)
+        """Turn away the oldest waiting connection of the heaviest source, if that source
+        holds more than ``held + 1`` (the newcomer's source, once it is admitted)."""
+        heaviest = max(self._waiting, key=lambda s: self._held.get(s, 0), default=None)
         if heaviest is None or self._held.get(heaviest, 0) <= held + 1:
             return False
-        return self.admission.evict_oldest(heaviest)
+        waiting = self._waiting[heaviest]
+        task = next(iter(waiting))
+        self._not_waiting(heaviest, task)
+        self._dropped("shed")
+        task.cancel()  # its connection is closed as the task ends
+        return True
+
+    def _not_waiting(self, source: str, task: Optional[asyncio.Task[Any]]) -> None:
+        waiting = self._waiting.get(source)
+        if waiting is not None and task is not None:
+            waiting.pop(task, None)
+            if not waiting:
+                del self._waiting[source]
 
     def _refuse(self, conn: socket.socket, reason: str) -> None:
         self._dropped(reason)
@@ -340,16 +340,21 @@ class Gate(Generic[T]):
     # one connection ---------------------------------------------------------------------
     async def _run(self, conn: socket.socket, source: str, accepted_at: float) -> None:
         result: Optional[T] = None
+        task = asyncio.current_task()
         try:
-            refusal = await self.admission.take(self.settings.wait_s, source)
+            refusal = await self._first_byte(conn, accepted_at)
+            if not refusal:
+                refusal = await self.admission.take(self.settings.wait_s, source)
+            self._not_waiting(source, task)
             if refusal:
                 self._dropped(refusal)
                 conn.close()
                 return
             try:
-                reason = _not_ready(conn, accepted_at, self.settings.silent_s)
-                if reason:
-                    self._dropped(reason)
+                if _peer_gone(conn):
+                    # It gave up while waiting for a slot (its connect timed out): a
+                    # handshake would cost the key exchange and fail anyway.
+                    self._dropped("gone")
                     conn.close()
                     return
                 deadline = time.monotonic() + self.settings.handshake_timeout_s
@@ -360,6 +365,7 @@ class Gate(Generic[T]):
             conn.close()  # cancelled (stopping) or a bug: no half-open peer
             raise
         finally:  # closed, or through its handshake: no longer unauthenticated
+            self._not_waiting(source, task)
             left = self._held.get(source, 1) - 1
             if left:
                 self._held[source] = left
@@ -370,3 +376,29 @@ class Gate(Generic[T]):
                 self.budget.took(-1)
         if result is not None:
             await self._serve(result)
+
+    async def _first_byte(self, conn: socket.socket, accepted_at: float) -> str:
+        """Wait, without a slot, until the peer sends something: "" then, else why not.
+
+        A real client sends its TLS hello as soon as it is connected; a connection that
+        sends nothing within ``silent_s`` never takes a handshake slot from one that did.
+        Only readiness is watched here: no byte is read before the handshake.
+        """
+        sent = _peek(conn)
+        if sent is None:
+            assert self._loop is not None
+            fd = conn.fileno()
+            ready: asyncio.Future[str] = self._loop.create_future()
+            self._loop.add_reader(fd, _resolve, ready, "")
+            wait = max(0.0, self.settings.silent_s - (time.monotonic() - accepted_at))
+            timer = self._loop.call_later(wait, _resolve, ready, "silent")
+            try:
+                if await ready:
+                    return "silent"
+            finally:
+                timer.cancel()
+                self._loop.remove_reader(fd)
+            sent = _peek(conn)
+        if sent is None:
+            return "silent"
+        return "" if sent else "gone"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import ssl
 import time
@@ -127,7 +128,10 @@ class GatewayTransport(Transport):
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(f"agent-outbound settings: {exc}") from None
         self.penalised_per_address = int(settings.get("penalised_per_address", PENALISED_PER_ADDRESS))
-        self.failure_log = FailureLog(ctx.logger, "agent authentication", "agent authentications",
+        # The transport's own logger (ctx.logger), named here so settings can be checked
+        # before the host hands over a context with one.
+        self.failure_log = FailureLog(logging.getLogger(f"fleetbus.transport.{self.name}"),
+                                      "agent authentication", "agent authentications",
                                       interval_s=float(settings.get("auth_log_interval_s", 60.0)))
         self._tls: ssl.SSLContext | None = None
         self.advertise = settings.get("advertise")
