@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import secrets
+import socket
 import ssl
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from typing import Any
 
 import pytest
 from fleetbus_agent import protocol
-from fleetbus_agent.admission import Admission
+from fleetbus_agent.admission import Admission, AdmissionSettings, Gate
 from fleetbus_agent.fdbudget import FdBudget
 from fleetbus_agent.throttle import AuthThrottle, FailureLog
 from prometheus_client.parser import text_string_to_metric_families
@@ -345,6 +346,53 @@ async def test_a_new_address_goes_before_a_flooding_one() -> None:
     for f in flood:
         f.cancel()
     await asyncio.gather(*flood, return_exceptions=True)
+
+
+async def test_a_newcomer_evicts_from_the_heaviest_address_when_the_gate_is_full() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    handshakes: list[str] = []
+    dropped: list[str] = []
+
+    async def handshake(sock: socket.socket, source: str, deadline: float) -> None:
+        handshakes.append(source)
+        sock.close()
+
+    async def serve(_: object) -> None:
+        raise AssertionError("no handshake succeeds here")
+
+    gate: Gate[None] = Gate(listener, AdmissionSettings(max_unauthenticated=4, silent_s=30), handshake,
+                            serve, log=logging.getLogger("test.gate"), dropped=dropped.append)
+    gate.start()
+    loop = asyncio.get_running_loop()
+    silent = []
+    try:
+        for _ in range(4):  # silent: they wait for a first byte, holding every place
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.bind(("127.0.0.2", 0))
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            silent.append(sock)
+        deadline = loop.time() + 5
+        while gate.unauthenticated < 4:
+            assert loop.time() < deadline
+            await asyncio.sleep(0.01)
+        newcomer = socket.socket()
+        newcomer.setblocking(False)
+        newcomer.bind(("127.0.0.3", 0))
+        await loop.sock_connect(newcomer, ("127.0.0.1", port))
+        await loop.sock_sendall(newcomer, b"\x16")
+        while not handshakes:
+            assert loop.time() < deadline, dropped
+            await asyncio.sleep(0.01)
+        assert handshakes == ["127.0.0.3"] and dropped == ["shed"]
+        assert gate.unauthenticated == 3  # the evicted one and the newcomer are gone
+        newcomer.close()
+    finally:
+        for sock in silent:
+            sock.close()
+        await gate.aclose()
 
 
 def test_auth_throttle_by_key_id_and_by_address() -> None:

@@ -213,9 +213,9 @@ class Gate(Generic[T]):
         self._dropped = dropped
         self._source_cap = source_cap
         self._held: Dict[str, int] = {}
-        # Per source, its connections not yet given a slot, oldest first (a dict as an
-        # ordered set): the ones a newcomer from a lighter source may evict.
-        self._waiting: Dict[str, Dict[asyncio.Task[Any], None]] = {}
+        # Per source, its connections not yet given a slot, oldest first, each with
+        # whether its task has started: the ones a newcomer from a lighter source may evict.
+        self._waiting: Dict[str, Dict[asyncio.Task[Any], bool]] = {}
         self.unauthenticated = 0
         """Connections accepted and not yet through their handshake."""
         self.accepted = 0
@@ -287,7 +287,7 @@ class Gate(Generic[T]):
         self.unauthenticated += 1
         assert self._loop is not None
         task = self._loop.create_task(self._run(conn, source, time.monotonic()))
-        self._waiting.setdefault(source, {})[task] = None
+        self._waiting.setdefault(source, {})[task] = False
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -297,8 +297,11 @@ class Gate(Generic[T]):
         heaviest = max(self._waiting, key=lambda s: self._held.get(s, 0), default=None)
         if heaviest is None or self._held.get(heaviest, 0) <= held + 1:
             return False
-        waiting = self._waiting[heaviest]
-        task = next(iter(waiting))
+        # Only a task that has started: one cancelled before its first step would never
+        # run the code that closes its socket and gives back its place.
+        task = next((t for t, started in self._waiting[heaviest].items() if started), None)
+        if task is None:
+            return False
         self._not_waiting(heaviest, task)
         self._dropped("shed")
         task.cancel()  # its connection is closed as the task ends
@@ -341,6 +344,9 @@ class Gate(Generic[T]):
     async def _run(self, conn: socket.socket, source: str, accepted_at: float) -> None:
         result: Optional[T] = None
         task = asyncio.current_task()
+        waiting = self._waiting.get(source)
+        if waiting is not None and task in waiting:
+            waiting[task] = True  # started: may be evicted from now on
         try:
             refusal = await self._first_byte(conn, accepted_at)
             if not refusal:
