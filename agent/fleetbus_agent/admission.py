@@ -13,9 +13,10 @@ handshake slot is free (:class:`Admission`). What it bounds, and why:
   under a reconnect storm the newest connection is the one whose agent has not given
   up yet (an agent abandons a connect after 10 s and dials again).
 - **Unauthenticated connections held**: per source address (``max_per_source``) and in
-  total (``max_unauthenticated``). Past the total, a newcomer from a lighter address
-  evicts the oldest waiting connection of the heaviest one, so a new address always
-  gets a place.
+  total (``max_unauthenticated``). Past a cap the newcomer evicts the oldest connection
+  still waiting (not yet in its handshake): past the per-address cap, one of its own
+  address; past the total, one of the heaviest address when that holds more than the
+  newcomer's, so a new address always gets a place.
 - **Silent peers take no slot**: a connection waits for a slot only once it has sent
   something (a real client sends its TLS hello as soon as it connects); one that sends
   nothing within ``silent_s`` is dropped, as is one whose peer hung up while waiting.
@@ -62,11 +63,11 @@ class AdmissionSettings:
     """Limits on connections that have not authenticated yet (see the module docstring)."""
 
     max_handshakes: int = 64
-    max_unauthenticated: int = 1024
-    max_per_source: int = 128
+    max_unauthenticated: int = 4096
+    max_per_source: int = 2048
     handshake_timeout_s: float = 5.0
     wait_s: float = 5.0
-    silent_s: float = 2.0
+    silent_s: float = 5.0
     fd_reserve_min: int = RESERVE_MIN
     fd_reserve_fraction: float = RESERVE_FRACTION
 
@@ -216,6 +217,7 @@ class Gate(Generic[T]):
         # Per source, its connections not yet given a slot, oldest first, each with
         # whether its task has started: the ones a newcomer from a lighter source may evict.
         self._waiting: Dict[str, Dict[asyncio.Task[Any], bool]] = {}
+        self._evicted: Set[asyncio.Task[Any]] = set()
         self.unauthenticated = 0
         """Connections accepted and not yet through their handshake."""
         self.accepted = 0
@@ -272,18 +274,26 @@ class Gate(Generic[T]):
             self._take(conn, source_of(peer), room)
 
     def _take(self, conn: socket.socket, source: str, room: int) -> None:
-        held = self._held.get(source, 0)
         cap = self.settings.max_per_source
         if self._source_cap is not None:
             cap = min(cap, self._source_cap(source))
-        if held >= cap:
+        # Over a cap, the newest connection replaces the oldest waiting one rather than
+        # being refused: the oldest is the closest to being given up by its agent, and a
+        # refusal at once would only send an agent into longer and longer backoff (in a
+        # 5,000-agent reconnect storm from one address, refusing doubled the time to
+        # settle).
+        if self._held.get(source, 0) >= cap and not self._evict(source, "source_cap"):
             self._refuse(conn, "source_cap")
             return
-        if (self.unauthenticated >= self.settings.max_unauthenticated or room <= SHED_MARGIN) \
-                and not self._evict_for(held):
-            self._refuse(conn, "shed")
-            return
-        self._held[source] = held + 1
+        if self.unauthenticated >= self.settings.max_unauthenticated or room <= SHED_MARGIN:
+            held = self._held.get(source, 0)
+            heaviest = max(self._waiting, key=lambda s: self._held.get(s, 0), default=None)
+            if heaviest is None or self._held.get(heaviest, 0) <= held + 1:
+                heaviest = source  # none heavier: only its own oldest may go
+            if not self._evict(heaviest, "shed"):
+                self._refuse(conn, "shed")
+                return
+        self._held[source] = self._held.get(source, 0) + 1
         self.unauthenticated += 1
         assert self._loop is not None
         task = self._loop.create_task(self._run(conn, source, time.monotonic()))
@@ -291,21 +301,31 @@ class Gate(Generic[T]):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _evict_for(self, held: int) -> bool:
-        """Turn away the oldest waiting connection of the heaviest source, if that source
-        holds more than ``held + 1`` (the newcomer's source, once it is admitted)."""
-        heaviest = max(self._waiting, key=lambda s: self._held.get(s, 0), default=None)
-        if heaviest is None or self._held.get(heaviest, 0) <= held + 1:
-            return False
+    def _evict(self, source: str, reason: str) -> bool:
+        """Turn away ``source``'s oldest connection still waiting; False if it has none."""
+        waiting = self._waiting.get(source)
         # Only a task that has started: one cancelled before its first step would never
-        # run the code that closes its socket and gives back its place.
-        task = next((t for t, started in self._waiting[heaviest].items() if started), None)
+        # run the code that closes its socket.
+        task = next((t for t, started in waiting.items() if started), None) if waiting else None
         if task is None:
             return False
-        self._not_waiting(heaviest, task)
-        self._dropped("shed")
+        self._not_waiting(source, task)
+        self._dropped(reason)
+        self._evicted.add(task)
+        self._give_back(source)  # its place is the newcomer's now, not when it has ended
         task.cancel()  # its connection is closed as the task ends
         return True
+
+    def _give_back(self, source: str, closed: bool = True) -> None:
+        """``source`` holds one unauthenticated connection less (``closed``: its descriptor too)."""
+        left = self._held.get(source, 1) - 1
+        if left:
+            self._held[source] = left
+        else:
+            self._held.pop(source, None)
+        self.unauthenticated -= 1
+        if closed:
+            self.budget.took(-1)
 
     def _not_waiting(self, source: str, task: Optional[asyncio.Task[Any]]) -> None:
         waiting = self._waiting.get(source)
@@ -372,14 +392,10 @@ class Gate(Generic[T]):
             raise
         finally:  # closed, or through its handshake: no longer unauthenticated
             self._not_waiting(source, task)
-            left = self._held.get(source, 1) - 1
-            if left:
-                self._held[source] = left
+            if task in self._evicted:
+                self._evicted.discard(task)  # its place was given back when it was evicted
             else:
-                self._held.pop(source, None)
-            self.unauthenticated -= 1
-            if result is None:
-                self.budget.took(-1)
+                self._give_back(source, closed=result is None)
         if result is not None:
             await self._serve(result)
 

@@ -94,7 +94,8 @@ class ListenOptions:
         return AdmissionSettings(
             max_handshakes=self.max_handshakes, max_unauthenticated=self.max_unauthenticated,
             max_per_source=self.max_unauthenticated_per_address,
-            handshake_timeout_s=self.handshake_timeout_s, wait_s=self.handshake_timeout_s)
+            handshake_timeout_s=self.handshake_timeout_s, wait_s=self.handshake_timeout_s,
+            silent_s=self.handshake_timeout_s)
 
     def __repr__(self) -> str:  # the key stays out of any log or traceback
         return (f"ListenOptions(bind={self.bind!r}, port={self.port}, tls_dir={self.tls_dir!r}, "

@@ -17,9 +17,9 @@ Settings (``ctx.settings``): ``listen`` ("HOST:PORT", default "0.0.0.0:7443"),
 ``heartbeat_s`` (5), ``handshake_timeout_s`` (5: TLS and hello together),
 ``max_handshakes`` (64: agents in their TLS and key handshake at once; more wait,
 accepted), ``handshake_wait_s`` (as handshake_timeout_s: longest wait for a slot),
-``max_unauthenticated`` (1024), ``max_unauthenticated_per_address`` (128),
+``max_unauthenticated`` (4096), ``max_unauthenticated_per_address`` (2048),
 ``penalised_per_address`` (4: the cap for an address that keeps failing),
-``silent_s`` (2), ``fd_reserve`` (256: descriptors never taken by the listener; at least
+``silent_s`` (as handshake_timeout_s), ``fd_reserve`` (256: descriptors never taken by the listener; at least
 10 % of the limit), ``auth_log_interval_s`` (60), ``create_cert`` (True: make a CA and
 certificate on first start when none exists).
 """
@@ -119,11 +119,11 @@ class GatewayTransport(Transport):
         try:
             self.admission_settings = AdmissionSettings(
                 max_handshakes=settings.get("max_handshakes", MAX_HANDSHAKES),
-                max_unauthenticated=settings.get("max_unauthenticated", 1024),
-                max_per_source=settings.get("max_unauthenticated_per_address", 128),
+                max_unauthenticated=settings.get("max_unauthenticated", 4096),
+                max_per_source=settings.get("max_unauthenticated_per_address", 2048),
                 handshake_timeout_s=timeout,
                 wait_s=settings.get("handshake_wait_s", timeout),
-                silent_s=settings.get("silent_s", 2.0),
+                silent_s=settings.get("silent_s", timeout),
                 fd_reserve_min=int(settings.get("fd_reserve", 256)))
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(f"agent-outbound settings: {exc}") from None
