@@ -31,7 +31,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from . import DEFAULT_LISTEN_BIND, DEFAULT_LISTEN_PORT, __version__, protocol
 from .admission import AdmissionSettings, Gate
@@ -147,6 +147,14 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+@dataclass
+class _Turn:
+    """The proof checks of one address, one at a time."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 class Listener:
     """The accepting side of inbound mode; :func:`run_listen` drives one."""
 
@@ -163,6 +171,7 @@ class Listener:
         self.connections: Set[Connection] = set()
         self._tls: Optional[ssl.SSLContext] = None
         self._tasks: List[asyncio.Future[None]] = []
+        self._proof_turns: Dict[str, _Turn] = {}
         self._stopping = False
 
     async def start(self) -> ListenReady:
@@ -236,6 +245,29 @@ class Listener:
             sock.close()
             return None
         writer = asyncio.StreamWriter(transport, protocol_, reader, loop)
+        # One proof check at a time per address: a failure is known only once the
+        # handshake has closed the connection, so checks in parallel would let one
+        # address make any number of guesses before its lockout applies.
+        turn = self._proof_turns.get(ip)
+        if turn is None:
+            turn = self._proof_turns[ip] = _Turn()
+        turn.users += 1
+        try:
+            async with turn.lock:
+                return await self._prove(reader, writer, ip, remote, deadline)
+        finally:
+            turn.users -= 1
+            if not turn.users:
+                del self._proof_turns[ip]
+
+    async def _prove(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ip: str,
+                     remote: str, deadline: float
+                     ) -> Optional[Tuple[asyncio.StreamReader, asyncio.StreamWriter, Welcome, str]]:
+        """The challenge and the controller's proof, by ``deadline``; None if it failed."""
+        if self.throttle.locked(ip, PROOF):  # locked by the check this one waited for
+            self.failures.note(ip, "locked_out")
+            _abort(writer)
+            return None
         try:
             welcome = await protocol.agent_accept_handshake(
                 reader, writer, key=self.opts.key,

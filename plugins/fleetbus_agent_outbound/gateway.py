@@ -19,9 +19,9 @@ Settings (``ctx.settings``): ``listen`` ("HOST:PORT", default "0.0.0.0:7443"),
 accepted), ``handshake_wait_s`` (as handshake_timeout_s: longest wait for a slot),
 ``max_unauthenticated`` (4096), ``max_unauthenticated_per_address`` (2048),
 ``penalised_per_address`` (4: the cap for an address that keeps failing),
-``silent_s`` (as handshake_timeout_s), ``fd_reserve`` (256: descriptors never taken by the listener; at least
-10 % of the limit), ``auth_log_interval_s`` (60), ``create_cert`` (True: make a CA and
-certificate on first start when none exists).
+``silent_s`` (as handshake_timeout_s), ``fd_reserve`` (256: descriptors the listener
+never takes; at least 10 % of the limit), ``auth_log_interval_s`` (60), ``create_cert``
+(True: make a CA and certificate on first start when none exists).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class GatewayTransport(Transport):
         self.fingerprint = ""
         self._tasks: list[asyncio.Task[Any]] = []
         self._gate: Gate[tuple[Any, ...]] | None = None
-        self._accepted_since_trim = 0
+        self._accepted_at_trim = 0
         settings = ctx.settings
         self.listen = parse_listen(settings.get("listen", "0.0.0.0:7443"))
         self.heartbeat_s = float(settings.get("heartbeat_s", 5.0))
@@ -198,7 +198,6 @@ class GatewayTransport(Transport):
 
     async def _handshake(self, conn: socket.socket, ip: str, deadline: float) -> tuple[Any, ...] | None:
         """TLS, then hello/welcome with the key check, by ``deadline``; None when it failed."""
-        self._accepted_since_trim += 1
         try:
             peer = conn.getpeername()
             remote = f"{peer[0]}:{peer[1]}"
@@ -231,8 +230,8 @@ class GatewayTransport(Transport):
                 # Checked no further: the answer is the same as for a wrong key.
                 self._auth_failed(ip, key_id, "locked_out", count=False)
                 raise AuthError("auth_failed", "unknown or revoked key")
-            if parsed is None:
-                self._auth_failed(ip, None, "malformed_key")
+            if parsed is None:  # not a fleetbus key at all: as unknown as any
+                self._auth_failed(ip, None, "unknown_key")
                 raise AuthError("auth_failed", "unknown or revoked key")
             try:
                 match = await self.ctx.services.agent_keys.verify(key)
@@ -350,8 +349,9 @@ class GatewayTransport(Transport):
     async def _trim_after_handshakes(self) -> None:
         while True:
             await asyncio.sleep(TRIM_EVERY_S)
-            if self._accepted_since_trim:
-                self._accepted_since_trim = 0
+            # Every connection accepted counts, shed ones too: a flood leaves freed heap.
+            if self._gate is not None and self._gate.accepted != self._accepted_at_trim:
+                self._accepted_at_trim = self._gate.accepted
                 # In a thread: on a large heap it takes a few milliseconds the loop need not wait.
                 if not await asyncio.to_thread(trim_heap):
                     return  # not glibc: nothing to do, ever
