@@ -63,8 +63,8 @@ class AdmissionSettings:
     """Limits on connections that have not authenticated yet (see the module docstring)."""
 
     max_handshakes: int = 64
-    max_unauthenticated: int = 4096
-    max_per_source: int = 2048
+    max_unauthenticated: int = 8192
+    max_per_source: int = 8192
     handshake_timeout_s: float = 5.0
     wait_s: float = 5.0
     silent_s: float = 5.0

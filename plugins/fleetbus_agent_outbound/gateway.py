@@ -17,7 +17,9 @@ Settings (``ctx.settings``): ``listen`` ("HOST:PORT", default "0.0.0.0:7443"),
 ``heartbeat_s`` (5), ``handshake_timeout_s`` (5: TLS and hello together),
 ``max_handshakes`` (64: agents in their TLS and key handshake at once; more wait,
 accepted), ``handshake_wait_s`` (as handshake_timeout_s: longest wait for a slot),
-``max_unauthenticated`` (4096), ``max_unauthenticated_per_address`` (2048),
+``max_unauthenticated`` (8192), ``max_unauthenticated_per_address`` (8192: a fleet
+behind one NAT address reconnects at once too; fairness to other addresses comes from
+eviction and round-robin),
 ``penalised_per_address`` (4: the cap for an address that keeps failing),
 ``silent_s`` (as handshake_timeout_s), ``fd_reserve`` (256: descriptors the listener
 never takes; at least 10 % of the limit), ``auth_log_interval_s`` (60), ``create_cert``
@@ -119,8 +121,8 @@ class GatewayTransport(Transport):
         try:
             self.admission_settings = AdmissionSettings(
                 max_handshakes=settings.get("max_handshakes", MAX_HANDSHAKES),
-                max_unauthenticated=settings.get("max_unauthenticated", 4096),
-                max_per_source=settings.get("max_unauthenticated_per_address", 2048),
+                max_unauthenticated=settings.get("max_unauthenticated", 8192),
+                max_per_source=settings.get("max_unauthenticated_per_address", 8192),
                 handshake_timeout_s=timeout,
                 wait_s=settings.get("handshake_wait_s", timeout),
                 silent_s=settings.get("silent_s", timeout),
