@@ -397,6 +397,44 @@ async def test_a_newcomer_evicts_from_the_heaviest_address_when_the_gate_is_full
         await gate.aclose()
 
 
+async def test_the_gate_stops_accepting_at_the_descriptor_reserve_and_resumes() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    handshakes: list[str] = []
+
+    async def handshake(sock: socket.socket, source: str, deadline: float) -> None:
+        handshakes.append(source)
+        sock.close()
+
+    async def serve(_: object) -> None:
+        raise AssertionError("no handshake succeeds here")
+
+    room = [0]  # descriptors left before the reserve
+    budget = FdBudget(limit=1024, counter=lambda: 1024 - 256 - room[0], sample_s=0)
+    gate: Gate[None] = Gate(listener, AdmissionSettings(), handshake, serve,
+                            log=logging.getLogger("test.gate"), budget=budget)
+    gate.start()
+    loop = asyncio.get_running_loop()
+    client = socket.socket()
+    client.setblocking(False)
+    try:
+        await loop.sock_connect(client, listener.getsockname())
+        await loop.sock_sendall(client, b"\x16")
+        deadline = loop.time() + 5
+        while not gate.paused:
+            assert loop.time() < deadline
+            await asyncio.sleep(0.01)
+        assert gate.accepted == 0 and not handshakes  # left in the kernel's backlog
+        room[0] = 500
+        while not handshakes:
+            assert loop.time() < deadline
+            await asyncio.sleep(0.01)
+        assert handshakes == ["127.0.0.1"] and not gate.paused
+    finally:
+        client.close()
+        await gate.aclose()
+
+
 def test_auth_throttle_by_key_id_and_by_address() -> None:
     now = [0.0]
     throttle = AuthThrottle(clock=lambda: now[0])
