@@ -397,6 +397,43 @@ async def test_a_newcomer_evicts_from_the_heaviest_address_when_the_gate_is_full
         await gate.aclose()
 
 
+async def test_a_connection_accepted_in_the_same_batch_can_be_evicted() -> None:
+    # All three wait in the kernel's backlog and are accepted in one wake-up, before any
+    # of their tasks has run: the newcomer still gets its place, and the socket of the
+    # evicted connection (whose task never runs) is closed.
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.setblocking(False)
+    dropped: list[str] = []
+
+    async def never(*_: object) -> None:
+        raise AssertionError("nobody sends a byte here")
+
+    loop = asyncio.get_running_loop()
+    clients = []
+    for source in ("127.0.0.2", "127.0.0.2", "127.0.0.3"):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.bind((source, 0))
+        await loop.sock_connect(sock, listener.getsockname())
+        clients.append(sock)
+    gate: Gate[None] = Gate(listener, AdmissionSettings(max_unauthenticated=2, silent_s=30), never, never,
+                            log=logging.getLogger("test.gate"), dropped=dropped.append)
+    gate.start()
+    try:
+        deadline = loop.time() + 5
+        while gate.accepted < 3:
+            assert loop.time() < deadline
+            await asyncio.sleep(0.01)
+        assert dropped == ["shed"] and gate.unauthenticated == 2
+        assert await asyncio.wait_for(loop.sock_recv(clients[0], 1), 5) == b""  # the oldest, evicted
+        with pytest.raises(asyncio.TimeoutError):  # the newcomer is held
+            await asyncio.wait_for(loop.sock_recv(clients[2], 1), 0.2)
+    finally:
+        for sock in clients:
+            sock.close()
+        await gate.aclose()
+
+
 async def test_the_gate_stops_accepting_at_the_descriptor_reserve_and_resumes() -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setblocking(False)

@@ -214,10 +214,11 @@ class Gate(Generic[T]):
         self._dropped = dropped
         self._source_cap = source_cap
         self._held: Dict[str, int] = {}
-        # Per source, its connections not yet given a slot, oldest first, each with
-        # whether its task has started: the ones a newcomer from a lighter source may evict.
-        self._waiting: Dict[str, Dict[asyncio.Task[Any], bool]] = {}
+        # Per source, its connections not yet given a slot, oldest first (task -> socket):
+        # the ones a newcomer may evict.
+        self._waiting: Dict[str, Dict[asyncio.Task[Any], socket.socket]] = {}
         self._evicted: Set[asyncio.Task[Any]] = set()
+        self._started: Set[asyncio.Task[Any]] = set()
         self.unauthenticated = 0
         """Connections accepted and not yet through their handshake."""
         self.accepted = 0
@@ -245,6 +246,10 @@ class Gate(Generic[T]):
             self._resume_timer.cancel()
         self.paused = True
         self.listener.close()
+        for waiting in self._waiting.values():
+            for task, conn in waiting.items():
+                if task not in self._started:
+                    conn.close()  # its task is cancelled below before it ever runs
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -297,24 +302,30 @@ class Gate(Generic[T]):
         self.unauthenticated += 1
         assert self._loop is not None
         task = self._loop.create_task(self._run(conn, source, time.monotonic()))
-        self._waiting.setdefault(source, {})[task] = False
+        self._waiting.setdefault(source, {})[task] = conn
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
 
     def _evict(self, source: str, reason: str) -> bool:
         """Turn away ``source``'s oldest connection still waiting; False if it has none."""
         waiting = self._waiting.get(source)
-        # Only a task that has started: one cancelled before its first step would never
-        # run the code that closes its socket.
-        task = next((t for t, started in waiting.items() if started), None) if waiting else None
-        if task is None:
+        if not waiting:
             return False
+        task, conn = next(iter(waiting.items()))
         self._not_waiting(source, task)
         self._dropped(reason)
         self._evicted.add(task)
         self._give_back(source)  # its place is the newcomer's now, not when it has ended
-        task.cancel()  # its connection is closed as the task ends
+        if task.cancel() and task not in self._started:
+            # Accepted in this same batch: cancelled before its first step, its code never
+            # runs, so its socket is closed here. (A started one closes its own, after
+            # it has stopped watching the descriptor.)
+            conn.close()
         return True
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        self._evicted.discard(task)
 
     def _give_back(self, source: str, closed: bool = True) -> None:
         """``source`` holds one unauthenticated connection less (``closed``: its descriptor too)."""
@@ -364,9 +375,7 @@ class Gate(Generic[T]):
     async def _run(self, conn: socket.socket, source: str, accepted_at: float) -> None:
         result: Optional[T] = None
         task = asyncio.current_task()
-        waiting = self._waiting.get(source)
-        if waiting is not None and task in waiting:
-            waiting[task] = True  # started: may be evicted from now on
+        self._started.add(task)
         try:
             refusal = await self._first_byte(conn, accepted_at)
             if not refusal:
@@ -392,9 +401,8 @@ class Gate(Generic[T]):
             raise
         finally:  # closed, or through its handshake: no longer unauthenticated
             self._not_waiting(source, task)
-            if task in self._evicted:
-                self._evicted.discard(task)  # its place was given back when it was evicted
-            else:
+            self._started.discard(task)
+            if task not in self._evicted:  # else its place was given back at eviction
                 self._give_back(source, closed=result is None)
         if result is not None:
             await self._serve(result)
