@@ -10,7 +10,9 @@ from contextlib import AsyncExitStack
 import click
 
 from .. import __version__
-from .context import Globals, choose_event_loop, parse_options, pass_globals, run_async
+from ..errors import FleetbusError
+from ..home import Home
+from .context import Globals, choose_event_loop, fail, parse_options, pass_globals, run_async
 
 
 def _logging(verbose: int) -> None:
@@ -46,6 +48,17 @@ def _settings(gateway_listen: str, pairs: tuple[str, ...]) -> dict[str, dict[str
     return out
 
 
+def _secure(home: Home) -> None:
+    """Take secrets out of the environment and close the home folder, before anything
+    else runs (:func:`fleetbus.stack.secure_process_start`); a problem is one line."""
+    from ..stack import secure_process_start
+
+    try:
+        secure_process_start(home)
+    except FleetbusError as exc:
+        fail(exc.message)
+
+
 def _say(text: str) -> None:
     click.echo(text, err=False)
     sys.stdout.flush()
@@ -77,6 +90,7 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
 
     _logging(verbose)
     home = g.home_dir()
+    _secure(home)
     opts = StackOptions(home=home, nats_url=g.nats, nats_host=nats_host, nats_port=nats_port,
                         prefix=g.prefix, transports=_transports(transports),
                         host_settings=HostSettings(transport_settings=_settings(gateway_listen, transport_settings)),
@@ -131,6 +145,7 @@ def core(g: Globals, verbose: int, replicas: int, metrics_addr: str, check_inter
     from ..stack import StackOptions, start_stack, wait_for_signal
 
     _logging(verbose)
+    _secure(g.home_dir())
     opts = StackOptions(home=g.home_dir(), nats_url=g.nats, prefix=g.prefix, replicas=replicas,
                         metrics_addr=_metrics(metrics_addr), check_interval_s=check_interval,
                         check_timeout_s=check_timeout)
@@ -164,6 +179,7 @@ def worker(g: Globals, transports: str | None, threads: int, gateway_listen: str
     from ..stack import StackOptions, start_stack, wait_for_signal
 
     _logging(verbose)
+    _secure(g.home_dir())
     opts = StackOptions(home=g.home_dir(), nats_url=g.nats, prefix=g.prefix,
                         transports=_transports(transports),
                         host_settings=HostSettings(blocking_threads=threads,
