@@ -95,7 +95,8 @@ def test_no_ancestor_of_a_local_command_and_no_nats_server_holds_a_secret(tmp_pa
     worker = None
     try:
         env = {**fleet.environ(), "FLEETBUS_HOME": str(tmp_path / "worker-home"),
-               "FLEETBUS_NATS_URL": fleet.nats_url, "FLEETBUS_NATS_TOKEN": fleet.token}
+               "FLEETBUS_NATS_URL": fleet.nats_url, "FLEETBUS_NATS_TOKEN": fleet.token,
+               "CREDENTIALS_DIRECTORY": str(tmp_path / "credentials")}
         worker = Daemon(["worker", "--transports", "local", "--local-user", own_user()], env,
                         tmp_path / "worker.log", "serving local").start()
         wait_for(lambda: fleet.cli("ping", "local").returncode == 0, what="local served by the worker")
@@ -114,6 +115,7 @@ def test_no_ancestor_of_a_local_command_and_no_nats_server_holds_a_secret(tmp_pa
         # The command itself got none of them either.
         own = fleet.cli("run", "local", "--", "env")
         assert own.returncode == 0 and "FLEETBUS_MASTER_KEY" not in own.stdout
+        assert "CREDENTIALS_DIRECTORY" not in own.stdout  # nor where a key file would be
         assert master not in own.stdout and fleet.token not in own.stdout
 
         # `up` itself, and the nats-server it started.

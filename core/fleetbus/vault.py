@@ -75,10 +75,10 @@ class MasterKey:
         env = secret(ENV_MASTER_KEY)
         if env:
             return cls(_decode_key(env, ENV_MASTER_KEY), ENV_MASTER_KEY)
-        named = os.environ.get(ENV_MASTER_KEY_FILE)
+        named = secret(ENV_MASTER_KEY_FILE)
         if named:
             return cls(_read_key_file(Path(named), f"{named} ({ENV_MASTER_KEY_FILE})"), named)
-        credentials = os.environ.get(ENV_CREDENTIALS_DIRECTORY)
+        credentials = secret(ENV_CREDENTIALS_DIRECTORY)
         if credentials and (Path(credentials) / SYSTEMD_CREDENTIAL).exists():
             path = Path(credentials) / SYSTEMD_CREDENTIAL
             return cls(_read_key_file(path, f"systemd credential {SYSTEMD_CREDENTIAL}"), str(path))

@@ -16,6 +16,7 @@ the fleetbus agent runs on remote servers too; this module only adapts it to the
 from __future__ import annotations
 
 import os
+import pwd
 import socket
 from collections.abc import AsyncIterator
 
@@ -177,8 +178,6 @@ class LocalTransport(Transport):
         """Who ``local`` commands run as, for people: a user name and uid."""
         if self.run_as is not None:
             return str(self.run_as)
-        import pwd
-
         uid = os.geteuid()
         try:
             return f"{pwd.getpwuid(uid).pw_name} (uid {uid}, fleetbus's own user)"
