@@ -249,6 +249,26 @@ async def test_exec_as_the_user_gets_its_identity_not_ours(nobody_session: Sessi
     assert lines[4] == (nobody.pw_dir if os.path.isdir(nobody.pw_dir) else "/")
 
 
+async def test_a_working_directory_is_entered_as_the_user(nobody_session: Session, shared_dir: Path,
+                                                          tmp_path: Path) -> None:
+    # tmp_path lies under root-only folders; entering a folder as root first (what
+    # subprocess's cwd= does) would let the user read this file.
+    hidden = tmp_path / "open-folder"
+    hidden.mkdir(mode=0o755)
+    (hidden / "f").write_text("behind a 0700 parent\n")
+    (hidden / "f").chmod(0o644)
+    sink = RecordingSink()
+    with pytest.raises(TransportError, match=r"permission denied: working directory .* \(local runs as nobody\)"):
+        await nobody_session.exec(ExecSpec(argv=["cat", "f"], shell=None, cwd=str(hidden)), sink)
+    assert sink.data("stdout") == b""
+    with pytest.raises(NotFound, match="no such working directory"):
+        await nobody_session.exec(ExecSpec(argv=["true"], shell=None, cwd=str(shared_dir / "none")), sink)
+    (shared_dir / "g").write_text("reachable\n")
+    result = await nobody_session.exec(ExecSpec(argv=None, shell="pwd; cat g", cwd=str(shared_dir)), sink)
+    assert result.exit_code == 0
+    assert sink.data("stdout").decode() == f"{shared_dir}\nreachable\n"
+
+
 async def test_a_failed_put_as_the_user_leaves_no_temporary_file(nobody_session: Session,
                                                                  shared_dir: Path) -> None:
     async def broken() -> AsyncIterator[bytes]:

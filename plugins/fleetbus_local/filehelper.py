@@ -19,6 +19,9 @@ through this process.
   replaces a file, that file's owner if allowed; fsync; rename over P; fsync the
   directory; answer ``{"ok": true}``) or for anything else, end of file included
   (remove the temporary file).
+- ``{"op": "chdir", "path": P}``: changes into P and answers ``{"ok": true}`` with a
+  descriptor of it (``O_PATH``), then exits: the working directory of a command, which
+  fleetbus's child enters through ``/proc/self/fd/N`` while it is still root.
 
 A failure answers ``{"ok": false, "step": S, "errno": N, "strerror": T}``, or
 ``{"ok": false, "refused": "directory" | "not_regular"}`` for a path that is not a
@@ -165,6 +168,17 @@ def serve_create(sock, request):
                 pass
 
 
+def serve_chdir(sock, request):
+    try:
+        # chdir checks what the kernel checks for this user: search permission on P
+        # and on every folder above it.
+        os.chdir(request["path"])
+        fd = os.open(".", getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        return send(sock, ok=False, step="chdir", errno=exc.errno, strerror=exc.strerror)
+    send(sock, fd=fd, ok=True)
+
+
 def main():
     sock = socket.socket(fileno=0)
     request = receive(sock)
@@ -174,6 +188,8 @@ def main():
         serve_open(sock, request)
     elif request.get("op") == "create":
         serve_create(sock, request)
+    elif request.get("op") == "chdir":
+        serve_chdir(sock, request)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ from fleetbus.transport import (
 from fleetbus_agent import ops
 from fleetbus_agent.ops.runas import RunAs
 
-from .userfiles import get_file_as, put_file_as
+from .userfiles import WorkingDirectory, get_file_as, put_file_as
 from .users import SETTING as USER_SETTING
 from .users import local_user
 
@@ -82,13 +82,16 @@ class LocalSession(Session):
         self._run_as = run_as
 
     async def exec(self, spec: ExecSpec, output: OutputSink) -> ExecResult:
+        cwd: WorkingDirectory | None = None
         try:
+            if self._run_as is not None and spec.cwd is not None:
+                cwd = await WorkingDirectory.enter(self._run_as, spec.cwd, self._ctx.run_blocking)
             result = await ops.run_process(
                 ops.ExecSpec(
                     argv=spec.argv,
                     shell=spec.shell,
                     env=spec.env,
-                    cwd=spec.cwd,
+                    cwd=spec.cwd if cwd is None else cwd.path,
                     stdin=spec.stdin,
                     timeout_s=spec.timeout_s,
                 ),
@@ -100,6 +103,9 @@ class LocalSession(Session):
             )
         except ops.OpError as exc:
             raise fleetbus_error(exc) from exc
+        finally:
+            if cwd is not None:
+                cwd.close()
         return ExecResult(exit_code=result.exit_code, signal=result.signal)
 
     async def put(self, spec: PutSpec, source: AsyncIterator[bytes]) -> FileStat:

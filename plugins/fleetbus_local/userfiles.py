@@ -13,6 +13,13 @@ so a large file costs no more than as ourselves; the helper costs one process st
 
 Files a ``put`` creates are therefore owned by the user, and everything it may not
 reach fails with "permission denied", as it would for that user at a shell.
+
+An ``exec`` with a ``cwd`` needs the helper too. subprocess enters the working
+directory before it drops to the user, that is as root, which would let the command
+start inside a folder the user could never reach (one under a 0700 parent) and read
+what lies there. So the helper enters the folder as the user and hands back a
+descriptor of it, and the child enters it through ``/proc/self/fd/N``: the very folder
+the user was allowed into, with no window for the path to change in between.
 """
 
 from __future__ import annotations
@@ -90,6 +97,8 @@ class _Helper:
         fd = fds[0] if fds else None
         for extra in fds[1:]:
             os.close(extra)
+        if fd is not None:
+            os.set_inheritable(fd, False)  # recvmsg does not set close-on-exec
         if not data:
             if fd is not None:
                 os.close(fd)
@@ -162,6 +171,59 @@ def _open_as(run_as: RunAs, path: str) -> tuple[int, os.stat_result]:
     except BaseException:
         os.close(fd)
         raise
+
+
+def _chdir_as(run_as: RunAs, path: str) -> int:
+    helper = _Helper(run_as)
+    try:
+        answer, fd = helper.ask({"op": "chdir", "path": path})
+    finally:
+        helper.close()
+    if answer.get("ok") and fd is not None:
+        return fd
+    if fd is not None:
+        os.close(fd)
+    shown, number = shown_path(path), answer.get("errno")
+    if number == errno.ENOENT:
+        raise not_found(f"no such working directory: {shown}")
+    if number == errno.ENOTDIR:
+        raise invalid_request(f"working directory is not a directory: {shown}")
+    if number in (errno.EACCES, errno.EPERM):
+        raise transport_error(f"permission denied: working directory {shown} (local runs as {run_as.name})")
+    raise transport_error(f"cannot enter working directory {shown}: {answer.get('strerror') or 'error'}")
+
+
+class WorkingDirectory:
+    """A command's working directory as entered by ``run_as``; ``path`` is what to pass
+    as ``cwd`` while the object is open (``/proc/self/fd/N``). Close it once the process
+    has started."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+        self.path = f"/proc/self/fd/{fd}"
+
+    @classmethod
+    async def enter(cls, run_as: RunAs, path: str, run_blocking: ops.RunBlocking) -> WorkingDirectory:
+        if not os.path.isdir("/proc/self/fd"):
+            raise transport_error("a working directory for another user needs /proc (Linux)")
+        if not os.path.isabs(path):
+            path = os.path.join(run_as.default_cwd(), path)
+        task = asyncio.ensure_future(run_blocking(_chdir_as, run_as, path))
+        try:
+            return cls(await asyncio.shield(task))
+        except asyncio.CancelledError:
+            task.add_done_callback(_close_fd)
+            raise
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def _close_fd(task: asyncio.Future[int]) -> None:
+    if not task.cancelled() and task.exception() is None:
+        os.close(task.result())
 
 
 async def get_file_as(run_as: RunAs, path: str, run_blocking: ops.RunBlocking) -> ops.RemoteFile:
