@@ -9,7 +9,7 @@ it so), and a worker runs many threads. So each ``get`` or ``put`` starts a smal
 creates the temporary file, and later renames it into place) and hands the descriptor
 back over a socket. fleetbus reads or writes the bytes through that descriptor itself,
 so a large file costs no more than as ourselves; the helper costs one process start
-(about 20 ms) per operation.
+(20-40 ms measured here) per operation.
 
 Files a ``put`` creates are therefore owned by the user, and everything it may not
 reach fails with "permission denied", as it would for that user at a shell.
