@@ -65,7 +65,7 @@ class Server(Strict):
         if len(v) > 64:
             raise ValueError("at most 64 labels")
         for key, value in v.items():
-            if not LABEL_KEY_RE.match(key):
+            if not LABEL_KEY_RE.fullmatch(key):
                 raise ValueError(f"invalid label key {key!r}")
             if len(value) > 256:
                 raise ValueError(f"label {key!r} is longer than 256 characters")
@@ -75,7 +75,7 @@ class Server(Strict):
     @classmethod
     def _roles(cls, v: list[str]) -> list[str]:
         for role in v:
-            if not LABEL_KEY_RE.match(role):
+            if not LABEL_KEY_RE.fullmatch(role):
                 raise ValueError(f"invalid role {role!r}")
         return v
 
