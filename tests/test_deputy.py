@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
+from fleetbus.client import Client
+from fleetbus.errors import TransportError
+from fleetbus.subjects import Names
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from support.processes import Fleet
+from support.processes import Fleet, NatsServer
 
 S = "fleetbus.v1.servers"
 
@@ -142,3 +148,52 @@ async def test_a_reply_subject_outside_the_namespace_gets_no_reply(fleet_nc: NAT
     assert json.loads((await fleet_nc.request(f"fleetbus.v1.{op}", b"{}", timeout=10)).data)["ok"]
     await _a_later_command_completes(fleet_nc)
     assert seen == [], [m.data for m in seen]
+
+
+# The client's side: a peer learned from a message ---------------------------------------
+
+
+@pytest.fixture
+async def fake(nats_server: NatsServer) -> AsyncIterator[tuple[Client, NATS, str]]:
+    """A client on a plain NATS under its own prefix, and a connection for a fake worker."""
+    prefix = "fbdep" + uuid.uuid4().hex[:6]
+    worker = await nats.connect(nats_server.url)
+    conn = await nats.connect(nats_server.url)
+    yield Client(conn, Names(prefix), requester="test"), worker, prefix
+    await conn.close()
+    await worker.close()
+
+
+async def _serve(client: Client, worker: NATS, subject: str, cb: Any) -> None:
+    await worker.subscribe(subject, cb=cb)
+    await worker.flush()
+    await client.nc.flush()
+
+
+async def test_the_client_sends_no_file_where_a_fake_worker_points_it(fake, tmp_path: Path) -> None:
+    client, worker, prefix = fake
+    target = f"{prefix}.v1.admin.servers.remove"
+    seen = await _watch(worker, target)
+
+    async def misdirect(msg: Msg) -> None:  # grants credit, naming the admin API as its inbox
+        to = json.loads(msg.data)["stream"]["subject"]
+        await worker.publish(to, b"", headers={"Fleetbus-Transfer": "credit", "Fleetbus-Credit": str(1 << 20),
+                                               "Fleetbus-Subject": target})
+
+    await _serve(client, worker, f"{prefix}.v1.servers.ghost.put", misdirect)
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"s" * (2 * 1024 * 1024))
+    with pytest.raises(TransportError, match="not a reply subject"):
+        await client.put("ghost", src, "/anywhere", idle_s=5)
+
+    async def misdirect_get(msg: Msg) -> None:  # data whose sender names the admin API for credit
+        to = json.loads(msg.data)["stream"]["subject"]
+        await worker.publish(to, b"x" * 1000, headers={"Fleetbus-Transfer": "data", "Fleetbus-Seq": "1",
+                                                       "Fleetbus-Subject": target})
+
+    await _serve(client, worker, f"{prefix}.v1.servers.ghost.get", misdirect_get)
+    with pytest.raises(TransportError, match="not a reply subject"):
+        await client.get("ghost", "/anywhere", tmp_path / "dest.bin", idle_s=5)
+    await worker.flush()
+    await client.nc.flush()
+    assert seen == []
