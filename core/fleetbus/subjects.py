@@ -118,7 +118,9 @@ class ReplySubjects:
     a confused deputy. So a requester-named subject must start with one of ``prefixes``
     (inbox prefixes; ``_INBOX.`` by default) and must never be under fleetbus's own
     ``own_prefix`` or a NATS system subject (first token starting with ``$``), whatever
-    the prefixes say. docs/bus-api.md, "Reply subjects".
+    the prefixes say. docs/bus-api.md, "Reply subjects". Build it with
+    :meth:`Names.reply_subjects` (or :meth:`parse` with ``own_prefix``) so that the
+    deployment's own prefix is refused as a reply prefix.
     """
 
     prefixes: tuple[str, ...] = DEFAULT_REPLY_PREFIXES
@@ -153,7 +155,9 @@ class ReplySubjects:
 
     def allows(self, subject: str) -> bool:
         """Whether fleetbus may publish on ``subject`` for a requester."""
-        return subject.startswith(self.prefixes) and not self._reserved(subject)
+        # Enough on its own: a prefix is whole tokens and none was accepted whose first
+        # token is reserved, so a subject under one shares that first token.
+        return subject.startswith(self.prefixes)
 
     def check(self, subject: str) -> str:
         """``subject`` if allowed, else ValueError naming the rule (pydantic's error)."""
