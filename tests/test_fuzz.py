@@ -22,18 +22,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import json
 import logging
 import random
 import re
 import socket
+import ssl
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import nats
+import nats.errors
 import pytest
+from fleetbus.errors import ERROR_CODES
 from fleetbus_agent import protocol
 from fleetbus_agent.frames import DEFAULT_MAX_BODY, MIN_LIMIT, Frame, max_frame_size
 from fleetbus_agent.protocol import (
@@ -55,9 +62,12 @@ from fleetbus_agent.protocol import (
     inbound_proof,
     read_frame,
 )
+from nats.aio.client import Client as NATS
+from support.agents import Agent, add_agent_server, gateway_of, wait_online
 from support.fuzzing import (
     Findings,
     FuzzRun,
+    deep_json_text,
     dumps,
     encode_text,
     frame_stream,
@@ -67,10 +77,12 @@ from support.fuzzing import (
     mutate_json,
     random_header,
     random_json,
+    random_text,
     shown,
     split_randomly,
     valid_frame,
 )
+from support.processes import Fleet
 
 RUN = FuzzRun.from_env()
 
@@ -81,7 +93,7 @@ CI_CASES = {
     "frames_roundtrip": 1500,
     "frames_handshake": 400,
     "frames_connection": 300,
-    "gateway_preauth": 120,
+    "gateway_preauth": 200,
     "gateway_link": 120,
     "bus_bodies": 300,
 }
@@ -608,4 +620,687 @@ async def test_fuzz_frames_connection(protocol_errors: ErrorLog) -> None:
         for message in protocol_errors.take() + loop_errors:
             findings.add(index, f"{role}: logged {message[:120]}", detail)
         loop_errors.clear()
+    findings.check()
+
+
+# =========================================================================== gateway
+
+PREFIX = "fleetbus"
+STEADY = "fuzz-steady"  # a real agent that must keep answering whatever the fuzzer does
+LINK = "fuzz-link"  # the scripted agent's server
+PROTECTED = frozenset({"local", STEADY, LINK})
+TRACEBACK = "Traceback (most recent call last):"
+
+
+@dataclass
+class Live:
+    """The module's fleet with a real agent online and a key for the scripted one."""
+
+    fleet: Fleet
+    host: str
+    port: int
+    link_key: str
+    steady: Agent
+    workdir: Path
+
+
+@pytest.fixture(scope="module")
+def live(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    workdir = tmp_path_factory.mktemp("fuzz")
+    gateway = gateway_of(fleet)
+    steady = Agent(workdir / "steady", gateway["address"], gateway["fingerprint"],
+                   add_agent_server(fleet, STEADY)).start()
+    try:
+        wait_online(fleet, STEADY)
+        host, port = gateway["address"].rsplit(":", 1)
+        yield Live(fleet, host, int(port), add_agent_server(fleet, LINK), steady, workdir)
+    finally:
+        steady.stop()
+
+
+@dataclass
+class LogWatch:
+    """The fleet log from a point on: tracebacks in it, by the line that announced them."""
+
+    fleet: Fleet
+    offset: int = 0
+
+    @classmethod
+    def start(cls, fleet: Fleet) -> LogWatch:
+        return cls(fleet, len(fleet.output()))
+
+    def by_command(self) -> dict[str, str]:
+        """Where each command that failed unexpectedly failed, by command id."""
+        out = {}
+        for before, where in self.tracebacks():
+            m = re.search(r"command (\S+) on \S+ failed unexpectedly", before)
+            if m:
+                out[m.group(1)] = where
+            m = re.search(r"admin request on (\S+) failed", before)
+            if m:  # admin replies carry no id: the endpoint's subject stands in for it
+                out.setdefault(f"admin:{m.group(1)}", where)
+        return out
+
+    def tracebacks(self) -> list[tuple[str, str]]:
+        """(the log line before it, "ExcType: message @ file:function") per traceback since start."""
+        lines = self.fleet.output()[self.offset:].splitlines()
+        found = []
+        for i, line in enumerate(lines):
+            if line.strip() != TRACEBACK:
+                continue
+            frame, j = "?", i + 1
+            while j < len(lines) and (lines[j].startswith(" ") or lines[j].strip() in ("", TRACEBACK)):
+                if lines[j].startswith('  File "'):
+                    m = re.match(r'\s*File "([^"]+)", line \d+, in (\S+)', lines[j])
+                    frame = f"{Path(m.group(1)).name}:{m.group(2)}" if m else lines[j].strip()
+                j += 1
+            exc = lines[j].strip() if j < len(lines) else "?"
+            found.append((lines[i - 1] if i else "", f"{exc[:160]} @ {frame}"))
+        return found
+
+
+async def _fleet_nc(fleet: Fleet) -> NATS:
+    return await nats.connect(fleet.nats_url, token=fleet.token, max_reconnect_attempts=2)
+
+
+async def _still_serves(nc: NATS) -> list[str]:
+    """What no longer works: a real agent's ping and exec, and an exec on local."""
+    problems = []
+    checks = [(f"{STEADY}.ping", {}), (f"{STEADY}.exec", {"argv": ["echo", "steady"], "timeout_s": 20}),
+              ("local.exec", {"argv": ["echo", "steady"], "timeout_s": 20})]
+    for subject, body in checks:
+        try:
+            msg = await nc.request(f"{PREFIX}.v1.servers.{subject}", json.dumps(body).encode(), timeout=30)
+            reply = json.loads(msg.data)
+        except Exception as exc:
+            problems.append(f"{subject}: {type(exc).__name__} {exc}")
+            continue
+        if not reply.get("ok") or ("exec" in subject and reply.get("stdout") != "steady\n"):
+            problems.append(f"{subject}: {shown(reply, 200)}")
+    return problems
+
+
+# The messages fleetbus itself puts on an ``internal`` error; any other came from an agent.
+OWN_INTERNAL_MESSAGES = ("internal error", "agent sent a malformed result")
+
+
+@dataclass
+class Internal:
+    """A reply with code ``internal``: explained later by the traceback its command id logged."""
+
+    index: int
+    command_id: str
+    message: str
+    detail: str
+
+
+async def _after_target(findings: Findings, fleet: Fleet, watch: LogWatch, cases: str,
+                        internals: list[Internal]) -> None:
+    """The properties every live target ends with: no ``internal`` reply, the fleet still
+    serves, and its log has no traceback. Each ``internal`` is reported by where it came
+    from (the traceback logged for its command id), so one defect is one finding."""
+    explained = watch.by_command()
+    for case in internals:
+        message = case.message.split(": ", 1)[-1] if case.message.startswith("admin.") else case.message
+        cause = explained.get(case.command_id) or (
+            message[:100] if message.startswith(OWN_INTERNAL_MESSAGES)
+            else "with the agent's own message (its fail had no string code)")
+        findings.add(case.index, f"internal: {cause}", f"{case.message[:100]}; {case.detail}")
+    nc = await _fleet_nc(fleet)
+    try:
+        for problem in await _still_serves(nc):
+            findings.add(-1, f"the fleet stopped serving: {problem[:100]}", f"after cases {cases}")
+    finally:
+        await nc.close()
+    reported = {explained[c.command_id] for c in internals if c.command_id in explained}
+    for before, where in watch.tracebacks():
+        if where not in reported:
+            findings.add(-1, f"Traceback in the fleet log: {where}",
+                         f"logged after: {before[:200]}; one of cases {cases}")
+
+
+# ---------------------------------------------------------------- before authentication
+
+_CLIENT_HELLO: list[bytes] = []
+
+
+def _client_hello() -> bytes:
+    """A real TLS ClientHello, made in memory, for byte-level mutation."""
+    if not _CLIENT_HELLO:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        outgoing = ssl.MemoryBIO()
+        tls = ctx.wrap_bio(ssl.MemoryBIO(), outgoing)
+        with contextlib.suppress(ssl.SSLWantReadError):
+            tls.do_handshake()
+        _CLIENT_HELLO.append(outgoing.read())
+    return _CLIENT_HELLO[0]
+
+
+def _fake_key(rng: random.Random) -> str:
+    """A key of the right shape but never a real one: its id is random, so no real server
+    (nor a throttle keyed by key id) is ever charged for the fuzzer's failures."""
+    return f"fbk1_{rng.randbytes(8).hex()}_{base64.urlsafe_b64encode(rng.randbytes(32)).decode()[:43]}"
+
+
+def _preauth_payload(rng: random.Random, tls: bool) -> tuple[bytes, str]:
+    x = rng.random()
+    if not tls and x < 0.3:
+        data, how = mutate_bytes(rng, _client_hello())
+        return data, "mutated ClientHello: " + ", ".join(how)
+    if x < 0.45:
+        hello = {**_hello(rng), "auth": rng.choice(({"method": "key", "key": _fake_key(rng)},
+                                                     {"method": "password", "key": "x"}, {}, "key"))}
+        data, how = _as_frame(rng, hello)
+        return data, "hello: " + (", ".join(how) or "as is")
+    if x < 0.65:
+        data, what = frame_stream(rng)
+        return data, "frames: " + "; ".join(what)
+    if x < 0.8:
+        data, how = hostile_frame(rng)
+        return data, how
+    if x < 0.9:
+        return b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * rng.randint(1, 3), "HTTP request"
+    return rng.randbytes(rng.choice((1, 5, 6, 100, 20_000))), "random bytes"
+
+
+def _preauth_case(live: Live, index: int) -> tuple[int, str | None, str]:
+    """One connection of garbage from its own loopback address; returns (index, problem, detail)."""
+    rng = RUN.rng("gateway_preauth", index)
+    # A source address per case (all of 127/8 is loopback): the gateway throttles failures
+    # per address, and the fuzzer must not lock the real agents on 127.0.0.1 out.
+    source = f"127.{rng.randint(1, 254)}.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+    tls = rng.random() < 0.6
+    payload, what = _preauth_payload(rng, tls)
+    detail = f"{'TLS' if tls else 'plain TCP'} from {source}, {len(payload)} bytes: {what}"
+    try:
+        raw = socket.create_connection((live.host, live.port), timeout=10, source_address=(source, 0))
+    except OSError as exc:
+        return index, f"cannot connect: {exc}", detail
+    sock: socket.socket = raw
+    try:
+        if tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            try:
+                sock = ctx.wrap_socket(raw)
+            except (OSError, ssl.SSLError) as exc:
+                return index, f"TLS handshake refused: {type(exc).__name__}", detail
+        with contextlib.suppress(OSError):  # the gateway may have hung up already
+            for chunk in split_randomly(rng, payload):
+                sock.sendall(chunk)
+        # Our end of the input: the gateway must hang up now, not at its handshake deadline.
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + 4.0
+        sock.settimeout(1.0)
+        while time.monotonic() < deadline:
+            try:
+                if not sock.recv(65536):
+                    return index, None, detail
+            except TimeoutError:
+                continue
+            except (OSError, ssl.SSLError):
+                return index, None, detail
+        return index, "still open 4 s after our EOF", detail
+    finally:
+        sock.close()
+
+
+async def test_fuzz_gateway_preauth(live: Live) -> None:
+    """Garbage before authentication, over TLS and plain TCP: each connection is closed, the gateway serves on."""
+    target = "gateway_preauth"
+    findings = Findings(RUN, target)
+    watch = LogWatch.start(live.fleet)
+    indexes = RUN.indexes(CI_CASES[target])
+    loop = asyncio.get_running_loop()
+    with ThreadPoolExecutor(8) as pool:
+        results = await asyncio.gather(*(loop.run_in_executor(pool, _preauth_case, live, i) for i in indexes))
+    for index, problem, detail in results:
+        if problem is not None:
+            findings.add(index, problem, detail)
+    await _after_target(findings, live.fleet, watch, f"{indexes.start}-{indexes.stop - 1}", [])
+    findings.check()
+
+
+# ------------------------------------------------------------------ a keyed, scripted agent
+
+LINK_SOURCE = "127.0.0.2"  # the scripted agent's own address, apart from the real agent's
+
+# What the bus asks of the scripted agent, one per operation; harmless by construction,
+# since the scripted agent runs nothing.
+LINK_REQUESTS: dict[str, dict[str, Any]] = {
+    "exec": {"argv": ["true"], "timeout_s": 10},
+    "put": {"path": "/tmp/fuzz-link/never-written", "content_b64": base64.b64encode(b"hello").decode()},
+    "get": {"path": "/tmp/fuzz-link/never-read"},
+    "info": {},
+    "ping": {},
+}
+
+
+def _link_answer(rng: random.Random, op: str, s: int) -> tuple[list[bytes], list[str], bool]:
+    """The scripted agent's answer to stream ``s``: frames, what they are, and whether the
+    agent itself reported ``internal`` (the one way ``internal`` may reach the bus)."""
+    frames: list[bytes] = []
+    what: list[str] = []
+    internal = False
+
+    def add(header: dict[str, Any], body: bytes = b"", mutate: float = 0.5) -> None:
+        nonlocal internal
+        if rng.random() < mutate:
+            data, how = _as_frame(rng, header)
+            frames.append(data + body)
+            what.append(f"{header['t']} ({', '.join(how) or 'as is'})")
+            try:
+                sent = json.loads(data[6:].decode("utf-8", "surrogatepass"))
+            except ValueError:
+                sent = None
+        else:
+            frames.append(framed(encode_text(dumps(header, rng)), body))
+            what.append(f"{header['t']} {shown(header, 120)}")
+            sent = header
+        if isinstance(sent, dict) and sent.get("t") == "fail" and isinstance(sent.get("error"), dict) \
+                and sent["error"].get("code") == "internal":
+            internal = True
+
+    x = rng.random()
+    if x < 0.1:
+        data, how = frame_stream(rng)
+        return [data], ["frames: " + "; ".join(how)], False
+    if x < 0.25:
+        add({"t": "fail", "s": s, "error": {"code": rng.choice((*ERROR_CODES, "bogus", "")),
+                                            "message": random_text(rng)}})
+        return frames, what, internal
+    if op == "exec":
+        for _ in range(rng.randint(0, 3)):
+            add({"t": "out", "s": s, "stream": rng.choice(("stdout", "stderr", "stdin", "", None, 1))},
+                rng.randbytes(rng.choice((0, 3, 70_000))), mutate=0.2)
+        result: dict[str, Any] = {"exit_code": rng.choice((0, 1, 255, -1, None)), "signal": None}
+    elif op == "get":
+        size = rng.choice((0, 3, 10, -1, 2**40))
+        add({"t": "meta", "s": s, "size": size, "mode": rng.choice((0o644, None, -1, 2**40))}, mutate=0.3)
+        for _ in range(rng.randint(0, 2)):
+            add({"t": "data", "s": s}, rng.randbytes(rng.choice((0, 3, 10, 5000))), mutate=0.1)
+        result = {}
+    elif op == "put":
+        result = {"size": 5, "mode": 0o644}
+    elif op == "info":
+        result = {"hostname": "fuzz", "os": "Linux", "os_version": "1", "kernel": "6", "arch": "x86_64",
+                  "uptime_s": 12.5, "extra": {"agent_version": "fleetbus-agent/fuzz"}}
+    else:
+        result = {}
+    add({"t": "done", "s": s, "result": result}, mutate=0.7)
+    return frames, what, internal
+
+
+def _reply_problems(op: str, reply: Any, agent_said_internal: bool = False) -> list[str]:
+    """What breaks docs/bus-api.md in a server command's reply."""
+    if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
+        return [f"reply is not {{'ok': bool, ...}}: {shown(reply, 120)}"]
+    if not reply["ok"]:
+        error = reply.get("error")
+        if not isinstance(error, dict) or not isinstance(error.get("message"), str):
+            return [f"error is not {{'code', 'message'}}: {shown(error, 120)}"]
+        if error.get("code") not in ERROR_CODES:
+            return [f"undocumented error code {shown(error.get('code'), 40)}"]
+        if error["code"] == "internal" and not agent_said_internal:
+            return [f"internal {reply.get('id', '?')} {error['message'][:100]}"]
+        return []
+
+    def typed(name: str, *types: type) -> list[str]:
+        value = reply.get(name)
+        ok = any(type(value) is t for t in types)  # exact: a bool is not an integer here
+        return [] if ok else [f"ok reply has {name} of type {type(value).__name__}: {shown(value, 60)}"]
+
+    out = typed("id", str)
+    if op == "exec":
+        out += typed("exit_code", int, type(None)) + typed("signal", int, type(None))
+        out += typed("stdout", str) + typed("stderr", str) + typed("duration_s", int, float)
+    elif op in ("put", "get"):
+        out += typed("size", int) + typed("sha256", str) + typed("mode", str, type(None))
+        if isinstance(reply.get("size"), int) and reply["size"] < 0:
+            out.append(f"ok reply has a negative size {reply['size']}")
+        if isinstance(reply.get("mode"), str) and not re.fullmatch(r"[0-7]{4}", reply["mode"]):
+            out.append(f"ok reply has mode {shown(reply['mode'], 40)}")
+    elif op == "info":
+        for name in ("hostname", "os", "os_version", "kernel", "arch"):
+            out += typed(name, str, type(None))
+        out += typed("uptime_s", int, float, type(None)) + typed("extra", dict)
+    elif op == "ping":
+        out += typed("latency_s", int, float)
+    return out
+
+
+async def _request_served(nc: NATS, subject: str, body: bytes, timeout: float) -> Any:
+    """A request to a server that is being served right now: no responders is retried
+    until its subscription is in place (the gateway serves a server just after welcome)."""
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:
+            return await nc.request(subject, body, timeout=timeout)
+        except nats.errors.NoRespondersError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.01)  # a condition with a deadline: poll the subscription
+
+
+async def _open_link(live: Live) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the pin is not what is fuzzed here
+    reader, writer = await asyncio.open_connection(live.host, live.port, ssl=ctx,
+                                                   local_addr=(LINK_SOURCE, 0))
+    await agent_handshake(reader, writer, {"method": "key", "key": live.link_key}, timeout=5)
+    return reader, writer
+
+
+async def _next_open(reader: asyncio.StreamReader) -> Frame | None:
+    """The gateway's next ``open`` (pings answered by nobody: the case is short)."""
+    while True:
+        frame = await _read_frame_or_none(reader)
+        if frame is None or frame.type == "open":
+            return frame
+
+
+async def _link_case(live: Live, nc: NATS, rng: random.Random) -> tuple[str, list[str]]:
+    """One scripted-agent connection; returns (what was done, problems). A problem
+    ``internal <id>`` is a reply with code internal for command ``id``."""
+    try:
+        reader, writer = await _open_link(live)
+    except Exception as exc:
+        return "connect", [f"the gateway refused the link's real key: {type(exc).__name__} {exc}"]
+    try:
+        if rng.random() < 0.3:
+            # Unasked-for frames: the gateway answers a ping behind them, or hangs up.
+            data, what = _connection_input(rng, "controller", 3)
+            for chunk in split_randomly(rng, data):
+                writer.write(chunk)
+            whole = _frames_end_cleanly(data)
+            if whole:
+                writer.write(encode_frame({"t": "ping", "n": 424242}))
+            else:
+                writer.write_eof() if writer.can_write_eof() else writer.close()
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline:
+                frame = await _read_frame_or_none(reader)
+                if frame is None or (frame.type == "pong" and frame.header.get("n") == 424242):
+                    return "unasked: " + "; ".join(what), []
+            return "unasked: " + "; ".join(what), ["the gateway neither answered a ping nor hung up in 5 s"]
+        op = rng.choice(tuple(LINK_REQUESTS))
+        request = asyncio.create_task(_request_served(
+            nc, f"{PREFIX}.v1.servers.{LINK}.{op}", json.dumps(LINK_REQUESTS[op]).encode(), timeout=15))
+        opened = await _next_open(reader)
+        if opened is None:
+            request.cancel()
+            with contextlib.suppress(BaseException):
+                await request
+            return op, ["no open frame reached the scripted agent"]
+        frames, what, internal = _link_answer(rng, op, opened.stream or 1)
+        for frame in frames:
+            for chunk in split_randomly(rng, frame):
+                writer.write(chunk)
+        await writer.drain()
+        # Hang up after answering: a stream the answer left open must fail, not wait.
+        writer.close()
+        detail = f"{op}: " + "; ".join(what)
+        try:
+            msg = await request
+        except TimeoutError:
+            return detail, ["no reply within 15 s"]
+        except nats.errors.NoRespondersError:
+            return detail, ["no responders for the served link"]
+        try:
+            reply = json.loads(msg.data)
+        except ValueError:
+            return detail, [f"reply is not JSON: {msg.data[:100]!r}"]
+        return detail, _reply_problems(op, reply, internal)
+    finally:
+        writer.transport.abort()
+
+
+def _frames_end_cleanly(data: bytes) -> bool:
+    """Whether ``data`` parses as whole frames with nothing left over."""
+    parser = FrameParser()
+    parser.feed(data)
+    try:
+        while parser.next() is not None:
+            pass
+    except ProtocolError:
+        return False
+    return not parser.pending
+
+
+async def test_fuzz_gateway_link(live: Live) -> None:
+    """A keyed agent answering real commands with fuzzed frames: every command gets a
+    documented reply (never internal), and the gateway keeps serving everyone else."""
+    target = "gateway_link"
+    findings = Findings(RUN, target)
+    watch = LogWatch.start(live.fleet)
+    indexes = RUN.indexes(CI_CASES[target])
+    internals: list[Internal] = []
+    nc = await _fleet_nc(live.fleet)
+    try:
+        for index in indexes:
+            rng = RUN.rng(target, index)
+            try:
+                detail, problems = await asyncio.wait_for(_link_case(live, nc, rng), 30)
+            except TimeoutError:
+                findings.add(index, "link case hangs", "past 30 s")
+                continue
+            for problem in problems:
+                if problem.startswith("internal "):
+                    _, command_id, message = problem.split(" ", 2)
+                    internals.append(Internal(index, command_id, message, detail))
+                    continue
+                op = detail.split(":", 1)[0]
+                findings.add(index, f"{op}: {re.sub(r'[0-9]+', 'N', problem)[:120]}", f"{problem}; {detail}")
+    finally:
+        await nc.close()
+    await _after_target(findings, live.fleet, watch, f"{indexes.start}-{indexes.stop - 1}", internals)
+    findings.check()
+
+
+# =============================================================================== bus
+
+SERVER_OPS = ("exec", "put", "get", "info", "ping", "cancel")
+
+# Every admin endpoint (core/fleetbus/admin.py), and whether a *valid* body could change
+# state the other targets rely on. Those get their names steered away from the
+# protected servers (below); test_fuzz_bus_bodies checks this table against the
+# endpoints the running service announces, so a new endpoint must be classified here.
+ADMIN_ENDPOINTS = {
+    "servers.add": True,
+    "servers.list": False,
+    "servers.get": False,
+    "servers.remove": True,
+    "servers.rotate-key": True,
+    "servers.revoke-key": True,
+    "gateways.list": False,
+    "credentials.add": True,
+    "credentials.list": False,
+    "credentials.remove": True,
+}
+
+SAFE_PROGRAMS = frozenset({"true", "echo", "printf", "/bin/true", "/bin/echo", "pwd"})
+
+
+def _valid_body(rng: random.Random, subject: str, workdir: Path, index: int) -> dict[str, Any]:
+    """A body the endpoint accepts, as the starting point of a mutation."""
+    uid = f"fuzz-{RUN.seed}-{index}"
+    if subject == "exec":
+        body: dict[str, Any] = rng.choice((
+            {"argv": ["echo", "x"]}, {"shell": "# a comment"}, {"argv": ["true"], "env": {"A": "1"}},
+            {"argv": ["printf", "%s", "y"], "cwd": str(workdir), "stdin": "in", "timeout_s": 10},
+            {"argv": ["echo", "z"], "stdin_b64": "aGk=", "output_subject": f"_INBOX.fuzz.{index}"},
+        ))
+        return {"id": uid, **body} if rng.random() < 0.5 else body
+    if subject == "put":
+        content = rng.randbytes(rng.choice((0, 5, 100)))
+        body = {"path": str(workdir / "put" / f"f{index}"), "content_b64": base64.b64encode(content).decode(),
+                "mode": rng.choice(("0644", 420, None)), "sha256": hashlib.sha256(content).hexdigest()}
+        if rng.random() < 0.15:
+            del body["content_b64"], body["sha256"]
+            body["object"] = f"fuzz/none-{index}"
+        elif rng.random() < 0.05:
+            del body["content_b64"]
+            body["stream"] = {"subject": f"_INBOX.fuzz.{index}", "size": 5, "idle_s": 1}
+        return body
+    if subject == "get":
+        body = {"path": str(workdir / "small.txt"), "max_inline": rng.choice((0, 10, 524288))}
+        if rng.random() < 0.15:
+            body["object"] = f"fuzz/get-{index}"
+        elif rng.random() < 0.05:
+            body["stream"] = {"subject": f"_INBOX.fuzz.{index}", "window": 65536, "idle_s": 1}
+        return body
+    if subject in ("info", "ping"):
+        return rng.choice(({}, {"id": uid}))
+    if subject == "cancel":
+        return {"id": uid}
+    name = f"fuzz-{rng.randint(0, 20)}"
+    return {
+        "servers.add": {"server": {"name": name, "transport": rng.choice(("local", "agent-outbound")),
+                                   "roles": ["web"], "labels": {"a": "b"}, "max_concurrency": 2}},
+        "servers.get": {"name": rng.choice(("local", name))},
+        "servers.remove": {"name": name},
+        "servers.rotate-key": {"name": name},
+        "servers.revoke-key": {"name": name},
+        "credentials.add": {"name": f"fuzz-cred-{rng.randint(0, 5)}", "type": "password",
+                            "secret_b64": "c2VjcmV0", "replace": rng.random() < 0.5},
+        "credentials.remove": {"name": f"fuzz-cred-{rng.randint(0, 5)}", "force": rng.random() < 0.5},
+    }.get(subject, {})
+
+
+def _steer(subject: str, body: Any, workdir: Path) -> Any:
+    """Keep a mutated body from doing harm if it happens to be valid: no program but a
+    harmless one, no file written outside the fuzzer's folder, no wait longer than a
+    second for a streamed transfer, and no admin change to a server other targets use.
+    Only values that would be valid are steered; wrong ones stay wrong."""
+    if not isinstance(body, dict):
+        return body
+    if subject == "exec":
+        argv = body.get("argv")
+        if isinstance(argv, list) and argv and isinstance(argv[0], str) and argv[0] not in SAFE_PROGRAMS:
+            argv[0] = "fuzz-no-such-program"
+        if isinstance(body.get("shell"), str):
+            # A comment to the shell whatever it holds (NUL bytes and all).
+            body["shell"] = "#" + body["shell"].replace("\n", " ").replace("\r", " ")
+    if subject == "put" and isinstance(body.get("path"), str):
+        path = body["path"]
+        if path.startswith("/") and not str(Path(path.replace("\x00", "")).resolve()).startswith(str(workdir)):
+            body["path"] = str(workdir / "put" / "steered")
+    stream = body.get("stream") if subject in ("put", "get") else None
+    if isinstance(stream, dict) and (isinstance(stream.get("idle_s"), (int, float, str)) or "idle_s" not in stream):
+        stream["idle_s"] = 1
+    if ADMIN_ENDPOINTS.get(subject):
+        for record in (body, body.get("server")):
+            if isinstance(record, dict) and isinstance(record.get("name"), str) \
+                    and record["name"].strip().lower() in PROTECTED:
+                record["name"] = "fuzz-steered"
+        server = body.get("server")
+        if isinstance(server, dict) and isinstance(server.get("transport"), str) \
+                and server["transport"].strip() not in ("local", "agent-outbound"):
+            server["transport"] = "fuzz-none"  # no ssh or WinRM connection to a random host
+    return body
+
+
+def _bus_body(rng: random.Random, subject: str, workdir: Path, index: int) -> tuple[bytes, str]:
+    """A fuzzed request body for ``subject`` and a description of it."""
+    base = _valid_body(rng, subject, workdir, index)
+    x = rng.random()
+    if x < 0.6:
+        value, done = mutate_json(rng, base)
+        return encode_text(dumps(_steer(subject, value, workdir), rng)), "mutated: " + ", ".join(done)
+    if x < 0.7:
+        data, done = mutate_bytes(rng, json.dumps(_steer(subject, base, workdir)).encode())
+        return data, "damaged bytes: " + ", ".join(done)
+    if x < 0.78:
+        # Deep nesting as text no encoder writes, in a field or as the whole body.
+        deep = deep_json_text(rng)
+        key = rng.choice((*base, "unknown")) if base else "unknown"
+        return (deep if rng.random() < 0.3 else f'{{"{key}": {deep}}}').encode(), f"nested {deep.count('[') or deep.count('{')} deep at {key}"
+    if x < 0.86:
+        value = random_json(rng, 3)
+        return encode_text(dumps(_steer(subject, value, workdir), rng)), f"any JSON: {shown(value, 80)}"
+    if x < 0.9:
+        size = rng.choice((1024 * 1024, 1024 * 1024 + 1, 3 * 1024 * 1024))
+        return b'{"pad": "' + b"x" * (size - 11) + b'"}', f"{size}-byte body"
+    return rng.choice((b"", b" ", b"\n", b"\xff\xfe", b"\x00", b"nul", b"{", b"NaN", b"1e999")), "odd text"
+
+
+async def _bus_case(nc: NATS, rng: random.Random, index: int, workdir: Path) -> tuple[str, str, Any]:
+    """One request; returns (subject tail, what was sent, the reply or the exception)."""
+    if rng.random() < 0.65:
+        tail = f"servers.local.{rng.choice(SERVER_OPS)}"
+        if rng.random() < 0.03:
+            tail = f"servers.local.{rng.choice(('bogus', 'EXEC', 'exec-', 'x' * 40))}"
+    else:
+        tail = f"admin.{rng.choice(tuple(ADMIN_ENDPOINTS))}"
+    op = tail.rsplit(".", 1)[-1] if tail.startswith("servers.") else tail[len("admin."):]
+    body, what = _bus_body(rng, op, workdir, index)
+    # A header value NATS can carry: UTF-8, one line (CR/LF would end the header block).
+    requester = encode_text(random_text(rng, 20)).decode("utf-8", "replace").replace("\r", "").replace("\n", "")
+    headers = {"Fleetbus-Requester": requester or "fuzz"} if rng.random() < 0.2 else None
+    # Within the embedded NATS's 8 MiB max_payload, which nats-py enforces before sending.
+    body = body[: 4 * 1024 * 1024]
+    # cancel is silent unless it cancelled something (docs/bus-api.md): a short wait.
+    timeout = 1.5 if op == "cancel" else 20.0
+    try:
+        msg = await nc.request(f"{PREFIX}.v1.{tail}", body, timeout=timeout, headers=headers)
+    except Exception as exc:
+        return tail, what, exc
+    try:
+        return tail, what, json.loads(msg.data)
+    except ValueError:
+        return tail, what, msg.data
+
+
+async def test_fuzz_bus_bodies(live: Live) -> None:
+    """Fuzzed bodies to every server operation on local and every admin endpoint: a
+    documented reply to each, never internal, and local still runs commands afterwards."""
+    target = "bus_bodies"
+    findings = Findings(RUN, target)
+    watch = LogWatch.start(live.fleet)
+    workdir = live.workdir / "bus"
+    (workdir / "put").mkdir(parents=True, exist_ok=True)
+    (workdir / "small.txt").write_text("small\n")
+    indexes = RUN.indexes(CI_CASES[target])
+    internals: list[Internal] = []
+    nc = await _fleet_nc(live.fleet)
+    try:
+        info = json.loads((await nc.request("$SRV.INFO.fleetbus-admin", b"", timeout=10)).data)
+        announced = {e["subject"].removeprefix(f"{PREFIX}.v1.admin.") for e in info["endpoints"]}
+        assert announced == set(ADMIN_ENDPOINTS), f"classify the admin endpoints {announced ^ set(ADMIN_ENDPOINTS)}"
+        # A few at a time: fast, and far from the flood that issue 17's slow-consumer item is about.
+        gate = asyncio.Semaphore(6)
+
+        async def one(index: int) -> tuple[int, str, str, Any]:
+            async with gate:
+                return (index, *await _bus_case(nc, RUN.rng(target, index), index, workdir))
+
+        results = await asyncio.gather(*(one(i) for i in indexes))
+    finally:
+        await nc.close()
+    for index, tail, what, reply in results:
+        op = tail.rsplit(".", 1)[-1]
+        detail = f"{tail}: {what}"
+        if isinstance(reply, nats.errors.NoRespondersError):
+            findings.add(index, f"{tail}: no responders", detail)
+        elif isinstance(reply, nats.errors.TimeoutError):
+            if op != "cancel":
+                findings.add(index, f"{tail}: no reply within 20 s", detail)
+        elif isinstance(reply, Exception):
+            findings.add(index, f"{tail}: request failed with {type(reply).__name__}", f"{reply}; {detail}")
+        else:
+            problems = _reply_problems(op if tail.startswith("servers.") else "admin", reply)
+            for problem in problems:
+                if problem.startswith("internal "):
+                    _, command_id, message = problem.split(" ", 2)
+                    if tail.startswith("admin."):
+                        command_id = f"admin:{PREFIX}.v1.{tail}"
+                    internals.append(Internal(index, command_id, f"{tail}: {message}", detail))
+                elif not (tail.startswith("admin.") and problem.startswith("ok reply has id")):
+                    findings.add(index, f"{tail}: {re.sub(r'[0-9]+', 'N', problem)[:100]}", f"{problem}; {detail}")
+    await _after_target(findings, live.fleet, watch, f"{indexes.start}-{indexes.stop - 1}", internals)
     findings.check()

@@ -235,6 +235,8 @@ def mutate_json(rng: random.Random, value: Any, steps: int | None = None) -> tup
         node = _get(value, path)
         op = rng.randrange(11)
         where = ".".join(map(str, path)) or "<root>"
+        if len(where) > 40:
+            where = f"{where[:20]}...{where[-12:]} ({len(path)} deep)"
         if op == 0:
             value = _replace(value, path, _wrong_type(rng, node))
             done.append(f"wrong type at {where}")
