@@ -39,9 +39,10 @@ class FuzzRun:
 
     @classmethod
     def from_env(cls) -> FuzzRun:
-        seed = os.environ.get("FLEETBUS_FUZZ_SEED")
-        cases = os.environ.get("FLEETBUS_FUZZ_CASES")
-        only = os.environ.get("FLEETBUS_FUZZ_CASE")
+        env = _start_environment()
+        seed = env.get("FLEETBUS_FUZZ_SEED")
+        cases = env.get("FLEETBUS_FUZZ_CASES")
+        only = env.get("FLEETBUS_FUZZ_CASE")
         return cls(
             # 31 bits: short enough to read off a CI log and type back in.
             seed=int(seed) if seed else secrets.randbits(31),
@@ -61,8 +62,32 @@ class FuzzRun:
         return random.Random(f"{self.seed}:{target}:{index}")
 
     def reproducer(self, target: str, index: int) -> str:
-        return (f"FLEETBUS_FUZZ_SEED={self.seed} FLEETBUS_FUZZ_CASE={index} "
+        """The command that replays one case (``index`` < 0: the whole run of the target)."""
+        case = f" FLEETBUS_FUZZ_CASE={index}" if index >= 0 else ""
+        cases = f" FLEETBUS_FUZZ_CASES={self.cases}" if self.cases is not None and index < 0 else ""
+        return (f"FLEETBUS_FUZZ_SEED={self.seed}{case}{cases} "
                 f".venv/bin/python -m pytest tests/test_fuzz.py -k {target}")
+
+
+def _start_environment() -> dict[str, str]:
+    """The FLEETBUS_FUZZ_* variables the test process was started with.
+
+    tests/conftest.py removes every FLEETBUS_* variable at configure time, before test
+    modules are imported, so no test can reach a developer's real fleet. These three only
+    steer the fuzzer, so they are read from the environment the process started with
+    (/proc/self/environ keeps it; the tests run on Linux), after os.environ.
+    """
+    env = {k: v for k, v in os.environ.items() if k.startswith("FLEETBUS_FUZZ_")}
+    try:
+        with open("/proc/self/environ", "rb") as fh:
+            entries = fh.read().split(b"\0")
+    except OSError:
+        return env
+    for entry in entries:
+        name, sep, value = entry.decode(errors="replace").partition("=")
+        if sep and name.startswith("FLEETBUS_FUZZ_"):
+            env.setdefault(name, value)
+    return env
 
 
 # ------------------------------------------------------------------------- findings
@@ -100,7 +125,8 @@ class Findings:
     def report(self) -> str:
         lines = [f"fuzz target {self.target}: {len(self.found)} distinct failure(s), seed {self.run.seed}"]
         for f in self.found.values():
-            lines.append(f"- {f.signature} ({f.count} case(s)); first: case {f.index}")
+            first = f"case {f.index}" if f.index >= 0 else "seen after the cases ran"
+            lines.append(f"- {f.signature} ({f.count} case(s)); first: {first}")
             lines.append(f"    {f.detail}")
             lines.append(f"    reproduce: {self.run.reproducer(self.target, f.index)}")
         return "\n".join(lines)
