@@ -25,6 +25,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 import socket
@@ -676,26 +677,60 @@ class LogWatch:
             m = re.search(r"command (\S+) on \S+ failed unexpectedly", before)
             if m:
                 out[m.group(1)] = where
+        return out
+
+    def admin_failures(self) -> list[tuple[str, str]]:
+        """(subject, where) of each admin request that failed unexpectedly, in log order.
+
+        Admin replies carry no id. The core logs each failure just before it replies, in
+        the same step, on its one connection: so the n-th ``internal`` admin reply to
+        arrive is the n-th failure logged.
+        """
+        out = []
+        for before, where in self.tracebacks():
             m = re.search(r"admin request on (\S+) failed", before)
-            if m:  # admin replies carry no id: the endpoint's subject stands in for it
-                out.setdefault(f"admin:{m.group(1)}", where)
+            if m:
+                out.append((m.group(1), where))
         return out
 
     def tracebacks(self) -> list[tuple[str, str]]:
-        """(the log line before it, "ExcType: message @ file:function") per traceback since start."""
+        """(the log line before it, "ExcType: message @ our frame (innermost frame)") per
+        traceback since start; a chained one counts once, by its last exception.
+
+        "Our frame" is the innermost in fleetbus's own code: it names the defect better than
+        a library frame (a BadSubjectError is raised in nats-py whoever built the subject).
+        """
         lines = self.fleet.output()[self.offset:].splitlines()
         found = []
-        for i, line in enumerate(lines):
-            if line.strip() != TRACEBACK:
+        i = 0
+        while i < len(lines):
+            if lines[i].strip() != TRACEBACK:
+                i += 1
                 continue
-            frame, j = "?", i + 1
-            while j < len(lines) and (lines[j].startswith(" ") or lines[j].strip() in ("", TRACEBACK)):
-                if lines[j].startswith('  File "'):
+            before, ours, frame, j = (lines[i - 1] if i else ""), None, "?", i + 1
+            while True:
+                while j < len(lines) and lines[j].startswith(" "):
                     m = re.match(r'\s*File "([^"]+)", line \d+, in (\S+)', lines[j])
-                    frame = f"{Path(m.group(1)).name}:{m.group(2)}" if m else lines[j].strip()
-                j += 1
-            exc = lines[j].strip() if j < len(lines) else "?"
-            found.append((lines[i - 1] if i else "", f"{exc[:160]} @ {frame}"))
+                    if m:
+                        frame = f"{Path(m.group(1)).name}:{m.group(2)}"
+                        if re.search(r"/(core/fleetbus|plugins/fleetbus_\w+|agent/fleetbus_agent)/", m.group(1)):
+                            ours = frame
+                    j += 1
+                exc = lines[j].strip() if j < len(lines) else "?"
+                k = j + 1
+                while k < len(lines) and not lines[k].strip():
+                    k += 1
+                if k < len(lines) and lines[k].startswith(("During handling of the above exception",
+                                                           "The above exception was the direct cause")):
+                    k += 1
+                    while k < len(lines) and lines[k].strip() != TRACEBACK:
+                        k += 1
+                    j = k + 1
+                    continue
+                break
+            where = f"{ours} (in {frame})" if ours and ours != frame else frame
+            found.append((before, f"{exc[:160]} @ {where}"))
+            i = j + 1
         return found
 
 
@@ -732,6 +767,8 @@ class Internal:
     command_id: str
     message: str
     detail: str
+    arrived: float = 0.0
+    """When the reply arrived (monotonic): orders admin replies, which carry no id."""
 
 
 async def _after_target(findings: Findings, fleet: Fleet, watch: LogWatch, cases: str,
@@ -740,12 +777,25 @@ async def _after_target(findings: Findings, fleet: Fleet, watch: LogWatch, cases
     serves, and its log has no traceback. Each ``internal`` is reported by where it came
     from (the traceback logged for its command id), so one defect is one finding."""
     explained = watch.by_command()
+    admin = sorted((c for c in internals if c.command_id.startswith("admin:")), key=lambda c: c.arrived)
+    failures = watch.admin_failures()
+    if len(admin) == len(failures) and all(c.command_id == f"admin:{s}" for c, (s, _) in zip(admin, failures)):
+        for case, (_, where) in zip(admin, failures):
+            explained[case.command_id + f"#{case.index}"] = where
+            case.command_id += f"#{case.index}"
     for case in internals:
         message = case.message.split(": ", 1)[-1] if case.message.startswith("admin.") else case.message
-        cause = explained.get(case.command_id) or (
-            message[:100] if message.startswith(OWN_INTERNAL_MESSAGES)
-            else "with the agent's own message (its fail had no string code)")
-        findings.add(case.index, f"internal: {cause}", f"{case.message[:100]}; {case.detail}")
+        where = explained.get(case.command_id)
+        if where is not None:
+            # The exception's type and where it was raised name the defect; its message
+            # (which value broke it) goes in the detail.
+            cause = f"{where.split(':', 1)[0]} @ {where.rsplit(' @ ', 1)[-1]}"
+            message = where
+        elif message.startswith(OWN_INTERNAL_MESSAGES):
+            cause = message[:100]
+        else:
+            cause = "with the agent's own message (its fail had no string code)"
+        findings.add(case.index, f"internal: {cause}", f"{message[:200]}; {case.detail}")
     nc = await _fleet_nc(fleet)
     try:
         for problem in await _still_serves(nc):
@@ -755,8 +805,8 @@ async def _after_target(findings: Findings, fleet: Fleet, watch: LogWatch, cases
     reported = {explained[c.command_id] for c in internals if c.command_id in explained}
     for before, where in watch.tracebacks():
         if where not in reported:
-            findings.add(-1, f"Traceback in the fleet log: {where}",
-                         f"logged after: {before[:200]}; one of cases {cases}")
+            findings.add(-1, f"Traceback in the fleet log: {where.split(':', 1)[0]} @ {where.rsplit(' @ ', 1)[-1]}",
+                         f"{where}; logged after: {before[:200]}; one of cases {cases}")
 
 
 # ---------------------------------------------------------------- before authentication
@@ -856,8 +906,14 @@ async def test_fuzz_gateway_preauth(live: Live) -> None:
     watch = LogWatch.start(live.fleet)
     indexes = RUN.indexes(CI_CASES[target])
     loop = asyncio.get_running_loop()
+    def case(index: int) -> tuple[int, str | None, str]:
+        try:
+            return _preauth_case(live, index)
+        except Exception as exc:  # a fuzzer bug: reported, and the other cases still run
+            return index, f"the fuzzer failed: {type(exc).__name__}", f"{exc!r:.300}"
+
     with ThreadPoolExecutor(8) as pool:
-        results = await asyncio.gather(*(loop.run_in_executor(pool, _preauth_case, live, i) for i in indexes))
+        results = await asyncio.gather(*(loop.run_in_executor(pool, case, i) for i in indexes))
     for index, problem, detail in results:
         if problem is not None:
             findings.add(index, problem, detail)
@@ -933,6 +989,13 @@ def _link_answer(rng: random.Random, op: str, s: int) -> tuple[list[bytes], list
         result = {}
     add({"t": "done", "s": s, "result": result}, mutate=0.7)
     return frames, what, internal
+
+
+def _problem_kind(op: str, problem: str) -> str:
+    """A problem's signature: the same defect with other values is one finding."""
+    problem = re.sub(r"^(ok reply has \S+) of type .*", r"\1 of a wrong type", problem)
+    problem = re.sub(r"^ok reply has mode .*", "ok reply has a mode that is not 4 octal digits", problem)
+    return f"{op}: {re.sub(r'[0-9]+', 'N', problem)[:120]}"
 
 
 def _reply_problems(op: str, reply: Any, agent_said_internal: bool = False) -> list[str]:
@@ -1038,10 +1101,11 @@ async def _link_case(live: Live, nc: NATS, rng: random.Random) -> tuple[str, lis
                 await request
             return op, ["no open frame reached the scripted agent"]
         frames, what, internal = _link_answer(rng, op, opened.stream or 1)
-        for frame in frames:
-            for chunk in split_randomly(rng, frame):
-                writer.write(chunk)
-        await writer.drain()
+        with contextlib.suppress(OSError):  # the gateway may hang up half-way: that is allowed
+            for frame in frames:
+                for chunk in split_randomly(rng, frame):
+                    writer.write(chunk)
+            await writer.drain()
         # Hang up after answering: a stream the answer left open must fail, not wait.
         writer.close()
         detail = f"{op}: " + "; ".join(what)
@@ -1089,13 +1153,15 @@ async def test_fuzz_gateway_link(live: Live) -> None:
             except TimeoutError:
                 findings.add(index, "link case hangs", "past 30 s")
                 continue
+            except Exception as exc:  # a fuzzer bug: reported, and the other cases still run
+                findings.add(index, f"the fuzzer failed: {type(exc).__name__}", f"{exc!r:.300}")
+                continue
             for problem in problems:
                 if problem.startswith("internal "):
                     _, command_id, message = problem.split(" ", 2)
                     internals.append(Internal(index, command_id, message, detail))
                     continue
-                op = detail.split(":", 1)[0]
-                findings.add(index, f"{op}: {re.sub(r'[0-9]+', 'N', problem)[:120]}", f"{problem}; {detail}")
+                findings.add(index, _problem_kind(detail.split(":", 1)[0], problem), f"{problem}; {detail}")
     finally:
         await nc.close()
     await _after_target(findings, live.fleet, watch, f"{indexes.start}-{indexes.stop - 1}", internals)
@@ -1135,11 +1201,13 @@ def _valid_body(rng: random.Random, subject: str, workdir: Path, index: int) -> 
             {"argv": ["printf", "%s", "y"], "cwd": str(workdir), "stdin": "in", "timeout_s": 10},
             {"argv": ["echo", "z"], "stdin_b64": "aGk=", "output_subject": f"_INBOX.fuzz.{index}"},
         ))
-        return {"id": uid, **body} if rng.random() < 0.5 else body
+        return {"id": uid, **body} if rng.random() < 0.7 else body
     if subject == "put":
         content = rng.randbytes(rng.choice((0, 5, 100)))
         body = {"path": str(workdir / "put" / f"f{index}"), "content_b64": base64.b64encode(content).decode(),
                 "mode": rng.choice(("0644", 420, None)), "sha256": hashlib.sha256(content).hexdigest()}
+        if rng.random() < 0.7:
+            body["id"] = uid
         if rng.random() < 0.15:
             del body["content_b64"], body["sha256"]
             body["object"] = f"fuzz/none-{index}"
@@ -1188,7 +1256,9 @@ def _steer(subject: str, body: Any, workdir: Path) -> Any:
             body["shell"] = "#" + body["shell"].replace("\n", " ").replace("\r", " ")
     if subject == "put" and isinstance(body.get("path"), str):
         path = body["path"]
-        if path.startswith("/") and not str(Path(path.replace("\x00", "")).resolve()).startswith(str(workdir)):
+        # normpath, not resolve: the path may hold NUL or a lone surrogate, and the
+        # folder has no symlinks for ".." to escape through.
+        if path.startswith("/") and not os.path.normpath(path).startswith(f"{workdir}/"):
             body["path"] = str(workdir / "put" / "steered")
     stream = body.get("stream") if subject in ("put", "get") else None
     if isinstance(stream, dict) and (isinstance(stream.get("idle_s"), (int, float, str)) or "idle_s" not in stream):
@@ -1229,8 +1299,8 @@ def _bus_body(rng: random.Random, subject: str, workdir: Path, index: int) -> tu
     return rng.choice((b"", b" ", b"\n", b"\xff\xfe", b"\x00", b"nul", b"{", b"NaN", b"1e999")), "odd text"
 
 
-async def _bus_case(nc: NATS, rng: random.Random, index: int, workdir: Path) -> tuple[str, str, Any]:
-    """One request; returns (subject tail, what was sent, the reply or the exception)."""
+async def _bus_case(nc: NATS, rng: random.Random, index: int, workdir: Path) -> tuple[str, str, Any, float]:
+    """One request; returns (subject tail, what was sent, the reply or the exception, when it came)."""
     if rng.random() < 0.65:
         tail = f"servers.local.{rng.choice(SERVER_OPS)}"
         if rng.random() < 0.03:
@@ -1249,11 +1319,12 @@ async def _bus_case(nc: NATS, rng: random.Random, index: int, workdir: Path) -> 
     try:
         msg = await nc.request(f"{PREFIX}.v1.{tail}", body, timeout=timeout, headers=headers)
     except Exception as exc:
-        return tail, what, exc
+        return tail, what, exc, time.monotonic()
+    arrived = time.monotonic()
     try:
-        return tail, what, json.loads(msg.data)
+        return tail, what, json.loads(msg.data), arrived
     except ValueError:
-        return tail, what, msg.data
+        return tail, what, msg.data, arrived
 
 
 async def test_fuzz_bus_bodies(live: Live) -> None:
@@ -1275,14 +1346,17 @@ async def test_fuzz_bus_bodies(live: Live) -> None:
         # A few at a time: fast, and far from the flood that issue 17's slow-consumer item is about.
         gate = asyncio.Semaphore(6)
 
-        async def one(index: int) -> tuple[int, str, str, Any]:
+        async def one(index: int) -> tuple[int, str, str, Any, float]:
             async with gate:
-                return (index, *await _bus_case(nc, RUN.rng(target, index), index, workdir))
+                try:
+                    return (index, *await _bus_case(nc, RUN.rng(target, index), index, workdir))
+                except Exception as exc:  # a fuzzer bug: reported, and the other cases still run
+                    return index, "the fuzzer", f"failed: {exc!r:.300}", exc, 0.0
 
         results = await asyncio.gather(*(one(i) for i in indexes))
     finally:
         await nc.close()
-    for index, tail, what, reply in results:
+    for index, tail, what, reply, arrived in results:
         op = tail.rsplit(".", 1)[-1]
         detail = f"{tail}: {what}"
         if isinstance(reply, nats.errors.NoRespondersError):
@@ -1299,8 +1373,8 @@ async def test_fuzz_bus_bodies(live: Live) -> None:
                     _, command_id, message = problem.split(" ", 2)
                     if tail.startswith("admin."):
                         command_id = f"admin:{PREFIX}.v1.{tail}"
-                    internals.append(Internal(index, command_id, f"{tail}: {message}", detail))
+                    internals.append(Internal(index, command_id, f"{tail}: {message}", detail, arrived))
                 elif not (tail.startswith("admin.") and problem.startswith("ok reply has id")):
-                    findings.add(index, f"{tail}: {re.sub(r'[0-9]+', 'N', problem)[:100]}", f"{problem}; {detail}")
+                    findings.add(index, _problem_kind(tail, problem), f"{problem}; {detail}")
     await _after_target(findings, live.fleet, watch, f"{indexes.start}-{indexes.stop - 1}", internals)
     findings.check()

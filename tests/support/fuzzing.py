@@ -259,7 +259,9 @@ def mutate_json(rng: random.Random, value: Any, steps: int | None = None) -> tup
         paths = list(_paths(value))
         path = rng.choice(paths)
         node = _get(value, path)
-        op = rng.randrange(11)
+        # Suffixes on strings (op 7) get three shares: a valid value plus one character is
+        # where validation most often slips.
+        op = rng.choice((0, 1, 2, 3, 4, 5, 6, 7, 7, 7, 8, 9, 10))
         where = ".".join(map(str, path)) or "<root>"
         if len(where) > 40:
             where = f"{where[:20]}...{where[-12:]} ({len(path)} deep)"
@@ -285,9 +287,12 @@ def mutate_json(rng: random.Random, value: Any, steps: int | None = None) -> tup
         elif op == 6:
             value = _replace(value, path, random_number(rng))
             done.append(f"odd number at {where}")
-        elif op == 7 and isinstance(node, str):
-            value = _replace(value, path, node + rng.choice(("\n", "\x00", " ", "\ud800", ".x", "*")))
-            done.append(f"suffix on the string at {where}")
+        elif op == 7 and (strings := [p for p in paths if isinstance(_get(value, p), str)]):
+            # Any string, not only the node drawn: suffixes are how a valid name or id
+            # slips past a regex ending in "$", which matches before a final newline.
+            path = rng.choice(strings)
+            value = _replace(value, path, _get(value, path) + rng.choice(("\n", "\n", "\x00", " ", "\ud800", ".x", "*")))
+            done.append(f"suffix on the string at {'.'.join(map(str, path))[:40] or '<root>'}")
         elif op == 8 and isinstance(node, list):
             node.extend(random_json(rng, 1) for _ in range(rng.randint(1, 5)))
             done.append(f"longer list at {where}")
