@@ -96,7 +96,7 @@ CI_CASES = {
     "frames_connection": 300,
     "gateway_preauth": 200,
     "gateway_link": 120,
-    "bus_bodies": 300,
+    "bus_bodies": 500,
 }
 
 # A case taking longer than this is a hang (or quadratic work) as far as the fuzzer is

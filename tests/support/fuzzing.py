@@ -63,6 +63,8 @@ class FuzzRun:
 
     def reproducer(self, target: str, index: int) -> str:
         """The command that replays one case (``index`` < 0: the whole run of the target)."""
+        if index < 0 and self.only_case is not None:
+            index = self.only_case  # the run was one case already
         case = f" FLEETBUS_FUZZ_CASE={index}" if index >= 0 else ""
         cases = f" FLEETBUS_FUZZ_CASES={self.cases}" if self.cases is not None and index < 0 else ""
         return (f"FLEETBUS_FUZZ_SEED={self.seed}{case}{cases} "
