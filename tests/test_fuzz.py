@@ -941,7 +941,7 @@ def _link_answer(rng: random.Random, op: str, s: int) -> tuple[list[bytes], list
         if rng.random() < mutate:
             data, how = _as_frame(rng, header)
             frames.append(data + body)
-            what.append(f"{header['t']} ({', '.join(how) or 'as is'})")
+            what.append(f"{header['t']} ({', '.join(how) or 'as is'}: {data[6:126]!r})")
             try:
                 sent = json.loads(data[6:].decode("utf-8", "surrogatepass"))
             except ValueError:
@@ -1306,6 +1306,7 @@ async def _bus_case(nc: NATS, rng: random.Random, index: int, workdir: Path,
         tail = f"admin.{rng.choice(tuple(ADMIN_ENDPOINTS))}"
     op = tail.rsplit(".", 1)[-1] if tail.startswith("servers.") else tail[len("admin."):]
     body, what = _bus_body(rng, op, workdir, index)
+    what = f"{what}; body {body[:160]!r}" + (f" ({len(body)} bytes)" if len(body) > 160 else "")
     # A header value NATS can carry: UTF-8, one line (CR/LF would end the header block).
     requester = encode_text(random_text(rng, 20)).decode("utf-8", "replace").replace("\r", "").replace("\n", "")
     headers = {"Fleetbus-Requester": requester or "fuzz"} if rng.random() < 0.2 else None
