@@ -929,39 +929,29 @@ LINK_REQUESTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _link_answer(rng: random.Random, op: str, s: int) -> tuple[list[bytes], list[str], bool]:
-    """The scripted agent's answer to stream ``s``: frames, what they are, and whether the
-    agent itself reported ``internal`` (the one way ``internal`` may reach the bus)."""
+def _link_answer(rng: random.Random, op: str, s: int) -> tuple[list[bytes], list[str]]:
+    """The scripted agent's answer to stream ``s``: frames, and what they are. Even an
+    agent's own ``internal`` must reach the bus as ``transport_error``."""
     frames: list[bytes] = []
     what: list[str] = []
-    internal = False
 
     def add(header: dict[str, Any], body: bytes = b"", mutate: float = 0.5) -> None:
-        nonlocal internal
         if rng.random() < mutate:
             data, how = _as_frame(rng, header)
             frames.append(data + body)
             what.append(f"{header['t']} ({', '.join(how) or 'as is'}: {data[6:126]!r})")
-            try:
-                sent = json.loads(data[6:].decode("utf-8", "surrogatepass"))
-            except ValueError:
-                sent = None
         else:
             frames.append(framed(encode_text(dumps(header, rng)), body))
             what.append(f"{header['t']} {shown(header, 120)}")
-            sent = header
-        if isinstance(sent, dict) and sent.get("t") == "fail" and isinstance(sent.get("error"), dict) \
-                and sent["error"].get("code") == "internal":
-            internal = True
 
     x = rng.random()
     if x < 0.1:
         data, how = frame_stream(rng)
-        return [data], ["frames: " + "; ".join(how)], False
+        return [data], ["frames: " + "; ".join(how)]
     if x < 0.25:
         add({"t": "fail", "s": s, "error": {"code": rng.choice((*ERROR_CODES, "bogus", "")),
                                             "message": random_text(rng)}})
-        return frames, what, internal
+        return frames, what
     if op == "exec":
         for _ in range(rng.randint(0, 3)):
             add({"t": "out", "s": s, "stream": rng.choice(("stdout", "stderr", "stdin", "", None, 1))},
@@ -981,7 +971,7 @@ def _link_answer(rng: random.Random, op: str, s: int) -> tuple[list[bytes], list
     else:
         result = {}
     add({"t": "done", "s": s, "result": result}, mutate=0.7)
-    return frames, what, internal
+    return frames, what
 
 
 def _problem_kind(op: str, problem: str) -> str:
@@ -991,7 +981,7 @@ def _problem_kind(op: str, problem: str) -> str:
     return f"{op}: {re.sub(r'[0-9]+', 'N', problem)[:120]}"
 
 
-def _reply_problems(op: str, reply: Any, agent_said_internal: bool = False) -> list[str]:
+def _reply_problems(op: str, reply: Any) -> list[str]:
     """What breaks docs/bus-api.md in a server command's reply."""
     if not isinstance(reply, dict) or not isinstance(reply.get("ok"), bool):
         return [f"reply is not {{'ok': bool, ...}}: {shown(reply, 120)}"]
@@ -1001,7 +991,7 @@ def _reply_problems(op: str, reply: Any, agent_said_internal: bool = False) -> l
             return [f"error is not {{'code', 'message'}}: {shown(error, 120)}"]
         if error.get("code") not in ERROR_CODES:
             return [f"undocumented error code {shown(error.get('code'), 40)}"]
-        if error["code"] == "internal" and not agent_said_internal:
+        if error["code"] == "internal":
             return [f"internal {reply.get('id', '?')} {error['message'][:100]}"]
         return []
 
@@ -1093,7 +1083,7 @@ async def _link_case(live: Live, nc: NATS, rng: random.Random) -> tuple[str, lis
             with contextlib.suppress(BaseException):
                 await request
             return op, ["no open frame reached the scripted agent"]
-        frames, what, internal = _link_answer(rng, op, opened.stream or 1)
+        frames, what = _link_answer(rng, op, opened.stream or 1)
         with contextlib.suppress(OSError):  # the gateway may hang up half-way: that is allowed
             for frame in frames:
                 for chunk in split_randomly(rng, frame):
@@ -1112,7 +1102,7 @@ async def _link_case(live: Live, nc: NATS, rng: random.Random) -> tuple[str, lis
             reply = json.loads(msg.data)
         except ValueError:
             return detail, [f"reply is not JSON: {msg.data[:100]!r}"]
-        return detail, _reply_problems(op, reply, internal)
+        return detail, _reply_problems(op, reply)
     finally:
         writer.transport.abort()
 
