@@ -81,6 +81,18 @@ class Metrics:
         self.check_run_seconds = Histogram(
             "fleetbus_check_round_duration_seconds", "Time to check every server once.",
             buckets=CHECK_BUCKETS, registry=r)
+        # Overload (admission.py): what a worker answered without reading, and what it holds.
+        self.requests_shed = Counter(
+            "fleetbus_requests_shed", "Server commands answered without being read, by reason "
+            "(busy, too_large).", ["reason"], registry=r)
+        self.requests_waiting = Gauge(
+            "fleetbus_requests_waiting", "Server commands admitted and not yet running (being "
+            "parsed, or waiting for a parse turn, their id claim or a concurrency slot).", registry=r)
+        self.requests_waiting_bytes = Gauge(
+            "fleetbus_requests_waiting_bytes", "Body bytes of fleetbus_requests_waiting.", registry=r)
+        self.nats_slow_consumer = Counter(
+            "fleetbus_nats_slow_consumer_errors", "Messages nats-py dropped on this process's NATS "
+            "connection because a subscription had too much pending.", registry=r)
         self._per_transport: dict[str, TransportMetrics] = {}
 
     def for_transport(self, transport: str) -> TransportMetrics:
