@@ -18,7 +18,7 @@ MIB = 1024 * 1024
 
 def test_the_requester_is_the_reply_subject_without_its_last_token() -> None:
     assert requester_of("_INBOX.abc123.7") == "_INBOX.abc123"
-    assert requester_of("_INBOX.abc123") == "_INBOX"
+    assert requester_of("_INBOX.abc123") == "_INBOX.abc123"  # an old-style inbox per request
     assert requester_of("") == ""
 
 

@@ -12,16 +12,17 @@ loop (``dispatch.py``): its size against the request limit, then its bytes and c
 against what this worker holds *admitted but not yet running* (waiting to be parsed,
 parsed and waiting for its id claim or a concurrency slot). Beyond that bound the
 request is answered ``busy`` at once, which costs a small reply and no parsing. The
-bound is shared fairly among requesters: under load each may hold at most
+bound is shared fairly among requesters: each may hold at most
 ``1/(n+1)`` of it, ``n`` being how many hold some, so there is always room for one
 more; a requester holding nothing may always send one request, whatever its size.
 
 A *requester* is the reply subject without its last token: nats clients make every
 reply subject of one connection from one inbox prefix (``_INBOX.<nuid>.<token>``), so
-this tells connections apart without reading the body. It is a proxy: a requester
-that makes up a new prefix per request counts as many requesters (each may then hold
-one request), which loses it its fairness, not the bound. Requests without a reply
-subject share one requester, ``""``.
+this tells connections apart without reading the body (a reply subject of one or two
+tokens counts whole). It is a proxy: a requester that makes up a new prefix per
+request counts as many requesters (each may then hold one request), which loses it
+its fairness, not the bound. Requests without a reply subject share one requester,
+``""``.
 
 Large bodies are parsed one at a time, requesters taking turns, and parsing takes at
 most ``parse_share`` of the event loop's time: after a parse of ``t`` seconds the next
@@ -80,8 +81,11 @@ class AdmissionSettings:
 
 
 def requester_of(reply: str) -> str:
-    """Who is asking, as far as fairness goes: the reply subject without its last token."""
-    return reply.rpartition(".")[0] if reply else ""
+    """Who is asking, as far as fairness goes: the reply subject without its last token,
+    or the whole of a subject of one or two tokens (a client's old-style unique inbox
+    per request, ``_INBOX.<nuid>``, must not share one requester with every other)."""
+    head = reply.rpartition(".")[0]
+    return head if "." in head else reply
 
 
 class Ticket:
