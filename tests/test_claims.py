@@ -1,10 +1,11 @@
-"""Command-id claims of commands that never started, with a real outbound agent.
+"""Command-id claims of commands that never started, with a real outbound agent and
+across a restart of `fleetbus up`.
 
-An agent's server allows one command at a time. A first command runs (and keeps the
-slot); a second, with an id, waits for the slot. Then the agent is killed, or the
-waiting command is cancelled: the first was interrupted on the server, the second
-never reached it. A retry of the second runs it; a retry of the first gets its stored
-reply and runs nothing.
+A server allows one command at a time. A first command runs (and keeps the slot); a
+second, with an id, waits for the slot. Then the agent is killed, or the waiting
+command is cancelled, or the worker stops: the first was interrupted on the server,
+the second never reached it. A retry of the second runs it; a retry of the first gets
+its stored reply and runs nothing.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import json
 import os
 import secrets
 import signal
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 from nats.aio.client import Client as NATS
 from prometheus_client.parser import text_string_to_metric_families
@@ -152,3 +155,44 @@ async def test_a_command_cancelled_while_waiting_for_its_slot_runs_on_retry(
     assert interrupted["error"]["code"] == "cancelled", interrupted
     assert not one_slot.second_log.exists()
     await one_slot.retries_run_only_what_never_started(fleet_nc, interrupted)
+
+
+async def test_a_command_queued_when_the_worker_stops_runs_on_retry_after_the_restart(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    fleet = await asyncio.to_thread(Fleet(home).start)
+    marker, second_log = tmp_path / "first-started", tmp_path / "second.log"
+    script = f"open({str(marker)!r}, 'a').write('x'); import time; time.sleep(120)"
+    first = {"id": "first-" + secrets.token_hex(4), "timeout_s": 150, "argv": [sys.executable, "-c", script]}
+    second = {"id": "second-" + secrets.token_hex(4), "timeout_s": 10, "shell": f"echo ran >> {second_log}"}
+    try:
+        added = await asyncio.to_thread(fleet.cli, "servers", "add", "one-slot", "--transport", "local",
+                                        "--max-concurrency", "1")
+        assert added.returncode == 0, added.stderr
+        await until(lambda: fleet.cli("ping", "one-slot").returncode == 0, "one-slot served")
+        nc = await nats.connect(fleet.nats_url, token=fleet.token)
+        try:
+            first_reply = asyncio.create_task(exec_(nc, "one-slot", first))
+            await until(lambda: marker.exists() or first_reply.done(), "the first command to start")
+            assert not first_reply.done(), first_reply.result()
+            second_reply = asyncio.create_task(exec_(nc, "one-slot", second))
+            await until(lambda: queued(fleet, "local") == 1, "the second to wait for the slot")
+            await asyncio.to_thread(fleet.stop)
+            never_started = await asyncio.wait_for(second_reply, DEADLINE_S)
+            assert never_started["error"]["code"] == "cancelled", never_started
+            first_reply.cancel()
+        finally:
+            await nc.close()
+        assert not second_log.exists()
+
+        # The claim was dropped, not left "running": after the restart a retry runs it.
+        fleet = await asyncio.to_thread(Fleet(home).start)
+        nc = await nats.connect(fleet.nats_url, token=fleet.token)
+        try:
+            await until(lambda: fleet.cli("ping", "one-slot").returncode == 0, "one-slot served again")
+            retried = await exec_(nc, "one-slot", second)
+            assert retried["ok"] and retried["exit_code"] == 0, retried
+            assert second_log.read_text() == "ran\n"
+        finally:
+            await nc.close()
+    finally:
+        await asyncio.to_thread(fleet.stop)

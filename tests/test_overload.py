@@ -23,7 +23,7 @@ from fleetbus.admission import AdmissionSettings
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from prometheus_client.parser import text_string_to_metric_families
-from support.processes import FLEETBUS, Fleet
+from support.processes import FLEETBUS, Fleet, wait_for
 
 FLOOD = 270  # invalid requests of 1 MB: a 200,000-item argv, plus a field that does not exist
 OVERSIZE = 30  # requests over the 1 MiB limit
@@ -122,6 +122,7 @@ async def test_one_requester_holding_its_share_gets_busy_and_another_still_runs(
     command from another connection goes through."""
     added = fleet.cli("servers", "add", "one-slot", "--transport", "local", "--max-concurrency", "1")
     assert added.returncode == 0, added.stderr
+    wait_for(lambda: fleet.cli("ping", "one-slot").returncode == 0, what="one-slot served")
     share = AdmissionSettings().max_waiting // 2
     extra = 50
     replies = Replies(fleet_nc)

@@ -626,9 +626,10 @@ class PluginHost:
                 try:
                     await served.slots.acquire()
                 except asyncio.CancelledError:
-                    self._cancelled_by_request(task)
-                    raise Cancelled(f"command {command_id} was cancelled while queued "
-                                    "for a slot; it never started").not_started() from None
+                    self._cancelled_by_request(task, started=False)
+                    why = " (the worker is shutting down)" if self._stopping else ""
+                    raise Cancelled(f"command {command_id} was cancelled while queued for a "
+                                    f"slot{why}; it never started").not_started() from None
                 finally:
                     counted.queued.dec()
             else:
@@ -642,11 +643,14 @@ class PluginHost:
             counted.inflight.dec()
             served.running.pop(command_id, None)
 
-    def _cancelled_by_request(self, task: asyncio.Task[Any]) -> None:
+    def _cancelled_by_request(self, task: asyncio.Task[Any], started: bool) -> None:
         """Called on CancelledError inside a command: a cancel request (or unserve) ends
-        the command with the ``cancelled`` error; the host stopping ends the request
-        too, so it propagates (and the requester is told the worker is shutting down)."""
-        if self._stopping:
+        the command with the ``cancelled`` error. The host stopping ends a command that
+        has started together with its request, so it propagates (and the requester is
+        told the worker is shutting down); one that never started ends like any other
+        cancelled one, so its claim is dropped and a retry (elsewhere, or after the
+        restart) runs it."""
+        if self._stopping and started:
             raise asyncio.CancelledError
         task.uncancel()  # handled here: later awaits of this request must not see it
 
@@ -679,7 +683,7 @@ class PluginHost:
         except asyncio.CancelledError:
             task = asyncio.current_task()
             assert task is not None
-            self._cancelled_by_request(task)
+            self._cancelled_by_request(task, started)
             cancelled = Cancelled(f"command {command_id} was cancelled")
             raise (cancelled if started else cancelled.not_started()) from None
         except FleetbusError as exc:
