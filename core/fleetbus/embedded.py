@@ -28,6 +28,12 @@ from .home import Home, create_private, write_private
 
 TOKEN_ENV = "FLEETBUS_EMBEDDED_NATS_TOKEN"
 MAX_PAYLOAD = 8 * 1024 * 1024
+# What nats-server buffers for a client that reads behind before dropping it as a slow
+# consumer (its default: 64 MiB). Workers read fast and shed load rather than fall
+# behind (admission.py), but a process starved of CPU for a moment (a busy host) reads
+# nothing meanwhile: at 150 MB/s of 1 MB requests, 64 MiB is 0.4 s of that. This is
+# headroom for such moments, not the fix; it costs memory only while a client lags.
+MAX_PENDING = 256 * 1024 * 1024
 START_TIMEOUT_S = 20.0
 
 
@@ -107,6 +113,7 @@ class EmbeddedNats:
                 f"host: {json.dumps(self.host)}",
                 f"port: {self.port if self.port else -1}",
                 f"max_payload: {MAX_PAYLOAD}",
+                f"max_pending: {MAX_PENDING}",
                 f"ports_file_dir: {json.dumps(str(self.home.path))}",
                 f"jetstream {{ store_dir: {store} }}",
                 f"authorization {{ token: ${TOKEN_ENV} }}",
