@@ -136,8 +136,6 @@ async def test_the_client_and_cli_use_inboxes(fleet: Fleet, tmp_path: Path) -> N
     assert run.returncode == 0 and run.stdout == "live\n", run.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="the host and the admin service still reply on any reply "
-                   "subject: host.py/admin.py must check msg.reply with ReplySubjects.allows")
 @pytest.mark.parametrize("op", ["servers.local.ping", "admin.servers.list"])
 async def test_a_reply_subject_outside_the_namespace_gets_no_reply(fleet_nc: NATS, op: str) -> None:
     # The reply of a request is published by fleetbus too: here, into the audit stream
@@ -197,3 +195,28 @@ async def test_the_client_sends_no_file_where_a_fake_worker_points_it(fake, tmp_
     await worker.flush()
     await client.nc.flush()
     assert seen == []
+
+
+async def test_a_configured_reply_prefix_serves_clients_with_that_inbox_prefix(tmp_path: Path) -> None:
+    stack = Fleet(tmp_path / "home", env={"FLEETBUS_REPLY_PREFIXES": "_INBOX, ci.replies"}).start()
+    try:
+        nc = await nats.connect(stack.nats_url, token=stack.token, inbox_prefix="ci.replies")
+        try:
+            await _a_later_command_completes(nc)  # live output on ci.replies.<nuid>
+            client = Client(nc, Names("fleetbus"), requester="test")
+            src = tmp_path / "src.bin"
+            src.write_bytes(b"c" * (2 * 1024 * 1024))  # streamed both ways, on ci.replies inboxes
+            await client.put("local", src, str(tmp_path / "copy.bin"))
+            _, data = await client.get("local", str(tmp_path / "copy.bin"))
+            assert data == src.read_bytes()
+            reply = await _request(nc, "exec", {"argv": ["true"], "output_subject": "ci.repliesX.y"})
+            assert reply["error"]["code"] == "invalid_request"
+        finally:
+            await nc.close()
+    finally:
+        stack.stop()
+
+
+def test_a_reply_prefix_under_fleetbus_subjects_stops_the_start(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="reply prefix"):
+        Fleet(tmp_path / "home", env={"FLEETBUS_REPLY_PREFIXES": "fleetbus.v1"}).start()

@@ -57,14 +57,12 @@ from .limits import DEFAULT_STREAM_WINDOW, MAX_INLINE_BYTES, MAX_REQUEST_BYTES
 from .messages import (
     DEFAULT_TAIL_BYTES,
     OPERATIONS,
-    REQUEST_MODELS,
     CancelRequest,
     ExecRequest,
     GetRequest,
     PutRequest,
     Request,
-    describe_validation_error,
-    parse_json_object,
+    parse_request,
 )
 from .metrics import Metrics
 from .objects import ObjectFiles
@@ -74,7 +72,7 @@ from .registry import Registry
 from .services import CoreServices
 from .sessions import SessionPool
 from .streams import BackgroundHash, Receiver, Sender, chunk_limit, keep_alive
-from .subjects import Names
+from .subjects import DEFAULT_REPLY_PREFIXES, Names
 from .transport import Credential, ExecSpec, PutSpec, Session, Transport
 from .vault import Vault
 
@@ -105,6 +103,9 @@ class HostSettings:
     # What a streamed put may have in flight from its requester (bounds worker memory).
     stream_window: int = DEFAULT_STREAM_WINDOW
     tail_bytes: int = DEFAULT_TAIL_BYTES
+    # Where requesters' output and transfer subjects, and their reply subjects, must lie
+    # (docs/bus-api.md, "Reply subjects"); FLEETBUS_REPLY_PREFIXES.
+    reply_prefixes: tuple[str, ...] = DEFAULT_REPLY_PREFIXES
     home: Home = field(default_factory=Home.resolve)
     transport_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     # How much work this worker takes on before it answers `busy` (admission.py).
@@ -176,6 +177,7 @@ class PluginHost:
         self.state = state
         self.names: Names = state.names
         self.settings = settings or HostSettings()
+        self.replies = self.names.reply_subjects(self.settings.reply_prefixes)
         self.registry = Registry(state.servers, state.status)
         self.memory = CommandMemory(state.commands)
         self.auditor = Auditor(nc, self.names)
@@ -331,6 +333,8 @@ class PluginHost:
                 # Called from nats-py's read loop as the request is parsed (dispatch.py).
                 if msg.subject.endswith(".cancel"):
                     return  # answered by _on_cancel, which every host receives
+                if msg.reply and not self.replies.allows(msg.reply):
+                    return  # its reply would be fleetbus publishing where the requester chose
                 ticket = self._admit(msg)
                 if ticket is None:
                     return
@@ -416,6 +420,8 @@ class PluginHost:
         task = served.running.get(req.id) if served else None
         if task is None:
             return
+        if msg.reply and not self.replies.allows(msg.reply):
+            return  # not a reply subject: neither cancel nor answer
         task.cancel("cancelled by request")
         if msg.reply:
             await self.nc.publish(msg.reply, json.dumps({"ok": True, "id": req.id, "cancelled": True}).encode())
@@ -471,7 +477,7 @@ class PluginHost:
             deduplicated = False
             body_fp = ""
             async with self.admission.parse_turn(ticket):
-                body, req = _parse(op, msg.data)
+                body, req = parse_request(op, msg.data, self.replies)
                 if req.id is not None and op in ("exec", "put"):
                     deduplicated = True
                     body_fp = fingerprint(body)  # as costly as the parse on a large body
@@ -887,14 +893,6 @@ class PluginHost:
         return _Outcome(reply={"ok": True, "id": command_id, "server": served.server.name,
                                "transport": served.transport,
                                "latency_s": round(time.monotonic() - started, 6)})
-
-
-def _parse(op: str, data: bytes) -> tuple[dict[str, Any], Request]:
-    body = parse_json_object(data)
-    try:
-        return body, REQUEST_MODELS[op].model_validate(body)
-    except ValidationError as exc:
-        raise InvalidRequest(describe_validation_error(exc)) from None
 
 
 def _short(exc: BaseException) -> str:

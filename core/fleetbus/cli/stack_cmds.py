@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from contextlib import AsyncExitStack
@@ -68,6 +69,13 @@ def _secure(home: Home) -> None:
         fail(exc.message)
 
 
+def _reply_prefixes() -> tuple[str, ...]:
+    """FLEETBUS_REPLY_PREFIXES (comma-separated), else _INBOX. (docs/bus-api.md, "Reply subjects")."""
+    from ..subjects import ENV_REPLY_PREFIXES, ReplySubjects
+
+    return ReplySubjects.parse(os.environ.get(ENV_REPLY_PREFIXES)).prefixes
+
+
 def _say(text: str) -> None:
     click.echo(text, err=False)
     sys.stdout.flush()
@@ -104,7 +112,8 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
     opts = StackOptions(home=home, nats_url=g.nats, nats_host=nats_host, nats_port=nats_port,
                         prefix=g.prefix, transports=_transports(transports),
                         host_settings=HostSettings(transport_settings=_settings(gateway_listen, transport_settings,
-                                                                                local_user)),
+                                                                                local_user),
+                                                   reply_prefixes=_reply_prefixes()),
                         metrics_addr=_metrics(metrics_addr), check_interval_s=check_interval,
                         check_timeout_s=check_timeout)
 
@@ -156,11 +165,13 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
 def core(g: Globals, verbose: int, replicas: int, metrics_addr: str, check_interval: float,
          check_timeout: float) -> None:
     """Run the core alone (admin API, vault, registry) against a shared NATS."""
+    from ..host import HostSettings
     from ..stack import StackOptions, start_stack, wait_for_signal
 
     _logging(verbose)
     _secure(g.home_dir())
     opts = StackOptions(home=g.home_dir(), nats_url=g.nats, prefix=g.prefix, replicas=replicas,
+                        host_settings=HostSettings(reply_prefixes=_reply_prefixes()),
                         metrics_addr=_metrics(metrics_addr), check_interval_s=check_interval,
                         check_timeout_s=check_timeout)
 
@@ -200,7 +211,8 @@ def worker(g: Globals, transports: str | None, threads: int, gateway_listen: str
                         transports=_transports(transports),
                         host_settings=HostSettings(blocking_threads=threads,
                                                    transport_settings=_settings(gateway_listen, transport_settings,
-                                                                                local_user)),
+                                                                                local_user),
+                                                   reply_prefixes=_reply_prefixes()),
                         metrics_addr=_metrics(metrics_addr))
 
     async def main() -> None:
