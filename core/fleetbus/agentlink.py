@@ -19,7 +19,7 @@ import math
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, TypeVar
 
-from fleetbus_agent.protocol import Connection, ControllerStream
+from fleetbus_agent.protocol import Connection, ControllerStream, StreamError
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -188,9 +188,14 @@ class AgentSession(Session):
                                     "make_parents": spec.make_parents, "size": spec.size})
 
         async def send() -> None:
-            async for chunk in source:
-                await stream.send(chunk)
-            await stream.send_eof()
+            try:
+                async for chunk in source:
+                    await stream.send(chunk)
+                await stream.send_eof()
+            except StreamError as exc:
+                # The link went (or the agent ended the stream) while content was still
+                # going out: the stream's own code, e.g. server_offline, not a bug of ours.
+                raise error_from({"code": exc.code, "message": str(exc)}) from None
 
         sender = asyncio.create_task(send())
         waiter = asyncio.create_task(self._result(stream))
