@@ -30,6 +30,7 @@ from fleetbus_agent.ops.process import ProcessTimings
 from fleetbus_local import plugin
 from fleetbus_local.transport import LocalSession, LocalTransport
 from support.ops_helpers import RecordingSink, alive, chunks, temp_files, wait_until
+from support.processes import own_user
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the local transport is POSIX only")
 
@@ -42,7 +43,9 @@ class FakeContext:
     def __init__(self, settings: dict[str, Any] | None = None) -> None:
         self.transport_name = "local"
         self.logger = logging.getLogger("test.fleetbus_local")
-        self.settings: dict[str, Any] = settings or {}
+        # As the tests' own user: the tests use pytest's tmp folders, which under root
+        # the default local user (nobody) may not enter.
+        self.settings: dict[str, Any] = {"user": own_user(), **(settings or {})}
 
     async def run_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(None, fn, *args)

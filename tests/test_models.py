@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from fleetbus.errors import (
     ERROR_CODES,
@@ -11,14 +13,17 @@ from fleetbus.errors import (
     ServerOffline,
 )
 from fleetbus.messages import (
+    MAX_JSON_DEPTH,
     ExecRequest,
     GetRequest,
     PutRequest,
     describe_validation_error,
     parse_json_object,
+    parse_request,
 )
 from fleetbus.names import check_command_id, check_server_name
 from fleetbus.records import Server
+from fleetbus.subjects import Names, ReplySubjects
 from pydantic import ValidationError
 
 
@@ -58,7 +63,7 @@ def test_exec_rejects_bad_env_names_timeouts_and_subjects() -> None:
     with pytest.raises(ValidationError):
         ExecRequest(argv=["true"], timeout_s=0)
     with pytest.raises(ValidationError, match="output_subject"):
-        ExecRequest(argv=["true"], output_subject="a.>")
+        ExecRequest(argv=["true"], output_subject="_INBOX.>")
     with pytest.raises(ValidationError, match="unknown|Extra"):
         ExecRequest.model_validate({"argv": ["true"], "bogus": 1})
 
@@ -81,6 +86,91 @@ def test_put_modes_and_sources() -> None:
         PutRequest(path="/x", content_b64="not base64!")
     with pytest.raises(ValidationError, match="NUL"):
         GetRequest(path="/x\x00y")
+
+
+@pytest.mark.parametrize("mode", ["-0", "0o777", "  0644", "+644", "0644 ", "0x1ff", "", "07777", "8",
+                                  "1_0", "\u0664", True, 1.5, -1, 0o10000, [420]])
+def test_mode_is_strict_octal(mode: object) -> None:
+    with pytest.raises(ValidationError, match="mode"):
+        PutRequest.model_validate({"path": "/x", "content_b64": "", "mode": mode})
+
+
+@pytest.mark.parametrize(("mode", "value"), [("0644", 0o644), ("644", 0o644), ("7", 7), ("7777", 0o7777),
+                                             ("0000", 0), (420, 0o644), (0, 0), (0o7777, 0o7777), (None, None)])
+def test_mode_accepts_octal_digits_and_plain_integers(mode: object, value: int | None) -> None:
+    assert PutRequest.model_validate({"path": "/x", "content_b64": "", "mode": mode}).mode == value
+
+
+@pytest.mark.parametrize("body", [
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
+    b'{"argv": ["true"], "env": ' + b'{"a":' * 500 + b'"x"' + b"}" * 500 + b"}",
+    b'{"a":' * (MAX_JSON_DEPTH + 1) + b"1" + b"}" * (MAX_JSON_DEPTH + 1),
+])
+def test_deeply_nested_json_is_an_invalid_request(body: bytes) -> None:
+    with pytest.raises(InvalidRequest, match="nests deeper than"):
+        parse_json_object(body)
+
+
+def test_nesting_up_to_the_limit_parses() -> None:
+    depth = MAX_JSON_DEPTH
+    body = parse_json_object(b'{"a":' * (depth - 1) + b"[]" + b"}" * (depth - 1))
+    assert isinstance(body["a"], dict)
+    # Brackets inside strings are text, not nesting.
+    assert parse_json_object(b'{"shell": "' + b"[[{" * 100 + b'"}')["shell"].startswith("[[{")
+
+
+@pytest.mark.parametrize("subject", [
+    "fleetbus.v1.admin.servers.remove", "fleetbus.v1.servers.web2.exec", "fleetbus.v1.audit.x",
+    "$JS.API.STREAM.DELETE.FLEETBUS_AUDIT", "$SYS.REQ.SERVER.PING", "$SRV.PING", "$KV.b.k", "$O.b.C.x",
+    "_INBOX", "_INBOXES.x", "inbox.x", "$JS.API._INBOX.x",
+])
+def test_only_reply_subjects_may_be_named_for_output_and_transfers(subject: str) -> None:
+    bodies = {
+        "exec": {"argv": ["true"], "output_subject": subject},
+        "put": {"path": "/x", "stream": {"subject": subject}},
+        "get": {"path": "/x", "stream": {"subject": subject}},
+    }
+    for op, body in bodies.items():
+        with pytest.raises(InvalidRequest, match="not a reply subject: .* under _INBOX\\.") as caught:
+            parse_request(op, json.dumps(body).encode())
+        assert ("output_subject" if op == "exec" else "stream.subject") in caught.value.message
+    # Building a model directly applies the same rule (no context: the default namespace).
+    with pytest.raises(ValidationError, match="not a reply subject"):
+        ExecRequest(argv=["true"], output_subject=subject)
+
+
+def test_inbox_subjects_are_reply_subjects() -> None:
+    _, req = parse_request("exec", b'{"argv": ["true"], "output_subject": "_INBOX.abc.1"}')
+    assert isinstance(req, ExecRequest) and req.output_subject == "_INBOX.abc.1"
+    _, get = parse_request("get", b'{"path": "/x", "stream": {"subject": "_INBOX.k"}}')
+    assert isinstance(get, GetRequest) and get.stream is not None and get.stream.subject == "_INBOX.k"
+
+
+def test_a_configured_reply_prefix_is_a_reply_subject_and_the_default_stays_strict() -> None:
+    replies = ReplySubjects.parse("_INBOX, ci.replies.", own_prefix="fleetbus")
+    assert replies.prefixes == ("_INBOX.", "ci.replies.")
+    body = json.dumps({"path": "/x", "stream": {"subject": "ci.replies.42"}}).encode()
+    _, put = parse_request("put", body, replies)
+    assert isinstance(put, PutRequest) and put.stream is not None and put.stream.subject == "ci.replies.42"
+    with pytest.raises(InvalidRequest, match="not a reply subject"):
+        parse_request("put", body)  # not configured: refused
+    with pytest.raises(InvalidRequest, match="not a reply subject"):
+        parse_request("exec", b'{"argv": ["true"], "output_subject": "ci.replies2.x"}', replies)
+
+
+@pytest.mark.parametrize("setting", ["$JS", "$JS.API.", "$", "fleetbus", "fleetbus.v1.", "a.*", "a.>", "a b", ".x"])
+def test_a_reply_prefix_under_reserved_subjects_cannot_be_configured(setting: str) -> None:
+    with pytest.raises(InvalidRequest, match="reply prefix"):
+        ReplySubjects.parse(setting, own_prefix="fleetbus")
+
+
+def test_the_own_prefix_is_never_a_reply_subject_even_if_configured_otherwise() -> None:
+    replies = Names("acme").reply_subjects(("_INBOX.",))
+    assert replies.allows("_INBOX.x") and not replies.allows("acme.v1.admin.servers.remove")
+    with pytest.raises(InvalidRequest, match="reply prefix"):
+        Names("acme").reply_subjects(("acme.replies.",))
+    assert ReplySubjects.parse("", "acme").prefixes == ("_INBOX.",)
 
 
 def test_validation_message_is_one_line_naming_the_field() -> None:
@@ -108,9 +198,26 @@ def test_command_ids() -> None:
 def test_error_codes_round_trip_over_the_wire() -> None:
     assert set(ERROR_CODES) == {
         "invalid_request", "not_found", "server_offline", "timeout", "cancelled",
-        "auth_failed", "transport_error", "too_large", "internal",
+        "auth_failed", "transport_error", "too_large", "busy", "internal",
     }
     err = FleetbusError.from_wire(NotFound("no server named x").to_wire())
     assert isinstance(err, NotFound) and err.message == "no server named x"
     assert isinstance(FleetbusError.from_wire({"code": "server_offline", "message": "m"}), ServerOffline)
     assert FleetbusError.from_wire({"code": "made-up"}).code == "internal"
+
+
+def test_a_trailing_newline_passes_no_name_or_subject_check() -> None:
+    # re's "$" also matches before a final "\n": a subject "_INBOX.x\n" would end the
+    # NATS protocol line early on fleetbus's own connection, an id would split a header.
+    with pytest.raises(InvalidRequest):
+        check_server_name("web1\n")
+    with pytest.raises(InvalidRequest):
+        check_command_id("abc\n")
+    for body in ({"argv": ["true"], "output_subject": "_INBOX.x\n"}, {"argv": ["true"], "id": "abc\n"},
+                 {"argv": ["true"], "env": {"A\n": "x"}}):
+        with pytest.raises(InvalidRequest):
+            parse_request("exec", json.dumps(body).encode())
+    with pytest.raises(InvalidRequest):
+        parse_request("put", json.dumps({"path": "/x", "object": "a\n"}).encode())
+    with pytest.raises(ValidationError):
+        Server(name="ok", transport="local", labels={"k\n": "v"})

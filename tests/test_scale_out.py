@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.processes import FLEETBUS, Daemon, Fleet, NatsServer, pid_alive, wait_for
+from support.processes import FLEETBUS, Daemon, Fleet, NatsServer, own_user, pid_alive, wait_for
 
 
 @pytest.fixture
@@ -34,8 +34,8 @@ def test_core_and_two_workers_share_the_load_and_survive_a_worker_loss(
     shared: dict[str, str], tmp_path: Path
 ) -> None:
     core = Daemon(["core"], shared, tmp_path / "core.log", "fleetbus core").start()
-    workers = [Daemon(["worker", "--transports", "local"], shared, tmp_path / f"w{i}.log",
-                      "serving local").start() for i in range(2)]
+    workers = [Daemon(["worker", "--transports", "local", "--local-user", own_user()], shared,
+                      tmp_path / f"w{i}.log", "serving local").start() for i in range(2)]
     try:
         assert cli(shared, "servers", "add", "shared1", "--transport", "local").returncode == 0
         wait_for(lambda: cli(shared, "ping", "shared1").returncode == 0, what="shared1 served")
@@ -113,7 +113,8 @@ def test_a_worker_stopping_mid_command_stops_it_and_tells_the_requester(
     shared: dict[str, str], tmp_path: Path
 ) -> None:
     core = Daemon(["core"], shared, tmp_path / "core.log", "fleetbus core").start()
-    worker = Daemon(["worker", "--transports", "local"], shared, tmp_path / "w.log", "serving local").start()
+    worker = Daemon(["worker", "--transports", "local", "--local-user", own_user()], shared,
+                    tmp_path / "w.log", "serving local").start()
     requester = None
     try:
         assert cli(shared, "servers", "add", "shared1", "--transport", "local").returncode == 0

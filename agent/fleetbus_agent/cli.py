@@ -6,7 +6,9 @@
 
 The key comes from ``--key-file`` (which must be readable by its owner only) or the
 ``FLEETBUS_AGENT_KEY`` environment variable; never from the command line, where any
-user could read it in the process list. ``--key`` (listen) is the TLS private key of an
+user could read it in the process list. The variable is taken out of the agent's
+environment first thing (:mod:`fleetbus_agent.ownenv`), so neither the commands the
+agent runs nor ``/proc/<agent pid>/environ`` show it. ``--key`` (listen) is the TLS private key of an
 operator-provided certificate, not the server's secret key.
 
 On start, ``listen`` prints two lines to stdout, ``fingerprint sha256:<hex>`` (what
@@ -30,6 +32,7 @@ from . import DEFAULT_LISTEN_PORT as DEFAULT_PORT
 from . import __version__
 from .childwatch import prefer_pidfd_child_watcher
 from .heap import trim_heap_after_start
+from .ownenv import secret, take_secrets
 
 if TYPE_CHECKING:
     from .connect import ConnectOptions
@@ -57,7 +60,7 @@ def read_key(path: Optional[str]) -> str:
         except OSError as exc:
             raise UsageError(f"cannot read the key file {path}: {exc.strerror}") from None
     else:
-        key = os.environ.get(KEY_ENV, "").strip()
+        key = (secret(KEY_ENV) or "").strip()
         if not key:
             raise UsageError(f"give --key-file FILE or set {KEY_ENV}")
     if not key:
@@ -137,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    take_secrets()  # before anything can start a thread or a process
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose > 1 else logging.INFO,

@@ -264,6 +264,16 @@ def _peer_limit(header: Dict[str, Any], name: str, default: int, low: int, high:
     return int(value)
 
 
+def _encodable(text: str) -> bool:
+    """False for a string JSON decoded from a lone surrogate escape: it cannot be sent
+    back (the welcome echoes the server name) and is no name anyway."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _peer_text(value: Any, default: str = "") -> str:
     text = value if isinstance(value, str) else default
     return text[:MAX_PEER_TEXT]
@@ -825,7 +835,7 @@ async def _agent_accept_exchange(
             "unsupported_version",
         )
     server = header.get("server")
-    if not isinstance(server, str) or not 0 < len(server) <= MAX_PEER_TEXT:
+    if not isinstance(server, str) or not 0 < len(server) <= MAX_PEER_TEXT or not _encodable(server):
         raise ProtocolError(f'hello needs a "server" name of 1 to {MAX_PEER_TEXT} characters')
     raw_heartbeat = header.get("heartbeat_s")
     heartbeat_s = _peer_heartbeat(header, "hello")

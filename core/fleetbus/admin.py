@@ -32,7 +32,7 @@ from .messages import describe_validation_error, parse_json_object
 from .names import check_credential_name, check_server_name
 from .records import CredentialInfo, CredentialType, Server, utcnow
 from .registry import Registry, kv_snapshot
-from .subjects import Names
+from .subjects import Names, ReplySubjects
 from .vault import Vault
 
 log = logging.getLogger("fleetbus.admin")
@@ -81,9 +81,11 @@ def _b64(value: str, what: str) -> bytes:
 
 class AdminService:
     def __init__(self, nc: NATS, names: Names, registry: Registry, vault: Vault,
-                 agent_keys: AgentKeys, gateways: KeyValue, known_transports: set[str]) -> None:
+                 agent_keys: AgentKeys, gateways: KeyValue, known_transports: set[str],
+                 replies: ReplySubjects | None = None) -> None:
         self.nc = nc
         self.names = names
+        self.replies = replies or names.reply_subjects()
         self.registry = registry
         self.vault = vault
         self.agent_keys = agent_keys
@@ -123,6 +125,9 @@ class AdminService:
 
     def _wrap(self, handler: Handler) -> Callable[[MicroRequest], Awaitable[None]]:
         async def run(req: MicroRequest) -> None:
+            reply_to = req._msg.reply  # nats-py's micro Request keeps the message private
+            if reply_to and not self.replies.allows(reply_to):
+                return  # its reply would be fleetbus publishing where the requester chose
             started = time.monotonic()
             body: dict[str, Any] = {}
             try:

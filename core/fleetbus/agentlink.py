@@ -4,28 +4,133 @@ Both agent transports (the outbound gateway and, later, the inbound connector) h
 commands to a fleetbus agent the same way, so the mapping lives here once: one
 protocol stream per command, process output to the host's output sink, file bytes with
 the protocol's flow control, and the agent's error codes back to fleetbus errors.
+
+What an agent answers is checked here, strictly (the result models below): a keyed
+agent is still only as trustworthy as the server it runs on, and what it says goes
+into bus replies other systems act on. A result of the wrong shape is the transport
+failing (``transport_error``), never fleetbus's own ``internal``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import math
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any, TypeVar
 
-from fleetbus_agent.protocol import Connection, ControllerStream
+from fleetbus_agent.protocol import Connection, ControllerStream, StreamError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    model_validator,
+)
 
-from .errors import ERROR_CLASSES, FleetbusError, ServerOffline, TransportError
+from .errors import ERROR_CLASSES, FleetbusError, InternalError, ServerOffline, TransportError
 from .transport import ExecResult, ExecSpec, FileStat, OutputSink, PutSpec, RemoteFile, ServerFacts, Session
 
 # After a cancel, how long to wait for the agent to confirm the work stopped.
 CANCEL_CONFIRM_S = 5.0
+# Bounds on what an agent may report: no honest fact or error message comes near them.
+MAX_FACT_CHARS = 256
+MAX_EXTRA_FACTS = 64
+MAX_EXTRA_CHARS = 1024
+MAX_ERROR_CHARS = 1000
+_OUTPUT_STREAMS = ("stdout", "stderr")
+
+_Model = TypeVar("_Model", bound=BaseModel)
+# Exit statuses: 0-255 on POSIX; Windows reports 32-bit values (NTSTATUS), signed or not.
+ExitCode = Annotated[StrictInt, Field(ge=-(2**31), le=2**32 - 1)]
+Size = Annotated[StrictInt, Field(ge=0, le=2**63 - 1)]
+Mode = Annotated[StrictInt, Field(ge=0, le=0o7777)]
+Fact = Annotated[StrictStr, Field(max_length=MAX_FACT_CHARS)]
+ExtraFact = StrictStr | StrictInt | StrictFloat | StrictBool | None
+
+
+class _Result(BaseModel):
+    # Strict: "1" is not 1 and true is not an exit code. Unknown fields are ignored, so
+    # a newer agent may report more than this version reads.
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class AgentExecResult(_Result):
+    """An agent's ``done`` for ``exec``: how the process ended."""
+
+    exit_code: ExitCode | None
+    signal: Annotated[StrictInt, Field(ge=1, le=255)] | None = None
+
+
+class AgentPutResult(_Result):
+    """An agent's ``done`` for ``put``: what it wrote."""
+
+    size: Size
+    mode: Mode | None = None
+
+
+class AgentFileMeta(_Result):
+    """An agent's ``meta`` for ``get``: the file about to come."""
+
+    size: Size
+    mode: Mode | None = None
+
+
+class AgentFacts(_Result):
+    """An agent's ``done`` for ``info``: facts, each a bounded string or null."""
+
+    hostname: Fact | None = None
+    os: Fact | None = None
+    os_version: Fact | None = None
+    kernel: Fact | None = None
+    arch: Fact | None = None
+    uptime_s: Annotated[StrictFloat | StrictInt, Field(ge=0)] | None = None
+    extra: dict[Annotated[StrictStr, Field(max_length=64)], ExtraFact] = Field(
+        default_factory=dict, max_length=MAX_EXTRA_FACTS)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> AgentFacts:
+        if isinstance(self.uptime_s, float) and not math.isfinite(self.uptime_s):
+            raise ValueError("uptime_s is not a finite number")
+        for key, value in self.extra.items():
+            if isinstance(value, str) and len(value) > MAX_EXTRA_CHARS:
+                raise ValueError(f"extra.{key[:64]} is longer than {MAX_EXTRA_CHARS} characters")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"extra.{key[:64]} is not a finite number")
+        return self
+
+    def facts(self) -> ServerFacts:
+        return ServerFacts(hostname=self.hostname, os=self.os, os_version=self.os_version,
+                           kernel=self.kernel, arch=self.arch, uptime_s=self.uptime_s,
+                           extra=dict(self.extra))
+
+
+def checked(model: type[_Model], op: str, result: Any) -> _Model:
+    """``result`` as ``model``, or :class:`TransportError` saying what the agent got wrong."""
+    try:
+        return model.model_validate(result)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ())) or "result"
+        raise TransportError(
+            f"the agent answered {op} with an invalid result ({where}: {err.get('msg', 'invalid')})"
+        ) from None
 
 
 def error_from(error: dict[str, Any] | None) -> FleetbusError:
+    """The fleetbus error for an agent's ``fail``. An unknown code, or ``internal`` (the
+    agent's own failure, not fleetbus's), is a ``transport_error``."""
     error = error or {}
-    cls = ERROR_CLASSES.get(str(error.get("code")), TransportError)
-    return cls(str(error.get("message") or "the agent reported an error"))
+    message = error.get("message")
+    text = message[:MAX_ERROR_CHARS] if isinstance(message, str) and message else "no reason given"
+    cls = ERROR_CLASSES.get(str(error.get("code")))
+    if cls is None or cls is InternalError:
+        return TransportError(f"the agent failed: {text}")
+    return cls(text)
 
 
 async def _cancel(stream: ControllerStream) -> None:
@@ -58,7 +163,10 @@ class AgentSession(Session):
             while True:
                 event = await stream.next_event()
                 if event.kind == "out" and output is not None:
-                    await output.write(event.stream or "stdout", event.body)  # type: ignore[arg-type]
+                    if event.stream not in _OUTPUT_STREAMS:
+                        raise TransportError(f"the agent sent output on {str(event.stream)[:32]!r}, "
+                                             "not stdout or stderr")
+                    await output.write(event.stream, event.body)  # type: ignore[arg-type]
                 elif event.kind == "done":
                     return event.result or {}
                 elif event.kind == "fail":
@@ -72,17 +180,22 @@ class AgentSession(Session):
                                 "cwd": spec.cwd, "timeout_s": spec.timeout_s}
         if spec.stdin is not None:
             args["stdin_b64"] = base64.b64encode(spec.stdin).decode()
-        result = await self._result(self._open("exec", args), output)
-        return ExecResult(exit_code=result.get("exit_code"), signal=result.get("signal"))
+        result = checked(AgentExecResult, "exec", await self._result(self._open("exec", args), output))
+        return ExecResult(exit_code=result.exit_code, signal=result.signal)
 
     async def put(self, spec: PutSpec, source: AsyncIterator[bytes]) -> FileStat:
         stream = self._open("put", {"path": spec.path, "mode": spec.mode,
                                     "make_parents": spec.make_parents, "size": spec.size})
 
         async def send() -> None:
-            async for chunk in source:
-                await stream.send(chunk)
-            await stream.send_eof()
+            try:
+                async for chunk in source:
+                    await stream.send(chunk)
+                await stream.send_eof()
+            except StreamError as exc:
+                # The link went (or the agent ended the stream) while content was still
+                # going out: the stream's own code, e.g. server_offline, not a bug of ours.
+                raise error_from({"code": exc.code, "message": str(exc)}) from None
 
         sender = asyncio.create_task(send())
         waiter = asyncio.create_task(self._result(stream))
@@ -103,7 +216,8 @@ class AgentSession(Session):
         if not sender.done():
             sender.cancel()
             await asyncio.gather(sender, return_exceptions=True)
-        return FileStat(size=int(result.get("size", 0)), mode=result.get("mode"))
+        stat = checked(AgentPutResult, "put", result)
+        return FileStat(size=stat.size, mode=stat.mode)
 
     async def get(self, path: str) -> RemoteFile:
         stream = self._open("get", {"path": path})
@@ -118,7 +232,14 @@ class AgentSession(Session):
         if first.kind == "fail":
             raise error_from(first.error)
         if first.kind != "meta":
+            stream.cancel()
             raise TransportError(f"the agent answered get with {first.kind!r} instead of meta")
+        try:
+            # The protocol leaves a size or mode that is not an integer as None.
+            meta = checked(AgentFileMeta, "get", {"size": first.size, "mode": first.mode})
+        except TransportError:
+            stream.cancel()
+            raise
 
         async def chunks() -> AsyncIterator[bytes]:
             finished = False
@@ -137,7 +258,7 @@ class AgentSession(Session):
                 if not finished:
                     stream.cancel()
 
-        return RemoteFile(size=int(first.size or 0), mode=first.mode, chunks=chunks())
+        return RemoteFile(size=meta.size, mode=meta.mode, chunks=chunks())
 
     async def _final(self, stream: ControllerStream) -> dict[str, Any]:
         """The result of an operation with no output to pass on, without an event iterator."""
@@ -151,12 +272,7 @@ class AgentSession(Session):
         return event.result or {}
 
     async def info(self) -> ServerFacts:
-        result = await self._final(self._open("info", {}))
-        return ServerFacts(
-            hostname=result.get("hostname"), os=result.get("os"), os_version=result.get("os_version"),
-            kernel=result.get("kernel"), arch=result.get("arch"), uptime_s=result.get("uptime_s"),
-            extra=dict(result.get("extra") or {}),
-        )
+        return checked(AgentFacts, "info", await self._final(self._open("info", {}))).facts()
 
     async def ping(self) -> None:
         await self._final(self._open("ping", {}))

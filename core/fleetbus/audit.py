@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -40,6 +41,10 @@ STALL_LIMIT_S = 5.0
 # A record the stream has not acknowledged by then (a lost connection, a stalled
 # stream) is logged as not confirmed.
 ACK_TIMEOUT_S = 30.0
+# Skippable records (malformed requests, which never reached a server) are skipped
+# while this share of MAX_PENDING is outstanding: the rest is kept for real commands.
+SKIP_FROM_SHARE = 0.5
+SKIP_REPORT_EVERY_S = 10.0
 
 
 class AuditRecord(BaseModel):
@@ -64,18 +69,37 @@ def summarize(op: str, body: dict[str, Any]) -> str | None:
     """A short description of what was asked, for humans reading the trail.
 
     Only the command line or path is kept: stdin, file contents and environment values
-    are never written to the trail.
+    are never written to the trail. Its cost does not grow with the request: a 1 MB
+    ``argv`` of refused request is read only as far as the summary goes.
     """
     if op == "exec":
-        if body.get("shell") is not None:
-            text = str(body["shell"])
-        else:
-            text = json.dumps(body.get("argv"))
+        text = _bounded(body["shell"]) if body.get("shell") is not None else _bounded(body.get("argv"))
     elif op in ("put", "get"):
-        text = str(body.get("path"))
+        text = _bounded(body.get("path"), as_json=False)
     else:
         return None
     return text if len(text) <= MAX_SUMMARY_CHARS else text[: MAX_SUMMARY_CHARS - 3] + "..."
+
+
+def _bounded(value: Any, as_json: bool = True) -> str:
+    """``str(value)`` for a string, else its JSON (``str`` if not ``as_json``), cut a
+    little past :data:`MAX_SUMMARY_CHARS` without building the rest."""
+    if isinstance(value, str):
+        return value[: MAX_SUMMARY_CHARS + 1]
+    if not as_json and not isinstance(value, list | dict):
+        return str(value)[: MAX_SUMMARY_CHARS + 1]
+    out: list[str] = []
+    size = 0
+    # The pure-Python iterencode yields piece by piece, so this stops early.
+    for piece in _SUMMARY_JSON.iterencode(value):
+        out.append(piece)
+        size += len(piece)
+        if size > MAX_SUMMARY_CHARS:
+            break
+    return "".join(out)[: MAX_SUMMARY_CHARS + 1]
+
+
+_SUMMARY_JSON = json.JSONEncoder(default=str)
 
 
 # Built once: json.dumps with any option builds a new encoder per call.
@@ -114,20 +138,28 @@ class Auditor:
         self._drained = asyncio.Event()  # set while none are
         self._drained.set()
         self._expiry: asyncio.TimerHandle | None = None
+        self.skipped = 0  # skippable records not sent, since start
+        self._skip_reported = (0, -SKIP_REPORT_EVERY_S)  # (skipped, when) at the last log line
 
     @property
     def pending(self) -> int:
         """Records sent that the stream has not acknowledged yet."""
         return len(self._pending)
 
-    async def record(self, rec: AuditRecord | Mapping[str, Any], admin: bool = False) -> None:
+    async def record(self, rec: AuditRecord | Mapping[str, Any], admin: bool = False,
+                     skippable: bool = False) -> None:
         """Publish one record (an :class:`AuditRecord`, or its fields as a mapping).
 
         Returns once the record is handed to the connection; the stream's answer is
         checked as it arrives. Never raises: a record that cannot be sent or stored is
-        logged with its command id.
+        logged with its command id. A ``skippable`` record (a malformed request) is not
+        sent while the stream lags (half of ``max_pending`` outstanding), and counted
+        in :attr:`skipped` and in one log line per interval instead.
         """
         fields = rec.model_dump() if isinstance(rec, AuditRecord) else rec
+        if skippable and len(self._pending) >= self.max_pending * SKIP_FROM_SHARE:
+            self._skip()
+            return
         command_id = str(fields["id"])
         # Server names cannot start with "_", so admin records never share a subject with one.
         server = "_admin" if admin else str(fields["server"])
@@ -146,6 +178,16 @@ class Auditor:
         except Exception as exc:
             self._settled(token)
             log.error("audit record for command %s was not stored: %s", command_id, type(exc).__name__)
+
+    def _skip(self) -> None:
+        self.skipped += 1
+        last, when = self._skip_reported
+        now = time.monotonic()
+        if now - when >= SKIP_REPORT_EVERY_S:
+            log.warning("the audit stream is lagging (%d records unacknowledged): %d records of "
+                        "malformed requests were not written (%d since start)",
+                        len(self._pending), self.skipped - last, self.skipped)
+            self._skip_reported = (self.skipped, now)
 
     async def close(self, wait_s: float = 1.0) -> None:
         """Give outstanding acknowledgements up to ``wait_s``, then stop listening.

@@ -9,7 +9,11 @@ never shows in a process list.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
+import sys
+import termios
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,6 +132,77 @@ def publish_now(nc: NATS, subject: str, payload: bytes) -> bool:
     stats["out_bytes"] += len(payload)
     _wrote(nc)
     return True
+
+
+def publish_soon(nc: NATS, subject: str, payload: bytes) -> bool:
+    """Publish one message without headers from code that cannot await (a dispatch
+    callback in nats-py's read loop); False when it cannot be sent.
+
+    Written at once when :func:`publish_now` can; otherwise queued where nats-py's
+    ``publish`` queues it, and its flusher woken. Refused while not connected, above
+    nats-py's own outbound buffer limit, or where nats-py's internals differ.
+    """
+    if publish_now(nc, subject, payload):
+        return True
+    pending = getattr(nc, "_pending", None)
+    queue = getattr(nc, "_flush_queue", None)
+    size = getattr(nc, "_pending_data_size", None)
+    limit = getattr(nc, "_max_pending_size", 0)
+    stats = getattr(nc, "stats", None)
+    if (not isinstance(pending, list) or not isinstance(queue, asyncio.Queue) or not isinstance(size, int)
+            or not isinstance(stats, dict) or not nc.is_connected or not _plain_subject(subject)
+            or len(payload) > getattr(nc, "_max_payload", 0)):
+        return False
+    cmd = b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(payload), payload)
+    if limit > 0 and size + len(cmd) > limit:
+        return False
+    pending.append(cmd)
+    nc._pending_data_size = size + len(cmd)  # type: ignore[attr-defined]
+    stats["out_msgs"] += 1
+    stats["out_bytes"] += len(payload)
+    if not queue.full():  # a full queue already holds wake-ups for the flusher
+        queue.put_nowait(asyncio.get_running_loop().create_future())
+    return True
+
+
+def unread_bytes(nc: NATS) -> int:
+    """Bytes NATS has sent this process that nats-py has not parsed yet: what its stream
+    reader holds plus what waits in the socket's receive buffer (0 where unknown).
+
+    Above a message or two, the process is reading behind what NATS delivers, and
+    nats-server is holding the rest for it (a *slow consumer* once that passes its
+    ``max_pending``).
+    """
+    transport = getattr(nc, "_transport", None)
+    reader = getattr(transport, "_io_reader", None)
+    writer = getattr(transport, "_io_writer", None)
+    buffered = getattr(reader, "_buffer", None)
+    held = len(buffered) if isinstance(buffered, bytearray) else 0
+    sock = writer.get_extra_info("socket") if writer is not None else None
+    if sock is None:
+        return held
+    try:
+        raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return held
+    return held + int.from_bytes(raw, sys.byteorder, signed=True)
+
+
+def watch_errors(nc: NATS, listener: Callable[[Exception], None]) -> None:
+    """Call ``listener(exc)`` for every error nats-py reports on ``nc`` (its ``error_cb``),
+    before the callback it was connected with. ``listener`` must not block."""
+    previous = getattr(nc, "_error_cb", None)
+    if previous is None:
+        return  # nats-py's internals differ: nothing to chain onto
+
+    async def chained(exc: Exception) -> None:
+        try:
+            listener(exc)
+        except Exception:
+            pass  # a listener's bug must not reach nats-py's read loop
+        await previous(exc)
+
+    nc._error_cb = chained  # type: ignore[attr-defined]
 
 
 def _plain_subject(subject: str) -> bool:

@@ -6,6 +6,11 @@ reply; a retry that arrives later (at any worker in the queue group) gets the st
 reply, or waits for the running one to finish. The claim records a fingerprint of the
 request body, so an id reused for a different request is refused instead of answered
 with another command's reply. Keys expire with the bucket's TTL (one hour).
+
+A command that never reached the server (refused or cancelled while waiting for a slot,
+its session never opened) has its claim dropped (:meth:`CommandMemory.forget`) rather
+than its reply stored: a retry then runs it, and a retry already waiting on the claim
+is told (``dropped``) and claims it again.
 """
 
 from __future__ import annotations
@@ -18,14 +23,19 @@ from typing import Any, Literal
 
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.errors import NotFoundError as KVNotFound
-from nats.js.kv import KeyValue
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from .records import utcnow
 
 
 @dataclass(frozen=True)
 class Claim:
-    outcome: Literal["run", "replay", "running", "conflict"]
+    """``run``: ours to run; ``replay``: done, here is its reply; ``running``: another
+    request holds it; ``conflict``: the id was used for another body; ``dropped`` (only
+    from :meth:`CommandMemory.wait`): the holder let it go without running; ``timeout``
+    (only from :meth:`CommandMemory.wait`): still running when the wait ended."""
+
+    outcome: Literal["run", "replay", "running", "conflict", "dropped", "timeout"]
     reply: dict[str, Any] | None = None
 
 
@@ -73,23 +83,27 @@ class CommandMemory:
         except KVNotFound:
             pass
 
-    async def wait(self, server: str, op: str, command_id: str, timeout: float) -> dict[str, Any] | None:
-        """The reply of a command another worker is running, once it is done, or None."""
+    async def wait(self, server: str, op: str, command_id: str, timeout: float) -> Claim:
+        """How a command another request holds ended: ``replay`` with its reply once it is
+        done, ``dropped`` if its claim went without a reply (claim it again), or
+        ``timeout`` after ``timeout`` s."""
         key = self.key(server, op, command_id)
         watcher = await self.kv.watch(key)
         try:
             async with asyncio.timeout(timeout):
                 async for entry in watcher:
-                    if entry is None or not entry.value:
-                        continue
+                    if entry is None:
+                        continue  # the end of the current values
+                    if entry.operation in (KV_DEL, KV_PURGE) or not entry.value:
+                        return Claim("dropped")
                     body = json.loads(entry.value)
                     if body.get("state") == "done":
-                        return body.get("reply")
+                        return Claim("replay", body.get("reply"))
         except TimeoutError:
-            return None
+            return Claim("timeout")
         finally:
             await watcher.stop()
-        return None
+        return Claim("timeout")
 
     async def _load(self, key: str) -> dict[str, Any] | None:
         try:

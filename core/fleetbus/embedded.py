@@ -3,6 +3,8 @@
 JetStream keeps its data under the home folder. Clients must present a token; it is
 generated once (mode 0600) and passed to nats-server through its environment, which
 the config file references, so it appears neither in the config file nor in argv.
+That environment is built from scratch (:func:`nats_environment`): nats-server
+inherits nothing else of ours, no fleetbus secret in particular.
 """
 
 from __future__ import annotations
@@ -26,6 +28,12 @@ from .home import Home, create_private, write_private
 
 TOKEN_ENV = "FLEETBUS_EMBEDDED_NATS_TOKEN"
 MAX_PAYLOAD = 8 * 1024 * 1024
+# What nats-server buffers for a client that reads behind before dropping it as a slow
+# consumer (its default: 64 MiB). Workers read fast and shed load rather than fall
+# behind (admission.py), but a process starved of CPU for a moment (a busy host) reads
+# nothing meanwhile: at 150 MB/s of 1 MB requests, 64 MiB is 0.4 s of that. This is
+# headroom for such moments, not the fix; it costs memory only while a client lags.
+MAX_PENDING = 256 * 1024 * 1024
 START_TIMEOUT_S = 20.0
 
 
@@ -66,6 +74,24 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+# What nats-server may see of our environment. It needs none of fleetbus's own
+# variables: whatever it inherits is readable in /proc/<its pid>/environ by processes of
+# our user for as long as it runs, and FLEETBUS_MASTER_KEY or FLEETBUS_AGENT_KEY there
+# would outlive our taking them out of our own environment. The Go runtime's own
+# tuning variables are passed, so an operator can still bound its memory or threads.
+NATS_ENV_PASSED = ("PATH", "TZ", "LANG", "LC_ALL", "TMPDIR",
+                   "GOMAXPROCS", "GOMEMLIMIT", "GOGC", "GODEBUG")
+
+
+def nats_environment(token: str) -> dict[str, str]:
+    """The whole environment nats-server is started with: a few harmless variables of
+    ours (:data:`NATS_ENV_PASSED`) and its client token, which its config reads."""
+    env = {name: os.environ[name] for name in NATS_ENV_PASSED if name in os.environ}
+    env.setdefault("PATH", os.defpath)
+    env[TOKEN_ENV] = token
+    return env
+
+
 class EmbeddedNats:
     def __init__(self, home: Home, host: str = "127.0.0.1", port: int = 4222) -> None:
         self.home = home
@@ -87,6 +113,7 @@ class EmbeddedNats:
                 f"host: {json.dumps(self.host)}",
                 f"port: {self.port if self.port else -1}",
                 f"max_payload: {MAX_PAYLOAD}",
+                f"max_pending: {MAX_PENDING}",
                 f"ports_file_dir: {json.dumps(str(self.home.path))}",
                 f"jetstream {{ store_dir: {store} }}",
                 f"authorization {{ token: ${TOKEN_ENV} }}",
@@ -112,7 +139,7 @@ class EmbeddedNats:
         self.home.nats_config.write_text(self._config())
         for stale in self.home.path.glob("nats-server_*.ports"):
             stale.unlink(missing_ok=True)
-        env = {**os.environ, TOKEN_ENV: self.token}
+        env = nats_environment(self.token)
         # A local append-only log opens at once; the child keeps its own descriptor.
         with open(self.log_path, "ab") as log:  # noqa: ASYNC230
             self.proc = await asyncio.create_subprocess_exec(

@@ -9,18 +9,29 @@ need to know how they travel.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 
 class FleetbusError(Exception):
     """Base of all fleetbus errors. ``code`` is the bus error code."""
 
     code: ClassVar[str] = "internal"
+    #: True when the command this error ends never reached the server: it was refused
+    #: or cancelled while waiting for a slot, or its session could not be opened. The
+    #: plugin host then drops the command id's claim, so a retry with the same id runs
+    #: the command. Set by whoever knows (the host, the session pool); never sent on the
+    #: wire, where the code alone says what happened.
+    before_start: bool = False
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message)
         self.message = message
         self.details = details
+
+    def not_started(self) -> Self:
+        """Mark this error as ending a command that never reached the server; returns it."""
+        self.before_start = True
+        return self
 
     def to_wire(self) -> dict[str, Any]:
         body: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -83,6 +94,13 @@ class TooLarge(FleetbusError):
     code = "too_large"
 
 
+class Busy(FleetbusError):
+    """The worker is shedding load: too much work is waiting there (or too much of it
+    from this requester). Nothing was run; retry with backoff."""
+
+    code = "busy"
+
+
 class InternalError(FleetbusError):
     """A bug: something fleetbus did not expect. The message never carries secrets."""
 
@@ -100,6 +118,7 @@ ERROR_CLASSES: dict[str, type[FleetbusError]] = {
         AuthFailed,
         TransportError,
         TooLarge,
+        Busy,
         InternalError,
     )
 }

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .errors import InvalidRequest
 
 ENV_HOME = "FLEETBUS_HOME"
 
@@ -45,8 +48,29 @@ class Home:
         return self.path / "run.json"
 
     def ensure(self) -> None:
+        """Create the folder if needed and make it 0700."""
         self.path.mkdir(parents=True, exist_ok=True)
         os.chmod(self.path, 0o700)
+
+    def protect(self) -> None:
+        """Make an existing folder 0700; it holds ``master.key`` and ``nats.token``, and
+        a ``local`` command running as another user must not even list it.
+
+        Raises InvalidRequest when the folder is open to others and not ours to change.
+        """
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            return
+        if not stat.S_IMODE(info.st_mode) & 0o077:
+            return
+        try:
+            os.chmod(self.path, 0o700)
+        except PermissionError:
+            raise InvalidRequest(
+                f"the home folder {self.path} is open to other users and not ours to "
+                f"change; run: chmod 700 {self.path}"
+            ) from None
 
     def read_run(self) -> dict[str, Any] | None:
         try:

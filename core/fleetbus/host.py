@@ -26,22 +26,26 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+import nats.errors
 from fleetbus_agent.heap import keep_large_buffers
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
+from .admission import Admission, AdmissionSettings, ShedReport, Ticket, requester_of
 from .audit import Auditor, summarize
 from .collector import relax_gc
-from .connection import publish_now, send_now
+from .connection import publish_now, publish_soon, send_now, unread_bytes, watch_errors
 from .dedupe import CommandMemory, fingerprint
 from .dispatch import subscribe_direct
 from .errors import (
+    Busy,
     Cancelled,
     FleetbusError,
     InternalError,
     InvalidRequest,
+    ServerOffline,
     Timeout,
     TooLarge,
     TransportError,
@@ -49,18 +53,16 @@ from .errors import (
 from .home import Home
 from .jetstream import State
 from .keys import AgentKeys
-from .limits import DEFAULT_STREAM_WINDOW, MAX_INLINE_BYTES
+from .limits import DEFAULT_STREAM_WINDOW, MAX_INLINE_BYTES, MAX_REQUEST_BYTES
 from .messages import (
     DEFAULT_TAIL_BYTES,
     OPERATIONS,
-    REQUEST_MODELS,
     CancelRequest,
     ExecRequest,
     GetRequest,
     PutRequest,
     Request,
-    describe_validation_error,
-    parse_json_object,
+    parse_request,
 )
 from .metrics import Metrics
 from .objects import ObjectFiles
@@ -70,7 +72,7 @@ from .registry import Registry
 from .services import CoreServices
 from .sessions import SessionPool
 from .streams import BackgroundHash, Receiver, Sender, chunk_limit, keep_alive
-from .subjects import Names
+from .subjects import DEFAULT_REPLY_PREFIXES, Names
 from .transport import Credential, ExecSpec, PutSpec, Session, Transport
 from .vault import Vault
 
@@ -84,6 +86,9 @@ HDR_REQUESTER = "Fleetbus-Requester"
 CHECKER_REQUESTER = "fleetbus-checker"
 # A killed process or closed channel should finish well within this after cancel().
 CANCEL_GRACE_S = 15.0
+# Delivered by NATS and not read yet: past this the worker is reading behind, and large
+# bodies wait to be parsed until it catches up (admission.py).
+READING_BEHIND_BYTES = MAX_REQUEST_BYTES
 
 
 @dataclass
@@ -98,8 +103,13 @@ class HostSettings:
     # What a streamed put may have in flight from its requester (bounds worker memory).
     stream_window: int = DEFAULT_STREAM_WINDOW
     tail_bytes: int = DEFAULT_TAIL_BYTES
+    # Where requesters' output and transfer subjects, and their reply subjects, must lie
+    # (docs/bus-api.md, "Reply subjects"); FLEETBUS_REPLY_PREFIXES.
+    reply_prefixes: tuple[str, ...] = DEFAULT_REPLY_PREFIXES
     home: Home = field(default_factory=Home.resolve)
     transport_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # How much work this worker takes on before it answers `busy` (admission.py).
+    admission: AdmissionSettings = field(default_factory=AdmissionSettings)
 
 
 class _Context:
@@ -148,7 +158,9 @@ class _Outcome:
     reply: dict[str, Any]
     exit_code: int | None = None
     bytes: int | None = None
-    ran: bool = True  # False when the command never reached the server
+    # False when the command never reached the server (FleetbusError.before_start):
+    # its id claim is dropped instead of stored, so a retry runs it.
+    ran: bool = True
 
 
 class PluginHost:
@@ -165,6 +177,7 @@ class PluginHost:
         self.state = state
         self.names: Names = state.names
         self.settings = settings or HostSettings()
+        self.replies = self.names.reply_subjects(self.settings.reply_prefixes)
         self.registry = Registry(state.servers, state.status)
         self.memory = CommandMemory(state.commands)
         self.auditor = Auditor(nc, self.names)
@@ -178,6 +191,11 @@ class PluginHost:
             metrics=self.metrics,
         )
         self.metrics.blocking_max.set(self.settings.blocking_threads)
+        self.admission = Admission(
+            self.settings.admission, behind=lambda: unread_bytes(nc) > READING_BEHIND_BYTES)
+        self.metrics.requests_waiting.set_function(lambda: self.admission.waiting)
+        self.metrics.requests_waiting_bytes.set_function(lambda: self.admission.waiting_bytes)
+        self._shed_report = ShedReport(lambda reason: self.metrics.requests_shed.labels(reason).inc())
         self.pool = ThreadPoolExecutor(
             max_workers=self.settings.blocking_threads, thread_name_prefix="fleetbus-blocking"
         )
@@ -192,6 +210,7 @@ class PluginHost:
         self._serve_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._online: set[str] = set()  # served, and shown online in the registry
         self._stopping = False
+        self._slow_logged = -60.0  # when the last slow-consumer line was written
         # Command ids without a getrandom() call per command: random per process, then
         # counted; 32 hex digits like a uuid4, unique across workers and restarts.
         self._id_prefix = os.urandom(8).hex()
@@ -206,6 +225,7 @@ class PluginHost:
         # moves files in 1 MiB buffers; see each.
         relax_gc()
         keep_large_buffers()
+        watch_errors(self.nc, self._on_nats_error)
         for name, cls in list(self.transport_classes.items()):
             try:
                 transport = cls(_Context(self, name))
@@ -256,7 +276,18 @@ class PluginHost:
             except Exception:
                 log.exception("stopping transport %s failed", transport.name)
         await self.auditor.close()
+        self._shed_report.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _on_nats_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            # nats-py dropped a message a subscription had no room for: with the direct
+            # dispatch of served subjects this means a subscription read through a queue.
+            self.metrics.nats_slow_consumer.inc()
+            if self._slow_logged + 10.0 < time.monotonic():
+                self._slow_logged = time.monotonic()
+                log.warning("NATS slow consumer: a message on %s was dropped by nats-py (its "
+                            "subscription's pending limit was reached)", exc.subject)
 
     async def _reap_idle(self) -> None:
         while True:
@@ -300,13 +331,24 @@ class PluginHost:
 
             def on_msg(msg: Msg) -> None:
                 # Called from nats-py's read loop as the request is parsed (dispatch.py).
-                task = asyncio.create_task(self._handle(served, msg))
+                if msg.subject.endswith(".cancel"):
+                    return  # answered by _on_cancel, which every host receives
+                if msg.reply and not self.replies.allows(msg.reply):
+                    return  # its reply would be fleetbus publishing where the requester chose
+                ticket = self._admit(msg)
+                if ticket is None:
+                    return
+                task = asyncio.create_task(self._handle(served, msg, ticket))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
+            # nats-py queues nothing on the direct path; where it must (its internals
+            # differ), the queue holds no more than admission would.
+            limits = self.settings.admission
             served.sub, served.reader = await subscribe_direct(
                 self.nc, self.names.server_all(server.name), on_msg, queue=queue,
-                pending_msgs_limit=65536, pending_bytes_limit=256 * 1024 * 1024,
+                pending_msgs_limit=limits.max_waiting,
+                pending_bytes_limit=limits.max_waiting_bytes + MAX_REQUEST_BYTES,
             )
             self.served[server.name] = served
             self.metrics.served.labels(transport).inc()
@@ -378,17 +420,50 @@ class PluginHost:
         task = served.running.get(req.id) if served else None
         if task is None:
             return
+        if msg.reply and not self.replies.allows(msg.reply):
+            return  # not a reply subject: neither cancel nor answer
         task.cancel("cancelled by request")
         if msg.reply:
             await self.nc.publish(msg.reply, json.dumps({"ok": True, "id": req.id, "cancelled": True}).encode())
 
+    # admission -----------------------------------------------------------------------
+    def _admit(self, msg: Msg) -> Ticket | None:
+        """Weigh a request before any work is done on it (admission.py); None when it
+        was answered already, ``too_large`` or ``busy``, without being read."""
+        size = len(msg.data)
+        requester = requester_of(msg.reply)
+        if size > MAX_REQUEST_BYTES:
+            self._shed(msg, requester, TooLarge(
+                f"request body is {size} bytes; the limit is {MAX_REQUEST_BYTES}: "
+                "send large files through the object store"))
+            return None
+        ticket = self.admission.admit(requester, size)
+        if ticket is None:
+            self._shed(msg, requester, Busy(
+                "the worker is shedding load (too much work waiting there, or too much of it "
+                "from this requester); nothing was run: retry with backoff"))
+        return ticket
+
+    def _shed(self, msg: Msg, requester: str, error: FleetbusError) -> None:
+        # Counted and logged in aggregate, not audited: nothing was read or run, and one
+        # record per refused request would let a flood crowd out the real ones.
+        self._shed_report.note(error.code, requester)
+        if msg.reply:
+            body = _REPLY_JSON.encode({"ok": False, "id": self._new_id(), "error": error.to_wire()})
+            if not publish_soon(self.nc, msg.reply, body.encode()):
+                log.debug("could not answer a shed request on %s", msg.reply)
+
     # one request ---------------------------------------------------------------------
-    async def _handle(self, served: _Served, msg: Msg) -> None:
+    async def _handle(self, served: _Served, msg: Msg, ticket: Ticket) -> None:
+        try:
+            await self._handle_admitted(served, msg, ticket)
+        finally:
+            ticket.release()
+
+    async def _handle_admitted(self, served: _Served, msg: Msg, ticket: Ticket) -> None:
         started = time.monotonic()
         server = served.server
         op = msg.subject.rsplit(".", 1)[-1]
-        if op == "cancel":
-            return  # answered by _on_cancel, which every host receives
         command_id = self._new_id()
         requester = "bus"
         if msg.headers:
@@ -399,44 +474,25 @@ class PluginHost:
         try:
             if op not in OPERATIONS:
                 raise InvalidRequest(f"unknown operation {op[:32]!r}; use one of {', '.join(OPERATIONS)}")
-            body, req = _parse(op, msg.data)
+            deduplicated = False
+            body_fp = ""
+            async with self.admission.parse_turn(ticket):
+                body, req = parse_request(op, msg.data, self.replies)
+                if req.id is not None and op in ("exec", "put"):
+                    deduplicated = True
+                    body_fp = fingerprint(body)  # as costly as the parse on a large body
             if req.id is not None:
                 command_id = req.id
             outcome: _Outcome
-            if req.id is not None and op in ("exec", "put"):
-                body_fp = fingerprint(body)
-                claim = await self.memory.claim(server.name, op, req.id, body_fp)
-                if claim.outcome == "conflict":
-                    raise InvalidRequest(
-                        f"command id {req.id} was already used for a different {op} on {server.name}")
-                if claim.outcome == "run":
-                    outcome = await self._dispatch(served, op, req, command_id)
-                    # Stored after the reply is sent: the requester does not wait for it, and
-                    # a retry arriving in between waits for the stored reply.
-                    if outcome.ran:
-                        remember = self.memory.finish(server.name, op, req.id, body_fp, outcome.reply)
-                    else:  # it never reached the server: a retry may run it
-                        remember = self.memory.forget(server.name, op, req.id)
-                else:
-                    reply = claim.reply
-                    if reply is None:
-                        wait_s = (req.timeout_s if isinstance(req, ExecRequest)
-                                  else self.settings.transfer_timeout_s)
-                        waiting = self.memory.wait(server.name, op, req.id, wait_s)
-                        if isinstance(req, PutRequest) and req.stream is not None:
-                            waiting = keep_alive(self.nc, req.stream.subject, waiting)
-                        reply = await waiting
-                    if reply is None:
-                        raise Timeout(f"command {req.id} is still running elsewhere; "
-                                      "this retry stopped waiting for it")
-                    replayed = True
-                    outcome = _Outcome(reply=reply, exit_code=reply.get("exit_code"))
-                    if isinstance(req, ExecRequest) and req.output_subject:
-                        await self._replay_output(req.output_subject, command_id, reply)
+            if deduplicated:
+                assert req.id is not None
+                outcome, remember, replayed = await self._deduplicated(
+                    served, op, req, req.id, body_fp, ticket)
             else:
-                outcome = await self._dispatch(served, op, req, command_id)
+                outcome = await self._dispatch(served, op, req, command_id, ticket)
         except FleetbusError as exc:
-            outcome = _Outcome(reply={"ok": False, "id": command_id, "error": exc.to_wire()})
+            # Refused before it reached a transport (malformed, a conflicting id, ...).
+            outcome = _Outcome(reply={"ok": False, "id": command_id, "error": exc.to_wire()}, ran=False)
         except asyncio.CancelledError:
             # Our own shutdown: tell the requester rather than leaving it to time out.
             outcome = _Outcome(reply={"ok": False, "id": command_id,
@@ -459,6 +515,46 @@ class PluginHost:
                 log.error("could not store the reply of command %s: %s", command_id, type(exc).__name__)
         await self._audit(served, op, body, command_id, requester, started, outcome, replayed)
 
+    async def _deduplicated(self, served: _Served, op: str, req: Request, command_id: str,
+                            body_fp: str, ticket: Ticket) -> tuple[_Outcome, Any, bool]:
+        """Run a command that carries an id at most once (dedupe.py): the outcome, the
+        claim's update to await after replying (or None), and whether it was replayed."""
+        server = served.server
+        # A claim dropped while this request waited on it (that command never started)
+        # is claimed again: this request then runs the command itself.
+        for _ in range(3):
+            claim = await self.memory.claim(server.name, op, command_id, body_fp)
+            if claim.outcome == "conflict":
+                raise InvalidRequest(
+                    f"command id {command_id} was already used for a different {op} on {server.name}")
+            if claim.outcome == "run":
+                outcome = await self._dispatch(served, op, req, command_id, ticket)
+                # Stored after the reply is sent: the requester does not wait for it, and
+                # a retry arriving in between waits for the stored reply.
+                if outcome.ran:
+                    return outcome, self.memory.finish(server.name, op, command_id, body_fp,
+                                                       outcome.reply), False
+                # It never reached the server: a retry may run it.
+                return outcome, self.memory.forget(server.name, op, command_id), False
+            if claim.outcome == "running":
+                wait_s = (req.timeout_s if isinstance(req, ExecRequest)
+                          else self.settings.transfer_timeout_s)
+                waiting = self.memory.wait(server.name, op, command_id, wait_s)
+                if isinstance(req, PutRequest) and req.stream is not None:
+                    waiting = keep_alive(self.nc, req.stream.subject, waiting)
+                claim = await waiting
+                if claim.outcome == "dropped":
+                    continue
+                if claim.outcome != "replay":
+                    raise Timeout(f"command {command_id} is still running elsewhere; "
+                                  "this retry stopped waiting for it")
+            reply = claim.reply or {}
+            outcome = _Outcome(reply=reply, exit_code=reply.get("exit_code"))
+            if isinstance(req, ExecRequest) and req.output_subject:
+                await self._replay_output(req.output_subject, command_id, reply)
+            return outcome, None, True
+        raise Busy(f"command {command_id} was claimed and dropped again and again; retry it")
+
     async def _audit(self, served: _Served, op: str, body: dict[str, Any], command_id: str,
                      requester: str, started: float, outcome: _Outcome, replayed: bool) -> None:
         error = outcome.reply.get("error") or {}
@@ -468,6 +564,9 @@ class PluginHost:
         label_op = op if op in OPERATIONS else "invalid"
         result = "ok" if outcome.reply.get("ok") else str(error.get("code", "internal"))
         self.metrics.for_transport(served.transport).finished(label_op, result, elapsed, outcome.bytes)
+        # A malformed request's record may be skipped while the audit stream lags, so a
+        # flood of them cannot crowd out the records of commands that ran (audit.py).
+        malformed = not outcome.ran and result in (InvalidRequest.code, TooLarge.code)
         # The fields of an AuditRecord, from our own values: building and validating a
         # model on every command would only cost time.
         await self.auditor.record({
@@ -476,7 +575,7 @@ class PluginHost:
             "outcome": result, "exit_code": outcome.exit_code, "duration_s": round(elapsed, 6),
             "worker": self.settings.worker_id, "summary": summarize(op, body),
             "bytes": outcome.bytes, "replayed": replayed,
-        })
+        }, skippable=malformed)
 
     async def _replay_output(self, subject: str, command_id: str, reply: dict[str, Any]) -> None:
         """A retry's live output is the stored tail, so consumers see the same shape."""
@@ -502,19 +601,21 @@ class PluginHost:
         except Exception as exc:
             log.warning("could not send a reply: %s", type(exc).__name__)
 
-    async def _dispatch(self, served: _Served, op: str, req: Request, command_id: str) -> _Outcome:
+    async def _dispatch(self, served: _Served, op: str, req: Request, command_id: str,
+                        ticket: Ticket) -> _Outcome:
         try:
-            return await self._run_tracked(served, op, req, command_id)
+            return await self._run_tracked(served, op, req, command_id, ticket)
         except FleetbusError as exc:
             return _Outcome(reply={"ok": False, "id": command_id, "error": exc.to_wire()},
-                            ran=not getattr(exc, "before_start", False))
+                            ran=not exc.before_start)
         except Exception:
             # A transport bug: reply (and remember) internal, so a retry does not hang.
             log.exception("command %s on %s failed unexpectedly", command_id, served.server.name)
             return _Outcome(reply={"ok": False, "id": command_id, "error": InternalError(
                 "internal error in the plugin host; see its log").to_wire()})
 
-    async def _run_tracked(self, served: _Served, op: str, req: Request, command_id: str) -> _Outcome:
+    async def _run_tracked(self, served: _Served, op: str, req: Request, command_id: str,
+                           ticket: Ticket) -> _Outcome:
         if command_id in served.running:
             raise InvalidRequest(f"command {command_id} is already running on {served.server.name}")
         # The command runs in the request's own task (a task of its own would cost two
@@ -531,12 +632,15 @@ class PluginHost:
                 try:
                     await served.slots.acquire()
                 except asyncio.CancelledError:
-                    self._cancelled_by_request(task)
-                    raise Cancelled(f"command {command_id} was cancelled while queued") from None
+                    self._cancelled_by_request(task, started=False)
+                    why = " (the worker is shutting down)" if self._stopping else ""
+                    raise Cancelled(f"command {command_id} was cancelled while queued for a "
+                                    f"slot{why}; it never started").not_started() from None
                 finally:
                     counted.queued.dec()
             else:
                 await served.slots.acquire()  # free: returns without waiting
+            ticket.release()  # running now: no longer waiting work (admission.py)
             try:
                 return await self._run(served, op, req, command_id)
             finally:
@@ -545,19 +649,30 @@ class PluginHost:
             counted.inflight.dec()
             served.running.pop(command_id, None)
 
-    def _cancelled_by_request(self, task: asyncio.Task[Any]) -> None:
+    def _cancelled_by_request(self, task: asyncio.Task[Any], started: bool) -> None:
         """Called on CancelledError inside a command: a cancel request (or unserve) ends
-        the command with the ``cancelled`` error; the host stopping ends the request
-        too, so it propagates (and the requester is told the worker is shutting down)."""
-        if self._stopping:
+        the command with the ``cancelled`` error. The host stopping ends a command that
+        has started together with its request, so it propagates (and the requester is
+        told the worker is shutting down); one that never started ends like any other
+        cancelled one, so its claim is dropped and a retry (elsewhere, or after the
+        restart) runs it."""
+        if self._stopping and started:
             raise asyncio.CancelledError
         task.uncancel()  # handled here: later awaits of this request must not see it
 
     async def _run(self, served: _Served, op: str, req: Request, command_id: str) -> _Outcome:
         server = served.server
         pool = self.sessions[served.transport]
+        # Whether the command reached the session; an error before that (opening it,
+        # a cancel while it opened) ends a command that never started.
+        started = False
         try:
             async with pool.use(server) as session:
+                if not session.alive:
+                    # Closed under us (an agent that just dropped): nothing was sent.
+                    raise ServerOffline(f"the session to {server.name} closed before the command "
+                                        "started").not_started()
+                started = True
                 if isinstance(req, ExecRequest):
                     return await self._exec(session, req, command_id)
                 if isinstance(req, PutRequest):
@@ -574,12 +689,16 @@ class PluginHost:
         except asyncio.CancelledError:
             task = asyncio.current_task()
             assert task is not None
-            self._cancelled_by_request(task)
-            raise Cancelled(f"command {command_id} was cancelled") from None
-        except FleetbusError:
+            self._cancelled_by_request(task, started)
+            cancelled = Cancelled(f"command {command_id} was cancelled")
+            raise (cancelled if started else cancelled.not_started()) from None
+        except FleetbusError as exc:
+            if not started:
+                exc.not_started()
             raise
         except (ConnectionError, OSError) as exc:
-            raise TransportError(f"{served.transport} transport failed: {_short(exc)}") from None
+            error = TransportError(f"{served.transport} transport failed: {_short(exc)}")
+            raise (error if started else error.not_started()) from None
 
     @staticmethod
     async def _limit(coro: Any, seconds: float, what: str) -> _Outcome:
@@ -774,14 +893,6 @@ class PluginHost:
         return _Outcome(reply={"ok": True, "id": command_id, "server": served.server.name,
                                "transport": served.transport,
                                "latency_s": round(time.monotonic() - started, 6)})
-
-
-def _parse(op: str, data: bytes) -> tuple[dict[str, Any], Request]:
-    body = parse_json_object(data)
-    try:
-        return body, REQUEST_MODELS[op].model_validate(body)
-    except ValidationError as exc:
-        raise InvalidRequest(describe_validation_error(exc)) from None
 
 
 def _short(exc: BaseException) -> str:

@@ -3,6 +3,12 @@
 Every request model forbids unknown fields: a misspelt field from another system gets
 ``invalid_request`` naming the field instead of being silently ignored. docs/bus-api.md
 documents each field; keep the two in step.
+
+Subjects a requester names for fleetbus to publish on (``output_subject``,
+``stream.subject``) must lie in the deployment's reply namespace
+(:class:`fleetbus.subjects.ReplySubjects`). The namespace reaches the validators as the
+pydantic validation context (:func:`parse_request` passes it); validating without one
+applies the default, ``_INBOX.`` only, so no caller can forget the rule by omission.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -37,9 +44,11 @@ from .limits import (
     MIN_STREAM_WINDOW,
 )
 from .names import COMMAND_ID_RE
+from .subjects import ReplySubjects
 
 __all__ = [
-    "DEFAULT_TAIL_BYTES", "MAX_INLINE_BYTES", "MAX_REQUEST_BYTES", "OPERATIONS", "REQUEST_MODELS",
+    "DEFAULT_TAIL_BYTES", "MAX_INLINE_BYTES", "MAX_JSON_DEPTH", "MAX_REQUEST_BYTES", "OPERATIONS",
+    "REQUEST_MODELS", "parse_request", "reply_context",
 ]
 
 OPERATIONS = ("exec", "put", "get", "info", "ping")
@@ -49,6 +58,25 @@ _ENV_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # A plain subject: tokens of printable non-space characters, no wildcards.
 _SUBJECT_RE = re.compile(r"^[^\s.*>]+(\.[^\s.*>]+)*$")
 _OBJECT_RE = re.compile(r"^[A-Za-z0-9_.=/-]{1,255}$")
+# A mode string: 1-4 octal digits, nothing else ("0644", "755"); no sign, prefix or space.
+_MODE_RE = re.compile(r"^[0-7]{1,4}$")
+# Nesting no bus body needs; deeper JSON is refused before any model sees it.
+MAX_JSON_DEPTH = 32
+_CONTEXT_KEY = "reply_subjects"
+_DEFAULT_REPLIES = ReplySubjects()
+
+
+def reply_context(replies: ReplySubjects) -> dict[str, ReplySubjects]:
+    """The validation context that makes the request models apply ``replies``."""
+    return {_CONTEXT_KEY: replies}
+
+
+def _reply_subject(v: str, info: ValidationInfo, field: str) -> str:
+    if not _SUBJECT_RE.fullmatch(v):
+        raise ValueError(f"{field} must be a plain NATS subject without wildcards")
+    context = info.context if isinstance(info.context, dict) else {}
+    replies = context.get(_CONTEXT_KEY) or _DEFAULT_REPLIES
+    return replies.check(v)
 
 
 class Request(BaseModel):
@@ -62,7 +90,7 @@ class Request(BaseModel):
     @field_validator("id")
     @classmethod
     def _id(cls, v: str | None) -> str | None:
-        if v is not None and not COMMAND_ID_RE.match(v):
+        if v is not None and not COMMAND_ID_RE.fullmatch(v):
             raise ValueError("id must be 1-64 letters, digits, '-' or '_'")
         return v
 
@@ -113,7 +141,7 @@ class ExecRequest(Request):
     @classmethod
     def _env(cls, v: dict[str, str]) -> dict[str, str]:
         for key, value in v.items():
-            if not _ENV_KEY_RE.match(key):
+            if not _ENV_KEY_RE.fullmatch(key):
                 raise ValueError(f"invalid environment variable name {key[:64]!r}")
             if "\x00" in value:
                 raise ValueError(f"environment variable {key} contains a NUL byte")
@@ -126,10 +154,8 @@ class ExecRequest(Request):
 
     @field_validator("output_subject")
     @classmethod
-    def _subject(cls, v: str | None) -> str | None:
-        if v is not None and not _SUBJECT_RE.match(v):
-            raise ValueError("output_subject must be a plain NATS subject without wildcards")
-        return v
+    def _subject(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return None if v is None else _reply_subject(v, info, "output_subject")
 
     def stdin_bytes(self) -> bytes | None:
         if self.stdin_b64 is not None:
@@ -140,7 +166,7 @@ class ExecRequest(Request):
 
 
 def _check_object(v: str) -> str:
-    if not _OBJECT_RE.match(v):
+    if not _OBJECT_RE.fullmatch(v):
         raise ValueError("object must be 1-255 characters of A-Z a-z 0-9 _ . = / -")
     return v
 
@@ -150,25 +176,28 @@ ObjectName = Annotated[str, AfterValidator(_check_object)]
 
 
 def _parse_mode(v: Any) -> int | None:
+    """A string of 1-4 octal digits, or an integer 0-0o7777 (the mode's value).
+
+    Strict on purpose: ``int(v, 8)`` alone also takes "-0", "0o777", " 0644" and "+644",
+    which another system's bug (or a hostile caller) should not turn into a mode.
+    """
     if v is None:
         return None
-    if isinstance(v, bool):
-        # pydantic turns ValueError (not TypeError) into a validation error.
-        raise ValueError("mode must be an octal string like '0644' or an integer")  # noqa: TRY004
     if isinstance(v, str):
-        try:
-            v = int(v, 8)
-        except ValueError:
-            raise ValueError("mode must be an octal string like '0644'") from None
-    if not isinstance(v, int) or not 0 <= v <= 0o7777:
+        if not _MODE_RE.fullmatch(v):
+            raise ValueError("mode must be an octal string of 1-4 digits 0-7, like '0644'")
+        return int(v, 8)
+    # bool is an int to Python, never a mode. pydantic turns ValueError (not TypeError)
+    # into a validation error.
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise ValueError("mode must be an octal string like '0644' or an integer")  # noqa: TRY004
+    if not 0 <= v <= 0o7777:
         raise ValueError("mode must be between 0 and 07777")
     return v
 
 
-def _check_subject(v: str) -> str:
-    if not _SUBJECT_RE.match(v):
-        raise ValueError("subject must be a plain NATS subject without wildcards")
-    return v
+def _check_subject(v: str, info: ValidationInfo) -> str:
+    return _reply_subject(v, info, "subject")
 
 
 Subject = Annotated[str, Field(max_length=255), AfterValidator(_check_subject)]
@@ -258,13 +287,14 @@ class CancelRequest(BaseModel):
     @field_validator("id")
     @classmethod
     def _id(cls, v: str) -> str:
-        if not COMMAND_ID_RE.match(v):
+        if not COMMAND_ID_RE.fullmatch(v):
             raise ValueError("id must be 1-64 letters, digits, '-' or '_'")
         return v
 
 
 def parse_json_object(data: bytes) -> dict[str, Any]:
-    """Decode a request body: an empty body is ``{}``; anything but an object is refused."""
+    """Decode a request body: an empty body is ``{}``; anything but an object is refused,
+    and so is nesting deeper than :data:`MAX_JSON_DEPTH`."""
     if len(data) > MAX_REQUEST_BYTES:
         raise TooLarge(
             f"request body is {len(data)} bytes; the limit is {MAX_REQUEST_BYTES}: "
@@ -274,9 +304,44 @@ def parse_json_object(data: bytes) -> dict[str, Any]:
         body = json.loads(data) if data.strip() else {}
     except (UnicodeDecodeError, ValueError):
         raise InvalidRequest("request body is not valid JSON") from None
+    except RecursionError:
+        # json's C scanner gives up near the interpreter's recursion limit (~1,000 deep).
+        raise InvalidRequest(f"request body nests deeper than {MAX_JSON_DEPTH} levels") from None
     if not isinstance(body, dict):
         raise InvalidRequest("request body must be a JSON object")
+    # Counting brackets is a quick pass in C; only a body with many pays for the walk.
+    if data.count(b"[") + data.count(b"{") > MAX_JSON_DEPTH and _depth(body) > MAX_JSON_DEPTH:
+        raise InvalidRequest(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
     return body
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in ``value`` (walked without recursion)."""
+    deepest = 0
+    todo: list[tuple[Any, int]] = [(value, 1)]
+    while todo:
+        item, level = todo.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        if deepest > MAX_JSON_DEPTH:
+            return deepest
+        todo.extend((child, level + 1) for child in children)
+    return deepest
+
+
+def parse_request(op: str, data: bytes, replies: ReplySubjects = _DEFAULT_REPLIES) -> tuple[dict[str, Any], Request]:
+    """Decode and validate one server command: its JSON body and its model.
+
+    ``replies`` is the deployment's reply namespace, which ``output_subject`` and
+    ``stream.subject`` must lie in. Raises :class:`InvalidRequest` (or ``TooLarge``).
+    """
+    body = parse_json_object(data)
+    try:
+        return body, REQUEST_MODELS[op].model_validate(body, context=reply_context(replies))
+    except ValidationError as exc:
+        raise InvalidRequest(describe_validation_error(exc)) from None
 
 
 def describe_validation_error(exc: ValidationError) -> str:

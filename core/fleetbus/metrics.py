@@ -8,15 +8,14 @@ that could hold a secret (arguments, paths, keys) is ever a label value.
 
 from __future__ import annotations
 
-import errno
-import threading
-from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from . import __version__
-from .errors import InvalidRequest
+from .metrics_http import MetricsServer, parse_addr, serve_metrics
+
+__all__ = ["Metrics", "MetricsServer", "TransportMetrics", "parse_addr", "serve_metrics"]
 
 # Command latencies span a local `true` (~1 ms) to long deployments.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
@@ -86,6 +85,18 @@ class Metrics:
         self.check_run_seconds = Histogram(
             "fleetbus_check_round_duration_seconds", "Time to check every server once.",
             buckets=CHECK_BUCKETS, registry=r)
+        # Overload (admission.py): what a worker answered without reading, and what it holds.
+        self.requests_shed = Counter(
+            "fleetbus_requests_shed", "Server commands answered without being read, by reason "
+            "(busy, too_large).", ["reason"], registry=r)
+        self.requests_waiting = Gauge(
+            "fleetbus_requests_waiting", "Server commands admitted and not yet running (being "
+            "parsed, or waiting for a parse turn, their id claim or a concurrency slot).", registry=r)
+        self.requests_waiting_bytes = Gauge(
+            "fleetbus_requests_waiting_bytes", "Body bytes of fleetbus_requests_waiting.", registry=r)
+        self.nats_slow_consumer = Counter(
+            "fleetbus_nats_slow_consumer_errors", "Messages nats-py dropped on this process's NATS "
+            "connection because a subscription had too much pending.", registry=r)
         self._per_transport: dict[str, TransportMetrics] = {}
 
     def for_transport(self, transport: str) -> TransportMetrics:
@@ -135,40 +146,3 @@ class TransportMetrics:
             if moved is None:
                 moved = self._bytes[op] = m.bytes.labels(self.transport, op)
             moved.inc(nbytes)
-
-
-@dataclass
-class MetricsServer:
-    host: str
-    port: int
-    _server: object
-    _thread: threading.Thread
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
-
-    def stop(self) -> None:
-        self._server.shutdown()  # type: ignore[attr-defined]
-        self._server.server_close()  # type: ignore[attr-defined]
-
-
-def parse_addr(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise InvalidRequest(f"--metrics-addr must be HOST:PORT, not {value!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
-
-
-def serve_metrics(metrics: Metrics, addr: str) -> MetricsServer:
-    """Serve /metrics on ``addr`` (port 0: any free port) from a daemon thread."""
-    host, port = parse_addr(addr)
-    try:
-        server, thread = start_http_server(port, addr=host, registry=metrics.registry)
-    except OSError as exc:
-        if exc.errno == errno.EADDRINUSE:
-            raise InvalidRequest(f"metrics port {port} on {host} is taken: pass --metrics-addr "
-                                 "with another port (0 for any)") from None
-        raise InvalidRequest(f"cannot serve metrics on {host}:{port}: {exc.strerror}") from None
-    return MetricsServer(host=host, port=server.server_address[1], _server=server, _thread=thread)

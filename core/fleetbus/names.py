@@ -23,7 +23,7 @@ def _shown(value: object) -> str:
 
 
 def check_server_name(name: str) -> str:
-    if not isinstance(name, str) or not SERVER_NAME_RE.match(name):
+    if not isinstance(name, str) or not SERVER_NAME_RE.fullmatch(name):
         raise InvalidRequest(
             f"invalid server name {_shown(name)}: use 1-63 lowercase letters, digits and "
             "hyphens, starting and ending with a letter or digit"
@@ -32,7 +32,7 @@ def check_server_name(name: str) -> str:
 
 
 def check_credential_name(name: str) -> str:
-    if not isinstance(name, str) or not CREDENTIAL_NAME_RE.match(name):
+    if not isinstance(name, str) or not CREDENTIAL_NAME_RE.fullmatch(name):
         raise InvalidRequest(
             f"invalid credential name {_shown(name)}: use 1-63 lowercase letters, digits, "
             "hyphens and underscores, starting and ending with a letter or digit"
@@ -41,7 +41,7 @@ def check_credential_name(name: str) -> str:
 
 
 def check_command_id(value: str) -> str:
-    if not isinstance(value, str) or not COMMAND_ID_RE.match(value):
+    if not isinstance(value, str) or not COMMAND_ID_RE.fullmatch(value):
         raise InvalidRequest(
             f"invalid command id {_shown(value)}: use 1-64 letters, digits, '-' or '_'"
         )

@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .errors import InvalidRequest
 from .names import LABEL_KEY_RE, check_credential_name, check_server_name
+from .printable import printable
+
+# Longer than any version, address or check message; an escaped string grows.
+MAX_STATUS_TEXT = 1024
 
 
 def _field(check: Callable[[str], str], value: str) -> str:
@@ -65,7 +69,7 @@ class Server(Strict):
         if len(v) > 64:
             raise ValueError("at most 64 labels")
         for key, value in v.items():
-            if not LABEL_KEY_RE.match(key):
+            if not LABEL_KEY_RE.fullmatch(key):
                 raise ValueError(f"invalid label key {key!r}")
             if len(value) > 256:
                 raise ValueError(f"label {key!r} is longer than 256 characters")
@@ -75,13 +79,19 @@ class Server(Strict):
     @classmethod
     def _roles(cls, v: list[str]) -> list[str]:
         for role in v:
-            if not LABEL_KEY_RE.match(role):
+            if not LABEL_KEY_RE.fullmatch(role):
                 raise ValueError(f"invalid role {role!r}")
         return v
 
 
 class ServerStatus(Strict):
-    """What the fleet last saw of a server; written by whoever serves it."""
+    """What the fleet last saw of a server; written by whoever serves it.
+
+    Its text fields come from the server's side (an agent's hello names its version)
+    and end up in tables on operators' terminals, so control characters are escaped
+    and lengths bounded whenever a status is built: when it is written and when it is
+    read back.
+    """
 
     name: str
     state: Literal["online", "offline", "unknown"] = "unknown"
@@ -94,6 +104,11 @@ class ServerStatus(Strict):
     remote_address: str | None = None
     last_check: datetime | None = None
     check_latency_s: float | None = None
+
+    @field_validator("served_by", "transport_version", "detail", "agent_version", "remote_address")
+    @classmethod
+    def _shown_safely(cls, v: str | None) -> str | None:
+        return None if v is None else printable(v)[:MAX_STATUS_TEXT]
 
 
 CredentialType = Literal["password", "ssh-key", "token", "windows"]

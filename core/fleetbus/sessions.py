@@ -96,20 +96,15 @@ class SessionPool:
             credential = await self.credentials(server.credential) if server.credential else None
             return await asyncio.wait_for(self.transport.open(server, credential), self.open_timeout_s)
         except FleetbusError as exc:
-            exc.before_start = True  # type: ignore[attr-defined]
-            raise
+            raise exc.not_started()
         except TimeoutError:
-            err = ServerOffline(f"opening a {self.transport.name} session to {server.name} "
-                                f"took longer than {self.open_timeout_s:g} s")
-            err.before_start = True  # type: ignore[attr-defined]
-            raise err from None
+            raise ServerOffline(f"opening a {self.transport.name} session to {server.name} "
+                                f"took longer than {self.open_timeout_s:g} s").not_started() from None
         except (OSError, ConnectionError) as exc:
-            err = ServerOffline(
+            raise ServerOffline(
                 f"cannot reach {server.name} over {self.transport.name}: "
                 f"{(str(exc).splitlines() or [''])[0][:200] or type(exc).__name__}"
-            )
-            err.before_start = True  # type: ignore[attr-defined]
-            raise err from None
+            ).not_started() from None
 
     def _close_later(self, session: Session) -> None:
         task = asyncio.create_task(self._close(session))

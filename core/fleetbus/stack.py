@@ -12,14 +12,15 @@ import logging
 import signal
 from collections.abc import Callable
 from contextlib import AsyncExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from fleetbus_agent.ownenv import secret, take_secrets
 from nats.aio.client import Client as NATS
 
 from .admin import AdminService
 from .checks import ServerChecker
-from .connection import NatsSettings, connect
+from .connection import ENV_TOKEN, NatsSettings, connect
 from .discovery import start_worker_service
 from .embedded import EmbeddedNats
 from .home import Home
@@ -72,7 +73,26 @@ async def _connect(opts: StackOptions, embedded: EmbeddedNats | None, name: str)
         settings = NatsSettings(url=embedded.url, token=embedded.token, prefix=opts.prefix or "fleetbus")
     else:
         settings = NatsSettings.resolve(url=opts.nats_url, home=opts.home, prefix=opts.prefix)
+        # The CLI took FLEETBUS_NATS_TOKEN out of the environment at start (see
+        # secure_process_start); it still beats the token file, as it did there.
+        token = secret(ENV_TOKEN)
+        if token:
+            settings = replace(settings, token=token)
     return await connect(settings, name=name), settings
+
+
+def secure_process_start(home: Home) -> None:
+    """What every long-running fleetbus process does first, before any thread or child.
+
+    Takes fleetbus's secret variables (master key, NATS token) out of the environment
+    and of ``/proc/<pid>/environ`` (:mod:`fleetbus_agent.ownenv`), so no process we
+    start and no ``local`` command can read them there; and closes an existing home
+    folder to everyone else (0700), since it holds ``master.key`` and ``nats.token``.
+    """
+    taken = take_secrets()
+    if taken:
+        log.debug("took %s out of the process environment", ", ".join(taken))
+    home.protect()
 
 
 async def start_stack(opts: StackOptions, stack: AsyncExitStack, *, embedded_nats: bool,
@@ -100,7 +120,8 @@ async def start_stack(opts: StackOptions, stack: AsyncExitStack, *, embedded_nat
     if core:
         running.admin = AdminService(nc, names, Registry(state.servers, state.status), vault,
                                      AgentKeys(state.agent_keys), state.gateways,
-                                     set(plugins.transports))
+                                     set(plugins.transports),
+                                     names.reply_subjects(opts.host_settings.reply_prefixes))
         await running.admin.start()
         stack.push_async_callback(running.admin.stop)
         if opts.check_interval_s > 0:

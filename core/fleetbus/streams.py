@@ -39,6 +39,7 @@ from nats.aio.subscription import Subscription
 
 from .errors import Cancelled, FleetbusError, InvalidRequest, Timeout, TransportError
 from .limits import DEFAULT_STREAM_IDLE_S, DEFAULT_STREAM_WINDOW
+from .subjects import ReplySubjects
 
 HDR_KIND = "Fleetbus-Transfer"
 HDR_SEQ = "Fleetbus-Seq"
@@ -64,6 +65,9 @@ _HEADROOM = 16 * 1024
 ALIVE_EVERY_S = 5.0
 # Credit goes back in batches of this fraction of the window.
 _GRANT_FRACTION = 4
+# A peer learned from a message (the client's side) names its own inbox: fleetbus's
+# processes use nats-py's default, _INBOX. Anything else is not where a worker listens.
+_PEER_SUBJECTS = ReplySubjects()
 
 
 class BackgroundHash:
@@ -155,7 +159,12 @@ class _Peer:
         self.heard = time.monotonic()
         headers = msg.headers or {}
         if self.peer is None and headers.get(HDR_SUBJECT):
-            self.peer = headers[HDR_SUBJECT]
+            peer = headers[HDR_SUBJECT]
+            if not _PEER_SUBJECTS.allows(peer):
+                # Whoever wrote to our inbox must not choose where we publish a file.
+                raise TransportError(f"the {self.who} named {peer[:64]!r} as its subject, "
+                                     "which is not a reply subject")
+            self.peer = peer
         kind = headers.get(HDR_KIND, "")
         if kind == KIND_ABORT:
             raise _abort_error(msg, self.who)

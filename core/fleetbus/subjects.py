@@ -1,4 +1,8 @@
-"""Names on the bus: subjects, KV buckets, streams. One place, derived from the prefix."""
+"""Names on the bus: subjects, KV buckets, streams. One place, derived from the prefix.
+
+Also the reply namespace (:class:`ReplySubjects`): the only subjects a requester may
+name for fleetbus to publish on (``output_subject``, streamed-transfer subjects).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,16 @@ from dataclasses import dataclass
 from .errors import InvalidRequest
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# A reply prefix: one or more plain tokens (no wildcards, no spaces), ending in a dot.
+_REPLY_PREFIX_RE = re.compile(r"^[^\s.*>]+(\.[^\s.*>]+)*\.$")
+
+#: Where nats-py (and most NATS clients) put inboxes unless told otherwise.
+DEFAULT_REPLY_PREFIXES: tuple[str, ...] = ("_INBOX.",)
+#: The deployment setting (comma-separated) for other inbox prefixes on a shared NATS.
+ENV_REPLY_PREFIXES = "FLEETBUS_REPLY_PREFIXES"
+# NATS's own subjects all start with "$" ($JS, $KV, $O, $SYS, $SRV, $MQTT, $NRG, ...):
+# publishing there acts on the server itself (deleting a stream takes an empty message).
+_SYSTEM_MARK = "$"
 
 
 @dataclass(frozen=True)
@@ -15,7 +29,7 @@ class Names:
     prefix: str = "fleetbus"
 
     def __post_init__(self) -> None:
-        if not _PREFIX_RE.match(self.prefix):
+        if not _PREFIX_RE.fullmatch(self.prefix):
             raise InvalidRequest(
                 f"invalid prefix {self.prefix!r}: 1-32 lowercase letters, digits, '_' or '-'"
             )
@@ -50,6 +64,10 @@ class Names:
 
     def queue_group(self, transport: str) -> str:
         return f"{self.prefix}.transport.{transport}"
+
+    def reply_subjects(self, prefixes: tuple[str, ...] = DEFAULT_REPLY_PREFIXES) -> ReplySubjects:
+        """The reply namespace of a deployment with this prefix."""
+        return ReplySubjects(prefixes, own_prefix=self.prefix)
 
     # JetStream ----------------------------------------------------------------
     @property
@@ -87,3 +105,65 @@ class Names:
     @property
     def audit_stream(self) -> str:
         return f"{self._b.upper()}_AUDIT"
+
+
+@dataclass(frozen=True)
+class ReplySubjects:
+    """The reply namespace: subjects fleetbus may publish on for a requester.
+
+    fleetbus publishes a command's live output and a transfer's data, credit and end
+    markers on subjects the requester names, as itself. Were any subject allowed, a
+    requester could make fleetbus publish where the requester itself may not (its admin
+    API, another server's commands, the audit stream, ``$JS.API.STREAM.DELETE.<name>``):
+    a confused deputy. So a requester-named subject must start with one of ``prefixes``
+    (inbox prefixes; ``_INBOX.`` by default) and must never be under fleetbus's own
+    ``own_prefix`` or a NATS system subject (first token starting with ``$``), whatever
+    the prefixes say. docs/bus-api.md, "Reply subjects". Build it with
+    :meth:`Names.reply_subjects` (or :meth:`parse` with ``own_prefix``) so that the
+    deployment's own prefix is refused as a reply prefix.
+    """
+
+    prefixes: tuple[str, ...] = DEFAULT_REPLY_PREFIXES
+    own_prefix: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prefixes:
+            raise InvalidRequest("give at least one reply prefix (the default is _INBOX.)")
+        for prefix in self.prefixes:
+            if not _REPLY_PREFIX_RE.fullmatch(prefix):
+                raise InvalidRequest(
+                    f"invalid reply prefix {prefix[:64]!r}: one or more subject tokens "
+                    "without wildcards or spaces, ending in '.' (like _INBOX.)"
+                )
+            if self._reserved(prefix):
+                raise InvalidRequest(
+                    f"reply prefix {prefix[:64]!r} lies under fleetbus's own subjects or NATS's "
+                    "($...): fleetbus never publishes there for a requester"
+                )
+
+    @classmethod
+    def parse(cls, text: str | None, own_prefix: str | None = None) -> ReplySubjects:
+        """From the setting's text: comma-separated prefixes, each with or without the
+        final dot (``_INBOX, _INBOX_ci.``); empty or None is the default."""
+        items = [p.strip() for p in (text or "").split(",") if p.strip()]
+        prefixes = tuple(p if p.endswith(".") else p + "." for p in items)
+        return cls(prefixes or DEFAULT_REPLY_PREFIXES, own_prefix)
+
+    def _reserved(self, subject: str) -> bool:
+        first = subject.split(".", 1)[0]
+        return first.startswith(_SYSTEM_MARK) or (self.own_prefix is not None and first == self.own_prefix)
+
+    def allows(self, subject: str) -> bool:
+        """Whether fleetbus may publish on ``subject`` for a requester."""
+        # Enough on its own: a prefix is whole tokens and none was accepted whose first
+        # token is reserved, so a subject under one shares that first token.
+        return subject.startswith(self.prefixes)
+
+    def check(self, subject: str) -> str:
+        """``subject`` if allowed, else ValueError naming the rule (pydantic's error)."""
+        if not self.allows(subject):
+            raise ValueError(
+                f"not a reply subject: fleetbus publishes for a requester only under "
+                f"{' or '.join(self.prefixes)}, never on its own, $JS, $KV, $O, $SYS or $SRV subjects"
+            )
+        return subject

@@ -1,9 +1,18 @@
 """The credential vault: named secrets, encrypted at rest with AES-256-GCM.
 
-The master key comes from ``FLEETBUS_MASTER_KEY`` (base64 of 32 bytes) or from
-``master.key`` in the home folder, created with mode 0600 on first start. Only the core
-and the workers that open connections hold it; the CLI never does: it hands secrets to
-the core's admin service, which encrypts them before they touch the bucket.
+The master key (base64 of 32 bytes) comes from the first of these that is set:
+
+1. ``FLEETBUS_MASTER_KEY``, the key itself. ``fleetbus up|core|worker`` take it out of
+   their environment at start (:mod:`fleetbus_agent.ownenv`), so it is neither in
+   ``/proc/<pid>/environ`` nor inherited by anything they start.
+2. ``FLEETBUS_MASTER_KEY_FILE``, a file holding it (mode 0600 if a regular file;
+   ``/dev/fd/N`` reads an inherited descriptor), so it need never be in an environment.
+3. systemd's ``LoadCredential=fleetbus-master-key:PATH`` (``$CREDENTIALS_DIRECTORY``).
+4. ``master.key`` in the home folder, created with mode 0600 on first start.
+
+Only the core and the workers that open connections hold it; the CLI never does: it
+hands secrets to the core's admin service, which encrypts them before they touch the
+bucket.
 
 Each value is sealed with a fresh 96-bit nonce and the credential's name as associated
 data, so a ciphertext copied under another name fails to open. A dump of the bucket
@@ -19,10 +28,13 @@ import hmac
 import json
 import os
 import secrets
+import stat
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from fleetbus_agent.ownenv import secret
 from nats.js.errors import KeyWrongLastSequenceError, NoKeysError
 from nats.js.errors import NotFoundError as KVNotFound
 from nats.js.kv import KeyValue
@@ -35,6 +47,10 @@ from .records import CredentialInfo
 from .transport import Credential
 
 ENV_MASTER_KEY = "FLEETBUS_MASTER_KEY"
+ENV_MASTER_KEY_FILE = "FLEETBUS_MASTER_KEY_FILE"
+ENV_CREDENTIALS_DIRECTORY = "CREDENTIALS_DIRECTORY"  # set by systemd for LoadCredential=
+SYSTEMD_CREDENTIAL = "fleetbus-master-key"
+MAX_KEY_FILE = 4096
 KEY_BYTES = 32
 MAX_SECRET_BYTES = 64 * 1024
 
@@ -54,23 +70,49 @@ class MasterKey:
 
     @classmethod
     def load(cls, home: Home, create: bool = True) -> MasterKey:
-        env = os.environ.get(ENV_MASTER_KEY)
+        """The key from the first source set (see the module docstring); with ``create``,
+        a new ``master.key`` in ``home`` when none is. ``source`` says which, never the key."""
+        env = secret(ENV_MASTER_KEY)
         if env:
             return cls(_decode_key(env, ENV_MASTER_KEY), ENV_MASTER_KEY)
+        named = secret(ENV_MASTER_KEY_FILE)
+        if named:
+            return cls(_read_key_file(Path(named), f"{named} ({ENV_MASTER_KEY_FILE})"), named)
+        credentials = secret(ENV_CREDENTIALS_DIRECTORY)
+        if credentials and (Path(credentials) / SYSTEMD_CREDENTIAL).exists():
+            path = Path(credentials) / SYSTEMD_CREDENTIAL
+            return cls(_read_key_file(path, f"systemd credential {SYSTEMD_CREDENTIAL}"), str(path))
         path = home.master_key
         if create:
             home.ensure()
             fresh = base64.b64encode(secrets.token_bytes(KEY_BYTES)) + b"\n"
             create_private(path, fresh)
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
+        elif not path.exists():
             raise NotFound(
-                f"no master key: set {ENV_MASTER_KEY} or copy the core's {path.name} to {path}"
-            ) from None
-        if os.stat(path).st_mode & 0o077:
-            raise InvalidRequest(f"{path} is readable by others; run: chmod 600 {path}")
-        return cls(_decode_key(text, str(path)), str(path))
+                f"no master key: set {ENV_MASTER_KEY_FILE} (or {ENV_MASTER_KEY}) or copy the "
+                f"core's {path.name} to {path}"
+            )
+        return cls(_read_key_file(path, str(path)), str(path))
+
+
+def _read_key_file(path: Path, where: str) -> bytes:
+    """The key in ``path``: a regular file must be readable by its owner only; a pipe or
+    an inherited descriptor (``/dev/fd/N``) is read as it is."""
+    try:
+        with open(path, "rb") as fh:
+            info = os.fstat(fh.fileno())
+            if stat.S_ISREG(info.st_mode) and info.st_mode & 0o077:
+                raise InvalidRequest(f"{path} is readable by others; run: chmod 600 {path}")
+            raw = fh.read(MAX_KEY_FILE + 1)
+    except FileNotFoundError:
+        raise NotFound(f"no master key: {where} names {path}, which does not exist") from None
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read the master key from {path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        text = ""
+    return _decode_key(text, where)
 
 
 def _decode_key(text: str, where: str) -> bytes:

@@ -1,8 +1,11 @@
 """The built-in ``local`` transport: the host fleetbus itself runs on.
 
-Commands run and files are written as the user the fleetbus process runs as; a
-credential attached to a ``local`` server is never used to change that. POSIX only
-(process groups, ``/bin/sh``).
+Commands run and files are read and written as the user the ``user`` setting names,
+else as fleetbus's own user, except that a fleetbus running as root defaults to an
+unprivileged user (:mod:`fleetbus_local.users`); a credential attached to a ``local``
+server is never used to change that. As another user, exec starts the process already
+switched (groups, gid, uid) and put/get open their files through a helper running as
+that user (:mod:`fleetbus_local.userfiles`). POSIX only (process groups, ``/bin/sh``).
 
 What exec, put, get and info do is defined once, in :mod:`fleetbus_agent.ops`, which
 the fleetbus agent runs on remote servers too; this module only adapts it to the
@@ -12,6 +15,8 @@ the fleetbus agent runs on remote servers too; this module only adapts it to the
 
 from __future__ import annotations
 
+import os
+import pwd
 import socket
 from collections.abc import AsyncIterator
 
@@ -32,6 +37,11 @@ from fleetbus.transport import (
     TransportContext,
 )
 from fleetbus_agent import ops
+from fleetbus_agent.ops.runas import RunAs
+
+from .userfiles import WorkingDirectory, get_file_as, put_file_as
+from .users import SETTING as USER_SETTING
+from .users import local_user
 
 # Names that always mean "this machine", whoever resolves them.
 LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -65,18 +75,23 @@ class _Chunks(AsyncIterator[bytes]):
 class LocalSession(Session):
     """A session on this host. There is no connection, so it is never stale."""
 
-    def __init__(self, ctx: TransportContext, timings: ops.ProcessTimings) -> None:
+    def __init__(self, ctx: TransportContext, timings: ops.ProcessTimings,
+                 run_as: RunAs | None = None) -> None:
         self._ctx = ctx
         self._timings = timings
+        self._run_as = run_as
 
     async def exec(self, spec: ExecSpec, output: OutputSink) -> ExecResult:
+        cwd: WorkingDirectory | None = None
         try:
+            if self._run_as is not None and spec.cwd is not None:
+                cwd = await WorkingDirectory.enter(self._run_as, spec.cwd, self._ctx.run_blocking)
             result = await ops.run_process(
                 ops.ExecSpec(
                     argv=spec.argv,
                     shell=spec.shell,
                     env=spec.env,
-                    cwd=spec.cwd,
+                    cwd=spec.cwd if cwd is None else cwd.path,
                     stdin=spec.stdin,
                     timeout_s=spec.timeout_s,
                 ),
@@ -84,28 +99,34 @@ class LocalSession(Session):
                 timings=self._timings,
                 logger=self._ctx.logger,
                 run_blocking=self._ctx.run_blocking,
+                run_as=self._run_as,
             )
         except ops.OpError as exc:
             raise fleetbus_error(exc) from exc
+        finally:
+            if cwd is not None:
+                cwd.close()
         return ExecResult(exit_code=result.exit_code, signal=result.signal)
 
     async def put(self, spec: PutSpec, source: AsyncIterator[bytes]) -> FileStat:
+        put = ops.PutSpec(path=spec.path, mode=spec.mode, make_parents=spec.make_parents,
+                          size=spec.size)
         try:
-            written = await ops.put_file(
-                ops.PutSpec(
-                    path=spec.path, mode=spec.mode, make_parents=spec.make_parents, size=spec.size
-                ),
-                source,
-                run_blocking=self._ctx.run_blocking,
-                logger=self._ctx.logger,
-            )
+            if self._run_as is None:
+                written = await ops.put_file(put, source, run_blocking=self._ctx.run_blocking,
+                                             logger=self._ctx.logger)
+            else:
+                written = await put_file_as(self._run_as, put, source, self._ctx.run_blocking)
         except ops.OpError as exc:
             raise fleetbus_error(exc) from exc
         return FileStat(size=written.size, mode=written.mode)
 
     async def get(self, path: str) -> RemoteFile:
         try:
-            opened = await ops.get_file(path, run_blocking=self._ctx.run_blocking)
+            if self._run_as is None:
+                opened = await ops.get_file(path, run_blocking=self._ctx.run_blocking)
+            else:
+                opened = await get_file_as(self._run_as, path, self._ctx.run_blocking)
         except ops.OpError as exc:
             raise fleetbus_error(exc) from exc
         return RemoteFile(size=opened.size, mode=opened.mode, chunks=_Chunks(opened.chunks))
@@ -133,22 +154,41 @@ class LocalSession(Session):
 class LocalTransport(Transport):
     """Runs commands and moves files on the host this fleetbus process runs on.
 
-    Optional settings (``ctx.settings``), all in seconds: ``term_grace_s``,
-    ``exit_grace_s``, ``reap_timeout_s`` and ``timeout_backstop_s``; see
+    Optional settings (``ctx.settings``): ``user``, a user name or uid to run commands
+    and file operations as (see :mod:`fleetbus_local.users` for the default and when
+    it is refused); and, in seconds, ``term_grace_s``, ``exit_grace_s``,
+    ``reap_timeout_s`` and ``timeout_backstop_s``; see
     :class:`fleetbus_agent.ops.ProcessTimings`.
     """
 
     name = "local"
     version = fleetbus.__version__
-    description = "Run commands and move files on the machine fleetbus runs on, as its own user."
+    description = ("Run commands and move files on the machine fleetbus runs on, as its own "
+                   "user or a configured one (unprivileged by default under root).")
     serves_registered = True
 
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
+        settings = ctx.settings or {}
         try:
-            self.timings = ops.ProcessTimings.from_settings(ctx.settings or {})
+            self.timings = ops.ProcessTimings.from_settings(settings)
         except ValueError as exc:
             raise ValueError(f"local transport setting {exc}") from None
+        #: The user commands run as, None for fleetbus's own.
+        self.run_as = local_user(settings.get(USER_SETTING))
+        if self.run_as is not None:
+            ctx.logger.info("local runs commands and file operations as %s", self.run_as)
+
+    @property
+    def user(self) -> str:
+        """Who ``local`` commands run as, for people: a user name and uid."""
+        if self.run_as is not None:
+            return str(self.run_as)
+        uid = os.geteuid()
+        try:
+            return f"{pwd.getpwuid(uid).pw_name} (uid {uid}, fleetbus's own user)"
+        except KeyError:
+            return f"uid {uid} (fleetbus's own user)"
 
     def accepts(self, server: Server) -> bool:
         """Serve servers without a host, and those whose host names this machine.
@@ -162,4 +202,4 @@ class LocalTransport(Transport):
         return host in LOOPBACK_HOSTS or host == socket.gethostname().rstrip(".").lower()
 
     async def open(self, server: Server, credential: Credential | None) -> Session:
-        return LocalSession(self.ctx, self.timings)
+        return LocalSession(self.ctx, self.timings, self.run_as)

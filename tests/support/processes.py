@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -20,6 +21,11 @@ from typing import Any
 BIN = Path(sys.executable).parent
 FLEETBUS = str(BIN / "fleetbus")
 NATS_SERVER = str(BIN / "nats-server")
+
+
+def own_user() -> str:
+    """The name of the user the tests run as."""
+    return pwd.getpwuid(os.geteuid()).pw_name
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
@@ -105,11 +111,18 @@ class NatsServer:
 
 @dataclass
 class Fleet:
-    """A `fleetbus up` process tree with its own home folder."""
+    """A `fleetbus up` process tree with its own home folder.
+
+    ``local_user`` is passed as ``--local-user``: by default the tests' own user, since
+    most tests have `local` write and read under pytest's tmp folders, which only that
+    user may enter (and under root fleetbus would otherwise default to `nobody`). None
+    leaves fleetbus's own default, for the tests of that default.
+    """
 
     home: Path
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
+    local_user: str | None = field(default_factory=own_user)
     proc: subprocess.Popen[bytes] | None = None
     nats_url: str = ""
     token: str = ""
@@ -127,6 +140,7 @@ class Fleet:
         self.proc = subprocess.Popen(
             [FLEETBUS, "up", "--nats-port", "0", "--gateway-listen", "127.0.0.1:0",
              "--metrics-addr", "127.0.0.1:0", "-v",
+             *(["--local-user", self.local_user] if self.local_user else []),
              *self.extra_args],
             stdout=self.log, stderr=self.log, stdin=subprocess.DEVNULL, env=self.environ(),
         )

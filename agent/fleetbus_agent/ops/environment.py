@@ -17,6 +17,9 @@ SECRET_ENV_VARS: frozenset[str] = frozenset(
         "FLEETBUS_NATS_TOKEN",
         "FLEETBUS_EMBEDDED_NATS_TOKEN",
         "FLEETBUS_AGENT_KEY",
+        # Where the master key is, not the key: a command has no business knowing.
+        "FLEETBUS_MASTER_KEY_FILE",
+        "CREDENTIALS_DIRECTORY",  # systemd's LoadCredential= folder of this service
     }
 )
 """Variables through which fleetbus or its agent receive secrets; never passed on."""

@@ -24,12 +24,15 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .blocking import RunBlocking, resolve_run_blocking
 from .child import ChildProcess, PipeReader
-from .environment import spawn_environment
+from .environment import child_environment, spawn_environment
 from .errors import OpError, invalid_request, not_found, timeout, transport_error
+
+if TYPE_CHECKING:
+    from .runas import RunAs
 
 log = logging.getLogger(__name__)
 
@@ -523,11 +526,15 @@ async def run_process(
     timings: Optional[ProcessTimings] = None,
     logger: Optional[logging.Logger] = None,
     run_blocking: Optional[RunBlocking] = None,
+    run_as: Optional[RunAs] = None,
 ) -> ExecResult:
     """Run ``spec`` on this host, passing its output to ``write`` as it arrives.
 
     The process runs in a new session with this process's environment minus
     :data:`~fleetbus_agent.ops.environment.SECRET_ENV_VARS`, plus ``spec.env``.
+    With ``run_as`` it runs as that user (only a process running as root may ask for
+    another user): HOME, USER and LOGNAME are that user's unless ``spec.env`` sets them,
+    and without ``spec.cwd`` it starts in :meth:`RunAs.default_cwd`.
 
     Raises :class:`OpError` (``not_found``, ``invalid_request``, ``transport_error``)
     when the process cannot be started, and ``timeout`` when it runs past
@@ -541,7 +548,13 @@ async def run_process(
     _check_spec(spec)
     timings = timings if timings is not None else ProcessTimings()
     loop = asyncio.get_running_loop()
-    env = spawn_environment(spec.env)
+    cwd = spec.cwd
+    if run_as is None:
+        env = spawn_environment(spec.env)
+    else:
+        env = child_environment({**run_as.environment(), **spec.env})
+        if cwd is None:
+            cwd = run_as.default_cwd()
     deadline = None
     if spec.timeout_s is not None:
         deadline = loop.time() + spec.timeout_s + timings.timeout_backstop_s
@@ -555,16 +568,17 @@ async def run_process(
     try:
         child = ChildProcess.start(
             argv,
-            cwd=spec.cwd,
+            cwd=cwd,
             env=env,
             stdin=None if spec.stdin is None else bytes(spec.stdin),
             on_output=run.on_output,
             on_eof=run.on_eof,
             on_exit=run.on_exit,
+            run_as=run_as,
         )
     except (OSError, ValueError, TypeError) as exc:
         path = (env if env is not None else os.environ).get("PATH", os.defpath)
-        raise spawn_error(exc, argv, spec.cwd, path) from exc
+        raise spawn_error(exc, argv, cwd, path) from exc
     try:
         return await run.supervise(child)
     except _BackstopExpired:

@@ -21,6 +21,7 @@ from ..client import Client
 from ..connection import NatsSettings
 from ..errors import FleetbusError
 from ..home import Home
+from .render import shown
 
 T = TypeVar("T")
 
@@ -45,7 +46,8 @@ pass_globals = click.make_pass_decorator(Globals)
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
-    click.echo(f"fleetbus: error: {message}", err=True)
+    # Error messages may quote a server or an agent: escaped like every rendered value.
+    click.echo(f"fleetbus: error: {shown(message)}", err=True)
     sys.exit(code)
 
 

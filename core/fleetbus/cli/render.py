@@ -1,4 +1,9 @@
-"""Printing results: aligned tables for people, JSON for scripts."""
+"""Printing results: aligned tables for people, JSON for scripts.
+
+Everything shown in a table or a key-value list may come from a server, an agent or
+another requester, so :func:`shown` (the one place) escapes control characters before
+it reaches the terminal. JSON output needs nothing: json.dumps escapes them itself.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +13,20 @@ from typing import Any
 
 import click
 
+from ..printable import printable
+
+
+def shown(value: Any) -> str:
+    """``value`` as text for a terminal: empty for None, control characters escaped."""
+    return "" if value is None else printable(str(value))
+
 
 def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
+    cells = [[shown(v) for v in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in cells:
         for i, v in enumerate(row):
@@ -26,9 +38,9 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
 
 def key_values(rows: Sequence[tuple[str, Any]]) -> None:
     """Aligned ``key  value`` lines, skipping empty values."""
-    shown = [(k, v) for k, v in rows if v not in (None, "")]
-    width = max((len(k) for k, _ in shown), default=0)
-    for key, value in shown:
+    visible = [(shown(k), shown(v)) for k, v in rows if v not in (None, "")]
+    width = max((len(k) for k, _ in visible), default=0)
+    for key, value in visible:
         click.echo(f"{key.ljust(width)}  {value}")
 
 

@@ -10,7 +10,7 @@ import click
 
 from ..client import Client
 from .context import Globals, client_call, fail, parse_options, parse_pairs, pass_globals, read_secret
-from .render import emit_json, key_values, table
+from .render import emit_json, key_values, shown, table
 
 INBOUND = "agent-inbound"
 
@@ -118,7 +118,7 @@ def add(g: Globals, name: str, transport: str, host: str | None, port: int | Non
         emit_json(reply)
         return
     for warning in reply.get("warnings", []):
-        click.echo(f"fleetbus: warning: {warning}", err=True)
+        click.echo(f"fleetbus: warning: {shown(warning)}", err=True)
     click.echo(f"registered {name} ({transport})")
     if "key" in reply:
         _show_key(name, reply["key"], reply.get("gateways") or [])
@@ -265,10 +265,11 @@ def trust(g: Globals, name: str, yes: bool, replace: bool) -> None:
         click.echo(f"{name}'s host key is already trusted ({server['options'].get('host_key', '')[:60]})")
         return
     mismatch = bool(server["options"].get("host_key"))
-    click.echo(f"{name} offers the host key {details.get('host_key_fingerprint', '?')}")
-    click.echo(f"  {details['host_key']}")
+    # Both come from the ssh server, which anyone may run.
+    click.echo(f"{name} offers the host key {shown(details.get('host_key_fingerprint', '?'))}")
+    click.echo(f"  {shown(details['host_key'])}")
     if mismatch:
-        click.echo(f"fleetbus: warning: {message}", err=True)
+        click.echo(f"fleetbus: warning: {shown(message)}", err=True)
         if not replace:
             fail(f"{name} already has a different pinned host key; pass --replace if you know why it changed")
     if not yes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from contextlib import AsyncExitStack
@@ -10,7 +11,9 @@ from contextlib import AsyncExitStack
 import click
 
 from .. import __version__
-from .context import Globals, choose_event_loop, parse_options, pass_globals, run_async
+from ..errors import FleetbusError
+from ..home import Home
+from .context import Globals, choose_event_loop, fail, parse_options, pass_globals, run_async
 
 
 def _logging(verbose: int) -> None:
@@ -35,15 +38,42 @@ def _metrics(addr: str) -> str | None:
     return None if addr.strip().lower() in ("", "off", "none") else addr
 
 
-def _settings(gateway_listen: str, pairs: tuple[str, ...]) -> dict[str, dict[str, object]]:
-    """Per-transport settings: --gateway-listen plus every --transport-setting T.KEY=VALUE."""
+def _settings(gateway_listen: str, pairs: tuple[str, ...],
+              local_user: str | None = None) -> dict[str, dict[str, object]]:
+    """Per-transport settings: --gateway-listen, every --transport-setting T.KEY=VALUE,
+    and --local-user (local.user; it wins over a --transport-setting of the same)."""
     out: dict[str, dict[str, object]] = {"agent-outbound": {"listen": gateway_listen}}
     for name, value in parse_options(pairs).items():
         transport, dot, key = name.partition(".")
         if not dot or not transport or not key:
             raise click.BadParameter(f"{name!r} is not TRANSPORT.KEY", param_hint="--transport-setting")
         out.setdefault(transport, {})[key] = value
+    if local_user:
+        out.setdefault("local", {})["user"] = local_user
     return out
+
+
+LOCAL_USER_HELP = ("Run local commands and file operations as this user (name or uid). Default: "
+                   "fleetbus's own user; as root, fleetbus-local if it exists, else nobody. "
+                   "'root' keeps them root. Same as --transport-setting local.user=NAME.")
+
+
+def _secure(home: Home) -> None:
+    """Take secrets out of the environment and close the home folder, before anything
+    else runs (:func:`fleetbus.stack.secure_process_start`); a problem is one line."""
+    from ..stack import secure_process_start
+
+    try:
+        secure_process_start(home)
+    except FleetbusError as exc:
+        fail(exc.message)
+
+
+def _reply_prefixes() -> tuple[str, ...]:
+    """FLEETBUS_REPLY_PREFIXES (comma-separated), else _INBOX. (docs/bus-api.md, "Reply subjects")."""
+    from ..subjects import ENV_REPLY_PREFIXES, ReplySubjects
+
+    return ReplySubjects.parse(os.environ.get(ENV_REPLY_PREFIXES)).prefixes
 
 
 def _say(text: str) -> None:
@@ -60,6 +90,7 @@ def _say(text: str) -> None:
               help="Where the agent-outbound gateway listens (port 0: any free port).")
 @click.option("--transport-setting", "transport_settings", multiple=True, metavar="TRANSPORT.KEY=VALUE",
               help="A transport setting, e.g. agent-inbound.idle_timeout_s=60 (repeatable).")
+@click.option("--local-user", metavar="NAME", help=LOCAL_USER_HELP)
 @click.option("--metrics-addr", default="127.0.0.1:9464", show_default=True, metavar="HOST:PORT",
               help="Serve Prometheus metrics here (port 0: any free port; 'off' to disable).")
 @click.option("--check-interval", type=click.FloatRange(min=0), default=30.0, show_default=True,
@@ -69,17 +100,20 @@ def _say(text: str) -> None:
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @pass_globals
 def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gateway_listen: str,
-       transport_settings: tuple[str, ...], metrics_addr: str, check_interval: float,
-       check_timeout: float, verbose: int) -> None:
+       transport_settings: tuple[str, ...], local_user: str | None, metrics_addr: str,
+       check_interval: float, check_timeout: float, verbose: int) -> None:
     """Start everything on this machine: NATS (unless --nats), the core and every transport."""
     from ..host import HostSettings  # the stack is heavy; `fleetbus run` never needs it
     from ..stack import StackOptions, ensure_local_server, start_stack, wait_for_signal
 
     _logging(verbose)
     home = g.home_dir()
+    _secure(home)
     opts = StackOptions(home=home, nats_url=g.nats, nats_host=nats_host, nats_port=nats_port,
                         prefix=g.prefix, transports=_transports(transports),
-                        host_settings=HostSettings(transport_settings=_settings(gateway_listen, transport_settings)),
+                        host_settings=HostSettings(transport_settings=_settings(gateway_listen, transport_settings,
+                                                                                local_user),
+                                                   reply_prefixes=_reply_prefixes()),
                         metrics_addr=_metrics(metrics_addr), check_interval_s=check_interval,
                         check_timeout_s=check_timeout)
 
@@ -103,6 +137,9 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
                 _say(f"  nats log  {running.embedded.log_path}")
             _say(f"  metrics   {metrics_url or 'off'}")
             _say(f"  serving   {served}")
+            local = running.host.transports.get("local") if running.host else None
+            if local is not None and hasattr(local, "user"):
+                _say(f"  local as  {local.user}")
             gateway = running.host.transports.get("agent-outbound") if running.host else None
             if gateway is not None:
                 _say(f"  gateway   {gateway.address}  pin {gateway.fingerprint}")
@@ -128,10 +165,13 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
 def core(g: Globals, verbose: int, replicas: int, metrics_addr: str, check_interval: float,
          check_timeout: float) -> None:
     """Run the core alone (admin API, vault, registry) against a shared NATS."""
+    from ..host import HostSettings
     from ..stack import StackOptions, start_stack, wait_for_signal
 
     _logging(verbose)
+    _secure(g.home_dir())
     opts = StackOptions(home=g.home_dir(), nats_url=g.nats, prefix=g.prefix, replicas=replicas,
+                        host_settings=HostSettings(reply_prefixes=_reply_prefixes()),
                         metrics_addr=_metrics(metrics_addr), check_interval_s=check_interval,
                         check_timeout_s=check_timeout)
 
@@ -153,21 +193,26 @@ def core(g: Globals, verbose: int, replicas: int, metrics_addr: str, check_inter
               help="Where the agent-outbound gateway listens, when this worker runs it.")
 @click.option("--transport-setting", "transport_settings", multiple=True, metavar="TRANSPORT.KEY=VALUE",
               help="A transport setting, e.g. agent-inbound.idle_timeout_s=60 (repeatable).")
+@click.option("--local-user", metavar="NAME", help=LOCAL_USER_HELP)
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("--metrics-addr", default="off", show_default=True, metavar="HOST:PORT",
               help="Serve Prometheus metrics here ('off' to disable).")
 @pass_globals
 def worker(g: Globals, transports: str | None, threads: int, gateway_listen: str,
-           transport_settings: tuple[str, ...], metrics_addr: str, verbose: int) -> None:
+           transport_settings: tuple[str, ...], local_user: str | None, metrics_addr: str,
+           verbose: int) -> None:
     """Run a plugin host serving the given transports against a shared NATS."""
     from ..host import HostSettings  # the stack is heavy; `fleetbus run` never needs it
     from ..stack import StackOptions, start_stack, wait_for_signal
 
     _logging(verbose)
+    _secure(g.home_dir())
     opts = StackOptions(home=g.home_dir(), nats_url=g.nats, prefix=g.prefix,
                         transports=_transports(transports),
                         host_settings=HostSettings(blocking_threads=threads,
-                                                   transport_settings=_settings(gateway_listen, transport_settings)),
+                                                   transport_settings=_settings(gateway_listen, transport_settings,
+                                                                                local_user),
+                                                   reply_prefixes=_reply_prefixes()),
                         metrics_addr=_metrics(metrics_addr))
 
     async def main() -> None:
