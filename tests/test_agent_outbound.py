@@ -440,9 +440,9 @@ def test_agent_refuses_a_readable_key_file_and_an_unverified_gateway(tmp_path: P
 
 
 async def test_admission_hands_a_freed_slot_to_the_newest_waiter() -> None:
-    from fleetbus_agent.admission import Admission
+    from fleetbus_agent.admission import HandshakeSlots
 
-    admission = Admission(1)
+    admission = HandshakeSlots(1)
     assert await admission.acquire(30)
     older = asyncio.create_task(admission.acquire(30))
     newer = asyncio.create_task(admission.acquire(30))
@@ -458,9 +458,9 @@ async def test_admission_hands_a_freed_slot_to_the_newest_waiter() -> None:
 
 
 async def test_admission_turns_a_waiter_away_and_then_admits_at_once() -> None:
-    from fleetbus_agent.admission import Admission
+    from fleetbus_agent.admission import HandshakeSlots
 
-    admission = Admission(1)
+    admission = HandshakeSlots(1)
     assert await admission.acquire(30)
     assert not await admission.acquire(0.01)  # no slot within max_wait
     admission.release()

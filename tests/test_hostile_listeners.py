@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from fleetbus_agent import protocol
-from fleetbus_agent.admission import Admission, AdmissionSettings, Gate
+from fleetbus_agent.admission import Gate, GateSettings, HandshakeSlots
 from fleetbus_agent.fdbudget import FdBudget
 from fleetbus_agent.throttle import AuthThrottle, FailureLog
 from prometheus_client.parser import text_string_to_metric_families
@@ -332,7 +332,7 @@ def test_listening_agent_flood_commands_keep_working_and_memory_returns(tmp_path
 
 
 async def test_a_new_address_goes_before_a_flooding_one() -> None:
-    admission = Admission(1)
+    admission = HandshakeSlots(1)
     assert await admission.take(30, "flood") == ""
     flood = [asyncio.ensure_future(admission.take(30, "flood")) for _ in range(100)]
     await asyncio.sleep(0)
@@ -364,7 +364,7 @@ async def test_a_newcomer_evicts_from_the_heaviest_address_when_the_gate_is_full
     async def serve(_: object) -> None:
         raise AssertionError("no handshake succeeds here")
 
-    gate: Gate[None] = Gate(listener, AdmissionSettings(max_unauthenticated=4, silent_s=30), handshake,
+    gate: Gate[None] = Gate(listener, GateSettings(max_unauthenticated=4, silent_s=30), handshake,
                             serve, log=logging.getLogger("test.gate"), dropped=dropped.append)
     gate.start()
     loop = asyncio.get_running_loop()
@@ -416,7 +416,7 @@ async def test_a_connection_accepted_in_the_same_batch_can_be_evicted() -> None:
         sock.bind((source, 0))
         await loop.sock_connect(sock, listener.getsockname())
         clients.append(sock)
-    gate: Gate[None] = Gate(listener, AdmissionSettings(max_unauthenticated=2, silent_s=30), never, never,
+    gate: Gate[None] = Gate(listener, GateSettings(max_unauthenticated=2, silent_s=30), never, never,
                             log=logging.getLogger("test.gate"), dropped=dropped.append)
     gate.start()
     try:
@@ -448,7 +448,7 @@ async def test_the_gate_stops_accepting_at_the_descriptor_reserve_and_resumes() 
 
     room = [0]  # descriptors left before the reserve
     budget = FdBudget(limit=1024, counter=lambda: 1024 - 256 - room[0], sample_s=0)
-    gate: Gate[None] = Gate(listener, AdmissionSettings(), handshake, serve,
+    gate: Gate[None] = Gate(listener, GateSettings(), handshake, serve,
                             log=logging.getLogger("test.gate"), budget=budget)
     gate.start()
     loop = asyncio.get_running_loop()

@@ -3,7 +3,7 @@
 Used by the gateway (outbound agents dial it) and by ``fleetbus-agent listen``: both
 face peers that have proved nothing yet. :class:`Gate` accepts from a listening socket
 by hand and holds each connection as a plain socket, with no TLS state, until a
-handshake slot is free (:class:`Admission`). What it bounds, and why:
+handshake slot is free (:class:`HandshakeSlots`). What it bounds, and why:
 
 - **Slots** (``max_handshakes``): handshakes at once. Thousands of agents dialling at
   once (a gateway restart) all miss their deadlines if they all run together.
@@ -59,7 +59,7 @@ _TCP_ESTABLISHED = 1
 
 
 @dataclass
-class AdmissionSettings:
+class GateSettings:
     """Limits on connections that have not authenticated yet (see the module docstring)."""
 
     max_handshakes: int = 64
@@ -82,7 +82,7 @@ class AdmissionSettings:
             setattr(self, name, float(getattr(self, name)))
 
 
-class Admission:
+class HandshakeSlots:
     """At most ``limit`` handshakes at once; the next slot goes to the least recently
     served source, and to that source's newest waiting connection.
     """
@@ -197,7 +197,7 @@ class Gate(Generic[T]):
     the per-source cap for one address (e.g. one that keeps failing to authenticate).
     """
 
-    def __init__(self, listener: socket.socket, settings: AdmissionSettings,
+    def __init__(self, listener: socket.socket, settings: GateSettings,
                  handshake: Callable[[socket.socket, str, float], Awaitable[Optional[T]]],
                  serve: Callable[[T], Awaitable[None]], *,
                  log: logging.Logger,
@@ -206,7 +206,7 @@ class Gate(Generic[T]):
                  budget: Optional[FdBudget] = None) -> None:
         self.listener = listener
         self.settings = settings
-        self.admission = Admission(settings.max_handshakes)
+        self.slots = HandshakeSlots(settings.max_handshakes)
         self.budget = budget or FdBudget(settings.fd_reserve_min, settings.fd_reserve_fraction)
         self._handshake = handshake
         self._serve = serve
@@ -232,7 +232,7 @@ class Gate(Generic[T]):
     @property
     def waiting(self) -> int:
         """Connections waiting for a handshake slot."""
-        return self.admission.waiting
+        return self.slots.waiting
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -379,7 +379,7 @@ class Gate(Generic[T]):
         try:
             refusal = await self._first_byte(conn, accepted_at)
             if not refusal:
-                refusal = await self.admission.take(self.settings.wait_s, source)
+                refusal = await self.slots.take(self.settings.wait_s, source)
             self._not_waiting(source, task)
             if refusal:
                 self._dropped(refusal)
@@ -395,7 +395,7 @@ class Gate(Generic[T]):
                 deadline = time.monotonic() + self.settings.handshake_timeout_s
                 result = await self._handshake(conn, source, deadline)
             finally:
-                self.admission.release()
+                self.slots.release()
         except BaseException:
             conn.close()  # cancelled (stopping) or a bug: no half-open peer
             raise

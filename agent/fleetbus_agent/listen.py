@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from . import DEFAULT_LISTEN_BIND, DEFAULT_LISTEN_PORT, __version__, protocol
-from .admission import AdmissionSettings, Gate
+from .admission import Gate, GateSettings
 from .fdbudget import raise_nofile_limit
 from .handlers import Handler
 from .heap import trim_heap
@@ -89,9 +89,9 @@ class ListenOptions:
     max_unauthenticated_per_address: int = MAX_UNAUTHENTICATED_PER_ADDRESS
     auth_log_interval_s: float = 60.0
 
-    def admission(self) -> AdmissionSettings:
+    def admission(self) -> GateSettings:
         """The limits on controllers that have not proved the key yet."""
-        return AdmissionSettings(
+        return GateSettings(
             max_handshakes=self.max_handshakes, max_unauthenticated=self.max_unauthenticated,
             max_per_source=self.max_unauthenticated_per_address,
             handshake_timeout_s=self.handshake_timeout_s, wait_s=self.handshake_timeout_s,

@@ -43,7 +43,7 @@ from fleetbus.errors import AuthFailed, InvalidRequest, ServerOffline
 from fleetbus.keys import parse_key
 from fleetbus.records import Server, utcnow
 from fleetbus.transport import Credential, Session, Transport
-from fleetbus_agent.admission import AdmissionSettings, Gate
+from fleetbus_agent.admission import Gate, GateSettings
 from fleetbus_agent.fdbudget import raise_nofile_limit
 from fleetbus_agent.heap import trim_heap
 from fleetbus_agent.protocol import (
@@ -119,7 +119,7 @@ class GatewayTransport(Transport):
         self.create_cert = bool(settings.get("create_cert", True))
         timeout = float(settings.get("handshake_timeout_s", 5.0))
         try:
-            self.admission_settings = AdmissionSettings(
+            self.admission_settings = GateSettings(
                 max_handshakes=settings.get("max_handshakes", MAX_HANDSHAKES),
                 max_unauthenticated=settings.get("max_unauthenticated", 8192),
                 max_per_source=settings.get("max_unauthenticated_per_address", 8192),
