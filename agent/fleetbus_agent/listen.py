@@ -9,10 +9,15 @@ stranger nor a man in the middle holding another certificate gets in, and the ke
 never crosses the wire.
 
 Several controllers (several fleetbus workers) may be connected at once; each connection
-runs operations independently. Wrong proofs are throttled per source address
-(:class:`.throttle.FailureThrottle`): a locked-out address is dropped as soon as it
-connects. On stop the listener closes, each connection is told ``goaway``, and the
-operations in flight are cancelled with their connection.
+runs operations independently. Before a controller has proved anything,
+:class:`.admission.Gate` decides whether and when it gets a handshake (fair per source
+address, capped, one deadline for TLS and proof, within the process's descriptor
+budget, whose soft limit is raised to the hard one at start). Wrong proofs are throttled
+(:class:`.throttle.AuthThrottle`) per address and for the key from any address, except
+for an address that proved the key recently; a locked-out address is dropped as soon
+as it connects, and failures are logged in aggregate. On stop the listener closes, each
+connection is told ``goaway``, and the operations in flight are cancelled with their
+connection.
 """
 
 from __future__ import annotations
@@ -22,14 +27,20 @@ import contextlib
 import dataclasses
 import logging
 import os
+import socket
+import ssl
+import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from . import DEFAULT_LISTEN_BIND, DEFAULT_LISTEN_PORT, __version__, protocol
+from .admission import Gate, GateSettings
+from .fdbudget import raise_nofile_limit
 from .handlers import Handler
+from .heap import trim_heap
 from .paths import PathPolicy
-from .protocol import AuthError, Connection, HandshakeError, shrink_tls_buffers
-from .throttle import FailureThrottle
+from .protocol import AuthError, Connection, HandshakeError, Welcome, shrink_tls_buffers
+from .throttle import AuthThrottle, FailureLog
 from .tlsid import TLSIdentity, load_identity
 
 log = logging.getLogger("fleetbus_agent.listen")
@@ -37,6 +48,17 @@ log = logging.getLogger("fleetbus_agent.listen")
 DEFAULT_BIND = DEFAULT_LISTEN_BIND
 DEFAULT_PORT = DEFAULT_LISTEN_PORT
 STOP_TIMEOUT_S = 5.0
+# The listening agent has one key, so every proof is for it: its key id in AuthThrottle.
+PROOF = "server-key"
+# A listening agent expects a few controllers (fleetbus workers), not thousands of
+# agents: smaller admission limits than the gateway's.
+MAX_HANDSHAKES = 16
+MAX_UNAUTHENTICATED = 256
+MAX_UNAUTHENTICATED_PER_ADDRESS = 32
+PENALISED_PER_ADDRESS = 4
+# Every TLS handshake, failed ones too, leaves freed heap between live allocations that
+# glibc keeps; after a flood of connections it is given back (malloc_trim) this often.
+TRIM_EVERY_S = 10.0
 
 
 @dataclass
@@ -59,7 +81,21 @@ class ListenOptions:
     allow_paths: List[str] = field(default_factory=list)
     heartbeat_s: Optional[float] = None
     handshake_timeout_s: float = 5.0
+    """One deadline for TLS and the proof together, from when a handshake slot is given."""
     tls_handshake_timeout_s: float = 5.0
+    """Kept for callers that set it; the deadline above covers TLS too."""
+    max_handshakes: int = MAX_HANDSHAKES
+    max_unauthenticated: int = MAX_UNAUTHENTICATED
+    max_unauthenticated_per_address: int = MAX_UNAUTHENTICATED_PER_ADDRESS
+    auth_log_interval_s: float = 60.0
+
+    def admission(self) -> GateSettings:
+        """The limits on controllers that have not proved the key yet."""
+        return GateSettings(
+            max_handshakes=self.max_handshakes, max_unauthenticated=self.max_unauthenticated,
+            max_per_source=self.max_unauthenticated_per_address,
+            handshake_timeout_s=self.handshake_timeout_s, wait_s=self.handshake_timeout_s,
+            silent_s=self.handshake_timeout_s)
 
     def __repr__(self) -> str:  # the key stays out of any log or traceback
         return (f"ListenOptions(bind={self.bind!r}, port={self.port}, tls_dir={self.tls_dir!r}, "
@@ -89,12 +125,12 @@ def identity_for(opts: ListenOptions) -> TLSIdentity:
                          key_file=opts.key_file, new_cert=opts.new_cert)
 
 
-def _address(peer: Any) -> Tuple[str, str]:
-    """(ip, "ip:port") of a peername, for throttling and for messages."""
+def _remote(peer: Any) -> str:
+    """"ip:port" of a peername, for messages."""
     if isinstance(peer, (tuple, list)) and len(peer) >= 2:
         ip = str(peer[0])
-        return ip, (f"[{ip}]:{peer[1]}" if ":" in ip else f"{ip}:{peer[1]}")
-    return "?", "?"
+        return f"[{ip}]:{peer[1]}" if ":" in ip else f"{ip}:{peer[1]}"
+    return "?"
 
 
 def _abort(writer: asyncio.StreamWriter) -> None:
@@ -103,77 +139,135 @@ def _abort(writer: asyncio.StreamWriter) -> None:
         writer.transport.abort()
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """A non-blocking listening socket (what asyncio.start_server would bind)."""
+    family = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+    sock = socket.create_server((host, port), family=family, backlog=512)
+    sock.setblocking(False)
+    return sock
+
+
+@dataclass
+class _Turn:
+    """The proof checks of one address, one at a time."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
 class Listener:
     """The accepting side of inbound mode; :func:`run_listen` drives one."""
 
     def __init__(self, opts: ListenOptions, identity: TLSIdentity,
                  handler: Optional[Handler] = None,
-                 throttle: Optional[FailureThrottle] = None) -> None:
+                 throttle: Optional[AuthThrottle] = None) -> None:
         self.opts = opts
         self.identity = identity
         self.handler = handler or Handler(paths=PathPolicy(opts.allow_paths))
-        self.throttle = throttle or FailureThrottle()
-        self.server: Optional[asyncio.AbstractServer] = None
+        self.throttle = throttle or AuthThrottle()
+        self.failures = FailureLog(log, "controller authentication", "controller authentications",
+                                   interval_s=opts.auth_log_interval_s)
+        self.gate: Optional[Gate[Tuple[asyncio.StreamReader, asyncio.StreamWriter, Welcome, str]]] = None
         self.connections: Set[Connection] = set()
-        self._tasks: Set[asyncio.Task[Any]] = set()
+        self._tls: Optional[ssl.SSLContext] = None
+        self._tasks: List[asyncio.Future[None]] = []
+        self._proof_turns: Dict[str, _Turn] = {}
         self._stopping = False
 
     async def start(self) -> ListenReady:
-        ctx = self.identity.server_context()
-        self.server = await asyncio.start_server(
-            self._accept, self.opts.bind, self.opts.port, ssl=ctx,
-            ssl_handshake_timeout=self.opts.tls_handshake_timeout_s,
-        )
-        sockname = self.server.sockets[0].getsockname()
-        return ListenReady(host=self.opts.bind, port=int(sockname[1]),
+        self._tls = self.identity.server_context()
+        sock = _bind(self.opts.bind, self.opts.port)
+        self.gate = Gate(sock, self.opts.admission(), self._handshake, self._serve, log=log,
+                         source_cap=self._source_cap)
+        self.gate.start()
+        self._tasks = [asyncio.ensure_future(self._flush_failures()),
+                       asyncio.ensure_future(self._trim_after_accepts())]
+        return ListenReady(host=self.opts.bind, port=int(sock.getsockname()[1]),
                            fingerprint=self.identity.fingerprint)
 
     async def stop(self) -> None:
         """Stop accepting, tell every controller goaway, cancel what is in flight."""
         self._stopping = True
-        if self.server is not None:
-            self.server.close()
+        for task in self._tasks:
+            task.cancel()
         conns = list(self.connections)
         if conns:
             await asyncio.gather(
                 *(c.close("the agent is stopping", goaway=True) for c in conns),
                 return_exceptions=True,
             )
-        tasks = [t for t in self._tasks if not t.done()]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=STOP_TIMEOUT_S)
-        if self.server is not None:
+        if self.gate is not None:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.server.wait_closed(), STOP_TIMEOUT_S)
+                await asyncio.wait_for(self.gate.aclose(), STOP_TIMEOUT_S)
+        self.failures.flush()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        if task is not None:
-            self._tasks.add(task)
+    def _source_cap(self, ip: str) -> int:
+        if self.throttle.penalised(ip):
+            return PENALISED_PER_ADDRESS
+        return self.opts.max_unauthenticated_per_address
+
+    async def _flush_failures(self) -> None:
+        while True:
+            await asyncio.sleep(self.failures.interval_s)
+            self.failures.flush()
+
+    async def _trim_after_accepts(self) -> None:
+        seen = 0
+        while True:
+            await asyncio.sleep(TRIM_EVERY_S)
+            assert self.gate is not None
+            if self.gate.accepted != seen:
+                seen = self.gate.accepted
+                if not trim_heap():
+                    return  # not glibc: nothing to do, ever
+
+    async def _handshake(self, sock: socket.socket, ip: str, deadline: float
+                         ) -> Optional[Tuple[asyncio.StreamReader, asyncio.StreamWriter, Welcome, str]]:
+        """TLS, then the challenge and the controller's proof, by ``deadline``; None if it failed."""
         try:
-            await self._serve(reader, writer)
-        except asyncio.CancelledError:
-            writer.transport.abort()
-            raise
-        except Exception:  # a bug here must cost one connection, not the listener
-            log.exception("serving a controller failed")
-            writer.transport.abort()
+            remote = _remote(sock.getpeername())
+        except OSError:
+            remote = ip
+        if self._stopping or self.throttle.locked(ip, PROOF):
+            if not self._stopping:
+                self.failures.note(ip, "locked_out")
+            sock.close()  # no handshake, no proof check, no cost
+            return None
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        protocol_ = asyncio.StreamReaderProtocol(reader)
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol_, sock, ssl=self._tls,
+                ssl_handshake_timeout=max(0.001, deadline - time.monotonic()))
+        except (asyncio.TimeoutError, OSError, ssl.SSLError) as exc:
+            log.debug("TLS handshake with %s failed: %s", remote, type(exc).__name__)
+            sock.close()
+            return None
+        writer = asyncio.StreamWriter(transport, protocol_, reader, loop)
+        # One proof check at a time per address: a failure is known only once the
+        # handshake has closed the connection, so checks in parallel would let one
+        # address make any number of guesses before its lockout applies.
+        turn = self._proof_turns.get(ip)
+        if turn is None:
+            turn = self._proof_turns[ip] = _Turn()
+        turn.users += 1
+        try:
+            async with turn.lock:
+                return await self._prove(reader, writer, ip, remote, deadline)
         finally:
-            if task is not None:
-                self._tasks.discard(task)
+            turn.users -= 1
+            if not turn.users:
+                del self._proof_turns[ip]
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        ip, remote = _address(writer.get_extra_info("peername"))
-        if self._stopping:
-            writer.transport.abort()
-            return
-        blocked = self.throttle.blocked_for(ip)
-        if blocked > 0:
-            log.debug("dropping %s: locked out for %.0f s more", remote, blocked)
-            writer.transport.abort()  # no handshake, no proof check, no cost
-            return
+    async def _prove(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ip: str,
+                     remote: str, deadline: float
+                     ) -> Optional[Tuple[asyncio.StreamReader, asyncio.StreamWriter, Welcome, str]]:
+        """The challenge and the controller's proof, by ``deadline``; None if it failed."""
+        if self.throttle.locked(ip, PROOF):  # locked by the check this one waited for
+            self.failures.note(ip, "locked_out")
+            _abort(writer)
+            return None
         try:
             welcome = await protocol.agent_accept_handshake(
                 reader, writer, key=self.opts.key,
@@ -181,23 +275,36 @@ class Listener:
                 # The challenge goes to anyone who can connect, before any proof, so it
                 # carries no facts about this host; `info` gives them to a proven peer.
                 facts={}, agent=f"fleetbus-agent/{__version__}",
-                timeout=self.opts.handshake_timeout_s,
+                timeout=max(0.001, deadline - time.monotonic()),
             )
         except AuthError:
-            locked = self.throttle.failure(ip)
-            log.warning("controller at %s failed to prove the server key%s", remote,
-                        "; locked out for a while" if locked else "")
+            self.failures.note(ip, "wrong_proof", self.throttle.failure(ip, PROOF))
             _abort(writer)
-            return
+            return None
         except HandshakeError as exc:
-            log.info("handshake with %s failed: %s", remote, exc.message)
+            log.debug("handshake with %s failed: %s", remote, exc.message)
             _abort(writer)
-            return
-        except (OSError, EOFError) as exc:
-            log.info("handshake with %s failed: %s", remote, type(exc).__name__)
+            return None
+        except (OSError, EOFError, asyncio.TimeoutError) as exc:
+            log.debug("handshake with %s failed: %s", remote, type(exc).__name__)
             _abort(writer)
-            return
-        self.throttle.success(ip)
+            return None
+        self.throttle.success(ip, PROOF)
+        return reader, writer, welcome, remote
+
+    async def _serve(self, parts: Tuple[asyncio.StreamReader, asyncio.StreamWriter, Welcome, str]) -> None:
+        reader, writer, welcome, remote = parts
+        try:
+            await self._run(reader, writer, welcome, remote)
+        except asyncio.CancelledError:
+            writer.transport.abort()
+            raise
+        except Exception:  # a bug here must cost one connection, not the listener
+            log.exception("serving a controller failed")
+            writer.transport.abort()
+
+    async def _run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                   welcome: Welcome, remote: str) -> None:
         if self.opts.heartbeat_s:
             welcome = dataclasses.replace(welcome, heartbeat_s=float(self.opts.heartbeat_s))
         conn = Connection.from_welcome(reader, writer, welcome, on_open=self.handler)
@@ -227,6 +334,7 @@ async def run_listen(opts: ListenOptions, stop: asyncio.Event,
     be bound and :class:`.tlsid.TLSIdentityError` when the identity cannot be loaded.
     """
     shrink_tls_buffers()
+    raise_nofile_limit()
     if identity is None:
         identity = identity_for(opts)
     listener = Listener(opts, identity, handler=handler)

@@ -59,6 +59,10 @@ class Metrics:
         self.handshakes_waiting = Gauge(
             "fleetbus_gateway_handshakes_waiting",
             "Agent connections accepted and waiting for a handshake slot.", registry=r)
+        self.unauthenticated = Gauge(
+            "fleetbus_gateway_unauthenticated_connections",
+            "Agent connections held that have not authenticated yet (waiting or in handshake).",
+            registry=r)
         self.handshakes_dropped = Counter(
             "fleetbus_gateway_handshakes_dropped",
             "Agent connections dropped before their handshake finished, by reason.",

@@ -7,30 +7,44 @@ on the same NATS needs no extra code. A second connection with the same key repl
 the first. The gateway watches the key bucket and drops a connection whose key was
 rotated or revoked at once.
 
+Before an agent has proved anything, :class:`fleetbus_agent.admission.Gate` decides
+whether and when it gets a handshake (fair per source address, capped, within the
+process's descriptor budget), and :class:`fleetbus_agent.throttle.AuthThrottle` throttles
+failed keys by address and key id; failures are logged in aggregate.
+
 Settings (``ctx.settings``): ``listen`` ("HOST:PORT", default "0.0.0.0:7443"),
 ``advertise`` (the address agents should dial, default this host's name and the port),
-``heartbeat_s`` (5), ``handshake_timeout_s`` (5), ``max_handshakes`` (64: agents in
-their TLS and key handshake at once; more wait, accepted), ``create_cert`` (True: make a
-CA and certificate on first start when none exists).
+``heartbeat_s`` (5), ``handshake_timeout_s`` (5: TLS and hello together),
+``max_handshakes`` (64: agents in their TLS and key handshake at once; more wait,
+accepted), ``handshake_wait_s`` (as handshake_timeout_s: longest wait for a slot),
+``max_unauthenticated`` (8192), ``max_unauthenticated_per_address`` (8192: a fleet
+behind one NAT address reconnects at once too; fairness to other addresses comes from
+eviction and round-robin),
+``penalised_per_address`` (4: the cap for an address that keeps failing),
+``silent_s`` (as handshake_timeout_s), ``fd_reserve`` (256: descriptors the listener
+never takes; at least 10 % of the limit), ``auth_log_interval_s`` (60), ``create_cert``
+(True: make a CA and certificate on first start when none exists).
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
+import logging
 import socket
 import ssl
 import time
-from collections import deque
 from typing import Any
 
 from fleetbus import __version__
 from fleetbus.agentlink import AgentSession
 from fleetbus.certs import GatewayFiles, create_gateway_identity, fingerprint_pem, server_context
 from fleetbus.errors import AuthFailed, InvalidRequest, ServerOffline
+from fleetbus.keys import parse_key
 from fleetbus.records import Server, utcnow
 from fleetbus.transport import Credential, Session, Transport
+from fleetbus_agent.admission import Gate, GateSettings
+from fleetbus_agent.fdbudget import raise_nofile_limit
 from fleetbus_agent.heap import trim_heap
 from fleetbus_agent.protocol import (
     Accepted,
@@ -40,17 +54,10 @@ from fleetbus_agent.protocol import (
     controller_handshake,
     shrink_tls_buffers,
 )
-from fleetbus_agent.throttle import FailureThrottle
+from fleetbus_agent.throttle import AuthThrottle, FailureLog
 from nats.js.kv import KV_DEL, KV_PURGE
 
 from .links import Link, Links
-
-# Connections accepted per wake-up of the listening socket at most (asyncio's own
-# server accepts up to its backlog); and how long to stop accepting when the process
-# is out of descriptors or memory.
-ACCEPT_BATCH = 128
-ACCEPT_RETRY_S = 1.0
-_ACCEPT_LATER = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 RECORD_EVERY_S = 20.0
 # How often each connected agent's status (its last_seen) is written again. It was every
@@ -67,79 +74,13 @@ STATUS_EVERY_S = 300.0
 # live allocations, malloc_trim does.
 TRIM_EVERY_S = 10.0
 # Agents in their handshake (TLS, hello, key check) at once; the rest wait, accepted,
-# with no TLS state yet (see Admission). When 5,000 agents dialled at once, every
-# handshake ran at the same time, most missed their deadlines and started over (about
-# 10,000 failed handshakes, 150 s until all were in).
+# with no TLS state yet (fleetbus_agent.admission). When 5,000 agents dialled at once,
+# every handshake ran at the same time, most missed their deadlines and started over.
 MAX_HANDSHAKES = 64
-_TCP_ESTABLISHED = 1
-
-
-class Admission:
-    """At most ``limit`` handshakes at once; of the connections waiting, the newest goes next.
-
-    Newest first, because an agent gives up on a connect that takes too long (10 s) and
-    dials again: under a storm a first-come queue hands every free slot to the
-    connection closest to being abandoned, and can end up serving almost only those.
-    A connection that waited ``max_wait`` seconds is turned away; its agent retries.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
-        self.waiting = 0
-        """Connections waiting for a slot right now."""
-        self._waiting: deque[asyncio.Future[bool]] = deque()
-
-    async def acquire(self, max_wait: float) -> bool:
-        """Take a slot (True) or give up after ``max_wait`` seconds (False)."""
-        # A free slot is taken at once, waiters or not: the newest connection goes first
-        # anyway, and a slot is only ever free while no live waiter is left.
-        if self.active < self.limit:
-            self.active += 1
-            return True
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[bool] = loop.create_future()
-        # Timed-out waiters are the oldest, at the left end: dropped here, in O(1) each.
-        while self._waiting and self._waiting[0].done():
-            self._waiting.popleft()
-        self._waiting.append(fut)
-        self.waiting += 1
-        timer = loop.call_later(max_wait, _resolve, fut, False)
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled() and fut.result():
-                self.release()  # handed a slot just as we were cancelled: pass it on
-            raise
-        finally:
-            timer.cancel()
-            self.waiting -= 1
-
-    def release(self) -> None:
-        """Give the slot to the newest waiting connection, or free it."""
-        while self._waiting:
-            fut = self._waiting.pop()
-            if not fut.done():
-                fut.set_result(True)
-                return
-        self.active -= 1
-
-
-def _resolve(fut: asyncio.Future[bool], value: bool) -> None:
-    if not fut.done():
-        fut.set_result(value)
-
-
-def _peer_gone(sock: socket.socket) -> bool:
-    """True when the peer already closed or reset the TCP connection (Linux; else False)."""
-    tcp_info = getattr(socket, "TCP_INFO", None)
-    if tcp_info is None:
-        return False
-    try:
-        state = sock.getsockopt(socket.IPPROTO_TCP, tcp_info, 1)[0]
-    except OSError:
-        return False
-    return state != _TCP_ESTABLISHED
+# An address that keeps failing to authenticate may hold this many unauthenticated
+# connections at once instead of max_unauthenticated_per_address: penalised, not
+# banned, so a correct agent behind the same NAT address still gets a handshake.
+PENALISED_PER_ADDRESS = 4
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -166,27 +107,41 @@ class GatewayTransport(Transport):
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
         self.links = Links()
-        self.throttle = FailureThrottle()
-        self._listener: socket.socket | None = None
-        self._accept_paused: asyncio.TimerHandle | None = None
+        self.throttle = AuthThrottle()
         self.address = ""
         self.fingerprint = ""
         self._tasks: list[asyncio.Task[Any]] = []
-        self._handshakes: set[asyncio.Task[Any]] = set()
-        self._accepted_since_trim = 0
+        self._gate: Gate[tuple[Any, ...]] | None = None
+        self._accepted_at_trim = 0
         settings = ctx.settings
         self.listen = parse_listen(settings.get("listen", "0.0.0.0:7443"))
         self.heartbeat_s = float(settings.get("heartbeat_s", 5.0))
-        self.handshake_timeout_s = float(settings.get("handshake_timeout_s", 5.0))
         self.create_cert = bool(settings.get("create_cert", True))
-        self.max_handshakes = max(1, int(settings.get("max_handshakes", MAX_HANDSHAKES)))
-        self.admission = Admission(self.max_handshakes)
+        timeout = float(settings.get("handshake_timeout_s", 5.0))
+        try:
+            self.admission_settings = GateSettings(
+                max_handshakes=settings.get("max_handshakes", MAX_HANDSHAKES),
+                max_unauthenticated=settings.get("max_unauthenticated", 8192),
+                max_per_source=settings.get("max_unauthenticated_per_address", 8192),
+                handshake_timeout_s=timeout,
+                wait_s=settings.get("handshake_wait_s", timeout),
+                silent_s=settings.get("silent_s", timeout),
+                fd_reserve_min=int(settings.get("fd_reserve", 256)))
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(f"agent-outbound settings: {exc}") from None
+        self.penalised_per_address = int(settings.get("penalised_per_address", PENALISED_PER_ADDRESS))
+        # The transport's own logger (ctx.logger), named here so settings can be checked
+        # before the host hands over a context with one.
+        self.failure_log = FailureLog(logging.getLogger(f"fleetbus.transport.{self.name}"),
+                                      "agent authentication", "agent authentications",
+                                      interval_s=float(settings.get("auth_log_interval_s", 60.0)))
         self._tls: ssl.SSLContext | None = None
         self.advertise = settings.get("advertise")
 
     # lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         shrink_tls_buffers()
+        soft, _hard = raise_nofile_limit()
         services = self.ctx.services
         files = GatewayFiles.of(services.home)
         if not files.exists() and self.create_cert:
@@ -199,29 +154,34 @@ class GatewayTransport(Transport):
             # no event loop reads a byte (the ClientHello) of a waiting connection, so
             # its TLS handshake finds it in the kernel. An asyncio server would hand
             # each connection to a transport that, on uvloop, starts reading at once.
-            self._listener = _listen(host, port)
+            listener = _listen(host, port)
         except OSError as exc:
             raise InvalidRequest(
                 f"the gateway cannot listen on {host}:{port}: {exc.strerror} "
                 "(pass --gateway-listen to choose another address)") from None
-        asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept_ready)
-        self.ctx.services.metrics.handshakes_waiting.set_function(lambda: self.admission.waiting)
-        bound = self._listener.getsockname()
+        self._gate = Gate(listener, self.admission_settings, self._handshake, self._serve_link,
+                          log=self.ctx.logger, dropped=self._dropped, source_cap=self._source_cap)
+        self._gate.start()
+        gate = self._gate
+        self.ctx.services.metrics.handshakes_waiting.set_function(lambda: gate.waiting)
+        self.ctx.services.metrics.unauthenticated.set_function(lambda: gate.unauthenticated)
+        bound = listener.getsockname()
         self.address = self.advertise or f"{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{bound[1]}"
         self.bound_port = bound[1]
         self._tasks = [asyncio.create_task(self._watch_keys()), asyncio.create_task(self._refresh()),
-                       asyncio.create_task(self._trim_after_handshakes())]
-        self.ctx.logger.info("gateway listening on %s:%s (agents dial %s, pin %s)",
-                             host, bound[1], self.address, self.fingerprint)
+                       asyncio.create_task(self._trim_after_handshakes()),
+                       asyncio.create_task(self._flush_failure_log())]
+        self.ctx.logger.info("gateway listening on %s:%s (agents dial %s, pin %s; descriptor limit %s, "
+                             "%s kept in reserve)", host, bound[1], self.address, self.fingerprint,
+                             soft, gate.budget.reserve)
 
     async def stop(self) -> None:
-        if self._listener is not None:
-            self._stop_accepting()
-            self._listener.close()
-            self._listener = None
-        for task in [*self._tasks, *self._handshakes]:
+        if self._gate is not None:
+            await self._gate.aclose()
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._handshakes, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.failure_log.flush()
         for link in list(self.links.by_server.values()):
             await link.conn.close("the gateway is stopping", code="server_offline", goaway=True)
         try:
@@ -230,88 +190,28 @@ class GatewayTransport(Transport):
             pass
 
     # connections ------------------------------------------------------------------------
-    def _accept_ready(self) -> None:
-        """The listening socket is readable: accept what is queued (as asyncio does)."""
-        assert self._listener is not None
-        for _ in range(ACCEPT_BATCH):
-            try:
-                conn, _addr = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in _ACCEPT_LATER:
-                    # Out of descriptors or memory: retrying at once would spin.
-                    self.ctx.logger.warning("the gateway cannot accept connections for now (%s); "
-                                            "trying again in %g s", exc.strerror, ACCEPT_RETRY_S)
-                    self._stop_accepting()
-                    self._accept_paused = asyncio.get_running_loop().call_later(
-                        ACCEPT_RETRY_S, self._resume_accepting)
-                    return
-                continue  # that one connection failed (ECONNABORTED and the like)
-            conn.setblocking(False)
-            self._accepted(conn)
+    def _source_cap(self, ip: str) -> int:
+        if self.throttle.penalised(ip):
+            return self.penalised_per_address
+        return self.admission_settings.max_per_source
 
-    def _stop_accepting(self) -> None:
-        assert self._listener is not None
-        asyncio.get_running_loop().remove_reader(self._listener.fileno())
-        if self._accept_paused is not None:
-            self._accept_paused.cancel()
-            self._accept_paused = None
+    async def _serve_link(self, parts: tuple[Any, ...]) -> None:
+        await self._run_link(*parts)
 
-    def _resume_accepting(self) -> None:
-        self._accept_paused = None
-        if self._listener is not None:
-            asyncio.get_running_loop().add_reader(self._listener.fileno(), self._accept_ready)
-
-    def _accepted(self, conn: socket.socket) -> None:
-        self._accepted_since_trim += 1
-        task = asyncio.get_running_loop().create_task(self._accept(conn))
-        self._handshakes.add(task)
-        task.add_done_callback(self._handshakes.discard)
-
-    async def _accept(self, conn: socket.socket) -> None:
-        try:
-            streams = await self._admit(conn)
-        except BaseException:
-            conn.close()  # cancelled (the gateway is stopping) or a bug: no half-open peer
-            raise
-        if streams is not None:
-            await self._run_link(*streams)
-
-    async def _admit(self, conn: socket.socket) -> tuple[Any, ...] | None:
-        """Wait for a handshake slot, then TLS and hello; the link's parts, or None."""
+    async def _handshake(self, conn: socket.socket, ip: str, deadline: float) -> tuple[Any, ...] | None:
+        """TLS, then hello/welcome with the key check, by ``deadline``; None when it failed."""
         try:
             peer = conn.getpeername()
+            remote = f"{peer[0]}:{peer[1]}"
         except OSError:
-            peer = ("?", 0)  # already gone: the handshake finds out
-        ip, remote = str(peer[0]), f"{peer[0]}:{peer[1]}"
-        if self.throttle.blocked_for(ip) > 0:
-            self.ctx.services.metrics.auth_failures.labels(self.name, "locked_out").inc()
-            conn.close()  # locked out: no handshake, no key check, no cost
-            return None
-        if not await self.admission.acquire(self.handshake_timeout_s):
-            self._dropped("waited")
-            conn.close()  # waited too long: its agent is about to give up and retry
-            return None
-        try:
-            return await self._handshake(conn, ip, remote)
-        finally:
-            self.admission.release()
-
-    async def _handshake(self, conn: socket.socket, ip: str, remote: str) -> tuple[Any, ...] | None:
-        """TLS, then hello/welcome with the key check; None when it failed."""
-        if _peer_gone(conn):
-            # It gave up while waiting for a slot (its connect timeout): a handshake
-            # with it would cost the key exchange and fail anyway.
-            self._dropped("gone")
-            conn.close()
-            return None
+            remote = f"{ip}:?"
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
         protocol = asyncio.StreamReaderProtocol(reader)
         try:
             tls, _ = await loop.connect_accepted_socket(
-                lambda: protocol, conn, ssl=self._tls, ssl_handshake_timeout=self.handshake_timeout_s)
+                lambda: protocol, conn, ssl=self._tls,
+                ssl_handshake_timeout=max(0.001, deadline - time.monotonic()))
         except (TimeoutError, OSError, ssl.SSLError) as exc:
             self._dropped("tls")
             self.ctx.logger.debug("TLS handshake from %s failed: %s", remote, exc)
@@ -322,26 +222,36 @@ class GatewayTransport(Transport):
 
         async def authenticate(hello: dict[str, Any]) -> str:
             auth = hello.get("auth") if isinstance(hello.get("auth"), dict) else {}
-            key = auth.get("key") if auth.get("method") == "key" else None
-            if not isinstance(key, str):
+            if auth.get("method") != "key":
+                self._auth_failed(ip, None, "bad_method")
                 raise AuthError("auth_failed", "this gateway accepts key authentication only")
+            key = auth.get("key")
+            parsed = parse_key(key) if isinstance(key, str) else None
+            key_id = parsed[0] if parsed else None
+            if self.throttle.locked(ip, key_id):
+                # Checked no further: the answer is the same as for a wrong key.
+                self._auth_failed(ip, key_id, "locked_out", count=False)
+                raise AuthError("auth_failed", "unknown or revoked key")
+            if parsed is None:  # not a fleetbus key at all: as unknown as any
+                self._auth_failed(ip, None, "unknown_key")
+                raise AuthError("auth_failed", "unknown or revoked key")
             try:
                 match = await self.ctx.services.agent_keys.verify(key)
-            except AuthFailed as exc:
-                self._auth_failed(ip, exc.message, "unknown_key")
+            except AuthFailed:
+                self._auth_failed(ip, key_id, "unknown_key")
                 raise AuthError("auth_failed", "unknown or revoked key") from None
             server = await self.ctx.lookup_server(match.server)
             if server is None or server.transport != self.name:
-                self._auth_failed(ip, "key of a server that is not an agent-outbound server", "wrong_transport")
+                self._auth_failed(ip, key_id, "wrong_transport")
                 raise AuthError("auth_failed", "unknown or revoked key")
-            self.throttle.success(ip)
+            self.throttle.success(ip, match.key_id)
             matched["key_id"] = match.key_id
             return match.server
 
         try:
             accepted = await controller_handshake(reader, writer, authenticate,
                                                   heartbeat_s=self.heartbeat_s,
-                                                  timeout=self.handshake_timeout_s)
+                                                  timeout=max(0.001, deadline - time.monotonic()))
         except (TimeoutError, HandshakeError, OSError, ssl.SSLError) as exc:
             if not isinstance(exc, AuthError):
                 self._dropped("hello")
@@ -384,11 +294,16 @@ class GatewayTransport(Transport):
     def _dropped(self, reason: str) -> None:
         self.ctx.services.metrics.handshakes_dropped.labels(reason).inc()
 
-    def _auth_failed(self, ip: str, reason: str, label: str) -> None:
-        self.ctx.services.metrics.auth_failures.labels(self.name, label).inc()
-        locked = self.throttle.failure(ip)
-        self.ctx.logger.warning("agent authentication from %s failed: %s%s", ip, reason,
-                                "; locked out for a while" if locked else "")
+    def _auth_failed(self, ip: str, key_id: str | None, reason: str, count: bool = True) -> None:
+        """Count a failed authentication (``count``: towards the lockouts too) and log it in aggregate."""
+        self.ctx.services.metrics.auth_failures.labels(self.name, reason).inc()
+        locked = self.throttle.failure(ip, key_id) if count else False
+        self.failure_log.note(ip, reason, locked)
+
+    async def _flush_failure_log(self) -> None:
+        while True:
+            await asyncio.sleep(self.failure_log.interval_s)
+            self.failure_log.flush()
 
     async def _status(self, link: Link, state: str, detail: str | None = None) -> None:
         await self.ctx.services.report_status(
@@ -436,8 +351,9 @@ class GatewayTransport(Transport):
     async def _trim_after_handshakes(self) -> None:
         while True:
             await asyncio.sleep(TRIM_EVERY_S)
-            if self._accepted_since_trim:
-                self._accepted_since_trim = 0
+            # Every connection accepted counts, shed ones too: a flood leaves freed heap.
+            if self._gate is not None and self._gate.accepted != self._accepted_at_trim:
+                self._accepted_at_trim = self._gate.accepted
                 # In a thread: on a large heap it takes a few milliseconds the loop need not wait.
                 if not await asyncio.to_thread(trim_heap):
                     return  # not glibc: nothing to do, ever
