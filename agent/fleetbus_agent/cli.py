@@ -31,6 +31,7 @@ from . import DEFAULT_LISTEN_BIND as DEFAULT_BIND
 from . import DEFAULT_LISTEN_PORT as DEFAULT_PORT
 from . import __version__
 from .childwatch import prefer_pidfd_child_watcher
+from .fdbudget import raise_nofile_limit
 from .heap import trim_heap_after_start
 from .ownenv import secret, take_secrets
 
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     take_secrets()  # before anything can start a thread or a process
+    raise_nofile_limit()  # a listening agent faces peers that hold connections open
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose > 1 else logging.INFO,

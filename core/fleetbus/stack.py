@@ -15,6 +15,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from fleetbus_agent.fdbudget import raise_nofile_limit
 from fleetbus_agent.ownenv import secret, take_secrets
 from nats.aio.client import Client as NATS
 
@@ -87,12 +88,16 @@ def secure_process_start(home: Home) -> None:
     Takes fleetbus's secret variables (master key, NATS token) out of the environment
     and of ``/proc/<pid>/environ`` (:mod:`fleetbus_agent.ownenv`), so no process we
     start and no ``local`` command can read them there; and closes an existing home
-    folder to everyone else (0700), since it holds ``master.key`` and ``nats.token``.
+    folder to everyone else (0700), since it holds ``master.key`` and ``nats.token``;
+    and raises the soft descriptor limit to the hard one.
     """
     taken = take_secrets()
     if taken:
         log.debug("took %s out of the process environment", ", ".join(taken))
     home.protect()
+    # A fleetbus process holds a descriptor per agent, NATS connection, session and
+    # transfer; systemd's default soft limit of 1,024 is for select(), which we never use.
+    raise_nofile_limit()
 
 
 async def start_stack(opts: StackOptions, stack: AsyncExitStack, *, embedded_nats: bool,
