@@ -120,6 +120,22 @@ def test_nesting_up_to_the_limit_parses() -> None:
     assert parse_json_object(b'{"shell": "' + b"[[{" * 100 + b'"}')["shell"].startswith("[[{")
 
 
+
+@pytest.mark.parametrize("body", [
+    rb'{"shell": "echo \ud800"}',                      # an escaped lone surrogate
+    rb'{"\uDFFF": 1}',                                 # in a key
+    b'{"labels": {"a": "b\xed\xa0\x80"}}',             # its raw bytes, which json.loads passes
+])
+def test_lone_surrogates_are_an_invalid_request(body: bytes) -> None:
+    with pytest.raises(InvalidRequest, match="lone surrogate"):
+        parse_json_object(body)
+
+
+def test_text_that_merely_looks_like_a_surrogate_parses() -> None:
+    # A pair escapes one character; ED starts Hangul syllables too.
+    assert parse_json_object(rb'{"a": "\ud83d\ude00"}') == {"a": "\U0001f600"}
+    assert parse_json_object('{"a": "\ud7a3"}'.encode()) == {"a": "\ud7a3"}
+
 @pytest.mark.parametrize("subject", [
     "fleetbus.v1.admin.servers.remove", "fleetbus.v1.servers.web2.exec", "fleetbus.v1.audit.x",
     "$JS.API.STREAM.DELETE.FLEETBUS_AUDIT", "$SYS.REQ.SERVER.PING", "$SRV.PING", "$KV.b.k", "$O.b.C.x",

@@ -312,7 +312,30 @@ def parse_json_object(data: bytes) -> dict[str, Any]:
     # Counting brackets is a quick pass in C; only a body with many pays for the walk.
     if data.count(b"[") + data.count(b"{") > MAX_JSON_DEPTH and _depth(body) > MAX_JSON_DEPTH:
         raise InvalidRequest(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
+    # A lone surrogate comes from a \uD800-\uDFFF escape or from its raw bytes (ED A0-BF ..),
+    # which json.loads lets through (it decodes with 'surrogatepass'); such a string cannot
+    # be stored or sent on as UTF-8. The byte tests are quick passes in C; the walk is rare.
+    if (b"\\ud" in data or b"\\uD" in data or b"\xed" in data) and _has_lone_surrogate(body):
+        raise InvalidRequest("request body holds a lone surrogate, which is not text")
     return body
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """True when a key or string anywhere in ``value`` is not encodable as UTF-8."""
+    todo: list[Any] = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            todo.extend(item.keys())
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+    return False
 
 
 def _depth(value: Any) -> int:
