@@ -41,14 +41,13 @@ from typing import Any
 
 from fleetbus_agent import ops
 from fleetbus_agent.ops.errors import OpError, invalid_request, not_found, transport_error
-from fleetbus_agent.ops.files import check_path, shown_path
+from fleetbus_agent.ops.files import check_path, shown_path, write_in_batches
 from fleetbus_agent.ops.pagecache import DropBehind
 from fleetbus_agent.ops.runas import RunAs
 
 HELPER_TIMEOUT_S = 60.0
 """How long one answer of the helper may take (a path on a hung network mount)."""
 
-_WRITE_BATCH = 1024 * 1024  # as ops.files: small chunks gathered into writes of ~1 MiB
 _MAX_MESSAGE = 65536
 
 
@@ -337,25 +336,12 @@ class _PutAs:
             raise transport_error(f"cannot write {shown_path(self.path)}: {exc.strerror or exc}") from exc
 
     async def run(self, source: AsyncIterator[bytes]) -> ops.FileStat:
-        expected = self.spec.size
-        received = 0
         try:
             mode = await self._blocking(self._create)
-            batch: list[bytes] = []
-            batched = 0
-            async for chunk in source:
-                chunk = bytes(chunk) if not isinstance(chunk, bytes) else chunk
-                received += len(chunk)
-                if expected is not None and received > expected:
-                    raise self._size_mismatch(received)
-                batch.append(chunk)
-                batched += len(chunk)
-                if batched >= _WRITE_BATCH:
-                    await self._blocking(self._write, batch)
-                    batch, batched = [], 0
-            if expected is not None and received != expected:
-                raise self._size_mismatch(received)
-            mode = await self._blocking(self._commit, batch)
+            received, rest = await write_in_batches(
+                source, self.spec.size, self._size_mismatch,
+                lambda batch: self._blocking(self._write, batch))
+            mode = await self._blocking(self._commit, rest)
         except BaseException:
             self._discard_when_idle()
             raise

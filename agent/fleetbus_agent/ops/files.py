@@ -136,6 +136,36 @@ def _fsync_directory(path: str) -> None:
         os.close(fd)
 
 
+async def write_in_batches(
+    source: AsyncIterable[bytes],
+    expected: Optional[int],
+    size_mismatch: Callable[[int], OpError],
+    write: Callable[[list[bytes]], Any],
+) -> tuple[int, list[bytes]]:
+    """Pass ``source`` to ``write`` in batches of about 1 MiB (one blocking step each,
+    not one per chunk); returns the bytes received and the last, partial batch, which
+    the caller writes with its commit. Raises ``size_mismatch(received)`` as soon as
+    more than ``expected`` bytes arrive, or at the end when fewer did."""
+    received = 0
+    batch: list[bytes] = []
+    batched = 0
+    async for chunk in source:
+        if not isinstance(chunk, bytes):
+            # The source may reuse its buffer once we ask for the next chunk.
+            chunk = bytes(chunk)
+        received += len(chunk)
+        if expected is not None and received > expected:
+            raise size_mismatch(received)
+        batch.append(chunk)
+        batched += len(chunk)
+        if batched >= _WRITE_BATCH:
+            await write(batch)
+            batch, batched = [], 0
+    if expected is not None and received != expected:
+        raise size_mismatch(received)
+    return received, batch
+
+
 class AtomicPut:
     """One ``put`` in progress: a temporary file beside the target, renamed over it.
 
@@ -172,27 +202,12 @@ class AtomicPut:
 
     async def run(self, source: AsyncIterable[bytes]) -> FileStat:
         """Write everything ``source`` yields, then replace the target with it."""
-        expected = self._spec.size
         try:
             await self._blocking(self._create_temp)
-            received = 0
-            batch: list[bytes] = []
-            batched = 0
-            async for chunk in source:
-                if not isinstance(chunk, bytes):
-                    # The source may reuse its buffer once we ask for the next chunk.
-                    chunk = bytes(chunk)
-                received += len(chunk)
-                if expected is not None and received > expected:
-                    raise self._size_mismatch(received)
-                batch.append(chunk)
-                batched += len(chunk)
-                if batched >= _WRITE_BATCH:
-                    await self._blocking(self._write, batch)
-                    batch, batched = [], 0
-            if expected is not None and received != expected:
-                raise self._size_mismatch(received)
-            await self._blocking(self._commit, batch)
+            received, rest = await write_in_batches(
+                source, self._spec.size, self._size_mismatch,
+                lambda batch: self._blocking(self._write, batch))
+            await self._blocking(self._commit, rest)
         except BaseException:
             self._discard()
             raise
