@@ -26,6 +26,7 @@ from .embedded import EmbeddedNats
 from .home import Home
 from .host import HostSettings, PluginHost
 from .jetstream import State, open_state
+from .jobs import JobService
 from .keys import AgentKeys
 from .metrics import Metrics, MetricsServer, serve_metrics
 from .plugins import load_plugins
@@ -50,6 +51,7 @@ class StackOptions:
     metrics_addr: str | None = None
     check_interval_s: float = 30.0
     check_timeout_s: float = 10.0
+    job_retention_s: float | None = None  # None: the jobs stream's default or current setting
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Running:
     state: State
     host: PluginHost | None = None
     admin: AdminService | None = None
+    jobs: JobService | None = None
     embedded: EmbeddedNats | None = None
     metrics: Metrics | None = None
     metrics_server: MetricsServer | None = None
@@ -106,7 +109,8 @@ async def start_stack(opts: StackOptions, stack: AsyncExitStack, *, embedded_nat
     nc, settings = await _connect(opts, embedded, "fleetbus-" + ("up" if embedded else "core" if core else "worker"))
     stack.push_async_callback(_close_nats, nc)
     names = Names(settings.prefix)
-    state = await open_state(nc, names, replicas=opts.replicas)
+    state = await open_state(nc, names, replicas=opts.replicas,
+                             jobs_max_age_s=opts.job_retention_s if core else None)
     plugins = load_plugins()
     # Only a process that must open or seal secrets needs the master key.
     master = MasterKey.load(opts.home, create=core) if (core or worker) else None
@@ -123,6 +127,9 @@ async def start_stack(opts: StackOptions, stack: AsyncExitStack, *, embedded_nat
                                      set(plugins.transports))
         await running.admin.start()
         stack.push_async_callback(running.admin.stop)
+        running.jobs = JobService(nc, state.js, names, Registry(state.servers, state.status))
+        await running.jobs.start()
+        stack.push_async_callback(running.jobs.stop)
         if opts.check_interval_s > 0:
             running.checker = ServerChecker(nc, names, Registry(state.servers, state.status), metrics,
                                             interval_s=opts.check_interval_s,

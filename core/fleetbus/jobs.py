@@ -1,0 +1,292 @@
+"""The job service: ``<prefix>.v1.jobs.start|get|list|cancel`` as a NATS micro service.
+
+A job is one operation on many servers (docs/bus-api.md, "Jobs"). ``start`` validates
+the request (:class:`JobRequest`), resolves the selection against the registry
+(:mod:`fleetbus.selection`), keeps the definition in the jobs stream and answers with
+the job id at once; the job then runs in this process as a task (:mod:`fleetbus.jobrun`)
+under the rules of :mod:`fleetbus.jobplan`, so it outlives whoever started it. ``get``
+and ``list`` answer from the jobs stream (:mod:`fleetbus.jobrecords`), during the job
+and after it. Only the core runs this service (``fleetbus-jobs``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.micro import add_service
+from nats.micro.request import Request as MicroRequest
+from nats.micro.service import Service
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import __version__
+from .audit import Auditor, AuditRecord
+from .errors import FleetbusError, InternalError, InvalidRequest
+from .jobplan import Amount, JobPlan, PlanOptions
+from .jobrecords import JobCounts, JobDefinition, JobStore
+from .jobrun import HDR_REQUESTER, JobRun, JobSpec
+from .limits import DEFAULT_EXEC_TIMEOUT_S, MAX_EXEC_TIMEOUT_S
+from .messages import ExecRequest, describe_validation_error, parse_json_object
+from .records import utcnow
+from .registry import Registry
+from .selection import Selection, resolve
+from .subjects import Names
+
+log = logging.getLogger("fleetbus.jobs")
+
+DEFAULT_MAX_CONCURRENCY = 10
+DEFAULT_LIST_LIMIT = 50
+MAX_LIST_LIMIT = 1000
+# On shutdown, how long running jobs get to cancel their commands and record the end.
+STOP_GRACE_S = 10.0
+JOB_ID_RE = r"^[0-9a-f]{16}$"
+
+Handler = Callable[[dict[str, Any], str], Awaitable[dict[str, Any]]]
+CountOrPercent = int | str
+
+
+class JobExec(BaseModel):
+    """An ``exec`` for every target: the fields of a server ``exec`` except ``id`` (the
+    job derives one per server), ``timeout_s`` (the job's) and ``output_subject``."""
+
+    model_config = ConfigDict(extra="forbid")
+    argv: list[str] | None = None
+    shell: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    stdin: str | None = None
+    stdin_b64: str | None = None
+
+    @model_validator(mode="after")
+    def _as_exec(self) -> JobExec:
+        # The one set of exec rules: a job's command is checked as a server's would be.
+        try:
+            ExecRequest.model_validate(self.model_dump(exclude_none=True))
+        except ValidationError as exc:
+            raise ValueError(describe_validation_error(exc)) from None
+        return self
+
+
+class JobRequest(BaseModel):
+    """The body of ``jobs.start``."""
+
+    model_config = ConfigDict(extra="forbid")
+    selection: Selection
+    op: Literal["exec", "ping", "info"] = "exec"
+    exec: JobExec | None = None
+    timeout_s: float = Field(default=DEFAULT_EXEC_TIMEOUT_S, gt=0, le=MAX_EXEC_TIMEOUT_S,
+                             description="Per server: its command is stopped after this.")
+    deadline_s: float | None = Field(default=None, gt=0, le=MAX_EXEC_TIMEOUT_S,
+                                     description="For the whole job: then nothing new starts and running commands are cancelled.")
+    max_concurrency: CountOrPercent = DEFAULT_MAX_CONCURRENCY
+    max_errors: CountOrPercent | None = None
+    batch: CountOrPercent | None = None
+    canary: int = Field(default=0, ge=0, le=100_000)
+    dry_run: bool = False
+
+    @field_validator("max_concurrency")
+    @classmethod
+    def _concurrency(cls, v: CountOrPercent) -> CountOrPercent:
+        Amount.parse(v, "max_concurrency", 1)
+        return v
+
+    @field_validator("max_errors")
+    @classmethod
+    def _errors(cls, v: CountOrPercent | None) -> CountOrPercent | None:
+        if v is not None:
+            Amount.parse(v, "max_errors", 0)
+        return v
+
+    @field_validator("batch")
+    @classmethod
+    def _batch(cls, v: CountOrPercent | None) -> CountOrPercent | None:
+        if v is not None:
+            Amount.parse(v, "batch", 1)
+        return v
+
+    @model_validator(mode="after")
+    def _operation(self) -> JobRequest:
+        if (self.op == "exec") != (self.exec is not None):
+            raise ValueError("give exec (the command) exactly when op is exec")
+        return self
+
+    def plan_options(self) -> PlanOptions:
+        def opt(v: CountOrPercent | None, what: str, minimum: int) -> Amount | None:
+            return None if v is None else Amount.parse(v, what, minimum)
+
+        return PlanOptions(max_concurrency=Amount.parse(self.max_concurrency, "max_concurrency", 1),
+                           max_errors=opt(self.max_errors, "max_errors", 0),
+                           batch=opt(self.batch, "batch", 1), canary=self.canary)
+
+    def server_body(self) -> dict[str, Any]:
+        """The per-server request body (the job adds the command id)."""
+        if self.exec is None:
+            return {}
+        return {**self.exec.model_dump(exclude_none=True), "timeout_s": self.timeout_s}
+
+
+class JobId(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(pattern=JOB_ID_RE)
+
+
+class JobList(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    limit: int = Field(default=DEFAULT_LIST_LIMIT, ge=1, le=MAX_LIST_LIMIT)
+
+
+class JobService:
+    """Serves ``jobs.*`` and runs the jobs it started. ``start``/``stop`` in that order."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext, names: Names, registry: Registry) -> None:
+        self.nc = nc
+        self.names = names
+        self.registry = registry
+        self.store = JobStore(js, names)
+        self.auditor = Auditor(nc, names)
+        self.running: dict[str, JobRun] = {}
+        self.service: Service | None = None
+
+    async def start(self) -> None:
+        self.service = await add_service(
+            self.nc, name="fleetbus-jobs", version=__version__,
+            description="fleetbus jobs: one operation on many servers",
+        )
+        endpoints: dict[str, Handler] = {
+            "start": self.start_job, "get": self.get_job, "list": self.list_jobs,
+            "cancel": self.cancel_job,
+        }
+        for verb, handler in endpoints.items():
+            await self.service.add_endpoint(name=verb, subject=self.names.jobs(verb),
+                                            handler=self._wrap(verb, handler))
+
+    async def stop(self) -> None:
+        if self.service is not None:
+            await self.service.stop()
+        runs = list(self.running.values())
+        for run in runs:
+            run.cancel()  # a job cannot outlive its process yet; it records that it was cancelled
+        tasks = [run.task for run in runs if run.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_GRACE_S)
+        await self.auditor.close()
+
+    def _wrap(self, verb: str, handler: Handler) -> Callable[[MicroRequest], Awaitable[None]]:
+        async def serve(req: MicroRequest) -> None:
+            started = time.monotonic()
+            requester = str((req.headers or {}).get(HDR_REQUESTER, "bus"))[:128]
+            try:
+                reply = await handler(parse_json_object(req.data), requester)
+            except FleetbusError as exc:
+                reply = {"ok": False, "error": exc.to_wire()}
+            except ValidationError as exc:
+                reply = {"ok": False, "error": InvalidRequest(describe_validation_error(exc)).to_wire()}
+            except Exception:
+                log.exception("jobs request on %s failed", req.subject)
+                reply = {"ok": False, "error": InternalError("internal error; see the core's log").to_wire()}
+            await req.respond(json.dumps(reply, default=str).encode())
+            if verb in ("start", "cancel"):
+                await self._audit(verb, requester, reply, started)
+
+        return serve
+
+    async def _audit(self, verb: str, requester: str, reply: dict[str, Any], started: float) -> None:
+        """Who started or cancelled which job (each server's command is audited by its worker)."""
+        error = reply.get("error") or {}
+        job = str(reply.get("id") or "")
+        summary = f"jobs.{verb} {job}".strip()
+        if reply.get("targets") is not None:
+            summary += f" on {len(reply['targets'])} servers" + (" (dry run)" if reply.get("dry_run") else "")
+        await self.auditor.record(AuditRecord(
+            ts=utcnow(), id=job or uuid.uuid4().hex, server="", transport="jobs", op=f"jobs.{verb}",
+            requester=requester, outcome="ok" if reply.get("ok") else str(error.get("code", "internal")),
+            duration_s=round(time.monotonic() - started, 6), worker="core", summary=summary), admin=True)
+
+    # endpoints ---------------------------------------------------------------------------
+    async def start_job(self, body: dict[str, Any], requester: str) -> dict[str, Any]:
+        req = JobRequest.model_validate(body)
+        targets = [s.name for s in resolve(req.selection, await self.registry.list())]
+        if req.dry_run:
+            return {"ok": True, "id": None, "dry_run": True, "targets": targets}
+        job_id = uuid.uuid4().hex[:16]
+        plan = JobPlan(targets, req.plan_options())
+        definition = JobDefinition(
+            id=job_id, requester=requester, created=utcnow(),
+            request=req.model_dump(mode="json", exclude={"dry_run"}), targets=targets,
+            max_concurrency=plan.concurrency, max_errors=plan.error_limit, batch=plan.batch_size,
+            canary=plan.canary)
+        # Kept before the reply: whoever gets the id can `get` the job at once.
+        await self.store.started(definition)
+        run = JobRun(self.nc, self.names, self.store,
+                     JobSpec(definition=definition, plan=plan, op=req.op, body=req.server_body(),
+                             timeout_s=req.timeout_s, deadline_s=req.deadline_s),
+                     requester=f"{requester} (job {job_id})")
+        self.running[job_id] = run
+        run.start().add_done_callback(lambda _t: self.running.pop(job_id, None))
+        return {"ok": True, "id": job_id, "targets": targets,
+                "events": self.names.job_events(job_id), "definition": definition.model_dump(mode="json")}
+
+    async def get_job(self, body: dict[str, Any], _requester: str) -> dict[str, Any]:
+        job = JobId.model_validate(body).id
+        definition = await self.store.definition(job)
+        summary = await self.store.summary(job)
+        run = self.running.get(job)
+        return {
+            "ok": True, "job": definition.model_dump(mode="json"),
+            "state": summary.state if summary else "running",
+            "counts": _counts(summary.counts if summary else run.counts() if run else None),
+            "results": [r.model_dump(mode="json") for r in await self.store.results(job)],
+            "summary": summary.model_dump(mode="json") if summary else None,
+        }
+
+    async def list_jobs(self, body: dict[str, Any], _requester: str) -> dict[str, Any]:
+        limit = JobList.model_validate(body).limit
+        newest = list(reversed(await self.store.definitions()))[:limit]
+        out = []
+        for definition in newest:
+            summary = await self.store.summary(definition.id)
+            run = self.running.get(definition.id)
+            counts = summary.counts if summary else run.counts() if run else None
+            out.append({
+                "id": definition.id, "requester": definition.requester,
+                "created": definition.created.isoformat(), "op": definition.request.get("op"),
+                "what": _what(definition.request), "targets": len(definition.targets),
+                "state": summary.state if summary else "running",
+                "stop_reason": summary.stop_reason if summary else None,
+                "counts": _counts(counts),
+            })
+        return {"ok": True, "jobs": out}
+
+    async def cancel_job(self, body: dict[str, Any], _requester: str) -> dict[str, Any]:
+        job = JobId.model_validate(body).id
+        run = self.running.get(job)
+        if run is None:
+            await self.store.definition(job)  # NotFound for an unknown id
+            summary = await self.store.summary(job)
+            return {"ok": True, "id": job, "cancelled": False,
+                    "state": summary.state if summary else "running"}
+        run.cancel()
+        return {"ok": True, "id": job, "cancelled": True, "state": "running"}
+
+
+def _what(request: dict[str, Any]) -> str:
+    """A job's operation in a few words, for lists."""
+    command = request.get("exec") or {}
+    if command.get("shell") is not None:
+        text = str(command["shell"])
+    elif command.get("argv"):
+        text = " ".join(str(a) for a in command["argv"])
+    else:
+        text = str(request.get("op"))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _counts(counts: JobCounts | None) -> dict[str, int] | None:
+    return None if counts is None else counts.model_dump()

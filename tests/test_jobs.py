@@ -1,0 +1,276 @@
+"""Fleet jobs through the bus, against a real `fleetbus up` with real `local` servers.
+
+Each test registers its own servers, all with a label ``t=<tag>`` unique to the test,
+so tests sharing the module's stack never select each other's servers. Commands record
+what they saw in a folder shared with the test: that is where concurrency is measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js.api import DeliverPolicy
+from support.processes import Fleet, pid_alive
+
+PREFIX = "fleetbus"
+# Each command: mark itself running, record how many it saw running, hold, unmark.
+COUNTING = ('S=$FLEETBUS_SERVER; mkdir -p "$D/run"; touch "$D/run/$S"; ls "$D/run" | wc -l >> "$D/seen.$S"; '
+            'echo "$S" >> "$D/order"; sleep {hold}; rm "$D/run/$S"; {tail}')
+
+
+async def request(nc: NATS, subject: str, body: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+    msg = await nc.request(subject, json.dumps(body).encode(), timeout=timeout)
+    return json.loads(msg.data)
+
+
+async def wait_until(predicate: Any, timeout: float = 20.0, what: str = "condition") -> Any:
+    give_up = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > give_up:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def register(nc: NATS, name: str, tag: str, roles: list[str] = (), env: str | None = None,
+                   transport: str = "local", **labels: str) -> None:
+    server = {"name": name, "transport": transport, "roles": list(roles), "environment": env,
+              "labels": {"t": tag, **labels}}
+    reply = await request(nc, f"{PREFIX}.v1.admin.servers.add", {"server": server})
+    assert reply["ok"], reply
+    if transport != "local":
+        return
+
+    async def served() -> bool:
+        got = await request(nc, f"{PREFIX}.v1.admin.servers.get", {"name": name})
+        return (got.get("status") or {}).get("state") == "online"
+
+    await wait_until(served, what=f"{name} served")
+
+
+@pytest.fixture
+def tag() -> str:
+    return secrets.token_hex(3)
+
+
+async def start(nc: NATS, body: dict[str, Any]) -> dict[str, Any]:
+    reply = await request(nc, f"{PREFIX}.v1.jobs.start", body)
+    assert reply["ok"], reply
+    return reply
+
+
+async def follow(nc: NATS, job: str, timeout: float = 60) -> list[tuple[str, dict[str, Any]]]:
+    """Every kept event of ``job`` from its start to ``finished``, as a bus client reads
+    them: a JetStream ordered consumer, so none is missed however late it subscribes."""
+    js = nc.jetstream()
+    sub = await js.subscribe(f"{PREFIX}.v1.events.jobs.{job}.*", ordered_consumer=True,
+                             deliver_policy=DeliverPolicy.ALL)
+    events = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=timeout)
+            kind = msg.subject.rsplit(".", 1)[-1]
+            events.append((kind, json.loads(msg.data)))
+            if kind == "finished":
+                return events
+    finally:
+        await sub.unsubscribe()
+
+
+def results(events: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    return {body["server"]: body for kind, body in events if kind == "result"}
+
+
+def max_seen(folder: Path) -> int:
+    return max(int(line) for f in folder.glob("seen.*") for line in f.read_text().split())
+
+
+@pytest.fixture
+async def nc(fleet: Fleet) -> AsyncIterator[NATS]:
+    import nats
+
+    conn = await nats.connect(fleet.nats_url, token=fleet.token)
+    yield conn
+    await conn.close()
+
+
+async def test_selection_is_exact_and_empty_or_unmatched_is_an_error(nc: NATS, tag: str) -> None:
+    await register(nc, f"{tag}-web-1", tag, ["web"], "production", team="core")
+    await register(nc, f"{tag}-web-2", tag, ["web"], "production", team="edge")
+    await register(nc, f"{tag}-web-3", tag, ["web"], "staging", team="core")
+    await register(nc, f"{tag}-db-1", tag, ["db"], "production", team="core")
+
+    async def targets(**selection: Any) -> list[str]:
+        reply = await start(nc, {"selection": {"labels": {"t": tag, **selection.pop("labels", {})},
+                                               **selection}, "op": "ping", "dry_run": True})
+        assert reply["dry_run"] and reply["id"] is None
+        return reply["targets"]
+
+    assert await targets(role="web", environment="production") == [f"{tag}-web-1", f"{tag}-web-2"]
+    assert await targets(labels={"team": "core"}) == [f"{tag}-db-1", f"{tag}-web-1", f"{tag}-web-3"]
+    assert await targets(servers=[f"{tag}-web-*", f"{tag}-db-1"], environment="production") == [
+        f"{tag}-db-1", f"{tag}-web-1", f"{tag}-web-2"]
+    empty = await request(nc, f"{PREFIX}.v1.jobs.start", {"selection": {}, "op": "ping"})
+    assert empty["error"]["code"] == "invalid_request" and "selection is empty" in empty["error"]["message"]
+    none = await request(nc, f"{PREFIX}.v1.jobs.start",
+                         {"selection": {"role": "nope", "labels": {"t": tag}}, "op": "ping"})
+    assert none["error"]["code"] == "not_found" and "no server matches" in none["error"]["message"]
+    bad = await request(nc, f"{PREFIX}.v1.jobs.start",
+                        {"selection": {"all": True}, "op": "exec", "exec": {"argv": ["true"], "id": "x"}})
+    assert bad["error"]["code"] == "invalid_request"
+    # A dry run starts nothing and keeps nothing.
+    listed = await request(nc, f"{PREFIX}.v1.jobs.list", {})
+    assert all(tag not in json.dumps(j) for j in listed["jobs"])
+
+
+async def test_a_bus_client_runs_a_job_and_reads_it_back(nc: NATS, tag: str, tmp_path: Path) -> None:
+    for i in range(1, 7):
+        await register(nc, f"{tag}-w{i}", tag, ["web"])
+    script = COUNTING.format(hold="0.3", tail='echo "hello from $S"')
+    reply = await start(nc, {"selection": {"labels": {"t": tag}},
+                             "exec": {"shell": script, "env": {"D": str(tmp_path)}},
+                             "max_concurrency": 2, "timeout_s": 30})
+    job = reply["id"]
+    assert reply["targets"] == [f"{tag}-w{i}" for i in range(1, 7)]
+    events = await follow(nc, job)
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "started" and kinds[-1] == "finished" and kinds.count("result") == 6
+    got = results(events)
+    assert all(r["outcome"] == "ok" and r["exit_code"] == 0 for r in got.values())
+    assert got[f"{tag}-w3"]["stdout"] == f"hello from {tag}-w3\n"  # FLEETBUS_SERVER, per server
+    finished = events[-1][1]
+    assert finished["state"] == "succeeded" and finished["counts"]["ok"] == 6
+    assert max_seen(tmp_path) == 2  # measured on the servers: never more than the limit
+
+    record = await request(nc, f"{PREFIX}.v1.jobs.get", {"id": job})
+    assert record["state"] == "succeeded" and record["job"]["targets"] == reply["targets"]
+    assert {r["server"] for r in record["results"]} == set(reply["targets"])
+    assert record["results"][0]["command_id"] == f"{job}-{record['results'][0]['server']}"
+    listed = await request(nc, f"{PREFIX}.v1.jobs.list", {"limit": 5})
+    assert listed["jobs"][0]["id"] == job and listed["jobs"][0]["counts"]["ok"] == 6
+    missing = await request(nc, f"{PREFIX}.v1.jobs.get", {"id": "0" * 16})
+    assert missing["error"]["code"] == "not_found"
+
+
+async def test_error_budget_stops_new_starts_exactly_after_max_errors(nc: NATS, tag: str,
+                                                                       tmp_path: Path) -> None:
+    for i in range(1, 7):
+        await register(nc, f"{tag}-s{i}", tag)
+    # s2 and s4 fail. With max_errors 1 the first error holds the budget and the second
+    # (errors 2 > 1) spends it: s1..s4 run, s5 and s6 never start.
+    script = COUNTING.format(hold="0", tail='case "$S" in *-s2|*-s4) echo "broke on $S" >&2; exit 1;; esac')
+    reply = await start(nc, {"selection": {"labels": {"t": tag}},
+                             "exec": {"shell": script, "env": {"D": str(tmp_path)}},
+                             "max_concurrency": 1, "max_errors": 1})
+    events = await follow(nc, reply["id"])
+    got = results(events)
+    assert (tmp_path / "order").read_text().split() == [f"{tag}-s{i}" for i in range(1, 5)]
+    assert {s: r["outcome"] for s, r in got.items()} == {
+        f"{tag}-s1": "ok", f"{tag}-s2": "failed", f"{tag}-s3": "ok", f"{tag}-s4": "failed",
+        f"{tag}-s5": "skipped", f"{tag}-s6": "skipped"}
+    assert got[f"{tag}-s4"]["exit_code"] == 1 and got[f"{tag}-s4"]["stderr"] == f"broke on {tag}-s4\n"
+    summary = events[-1][1]
+    assert summary["state"] == "stopped" and summary["stop_reason"] == "budget"
+    assert summary["counts"] == {"total": 6, "ok": 2, "failed": 2, "cancelled": 0, "skipped": 2,
+                                 "running": 0, "pending": 0}
+
+
+async def test_canary_then_strict_batches(nc: NATS, tag: str, tmp_path: Path) -> None:
+    for i in range(1, 6):
+        await register(nc, f"{tag}-b{i}", tag)
+    script = 'S=$FLEETBUS_SERVER; date +%s.%N > "$D/start.$S"; sleep 0.2; date +%s.%N > "$D/end.$S"'
+    reply = await start(nc, {"selection": {"labels": {"t": tag}},
+                             "exec": {"shell": script, "env": {"D": str(tmp_path)}},
+                             "max_concurrency": 10, "canary": 1, "batch": 2})
+    assert reply["definition"]["canary"] == 1 and reply["definition"]["batch"] == 2
+    assert (await follow(nc, reply["id"]))[-1][1]["state"] == "succeeded"
+
+    def at(kind: str, i: int) -> float:
+        return float((tmp_path / f"{kind}.{tag}-b{i}").read_text())
+
+    waves = [[1], [2, 3], [4, 5]]
+    for earlier, later in itertools.pairwise(waves):
+        assert max(at("end", i) for i in earlier) <= min(at("start", i) for i in later)
+    # Inside a wave the servers ran together, not one after the other.
+    assert at("start", 3) < at("end", 2) and at("start", 5) < at("end", 4)
+
+
+async def test_a_failed_canary_starts_nothing_else(nc: NATS, tag: str, tmp_path: Path) -> None:
+    for i in range(1, 4):
+        await register(nc, f"{tag}-c{i}", tag)
+    reply = await start(nc, {"selection": {"labels": {"t": tag}}, "canary": 1,
+                             "exec": {"shell": 'echo "$FLEETBUS_SERVER" >> "$D/order"; exit 3',
+                                      "env": {"D": str(tmp_path)}}})
+    events = await follow(nc, reply["id"])
+    assert (tmp_path / "order").read_text().split() == [f"{tag}-c1"]
+    assert [r["outcome"] for r in results(events).values()] == ["failed", "skipped", "skipped"]
+    assert events[-1][1]["stop_reason"] == "canary"
+
+
+async def test_an_offline_server_is_an_error_at_once(nc: NATS, tag: str) -> None:
+    await register(nc, f"{tag}-on", tag)
+    await register(nc, f"{tag}-off", tag, transport="no-such-transport")
+    began = time.monotonic()
+    reply = await start(nc, {"selection": {"labels": {"t": tag}}, "exec": {"argv": ["true"]},
+                             "timeout_s": 60})
+    events = await follow(nc, reply["id"])
+    assert time.monotonic() - began < 10  # not a per-server timeout's wait
+    got = results(events)
+    assert got[f"{tag}-off"]["outcome"] == "offline"
+    assert got[f"{tag}-off"]["error"]["code"] == "server_offline"
+    assert got[f"{tag}-on"]["outcome"] == "ok" and events[-1][1]["state"] == "failed"
+
+
+async def test_cancel_mid_job_kills_running_commands_and_completes_the_results(
+        nc: NATS, tag: str, tmp_path: Path) -> None:
+    for i in range(1, 5):
+        await register(nc, f"{tag}-k{i}", tag)
+    reply = await start(nc, {"selection": {"labels": {"t": tag}}, "max_concurrency": 2,
+                             "exec": {"shell": 'echo $$ > "$D/pid.$FLEETBUS_SERVER"; exec sleep 60',
+                                      "env": {"D": str(tmp_path)}}})
+    job = reply["id"]
+
+    async def two_running() -> list[int]:
+        files = list(tmp_path.glob("pid.*"))
+        texts = [f.read_text().strip() for f in files]
+        return [int(t) for t in texts] if len(files) == 2 and all(texts) else []
+
+    pids = await wait_until(two_running, what="two commands running")
+    assert all(pid_alive(p) for p in pids)
+    during = await request(nc, f"{PREFIX}.v1.jobs.get", {"id": job})
+    assert during["state"] == "running" and during["counts"]["running"] == 2
+    cancelled = await request(nc, f"{PREFIX}.v1.jobs.cancel", {"id": job})
+    assert cancelled["ok"] and cancelled["cancelled"]
+    events = await follow(nc, job, timeout=20)
+    assert {s: r["outcome"] for s, r in results(events).items()} == {
+        f"{tag}-k1": "cancelled", f"{tag}-k2": "cancelled", f"{tag}-k3": "skipped", f"{tag}-k4": "skipped"}
+    assert events[-1][1]["state"] == "cancelled"
+
+    async def gone() -> bool:
+        return not any(pid_alive(p) for p in pids)
+
+    await wait_until(gone, timeout=10, what="the cancelled processes gone")
+    assert len(list(tmp_path.glob("pid.*"))) == 2  # nothing new started
+    again = await request(nc, f"{PREFIX}.v1.jobs.cancel", {"id": job})
+    assert again["ok"] and not again["cancelled"] and again["state"] == "cancelled"
+
+
+async def test_the_deadline_cancels_what_runs_and_skips_the_rest(nc: NATS, tag: str) -> None:
+    for i in range(1, 4):
+        await register(nc, f"{tag}-d{i}", tag)
+    reply = await start(nc, {"selection": {"labels": {"t": tag}}, "max_concurrency": 1,
+                             "deadline_s": 1, "exec": {"argv": ["sleep", "60"]}})
+    events = await follow(nc, reply["id"], timeout=20)
+    assert [r["outcome"] for r in results(events).values()] == ["cancelled", "skipped", "skipped"]
+    assert events[-1][1]["state"] == "stopped" and events[-1][1]["stop_reason"] == "deadline"
