@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import secrets
+import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +22,7 @@ from typing import Any
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
-from support.processes import Fleet, pid_alive
+from support.processes import FLEETBUS, Fleet, pid_alive, wait_for
 
 PREFIX = "fleetbus"
 # Each command: mark itself running, record how many it saw running, hold, unmark.
@@ -274,3 +277,96 @@ async def test_the_deadline_cancels_what_runs_and_skips_the_rest(nc: NATS, tag: 
     events = await follow(nc, reply["id"], timeout=20)
     assert [r["outcome"] for r in results(events).values()] == ["cancelled", "skipped", "skipped"]
     assert events[-1][1]["state"] == "stopped" and events[-1][1]["stop_reason"] == "deadline"
+
+
+# The CLI --------------------------------------------------------------------------------
+
+def cli_register(fleet: Fleet, tag: str, *names: str, role: str = "web") -> None:
+    for name in names:
+        added = fleet.cli("servers", "add", name, "--transport", "local", "--role", role,
+                          "--env", "production", "--label", f"t={tag}")
+        assert added.returncode == 0, added.stderr
+    for name in names:
+        wait_for(lambda n=name: (json.loads(fleet.cli("servers", "show", n, "--json").stdout)["status"] or {})
+                 .get("state") == "online", what=f"{name} served")
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("fleetbus: error: ")
+    return lines[0]
+
+
+def test_cli_runs_a_job_one_line_per_server_and_exits_by_the_rule(fleet: Fleet, tag: str,
+                                                                   tmp_path: Path) -> None:
+    a, b, c = f"{tag}-a", f"{tag}-b", f"{tag}-c"
+    cli_register(fleet, tag, a, b, c)
+    fails_on_b = f'[ "$FLEETBUS_SERVER" != {b} ] || {{ echo boom on b >&2; exit 1; }}'
+    proc = fleet.cli("run", "--label", f"t={tag}", "--role", "web", "--environment", "production",
+                     "--shell", "--", fails_on_b)
+    assert proc.returncode == 1, proc.stderr  # some failed, no budget to spend
+    lines = proc.stdout.splitlines()
+    assert sorted(lines[:3]) == sorted([
+        *(line for line in lines[:3] if re.fullmatch(rf"({a}|{c})  ok  \d+\.\d\ds", line)),
+        f"{b}  exit 1  boom on b"])
+    job = re.fullmatch(r"job ([0-9a-f]{16}): 2 ok, 1 failed, 0 cancelled, 0 skipped of 3 in .*; failed",
+                       lines[3]).group(1)
+    assert f"fleetbus jobs show {job}" in proc.stderr
+
+    # The records, afterwards.
+    shown = fleet.cli("jobs", "show", job)
+    assert shown.returncode == 0 and re.search(rf"{b}\s+failed\s+1\s+\S+s\s+boom on b", shown.stdout)
+    listed = json.loads(fleet.cli("jobs", "list", "--json").stdout)
+    assert listed[0]["id"] == job and listed[0]["state"] == "failed" and listed[0]["targets"] == 3
+    assert job in fleet.cli("jobs", "list").stdout
+    again = fleet.cli("jobs", "cancel", job)
+    assert again.returncode == 0 and "not running" in again.stdout
+
+    # Budget spent: exit 2. --json: one object per server, then the summary.
+    proc = fleet.cli("run", "--servers", f"{tag}-*", "--max-concurrency", "1", "--max-errors", "0",
+                     "--json", "--shell", "--", fails_on_b)
+    assert proc.returncode == 2, proc.stderr
+    objects = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(o["server"], o["outcome"]) for o in objects[:3]] == [(a, "ok"), (b, "failed"), (c, "skipped")]
+    assert objects[3]["state"] == "stopped" and objects[3]["stop_reason"] == "budget"
+
+    # A dry run lists the targets and runs nothing.
+    marker = tmp_path / "ran"
+    dry = fleet.cli("run", "--label", f"t={tag}", "--dry-run", "--", "touch", str(marker))
+    assert dry.returncode == 0 and dry.stdout.split() == [a, b, c] and not marker.exists()
+
+
+def test_cli_job_errors_are_one_line(fleet: Fleet, tag: str) -> None:
+    nothing = fleet.cli("run", "--label", f"t={tag}", "--", "true")
+    assert nothing.returncode == 125 and "no server matches label t=" in one_line_error(nothing)
+    bad = fleet.cli("run", "--all", "--max-concurrency", "150%", "--", "true")
+    assert bad.returncode == 125 and "max_concurrency" in one_line_error(bad)
+    stray = fleet.cli("run", "local", "--max-errors", "1", "--", "true")
+    assert stray.returncode == 125 and "need a selection" in one_line_error(stray)
+    missing = fleet.cli("jobs", "show", "0123456789abcdef")
+    assert "no job with id 0123456789abcdef" in one_line_error(missing)
+
+
+def test_ctrl_c_cancels_the_job_and_prints_how_it_ended(fleet: Fleet, tag: str, tmp_path: Path) -> None:
+    names = [f"{tag}-i{i}" for i in range(1, 4)]
+    cli_register(fleet, tag, *names)
+    proc = subprocess.Popen(
+        [FLEETBUS, "run", "--label", f"t={tag}", "--max-concurrency", "2", "--env", f"D={tmp_path}",
+         "--shell", "--", 'echo $$ > "$D/pid.$FLEETBUS_SERVER"; exec sleep 60'],
+        env=fleet.environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid_files = wait_for(lambda: (files := list(tmp_path.glob("pid.*"))) and len(files) == 2
+                             and all(f.read_text().strip() for f in files) and files, what="two running")
+        pids = [int(f.read_text()) for f in pid_files]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, err
+    assert "cancelling job" in err and "Traceback" not in err
+    lines = out.splitlines()
+    assert sorted(line.split()[1] for line in lines[:3]) == ["cancelled", "cancelled", "skipped"]
+    assert lines[3].endswith("; cancelled") and "0 skipped" not in lines[3]
+    wait_for(lambda: not any(pid_alive(p) for p in pids), what="the commands killed")
