@@ -370,3 +370,22 @@ def test_ctrl_c_cancels_the_job_and_prints_how_it_ended(fleet: Fleet, tag: str, 
     assert sorted(line.split()[1] for line in lines[:3]) == ["cancelled", "cancelled", "skipped"]
     assert lines[3].endswith("; cancelled") and "0 skipped" not in lines[3]
     wait_for(lambda: not any(pid_alive(p) for p in pids), what="the commands killed")
+
+
+async def test_job_retention_is_the_cores_setting(nats_server: Any, prefix: str) -> None:
+    import nats
+    from fleetbus.jetstream import JOBS_MAX_AGE_S, open_state
+    from fleetbus.subjects import Names
+
+    conn = await nats.connect(nats_server.url)
+    try:
+        names = Names(prefix)
+        state = await open_state(conn, names)
+        assert (await state.js.stream_info(names.jobs_stream)).config.max_age == JOBS_MAX_AGE_S
+        await open_state(conn, names, jobs_max_age_s=2 * 86400.0)  # the core, configured
+        await open_state(conn, names)  # a worker: leaves the setting alone
+        info = await state.js.stream_info(names.jobs_stream)
+        assert info.config.max_age == 2 * 86400.0
+        assert info.config.subjects == [f"{prefix}.v1.events.jobs.*.{k}" for k in ("started", "result", "finished")]
+    finally:
+        await conn.close()
