@@ -119,10 +119,10 @@ class JobRun:
                         continue
                     server = running.pop(task)  # type: ignore[arg-type]
                     result = task.result()
-                    plan.finished(server, "ok" if result.outcome == "ok" else result.outcome)  # type: ignore[arg-type]
-                    await self.store.result(result)
+                    plan.finished(server, result.outcome)  # type: ignore[arg-type]
+                    await self._keep(result)
             for server in plan.skipped():
-                await self.store.result(ServerResult(job=self.id, server=server, outcome="skipped"))
+                await self._keep(ServerResult(job=self.id, server=server, outcome="skipped"))
             await self.store.finished(self._summary())
         except Exception:
             log.exception("job %s failed", self.id)
@@ -133,6 +133,14 @@ class JobRun:
                 cancelling.cancel()
             for task in running:
                 task.cancel()
+
+    async def _keep(self, result: ServerResult) -> None:
+        # One record the stream would not take must not stop the job with commands
+        # still running on servers; the summary's counts still include it.
+        try:
+            await self.store.result(result)
+        except Exception as exc:
+            log.error("job %s: the result of %s was not kept: %s", self.id, result.server, type(exc).__name__)
 
     async def _one(self, server: str) -> ServerResult:
         cid = command_id(self.id, server)

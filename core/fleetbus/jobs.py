@@ -267,7 +267,7 @@ class JobService:
     async def cancel_job(self, body: dict[str, Any], _requester: str) -> dict[str, Any]:
         job = JobId.model_validate(body).id
         run = self.running.get(job)
-        if run is None:
+        if run is None or run.spec.plan.done:  # done: only recording its end is left
             await self.store.definition(job)  # NotFound for an unknown id
             summary = await self.store.summary(job)
             return {"ok": True, "id": job, "cancelled": False,

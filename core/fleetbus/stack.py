@@ -127,9 +127,6 @@ async def start_stack(opts: StackOptions, stack: AsyncExitStack, *, embedded_nat
                                      set(plugins.transports))
         await running.admin.start()
         stack.push_async_callback(running.admin.stop)
-        running.jobs = JobService(nc, state.js, names, Registry(state.servers, state.status))
-        await running.jobs.start()
-        stack.push_async_callback(running.jobs.stop)
         if opts.check_interval_s > 0:
             running.checker = ServerChecker(nc, names, Registry(state.servers, state.status), metrics,
                                             interval_s=opts.check_interval_s,
@@ -144,6 +141,12 @@ async def start_stack(opts: StackOptions, stack: AsyncExitStack, *, embedded_nat
         stack.push_async_callback(running.host.stop)
         running.worker_service = await start_worker_service(nc, running.host)
         stack.push_async_callback(running.worker_service.stop)
+    if core:
+        # Started last, so stopped first: running jobs cancel their commands and record
+        # how they ended while this process's worker still serves them.
+        running.jobs = JobService(nc, state.js, names, Registry(state.servers, state.status))
+        await running.jobs.start()
+        stack.push_async_callback(running.jobs.stop)
     return running
 
 
