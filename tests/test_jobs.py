@@ -389,3 +389,45 @@ async def test_job_retention_is_the_cores_setting(nats_server: Any, prefix: str)
         assert info.config.subjects == [f"{prefix}.v1.events.jobs.*.{k}" for k in ("started", "result", "finished")]
     finally:
         await conn.close()
+
+
+async def test_jobs_watch_attaches_from_another_terminal(fleet: Fleet, nc: NATS, tag: str) -> None:
+    for i in (1, 2):
+        await register(nc, f"{tag}-v{i}", tag)
+    reply = await start(nc, {"selection": {"labels": {"t": tag}},
+                             "exec": {"shell": f'sleep 0.5; [ "$FLEETBUS_SERVER" != {tag}-v2 ] || exit 4'}})
+    job = reply["id"]
+    for _ in range(2):  # while it runs, then from the records once it has ended
+        watched = await asyncio.to_thread(fleet.cli, "jobs", "watch", job)
+        assert watched.returncode == 1, watched.stderr
+        lines = watched.stdout.splitlines()
+        assert sorted(lines[:2])[1] == f"{tag}-v2  exit 4" and lines[0].startswith(f"{tag}-v")
+        assert lines[2].startswith(f"job {job}: 1 ok, 1 failed")
+
+    # Ctrl-C detaches: the job goes on.
+    long = await start(nc, {"selection": {"labels": {"t": tag}}, "exec": {"argv": ["sleep", "60"]}})
+    js = nc.jetstream()
+
+    async def consumers() -> int:
+        return (await js.stream_info("FLEETBUS_JOBS")).state.consumer_count
+
+    before = await consumers()
+    watcher = await asyncio.create_subprocess_exec(
+        FLEETBUS, "jobs", "watch", long["id"], env=fleet.environ(),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        async def following() -> bool:
+            return await consumers() > before
+
+        await wait_until(following, what="the watcher reading the job's records")
+        watcher.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(watcher.communicate(), timeout=20)
+    finally:
+        if watcher.returncode is None:
+            watcher.kill()
+    assert watcher.returncode == 130 and b"Traceback" not in err
+    assert b"detached" in err
+    still = await request(nc, f"{PREFIX}.v1.jobs.get", {"id": long["id"]})
+    assert still["state"] == "running"
+    await request(nc, f"{PREFIX}.v1.jobs.cancel", {"id": long["id"]})
+    assert (await follow(nc, long["id"]))[-1][1]["state"] == "cancelled"

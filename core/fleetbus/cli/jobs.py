@@ -13,13 +13,14 @@ import asyncio
 import contextlib
 import json
 import signal
+import sys
 from typing import Any
 
 import click
 
 from ..client import Client
 from ..errors import FleetbusError
-from .context import Globals, client_call, pass_globals, run_async, with_client
+from .context import EXIT_INTERRUPTED, Globals, client_call, pass_globals, run_async, with_client
 from .render import emit_json, shown, table
 
 EXIT_OK = 0
@@ -88,37 +89,52 @@ def follow_job(g: Globals, request: dict[str, Any], as_json: bool, error_exit: i
                     click.echo(shown(name))
             return EXIT_OK
         job = reply["id"]
-        width = max(len(t) for t in reply["targets"])
         if not as_json:
             click.echo(f"fleetbus: job {job} on {len(reply['targets'])} servers "
                        f"(fleetbus jobs show {job})", err=True)
-        loop = asyncio.get_running_loop()
-        interrupted = asyncio.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, interrupted.set)
-        cancel = asyncio.create_task(_cancel_on(interrupted, c, job, as_json))
-        following = asyncio.current_task()
-        assert following is not None
-        cancel.add_done_callback(lambda t: t.cancelled() or following.cancel())
-        try:
-            async with contextlib.aclosing(c.follow_job(job)) as records:
-                async for kind, body in records:
-                    if kind == "result":
-                        click.echo(json.dumps(body) if as_json else result_line(body, width))
-                    elif kind == "finished":
-                        click.echo(json.dumps(body) if as_json else summary_line(job, body))
-                        return exit_code(body)
-        except asyncio.CancelledError:
-            click.echo(f"fleetbus: error: job {job} did not record its end within "
-                       f"{CANCEL_WAIT_S:g} s of cancelling", err=True)
-            return EXIT_STOPPED
-        finally:
-            cancel.cancel()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-        return EXIT_STOPPED  # the records ended without a summary
+        return await _render(c, job, reply["targets"], as_json, cancel_on_interrupt=True)
 
     return run_async(lambda: with_client(g, go), error_exit)
+
+
+async def _render(c: Client, job: str, targets: list[str], as_json: bool, cancel_on_interrupt: bool) -> int:
+    """Print a job's results as they are kept and its summary; return the exit code.
+
+    Ctrl-C (or SIGTERM) cancels the job when ``cancel_on_interrupt`` (the results of
+    how it ended still follow), else leaves it running and exits 130.
+    """
+    width = max((len(t) for t in targets), default=0)
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupted.set)
+    if cancel_on_interrupt:
+        on_interrupt = asyncio.create_task(_cancel_on(interrupted, c, job, as_json))
+    else:
+        on_interrupt = asyncio.create_task(interrupted.wait())
+    following = asyncio.current_task()
+    assert following is not None
+    on_interrupt.add_done_callback(lambda t: t.cancelled() or following.cancel())
+    try:
+        async with contextlib.aclosing(c.follow_job(job)) as records:
+            async for kind, body in records:
+                if kind == "result":
+                    click.echo(json.dumps(body) if as_json else result_line(body, width))
+                elif kind == "finished":
+                    click.echo(json.dumps(body) if as_json else summary_line(job, body))
+                    return exit_code(body)
+    except asyncio.CancelledError:
+        if not cancel_on_interrupt:
+            click.echo(f"fleetbus: detached; job {job} goes on (fleetbus jobs watch {job})", err=True)
+            return EXIT_INTERRUPTED
+        click.echo(f"fleetbus: error: job {job} did not record its end within "
+                   f"{CANCEL_WAIT_S:g} s of cancelling", err=True)
+        return EXIT_STOPPED
+    finally:
+        on_interrupt.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return EXIT_STOPPED  # the records ended without a summary
 
 
 async def _cancel_on(interrupted: asyncio.Event, c: Client, job: str, as_json: bool) -> None:
@@ -190,6 +206,20 @@ def show_job(g: Globals, job: str, as_json: bool) -> None:
         duration = "" if r.get("duration_s") is None else f"{r['duration_s']:.2f}s"
         rows.append((name, r["outcome"], "" if r.get("exit_code") is None else r["exit_code"], duration, detail))
     table(("server", "outcome", "exit", "duration", "detail"), rows)
+
+
+@jobs.command("watch")
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per server, then the summary.")
+@pass_globals
+def watch_job(g: Globals, job: str, as_json: bool) -> None:
+    """Follow a job from another terminal: every server's result so far and as it comes,
+    then the summary; exit as `fleetbus run` would. Ctrl-C leaves the job running."""
+    async def go(c: Client) -> int:
+        got = await c.get_job(job)
+        return await _render(c, job, got["job"]["targets"], as_json, cancel_on_interrupt=False)
+
+    sys.exit(run_async(lambda: with_client(g, go)))
 
 
 @jobs.command("cancel")
