@@ -15,6 +15,7 @@ import secrets
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -166,7 +167,7 @@ async def test_a_bus_client_runs_a_job_and_reads_it_back(nc: NATS, tag: str, tmp
     assert missing["error"]["code"] == "not_found"
 
 
-async def test_error_budget_stops_new_starts_exactly_after_max_errors(nc: NATS, tag: str,
+async def test_error_budget_stops_new_starts_exactly_after_max_errors(fleet: Fleet, nc: NATS, tag: str,
                                                                        tmp_path: Path) -> None:
     for i in range(1, 7):
         await register(nc, f"{tag}-s{i}", tag)
@@ -185,6 +186,13 @@ async def test_error_budget_stops_new_starts_exactly_after_max_errors(nc: NATS, 
     assert got[f"{tag}-s4"]["exit_code"] == 1 and got[f"{tag}-s4"]["stderr"] == f"broke on {tag}-s4\n"
     summary = events[-1][1]
     assert summary["state"] == "stopped" and summary["stop_reason"] == "budget"
+
+    async def counted() -> bool:  # counted as the job's task ends, just after its last record
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(fleet.metrics_url, timeout=10).read().decode())
+        return bool(re.search(r'^fleetbus_jobs_finished_total\{op="exec",state="stopped",stop_reason="budget"\} [1-9]',
+                              text, re.MULTILINE) and re.search(r"^fleetbus_jobs_running 0\.0$", text, re.MULTILINE))
+
+    await wait_until(counted, what="the job counted in the core's metrics")
     assert summary["counts"] == {"total": 6, "ok": 2, "failed": 2, "cancelled": 0, "skipped": 2,
                                  "running": 0, "pending": 0}
 
@@ -407,18 +415,15 @@ async def test_jobs_watch_attaches_from_another_terminal(fleet: Fleet, nc: NATS,
     # Ctrl-C detaches: the job goes on.
     long = await start(nc, {"selection": {"labels": {"t": tag}}, "exec": {"argv": ["sleep", "60"]}})
     js = nc.jetstream()
+    records = f"{PREFIX}.v1.events.jobs.{long['id']}.*"
 
-    async def consumers() -> int:
-        return (await js.stream_info("FLEETBUS_JOBS")).state.consumer_count
+    async def following() -> bool:  # the watcher's consumer of this job's records exists
+        return any(c.config.filter_subject == records for c in await js.consumers_info("FLEETBUS_JOBS"))
 
-    before = await consumers()
     watcher = await asyncio.create_subprocess_exec(
         FLEETBUS, "jobs", "watch", long["id"], env=fleet.environ(),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
-        async def following() -> bool:
-            return await consumers() > before
-
         await wait_until(following, what="the watcher reading the job's records")
         watcher.send_signal(signal.SIGINT)
         _, err = await asyncio.wait_for(watcher.communicate(), timeout=20)

@@ -74,6 +74,7 @@ class JobRun:
     spec: JobSpec
     requester: str
     task: asyncio.Task[None] | None = None
+    summary: JobSummary | None = None  # set once the end is recorded
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _started: float = field(default_factory=time.monotonic)
 
@@ -123,7 +124,9 @@ class JobRun:
                     await self._keep(result)
             for server in plan.skipped():
                 await self._keep(ServerResult(job=self.id, server=server, outcome="skipped"))
-            await self.store.finished(self._summary())
+            summary = self._summary()
+            await self.store.finished(summary)
+            self.summary = summary
         except Exception:
             log.exception("job %s failed", self.id)
             raise

@@ -34,6 +34,7 @@ from .jobrecords import JobCounts, JobDefinition, JobStore
 from .jobrun import HDR_REQUESTER, JobRun, JobSpec
 from .limits import DEFAULT_EXEC_TIMEOUT_S, MAX_EXEC_TIMEOUT_S
 from .messages import ExecRequest, describe_validation_error, parse_json_object
+from .metrics import Metrics
 from .records import utcnow
 from .registry import Registry
 from .selection import Selection, resolve
@@ -145,10 +146,12 @@ class JobList(BaseModel):
 class JobService:
     """Serves ``jobs.*`` and runs the jobs it started. ``start``/``stop`` in that order."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, names: Names, registry: Registry) -> None:
+    def __init__(self, nc: NATS, js: JetStreamContext, names: Names, registry: Registry,
+                 metrics: Metrics | None = None) -> None:
         self.nc = nc
         self.names = names
         self.registry = registry
+        self.metrics = metrics or Metrics()
         self.store = JobStore(js, names)
         self.auditor = Auditor(nc, names)
         self.running: dict[str, JobRun] = {}
@@ -229,9 +232,21 @@ class JobService:
                              timeout_s=req.timeout_s, deadline_s=req.deadline_s),
                      requester=f"{requester} (job {job_id})")
         self.running[job_id] = run
-        run.start().add_done_callback(lambda _t: self.running.pop(job_id, None))
+        self.metrics.jobs_started.labels(req.op).inc()
+        self.metrics.job_targets.observe(len(targets))
+        self.metrics.jobs_running.inc()
+        run.start().add_done_callback(lambda task: self._ended(run, task))
         return {"ok": True, "id": job_id, "targets": targets,
                 "events": self.names.job_events(job_id), "definition": definition.model_dump(mode="json")}
+
+    def _ended(self, run: JobRun, _task: asyncio.Task[None]) -> None:
+        self.running.pop(run.id, None)
+        self.metrics.jobs_running.dec()
+        summary = run.summary
+        if summary is None:  # it failed before recording its end; logged by the run
+            return
+        self.metrics.jobs_finished.labels(run.spec.op, summary.state, summary.stop_reason or "none").inc()
+        self.metrics.job_seconds.observe(summary.duration_s)
 
     async def get_job(self, body: dict[str, Any], _requester: str) -> dict[str, Any]:
         job = JobId.model_validate(body).id
