@@ -143,9 +143,13 @@ async def test_a_bus_client_runs_a_job_and_reads_it_back(nc: NATS, tag: str, tmp
         await register(nc, f"{tag}-w{i}", tag, ["web"])
     script = COUNTING.format(hold="0.3", tail='echo "hello from $S"')
     reply = await start(nc, {"selection": {"labels": {"t": tag}},
-                             "exec": {"shell": script, "env": {"D": str(tmp_path)}},
+                             "exec": {"shell": script, "env": {"D": str(tmp_path), "TOKEN": "s3cr3t"},
+                                      "stdin": "more-s3cr3t"},
                              "max_concurrency": 2, "timeout_s": 30})
     job = reply["id"]
+    # Environment values and stdin may be secrets: the records keep names and a length.
+    assert reply["definition"]["request"]["exec"]["env"] == {"D": "(not kept)", "TOKEN": "(not kept)"}
+    assert reply["definition"]["request"]["exec"]["stdin_bytes"] == len("more-s3cr3t")
     assert reply["targets"] == [f"{tag}-w{i}" for i in range(1, 7)]
     events = await follow(nc, job)
     kinds = [k for k, _ in events]
@@ -159,6 +163,7 @@ async def test_a_bus_client_runs_a_job_and_reads_it_back(nc: NATS, tag: str, tmp
 
     record = await request(nc, f"{PREFIX}.v1.jobs.get", {"id": job})
     assert record["state"] == "succeeded" and record["job"]["targets"] == reply["targets"]
+    assert "s3cr3t" not in json.dumps(record) and "s3cr3t" not in json.dumps(events)
     assert {r["server"] for r in record["results"]} == set(reply["targets"])
     assert record["results"][0]["command_id"] == f"{job}-{record['results'][0]['server']}"
     listed = await request(nc, f"{PREFIX}.v1.jobs.list", {"limit": 5})

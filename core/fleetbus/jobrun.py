@@ -166,6 +166,13 @@ class JobRun:
             return ServerResult(job=self.id, server=server, outcome="timeout", command_id=cid,
                                 duration_s=_since(started),
                                 error={"code": "timeout", "message": "no reply from the worker in time"})
+        except nats.errors.Error as exc:
+            # The core's own connection failed (closed, draining): whether the command
+            # reached the server is unknown, so it is an error, never retried here.
+            return ServerResult(job=self.id, server=server, outcome="error", command_id=cid,
+                                duration_s=_since(started),
+                                error={"code": "internal",
+                                       "message": f"the core could not send the request: {type(exc).__name__}"})
         except ValueError:
             reply = {"ok": False, "error": {"code": "internal", "message": "unreadable reply"}}
         return _result(self.id, server, cid, reply, _since(started))

@@ -12,6 +12,7 @@ and after it. Only the core runs this service (``fleetbus-jobs``).
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import time
@@ -48,6 +49,7 @@ MAX_LIST_LIMIT = 1000
 # On shutdown, how long running jobs get to cancel their commands and record the end.
 STOP_GRACE_S = 10.0
 JOB_ID_RE = r"^[0-9a-f]{16}$"
+REDACTED = "(not kept)"
 
 Handler = Callable[[dict[str, Any], str], Awaitable[dict[str, Any]]]
 CountOrPercent = int | str
@@ -125,6 +127,23 @@ class JobRequest(BaseModel):
         return PlanOptions(max_concurrency=Amount.parse(self.max_concurrency, "max_concurrency", 1),
                            max_errors=opt(self.max_errors, "max_errors", 0),
                            batch=opt(self.batch, "batch", 1), canary=self.canary)
+
+    def kept(self) -> dict[str, Any]:
+        """The request as the job's records keep it (30 days, readable by whoever may read
+        jobs): environment values and standard input may be secrets, so only the
+        variables' names and the input's length are kept."""
+        out = self.model_dump(mode="json", exclude={"dry_run"})
+        command = out.get("exec")
+        if command is not None:
+            command["env"] = dict.fromkeys(command.get("env") or {}, REDACTED)
+            stdin = self.exec.stdin.encode() if self.exec and self.exec.stdin is not None else None
+            if self.exec and self.exec.stdin_b64 is not None:
+                stdin = base64.b64decode(self.exec.stdin_b64)
+            command.pop("stdin", None)
+            command.pop("stdin_b64", None)
+            if stdin is not None:
+                command["stdin_bytes"] = len(stdin)
+        return out
 
     def server_body(self) -> dict[str, Any]:
         """The per-server request body (the job adds the command id)."""
@@ -222,7 +241,7 @@ class JobService:
         plan = JobPlan(targets, req.plan_options())
         definition = JobDefinition(
             id=job_id, requester=requester, created=utcnow(),
-            request=req.model_dump(mode="json", exclude={"dry_run"}), targets=targets,
+            request=req.kept(), targets=targets,
             max_concurrency=plan.concurrency, max_errors=plan.error_limit, batch=plan.batch_size,
             canary=plan.canary)
         # Kept before the reply: whoever gets the id can `get` the job at once.
