@@ -80,9 +80,6 @@ class Metrics:
         self.checks = Counter(
             "fleetbus_server_checks", "Server checks run, by outcome.", ["transport", "outcome"],
             registry=r)
-        self.check_run_seconds = Histogram(
-            "fleetbus_check_round_duration_seconds", "Time to check every server once.",
-            buckets=CHECK_BUCKETS, registry=r)
         self.jobs_started = Counter(
             "fleetbus_jobs_started", "Jobs this core started, by operation.", ["op"], registry=r)
         self.jobs_finished = Counter(
@@ -96,6 +93,9 @@ class Metrics:
         self.job_seconds = Histogram(
             "fleetbus_job_duration_seconds", "Time from a job's start to its end, seconds.",
             buckets=LATENCY_BUCKETS, registry=r)
+        self.check_run_seconds = Histogram(
+            "fleetbus_check_round_duration_seconds", "Time to check every server once.",
+            buckets=CHECK_BUCKETS, registry=r)
         self._per_transport: dict[str, TransportMetrics] = {}
 
     def for_transport(self, transport: str) -> TransportMetrics:
