@@ -133,6 +133,9 @@ async def test_selection_is_exact_and_empty_or_unmatched_is_an_error(nc: NATS, t
     bad = await request(nc, f"{PREFIX}.v1.jobs.start",
                         {"selection": {"all": True}, "op": "exec", "exec": {"argv": ["true"], "id": "x"}})
     assert bad["error"]["code"] == "invalid_request"
+    deputy = await request(nc, f"{PREFIX}.v1.jobs.start", {
+        "selection": {"all": True}, "exec": {"argv": ["true"], "output_subject": f"{PREFIX}.v1.admin.servers.remove"}})
+    assert deputy["error"]["code"] == "invalid_request" and "reply subject" in deputy["error"]["message"]
     # A dry run starts nothing and keeps nothing.
     listed = await request(nc, f"{PREFIX}.v1.jobs.list", {})
     assert all(tag not in json.dumps(j) for j in listed["jobs"])
@@ -441,3 +444,25 @@ async def test_jobs_watch_attaches_from_another_terminal(fleet: Fleet, nc: NATS,
     assert still["state"] == "running"
     await request(nc, f"{PREFIX}.v1.jobs.cancel", {"id": long["id"]})
     assert (await follow(nc, long["id"]))[-1][1]["state"] == "cancelled"
+
+
+def test_cli_output_prefixes_lines_and_group_folds_identical_outputs(fleet: Fleet, tag: str) -> None:
+    a, b, c = f"{tag}-oa", f"{tag}-ob", f"{tag}-oc"
+    cli_register(fleet, tag, a, b, c)
+    proc = fleet.cli("run", "--label", f"t={tag}", "--output", "--shell", "--",
+                     'printf "one\\ntwo-%s" "$FLEETBUS_SERVER"; echo oops >&2')
+    assert proc.returncode == 0, proc.stderr
+    for server in (a, b, c):
+        assert f"{server}: one\n" in proc.stdout and f"{server}: two-{server}\n" in proc.stdout  # last line unended
+        assert f"{server}: oops\n" in proc.stderr
+        assert re.search(rf"^{server}  ok  ", proc.stdout, re.MULTILINE)
+
+    proc = fleet.cli("run", "--label", f"t={tag}", "--group", "--shell", "--",
+                     f'echo same; [ "$FLEETBUS_SERVER" != {c} ] || {{ echo different; exit 5; }}')
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout.splitlines()[:-1] == [
+        f"{c}  exit 5  same",  # not ok: shown as it happens (stderr empty: first line of stdout)
+        f"== {a}, {b} (2 servers) ==", "same",
+        f"== {c} (1 server) ==", "same", "different"]
+    both = fleet.cli("run", "--all", "--output", "--group", "--", "true")
+    assert both.returncode == 125 and "not both" in one_line_error(both)

@@ -25,7 +25,15 @@ from nats.js import JetStreamContext
 from nats.micro import add_service
 from nats.micro.request import Request as MicroRequest
 from nats.micro.service import Service
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from . import __version__
 from .audit import Auditor, AuditRecord
@@ -34,12 +42,12 @@ from .jobplan import Amount, JobPlan, PlanOptions
 from .jobrecords import JobCounts, JobDefinition, JobStore
 from .jobrun import HDR_REQUESTER, JobRun, JobSpec
 from .limits import DEFAULT_EXEC_TIMEOUT_S, MAX_EXEC_TIMEOUT_S
-from .messages import ExecRequest, describe_validation_error, parse_json_object
+from .messages import ExecRequest, describe_validation_error, parse_json_object, reply_context
 from .metrics import Metrics
 from .records import utcnow
 from .registry import Registry
 from .selection import Selection, resolve
-from .subjects import Names
+from .subjects import Names, ReplySubjects
 
 log = logging.getLogger("fleetbus.jobs")
 
@@ -57,7 +65,9 @@ CountOrPercent = int | str
 
 class JobExec(BaseModel):
     """An ``exec`` for every target: the fields of a server ``exec`` except ``id`` (the
-    job derives one per server), ``timeout_s`` (the job's) and ``output_subject``."""
+    job derives one per server) and ``timeout_s`` (the job's). Every server's command
+    publishes its live output on the one ``output_subject``, each chunk tagged with its
+    command id."""
 
     model_config = ConfigDict(extra="forbid")
     argv: list[str] | None = None
@@ -66,12 +76,14 @@ class JobExec(BaseModel):
     cwd: str | None = None
     stdin: str | None = None
     stdin_b64: str | None = None
+    output_subject: str | None = Field(default=None, max_length=255)
 
     @model_validator(mode="after")
-    def _as_exec(self) -> JobExec:
-        # The one set of exec rules: a job's command is checked as a server's would be.
+    def _as_exec(self, info: ValidationInfo) -> JobExec:
+        # The one set of exec rules, reply namespace included: a job's command is
+        # checked as a server's would be.
         try:
-            ExecRequest.model_validate(self.model_dump(exclude_none=True))
+            ExecRequest.model_validate(self.model_dump(exclude_none=True), context=info.context)
         except ValidationError as exc:
             raise ValueError(describe_validation_error(exc)) from None
         return self
@@ -166,9 +178,11 @@ class JobService:
     """Serves ``jobs.*`` and runs the jobs it started. ``start``/``stop`` in that order."""
 
     def __init__(self, nc: NATS, js: JetStreamContext, names: Names, registry: Registry,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, replies: ReplySubjects | None = None) -> None:
         self.nc = nc
         self.names = names
+        # Where a job's output_subject may point: the deployment's reply namespace.
+        self.replies = replies or names.reply_subjects()
         self.registry = registry
         self.metrics = metrics or Metrics()
         self.store = JobStore(js, names)
@@ -233,7 +247,7 @@ class JobService:
 
     # endpoints ---------------------------------------------------------------------------
     async def start_job(self, body: dict[str, Any], requester: str) -> dict[str, Any]:
-        req = JobRequest.model_validate(body)
+        req = JobRequest.model_validate(body, context=reply_context(self.replies))
         targets = [s.name for s in resolve(req.selection, await self.registry.list())]
         if req.dry_run:
             return {"ok": True, "id": None, "dry_run": True, "targets": targets}

@@ -72,6 +72,8 @@ def _seconds(value: str | None) -> float | None:
 @click.option("--canary", type=click.IntRange(min=1), help="Job: run this many first; the rest only if all succeed.")
 @click.option("--deadline", metavar="DURATION", help="Job: overall limit (90, 90s, 5m, 2h); then running commands are cancelled.")
 @click.option("--dry-run", is_flag=True, help="Job: list the servers selected, run nothing.")
+@click.option("--output", "show_output", is_flag=True, help="Job: print what each server prints, each line prefixed with its name.")
+@click.option("--group", "group_output", is_flag=True, help="Job: fold identical outputs into one block listing the servers that printed it.")
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Environment variable (repeatable).")
 @click.option("--cwd", help="Working directory on the server.")
 @click.option("--shell", "use_shell", is_flag=True, help="Run COMMAND as one shell command line.")
@@ -84,7 +86,8 @@ def _seconds(value: str | None) -> float | None:
 def run(g: Globals, server: str, command: tuple[str, ...], timeout_s: float, role: str | None,
         environment: str | None, labels: tuple[str, ...], server_patterns: str | None,
         all_servers: bool, max_concurrency: str | None, max_errors: str | None, batch: str | None,
-        canary: int | None, deadline: str | None, dry_run: bool, env: tuple[str, ...],
+        canary: int | None, deadline: str | None, dry_run: bool, show_output: bool,
+        group_output: bool, env: tuple[str, ...],
         cwd: str | None, use_shell: bool, use_powershell: bool, forward_stdin: bool,
         command_id: str | None, as_json: bool) -> None:
     """Run COMMAND on SERVER, streaming its output; exit with its exit code.
@@ -98,7 +101,8 @@ def run(g: Globals, server: str, command: tuple[str, ...], timeout_s: float, rol
     """
     selecting = bool(role or environment or labels or server_patterns or all_servers)
     job_options = {"--max-concurrency": max_concurrency, "--max-errors": max_errors, "--batch": batch,
-                   "--canary": canary, "--deadline": deadline, "--dry-run": dry_run or None}
+                   "--canary": canary, "--deadline": deadline, "--dry-run": dry_run or None,
+                   "--output": show_output or None, "--group": group_output or None}
     if selecting:
         command = (server, *command)  # no SERVER: the first word is the command's
     elif given := [k for k, v in job_options.items() if v is not None]:
@@ -143,7 +147,13 @@ def run(g: Globals, server: str, command: tuple[str, ...], timeout_s: float, rol
                            ("batch", batch), ("canary", canary)):
             if value is not None:
                 request[key] = value
-        sys.exit(follow_job(g, request, as_json, EXIT_FLEETBUS_ERROR))
+        if show_output and group_output:
+            fail("give --output or --group, not both", EXIT_FLEETBUS_ERROR)
+        if as_json and (show_output or group_output):
+            fail("--json carries each server's output tail; --output and --group are for reading",
+                 EXIT_FLEETBUS_ERROR)
+        mode = "lines" if show_output else "group" if group_output else None
+        sys.exit(follow_job(g, request, as_json, EXIT_FLEETBUS_ERROR, mode))
     command_id = command_id or uuid.uuid4().hex
 
     async def go(c: Client) -> ExecOutcome:

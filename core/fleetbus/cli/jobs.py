@@ -21,6 +21,7 @@ import click
 from ..client import Client
 from ..errors import FleetbusError
 from .context import EXIT_INTERRUPTED, Globals, client_call, pass_globals, run_async, with_client
+from .joboutput import JobOutput, Mode
 from .render import emit_json, shown, table
 
 EXIT_OK = 0
@@ -28,6 +29,8 @@ EXIT_SOME_FAILED = 1
 EXIT_STOPPED = 2
 # After Ctrl-C, how long to wait for the job to record how it ended.
 CANCEL_WAIT_S = 30.0
+# After the summary, how long live output may still trail it.
+OUTPUT_END_WAIT_S = 2.0
 
 
 def exit_code(summary: dict[str, Any]) -> int:
@@ -72,14 +75,22 @@ def _first_line(text: str | None) -> str:
     return ""
 
 
-def follow_job(g: Globals, request: dict[str, Any], as_json: bool, error_exit: int) -> int:
+def follow_job(g: Globals, request: dict[str, Any], as_json: bool, error_exit: int,
+               output: Mode | None = None) -> int:
     """Start a job, print each server's result as it is kept, then the summary.
 
     Ctrl-C (or SIGTERM) cancels the job and still prints how it ended. Returns the exit
     code; a job that cannot start (a bad request, a selection matching nothing) exits
-    with ``error_exit`` after one line on stderr.
+    with ``error_exit`` after one line on stderr. ``output``: also print what the
+    commands print, line by line (``lines``) or folded at the end (``group``).
     """
     async def go(c: Client) -> int:
+        live = None
+        if output is not None and not request.get("dry_run"):
+            live = JobOutput(output)
+            inbox = c.nc.new_inbox()
+            await c.nc.subscribe(inbox, cb=live.on_msg)  # before the job can print anything
+            request["exec"]["output_subject"] = inbox
         reply = await c.start_job(request)
         if request.get("dry_run"):
             if as_json:
@@ -92,17 +103,24 @@ def follow_job(g: Globals, request: dict[str, Any], as_json: bool, error_exit: i
         if not as_json:
             click.echo(f"fleetbus: job {job} on {len(reply['targets'])} servers "
                        f"(fleetbus jobs show {job})", err=True)
-        return await _render(c, job, reply["targets"], as_json, cancel_on_interrupt=True)
+        if live is not None:
+            live.bind(job, reply["targets"])
+        return await _render(c, job, reply["targets"], as_json, cancel_on_interrupt=True, live=live)
 
     return run_async(lambda: with_client(g, go), error_exit)
 
 
-async def _render(c: Client, job: str, targets: list[str], as_json: bool, cancel_on_interrupt: bool) -> int:
+async def _render(c: Client, job: str, targets: list[str], as_json: bool, cancel_on_interrupt: bool,
+                  live: JobOutput | None = None) -> int:
     """Print a job's results as they are kept and its summary; return the exit code.
 
     Ctrl-C (or SIGTERM) cancels the job when ``cancel_on_interrupt`` (the results of
-    how it ended still follow), else leaves it running and exits 130.
+    how it ended still follow), else leaves it running and exits 130. With ``live`` in
+    ``group`` mode only results other than ``ok`` are printed as they come, and the
+    folded outputs before the summary.
     """
+    grouping = live is not None and live.mode == "group"
+    ran: list[str] = []
     width = max((len(t) for t in targets), default=0)
     loop = asyncio.get_running_loop()
     interrupted = asyncio.Event()
@@ -119,8 +137,16 @@ async def _render(c: Client, job: str, targets: list[str], as_json: bool, cancel
         async with contextlib.aclosing(c.follow_job(job)) as records:
             async for kind, body in records:
                 if kind == "result":
-                    click.echo(json.dumps(body) if as_json else result_line(body, width))
+                    if body["outcome"] != "skipped":
+                        ran.append(body["server"])
+                    if not (grouping and body["outcome"] == "ok"):
+                        click.echo(json.dumps(body) if as_json else result_line(body, width))
                 elif kind == "finished":
+                    if live is not None:
+                        # A command's last chunks can trail its result: wait for its end.
+                        await live.wait_ended({s for s in ran}, OUTPUT_END_WAIT_S)
+                        if grouping:
+                            live.print_groups(sorted(ran))
                     click.echo(json.dumps(body) if as_json else summary_line(job, body))
                     return exit_code(body)
     except asyncio.CancelledError:
