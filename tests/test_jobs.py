@@ -174,6 +174,23 @@ async def test_a_bus_client_runs_a_job_and_reads_it_back(nc: NATS, tag: str, tmp
     missing = await request(nc, f"{PREFIX}.v1.jobs.get", {"id": "0" * 16})
     assert missing["error"]["code"] == "not_found"
 
+    # The audit trail: who started the job, and each server's command as the job's.
+    js = nc.jetstream()
+
+    async def audited(subject: str, record_id: str) -> dict[str, Any] | None:
+        try:
+            record = json.loads((await js.get_last_msg("FLEETBUS_AUDIT", subject)).data)
+        except Exception:
+            return None
+        return record if record["id"] == record_id else None  # ours, not an earlier one
+
+    started = await wait_until(lambda: audited(f"{PREFIX}.v1.audit._admin.jobs.start", job),
+                               what="jobs.start audited")
+    assert started["transport"] == "jobs" and "on 6 servers" in started["summary"]
+    command = await wait_until(lambda: audited(f"{PREFIX}.v1.audit.{tag}-w3.exec", f"{job}-{tag}-w3"),
+                               what="a job's command audited")
+    assert command["requester"].endswith(f"(job {job})")
+
 
 async def test_error_budget_stops_new_starts_exactly_after_max_errors(fleet: Fleet, nc: NATS, tag: str,
                                                                        tmp_path: Path) -> None:
