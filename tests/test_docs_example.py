@@ -167,5 +167,5 @@ def test_job_fields_and_records_are_documented(doc: str) -> None:
     for model in (JobSummary, JobCounts):
         for name in model.model_fields:
             assert f"`{name}`" in text, f"{model.__name__}.{name}"
-    for verb in ("start", "get", "list", "cancel"):
+    for verb in ("start", "get", "list", "cancel", "rerun"):
         assert f"| `<prefix>.v1.jobs.{verb}` |" in text

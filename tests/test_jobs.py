@@ -483,3 +483,36 @@ def test_cli_output_prefixes_lines_and_group_folds_identical_outputs(fleet: Flee
         f"== {c} (1 server) ==", "same", "different"]
     both = fleet.cli("run", "--all", "--output", "--group", "--", "true")
     assert both.returncode == 125 and "not both" in one_line_error(both)
+
+
+async def test_rerun_runs_the_same_command_again_where_it_did_not_succeed(
+        fleet: Fleet, nc: NATS, tag: str, tmp_path: Path) -> None:
+    for i in (1, 2, 3):
+        await register(nc, f"{tag}-r{i}", tag)
+    fixed = tmp_path / "fixed"
+    script = f'echo "$FLEETBUS_SERVER" >> {tmp_path}/ran; [ -e {fixed} ] || [ "$FLEETBUS_SERVER" != {tag}-r2 ] || exit 1'
+    first = await start(nc, {"selection": {"labels": {"t": tag}}, "exec": {"shell": script}})
+    assert (await follow(nc, first["id"]))[-1][1]["state"] == "failed"
+
+    dry = await request(nc, f"{PREFIX}.v1.jobs.rerun", {"id": first["id"], "failed": True, "dry_run": True})
+    assert dry["ok"] and dry["targets"] == [f"{tag}-r2"]
+    fixed.touch()
+    proc = await asyncio.to_thread(fleet.cli, "jobs", "rerun", first["id"], "--failed")
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(rf"{tag}-r2  ok  \S+s\njob ([0-9a-f]{{16}}): 1 ok, .*; succeeded\n", proc.stdout)
+    assert (tmp_path / "ran").read_text().split().count(f"{tag}-r2") == 2  # ran again, with a new id
+    second = json.loads((await asyncio.to_thread(fleet.cli, "jobs", "list", "--json", "--limit", "1")).stdout)[0]
+    got = await request(nc, f"{PREFIX}.v1.jobs.get", {"id": second["id"]})
+    assert got["job"]["rerun_of"] == first["id"] and got["job"]["request"]["exec"]["shell"] == script
+
+    nothing = await request(nc, f"{PREFIX}.v1.jobs.rerun", {"id": second["id"], "failed": True})
+    assert nothing["error"]["code"] == "invalid_request" and "nothing to rerun" in nothing["error"]["message"]
+    with_env = await start(nc, {"selection": {"labels": {"t": tag}}, "exec": {"argv": ["true"], "env": {"K": "v"}}})
+    await follow(nc, with_env["id"])
+    refused = await request(nc, f"{PREFIX}.v1.jobs.rerun", {"id": with_env["id"]})
+    assert refused["error"]["code"] == "invalid_request" and "not keep" in refused["error"]["message"]
+    running = await start(nc, {"selection": {"labels": {"t": tag}}, "exec": {"argv": ["sleep", "60"]}})
+    early = await request(nc, f"{PREFIX}.v1.jobs.rerun", {"id": running["id"]})
+    assert early["error"]["code"] == "invalid_request" and "has not ended" in early["error"]["message"]
+    await request(nc, f"{PREFIX}.v1.jobs.cancel", {"id": running["id"]})
+    await follow(nc, running["id"])

@@ -419,6 +419,11 @@ class Client:
         once with its ``id`` and ``targets`` (with ``dry_run``: the targets only)."""
         return await self._request(self.names.jobs("start"), request, timeout)
 
+    async def rerun_job(self, job: str, failed: bool = False, dry_run: bool = False) -> dict[str, Any]:
+        """Start ``job``'s request again on its targets (``failed``: those not ``ok``);
+        returns as :meth:`start_job` does."""
+        return await self._request(self.names.jobs("rerun"), {"id": job, "failed": failed, "dry_run": dry_run}, 30.0)
+
     async def get_job(self, job: str) -> dict[str, Any]:
         return await self._request(self.names.jobs("get"), {"id": job}, 30.0)
 

@@ -47,6 +47,7 @@ class JobDefinition(_Record):
     max_errors: int | None
     batch: int | None
     canary: int
+    rerun_of: str | None = None
 
 
 class ServerResult(_Record):

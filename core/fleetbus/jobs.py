@@ -1,4 +1,4 @@
-"""The job service: ``<prefix>.v1.jobs.start|get|list|cancel`` as a NATS micro service.
+"""The job service: ``<prefix>.v1.jobs.start|get|list|cancel|rerun`` as a NATS micro service.
 
 A job is one operation on many servers (docs/bus-api.md, "Jobs"). ``start`` validates
 the request (:class:`JobRequest`), resolves the selection against the registry
@@ -169,6 +169,13 @@ class JobId(BaseModel):
     id: str = Field(pattern=JOB_ID_RE)
 
 
+class JobRerun(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(pattern=JOB_ID_RE)
+    failed: bool = False
+    dry_run: bool = False
+
+
 class JobList(BaseModel):
     model_config = ConfigDict(extra="forbid")
     limit: int = Field(default=DEFAULT_LIST_LIMIT, ge=1, le=MAX_LIST_LIMIT)
@@ -197,7 +204,7 @@ class JobService:
         )
         endpoints: dict[str, Handler] = {
             "start": self.start_job, "get": self.get_job, "list": self.list_jobs,
-            "cancel": self.cancel_job,
+            "cancel": self.cancel_job, "rerun": self.rerun_job,
         }
         for verb, handler in endpoints.items():
             await self.service.add_endpoint(name=verb, subject=self.names.jobs(verb),
@@ -228,7 +235,7 @@ class JobService:
                 log.exception("jobs request on %s failed", req.subject)
                 reply = {"ok": False, "error": InternalError("internal error; see the core's log").to_wire()}
             await req.respond(json.dumps(reply, default=str).encode())
-            if verb in ("start", "cancel"):
+            if verb in ("start", "cancel", "rerun"):
                 await self._audit(verb, requester, reply, started)
 
         return serve
@@ -247,7 +254,36 @@ class JobService:
 
     # endpoints ---------------------------------------------------------------------------
     async def start_job(self, body: dict[str, Any], requester: str) -> dict[str, Any]:
-        req = JobRequest.model_validate(body, context=reply_context(self.replies))
+        return await self._start(JobRequest.model_validate(body, context=reply_context(self.replies)),
+                                 requester)
+
+    async def rerun_job(self, body: dict[str, Any], requester: str) -> dict[str, Any]:
+        """The same request again, on every target of a job that has ended, or (``failed``)
+        on those whose result was not ``ok``. Each server's command gets a new id: a
+        rerun runs again what failed."""
+        ask = JobRerun.model_validate(body)
+        definition = await self.store.definition(ask.id)
+        if await self.store.summary(ask.id) is None:
+            raise InvalidRequest(f"job {ask.id} has not ended; cancel it or wait for it first")
+        request = dict(definition.request)
+        command = dict(request.get("exec") or {})
+        if REDACTED in (command.get("env") or {}).values() or "stdin_bytes" in command:
+            raise InvalidRequest(f"job {ask.id} gave its command environment values or standard input, "
+                                 "which jobs do not keep; start it again with them")
+        servers = definition.targets
+        if ask.failed:
+            ok = {r.server for r in await self.store.results(ask.id) if r.outcome == "ok"}
+            servers = [s for s in definition.targets if s not in ok]
+            if not servers:
+                raise InvalidRequest(f"every server of job {ask.id} succeeded: nothing to rerun")
+        if command:
+            command.pop("output_subject", None)  # the first requester's, gone with it
+            request["exec"] = command
+        request.update(selection={"servers": servers}, dry_run=ask.dry_run)
+        req = JobRequest.model_validate(request, context=reply_context(self.replies))
+        return await self._start(req, requester, rerun_of=ask.id)
+
+    async def _start(self, req: JobRequest, requester: str, rerun_of: str | None = None) -> dict[str, Any]:
         targets = [s.name for s in resolve(req.selection, await self.registry.list())]
         if req.dry_run:
             return {"ok": True, "id": None, "dry_run": True, "targets": targets}
@@ -257,7 +293,7 @@ class JobService:
             id=job_id, requester=requester, created=utcnow(),
             request=req.kept(), targets=targets,
             max_concurrency=plan.concurrency, max_errors=plan.error_limit, batch=plan.batch_size,
-            canary=plan.canary)
+            canary=plan.canary, rerun_of=rerun_of)
         # Kept before the reply: whoever gets the id can `get` the job at once.
         await self.store.started(definition)
         run = JobRun(self.nc, self.names, self.store,

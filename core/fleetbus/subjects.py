@@ -63,7 +63,7 @@ class Names:
         return f"{self.prefix}.v1.events.>"
 
     def jobs(self, verb: str) -> str:
-        """The job service's endpoints: ``start``, ``get``, ``list``, ``cancel``."""
+        """The job service's endpoints: ``start``, ``get``, ``list``, ``cancel``, ``rerun``."""
         return f"{self.prefix}.v1.jobs.{verb}"
 
     def job_event(self, job: str, kind: str) -> str:

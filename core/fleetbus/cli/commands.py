@@ -153,7 +153,13 @@ def run(g: Globals, server: str, command: tuple[str, ...], timeout_s: float, rol
             fail("--json carries each server's output tail; --output and --group are for reading",
                  EXIT_FLEETBUS_ERROR)
         mode = "lines" if show_output else "group" if group_output else None
-        sys.exit(follow_job(g, request, as_json, EXIT_FLEETBUS_ERROR, mode))
+
+        async def start(c: Client, inbox: str | None) -> dict[str, Any]:
+            if inbox is not None:
+                exec_body["output_subject"] = inbox
+            return await c.start_job(request)
+
+        sys.exit(follow_job(g, start, as_json, EXIT_FLEETBUS_ERROR, mode))
     command_id = command_id or uuid.uuid4().hex
 
     async def go(c: Client) -> ExecOutcome:

@@ -14,6 +14,7 @@ import contextlib
 import json
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
@@ -27,6 +28,7 @@ from .render import emit_json, shown, table
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_STOPPED = 2
+EXIT_CANNOT_START = 125  # as `fleetbus run`: nothing was run
 # After Ctrl-C, how long to wait for the job to record how it ended.
 CANCEL_WAIT_S = 30.0
 # After the summary, how long live output may still trail it.
@@ -75,9 +77,13 @@ def _first_line(text: str | None) -> str:
     return ""
 
 
-def follow_job(g: Globals, request: dict[str, Any], as_json: bool, error_exit: int,
+Starter = Callable[[Client, str | None], Awaitable[dict[str, Any]]]
+
+
+def follow_job(g: Globals, starter: Starter, as_json: bool, error_exit: int,
                output: Mode | None = None) -> int:
-    """Start a job, print each server's result as it is kept, then the summary.
+    """Start a job (``starter(client, output_subject)`` sends ``jobs.start`` or
+    ``jobs.rerun``), print each server's result as it is kept, then the summary.
 
     Ctrl-C (or SIGTERM) cancels the job and still prints how it ended. Returns the exit
     code; a job that cannot start (a bad request, a selection matching nothing) exits
@@ -85,14 +91,14 @@ def follow_job(g: Globals, request: dict[str, Any], as_json: bool, error_exit: i
     commands print, line by line (``lines``) or folded at the end (``group``).
     """
     async def go(c: Client) -> int:
-        live = None
-        if output is not None and not request.get("dry_run"):
+        live: JobOutput | None = None
+        inbox: str | None = None
+        if output is not None:
             live = JobOutput(output)
             inbox = c.nc.new_inbox()
             await c.nc.subscribe(inbox, cb=live.on_msg)  # before the job can print anything
-            request["exec"]["output_subject"] = inbox
-        reply = await c.start_job(request)
-        if request.get("dry_run"):
+        reply = await starter(c, inbox)
+        if reply.get("dry_run"):
             if as_json:
                 click.echo(json.dumps({"targets": reply["targets"]}))
             else:
@@ -246,6 +252,18 @@ def watch_job(g: Globals, job: str, as_json: bool) -> None:
         return await _render(c, job, got["job"]["targets"], as_json, cancel_on_interrupt=False)
 
     sys.exit(run_async(lambda: with_client(g, go)))
+
+
+@jobs.command("rerun")
+@click.argument("job")
+@click.option("--failed", is_flag=True, help="Only the servers whose result was not ok (failed, offline, cancelled, skipped...).")
+@click.option("--dry-run", is_flag=True, help="List the servers it would run on, run nothing.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per server, then the summary.")
+@pass_globals
+def rerun_job(g: Globals, job: str, failed: bool, dry_run: bool, as_json: bool) -> None:
+    """Run an ended job's command again as a new job, on all its servers or (--failed)
+    on those that did not succeed; printed and exited as `fleetbus run` does."""
+    sys.exit(follow_job(g, lambda c, _inbox: c.rerun_job(job, failed, dry_run), as_json, EXIT_CANNOT_START))
 
 
 @jobs.command("cancel")
