@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import re
 import secrets
 import signal
@@ -219,7 +220,7 @@ async def test_error_budget_stops_new_starts_exactly_after_max_errors(fleet: Fle
 
     await wait_until(counted, what="the job counted in the core's metrics")
     assert summary["counts"] == {"total": 6, "ok": 2, "failed": 2, "cancelled": 0, "skipped": 2,
-                                 "running": 0, "pending": 0}
+                                 "unknown": 0, "running": 0, "pending": 0}
 
 
 async def test_canary_then_strict_batches(nc: NATS, tag: str, tmp_path: Path) -> None:
@@ -516,3 +517,82 @@ async def test_rerun_runs_the_same_command_again_where_it_did_not_succeed(
     assert early["error"]["code"] == "invalid_request" and "has not ended" in early["error"]["message"]
     await request(nc, f"{PREFIX}.v1.jobs.cancel", {"id": running["id"]})
     await follow(nc, running["id"])
+
+
+async def test_a_job_whose_core_died_is_abandoned_and_rerun_runs_nothing_twice(
+        nats_server: Any, tmp_path: Path) -> None:
+    import base64
+
+    import nats
+    from support.processes import Daemon, own_user
+
+    prefix = "j" + secrets.token_hex(4)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+    env.update(FLEETBUS_NATS_URL=nats_server.url, FLEETBUS_PREFIX=prefix, FLEETBUS_HOME=str(tmp_path / "home"),
+               FLEETBUS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode())
+    core = Daemon(["core"], env, tmp_path / "core1.log", "fleetbus core").start()
+    worker = Daemon(["worker", "--transports", "local", "--local-user", own_user()], env,
+                    tmp_path / "worker.log", "serving local").start()
+    conn = await nats.connect(nats_server.url)
+    try:
+        for i in (1, 2, 3):
+            reply = await request(conn, f"{prefix}.v1.admin.servers.add",
+                                  {"server": {"name": f"a{i}", "transport": "local", "labels": {"t": "x"}}})
+            assert reply["ok"], reply
+
+            async def served(name: str = f"a{i}") -> bool:
+                got = await request(conn, f"{prefix}.v1.admin.servers.get", {"name": name})
+                return (got.get("status") or {}).get("state") == "online"
+
+            await wait_until(served, what=f"a{i} served")
+        ran = tmp_path / "ran"
+        script = f'echo "$FLEETBUS_SERVER" >> {ran}; sleep 2'
+        started = await request(conn, f"{prefix}.v1.jobs.start", {
+            "selection": {"labels": {"t": "x"}}, "max_concurrency": 2, "exec": {"shell": script}})
+        job = started["id"]
+
+        async def two_ran() -> bool:
+            return ran.exists() and len(ran.read_text().split()) == 2
+
+        await wait_until(two_ran, what="two commands started")
+        core.stop(signal.SIGKILL)  # the core dies mid-job; the worker goes on
+        js = conn.jetstream()
+        cores = await js.key_value(f"{prefix}_job_cores")
+        assert (await cores.status()).ttl == 15.0
+        for key in await cores.keys():
+            await cores.purge(key)  # what the lease's 15 s TTL does; the test does not wait for it
+        core = Daemon(["core"], env, tmp_path / "core2.log", "fleetbus core").start()
+
+        events = await follow_prefixed(conn, prefix, job)
+        outcomes = {b["server"]: b["outcome"] for k, b in events if k == "result"}
+        assert outcomes == {"a1": "unknown", "a2": "unknown", "a3": "skipped"}
+        assert events[-1][1]["state"] == "abandoned" and events[-1][1]["counts"]["unknown"] == 2
+
+        # Rerun where it did not succeed: a1 and a2 keep their ids, so the worker answers
+        # from its memory (waiting for the first run to end) and runs nothing twice.
+        again = await request(conn, f"{prefix}.v1.jobs.rerun", {"id": job, "failed": True})
+        assert again["ok"], again
+        assert again["definition"]["command_origins"] == {"a1": job, "a2": job}
+        rerun = await follow_prefixed(conn, prefix, again["id"])
+        assert rerun[-1][1]["state"] == "succeeded", rerun[-1]
+        assert sorted(ran.read_text().split()) == ["a1", "a2", "a3"]
+        ids = {b["server"]: b["command_id"] for k, b in rerun if k == "result"}
+        assert ids == {"a1": f"{job}-a1", "a2": f"{job}-a2", "a3": f"{again['id']}-a3"}
+    finally:
+        await conn.close()
+        core.stop()
+        worker.stop()
+
+
+async def follow_prefixed(nc: NATS, prefix: str, job: str, timeout: float = 30) -> list[tuple[str, dict[str, Any]]]:
+    sub = await nc.jetstream().subscribe(f"{prefix}.v1.events.jobs.{job}.*", ordered_consumer=True,
+                                         deliver_policy=DeliverPolicy.ALL)
+    events = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=timeout)
+            events.append((msg.subject.rsplit(".", 1)[-1], json.loads(msg.data)))
+            if events[-1][0] == "finished":
+                return events
+    finally:
+        await sub.unsubscribe()

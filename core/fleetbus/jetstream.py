@@ -22,6 +22,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
+from .jobleases import CORE_LEASE_TTL_S
 from .subjects import Names
 
 COMMAND_MEMORY_S = 3600.0
@@ -43,6 +44,8 @@ class State:
     agent_keys: KeyValue
     gateways: KeyValue
     files: ObjectStore
+    job_cores: KeyValue
+    jobs_live: KeyValue
 
 
 async def _kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
@@ -108,8 +111,17 @@ async def open_state(nc: NATS, names: Names, replicas: int = 1,
             )
         )
     await _jobs_stream(js, names, replicas, jobs_max_age_s)
+    job_cores = await _kv(
+        js, KeyValueConfig(bucket=names.job_cores_bucket, history=1, ttl=CORE_LEASE_TTL_S,
+                           replicas=replicas, storage=StorageType.FILE)
+    )
+    jobs_live = await _kv(
+        js, KeyValueConfig(bucket=names.jobs_live_bucket, history=1, replicas=replicas,
+                           storage=StorageType.FILE)
+    )
     return State(js=js, names=names, servers=servers, status=status, credentials=credentials,
-                 commands=commands, agent_keys=agent_keys, gateways=gateways, files=files)
+                 commands=commands, agent_keys=agent_keys, gateways=gateways, files=files,
+                 job_cores=job_cores, jobs_live=jobs_live)
 
 
 async def _jobs_stream(js: JetStreamContext, names: Names, replicas: int, max_age_s: float | None) -> None:

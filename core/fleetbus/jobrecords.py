@@ -27,8 +27,8 @@ from .subjects import Names
 JOB_TAIL_BYTES = 4096
 READ_TIMEOUT_S = 5.0
 
-ServerOutcome = Literal["ok", "failed", "timeout", "offline", "error", "cancelled", "skipped"]
-JobState = Literal["running", "succeeded", "failed", "stopped", "cancelled"]
+ServerOutcome = Literal["ok", "failed", "timeout", "offline", "error", "cancelled", "skipped", "unknown"]
+JobState = Literal["running", "succeeded", "failed", "stopped", "cancelled", "abandoned"]
 
 
 class _Record(BaseModel):
@@ -48,6 +48,10 @@ class JobDefinition(_Record):
     batch: int | None
     canary: int
     rerun_of: str | None = None
+    command_origins: dict[str, str] = Field(
+        default_factory=dict,
+        description="Servers whose command keeps the id (and FLEETBUS_JOB) of an earlier job: "
+                    "a rerun's servers that were unknown in an abandoned job, so none runs twice.")
 
 
 class ServerResult(_Record):
@@ -72,6 +76,7 @@ class JobCounts(_Record):
     failed: int = 0
     cancelled: int = 0
     skipped: int = 0
+    unknown: int = 0
     running: int = 0
     pending: int = 0
 
@@ -85,6 +90,15 @@ class JobSummary(_Record):
     counts: JobCounts
     finished: datetime = Field(default_factory=utcnow)
     duration_s: float
+
+
+def count(total: int, results: list[ServerResult]) -> JobCounts:
+    """The counts of a job that has ended, from its results."""
+    outcomes = [r.outcome for r in results]
+    named = ("ok", "cancelled", "skipped", "unknown")
+    return JobCounts(total=total, ok=outcomes.count("ok"), cancelled=outcomes.count("cancelled"),
+                     skipped=outcomes.count("skipped"), unknown=outcomes.count("unknown"),
+                     failed=sum(1 for o in outcomes if o not in named))
 
 
 def tail(text: str | None) -> str:

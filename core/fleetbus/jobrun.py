@@ -24,6 +24,7 @@ from typing import Any
 import nats.errors
 from nats.aio.client import Client as NATS
 
+from .jobleases import JobLeases
 from .jobplan import JobPlan, Outcome, StopReason
 from .jobrecords import JobCounts, JobDefinition, JobStore, JobSummary, ServerResult, tail
 from .names import COMMAND_ID_RE
@@ -73,6 +74,7 @@ class JobRun:
     store: JobStore
     spec: JobSpec
     requester: str
+    leases: JobLeases | None = None
     task: asyncio.Task[None] | None = None
     summary: JobSummary | None = None  # set once the end is recorded
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -100,7 +102,11 @@ class JobRun:
         deadline = None if self.spec.deadline_s is None else self._started + self.spec.deadline_s
         try:
             while True:
-                for server in plan.next_starts():
+                starts = plan.next_starts()
+                if starts and self.leases is not None:
+                    # Before sending: if this core dies, these may be running (unknown).
+                    await self.leases.running(self.id, {*running.values(), *starts})
+                for server in starts:
                     running[asyncio.create_task(self._one(server))] = server
                 await self._progress()
                 if plan.done:
@@ -127,6 +133,8 @@ class JobRun:
             summary = self._summary()
             await self.store.finished(summary)
             self.summary = summary
+            if self.leases is not None:
+                await self.leases.ended(self.id)
         except Exception:
             log.exception("job %s failed", self.id)
             raise
@@ -146,11 +154,13 @@ class JobRun:
             log.error("job %s: the result of %s was not kept: %s", self.id, result.server, type(exc).__name__)
 
     async def _one(self, server: str) -> ServerResult:
-        cid = command_id(self.id, server)
+        # A rerun keeps an abandoned job's id for a server whose command may have run.
+        origin = self.spec.definition.command_origins.get(server, self.id)
+        cid = command_id(origin, server)
         body = {**self.spec.body, "id": cid}
         if self.spec.op == "exec":
             # A command learns where and in which job it runs; the request's own env wins.
-            body["env"] = {ENV_JOB: self.id, ENV_SERVER: server, **body.get("env", {})}
+            body["env"] = {ENV_JOB: origin, ENV_SERVER: server, **body.get("env", {})}
         started = time.monotonic()
         try:
             msg = await self.nc.request(

@@ -21,7 +21,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
 from nats.micro import add_service
 from nats.micro.request import Request as MicroRequest
 from nats.micro.service import Service
@@ -38,16 +37,18 @@ from pydantic import (
 from . import __version__
 from .audit import Auditor, AuditRecord
 from .errors import FleetbusError, InternalError, InvalidRequest
+from .jetstream import State
+from .jobleases import JobLeases
 from .jobplan import Amount, JobPlan, PlanOptions
-from .jobrecords import JobCounts, JobDefinition, JobStore
-from .jobrun import HDR_REQUESTER, JobRun, JobSpec
+from .jobrecords import JobCounts, JobDefinition, JobStore, JobSummary, ServerResult, count
+from .jobrun import HDR_REQUESTER, JobRun, JobSpec, command_id
 from .limits import DEFAULT_EXEC_TIMEOUT_S, MAX_EXEC_TIMEOUT_S
 from .messages import ExecRequest, describe_validation_error, parse_json_object, reply_context
 from .metrics import Metrics
 from .records import utcnow
 from .registry import Registry
 from .selection import Selection, resolve
-from .subjects import Names, ReplySubjects
+from .subjects import ReplySubjects
 
 log = logging.getLogger("fleetbus.jobs")
 
@@ -184,15 +185,16 @@ class JobList(BaseModel):
 class JobService:
     """Serves ``jobs.*`` and runs the jobs it started. ``start``/``stop`` in that order."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, names: Names, registry: Registry,
+    def __init__(self, nc: NATS, state: State, registry: Registry,
                  metrics: Metrics | None = None, replies: ReplySubjects | None = None) -> None:
         self.nc = nc
-        self.names = names
+        self.names = names = state.names
         # Where a job's output_subject may point: the deployment's reply namespace.
         self.replies = replies or names.reply_subjects()
         self.registry = registry
         self.metrics = metrics or Metrics()
-        self.store = JobStore(js, names)
+        self.store = JobStore(state.js, names)
+        self.leases = JobLeases(state.job_cores, state.jobs_live, self._abandon)
         self.auditor = Auditor(nc, names)
         self.running: dict[str, JobRun] = {}
         self.service: Service | None = None
@@ -209,6 +211,7 @@ class JobService:
         for verb, handler in endpoints.items():
             await self.service.add_endpoint(name=verb, subject=self.names.jobs(verb),
                                             handler=self._wrap(verb, handler))
+        await self.leases.start()
 
     async def stop(self) -> None:
         if self.service is not None:
@@ -219,7 +222,29 @@ class JobService:
         tasks = [run.task for run in runs if run.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=STOP_GRACE_S)
+        await self.leases.stop()
         await self.auditor.close()
+
+    async def _abandon(self, job: str, maybe_running: list[str]) -> None:
+        """Record the end of a job whose core died: what may have run is ``unknown``."""
+        definition = await self.store.definition(job)
+        if await self.store.summary(job) is not None:
+            return  # its end was recorded after all
+        results = await self.store.results(job)
+        have = {r.server for r in results}
+        for server in definition.targets:
+            if server in have:
+                continue
+            unknown = server in maybe_running
+            origin = definition.command_origins.get(server, job)
+            result = ServerResult(job=job, server=server, outcome="unknown" if unknown else "skipped",
+                                  command_id=command_id(origin, server) if unknown else None)
+            await self.store.result(result)
+            results.append(result)
+        await self.store.finished(JobSummary(
+            job=job, state="abandoned", counts=count(len(definition.targets), results),
+            duration_s=round((utcnow() - definition.created).total_seconds(), 6)))
+        self.metrics.jobs_finished.labels(str(definition.request.get("op")), "abandoned", "none").inc()
 
     def _wrap(self, verb: str, handler: Handler) -> Callable[[MicroRequest], Awaitable[None]]:
         async def serve(req: MicroRequest) -> None:
@@ -271,19 +296,25 @@ class JobService:
             raise InvalidRequest(f"job {ask.id} gave its command environment values or standard input, "
                                  "which jobs do not keep; start it again with them")
         servers = definition.targets
+        results = await self.store.results(ask.id)
         if ask.failed:
-            ok = {r.server for r in await self.store.results(ask.id) if r.outcome == "ok"}
+            ok = {r.server for r in results if r.outcome == "ok"}
             servers = [s for s in definition.targets if s not in ok]
             if not servers:
                 raise InvalidRequest(f"every server of job {ask.id} succeeded: nothing to rerun")
+        # An abandoned job's unknown servers may have run: their commands keep the ids
+        # they had, so the worker answers from its memory (1 h) instead of running again.
+        origins = {r.server: definition.command_origins.get(r.server, ask.id)
+                   for r in results if r.outcome == "unknown" and r.server in servers}
         if command:
             command.pop("output_subject", None)  # the first requester's, gone with it
             request["exec"] = command
         request.update(selection={"servers": servers}, dry_run=ask.dry_run)
         req = JobRequest.model_validate(request, context=reply_context(self.replies))
-        return await self._start(req, requester, rerun_of=ask.id)
+        return await self._start(req, requester, rerun_of=ask.id, origins=origins)
 
-    async def _start(self, req: JobRequest, requester: str, rerun_of: str | None = None) -> dict[str, Any]:
+    async def _start(self, req: JobRequest, requester: str, rerun_of: str | None = None,
+                     origins: dict[str, str] | None = None) -> dict[str, Any]:
         targets = [s.name for s in resolve(req.selection, await self.registry.list())]
         if req.dry_run:
             return {"ok": True, "id": None, "dry_run": True, "targets": targets}
@@ -293,13 +324,13 @@ class JobService:
             id=job_id, requester=requester, created=utcnow(),
             request=req.kept(), targets=targets,
             max_concurrency=plan.concurrency, max_errors=plan.error_limit, batch=plan.batch_size,
-            canary=plan.canary, rerun_of=rerun_of)
+            canary=plan.canary, rerun_of=rerun_of, command_origins=origins or {})
         # Kept before the reply: whoever gets the id can `get` the job at once.
         await self.store.started(definition)
         run = JobRun(self.nc, self.names, self.store,
                      JobSpec(definition=definition, plan=plan, op=req.op, body=req.server_body(),
                              timeout_s=req.timeout_s, deadline_s=req.deadline_s),
-                     requester=f"{requester} (job {job_id})")
+                     requester=f"{requester} (job {job_id})", leases=self.leases)
         self.running[job_id] = run
         self.metrics.jobs_started.labels(req.op).inc()
         self.metrics.job_targets.observe(len(targets))

@@ -115,6 +115,14 @@ class Names:
         return f"{self._b}_files"
 
     @property
+    def job_cores_bucket(self) -> str:
+        return f"{self._b}_job_cores"
+
+    @property
+    def jobs_live_bucket(self) -> str:
+        return f"{self._b}_jobs_live"
+
+    @property
     def audit_stream(self) -> str:
         return f"{self._b.upper()}_AUDIT"
 

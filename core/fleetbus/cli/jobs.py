@@ -65,8 +65,9 @@ def summary_line(job: str, summary: dict[str, Any]) -> str:
     c = summary["counts"]
     why = {"budget": "the error budget was spent", "canary": "a canary failed",
            "deadline": "the deadline passed", "cancelled": "cancelled"}.get(summary.get("stop_reason") or "")
+    unknown = f", {c['unknown']} unknown" if c.get("unknown") else ""
     text = (f"job {job}: {c['ok']} ok, {c['failed']} failed, {c['cancelled']} cancelled, "
-            f"{c['skipped']} skipped of {c['total']} in {summary['duration_s']:.2f}s; {summary['state']}")
+            f"{c['skipped']} skipped{unknown} of {c['total']} in {summary['duration_s']:.2f}s; {summary['state']}")
     return text + (f" ({why})" if why and summary["state"] != "cancelled" else "")
 
 
