@@ -597,3 +597,65 @@ async def follow_prefixed(nc: NATS, prefix: str, job: str, timeout: float = 30) 
                 return events
     finally:
         await sub.unsubscribe()
+
+
+async def test_cancel_reaches_the_core_running_the_job_among_several(nats_server: Any, tmp_path: Path) -> None:
+    import base64
+
+    import nats
+    from fleetbus.jetstream import open_state
+    from fleetbus.jobs import JobService
+    from fleetbus.records import Server
+    from fleetbus.registry import Registry
+    from fleetbus.subjects import Names
+    from support.processes import Daemon, own_user
+
+    prefix = "c" + secrets.token_hex(4)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+    env.update(FLEETBUS_NATS_URL=nats_server.url, FLEETBUS_PREFIX=prefix, FLEETBUS_HOME=str(tmp_path / "home"),
+               FLEETBUS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode())
+    worker = Daemon(["worker", "--transports", "local", "--local-user", own_user()], env,
+                    tmp_path / "worker.log", "serving local").start()
+    conn = await nats.connect(nats_server.url)
+    state = await open_state(conn, Names(prefix))
+    registry = Registry(state.servers, state.status)
+    # Two cores in this process: `a` runs the job, `b` is asked to cancel it.
+    a, b = JobService(conn, state, registry), JobService(conn, state, registry)
+    await a.start()
+    await b.start()
+    try:
+        await registry.add(Server(name="k1", transport="local"))
+
+        async def served() -> bool:
+            status = await registry.status("k1")
+            return status is not None and status.state == "online"
+
+        await wait_until(served, what="k1 served")
+        pid_file = tmp_path / "pid"
+        started = await a.start_job({"selection": {"servers": ["k1"]},
+                                     "exec": {"shell": f"echo $$ > {pid_file}; exec sleep 60"}}, "test")
+        job = started["id"]
+        await wait_until(lambda: _read_pid(pid_file), what="the command running")
+        pid = int(pid_file.read_text())
+        assert job not in b.running
+        reply = await b.cancel_job({"id": job}, "test")
+        assert reply["cancelled"] and reply["state"] == "running"
+        events = await follow_prefixed(conn, prefix, job)
+        assert events[-1][1]["state"] == "cancelled"
+        assert [body["outcome"] for kind, body in events if kind == "result"] == ["cancelled"]
+        await wait_until(lambda: _gone(pid), what="the command killed")
+        again = await b.cancel_job({"id": job}, "test")
+        assert not again["cancelled"] and again["state"] == "cancelled"
+    finally:
+        await a.stop()
+        await b.stop()
+        await conn.close()
+        worker.stop()
+
+
+async def _read_pid(path: Path) -> bool:
+    return path.exists() and path.read_text().strip().isdigit()
+
+
+async def _gone(pid: int) -> bool:
+    return not pid_alive(pid)

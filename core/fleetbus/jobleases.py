@@ -72,6 +72,15 @@ class JobLeases:
         with contextlib.suppress(KVNotFound):
             await self.live.delete(job)
 
+    async def owner(self, job: str) -> str | None:
+        """The id of the live core running ``job``, or None (none, or its core died)."""
+        try:
+            entry = await self.live.get(job)
+            core = str(json.loads(entry.value or b"{}")["core"])
+        except (KVNotFound, ValueError, KeyError, TypeError):
+            return None
+        return core if core == self.core_id or await self._alive(core) else None
+
     async def sweep(self) -> None:
         """Mark every job whose core has no lease abandoned."""
         try:

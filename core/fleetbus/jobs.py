@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.micro import add_service
 from nats.micro.request import Request as MicroRequest
 from nats.micro.service import Service
@@ -198,6 +200,7 @@ class JobService:
         self.auditor = Auditor(nc, names)
         self.running: dict[str, JobRun] = {}
         self.service: Service | None = None
+        self._handoff: Subscription | None = None
 
     async def start(self) -> None:
         self.service = await add_service(
@@ -212,8 +215,19 @@ class JobService:
             await self.service.add_endpoint(name=verb, subject=self.names.jobs(verb),
                                             handler=self._wrap(verb, handler))
         await self.leases.start()
+        # jobs.cancel reaches one core of several (a queue group): that core hands it on
+        # to the one running the job through this event, which every core receives.
+        self._handoff = await self.nc.subscribe(self.names.job_event("*", "cancelling"),
+                                                cb=self._on_cancelling)
+
+    async def _on_cancelling(self, msg: Msg) -> None:
+        run = self.running.get(msg.subject.split(".")[-2])
+        if run is not None:
+            run.cancel()
 
     async def stop(self) -> None:
+        if self._handoff is not None:
+            await self._handoff.unsubscribe()
         if self.service is not None:
             await self.service.stop()
         runs = list(self.running.values())
@@ -382,13 +396,17 @@ class JobService:
     async def cancel_job(self, body: dict[str, Any], _requester: str) -> dict[str, Any]:
         job = JobId.model_validate(body).id
         run = self.running.get(job)
-        if run is None or run.spec.plan.done:  # done: only recording its end is left
-            await self.store.definition(job)  # NotFound for an unknown id
-            summary = await self.store.summary(job)
-            return {"ok": True, "id": job, "cancelled": False,
-                    "state": summary.state if summary else "running"}
-        run.cancel()
-        return {"ok": True, "id": job, "cancelled": True, "state": "running"}
+        if run is not None and not run.spec.plan.done:  # done: only recording its end is left
+            run.cancel()
+            return {"ok": True, "id": job, "cancelled": True, "state": "running"}
+        await self.store.definition(job)  # NotFound for an unknown id
+        summary = await self.store.summary(job)
+        if summary is None and run is None and await self.leases.owner(job) is not None:
+            # Another live core runs it.
+            await self.nc.publish(self.names.job_event(job, "cancelling"), b"{}")
+            return {"ok": True, "id": job, "cancelled": True, "state": "running"}
+        return {"ok": True, "id": job, "cancelled": False,
+                "state": summary.state if summary else "running"}
 
 
 def _what(request: dict[str, Any]) -> str:
