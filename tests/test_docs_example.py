@@ -157,7 +157,7 @@ async def test_every_admin_endpoint_is_documented(fleet: Fleet, doc: str) -> Non
 
 def test_job_fields_and_records_are_documented(doc: str) -> None:
     from fleetbus.jobrecords import JobCounts, JobSummary, ServerResult
-    from fleetbus.jobs import JobRequest
+    from fleetbus.jobrequest import JobRequest
     from fleetbus.selection import Selection
 
     text = doc.split("\n## Jobs\n", 1)[1].split("\n## ", 1)[0]
