@@ -153,3 +153,19 @@ async def test_every_admin_endpoint_is_documented(fleet: Fleet, doc: str) -> Non
     for subject in endpoints:
         assert subject.startswith("fleetbus.v1.admin.")
         assert f"`<prefix>.v1.admin.{subject.removeprefix('fleetbus.v1.admin.')}`" in doc
+
+
+def test_job_fields_and_records_are_documented(doc: str) -> None:
+    from fleetbus.jobrecords import JobCounts, JobSummary, ServerResult
+    from fleetbus.jobrequest import JobRequest
+    from fleetbus.selection import Selection
+
+    text = doc.split("\n## Jobs\n", 1)[1].split("\n## ", 1)[0]
+    for model in (JobRequest, Selection, ServerResult):
+        for name in model.model_fields:
+            assert f"| `{name}` |" in text, f"{model.__name__}.{name}"
+    for model in (JobSummary, JobCounts):
+        for name in model.model_fields:
+            assert f"`{name}`" in text, f"{model.__name__}.{name}"
+    for verb in ("start", "get", "list", "cancel", "rerun"):
+        assert f"| `<prefix>.v1.jobs.{verb}` |" in text

@@ -41,7 +41,7 @@ PROMTOOL = "/usr/bin/promtool"
 ALLOWED_LABELS = {"transport", "op", "outcome", "server", "reason", "version", "le"}
 ALERTS = {"FleetbusProcessDown", "FleetbusServerDown", "FleetbusServerFlapping",
           "FleetbusAuthFailureBurst", "FleetbusCommandErrorRatio",
-          "FleetbusBlockingPoolSaturated", "FleetbusCommandsQueued"}
+          "FleetbusBlockingPoolSaturated", "FleetbusCommandsQueued", "FleetbusJobStopped"}
 CHECK_INTERVAL_S = 0.5
 
 

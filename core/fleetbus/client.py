@@ -32,6 +32,7 @@ import nats.errors
 from fleetbus_agent.ops.pagecache import DropBehind
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js.api import DeliverPolicy
 
 from .connection import NatsSettings, connect
 from .errors import Cancelled, FleetbusError, InvalidRequest, NotFound, ServerOffline, Timeout, TransportError
@@ -411,6 +412,47 @@ class Client:
 
     async def ping(self, server: str, timeout_s: float = 30.0) -> dict[str, Any]:
         return await self._server(server, "ping", {}, timeout_s)
+
+    # jobs --------------------------------------------------------------------------------
+    async def start_job(self, request: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        """Start a job (the body of ``jobs.start``: docs/bus-api.md, "Jobs"); returns at
+        once with its ``id`` and ``targets`` (with ``dry_run``: the targets only)."""
+        return await self._request(self.names.jobs("start"), request, timeout)
+
+    async def rerun_job(self, job: str, failed: bool = False, dry_run: bool = False) -> dict[str, Any]:
+        """Start ``job``'s request again on its targets (``failed``: those not ``ok``);
+        returns as :meth:`start_job` does."""
+        return await self._request(self.names.jobs("rerun"), {"id": job, "failed": failed, "dry_run": dry_run}, 30.0)
+
+    async def get_job(self, job: str) -> dict[str, Any]:
+        return await self._request(self.names.jobs("get"), {"id": job}, 30.0)
+
+    async def list_jobs(self, limit: int = 50) -> list[dict[str, Any]]:
+        return (await self._request(self.names.jobs("list"), {"limit": limit}, 30.0))["jobs"]
+
+    async def cancel_job(self, job: str) -> dict[str, Any]:
+        return await self._request(self.names.jobs("cancel"), {"id": job}, 10.0)
+
+    async def follow_job(self, job: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """A job's kept records from its start, as they come: ``("started", definition)``,
+        ``("result", server result)`` ..., then ``("finished", summary)``, where it ends.
+
+        Read from the jobs stream, so none is missed however late this begins. Close it
+        (``contextlib.aclosing``) when leaving early.
+        """
+        sub = await self.nc.jetstream().subscribe(
+            self.names.job_event(job, "*"), stream=self.names.jobs_stream, ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0)
+        try:
+            while True:
+                msg = await sub.next_msg(timeout=None)
+                kind = msg.subject.rsplit(".", 1)[-1]
+                yield kind, json.loads(msg.data)
+                if kind == "finished":
+                    return
+        finally:
+            with contextlib.suppress(nats.errors.Error):  # closing anyway: the consumer expires
+                await sub.unsubscribe()
 
     # admin -------------------------------------------------------------------------------
     async def add_server(self, server: dict[str, Any], replace: bool = False) -> dict[str, Any]:

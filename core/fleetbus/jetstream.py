@@ -22,6 +22,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
+from .jobleases import CORE_LEASE_TTL_S
 from .subjects import Names
 
 COMMAND_MEMORY_S = 3600.0
@@ -29,6 +30,7 @@ COMMAND_MEMORY_S = 3600.0
 GATEWAY_RECORD_TTL_S = 60.0
 FILE_TTL_S = 3600.0
 AUDIT_MAX_AGE_S = 90 * 24 * 3600.0
+JOBS_MAX_AGE_S = 30 * 24 * 3600.0
 
 
 @dataclass
@@ -42,6 +44,8 @@ class State:
     agent_keys: KeyValue
     gateways: KeyValue
     files: ObjectStore
+    job_cores: KeyValue
+    jobs_live: KeyValue
 
 
 async def _kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
@@ -51,7 +55,14 @@ async def _kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
         return await js.create_key_value(config)
 
 
-async def open_state(nc: NATS, names: Names, replicas: int = 1) -> State:
+async def open_state(nc: NATS, names: Names, replicas: int = 1,
+                     jobs_max_age_s: float | None = None) -> State:
+    """Open (creating if missing) every bucket and stream.
+
+    ``jobs_max_age_s`` is the core's setting for how long job records are kept: given,
+    it is applied to an existing stream too; None (workers, or no setting) creates the
+    stream with the default and leaves an existing one as the operator set it.
+    """
     js = nc.jetstream(timeout=10)
     servers = await _kv(
         js, KeyValueConfig(bucket=names.servers_bucket, history=5, replicas=replicas,
@@ -99,5 +110,30 @@ async def open_state(nc: NATS, names: Names, replicas: int = 1) -> State:
                 num_replicas=replicas,
             )
         )
+    await _jobs_stream(js, names, replicas, jobs_max_age_s)
+    job_cores = await _kv(
+        js, KeyValueConfig(bucket=names.job_cores_bucket, history=1, ttl=CORE_LEASE_TTL_S,
+                           replicas=replicas, storage=StorageType.FILE)
+    )
+    jobs_live = await _kv(
+        js, KeyValueConfig(bucket=names.jobs_live_bucket, history=1, replicas=replicas,
+                           storage=StorageType.FILE)
+    )
     return State(js=js, names=names, servers=servers, status=status, credentials=credentials,
-                 commands=commands, agent_keys=agent_keys, gateways=gateways, files=files)
+                 commands=commands, agent_keys=agent_keys, gateways=gateways, files=files,
+                 job_cores=job_cores, jobs_live=jobs_live)
+
+
+async def _jobs_stream(js: JetStreamContext, names: Names, replicas: int, max_age_s: float | None) -> None:
+    try:
+        info = await js.stream_info(names.jobs_stream)
+    except NotFoundError:
+        await js.add_stream(StreamConfig(
+            name=names.jobs_stream, subjects=names.job_records, retention=RetentionPolicy.LIMITS,
+            max_age=JOBS_MAX_AGE_S if max_age_s is None else max_age_s,
+            storage=StorageType.FILE, num_replicas=replicas,
+        ))
+        return
+    if max_age_s is not None and abs((info.config.max_age or 0) - max_age_s) > 0.001:
+        info.config.max_age = max_age_s
+        await js.update_stream(info.config)

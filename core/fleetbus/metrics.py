@@ -20,6 +20,7 @@ __all__ = ["Metrics", "MetricsServer", "TransportMetrics", "parse_addr", "serve_
 # Command latencies span a local `true` (~1 ms) to long deployments.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 CHECK_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10)
+JOB_TARGET_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 AUTH_FAILURE_REASONS = ("unknown_key", "wrong_transport", "locked_out", "bad_proof", "bad_pin", "credentials")
 
@@ -82,6 +83,19 @@ class Metrics:
         self.checks = Counter(
             "fleetbus_server_checks", "Server checks run, by outcome.", ["transport", "outcome"],
             registry=r)
+        self.jobs_started = Counter(
+            "fleetbus_jobs_started", "Jobs this core started, by operation.", ["op"], registry=r)
+        self.jobs_finished = Counter(
+            "fleetbus_jobs_finished", "Jobs this core ran to their end, by final state and why "
+            "they stopped (none, budget, canary, deadline, cancelled).", ["op", "state", "stop_reason"],
+            registry=r)
+        self.jobs_running = Gauge(
+            "fleetbus_jobs_running", "Jobs running in this core.", registry=r)
+        self.job_targets = Histogram(
+            "fleetbus_job_targets", "Servers selected per job.", buckets=JOB_TARGET_BUCKETS, registry=r)
+        self.job_seconds = Histogram(
+            "fleetbus_job_duration_seconds", "Time from a job's start to its end, seconds.",
+            buckets=LATENCY_BUCKETS, registry=r)
         self.check_run_seconds = Histogram(
             "fleetbus_check_round_duration_seconds", "Time to check every server once.",
             buckets=CHECK_BUCKETS, registry=r)

@@ -27,6 +27,7 @@ from .embedded import EmbeddedNats
 from .home import Home
 from .host import HostSettings, PluginHost
 from .jetstream import State, open_state
+from .jobs import JobService
 from .keys import AgentKeys
 from .metrics import Metrics, MetricsServer, serve_metrics
 from .plugins import load_plugins
@@ -51,6 +52,7 @@ class StackOptions:
     metrics_addr: str | None = None
     check_interval_s: float = 30.0
     check_timeout_s: float = 10.0
+    job_retention_s: float | None = None  # None: the jobs stream's default or current setting
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Running:
     state: State
     host: PluginHost | None = None
     admin: AdminService | None = None
+    jobs: JobService | None = None
     embedded: EmbeddedNats | None = None
     metrics: Metrics | None = None
     metrics_server: MetricsServer | None = None
@@ -111,7 +114,8 @@ async def start_stack(opts: StackOptions, stack: AsyncExitStack, *, embedded_nat
     nc, settings = await _connect(opts, embedded, "fleetbus-" + ("up" if embedded else "core" if core else "worker"))
     stack.push_async_callback(_close_nats, nc)
     names = Names(settings.prefix)
-    state = await open_state(nc, names, replicas=opts.replicas)
+    state = await open_state(nc, names, replicas=opts.replicas,
+                             jobs_max_age_s=opts.job_retention_s if core else None)
     plugins = load_plugins()
     # Only a process that must open or seal secrets needs the master key.
     master = MasterKey.load(opts.home, create=core) if (core or worker) else None
@@ -143,6 +147,12 @@ async def start_stack(opts: StackOptions, stack: AsyncExitStack, *, embedded_nat
         stack.push_async_callback(running.host.stop)
         running.worker_service = await start_worker_service(nc, running.host)
         stack.push_async_callback(running.worker_service.stop)
+    if core:
+        # Started last, so stopped first: running jobs cancel their commands and record
+        # how they ended while this process's worker still serves them.
+        running.jobs = JobService(nc, state, Registry(state.servers, state.status), metrics)
+        await running.jobs.start()
+        stack.push_async_callback(running.jobs.stop)
     return running
 
 

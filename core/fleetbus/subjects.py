@@ -62,6 +62,18 @@ class Names:
     def events_all(self) -> str:
         return f"{self.prefix}.v1.events.>"
 
+    def jobs(self, verb: str) -> str:
+        """The job service's endpoints: ``start``, ``get``, ``list``, ``cancel``, ``rerun``."""
+        return f"{self.prefix}.v1.jobs.{verb}"
+
+    def job_event(self, job: str, kind: str) -> str:
+        """A job's event (``started``, ``result``, ``progress``, ``finished``); ``job`` may be ``*``."""
+        return self.event("jobs", job, kind)
+
+    def job_events(self, job: str) -> str:
+        """Every event of one job."""
+        return self.event("jobs", job, ">")
+
     def queue_group(self, transport: str) -> str:
         return f"{self.prefix}.transport.{transport}"
 
@@ -103,8 +115,25 @@ class Names:
         return f"{self._b}_files"
 
     @property
+    def job_cores_bucket(self) -> str:
+        return f"{self._b}_job_cores"
+
+    @property
+    def jobs_live_bucket(self) -> str:
+        return f"{self._b}_jobs_live"
+
+    @property
     def audit_stream(self) -> str:
         return f"{self._b.upper()}_AUDIT"
+
+    @property
+    def jobs_stream(self) -> str:
+        return f"{self._b.upper()}_JOBS"
+
+    @property
+    def job_records(self) -> list[str]:
+        """The job events the jobs stream keeps (not ``progress``: it only repeats counts)."""
+        return [self.job_event("*", kind) for kind in ("started", "result", "finished")]
 
 
 @dataclass(frozen=True)

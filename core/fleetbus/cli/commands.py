@@ -1,8 +1,10 @@
-"""``fleetbus run|put|get|info|ping``: commands on one server, by name."""
+"""``fleetbus run|put|get|info|ping``: commands on one server, by name (``run`` also
+starts a job on a selection of servers: :mod:`fleetbus.cli.jobs`)."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import signal
 import sys
 import uuid
@@ -25,6 +27,7 @@ from .context import (
     run_async,
     with_client,
 )
+from .jobs import follow_job
 from .render import Progress, emit_json, human_bytes, key_values
 
 EXIT_FLEETBUS_ERROR = 125  # as `docker run`: the command could not be run at all
@@ -37,11 +40,40 @@ def _write(stream: str, data: bytes) -> None:
     out.flush()
 
 
+def _seconds(value: str | None) -> float | None:
+    """``90``, ``90s``, ``5m`` or ``2h`` as seconds."""
+    if value is None:
+        return None
+    text = value.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], None)
+    try:
+        seconds = float(text[:-1] if scale else text) * (scale or 1)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a duration like 90, 90s, 5m or 2h",
+                                 param_hint="--deadline") from None
+    if seconds <= 0:
+        raise click.BadParameter("must be more than 0", param_hint="--deadline")
+    return seconds
+
+
 @click.command("run", context_settings={"ignore_unknown_options": True})
 @click.argument("server")
-@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.001), default=600.0, show_default=True,
-              help="Seconds before the process group is killed.")
+              help="Seconds before the process group is killed (in a job: on each server).")
+@click.option("--role", help="Job: servers with this role.")
+@click.option("--environment", "environment", help="Job: servers in this environment (--env sets variables).")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Job: servers with this label (repeatable; all must match).")
+@click.option("--servers", "server_patterns", metavar="NAMES", help="Job: names and globs, comma-separated ('web-*,db1').")
+@click.option("--all", "all_servers", is_flag=True, help="Job: every registered server.")
+@click.option("--max-concurrency", metavar="N|P%", help="Job: servers running at once (default 10).")
+@click.option("--max-errors", metavar="N|P%", help="Job: errors tolerated; one more starts nothing new (default: no limit).")
+@click.option("--batch", metavar="N|P%", help="Job: run in strict waves of this many.")
+@click.option("--canary", type=click.IntRange(min=1), help="Job: run this many first; the rest only if all succeed.")
+@click.option("--deadline", metavar="DURATION", help="Job: overall limit (90, 90s, 5m, 2h); then running commands are cancelled.")
+@click.option("--dry-run", is_flag=True, help="Job: list the servers selected, run nothing.")
+@click.option("--output", "show_output", is_flag=True, help="Job: print what each server prints, each line prefixed with its name.")
+@click.option("--group", "group_output", is_flag=True, help="Job: fold identical outputs into one block listing the servers that printed it.")
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Environment variable (repeatable).")
 @click.option("--cwd", help="Working directory on the server.")
 @click.option("--shell", "use_shell", is_flag=True, help="Run COMMAND as one shell command line.")
@@ -51,14 +83,33 @@ def _write(stream: str, data: bytes) -> None:
 @click.option("--id", "command_id", help="Command id; a retry with the same id is not run twice.")
 @click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON instead of streaming output.")
 @pass_globals
-def run(g: Globals, server: str, command: tuple[str, ...], timeout_s: float, env: tuple[str, ...],
+def run(g: Globals, server: str, command: tuple[str, ...], timeout_s: float, role: str | None,
+        environment: str | None, labels: tuple[str, ...], server_patterns: str | None,
+        all_servers: bool, max_concurrency: str | None, max_errors: str | None, batch: str | None,
+        canary: int | None, deadline: str | None, dry_run: bool, show_output: bool,
+        group_output: bool, env: tuple[str, ...],
         cwd: str | None, use_shell: bool, use_powershell: bool, forward_stdin: bool,
         command_id: str | None, as_json: bool) -> None:
     """Run COMMAND on SERVER, streaming its output; exit with its exit code.
 
     Put `--` before COMMAND when it has options of its own:
     fleetbus run web1 -- ls -la /srv
+
+    With --role, --environment, --label, --servers or --all instead of SERVER, run
+    COMMAND as a job on every server selected, printing one line per server as it
+    finishes: fleetbus run --role web --max-concurrency 25% -- systemctl reload nginx
     """
+    selecting = bool(role or environment or labels or server_patterns or all_servers)
+    job_options = {"--max-concurrency": max_concurrency, "--max-errors": max_errors, "--batch": batch,
+                   "--canary": canary, "--deadline": deadline, "--dry-run": dry_run or None,
+                   "--output": show_output or None, "--group": group_output or None}
+    if selecting:
+        command = (server, *command)  # no SERVER: the first word is the command's
+    elif given := [k for k, v in job_options.items() if v is not None]:
+        fail(f"{', '.join(given)} need a selection (--role, --environment, --label, --servers or --all)",
+             EXIT_FLEETBUS_ERROR)
+    if not command:
+        fail("give the command to run after the server (fleetbus run web1 -- uname -a)", EXIT_FLEETBUS_ERROR)
     argv = list(command)
     if use_shell and use_powershell:
         fail("give --shell or --powershell, not both", EXIT_FLEETBUS_ERROR)
@@ -71,8 +122,45 @@ def run(g: Globals, server: str, command: tuple[str, ...], timeout_s: float, env
         if len(stdin) > MAX_INLINE_BYTES:
             fail(f"standard input is larger than {MAX_INLINE_BYTES // 1024} KiB; use `fleetbus put` for files",
                  EXIT_FLEETBUS_ERROR)
-    command_id = command_id or uuid.uuid4().hex
     env_map = parse_pairs(env, "--env")
+    if selecting:
+        if command_id is not None:
+            fail("--id names one command; a job gives each server's command its own id", EXIT_FLEETBUS_ERROR)
+        exec_body: dict[str, Any] = {"shell": " ".join(argv)} if use_shell else {"argv": argv}
+        if env_map:
+            exec_body["env"] = env_map
+        if cwd:
+            exec_body["cwd"] = cwd
+        if stdin is not None:
+            exec_body["stdin_b64"] = base64.b64encode(stdin).decode()
+        selection: dict[str, Any] = {"labels": parse_pairs(labels, "--label"), "all": all_servers}
+        if server_patterns:
+            selection["servers"] = [p.strip() for p in server_patterns.split(",") if p.strip()]
+        if role:
+            selection["role"] = role
+        if environment:
+            selection["environment"] = environment
+        request: dict[str, Any] = {"selection": selection, "op": "exec", "exec": exec_body,
+                                   "timeout_s": timeout_s, "deadline_s": _seconds(deadline),
+                                   "dry_run": dry_run}
+        for key, value in (("max_concurrency", max_concurrency), ("max_errors", max_errors),
+                           ("batch", batch), ("canary", canary)):
+            if value is not None:
+                request[key] = value
+        if show_output and group_output:
+            fail("give --output or --group, not both", EXIT_FLEETBUS_ERROR)
+        if as_json and (show_output or group_output):
+            fail("--json carries each server's output tail; --output and --group are for reading",
+                 EXIT_FLEETBUS_ERROR)
+        mode = "lines" if show_output else "group" if group_output else None
+
+        async def start(c: Client, inbox: str | None) -> dict[str, Any]:
+            if inbox is not None:
+                exec_body["output_subject"] = inbox
+            return await c.start_job(request)
+
+        sys.exit(follow_job(g, start, as_json, EXIT_FLEETBUS_ERROR, mode))
+    command_id = command_id or uuid.uuid4().hex
 
     async def go(c: Client) -> ExecOutcome:
         task = asyncio.create_task(c.exec(

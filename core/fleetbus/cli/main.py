@@ -9,6 +9,7 @@ from .commands import get, info, ping, put, run
 from .context import Globals
 from .credentials import credentials
 from .gateway import agent, gateway
+from .jobs import jobs
 from .plugins_cmd import plugins
 from .servers import servers
 from .stack_cmds import core, up, worker
@@ -27,7 +28,7 @@ def cli(ctx: click.Context, nats: str | None, home: str | None, prefix: str | No
     ctx.obj = Globals(nats=nats, home=home, prefix=prefix)
 
 
-for command in (up, core, worker, servers, credentials, run, put, get, info, ping, plugins,
+for command in (up, core, worker, servers, credentials, run, put, get, info, ping, jobs, plugins,
                 gateway, agent):
     cli.add_command(command)
 

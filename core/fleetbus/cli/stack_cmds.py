@@ -34,6 +34,10 @@ def _transports(value: str | None) -> list[str] | None:
     return [t.strip() for t in value.split(",") if t.strip()] if value else None
 
 
+def _days(days: float | None) -> float | None:
+    return None if days is None else days * 86400.0
+
+
 def _metrics(addr: str) -> str | None:
     return None if addr.strip().lower() in ("", "off", "none") else addr
 
@@ -97,11 +101,13 @@ def _say(text: str) -> None:
               help="Seconds between server checks (0 disables them).")
 @click.option("--check-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
               help="Seconds a server check waits for the server's answer.")
+@click.option("--job-retention", type=click.FloatRange(min=0.01), metavar="DAYS",
+              help="Days job records are kept (default: as set before, else 30).")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @pass_globals
 def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gateway_listen: str,
        transport_settings: tuple[str, ...], local_user: str | None, metrics_addr: str,
-       check_interval: float, check_timeout: float, verbose: int) -> None:
+       check_interval: float, check_timeout: float, job_retention: float | None, verbose: int) -> None:
     """Start everything on this machine: NATS (unless --nats), the core and every transport."""
     from ..host import HostSettings  # the stack is heavy; `fleetbus run` never needs it
     from ..stack import StackOptions, ensure_local_server, start_stack, wait_for_signal
@@ -115,7 +121,7 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
                                                                                 local_user),
                                                    reply_prefixes=_reply_prefixes()),
                         metrics_addr=_metrics(metrics_addr), check_interval_s=check_interval,
-                        check_timeout_s=check_timeout)
+                        check_timeout_s=check_timeout, job_retention_s=_days(job_retention))
 
     async def main() -> None:
         started = time.monotonic()
@@ -161,9 +167,11 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
               help="Seconds between server checks (0 disables them).")
 @click.option("--check-timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
               help="Seconds a server check waits for the server's answer.")
+@click.option("--job-retention", type=click.FloatRange(min=0.01), metavar="DAYS",
+              help="Days job records are kept (default: as set before, else 30).")
 @pass_globals
 def core(g: Globals, verbose: int, replicas: int, metrics_addr: str, check_interval: float,
-         check_timeout: float) -> None:
+         check_timeout: float, job_retention: float | None) -> None:
     """Run the core alone (admin API, vault, registry) against a shared NATS."""
     from ..host import HostSettings
     from ..stack import StackOptions, start_stack, wait_for_signal
@@ -173,7 +181,7 @@ def core(g: Globals, verbose: int, replicas: int, metrics_addr: str, check_inter
     opts = StackOptions(home=g.home_dir(), nats_url=g.nats, prefix=g.prefix, replicas=replicas,
                         host_settings=HostSettings(reply_prefixes=_reply_prefixes()),
                         metrics_addr=_metrics(metrics_addr), check_interval_s=check_interval,
-                        check_timeout_s=check_timeout)
+                        check_timeout_s=check_timeout, job_retention_s=_days(job_retention))
 
     async def main() -> None:
         async with AsyncExitStack() as stack:

@@ -1,0 +1,282 @@
+"""``fleetbus jobs list|show|cancel``, and following a job that ``fleetbus run`` started.
+
+The CLI holds no job logic: the core resolves the selection and runs the job
+(:mod:`fleetbus.jobs`); this module sends the request and renders the records as they
+are kept. Exit codes of a followed job: 0 every target succeeded; 1 some failed but the
+error budget held; 2 the budget was spent (or a canary failed), the deadline passed or
+the job was cancelled; 125 the job could not be started (docs/cli.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import click
+
+from ..client import Client
+from ..errors import FleetbusError
+from .context import EXIT_INTERRUPTED, Globals, client_call, pass_globals, run_async, with_client
+from .joboutput import JobOutput, Mode
+from .render import emit_json, shown, table
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_STOPPED = 2
+EXIT_CANNOT_START = 125  # as `fleetbus run`: nothing was run
+# After Ctrl-C, how long to wait for the job to record how it ended.
+CANCEL_WAIT_S = 30.0
+# After the summary, how long live output may still trail it.
+OUTPUT_END_WAIT_S = 2.0
+
+
+def exit_code(summary: dict[str, Any]) -> int:
+    """The documented rule, from a job's ``finished`` record."""
+    state = summary.get("state")
+    if state == "succeeded":
+        return EXIT_OK
+    if state == "failed":
+        return EXIT_SOME_FAILED
+    return EXIT_STOPPED
+
+
+def result_line(result: dict[str, Any], width: int) -> str:
+    """``web-3  ok  0.21s`` or ``web-7  exit 1  first line of stderr``."""
+    outcome = result["outcome"]
+    status = outcome
+    detail = ""
+    if outcome == "ok":
+        detail = f"{result.get('duration_s') or 0:.2f}s"
+    elif outcome == "failed":
+        status = (f"signal {result['signal']}" if result.get("signal") is not None
+                  else f"exit {result.get('exit_code')}")
+        detail = _first_line(result.get("stderr")) or _first_line(result.get("stdout"))
+    elif outcome != "skipped":
+        detail = _first_line((result.get("error") or {}).get("message"))
+    return f"{shown(result['server']).ljust(width)}  {status}  {shown(detail)}".rstrip()
+
+
+def summary_line(job: str, summary: dict[str, Any]) -> str:
+    c = summary["counts"]
+    why = {"budget": "the error budget was spent", "canary": "a canary failed",
+           "deadline": "the deadline passed", "cancelled": "cancelled"}.get(summary.get("stop_reason") or "")
+    unknown = f", {c['unknown']} unknown" if c.get("unknown") else ""
+    text = (f"job {job}: {c['ok']} ok, {c['failed']} failed, {c['cancelled']} cancelled, "
+            f"{c['skipped']} skipped{unknown} of {c['total']} in {summary['duration_s']:.2f}s; {summary['state']}")
+    return text + (f" ({why})" if why and summary["state"] != "cancelled" else "")
+
+
+def _first_line(text: str | None) -> str:
+    for line in (text or "").splitlines():
+        if line.strip():
+            return line.strip()[:200]
+    return ""
+
+
+Starter = Callable[[Client, str | None], Awaitable[dict[str, Any]]]
+
+
+def follow_job(g: Globals, starter: Starter, as_json: bool, error_exit: int,
+               output: Mode | None = None) -> int:
+    """Start a job (``starter(client, output_subject)`` sends ``jobs.start`` or
+    ``jobs.rerun``), print each server's result as it is kept, then the summary.
+
+    Ctrl-C (or SIGTERM) cancels the job and still prints how it ended. Returns the exit
+    code; a job that cannot start (a bad request, a selection matching nothing) exits
+    with ``error_exit`` after one line on stderr. ``output``: also print what the
+    commands print, line by line (``lines``) or folded at the end (``group``).
+    """
+    async def go(c: Client) -> int:
+        live: JobOutput | None = None
+        inbox: str | None = None
+        if output is not None:
+            live = JobOutput(output)
+            inbox = c.nc.new_inbox()
+            await c.nc.subscribe(inbox, cb=live.on_msg)  # before the job can print anything
+        reply = await starter(c, inbox)
+        if reply.get("dry_run"):
+            if as_json:
+                click.echo(json.dumps({"targets": reply["targets"]}))
+            else:
+                for name in reply["targets"]:
+                    click.echo(shown(name))
+            return EXIT_OK
+        job = reply["id"]
+        if not as_json:
+            click.echo(f"fleetbus: job {job} on {len(reply['targets'])} servers "
+                       f"(fleetbus jobs show {job})", err=True)
+        if live is not None:
+            live.bind(job, reply["targets"])
+        return await _render(c, job, reply["targets"], as_json, cancel_on_interrupt=True, live=live)
+
+    return run_async(lambda: with_client(g, go), error_exit)
+
+
+async def _render(c: Client, job: str, targets: list[str], as_json: bool, cancel_on_interrupt: bool,
+                  live: JobOutput | None = None) -> int:
+    """Print a job's results as they are kept and its summary; return the exit code.
+
+    Ctrl-C (or SIGTERM) cancels the job when ``cancel_on_interrupt`` (the results of
+    how it ended still follow), else leaves it running and exits 130. With ``live`` in
+    ``group`` mode only results other than ``ok`` are printed as they come, and the
+    folded outputs before the summary.
+    """
+    grouping = live is not None and live.mode == "group"
+    ran: list[str] = []
+    width = max((len(t) for t in targets), default=0)
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupted.set)
+    if cancel_on_interrupt:
+        on_interrupt = asyncio.create_task(_cancel_on(interrupted, c, job, as_json))
+    else:
+        on_interrupt = asyncio.create_task(interrupted.wait())
+    following = asyncio.current_task()
+    assert following is not None
+    on_interrupt.add_done_callback(lambda t: t.cancelled() or following.cancel())
+    try:
+        async with contextlib.aclosing(c.follow_job(job)) as records:
+            async for kind, body in records:
+                if kind == "result":
+                    if body["outcome"] != "skipped":
+                        ran.append(body["server"])
+                    if not (grouping and body["outcome"] == "ok"):
+                        click.echo(json.dumps(body) if as_json else result_line(body, width))
+                elif kind == "finished":
+                    if live is not None:
+                        # A command's last chunks can trail its result: wait for its end.
+                        await live.wait_ended({s for s in ran}, OUTPUT_END_WAIT_S)
+                        if grouping:
+                            live.print_groups(sorted(ran))
+                    click.echo(json.dumps(body) if as_json else summary_line(job, body))
+                    return exit_code(body)
+    except asyncio.CancelledError:
+        if not cancel_on_interrupt:
+            click.echo(f"fleetbus: detached; job {job} goes on (fleetbus jobs watch {job})", err=True)
+            return EXIT_INTERRUPTED
+        click.echo(f"fleetbus: error: job {job} did not record its end within "
+                   f"{CANCEL_WAIT_S:g} s of cancelling", err=True)
+        return EXIT_STOPPED
+    finally:
+        on_interrupt.cancel()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return EXIT_STOPPED  # the records ended without a summary
+
+
+async def _cancel_on(interrupted: asyncio.Event, c: Client, job: str, as_json: bool) -> None:
+    """On Ctrl-C, cancel the job; return (which stops the follower) if its end is not
+    recorded within :data:`CANCEL_WAIT_S`."""
+    await interrupted.wait()
+    if not as_json:
+        click.echo(f"fleetbus: interrupted; cancelling job {job}", err=True)
+    try:
+        await c.cancel_job(job)
+    except FleetbusError as exc:
+        click.echo(f"fleetbus: error: could not cancel job {job}: {shown(exc.message)}", err=True)
+        return
+    await asyncio.sleep(CANCEL_WAIT_S)
+
+
+@click.group("jobs")
+def jobs() -> None:
+    """Jobs: one command on many servers (start one with `fleetbus run --role ...`)."""
+
+
+@jobs.command("list")
+@click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True, help="Newest jobs to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_globals
+def list_jobs(g: Globals, limit: int, as_json: bool) -> None:
+    """Recent jobs, newest first."""
+    listed = client_call(g, lambda c: c.list_jobs(limit))
+    if as_json:
+        emit_json(listed)
+        return
+    rows = []
+    for j in listed:
+        c = j.get("counts") or {}
+        rows.append((j["id"], j["created"][:19].replace("T", " "), j["requester"], j["what"],
+                     j["targets"], c.get("ok", ""), c.get("failed", ""), c.get("skipped", ""),
+                     j["state"] + (f" ({j['stop_reason']})" if j.get("stop_reason") not in (None, "cancelled") else "")))
+    table(("id", "created", "requester", "what", "targets", "ok", "failed", "skipped", "state"), rows)
+
+
+@jobs.command("show")
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_globals
+def show_job(g: Globals, job: str, as_json: bool) -> None:
+    """A job's definition and every server's result."""
+    got = client_call(g, lambda c: c.get_job(job))
+    if as_json:
+        emit_json(got)
+        return
+    definition = got["job"]
+    request = definition["request"]
+    command = request.get("exec") or {}
+    what = command.get("shell") or " ".join(command.get("argv") or []) or request.get("op")
+    click.echo(f"job {shown(definition['id'])}  {shown(got['state'])}  by {shown(definition['requester'])}  "
+               f"at {definition['created'][:19].replace('T', ' ')}")
+    click.echo(f"  {shown(request.get('op'))}: {shown(what)}")
+    if got.get("summary"):
+        click.echo("  " + summary_line(definition["id"], got["summary"]))
+    by_server = {r["server"]: r for r in got["results"]}
+    rows = []
+    for name in definition["targets"]:
+        r = by_server.get(name)
+        if r is None:
+            rows.append((name, "running" if got["state"] == "running" else "unknown", "", "", ""))
+            continue
+        detail = (_first_line((r.get("error") or {}).get("message")) or _first_line(r.get("stderr"))
+                  or _first_line(r.get("stdout")))
+        duration = "" if r.get("duration_s") is None else f"{r['duration_s']:.2f}s"
+        rows.append((name, r["outcome"], "" if r.get("exit_code") is None else r["exit_code"], duration, detail))
+    table(("server", "outcome", "exit", "duration", "detail"), rows)
+
+
+@jobs.command("watch")
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per server, then the summary.")
+@pass_globals
+def watch_job(g: Globals, job: str, as_json: bool) -> None:
+    """Follow a job from another terminal: every server's result so far and as it comes,
+    then the summary; exit as `fleetbus run` would. Ctrl-C leaves the job running."""
+    async def go(c: Client) -> int:
+        got = await c.get_job(job)
+        return await _render(c, job, got["job"]["targets"], as_json, cancel_on_interrupt=False)
+
+    sys.exit(run_async(lambda: with_client(g, go)))
+
+
+@jobs.command("rerun")
+@click.argument("job")
+@click.option("--failed", is_flag=True, help="Only the servers whose result was not ok (failed, offline, cancelled, skipped...).")
+@click.option("--dry-run", is_flag=True, help="List the servers it would run on, run nothing.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per server, then the summary.")
+@pass_globals
+def rerun_job(g: Globals, job: str, failed: bool, dry_run: bool, as_json: bool) -> None:
+    """Run an ended job's command again as a new job, on all its servers or (--failed)
+    on those that did not succeed; printed and exited as `fleetbus run` does."""
+    sys.exit(follow_job(g, lambda c, _inbox: c.rerun_job(job, failed, dry_run), as_json, EXIT_CANNOT_START))
+
+
+@jobs.command("cancel")
+@click.argument("job")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_globals
+def cancel_job(g: Globals, job: str, as_json: bool) -> None:
+    """Stop a running job: nothing new starts; running commands are cancelled."""
+    reply = client_call(g, lambda c: c.cancel_job(job))
+    if as_json:
+        emit_json(reply)
+    elif reply["cancelled"]:
+        click.echo(f"job {job}: cancelling (fleetbus jobs show {job})")
+    else:
+        click.echo(f"job {job} is not running here ({reply['state']})")

@@ -1,0 +1,260 @@
+"""Running one job in the core: bus requests to each target, as :class:`JobPlan` decides.
+
+Each server's command is an ordinary request on ``<prefix>.v1.servers.<server>.<op>``
+(so the plugin host validates, limits, audits and dedupes it as any other), with a
+command id derived from the job id and the server (:func:`command_id`): a retried or
+resumed job never runs an ``exec`` twice on one server. Results go to the jobs stream
+as they arrive (:class:`~fleetbus.jobrecords.JobStore`); counts go out as ``progress``.
+
+Cancel and the deadline stop the plan and send each running command the ordinary
+per-server ``cancel`` request, repeated until the command has answered, since a cancel
+that reaches a worker before the command does finds nothing to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import nats.errors
+from nats.aio.client import Client as NATS
+
+from .jobleases import JobLeases
+from .jobplan import JobPlan, Outcome, StopReason
+from .jobrecords import JobCounts, JobDefinition, JobStore, JobSummary, ServerResult, tail
+from .names import COMMAND_ID_RE
+from .subjects import Names
+
+log = logging.getLogger("fleetbus.jobs")
+
+HDR_REQUESTER = "Fleetbus-Requester"
+ENV_JOB = "FLEETBUS_JOB"
+ENV_SERVER = "FLEETBUS_SERVER"
+# Beyond a command's own limit, how long the job waits for the worker's reply.
+REPLY_GRACE_S = 30.0
+# How often a cancel is sent again to a command that has not answered yet.
+CANCEL_REPEAT_S = 0.5
+
+_ERROR_OUTCOMES: dict[str, Outcome] = {"timeout": "timeout", "server_offline": "offline",
+                                       "cancelled": "cancelled"}
+
+
+def command_id(job: str, server: str) -> str:
+    """The id of ``server``'s command in ``job``: ``<job>-<server>`` when that fits a
+    command id (64 characters), else ``<job>-`` and a hash of the server name."""
+    plain = f"{job}-{server}"
+    if COMMAND_ID_RE.fullmatch(plain):
+        return plain
+    return f"{job}-{hashlib.sha256(server.encode()).hexdigest()[:24]}"
+
+
+@dataclass
+class JobSpec:
+    """A validated job, ready to run (built by the job service from a ``JobRequest``)."""
+
+    definition: JobDefinition
+    plan: JobPlan
+    op: str
+    body: dict[str, Any]  # the per-server request body, without its id
+    timeout_s: float
+    deadline_s: float | None
+
+
+@dataclass
+class JobRun:
+    """One job running in this process: started with :meth:`start`, stopped with :meth:`cancel`."""
+
+    nc: NATS
+    names: Names
+    store: JobStore
+    spec: JobSpec
+    requester: str
+    leases: JobLeases | None = None
+    task: asyncio.Task[None] | None = None
+    summary: JobSummary | None = None  # set once the end is recorded
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _started: float = field(default_factory=time.monotonic)
+
+    @property
+    def id(self) -> str:
+        return self.spec.definition.id
+
+    def start(self) -> asyncio.Task[None]:
+        self.task = asyncio.create_task(self._run(), name=f"job {self.id}")
+        return self.task
+
+    def cancel(self) -> None:
+        """Start nothing more and cancel what runs; the job then records how it ended."""
+        self.spec.plan.stop("cancelled")
+        self._stop.set()
+
+    # running ------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        plan = self.spec.plan
+        running: dict[asyncio.Task[ServerResult], str] = {}
+        cancelling: asyncio.Task[None] | None = None
+        stop_wait = asyncio.create_task(self._stop.wait())
+        deadline = None if self.spec.deadline_s is None else self._started + self.spec.deadline_s
+        try:
+            while True:
+                starts = plan.next_starts()
+                if starts and self.leases is not None:
+                    # Before sending: if this core dies, these may be running (unknown).
+                    await self.leases.running(self.id, {*running.values(), *starts})
+                for server in starts:
+                    running[asyncio.create_task(self._one(server))] = server
+                await self._progress()
+                if plan.done:
+                    break
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                waiting: set[asyncio.Future[Any]] = set(running)
+                if not stop_wait.done():
+                    waiting.add(stop_wait)
+                done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not done and deadline is not None:
+                    plan.stop("deadline")
+                    deadline = None
+                if plan.stopped in ("cancelled", "deadline") and cancelling is None:
+                    cancelling = asyncio.create_task(self._cancel_running(running))
+                for task in done:
+                    if task is stop_wait:
+                        continue
+                    server = running.pop(task)  # type: ignore[arg-type]
+                    result = task.result()
+                    plan.finished(server, result.outcome)  # type: ignore[arg-type]
+                    await self._keep(result)
+            for server in plan.skipped():
+                await self._keep(ServerResult(job=self.id, server=server, outcome="skipped"))
+            summary = self._summary()
+            await self.store.finished(summary)
+            self.summary = summary
+            if self.leases is not None:
+                await self.leases.ended(self.id)
+        except Exception:
+            log.exception("job %s failed", self.id)
+            raise
+        finally:
+            stop_wait.cancel()
+            if cancelling is not None:
+                cancelling.cancel()
+            for task in running:
+                task.cancel()
+
+    async def _keep(self, result: ServerResult) -> None:
+        # One record the stream would not take must not stop the job with commands
+        # still running on servers; the summary's counts still include it.
+        try:
+            await self.store.result(result)
+        except Exception as exc:
+            log.error("job %s: the result of %s was not kept: %s", self.id, result.server, type(exc).__name__)
+
+    async def _one(self, server: str) -> ServerResult:
+        # A rerun keeps an abandoned job's id for a server whose command may have run.
+        origin = self.spec.definition.command_origins.get(server, self.id)
+        cid = command_id(origin, server)
+        body = {**self.spec.body, "id": cid}
+        if self.spec.op == "exec":
+            # A command learns where and in which job it runs; the request's own env wins.
+            body["env"] = {ENV_JOB: origin, ENV_SERVER: server, **body.get("env", {})}
+        started = time.monotonic()
+        try:
+            msg = await self.nc.request(
+                self.names.server(server, self.spec.op), json.dumps(body).encode(),
+                timeout=self.spec.timeout_s + REPLY_GRACE_S,
+                headers={HDR_REQUESTER: self.requester})
+            reply = json.loads(msg.data)
+        except nats.errors.NoRespondersError:
+            return ServerResult(job=self.id, server=server, outcome="offline", command_id=cid,
+                                duration_s=_since(started),
+                                error={"code": "server_offline", "message": f"nobody serves {server} right now"})
+        except nats.errors.TimeoutError:
+            return ServerResult(job=self.id, server=server, outcome="timeout", command_id=cid,
+                                duration_s=_since(started),
+                                error={"code": "timeout", "message": "no reply from the worker in time"})
+        except nats.errors.Error as exc:
+            # The core's own connection failed (closed, draining): whether the command
+            # reached the server is unknown, so it is an error, never retried here.
+            return ServerResult(job=self.id, server=server, outcome="error", command_id=cid,
+                                duration_s=_since(started),
+                                error={"code": "internal",
+                                       "message": f"the core could not send the request: {type(exc).__name__}"})
+        except ValueError:
+            reply = {"ok": False, "error": {"code": "internal", "message": "unreadable reply"}}
+        return _result(self.id, server, cid, reply, _since(started))
+
+    async def _cancel_running(self, running: dict[asyncio.Task[ServerResult], str]) -> None:
+        while running:
+            for server in list(running.values()):
+                try:
+                    await self.nc.publish(self.names.server(server, "cancel"),
+                                          json.dumps({"id": command_id(self.id, server)}).encode())
+                except Exception as exc:
+                    log.warning("job %s: could not cancel on %s: %s", self.id, server, type(exc).__name__)
+            await asyncio.sleep(CANCEL_REPEAT_S)
+
+    # reporting ---------------------------------------------------------------------------
+    def counts(self) -> JobCounts:
+        plan = self.spec.plan
+        outcomes = list(plan.outcomes.values())
+        return JobCounts(
+            total=len(plan.targets), ok=outcomes.count("ok"),
+            cancelled=outcomes.count("cancelled"),
+            failed=len(outcomes) - outcomes.count("ok") - outcomes.count("cancelled"),
+            skipped=len(plan.skipped()), running=len(plan.running),
+            pending=0 if plan.stopped else len(plan.pending),
+        )
+
+    async def _progress(self) -> None:
+        body = {"job": self.id, "counts": self.counts().model_dump(),
+                "elapsed_s": round(time.monotonic() - self._started, 3)}
+        try:
+            await self.nc.publish(self.names.job_event(self.id, "progress"), json.dumps(body).encode())
+        except Exception:
+            pass  # progress is a courtesy; the records are what counts
+
+    def _summary(self) -> JobSummary:
+        plan = self.spec.plan
+        counts = self.counts()
+        reason: StopReason | None = plan.stopped
+        if reason == "cancelled":
+            state = "cancelled"
+        elif reason is not None:
+            state = "stopped"
+        elif counts.failed or counts.cancelled:
+            state = "failed"
+        else:
+            state = "succeeded"
+        return JobSummary(job=self.id, state=state, stop_reason=reason, counts=counts,  # type: ignore[arg-type]
+                          duration_s=_since(self._started))
+
+
+def _since(started: float) -> float:
+    return round(time.monotonic() - started, 6)
+
+
+def _result(job: str, server: str, cid: str, reply: dict[str, Any], elapsed: float) -> ServerResult:
+    if reply.get("ok"):
+        exit_code = reply.get("exit_code")
+        signal = reply.get("signal")
+        failed = "exit_code" in reply and (exit_code != 0 or signal is not None)
+        data = None
+        if "exit_code" not in reply:  # ping, info: their facts
+            data = {k: v for k, v in reply.items() if k not in ("ok", "id")}
+        return ServerResult(
+            job=job, server=server, outcome="failed" if failed else "ok", command_id=cid,
+            exit_code=exit_code, signal=signal,
+            duration_s=float(reply.get("duration_s", elapsed)),
+            stdout=tail(reply.get("stdout")), stderr=tail(reply.get("stderr")), data=data)
+    error = reply.get("error") or {}
+    details = error.get("details") or {}
+    code = str(error.get("code", "internal"))
+    return ServerResult(
+        job=job, server=server, outcome=_ERROR_OUTCOMES.get(code, "error"), command_id=cid,
+        duration_s=elapsed,
+        error={"code": code, "message": str(error.get("message", ""))[:1024]},
+        stdout=tail(details.get("stdout")), stderr=tail(details.get("stderr")))

@@ -1,0 +1,292 @@
+"""The job service: ``<prefix>.v1.jobs.start|get|list|cancel|rerun`` as a NATS micro service.
+
+A job is one operation on many servers (docs/bus-api.md, "Jobs"). ``start`` validates
+the request (:class:`~fleetbus.jobrequest.JobRequest`), resolves the selection against the registry
+(:mod:`fleetbus.selection`), keeps the definition in the jobs stream and answers with
+the job id at once; the job then runs in this process as a task (:mod:`fleetbus.jobrun`)
+under the rules of :mod:`fleetbus.jobplan`, so it outlives whoever started it. ``get``
+and ``list`` answer from the jobs stream (:mod:`fleetbus.jobrecords`), during the job
+and after it. Only the core runs this service (``fleetbus-jobs``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.micro import add_service
+from nats.micro.request import Request as MicroRequest
+from nats.micro.service import Service
+from pydantic import ValidationError
+
+from . import __version__
+from .audit import Auditor, AuditRecord
+from .errors import FleetbusError, InternalError, InvalidRequest
+from .jetstream import State
+from .jobleases import JobLeases
+from .jobplan import JobPlan
+from .jobrecords import JobCounts, JobDefinition, JobStore, JobSummary, ServerResult, count
+from .jobrequest import REDACTED, JobId, JobList, JobRequest, JobRerun
+from .jobrun import HDR_REQUESTER, JobRun, JobSpec, command_id
+from .messages import describe_validation_error, parse_json_object, reply_context
+from .metrics import Metrics
+from .records import utcnow
+from .registry import Registry
+from .selection import resolve
+from .subjects import ReplySubjects
+
+log = logging.getLogger("fleetbus.jobs")
+
+# On shutdown, how long running jobs get to cancel their commands and record the end.
+STOP_GRACE_S = 10.0
+
+Handler = Callable[[dict[str, Any], str], Awaitable[dict[str, Any]]]
+
+
+class JobService:
+    """Serves ``jobs.*`` and runs the jobs it started. ``start``/``stop`` in that order."""
+
+    def __init__(self, nc: NATS, state: State, registry: Registry,
+                 metrics: Metrics | None = None, replies: ReplySubjects | None = None) -> None:
+        self.nc = nc
+        self.names = names = state.names
+        # Where a job's output_subject may point: the deployment's reply namespace.
+        self.replies = replies or names.reply_subjects()
+        self.registry = registry
+        self.metrics = metrics or Metrics()
+        self.store = JobStore(state.js, names)
+        self.leases = JobLeases(state.job_cores, state.jobs_live, self._abandon)
+        self.auditor = Auditor(nc, names)
+        self.running: dict[str, JobRun] = {}
+        self.service: Service | None = None
+        self._handoff: Subscription | None = None
+
+    async def start(self) -> None:
+        self.service = await add_service(
+            self.nc, name="fleetbus-jobs", version=__version__,
+            description="fleetbus jobs: one operation on many servers",
+        )
+        endpoints: dict[str, Handler] = {
+            "start": self.start_job, "get": self.get_job, "list": self.list_jobs,
+            "cancel": self.cancel_job, "rerun": self.rerun_job,
+        }
+        for verb, handler in endpoints.items():
+            await self.service.add_endpoint(name=verb, subject=self.names.jobs(verb),
+                                            handler=self._wrap(verb, handler))
+        await self.leases.start()
+        # jobs.cancel reaches one core of several (a queue group): that core hands it on
+        # to the one running the job through this event, which every core receives.
+        self._handoff = await self.nc.subscribe(self.names.job_event("*", "cancelling"),
+                                                cb=self._on_cancelling)
+
+    async def _on_cancelling(self, msg: Msg) -> None:
+        run = self.running.get(msg.subject.split(".")[-2])
+        if run is not None:
+            run.cancel()
+
+    async def stop(self) -> None:
+        if self._handoff is not None:
+            await self._handoff.unsubscribe()
+        if self.service is not None:
+            await self.service.stop()
+        runs = list(self.running.values())
+        for run in runs:
+            run.cancel()  # a job cannot outlive its process yet; it records that it was cancelled
+        tasks = [run.task for run in runs if run.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=STOP_GRACE_S)
+        await self.leases.stop()
+        await self.auditor.close()
+
+    async def _abandon(self, job: str, maybe_running: list[str]) -> None:
+        """Record the end of a job whose core died: what may have run is ``unknown``."""
+        definition = await self.store.definition(job)
+        if await self.store.summary(job) is not None:
+            return  # its end was recorded after all
+        results = await self.store.results(job)
+        have = {r.server for r in results}
+        for server in definition.targets:
+            if server in have:
+                continue
+            unknown = server in maybe_running
+            origin = definition.command_origins.get(server, job)
+            result = ServerResult(job=job, server=server, outcome="unknown" if unknown else "skipped",
+                                  command_id=command_id(origin, server) if unknown else None)
+            await self.store.result(result)
+            results.append(result)
+        await self.store.finished(JobSummary(
+            job=job, state="abandoned", counts=count(len(definition.targets), results),
+            duration_s=round((utcnow() - definition.created).total_seconds(), 6)))
+        self.metrics.jobs_finished.labels(str(definition.request.get("op")), "abandoned", "none").inc()
+
+    def _wrap(self, verb: str, handler: Handler) -> Callable[[MicroRequest], Awaitable[None]]:
+        async def serve(req: MicroRequest) -> None:
+            started = time.monotonic()
+            requester = str((req.headers or {}).get(HDR_REQUESTER, "bus"))[:128]
+            try:
+                reply = await handler(parse_json_object(req.data), requester)
+            except FleetbusError as exc:
+                reply = {"ok": False, "error": exc.to_wire()}
+            except ValidationError as exc:
+                reply = {"ok": False, "error": InvalidRequest(describe_validation_error(exc)).to_wire()}
+            except Exception:
+                log.exception("jobs request on %s failed", req.subject)
+                reply = {"ok": False, "error": InternalError("internal error; see the core's log").to_wire()}
+            await req.respond(json.dumps(reply, default=str).encode())
+            if verb in ("start", "cancel", "rerun"):
+                await self._audit(verb, requester, reply, started)
+
+        return serve
+
+    async def _audit(self, verb: str, requester: str, reply: dict[str, Any], started: float) -> None:
+        """Who started or cancelled which job (each server's command is audited by its worker)."""
+        error = reply.get("error") or {}
+        job = str(reply.get("id") or "")
+        summary = f"jobs.{verb} {job}".strip()
+        if reply.get("targets") is not None:
+            summary += f" on {len(reply['targets'])} servers" + (" (dry run)" if reply.get("dry_run") else "")
+        await self.auditor.record(AuditRecord(
+            ts=utcnow(), id=job or uuid.uuid4().hex, server="", transport="jobs", op=f"jobs.{verb}",
+            requester=requester, outcome="ok" if reply.get("ok") else str(error.get("code", "internal")),
+            duration_s=round(time.monotonic() - started, 6), worker="core", summary=summary), admin=True)
+
+    # endpoints ---------------------------------------------------------------------------
+    async def start_job(self, body: dict[str, Any], requester: str) -> dict[str, Any]:
+        return await self._start(JobRequest.model_validate(body, context=reply_context(self.replies)),
+                                 requester)
+
+    async def rerun_job(self, body: dict[str, Any], requester: str) -> dict[str, Any]:
+        """The same request again, on every target of a job that has ended, or (``failed``)
+        on those whose result was not ``ok``. Each server's command gets a new id: a
+        rerun runs again what failed."""
+        ask = JobRerun.model_validate(body)
+        definition = await self.store.definition(ask.id)
+        if await self.store.summary(ask.id) is None:
+            raise InvalidRequest(f"job {ask.id} has not ended; cancel it or wait for it first")
+        request = dict(definition.request)
+        command = dict(request.get("exec") or {})
+        if REDACTED in (command.get("env") or {}).values() or "stdin_bytes" in command:
+            raise InvalidRequest(f"job {ask.id} gave its command environment values or standard input, "
+                                 "which jobs do not keep; start it again with them")
+        servers = definition.targets
+        results = await self.store.results(ask.id)
+        if ask.failed:
+            ok = {r.server for r in results if r.outcome == "ok"}
+            servers = [s for s in definition.targets if s not in ok]
+            if not servers:
+                raise InvalidRequest(f"every server of job {ask.id} succeeded: nothing to rerun")
+        # An abandoned job's unknown servers may have run: their commands keep the ids
+        # they had, so the worker answers from its memory (1 h) instead of running again.
+        origins = {r.server: definition.command_origins.get(r.server, ask.id)
+                   for r in results if r.outcome == "unknown" and r.server in servers}
+        if command:
+            command.pop("output_subject", None)  # the first requester's, gone with it
+            request["exec"] = command
+        request.update(selection={"servers": servers}, dry_run=ask.dry_run)
+        req = JobRequest.model_validate(request, context=reply_context(self.replies))
+        return await self._start(req, requester, rerun_of=ask.id, origins=origins)
+
+    async def _start(self, req: JobRequest, requester: str, rerun_of: str | None = None,
+                     origins: dict[str, str] | None = None) -> dict[str, Any]:
+        targets = [s.name for s in resolve(req.selection, await self.registry.list())]
+        if req.dry_run:
+            return {"ok": True, "id": None, "dry_run": True, "targets": targets}
+        job_id = uuid.uuid4().hex[:16]
+        plan = JobPlan(targets, req.plan_options())
+        definition = JobDefinition(
+            id=job_id, requester=requester, created=utcnow(),
+            request=req.kept(), targets=targets,
+            max_concurrency=plan.concurrency, max_errors=plan.error_limit, batch=plan.batch_size,
+            canary=plan.canary, rerun_of=rerun_of, command_origins=origins or {})
+        # Kept before the reply: whoever gets the id can `get` the job at once.
+        await self.store.started(definition)
+        run = JobRun(self.nc, self.names, self.store,
+                     JobSpec(definition=definition, plan=plan, op=req.op, body=req.server_body(),
+                             timeout_s=req.timeout_s, deadline_s=req.deadline_s),
+                     requester=f"{requester} (job {job_id})", leases=self.leases)
+        self.running[job_id] = run
+        self.metrics.jobs_started.labels(req.op).inc()
+        self.metrics.job_targets.observe(len(targets))
+        self.metrics.jobs_running.inc()
+        run.start().add_done_callback(lambda task: self._ended(run, task))
+        return {"ok": True, "id": job_id, "targets": targets,
+                "events": self.names.job_events(job_id), "definition": definition.model_dump(mode="json")}
+
+    def _ended(self, run: JobRun, _task: asyncio.Task[None]) -> None:
+        self.running.pop(run.id, None)
+        self.metrics.jobs_running.dec()
+        summary = run.summary
+        if summary is None:  # it failed before recording its end; logged by the run
+            return
+        self.metrics.jobs_finished.labels(run.spec.op, summary.state, summary.stop_reason or "none").inc()
+        self.metrics.job_seconds.observe(summary.duration_s)
+
+    async def get_job(self, body: dict[str, Any], _requester: str) -> dict[str, Any]:
+        job = JobId.model_validate(body).id
+        definition = await self.store.definition(job)
+        summary = await self.store.summary(job)
+        run = self.running.get(job)
+        return {
+            "ok": True, "job": definition.model_dump(mode="json"),
+            "state": summary.state if summary else "running",
+            "counts": _counts(summary.counts if summary else run.counts() if run else None),
+            "results": [r.model_dump(mode="json") for r in await self.store.results(job)],
+            "summary": summary.model_dump(mode="json") if summary else None,
+        }
+
+    async def list_jobs(self, body: dict[str, Any], _requester: str) -> dict[str, Any]:
+        limit = JobList.model_validate(body).limit
+        newest = list(reversed(await self.store.definitions()))[:limit]
+        out = []
+        for definition in newest:
+            summary = await self.store.summary(definition.id)
+            run = self.running.get(definition.id)
+            counts = summary.counts if summary else run.counts() if run else None
+            out.append({
+                "id": definition.id, "requester": definition.requester,
+                "created": definition.created.isoformat(), "op": definition.request.get("op"),
+                "what": _what(definition.request), "targets": len(definition.targets),
+                "state": summary.state if summary else "running",
+                "stop_reason": summary.stop_reason if summary else None,
+                "counts": _counts(counts),
+            })
+        return {"ok": True, "jobs": out}
+
+    async def cancel_job(self, body: dict[str, Any], _requester: str) -> dict[str, Any]:
+        job = JobId.model_validate(body).id
+        run = self.running.get(job)
+        if run is not None and not run.spec.plan.done:  # done: only recording its end is left
+            run.cancel()
+            return {"ok": True, "id": job, "cancelled": True, "state": "running"}
+        await self.store.definition(job)  # NotFound for an unknown id
+        summary = await self.store.summary(job)
+        if summary is None and run is None and await self.leases.owner(job) is not None:
+            # Another live core runs it.
+            await self.nc.publish(self.names.job_event(job, "cancelling"), b"{}")
+            return {"ok": True, "id": job, "cancelled": True, "state": "running"}
+        return {"ok": True, "id": job, "cancelled": False,
+                "state": summary.state if summary else "running"}
+
+
+def _what(request: dict[str, Any]) -> str:
+    """A job's operation in a few words, for lists."""
+    command = request.get("exec") or {}
+    if command.get("shell") is not None:
+        text = str(command["shell"])
+    elif command.get("argv"):
+        text = " ".join(str(a) for a in command["argv"])
+    else:
+        text = str(request.get("op"))
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _counts(counts: JobCounts | None) -> dict[str, int] | None:
+    return None if counts is None else counts.model_dump()

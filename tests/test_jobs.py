@@ -1,0 +1,661 @@
+"""Fleet jobs through the bus, against a real `fleetbus up` with real `local` servers.
+
+Each test registers its own servers, all with a label ``t=<tag>`` unique to the test,
+so tests sharing the module's stack never select each other's servers. Commands record
+what they saw in a folder shared with the test: that is where concurrency is measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nats.aio.client import Client as NATS
+from nats.js.api import DeliverPolicy
+from support.processes import FLEETBUS, Fleet, pid_alive, wait_for
+
+PREFIX = "fleetbus"
+# Each command: mark itself running, record how many it saw running, hold, unmark.
+COUNTING = ('S=$FLEETBUS_SERVER; mkdir -p "$D/run"; touch "$D/run/$S"; ls "$D/run" | wc -l >> "$D/seen.$S"; '
+            'echo "$S" >> "$D/order"; sleep {hold}; rm "$D/run/$S"; {tail}')
+
+
+async def request(nc: NATS, subject: str, body: dict[str, Any], timeout: float = 30) -> dict[str, Any]:
+    msg = await nc.request(subject, json.dumps(body).encode(), timeout=timeout)
+    return json.loads(msg.data)
+
+
+async def wait_until(predicate: Any, timeout: float = 20.0, what: str = "condition") -> Any:
+    give_up = time.monotonic() + timeout
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > give_up:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def register(nc: NATS, name: str, tag: str, roles: list[str] = (), env: str | None = None,
+                   transport: str = "local", **labels: str) -> None:
+    server = {"name": name, "transport": transport, "roles": list(roles), "environment": env,
+              "labels": {"t": tag, **labels}}
+    reply = await request(nc, f"{PREFIX}.v1.admin.servers.add", {"server": server})
+    assert reply["ok"], reply
+    if transport != "local":
+        return
+
+    async def served() -> bool:
+        got = await request(nc, f"{PREFIX}.v1.admin.servers.get", {"name": name})
+        return (got.get("status") or {}).get("state") == "online"
+
+    await wait_until(served, what=f"{name} served")
+
+
+@pytest.fixture
+def tag() -> str:
+    return secrets.token_hex(3)
+
+
+async def start(nc: NATS, body: dict[str, Any]) -> dict[str, Any]:
+    reply = await request(nc, f"{PREFIX}.v1.jobs.start", body)
+    assert reply["ok"], reply
+    return reply
+
+
+async def follow(nc: NATS, job: str, timeout: float = 60) -> list[tuple[str, dict[str, Any]]]:
+    """Every kept event of ``job`` from its start to ``finished``, as a bus client reads
+    them: a JetStream ordered consumer, so none is missed however late it subscribes."""
+    js = nc.jetstream()
+    sub = await js.subscribe(f"{PREFIX}.v1.events.jobs.{job}.*", ordered_consumer=True,
+                             deliver_policy=DeliverPolicy.ALL)
+    events = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=timeout)
+            kind = msg.subject.rsplit(".", 1)[-1]
+            events.append((kind, json.loads(msg.data)))
+            if kind == "finished":
+                return events
+    finally:
+        await sub.unsubscribe()
+
+
+def results(events: list[tuple[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    return {body["server"]: body for kind, body in events if kind == "result"}
+
+
+def max_seen(folder: Path) -> int:
+    return max(int(line) for f in folder.glob("seen.*") for line in f.read_text().split())
+
+
+@pytest.fixture
+async def nc(fleet: Fleet) -> AsyncIterator[NATS]:
+    import nats
+
+    conn = await nats.connect(fleet.nats_url, token=fleet.token)
+    yield conn
+    await conn.close()
+
+
+async def test_selection_is_exact_and_empty_or_unmatched_is_an_error(nc: NATS, tag: str) -> None:
+    await register(nc, f"{tag}-web-1", tag, ["web"], "production", team="core")
+    await register(nc, f"{tag}-web-2", tag, ["web"], "production", team="edge")
+    await register(nc, f"{tag}-web-3", tag, ["web"], "staging", team="core")
+    await register(nc, f"{tag}-db-1", tag, ["db"], "production", team="core")
+
+    async def targets(**selection: Any) -> list[str]:
+        reply = await start(nc, {"selection": {"labels": {"t": tag, **selection.pop("labels", {})},
+                                               **selection}, "op": "ping", "dry_run": True})
+        assert reply["dry_run"] and reply["id"] is None
+        return reply["targets"]
+
+    assert await targets(role="web", environment="production") == [f"{tag}-web-1", f"{tag}-web-2"]
+    assert await targets(labels={"team": "core"}) == [f"{tag}-db-1", f"{tag}-web-1", f"{tag}-web-3"]
+    assert await targets(servers=[f"{tag}-web-*", f"{tag}-db-1"], environment="production") == [
+        f"{tag}-db-1", f"{tag}-web-1", f"{tag}-web-2"]
+    empty = await request(nc, f"{PREFIX}.v1.jobs.start", {"selection": {}, "op": "ping"})
+    assert empty["error"]["code"] == "invalid_request" and "selection is empty" in empty["error"]["message"]
+    none = await request(nc, f"{PREFIX}.v1.jobs.start",
+                         {"selection": {"role": "nope", "labels": {"t": tag}}, "op": "ping"})
+    assert none["error"]["code"] == "not_found" and "no server matches" in none["error"]["message"]
+    bad = await request(nc, f"{PREFIX}.v1.jobs.start",
+                        {"selection": {"all": True}, "op": "exec", "exec": {"argv": ["true"], "id": "x"}})
+    assert bad["error"]["code"] == "invalid_request"
+    deputy = await request(nc, f"{PREFIX}.v1.jobs.start", {
+        "selection": {"all": True}, "exec": {"argv": ["true"], "output_subject": f"{PREFIX}.v1.admin.servers.remove"}})
+    assert deputy["error"]["code"] == "invalid_request" and "reply subject" in deputy["error"]["message"]
+    # A dry run starts nothing and keeps nothing.
+    listed = await request(nc, f"{PREFIX}.v1.jobs.list", {})
+    assert all(tag not in json.dumps(j) for j in listed["jobs"])
+
+
+async def test_a_bus_client_runs_a_job_and_reads_it_back(nc: NATS, tag: str, tmp_path: Path) -> None:
+    for i in range(1, 7):
+        await register(nc, f"{tag}-w{i}", tag, ["web"])
+    script = COUNTING.format(hold="0.8", tail='echo "hello from $S"')
+    reply = await start(nc, {"selection": {"labels": {"t": tag}},
+                             "exec": {"shell": script, "env": {"D": str(tmp_path), "TOKEN": "s3cr3t"},
+                                      "stdin": "more-s3cr3t"},
+                             "max_concurrency": 2, "timeout_s": 30})
+    job = reply["id"]
+    # Environment values and stdin may be secrets: the records keep names and a length.
+    assert reply["definition"]["request"]["exec"]["env"] == {"D": "(not kept)", "TOKEN": "(not kept)"}
+    assert reply["definition"]["request"]["exec"]["stdin_bytes"] == len("more-s3cr3t")
+    assert reply["targets"] == [f"{tag}-w{i}" for i in range(1, 7)]
+    events = await follow(nc, job)
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "started" and kinds[-1] == "finished" and kinds.count("result") == 6
+    got = results(events)
+    assert all(r["outcome"] == "ok" and r["exit_code"] == 0 for r in got.values())
+    assert got[f"{tag}-w3"]["stdout"] == f"hello from {tag}-w3\n"  # FLEETBUS_SERVER, per server
+    finished = events[-1][1]
+    assert finished["state"] == "succeeded" and finished["counts"]["ok"] == 6
+    assert max_seen(tmp_path) == 2  # measured on the servers: never more than the limit
+
+    record = await request(nc, f"{PREFIX}.v1.jobs.get", {"id": job})
+    assert record["state"] == "succeeded" and record["job"]["targets"] == reply["targets"]
+    assert "s3cr3t" not in json.dumps(record) and "s3cr3t" not in json.dumps(events)
+    assert {r["server"] for r in record["results"]} == set(reply["targets"])
+    assert record["results"][0]["command_id"] == f"{job}-{record['results'][0]['server']}"
+    listed = await request(nc, f"{PREFIX}.v1.jobs.list", {"limit": 5})
+    assert listed["jobs"][0]["id"] == job and listed["jobs"][0]["counts"]["ok"] == 6
+    missing = await request(nc, f"{PREFIX}.v1.jobs.get", {"id": "0" * 16})
+    assert missing["error"]["code"] == "not_found"
+
+    # The audit trail: who started the job, and each server's command as the job's.
+    js = nc.jetstream()
+
+    async def audited(subject: str, record_id: str) -> dict[str, Any] | None:
+        try:
+            record = json.loads((await js.get_last_msg("FLEETBUS_AUDIT", subject)).data)
+        except Exception:
+            return None
+        return record if record["id"] == record_id else None  # ours, not an earlier one
+
+    started = await wait_until(lambda: audited(f"{PREFIX}.v1.audit._admin.jobs.start", job),
+                               what="jobs.start audited")
+    assert started["transport"] == "jobs" and "on 6 servers" in started["summary"]
+    command = await wait_until(lambda: audited(f"{PREFIX}.v1.audit.{tag}-w3.exec", f"{job}-{tag}-w3"),
+                               what="a job's command audited")
+    assert command["requester"].endswith(f"(job {job})")
+
+
+async def test_error_budget_stops_new_starts_exactly_after_max_errors(fleet: Fleet, nc: NATS, tag: str,
+                                                                       tmp_path: Path) -> None:
+    for i in range(1, 7):
+        await register(nc, f"{tag}-s{i}", tag)
+    # s2 and s4 fail. With max_errors 1 the first error holds the budget and the second
+    # (errors 2 > 1) spends it: s1..s4 run, s5 and s6 never start.
+    script = COUNTING.format(hold="0", tail='case "$S" in *-s2|*-s4) echo "broke on $S" >&2; exit 1;; esac')
+    reply = await start(nc, {"selection": {"labels": {"t": tag}},
+                             "exec": {"shell": script, "env": {"D": str(tmp_path)}},
+                             "max_concurrency": 1, "max_errors": 1})
+    events = await follow(nc, reply["id"])
+    got = results(events)
+    assert (tmp_path / "order").read_text().split() == [f"{tag}-s{i}" for i in range(1, 5)]
+    assert {s: r["outcome"] for s, r in got.items()} == {
+        f"{tag}-s1": "ok", f"{tag}-s2": "failed", f"{tag}-s3": "ok", f"{tag}-s4": "failed",
+        f"{tag}-s5": "skipped", f"{tag}-s6": "skipped"}
+    assert got[f"{tag}-s4"]["exit_code"] == 1 and got[f"{tag}-s4"]["stderr"] == f"broke on {tag}-s4\n"
+    summary = events[-1][1]
+    assert summary["state"] == "stopped" and summary["stop_reason"] == "budget"
+
+    async def counted() -> bool:  # counted as the job's task ends, just after its last record
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(fleet.metrics_url, timeout=10).read().decode())
+        return bool(re.search(r'^fleetbus_jobs_finished_total\{op="exec",state="stopped",stop_reason="budget"\} [1-9]',
+                              text, re.MULTILINE) and re.search(r"^fleetbus_jobs_running 0\.0$", text, re.MULTILINE))
+
+    await wait_until(counted, what="the job counted in the core's metrics")
+    assert summary["counts"] == {"total": 6, "ok": 2, "failed": 2, "cancelled": 0, "skipped": 2,
+                                 "unknown": 0, "running": 0, "pending": 0}
+
+
+async def test_canary_then_strict_batches(nc: NATS, tag: str, tmp_path: Path) -> None:
+    for i in range(1, 6):
+        await register(nc, f"{tag}-b{i}", tag)
+    script = 'S=$FLEETBUS_SERVER; date +%s.%N > "$D/start.$S"; sleep 1; date +%s.%N > "$D/end.$S"'
+    reply = await start(nc, {"selection": {"labels": {"t": tag}},
+                             "exec": {"shell": script, "env": {"D": str(tmp_path)}},
+                             "max_concurrency": 10, "canary": 1, "batch": 2})
+    assert reply["definition"]["canary"] == 1 and reply["definition"]["batch"] == 2
+    assert (await follow(nc, reply["id"]))[-1][1]["state"] == "succeeded"
+
+    def at(kind: str, i: int) -> float:
+        return float((tmp_path / f"{kind}.{tag}-b{i}").read_text())
+
+    waves = [[1], [2, 3], [4, 5]]
+    for earlier, later in itertools.pairwise(waves):
+        assert max(at("end", i) for i in earlier) <= min(at("start", i) for i in later)
+    # Inside a wave the servers ran together, not one after the other (each holds 1 s,
+    # so a start delayed by a loaded machine still falls inside its partner's run).
+    assert at("start", 3) < at("end", 2) and at("start", 5) < at("end", 4)
+
+
+async def test_a_failed_canary_starts_nothing_else(nc: NATS, tag: str, tmp_path: Path) -> None:
+    for i in range(1, 4):
+        await register(nc, f"{tag}-c{i}", tag)
+    reply = await start(nc, {"selection": {"labels": {"t": tag}}, "canary": 1,
+                             "exec": {"shell": 'echo "$FLEETBUS_SERVER" >> "$D/order"; exit 3',
+                                      "env": {"D": str(tmp_path)}}})
+    events = await follow(nc, reply["id"])
+    assert (tmp_path / "order").read_text().split() == [f"{tag}-c1"]
+    assert [r["outcome"] for r in results(events).values()] == ["failed", "skipped", "skipped"]
+    assert events[-1][1]["stop_reason"] == "canary"
+
+
+async def test_an_offline_server_is_an_error_at_once(nc: NATS, tag: str) -> None:
+    await register(nc, f"{tag}-on", tag)
+    await register(nc, f"{tag}-off", tag, transport="no-such-transport")
+    began = time.monotonic()
+    reply = await start(nc, {"selection": {"labels": {"t": tag}}, "exec": {"argv": ["true"]},
+                             "timeout_s": 60})
+    events = await follow(nc, reply["id"])
+    assert time.monotonic() - began < 10  # not a per-server timeout's wait
+    got = results(events)
+    assert got[f"{tag}-off"]["outcome"] == "offline"
+    assert got[f"{tag}-off"]["error"]["code"] == "server_offline"
+    assert got[f"{tag}-on"]["outcome"] == "ok" and events[-1][1]["state"] == "failed"
+
+
+async def test_cancel_mid_job_kills_running_commands_and_completes_the_results(
+        nc: NATS, tag: str, tmp_path: Path) -> None:
+    for i in range(1, 5):
+        await register(nc, f"{tag}-k{i}", tag)
+    reply = await start(nc, {"selection": {"labels": {"t": tag}}, "max_concurrency": 2,
+                             "exec": {"shell": 'echo $$ > "$D/pid.$FLEETBUS_SERVER"; exec sleep 60',
+                                      "env": {"D": str(tmp_path)}}})
+    job = reply["id"]
+
+    async def two_running() -> list[int]:
+        files = list(tmp_path.glob("pid.*"))
+        texts = [f.read_text().strip() for f in files]
+        return [int(t) for t in texts] if len(files) == 2 and all(texts) else []
+
+    pids = await wait_until(two_running, what="two commands running")
+    assert all(pid_alive(p) for p in pids)
+    during = await request(nc, f"{PREFIX}.v1.jobs.get", {"id": job})
+    assert during["state"] == "running" and during["counts"]["running"] == 2
+    cancelled = await request(nc, f"{PREFIX}.v1.jobs.cancel", {"id": job})
+    assert cancelled["ok"] and cancelled["cancelled"]
+    events = await follow(nc, job, timeout=20)
+    assert {s: r["outcome"] for s, r in results(events).items()} == {
+        f"{tag}-k1": "cancelled", f"{tag}-k2": "cancelled", f"{tag}-k3": "skipped", f"{tag}-k4": "skipped"}
+    assert events[-1][1]["state"] == "cancelled"
+
+    async def gone() -> bool:
+        return not any(pid_alive(p) for p in pids)
+
+    await wait_until(gone, timeout=10, what="the cancelled processes gone")
+    assert len(list(tmp_path.glob("pid.*"))) == 2  # nothing new started
+    again = await request(nc, f"{PREFIX}.v1.jobs.cancel", {"id": job})
+    assert again["ok"] and not again["cancelled"] and again["state"] == "cancelled"
+
+
+async def test_the_deadline_cancels_what_runs_and_skips_the_rest(nc: NATS, tag: str) -> None:
+    for i in range(1, 4):
+        await register(nc, f"{tag}-d{i}", tag)
+    reply = await start(nc, {"selection": {"labels": {"t": tag}}, "max_concurrency": 1,
+                             "deadline_s": 1, "exec": {"argv": ["sleep", "60"]}})
+    events = await follow(nc, reply["id"], timeout=20)
+    assert [r["outcome"] for r in results(events).values()] == ["cancelled", "skipped", "skipped"]
+    assert events[-1][1]["state"] == "stopped" and events[-1][1]["stop_reason"] == "deadline"
+
+
+# The CLI --------------------------------------------------------------------------------
+
+def cli_register(fleet: Fleet, tag: str, *names: str, role: str = "web") -> None:
+    for name in names:
+        added = fleet.cli("servers", "add", name, "--transport", "local", "--role", role,
+                          "--env", "production", "--label", f"t={tag}")
+        assert added.returncode == 0, added.stderr
+    for name in names:
+        wait_for(lambda n=name: (json.loads(fleet.cli("servers", "show", n, "--json").stdout)["status"] or {})
+                 .get("state") == "online", what=f"{name} served")
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("fleetbus: error: ")
+    return lines[0]
+
+
+def test_cli_runs_a_job_one_line_per_server_and_exits_by_the_rule(fleet: Fleet, tag: str,
+                                                                   tmp_path: Path) -> None:
+    a, b, c = f"{tag}-a", f"{tag}-b", f"{tag}-c"
+    cli_register(fleet, tag, a, b, c)
+    fails_on_b = f'[ "$FLEETBUS_SERVER" != {b} ] || {{ echo boom on b >&2; exit 1; }}'
+    proc = fleet.cli("run", "--label", f"t={tag}", "--role", "web", "--environment", "production",
+                     "--shell", "--", fails_on_b)
+    assert proc.returncode == 1, proc.stderr  # some failed, no budget to spend
+    lines = proc.stdout.splitlines()
+    assert sorted(lines[:3]) == sorted([
+        *(line for line in lines[:3] if re.fullmatch(rf"({a}|{c})  ok  \d+\.\d\ds", line)),
+        f"{b}  exit 1  boom on b"])
+    job = re.fullmatch(r"job ([0-9a-f]{16}): 2 ok, 1 failed, 0 cancelled, 0 skipped of 3 in .*; failed",
+                       lines[3]).group(1)
+    assert f"fleetbus jobs show {job}" in proc.stderr
+
+    # The records, afterwards.
+    shown = fleet.cli("jobs", "show", job)
+    assert shown.returncode == 0 and re.search(rf"{b}\s+failed\s+1\s+\S+s\s+boom on b", shown.stdout)
+    listed = json.loads(fleet.cli("jobs", "list", "--json").stdout)
+    assert listed[0]["id"] == job and listed[0]["state"] == "failed" and listed[0]["targets"] == 3
+    assert job in fleet.cli("jobs", "list").stdout
+    again = fleet.cli("jobs", "cancel", job)
+    assert again.returncode == 0 and "not running" in again.stdout
+
+    # Budget spent: exit 2. --json: one object per server, then the summary.
+    proc = fleet.cli("run", "--servers", f"{tag}-*", "--max-concurrency", "1", "--max-errors", "0",
+                     "--json", "--shell", "--", fails_on_b)
+    assert proc.returncode == 2, proc.stderr
+    objects = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(o["server"], o["outcome"]) for o in objects[:3]] == [(a, "ok"), (b, "failed"), (c, "skipped")]
+    assert objects[3]["state"] == "stopped" and objects[3]["stop_reason"] == "budget"
+
+    # A dry run lists the targets and runs nothing.
+    marker = tmp_path / "ran"
+    dry = fleet.cli("run", "--label", f"t={tag}", "--dry-run", "--", "touch", str(marker))
+    assert dry.returncode == 0 and dry.stdout.split() == [a, b, c] and not marker.exists()
+
+
+def test_cli_job_errors_are_one_line(fleet: Fleet, tag: str) -> None:
+    nothing = fleet.cli("run", "--label", f"t={tag}", "--", "true")
+    assert nothing.returncode == 125 and "no server matches label t=" in one_line_error(nothing)
+    bad = fleet.cli("run", "--all", "--max-concurrency", "150%", "--", "true")
+    assert bad.returncode == 125 and "max_concurrency" in one_line_error(bad)
+    stray = fleet.cli("run", "local", "--max-errors", "1", "--", "true")
+    assert stray.returncode == 125 and "need a selection" in one_line_error(stray)
+    missing = fleet.cli("jobs", "show", "0123456789abcdef")
+    assert "no job with id 0123456789abcdef" in one_line_error(missing)
+
+
+def test_ctrl_c_cancels_the_job_and_prints_how_it_ended(fleet: Fleet, tag: str, tmp_path: Path) -> None:
+    names = [f"{tag}-i{i}" for i in range(1, 4)]
+    cli_register(fleet, tag, *names)
+    proc = subprocess.Popen(
+        [FLEETBUS, "run", "--label", f"t={tag}", "--max-concurrency", "2", "--env", f"D={tmp_path}",
+         "--shell", "--", 'echo $$ > "$D/pid.$FLEETBUS_SERVER"; exec sleep 60'],
+        env=fleet.environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid_files = wait_for(lambda: (files := list(tmp_path.glob("pid.*"))) and len(files) == 2
+                             and all(f.read_text().strip() for f in files) and files, what="two running")
+        pids = [int(f.read_text()) for f in pid_files]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 2, err
+    assert "cancelling job" in err and "Traceback" not in err
+    lines = out.splitlines()
+    assert sorted(line.split()[1] for line in lines[:3]) == ["cancelled", "cancelled", "skipped"]
+    assert lines[3].endswith("; cancelled") and "0 skipped" not in lines[3]
+    wait_for(lambda: not any(pid_alive(p) for p in pids), what="the commands killed")
+
+
+async def test_job_retention_is_the_cores_setting(nats_server: Any, prefix: str) -> None:
+    import nats
+    from fleetbus.jetstream import JOBS_MAX_AGE_S, open_state
+    from fleetbus.subjects import Names
+
+    conn = await nats.connect(nats_server.url)
+    try:
+        names = Names(prefix)
+        state = await open_state(conn, names)
+        assert (await state.js.stream_info(names.jobs_stream)).config.max_age == JOBS_MAX_AGE_S
+        await open_state(conn, names, jobs_max_age_s=2 * 86400.0)  # the core, configured
+        await open_state(conn, names)  # a worker: leaves the setting alone
+        info = await state.js.stream_info(names.jobs_stream)
+        assert info.config.max_age == 2 * 86400.0
+        assert info.config.subjects == [f"{prefix}.v1.events.jobs.*.{k}" for k in ("started", "result", "finished")]
+    finally:
+        await conn.close()
+
+
+async def test_jobs_watch_attaches_from_another_terminal(fleet: Fleet, nc: NATS, tag: str) -> None:
+    for i in (1, 2):
+        await register(nc, f"{tag}-v{i}", tag)
+    reply = await start(nc, {"selection": {"labels": {"t": tag}},
+                             "exec": {"shell": f'sleep 0.5; [ "$FLEETBUS_SERVER" != {tag}-v2 ] || exit 4'}})
+    job = reply["id"]
+    for _ in range(2):  # while it runs, then from the records once it has ended
+        watched = await asyncio.to_thread(fleet.cli, "jobs", "watch", job)
+        assert watched.returncode == 1, watched.stderr
+        lines = watched.stdout.splitlines()
+        assert sorted(lines[:2])[1] == f"{tag}-v2  exit 4" and lines[0].startswith(f"{tag}-v")
+        assert lines[2].startswith(f"job {job}: 1 ok, 1 failed")
+
+    # Ctrl-C detaches: the job goes on.
+    long = await start(nc, {"selection": {"labels": {"t": tag}}, "exec": {"argv": ["sleep", "60"]}})
+    js = nc.jetstream()
+    records = f"{PREFIX}.v1.events.jobs.{long['id']}.*"
+
+    async def following() -> bool:  # the watcher's consumer of this job's records exists
+        return any(c.config.filter_subject == records for c in await js.consumers_info("FLEETBUS_JOBS"))
+
+    watcher = await asyncio.create_subprocess_exec(
+        FLEETBUS, "jobs", "watch", long["id"], env=fleet.environ(),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        await wait_until(following, what="the watcher reading the job's records")
+        watcher.send_signal(signal.SIGINT)
+        _, err = await asyncio.wait_for(watcher.communicate(), timeout=20)
+    finally:
+        if watcher.returncode is None:
+            watcher.kill()
+    assert watcher.returncode == 130 and b"Traceback" not in err
+    assert b"detached" in err
+    still = await request(nc, f"{PREFIX}.v1.jobs.get", {"id": long["id"]})
+    assert still["state"] == "running"
+    await request(nc, f"{PREFIX}.v1.jobs.cancel", {"id": long["id"]})
+    assert (await follow(nc, long["id"]))[-1][1]["state"] == "cancelled"
+
+
+def test_cli_output_prefixes_lines_and_group_folds_identical_outputs(fleet: Fleet, tag: str) -> None:
+    a, b, c = f"{tag}-oa", f"{tag}-ob", f"{tag}-oc"
+    cli_register(fleet, tag, a, b, c)
+    proc = fleet.cli("run", "--label", f"t={tag}", "--output", "--shell", "--",
+                     'printf "one\\ntwo-%s" "$FLEETBUS_SERVER"; echo oops >&2')
+    assert proc.returncode == 0, proc.stderr
+    for server in (a, b, c):
+        assert f"{server}: one\n" in proc.stdout and f"{server}: two-{server}\n" in proc.stdout  # last line unended
+        assert f"{server}: oops\n" in proc.stderr
+        assert re.search(rf"^{server}  ok  ", proc.stdout, re.MULTILINE)
+
+    proc = fleet.cli("run", "--label", f"t={tag}", "--group", "--shell", "--",
+                     f'echo same; [ "$FLEETBUS_SERVER" != {c} ] || {{ echo different; exit 5; }}')
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stdout.splitlines()[:-1] == [
+        f"{c}  exit 5  same",  # not ok: shown as it happens (stderr empty: first line of stdout)
+        f"== {a}, {b} (2 servers) ==", "same",
+        f"== {c} (1 server) ==", "same", "different"]
+    both = fleet.cli("run", "--all", "--output", "--group", "--", "true")
+    assert both.returncode == 125 and "not both" in one_line_error(both)
+
+
+async def test_rerun_runs_the_same_command_again_where_it_did_not_succeed(
+        fleet: Fleet, nc: NATS, tag: str, tmp_path: Path) -> None:
+    for i in (1, 2, 3):
+        await register(nc, f"{tag}-r{i}", tag)
+    fixed = tmp_path / "fixed"
+    script = f'echo "$FLEETBUS_SERVER" >> {tmp_path}/ran; [ -e {fixed} ] || [ "$FLEETBUS_SERVER" != {tag}-r2 ] || exit 1'
+    first = await start(nc, {"selection": {"labels": {"t": tag}}, "exec": {"shell": script}})
+    assert (await follow(nc, first["id"]))[-1][1]["state"] == "failed"
+
+    dry = await request(nc, f"{PREFIX}.v1.jobs.rerun", {"id": first["id"], "failed": True, "dry_run": True})
+    assert dry["ok"] and dry["targets"] == [f"{tag}-r2"]
+    fixed.touch()
+    proc = await asyncio.to_thread(fleet.cli, "jobs", "rerun", first["id"], "--failed")
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(rf"{tag}-r2  ok  \S+s\njob ([0-9a-f]{{16}}): 1 ok, .*; succeeded\n", proc.stdout)
+    assert (tmp_path / "ran").read_text().split().count(f"{tag}-r2") == 2  # ran again, with a new id
+    second = json.loads((await asyncio.to_thread(fleet.cli, "jobs", "list", "--json", "--limit", "1")).stdout)[0]
+    got = await request(nc, f"{PREFIX}.v1.jobs.get", {"id": second["id"]})
+    assert got["job"]["rerun_of"] == first["id"] and got["job"]["request"]["exec"]["shell"] == script
+
+    nothing = await request(nc, f"{PREFIX}.v1.jobs.rerun", {"id": second["id"], "failed": True})
+    assert nothing["error"]["code"] == "invalid_request" and "nothing to rerun" in nothing["error"]["message"]
+    with_env = await start(nc, {"selection": {"labels": {"t": tag}}, "exec": {"argv": ["true"], "env": {"K": "v"}}})
+    await follow(nc, with_env["id"])
+    refused = await request(nc, f"{PREFIX}.v1.jobs.rerun", {"id": with_env["id"]})
+    assert refused["error"]["code"] == "invalid_request" and "not keep" in refused["error"]["message"]
+    running = await start(nc, {"selection": {"labels": {"t": tag}}, "exec": {"argv": ["sleep", "60"]}})
+    early = await request(nc, f"{PREFIX}.v1.jobs.rerun", {"id": running["id"]})
+    assert early["error"]["code"] == "invalid_request" and "has not ended" in early["error"]["message"]
+    await request(nc, f"{PREFIX}.v1.jobs.cancel", {"id": running["id"]})
+    await follow(nc, running["id"])
+
+
+async def test_a_job_whose_core_died_is_abandoned_and_rerun_runs_nothing_twice(
+        nats_server: Any, tmp_path: Path) -> None:
+    import base64
+
+    import nats
+    from support.processes import Daemon, own_user
+
+    prefix = "j" + secrets.token_hex(4)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+    env.update(FLEETBUS_NATS_URL=nats_server.url, FLEETBUS_PREFIX=prefix, FLEETBUS_HOME=str(tmp_path / "home"),
+               FLEETBUS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode())
+    core = Daemon(["core"], env, tmp_path / "core1.log", "fleetbus core").start()
+    worker = Daemon(["worker", "--transports", "local", "--local-user", own_user()], env,
+                    tmp_path / "worker.log", "serving local").start()
+    conn = await nats.connect(nats_server.url)
+    try:
+        for i in (1, 2, 3):
+            reply = await request(conn, f"{prefix}.v1.admin.servers.add",
+                                  {"server": {"name": f"a{i}", "transport": "local", "labels": {"t": "x"}}})
+            assert reply["ok"], reply
+
+            async def served(name: str = f"a{i}") -> bool:
+                got = await request(conn, f"{prefix}.v1.admin.servers.get", {"name": name})
+                return (got.get("status") or {}).get("state") == "online"
+
+            await wait_until(served, what=f"a{i} served")
+        ran = tmp_path / "ran"
+        script = f'echo "$FLEETBUS_SERVER" >> {ran}; sleep 2'
+        started = await request(conn, f"{prefix}.v1.jobs.start", {
+            "selection": {"labels": {"t": "x"}}, "max_concurrency": 2, "exec": {"shell": script}})
+        job = started["id"]
+
+        async def two_ran() -> bool:
+            return ran.exists() and len(ran.read_text().split()) == 2
+
+        await wait_until(two_ran, what="two commands started")
+        core.stop(signal.SIGKILL)  # the core dies mid-job; the worker goes on
+        js = conn.jetstream()
+        cores = await js.key_value(f"{prefix}_job_cores")
+        assert (await cores.status()).ttl == 15.0
+        for key in await cores.keys():
+            await cores.purge(key)  # what the lease's 15 s TTL does; the test does not wait for it
+        core = Daemon(["core"], env, tmp_path / "core2.log", "fleetbus core").start()
+
+        events = await follow_prefixed(conn, prefix, job)
+        outcomes = {b["server"]: b["outcome"] for k, b in events if k == "result"}
+        assert outcomes == {"a1": "unknown", "a2": "unknown", "a3": "skipped"}
+        assert events[-1][1]["state"] == "abandoned" and events[-1][1]["counts"]["unknown"] == 2
+
+        # Rerun where it did not succeed: a1 and a2 keep their ids, so the worker answers
+        # from its memory (waiting for the first run to end) and runs nothing twice.
+        again = await request(conn, f"{prefix}.v1.jobs.rerun", {"id": job, "failed": True})
+        assert again["ok"], again
+        assert again["definition"]["command_origins"] == {"a1": job, "a2": job}
+        rerun = await follow_prefixed(conn, prefix, again["id"])
+        assert rerun[-1][1]["state"] == "succeeded", rerun[-1]
+        assert sorted(ran.read_text().split()) == ["a1", "a2", "a3"]
+        ids = {b["server"]: b["command_id"] for k, b in rerun if k == "result"}
+        assert ids == {"a1": f"{job}-a1", "a2": f"{job}-a2", "a3": f"{again['id']}-a3"}
+    finally:
+        await conn.close()
+        core.stop()
+        worker.stop()
+
+
+async def follow_prefixed(nc: NATS, prefix: str, job: str, timeout: float = 30) -> list[tuple[str, dict[str, Any]]]:
+    sub = await nc.jetstream().subscribe(f"{prefix}.v1.events.jobs.{job}.*", ordered_consumer=True,
+                                         deliver_policy=DeliverPolicy.ALL)
+    events = []
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=timeout)
+            events.append((msg.subject.rsplit(".", 1)[-1], json.loads(msg.data)))
+            if events[-1][0] == "finished":
+                return events
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_cancel_reaches_the_core_running_the_job_among_several(nats_server: Any, tmp_path: Path) -> None:
+    import base64
+
+    import nats
+    from fleetbus.jetstream import open_state
+    from fleetbus.jobs import JobService
+    from fleetbus.records import Server
+    from fleetbus.registry import Registry
+    from fleetbus.subjects import Names
+    from support.processes import Daemon, own_user
+
+    prefix = "c" + secrets.token_hex(4)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+    env.update(FLEETBUS_NATS_URL=nats_server.url, FLEETBUS_PREFIX=prefix, FLEETBUS_HOME=str(tmp_path / "home"),
+               FLEETBUS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode())
+    worker = Daemon(["worker", "--transports", "local", "--local-user", own_user()], env,
+                    tmp_path / "worker.log", "serving local").start()
+    conn = await nats.connect(nats_server.url)
+    state = await open_state(conn, Names(prefix))
+    registry = Registry(state.servers, state.status)
+    # Two cores in this process: `a` runs the job, `b` is asked to cancel it.
+    a, b = JobService(conn, state, registry), JobService(conn, state, registry)
+    await a.start()
+    await b.start()
+    try:
+        await registry.add(Server(name="k1", transport="local"))
+
+        async def served() -> bool:
+            status = await registry.status("k1")
+            return status is not None and status.state == "online"
+
+        await wait_until(served, what="k1 served")
+        pid_file = tmp_path / "pid"
+        started = await a.start_job({"selection": {"servers": ["k1"]},
+                                     "exec": {"shell": f"echo $$ > {pid_file}; exec sleep 60"}}, "test")
+        job = started["id"]
+        await wait_until(lambda: _read_pid(pid_file), what="the command running")
+        pid = int(pid_file.read_text())
+        assert job not in b.running
+        reply = await b.cancel_job({"id": job}, "test")
+        assert reply["cancelled"] and reply["state"] == "running"
+        events = await follow_prefixed(conn, prefix, job)
+        assert events[-1][1]["state"] == "cancelled"
+        assert [body["outcome"] for kind, body in events if kind == "result"] == ["cancelled"]
+        await wait_until(lambda: _gone(pid), what="the command killed")
+        again = await b.cancel_job({"id": job}, "test")
+        assert not again["cancelled"] and again["state"] == "cancelled"
+    finally:
+        await a.stop()
+        await b.stop()
+        await conn.close()
+        worker.stop()
+
+
+async def _read_pid(path: Path) -> bool:
+    return path.exists() and path.read_text().strip().isdigit()
+
+
+async def _gone(pid: int) -> bool:
+    return not pid_alive(pid)
