@@ -22,13 +22,13 @@ from nats.js.kv import KeyValue
 from nats.micro import add_service
 from nats.micro.request import Request as MicroRequest
 from nats.micro.service import Service
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from . import __version__
 from .audit import Auditor, AuditRecord
-from .errors import FleetbusError, InternalError, InvalidRequest
+from .endpoint import answer
+from .errors import InvalidRequest
 from .keys import AgentKeys
-from .messages import describe_validation_error, parse_json_object
 from .names import check_credential_name, check_server_name
 from .records import CredentialInfo, CredentialType, Server, utcnow
 from .registry import Registry, kv_snapshot
@@ -125,23 +125,10 @@ class AdminService:
 
     def _wrap(self, handler: Handler) -> Callable[[MicroRequest], Awaitable[None]]:
         async def run(req: MicroRequest) -> None:
-            reply_to = req._msg.reply  # nats-py's micro Request keeps the message private
-            if reply_to and not self.replies.allows(reply_to):
-                return  # its reply would be fleetbus publishing where the requester chose
             started = time.monotonic()
-            body: dict[str, Any] = {}
-            try:
-                body = parse_json_object(req.data)
-                reply = await handler(body)
-            except FleetbusError as exc:
-                reply = {"ok": False, "error": exc.to_wire()}
-            except ValidationError as exc:
-                reply = {"ok": False, "error": InvalidRequest(describe_validation_error(exc)).to_wire()}
-            except Exception:
-                log.exception("admin request on %s failed", req.subject)
-                reply = {"ok": False, "error": InternalError("internal error; see the core's log").to_wire()}
-            await req.respond(json.dumps(reply, default=str).encode())
-            await self._audit(req, body, reply, started)
+            answered = await answer(req, self.replies, handler)
+            if answered is not None:
+                await self._audit(req, *answered, started)
 
         return run
 

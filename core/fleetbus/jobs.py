@@ -12,7 +12,6 @@ and after it. Only the core runs this service (``fleetbus-jobs``).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -25,18 +24,18 @@ from nats.aio.subscription import Subscription
 from nats.micro import add_service
 from nats.micro.request import Request as MicroRequest
 from nats.micro.service import Service
-from pydantic import ValidationError
 
 from . import __version__
 from .audit import Auditor, AuditRecord
-from .errors import FleetbusError, InternalError, InvalidRequest
+from .endpoint import answer
+from .errors import InvalidRequest
 from .jetstream import State
 from .jobleases import JobLeases
 from .jobplan import JobPlan
 from .jobrecords import JobCounts, JobDefinition, JobStore, JobSummary, ServerResult, count
 from .jobrequest import REDACTED, JobId, JobList, JobRequest, JobRerun
 from .jobrun import HDR_REQUESTER, JobRun, JobSpec, command_id
-from .messages import describe_validation_error, parse_json_object, reply_context
+from .messages import reply_context
 from .metrics import Metrics
 from .records import utcnow
 from .registry import Registry
@@ -131,18 +130,9 @@ class JobService:
         async def serve(req: MicroRequest) -> None:
             started = time.monotonic()
             requester = str((req.headers or {}).get(HDR_REQUESTER, "bus"))[:128]
-            try:
-                reply = await handler(parse_json_object(req.data), requester)
-            except FleetbusError as exc:
-                reply = {"ok": False, "error": exc.to_wire()}
-            except ValidationError as exc:
-                reply = {"ok": False, "error": InvalidRequest(describe_validation_error(exc)).to_wire()}
-            except Exception:
-                log.exception("jobs request on %s failed", req.subject)
-                reply = {"ok": False, "error": InternalError("internal error; see the core's log").to_wire()}
-            await req.respond(json.dumps(reply, default=str).encode())
-            if verb in ("start", "cancel", "rerun"):
-                await self._audit(verb, requester, reply, started)
+            answered = await answer(req, self.replies, lambda body: handler(body, requester))
+            if answered is not None and verb in ("start", "cancel", "rerun"):
+                await self._audit(verb, requester, answered[1], started)
 
         return serve
 

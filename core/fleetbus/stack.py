@@ -150,7 +150,8 @@ async def start_stack(opts: StackOptions, stack: AsyncExitStack, *, embedded_nat
     if core:
         # Started last, so stopped first: running jobs cancel their commands and record
         # how they ended while this process's worker still serves them.
-        running.jobs = JobService(nc, state, Registry(state.servers, state.status), metrics)
+        running.jobs = JobService(nc, state, Registry(state.servers, state.status), metrics,
+                                  names.reply_subjects(opts.host_settings.reply_prefixes))
         await running.jobs.start()
         stack.push_async_callback(running.jobs.stop)
     return running
