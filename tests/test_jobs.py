@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
+from support.agents import Agent, gateway_of
 from support.processes import FLEETBUS, Fleet, pid_alive, wait_for
 
 PREFIX = "fleetbus"
@@ -220,7 +221,7 @@ async def test_error_budget_stops_new_starts_exactly_after_max_errors(fleet: Fle
 
     await wait_until(counted, what="the job counted in the core's metrics")
     assert summary["counts"] == {"total": 6, "ok": 2, "failed": 2, "cancelled": 0, "skipped": 2,
-                                 "unknown": 0, "running": 0, "pending": 0}
+                                 "unknown": 0, "running": 0, "waiting": 0, "pending": 0}
 
 
 async def test_canary_then_strict_batches(nc: NATS, tag: str, tmp_path: Path) -> None:
@@ -268,6 +269,73 @@ async def test_an_offline_server_is_an_error_at_once(nc: NATS, tag: str) -> None
     assert got[f"{tag}-off"]["outcome"] == "offline"
     assert got[f"{tag}-off"]["error"]["code"] == "server_offline"
     assert got[f"{tag}-on"]["outcome"] == "ok" and events[-1][1]["state"] == "failed"
+
+
+async def add_agent(nc: NATS, name: str, tag: str, **labels: str) -> str:
+    """An agent-outbound server (its agent not connected); returns its key."""
+    server = {"name": name, "transport": "agent-outbound", "labels": {"t": tag, **labels}}
+    reply = await request(nc, f"{PREFIX}.v1.admin.servers.add", {"server": server})
+    assert reply["ok"], reply
+    return reply["key"]
+
+
+async def test_wait_online_picks_up_an_agent_that_connects_mid_job(fleet: Fleet, nc: NATS, tag: str,
+                                                                    tmp_path: Path) -> None:
+    await register(nc, f"{tag}-local", tag, w="yes")
+    key = await add_agent(nc, f"{tag}-agent", tag, w="yes")
+    gateway = await asyncio.to_thread(gateway_of, fleet)
+    progress: list[dict[str, Any]] = []
+    waiting = asyncio.Event()
+
+    async def on_progress(msg: Any) -> None:
+        body = json.loads(msg.data)
+        progress.append(body)
+        if body["counts"]["waiting"] == 1:
+            waiting.set()
+
+    sub = await nc.subscribe(f"{PREFIX}.v1.events.jobs.*.progress", cb=on_progress)
+    agent: Agent | None = None
+    try:
+        reply = await start(nc, {"selection": {"labels": {"t": tag, "w": "yes"}},
+                                 "exec": {"shell": 'echo "ran on $FLEETBUS_SERVER"'},
+                                 "timeout_s": 60, "wait_online_s": 60, "max_errors": 0})
+        await asyncio.wait_for(waiting.wait(), 20)  # the job says the agent's server waits
+        waited = [p for p in progress if p["job"] == reply["id"] and p["counts"]["waiting"] == 1]
+        assert waited and waited[-1]["counts"]["failed"] == 0  # waiting is not an error
+        agent = Agent(tmp_path / "agent", gateway["address"], gateway["fingerprint"], key).start()
+        events = await follow(nc, reply["id"])
+    finally:
+        await sub.unsubscribe()
+        if agent is not None:
+            agent.stop()
+    got = results(events)
+    assert got[f"{tag}-agent"]["outcome"] == "ok", got[f"{tag}-agent"]
+    assert got[f"{tag}-agent"]["stdout"] == f"ran on {tag}-agent\n"
+    assert got[f"{tag}-local"]["outcome"] == "ok"
+    assert events[-1][1]["state"] == "succeeded" and events[-1][1]["counts"]["waiting"] == 0
+
+    # An agent that never connects: an offline error once its (short) wait runs out.
+    await add_agent(nc, f"{tag}-never", tag, w="no")
+    began = time.monotonic()
+    reply = await start(nc, {"selection": {"labels": {"t": tag}, "servers": [f"{tag}-never", f"{tag}-local"]},
+                             "exec": {"argv": ["true"]}, "timeout_s": 60, "wait_online_s": 1})
+    events = await follow(nc, reply["id"])
+    got = results(events)
+    assert time.monotonic() - began >= 1.0
+    assert got[f"{tag}-never"]["outcome"] == "offline"
+    assert got[f"{tag}-never"]["error"] == {"code": "server_offline",
+                                           "message": f"{tag}-never did not come online within 1s"}
+    assert got[f"{tag}-local"]["outcome"] == "ok" and events[-1][1]["state"] == "failed"
+
+
+async def test_the_deadline_gives_up_a_server_still_waiting(nc: NATS, tag: str) -> None:
+    await add_agent(nc, f"{tag}-never", tag)
+    reply = await start(nc, {"selection": {"labels": {"t": tag}}, "exec": {"argv": ["true"]},
+                             "timeout_s": 60, "wait_online_s": 600, "deadline_s": 1})
+    events = await follow(nc, reply["id"], timeout=30)
+    got = results(events)[f"{tag}-never"]
+    assert got["outcome"] == "offline" and "still offline when the job stopped" in got["error"]["message"]
+    assert events[-1][1]["state"] == "stopped" and events[-1][1]["stop_reason"] == "deadline"
 
 
 async def test_cancel_mid_job_kills_running_commands_and_completes_the_results(
