@@ -119,7 +119,7 @@ class JobRun:
         deadline = None if self.spec.deadline_s is None else self._started + self.spec.deadline_s
         try:
             if self.spec.wait_online_s is not None and self.status is not None:
-                self._online = OnlineWatch(self.status)
+                self._online = OnlineWatch(self.status, set(plan.targets))
                 await self._online.start()
             while True:
                 starts = plan.next_starts()

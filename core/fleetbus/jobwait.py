@@ -12,7 +12,9 @@ A stale ``online`` (a gateway that died without writing ``offline``) must not ma
 job retry a server over and over: :meth:`OnlineWatch.since` only counts an ``online``
 written after a given point (:meth:`OnlineWatch.mark`), taken before the request that
 found the server offline was sent. A server that came online between that request and
-its answer is therefore retried at once, not missed.
+its answer is therefore retried at once, not missed. A retry that still finds no
+responder waits for the next ``online`` write (a gateway rewrites the status of each
+server it serves every few seconds).
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ READY_TIMEOUT_S = 10.0
 
 
 class OnlineWatch:
-    """The revision of the latest ``online`` status write of each server seen so far.
-    ``start``/``aclose`` in that order; :attr:`changed` is set on every new ``online``."""
+    """The revision of the latest ``online`` status write of each of ``servers`` seen so
+    far. ``start``/``aclose`` in that order; :attr:`changed` is set on every new
+    ``online`` of one of them (gateways rewrite the status of every server they serve
+    now and then: the rest of the fleet must not wake the job)."""
 
-    def __init__(self, status: KeyValue) -> None:
+    def __init__(self, status: KeyValue, servers: set[str]) -> None:
         self.status = status
+        self.servers = servers
         self.changed = asyncio.Event()
         self._online: dict[str, int] = {}  # server -> revision of its latest online write
         self._revision = 0  # the highest revision seen, of any key
@@ -76,7 +81,8 @@ class OnlineWatch:
                     ready.set()
                     continue
                 self._revision = max(self._revision, entry.revision or 0)
-                if entry.operation not in (KV_DEL, KV_PURGE) and entry.value and _online(entry.value):
+                if (entry.key in self.servers and entry.operation not in (KV_DEL, KV_PURGE)
+                        and entry.value and _online(entry.value)):
                     self._online[entry.key] = entry.revision or 0
                     self.changed.set()
                 if entry.delta == 0:
