@@ -409,6 +409,7 @@ def test_cli_runs_a_job_one_line_per_server_and_exits_by_the_rule(fleet: Fleet, 
     proc = fleet.cli("run", "--label", f"t={tag}", "--role", "web", "--environment", "production",
                      "--shell", "--", fails_on_b)
     assert proc.returncode == 1, proc.stderr  # some failed, no budget to spend
+    assert "\r" not in proc.stdout and "\x1b" not in proc.stdout  # piped: no progress line
     lines = proc.stdout.splitlines()
     assert sorted(lines[:3]) == sorted([
         *(line for line in lines[:3] if re.fullmatch(rf"({a}|{c})  ok  \d+\.\d\ds", line)),
