@@ -11,8 +11,10 @@ import asyncio
 import itertools
 import json
 import os
+import pty
 import re
 import secrets
+import select
 import signal
 import subprocess
 import time
@@ -439,6 +441,54 @@ def test_cli_runs_a_job_one_line_per_server_and_exits_by_the_rule(fleet: Fleet, 
     marker = tmp_path / "ran"
     dry = fleet.cli("run", "--label", f"t={tag}", "--dry-run", "--", "touch", str(marker))
     assert dry.returncode == 0 and dry.stdout.split() == [a, b, c] and not marker.exists()
+
+
+def run_on_a_terminal(fleet: Fleet, *args: str, timeout: float = 60) -> tuple[int, str]:
+    """Run the CLI with its stdout on a pseudo-terminal; its exit code and all it wrote there."""
+    master, slave = pty.openpty()
+    env = {**fleet.environ(), "COLUMNS": "200"}
+    proc = subprocess.Popen([FLEETBUS, *args], stdout=slave, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL, env=env)
+    os.close(slave)
+    out = bytearray()
+    give_up = time.monotonic() + timeout
+    try:
+        while time.monotonic() < give_up:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the process closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        return proc.wait(timeout=10), out.decode(errors="replace").replace("\r\n", "\n")
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_cli_on_a_terminal_shows_the_progress_line_and_waits_for_offline_servers(fleet: Fleet, tag: str) -> None:
+    cli_register(fleet, tag, f"{tag}-a")
+    added = fleet.cli("servers", "add", f"{tag}-gone", "--transport", "agent-outbound", "--label", f"t={tag}")
+    assert added.returncode == 0, added.stderr
+    code, out = run_on_a_terminal(fleet, "run", "--label", f"t={tag}", "--wait-online", "2s", "--", "true")
+    assert code == 1, out
+    # The line, redrawn in place, said the agent's server was waiting (not failed).
+    assert re.search(r"\r\x1b\[2Kdone 1/2 \(0 failed\)  running 0  waiting 1  skipped 0  ", out), out
+    lines = [line.rsplit("\x1b[2K", 1)[-1] for line in out.split("\n")]  # the screen's rows
+    assert re.fullmatch(rf"{tag}-a\s+ok  \d+\.\d\ds", lines[0]), lines
+    assert lines[1] == f"{tag}-gone  offline  {tag}-gone did not come online within 2s", lines
+    assert re.fullmatch(r"job [0-9a-f]{16}: 1 ok, 1 failed, 0 cancelled, 0 skipped of 2 in .*; failed", lines[2])
+    assert lines[3:] == [""]  # the progress line is gone once the job ended
+
+    bad = fleet.cli("run", "--label", f"t={tag}", "--wait-online", "soon", "--", "true")
+    assert bad.returncode == 2 and "--wait-online" in bad.stderr
+    alone = fleet.cli("run", f"{tag}-a", "--wait-online", "5m", "--", "true")
+    assert alone.returncode == 125 and "--wait-online" in alone.stderr
 
 
 def test_cli_job_errors_are_one_line(fleet: Fleet, tag: str) -> None:

@@ -47,6 +47,10 @@ ENV_SERVER = "FLEETBUS_SERVER"
 REPLY_GRACE_S = 30.0
 # How often a cancel is sent again to a command that has not answered yet.
 CANCEL_REPEAT_S = 0.5
+# Progress goes out on every start and result, and at least this often: a follower that
+# subscribes while nothing changes (a long command, a server waiting to come online)
+# still gets the counts soon. Plain NATS events, so one a second costs nothing.
+PROGRESS_EVERY_S = 1.0
 
 _ERROR_OUTCOMES: dict[str, Outcome] = {"timeout": "timeout", "server_offline": "offline",
                                        "cancelled": "cancelled"}
@@ -90,6 +94,7 @@ class JobRun:
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _started: float = field(default_factory=time.monotonic)
     _online: OnlineWatch | None = None
+    _progressed: float = 0.0  # when progress last went out (monotonic)
     _sent_at: dict[str, int] = field(default_factory=dict)  # server -> OnlineWatch mark at its last send
     _wait_until: dict[str, float] = field(default_factory=dict)  # server -> monotonic end of its wait
     # Servers whose last request found no responder: only those wait. A worker's own
@@ -133,7 +138,8 @@ class JobRun:
                 await self._progress()
                 if plan.done:
                     break
-                ends = [t for t in (deadline, *self._waits()) if t is not None]
+                ends = [t for t in (deadline, *self._waits(), self._progressed + PROGRESS_EVERY_S)
+                        if t is not None]
                 timeout = None if not ends else max(0.0, min(ends) - time.monotonic())
                 waiting: set[asyncio.Future[Any]] = set(running)
                 if not stop_wait.done():
@@ -284,6 +290,7 @@ class JobRun:
         )
 
     async def _progress(self) -> None:
+        self._progressed = time.monotonic()
         body = {"job": self.id, "counts": self.counts().model_dump(),
                 "elapsed_s": round(time.monotonic() - self._started, 3)}
         try:
