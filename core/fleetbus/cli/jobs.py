@@ -152,9 +152,7 @@ class JobPrinter:
         """A line on stderr: the progress line is erased first (on a terminal both end up
         on one screen) and comes back with the next event."""
         if self.line is not None:
-            counts = self.line.counts
-            self.line.close()
-            self.line.counts = counts
+            self.line.hide()
         click.echo(text, file=self.err)
 
     def output(self, stream: str, text: str) -> None:

@@ -75,12 +75,17 @@ class ProgressLine:
         self._shown = ""
         self._draw(force=True)
 
-    def close(self) -> None:
-        """Erase the line, leaving the cursor at the start of an empty line."""
+    def hide(self) -> None:
+        """Erase the line for now (another stream writes on the same screen); the next
+        event or tick draws it again."""
         if self._shown:
             self.stream.write(ERASE)
             self.stream.flush()
         self._shown = ""
+
+    def close(self) -> None:
+        """Erase the line for good, leaving the cursor at the start of an empty line."""
+        self.hide()
         self.counts = None
 
     def _draw(self, force: bool) -> None:
