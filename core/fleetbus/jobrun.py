@@ -138,9 +138,9 @@ class JobRun:
                 await self._progress()
                 if plan.done:
                     break
-                ends = [t for t in (deadline, *self._waits(), self._progressed + PROGRESS_EVERY_S)
-                        if t is not None]
-                timeout = None if not ends else max(0.0, min(ends) - time.monotonic())
+                # Wake for the deadline, the first wait to run out, or the next progress.
+                ends = [self._progressed + PROGRESS_EVERY_S, *self._waits(), *([deadline] if deadline else [])]
+                timeout = max(0.0, min(ends) - time.monotonic())
                 waiting: set[asyncio.Future[Any]] = set(running)
                 if not stop_wait.done():
                     waiting.add(stop_wait)
