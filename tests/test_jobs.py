@@ -21,7 +21,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from nats.aio.client import Client as NATS
@@ -328,6 +328,38 @@ async def test_wait_online_picks_up_an_agent_that_connects_mid_job(fleet: Fleet,
     assert got[f"{tag}-never"]["error"] == {"code": "server_offline",
                                            "message": f"{tag}-never did not come online within 1s"}
     assert got[f"{tag}-local"]["outcome"] == "ok" and events[-1][1]["state"] == "failed"
+
+
+async def test_only_an_online_written_after_the_mark_counts(nc: NATS, tag: str) -> None:
+    """A stale ``online`` (a gateway that died without writing ``offline``) must not make
+    a job send again and again; servers not in the job must not wake it."""
+    from fleetbus.jobwait import OnlineWatch
+    from fleetbus.records import ServerStatus
+
+    js = nc.jetstream()
+    kv = await js.create_key_value(bucket=f"test_status_{tag}")
+
+    async def put(name: str, state: Literal["online", "offline"]) -> None:
+        await kv.put(name, ServerStatus(name=name, state=state).model_dump_json().encode())
+
+    try:
+        await put("a", "online")  # stale, from before the job
+        watch = OnlineWatch(kv, {"a", "b"})
+        await watch.start()
+        try:
+            mark = watch.mark()
+            assert not watch.since("a", mark) and mark > 0
+            watch.changed.clear()
+            await put("z", "online")  # not the job's
+            await put("b", "offline")
+            await put("a", "online")  # served again: this one counts
+            await asyncio.wait_for(watch.changed.wait(), 10)
+            assert watch.since("a", mark) and not watch.since("b", mark) and not watch.since("z", mark)
+            assert not watch.since("a", watch.mark())  # nothing newer than the latest mark
+        finally:
+            await watch.aclose()
+    finally:
+        await js.delete_key_value(f"test_status_{tag}")
 
 
 async def test_the_deadline_gives_up_a_server_still_waiting(nc: NATS, tag: str) -> None:
