@@ -188,3 +188,84 @@ def test_misuse_is_refused() -> None:
     plan = JobPlan(["a"])
     with pytest.raises(ValueError):
         plan.finished("a", "ok")
+
+
+# waiting for offline servers (wait_online_s) ---------------------------------------------
+def test_a_waiting_server_holds_no_slot_and_starts_first_when_it_comes_online() -> None:
+    plan = JobPlan(names(4), PlanOptions(max_concurrency=Amount(2), max_errors=Amount(0)))
+    assert plan.next_starts() == ["s00", "s01"]
+    plan.wait("s00")  # offline: it gives back its slot, and is no error yet
+    assert plan.waiting == ["s00"] and plan.errors == 0 and not plan.done
+    assert plan.next_starts() == ["s02"]
+    plan.finished("s01", "ok")
+    plan.online("s00")  # back first in line, ahead of s03
+    assert plan.next_starts() == ["s00"]
+    plan.finished("s00", "ok")
+    assert plan.next_starts() == ["s03"]
+    for name in ("s02", "s03"):
+        plan.finished(name, "ok")
+    assert plan.done and plan.stopped is None and plan.outcomes["s00"] == "ok"
+
+
+def test_an_expired_wait_counts_against_the_budget_only_then() -> None:
+    plan = JobPlan(names(3), PlanOptions(max_concurrency=Amount(1), max_errors=Amount(0)))
+    assert plan.next_starts() == ["s00"]
+    plan.wait("s00")
+    assert plan.next_starts() == ["s01"]
+    plan.finished("s01", "ok")
+    assert plan.next_starts() == ["s02"] and plan.stopped is None
+    plan.expired("s00")  # the (N+1)th error: the budget is spent now, not when it went offline
+    assert plan.errors == 1 and plan.stopped == "budget" and plan.outcomes["s00"] == "offline"
+    plan.finished("s02", "ok")
+    assert plan.done and plan.skipped() == []
+
+
+def test_the_job_is_not_done_while_a_server_waits() -> None:
+    plan = JobPlan(names(1))
+    plan.next_starts()
+    plan.wait("s00")
+    assert not plan.done and plan.next_starts() == []
+    plan.expired("s00")
+    assert plan.done and plan.outcomes == {"s00": "offline"}
+
+
+def test_a_stop_ends_waiting_servers_offline_without_spending_the_budget() -> None:
+    plan = JobPlan(names(3), PlanOptions(max_concurrency=Amount(1), max_errors=Amount(0)))
+    plan.next_starts()
+    plan.wait("s00")
+    assert plan.next_starts() == ["s01"]
+    plan.stop("deadline")
+    assert plan.given_up == ["s00"] and plan.outcomes["s00"] == "offline" and plan.errors == 0
+    plan.wait("s01")  # found offline after the stop: given up too, never tried again
+    assert plan.given_up == ["s00", "s01"] and plan.done and plan.skipped() == ["s02"]
+    assert plan.stopped == "deadline"
+
+
+def test_a_budget_stop_gives_up_the_waiting_ones() -> None:
+    plan = JobPlan(names(3), PlanOptions(max_concurrency=Amount(2), max_errors=Amount(0)))
+    plan.next_starts()
+    plan.wait("s00")
+    plan.finished("s01", "failed")
+    assert plan.stopped == "budget" and plan.given_up == ["s00"] and plan.waiting == []
+    assert plan.done and plan.skipped() == ["s02"]
+
+
+def test_a_waiting_server_gives_its_place_in_the_wave_to_the_next() -> None:
+    plan = JobPlan(names(4), PlanOptions(batch=Amount(2)))
+    assert plan.next_starts() == ["s00", "s01"]
+    plan.wait("s00")
+    assert plan.next_starts() == ["s02"]  # the wave of 2 takes s02 in s00's place
+    plan.finished("s01", "ok")
+    plan.finished("s02", "ok")
+    plan.online("s00")
+    assert plan.next_starts() == ["s00", "s03"]  # the next wave, s00 first
+
+
+def test_a_canary_whose_wait_runs_out_stops_the_job() -> None:
+    plan = JobPlan(names(3), PlanOptions(canary=1))
+    assert plan.next_starts() == ["s00"]
+    plan.wait("s00")
+    assert plan.next_starts() == ["s01"]  # the canary wave takes the next target
+    plan.finished("s01", "ok")
+    plan.expired("s00")
+    assert plan.stopped == "canary" and plan.done and plan.skipped() == ["s02"]

@@ -11,19 +11,22 @@ import asyncio
 import itertools
 import json
 import os
+import pty
 import re
 import secrets
+import select
 import signal
 import subprocess
 import time
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
+from support.agents import Agent, gateway_of
 from support.processes import FLEETBUS, Fleet, pid_alive, wait_for
 
 PREFIX = "fleetbus"
@@ -220,7 +223,7 @@ async def test_error_budget_stops_new_starts_exactly_after_max_errors(fleet: Fle
 
     await wait_until(counted, what="the job counted in the core's metrics")
     assert summary["counts"] == {"total": 6, "ok": 2, "failed": 2, "cancelled": 0, "skipped": 2,
-                                 "unknown": 0, "running": 0, "pending": 0}
+                                 "unknown": 0, "running": 0, "waiting": 0, "pending": 0}
 
 
 async def test_canary_then_strict_batches(nc: NATS, tag: str, tmp_path: Path) -> None:
@@ -268,6 +271,105 @@ async def test_an_offline_server_is_an_error_at_once(nc: NATS, tag: str) -> None
     assert got[f"{tag}-off"]["outcome"] == "offline"
     assert got[f"{tag}-off"]["error"]["code"] == "server_offline"
     assert got[f"{tag}-on"]["outcome"] == "ok" and events[-1][1]["state"] == "failed"
+
+
+async def add_agent(nc: NATS, name: str, tag: str, **labels: str) -> str:
+    """An agent-outbound server (its agent not connected); returns its key."""
+    server = {"name": name, "transport": "agent-outbound", "labels": {"t": tag, **labels}}
+    reply = await request(nc, f"{PREFIX}.v1.admin.servers.add", {"server": server})
+    assert reply["ok"], reply
+    return reply["key"]
+
+
+async def test_wait_online_picks_up_an_agent_that_connects_mid_job(fleet: Fleet, nc: NATS, tag: str,
+                                                                    tmp_path: Path) -> None:
+    await register(nc, f"{tag}-local", tag, w="yes")
+    key = await add_agent(nc, f"{tag}-agent", tag, w="yes")
+    gateway = await asyncio.to_thread(gateway_of, fleet)
+    progress: list[dict[str, Any]] = []
+    waiting = asyncio.Event()
+
+    async def on_progress(msg: Any) -> None:
+        body = json.loads(msg.data)
+        progress.append(body)
+        if body["counts"]["waiting"] == 1:
+            waiting.set()
+
+    sub = await nc.subscribe(f"{PREFIX}.v1.events.jobs.*.progress", cb=on_progress)
+    agent: Agent | None = None
+    try:
+        reply = await start(nc, {"selection": {"labels": {"t": tag, "w": "yes"}},
+                                 "exec": {"shell": 'echo "ran on $FLEETBUS_SERVER"'},
+                                 "timeout_s": 60, "wait_online_s": 60, "max_errors": 0})
+        await asyncio.wait_for(waiting.wait(), 20)  # the job says the agent's server waits
+        waited = [p for p in progress if p["job"] == reply["id"] and p["counts"]["waiting"] == 1]
+        assert waited and waited[-1]["counts"]["failed"] == 0  # waiting is not an error
+        agent = Agent(tmp_path / "agent", gateway["address"], gateway["fingerprint"], key).start()
+        events = await follow(nc, reply["id"])
+    finally:
+        await sub.unsubscribe()
+        if agent is not None:
+            agent.stop()
+    got = results(events)
+    assert got[f"{tag}-agent"]["outcome"] == "ok", got[f"{tag}-agent"]
+    assert got[f"{tag}-agent"]["stdout"] == f"ran on {tag}-agent\n"
+    assert got[f"{tag}-local"]["outcome"] == "ok"
+    assert events[-1][1]["state"] == "succeeded" and events[-1][1]["counts"]["waiting"] == 0
+
+    # An agent that never connects: an offline error once its (short) wait runs out.
+    await add_agent(nc, f"{tag}-never", tag, w="no")
+    began = time.monotonic()
+    reply = await start(nc, {"selection": {"labels": {"t": tag}, "servers": [f"{tag}-never", f"{tag}-local"]},
+                             "exec": {"argv": ["true"]}, "timeout_s": 60, "wait_online_s": 1})
+    events = await follow(nc, reply["id"])
+    got = results(events)
+    assert time.monotonic() - began >= 1.0
+    assert got[f"{tag}-never"]["outcome"] == "offline"
+    assert got[f"{tag}-never"]["error"] == {"code": "server_offline",
+                                           "message": f"{tag}-never did not come online within 1s"}
+    assert got[f"{tag}-local"]["outcome"] == "ok" and events[-1][1]["state"] == "failed"
+
+
+async def test_only_an_online_written_after_the_mark_counts(nc: NATS, tag: str) -> None:
+    """A stale ``online`` (a gateway that died without writing ``offline``) must not make
+    a job send again and again; servers not in the job must not wake it."""
+    from fleetbus.jobwait import OnlineWatch
+    from fleetbus.records import ServerStatus
+
+    js = nc.jetstream()
+    kv = await js.create_key_value(bucket=f"test_status_{tag}")
+
+    async def put(name: str, state: Literal["online", "offline"]) -> None:
+        await kv.put(name, ServerStatus(name=name, state=state).model_dump_json().encode())
+
+    try:
+        await put("a", "online")  # stale, from before the job
+        watch = OnlineWatch(kv, {"a", "b"})
+        await watch.start()
+        try:
+            mark = watch.mark()
+            assert not watch.since("a", mark) and mark > 0
+            watch.changed.clear()
+            await put("z", "online")  # not the job's
+            await put("b", "offline")
+            await put("a", "online")  # served again: this one counts
+            await asyncio.wait_for(watch.changed.wait(), 10)
+            assert watch.since("a", mark) and not watch.since("b", mark) and not watch.since("z", mark)
+            assert not watch.since("a", watch.mark())  # nothing newer than the latest mark
+        finally:
+            await watch.aclose()
+    finally:
+        await js.delete_key_value(f"test_status_{tag}")
+
+
+async def test_the_deadline_gives_up_a_server_still_waiting(nc: NATS, tag: str) -> None:
+    await add_agent(nc, f"{tag}-never", tag)
+    reply = await start(nc, {"selection": {"labels": {"t": tag}}, "exec": {"argv": ["true"]},
+                             "timeout_s": 60, "wait_online_s": 600, "deadline_s": 1})
+    events = await follow(nc, reply["id"], timeout=30)
+    got = results(events)[f"{tag}-never"]
+    assert got["outcome"] == "offline" and "still offline when the job stopped" in got["error"]["message"]
+    assert events[-1][1]["state"] == "stopped" and events[-1][1]["stop_reason"] == "deadline"
 
 
 async def test_cancel_mid_job_kills_running_commands_and_completes_the_results(
@@ -341,6 +443,7 @@ def test_cli_runs_a_job_one_line_per_server_and_exits_by_the_rule(fleet: Fleet, 
     proc = fleet.cli("run", "--label", f"t={tag}", "--role", "web", "--environment", "production",
                      "--shell", "--", fails_on_b)
     assert proc.returncode == 1, proc.stderr  # some failed, no budget to spend
+    assert "\r" not in proc.stdout and "\x1b" not in proc.stdout  # piped: no progress line
     lines = proc.stdout.splitlines()
     assert sorted(lines[:3]) == sorted([
         *(line for line in lines[:3] if re.fullmatch(rf"({a}|{c})  ok  \d+\.\d\ds", line)),
@@ -370,6 +473,54 @@ def test_cli_runs_a_job_one_line_per_server_and_exits_by_the_rule(fleet: Fleet, 
     marker = tmp_path / "ran"
     dry = fleet.cli("run", "--label", f"t={tag}", "--dry-run", "--", "touch", str(marker))
     assert dry.returncode == 0 and dry.stdout.split() == [a, b, c] and not marker.exists()
+
+
+def run_on_a_terminal(fleet: Fleet, *args: str, timeout: float = 60) -> tuple[int, str]:
+    """Run the CLI with its stdout on a pseudo-terminal; its exit code and all it wrote there."""
+    master, slave = pty.openpty()
+    env = {**fleet.environ(), "COLUMNS": "200"}
+    proc = subprocess.Popen([FLEETBUS, *args], stdout=slave, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL, env=env)
+    os.close(slave)
+    out = bytearray()
+    give_up = time.monotonic() + timeout
+    try:
+        while time.monotonic() < give_up:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the process closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        return proc.wait(timeout=10), out.decode(errors="replace").replace("\r\n", "\n")
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_cli_on_a_terminal_shows_the_progress_line_and_waits_for_offline_servers(fleet: Fleet, tag: str) -> None:
+    cli_register(fleet, tag, f"{tag}-a")
+    added = fleet.cli("servers", "add", f"{tag}-gone", "--transport", "agent-outbound", "--label", f"t={tag}")
+    assert added.returncode == 0, added.stderr
+    code, out = run_on_a_terminal(fleet, "run", "--label", f"t={tag}", "--wait-online", "2s", "--", "true")
+    assert code == 1, out
+    # The line, redrawn in place, said the agent's server was waiting (not failed).
+    assert re.search(r"\r\x1b\[2Kdone 1/2 \(0 failed\)  running 0  waiting 1  skipped 0  ", out), out
+    lines = [line.rsplit("\x1b[2K", 1)[-1] for line in out.split("\n")]  # the screen's rows
+    assert re.fullmatch(rf"{tag}-a\s+ok  \d+\.\d\ds", lines[0]), lines
+    assert lines[1] == f"{tag}-gone  offline  {tag}-gone did not come online within 2s", lines
+    assert re.fullmatch(r"job [0-9a-f]{16}: 1 ok, 1 failed, 0 cancelled, 0 skipped of 2 in .*; failed", lines[2])
+    assert lines[3:] == [""]  # the progress line is gone once the job ended
+
+    bad = fleet.cli("run", "--label", f"t={tag}", "--wait-online", "soon", "--", "true")
+    assert bad.returncode == 2 and "--wait-online" in bad.stderr
+    alone = fleet.cli("run", f"{tag}-a", "--wait-online", "5m", "--", "true")
+    assert alone.returncode == 125 and "--wait-online" in alone.stderr
 
 
 def test_cli_job_errors_are_one_line(fleet: Fleet, tag: str) -> None:

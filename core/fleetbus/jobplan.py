@@ -26,8 +26,17 @@ The rules (docs/bus-api.md, "Jobs", says the same):
 - **Offline servers.** An ``offline`` result (nobody serves the server) is an error
   that gives back its place at once: it leaves the concurrency count and its wave
   (the wave takes the next target instead), since it never ran anywhere.
+- **Waiting for offline servers** (a job with ``wait_online_s``). The runner moves an
+  offline server to *waiting* with :meth:`JobPlan.wait` instead of finishing it: like
+  an offline result it gives back its concurrency slot and its place in the wave, and
+  it is not an error yet. When it comes online, :meth:`JobPlan.online` puts it first
+  in line again (it takes a slot and a place in the wave then current); when its wait
+  runs out, :meth:`JobPlan.expired` makes it an ``offline`` error, which counts against
+  the budget (or stops a canary wave) at that moment. The plan has no clock: the runner
+  times the waits.
 - **Stop.** :meth:`JobPlan.stop` (cancel, deadline) starts nothing more; what is still
-  pending ends ``skipped``.
+  pending ends ``skipped``, and what is still waiting ends ``offline`` (it was not
+  reached), without counting against the budget, which no longer decides anything.
 """
 
 from __future__ import annotations
@@ -110,9 +119,11 @@ class JobPlan:
         self.canary = min(self.options.canary, total)
         self.pending: deque[str] = deque(self.targets)
         self.running: set[str] = set()
+        self.waiting: list[str] = []  # offline, in the order they went waiting
         self.outcomes: dict[str, Outcome] = {}
         self.errors = 0
         self.stopped: StopReason | None = None
+        self.given_up: list[str] = []  # waiting when the job stopped: they end offline
         self._in_canary = self.canary > 0
         self._wave_size = self.canary if self._in_canary else self.batch_size
         self._wave_taken = 0  # servers of the current wave started and not given back
@@ -140,24 +151,61 @@ class JobPlan:
         self.outcomes[name] = outcome
         if outcome == "ok" or (outcome == "cancelled" and self.stopped in ("cancelled", "deadline")):
             return  # a command we cancelled ourselves is not the server's error
-        self.errors += 1
         if outcome == "offline":
             self._wave_taken -= 1  # it never ran: its place in the wave goes to the next
+        self._error()
+
+    def wait(self, name: str) -> None:
+        """A running server was offline: it waits (no slot, no place in the wave, no error yet)."""
+        if name not in self.running:
+            raise ValueError(f"{name} is not running")
+        self.running.discard(name)
+        self._wave_taken -= 1
+        if self.stopped is not None:
+            self.outcomes[name] = "offline"  # stopped meanwhile: it will not be tried again
+            self.given_up.append(name)
+        else:
+            self.waiting.append(name)
+
+    def online(self, name: str) -> None:
+        """A waiting server came online: it starts next (when slots and its wave allow)."""
+        if name not in self.waiting:
+            raise ValueError(f"{name} is not waiting")
+        if self.stopped is not None:
+            return  # stop() already ended it
+        self.waiting.remove(name)
+        self.pending.appendleft(name)
+
+    def expired(self, name: str) -> None:
+        """A waiting server's wait ran out: an ``offline`` error from now."""
+        if name not in self.waiting:
+            raise ValueError(f"{name} is not waiting")
+        self.waiting.remove(name)
+        self.outcomes[name] = "offline"
+        self._error()
+
+    def _error(self) -> None:
+        self.errors += 1
         if self.stopped is None and self._in_canary:
-            self.stopped = "canary"
+            self.stop("canary")
         elif self.stopped is None and self.error_limit is not None and self.errors > self.error_limit:
-            self.stopped = "budget"
+            self.stop("budget")
 
     def stop(self, reason: StopReason) -> None:
-        """Start nothing more (cancel, deadline). The first reason given is kept."""
+        """Start nothing more (cancel, deadline, budget, canary). The first reason given
+        is kept. Servers still waiting end ``offline`` now (:attr:`given_up`)."""
         if self.stopped is None:
             self.stopped = reason
+        for name in self.waiting:
+            self.outcomes[name] = "offline"  # not reached; the budget no longer matters
+        self.given_up += self.waiting
+        self.waiting.clear()
 
     # what happened ------------------------------------------------------------------------
     @property
     def done(self) -> bool:
         """Nothing runs and nothing more will start."""
-        return not self.running and (self.stopped is not None or not self.pending)
+        return not self.running and (self.stopped is not None or not (self.pending or self.waiting))
 
     @property
     def budget_spent(self) -> bool:

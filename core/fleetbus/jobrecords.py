@@ -78,6 +78,7 @@ class JobCounts(_Record):
     skipped: int = 0
     unknown: int = 0
     running: int = 0
+    waiting: int = Field(default=0, description="offline servers waiting to come online (wait_online_s)")
     pending: int = 0
 
 

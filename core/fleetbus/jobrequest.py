@@ -69,6 +69,9 @@ class JobRequest(BaseModel):
                              description="Per server: its command is stopped after this.")
     deadline_s: float | None = Field(default=None, gt=0, le=MAX_EXEC_TIMEOUT_S,
                                      description="For the whole job: then nothing new starts and running commands are cancelled.")
+    wait_online_s: float | None = Field(
+        default=None, gt=0, le=MAX_EXEC_TIMEOUT_S,
+        description="An offline server waits this long to come online before it is a server_offline error.")
     max_concurrency: CountOrPercent = DEFAULT_MAX_CONCURRENCY
     max_errors: CountOrPercent | None = None
     batch: CountOrPercent | None = None

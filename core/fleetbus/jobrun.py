@@ -6,6 +6,12 @@ command id derived from the job id and the server (:func:`command_id`): a retrie
 resumed job never runs an ``exec`` twice on one server. Results go to the jobs stream
 as they arrive (:class:`~fleetbus.jobrecords.JobStore`); counts go out as ``progress``.
 
+A job with ``wait_online_s`` does not end an offline server's turn at its first
+``server_offline``: the server waits (:meth:`JobPlan.wait`) until the status bucket says
+it is online (:class:`~fleetbus.jobwait.OnlineWatch`), then it is sent the request
+again; past its wait it is an ``offline`` error. The wait is timed from the first
+``server_offline``, so a server that flaps is not waited for twice.
+
 Cancel and the deadline stop the plan and send each running command the ordinary
 per-server ``cancel`` request, repeated until the command has answered, since a cancel
 that reaches a worker before the command does finds nothing to stop.
@@ -23,10 +29,12 @@ from typing import Any
 
 import nats.errors
 from nats.aio.client import Client as NATS
+from nats.js.kv import KeyValue
 
 from .jobleases import JobLeases
 from .jobplan import JobPlan, Outcome, StopReason
 from .jobrecords import JobCounts, JobDefinition, JobStore, JobSummary, ServerResult, tail
+from .jobwait import OnlineWatch, shown_duration
 from .names import COMMAND_ID_RE
 from .subjects import Names
 
@@ -39,6 +47,10 @@ ENV_SERVER = "FLEETBUS_SERVER"
 REPLY_GRACE_S = 30.0
 # How often a cancel is sent again to a command that has not answered yet.
 CANCEL_REPEAT_S = 0.5
+# Progress goes out on every start and result, and at least this often: a follower that
+# subscribes while nothing changes (a long command, a server waiting to come online)
+# still gets the counts soon. Plain NATS events, so one a second costs nothing.
+PROGRESS_EVERY_S = 1.0
 
 _ERROR_OUTCOMES: dict[str, Outcome] = {"timeout": "timeout", "server_offline": "offline",
                                        "cancelled": "cancelled"}
@@ -63,6 +75,7 @@ class JobSpec:
     body: dict[str, Any]  # the per-server request body, without its id
     timeout_s: float
     deadline_s: float | None
+    wait_online_s: float | None = None  # how long an offline server may wait to come online
 
 
 @dataclass
@@ -75,10 +88,18 @@ class JobRun:
     spec: JobSpec
     requester: str
     leases: JobLeases | None = None
+    status: KeyValue | None = None  # the status bucket, watched when the job waits for servers
     task: asyncio.Task[None] | None = None
     summary: JobSummary | None = None  # set once the end is recorded
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _started: float = field(default_factory=time.monotonic)
+    _online: OnlineWatch | None = None
+    _progressed: float = 0.0  # when progress last went out (monotonic)
+    _sent_at: dict[str, int] = field(default_factory=dict)  # server -> OnlineWatch mark at its last send
+    _wait_until: dict[str, float] = field(default_factory=dict)  # server -> monotonic end of its wait
+    # Servers whose last request found no responder: only those wait. A worker's own
+    # server_offline reply (an agent lost mid-command) is an error as it stands.
+    _unserved: set[str] = field(default_factory=set)
 
     @property
     def id(self) -> str:
@@ -99,35 +120,56 @@ class JobRun:
         running: dict[asyncio.Task[ServerResult], str] = {}
         cancelling: asyncio.Task[None] | None = None
         stop_wait = asyncio.create_task(self._stop.wait())
+        online_wait: asyncio.Task[Any] | None = None
         deadline = None if self.spec.deadline_s is None else self._started + self.spec.deadline_s
         try:
+            if self.spec.wait_online_s is not None and self.status is not None:
+                self._online = OnlineWatch(self.status, set(plan.targets))
+                await self._online.start()
             while True:
                 starts = plan.next_starts()
                 if starts and self.leases is not None:
                     # Before sending: if this core dies, these may be running (unknown).
                     await self.leases.running(self.id, {*running.values(), *starts})
                 for server in starts:
+                    if self._online is not None:
+                        self._sent_at[server] = self._online.mark()
                     running[asyncio.create_task(self._one(server))] = server
                 await self._progress()
                 if plan.done:
                     break
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                # Wake for the deadline, the first wait to run out, or the next progress.
+                ends = [self._progressed + PROGRESS_EVERY_S, *self._waits(), *([deadline] if deadline else [])]
+                timeout = max(0.0, min(ends) - time.monotonic())
                 waiting: set[asyncio.Future[Any]] = set(running)
                 if not stop_wait.done():
                     waiting.add(stop_wait)
+                if self._online is not None and plan.waiting:
+                    if online_wait is None or online_wait.done():
+                        online_wait = asyncio.create_task(self._online.changed.wait())
+                    waiting.add(online_wait)
                 done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-                if not done and deadline is not None:
+                if deadline is not None and time.monotonic() >= deadline:
                     plan.stop("deadline")
                     deadline = None
+                if self._online is not None:
+                    self._online.changed.clear()  # before looking, so no change falls between
+                await self._check_waiting()
                 if plan.stopped in ("cancelled", "deadline") and cancelling is None:
                     cancelling = asyncio.create_task(self._cancel_running(running))
                 for task in done:
-                    if task is stop_wait:
+                    if task is stop_wait or task is online_wait:
                         continue
                     server = running.pop(task)  # type: ignore[arg-type]
                     result = task.result()
+                    if server in self._unserved and self._may_wait(server):
+                        plan.wait(server)  # its result comes when it is served or its wait ends
+                        await self._check_waiting()
+                        continue
                     plan.finished(server, result.outcome)  # type: ignore[arg-type]
                     await self._keep(result)
+            for server in plan.given_up:
+                await self._keep(self._offline(server, f"{server} was still offline when the job stopped"))
             for server in plan.skipped():
                 await self._keep(ServerResult(job=self.id, server=server, outcome="skipped"))
             summary = self._summary()
@@ -140,10 +182,46 @@ class JobRun:
             raise
         finally:
             stop_wait.cancel()
+            if online_wait is not None:
+                online_wait.cancel()
+            if self._online is not None:
+                await self._online.aclose()
             if cancelling is not None:
                 cancelling.cancel()
             for task in running:
                 task.cancel()
+
+    # waiting for offline servers ---------------------------------------------------------
+    def _may_wait(self, server: str) -> bool:
+        """Whether an offline ``server`` waits (rather than being an error now); its
+        wait starts at its first ``server_offline``."""
+        if self._online is None or self.spec.wait_online_s is None or self.spec.plan.stopped is not None:
+            return False
+        until = self._wait_until.setdefault(server, time.monotonic() + self.spec.wait_online_s)
+        return time.monotonic() < until
+
+    def _waits(self) -> list[float]:
+        return [self._wait_until[s] for s in self.spec.plan.waiting]
+
+    async def _check_waiting(self) -> None:
+        """Send again to waiting servers reported online since their last send; end the
+        waits that ran out as ``offline`` errors."""
+        plan = self.spec.plan
+        if self._online is None:
+            return
+        now = time.monotonic()
+        for server in list(plan.waiting):
+            if self._online.since(server, self._sent_at.get(server, 0)):
+                plan.online(server)
+            elif now >= self._wait_until[server]:
+                plan.expired(server)
+                wait = shown_duration(self.spec.wait_online_s or 0)
+                await self._keep(self._offline(server, f"{server} did not come online within {wait}"))
+
+    def _offline(self, server: str, message: str) -> ServerResult:
+        origin = self.spec.definition.command_origins.get(server, self.id)
+        return ServerResult(job=self.id, server=server, outcome="offline", command_id=command_id(origin, server),
+                            error={"code": "server_offline", "message": message})
 
     async def _keep(self, result: ServerResult) -> None:
         # One record the stream would not take must not stop the job with commands
@@ -162,6 +240,7 @@ class JobRun:
             # A command learns where and in which job it runs; the request's own env wins.
             body["env"] = {ENV_JOB: origin, ENV_SERVER: server, **body.get("env", {})}
         started = time.monotonic()
+        self._unserved.discard(server)
         try:
             msg = await self.nc.request(
                 self.names.server(server, self.spec.op), json.dumps(body).encode(),
@@ -169,6 +248,7 @@ class JobRun:
                 headers={HDR_REQUESTER: self.requester})
             reply = json.loads(msg.data)
         except nats.errors.NoRespondersError:
+            self._unserved.add(server)
             return ServerResult(job=self.id, server=server, outcome="offline", command_id=cid,
                                 duration_s=_since(started),
                                 error={"code": "server_offline", "message": f"nobody serves {server} right now"})
@@ -205,11 +285,12 @@ class JobRun:
             total=len(plan.targets), ok=outcomes.count("ok"),
             cancelled=outcomes.count("cancelled"),
             failed=len(outcomes) - outcomes.count("ok") - outcomes.count("cancelled"),
-            skipped=len(plan.skipped()), running=len(plan.running),
+            skipped=len(plan.skipped()), running=len(plan.running), waiting=len(plan.waiting),
             pending=0 if plan.stopped else len(plan.pending),
         )
 
     async def _progress(self) -> None:
+        self._progressed = time.monotonic()
         body = {"job": self.id, "counts": self.counts().model_dump(),
                 "elapsed_s": round(time.monotonic() - self._started, 3)}
         try:

@@ -200,8 +200,10 @@ class JobService:
         await self.store.started(definition)
         run = JobRun(self.nc, self.names, self.store,
                      JobSpec(definition=definition, plan=plan, op=req.op, body=req.server_body(),
-                             timeout_s=req.timeout_s, deadline_s=req.deadline_s),
-                     requester=f"{requester} (job {job_id})", leases=self.leases)
+                             timeout_s=req.timeout_s, deadline_s=req.deadline_s,
+                             wait_online_s=req.wait_online_s),
+                     requester=f"{requester} (job {job_id})", leases=self.leases,
+                     status=self.registry.status_kv)
         self.running[job_id] = run
         self.metrics.jobs_started.labels(req.op).inc()
         self.metrics.job_targets.observe(len(targets))

@@ -40,7 +40,7 @@ def _write(stream: str, data: bytes) -> None:
     out.flush()
 
 
-def _seconds(value: str | None) -> float | None:
+def _seconds(value: str | None, option: str = "--deadline") -> float | None:
     """``90``, ``90s``, ``5m`` or ``2h`` as seconds."""
     if value is None:
         return None
@@ -50,9 +50,9 @@ def _seconds(value: str | None) -> float | None:
         seconds = float(text[:-1] if scale else text) * (scale or 1)
     except ValueError:
         raise click.BadParameter(f"{value!r} is not a duration like 90, 90s, 5m or 2h",
-                                 param_hint="--deadline") from None
+                                 param_hint=option) from None
     if seconds <= 0:
-        raise click.BadParameter("must be more than 0", param_hint="--deadline")
+        raise click.BadParameter("must be more than 0", param_hint=option)
     return seconds
 
 
@@ -71,6 +71,9 @@ def _seconds(value: str | None) -> float | None:
 @click.option("--batch", metavar="N|P%", help="Job: run in strict waves of this many.")
 @click.option("--canary", type=click.IntRange(min=1), help="Job: run this many first; the rest only if all succeed.")
 @click.option("--deadline", metavar="DURATION", help="Job: overall limit (90, 90s, 5m, 2h); then running commands are cancelled.")
+@click.option("--wait-online", metavar="DURATION",
+              help="Job: an offline server waits this long (30s, 5m, 1h) for its agent to connect "
+                   "instead of being an error at once.")
 @click.option("--dry-run", is_flag=True, help="Job: list the servers selected, run nothing.")
 @click.option("--output", "show_output", is_flag=True, help="Job: print what each server prints, each line prefixed with its name.")
 @click.option("--group", "group_output", is_flag=True, help="Job: fold identical outputs into one block listing the servers that printed it.")
@@ -86,7 +89,7 @@ def _seconds(value: str | None) -> float | None:
 def run(g: Globals, server: str, command: tuple[str, ...], timeout_s: float, role: str | None,
         environment: str | None, labels: tuple[str, ...], server_patterns: str | None,
         all_servers: bool, max_concurrency: str | None, max_errors: str | None, batch: str | None,
-        canary: int | None, deadline: str | None, dry_run: bool, show_output: bool,
+        canary: int | None, deadline: str | None, wait_online: str | None, dry_run: bool, show_output: bool,
         group_output: bool, env: tuple[str, ...],
         cwd: str | None, use_shell: bool, use_powershell: bool, forward_stdin: bool,
         command_id: str | None, as_json: bool) -> None:
@@ -101,7 +104,8 @@ def run(g: Globals, server: str, command: tuple[str, ...], timeout_s: float, rol
     """
     selecting = bool(role or environment or labels or server_patterns or all_servers)
     job_options = {"--max-concurrency": max_concurrency, "--max-errors": max_errors, "--batch": batch,
-                   "--canary": canary, "--deadline": deadline, "--dry-run": dry_run or None,
+                   "--canary": canary, "--deadline": deadline,
+                   "--wait-online": wait_online, "--dry-run": dry_run or None,
                    "--output": show_output or None, "--group": group_output or None}
     if selecting:
         command = (server, *command)  # no SERVER: the first word is the command's
@@ -143,6 +147,8 @@ def run(g: Globals, server: str, command: tuple[str, ...], timeout_s: float, rol
         request: dict[str, Any] = {"selection": selection, "op": "exec", "exec": exec_body,
                                    "timeout_s": timeout_s, "deadline_s": _seconds(deadline),
                                    "dry_run": dry_run}
+        if wait_online is not None:
+            request["wait_online_s"] = _seconds(wait_online, "--wait-online")
         for key, value in (("max_concurrency", max_concurrency), ("max_errors", max_errors),
                            ("batch", batch), ("canary", canary)):
             if value is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 from typing import Literal
 
 import click
@@ -38,6 +39,9 @@ class JobOutput:
         self.truncated: set[str] = set()
         self.ended: set[str] = set()
         self._changed = asyncio.Event()
+        # Where a line goes instead of straight to stdout/stderr: on a terminal, above
+        # the job's progress line (JobPrinter.output).
+        self.above: Callable[[str, str], None] | None = None
 
     def bind(self, job: str, targets: list[str]) -> None:
         self._servers = {command_id(job, server): server for server in targets}
@@ -80,8 +84,12 @@ class JobOutput:
             self._partial[(server, stream)] = rest
 
     def _print(self, server: str, stream: str, line: bytes) -> None:
+        text = f"{shown(server)}: {line.decode(errors='replace')}"
+        if self.above is not None:
+            self.above(stream, text)
+            return
         out = sys.stdout if stream == "stdout" else sys.stderr
-        out.write(f"{shown(server)}: {line.decode(errors='replace')}\n")
+        out.write(text + "\n")
         out.flush()
 
     async def wait_ended(self, servers: set[str], timeout: float) -> None:

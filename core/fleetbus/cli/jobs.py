@@ -15,14 +15,16 @@ import json
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TextIO
 
 import click
+from nats.aio.msg import Msg
 
 from ..client import Client
 from ..errors import FleetbusError
 from .context import EXIT_INTERRUPTED, Globals, client_call, pass_globals, run_async, with_client
 from .joboutput import JobOutput, Mode
+from .progress import ProgressLine, wanted
 from .render import emit_json, shown, table
 
 EXIT_OK = 0
@@ -33,6 +35,8 @@ EXIT_CANNOT_START = 125  # as `fleetbus run`: nothing was run
 CANCEL_WAIT_S = 30.0
 # After the summary, how long live output may still trail it.
 OUTPUT_END_WAIT_S = 2.0
+# How often the progress line's elapsed time moves without an event.
+TICK_S = 0.25
 
 
 def exit_code(summary: dict[str, Any]) -> int:
@@ -117,6 +121,73 @@ def follow_job(g: Globals, starter: Starter, as_json: bool, error_exit: int,
     return run_async(lambda: with_client(g, go), error_exit)
 
 
+class JobPrinter:
+    """What a followed job looks like: one line per server as it ends (or a JSON object),
+    then the summary; on a terminal also the live progress line below them
+    (:class:`~fleetbus.cli.progress.ProgressLine`), kept at the bottom as lines go above.
+
+    Fed the job's records and ``progress`` events; it holds no job logic (the counts
+    are the core's).
+    """
+
+    def __init__(self, job: str, targets: list[str], as_json: bool, grouping: bool = False,
+                 out: TextIO | None = None, err: TextIO | None = None) -> None:
+        self.job = job
+        self.as_json = as_json
+        self.grouping = grouping  # --group: ok results fold into the blocks at the end
+        self.out = out or click.get_text_stream("stdout")
+        self.err = err or click.get_text_stream("stderr")
+        self.width = max((len(t) for t in targets), default=0)
+        self.line = ProgressLine(self.out) if wanted(self.out, as_json) else None
+        self.ran: list[str] = []
+
+    def echo(self, text: str) -> None:
+        """A line on stdout, above the progress line if there is one."""
+        if self.line is not None:
+            self.line.echo(text)
+        else:
+            click.echo(text, file=self.out)
+
+    def note(self, text: str) -> None:
+        """A line on stderr: the progress line is erased first (on a terminal both end up
+        on one screen) and comes back with the next event."""
+        if self.line is not None:
+            self.line.hide()
+        click.echo(text, file=self.err)
+
+    def output(self, stream: str, text: str) -> None:
+        """A line a command printed (``--output``)."""
+        if stream == "stdout":
+            self.echo(text)
+        else:
+            self.note(text)
+
+    def progress(self, body: dict[str, Any]) -> None:
+        if self.line is not None and body.get("job") == self.job and body.get("counts"):
+            self.line.update(body["counts"], float(body.get("elapsed_s") or 0))
+
+    def tick(self) -> None:
+        if self.line is not None:
+            self.line.tick()
+
+    def result(self, body: dict[str, Any]) -> None:
+        if body["outcome"] != "skipped":
+            self.ran.append(body["server"])
+        if not (self.grouping and body["outcome"] == "ok"):
+            self.echo(json.dumps(body) if self.as_json else result_line(body, self.width))
+
+    def end(self) -> None:
+        """The job has ended: no progress line any more (the summary says it all)."""
+        if self.line is not None:
+            self.line.close()
+            self.line = None
+
+    def finished(self, body: dict[str, Any]) -> int:
+        self.end()
+        click.echo(json.dumps(body) if self.as_json else summary_line(self.job, body), file=self.out)
+        return exit_code(body)
+
+
 async def _render(c: Client, job: str, targets: list[str], as_json: bool, cancel_on_interrupt: bool,
                   live: JobOutput | None = None) -> int:
     """Print a job's results as they are kept and its summary; return the exit code.
@@ -124,39 +195,45 @@ async def _render(c: Client, job: str, targets: list[str], as_json: bool, cancel
     Ctrl-C (or SIGTERM) cancels the job when ``cancel_on_interrupt`` (the results of
     how it ended still follow), else leaves it running and exits 130. With ``live`` in
     ``group`` mode only results other than ``ok`` are printed as they come, and the
-    folded outputs before the summary.
+    folded outputs before the summary. On a terminal, the live progress line.
     """
-    grouping = live is not None and live.mode == "group"
-    ran: list[str] = []
-    width = max((len(t) for t in targets), default=0)
+    printer = JobPrinter(job, targets, as_json, grouping=live is not None and live.mode == "group")
+    if live is not None:
+        live.above = printer.output
     loop = asyncio.get_running_loop()
     interrupted = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, interrupted.set)
     if cancel_on_interrupt:
-        on_interrupt = asyncio.create_task(_cancel_on(interrupted, c, job, as_json))
+        on_interrupt = asyncio.create_task(_cancel_on(interrupted, c, job, as_json, printer))
     else:
         on_interrupt = asyncio.create_task(interrupted.wait())
     following = asyncio.current_task()
     assert following is not None
     on_interrupt.add_done_callback(lambda t: t.cancelled() or following.cancel())
+    progress = ticker = None
+    if printer.line is not None:
+        async def on_progress(msg: Msg) -> None:
+            with contextlib.suppress(ValueError):
+                printer.progress(json.loads(msg.data))
+
+        progress = await c.nc.subscribe(c.names.job_event(job, "progress"), cb=on_progress)
+        ticker = asyncio.create_task(_tick(printer))
     try:
         async with contextlib.aclosing(c.follow_job(job)) as records:
             async for kind, body in records:
                 if kind == "result":
-                    if body["outcome"] != "skipped":
-                        ran.append(body["server"])
-                    if not (grouping and body["outcome"] == "ok"):
-                        click.echo(json.dumps(body) if as_json else result_line(body, width))
+                    printer.result(body)
                 elif kind == "finished":
+                    printer.end()
                     if live is not None:
                         # A command's last chunks can trail its result: wait for its end.
-                        await live.wait_ended({s for s in ran}, OUTPUT_END_WAIT_S)
-                        if grouping:
-                            live.print_groups(sorted(ran))
-                    click.echo(json.dumps(body) if as_json else summary_line(job, body))
-                    return exit_code(body)
+                        await live.wait_ended(set(printer.ran), OUTPUT_END_WAIT_S)
+                        if printer.grouping:
+                            live.print_groups(sorted(printer.ran))
+                    return printer.finished(body)
     except asyncio.CancelledError:
+        printer.end()
         if not cancel_on_interrupt:
             click.echo(f"fleetbus: detached; job {job} goes on (fleetbus jobs watch {job})", err=True)
             return EXIT_INTERRUPTED
@@ -164,22 +241,36 @@ async def _render(c: Client, job: str, targets: list[str], as_json: bool, cancel
                    f"{CANCEL_WAIT_S:g} s of cancelling", err=True)
         return EXIT_STOPPED
     finally:
+        printer.end()
         on_interrupt.cancel()
+        if ticker is not None:
+            ticker.cancel()
+        if progress is not None:
+            with contextlib.suppress(Exception):
+                await progress.unsubscribe()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     return EXIT_STOPPED  # the records ended without a summary
 
 
-async def _cancel_on(interrupted: asyncio.Event, c: Client, job: str, as_json: bool) -> None:
+async def _tick(printer: JobPrinter) -> None:
+    """Move the progress line's elapsed time between events."""
+    while True:
+        await asyncio.sleep(TICK_S)
+        printer.tick()
+
+
+async def _cancel_on(interrupted: asyncio.Event, c: Client, job: str, as_json: bool,
+                     printer: JobPrinter) -> None:
     """On Ctrl-C, cancel the job; return (which stops the follower) if its end is not
     recorded within :data:`CANCEL_WAIT_S`."""
     await interrupted.wait()
     if not as_json:
-        click.echo(f"fleetbus: interrupted; cancelling job {job}", err=True)
+        printer.note(f"fleetbus: interrupted; cancelling job {job}")
     try:
         await c.cancel_job(job)
     except FleetbusError as exc:
-        click.echo(f"fleetbus: error: could not cancel job {job}: {shown(exc.message)}", err=True)
+        printer.note(f"fleetbus: error: could not cancel job {job}: {shown(exc.message)}")
         return
     await asyncio.sleep(CANCEL_WAIT_S)
 
