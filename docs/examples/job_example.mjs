@@ -85,8 +85,8 @@ async function main() {
     // 2. Follow it. The job may finish before we could subscribe, so we do not subscribe
     //    to the live events: we read its kept records (started, result..., finished)
     //    from the stream's start with a consumer of our own, and miss none. (A consumer
-    //    with explicit acks, not nats.js's ordered consumer: nats 2.29.3's ordered
-    //    consumer delivered nothing against nats-server 2.15 when this was written.)
+    //    with explicit acks, not nats.js's ordered one, `js.consumers.get(stream, {...})`:
+    //    in nats 2.29.3 that delivered nothing against nats-server 2.15 in our tests.)
     const jsm = await nc.jetstreamManager();
     const info = await jsm.consumers.add(stream, {
       filter_subject: `${prefix}.v1.events.jobs.${job}.*`,
@@ -119,6 +119,7 @@ async function main() {
     } finally {
       clearTimeout(giveUp);
       messages.stop();
+      await jsm.consumers.delete(stream, info.name).catch(() => {}); // else it expires
     }
     console.error(`job_example: job ${job} recorded no end in time; it goes on (fleetbus jobs show ${job})`);
     return EXIT.stopped;
