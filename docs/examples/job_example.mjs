@@ -11,7 +11,7 @@
 //       node job_example.mjs team=core [KEY=VALUE ...]
 //
 // FLEETBUS_PREFIX is the subject prefix (default fleetbus), as for fleetbus itself.
-import { AckPolicy, connect, DeliverPolicy, JSONCodec } from "nats";
+import { connect, JSONCodec } from "nats";
 
 const EXIT = { succeeded: 0, failed: 1, cannotStart: 125, stopped: 2 };
 const codec = JSONCodec();
@@ -84,26 +84,19 @@ async function main() {
 
     // 2. Follow it. The job may finish before we could subscribe, so we do not subscribe
     //    to the live events: we read its kept records (started, result..., finished)
-    //    from the stream's start with a consumer of our own, and miss none. (A consumer
-    //    with explicit acks, not nats.js's ordered one, `js.consumers.get(stream, {...})`:
-    //    in nats 2.29.3 that delivered nothing against nats-server 2.15 in our tests.)
-    const jsm = await nc.jetstreamManager();
-    const info = await jsm.consumers.add(stream, {
-      filter_subject: `${prefix}.v1.events.jobs.${job}.*`,
-      deliver_policy: DeliverPolicy.All,
-      ack_policy: AckPolicy.Explicit,
-      inactive_threshold: 60e9, // nanoseconds: the server removes it a minute after we go
+    //    from the stream with an ordered consumer, and miss none. Its default start, the
+    //    stream's first record, delivers all of the job's. (Do not pass deliver_policy
+    //    All: nats 2.29.3 then also sends opt_start_seq, which nats-server 2.15 refuses,
+    //    and the consumer retries without a word and delivers nothing.)
+    const consumer = await nc.jetstream().consumers.get(stream, {
+      filterSubjects: `${prefix}.v1.events.jobs.${job}.*`,
     });
-    const messages = await nc.jetstream().consumers.get(stream, info.name).then((c) => c.consume());
+    const messages = await consumer.consume();
     // The job's deadline ends it in the core; give its end a margin to be recorded.
     const giveUp = setTimeout(() => messages.stop(), (300 + 30) * 1000);
-    const seen = new Set(); // a record whose ack was lost comes again: print it once
     const width = Math.max(...reply.targets.map((t) => t.length));
     try {
       for await (const m of messages) {
-        m.ack();
-        if (seen.has(m.seq)) continue;
-        seen.add(m.seq);
         const kind = m.subject.split(".").pop();
         const body = codec.decode(m.data);
         if (kind === "result") {
@@ -119,7 +112,6 @@ async function main() {
     } finally {
       clearTimeout(giveUp);
       messages.stop();
-      await jsm.consumers.delete(stream, info.name).catch(() => {}); // else it expires
     }
     console.error(`job_example: job ${job} recorded no end in time; it goes on (fleetbus jobs show ${job})`);
     return EXIT.stopped;
