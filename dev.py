@@ -54,6 +54,9 @@ def setup(extras: str) -> Path:
 TEST_SYSTEM_PACKAGES = {
     "openssh-server": "/usr/sbin/sshd",
     "prometheus": "/usr/bin/prometheus",
+    # The Node.js worked example of a job (docs/examples/job_example.mjs) runs under them.
+    "nodejs": "/usr/bin/node",
+    "npm": "/usr/bin/npm",
 }
 
 

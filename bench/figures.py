@@ -52,17 +52,20 @@ class Sizes:
     # Each ssh exec logs in a shell (~0.15 s here, twice per sample with its baseline):
     # the quick run's 200 took half of its two minutes.
     ssh_exec_n: int
+    # Agents running `exec true` as one job, against as many single requests (issue 18).
+    job_agents: int
 
     @classmethod
     def of(cls, mode: str) -> Sizes:
         if mode == "smoke":
             return cls(exec_n=20, agents_ping_rate=10, ping_seconds=1, agents_held=10, agents_fanout=10,
-                       put_mib=8, sftp_mib=8, transfer_rounds=1, ssh_exec_n=10)
+                       put_mib=8, sftp_mib=8, transfer_rounds=1, ssh_exec_n=10, job_agents=10)
         if mode == "quick":
             return cls(exec_n=200, agents_ping_rate=100, ping_seconds=3, agents_held=300,
-                       agents_fanout=300, put_mib=128, sftp_mib=64, transfer_rounds=2, ssh_exec_n=60)
+                       agents_fanout=300, put_mib=128, sftp_mib=64, transfer_rounds=2, ssh_exec_n=60, job_agents=200)
         return cls(exec_n=2000, agents_ping_rate=500, ping_seconds=10, agents_held=5000,
-                   agents_fanout=1000, put_mib=1024, sftp_mib=256, transfer_rounds=3, ssh_exec_n=200)
+                   agents_fanout=1000, put_mib=1024, sftp_mib=256, transfer_rounds=3, ssh_exec_n=200,
+                   job_agents=1000)
 
 
 Timed = Callable[[], Awaitable[Any]]

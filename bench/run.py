@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from figures import Row, Sizes, agents_scale, describe, exec_agent, exec_local, put_agent, up_to_first_command
 from floors import floor_rows
 from harness import Stack
+from jobbench import job_rows
 
 
 def machine() -> dict[str, str]:
@@ -90,6 +91,9 @@ async def main(args: argparse.Namespace) -> list[Row]:
             if on("floors"):
                 # Before the scale rows: their thousands of agents stay connected.
                 rows += await floor_rows(stack, sizes, work, scp)
+            if on("jobs"):
+                # Also before the scale rows; their own agents are stopped when they end.
+                rows += await job_rows(stack, sizes, work)
             if on("scale"):
                 rows += await agents_scale(stack, sizes, work)
         finally:
@@ -108,7 +112,7 @@ def cli() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, under two minutes")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the benchmarks work")
-    parser.add_argument("--only", action="append", choices=["startup", "local", "agent", "put", "floors", "scale", "ssh"])
+    parser.add_argument("--only", action="append", choices=["startup", "local", "agent", "put", "floors", "jobs", "scale", "ssh"])
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
     started = time.perf_counter()

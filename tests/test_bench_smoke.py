@@ -31,6 +31,10 @@ def test_bench_smoke_reports_every_figure() -> None:
     for part in ("floor: ping/s", "floor: 8 MiB put over the bus", "floor: 8 MiB put on ssh",
                  "floor: 8 MiB get on ssh", "ssh transport alone: 8 MiB put", "ssh transport alone: 8 MiB get"):
         assert any(f.startswith(part) for f in figures), (part, figures)
+    # Fleet jobs (issue 18), each against its baseline of the same run.
+    for part in ("job overhead: 1-server job vs exec true", "exec true on 10 agents as one job",
+                 "ping job over 10 agents held", "exec true on 50 ssh servers as one job"):
+        assert any(f.startswith(part) for f in figures), (part, figures)
     for row in report["rows"]:
         assert math.isfinite(row["fleetbus"]) and row["fleetbus"] > 0, row
         if row["baseline"] is not None:
