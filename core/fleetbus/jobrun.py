@@ -12,6 +12,15 @@ it is online (:class:`~fleetbus.jobwait.OnlineWatch`), then it is sent the reque
 again; past its wait it is an ``offline`` error. The wait is timed from the first
 ``server_offline``, so a server that flaps is not waited for twice.
 
+What is durable before what: a server's command is sent only once the ``jobs_live``
+entry listing it (:class:`~fleetbus.jobleases.JobLeases`) and the job's ``started``
+record are stored, so a core that dies leaves it ``unknown``, never ``skipped``. That
+write is not awaited by the loop: the servers it lets start wait for it in their own
+tasks while the loop goes on. Results are sent without waiting for each
+acknowledgement; a server stays listed in ``jobs_live`` until its result is stored. The
+``finished`` record is sent after every result (the stream keeps them in that order)
+and the ``jobs_live`` entry is deleted once all of them are acknowledged.
+
 Cancel and the deadline stop the plan and send each running command the ordinary
 per-server ``cancel`` request, repeated until the command has answered, since a cancel
 that reaches a worker before the command does finds nothing to stop.
@@ -24,6 +33,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +43,7 @@ from nats.js.kv import KeyValue
 
 from .jobleases import JobLeases
 from .jobplan import JobPlan, Outcome, StopReason
-from .jobrecords import JobCounts, JobDefinition, JobStore, JobSummary, ServerResult, tail
+from .jobrecords import JobCounts, JobDefinition, JobStore, JobSummary, ServerResult, acked, tail
 from .jobwait import OnlineWatch, shown_duration
 from .names import COMMAND_ID_RE
 from .subjects import Names
@@ -90,6 +100,9 @@ class JobRun:
     leases: JobLeases | None = None
     status: KeyValue | None = None  # the status bucket, watched when the job waits for servers
     task: asyncio.Task[None] | None = None
+    # The write of the ``started`` record, when the job service has not awaited it yet:
+    # no command is sent before it is acknowledged.
+    kept: asyncio.Future[None] | None = None
     summary: JobSummary | None = None  # set once the end is recorded
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _started: float = field(default_factory=time.monotonic)
@@ -100,6 +113,8 @@ class JobRun:
     # Servers whose last request found no responder: only those wait. A worker's own
     # server_offline reply (an agent lost mid-command) is an error as it stands.
     _unserved: set[str] = field(default_factory=set)
+    # Result records sent and not yet acknowledged: their servers stay in jobs_live.
+    _unacked: dict[asyncio.Future[Any], str] = field(default_factory=dict)
 
     @property
     def id(self) -> str:
@@ -128,13 +143,20 @@ class JobRun:
                 await self._online.start()
             while True:
                 starts = plan.next_starts()
-                if starts and self.leases is not None:
-                    # Before sending: if this core dies, these may be running (unknown).
-                    await self.leases.running(self.id, {*running.values(), *starts})
+                gate = self._before_sending(set(running.values()) | set(starts)) if starts else None
+                if gate is not None and self.kept is not None:
+                    # The first starts: a job whose started record was not kept must not
+                    # run at all (its start was answered with an error).
+                    await asyncio.wait([gate, self.kept])
+                    if self.kept.cancelled() or self.kept.exception() is not None:
+                        if self.leases is not None:
+                            await self.leases.ended(self.id)
+                        return
+                    self.kept = None
                 for server in starts:
                     if self._online is not None:
                         self._sent_at[server] = self._online.mark()
-                    running[asyncio.create_task(self._one(server))] = server
+                    running[asyncio.create_task(self._one(server, gate))] = server
                 await self._progress()
                 if plan.done:
                     break
@@ -173,7 +195,11 @@ class JobRun:
             for server in plan.skipped():
                 await self._keep(ServerResult(job=self.id, server=server, outcome="skipped"))
             summary = self._summary()
-            await self.store.finished(summary)
+            if self.kept is not None:
+                await self.kept  # a job with nothing to start
+            finished = await self.store.send(self.id, "finished", summary)
+            await self._results_acked()
+            await acked(finished)
             self.summary = summary
             if self.leases is not None:
                 await self.leases.ended(self.id)
@@ -223,15 +249,56 @@ class JobRun:
         return ServerResult(job=self.id, server=server, outcome="offline", command_id=command_id(origin, server),
                             error={"code": "server_offline", "message": message})
 
+    def _before_sending(self, servers: set[str]) -> asyncio.Future[Any] | None:
+        """What must be stored before ``servers``' commands are sent: the ``jobs_live``
+        entry listing them with every server whose result is not stored yet (if this
+        core dies, those may be running: ``unknown``), and the ``started`` record.
+        Writes go out in the order made, so the last one stored lists them all."""
+        waits: list[Awaitable[Any]] = []
+        if self.leases is not None:
+            waits.append(self.leases.running(self.id, servers | set(self._unacked.values())))
+        if self.kept is not None:
+            waits.append(self.kept)
+        if not waits:
+            return None
+        return asyncio.ensure_future(asyncio.gather(*waits))
+
     async def _keep(self, result: ServerResult) -> None:
         # One record the stream would not take must not stop the job with commands
         # still running on servers; the summary's counts still include it.
         try:
-            await self.store.result(result)
+            ack = await self.store.send(self.id, "result", result)
         except Exception as exc:
             log.error("job %s: the result of %s was not kept: %s", self.id, result.server, type(exc).__name__)
+            return
+        self._unacked[ack] = result.server
+        ack.add_done_callback(self._on_result_acked)
 
-    async def _one(self, server: str) -> ServerResult:
+    def _on_result_acked(self, ack: asyncio.Future[Any]) -> None:
+        server = self._unacked.get(ack)
+        if ack.cancelled():
+            return  # waited for too long in _results_acked, which says so
+        if ack.exception() is not None:
+            # Still listed in jobs_live: if this core dies, the server is unknown.
+            log.error("job %s: the result of %s was not kept: %s", self.id, server,
+                      type(ack.exception()).__name__)
+            return
+        self._unacked.pop(ack, None)
+
+    async def _results_acked(self) -> None:
+        """Wait for the result records still unacknowledged (a failed one is logged by
+        :meth:`_on_result_acked`)."""
+        for ack, server in list(self._unacked.items()):
+            if ack.done():
+                continue
+            try:
+                await acked(ack)
+            except TimeoutError:
+                log.error("job %s: the result of %s was not acknowledged in time", self.id, server)
+            except Exception:
+                pass
+
+    async def _one(self, server: str, gate: asyncio.Future[Any] | None = None) -> ServerResult:
         # A rerun keeps an abandoned job's id for a server whose command may have run.
         origin = self.spec.definition.command_origins.get(server, self.id)
         cid = command_id(origin, server)
@@ -241,6 +308,15 @@ class JobRun:
             body["env"] = {ENV_JOB: origin, ENV_SERVER: server, **body.get("env", {})}
         started = time.monotonic()
         self._unserved.discard(server)
+        if gate is not None:
+            try:
+                await asyncio.shield(gate)
+            except Exception as exc:
+                # Not recorded as maybe running: it must not run. Nothing was sent.
+                return ServerResult(job=self.id, server=server, outcome="error", command_id=cid,
+                                    duration_s=_since(started),
+                                    error={"code": "internal", "message": "the core could not record the job's "
+                                           f"progress, so the command was not sent: {type(exc).__name__}"})
         try:
             msg = await self.nc.request(
                 self.names.server(server, self.spec.op), json.dumps(body).encode(),
