@@ -16,7 +16,8 @@ What is durable before what: a server's command is sent only once the ``jobs_liv
 entry listing it (:class:`~fleetbus.jobleases.JobLeases`) and the job's ``started``
 record are stored, so a core that dies leaves it ``unknown``, never ``skipped``. That
 write is not awaited by the loop: the servers it lets start wait for it in their own
-tasks while the loop goes on. Results are sent without waiting for each
+tasks while the loop goes on, and one is in flight at a time (starts made meanwhile
+share the next). Results are sent without waiting for each
 acknowledgement; a server stays listed in ``jobs_live`` until its result is stored. The
 ``finished`` record is sent after every result (the stream keeps them in that order)
 and the ``jobs_live`` entry is deleted once all of them are acknowledged.
@@ -33,7 +34,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,6 +116,8 @@ class JobRun:
     _unserved: set[str] = field(default_factory=set)
     # Result records sent and not yet acknowledged: their servers stay in jobs_live.
     _unacked: dict[asyncio.Future[Any], str] = field(default_factory=dict)
+    _live_busy: asyncio.Future[Any] | None = None  # the jobs_live write in flight
+    _live_next: asyncio.Future[Any] | None = None  # done when the write after it is stored
 
     @property
     def id(self) -> str:
@@ -143,7 +146,7 @@ class JobRun:
                 await self._online.start()
             while True:
                 starts = plan.next_starts()
-                gate = self._before_sending(set(running.values()) | set(starts)) if starts else None
+                gate = self._before_sending(starts, lambda: set(running.values())) if starts else None
                 if gate is not None and self.kept is not None:
                     # The first starts: a job whose started record was not kept must not
                     # run at all (its start was answered with an error).
@@ -202,6 +205,8 @@ class JobRun:
             await acked(finished)
             self.summary = summary
             if self.leases is not None:
+                while self._live_busy is not None and not self._live_busy.done():
+                    await asyncio.wait([self._live_busy])  # no write may land after the delete
                 await self.leases.ended(self.id)
         except Exception:
             log.exception("job %s failed", self.id)
@@ -249,19 +254,45 @@ class JobRun:
         return ServerResult(job=self.id, server=server, outcome="offline", command_id=command_id(origin, server),
                             error={"code": "server_offline", "message": message})
 
-    def _before_sending(self, servers: set[str]) -> asyncio.Future[Any] | None:
-        """What must be stored before ``servers``' commands are sent: the ``jobs_live``
-        entry listing them with every server whose result is not stored yet (if this
-        core dies, those may be running: ``unknown``), and the ``started`` record.
-        Writes go out in the order made, so the last one stored lists them all."""
+    def _before_sending(self, starts: list[str], running: Callable[[], set[str]]) -> asyncio.Future[Any] | None:
+        """What must be stored before the commands of ``starts`` are sent: the
+        ``jobs_live`` entry listing them with every server whose result is not stored
+        yet (if this core dies, those may be running: ``unknown``), and the ``started``
+        record."""
         waits: list[Awaitable[Any]] = []
         if self.leases is not None:
-            waits.append(self.leases.running(self.id, servers | set(self._unacked.values())))
+            waits.append(self._live_write(set(starts), running))
         if self.kept is not None:
             waits.append(self.kept)
         if not waits:
             return None
         return asyncio.ensure_future(asyncio.gather(*waits))
+
+    def _live_write(self, starts: set[str], running: Callable[[], set[str]]) -> asyncio.Future[Any]:
+        """A ``jobs_live`` write listing ``starts``. One is in flight at a time: starts
+        made meanwhile share the next one, written once it is stored with what is
+        running then (they are in ``running`` by then). So a wave of starts costs one
+        or two writes, not one per loop turn, and the last write stored lists them all."""
+        assert self.leases is not None
+        leases = self.leases
+
+        def write(servers: set[str]) -> asyncio.Future[Any]:
+            self._live_busy = asyncio.ensure_future(
+                leases.running(self.id, servers | set(self._unacked.values())))
+            return self._live_busy
+
+        if self._live_busy is None or self._live_busy.done():
+            return write(starts | running())
+        if self._live_next is None:
+            following: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._live_next = following
+
+            def after(_: asyncio.Future[Any]) -> None:
+                self._live_next = None
+                write(running()).add_done_callback(lambda done: _settle(following, done))
+
+            self._live_busy.add_done_callback(after)
+        return self._live_next
 
     async def _keep(self, result: ServerResult) -> None:
         # One record the stream would not take must not stop the job with commands
@@ -388,6 +419,18 @@ class JobRun:
             state = "succeeded"
         return JobSummary(job=self.id, state=state, stop_reason=reason, counts=counts,  # type: ignore[arg-type]
                           duration_s=_since(self._started))
+
+
+def _settle(future: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
+    """Give ``future`` the outcome of ``done``."""
+    if future.done():
+        return
+    if done.cancelled():
+        future.cancel()
+    elif done.exception() is not None:
+        future.set_exception(done.exception())  # type: ignore[arg-type]
+    else:
+        future.set_result(done.result())
 
 
 def _since(started: float) -> float:
