@@ -31,6 +31,7 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
+from .jobfiles import job_object
 from .jobleases import JobLeases
 from .jobplan import JobPlan, Outcome, StopReason
 from .jobrecords import JobCounts, JobDefinition, JobStore, JobSummary, ServerResult, tail
@@ -239,6 +240,8 @@ class JobRun:
         if self.spec.op == "exec":
             # A command learns where and in which job it runs; the request's own env wins.
             body["env"] = {ENV_JOB: origin, ENV_SERVER: server, **body.get("env", {})}
+        elif self.spec.op == "get":
+            body["object"] = job_object(self.id, server)  # where the requester fetches it
         started = time.monotonic()
         self._unserved.discard(server)
         try:
