@@ -8,11 +8,13 @@ the object store's sequence numbers show that the bytes went up once, not per se
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
 import secrets
 import stat
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -20,8 +22,9 @@ import pytest
 from fleetbus.objects import CHUNK_BYTES
 from fleetbus.subjects import Names
 from nats.aio.client import Client as NATS
+from support.agents import Agent, gateway_of
 from support.processes import Fleet
-from test_jobs import register
+from test_jobs import add_agent, register, request, wait_until
 
 FILES_STREAM = f"OBJ_{Names().files_bucket}"
 
@@ -47,6 +50,11 @@ async def files_state(nc: NATS) -> tuple[int, int]:
     return info.state.last_seq, info.state.bytes
 
 
+async def cli(fleet: Fleet, *args: str) -> subprocess.CompletedProcess[str]:
+    """The fleetbus CLI in a thread: the test's own NATS connection keeps being served."""
+    return await asyncio.to_thread(fleet.cli, *args)
+
+
 def job_results(lines: str) -> dict[str, dict]:
     rows = [json.loads(line) for line in lines.splitlines() if line.startswith("{")]
     return {r["server"]: r for r in rows if "server" in r}
@@ -64,7 +72,7 @@ async def test_put_uploads_once_and_every_server_writes_it(fleet: Fleet, nc: NAT
     remote = tmp_path / "srv" / "app" / "build.tar.gz"
     before_seq, _ = await files_state(nc)
 
-    proc = fleet.cli("put", "--label", f"t={tag}", "--role", "web", str(local), str(remote),
+    proc = await cli(fleet, "put", "--label", f"t={tag}", "--role", "web", str(local), str(remote),
                      "--mode", "0640", "--json")
 
     assert proc.returncode == 0, proc.stderr
@@ -89,7 +97,7 @@ async def test_put_uploads_once_and_every_server_writes_it(fleet: Fleet, nc: NAT
     assert not [m for m in metas if b"job-put/" in m.data and b'"deleted": true' not in m.data
                 and b'"deleted":true' not in m.data]
 
-    human = fleet.cli("put", "--label", f"t={tag}", "--role", "web", str(local), str(remote))
+    human = await cli(fleet, "put", "--label", f"t={tag}", "--role", "web", str(local), str(remote))
     assert human.returncode == 0, human.stderr
     for name in names:
         assert f"{name}  ok  3.0 MiB  " in human.stdout
@@ -104,7 +112,7 @@ async def test_put_failures_follow_the_exit_code_rule(fleet: Fleet, nc: NATS, ta
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where a folder should be")
 
-    unwritable = fleet.cli("put", "--label", f"t={tag}", str(local), str(blocker / "f"))
+    unwritable = await cli(fleet, "put", "--label", f"t={tag}", str(local), str(blocker / "f"))
     assert unwritable.returncode == 1, unwritable.stderr  # some failed, no budget spent
     for name in (f"{tag}-a", f"{tag}-b"):
         assert f"{name}  error  cannot create the parent directories" in unwritable.stdout
@@ -113,18 +121,18 @@ async def test_put_failures_follow_the_exit_code_rule(fleet: Fleet, nc: NATS, ta
     # One server nobody serves: the others still get the file; the job is "failed".
     await register(nc, f"{tag}-gone", tag, transport="agent-outbound")
     target = tmp_path / "out" / "f"
-    partly = fleet.cli("put", "--label", f"t={tag}", str(local), str(target))
+    partly = await cli(fleet, "put", "--label", f"t={tag}", str(local), str(target))
     assert partly.returncode == 1, partly.stderr
     assert target.read_bytes() == local.read_bytes()
     assert f"{tag}-gone  offline" in partly.stdout and "2 ok, 1 failed" in partly.stdout
 
-    nothing = fleet.cli("put", "--label", f"t={tag}", "--role", "nope", str(local), str(target))
+    nothing = await cli(fleet, "put", "--label", f"t={tag}", "--role", "nope", str(local), str(target))
     assert nothing.returncode == 125 and "no server matches" in nothing.stderr
-    stray = fleet.cli("put", f"{tag}-a", "--max-errors", "1", str(local), str(target))
+    stray = await cli(fleet, "put", f"{tag}-a", "--max-errors", "1", str(local), str(target))
     assert stray.returncode == 125 and "need a selection" in stray.stderr
     # An ended put job cannot be rerun: its file went with it.
-    job = json.loads(fleet.cli("jobs", "list", "--json").stdout)[0]["id"]
-    rerun = fleet.cli("jobs", "rerun", job)
+    job = json.loads((await cli(fleet, "jobs", "list", "--json")).stdout)[0]["id"]
+    rerun = await cli(fleet, "jobs", "rerun", job)
     assert rerun.returncode == 125 and "put it again" in rerun.stderr
 
 
@@ -140,7 +148,7 @@ async def test_get_fetches_each_server_file_into_its_own_folder(fleet: Fleet, nc
     dest = tmp_path / "configs"
     _, bytes_before = await files_state(nc)
 
-    proc = fleet.cli("get", "--label", f"t={tag}", "--role", "db", str(conf), str(dest))
+    proc = await cli(fleet, "get", "--label", f"t={tag}", "--role", "db", str(conf), str(dest))
 
     assert proc.returncode == 0, proc.stderr
     for name in names:
@@ -152,9 +160,44 @@ async def test_get_fetches_each_server_file_into_its_own_folder(fleet: Fleet, nc
     _, bytes_after = await files_state(nc)
     assert bytes_after - bytes_before < len(content)
 
-    missing = fleet.cli("get", "--label", f"t={tag}", str(tmp_path / "nope.conf"), str(tmp_path / "m"))
+    missing = await cli(fleet, "get", "--label", f"t={tag}", str(tmp_path / "nope.conf"), str(tmp_path / "m"))
     assert missing.returncode == 1
     assert "0 ok, 3 failed" in missing.stdout
     assert not (tmp_path / "m").exists() or not list((tmp_path / "m").rglob("nope.conf"))
-    onto_file = fleet.cli("get", "--label", f"t={tag}", str(conf), str(conf))
+    onto_file = await cli(fleet, "get", "--label", f"t={tag}", str(conf), str(conf))
     assert onto_file.returncode == 125 and "is not a folder" in onto_file.stderr
+
+
+async def test_put_and_get_jobs_through_a_real_outbound_agent(fleet: Fleet, nc: NATS, tag: str,
+                                                              tmp_path: Path) -> None:
+    await register(nc, f"{tag}-local", tag)
+    key = await add_agent(nc, f"{tag}-agent", tag)
+    gateway = await asyncio.to_thread(gateway_of, fleet)
+    agent = Agent(tmp_path / "agent", gateway["address"], gateway["fingerprint"], key).start()
+    try:
+        async def online() -> bool:
+            got = await request(nc, "fleetbus.v1.admin.servers.get", {"name": f"{tag}-agent"})
+            return (got.get("status") or {}).get("state") == "online"
+
+        await wait_until(online, what="the agent connected")
+        payload = os.urandom(2 * 1024 * 1024 + 5)
+        local = tmp_path / "payload.bin"
+        local.write_bytes(payload)
+        remote = tmp_path / "remote" / "payload.bin"
+
+        put = await cli(fleet, "put", "--label", f"t={tag}", str(local), str(remote),
+                                      "--mode", "0600", "--json")
+        assert put.returncode == 0, put.stderr + put.stdout
+        results = job_results(put.stdout)
+        digest = hashlib.sha256(payload).hexdigest()
+        assert {name: (r["outcome"], r["data"]["sha256"], r["data"]["mode"]) for name, r in results.items()} == {
+            f"{tag}-agent": ("ok", digest, "0600"), f"{tag}-local": ("ok", digest, "0600")}
+        assert remote.read_bytes() == payload and stat.S_IMODE(remote.stat().st_mode) == 0o600
+
+        dest = tmp_path / "back"
+        got = await cli(fleet, "get", "--label", f"t={tag}", str(remote), str(dest))
+        assert got.returncode == 0, got.stderr + got.stdout
+        for name in (f"{tag}-agent", f"{tag}-local"):
+            assert (dest / name / "payload.bin").read_bytes() == payload
+    finally:
+        agent.stop()
