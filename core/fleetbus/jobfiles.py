@@ -3,9 +3,9 @@ jobs (docs/bus-api.md, "Jobs").
 
 A ``put`` job's file goes into the object store once (:func:`upload`); every target's
 command is an ordinary ``put`` of that object, which its worker checks against the
-sha256 before renaming the file into place. A ``get`` job's targets each store their file
-as ``job/<job>/<server>`` (:func:`job_object`); the requester fetches each one as its
-result is kept (:func:`download`), checks it and deletes the object.
+sha256 before renaming the file into place. A ``get`` job's targets each store their
+file as ``job/<job>/<server>`` (:func:`fleetbus.jobrequest.job_object`); the requester
+fetches each one as its result is kept (:func:`download`), checks it and deletes it.
 
 Neither side holds a file in memory: uploads read the local file in chunks, downloads
 write each chunk as it comes. Objects the requester never deletes (it died) expire with
@@ -19,8 +19,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-# The client's chunked, thread-backed file reader and its atomic file writer: one of each.
-from .client import _FileSink, _read_chunks
+from .client import FileSink, read_chunks
 from .errors import TransportError
 from .names import SERVER_NAME_RE
 from .objects import ObjectFiles, StoredObject
@@ -28,16 +27,11 @@ from .objects import ObjectFiles, StoredObject
 JOB_PUT_PREFIX = "job-put"
 
 
-def job_object(job: str, server: str) -> str:
-    """The object a ``get`` job's ``server`` stores its file as."""
-    return f"job/{job}/{server}"
-
-
 async def upload(files: ObjectFiles, source: Path) -> StoredObject:
     """Store the local file ``source`` once for a ``put`` job, streamed from disk; the
     returned object carries its size and sha256 for the job request."""
     size = source.stat().st_size
-    return await files.write(f"{JOB_PUT_PREFIX}/{uuid.uuid4().hex}", _read_chunks(source, size, None))
+    return await files.write(f"{JOB_PUT_PREFIX}/{uuid.uuid4().hex}", read_chunks(source, size, None))
 
 
 def server_folder(dest: Path, server: str) -> Path:
@@ -60,7 +54,7 @@ async def download(files: ObjectFiles, result: dict[str, Any], dest: Path, filen
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / filename
         _size, chunks = await files.read(name)
-        sink = _FileSink(target)
+        sink = FileSink(target)
         digest = hashlib.sha256()
         try:
             async for chunk in chunks:

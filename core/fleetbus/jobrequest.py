@@ -58,6 +58,11 @@ class JobExec(BaseModel):
         return self
 
 
+def job_object(job: str, server: str) -> str:
+    """The object a ``get`` job's ``server`` stores its file as."""
+    return f"job/{job}/{server}"
+
+
 class JobPut(BaseModel):
     """A ``put`` for every target, of one object the requester stored once in the file
     bucket: each server's command is an ordinary ``put`` with ``object`` and
@@ -88,7 +93,7 @@ class JobPut(BaseModel):
 
 class JobGet(BaseModel):
     """A ``get`` of one path on every target. Each server's command stores the file as
-    the object ``job/<job>/<server>`` (:func:`fleetbus.jobfiles.job_object`); its
+    the object ``job/<job>/<server>`` (:func:`job_object`); its
     result's ``data`` names it, with its size and sha256, for the requester to fetch
     and delete."""
 

@@ -31,10 +31,10 @@ import nats.errors
 from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
-from .jobfiles import job_object
 from .jobleases import JobLeases
 from .jobplan import JobPlan, Outcome, StopReason
 from .jobrecords import JobCounts, JobDefinition, JobStore, JobSummary, ServerResult, tail
+from .jobrequest import job_object
 from .jobwait import OnlineWatch, shown_duration
 from .names import COMMAND_ID_RE
 from .subjects import Names
