@@ -22,11 +22,13 @@ from .context import (
     Globals,
     client_call,
     fail,
+    parse_duration,
     parse_pairs,
     pass_globals,
     run_async,
     with_client,
 )
+from .jobfiles import JobOptions, get_job, put_job, selection_options
 from .jobs import follow_job
 from .render import Progress, emit_json, human_bytes, key_values
 
@@ -38,22 +40,6 @@ def _write(stream: str, data: bytes) -> None:
     out = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
     out.write(data)
     out.flush()
-
-
-def _seconds(value: str | None, option: str = "--deadline") -> float | None:
-    """``90``, ``90s``, ``5m`` or ``2h`` as seconds."""
-    if value is None:
-        return None
-    text = value.strip().lower()
-    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], None)
-    try:
-        seconds = float(text[:-1] if scale else text) * (scale or 1)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a duration like 90, 90s, 5m or 2h",
-                                 param_hint=option) from None
-    if seconds <= 0:
-        raise click.BadParameter("must be more than 0", param_hint=option)
-    return seconds
 
 
 @click.command("run", context_settings={"ignore_unknown_options": True})
@@ -145,10 +131,10 @@ def run(g: Globals, server: str, command: tuple[str, ...], timeout_s: float, rol
         if environment:
             selection["environment"] = environment
         request: dict[str, Any] = {"selection": selection, "op": "exec", "exec": exec_body,
-                                   "timeout_s": timeout_s, "deadline_s": _seconds(deadline),
+                                   "timeout_s": timeout_s, "deadline_s": parse_duration(deadline),
                                    "dry_run": dry_run}
         if wait_online is not None:
-            request["wait_online_s"] = _seconds(wait_online, "--wait-online")
+            request["wait_online_s"] = parse_duration(wait_online, "--wait-online")
         for key, value in (("max_concurrency", max_concurrency), ("max_errors", max_errors),
                            ("batch", batch), ("canary", canary)):
             if value is not None:
@@ -219,15 +205,39 @@ def _mode(value: str | None) -> int | None:
 
 
 @click.command("put")
-@click.argument("server")
-@click.argument("local", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
-@click.argument("remote")
+@click.argument("args", nargs=-1, metavar="[SERVER] LOCAL REMOTE")
 @click.option("--mode", help="Octal file mode on the server, e.g. 0640.")
 @click.option("--no-parents", is_flag=True, help="Fail if the remote folder does not exist.")
-@click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON (a job: one object per server).")
+@selection_options
 @pass_globals
-def put(g: Globals, server: str, local: str, remote: str, mode: str | None, no_parents: bool, as_json: bool) -> None:
-    """Copy the file LOCAL (- for stdin) to REMOTE on SERVER, atomically."""
+def put(g: Globals, args: tuple[str, ...], mode: str | None, no_parents: bool, as_json: bool,
+        **selection: Any) -> None:
+    """Copy the file LOCAL (- for stdin) to REMOTE on SERVER, atomically.
+
+    With --role, --environment, --label, --servers or --all instead of SERVER, copy it to
+    every server selected as one job: LOCAL is uploaded once, each server checks its
+    sha256; one line per server as it finishes, exit codes as `fleetbus run`:
+    fleetbus put --role web ./build.tar.gz /opt/app/build.tar.gz --mode 0644
+    """
+    options = JobOptions(**selection)
+    if options.selecting:
+        if len(args) != 2:
+            raise click.UsageError("give LOCAL and REMOTE after the selection (fleetbus put --role web ./f /srv/f)")
+        local, remote = args
+        if local == "-" or not Path(local).is_file():
+            raise click.BadParameter(f"{local} is not a file: a job uploads a local file once for every server",
+                                     param_hint="LOCAL")
+        _mode(mode)  # checked here; sent as given
+        sys.exit(put_job(g, options, Path(local), remote, mode, not no_parents, as_json))
+    if given := options.job_only():
+        fail(f"{', '.join(given)} need a selection (--role, --environment, --label, --servers or --all)",
+             EXIT_FLEETBUS_ERROR)
+    if len(args) != 3:
+        raise click.UsageError("give SERVER LOCAL REMOTE, or a selection and LOCAL REMOTE")
+    server, local, remote = args
+    if local != "-" and not Path(local).is_file():
+        raise click.BadParameter(f"{local} is not a file", param_hint="LOCAL")
     keep_large_buffers()  # 1 MiB buffers per chunk; see fleetbus_agent.heap
     source: bytes | Path = sys.stdin.buffer.read() if local == "-" else Path(local)
     progress = Progress(f"put {server}:{remote}", sys.stderr.isatty() and not as_json)
@@ -243,13 +253,33 @@ def put(g: Globals, server: str, local: str, remote: str, mode: str | None, no_p
 
 
 @click.command("get")
-@click.argument("server")
-@click.argument("remote")
-@click.argument("local", type=click.Path(dir_okay=False, allow_dash=True), required=False)
+@click.argument("args", nargs=-1, metavar="[SERVER] REMOTE [LOCAL]")
 @click.option("--json", "as_json", is_flag=True, help="Print the reply (without content) as JSON.")
+@selection_options
 @pass_globals
-def get(g: Globals, server: str, remote: str, local: str | None, as_json: bool) -> None:
-    """Copy REMOTE on SERVER to LOCAL (default: its base name here; - for stdout)."""
+def get(g: Globals, args: tuple[str, ...], as_json: bool, **selection: Any) -> None:
+    """Copy REMOTE on SERVER to LOCAL (default: its base name here; - for stdout).
+
+    With --role, --environment, --label, --servers or --all instead of SERVER, fetch it
+    from every server selected as one job into LOCAL/<server>/<name> (LOCAL: a folder,
+    default the current one): fleetbus get --role db /etc/postgresql/postgresql.conf ./configs/
+    """
+    options = JobOptions(**selection)
+    if options.selecting:
+        if len(args) not in (1, 2):
+            raise click.UsageError("give REMOTE and a local folder after the selection "
+                                   "(fleetbus get --role db /etc/x ./x/)")
+        dest = Path(args[1] if len(args) == 2 else ".")
+        if dest.exists() and not dest.is_dir():
+            fail(f"{dest} is not a folder: a job writes {dest}/<server>/<name>", EXIT_FLEETBUS_ERROR)
+        sys.exit(get_job(g, options, args[0], dest, as_json))
+    if given := options.job_only():
+        fail(f"{', '.join(given)} need a selection (--role, --environment, --label, --servers or --all)",
+             EXIT_FLEETBUS_ERROR)
+    if len(args) not in (2, 3):
+        raise click.UsageError("give SERVER REMOTE [LOCAL], or a selection and REMOTE [FOLDER]")
+    server, remote = args[:2]
+    local = args[2] if len(args) == 3 else None
     keep_large_buffers()
     to_stdout = local == "-"
     dest = None if to_stdout else Path(local or Path(remote).name or "download")
