@@ -269,7 +269,7 @@ class Client:
         if via == "stream":
             return await self._put_stream(server, source, size, body, progress, timeout_s, idle_s)
         name = f"put/{server}/{command_id or uuid.uuid4().hex}"
-        stored = await self.files.write(name, _read_chunks(source, size, progress))
+        stored = await self.files.write(name, read_chunks(source, size, progress))
         body.update(object=name, sha256=stored.sha256)
         try:
             return await self._server(server, "put", body, timeout_s)
@@ -363,7 +363,7 @@ class Client:
         body = {"path": path, "stream": {"subject": await receiver.open(), "window": window,
                                          "idle_s": idle_s}}
         request = asyncio.ensure_future(self._server(server, "get", body, timeout_s))
-        sink = _FileSink(dest) if dest is not None else _MemorySink()
+        sink = FileSink(dest) if dest is not None else _MemorySink()
 
         async def pump() -> None:
             async for chunk in receiver.chunks(grant_first=False):
@@ -524,7 +524,7 @@ class _OutputStream:
             await self.sub.unsubscribe()
 
 
-async def _read_chunks(source: bytes | Path, size: int, progress: ProgressCallback | None) -> AsyncIterator[bytes]:
+async def read_chunks(source: bytes | Path, size: int, progress: ProgressCallback | None) -> AsyncIterator[bytes]:
     if isinstance(source, bytes):
         for offset in range(0, len(source), FILE_CHUNK):
             yield source[offset : offset + FILE_CHUNK]
@@ -631,7 +631,7 @@ class _MemorySink:
         self.buf = bytearray()
 
 
-class _FileSink:
+class FileSink:
     """Writes into a temporary file beside ``dest``, renamed over it only on commit, so
     a failed download never leaves a partial file under the destination's name. Writes
     are gathered to about 1 MiB and run in a thread one batch behind the receiving; a

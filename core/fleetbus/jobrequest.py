@@ -19,7 +19,7 @@ from pydantic import (
 
 from .jobplan import Amount, PlanOptions
 from .limits import DEFAULT_EXEC_TIMEOUT_S, MAX_EXEC_TIMEOUT_S
-from .messages import ExecRequest, describe_validation_error
+from .messages import ExecRequest, GetRequest, ObjectName, PutRequest, RemotePath, describe_validation_error
 from .selection import Selection
 
 DEFAULT_MAX_CONCURRENCY = 10
@@ -58,13 +58,66 @@ class JobExec(BaseModel):
         return self
 
 
+def job_object(job: str, server: str) -> str:
+    """The object a ``get`` job's ``server`` stores its file as."""
+    return f"job/{job}/{server}"
+
+
+class JobPut(BaseModel):
+    """A ``put`` for every target, of one object the requester stored once in the file
+    bucket: each server's command is an ordinary ``put`` with ``object`` and
+    ``sha256``, so the worker checks the digest before it renames the file into place.
+    ``size`` is what the requester stored, kept for the records (the worker checks the
+    object's own)."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: RemotePath
+    mode: str | int | None = None
+    make_parents: bool = True
+    object: ObjectName
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _as_put(self) -> JobPut:
+        # The one set of put rules (path, mode): checked as a server's put would be.
+        try:
+            PutRequest.model_validate(self.server_body())
+        except ValidationError as exc:
+            raise ValueError(describe_validation_error(exc)) from None
+        return self
+
+    def server_body(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"size"}, exclude_none=True)
+
+
+class JobGet(BaseModel):
+    """A ``get`` of one path on every target. Each server's command stores the file as
+    the object ``job/<job>/<server>`` (:func:`job_object`); its
+    result's ``data`` names it, with its size and sha256, for the requester to fetch
+    and delete."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: RemotePath
+
+    @model_validator(mode="after")
+    def _as_get(self) -> JobGet:
+        try:
+            GetRequest.model_validate(self.model_dump())
+        except ValidationError as exc:
+            raise ValueError(describe_validation_error(exc)) from None
+        return self
+
+
 class JobRequest(BaseModel):
     """The body of ``jobs.start``."""
 
     model_config = ConfigDict(extra="forbid")
     selection: Selection
-    op: Literal["exec", "ping", "info"] = "exec"
+    op: Literal["exec", "ping", "info", "put", "get"] = "exec"
     exec: JobExec | None = None
+    put: JobPut | None = None
+    get: JobGet | None = None
     timeout_s: float = Field(default=DEFAULT_EXEC_TIMEOUT_S, gt=0, le=MAX_EXEC_TIMEOUT_S,
                              description="Per server: its command is stopped after this.")
     deadline_s: float | None = Field(default=None, gt=0, le=MAX_EXEC_TIMEOUT_S,
@@ -102,6 +155,10 @@ class JobRequest(BaseModel):
     def _operation(self) -> JobRequest:
         if (self.op == "exec") != (self.exec is not None):
             raise ValueError("give exec (the command) exactly when op is exec")
+        if (self.op == "put") != (self.put is not None):
+            raise ValueError("give put (path, object, sha256, size) exactly when op is put")
+        if (self.op == "get") != (self.get is not None):
+            raise ValueError("give get (path) exactly when op is get")
         return self
 
     def plan_options(self) -> PlanOptions:
@@ -131,6 +188,10 @@ class JobRequest(BaseModel):
 
     def server_body(self) -> dict[str, Any]:
         """The per-server request body (the job adds the command id)."""
+        if self.put is not None:
+            return self.put.server_body()
+        if self.get is not None:
+            return self.get.model_dump()  # the job adds each server's object
         if self.exec is None:
             return {}
         return {**self.exec.model_dump(exclude_none=True), "timeout_s": self.timeout_s}

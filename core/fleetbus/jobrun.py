@@ -45,6 +45,7 @@ from nats.js.kv import KeyValue
 from .jobleases import JobLeases
 from .jobplan import JobPlan, Outcome, StopReason
 from .jobrecords import JobCounts, JobDefinition, JobStore, JobSummary, ServerResult, acked, tail
+from .jobrequest import job_object
 from .jobwait import OnlineWatch, shown_duration
 from .names import COMMAND_ID_RE
 from .subjects import Names
@@ -337,6 +338,8 @@ class JobRun:
         if self.spec.op == "exec":
             # A command learns where and in which job it runs; the request's own env wins.
             body["env"] = {ENV_JOB: origin, ENV_SERVER: server, **body.get("env", {})}
+        elif self.spec.op == "get":
+            body["object"] = job_object(self.id, server)  # where the requester fetches it
         started = time.monotonic()
         self._unserved.discard(server)
         if gate is not None:

@@ -165,6 +165,9 @@ class JobService:
         if await self.store.summary(ask.id) is None:
             raise InvalidRequest(f"job {ask.id} has not ended; cancel it or wait for it first")
         request = dict(definition.request)
+        if request.get("op") == "put":
+            # Its requester deleted the uploaded file when the job ended (or it expired).
+            raise InvalidRequest(f"job {ask.id} put a file that is gone with the job; put it again")
         command = dict(request.get("exec") or {})
         if REDACTED in (command.get("env") or {}).values() or "stdin_bytes" in command:
             raise InvalidRequest(f"job {ask.id} gave its command environment values or standard input, "
@@ -281,6 +284,8 @@ def _what(request: dict[str, Any]) -> str:
         text = str(command["shell"])
     elif command.get("argv"):
         text = " ".join(str(a) for a in command["argv"])
+    elif (request.get("put") or request.get("get") or {}).get("path"):
+        text = f"{request['op']} {(request.get('put') or request.get('get'))['path']}"
     else:
         text = str(request.get("op"))
     return text if len(text) <= 80 else text[:77] + "..."

@@ -27,6 +27,8 @@ from .context import (
     run_async,
     with_client,
 )
+from .jobfiles import get_job, put_job
+from .jobopts import JobOptions, selection_options
 from .jobs import follow_job
 from .render import Progress, emit_json, human_bytes, key_values
 
@@ -40,41 +42,10 @@ def _write(stream: str, data: bytes) -> None:
     out.flush()
 
 
-def _seconds(value: str | None, option: str = "--deadline") -> float | None:
-    """``90``, ``90s``, ``5m`` or ``2h`` as seconds."""
-    if value is None:
-        return None
-    text = value.strip().lower()
-    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], None)
-    try:
-        seconds = float(text[:-1] if scale else text) * (scale or 1)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a duration like 90, 90s, 5m or 2h",
-                                 param_hint=option) from None
-    if seconds <= 0:
-        raise click.BadParameter("must be more than 0", param_hint=option)
-    return seconds
-
-
 @click.command("run", context_settings={"ignore_unknown_options": True})
 @click.argument("server")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.001), default=600.0, show_default=True,
-              help="Seconds before the process group is killed (in a job: on each server).")
-@click.option("--role", help="Job: servers with this role.")
-@click.option("--environment", "environment", help="Job: servers in this environment (--env sets variables).")
-@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Job: servers with this label (repeatable; all must match).")
-@click.option("--servers", "server_patterns", metavar="NAMES", help="Job: names and globs, comma-separated ('web-*,db1').")
-@click.option("--all", "all_servers", is_flag=True, help="Job: every registered server.")
-@click.option("--max-concurrency", metavar="N|P%", help="Job: servers running at once (default 10).")
-@click.option("--max-errors", metavar="N|P%", help="Job: errors tolerated; one more starts nothing new (default: no limit).")
-@click.option("--batch", metavar="N|P%", help="Job: run in strict waves of this many.")
-@click.option("--canary", type=click.IntRange(min=1), help="Job: run this many first; the rest only if all succeed.")
-@click.option("--deadline", metavar="DURATION", help="Job: overall limit (90, 90s, 5m, 2h); then running commands are cancelled.")
-@click.option("--wait-online", metavar="DURATION",
-              help="Job: an offline server waits this long (30s, 5m, 1h) for its agent to connect "
-                   "instead of being an error at once.")
-@click.option("--dry-run", is_flag=True, help="Job: list the servers selected, run nothing.")
+@selection_options("Seconds before the process group is killed (in a job: on each server).")
 @click.option("--output", "show_output", is_flag=True, help="Job: print what each server prints, each line prefixed with its name.")
 @click.option("--group", "group_output", is_flag=True, help="Job: fold identical outputs into one block listing the servers that printed it.")
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE", help="Environment variable (repeatable).")
@@ -86,13 +57,9 @@ def _seconds(value: str | None, option: str = "--deadline") -> float | None:
 @click.option("--id", "command_id", help="Command id; a retry with the same id is not run twice.")
 @click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON instead of streaming output.")
 @pass_globals
-def run(g: Globals, server: str, command: tuple[str, ...], timeout_s: float, role: str | None,
-        environment: str | None, labels: tuple[str, ...], server_patterns: str | None,
-        all_servers: bool, max_concurrency: str | None, max_errors: str | None, batch: str | None,
-        canary: int | None, deadline: str | None, wait_online: str | None, dry_run: bool, show_output: bool,
-        group_output: bool, env: tuple[str, ...],
-        cwd: str | None, use_shell: bool, use_powershell: bool, forward_stdin: bool,
-        command_id: str | None, as_json: bool) -> None:
+def run(g: Globals, server: str, command: tuple[str, ...], show_output: bool, group_output: bool,
+        env: tuple[str, ...], cwd: str | None, use_shell: bool, use_powershell: bool, forward_stdin: bool,
+        command_id: str | None, as_json: bool, **selection: Any) -> None:
     """Run COMMAND on SERVER, streaming its output; exit with its exit code.
 
     Put `--` before COMMAND when it has options of its own:
@@ -102,14 +69,12 @@ def run(g: Globals, server: str, command: tuple[str, ...], timeout_s: float, rol
     COMMAND as a job on every server selected, printing one line per server as it
     finishes: fleetbus run --role web --max-concurrency 25% -- systemctl reload nginx
     """
-    selecting = bool(role or environment or labels or server_patterns or all_servers)
-    job_options = {"--max-concurrency": max_concurrency, "--max-errors": max_errors, "--batch": batch,
-                   "--canary": canary, "--deadline": deadline,
-                   "--wait-online": wait_online, "--dry-run": dry_run or None,
-                   "--output": show_output or None, "--group": group_output or None}
-    if selecting:
+    options = JobOptions(**selection)
+    timeout_s = options.timeout_s
+    if options.selecting:
         command = (server, *command)  # no SERVER: the first word is the command's
-    elif given := [k for k, v in job_options.items() if v is not None]:
+    elif given := [*options.job_only(), *(["--output"] if show_output else []),
+                   *(["--group"] if group_output else [])]:
         fail(f"{', '.join(given)} need a selection (--role, --environment, --label, --servers or --all)",
              EXIT_FLEETBUS_ERROR)
     if not command:
@@ -127,7 +92,7 @@ def run(g: Globals, server: str, command: tuple[str, ...], timeout_s: float, rol
             fail(f"standard input is larger than {MAX_INLINE_BYTES // 1024} KiB; use `fleetbus put` for files",
                  EXIT_FLEETBUS_ERROR)
     env_map = parse_pairs(env, "--env")
-    if selecting:
+    if options.selecting:
         if command_id is not None:
             fail("--id names one command; a job gives each server's command its own id", EXIT_FLEETBUS_ERROR)
         exec_body: dict[str, Any] = {"shell": " ".join(argv)} if use_shell else {"argv": argv}
@@ -137,22 +102,7 @@ def run(g: Globals, server: str, command: tuple[str, ...], timeout_s: float, rol
             exec_body["cwd"] = cwd
         if stdin is not None:
             exec_body["stdin_b64"] = base64.b64encode(stdin).decode()
-        selection: dict[str, Any] = {"labels": parse_pairs(labels, "--label"), "all": all_servers}
-        if server_patterns:
-            selection["servers"] = [p.strip() for p in server_patterns.split(",") if p.strip()]
-        if role:
-            selection["role"] = role
-        if environment:
-            selection["environment"] = environment
-        request: dict[str, Any] = {"selection": selection, "op": "exec", "exec": exec_body,
-                                   "timeout_s": timeout_s, "deadline_s": _seconds(deadline),
-                                   "dry_run": dry_run}
-        if wait_online is not None:
-            request["wait_online_s"] = _seconds(wait_online, "--wait-online")
-        for key, value in (("max_concurrency", max_concurrency), ("max_errors", max_errors),
-                           ("batch", batch), ("canary", canary)):
-            if value is not None:
-                request[key] = value
+        request = options.request("exec", exec_body)
         if show_output and group_output:
             fail("give --output or --group, not both", EXIT_FLEETBUS_ERROR)
         if as_json and (show_output or group_output):
@@ -219,15 +169,39 @@ def _mode(value: str | None) -> int | None:
 
 
 @click.command("put")
-@click.argument("server")
-@click.argument("local", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
-@click.argument("remote")
+@click.argument("args", nargs=-1, metavar="[SERVER] LOCAL REMOTE")
 @click.option("--mode", help="Octal file mode on the server, e.g. 0640.")
 @click.option("--no-parents", is_flag=True, help="Fail if the remote folder does not exist.")
-@click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON (a job: one object per server).")
+@selection_options("Job: seconds for each server's transfer.")
 @pass_globals
-def put(g: Globals, server: str, local: str, remote: str, mode: str | None, no_parents: bool, as_json: bool) -> None:
-    """Copy the file LOCAL (- for stdin) to REMOTE on SERVER, atomically."""
+def put(g: Globals, args: tuple[str, ...], mode: str | None, no_parents: bool, as_json: bool,
+        **selection: Any) -> None:
+    """Copy the file LOCAL (- for stdin) to REMOTE on SERVER, atomically.
+
+    With --role, --environment, --label, --servers or --all instead of SERVER, copy it to
+    every server selected as one job: LOCAL is uploaded once, each server checks its
+    sha256; one line per server as it finishes, exit codes as `fleetbus run`:
+    fleetbus put --role web ./build.tar.gz /opt/app/build.tar.gz --mode 0644
+    """
+    options = JobOptions(**selection)
+    if options.selecting:
+        if len(args) != 2:
+            raise click.UsageError("give LOCAL and REMOTE after the selection (fleetbus put --role web ./f /srv/f)")
+        local, remote = args
+        if local == "-" or not Path(local).is_file():
+            raise click.BadParameter(f"{local} is not a file: a job uploads a local file once for every server",
+                                     param_hint="LOCAL")
+        _mode(mode)  # checked here; sent as given
+        sys.exit(put_job(g, options, Path(local), remote, mode, not no_parents, as_json))
+    if given := options.job_only():
+        fail(f"{', '.join(given)} need a selection (--role, --environment, --label, --servers or --all)",
+             EXIT_FLEETBUS_ERROR)
+    if len(args) != 3:
+        raise click.UsageError("give SERVER LOCAL REMOTE, or a selection and LOCAL REMOTE")
+    server, local, remote = args
+    if local != "-" and not Path(local).is_file():
+        raise click.BadParameter(f"{local} is not a file", param_hint="LOCAL")
     keep_large_buffers()  # 1 MiB buffers per chunk; see fleetbus_agent.heap
     source: bytes | Path = sys.stdin.buffer.read() if local == "-" else Path(local)
     progress = Progress(f"put {server}:{remote}", sys.stderr.isatty() and not as_json)
@@ -243,13 +217,33 @@ def put(g: Globals, server: str, local: str, remote: str, mode: str | None, no_p
 
 
 @click.command("get")
-@click.argument("server")
-@click.argument("remote")
-@click.argument("local", type=click.Path(dir_okay=False, allow_dash=True), required=False)
+@click.argument("args", nargs=-1, metavar="[SERVER] REMOTE [LOCAL]")
 @click.option("--json", "as_json", is_flag=True, help="Print the reply (without content) as JSON.")
+@selection_options("Job: seconds for each server's transfer.")
 @pass_globals
-def get(g: Globals, server: str, remote: str, local: str | None, as_json: bool) -> None:
-    """Copy REMOTE on SERVER to LOCAL (default: its base name here; - for stdout)."""
+def get(g: Globals, args: tuple[str, ...], as_json: bool, **selection: Any) -> None:
+    """Copy REMOTE on SERVER to LOCAL (default: its base name here; - for stdout).
+
+    With --role, --environment, --label, --servers or --all instead of SERVER, fetch it
+    from every server selected as one job into LOCAL/<server>/<name> (LOCAL: a folder,
+    default the current one): fleetbus get --role db /etc/postgresql/postgresql.conf ./configs/
+    """
+    options = JobOptions(**selection)
+    if options.selecting:
+        if len(args) not in (1, 2):
+            raise click.UsageError("give REMOTE and a local folder after the selection "
+                                   "(fleetbus get --role db /etc/x ./x/)")
+        dest = Path(args[1] if len(args) == 2 else ".")
+        if dest.exists() and not dest.is_dir():
+            fail(f"{dest} is not a folder: a job writes {dest}/<server>/<name>", EXIT_FLEETBUS_ERROR)
+        sys.exit(get_job(g, options, args[0], dest, as_json))
+    if given := options.job_only():
+        fail(f"{', '.join(given)} need a selection (--role, --environment, --label, --servers or --all)",
+             EXIT_FLEETBUS_ERROR)
+    if len(args) not in (2, 3):
+        raise click.UsageError("give SERVER REMOTE [LOCAL], or a selection and REMOTE [FOLDER]")
+    server, remote = args[:2]
+    local = args[2] if len(args) == 3 else None
     keep_large_buffers()
     to_stdout = local == "-"
     dest = None if to_stdout else Path(local or Path(remote).name or "download")

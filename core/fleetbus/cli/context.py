@@ -110,6 +110,22 @@ def client_call(g: Globals, fn: Callable[[Client], Awaitable[T]], error_exit: in
     return run_async(lambda: with_client(g, fn), error_exit)
 
 
+def parse_duration(value: str | None, option: str = "--deadline") -> float | None:
+    """``90``, ``90s``, ``5m`` or ``2h`` as seconds."""
+    if value is None:
+        return None
+    text = value.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(text[-1:], None)
+    try:
+        seconds = float(text[:-1] if scale else text) * (scale or 1)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a duration like 90, 90s, 5m or 2h",
+                                 param_hint=option) from None
+    if seconds <= 0:
+        raise click.BadParameter("must be more than 0", param_hint=option)
+    return seconds
+
+
 def parse_pairs(values: tuple[str, ...], what: str) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in values:

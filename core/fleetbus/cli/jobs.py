@@ -25,7 +25,7 @@ from ..errors import FleetbusError
 from .context import EXIT_INTERRUPTED, Globals, client_call, pass_globals, run_async, with_client
 from .joboutput import JobOutput, Mode
 from .progress import ProgressLine, wanted
-from .render import emit_json, shown, table
+from .render import emit_json, human_bytes, shown, table
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -50,12 +50,16 @@ def exit_code(summary: dict[str, Any]) -> int:
 
 
 def result_line(result: dict[str, Any], width: int) -> str:
-    """``web-3  ok  0.21s`` or ``web-7  exit 1  first line of stderr``."""
+    """``web-3  ok  0.21s``, ``db1  ok  1.2 KiB  0.05s`` (a file moved) or
+    ``web-7  exit 1  first line of stderr``."""
     outcome = result["outcome"]
     status = outcome
     detail = ""
     if outcome == "ok":
         detail = f"{result.get('duration_s') or 0:.2f}s"
+        size = (result.get("data") or {}).get("size")
+        if isinstance(size, int):
+            detail = f"{human_bytes(size)}  {detail}"
     elif outcome == "failed":
         status = (f"signal {result['signal']}" if result.get("signal") is not None
                   else f"exit {result.get('exit_code')}")
@@ -83,6 +87,9 @@ def _first_line(text: str | None) -> str:
 
 
 Starter = Callable[[Client, str | None], Awaitable[dict[str, Any]]]
+#: Called with each server's result before it is printed; returns the result to print
+#: (``fleetbus get`` downloads the server's file there, and says so if that failed).
+OnResult = Callable[[Client, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 def follow_job(g: Globals, starter: Starter, as_json: bool, error_exit: int,
@@ -189,7 +196,7 @@ class JobPrinter:
 
 
 async def _render(c: Client, job: str, targets: list[str], as_json: bool, cancel_on_interrupt: bool,
-                  live: JobOutput | None = None) -> int:
+                  live: JobOutput | None = None, on_result: OnResult | None = None) -> int:
     """Print a job's results as they are kept and its summary; return the exit code.
 
     Ctrl-C (or SIGTERM) cancels the job when ``cancel_on_interrupt`` (the results of
@@ -223,7 +230,7 @@ async def _render(c: Client, job: str, targets: list[str], as_json: bool, cancel
         async with contextlib.aclosing(c.follow_job(job)) as records:
             async for kind, body in records:
                 if kind == "result":
-                    printer.result(body)
+                    printer.result(body if on_result is None else await on_result(c, body))
                 elif kind == "finished":
                     printer.end()
                     if live is not None:
