@@ -10,11 +10,12 @@ the fact. ``progress`` events are not kept: they only repeat the results' counts
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import Any, Literal
 
 from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy
+from nats.js.api import DeliverPolicy, PubAck
 from nats.js.errors import NotFoundError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -26,6 +27,9 @@ from .subjects import Names
 #: up to 64 KiB; a job of thousands of servers kept 30 days must stay small).
 JOB_TAIL_BYTES = 4096
 READ_TIMEOUT_S = 5.0
+#: How long a record sent with :meth:`JobStore.send` may wait for the stream's
+#: acknowledgement (nats-py's ack futures have no timeout of their own).
+ACK_TIMEOUT_S = 10.0
 
 ServerOutcome = Literal["ok", "failed", "timeout", "offline", "error", "cancelled", "skipped", "unknown"]
 JobState = Literal["running", "succeeded", "failed", "stopped", "cancelled", "abandoned"]
@@ -102,6 +106,14 @@ def count(total: int, results: list[ServerResult]) -> JobCounts:
                      failed=sum(1 for o in outcomes if o not in named))
 
 
+async def acked(ack: asyncio.Future[PubAck]) -> PubAck:
+    """The stream's acknowledgement of a record sent with :meth:`JobStore.send`."""
+    try:
+        return await asyncio.wait_for(ack, ACK_TIMEOUT_S)
+    except TimeoutError:
+        raise TimeoutError("the jobs stream did not acknowledge a record in time") from None
+
+
 def tail(text: str | None) -> str:
     """The last :data:`JOB_TAIL_BYTES` of ``text`` (by characters, cut at a character)."""
     text = text or ""
@@ -120,6 +132,14 @@ class JobStore:
         # kept fails loudly rather than leaving `jobs get` with a hole.
         await self.js.publish(self.names.job_event(job, kind), record.model_dump_json().encode(),
                               stream=self.names.jobs_stream)
+
+    async def send(self, job: str, kind: str, record: _Record) -> asyncio.Future[PubAck]:
+        """Publish a record without waiting for the stream: the returned future is its
+        acknowledgement (await it with :func:`acked`). Records sent one after another
+        on this connection are stored in that order, so a ``finished`` sent after its
+        ``result`` records is stored after them."""
+        return await self.js.publish_async(self.names.job_event(job, kind), record.model_dump_json().encode(),
+                                           stream=self.names.jobs_stream)
 
     async def started(self, definition: JobDefinition) -> None:
         await self._put(definition.id, "started", definition)

@@ -12,6 +12,16 @@ it is online (:class:`~fleetbus.jobwait.OnlineWatch`), then it is sent the reque
 again; past its wait it is an ``offline`` error. The wait is timed from the first
 ``server_offline``, so a server that flaps is not waited for twice.
 
+What is durable before what: a server's command is sent only once the ``jobs_live``
+entry listing it (:class:`~fleetbus.jobleases.JobLeases`) and the job's ``started``
+record are stored, so a core that dies leaves it ``unknown``, never ``skipped``. That
+write is not awaited by the loop: the servers it lets start wait for it in their own
+tasks while the loop goes on, and one is in flight at a time (starts made meanwhile
+share the next). Results are sent without waiting for each
+acknowledgement; a server stays listed in ``jobs_live`` until its result is stored. The
+``finished`` record is sent after every result (the stream keeps them in that order)
+and the ``jobs_live`` entry is deleted once all of them are acknowledged.
+
 Cancel and the deadline stop the plan and send each running command the ordinary
 per-server ``cancel`` request, repeated until the command has answered, since a cancel
 that reaches a worker before the command does finds nothing to stop.
@@ -24,6 +34,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +44,7 @@ from nats.js.kv import KeyValue
 
 from .jobleases import JobLeases
 from .jobplan import JobPlan, Outcome, StopReason
-from .jobrecords import JobCounts, JobDefinition, JobStore, JobSummary, ServerResult, tail
+from .jobrecords import JobCounts, JobDefinition, JobStore, JobSummary, ServerResult, acked, tail
 from .jobrequest import job_object
 from .jobwait import OnlineWatch, shown_duration
 from .names import COMMAND_ID_RE
@@ -91,6 +102,9 @@ class JobRun:
     leases: JobLeases | None = None
     status: KeyValue | None = None  # the status bucket, watched when the job waits for servers
     task: asyncio.Task[None] | None = None
+    # The write of the ``started`` record, when the job service has not awaited it yet:
+    # no command is sent before it is acknowledged.
+    kept: asyncio.Future[None] | None = None
     summary: JobSummary | None = None  # set once the end is recorded
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _started: float = field(default_factory=time.monotonic)
@@ -101,6 +115,10 @@ class JobRun:
     # Servers whose last request found no responder: only those wait. A worker's own
     # server_offline reply (an agent lost mid-command) is an error as it stands.
     _unserved: set[str] = field(default_factory=set)
+    # Result records sent and not yet acknowledged: their servers stay in jobs_live.
+    _unacked: dict[asyncio.Future[Any], str] = field(default_factory=dict)
+    _live_busy: asyncio.Future[Any] | None = None  # the jobs_live write in flight
+    _live_next: asyncio.Future[Any] | None = None  # done when the write after it is stored
 
     @property
     def id(self) -> str:
@@ -129,13 +147,20 @@ class JobRun:
                 await self._online.start()
             while True:
                 starts = plan.next_starts()
-                if starts and self.leases is not None:
-                    # Before sending: if this core dies, these may be running (unknown).
-                    await self.leases.running(self.id, {*running.values(), *starts})
+                gate = self._before_sending(starts, lambda: set(running.values())) if starts else None
+                if gate is not None and self.kept is not None:
+                    # The first starts: a job whose started record was not kept must not
+                    # run at all (its start was answered with an error).
+                    await asyncio.wait([gate, self.kept])
+                    if self.kept.cancelled() or self.kept.exception() is not None:
+                        if self.leases is not None:
+                            await self.leases.ended(self.id)
+                        return
+                    self.kept = None
                 for server in starts:
                     if self._online is not None:
                         self._sent_at[server] = self._online.mark()
-                    running[asyncio.create_task(self._one(server))] = server
+                    running[asyncio.create_task(self._one(server, gate))] = server
                 await self._progress()
                 if plan.done:
                     break
@@ -174,9 +199,15 @@ class JobRun:
             for server in plan.skipped():
                 await self._keep(ServerResult(job=self.id, server=server, outcome="skipped"))
             summary = self._summary()
-            await self.store.finished(summary)
+            if self.kept is not None:
+                await self.kept  # a job with nothing to start
+            finished = await self.store.send(self.id, "finished", summary)
+            await self._results_acked()
+            await acked(finished)
             self.summary = summary
             if self.leases is not None:
+                while self._live_busy is not None and not self._live_busy.done():
+                    await asyncio.wait([self._live_busy])  # no write may land after the delete
                 await self.leases.ended(self.id)
         except Exception:
             log.exception("job %s failed", self.id)
@@ -224,15 +255,82 @@ class JobRun:
         return ServerResult(job=self.id, server=server, outcome="offline", command_id=command_id(origin, server),
                             error={"code": "server_offline", "message": message})
 
+    def _before_sending(self, starts: list[str], running: Callable[[], set[str]]) -> asyncio.Future[Any] | None:
+        """What must be stored before the commands of ``starts`` are sent: the
+        ``jobs_live`` entry listing them with every server whose result is not stored
+        yet (if this core dies, those may be running: ``unknown``), and the ``started``
+        record."""
+        waits: list[Awaitable[Any]] = []
+        if self.leases is not None:
+            waits.append(self._live_write(set(starts), running))
+        if self.kept is not None:
+            waits.append(self.kept)
+        if not waits:
+            return None
+        return asyncio.ensure_future(asyncio.gather(*waits))
+
+    def _live_write(self, starts: set[str], running: Callable[[], set[str]]) -> asyncio.Future[Any]:
+        """A ``jobs_live`` write listing ``starts``. One is in flight at a time: starts
+        made meanwhile share the next one, written once it is stored with what is
+        running then (they are in ``running`` by then). So a wave of starts costs one
+        or two writes, not one per loop turn, and the last write stored lists them all."""
+        assert self.leases is not None
+        leases = self.leases
+
+        def write(servers: set[str]) -> asyncio.Future[Any]:
+            self._live_busy = asyncio.ensure_future(
+                leases.running(self.id, servers | set(self._unacked.values())))
+            return self._live_busy
+
+        if self._live_busy is None or self._live_busy.done():
+            return write(starts | running())
+        if self._live_next is None:
+            following: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            self._live_next = following
+
+            def after(_: asyncio.Future[Any]) -> None:
+                self._live_next = None
+                write(running()).add_done_callback(lambda done: _settle(following, done))
+
+            self._live_busy.add_done_callback(after)
+        return self._live_next
+
     async def _keep(self, result: ServerResult) -> None:
         # One record the stream would not take must not stop the job with commands
         # still running on servers; the summary's counts still include it.
         try:
-            await self.store.result(result)
+            ack = await self.store.send(self.id, "result", result)
         except Exception as exc:
             log.error("job %s: the result of %s was not kept: %s", self.id, result.server, type(exc).__name__)
+            return
+        self._unacked[ack] = result.server
+        ack.add_done_callback(self._on_result_acked)
 
-    async def _one(self, server: str) -> ServerResult:
+    def _on_result_acked(self, ack: asyncio.Future[Any]) -> None:
+        server = self._unacked.get(ack)
+        if ack.cancelled():
+            return  # waited for too long in _results_acked, which says so
+        if ack.exception() is not None:
+            # Still listed in jobs_live: if this core dies, the server is unknown.
+            log.error("job %s: the result of %s was not kept: %s", self.id, server,
+                      type(ack.exception()).__name__)
+            return
+        self._unacked.pop(ack, None)
+
+    async def _results_acked(self) -> None:
+        """Wait for the result records still unacknowledged (a failed one is logged by
+        :meth:`_on_result_acked`)."""
+        for ack, server in list(self._unacked.items()):
+            if ack.done():
+                continue
+            try:
+                await acked(ack)
+            except TimeoutError:
+                log.error("job %s: the result of %s was not acknowledged in time", self.id, server)
+            except Exception:
+                pass
+
+    async def _one(self, server: str, gate: asyncio.Future[Any] | None = None) -> ServerResult:
         # A rerun keeps an abandoned job's id for a server whose command may have run.
         origin = self.spec.definition.command_origins.get(server, self.id)
         cid = command_id(origin, server)
@@ -244,6 +342,15 @@ class JobRun:
             body["object"] = job_object(self.id, server)  # where the requester fetches it
         started = time.monotonic()
         self._unserved.discard(server)
+        if gate is not None:
+            try:
+                await asyncio.shield(gate)
+            except Exception as exc:
+                # Not recorded as maybe running: it must not run. Nothing was sent.
+                return ServerResult(job=self.id, server=server, outcome="error", command_id=cid,
+                                    duration_s=_since(started),
+                                    error={"code": "internal", "message": "the core could not record the job's "
+                                           f"progress, so the command was not sent: {type(exc).__name__}"})
         try:
             msg = await self.nc.request(
                 self.names.server(server, self.spec.op), json.dumps(body).encode(),
@@ -315,6 +422,18 @@ class JobRun:
             state = "succeeded"
         return JobSummary(job=self.id, state=state, stop_reason=reason, counts=counts,  # type: ignore[arg-type]
                           duration_s=_since(self._started))
+
+
+def _settle(future: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
+    """Give ``future`` the outcome of ``done``."""
+    if future.done():
+        return
+    if done.cancelled():
+        future.cancel()
+    elif done.exception() is not None:
+        future.set_exception(done.exception())  # type: ignore[arg-type]
+    else:
+        future.set_result(done.result())
 
 
 def _since(started: float) -> float:

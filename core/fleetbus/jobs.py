@@ -28,7 +28,7 @@ from nats.micro.service import Service
 from . import __version__
 from .audit import Auditor, AuditRecord
 from .endpoint import answer
-from .errors import InvalidRequest
+from .errors import InvalidRequest, NotFound
 from .jetstream import State
 from .jobleases import JobLeases
 from .jobplan import JobPlan
@@ -107,7 +107,10 @@ class JobService:
 
     async def _abandon(self, job: str, maybe_running: list[str]) -> None:
         """Record the end of a job whose core died: what may have run is ``unknown``."""
-        definition = await self.store.definition(job)
+        try:
+            definition = await self.store.definition(job)
+        except NotFound:
+            return  # its started record was never kept, so none of its commands was sent
         if await self.store.summary(job) is not None:
             return  # its end was recorded after all
         results = await self.store.results(job)
@@ -199,19 +202,22 @@ class JobService:
             request=req.kept(), targets=targets,
             max_concurrency=plan.concurrency, max_errors=plan.error_limit, batch=plan.batch_size,
             canary=plan.canary, rerun_of=rerun_of, command_origins=origins or {})
-        # Kept before the reply: whoever gets the id can `get` the job at once.
-        await self.store.started(definition)
+        # Kept before the reply: whoever gets the id can `get` the job at once. The run
+        # starts meanwhile (its jobs_live write goes out beside this one) and sends no
+        # command before this is acknowledged.
+        kept = asyncio.ensure_future(self.store.started(definition))
         run = JobRun(self.nc, self.names, self.store,
                      JobSpec(definition=definition, plan=plan, op=req.op, body=req.server_body(),
                              timeout_s=req.timeout_s, deadline_s=req.deadline_s,
                              wait_online_s=req.wait_online_s),
                      requester=f"{requester} (job {job_id})", leases=self.leases,
-                     status=self.registry.status_kv)
+                     status=self.registry.status_kv, kept=kept)
         self.running[job_id] = run
         self.metrics.jobs_started.labels(req.op).inc()
         self.metrics.job_targets.observe(len(targets))
         self.metrics.jobs_running.inc()
         run.start().add_done_callback(lambda task: self._ended(run, task))
+        await kept
         return {"ok": True, "id": job_id, "targets": targets,
                 "events": self.names.job_events(job_id), "definition": definition.model_dump(mode="json")}
 
