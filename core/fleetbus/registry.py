@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.errors import NotFoundError as KVNotFound
@@ -33,6 +34,7 @@ async def kv_snapshot(kv: KeyValue) -> dict[str, bytes]:
     """
     watcher = await kv.watchall(inactive_threshold=2.0)
     out: dict[str, bytes] = {}
+    received = 0
     try:
         while True:
             try:
@@ -40,7 +42,15 @@ async def kv_snapshot(kv: KeyValue) -> dict[str, bytes]:
             except Exception:
                 break
             if entry is None:
-                break
+                # nats-py (2.x) sends this "nothing more" marker when the consumer's info
+                # says nothing is pending and no message has been read yet, which also
+                # happens while every value is already on its way to us: under load the
+                # snapshot came back empty ("no server named local" right after a listing
+                # showed it). Only the consumer's own count settles it.
+                if await _all_read(watcher, received):
+                    break
+                continue
+            received += 1
             if entry.operation in (KV_DEL, KV_PURGE) or entry.value is None:
                 out.pop(entry.key, None)
             else:
@@ -50,6 +60,19 @@ async def kv_snapshot(kv: KeyValue) -> dict[str, bytes]:
     finally:
         await watcher.stop()
     return out
+
+
+async def _all_read(watcher: Any, received: int) -> bool:
+    """True when the watch's consumer has delivered no more than the ``received``
+    messages and has none pending (or when it cannot say: then trust the marker)."""
+    sub = getattr(watcher, "_sub", None)
+    if sub is None:
+        return True
+    try:
+        info = await sub.consumer_info()
+    except Exception:
+        return True
+    return info.num_pending == 0 and info.delivered.consumer_seq <= received
 
 
 class Registry:
