@@ -11,7 +11,6 @@ selection (:mod:`fleetbus.cli.jobs`); a ``get`` whose download failed counts as 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -22,8 +21,7 @@ from ..errors import FleetbusError
 from ..jobfiles import download, upload
 from .context import Globals, fail, run_async, with_client
 from .jobopts import JobOptions
-from .jobs import EXIT_CANNOT_START, EXIT_OK, EXIT_SOME_FAILED, OnResult, _render
-from .render import shown
+from .jobs import EXIT_CANNOT_START, EXIT_OK, EXIT_SOME_FAILED, OnResult, _render, print_targets
 
 
 def put_job(g: Globals, options: JobOptions, local: Path, remote: str, mode: str | None,
@@ -82,13 +80,7 @@ def get_job(g: Globals, options: JobOptions, remote: str, dest: Path, as_json: b
 
 
 async def _dry_run(c: Client, request: dict[str, Any], as_json: bool) -> int:
-    reply = await c.start_job(request)
-    if as_json:
-        click.echo(json.dumps({"targets": reply["targets"]}))
-    else:
-        for name in reply["targets"]:
-            click.echo(shown(name))
-    return EXIT_OK
+    return print_targets(await c.start_job(request), as_json)
 
 
 async def _follow(c: Client, reply: dict[str, Any], as_json: bool, on_result: OnResult | None = None) -> int:

@@ -49,6 +49,16 @@ def exit_code(summary: dict[str, Any]) -> int:
     return EXIT_STOPPED
 
 
+def print_targets(reply: dict[str, Any], as_json: bool) -> int:
+    """A dry run's answer: the servers selected, one a line (or one JSON object)."""
+    if as_json:
+        click.echo(json.dumps({"targets": reply["targets"]}))
+    else:
+        for name in reply["targets"]:
+            click.echo(shown(name))
+    return EXIT_OK
+
+
 def result_line(result: dict[str, Any], width: int) -> str:
     """``web-3  ok  0.21s``, ``db1  ok  1.2 KiB  0.05s`` (a file moved) or
     ``web-7  exit 1  first line of stderr``."""
@@ -111,12 +121,7 @@ def follow_job(g: Globals, starter: Starter, as_json: bool, error_exit: int,
             await c.nc.subscribe(inbox, cb=live.on_msg)  # before the job can print anything
         reply = await starter(c, inbox)
         if reply.get("dry_run"):
-            if as_json:
-                click.echo(json.dumps({"targets": reply["targets"]}))
-            else:
-                for name in reply["targets"]:
-                    click.echo(shown(name))
-            return EXIT_OK
+            return print_targets(reply, as_json)
         job = reply["id"]
         if not as_json:
             click.echo(f"fleetbus: job {job} on {len(reply['targets'])} servers "
