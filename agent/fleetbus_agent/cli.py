@@ -209,8 +209,7 @@ def listen_options(args: argparse.Namespace) -> ListenOptions:
         tls_dir = os.path.dirname(os.path.abspath(args.key_file))
     return ListenOptions(key=key, bind=args.bind, port=args.port, tls_dir=tls_dir,
                          cert_file=args.tls_cert, key_file=args.tls_key, new_cert=args.new_cert,
-                         allow_paths=allow, handshake_timeout_s=args.handshake_timeout,
-                         tls_handshake_timeout_s=args.handshake_timeout)
+                         allow_paths=allow, handshake_timeout_s=args.handshake_timeout)
 
 
 def main_listen(args: argparse.Namespace) -> int:

@@ -13,9 +13,9 @@ runs operations independently. Before a controller has proved anything,
 :class:`.admission.Gate` decides whether and when it gets a handshake (fair per source
 address, capped, one deadline for TLS and proof, within the process's descriptor
 budget, whose soft limit is raised to the hard one at start). Wrong proofs are throttled
-(:class:`.throttle.AuthThrottle`) per address and for the key from any address, except
-for an address that proved the key recently; a locked-out address is dropped as soon
-as it connects, and failures are logged in aggregate. On stop the listener closes, each
+per source address (:class:`.throttle.AuthThrottle`; see ``PROOF`` for why not for the
+key as a whole); a locked-out address is dropped as soon as it connects, and failures
+are logged in aggregate. On stop the listener closes, each
 connection is told ``goaway``, and the operations in flight are cancelled with their
 connection.
 """
@@ -48,8 +48,11 @@ log = logging.getLogger("fleetbus_agent.listen")
 DEFAULT_BIND = DEFAULT_LISTEN_BIND
 DEFAULT_PORT = DEFAULT_LISTEN_PORT
 STOP_TIMEOUT_S = 5.0
-# The listening agent has one key, so every proof is for it: its key id in AuthThrottle.
-PROOF = "server-key"
+# Wrong proofs are throttled per source address, not for the key from any address: a
+# listening agent has one key, so a key-wide lock would let a stranger with 20 guesses
+# shut out every controller that has not proved the key since the agent started. An
+# HMAC proof of a 256-bit key cannot be guessed online; the Gate bounds what guesses cost.
+PROOF = None
 # A listening agent expects a few controllers (fleetbus workers), not thousands of
 # agents: smaller admission limits than the gateway's.
 MAX_HANDSHAKES = 16
@@ -82,8 +85,6 @@ class ListenOptions:
     heartbeat_s: Optional[float] = None
     handshake_timeout_s: float = 5.0
     """One deadline for TLS and the proof together, from when a handshake slot is given."""
-    tls_handshake_timeout_s: float = 5.0
-    """Kept for callers that set it; the deadline above covers TLS too."""
     max_handshakes: int = MAX_HANDSHAKES
     max_unauthenticated: int = MAX_UNAUTHENTICATED
     max_unauthenticated_per_address: int = MAX_UNAUTHENTICATED_PER_ADDRESS
@@ -190,6 +191,7 @@ class Listener:
         self._stopping = True
         for task in self._tasks:
             task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         conns = list(self.connections)
         if conns:
             await asyncio.gather(

@@ -103,11 +103,11 @@ class AuthThrottle:
     def locked(self, address: str, key_id: Optional[str]) -> bool:
         """True when a hello from ``address`` for ``key_id`` is to be refused unchecked."""
         key = key_id or NO_KEY
-        if self.trusted(address, key):
-            return False
         if self.sources.blocked_for(_source(address, key)) > 0:
             return True
-        return key != NO_KEY and self.keys.blocked_for(key) > 0
+        # Trust lifts only the key-wide lock, which strangers can set off; an address's
+        # own failures still lock that address out.
+        return key != NO_KEY and self.keys.blocked_for(key) > 0 and not self.trusted(address, key)
 
     def failure(self, address: str, key_id: Optional[str]) -> bool:
         """Record a failed authentication; True when it locked something out."""
