@@ -326,6 +326,9 @@ class Gate(Generic[T]):
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         self._evicted.discard(task)
+        # Nobody awaits these tasks: a bug in a handshake or serve step is said here, once.
+        if not task.cancelled() and task.exception() is not None:
+            self._log.error("serving a connection failed", exc_info=task.exception())
 
     def _give_back(self, source: str, closed: bool = True) -> None:
         """``source`` holds one unauthenticated connection less (``closed``: its descriptor too)."""

@@ -7,8 +7,8 @@ listener may take: the soft ``RLIMIT_NOFILE`` minus what is open minus a reserve
 ``max(reserve_min, reserve_fraction * soft)`` left for everything else.
 
 Counting what is open reads ``/proc/self/fd`` (Linux), at most every ``sample_s``
-seconds; between two readings each descriptor the caller reports taking is added, and
-ones closed are not subtracted, so the estimate only errs towards less room. Without
+seconds; between two readings the caller reports each descriptor it takes and closes,
+and the next reading corrects whatever else changed. Without
 ``/proc`` the caller's own count of held connections is used instead.
 """
 
@@ -96,7 +96,7 @@ class FdBudget:
         return self.limit - self.reserve - self._open - self._taken_since
 
     def took(self, count: int = 1) -> None:
-        """The caller opened ``count`` descriptors since the last reading."""
+        """The caller opened ``count`` descriptors since the last reading (negative: closed)."""
         self._taken_since += count
 
     def resample(self) -> None:

@@ -117,8 +117,8 @@ class GatewayTransport(Transport):
         self.listen = parse_listen(settings.get("listen", "0.0.0.0:7443"))
         self.heartbeat_s = float(settings.get("heartbeat_s", 5.0))
         self.create_cert = bool(settings.get("create_cert", True))
-        timeout = float(settings.get("handshake_timeout_s", 5.0))
         try:
+            timeout = float(settings.get("handshake_timeout_s", 5.0))
             self.admission_settings = GateSettings(
                 max_handshakes=settings.get("max_handshakes", MAX_HANDSHAKES),
                 max_unauthenticated=settings.get("max_unauthenticated", 8192),
@@ -127,14 +127,17 @@ class GatewayTransport(Transport):
                 wait_s=settings.get("handshake_wait_s", timeout),
                 silent_s=settings.get("silent_s", timeout),
                 fd_reserve_min=int(settings.get("fd_reserve", 256)))
+            self.penalised_per_address = int(settings.get("penalised_per_address", PENALISED_PER_ADDRESS))
+            log_interval_s = float(settings.get("auth_log_interval_s", 60.0))
+            if self.penalised_per_address < 1 or not log_interval_s > 0:
+                raise ValueError("penalised_per_address must be at least 1 and auth_log_interval_s above 0")
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(f"agent-outbound settings: {exc}") from None
-        self.penalised_per_address = int(settings.get("penalised_per_address", PENALISED_PER_ADDRESS))
         # The transport's own logger (ctx.logger), named here so settings can be checked
         # before the host hands over a context with one.
         self.failure_log = FailureLog(logging.getLogger(f"fleetbus.transport.{self.name}"),
                                       "agent authentication", "agent authentications",
-                                      interval_s=float(settings.get("auth_log_interval_s", 60.0)))
+                                      interval_s=log_interval_s)
         self._tls: ssl.SSLContext | None = None
         self.advertise = settings.get("advertise")
 

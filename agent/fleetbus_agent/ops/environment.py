@@ -48,7 +48,7 @@ def spawn_environment(overrides: Mapping[str, str]) -> Optional[dict[str, str]]:
     Building and encoding a copy of the environment costs about 0.2 ms per process,
     a tenth of what a short ``exec`` costs in all, for nothing in the common case.
     """
-    # Four lookups, not a walk over os.environ (which decodes every name).
+    # A few lookups, not a walk over os.environ (which decodes every name).
     if not overrides and not any(name in os.environ for name in SECRET_ENV_VARS):
         return None
     return child_environment(overrides)

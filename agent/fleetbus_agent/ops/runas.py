@@ -38,7 +38,7 @@ class RunAs:
         Raises KeyError naming the user when there is no such user.
         """
         try:
-            if isinstance(user, int) or (isinstance(user, str) and user.isdigit()):
+            if isinstance(user, int) or (isinstance(user, str) and user.isascii() and user.isdigit()):
                 entry = pwd.getpwuid(int(user))
             else:
                 entry = pwd.getpwnam(user)
@@ -46,10 +46,6 @@ class RunAs:
             raise KeyError(f"no user {user!r} on this host") from None
         groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
         return cls(entry.pw_name, entry.pw_uid, entry.pw_gid, groups, entry.pw_dir)
-
-    def is_current(self) -> bool:
-        """Whether this process already runs as this user (nothing to switch)."""
-        return self.uid == os.geteuid()
 
     def popen_options(self) -> Dict[str, Any]:
         """``subprocess.Popen`` options that start the child as this user."""
