@@ -41,7 +41,7 @@ from typing import Any
 
 from fleetbus_agent import ops
 from fleetbus_agent.ops.errors import OpError, invalid_request, not_found, transport_error
-from fleetbus_agent.ops.files import check_path, shown_path, write_in_batches
+from fleetbus_agent.ops.files import check_path, consume_outcome, shown_path, write_all, write_in_batches
 from fleetbus_agent.ops.pagecache import DropBehind
 from fleetbus_agent.ops.runas import RunAs
 
@@ -240,12 +240,6 @@ async def get_file_as(run_as: RunAs, path: str, run_blocking: ops.RunBlocking) -
                           chunks=ops.FileChunks(file, path, limit, run_blocking))
 
 
-def _consume(task: asyncio.Future[Any]) -> None:
-    # Mark an abandoned step's outcome as seen, so asyncio does not log it as lost.
-    if not task.cancelled():
-        task.exception()
-
-
 def _close_opened(task: asyncio.Future[tuple[int, os.stat_result]]) -> None:
     if not task.cancelled() and task.exception() is None:
         os.close(task.result()[0])
@@ -288,11 +282,9 @@ class _PutAs:
 
     def _write(self, batch: list[bytes]) -> None:
         assert self.fd is not None and self.drop is not None
-        data = memoryview(batch[0] if len(batch) == 1 else b"".join(batch))
-        written = len(data)
-        while data:
-            data = data[os.write(self.fd, data):]
-        self.drop.wrote(written)
+        data = batch[0] if len(batch) == 1 else b"".join(batch)
+        write_all(self.fd, data)
+        self.drop.wrote(len(data))
 
     def _commit(self, batch: list[bytes]) -> int:
         assert self.helper is not None and self.fd is not None
@@ -322,7 +314,7 @@ class _PutAs:
         # A step still running in its thread uses the descriptor: close it after that.
         task = self.inflight
         if task is not None and not task.done():
-            task.add_done_callback(lambda done: (_consume(done), self._discard()))
+            task.add_done_callback(lambda done: (consume_outcome(done), self._discard()))
         else:
             self._discard()
 

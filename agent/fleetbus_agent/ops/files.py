@@ -108,13 +108,13 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _consume(task: asyncio.Future[Any]) -> None:
+def consume_outcome(task: asyncio.Future[Any]) -> None:
     # Mark an abandoned task's outcome as seen, so asyncio does not log it as lost.
     if not task.cancelled():
         task.exception()
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         written = os.write(fd, view)
@@ -263,7 +263,7 @@ class AtomicPut:
     def _write(self, batch: list[bytes]) -> None:
         assert self._fd is not None and self._drop is not None
         data = batch[0] if len(batch) == 1 else b"".join(batch)
-        _write_all(self._fd, data)
+        write_all(self._fd, data)
         self._drop.wrote(len(data))
 
     def _commit(self, batch: list[bytes]) -> None:
@@ -290,7 +290,7 @@ class AtomicPut:
     def _discard(self) -> None:
         task = self._inflight
         if task is not None and not task.done():
-            task.add_done_callback(lambda done: (_consume(done), self._remove_temp()))
+            task.add_done_callback(lambda done: (consume_outcome(done), self._remove_temp()))
         else:
             self._remove_temp()
 
@@ -409,7 +409,7 @@ class FileChunks(AsyncIterator[bytes]):
             return
         task = self._inflight
         if task is not None and not task.done():
-            task.add_done_callback(lambda done: (_consume(done), file.close()))
+            task.add_done_callback(lambda done: (consume_outcome(done), file.close()))
         else:
             file.close()
 
