@@ -38,6 +38,14 @@ def test_one_requester_alone_takes_half_and_a_newcomer_still_gets_in() -> None:
     assert admission.waiting == 32
 
 
+def test_greedy_holders_leave_room_for_someone_new() -> None:
+    admission = Admission(AdmissionSettings(max_waiting=100))
+    taken = {name: sum(admission.admit(name, 10) is not None for _ in range(60)) for name in "abc"}
+    # Shares of 1/2, 1/3 and 1/4 as each joined would be 108; holders stop at 7/8 of 100.
+    assert taken == {"a": 50, "b": 33, "c": 5}  # its first as a newcomer, then up to 88
+    assert admission.admit("d", 10) is not None
+
+
 def test_bytes_are_shared_the_same_way_and_one_request_always_fits() -> None:
     admission = Admission(AdmissionSettings(max_waiting_bytes=8 * MIB))
     held = [admission.admit("flood", MIB) for _ in range(5)]

@@ -117,6 +117,13 @@ class Admission:
         self.waiting_bytes = 0
         # requester -> [requests, bytes] it holds; only requesters holding some.
         self._held: dict[str, list[int]] = {}
+        # What requesters already holding work leave free for those holding none: shares
+        # are fixed as each joins (1/2 + 1/3 + 1/4 ... exceed the bound), so without a
+        # reserve a few greedy requesters could fill it and shut everyone new out.
+        s = self.settings
+        self._holders_max = s.max_waiting - max(1, s.max_waiting // 8)
+        self._holders_max_bytes = s.max_waiting_bytes - min(
+            s.max_waiting_bytes, max(MAX_REQUEST_BYTES, s.max_waiting_bytes // 8))
         self._turns = _ParseTurns(self.settings.parse_share, behind)
 
     @property
@@ -134,6 +141,8 @@ class Admission:
             # Room for every current holder's share and one newcomer's.
             shares = len(self._held) + 1
             if held[0] + 1 > s.max_waiting // shares or held[1] + size > s.max_waiting_bytes // shares:
+                return None
+            if self.waiting + 1 > self._holders_max or self.waiting_bytes + size > self._holders_max_bytes:
                 return None
             held[0] += 1
             held[1] += size
