@@ -63,6 +63,7 @@ from .messages import (
     PutRequest,
     Request,
     parse_request,
+    too_large_body,
 )
 from .metrics import Metrics
 from .objects import ObjectFiles
@@ -433,9 +434,7 @@ class PluginHost:
         size = len(msg.data)
         requester = requester_of(msg.reply)
         if size > MAX_REQUEST_BYTES:
-            self._shed(msg, requester, TooLarge(
-                f"request body is {size} bytes; the limit is {MAX_REQUEST_BYTES}: "
-                "send large files through the object store"))
+            self._shed(msg, requester, too_large_body(size))
             return None
         ticket = self.admission.admit(requester, size)
         if ticket is None:

@@ -151,7 +151,7 @@ class JobRun:
                 if gate is not None and self.kept is not None:
                     # The first starts: a job whose started record was not kept must not
                     # run at all (its start was answered with an error).
-                    await asyncio.wait([gate, self.kept])
+                    await asyncio.wait([gate])  # it waits for self.kept too
                     if self.kept.cancelled() or self.kept.exception() is not None:
                         if self.leases is not None:
                             await self.leases.ended(self.id)
@@ -331,8 +331,7 @@ class JobRun:
                 pass
 
     async def _one(self, server: str, gate: asyncio.Future[Any] | None = None) -> ServerResult:
-        # A rerun keeps an abandoned job's id for a server whose command may have run.
-        origin = self.spec.definition.command_origins.get(server, self.id)
+        origin = self._origin(server)
         cid = command_id(origin, server)
         body = {**self.spec.body, "id": cid}
         if self.spec.op == "exec":
@@ -377,12 +376,20 @@ class JobRun:
             reply = {"ok": False, "error": {"code": "internal", "message": "unreadable reply"}}
         return _result(self.id, server, cid, reply, _since(started))
 
+    def _origin(self, server: str) -> str:
+        """The job whose id ``server``'s command carries: a rerun keeps an abandoned
+        job's id for a server whose command may have run."""
+        return self.spec.definition.command_origins.get(server, self.id)
+
+    def _command_id(self, server: str) -> str:
+        return command_id(self._origin(server), server)
+
     async def _cancel_running(self, running: dict[asyncio.Task[ServerResult], str]) -> None:
         while running:
             for server in list(running.values()):
                 try:
                     await self.nc.publish(self.names.server(server, "cancel"),
-                                          json.dumps({"id": command_id(self.id, server)}).encode())
+                                          json.dumps({"id": self._command_id(server)}).encode())
                 except Exception as exc:
                     log.warning("job %s: could not cancel on %s: %s", self.id, server, type(exc).__name__)
             await asyncio.sleep(CANCEL_REPEAT_S)

@@ -292,14 +292,17 @@ class CancelRequest(BaseModel):
         return v
 
 
+def too_large_body(size: int) -> TooLarge:
+    """The error for a request body of ``size`` bytes, over :data:`MAX_REQUEST_BYTES`."""
+    return TooLarge(f"request body is {size} bytes; the limit is {MAX_REQUEST_BYTES}: "
+                    "send large files through the object store")
+
+
 def parse_json_object(data: bytes) -> dict[str, Any]:
     """Decode a request body: an empty body is ``{}``; anything but an object is refused,
     and so is nesting deeper than :data:`MAX_JSON_DEPTH`."""
     if len(data) > MAX_REQUEST_BYTES:
-        raise TooLarge(
-            f"request body is {len(data)} bytes; the limit is {MAX_REQUEST_BYTES}: "
-            "send large files through the object store"
-        )
+        raise too_large_body(len(data))
     try:
         body = json.loads(data) if data.strip() else {}
     except (UnicodeDecodeError, ValueError):

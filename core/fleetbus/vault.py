@@ -77,7 +77,7 @@ class MasterKey:
             return cls(_decode_key(env, ENV_MASTER_KEY), ENV_MASTER_KEY)
         named = secret(ENV_MASTER_KEY_FILE)
         if named:
-            return cls(_read_key_file(Path(named), f"{named} ({ENV_MASTER_KEY_FILE})"), named)
+            return cls(_read_key_file(Path(named), ENV_MASTER_KEY_FILE), named)
         credentials = secret(ENV_CREDENTIALS_DIRECTORY)
         if credentials and (Path(credentials) / SYSTEMD_CREDENTIAL).exists():
             path = Path(credentials) / SYSTEMD_CREDENTIAL

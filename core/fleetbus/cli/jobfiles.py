@@ -31,15 +31,16 @@ def put_job(g: Globals, options: JobOptions, local: Path, remote: str, mode: str
     body: dict[str, Any] = {"path": remote, "make_parents": make_parents}
     if mode is not None:
         body["mode"] = mode
+    # Built before anything is uploaded: a bad option is one line, not a wasted upload.
+    request = options.request("put", {**body, "object": "dry-run", "sha256": "0" * 64, "size": 0})
 
     async def go(c: Client) -> int:
         if options.dry_run:  # nothing is uploaded for a dry run
-            return await _dry_run(c, options.request("put", {**body, "object": "dry-run",
-                                                              "sha256": "0" * 64, "size": 0}), as_json)
+            return await _dry_run(c, request, as_json)
         stored = await upload(c.files, local)
         try:
-            body.update(object=stored.name, sha256=stored.sha256, size=stored.size)
-            reply = await c.start_job(options.request("put", body))
+            request["put"].update(object=stored.name, sha256=stored.sha256, size=stored.size)
+            reply = await c.start_job(request)
             return await _follow(c, reply, as_json)
         finally:
             # The job has ended (or never started): nobody reads the object any more.
@@ -69,10 +70,12 @@ def get_job(g: Globals, options: JobOptions, remote: str, dest: Path, as_json: b
                     "error": {"code": "download", "message": f"could not download: {message}"}}
         return result
 
+    request = options.request("get", {"path": remote})  # a bad option is one line, before any work
+
     async def go(c: Client) -> int:
         if options.dry_run:
-            return await _dry_run(c, options.request("get", {"path": remote}), as_json)
-        reply = await c.start_job(options.request("get", {"path": remote}))
+            return await _dry_run(c, request, as_json)
+        reply = await c.start_job(request)
         return await _follow(c, reply, as_json, fetch)
 
     code = run_async(lambda: with_client(g, go), EXIT_CANNOT_START)

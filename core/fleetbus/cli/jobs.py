@@ -355,7 +355,7 @@ def watch_job(g: Globals, job: str, as_json: bool) -> None:
         got = await c.get_job(job)
         return await _render(c, job, got["job"]["targets"], as_json, cancel_on_interrupt=False)
 
-    sys.exit(run_async(lambda: with_client(g, go)))
+    sys.exit(run_async(lambda: with_client(g, go), EXIT_CANNOT_START))
 
 
 @jobs.command("rerun")

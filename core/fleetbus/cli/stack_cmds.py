@@ -73,11 +73,14 @@ def _secure(home: Home) -> None:
         fail(exc.message)
 
 
-def _reply_prefixes() -> tuple[str, ...]:
+def _reply_prefixes(own_prefix: str) -> tuple[str, ...]:
     """FLEETBUS_REPLY_PREFIXES (comma-separated), else _INBOX. (docs/bus-api.md, "Reply subjects")."""
     from ..subjects import ENV_REPLY_PREFIXES, ReplySubjects
 
-    return ReplySubjects.parse(os.environ.get(ENV_REPLY_PREFIXES)).prefixes
+    try:
+        return ReplySubjects.parse(os.environ.get(ENV_REPLY_PREFIXES), own_prefix).prefixes
+    except FleetbusError as exc:
+        fail(f"{ENV_REPLY_PREFIXES}: {exc.message}")
 
 
 def _say(text: str) -> None:
@@ -119,7 +122,7 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
                         prefix=g.prefix, transports=_transports(transports),
                         host_settings=HostSettings(transport_settings=_settings(gateway_listen, transport_settings,
                                                                                 local_user),
-                                                   reply_prefixes=_reply_prefixes()),
+                                                   reply_prefixes=_reply_prefixes(g.prefix)),
                         metrics_addr=_metrics(metrics_addr), check_interval_s=check_interval,
                         check_timeout_s=check_timeout, job_retention_s=_days(job_retention))
 
@@ -179,7 +182,7 @@ def core(g: Globals, verbose: int, replicas: int, metrics_addr: str, check_inter
     _logging(verbose)
     _secure(g.home_dir())
     opts = StackOptions(home=g.home_dir(), nats_url=g.nats, prefix=g.prefix, replicas=replicas,
-                        host_settings=HostSettings(reply_prefixes=_reply_prefixes()),
+                        host_settings=HostSettings(reply_prefixes=_reply_prefixes(g.prefix)),
                         metrics_addr=_metrics(metrics_addr), check_interval_s=check_interval,
                         check_timeout_s=check_timeout, job_retention_s=_days(job_retention))
 
@@ -220,7 +223,7 @@ def worker(g: Globals, transports: str | None, threads: int, gateway_listen: str
                         host_settings=HostSettings(blocking_threads=threads,
                                                    transport_settings=_settings(gateway_listen, transport_settings,
                                                                                 local_user),
-                                                   reply_prefixes=_reply_prefixes()),
+                                                   reply_prefixes=_reply_prefixes(g.prefix)),
                         metrics_addr=_metrics(metrics_addr))
 
     async def main() -> None:
