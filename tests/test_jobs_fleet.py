@@ -280,6 +280,28 @@ async def test_the_error_budget_stops_new_starts_exactly_where_documented(fleet6
     assert summary["counts"] == {"total": 24, "ok": 9, "failed": 5, "cancelled": 0, "skipped": 10,
                                  "unknown": 0, "running": 0, "waiting": 0, "pending": 0}
 
+    # Several at once: the budget spent, what runs still finishes (and counts), nothing new
+    # starts. db-01 (ssh) and db-02 (agent) are held by a gate; db-03 (local) fails at once.
+    held = tmp_path / "held"
+    held.mkdir()
+    script = ('echo "$FLEETBUS_SERVER" >> "$D/order"; [ "$FLEETBUS_SERVER" != db-03 ] || exit 1; '
+              'while [ ! -e "$D/go" ]; do sleep 0.05; done')
+    reply = await start(nc, {"selection": {"role": "db"}, "max_concurrency": 3, "max_errors": 0,
+                             "timeout_s": 60, "exec": sh(script, held)})
+    try:
+        async def spent() -> bool:
+            got = await request(nc, f"{PREFIX}.v1.jobs.get", {"id": reply["id"]})
+            counts = got["counts"] or {}
+            return counts.get("failed") == 1 and counts.get("running") == 2
+        await wait_until(spent, what="db-03 failed while db-01 and db-02 run")
+    finally:
+        (held / "go").touch()
+    events = await follow(nc, reply["id"])
+    assert {s: r["outcome"] for s, r in results(events).items()} == {
+        "db-01": "ok", "db-02": "ok", "db-03": "failed", **{f"db-{n:02d}": "skipped" for n in range(4, 13)}}
+    assert sorted((held / "order").read_text().split()) == ["db-01", "db-02", "db-03"]
+    assert events[-1][1]["stop_reason"] == "budget"
+
 
 async def test_a_canary_runs_alone_first_and_batches_are_strict_waves(fleet60: Fleet60, nc: NATS,
                                                                       tmp_path: Path) -> None:
@@ -329,46 +351,64 @@ async def test_a_canary_runs_alone_first_and_batches_are_strict_waves(fleet60: F
 
 async def test_wait_online_picks_up_an_agent_that_connects_mid_job(fleet60: Fleet60, nc: NATS,
                                                                     tmp_path: Path) -> None:
+    # In order: cache-10 and queue-12 (never connected) wait at once; web-01 (ssh) runs,
+    # held by a gate the test opens; web-02..05 (agent, local) are pending; web-06 (never
+    # connected) comes last. cache-10's agent connects while web-01 is held.
     late = "cache-10"
-    selection = ["web-0[1-6]", "cache-10", "queue-12"]  # three online kinds, three never-connected
+    selection = ["web-0[1-6]", "cache-10", "queue-12"]
     wait_s = 10
+    gate = tmp_path / "go"
+    script = ('while [ ! -e "$D/go" ]; do sleep 0.05; done; '
+              'echo "$FLEETBUS_SERVER" >> "$D/order"; echo "ran on $FLEETBUS_SERVER"')
     progress: list[dict[str, Any]] = []
 
     async def on_progress(msg: Any) -> None:
         progress.append(json.loads(msg.data))
 
+    def counts_seen(since: int, **want: int) -> Any:
+        """Whether the job reported these counts in a progress event after the first ``since``."""
+        async def seen() -> dict[str, Any] | None:
+            return next((p for p in progress[since:] if p["job"] == job
+                         and all(p["counts"][k] == v for k, v in want.items())), None)
+        return seen
+
     sub = await nc.subscribe(f"{PREFIX}.v1.events.jobs.*.progress", cb=on_progress)
     agent: Agent | None = None
     try:
         began = time.monotonic()
-        reply = await start(nc, {"selection": {"servers": selection}, "max_concurrency": 2,
-                                 "wait_online_s": wait_s, "timeout_s": 60,
-                                 "exec": sh('echo "ran on $FLEETBUS_SERVER"', tmp_path)})
+        reply = await start(nc, {"selection": {"servers": selection}, "max_concurrency": 1,
+                                 "wait_online_s": wait_s, "timeout_s": 60, "exec": sh(script, tmp_path)})
         job = reply["id"]
-        assert sorted(set(reply["targets"]) & set(NEVER)) == sorted(NEVER)
-
-        async def all_waiting() -> dict[str, Any] | None:
-            return next((p for p in progress if p["job"] == job and p["counts"]["waiting"] == 3), None)
-
-        waiting = await wait_until(all_waiting, what="the job reporting three servers waiting")
-        assert waiting["counts"]["failed"] == 0  # waiting is not an error (yet)
+        assert reply["targets"] == ["cache-10", "queue-12", *(f"web-0{n}" for n in range(1, 7))]
+        # The job says so: two servers wait (no error, no slot), one runs, five are pending.
+        await wait_until(counts_seen(0, waiting=2, running=1, pending=5, failed=0),
+                         what="cache-10 and queue-12 waiting while web-01 runs")
+        # Only later events say what the agent changed (early on, with queue-12 not tried
+        # yet, the counts were the same as below).
+        since = len(progress)
         agent = Agent(tmp_path / "agent", fleet60.gateway["address"], fleet60.gateway["fingerprint"],
                       fleet60.keys[late]).start()
+        # The job saw it come online: no longer waiting, first in line (not an expiry: no error).
+        await wait_until(counts_seen(since, waiting=1, running=1, pending=6, failed=0),
+                         what=f"the job seeing {late} online")
+        gate.touch()
         events = await follow(nc, job)
         waited = time.monotonic() - began
     finally:
+        gate.touch()  # nothing stays held if the test failed early
         await sub.unsubscribe()
         if agent is not None:
             agent.stop()
     got = results(events)
     assert got[late]["outcome"] == "ok" and got[late]["stdout"] == f"ran on {late}\n", got[late]
-    for name in set(NEVER) - {late}:
+    # It ran ahead of the servers not started yet, as soon as the slot was free.
+    assert (tmp_path / "order").read_text().split() == [
+        "web-01", late, "web-02", "web-03", "web-04", "web-05"]
+    for name in ("queue-12", "web-06"):
         assert got[name]["outcome"] == "offline"
         assert got[name]["error"] == {"code": "server_offline",
                                       "message": f"{name} did not come online within {wait_s}s"}
     assert waited >= wait_s  # they were given up only once their wait had run out
-    for name in ("web-01", "web-02", "web-03", "web-04", "web-05"):  # ssh, agent, local
-        assert got[name]["outcome"] == "ok" and got[name]["stdout"] == f"ran on {name}\n"
     summary = events[-1][1]
     assert summary["state"] == "failed" and summary["counts"]["failed"] == 2 and summary["counts"]["waiting"] == 0
 
