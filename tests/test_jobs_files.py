@@ -344,6 +344,8 @@ async def test_rerun_of_a_put_job_reuses_its_file_or_takes_it_again(
     gone = await cli(fleet, "jobs", "rerun", job)  # `fleetbus put` deleted its upload at the end
     assert gone.returncode == 125
     assert gone.stderr.count("\n") == 1 and "file is gone" in gone.stderr and "put it again" in gone.stderr
+    listed = await cli(fleet, "jobs", "rerun", job, "--dry-run")  # lists the servers; needs no file
+    assert listed.returncode == 0 and listed.stdout == f"{tag}-p1\n", listed.stderr
     other = tmp_path / "other.bin"
     other.write_bytes(b"not the same")
     wrong = await cli(fleet, "jobs", "rerun", job, "--file", str(other))

@@ -29,8 +29,6 @@ from .subjects import Names
 #: up to 64 KiB; a job of thousands of servers kept 30 days must stay small).
 JOB_TAIL_BYTES = 4096
 READ_TIMEOUT_S = 5.0
-#: The first window of sequence numbers :meth:`JobStore.newest` reads back from the end.
-LIST_WINDOW = 256
 #: How long a record sent with :meth:`JobStore.send` may wait for the stream's
 #: acknowledgement (nats-py's ack futures have no timeout of their own).
 ACK_TIMEOUT_S = 10.0
@@ -190,8 +188,9 @@ class JobStore:
 
         Read backwards from the stream's end, in windows of sequence numbers that double
         each time; in each window the stream finds the ``started`` records by subject
-        (direct gets of the next one), so the cost follows ``limit`` (at most about
-        twice as many records read), not the number of jobs kept."""
+        (direct gets of the next one), so the cost follows ``limit`` (the last window is
+        as large as all before it, so about twice as many records are read at most),
+        not the number of jobs kept."""
         stream = self.names.jobs_stream
         subject = self.names.job_event("*", "started")
         state = (await self.js.stream_info(stream)).state
@@ -202,7 +201,7 @@ class JobStore:
             except NotFoundError:
                 raise NotFound(f"no job with id {before}") from None
         out: list[JobDefinition] = []
-        window = max(LIST_WINDOW, 4 * limit)
+        window = 2 * limit  # a job is at least two records: started and finished
         while end >= first and len(out) < limit:
             start = max(first, end - window + 1)
             found: list[bytes] = []

@@ -183,7 +183,7 @@ class JobService:
         if await self.store.summary(ask.id) is None:
             raise InvalidRequest(f"job {ask.id} has not ended; cancel it or wait for it first")
         request = dict(definition.request)
-        if request.get("op") == "put":
+        if request.get("op") == "put" and not ask.dry_run:  # a dry run only lists the servers
             request["put"] = await self._put_content(ask, dict(request["put"]))
         if ask.client_notes is not None:
             request["client_notes"] = ask.client_notes

@@ -347,11 +347,12 @@ def jobs() -> None:
 
 @jobs.command("list")
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True, help="Newest jobs to show.")
+@click.option("--before", metavar="ID", help="Only jobs started before this one (the next page).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_globals
-def list_jobs(g: Globals, limit: int, as_json: bool) -> None:
+def list_jobs(g: Globals, limit: int, before: str | None, as_json: bool) -> None:
     """Recent jobs, newest first."""
-    listed = client_call(g, lambda c: c.list_jobs(limit))
+    listed = client_call(g, lambda c: c.list_jobs(limit, before))
     if as_json:
         emit_json(listed)
         return
@@ -383,6 +384,13 @@ def show_job(g: Globals, job: str, as_json: bool) -> None:
     click.echo(f"  {shown(request.get('op'))}: {shown(what)}")
     if got.get("summary"):
         click.echo("  " + summary_line(definition["id"], got["summary"]))
+    unknown = [r["server"] for r in got["results"] if r["outcome"] == "unknown"]
+    if unknown:
+        # Never re-run by itself (at most once per server): only when asked, as here.
+        click.echo(f"  {len(unknown)} server{'s' if len(unknown) > 1 else ''} may have run the command "
+                   "when the job's core died (unknown); nothing reruns by itself. "
+                   f"fleetbus jobs rerun {shown(definition['id'])} --failed finishes the job: an "
+                   "unknown server's command keeps its id, so none runs twice")
     by_server = {r["server"]: r for r in got["results"]}
     rows = []
     for name in definition["targets"]:
