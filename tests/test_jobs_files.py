@@ -377,3 +377,30 @@ async def test_rerun_of_a_put_job_reuses_its_file_or_takes_it_again(
     assert job_results(reused.stdout)[f"{tag}-p1"]["data"]["sha256"] == stored.sha256
     assert remote.read_bytes() == data
     await files.delete(stored.name)
+
+
+def test_a_server_folder_is_one_segment_under_dest(tmp_path: Path) -> None:
+    from fleetbus.errors import TransportError
+    from fleetbus.jobfiles import server_folder
+
+    assert server_folder(tmp_path, "db-1") == tmp_path / "db-1"
+    for name in (".", "..", "../x", "a/b", ".hidden", ""):  # the name rule alone refuses them
+        with pytest.raises(TransportError):
+            server_folder(tmp_path, name)
+
+
+def test_the_progress_line_counts_the_files_still_downloading() -> None:
+    import io
+
+    from fleetbus.cli.progress import ProgressLine, describe
+
+    counts = {"total": 4, "ok": 4, "failed": 0, "running": 0, "waiting": 0, "skipped": 0}
+    assert "downloading" not in describe(counts, 2.0)
+    assert describe(counts, 2.0, fetching=3).startswith("done 4/4 (0 failed)  running 0  waiting 0  skipped 0  "
+                                                        "downloading 3  2.0 servers/s")
+    screen = io.StringIO()
+    line = ProgressLine(screen, clock=lambda: 0.0, width=lambda: 200)
+    line.update(counts, 2.0)
+    line.fetching = 1
+    line.echo("db-1  ok  1.0 KiB  0.05s")
+    assert screen.getvalue().endswith("downloading 1  2.0 servers/s  0:02")
