@@ -67,7 +67,7 @@ def test_budget_is_spent_by_the_error_after_max_errors(max_errors: int) -> None:
     plan = JobPlan(names(10), PlanOptions(max_concurrency=Amount(1), max_errors=Amount(max_errors)))
     started, _, _ = drive(plan, lambda _: "failed")
     assert len(started) == max_errors + 1  # the (N+1)th error spends it
-    assert plan.budget_spent and plan.errors == max_errors + 1
+    assert plan.stopped == "budget" and plan.errors == max_errors + 1
     assert plan.skipped() == names(10)[max_errors + 1:]
 
 
@@ -75,7 +75,7 @@ def test_exactly_max_errors_holds_the_budget() -> None:
     failing = {"s01", "s04"}
     plan = JobPlan(names(6), PlanOptions(max_concurrency=Amount(1), max_errors=Amount(2)))
     started, _, _ = drive(plan, lambda n: "failed" if n in failing else "ok")
-    assert started == names(6) and not plan.budget_spent and plan.skipped() == []
+    assert started == names(6) and plan.stopped != "budget" and plan.skipped() == []
     assert plan.errors == 2
 
 
@@ -83,7 +83,7 @@ def test_percent_budget_rounds_down() -> None:
     # 25% of 10 = 2.5 -> 2 errors allowed; the third spends the budget.
     plan = JobPlan(names(10), PlanOptions(max_concurrency=Amount(1), max_errors=Amount(25, True)))
     started, _, _ = drive(plan, lambda _: "timeout")
-    assert len(started) == 3 and plan.budget_spent
+    assert len(started) == 3 and plan.stopped == "budget"
     # 5% of 10 = 0: the first error spends it.
     plan = JobPlan(names(10), PlanOptions(max_concurrency=Amount(1), max_errors=Amount(5, True)))
     assert len(drive(plan, lambda _: "error")[0]) == 1
@@ -93,7 +93,7 @@ def test_running_servers_finish_after_the_budget_is_spent() -> None:
     plan = JobPlan(names(8), PlanOptions(max_concurrency=Amount(4), max_errors=Amount(0)))
     assert plan.next_starts() == names(4)
     plan.finished("s00", "failed")
-    assert plan.budget_spent and plan.next_starts() == [] and not plan.done
+    assert plan.stopped == "budget" and plan.next_starts() == [] and not plan.done
     for name in ("s01", "s02", "s03"):
         plan.finished(name, "ok")
     assert plan.done and plan.skipped() == names(8)[4:]
@@ -156,11 +156,11 @@ def test_offline_is_an_error_that_gives_its_place_back() -> None:
     assert plan.next_starts() == ["s00", "s01"]
     plan.finished("s00", "offline")
     # Its slot and its place in the wave go to the next target at once.
-    assert plan.next_starts() == ["s02"] and plan.errors == 1 and not plan.budget_spent
+    assert plan.next_starts() == ["s02"] and plan.errors == 1 and plan.stopped != "budget"
     plan.finished("s01", "ok")
     assert plan.next_starts() == []  # the wave (s01, s02) is not done
     plan.finished("s02", "offline")
-    assert plan.budget_spent and plan.next_starts() == []
+    assert plan.stopped == "budget" and plan.next_starts() == []
     assert plan.done and plan.skipped() == ["s03", "s04", "s05"]
 
 
@@ -179,7 +179,7 @@ def test_a_cancel_by_someone_else_is_an_error() -> None:
     plan = JobPlan(names(2), PlanOptions(max_errors=Amount(0)))
     plan.next_starts()
     plan.finished("s00", "cancelled")
-    assert plan.budget_spent
+    assert plan.stopped == "budget"
 
 
 def test_misuse_is_refused() -> None:

@@ -810,3 +810,229 @@ async def _read_pid(path: Path) -> bool:
 
 async def _gone(pid: int) -> bool:
     return not pid_alive(pid)
+
+
+async def test_get_and_list_on_another_core_give_the_live_counts(nats_server: Any, tmp_path: Path) -> None:
+    import base64
+
+    import nats
+    from fleetbus.jetstream import open_state
+    from fleetbus.jobs import JobService
+    from fleetbus.records import Server
+    from fleetbus.registry import Registry
+    from fleetbus.subjects import Names
+    from support.processes import Daemon, own_user
+
+    prefix = "l" + secrets.token_hex(4)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+    env.update(FLEETBUS_NATS_URL=nats_server.url, FLEETBUS_PREFIX=prefix, FLEETBUS_HOME=str(tmp_path / "home"),
+               FLEETBUS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode())
+    worker = Daemon(["worker", "--transports", "local", "--local-user", own_user()], env,
+                    tmp_path / "worker.log", "serving local").start()
+    conn = await nats.connect(nats_server.url)
+    state = await open_state(conn, Names(prefix))
+    registry = Registry(state.servers, state.status)
+    a, b = JobService(conn, state, registry), JobService(conn, state, registry)  # `a` runs it, `b` is asked
+    await a.start()
+    await b.start()
+    try:
+        for name in ("q1", "q2", "q3"):
+            await registry.add(Server(name=name, transport="local"))
+
+            async def served(name: str = name) -> bool:
+                status = await registry.status(name)
+                return status is not None and status.state == "online"
+
+            await wait_until(served, what=f"{name} served")
+        started = await a.start_job({"selection": {"servers": ["q1", "q2", "q3"]}, "max_concurrency": 2,
+                                     "exec": {"shell": '[ "$FLEETBUS_SERVER" = q1 ] || exec sleep 60'}}, "test")
+        job = started["id"]
+
+        async def one_kept() -> bool:
+            return len((await b.get_job({"id": job}, "test"))["results"]) == 1
+
+        await wait_until(one_kept, what="q1's result kept")
+        live = {"total": 3, "ok": 1, "failed": 0, "cancelled": 0, "skipped": 0, "unknown": 0,
+                "running": 2, "waiting": 0, "pending": 0}
+        assert job not in b.running
+        assert (await b.get_job({"id": job}, "test"))["counts"] == live  # asked of `a`
+        listed = (await b.list_jobs({"limit": 1}, "test"))["jobs"]
+        assert listed[0]["id"] == job and listed[0]["counts"] == live
+        # `a` does not answer: counted from the records, and jobs_live for what may run.
+        for sub in a._handoffs:
+            await sub.unsubscribe()
+        a._handoffs = []
+        assert (await b.get_job({"id": job}, "test"))["counts"] == live
+        await a.cancel_job({"id": job}, "test")
+        assert (await follow_prefixed(conn, prefix, job))[-1][1]["state"] == "cancelled"
+    finally:
+        await a.stop()
+        await b.stop()
+        await conn.close()
+        worker.stop()
+
+
+async def test_a_sweep_that_could_not_mark_a_job_abandoned_tries_again(nats_server: Any, prefix: str) -> None:
+    import nats
+    from fleetbus.jetstream import open_state
+    from fleetbus.jobleases import JobLeases
+    from fleetbus.subjects import Names
+
+    conn = await nats.connect(nats_server.url)
+    try:
+        state = await open_state(conn, Names(prefix))
+        marked: list[tuple[str, list[str]]] = []
+        refuse = [True]
+
+        async def abandon(job: str, servers: list[str]) -> None:
+            marked.append((job, servers))
+            if refuse[0]:
+                raise TimeoutError("the jobs stream did not acknowledge a record in time")
+
+        first, second = JobLeases(state.job_cores, state.jobs_live, abandon), JobLeases(
+            state.job_cores, state.jobs_live, abandon)
+        await first._renew()
+        await second._renew()
+        await state.jobs_live.put("0123456789abcdef", json.dumps({"core": "deadc0re", "running": ["s1"]}).encode())
+
+        await first.sweep()  # claims it, then fails to mark it
+        claimed = json.loads((await state.jobs_live.get("0123456789abcdef")).value)
+        assert claimed == {"core": "deadc0re", "running": ["s1"], "abandoned_by": first.core_id}
+        assert await first.owner("0123456789abcdef") is None  # not "running" on a live core
+        await second.sweep()  # the claimer lives: left to it
+        assert len(marked) == 1
+        await first.sweep()  # its own claim: tried again
+        assert len(marked) == 2 and (await state.jobs_live.get("0123456789abcdef")).value is not None
+
+        await state.job_cores.purge(first.core_id)  # the claimer dies too
+        refuse[0] = False
+        await second.sweep()
+        assert marked[-1] == ("0123456789abcdef", ["s1"]) and len(marked) == 3
+        assert "0123456789abcdef" not in await _keys(state.jobs_live)
+    finally:
+        await conn.close()
+
+
+async def _keys(kv: Any) -> list[str]:
+    from nats.js.errors import NoKeysError
+
+    try:
+        return await kv.keys()
+    except NoKeysError:
+        return []
+
+
+async def test_an_abandoned_job_shows_its_unknown_servers_and_how_to_finish_it(fleet: Fleet, nc: NATS, tag: str) -> None:
+    from fleetbus.jobrecords import JobDefinition
+    from fleetbus.records import utcnow
+
+    job = secrets.token_hex(8)
+    definition = JobDefinition(id=job, requester="test", created=utcnow(), targets=[f"{tag}-u1", f"{tag}-u2"],
+                               request={"op": "exec", "selection": {"labels": {"t": tag}}, "exec": {"argv": ["true"]}},
+                               max_concurrency=1, max_errors=None, batch=None, canary=0)
+    await nc.jetstream().publish(f"{PREFIX}.v1.events.jobs.{job}.started", definition.model_dump_json().encode())
+    live = await nc.jetstream().key_value(f"{PREFIX}_jobs_live")
+    await live.put(job, json.dumps({"core": "deadc0re", "running": [f"{tag}-u1"]}).encode())
+
+    events = await follow(nc, job, timeout=40)  # the core's sweep marks it (every 10 s)
+
+    assert {b["server"]: b["outcome"] for k, b in events if k == "result"} == {f"{tag}-u1": "unknown",
+                                                                               f"{tag}-u2": "skipped"}
+    shown = await asyncio.to_thread(fleet.cli, "jobs", "show", job)
+    assert shown.returncode == 0, shown.stderr
+    assert f"{tag}-u1  unknown" in shown.stdout
+    assert "1 server may have run the command when the job's core died (unknown); nothing reruns by itself" \
+        in shown.stdout and f"fleetbus jobs rerun {job} --failed finishes the job" in shown.stdout
+
+
+async def test_list_reads_only_the_newest_jobs_and_pages_back(nats_server: Any, prefix: str) -> None:
+    import nats
+    from fleetbus.errors import NotFound
+    from fleetbus.jetstream import open_state
+    from fleetbus.jobrecords import JobDefinition, JobStore, ServerResult
+    from fleetbus.records import utcnow
+    from fleetbus.subjects import Names
+
+    conn = await nats.connect(nats_server.url)
+    try:
+        names = Names(prefix)
+        state = await open_state(conn, names)
+        store = JobStore(state.js, names)
+        ids = [f"{i:016x}" for i in range(400)]
+        for i, job in enumerate(ids):
+            await store.started(JobDefinition(id=job, requester="t", created=utcnow(), request={"op": "ping"},
+                                              targets=["s"], max_concurrency=1, max_errors=None, batch=None,
+                                              canary=0))
+            if i % 3 == 0:
+                for n in range(4):
+                    await store.result(ServerResult(job=job, server=f"s{n}", outcome="ok"))
+        received = conn.stats["in_msgs"]
+
+        newest = await store.newest(5)
+
+        assert [d.id for d in newest] == ids[::-1][:5]
+        assert conn.stats["in_msgs"] - received < 40  # not the 400 started records
+        page = await store.newest(5, before=newest[-1].id)
+        assert [d.id for d in page] == ids[::-1][5:10]
+        assert [d.id for d in await store.newest(1000, before=ids[3])] == ids[2::-1]
+        with pytest.raises(NotFound):
+            await store.newest(5, before="f" * 16)
+    finally:
+        await conn.close()
+
+
+def test_counts_are_made_one_way_for_running_and_ended_jobs() -> None:
+    from fleetbus.jobplan import JobPlan
+    from fleetbus.jobrecords import JobDefinition, count
+    from fleetbus.jobrun import JobRun, JobSpec
+    from fleetbus.records import utcnow
+
+    ended = count(6, ["ok", "failed", "timeout", "skipped", "unknown", "cancelled"])
+    assert ended.model_dump() == {"total": 6, "ok": 1, "failed": 2, "cancelled": 1, "skipped": 1, "unknown": 1,
+                                  "running": 0, "waiting": 0, "pending": 0}
+    plan = JobPlan(["a", "b", "c", "d"])
+    plan.next_starts()
+    plan.finished("a", "ok")
+    plan.finished("b", "offline")
+    plan.stop("cancelled")
+    plan.finished("c", "cancelled")
+    definition = JobDefinition(id="0" * 16, requester="t", created=utcnow(), request={}, targets=list(plan.targets),
+                               max_concurrency=10, max_errors=None, batch=None, canary=0)
+    run = JobRun(None, None, None, JobSpec(definition=definition, plan=plan, op="ping", body={},  # type: ignore[arg-type]
+                                           timeout_s=1, deadline_s=None), requester="t")
+    assert run.counts().model_dump() == {"total": 4, "ok": 1, "failed": 1, "cancelled": 1, "skipped": 0,
+                                         "unknown": 0, "running": 1, "waiting": 0, "pending": 0}
+
+
+async def test_output_waits_only_for_commands_that_ran_and_falls_back_on_their_tails(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from fleetbus.cli.joboutput import JobOutput
+    from fleetbus.output import HDR_COMMAND, HDR_END, HDR_STREAM
+
+    class Chunk:
+        def __init__(self, headers: dict[str, str], data: bytes = b"") -> None:
+            self.headers, self.data = headers, data
+
+    job = "0" * 16
+    live = JobOutput("group")
+    live.bind(job, ["ran", "marked", "offline"])
+    await live.on_msg(Chunk({HDR_COMMAND: f"{job}-marked", HDR_STREAM: "stdout"}, b"hello\n"))  # type: ignore[arg-type]
+    await live.on_msg(Chunk({HDR_COMMAND: f"{job}-marked", HDR_END: "1"}))  # type: ignore[arg-type]
+    results = {"marked": {"outcome": "ok", "exit_code": 0, "stdout": "hello\n"},
+               "offline": {"outcome": "offline", "exit_code": None, "error": {"code": "server_offline"}},
+               "ran": {"outcome": "failed", "exit_code": 3, "stdout": "", "stderr": "boom\n"}}
+
+    # An offline server sends no end marker, and one whose marker came is done: only
+    # "ran" (an exit code, no marker) may still have output on its way.
+    assert live.awaiting(results) == {"ran"}
+    await live.settle(results, 0.0)  # its marker was missed: its result's tails stand in
+    live.print_groups(["marked", "offline", "ran"])
+
+    out = capsys.readouterr().out
+    assert "== ran (1 server), from the kept tail of its result ==\nboom\n" in out
+    assert "== marked (1 server) ==\nhello\n" in out
+    assert "== offline (1 server) ==\n(no output)" in out
+    lines = JobOutput("lines")
+    lines.bind(job, ["ran"])
+    await lines.settle({"ran": results["ran"]}, 0.0)
+    assert capsys.readouterr().err == "ran: boom\n"

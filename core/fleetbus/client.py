@@ -419,16 +419,25 @@ class Client:
         once with its ``id`` and ``targets`` (with ``dry_run``: the targets only)."""
         return await self._request(self.names.jobs("start"), request, timeout)
 
-    async def rerun_job(self, job: str, failed: bool = False, dry_run: bool = False) -> dict[str, Any]:
+    async def rerun_job(self, job: str, failed: bool = False, dry_run: bool = False,
+                        client_notes: dict[str, Any] | None = None, put_object: str | None = None) -> dict[str, Any]:
         """Start ``job``'s request again on its targets (``failed``: those not ``ok``);
-        returns as :meth:`start_job` does."""
-        return await self._request(self.names.jobs("rerun"), {"id": job, "failed": failed, "dry_run": dry_run}, 30.0)
+        returns as :meth:`start_job` does. ``client_notes`` replace the job's own;
+        ``put_object``: a ``put`` job's content stored again (same sha256)."""
+        body: dict[str, Any] = {"id": job, "failed": failed, "dry_run": dry_run}
+        if client_notes is not None:
+            body["client_notes"] = client_notes
+        if put_object is not None:
+            body["put_object"] = put_object
+        return await self._request(self.names.jobs("rerun"), body, 30.0)
 
     async def get_job(self, job: str) -> dict[str, Any]:
         return await self._request(self.names.jobs("get"), {"id": job}, 30.0)
 
-    async def list_jobs(self, limit: int = 50) -> list[dict[str, Any]]:
-        return (await self._request(self.names.jobs("list"), {"limit": limit}, 30.0))["jobs"]
+    async def list_jobs(self, limit: int = 50, before: str | None = None) -> list[dict[str, Any]]:
+        """The newest ``limit`` jobs, newest first; ``before``: those older than that job."""
+        body: dict[str, Any] = {"limit": limit} if before is None else {"limit": limit, "before": before}
+        return (await self._request(self.names.jobs("list"), body, 30.0))["jobs"]
 
     async def cancel_job(self, job: str) -> dict[str, Any]:
         return await self._request(self.names.jobs("cancel"), {"id": job}, 10.0)

@@ -5,7 +5,8 @@ A ``put`` job's file goes into the object store once (:func:`upload`); every tar
 command is an ordinary ``put`` of that object, which its worker checks against the
 sha256 before renaming the file into place. A ``get`` job's targets each store their
 file as ``job/<job>/<server>`` (:func:`fleetbus.jobrequest.job_object`); the requester
-fetches each one as its result is kept (:func:`download`), checks it and deletes it.
+fetches each one as its result is kept (:func:`download`), several at a time
+(:class:`Downloads`), checks it and deletes it.
 
 Neither side holds a file in memory: uploads read the local file in chunks, downloads
 write each chunk as it comes. Objects the requester never deletes (it died) expire with
@@ -14,6 +15,7 @@ the file bucket's TTL (``jetstream.FILE_TTL_S``, one hour).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
 from pathlib import Path
@@ -25,6 +27,11 @@ from .names import SERVER_NAME_RE
 from .objects import ObjectFiles, StoredObject
 
 JOB_PUT_PREFIX = "job-put"
+#: Files a ``get`` job's requester fetches at once. One object is one ordered consumer
+#: delivering 256 KiB chunks, so a single download waits on round trips and on the disk;
+#: a few at a time hide that, while many more would only split the same bandwidth and
+#: multiply the consumers and their buffers (each may hold up to 32 MiB pending).
+DOWNLOADS_AT_ONCE = 8
 
 
 async def upload(files: ObjectFiles, source: Path) -> StoredObject:
@@ -37,9 +44,25 @@ async def upload(files: ObjectFiles, source: Path) -> StoredObject:
 def server_folder(dest: Path, server: str) -> Path:
     """``dest/<server>``; a server name is one path segment (the registry's rule), so it
     can never climb out of ``dest``."""
-    if not SERVER_NAME_RE.fullmatch(server) or server in (".", ".."):
+    if not SERVER_NAME_RE.fullmatch(server):  # it starts with a letter or digit: never "." or ".."
         raise TransportError(f"{server!r} cannot name a folder")
     return dest / server
+
+
+class Downloads:
+    """A ``get`` job's files, fetched as their results arrive, at most ``at_once`` at a
+    time (:data:`DOWNLOADS_AT_ONCE`); each as :func:`download` does."""
+
+    def __init__(self, files: ObjectFiles, dest: Path, filename: str, at_once: int = DOWNLOADS_AT_ONCE) -> None:
+        self.files = files
+        self.dest = dest
+        self.filename = filename
+        self._slots = asyncio.Semaphore(at_once)
+
+    async def fetch(self, result: dict[str, Any]) -> Path:
+        """Fetch one server's file once a slot is free; see :func:`download`."""
+        async with self._slots:
+            return await download(self.files, result, self.dest, self.filename)
 
 
 async def download(files: ObjectFiles, result: dict[str, Any], dest: Path, filename: str) -> Path:

@@ -12,9 +12,10 @@ Two key-value buckets (:func:`fleetbus.jetstream.open_state`):
 
 Every core sweeps ``<b>_jobs_live`` at start and every :data:`SWEEP_S`: a job whose core
 has no lease is abandoned. The sweeper first claims the key (an update at the revision
-it read, so of two cores only one wins), then has the job's end recorded (servers
-listed: ``unknown``, never re-run automatically; the rest without a result:
-``skipped``), then deletes the key.
+it read, so of two cores only one wins; the key then names it in ``abandoned_by``), then
+has the job's end recorded (servers listed: ``unknown``, never re-run automatically;
+the rest without a result: ``skipped``), then deletes the key. A claim whose marking
+failed is tried again on the next pass, by the claimer or, if it died too, by another.
 """
 
 from __future__ import annotations
@@ -81,8 +82,22 @@ class JobLeases:
             return None
         return core if core == self.core_id or await self._alive(core) else None
 
+    async def maybe_running(self, job: str) -> set[str]:
+        """The servers of ``job`` whose commands may be running (sent, no result stored)."""
+        try:
+            entry = await self.live.get(job)
+            return {str(s) for s in json.loads(entry.value or b"{}").get("running", [])}
+        except (KVNotFound, ValueError, AttributeError, TypeError):
+            return set()
+
     async def sweep(self) -> None:
-        """Mark every job whose core has no lease abandoned."""
+        """Mark every job whose core has no lease abandoned.
+
+        A job is claimed before it is marked: its key keeps the dead ``core`` and gains
+        ``abandoned_by`` (the claimer). If marking fails midway (the stream refused a
+        record), the key stays claimed and the next pass tries again: this core's own
+        claims, and those of a claimer that died too. Marking is idempotent (what is
+        already recorded is not recorded twice), so trying again is safe."""
         try:
             jobs = await self.live.keys()
         except NoKeysError:
@@ -98,18 +113,26 @@ class JobLeases:
                 record = json.loads(entry.value)
                 owner = str(record["core"])
                 servers = [str(s) for s in record.get("running", [])]
-            except (ValueError, KeyError, TypeError):
+                claimer = record.get("abandoned_by")
+            except (ValueError, KeyError, TypeError, AttributeError):
                 continue
-            if owner == self.core_id or await self._alive(owner):
-                continue
-            claimed = {"core": self.core_id, "running": servers, "abandoned_by": self.core_id}
-            try:
-                await self.live.update(job, json.dumps(claimed).encode(), last=entry.revision)
-            except KeyWrongLastSequenceError:
-                continue  # another core claimed it, or its core wrote again: not dead after all
+            if claimer is None and (owner == self.core_id or await self._alive(owner)):
+                continue  # running
+            if claimer is not None and claimer != self.core_id and await self._alive(str(claimer)):
+                continue  # another live core is marking it
+            if claimer != self.core_id:
+                claimed = {"core": owner, "running": servers, "abandoned_by": self.core_id}
+                try:
+                    await self.live.update(job, json.dumps(claimed).encode(), last=entry.revision)
+                except KeyWrongLastSequenceError:
+                    continue  # another core claimed it, or its core wrote again: not dead after all
             log.warning("job %s was abandoned by core %s; marking it", job, owner)
-            await self.on_abandoned(job, servers)
-            await self.ended(job)
+            try:
+                await self.on_abandoned(job, servers)
+                await self.ended(job)
+            except Exception:
+                # Still claimed by this core: the next pass tries again; other jobs go on.
+                log.exception("job %s: could not mark it abandoned yet", job)
 
     async def _alive(self, core: str) -> bool:
         try:

@@ -207,10 +207,6 @@ class JobPlan:
         """Nothing runs and nothing more will start."""
         return not self.running and (self.stopped is not None or not (self.pending or self.waiting))
 
-    @property
-    def budget_spent(self) -> bool:
-        return self.stopped == "budget"
-
     def skipped(self) -> list[str]:
         """Targets that never started (valid once :attr:`done`)."""
         return list(self.pending) if self.stopped is not None else []

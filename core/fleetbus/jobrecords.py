@@ -11,6 +11,8 @@ the fact. ``progress`` events are not kept: they only repeat the results' counts
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any, Literal
 
@@ -97,13 +99,16 @@ class JobSummary(_Record):
     duration_s: float
 
 
-def count(total: int, results: list[ServerResult]) -> JobCounts:
-    """The counts of a job that has ended, from its results."""
-    outcomes = [r.outcome for r in results]
+def count(total: int, outcomes: Iterable[str], running: int = 0, waiting: int = 0, pending: int = 0) -> JobCounts:
+    """A job's counts from its servers' outcomes so far (every outcome but ``ok``,
+    ``cancelled``, ``skipped`` and ``unknown`` is ``failed``) and what has none yet:
+    the one way counts are made, for a running job (:meth:`JobRun.counts`) and an
+    ended or abandoned one (from its results)."""
+    seen = Counter(outcomes)
     named = ("ok", "cancelled", "skipped", "unknown")
-    return JobCounts(total=total, ok=outcomes.count("ok"), cancelled=outcomes.count("cancelled"),
-                     skipped=outcomes.count("skipped"), unknown=outcomes.count("unknown"),
-                     failed=sum(1 for o in outcomes if o not in named))
+    return JobCounts(total=total, ok=seen["ok"], cancelled=seen["cancelled"], skipped=seen["skipped"],
+                     unknown=seen["unknown"], failed=sum(n for o, n in seen.items() if o not in named),
+                     running=running, waiting=waiting, pending=pending)
 
 
 async def acked(ack: asyncio.Future[PubAck]) -> PubAck:
@@ -177,15 +182,47 @@ class JobStore:
                 continue
         return out
 
-    async def definitions(self) -> list[JobDefinition]:
-        """Every kept job's definition, oldest first."""
-        out = []
-        for raw in await self._read_all(self.names.job_event("*", "started")):
+    async def newest(self, limit: int, before: str | None = None) -> list[JobDefinition]:
+        """Up to ``limit`` kept jobs' definitions, newest first; ``before``: only jobs
+        started before that one (the next page). NotFound for an unknown ``before``.
+
+        Read backwards from the stream's end, in windows of sequence numbers that double
+        each time; in each window the stream finds the ``started`` records by subject
+        (direct gets of the next one), so the cost follows ``limit`` (the last window is
+        as large as all before it, so about twice as many records are read at most),
+        not the number of jobs kept."""
+        stream = self.names.jobs_stream
+        subject = self.names.job_event("*", "started")
+        state = (await self.js.stream_info(stream)).state
+        first, end = state.first_seq, state.last_seq
+        if before is not None:
             try:
-                out.append(JobDefinition.model_validate_json(raw))
-            except ValidationError:
-                continue
-        return out
+                end = (await self.js.get_last_msg(stream, self.names.job_event(before, "started"))).seq - 1
+            except NotFoundError:
+                raise NotFound(f"no job with id {before}") from None
+        out: list[JobDefinition] = []
+        window = 2 * limit  # a job is at least two records: started and finished
+        while end >= first and len(out) < limit:
+            start = max(first, end - window + 1)
+            found: list[bytes] = []
+            seq = start
+            while seq <= end:
+                try:
+                    msg = await self.js.get_msg(stream, seq=seq, subject=subject, next=True)
+                except NotFoundError:
+                    break
+                if msg.seq is None or msg.seq > end:
+                    break
+                found.append(msg.data or b"")
+                seq = msg.seq + 1
+            for raw in reversed(found):
+                try:
+                    out.append(JobDefinition.model_validate_json(raw))
+                except ValidationError:
+                    continue
+            end = start - 1
+            window *= 2
+        return out[:limit]
 
     async def _read_all(self, subject: str) -> list[bytes]:
         """Every kept message on ``subject`` (wildcards allowed), in stream order."""

@@ -5,9 +5,11 @@ validated at the boundary; docs/bus-api.md, "Jobs", documents each field.
 from __future__ import annotations
 
 import base64
-from typing import Any, Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -26,10 +28,25 @@ DEFAULT_MAX_CONCURRENCY = 10
 DEFAULT_LIST_LIMIT = 50
 MAX_LIST_LIMIT = 1000
 JOB_ID_RE = r"^[0-9a-f]{16}$"
+#: ``client_notes``, as JSON: room for a path or two, not a place to keep data.
+MAX_CLIENT_NOTES_BYTES = 4096
 #: What a job's records keep instead of an environment value (it may be a secret).
 REDACTED = "(not kept)"
 
 CountOrPercent = int | str
+
+
+def _notes(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is not None and len(json.dumps(value)) > MAX_CLIENT_NOTES_BYTES:
+        raise ValueError(f"client_notes may take at most {MAX_CLIENT_NOTES_BYTES} bytes of JSON")
+    return value
+
+
+#: What the requester wants to remember about a job (``fleetbus get``: its destination
+#: folder): fleetbus keeps it in the definition and copies it into a rerun, never reads
+#: it. A flat object of short names and plain values.
+ClientNotes = Annotated[dict[Annotated[str, Field(min_length=1, max_length=64)], str | int | float | bool | None]
+                        | None, AfterValidator(_notes)]
 
 
 class JobExec(BaseModel):
@@ -130,6 +147,7 @@ class JobRequest(BaseModel):
     batch: CountOrPercent | None = None
     canary: int = Field(default=0, ge=0, le=100_000)
     dry_run: bool = False
+    client_notes: ClientNotes = None
 
     @field_validator("max_concurrency")
     @classmethod
@@ -207,8 +225,13 @@ class JobRerun(BaseModel):
     id: str = Field(pattern=JOB_ID_RE)
     failed: bool = False
     dry_run: bool = False
+    client_notes: ClientNotes = Field(default=None, description="Replace the job's client_notes.")
+    put_object: ObjectName | None = Field(
+        default=None, description="A put job: its content stored again under this name (same sha256).")
 
 
 class JobList(BaseModel):
     model_config = ConfigDict(extra="forbid")
     limit: int = Field(default=DEFAULT_LIST_LIMIT, ge=1, le=MAX_LIST_LIMIT)
+    before: str | None = Field(default=None, pattern=JOB_ID_RE,
+                               description="Only jobs started before this one: the next page.")

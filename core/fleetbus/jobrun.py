@@ -44,7 +44,7 @@ from nats.js.kv import KeyValue
 
 from .jobleases import JobLeases
 from .jobplan import JobPlan, Outcome, StopReason
-from .jobrecords import JobCounts, JobDefinition, JobStore, JobSummary, ServerResult, acked, tail
+from .jobrecords import JobCounts, JobDefinition, JobStore, JobSummary, ServerResult, acked, count, tail
 from .jobrequest import job_object
 from .jobwait import OnlineWatch, shown_duration
 from .names import COMMAND_ID_RE
@@ -397,14 +397,9 @@ class JobRun:
     # reporting ---------------------------------------------------------------------------
     def counts(self) -> JobCounts:
         plan = self.spec.plan
-        outcomes = list(plan.outcomes.values())
-        return JobCounts(
-            total=len(plan.targets), ok=outcomes.count("ok"),
-            cancelled=outcomes.count("cancelled"),
-            failed=len(outcomes) - outcomes.count("ok") - outcomes.count("cancelled"),
-            skipped=len(plan.skipped()), running=len(plan.running), waiting=len(plan.waiting),
-            pending=0 if plan.stopped else len(plan.pending),
-        )
+        return count(len(plan.targets), [*plan.outcomes.values(), *["skipped"] * len(plan.skipped())],
+                     running=len(plan.running), waiting=len(plan.waiting),
+                     pending=0 if plan.stopped else len(plan.pending))
 
     async def _progress(self) -> None:
         self._progressed = time.monotonic()

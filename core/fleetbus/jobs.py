@@ -12,18 +12,22 @@ and after it. Only the core runs this service (``fleetbus-jobs``).
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.object_store import OBJ_DIGEST_TYPE
 from nats.micro import add_service
 from nats.micro.request import Request as MicroRequest
 from nats.micro.service import Service
+from pydantic import ValidationError
 
 from . import __version__
 from .audit import Auditor, AuditRecord
@@ -37,6 +41,7 @@ from .jobrequest import REDACTED, JobId, JobList, JobRequest, JobRerun
 from .jobrun import HDR_REQUESTER, JobRun, JobSpec, command_id
 from .messages import reply_context
 from .metrics import Metrics
+from .objects import ObjectFiles
 from .records import utcnow
 from .registry import Registry
 from .selection import resolve
@@ -46,6 +51,9 @@ log = logging.getLogger("fleetbus.jobs")
 
 # On shutdown, how long running jobs get to cancel their commands and record the end.
 STOP_GRACE_S = 10.0
+# How long a core asks the core running a job for its live counts before it counts
+# from the records instead (that core answers at once unless it is dying).
+COUNTS_WAIT_S = 1.0
 
 Handler = Callable[[dict[str, Any], str], Awaitable[dict[str, Any]]]
 
@@ -64,9 +72,10 @@ class JobService:
         self.store = JobStore(state.js, names)
         self.leases = JobLeases(state.job_cores, state.jobs_live, self._abandon)
         self.auditor = Auditor(nc, names)
+        self.files = ObjectFiles(state.js, names.files_bucket)  # a put job's content, for reruns
         self.running: dict[str, JobRun] = {}
         self.service: Service | None = None
-        self._handoff: Subscription | None = None
+        self._handoffs: list[Subscription] = []
 
     async def start(self) -> None:
         self.service = await add_service(
@@ -81,19 +90,28 @@ class JobService:
             await self.service.add_endpoint(name=verb, subject=self.names.jobs(verb),
                                             handler=self._wrap(verb, handler))
         await self.leases.start()
-        # jobs.cancel reaches one core of several (a queue group): that core hands it on
-        # to the one running the job through this event, which every core receives.
-        self._handoff = await self.nc.subscribe(self.names.job_event("*", "cancelling"),
-                                                cb=self._on_cancelling)
+        # jobs.* reach one core of several (a queue group). That core hands a cancel on
+        # to the one running the job through this event, and asks it for the live counts
+        # with a request on ``counts``: every core receives both, only the one running
+        # the job acts.
+        self._handoffs = [
+            await self.nc.subscribe(self.names.job_event("*", "cancelling"), cb=self._on_cancelling),
+            await self.nc.subscribe(self.names.job_event("*", "counts"), cb=self._on_counts),
+        ]
 
     async def _on_cancelling(self, msg: Msg) -> None:
         run = self.running.get(msg.subject.split(".")[-2])
         if run is not None:
             run.cancel()
 
+    async def _on_counts(self, msg: Msg) -> None:
+        run = self.running.get(msg.subject.split(".")[-2])
+        if run is not None and msg.reply:
+            await msg.respond(run.counts().model_dump_json().encode())
+
     async def stop(self) -> None:
-        if self._handoff is not None:
-            await self._handoff.unsubscribe()
+        for sub in self._handoffs:
+            await sub.unsubscribe()
         if self.service is not None:
             await self.service.stop()
         runs = list(self.running.values())
@@ -125,7 +143,7 @@ class JobService:
             await self.store.result(result)
             results.append(result)
         await self.store.finished(JobSummary(
-            job=job, state="abandoned", counts=count(len(definition.targets), results),
+            job=job, state="abandoned", counts=count(len(definition.targets), [r.outcome for r in results]),
             duration_s=round((utcnow() - definition.created).total_seconds(), 6)))
         self.metrics.jobs_finished.labels(str(definition.request.get("op")), "abandoned", "none").inc()
 
@@ -165,9 +183,10 @@ class JobService:
         if await self.store.summary(ask.id) is None:
             raise InvalidRequest(f"job {ask.id} has not ended; cancel it or wait for it first")
         request = dict(definition.request)
-        if request.get("op") == "put":
-            # Its requester deleted the uploaded file when the job ended (or it expired).
-            raise InvalidRequest(f"job {ask.id} put a file that is gone with the job; put it again")
+        if request.get("op") == "put" and not ask.dry_run:  # a dry run only lists the servers
+            request["put"] = await self._put_content(ask, dict(request["put"]))
+        if ask.client_notes is not None:
+            request["client_notes"] = ask.client_notes
         command = dict(request.get("exec") or {})
         if REDACTED in (command.get("env") or {}).values() or "stdin_bytes" in command:
             raise InvalidRequest(f"job {ask.id} gave its command environment values or standard input, "
@@ -189,6 +208,27 @@ class JobService:
         request.update(selection={"servers": servers}, dry_run=ask.dry_run)
         req = JobRequest.model_validate(request, context=reply_context(self.replies))
         return await self._start(req, requester, rerun_of=ask.id, origins=origins)
+
+    async def _put_content(self, ask: JobRerun, put: dict[str, Any]) -> dict[str, Any]:
+        """A ``put`` job's content for its rerun: the object the rerun names, else the
+        job's own while it exists (the file bucket keeps objects an hour, and ``fleetbus
+        put`` deletes its own when the job ends), either holding the job's sha256."""
+        name = ask.put_object or put["object"]
+        try:
+            info = await self.files.info(name)
+        except NotFound:
+            if ask.put_object:
+                raise NotFound(f"no object named {name}: store the content before the rerun") from None
+            raise InvalidRequest(
+                f"job {ask.id}'s file is gone (an uploaded file is kept an hour at most): put it again, "
+                f"or give it again (fleetbus jobs rerun {ask.id} --file PATH)") from None
+        try:
+            sha256 = base64.urlsafe_b64decode((info.digest or "").removeprefix(OBJ_DIGEST_TYPE)).hex()
+        except ValueError:  # no digest, or not one the object store writes
+            sha256 = ""
+        if sha256 != put["sha256"]:
+            raise InvalidRequest(f"object {name} does not hold what job {ask.id} put (its sha256 differs)")
+        return {**put, "object": name}
 
     async def _start(self, req: JobRequest, requester: str, rerun_of: str | None = None,
                      origins: dict[str, str] | None = None) -> dict[str, Any]:
@@ -234,30 +274,52 @@ class JobService:
         job = JobId.model_validate(body).id
         definition = await self.store.definition(job)
         summary = await self.store.summary(job)
-        run = self.running.get(job)
+        results = await self.store.results(job)
+        counts = summary.counts if summary else await self._live_counts(definition, results)
         return {
             "ok": True, "job": definition.model_dump(mode="json"),
             "state": summary.state if summary else "running",
-            "counts": _counts(summary.counts if summary else run.counts() if run else None),
-            "results": [r.model_dump(mode="json") for r in await self.store.results(job)],
+            "counts": counts.model_dump(),
+            "results": [r.model_dump(mode="json") for r in results],
             "summary": summary.model_dump(mode="json") if summary else None,
         }
 
+    async def _live_counts(self, definition: JobDefinition, results: list[ServerResult] | None = None) -> JobCounts:
+        """A running job's counts. This core's own job: its plan's. Another core's: asked
+        of that core (a request on the job's ``counts`` event, which only it answers);
+        failing that (it is dying, or ended meanwhile), counted from the kept results,
+        with the servers ``jobs_live`` lists as maybe running as ``running`` and the
+        rest ``pending``."""
+        job = definition.id
+        run = self.running.get(job)
+        if run is not None:
+            return run.counts()
+        if await self.leases.owner(job) is not None:
+            try:
+                msg = await self.nc.request(self.names.job_event(job, "counts"), b"", timeout=COUNTS_WAIT_S)
+                return JobCounts.model_validate_json(msg.data)
+            except (nats.errors.Error, ValidationError):
+                pass  # the records say the rest
+        if results is None:
+            results = await self.store.results(job)
+        done = {r.server for r in results}
+        running = len(await self.leases.maybe_running(job) - done)
+        return count(len(definition.targets), [r.outcome for r in results], running=running,
+                     pending=max(0, len(definition.targets) - len(done) - running))
+
     async def list_jobs(self, body: dict[str, Any], _requester: str) -> dict[str, Any]:
-        limit = JobList.model_validate(body).limit
-        newest = list(reversed(await self.store.definitions()))[:limit]
+        ask = JobList.model_validate(body)
         out = []
-        for definition in newest:
+        for definition in await self.store.newest(ask.limit, ask.before):
             summary = await self.store.summary(definition.id)
-            run = self.running.get(definition.id)
-            counts = summary.counts if summary else run.counts() if run else None
+            counts = summary.counts if summary else await self._live_counts(definition)
             out.append({
                 "id": definition.id, "requester": definition.requester,
                 "created": definition.created.isoformat(), "op": definition.request.get("op"),
                 "what": _what(definition.request), "targets": len(definition.targets),
                 "state": summary.state if summary else "running",
                 "stop_reason": summary.stop_reason if summary else None,
-                "counts": _counts(counts),
+                "counts": counts.model_dump(),
             })
         return {"ok": True, "jobs": out}
 
@@ -290,6 +352,3 @@ def _what(request: dict[str, Any]) -> str:
         text = str(request.get("op"))
     return text if len(text) <= 80 else text[:77] + "..."
 
-
-def _counts(counts: JobCounts | None) -> dict[str, int] | None:
-    return None if counts is None else counts.model_dump()

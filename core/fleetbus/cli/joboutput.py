@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import click
 from nats.aio.msg import Msg
@@ -37,6 +37,8 @@ class JobOutput:
         self._partial: dict[tuple[str, str], bytes] = {}
         self.collected: dict[str, bytearray] = {}
         self.truncated: set[str] = set()
+        self.from_tails: set[str] = set()  # --group: output taken from the result's tails
+        self.seen: set[str] = set()  # servers any chunk came from
         self.ended: set[str] = set()
         self._changed = asyncio.Event()
         # Where a line goes instead of straight to stdout/stderr: on a terminal, above
@@ -69,6 +71,7 @@ class JobOutput:
             self._changed.set()
             return
         stream = "stderr" if headers.get(HDR_STREAM) == "stderr" else "stdout"
+        self.seen.add(server)
         if self.mode == "group":
             kept = self.collected.setdefault(server, bytearray())
             room = self.limit - len(kept)
@@ -91,6 +94,35 @@ class JobOutput:
         out = sys.stdout if stream == "stdout" else sys.stderr
         out.write(text + "\n")
         out.flush()
+
+    def awaiting(self, results: Mapping[str, dict[str, Any]]) -> set[str]:
+        """The servers whose output may still be on its way: their result says the
+        command ran on a worker (an exit code, a signal, or output in its tails), which
+        sends the end marker just before replying, and that marker has not come. A
+        server that never ran (offline, refused, skipped) sends none: nothing to wait for."""
+        return {server for server, r in results.items() if server not in self.ended and (
+            r.get("exit_code") is not None or r.get("signal") is not None or r.get("stdout") or r.get("stderr"))}
+
+    async def settle(self, results: Mapping[str, dict[str, Any]], timeout: float) -> None:
+        """Wait for the end of output still on its way (:meth:`awaiting`), at most
+        ``timeout``; then a server whose output never came at all is shown from its
+        result's tails (the last 4 KiB of each stream), so nothing it printed is lost.
+        Returns at once when every end marker is in, which is the common case."""
+        missing = self.awaiting(results)
+        if missing:
+            await self.wait_ended(missing, timeout)
+        for server in sorted(missing - self.ended - self.seen):
+            r = results[server]
+            for stream in ("stdout", "stderr"):
+                text = str(r.get(stream) or "")
+                if not text:
+                    continue
+                if self.mode == "group":
+                    self.collected.setdefault(server, bytearray()).extend(text.encode()[:self.limit])
+                    self.from_tails.add(server)
+                    continue
+                for line in text.splitlines():
+                    self._print(server, stream, line.encode())
 
     async def wait_ended(self, servers: set[str], timeout: float) -> None:
         """Wait for the end marker of each of ``servers`` (it may trail their results)."""
@@ -115,6 +147,8 @@ class JobOutput:
             header = f"== {', '.join(shown(n) for n in names)} ({len(names)} server{'s' if len(names) > 1 else ''})"
             if cut:
                 header += f", first {self.limit // 1024} KiB"
+            if any(n in self.from_tails for n in names):
+                header += ", from the kept tail of its result"
             click.echo(header + " ==")
             text = output.decode(errors="replace")
             if not text:

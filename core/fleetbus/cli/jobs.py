@@ -15,6 +15,7 @@ import json
 import signal
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 import click
@@ -33,7 +34,10 @@ EXIT_STOPPED = 2
 EXIT_CANNOT_START = 125  # as `fleetbus run`: nothing was run
 # After Ctrl-C, how long to wait for the job to record how it ended.
 CANCEL_WAIT_S = 30.0
-# After the summary, how long live output may still trail it.
+# After the summary, how long a command's end of output may still trail its result.
+# Waited for only when a server's result says its command ran on a worker and its end
+# marker has not come (normally it comes first: the worker sends it before replying);
+# past this the result's kept tails stand in for what was not seen.
 OUTPUT_END_WAIT_S = 2.0
 # How often the progress line's elapsed time moves without an event.
 TICK_S = 0.25
@@ -97,8 +101,9 @@ def _first_line(text: str | None) -> str:
 
 
 Starter = Callable[[Client, str | None], Awaitable[dict[str, Any]]]
-#: Called with each server's result before it is printed; returns the result to print
-#: (``fleetbus get`` downloads the server's file there, and says so if that failed).
+#: Called with each server's result; returns the result to print (``fleetbus get``
+#: downloads the server's file there, and says so if that failed). Results do not wait
+#: for each other's hooks: each is printed when its own hook is done.
 OnResult = Callable[[Client, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
@@ -119,18 +124,26 @@ def follow_job(g: Globals, starter: Starter, as_json: bool, error_exit: int,
             live = JobOutput(output)
             inbox = c.nc.new_inbox()
             await c.nc.subscribe(inbox, cb=live.on_msg)  # before the job can print anything
-        reply = await starter(c, inbox)
-        if reply.get("dry_run"):
-            return print_targets(reply, as_json)
-        job = reply["id"]
-        if not as_json:
-            click.echo(f"fleetbus: job {job} on {len(reply['targets'])} servers "
-                       f"(fleetbus jobs show {job})", err=True)
-        if live is not None:
-            live.bind(job, reply["targets"])
-        return await _render(c, job, reply["targets"], as_json, cancel_on_interrupt=True, live=live)
+        return await follow(c, await starter(c, inbox), as_json, live=live)
 
     return run_async(lambda: with_client(g, go), error_exit)
+
+
+async def follow(c: Client, reply: dict[str, Any], as_json: bool, live: JobOutput | None = None,
+                 on_result: OnResult | None = None) -> int:
+    """Print a job just started (the reply of ``jobs.start`` or ``jobs.rerun``) to its
+    end and return the exit code; a dry run's reply: its targets. The one way ``run``,
+    ``put``, ``get`` and ``jobs rerun`` follow what they started."""
+    if reply.get("dry_run"):
+        return print_targets(reply, as_json)
+    job = reply["id"]
+    if not as_json:
+        click.echo(f"fleetbus: job {job} on {len(reply['targets'])} servers "
+                   f"(fleetbus jobs show {job})", err=True)
+    if live is not None:
+        live.bind(job, reply["targets"])
+    return await _render(c, job, reply["targets"], as_json, cancel_on_interrupt=True, live=live,
+                         on_result=on_result)
 
 
 class JobPrinter:
@@ -152,6 +165,7 @@ class JobPrinter:
         self.width = max((len(t) for t in targets), default=0)
         self.line = ProgressLine(self.out) if wanted(self.out, as_json) else None
         self.ran: list[str] = []
+        self.results: dict[str, dict[str, Any]] = {}  # as kept, by server
 
     def echo(self, text: str) -> None:
         """A line on stdout, above the progress line if there is one."""
@@ -182,9 +196,20 @@ class JobPrinter:
         if self.line is not None:
             self.line.tick()
 
-    def result(self, body: dict[str, Any]) -> None:
+    def fetching(self, files: int) -> None:
+        """How many files are still to download (shown on the progress line)."""
+        if self.line is not None:
+            self.line.fetching = files
+            self.line.tick()
+
+    def kept(self, body: dict[str, Any]) -> None:
+        """A server's result as the job kept it (before any download of its file)."""
+        self.results[body["server"]] = body
         if body["outcome"] != "skipped":
             self.ran.append(body["server"])
+
+    def result(self, body: dict[str, Any]) -> None:
+        """Print a server's result (after :meth:`kept`)."""
         if not (self.grouping and body["outcome"] == "ok"):
             self.echo(json.dumps(body) if self.as_json else result_line(body, self.width))
 
@@ -231,16 +256,40 @@ async def _render(c: Client, job: str, targets: list[str], as_json: bool, cancel
 
         progress = await c.nc.subscribe(c.names.job_event(job, "progress"), cb=on_progress)
         ticker = asyncio.create_task(_tick(printer))
+    # Results whose hook (a download) is still running: printed as each one ends, so
+    # one slow file holds up nothing else.
+    hooks: set[asyncio.Task[dict[str, Any]]] = set()
+
+    def hooked(body: dict[str, Any], task: asyncio.Task[dict[str, Any]]) -> None:
+        hooks.discard(task)
+        printer.fetching(len(hooks))
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:  # a hook reports its own failures; this one did not
+            body = {**body, "outcome": "error",
+                    "error": {"code": "internal", "message": f"{type(exc).__name__}: {exc}"}}
+        printer.result(body if exc is not None else task.result())
+
     try:
         async with contextlib.aclosing(c.follow_job(job)) as records:
             async for kind, body in records:
                 if kind == "result":
-                    printer.result(body if on_result is None else await on_result(c, body))
+                    printer.kept(body)
+                    if on_result is None:
+                        printer.result(body)
+                        continue
+                    task = asyncio.create_task(on_result(c, body))
+                    hooks.add(task)
+                    task.add_done_callback(lambda t, b=body: hooked(b, t))
+                    printer.fetching(len(hooks))
                 elif kind == "finished":
+                    if hooks:
+                        await asyncio.wait(hooks)  # every line before the summary
                     printer.end()
                     if live is not None:
-                        # A command's last chunks can trail its result: wait for its end.
-                        await live.wait_ended(set(printer.ran), OUTPUT_END_WAIT_S)
+                        # Output still on its way (rare: the worker sends its end before its reply).
+                        await live.settle(printer.results, OUTPUT_END_WAIT_S)
                         if printer.grouping:
                             live.print_groups(sorted(printer.ran))
                     return printer.finished(body)
@@ -253,6 +302,10 @@ async def _render(c: Client, job: str, targets: list[str], as_json: bool, cancel
                    f"{CANCEL_WAIT_S:g} s of cancelling", err=True)
         return EXIT_STOPPED
     finally:
+        for task in hooks:
+            task.cancel()  # a download stopped midway leaves no partial file (jobfiles.download)
+        if hooks:
+            await asyncio.wait(hooks)
         printer.end()
         on_interrupt.cancel()
         if ticker is not None:
@@ -294,11 +347,12 @@ def jobs() -> None:
 
 @jobs.command("list")
 @click.option("--limit", type=click.IntRange(1, 1000), default=50, show_default=True, help="Newest jobs to show.")
+@click.option("--before", metavar="ID", help="Only jobs started before this one (the next page).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @pass_globals
-def list_jobs(g: Globals, limit: int, as_json: bool) -> None:
+def list_jobs(g: Globals, limit: int, before: str | None, as_json: bool) -> None:
     """Recent jobs, newest first."""
-    listed = client_call(g, lambda c: c.list_jobs(limit))
+    listed = client_call(g, lambda c: c.list_jobs(limit, before))
     if as_json:
         emit_json(listed)
         return
@@ -330,6 +384,13 @@ def show_job(g: Globals, job: str, as_json: bool) -> None:
     click.echo(f"  {shown(request.get('op'))}: {shown(what)}")
     if got.get("summary"):
         click.echo("  " + summary_line(definition["id"], got["summary"]))
+    unknown = [r["server"] for r in got["results"] if r["outcome"] == "unknown"]
+    if unknown:
+        # Never re-run by itself (at most once per server): only when asked, as here.
+        click.echo(f"  {len(unknown)} server{'s' if len(unknown) > 1 else ''} may have run the command "
+                   "when the job's core died (unknown); nothing reruns by itself. "
+                   f"fleetbus jobs rerun {shown(definition['id'])} --failed finishes the job: an "
+                   "unknown server's command keeps its id, so none runs twice")
     by_server = {r["server"]: r for r in got["results"]}
     rows = []
     for name in definition["targets"]:
@@ -360,14 +421,22 @@ def watch_job(g: Globals, job: str, as_json: bool) -> None:
 
 @jobs.command("rerun")
 @click.argument("job")
-@click.option("--failed", is_flag=True, help="Only the servers whose result was not ok (failed, offline, cancelled, skipped...).")
+@click.option("--failed", is_flag=True, help="Only the servers whose result was not ok (failed, offline, cancelled, skipped, unknown...).")
+@click.option("--to", "to", type=click.Path(file_okay=False, path_type=Path),
+              help="A get job: fetch the files into this folder (default: the folder the job used).")
+@click.option("--file", "file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A put job whose uploaded file is gone: this file again (its sha256 must match).")
 @click.option("--dry-run", is_flag=True, help="List the servers it would run on, run nothing.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per server, then the summary.")
 @pass_globals
-def rerun_job(g: Globals, job: str, failed: bool, dry_run: bool, as_json: bool) -> None:
-    """Run an ended job's command again as a new job, on all its servers or (--failed)
-    on those that did not succeed; printed and exited as `fleetbus run` does."""
-    sys.exit(follow_job(g, lambda c, _inbox: c.rerun_job(job, failed, dry_run), as_json, EXIT_CANNOT_START))
+def rerun_job(g: Globals, job: str, failed: bool, to: Path | None, file: Path | None, dry_run: bool,
+              as_json: bool) -> None:
+    """Run an ended job's operation again as a new job, on all its servers or (--failed)
+    on those that did not succeed; printed and exited as `fleetbus run` does. A get job
+    fetches the files again; a put job puts its file again."""
+    from .jobfiles import rerun_job as rerun  # it builds on this module
+
+    sys.exit(rerun(g, job, failed, dry_run, as_json, to, file))
 
 
 @jobs.command("cancel")

@@ -29,18 +29,21 @@ def wanted(stream: TextIO, as_json: bool) -> bool:
     return not as_json and bool(isatty and isatty())
 
 
-def describe(counts: dict[str, Any], elapsed_s: float) -> str:
+def describe(counts: dict[str, Any], elapsed_s: float, fetching: int = 0) -> str:
     """``done 12/60 (1 failed)  running 10  waiting 2  skipped 0  3.4/s  0:03``.
 
     Done counts every server that has finished, however it ended; the rate is of those.
+    ``fetching`` (a ``get`` job): files this requester has still to download, shown as
+    ``downloading N`` (a server is done once its result is kept; its file may follow).
     """
     total = int(counts.get("total", 0))
     failed = int(counts.get("failed", 0))
     done = int(counts.get("ok", 0)) + failed + int(counts.get("cancelled", 0))
     rate = done / elapsed_s if elapsed_s > 0 else 0.0
     minutes, seconds = divmod(int(elapsed_s), 60)
+    downloading = f"downloading {fetching}  " if fetching else ""
     return (f"done {done}/{total} ({failed} failed)  running {counts.get('running', 0)}  "
-            f"waiting {counts.get('waiting', 0)}  skipped {counts.get('skipped', 0)}  "
+            f"waiting {counts.get('waiting', 0)}  skipped {counts.get('skipped', 0)}  {downloading}"
             f"{rate:.1f} servers/s  {minutes}:{seconds:02d}")
 
 
@@ -57,6 +60,7 @@ class ProgressLine:
         self._origin = clock()  # the job's start on our clock, once an event says its elapsed
         self._drawn_at: float | None = None
         self._shown = ""  # the text now on the line ("" when erased)
+        self.fetching = 0  # files still to download (a get job), set by the printer
 
     def update(self, counts: dict[str, Any], elapsed_s: float) -> None:
         """A ``progress`` event: its counts, and the job's elapsed time by the core."""
@@ -95,7 +99,7 @@ class ProgressLine:
         now = self.clock()
         if not force and self._drawn_at is not None and now - self._drawn_at < MIN_REDRAW_S:
             return
-        text = describe(self.counts, max(0.0, now - self._origin))[:max(self.width() - 1, 10)]
+        text = describe(self.counts, max(0.0, now - self._origin), self.fetching)[:max(self.width() - 1, 10)]
         if text != self._shown or force:
             self.stream.write(ERASE + text)
             self._shown = text
