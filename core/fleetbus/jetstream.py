@@ -2,7 +2,9 @@
 
 Every process calls :func:`open_state` at start; creation is idempotent, so whichever
 process starts first creates them and the others find them. ``replicas`` > 1 is for a
-NATS cluster (see docs/operations.md).
+NATS cluster (see docs/operations.md): what is created gets that many copies, and what
+exists with fewer is named in one warning (:mod:`fleetbus.replication`), never changed
+here: ``fleetbus admin migrate`` does that.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
 from .jobleases import CORE_LEASE_TTL_S
+from .replication import warn_if_under_replicated
 from .subjects import Names
 
 COMMAND_MEMORY_S = 3600.0
@@ -119,6 +122,7 @@ async def open_state(nc: NATS, names: Names, replicas: int = 1,
         js, KeyValueConfig(bucket=names.jobs_live_bucket, history=1, replicas=replicas,
                            storage=StorageType.FILE)
     )
+    await warn_if_under_replicated(nc, names, replicas)
     return State(js=js, names=names, servers=servers, status=status, credentials=credentials,
                  commands=commands, agent_keys=agent_keys, gateways=gateways, files=files,
                  job_cores=job_cores, jobs_live=jobs_live)
