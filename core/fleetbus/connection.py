@@ -299,8 +299,15 @@ async def connect(
     connected, long-running processes reconnect forever.
     """
 
-    async def _quiet(_: Exception) -> None:  # nats-py prints tracebacks by default
-        return None
+    # nats-py ends a failed first connect with NoServersError whatever went wrong; what
+    # each server said on the way goes to error_cb, kept here until connected.
+    seen: list[Exception] = []
+
+    async def _quiet(exc: Exception) -> None:  # nats-py prints tracebacks by default
+        if len(seen) < 16 and not connected:
+            seen.append(exc)
+
+    connected = False
 
     servers = settings.servers
     opts: dict[str, object] = {
@@ -318,7 +325,9 @@ async def connect(
         nc = await nats.connect(**opts)  # type: ignore[arg-type]
     except Exception as exc:  # nats-py raises several unrelated types here
         where = "any of " + settings.shown.replace(",", ", ") if len(servers) > 1 else settings.shown
-        raise ServerOffline(f"cannot connect to NATS at {where}: {_reason(exc, settings)}") from None
+        cause = next((e for e in seen if _is_auth(e)), exc)
+        raise ServerOffline(f"cannot connect to NATS at {where}: {_reason(cause, settings)}") from None
+    connected = True
     # nats-py reads this option on every reconnect, so relaxing it now keeps the
     # fail-fast first connect while long-running processes ride out NATS restarts.
     nc.options["max_reconnect_attempts"] = -1 if reconnect_forever else 3
@@ -327,7 +336,7 @@ async def connect(
 
 def _reason(exc: Exception, settings: NatsSettings) -> str:
     text = str(exc).strip() or type(exc).__name__
-    if "authorization" in text.lower() or "Authorization" in type(exc).__name__:
+    if _is_auth(exc):
         return "authorization refused (wrong or missing token or credentials)"
     if type(exc).__name__ == "NoServersError":
         return "nothing is listening there"
@@ -337,6 +346,10 @@ def _reason(exc: Exception, settings: NatsSettings) -> str:
         if secret:
             line = line.replace(secret, "***")
     return line
+
+
+def _is_auth(exc: Exception) -> bool:
+    return "authorization" in str(exc).lower() or "Authorization" in type(exc).__name__
 
 
 def _user_parts(url: str) -> list[str]:
