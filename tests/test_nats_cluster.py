@@ -177,3 +177,18 @@ def test_a_bad_url_list_is_one_clear_line(tmp_path: Path) -> None:
     missing = cli(env, "--nats", "nats://127.0.0.1:1", "--nats-creds", str(tmp_path / "none.creds"),
                   "admin", "migrate", "--replicas", "1")
     assert missing.returncode == 1 and "cannot read the NATS credentials file" in missing.stderr
+
+
+def test_the_shipped_units_pass_one_replicas_setting_from_the_environment_file() -> None:
+    from fleetbus.natsconfig import split_urls
+
+    ops = Path(__file__).parent.parent / "ops" / "systemd"
+    for unit in ("fleetbus-core.service", "fleetbus-worker@.service"):
+        text = (ops / unit).read_text()
+        assert "EnvironmentFile=/etc/fleetbus/fleetbus.env" in text
+        exec_start = next(line for line in text.splitlines() if line.startswith("ExecStart="))
+        assert "--replicas ${FLEETBUS_REPLICAS}" in exec_start, unit
+    example = dict(line.split("=", 1) for line in (ops / "fleetbus.env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    assert example["FLEETBUS_REPLICAS"] == "3"
+    assert len(split_urls(example["FLEETBUS_NATS_URL"])) == 3
