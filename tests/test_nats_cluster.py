@@ -18,6 +18,7 @@ from fleetbus.jetstream import open_state
 from fleetbus.replication import survey
 from fleetbus.subjects import Names
 from support.natscluster import NatsCluster, free_port
+from support.natsjwt import AuthServer
 from support.processes import FLEETBUS, Daemon, own_user, wait_for
 
 
@@ -163,6 +164,43 @@ async def test_a_nats_context_gives_servers_and_token_and_secrets_stay_out_of_er
     assert refused.returncode == 1 and "authorization refused" in refused.stderr, refused.stderr
     assert wrong not in refused.stderr and "***@127.0.0.1" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+async def test_a_creds_file_authenticates_a_worker_and_the_cli_and_an_nkey_comes_from_a_context(
+        tmp_path: Path) -> None:
+    jwt_nats = AuthServer(tmp_path / "jwt", mode="jwt").start()
+    nkey_nats = AuthServer(tmp_path / "nkey", mode="nkey").start()
+    try:
+        assert jwt_nats.credentials and nkey_nats.credentials
+        env = environ(tmp_path, FLEETBUS_NATS_URL=f"{dead_url()},{jwt_nats.url}",
+                      FLEETBUS_NATS_CREDS=str(jwt_nats.credentials))
+        worker = Daemon(["worker", "--transports", "local", "--local-user", own_user()], env,
+                        tmp_path / "worker.log", "serving local").start()
+        try:
+            listed = cli(env, "admin", "migrate", "--replicas", "1")
+            assert listed.returncode == 0 and "unchanged" in listed.stdout, listed.stderr
+        finally:
+            worker.stop()
+        no_creds = cli({k: v for k, v in env.items() if k != "FLEETBUS_NATS_CREDS"},
+                       "admin", "migrate", "--replicas", "1")
+        assert no_creds.returncode == 1 and "authorization refused" in no_creds.stderr, no_creds.stderr
+
+        prefix = "k" + secrets.token_hex(4)
+        nc = await nats.connect(nkey_nats.url, nkeys_seed=str(nkey_nats.credentials))
+        try:
+            await open_state(nc, Names(prefix))
+        finally:
+            await nc.close()
+        config = tmp_path / "xdg"
+        (config / "nats" / "context").mkdir(parents=True)
+        (config / "nats" / "context" / "nk.json").write_text(json.dumps(
+            {"url": nkey_nats.url, "nkey": str(nkey_nats.credentials)}))
+        by_context = cli(environ(tmp_path, XDG_CONFIG_HOME=str(config), FLEETBUS_PREFIX=prefix),
+                         "--nats-context", "nk", "admin", "migrate", "--replicas", "1")
+        assert by_context.returncode == 0 and "unchanged" in by_context.stdout, by_context.stderr
+    finally:
+        jwt_nats.stop()
+        nkey_nats.stop()
 
 
 def test_a_bad_url_list_is_one_clear_line(tmp_path: Path) -> None:
