@@ -19,7 +19,7 @@ from fleetbus.replication import survey
 from fleetbus.subjects import Names
 from support.natscluster import NatsCluster, free_port
 from support.natsjwt import AuthServer
-from support.processes import FLEETBUS, Daemon, own_user, wait_for
+from support.processes import FLEETBUS, Daemon, NatsServer, own_user, wait_for
 
 
 @pytest.fixture
@@ -201,6 +201,14 @@ async def test_a_creds_file_authenticates_a_worker_and_the_cli_and_an_nkey_comes
     finally:
         jwt_nats.stop()
         nkey_nats.stop()
+
+
+def test_more_replicas_than_one_on_a_single_server_is_one_clear_line(
+        nats_server: NatsServer, tmp_path: Path) -> None:
+    out = cli(environ(tmp_path, FLEETBUS_NATS_URL=nats_server.url, FLEETBUS_REPLICAS="3"),
+              "worker", "--transports", "local")
+    assert out.returncode == 1 and "needs a NATS cluster" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
 
 
 def test_a_bad_url_list_is_one_clear_line(tmp_path: Path) -> None:

@@ -52,18 +52,23 @@ def state_streams(names: Names) -> dict[str, str]:
 
 
 def choose_replicas(nc: NATS, asked: int | None) -> tuple[int, str]:
-    """The replicas to create state with, and why: ``asked`` when given; else 3 when the
-    NATS server says it is in a cluster of 3 or more servers, else 1.
+    """The replicas to create state with, and why: ``asked`` when given (InvalidRequest
+    when more than 1 on a single server); else 3 when the NATS server says it is in a
+    cluster of 3 or more servers, else 1.
 
     The cluster's size is what the server's INFO tells clients: the cluster name and the
     client URLs of its members (``connect_urls``, which includes the server itself).
     A cluster that does not advertise its members counts as one server here, so a
     deployment on a cluster should say ``--replicas`` (the shipped units do).
     """
-    if asked is not None:
-        return asked, "asked"
     info: dict[str, Any] = getattr(nc, "_server_info", None) or {}
     members = {str(u) for u in info.get("connect_urls") or []}
+    if asked is not None:
+        if asked > 1 and info and not info.get("cluster"):
+            # JetStream would refuse every bucket with a message naming none of this.
+            raise InvalidRequest(f"--replicas {asked} (or {ENV_REPLICAS}) needs a NATS cluster; "
+                                 f"the NATS connected to is a single server")
+        return asked, "asked"
     if info.get("cluster") and len(members) >= 3:
         return 3, f"NATS cluster {info['cluster']} of {len(members)} servers"
     return 1, "a single NATS server"
