@@ -9,13 +9,14 @@ import logging
 import os
 import secrets
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import nats
 import pytest
 from fleetbus.jetstream import open_state
-from fleetbus.replication import survey
+from fleetbus.replication import state_streams, survey, wait_current
 from fleetbus.subjects import Names
 from support.natscluster import NatsCluster, free_port
 from support.natsjwt import AuthServer
@@ -55,6 +56,17 @@ async def replicas_of(cluster: NatsCluster, prefix: str) -> dict[str, int | None
         await nc.close()
 
 
+async def all_current(cluster: NatsCluster, prefix: str, timeout: float = 30.0) -> None:
+    """Wait until every fleetbus stream has a leader and two current followers."""
+    nc = await nats.connect(servers=cluster.urls.split(","), token=cluster.token)
+    try:
+        deadline = time.monotonic() + timeout
+        for stream in state_streams(Names(prefix)):
+            assert await wait_current(nc, stream, 3, deadline), f"{stream} not caught up"
+    finally:
+        await nc.close()
+
+
 async def test_a_worker_first_on_a_fresh_cluster_makes_r3_state_and_everything_starts_with_the_first_url_dead(
         cluster: NatsCluster, tmp_path: Path) -> None:
     env = environ(tmp_path, FLEETBUS_NATS_URL=f"{dead_url()},{cluster.urls}",
@@ -75,6 +87,15 @@ async def test_a_worker_first_on_a_fresh_cluster_makes_r3_state_and_everything_s
         wait_for(lambda: cli(env, "ping", "c1").returncode == 0, what="c1 served")
         ran = cli(env, "run", "c1", "--", "echo", "through the cluster")
         assert ran.returncode == 0 and "through the cluster" in ran.stdout, ran.stderr
+
+        # A node dies and comes back: once JetStream has caught it up again, the CLI that
+        # lists it first works, and the state kept its three replicas.
+        first = cluster.nodes[0]
+        cluster.kill(first)
+        cluster.restart(first)
+        await all_current(cluster, env["FLEETBUS_PREFIX"])
+        ran = cli(dict(env, FLEETBUS_NATS_URL=cluster.urls), "run", "c1", "--", "echo", "after a restart")
+        assert ran.returncode == 0 and "after a restart" in ran.stdout, ran.stderr
 
     finally:
         if core:

@@ -91,10 +91,11 @@ class StreamReplicas:
                 "changed": self.changed, "current": self.current}
 
 
-async def _api(nc: NATS, subject: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+async def _api(nc: NATS, subject: str, body: dict[str, Any] | None = None,
+               timeout: float = API_TIMEOUT_S) -> dict[str, Any]:
     payload = json.dumps(body).encode() if body is not None else b""
     try:
-        msg = await nc.request(f"{JS_API}.{subject}", payload, timeout=API_TIMEOUT_S)
+        msg = await nc.request(f"{JS_API}.{subject}", payload, timeout=timeout)
     except Exception as exc:
         raise ServerOffline(f"JetStream did not answer {subject.split('.')[0].lower()} "
                             f"({type(exc).__name__}); is JetStream enabled and has it a leader?") from None
@@ -180,15 +181,20 @@ async def migrate(nc: NATS, names: Names, replicas: int, *, wait_s: float = 60.0
     if changed and wait_s > 0:
         deadline = time.monotonic() + wait_s
         for result in changed:
-            result.current = await _caught_up(nc, result.stream, replicas, deadline)
+            result.current = await wait_current(nc, result.stream, replicas, deadline)
     return results
 
 
-async def _caught_up(nc: NATS, stream: str, replicas: int, deadline: float) -> bool:
-    """True once the stream has a leader and ``replicas - 1`` current followers."""
+async def wait_current(nc: NATS, stream: str, replicas: int, deadline: float) -> bool:
+    """Wait until ``stream`` has a leader and ``replicas - 1`` current followers (True),
+    or until ``deadline`` (``time.monotonic()``; False)."""
     while True:
-        reply = await _api(nc, f"STREAM.INFO.{stream}")
-        cluster = reply.get("cluster") if _error(reply) is None else None
+        try:  # a stream electing a leader does not answer: ask again until the deadline
+            reply = await _api(nc, f"STREAM.INFO.{stream}",
+                               timeout=max(0.5, min(2.0, deadline - time.monotonic())))
+        except ServerOffline:
+            reply = {}
+        cluster = reply.get("cluster") if reply and _error(reply) is None else None
         peers = cluster.get("replicas") or [] if isinstance(cluster, dict) else []
         if (isinstance(cluster, dict) and cluster.get("leader") and len(peers) == replicas - 1
                 and all(p.get("current") for p in peers)):

@@ -104,11 +104,12 @@ class NatsCluster:
         return self
 
     def wait_ready(self, timeout: float = 30.0) -> str:
-        """Wait until every running node knows the same meta leader and every node as a
-        peer; returns the leader's name."""
+        """Wait until every running node names the same meta leader and the leader sees
+        every other running node as a current, online peer (so JetStream can place R3
+        state at once); returns the leader's name."""
 
         def ready() -> str | None:
-            leaders = set()
+            leaders, metas = set(), {}
             for node in self.nodes:
                 if node.proc is not None and node.proc.poll() is not None and node.proc.returncode not in (
                         -signal.SIGKILL, -signal.SIGTERM, 0):
@@ -119,7 +120,15 @@ class NatsCluster:
                 if not meta.get("leader") or meta.get("cluster_size", 0) < self.size:
                     return None
                 leaders.add(meta["leader"])
-            return leaders.pop() if len(leaders) == 1 else None
+                metas[node.name] = meta
+            if len(leaders) != 1 or (leader := leaders.pop()) not in metas:
+                return None
+            peers = {p.get("name"): p for p in metas[leader].get("replicas") or []}
+            for name in metas:
+                if name != leader and (name not in peers or not peers[name].get("current")
+                                       or peers[name].get("offline")):
+                    return None
+            return leader
 
         return wait_for(ready, timeout=timeout, what="a JetStream meta leader on the cluster")
 
