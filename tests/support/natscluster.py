@@ -130,7 +130,12 @@ class NatsCluster:
                     return None
             return leader
 
-        return wait_for(ready, timeout=timeout, what="a JetStream meta leader on the cluster")
+        try:
+            return wait_for(ready, timeout=timeout, what="a JetStream meta leader on the cluster")
+        except TimeoutError as exc:  # say what each node saw, for whoever reads the failure
+            views = {n.name: (n.jsz() or {}).get("meta_cluster") if n.running else "not running"
+                     for n in self.nodes}
+            raise TimeoutError(f"{exc}; meta views: {json.dumps(views)}") from None
 
     def kill(self, node: Node) -> None:
         """SIGKILL one node: no goodbye to its routes or clients."""
