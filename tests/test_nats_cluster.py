@@ -49,7 +49,7 @@ def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def replicas_of(cluster: NatsCluster, prefix: str) -> dict[str, int | None]:
-    nc = await nats.connect(servers=cluster.urls.split(","), token=cluster.token)
+    nc = await cluster.connect()
     try:
         return {s.stream: s.found for s in await survey(nc, Names(prefix))}
     finally:
@@ -58,7 +58,7 @@ async def replicas_of(cluster: NatsCluster, prefix: str) -> dict[str, int | None
 
 async def all_current(cluster: NatsCluster, prefix: str, timeout: float = 30.0) -> None:
     """Wait until every fleetbus stream has a leader and two current followers."""
-    nc = await nats.connect(servers=cluster.urls.split(","), token=cluster.token)
+    nc = await cluster.connect()
     try:
         deadline = time.monotonic() + timeout
         for stream in state_streams(Names(prefix)):
@@ -142,7 +142,7 @@ async def test_migrate_moves_an_r1_deployment_to_r3_after_warning_about_it(
 async def test_open_state_warns_once_naming_every_under_replicated_stream(
         cluster: NatsCluster, caplog: pytest.LogCaptureFixture) -> None:
     names = Names("w" + secrets.token_hex(4))
-    nc = await nats.connect(servers=cluster.urls.split(","), token=cluster.token)
+    nc = await cluster.connect()
     try:
         await open_state(nc, names, replicas=1)
         with caplog.at_level(logging.WARNING, logger="fleetbus.replication"):
@@ -159,7 +159,7 @@ async def test_open_state_warns_once_naming_every_under_replicated_stream(
 async def test_a_nats_context_gives_servers_and_token_and_secrets_stay_out_of_errors(
         cluster: NatsCluster, tmp_path: Path) -> None:
     prefix = "x" + secrets.token_hex(4)
-    nc = await nats.connect(servers=cluster.urls.split(","), token=cluster.token)
+    nc = await cluster.connect()
     try:
         await open_state(nc, Names(prefix), replicas=1)
     finally:
@@ -230,6 +230,27 @@ def test_more_replicas_than_one_on_a_single_server_is_one_clear_line(
               "worker", "--transports", "local")
     assert out.returncode == 1 and "needs a NATS cluster" in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_run_json_may_hold_a_list_and_a_context_and_no_secret_is_shown(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleetbus.connection import NatsSettings
+    from fleetbus.home import Home
+
+    config = tmp_path / "xdg"
+    (config / "nats" / "context").mkdir(parents=True)
+    (config / "nats" / "context" / "prod.json").write_text(json.dumps(
+        {"url": "nats://ignored:4222", "user": "fleet", "password": "pw-in-context"}))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(config))
+    home = Home(tmp_path / "home")
+    home.ensure()
+    home.write_run({"nats_url": ["nats://tok-in-url@a:4222", "nats://b:4222"], "prefix": "p",
+                    "nats_context": "prod"})
+    settings = NatsSettings.resolve(home=home)
+    assert settings.servers == ["nats://tok-in-url@a:4222", "nats://b:4222"]
+    assert (settings.user, settings.password, settings.prefix) == ("fleet", "pw-in-context", "p")
+    assert settings.shown == "nats://***@a:4222,nats://b:4222"
+    assert "tok-in-url" not in repr(settings) and "pw-in-context" not in repr(settings)
 
 
 def test_a_bad_url_list_is_one_clear_line(tmp_path: Path) -> None:

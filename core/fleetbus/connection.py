@@ -53,6 +53,10 @@ class NatsSettings:
     tls_cert: str | None = None
     tls_key: str | None = None
 
+    def __repr__(self) -> str:
+        return (f"NatsSettings(url={self.shown!r}, prefix={self.prefix!r}, creds_file={self.creds_file!r}, "
+                f"user={self.user!r}, nkey_file={self.nkey_file!r}, token={'***' if self.token else None})")
+
     @property
     def servers(self) -> list[str]:
         """The server pool, in the order given (InvalidRequest for a bad list)."""

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nats
+from nats.aio.client import Client as NATS
+
 from .processes import NATS_SERVER, stop_process, wait_for
 
 CLUSTER_NAME = "fbtest"
@@ -74,6 +77,14 @@ class NatsCluster:
     @property
     def urls(self) -> str:
         return ",".join(n.url for n in self.nodes)
+
+    def client_env(self) -> dict[str, str]:
+        """What a fleetbus process or the CLI needs to use this cluster."""
+        return {"FLEETBUS_NATS_URL": self.urls, "FLEETBUS_NATS_TOKEN": self.token}
+
+    async def connect(self, **options: Any) -> NATS:
+        """A plain nats-py client on the cluster, as another system would use it."""
+        return await nats.connect(servers=self.urls.split(","), token=self.token, **options)
 
     def _config(self, node: Node) -> str:
         routes = ", ".join(f"nats://127.0.0.1:{n.route_port}" for n in self.nodes if n is not node)
