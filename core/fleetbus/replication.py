@@ -58,8 +58,9 @@ def choose_replicas(nc: NATS, asked: int | None) -> tuple[int, str]:
 
     The cluster's size is what the server's INFO tells clients: the cluster name and the
     client URLs of its members (``connect_urls``, which includes the server itself).
-    A cluster that does not advertise its members counts as one server here, so a
-    deployment on a cluster should say ``--replicas`` (the shipped units do).
+    It is counted when the process connects: a cluster that does not advertise its
+    members, or has a node down at that moment, counts fewer, so a deployment on a
+    cluster should say ``--replicas`` (the shipped units do).
     """
     info: dict[str, Any] = getattr(nc, "_server_info", None) or {}
     members = {str(u) for u in info.get("connect_urls") or []}
@@ -69,9 +70,11 @@ def choose_replicas(nc: NATS, asked: int | None) -> tuple[int, str]:
             raise InvalidRequest(f"--replicas {asked} (or {ENV_REPLICAS}) needs a NATS cluster; "
                                  f"the NATS connected to is a single server")
         return asked, "asked"
-    if info.get("cluster") and len(members) >= 3:
+    if not info.get("cluster"):
+        return 1, "a single NATS server"
+    if len(members) >= 3:
         return 3, f"NATS cluster {info['cluster']} of {len(members)} servers"
-    return 1, "a single NATS server"
+    return 1, f"NATS cluster {info['cluster']} advertises {len(members)} server(s) now, fewer than 3"
 
 
 @dataclass
