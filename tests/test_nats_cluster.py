@@ -114,8 +114,14 @@ async def test_migrate_moves_an_r1_deployment_to_r3_after_warning_about_it(
         assert "(replicas 1)" in (tmp_path / "worker.log").read_text()
         assert set((await replicas_of(cluster, prefix)).values()) == {1}
 
-        core = Daemon(["core", "--replicas", "3"], env, tmp_path / "core.log", "fleetbus core").start()
-        warnings = [line for line in (tmp_path / "core.log").read_text().splitlines() if "fewer replicas" in line]
+        # This core has the token in its URLs instead: it authenticates, and never prints it.
+        in_urls = ",".join(n.url.replace("nats://", f"nats://{cluster.token}@") for n in cluster.nodes)
+        core_env = {k: v for k, v in env.items() if k != "FLEETBUS_NATS_TOKEN"}
+        core = Daemon(["core", "--replicas", "3"], dict(core_env, FLEETBUS_NATS_URL=in_urls),
+                      tmp_path / "core.log", "fleetbus core").start()
+        core_log = (tmp_path / "core.log").read_text()
+        assert cluster.token not in core_log and "nats://***@127.0.0.1" in core_log
+        warnings = [line for line in core_log.splitlines() if "fewer replicas" in line]
         assert len(warnings) == 1, warnings
         assert f"KV_{prefix}_servers (R1)" in warnings[0] and "fleetbus admin migrate --replicas 3" in warnings[0]
 
