@@ -1,9 +1,13 @@
 """How every fleetbus process finds and connects to NATS.
 
-The URL comes from ``--nats``, else ``FLEETBUS_NATS_URL``, else the run file that
-``fleetbus up`` writes in the home folder. The embedded NATS requires a token; it is
-read from ``FLEETBUS_NATS_TOKEN`` or the token file, never from a command line, so it
-never shows in a process list.
+The servers come from ``--nats``, else ``FLEETBUS_NATS_URL``, else the NATS CLI context
+(``--nats-context`` / ``FLEETBUS_NATS_CONTEXT``), else the run file that ``fleetbus up``
+writes in the home folder; each is one URL or a comma-separated list
+(:mod:`fleetbus.natsconfig`). The embedded NATS requires a token; it is read from
+``FLEETBUS_NATS_TOKEN``, a context or the token file, never from a command line, so it
+never shows in a process list. A ``.creds`` file (``--nats-creds`` /
+``FLEETBUS_NATS_CREDS``) or a context's user, password, nkey or TLS files are the other
+ways to authenticate.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import ssl
 import sys
 import termios
 from collections.abc import Callable
@@ -21,8 +26,9 @@ import nats
 import nats.aio.client
 from nats.aio.client import Client as NATS
 
-from .errors import ServerOffline
+from .errors import InvalidRequest, ServerOffline
 from .home import Home
+from .natsconfig import ENV_CONTEXT, NatsContext, redact, split_urls
 
 ENV_URL = "FLEETBUS_NATS_URL"
 ENV_TOKEN = "FLEETBUS_NATS_TOKEN"
@@ -33,10 +39,33 @@ DEFAULT_PREFIX = "fleetbus"
 
 @dataclass(frozen=True)
 class NatsSettings:
+    """Where NATS is and what to present to it. ``url`` is one URL or a comma-separated
+    list; secrets (token, password) stay out of ``repr``."""
+
     url: str
     token: str | None = field(default=None, repr=False)
     creds_file: str | None = None
     prefix: str = DEFAULT_PREFIX
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    nkey_file: str | None = None
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def __repr__(self) -> str:
+        return (f"NatsSettings(url={self.shown!r}, prefix={self.prefix!r}, creds_file={self.creds_file!r}, "
+                f"user={self.user!r}, nkey_file={self.nkey_file!r}, token={'***' if self.token else None})")
+
+    @property
+    def servers(self) -> list[str]:
+        """The server pool, in the order given (InvalidRequest for a bad list)."""
+        return split_urls(self.url)
+
+    @property
+    def shown(self) -> str:
+        """The URL list as messages print it: user parts (tokens, passwords) redacted."""
+        return redact(self.url)
 
     @classmethod
     def resolve(
@@ -45,24 +74,69 @@ class NatsSettings:
         home: Home | None = None,
         prefix: str | None = None,
         creds_file: str | None = None,
+        context: str | None = None,
     ) -> NatsSettings:
+        """The settings from flags, then the environment, then a context, then run.json."""
         home = home or Home.resolve()
-        token = os.environ.get(ENV_TOKEN) or None
-        creds = creds_file or os.environ.get(ENV_CREDS) or None
+        context = context or os.environ.get(ENV_CONTEXT) or None
+        ctx = NatsContext.load(context) if context else None
+        token = os.environ.get(ENV_TOKEN) or (ctx.token if ctx else None) or None
+        creds = creds_file or os.environ.get(ENV_CREDS) or (ctx.creds if ctx else None) or None
         prefix = prefix or os.environ.get(ENV_PREFIX) or DEFAULT_PREFIX
-        url = url or os.environ.get(ENV_URL)
+        source = ("--nats" if url else ENV_URL if os.environ.get(ENV_URL)
+                  else f"the NATS context {ctx.name}" if ctx and ctx.url else "the run file")
+        url = url or os.environ.get(ENV_URL) or (ctx.url if ctx else None)
         if not url:
             run = home.read_run()
             if not run or "nats_url" not in run:
                 raise ServerOffline(
-                    f"no NATS to talk to: start `fleetbus up`, or pass --nats URL "
-                    f"(or set {ENV_URL}); looked for {home.run_file}"
+                    f"no NATS to talk to: start `fleetbus up`, or pass --nats URL[,URL...] "
+                    f"(or set {ENV_URL}, or --nats-context); looked for {home.run_file}"
                 )
-            url = str(run["nats_url"])
+            raw = run["nats_url"]
+            url = ",".join(str(u) for u in raw) if isinstance(raw, list) else str(raw)
             prefix = str(run.get("prefix", prefix))
+            # `up` on an external NATS records how it authenticated (names and paths only).
+            if ctx is None and run.get("nats_context"):
+                ctx = NatsContext.load(str(run["nats_context"]))
+                token = token or ctx.token
+            creds = creds or (str(run["nats_creds"]) if run.get("nats_creds") else None)
             if token is None and home.nats_token.exists():
                 token = home.nats_token.read_text().strip()
-        return cls(url=url, token=token, creds_file=creds, prefix=prefix)
+        split_urls(url, source)  # a bad list is one clear line now, not nats-py's later
+        return cls(url=url, token=token, creds_file=creds, prefix=prefix,
+                   user=ctx.user if ctx else None, password=ctx.password if ctx else None,
+                   nkey_file=ctx.nkey if ctx else None, tls_ca=ctx.ca if ctx else None,
+                   tls_cert=ctx.cert if ctx else None, tls_key=ctx.key if ctx else None)
+
+    def auth_options(self) -> dict[str, object]:
+        """nats-py ``connect`` options for these credentials; InvalidRequest when a named
+        file cannot be read (checked here so the error names the file, not nats-py's)."""
+        opts: dict[str, object] = {}
+        if self.token:
+            opts["token"] = self.token
+        if self.user:
+            opts["user"] = self.user
+            if self.password:
+                opts["password"] = self.password
+        if self.creds_file:
+            opts["user_credentials"] = _readable(self.creds_file, "NATS credentials file")
+        if self.nkey_file:
+            opts["nkeys_seed"] = _readable(self.nkey_file, "NATS nkey seed file")
+        if self.tls_ca or self.tls_cert:
+            tls = ssl.create_default_context(cafile=_readable(self.tls_ca, "TLS CA file") if self.tls_ca else None)
+            if self.tls_cert:
+                tls.load_cert_chain(_readable(self.tls_cert, "TLS certificate"),
+                                    _readable(self.tls_key, "TLS key") if self.tls_key else None)
+            opts["tls"] = tls
+        return opts
+
+
+def _readable(path: str, what: str) -> str:
+    full = Path(path).expanduser()
+    if not os.access(full, os.R_OK) or not full.is_file():
+        raise InvalidRequest(f"cannot read the {what} {full}")
+    return str(full)
 
 
 # nats-py reads its socket in DEFAULT_BUFFER_SIZE pieces (32 KiB), and its stream
@@ -229,11 +303,19 @@ async def connect(
     connected, long-running processes reconnect forever.
     """
 
-    async def _quiet(_: Exception) -> None:  # nats-py prints tracebacks by default
-        return None
+    # nats-py ends a failed first connect with NoServersError whatever went wrong; what
+    # each server said on the way goes to error_cb, kept here until connected.
+    seen: list[Exception] = []
 
+    async def _quiet(exc: Exception) -> None:  # nats-py prints tracebacks by default
+        if len(seen) < 16 and not connected:
+            seen.append(exc)
+
+    connected = False
+
+    servers = settings.servers
     opts: dict[str, object] = {
-        "servers": [settings.url],
+        "servers": servers,
         "name": name,
         "connect_timeout": 3,
         "allow_reconnect": True,
@@ -241,25 +323,45 @@ async def connect(
         "reconnect_time_wait": 0.25,
         "error_cb": _quiet,
     }
-    if settings.token:
-        opts["token"] = settings.token
-    if settings.creds_file:
-        opts["user_credentials"] = str(Path(settings.creds_file).expanduser())
+    opts.update(settings.auth_options())
     opts.update(kwargs)
     try:
         nc = await nats.connect(**opts)  # type: ignore[arg-type]
     except Exception as exc:  # nats-py raises several unrelated types here
-        raise ServerOffline(f"cannot connect to NATS at {settings.url}: {_reason(exc)}") from None
+        where = "any of " + settings.shown.replace(",", ", ") if len(servers) > 1 else settings.shown
+        cause = next((e for e in seen if _is_auth(e)), exc)
+        raise ServerOffline(f"cannot connect to NATS at {where}: {_reason(cause, settings)}") from None
+    connected = True
     # nats-py reads this option on every reconnect, so relaxing it now keeps the
     # fail-fast first connect while long-running processes ride out NATS restarts.
     nc.options["max_reconnect_attempts"] = -1 if reconnect_forever else 3
     return nc
 
 
-def _reason(exc: Exception) -> str:
+def _reason(exc: Exception, settings: NatsSettings) -> str:
     text = str(exc).strip() or type(exc).__name__
-    if "authorization" in text.lower() or "Authorization" in type(exc).__name__:
-        return "authorization refused (wrong or missing token)"
+    if _is_auth(exc):
+        return "authorization refused (wrong or missing token or credentials)"
     if type(exc).__name__ == "NoServersError":
         return "nothing is listening there"
-    return text.splitlines()[0][:200]
+    line = text.splitlines()[0][:200]
+    # nats-py's messages may quote a URL, and a URL may carry a secret.
+    for secret in (settings.token, settings.password, *(_user_parts(settings.url))):
+        if secret:
+            line = line.replace(secret, "***")
+    return line
+
+
+def _is_auth(exc: Exception) -> bool:
+    return "authorization" in str(exc).lower() or "Authorization" in type(exc).__name__
+
+
+def _user_parts(url: str) -> list[str]:
+    """The user parts (``user:password`` or a token) of every URL in ``url``."""
+    out = []
+    for part in url.split(","):
+        head = part.split("://", 1)[-1]
+        if "@" in head:
+            userinfo = head.rsplit("@", 1)[0]
+            out.extend([userinfo, *userinfo.split(":")])
+    return [p for p in out if len(p) >= 3]

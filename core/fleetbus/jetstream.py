@@ -2,7 +2,9 @@
 
 Every process calls :func:`open_state` at start; creation is idempotent, so whichever
 process starts first creates them and the others find them. ``replicas`` > 1 is for a
-NATS cluster (see docs/operations.md).
+NATS cluster (see docs/operations.md): what is created gets that many copies, and what
+exists with fewer is named in one warning (:mod:`fleetbus.replication`), never changed
+here: ``fleetbus admin migrate`` does that.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 
+from .errors import ServerOffline
 from .jobleases import CORE_LEASE_TTL_S
+from .replication import warn_if_under_replicated
 from .subjects import Names
 
 COMMAND_MEMORY_S = 3600.0
@@ -48,11 +52,21 @@ class State:
     jobs_live: KeyValue
 
 
+def _refused(name: str, replicas: int, exc: APIError) -> ServerOffline:
+    """JetStream refusing to create state (no peers to place R3 on while a node is down,
+    no JetStream at all) as one line naming what could not be created."""
+    reason = exc.description or type(exc).__name__
+    return ServerOffline(f"JetStream cannot create {name} with {replicas} replica(s): {reason}")
+
+
 async def _kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
     try:
         return await js.key_value(config.bucket)
     except (NotFoundError, BadRequestError):
-        return await js.create_key_value(config)
+        try:
+            return await js.create_key_value(config)
+        except APIError as exc:
+            raise _refused(f"the KV bucket {config.bucket}", config.replicas, exc) from None
 
 
 async def open_state(nc: NATS, names: Names, replicas: int = 1,
@@ -92,24 +106,25 @@ async def open_state(nc: NATS, names: Names, replicas: int = 1,
     try:
         files = await js.object_store(names.files_bucket)
     except (NotFoundError, BadRequestError):
-        files = await js.create_object_store(
-            bucket=names.files_bucket,
-            config=ObjectStoreConfig(bucket=names.files_bucket, ttl=FILE_TTL_S,
-                                     replicas=replicas, storage=StorageType.FILE)
-        )
+        try:
+            files = await js.create_object_store(
+                bucket=names.files_bucket,
+                config=ObjectStoreConfig(bucket=names.files_bucket, ttl=FILE_TTL_S,
+                                         replicas=replicas, storage=StorageType.FILE)
+            )
+        except APIError as exc:
+            raise _refused(f"the object store {names.files_bucket}", replicas, exc) from None
     try:
         await js.stream_info(names.audit_stream)
     except NotFoundError:
-        await js.add_stream(
-            StreamConfig(
-                name=names.audit_stream,
-                subjects=[names.audit_all],
-                retention=RetentionPolicy.LIMITS,
-                max_age=AUDIT_MAX_AGE_S,
-                storage=StorageType.FILE,
-                num_replicas=replicas,
-            )
-        )
+        await _add_stream(js, StreamConfig(
+            name=names.audit_stream,
+            subjects=[names.audit_all],
+            retention=RetentionPolicy.LIMITS,
+            max_age=AUDIT_MAX_AGE_S,
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+        ))
     await _jobs_stream(js, names, replicas, jobs_max_age_s)
     job_cores = await _kv(
         js, KeyValueConfig(bucket=names.job_cores_bucket, history=1, ttl=CORE_LEASE_TTL_S,
@@ -119,16 +134,24 @@ async def open_state(nc: NATS, names: Names, replicas: int = 1,
         js, KeyValueConfig(bucket=names.jobs_live_bucket, history=1, replicas=replicas,
                            storage=StorageType.FILE)
     )
+    await warn_if_under_replicated(nc, names, replicas)
     return State(js=js, names=names, servers=servers, status=status, credentials=credentials,
                  commands=commands, agent_keys=agent_keys, gateways=gateways, files=files,
                  job_cores=job_cores, jobs_live=jobs_live)
+
+
+async def _add_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except APIError as exc:
+        raise _refused(f"the stream {config.name}", config.num_replicas or 1, exc) from None
 
 
 async def _jobs_stream(js: JetStreamContext, names: Names, replicas: int, max_age_s: float | None) -> None:
     try:
         info = await js.stream_info(names.jobs_stream)
     except NotFoundError:
-        await js.add_stream(StreamConfig(
+        await _add_stream(js, StreamConfig(
             name=names.jobs_stream, subjects=names.job_records, retention=RetentionPolicy.LIMITS,
             max_age=JOBS_MAX_AGE_S if max_age_s is None else max_age_s,
             storage=StorageType.FILE, num_replicas=replicas,

@@ -33,6 +33,7 @@ from .metrics import Metrics, MetricsServer, serve_metrics
 from .plugins import load_plugins
 from .records import Server
 from .registry import Registry
+from .replication import choose_replicas
 from .subjects import Names
 from .vault import MasterKey, Vault
 
@@ -47,7 +48,9 @@ class StackOptions:
     nats_port: int = 4222
     prefix: str | None = None
     transports: list[str] | None = None
-    replicas: int = 1
+    replicas: int | None = None  # None: from the NATS connected to (replication.choose_replicas)
+    nats_creds: str | None = None
+    nats_context: str | None = None
     host_settings: HostSettings = field(default_factory=HostSettings)
     metrics_addr: str | None = None
     check_interval_s: float = 30.0
@@ -57,7 +60,8 @@ class StackOptions:
 
 @dataclass
 class Running:
-    nats_url: str
+    nats_url: str  # as given (may hold a secret in a URL's user part): print nats_shown
+    nats_shown: str
     names: Names
     nc: NATS
     state: State
@@ -70,13 +74,15 @@ class Running:
     checker: ServerChecker | None = None
     worker_service: Any = None
     extra: dict[str, str] = field(default_factory=dict)
+    replicas: int = 1
 
 
 async def _connect(opts: StackOptions, embedded: EmbeddedNats | None, name: str) -> tuple[NATS, NatsSettings]:
     if embedded is not None:
         settings = NatsSettings(url=embedded.url, token=embedded.token, prefix=opts.prefix or "fleetbus")
     else:
-        settings = NatsSettings.resolve(url=opts.nats_url, home=opts.home, prefix=opts.prefix)
+        settings = NatsSettings.resolve(url=opts.nats_url, home=opts.home, prefix=opts.prefix,
+                                        creds_file=opts.nats_creds, context=opts.nats_context)
         # The CLI took FLEETBUS_NATS_TOKEN out of the environment at start (see
         # secure_process_start); it still beats the token file, as it did there.
         token = secret(ENV_TOKEN)
@@ -114,15 +120,17 @@ async def start_stack(opts: StackOptions, stack: AsyncExitStack, *, embedded_nat
     nc, settings = await _connect(opts, embedded, "fleetbus-" + ("up" if embedded else "core" if core else "worker"))
     stack.push_async_callback(_close_nats, nc)
     names = Names(settings.prefix)
-    state = await open_state(nc, names, replicas=opts.replicas,
+    replicas, why = choose_replicas(nc, opts.replicas)
+    log.info("JetStream state with %d replica(s) (%s)", replicas, why)
+    state = await open_state(nc, names, replicas=replicas,
                              jobs_max_age_s=opts.job_retention_s if core else None)
     plugins = load_plugins()
     # Only a process that must open or seal secrets needs the master key.
     master = MasterKey.load(opts.home, create=core) if (core or worker) else None
     vault = Vault(state.credentials, master)
     metrics = Metrics()
-    running = Running(nats_url=settings.url, names=names, nc=nc, state=state, embedded=embedded,
-                      metrics=metrics)
+    running = Running(nats_url=settings.url, nats_shown=settings.shown, names=names, nc=nc, state=state,
+                      embedded=embedded, metrics=metrics, replicas=replicas)
     if opts.metrics_addr:
         running.metrics_server = serve_metrics(metrics, opts.metrics_addr)
         stack.callback(running.metrics_server.stop)

@@ -34,12 +34,15 @@ class Globals:
     nats: str | None
     home: str | None
     prefix: str | None
+    nats_creds: str | None = None
+    nats_context: str | None = None
 
     def home_dir(self) -> Home:
         return Home.resolve(self.home)
 
     def settings(self) -> NatsSettings:
-        return NatsSettings.resolve(url=self.nats, home=self.home_dir(), prefix=self.prefix)
+        return NatsSettings.resolve(url=self.nats, home=self.home_dir(), prefix=self.prefix,
+                                    creds_file=self.nats_creds, context=self.nats_context)
 
 
 pass_globals = click.make_pass_decorator(Globals)

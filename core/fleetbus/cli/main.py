@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .admin_cmds import admin
 from .commands import get, info, ping, put, run
 from .context import Globals
 from .credentials import credentials
@@ -17,19 +18,27 @@ from .stack_cmds import core, up, worker
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fleetbus")
-@click.option("--nats", envvar="FLEETBUS_NATS_URL", metavar="URL",
-              help="NATS to use (default: the one `fleetbus up` started). Env: FLEETBUS_NATS_URL.")
+@click.option("--nats", envvar="FLEETBUS_NATS_URL", metavar="URL[,URL...]",
+              help="NATS servers to use, comma-separated (default: the one `fleetbus up` started). "
+                   "Env: FLEETBUS_NATS_URL.")
+@click.option("--nats-creds", envvar="FLEETBUS_NATS_CREDS", metavar="FILE",
+              help="A NATS credentials (.creds) file. Env: FLEETBUS_NATS_CREDS.")
+@click.option("--nats-context", envvar="FLEETBUS_NATS_CONTEXT", metavar="NAME",
+              help="A `nats` CLI context (~/.config/nats/context/NAME.json): servers, token, "
+                   "user, creds, nkey, TLS files. Env: FLEETBUS_NATS_CONTEXT.")
 @click.option("--home", envvar="FLEETBUS_HOME", type=click.Path(file_okay=False),
               help="Data folder (default ~/.fleetbus). Env: FLEETBUS_HOME.")
 @click.option("--prefix", envvar="FLEETBUS_PREFIX", help="Subject prefix (default fleetbus).")
 @click.pass_context
-def cli(ctx: click.Context, nats: str | None, home: str | None, prefix: str | None) -> None:
+def cli(ctx: click.Context, nats: str | None, nats_creds: str | None, nats_context: str | None,
+        home: str | None, prefix: str | None) -> None:
     """Register a server once, then run commands and move files on it by name."""
-    ctx.obj = Globals(nats=nats, home=home, prefix=prefix)
+    ctx.obj = Globals(nats=nats, home=home, prefix=prefix, nats_creds=nats_creds,
+                      nats_context=nats_context)
 
 
 for command in (up, core, worker, servers, credentials, run, put, get, info, ping, jobs, plugins,
-                gateway, agent):
+                gateway, agent, admin):
     cli.add_command(command)
 
 

@@ -57,6 +57,15 @@ def _settings(gateway_listen: str, pairs: tuple[str, ...],
     return out
 
 
+def replicas_option(fn):  # type: ignore[no-untyped-def]
+    """``--replicas N`` / FLEETBUS_REPLICAS, the same on every process that may create state."""
+    return click.option(
+        "--replicas", type=click.IntRange(1, 5), envvar="FLEETBUS_REPLICAS", default=None,
+        help="JetStream replicas for fleetbus's state (env FLEETBUS_REPLICAS; default: 3 on a "
+             "NATS cluster of 3 or more servers, else 1). State found with fewer is warned about; "
+             "`fleetbus admin migrate` changes it.")(fn)
+
+
 LOCAL_USER_HELP = ("Run local commands and file operations as this user (name or uid). Default: "
                    "fleetbus's own user; as root, fleetbus-local if it exists, else nobody. "
                    "'root' keeps them root. Same as --transport-setting local.user=NAME.")
@@ -106,11 +115,13 @@ def _say(text: str) -> None:
               help="Seconds a server check waits for the server's answer.")
 @click.option("--job-retention", type=click.FloatRange(min=0.01), metavar="DAYS",
               help="Days job records are kept (default: as set before, else 30).")
+@replicas_option
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @pass_globals
 def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gateway_listen: str,
        transport_settings: tuple[str, ...], local_user: str | None, metrics_addr: str,
-       check_interval: float, check_timeout: float, job_retention: float | None, verbose: int) -> None:
+       check_interval: float, check_timeout: float, job_retention: float | None, replicas: int | None,
+       verbose: int) -> None:
     """Start everything on this machine: NATS (unless --nats), the core and every transport."""
     from ..host import HostSettings  # the stack is heavy; `fleetbus run` never needs it
     from ..stack import StackOptions, ensure_local_server, start_stack, wait_for_signal
@@ -119,7 +130,8 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
     home = g.home_dir()
     _secure(home)
     opts = StackOptions(home=home, nats_url=g.nats, nats_host=nats_host, nats_port=nats_port,
-                        prefix=g.prefix, transports=_transports(transports),
+                        prefix=g.prefix, transports=_transports(transports), replicas=replicas,
+                        nats_creds=g.nats_creds, nats_context=g.nats_context,
                         host_settings=HostSettings(transport_settings=_settings(gateway_listen, transport_settings,
                                                                                 local_user),
                                                    reply_prefixes=_reply_prefixes(g.prefix)),
@@ -130,16 +142,20 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
         started = time.monotonic()
         async with AsyncExitStack() as stack:
             home.ensure()
-            running = await start_stack(opts, stack, embedded_nats=g.nats is None, core=True, worker=True)
+            external = g.nats is not None or g.nats_context is not None
+            running = await start_stack(opts, stack, embedded_nats=not external, core=True, worker=True)
             stack.callback(home.clear_run)
             added = await ensure_local_server(running.state, running.host)
             metrics_url = running.metrics_server.url if running.metrics_server else None
+            # Names and paths only: the CLI finds a token in its own environment or file.
             home.write_run({"nats_url": running.nats_url, "prefix": running.names.prefix,
                             "embedded": running.embedded is not None, "version": __version__,
-                            "metrics_url": metrics_url})
+                            "metrics_url": metrics_url, "nats_context": g.nats_context,
+                            "nats_creds": g.nats_creds, "replicas": running.replicas})
             served = ", ".join(running.host.transports) if running.host and running.host.transports else "none"
             _say(f"fleetbus {__version__} is up in {time.monotonic() - started:.2f} s")
-            _say(f"  nats      {running.nats_url}" + (" (embedded, token required)" if running.embedded else ""))
+            _say(f"  nats      {running.nats_shown}" + (" (embedded, token required)" if running.embedded
+                                                     else f" (replicas {running.replicas})"))
             _say(f"  home      {home.path}")
             if running.embedded:
                 _say(f"  data      {home.nats_data}")
@@ -162,8 +178,7 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
 
 @click.command("core")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-@click.option("--replicas", type=click.IntRange(1, 5), default=1, show_default=True,
-              help="JetStream replicas for new buckets (on a NATS cluster).")
+@replicas_option
 @click.option("--metrics-addr", default="off", show_default=True, metavar="HOST:PORT",
               help="Serve Prometheus metrics here ('off' to disable).")
 @click.option("--check-interval", type=click.FloatRange(min=0), default=30.0, show_default=True,
@@ -173,7 +188,7 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
 @click.option("--job-retention", type=click.FloatRange(min=0.01), metavar="DAYS",
               help="Days job records are kept (default: as set before, else 30).")
 @pass_globals
-def core(g: Globals, verbose: int, replicas: int, metrics_addr: str, check_interval: float,
+def core(g: Globals, verbose: int, replicas: int | None, metrics_addr: str, check_interval: float,
          check_timeout: float, job_retention: float | None) -> None:
     """Run the core alone (admin API, vault, registry) against a shared NATS."""
     from ..host import HostSettings
@@ -182,6 +197,7 @@ def core(g: Globals, verbose: int, replicas: int, metrics_addr: str, check_inter
     _logging(verbose)
     _secure(g.home_dir())
     opts = StackOptions(home=g.home_dir(), nats_url=g.nats, prefix=g.prefix, replicas=replicas,
+                        nats_creds=g.nats_creds, nats_context=g.nats_context,
                         host_settings=HostSettings(reply_prefixes=_reply_prefixes(g.prefix)),
                         metrics_addr=_metrics(metrics_addr), check_interval_s=check_interval,
                         check_timeout_s=check_timeout, job_retention_s=_days(job_retention))
@@ -189,7 +205,7 @@ def core(g: Globals, verbose: int, replicas: int, metrics_addr: str, check_inter
     async def main() -> None:
         async with AsyncExitStack() as stack:
             running = await start_stack(opts, stack, embedded_nats=False, core=True, worker=False)
-            _say(f"fleetbus core {__version__} on {running.nats_url}"
+            _say(f"fleetbus core {__version__} on {running.nats_shown} (replicas {running.replicas})"
                  + (f", metrics {running.metrics_server.url}" if running.metrics_server else ""))
             await wait_for_signal()
 
@@ -208,10 +224,11 @@ def core(g: Globals, verbose: int, replicas: int, metrics_addr: str, check_inter
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("--metrics-addr", default="off", show_default=True, metavar="HOST:PORT",
               help="Serve Prometheus metrics here ('off' to disable).")
+@replicas_option
 @pass_globals
 def worker(g: Globals, transports: str | None, threads: int, gateway_listen: str,
            transport_settings: tuple[str, ...], local_user: str | None, metrics_addr: str,
-           verbose: int) -> None:
+           replicas: int | None, verbose: int) -> None:
     """Run a plugin host serving the given transports against a shared NATS."""
     from ..host import HostSettings  # the stack is heavy; `fleetbus run` never needs it
     from ..stack import StackOptions, start_stack, wait_for_signal
@@ -219,7 +236,8 @@ def worker(g: Globals, transports: str | None, threads: int, gateway_listen: str
     _logging(verbose)
     _secure(g.home_dir())
     opts = StackOptions(home=g.home_dir(), nats_url=g.nats, prefix=g.prefix,
-                        transports=_transports(transports),
+                        transports=_transports(transports), replicas=replicas,
+                        nats_creds=g.nats_creds, nats_context=g.nats_context,
                         host_settings=HostSettings(blocking_threads=threads,
                                                    transport_settings=_settings(gateway_listen, transport_settings,
                                                                                 local_user),
@@ -230,7 +248,8 @@ def worker(g: Globals, transports: str | None, threads: int, gateway_listen: str
         async with AsyncExitStack() as stack:
             running = await start_stack(opts, stack, embedded_nats=False, core=False, worker=True)
             served = ", ".join(running.host.transports) if running.host and running.host.transports else "none"
-            _say(f"fleetbus worker {__version__} on {running.nats_url} serving {served}"
+            _say(f"fleetbus worker {__version__} on {running.nats_shown} (replicas {running.replicas}) "
+                 f"serving {served}"
                  + (f", metrics {running.metrics_server.url}" if running.metrics_server else ""))
             await wait_for_signal()
 
