@@ -26,6 +26,7 @@ from figures import Row, Sizes, agents_scale, describe, exec_agent, exec_local, 
 from floors import floor_rows
 from harness import Stack
 from jobbench import job_rows
+from jobputbench import job_put_rows
 
 
 def machine() -> dict[str, str]:
@@ -94,6 +95,7 @@ async def main(args: argparse.Namespace) -> list[Row]:
             if on("jobs"):
                 # Also before the scale rows; their own agents are stopped when they end.
                 rows += await job_rows(stack, sizes, work)
+                rows += await job_put_rows(stack, sizes, work)
             if on("scale"):
                 rows += await agents_scale(stack, sizes, work)
         finally:

@@ -67,6 +67,7 @@ from .messages import (
 )
 from .metrics import Metrics
 from .objects import ObjectFiles
+from .objectshare import SharedObjects, SharedRead
 from .output import BusOutput
 from .records import Server, utcnow
 from .registry import Registry
@@ -185,6 +186,10 @@ class PluginHost:
         self.files = ObjectFiles(state.js, self.names.files_bucket)
         self.vault = vault
         self.metrics = metrics or Metrics()
+        # A put job's object is read from the store once, however many of its targets
+        # this worker serves (objectshare.py).
+        self.objects = SharedObjects(self.files, self.settings.home.path / "spool",
+                                     on_read=self.metrics.object_read_bytes.inc)
         self.services = CoreServices(
             nc=nc, names=self.names, home=self.settings.home, registry=self.registry,
             agent_keys=AgentKeys(state.agent_keys), gateways=state.gateways,
@@ -269,6 +274,7 @@ class PluginHost:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=CANCEL_GRACE_S)
+        await self.objects.aclose()
         for pool in self.sessions.values():
             await pool.close_all()
         for transport in self.transports.values():
@@ -759,6 +765,7 @@ class PluginHost:
             raise TooLarge(f"inline content is {len(content)} bytes; above {MAX_INLINE_BYTES} "
                            "send it through the object store")
         receiver: Receiver | None = None
+        shared: SharedRead | None = None
         size: int | None
         if content is not None:
             size = len(content)
@@ -776,7 +783,9 @@ class PluginHost:
             source = receiver.chunks(grant_first=True)
         else:
             assert req.object is not None
-            size, source = await self.files.read(req.object)
+            # Every put of this object on this worker shares one read of the store.
+            shared = await self.objects.open(req.object)
+            size, source = shared.size, shared.chunks()
         digest = hashlib.sha256()
 
         async def checked() -> AsyncIterator[bytes]:
@@ -809,6 +818,8 @@ class PluginHost:
         finally:
             if receiver is not None:
                 await receiver.close()
+            if shared is not None:
+                shared.release()
         if sha256 is None:
             # The transport returned without reading its source to the end (a plugin bug).
             if receiver is not None:  # the requester's digest was never checked: say so

@@ -111,6 +111,10 @@ class Metrics:
         self.nats_slow_consumer = Counter(
             "fleetbus_nats_slow_consumer_errors", "Messages nats-py dropped on this process's NATS "
             "connection because a subscription had too much pending.", registry=r)
+        self.object_read_bytes = Counter(
+            "fleetbus_object_read_bytes", "Bytes this process read from the file object store "
+            "for puts: each object version once, however many of its puts the worker runs.",
+            registry=r)
         self._per_transport: dict[str, TransportMetrics] = {}
 
     def for_transport(self, transport: str) -> TransportMetrics:

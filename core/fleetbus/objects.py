@@ -13,10 +13,13 @@ import asyncio
 import base64
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import nats.errors
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 from nats.js.kv import MSG_ROLLUP_SUBJECT
@@ -32,6 +35,15 @@ from .errors import NotFound, TransportError
 
 CHUNK_BYTES = 256 * 1024
 PUBLISH_WINDOW = 16
+# A reader gives up when no chunk arrives for this long: the object's chunks were purged
+# under it (deleted), or JetStream stalled far past anything a healthy server does.
+IDLE_S = 60.0
+# nats-py drops a message that would take a subscription past its pending limit, and an
+# ordered consumer then loses it unnoticed (it tracks the sequence before the drop): the
+# read ends corrupt. JetStream's flow control holds a reader that falls behind to about
+# 32 MiB in flight (measured with nats-server 2.15), so the limit sits well above that:
+# flow control, not this limit, bounds the memory.
+READ_PENDING_BYTES = 128 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -125,31 +137,48 @@ class ObjectFiles:
     async def read(self, name: str) -> tuple[int, AsyncIterator[bytes]]:
         """The object's size and an iterator over its bytes, checked against its digest."""
         info = await self.info(name)
+        return int(info.size or 0), self.chunks(info)
+
+    async def chunks(self, info: api.ObjectInfo) -> AsyncIterator[bytes]:
+        """The bytes of the object version ``info`` describes (its ``nuid``), as stored;
+        raises TransportError at the end when they do not match its size and digest, and
+        when none arrives for ``IDLE_S`` (chunks purged under the reader: deleted)."""
         size = int(info.size or 0)
+        if size == 0:
+            return
         expected = (info.digest or "").replace(OBJ_DIGEST_TYPE, "")
+        subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=self.bucket, obj=info.nuid)
+        sub = await self.js.subscribe(subject, ordered_consumer=True,
+                                      pending_bytes_limit=READ_PENDING_BYTES)
+        digest = hashlib.sha256()
+        got = 0
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=IDLE_S)
+                except nats.errors.TimeoutError:
+                    raise TransportError(f"object {info.name}: nothing arrived for {IDLE_S:g} s "
+                                         f"after {got} of {size} bytes (deleted or expired?)") from None
+                digest.update(msg.data)
+                got += len(msg.data)
+                yield msg.data
+                if msg.metadata.num_pending == 0 or got >= size:
+                    break
+        finally:
+            await sub.unsubscribe()
+        if got != size or (
+            expected and base64.urlsafe_b64encode(digest.digest()).decode() != expected
+        ):
+            raise TransportError(f"object {info.name} is corrupt (size or digest mismatch)")
 
-        async def chunks() -> AsyncIterator[bytes]:
-            if size == 0:
-                return
-            subject = OBJ_CHUNKS_PRE_TEMPLATE.format(bucket=self.bucket, obj=info.nuid)
-            sub = await self.js.subscribe(subject, ordered_consumer=True, pending_bytes_limit=8 * CHUNK_BYTES * PUBLISH_WINDOW)
-            digest = hashlib.sha256()
-            got = 0
-            try:
-                async for msg in sub.messages:
-                    digest.update(msg.data)
-                    got += len(msg.data)
-                    yield msg.data
-                    if msg.metadata.num_pending == 0 or got >= size:
-                        break
-            finally:
-                await sub.unsubscribe()
-            if got != size or (
-                expected and base64.urlsafe_b64encode(digest.digest()).decode() != expected
-            ):
-                raise TransportError(f"object {name} is corrupt (size or digest mismatch)")
+    async def watch(self, name: str, on_change: Callable[[], None]) -> Subscription:
+        """Call ``on_change`` whenever ``name``'s metadata is written from now on: the
+        object was replaced or deleted. Unsubscribe the returned subscription to stop."""
 
-        return size, chunks()
+        async def changed(_msg: Msg) -> None:
+            on_change()
+
+        return await self.js._nc.subscribe(self._meta_subject(name), cb=changed)
 
     async def delete(self, name: str) -> None:
         try:
