@@ -16,11 +16,13 @@ import asyncio
 import contextlib
 import io
 import os
+import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from figures import MS, Row, Sizes
 from fleetbus.cli.jobfiles import fetcher
 from fleetbus.cli.jobs import follow
 from fleetbus.jobfiles import DOWNLOADS_AT_ONCE, Downloads
@@ -41,36 +43,56 @@ async def one_job(stack: Stack, tag: str, source: Path, dest: Path, at_once: int
     return elapsed
 
 
+# Servers and size of the row in bench/run.py: enough files that downloads at once
+# matter, small enough for the quick run.
+SERVERS = 20
+MIB = 16
+
+
+async def get_job_rows(stack: Stack, sizes: Sizes, work: Path, servers: int = SERVERS,
+                       mib: int | None = None, rounds: int | None = None) -> list[Row]:
+    """A `get` job over ``servers`` local servers, downloads ``DOWNLOADS_AT_ONCE`` at a
+    time, against the same job downloading one at a time, alternating rounds."""
+    mib = mib or max(1, min(MIB, sizes.put_mib // 8))  # the smoke run: 1 MiB
+    rounds = rounds or max(1, sizes.transfer_rounds + 1)
+    tag = "getbench"
+    for i in range(servers):
+        await stack.client.add_server({"name": f"gb-{i:03d}", "transport": "local", "labels": {"t": tag}})
+    source = work / "getjob-payload.bin"
+    source.write_bytes(os.urandom(mib * 1024 * 1024))
+    deadline = time.monotonic() + 30
+    while True:  # every server served
+        reply = await stack.client.start_job({"selection": {"labels": {"t": tag}}, "op": "ping"})
+        await one_summary(stack, reply["id"])
+        got = await stack.client.get_job(reply["id"])
+        if got["summary"]["counts"]["ok"] == servers:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the {servers} get-bench servers never all answered ping")
+    times: dict[int, list[float]] = {DOWNLOADS_AT_ONCE: [], 1: []}
+    for r in range(rounds):
+        for at_once in (DOWNLOADS_AT_ONCE, 1) if r % 2 == 0 else (1, DOWNLOADS_AT_ONCE):
+            dest = work / f"got-{r}-{at_once}"
+            times[at_once].append(await one_job(stack, tag, source, dest, at_once))
+            shutil.rmtree(dest, ignore_errors=True)
+    fast, slow = statistics.median(times[DOWNLOADS_AT_ONCE]), statistics.median(times[1])
+    return [Row(f"get job: {mib} MiB from {servers} servers", fast * MS, slow * MS, "ms",
+                "ratio < 1.0 (vs one download at a time)", fast < slow,
+                note=(f"{DOWNLOADS_AT_ONCE} downloads at once vs 1, the same job otherwise; "
+                      f"median of {rounds}, alternating"))]
+
+
 async def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="getjobbench-") as tmp:
         work = Path(tmp)
         stack = await Stack.start(work)
         try:
-            tag = "getbench"
-            for i in range(args.servers):
-                await stack.client.add_server({"name": f"gb-{i:03d}", "transport": "local", "labels": {"t": tag}})
-            source = work / "payload.bin"
-            source.write_bytes(os.urandom(args.mib * 1024 * 1024))
-            deadline = time.monotonic() + 30
-            while True:  # every server served
-                reply = await stack.client.start_job({"selection": {"labels": {"t": tag}}, "op": "ping"})
-                await one_summary(stack, reply["id"])
-                got = await stack.client.get_job(reply["id"])
-                if got["summary"]["counts"]["ok"] == args.servers or time.monotonic() > deadline:
-                    break
-            times: dict[int, list[float]] = {DOWNLOADS_AT_ONCE: [], 1: []}
-            for r in range(args.rounds):
-                for at_once in (DOWNLOADS_AT_ONCE, 1) if r % 2 == 0 else (1, DOWNLOADS_AT_ONCE):
-                    dest = work / f"got-{r}-{at_once}"
-                    times[at_once].append(await one_job(stack, tag, source, dest, at_once))
-            print(f"cores {os.cpu_count()}; {args.servers} local servers, {args.mib} MiB each, {args.rounds} rounds")
-            fast, slow = statistics.median(times[DOWNLOADS_AT_ONCE]), statistics.median(times[1])
-            print(f"get job, {DOWNLOADS_AT_ONCE} downloads at once: median {fast:.2f} s  {times[DOWNLOADS_AT_ONCE]}")
-            print(f"baseline, 1 download at once:   median {slow:.2f} s  {times[1]}")
-            print(f"ratio: {fast / slow:.2f}x the baseline's wall time")
+            sizes = Sizes.of("quick")
+            for row in await get_job_rows(stack, sizes, work, args.servers, args.mib, args.rounds):
+                print(f"cores {os.cpu_count()}; {row.figure}: {row.fleetbus:.0f} ms vs {row.baseline:.0f} ms "
+                      f"= {row.ratio:.2f}x ({row.note})")
         finally:
-            await stack.client.close()
-            await asyncio.to_thread(stack.fleet.stop)
+            await stack.stop()
 
 
 async def one_summary(stack: Stack, job: str) -> None:

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from figures import Row, Sizes, agents_scale, describe, exec_agent, exec_local, put_agent, up_to_first_command
 from floors import floor_rows
+from getjobbench import get_job_rows
 from harness import Stack
 from jobbench import job_rows
 from jobputbench import job_put_rows
@@ -96,6 +97,7 @@ async def main(args: argparse.Namespace) -> list[Row]:
                 # Also before the scale rows; their own agents are stopped when they end.
                 rows += await job_rows(stack, sizes, work)
                 rows += await job_put_rows(stack, sizes, work)
+                rows += await get_job_rows(stack, sizes, work)
             if on("scale"):
                 rows += await agents_scale(stack, sizes, work)
         finally:

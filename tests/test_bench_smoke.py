@@ -33,7 +33,8 @@ def test_bench_smoke_reports_every_figure() -> None:
         assert any(f.startswith(part) for f in figures), (part, figures)
     # Fleet jobs (issue 18), each against its baseline of the same run.
     for part in ("job overhead: 1-server job vs exec true", "exec true on 10 agents as one job",
-                 "ping job over 10 agents held", "exec true on 50 ssh servers as one job"):
+                 "ping job over 10 agents held", "exec true on 50 ssh servers as one job",
+                 "get job: 1 MiB from 20 servers", "8 MiB put to 20 agents as one job"):
         assert any(f.startswith(part) for f in figures), (part, figures)
     for row in report["rows"]:
         assert math.isfinite(row["fleetbus"]) and row["fleetbus"] > 0, row
