@@ -121,12 +121,19 @@ class JobRun:
     _live_next: asyncio.Future[Any] | None = None  # done when the write after it is stored
     _done: list[asyncio.Task[ServerResult]] = field(default_factory=list)  # ended, not yet handled
     _wake: asyncio.Future[None] | None = None  # what the loop waits on while nothing has ended
+    # The first starts and what they wait for, decided in start().
+    _first: tuple[list[str], asyncio.Future[Any] | None] | None = None
 
     @property
     def id(self) -> str:
         return self.spec.definition.id
 
     def start(self) -> asyncio.Task[None]:
+        """Start running. The first starts' ``jobs_live`` write is sent from here, so
+        it goes out in the same loop turn (and socket write) as the ``started`` record
+        the job service sent just before, and both acknowledgements come back together."""
+        starts = self.spec.plan.next_starts()
+        self._first = (starts, self._before_sending(starts, set) if starts else None)
         self.task = asyncio.create_task(self._run(), name=f"job {self.id}")
         return self.task
 
@@ -148,8 +155,11 @@ class JobRun:
                 self._online = OnlineWatch(self.status, set(plan.targets))
                 await self._online.start()
             while True:
-                starts = plan.next_starts()
-                gate = self._before_sending(starts, lambda: set(running.values())) if starts else None
+                if self._first is not None:
+                    (starts, gate), self._first = self._first, None
+                else:
+                    starts = plan.next_starts()
+                    gate = self._before_sending(starts, lambda: set(running.values())) if starts else None
                 if gate is not None and self.kept is not None:
                     # The first starts: a job whose started record was not kept must not
                     # run at all (its start was answered with an error).
