@@ -48,6 +48,7 @@ from .jobrecords import JobCounts, JobDefinition, JobStore, JobSummary, ServerRe
 from .jobrequest import job_object
 from .jobwait import OnlineWatch, shown_duration
 from .names import COMMAND_ID_RE
+from .replies import Replies
 from .subjects import Names
 
 log = logging.getLogger("fleetbus.jobs")
@@ -99,6 +100,9 @@ class JobRun:
     store: JobStore
     spec: JobSpec
     requester: str
+    # The core's requests, each reply resolved straight from the read loop, as the
+    # client's are (nats-py's request() adds a task and loop turns per reply).
+    replies: Replies
     leases: JobLeases | None = None
     status: KeyValue | None = None  # the status bucket, watched when the job waits for servers
     task: asyncio.Task[None] | None = None
@@ -375,7 +379,7 @@ class JobRun:
                                     error={"code": "internal", "message": "the core could not record the job's "
                                            f"progress, so the command was not sent: {type(exc).__name__}"})
         try:
-            msg = await self.nc.request(
+            msg = await self.replies.request(
                 self.names.server(server, self.spec.op), json.dumps(body).encode(),
                 timeout=self.spec.timeout_s + REPLY_GRACE_S,
                 headers={HDR_REQUESTER: self.requester})

@@ -45,6 +45,7 @@ from .objects import ObjectFiles
 from .records import utcnow
 from .registry import Registry
 from .registryview import RegistryView
+from .replies import Replies
 from .selection import resolve
 from .subjects import ReplySubjects
 
@@ -76,6 +77,7 @@ class JobService:
         self.leases = JobLeases(state.job_cores, state.jobs_live, self._abandon)
         self.auditor = Auditor(nc, names)
         self.files = ObjectFiles(state.js, names.files_bucket)  # a put job's content, for reruns
+        self.requests = Replies(nc)  # the jobs' requests to servers
         self.running: dict[str, JobRun] = {}
         self.service: Service | None = None
         self._handoffs: list[Subscription] = []
@@ -126,6 +128,7 @@ class JobService:
             await asyncio.wait(tasks, timeout=STOP_GRACE_S)
         await self.leases.stop()
         await self.view.aclose()
+        await self.requests.close()
         await self.auditor.close()
 
     async def _abandon(self, job: str, maybe_running: list[str]) -> None:
@@ -255,7 +258,7 @@ class JobService:
                      JobSpec(definition=definition, plan=plan, op=req.op, body=req.server_body(),
                              timeout_s=req.timeout_s, deadline_s=req.deadline_s,
                              wait_online_s=req.wait_online_s),
-                     requester=f"{requester} (job {job_id})", leases=self.leases,
+                     requester=f"{requester} (job {job_id})", replies=self.requests, leases=self.leases,
                      status=self.registry.status_kv, kept=kept)
         self.running[job_id] = run
         self.metrics.jobs_started.labels(req.op).inc()
