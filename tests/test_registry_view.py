@@ -19,6 +19,7 @@ from fleetbus.jetstream import State, open_state
 from fleetbus.records import Server
 from fleetbus.registry import Registry
 from fleetbus.registryview import RegistryView
+from fleetbus.replies import Replies
 from fleetbus.subjects import Names
 from nats.aio.client import Client as NATS
 from support.processes import NatsServer
@@ -38,12 +39,17 @@ async def other(nats_server: NatsServer, state: State) -> AsyncIterator[Registry
     await conn.close()
 
 
-@pytest.fixture
-async def view(state: State) -> AsyncIterator[RegistryView]:
-    made = RegistryView(state.js, Registry(state.servers, state.status), state.names.servers_bucket)
+@pytest.fixture(params=["reply inbox", "stream_info"])
+async def view(request: pytest.FixtureRequest, nc: NATS, state: State) -> AsyncIterator[RegistryView]:
+    """The view as the job service has it (its check sent through a reply inbox), and
+    without one (nats-py's stream_info)."""
+    requests = Replies(nc) if request.param == "reply inbox" else None
+    made = RegistryView(state.js, Registry(state.servers, state.status), state.names.servers_bucket, requests)
     await made.start()
     yield made
     await made.aclose()
+    if requests is not None:
+        await requests.close()
 
 
 def _names(servers: list[Server]) -> set[str]:

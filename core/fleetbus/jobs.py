@@ -70,14 +70,14 @@ class JobService:
         # Where a job's output_subject may point: the deployment's reply namespace.
         self.replies = replies or names.reply_subjects()
         self.registry = registry
+        self.requests = Replies(nc)  # the jobs' requests to servers, and the view's
         # Selections are resolved against this, not a snapshot per start (registryview.py).
-        self.view = RegistryView(state.js, registry, names.servers_bucket)
+        self.view = RegistryView(state.js, registry, names.servers_bucket, self.requests)
         self.metrics = metrics or Metrics()
         self.store = JobStore(state.js, names)
         self.leases = JobLeases(state.job_cores, state.jobs_live, self._abandon)
         self.auditor = Auditor(nc, names)
         self.files = ObjectFiles(state.js, names.files_bucket)  # a put job's content, for reruns
-        self.requests = Replies(nc)  # the jobs' requests to servers
         self.running: dict[str, JobRun] = {}
         self.service: Service | None = None
         self._handoffs: list[Subscription] = []

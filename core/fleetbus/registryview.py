@@ -20,6 +20,7 @@ watch is started afresh.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from typing import Any
 
@@ -30,12 +31,14 @@ from pydantic import ValidationError
 
 from .records import Server
 from .registry import Registry
+from .replies import Replies
 
 log = logging.getLogger("fleetbus.registry")
 
 #: How long :meth:`RegistryView.servers` waits for the watch to apply the registry's
 #: last write before it reads a snapshot instead.
 CATCH_UP_S = 1.0
+STREAM_INFO_TIMEOUT_S = 10.0
 # A server-placed marker (nats-server 2.11+: a key removed by TTL, age or purge).
 _MARKER_REASON = "Nats-Marker-Reason"
 
@@ -48,9 +51,11 @@ class RegistryView:
     """Every registered server, parsed, as of the registry's last write. ``start`` then
     ``aclose``."""
 
-    def __init__(self, js: JetStreamContext, registry: Registry, bucket: str) -> None:
+    def __init__(self, js: JetStreamContext, registry: Registry, bucket: str,
+                 requests: Replies | None = None) -> None:
         self.js = js
         self.registry = registry
+        self._requests = requests
         # The KV protocol's names for a bucket's stream and subjects.
         self._stream = f"KV_{bucket}"
         self._prefix = f"$KV.{bucket}."
@@ -97,8 +102,7 @@ class RegistryView:
     async def servers(self) -> list[Server]:
         """Every registered server, including any whose registration was acknowledged
         before this call (on any core)."""
-        info = await self.js.stream_info(self._stream)
-        last = info.state.last_seq
+        last = await self._last_seq()
         if self._applied < last:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append((last, waiter))
@@ -114,6 +118,25 @@ class RegistryView:
                     await self._watch()
                 return await self.registry.list()
         return list(self._servers.values())
+
+    async def _last_seq(self) -> int:
+        """The sequence of the stream's last message: one request.
+
+        Sent through ``requests`` where given (its reply is resolved straight from the
+        read loop) and only that field read from the answer; nats-py's ``stream_info``
+        (a reply task, and the whole stream description parsed into objects) took about
+        0.1 ms more per start. Any answer but the expected one goes the usual way, which
+        raises what nats-py raises."""
+        prefix = getattr(self.js, "_prefix", None)  # nats-py's JetStream API prefix
+        if self._requests is not None and isinstance(prefix, str):
+            msg = await self._requests.request(f"{prefix}.STREAM.INFO.{self._stream}", b"",
+                                               timeout=STREAM_INFO_TIMEOUT_S)
+            try:
+                return int(json.loads(msg.data)["state"]["last_seq"])
+            except (ValueError, KeyError, TypeError):
+                pass
+        info = await self.js.stream_info(self._stream)
+        return info.state.last_seq
 
     def _apply(self, msg: Any) -> None:
         key = msg.subject[len(self._prefix):]
