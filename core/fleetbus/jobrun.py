@@ -101,8 +101,9 @@ class JobRun:
     spec: JobSpec
     requester: str
     # The core's requests, each reply resolved straight from the read loop, as the
-    # client's are (nats-py's request() adds a task and loop turns per reply).
-    replies: Replies
+    # client's are (nats-py's request() adds a task and loop turns per reply). The job
+    # service always gives one; without it, nats-py's request() is used.
+    replies: Replies | None = None
     leases: JobLeases | None = None
     status: KeyValue | None = None  # the status bucket, watched when the job waits for servers
     task: asyncio.Task[None] | None = None
@@ -379,7 +380,8 @@ class JobRun:
                                     error={"code": "internal", "message": "the core could not record the job's "
                                            f"progress, so the command was not sent: {type(exc).__name__}"})
         try:
-            msg = await self.replies.request(
+            request = self.replies.request if self.replies is not None else self.nc.request
+            msg = await request(
                 self.names.server(server, self.spec.op), json.dumps(body).encode(),
                 timeout=self.spec.timeout_s + REPLY_GRACE_S,
                 headers={HDR_REQUESTER: self.requester})
