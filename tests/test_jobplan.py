@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import pytest
@@ -269,3 +270,20 @@ def test_a_canary_whose_wait_runs_out_stops_the_job() -> None:
     plan.finished("s01", "ok")
     plan.expired("s00")
     assert plan.stopped == "canary" and plan.done and plan.skipped() == ["s02"]
+
+
+def test_the_tally_counts_the_outcomes_as_recorded() -> None:
+    # Progress reads the tally on every result instead of counting the outcomes.
+    plan = JobPlan(names(8), PlanOptions(max_concurrency=Amount(3)))
+    outcomes = ["ok", "failed", "offline", "ok", "timeout", "ok"]
+    plan.next_starts()
+    for outcome in outcomes:
+        plan.finished(min(plan.running), outcome)  # type: ignore[arg-type]
+        plan.next_starts()
+        assert plan.tally == Counter(plan.outcomes.values())
+    waiting = min(plan.running)
+    plan.wait(waiting)
+    plan.stop("cancelled")
+    assert plan.outcomes[waiting] == "offline"
+    assert plan.tally == Counter(plan.outcomes.values())
+    assert plan.skipped_count == len(plan.skipped())

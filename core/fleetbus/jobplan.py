@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -121,6 +121,9 @@ class JobPlan:
         self.running: set[str] = set()
         self.waiting: list[str] = []  # offline, in the order they went waiting
         self.outcomes: dict[str, Outcome] = {}
+        # How many of each outcome, kept as outcomes are recorded: progress goes out on
+        # every result, and counting a thousand outcomes each time adds up.
+        self.tally: Counter[Outcome] = Counter()
         self.errors = 0
         self.stopped: StopReason | None = None
         self.given_up: list[str] = []  # waiting when the job stopped: they end offline
@@ -148,7 +151,7 @@ class JobPlan:
         if name not in self.running:
             raise ValueError(f"{name} is not running")
         self.running.discard(name)
-        self.outcomes[name] = outcome
+        self._record(name, outcome)
         if outcome == "ok" or (outcome == "cancelled" and self.stopped in ("cancelled", "deadline")):
             return  # a command we cancelled ourselves is not the server's error
         if outcome == "offline":
@@ -162,7 +165,7 @@ class JobPlan:
         self.running.discard(name)
         self._wave_taken -= 1
         if self.stopped is not None:
-            self.outcomes[name] = "offline"  # stopped meanwhile: it will not be tried again
+            self._record(name, "offline")  # stopped meanwhile: it will not be tried again
             self.given_up.append(name)
         else:
             self.waiting.append(name)
@@ -181,8 +184,15 @@ class JobPlan:
         if name not in self.waiting:
             raise ValueError(f"{name} is not waiting")
         self.waiting.remove(name)
-        self.outcomes[name] = "offline"
+        self._record(name, "offline")
         self._error()
+
+    def _record(self, name: str, outcome: Outcome) -> None:
+        old = self.outcomes.get(name)
+        if old is not None:
+            self.tally[old] -= 1
+        self.outcomes[name] = outcome
+        self.tally[outcome] += 1
 
     def _error(self) -> None:
         self.errors += 1
@@ -197,7 +207,7 @@ class JobPlan:
         if self.stopped is None:
             self.stopped = reason
         for name in self.waiting:
-            self.outcomes[name] = "offline"  # not reached; the budget no longer matters
+            self._record(name, "offline")  # not reached; the budget no longer matters
         self.given_up += self.waiting
         self.waiting.clear()
 
@@ -210,6 +220,11 @@ class JobPlan:
     def skipped(self) -> list[str]:
         """Targets that never started (valid once :attr:`done`)."""
         return list(self.pending) if self.stopped is not None else []
+
+    @property
+    def skipped_count(self) -> int:
+        """``len(skipped())`` without the list."""
+        return len(self.pending) if self.stopped is not None else 0
 
     def _next_wave(self) -> None:
         self._in_canary = False

@@ -44,10 +44,11 @@ from nats.js.kv import KeyValue
 
 from .jobleases import JobLeases
 from .jobplan import JobPlan, Outcome, StopReason
-from .jobrecords import JobCounts, JobDefinition, JobStore, JobSummary, ServerResult, acked, count, tail
+from .jobrecords import JobCounts, JobDefinition, JobStore, JobSummary, ServerResult, acked, tail
 from .jobrequest import job_object
 from .jobwait import OnlineWatch, shown_duration
 from .names import COMMAND_ID_RE
+from .replies import Replies
 from .subjects import Names
 
 log = logging.getLogger("fleetbus.jobs")
@@ -99,6 +100,10 @@ class JobRun:
     store: JobStore
     spec: JobSpec
     requester: str
+    # The core's requests, each reply resolved straight from the read loop, as the
+    # client's are (nats-py's request() adds a task and loop turns per reply). The job
+    # service always gives one; without it, nats-py's request() is used.
+    replies: Replies | None = None
     leases: JobLeases | None = None
     status: KeyValue | None = None  # the status bucket, watched when the job waits for servers
     task: asyncio.Task[None] | None = None
@@ -119,12 +124,21 @@ class JobRun:
     _unacked: dict[asyncio.Future[Any], str] = field(default_factory=dict)
     _live_busy: asyncio.Future[Any] | None = None  # the jobs_live write in flight
     _live_next: asyncio.Future[Any] | None = None  # done when the write after it is stored
+    _done: list[asyncio.Task[ServerResult]] = field(default_factory=list)  # ended, not yet handled
+    _wake: asyncio.Future[None] | None = None  # what the loop waits on while nothing has ended
+    # The first starts and what they wait for, decided in start().
+    _first: tuple[list[str], asyncio.Future[Any] | None] | None = None
 
     @property
     def id(self) -> str:
         return self.spec.definition.id
 
     def start(self) -> asyncio.Task[None]:
+        """Start running. The first starts' ``jobs_live`` write is sent from here, so
+        it goes out in the same loop turn (and socket write) as the ``started`` record
+        the job service sent just before, and both acknowledgements come back together."""
+        starts = self.spec.plan.next_starts()
+        self._first = (starts, self._before_sending(starts, set) if starts else None)
         self.task = asyncio.create_task(self._run(), name=f"job {self.id}")
         return self.task
 
@@ -146,8 +160,11 @@ class JobRun:
                 self._online = OnlineWatch(self.status, set(plan.targets))
                 await self._online.start()
             while True:
-                starts = plan.next_starts()
-                gate = self._before_sending(starts, lambda: set(running.values())) if starts else None
+                if self._first is not None:
+                    (starts, gate), self._first = self._first, None
+                else:
+                    starts = plan.next_starts()
+                    gate = self._before_sending(starts, lambda: set(running.values())) if starts else None
                 if gate is not None and self.kept is not None:
                     # The first starts: a job whose started record was not kept must not
                     # run at all (its start was answered with an error).
@@ -160,21 +177,30 @@ class JobRun:
                 for server in starts:
                     if self._online is not None:
                         self._sent_at[server] = self._online.mark()
-                    running[asyncio.create_task(self._one(server, gate))] = server
+                    task = asyncio.create_task(self._one(server, gate))
+                    task.add_done_callback(self._on_done)
+                    running[task] = server
                 await self._progress()
                 if plan.done:
                     break
                 # Wake for the deadline, the first wait to run out, or the next progress.
                 ends = [self._progressed + PROGRESS_EVERY_S, *self._waits(), *([deadline] if deadline else [])]
                 timeout = max(0.0, min(ends) - time.monotonic())
-                waiting: set[asyncio.Future[Any]] = set(running)
-                if not stop_wait.done():
-                    waiting.add(stop_wait)
-                if self._online is not None and plan.waiting:
-                    if online_wait is None or online_wait.done():
-                        online_wait = asyncio.create_task(self._online.changed.wait())
-                    waiting.add(online_wait)
-                done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not self._done:
+                    # Not asyncio.wait over the running tasks: that adds and removes a
+                    # callback on each of them every turn, a cost that grows with the
+                    # concurrency. Each task reports itself through _on_done instead.
+                    self._wake = asyncio.get_running_loop().create_future()
+                    waiting: set[asyncio.Future[Any]] = {self._wake}
+                    if not stop_wait.done():
+                        waiting.add(stop_wait)
+                    if self._online is not None and plan.waiting:
+                        if online_wait is None or online_wait.done():
+                            online_wait = asyncio.create_task(self._online.changed.wait())
+                        waiting.add(online_wait)
+                    await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                    self._wake = None
+                done, self._done = self._done, []
                 if deadline is not None and time.monotonic() >= deadline:
                     plan.stop("deadline")
                     deadline = None
@@ -184,9 +210,7 @@ class JobRun:
                 if plan.stopped in ("cancelled", "deadline") and cancelling is None:
                     cancelling = asyncio.create_task(self._cancel_running(running))
                 for task in done:
-                    if task is stop_wait or task is online_wait:
-                        continue
-                    server = running.pop(task)  # type: ignore[arg-type]
+                    server = running.pop(task)
                     result = task.result()
                     if server in self._unserved and self._may_wait(server):
                         plan.wait(server)  # its result comes when it is served or its wait ends
@@ -222,6 +246,11 @@ class JobRun:
                 cancelling.cancel()
             for task in running:
                 task.cancel()
+
+    def _on_done(self, task: asyncio.Task[ServerResult]) -> None:
+        self._done.append(task)
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
     # waiting for offline servers ---------------------------------------------------------
     def _may_wait(self, server: str) -> bool:
@@ -351,7 +380,8 @@ class JobRun:
                                     error={"code": "internal", "message": "the core could not record the job's "
                                            f"progress, so the command was not sent: {type(exc).__name__}"})
         try:
-            msg = await self.nc.request(
+            request = self.replies.request if self.replies is not None else self.nc.request
+            msg = await request(
                 self.names.server(server, self.spec.op), json.dumps(body).encode(),
                 timeout=self.spec.timeout_s + REPLY_GRACE_S,
                 headers={HDR_REQUESTER: self.requester})
@@ -397,9 +427,17 @@ class JobRun:
     # reporting ---------------------------------------------------------------------------
     def counts(self) -> JobCounts:
         plan = self.spec.plan
-        return count(len(plan.targets), [*plan.outcomes.values(), *["skipped"] * len(plan.skipped())],
-                     running=len(plan.running), waiting=len(plan.waiting),
-                     pending=0 if plan.stopped else len(plan.pending))
+        # The rule of jobrecords.count (every outcome but ok and cancelled is failed; a
+        # running job has no skipped or unknown outcome yet), read from the plan's tally:
+        # progress goes out on every result, and counting every outcome each time adds up.
+        tally = plan.tally
+        finished = len(plan.outcomes)
+        return JobCounts(
+            total=len(plan.targets), ok=tally["ok"], cancelled=tally["cancelled"],
+            failed=finished - tally["ok"] - tally["cancelled"],
+            skipped=plan.skipped_count, running=len(plan.running), waiting=len(plan.waiting),
+            pending=0 if plan.stopped else len(plan.pending),
+        )
 
     async def _progress(self) -> None:
         self._progressed = time.monotonic()

@@ -44,6 +44,8 @@ from .metrics import Metrics
 from .objects import ObjectFiles
 from .records import utcnow
 from .registry import Registry
+from .registryview import RegistryView
+from .replies import Replies
 from .selection import resolve
 from .subjects import ReplySubjects
 
@@ -68,6 +70,9 @@ class JobService:
         # Where a job's output_subject may point: the deployment's reply namespace.
         self.replies = replies or names.reply_subjects()
         self.registry = registry
+        self.requests = Replies(nc)  # the jobs' requests to servers, and the view's
+        # Selections are resolved against this, not a snapshot per start (registryview.py).
+        self.view = RegistryView(state.js, registry, names.servers_bucket, self.requests)
         self.metrics = metrics or Metrics()
         self.store = JobStore(state.js, names)
         self.leases = JobLeases(state.job_cores, state.jobs_live, self._abandon)
@@ -78,6 +83,7 @@ class JobService:
         self._handoffs: list[Subscription] = []
 
     async def start(self) -> None:
+        await self.view.start()
         self.service = await add_service(
             self.nc, name="fleetbus-jobs", version=__version__,
             description="fleetbus jobs: one operation on many servers",
@@ -121,6 +127,8 @@ class JobService:
         if tasks:
             await asyncio.wait(tasks, timeout=STOP_GRACE_S)
         await self.leases.stop()
+        await self.view.aclose()
+        await self.requests.close()
         await self.auditor.close()
 
     async def _abandon(self, job: str, maybe_running: list[str]) -> None:
@@ -232,7 +240,7 @@ class JobService:
 
     async def _start(self, req: JobRequest, requester: str, rerun_of: str | None = None,
                      origins: dict[str, str] | None = None) -> dict[str, Any]:
-        targets = [s.name for s in resolve(req.selection, await self.registry.list())]
+        targets = [s.name for s in resolve(req.selection, await self.view.servers())]
         if req.dry_run:
             return {"ok": True, "id": None, "dry_run": True, "targets": targets}
         job_id = uuid.uuid4().hex[:16]
@@ -250,7 +258,7 @@ class JobService:
                      JobSpec(definition=definition, plan=plan, op=req.op, body=req.server_body(),
                              timeout_s=req.timeout_s, deadline_s=req.deadline_s,
                              wait_online_s=req.wait_online_s),
-                     requester=f"{requester} (job {job_id})", leases=self.leases,
+                     requester=f"{requester} (job {job_id})", replies=self.requests, leases=self.leases,
                      status=self.registry.status_kv, kept=kept)
         self.running[job_id] = run
         self.metrics.jobs_started.labels(req.op).inc()

@@ -9,7 +9,7 @@ gets. Resolution is a pure function of the registry's records: no NATS here.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from fnmatch import fnmatchcase
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -78,8 +78,24 @@ class Selection(BaseModel):
         return ", ".join(parts) or "nothing"
 
     def matches(self, server: Server) -> bool:
-        if self.servers and not any(fnmatchcase(server.name, p) for p in self.servers):
-            return False
+        return self.matcher()(server)
+
+    def matcher(self) -> Callable[[Server], bool]:
+        """:meth:`matches` with the name patterns sorted once: names by set lookup, only
+        globs through fnmatch (a job naming 1,000 servers is not 1,000 fnmatch calls per
+        registered server)."""
+        names = {p for p in self.servers if not _is_glob(p)}
+        globs = [p for p in self.servers if _is_glob(p)]
+        by_name = bool(self.servers)
+
+        def matches(server: Server) -> bool:
+            if by_name and server.name not in names and not any(fnmatchcase(server.name, g) for g in globs):
+                return False
+            return self._matches_rest(server)
+
+        return matches
+
+    def _matches_rest(self, server: Server) -> bool:
         if self.role is not None and self.role not in server.roles:
             return False
         if self.environment is not None and server.environment != self.environment:
@@ -103,7 +119,8 @@ def resolve(selection: Selection, servers: Iterable[Server]) -> list[Server]:
     if missing:
         shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
         raise NotFound(f"no server named {shown}")
-    chosen = sorted((s for s in servers if selection.matches(s)), key=lambda s: s.name)
+    matches = selection.matcher()
+    chosen = sorted((s for s in servers if matches(s)), key=lambda s: s.name)
     if not chosen:
         raise NotFound(f"no server matches {selection.describe()}")
     return chosen
