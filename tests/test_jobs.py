@@ -1036,3 +1036,35 @@ async def test_output_waits_only_for_commands_that_ran_and_falls_back_on_their_t
     lines.bind(job, ["ran"])
     await lines.settle({"ran": results["ran"]}, 0.0)
     assert capsys.readouterr().err == "ran: boom\n"
+
+
+async def test_ctrl_c_while_the_job_starts_cancels_it_once_its_id_is_known(
+        nats_server: Any, prefix: str, tmp_path: Path) -> None:
+    """A Ctrl-C that lands while ``jobs.start`` is in flight cannot stop the core from
+    starting the job: the CLI must cancel it once the reply names it, not exit and leave
+    it running unseen. The test plays the core, so the Ctrl-C lands exactly then."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+    env.update(FLEETBUS_NATS_URL=nats_server.url, FLEETBUS_PREFIX=prefix, FLEETBUS_HOME=str(tmp_path / "home"))
+    import nats
+
+    nc = await nats.connect(nats_server.url)  # this module's `nc` is the fleet's
+    starts: asyncio.Queue[Any] = asyncio.Queue()
+    cancels: asyncio.Queue[Any] = asyncio.Queue()
+    await nc.subscribe(f"{prefix}.v1.jobs.start", cb=starts.put)
+    await nc.subscribe(f"{prefix}.v1.jobs.cancel", cb=cancels.put)
+    await nc.flush()
+    proc = await asyncio.create_subprocess_exec(FLEETBUS, "run", "--all", "--", "true", env=env,
+                                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        start = await asyncio.wait_for(starts.get(), 30)
+        proc.send_signal(signal.SIGINT)  # the request is out; its reply is not
+        job = "j" + secrets.token_hex(8)
+        await start.respond(json.dumps({"ok": True, "id": job, "targets": ["a", "b"], "dry_run": False}).encode())
+        cancel = await asyncio.wait_for(cancels.get(), 30)
+        assert json.loads(cancel.data)["id"] == job
+        await cancel.respond(json.dumps({"ok": True, "id": job}).encode())
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        await nc.close()

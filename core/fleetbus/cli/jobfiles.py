@@ -25,7 +25,7 @@ from ..errors import FleetbusError, InvalidRequest
 from ..jobfiles import Downloads, upload
 from .context import Globals, fail, run_async, with_client
 from .jobopts import JobOptions
-from .jobs import EXIT_CANNOT_START, EXIT_OK, EXIT_SOME_FAILED, OnResult, follow
+from .jobs import EXIT_CANNOT_START, EXIT_OK, EXIT_SOME_FAILED, OnResult, start_and_follow
 
 #: The key of ``client_notes`` where ``fleetbus get`` records its destination folder.
 NOTE_DEST = "dest"
@@ -43,11 +43,11 @@ def put_job(g: Globals, options: JobOptions, local: Path, remote: str, mode: str
 
     async def go(c: Client) -> int:
         if options.dry_run:  # nothing is uploaded for a dry run
-            return await follow(c, await c.start_job(request), as_json)
+            return await start_and_follow(c, c.start_job(request), as_json)
         stored = await upload(c.files, local)
         try:
             request["put"].update(object=stored.name, sha256=stored.sha256, size=stored.size)
-            return await follow(c, await c.start_job(request), as_json)
+            return await start_and_follow(c, c.start_job(request), as_json)
         finally:
             # The job has ended (or never started): nobody reads the object any more.
             await c.files.delete(stored.name)
@@ -66,8 +66,8 @@ def get_job(g: Globals, options: JobOptions, remote: str, dest: Path, as_json: b
     request["client_notes"] = {NOTE_DEST: str(dest.resolve())}  # for `jobs rerun`
 
     async def go(c: Client) -> int:
-        reply = await c.start_job(request)
-        return await follow(c, reply, as_json, on_result=fetcher(Downloads(c.files, dest, filename), failed))
+        return await start_and_follow(c, c.start_job(request), as_json,
+                                      on_result=fetcher(Downloads(c.files, dest, filename), failed))
 
     return downloaded(run_async(lambda: with_client(g, go), EXIT_CANNOT_START), failed, as_json)
 
@@ -132,8 +132,8 @@ def rerun_job(g: Globals, job: str, failed_only: bool, dry_run: bool, as_json: b
                                      "put it as a new job instead")
             put_object = (await upload(c.files, file)).name
         try:
-            reply = await c.rerun_job(job, failed_only, dry_run, client_notes=notes, put_object=put_object)
-            return await follow(c, reply, as_json, on_result=on_result)
+            return await start_and_follow(c, c.rerun_job(job, failed_only, dry_run, client_notes=notes,
+                                                         put_object=put_object), as_json, on_result=on_result)
         finally:
             if put_object is not None:
                 await c.files.delete(put_object)

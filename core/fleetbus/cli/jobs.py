@@ -124,16 +124,36 @@ def follow_job(g: Globals, starter: Starter, as_json: bool, error_exit: int,
             live = JobOutput(output)
             inbox = c.nc.new_inbox()
             await c.nc.subscribe(inbox, cb=live.on_msg)  # before the job can print anything
-        return await follow(c, await starter(c, inbox), as_json, live=live)
+        return await start_and_follow(c, starter(c, inbox), as_json, live=live)
 
     return run_async(lambda: with_client(g, go), error_exit)
 
 
+async def start_and_follow(c: Client, start: Awaitable[dict[str, Any]], as_json: bool,
+                           live: JobOutput | None = None, on_result: OnResult | None = None) -> int:
+    """Send ``start`` (``jobs.start`` or ``jobs.rerun``) and :func:`follow` the job.
+
+    Ctrl-C is taken from the moment the request goes out: one pressed while it is in
+    flight cannot stop the core from starting the job, so it cancels the job as soon as
+    its id is known instead of leaving it running unseen behind a CLI that exited."""
+    loop = asyncio.get_running_loop()
+    interrupted = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, interrupted.set)
+    try:
+        reply = await start
+        return await follow(c, reply, as_json, live=live, on_result=on_result, interrupted=interrupted)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
 async def follow(c: Client, reply: dict[str, Any], as_json: bool, live: JobOutput | None = None,
-                 on_result: OnResult | None = None) -> int:
+                 on_result: OnResult | None = None, interrupted: asyncio.Event | None = None) -> int:
     """Print a job just started (the reply of ``jobs.start`` or ``jobs.rerun``) to its
     end and return the exit code; a dry run's reply: its targets. The one way ``run``,
-    ``put``, ``get`` and ``jobs rerun`` follow what they started."""
+    ``put``, ``get`` and ``jobs rerun`` follow what they started. ``interrupted``: set
+    by a Ctrl-C taken before the reply came (:func:`start_and_follow`)."""
     if reply.get("dry_run"):
         return print_targets(reply, as_json)
     job = reply["id"]
@@ -143,7 +163,7 @@ async def follow(c: Client, reply: dict[str, Any], as_json: bool, live: JobOutpu
     if live is not None:
         live.bind(job, reply["targets"])
     return await _render(c, job, reply["targets"], as_json, cancel_on_interrupt=True, live=live,
-                         on_result=on_result)
+                         on_result=on_result, interrupted=interrupted)
 
 
 class JobPrinter:
@@ -160,8 +180,8 @@ class JobPrinter:
         self.job = job
         self.as_json = as_json
         self.grouping = grouping  # --group: ok results fold into the blocks at the end
-        self.out = out or click.get_text_stream("stdout")
-        self.err = err or click.get_text_stream("stderr")
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
         self.width = max((len(t) for t in targets), default=0)
         self.line = ProgressLine(self.out) if wanted(self.out, as_json) else None
         self.ran: list[str] = []
@@ -226,7 +246,8 @@ class JobPrinter:
 
 
 async def _render(c: Client, job: str, targets: list[str], as_json: bool, cancel_on_interrupt: bool,
-                  live: JobOutput | None = None, on_result: OnResult | None = None) -> int:
+                  live: JobOutput | None = None, on_result: OnResult | None = None,
+                  interrupted: asyncio.Event | None = None) -> int:
     """Print a job's results as they are kept and its summary; return the exit code.
 
     Ctrl-C (or SIGTERM) cancels the job when ``cancel_on_interrupt`` (the results of
@@ -238,7 +259,7 @@ async def _render(c: Client, job: str, targets: list[str], as_json: bool, cancel
     if live is not None:
         live.above = printer.output
     loop = asyncio.get_running_loop()
-    interrupted = asyncio.Event()
+    interrupted = interrupted or asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, interrupted.set)
     if cancel_on_interrupt:

@@ -8,6 +8,7 @@ it reaches the terminal. JSON output needs nothing: json.dumps escapes them itse
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,7 +67,7 @@ class Progress:
         if not self.enabled or total < 1024 * 1024:
             return
         if self.bar is None:
-            self.bar = click.progressbar(length=total, label=self.label, file=click.get_text_stream("stderr"))
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
             self.bar.__enter__()
         self.bar.update(done - self.done)
         self.done = done
