@@ -19,8 +19,10 @@ import getpass
 import hashlib
 import inspect
 import json
+import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -35,7 +37,17 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from .connection import NatsSettings, connect
-from .errors import Cancelled, FleetbusError, InvalidRequest, NotFound, ServerOffline, Timeout, TransportError
+from .dedupe import CommandMemory
+from .errors import (
+    Cancelled,
+    FleetbusError,
+    InvalidRequest,
+    Lost,
+    NotFound,
+    ServerOffline,
+    Timeout,
+    TransportError,
+)
 from .home import Home
 from .limits import DEFAULT_STREAM_IDLE_S, DEFAULT_STREAM_WINDOW, MAX_INLINE_BYTES
 from .names import check_server_name
@@ -45,6 +57,7 @@ from .replies import Replies
 from .streams import Receiver, Sender, chunk_limit
 from .subjects import Names
 
+_log = logging.getLogger("fleetbus.client")
 OutputCallback = Callable[[str, bytes], Awaitable[None] | None]
 ProgressCallback = Callable[[int, int], None]
 # Extra time beyond a command's own limit before the client stops waiting for a reply.
@@ -56,6 +69,11 @@ REPLY_GRACE_S = 30.0
 # retried for this long.
 JUST_REGISTERED_S = 10.0
 NOT_YET_SERVED_WAIT_S = 2.0
+# A command with an id that has not answered within this is watched: its claim is read
+# every CLAIM_CHECK_S, so a worker that died running it is known within seconds (the
+# claim's worker lease expires, leases.py) instead of after the command's time limit.
+CLAIM_CHECK_S = 1.0
+HDR_DEADLINE = "Fleetbus-Deadline"
 FILE_CHUNK = 256 * 1024
 
 
@@ -87,6 +105,7 @@ class Client:
         self.requester = requester or default_requester()
         self.files = ObjectFiles(nc.jetstream(timeout=30), names.files_bucket)
         self.replies = Replies(nc)
+        self._memory: CommandMemory | None = None  # opened when a command is first watched
 
     @classmethod
     async def connect(
@@ -116,8 +135,13 @@ class Client:
     async def _request(self, subject: str, body: dict[str, Any], timeout: float,
                        server: str | None = None) -> dict[str, Any]:
         data = json.dumps(body).encode()
+        headers = {"Fleetbus-Requester": self.requester}
+        if server is not None:
+            # When this client stops waiting: a worker that reaches the request later
+            # (it was stopped, or far behind) answers `timeout` instead of running it.
+            headers[HDR_DEADLINE] = f"{time.time() + timeout:.3f}"
         try:
-            msg = await self.replies.request(subject, data, timeout, {"Fleetbus-Requester": self.requester})
+            msg = await self.replies.request(subject, data, timeout, headers)
         except nats.errors.NoRespondersError:
             raise await self._nobody_serves(server) from None
         except nats.errors.TimeoutError:
@@ -155,14 +179,61 @@ class Client:
         subject = self.names.server(server, op)
         loop = asyncio.get_running_loop()
         give_up = loop.time() + NOT_YET_SERVED_WAIT_S
+        command_id = body.get("id") if op in ("exec", "put") else None
         while True:
             try:
-                return await self._request(subject, body, timeout, server=server)
+                if command_id is None:
+                    return await self._request(subject, body, timeout, server=server)
+                return await self._watched(self._request(subject, body, timeout, server=server),
+                                           server, op, command_id)
             except _NotServedYet:
                 # Nobody received the request, so sending it again cannot run it twice.
                 if loop.time() >= give_up:
                     raise
                 await asyncio.sleep(0.05)
+
+    async def _watched(self, request: Awaitable[dict[str, Any]], server: str, op: str,
+                       command_id: str) -> dict[str, Any]:
+        """``request``'s reply, or sooner what the command's claim says: ``lost`` once the
+        worker holding it died, or the stored reply (one the worker stored and whose
+        answer to us was lost, as across a NATS reconnect)."""
+        asked = asyncio.ensure_future(request)
+        watch = asyncio.ensure_future(self._watch_claim(server, op, command_id))
+        try:
+            done, _ = await asyncio.wait({asked, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if asked in done:
+                return asked.result()
+            return watch.result()
+        finally:
+            await _stop(asked, watch)
+
+    async def _watch_claim(self, server: str, op: str, command_id: str) -> dict[str, Any]:
+        while True:
+            await asyncio.sleep(CLAIM_CHECK_S)
+            try:
+                memory = await self._command_memory()
+                claim = await memory.settle(await memory.load(server, op, command_id), None)
+            except Exception as exc:
+                # JetStream unavailable for now, or a deployment without leases: watching
+                # is a bonus, the reply may still come.
+                _log.debug("command %s: could not read its claim: %s", command_id, type(exc).__name__)
+                continue
+            if claim.outcome == "lost":
+                raise Lost(f"command {command_id} on {server}: the worker running it died before it "
+                           "answered; whether the process ran is unknown (retry with a new id to "
+                           "run it again)")
+            if claim.outcome == "replay" and claim.reply is not None:
+                if not claim.reply.get("ok"):
+                    raise FleetbusError.from_wire(claim.reply.get("error") or {})
+                return claim.reply
+
+    async def _command_memory(self) -> CommandMemory:
+        if self._memory is None:
+            js = self.nc.jetstream(timeout=5)
+            commands = await js.key_value(self.names.commands_bucket)
+            workers = await js.key_value(self.names.workers_bucket)
+            self._memory = CommandMemory(commands, workers)
+        return self._memory
 
     async def _admin(self, endpoint: str, body: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
         return await self._request(self.names.admin(endpoint), body, timeout)
