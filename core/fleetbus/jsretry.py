@@ -45,7 +45,9 @@ def transient(exc: BaseException) -> bool:
     if isinstance(exc, nats.js.errors.APIError):
         # 503 "JetStream system temporarily unavailable", 500 "stream is offline" and the
         # like: the cluster is moving; a 4xx is a real answer.
-        return exc.code is not None and exc.code >= 500
+        # KeyNotFoundError and its kin never set `code` (nats-py builds them bare).
+        code = getattr(exc, "code", None)
+        return isinstance(code, int) and code >= 500
     return isinstance(exc, (
         nats.js.errors.NoStreamResponseError,  # no stream leader took the publish
         nats.errors.TimeoutError,  # also FlushTimeoutError
