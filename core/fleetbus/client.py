@@ -74,6 +74,7 @@ NOT_YET_SERVED_WAIT_S = 2.0
 # claim's worker lease expires, leases.py) instead of after the command's time limit.
 CLAIM_CHECK_S = 1.0
 HDR_DEADLINE = "Fleetbus-Deadline"
+MAX_RESENDS = 5
 FILE_CHUNK = 256 * 1024
 
 
@@ -184,30 +185,45 @@ class Client:
             try:
                 if command_id is None:
                     return await self._request(subject, body, timeout, server=server)
-                return await self._watched(self._request(subject, body, timeout, server=server),
-                                           server, op, command_id)
+                return await self._watched(
+                    lambda: self._request(subject, body, timeout, server=server), server, op,
+                    command_id, resendable="stream" not in body)
             except _NotServedYet:
                 # Nobody received the request, so sending it again cannot run it twice.
                 if loop.time() >= give_up:
                     raise
                 await asyncio.sleep(0.05)
 
-    async def _watched(self, request: Awaitable[dict[str, Any]], server: str, op: str,
-                       command_id: str) -> dict[str, Any]:
-        """``request``'s reply, or sooner what the command's claim says: ``lost`` once the
+    async def _watched(self, send: Callable[[], Awaitable[dict[str, Any]]], server: str, op: str,
+                       command_id: str, resendable: bool) -> dict[str, Any]:
+        """``send()``'s reply, or sooner what the command's claim says: ``lost`` once the
         worker holding it died, or the stored reply (one the worker stored and whose
-        answer to us was lost, as across a NATS reconnect)."""
-        asked = asyncio.ensure_future(request)
-        watch = asyncio.ensure_future(self._watch_claim(server, op, command_id))
-        try:
-            done, _ = await asyncio.wait({asked, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if asked in done:
-                return asked.result()
-            return watch.result()
-        finally:
-            await _stop(asked, watch)
+        answer to us was lost, as across a NATS reconnect).
 
-    async def _watch_claim(self, server: str, op: str, command_id: str) -> dict[str, Any]:
+        A request that NATS lost in a reconnect (no claim exists for it once the
+        connection is back) is sent again, ``resendable`` permitting: with the same id,
+        a second copy that did arrive is answered from the first, never run twice."""
+        for _ in range(MAX_RESENDS + 1):
+            reconnects = self.nc.stats["reconnects"]
+            asked = asyncio.ensure_future(send())
+            watch = asyncio.ensure_future(self._watch_claim(
+                server, op, command_id, reconnects if resendable else None))
+            try:
+                done, _ = await asyncio.wait({asked, watch}, return_when=asyncio.FIRST_COMPLETED)
+                if asked in done:
+                    return asked.result()
+                reply = watch.result()
+                if reply is not None:
+                    return reply
+            finally:
+                await _stop(asked, watch)
+        return await send()  # lost again and again: wait for this one to the end
+
+    async def _watch_claim(self, server: str, op: str, command_id: str,
+                           reconnects: int | None) -> dict[str, Any] | None:
+        """Returns the stored reply, None when the request was lost in a reconnect
+        (``reconnects``: the count when it was sent; None: never say so), or raises the
+        stored error or ``lost``."""
         while True:
             await asyncio.sleep(CLAIM_CHECK_S)
             try:
@@ -226,6 +242,9 @@ class Client:
                 if not claim.reply.get("ok"):
                     raise FleetbusError.from_wire(claim.reply.get("error") or {})
                 return claim.reply
+            if (claim.outcome == "dropped" and reconnects is not None and self.nc.is_connected
+                    and self.nc.stats["reconnects"] != reconnects):
+                return None
 
     async def _command_memory(self) -> CommandMemory:
         if self._memory is None:

@@ -28,10 +28,12 @@ log = logging.getLogger("fleetbus.jsretry")
 T = TypeVar("T")
 
 #: How long a JetStream call on a command's path is retried before the command fails
-#: with ``server_offline``. A stream leader election after a node loss takes 1-4 s on a
-#: 3-node cluster (measured in tests/test_failover.py); longer outages are not
-#: transient and the caller's own retry, with the same command id, is the right answer.
-JS_RETRY_WINDOW_S = 3.0
+#: with ``server_offline``. A stream whose leader died has no leader, and answers
+#: nothing, until its Raft group elects another: nats-server's election timeout is 4-9 s,
+#: and 6 s was measured in tests/test_failover.py. With a shorter window every election
+#: would fail a few seconds of commands; with this one they wait instead. Longer
+#: outages are not transient, and the caller's own retry (same id) is the right answer.
+JS_RETRY_WINDOW_S = 10.0
 #: The first pause between attempts, doubled each time up to :data:`JS_RETRY_MAX_PAUSE_S`.
 JS_RETRY_FIRST_PAUSE_S = 0.05
 JS_RETRY_MAX_PAUSE_S = 0.5

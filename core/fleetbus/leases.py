@@ -33,9 +33,9 @@ from .jsretry import retry_js
 log = logging.getLogger("fleetbus.leases")
 
 #: A worker whose key was not renewed for this long is dead to the others. Long enough
-#: to outlast a JetStream leader election (renewals fail for 1-4 s then), short enough
-#: that a crashed worker's commands read ``lost`` within seconds.
-WORKER_LEASE_TTL_S = 10.0
+#: to outlast a JetStream leader election (renewals fail for 4-9 s then: jsretry.py),
+#: short enough that a crashed worker's commands read ``lost`` within seconds.
+WORKER_LEASE_TTL_S = 15.0
 WORKER_RENEW_S = 2.0
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_=-]")
@@ -95,5 +95,5 @@ class WorkerLease:
             try:
                 await self._renew()
             except Exception as exc:
-                # A node loss: the next renewal, two seconds on, well within the TTL.
+                # A node loss: the next renewal, two seconds on, still within the TTL.
                 log.warning("could not renew this worker's lease: %s", type(exc).__name__)
