@@ -544,6 +544,8 @@ class PluginHost:
         # is claimed again: this request then runs the command itself.
         for _ in range(3):
             claim = await self.memory.claim(server.name, op, command_id, body_fp)
+            if claim.outcome == "dropped":
+                continue  # deleted between our create and our read: claim it again
             if claim.outcome == "conflict":
                 raise InvalidRequest(
                     f"command id {command_id} was already used for a different {op} on {server.name}")

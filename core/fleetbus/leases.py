@@ -23,7 +23,9 @@ import asyncio
 import contextlib
 import logging
 import re
+from collections.abc import Awaitable, Callable
 
+from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.errors import NotFoundError as KVNotFound
 from nats.js.kv import KeyValue
 
@@ -97,3 +99,87 @@ class WorkerLease:
             except Exception as exc:
                 # A node loss: the next renewal, two seconds on, still within the TTL.
                 log.warning("could not renew this worker's lease: %s", type(exc).__name__)
+
+
+#: The checks leader's key in the workers bucket (a worker's key never has a dot).
+CHECKS_LEADER_KEY = "leader.checks"
+#: A leader that could not renew for this long stops acting before its key can expire
+#: (WORKER_LEASE_TTL_S, on the NATS server's clock): no two cores lead at once, unless
+#: their clocks' rates differ by more than a third.
+LEADER_STEP_DOWN_S = WORKER_LEASE_TTL_S * 2 / 3
+
+
+class LeaderLease:
+    """One leader among several processes for a duty (the core's server checks).
+
+    Whoever creates ``key`` in the workers bucket leads and renews it (an update at the
+    revision it wrote, so a leader that lost its key cannot take it back by mistake); the
+    others try to create it every :data:`WORKER_RENEW_S` and win once it expired. A
+    leader stopping cleanly deletes it, so another takes over within one renewal period.
+    ``on_elected``/``on_deposed`` start and stop the duty.
+    """
+
+    def __init__(self, workers: KeyValue, key: str, holder: str,
+                 on_elected: Callable[[], None], on_deposed: Callable[[], Awaitable[None]]) -> None:
+        self.workers = workers
+        self.key = key
+        self.holder = holder
+        self.on_elected = on_elected
+        self.on_deposed = on_deposed
+        self.revision: int | None = None  # ours while we lead
+        self._renewed = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def leading(self) -> bool:
+        return self.revision is not None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._keep())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self.leading:
+            await self._depose("this core is stopping")
+            with contextlib.suppress(Exception):
+                await self.workers.delete(self.key)
+
+    async def _keep(self) -> None:
+        while True:
+            try:
+                await self._round()
+            except Exception as exc:
+                log.warning("%s: lease upkeep failed: %s", self.key, type(exc).__name__)
+            await asyncio.sleep(WORKER_RENEW_S)
+
+    async def _round(self) -> None:
+        loop = asyncio.get_running_loop()
+        value = self.holder.encode()
+        if self.revision is None:
+            try:
+                self.revision = await self.workers.create(self.key, value)
+            except KeyWrongLastSequenceError:
+                return  # another leads
+            self._renewed = loop.time()
+            log.info("%s: %s leads now", self.key, self.holder)
+            self.on_elected()
+            return
+        try:
+            self.revision = await self.workers.update(self.key, value, last=self.revision)
+            self._renewed = loop.time()
+        except KeyWrongLastSequenceError:
+            await self._depose("another took the lease (ours expired)")
+        except Exception:
+            if loop.time() - self._renewed > LEADER_STEP_DOWN_S:
+                await self._depose(f"the lease could not be renewed for {LEADER_STEP_DOWN_S:g} s")
+            else:
+                raise
+
+    async def _depose(self, why: str) -> None:
+        self.revision = None
+        log.info("%s: %s stops leading: %s", self.key, self.holder, why)
+        await self.on_deposed()
