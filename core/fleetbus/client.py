@@ -206,9 +206,14 @@ class Client:
         for _ in range(MAX_RESENDS + 1):
             reconnects = self.nc.stats["reconnects"]
             asked = asyncio.ensure_future(send())
-            watch = asyncio.ensure_future(self._watch_claim(
-                server, op, command_id, reconnects if resendable else None))
+            watch: asyncio.Future[dict[str, Any] | None] | None = None
             try:
+                # Most commands answer within the first check's delay: no watch for them.
+                done, _ = await asyncio.wait({asked}, timeout=CLAIM_CHECK_S)
+                if done:
+                    return asked.result()
+                watch = asyncio.ensure_future(self._watch_claim(
+                    server, op, command_id, reconnects if resendable else None, first_wait=False))
                 done, _ = await asyncio.wait({asked, watch}, return_when=asyncio.FIRST_COMPLETED)
                 if asked in done:
                     return asked.result()
@@ -216,16 +221,19 @@ class Client:
                 if reply is not None:
                     return reply
             finally:
-                await _stop(asked, watch)
+                await _stop(asked, *([watch] if watch is not None else []))
         return await send()  # lost again and again: wait for this one to the end
 
     async def _watch_claim(self, server: str, op: str, command_id: str,
-                           reconnects: int | None) -> dict[str, Any] | None:
+                           reconnects: int | None, first_wait: bool = True) -> dict[str, Any] | None:
         """Returns the stored reply, None when the request was lost in a reconnect
         (``reconnects``: the count when it was sent; None: never say so), or raises the
-        stored error or ``lost``."""
+        stored error or ``lost``. Reads the claim every :data:`CLAIM_CHECK_S` (the
+        first time at once unless ``first_wait``)."""
         while True:
-            await asyncio.sleep(CLAIM_CHECK_S)
+            if first_wait:
+                await asyncio.sleep(CLAIM_CHECK_S)
+            first_wait = True
             try:
                 memory = await self._command_memory()
                 claim = await memory.settle(await memory.load(server, op, command_id), None)
