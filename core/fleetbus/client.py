@@ -8,6 +8,10 @@ Every failure raises a :class:`fleetbus.errors.FleetbusError` subclass whose ``c
 the bus error code. A request to a server no process serves fails at once: NATS answers
 "no responders", and the client asks the registry whether the server exists to raise
 :class:`NotFound` or :class:`ServerOffline`.
+
+A command with an id whose worker dies while running it raises :class:`Lost` within
+seconds (the client reads the command's claim while it waits); see docs/bus-api.md,
+"Command ids and at-most-once".
 """
 
 from __future__ import annotations
