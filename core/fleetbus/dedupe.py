@@ -57,8 +57,8 @@ FINISH_WINDOW_S = 30.0
 class Claim:
     """``run``: ours to run; ``replay``: done, here is its reply; ``running``: another
     request holds it; ``lost``: the worker holding it died before storing a reply;
-    ``conflict``: the id was used for another body; ``dropped`` (only from
-    :meth:`CommandMemory.wait`): the holder let it go without running; ``timeout``
+    ``conflict``: the id was used for another body; ``dropped``: there is no claim
+    (its holder let it go without running, or none was made yet: claim it); ``timeout``
     (only from :meth:`CommandMemory.wait`): still running when the wait ended."""
 
     outcome: Literal["run", "replay", "running", "lost", "conflict", "dropped", "timeout"]
