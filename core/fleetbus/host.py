@@ -89,7 +89,7 @@ T = TypeVar("T")
 
 HDR_REQUESTER = "Fleetbus-Requester"
 # When the requester stops waiting for the reply: seconds since the Unix epoch on its
-# clock (docs/bus-api.md, "Deadlines"). A request a worker reaches later than that, plus
+# clock (docs/bus-api.md, "Conventions"). A request a worker reaches later than that, plus
 # DEADLINE_SKEW_S for clocks that disagree, is answered `timeout` and never run.
 HDR_DEADLINE = "Fleetbus-Deadline"
 DEADLINE_SKEW_S = 2.0
