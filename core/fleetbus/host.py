@@ -242,7 +242,6 @@ class PluginHost:
         relax_gc()
         keep_large_buffers()
         watch_errors(self.nc, self._on_nats_error)
-        await self.lease.start()  # before any claim can name it
         for name, cls in list(self.transport_classes.items()):
             try:
                 transport = cls(_Context(self, name))
@@ -257,6 +256,9 @@ class PluginHost:
                 continue
             self.transports[name] = transport
             self.sessions[name] = SessionPool(transport, self._credential, self.settings.open_timeout_s)
+        # Before any subject is served, so before any claim can name it; after the
+        # transports, so a transport that refuses to start leaves nothing running.
+        await self.lease.start()
         self._cancel_sub = await self.nc.subscribe(
             f"{self.names.prefix}.v1.servers.*.cancel", cb=self._on_cancel
         )
