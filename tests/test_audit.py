@@ -60,7 +60,8 @@ async def test_records_are_stored_and_acknowledged(nc: NATS, prefix: str) -> Non
 
 async def test_a_record_no_stream_takes_is_logged(nc: NATS, prefix: str,
                                                  caplog: pytest.LogCaptureFixture) -> None:
-    auditor = Auditor(nc, Names(prefix))  # no audit stream for this prefix: no responders
+    # No audit stream for this prefix: no responders, a 503 sent again until the window ends.
+    auditor = Auditor(nc, Names(prefix), ack_timeout_s=0.5)
     with caplog.at_level(logging.ERROR, logger="fleetbus.audit"):
         await auditor.record(fields("lost-1"))
         await wait_until(lambda: auditor.pending == 0)

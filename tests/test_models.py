@@ -214,9 +214,10 @@ def test_command_ids() -> None:
 def test_error_codes_round_trip_over_the_wire() -> None:
     assert set(ERROR_CODES) == {
         "invalid_request", "not_found", "server_offline", "timeout", "cancelled",
-        "auth_failed", "transport_error", "too_large", "busy", "internal",
+        "auth_failed", "transport_error", "too_large", "busy", "lost", "internal",
     }
     err = FleetbusError.from_wire(NotFound("no server named x").to_wire())
+    assert FleetbusError.from_wire({"code": "lost", "message": "m"}).code == "lost"
     assert isinstance(err, NotFound) and err.message == "no server named x"
     assert isinstance(FleetbusError.from_wire({"code": "server_offline", "message": "m"}), ServerOffline)
     assert FleetbusError.from_wire({"code": "made-up"}).code == "internal"

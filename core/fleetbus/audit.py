@@ -1,8 +1,13 @@
 """The audit trail: one JetStream message per command, whoever sent it.
 
 The plugin host writes the record after it has replied, so auditing adds no latency to
-the command. Each record is still acknowledged by the stream, so one that cannot be
-stored is logged as an error rather than lost silently.
+the command. Each record is still acknowledged by the stream, and kept until it is: a
+record the stream refuses for a moment (503 while a NATS node is lost and the stream
+elects a leader) or does not acknowledge within :data:`RESEND_AFTER_S` is sent again,
+with backoff, for up to ``ack_timeout_s`` (:data:`ACK_TIMEOUT_S`). Every send of one
+record carries the same ``Nats-Msg-Id``, so the stream stores it once even when an
+earlier send was stored and only its acknowledgement was lost. A record still not stored
+after that is logged as an error with its command id rather than lost silently.
 
 The acknowledgements come back on one wildcard inbox read straight from nats-py's read
 loop (:class:`~fleetbus.dispatch.ReplyInbox`, as the client's replies do). nats-py's ``publish_async`` would
@@ -15,10 +20,13 @@ agent (bench ping-rate row; docs/performance.md).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import os
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -38,9 +46,14 @@ MAX_SUMMARY_CHARS = 1024
 # bound for async publishes is 4,000).
 MAX_PENDING = 4000
 STALL_LIMIT_S = 5.0
-# A record the stream has not acknowledged by then (a lost connection, a stalled
-# stream) is logged as not confirmed.
+# A record the stream has not stored by then (a lost connection, a stalled stream, a
+# leader election that did not end) is logged as not confirmed: the bound on retrying.
 ACK_TIMEOUT_S = 30.0
+# A send not acknowledged within this is sent again (same Nats-Msg-Id).
+RESEND_AFTER_S = 2.0
+# The pause before sending again a record the stream refused with a 5xx, doubled each time.
+RESEND_FIRST_PAUSE_S = 0.1
+RESEND_MAX_PAUSE_S = 1.0
 # Skippable records (malformed requests, which never reached a server) are skipped
 # while this share of MAX_PENDING is outstanding: the rest is kept for real commands.
 SKIP_FROM_SHARE = 0.5
@@ -102,6 +115,19 @@ def _bounded(value: Any, as_json: bool = True) -> str:
 _SUMMARY_JSON = json.JSONEncoder(default=str)
 
 
+@dataclass(eq=False)
+class _Record:
+    """One record until the stream stored it: what to send again, and since when."""
+
+    command_id: str
+    subject: str
+    data: bytes
+    msg_id: str
+    first: float  # loop time of the first send
+    sent: float = 0.0  # loop time of the latest send
+    pause: float = RESEND_FIRST_PAUSE_S
+
+
 # Built once: json.dumps with any option builds a new encoder per call.
 _RECORD_JSON = json.JSONEncoder(separators=(",", ":"))
 
@@ -129,9 +155,14 @@ class Auditor:
         self.names = names
         self.max_pending = max_pending
         self.ack_timeout_s = ack_timeout_s
+        self.resend_after_s = min(RESEND_AFTER_S, ack_timeout_s)
         self.stall_limit_s = stall_limit_s
-        # token -> (command id, when sent); insertion order is sending order.
-        self._pending: dict[str, tuple[str, float]] = {}
+        # token -> record; insertion order is sending order.
+        self._pending: dict[str, _Record] = {}
+        # Refused for a moment, to be sent again after a pause (and still pending).
+        self._resending: set[_Record] = set()
+        self._resend_tasks: set[asyncio.Task[None]] = set()
+        self._msg_ids = (f"{os.urandom(6).hex()}-{n}" for n in itertools.count())
         self._inbox = ReplyInbox(nc, self._on_ack)
         self._room = asyncio.Event()  # set while fewer than max_pending are outstanding
         self._room.set()
@@ -144,7 +175,7 @@ class Auditor:
     @property
     def pending(self) -> int:
         """Records sent that the stream has not acknowledged yet."""
-        return len(self._pending)
+        return len(self._pending) + len(self._resending)
 
     async def record(self, rec: AuditRecord | Mapping[str, Any], admin: bool = False,
                      skippable: bool = False) -> None:
@@ -170,14 +201,51 @@ class Auditor:
                 log.error("audit record for command %s was not stored: the audit stream is not "
                           "keeping up (%d records unacknowledged)", command_id, len(self._pending))
                 return
-            token, reply = await self._inbox.reply_to()
-            self._pending[token] = (command_id, asyncio.get_running_loop().time())
-            self._drained.clear()
-            self._arm_expiry()
-            await self.nc.publish(subject, encode_record(fields), reply=reply)
+            record = _Record(command_id, subject, encode_record(fields), next(self._msg_ids),
+                             asyncio.get_running_loop().time())
+            token = await self._send(record)
         except Exception as exc:
             self._settled(token)
             log.error("audit record for command %s was not stored: %s", command_id, type(exc).__name__)
+
+    async def _send(self, record: _Record) -> str:
+        token, reply = await self._inbox.reply_to()
+        record.sent = asyncio.get_running_loop().time()
+        self._pending[token] = record
+        self._drained.clear()
+        self._arm_expiry()
+        await self.nc.publish(record.subject, record.data, reply=reply,
+                              headers={"Nats-Msg-Id": record.msg_id})
+        return token
+
+    def _again(self, record: _Record, pause: float) -> bool:
+        """Send ``record`` again after ``pause`` s if that is within its window; False
+        when the window is spent (the caller reports it)."""
+        loop = asyncio.get_running_loop()
+        if loop.time() + pause - record.first >= self.ack_timeout_s:
+            return False
+        self._resending.add(record)
+        self._drained.clear()
+
+        def resend() -> None:
+            task = asyncio.create_task(self._resend(record))
+            self._resend_tasks.add(task)
+            task.add_done_callback(self._resend_tasks.discard)
+
+        loop.call_later(pause, resend)
+        return True
+
+    async def _resend(self, record: _Record) -> None:
+        token = ""
+        try:
+            token = await self._send(record)
+        except Exception as exc:
+            self._settled(token)
+            log.error("audit record for command %s was not stored: %s", record.command_id,
+                      type(exc).__name__)
+        finally:
+            self._resending.discard(record)
+            self._check_drained()
 
     def _skip(self) -> None:
         self.skipped += 1
@@ -200,10 +268,13 @@ class Auditor:
                     await self._drained.wait()
             except TimeoutError:
                 pass
-        if self._pending:
+        if self.pending:
             log.warning("%d audit records were sent but not confirmed by the audit stream "
-                        "before shutdown", len(self._pending))
+                        "before shutdown", self.pending)
             self._pending.clear()
+            self._resending.clear()
+        for task in self._resend_tasks:
+            task.cancel()
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
@@ -219,58 +290,82 @@ class Auditor:
             return False
         return True
 
-    def _settled(self, token: str) -> tuple[str, float] | None:
+    def _settled(self, token: str) -> _Record | None:
         entry = self._pending.pop(token, None)
         if len(self._pending) < self.max_pending:
             self._room.set()
-        if not self._pending:
-            self._drained.set()
+        self._check_drained()
         return entry
 
+    def _check_drained(self) -> None:
+        if not self._pending and not self._resending:
+            self._drained.set()
+
     def _on_ack(self, token: str, msg: Msg) -> None:
-        entry = self._settled(token)
-        if entry is None:
-            return  # already reported as not confirmed
-        problem = _refusal(msg)
+        record = self._pending.get(token)
+        if record is None:
+            return  # already reported as not confirmed, or sent again
+        problem, transient = _refusal(msg)
+        if problem is not None and transient:
+            # Kept pending while it waits: close() and the bound on pending count it.
+            self._resending.add(record)
+            self._settled(token)
+            self._resending.discard(record)
+            if self._again(record, record.pause):
+                record.pause = min(record.pause * 2, RESEND_MAX_PAUSE_S)
+                return
+            self._check_drained()
+        else:
+            self._settled(token)
         if problem is not None:
-            log.error("audit record for command %s was not stored: %s", entry[0], problem)
+            log.error("audit record for command %s was not stored: %s", record.command_id, problem)
 
     def _arm_expiry(self) -> None:
         if self._expiry is None:
-            self._expiry = asyncio.get_running_loop().call_later(self.ack_timeout_s, self._expire)
+            self._expiry = asyncio.get_running_loop().call_later(self.resend_after_s, self._expire)
 
     def _expire(self) -> None:
         self._expiry = None
         now = asyncio.get_running_loop().time()
         late = 0
         while self._pending:
-            token, (command_id, sent) = next(iter(self._pending.items()))
-            wait = sent + self.ack_timeout_s - now
+            token, record = next(iter(self._pending.items()))
+            wait = record.sent + self.resend_after_s - now
             if wait > 0:
                 self._expiry = asyncio.get_running_loop().call_later(wait, self._expire)
                 break
+            # Unanswered: sent again at once while its window lasts (the same message id,
+            # so a send that was stored and only lost its answer is not stored twice).
+            self._resending.add(record)
             self._settled(token)
+            self._resending.discard(record)
+            if self._again(record, 0.0):
+                continue
+            self._check_drained()
             late += 1
             if late <= 10:  # a stall makes thousands; the first ones and a count say enough
                 log.error("audit record for command %s was not confirmed by the audit stream "
-                          "within %g s", command_id, self.ack_timeout_s)
+                          "within %g s", record.command_id, self.ack_timeout_s)
         if late > 10:
             log.error("%d more audit records were not confirmed within %g s", late - 10, self.ack_timeout_s)
 
 
-def _refusal(msg: Msg) -> str | None:
-    """Why the stream did not store a record, from its answer; None when it did."""
+def _refusal(msg: Msg) -> tuple[str | None, bool]:
+    """Why the stream did not store a record, from its answer (None when it did), and
+    whether that may pass (a 5xx: no stream leader for now, JetStream unavailable)."""
     status = msg.headers.get(Header.STATUS) if msg.headers else None
     if status:
-        # 503: no stream holds the subject (or JetStream is not running).
+        # 503: no stream holds the subject now (a leader election, or JetStream down).
         assert msg.headers is not None
-        return f"status {status} {msg.headers.get(Header.DESCRIPTION, '')}".strip()
+        return f"status {status} {msg.headers.get(Header.DESCRIPTION, '')}".strip(), status.startswith("5")
     if b'"error"' not in msg.data:  # a stored record's answer is {"stream":..,"seq":..}
-        return None
+        return None, False
     try:
         error = json.loads(msg.data).get("error")
     except (ValueError, AttributeError):
-        return "unreadable answer from the audit stream"
+        return "unreadable answer from the audit stream", False
     if not error:
-        return None
-    return f"stream error {error.get('code', '?')}: {str(error.get('description', ''))[:200]}"
+        return None, False
+    code = error.get("code", "?")
+    transient = isinstance(code, int) and code >= 500
+    return f"stream error {code}: {str(error.get('description', ''))[:200]}", transient

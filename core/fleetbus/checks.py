@@ -5,6 +5,11 @@ gateway, and the server itself), records state, last check and latency in the st
 bucket, publishes ``<prefix>.v1.events.servers.<name>.online|offline`` when the state
 changes, and sets the ``fleetbus_server_up`` and check-latency gauges. Checks run with
 bounded concurrency so a large fleet does not flood the workers.
+
+With several cores, one runs the checks: the leader of the ``leader.checks`` lease
+(:class:`fleetbus.leases.LeaderLease`, wired in stack.py); the others take over within
+the lease's TTL when it dies. Each check ping says which core sent it
+(``Fleetbus-Checker``).
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
 import time
 
 import nats.errors
@@ -25,11 +32,16 @@ from .subjects import Names
 
 log = logging.getLogger("fleetbus.checks")
 
+HDR_CHECKER = "Fleetbus-Checker"
+
 
 class ServerChecker:
     def __init__(self, nc: NATS, names: Names, registry: Registry, metrics: Metrics,
-                 interval_s: float = 30.0, timeout_s: float = 10.0, concurrency: int = 64) -> None:
+                 interval_s: float = 30.0, timeout_s: float = 10.0, concurrency: int = 64,
+                 checker_id: str | None = None) -> None:
         self.nc = nc
+        #: Which core this is, in the checks' ``Fleetbus-Checker`` header and the leader lease.
+        self.checker_id = checker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.names = names
         self.registry = registry
         self.metrics = metrics
@@ -44,13 +56,16 @@ class ServerChecker:
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._loop())
+        """Start checking (again, after :meth:`stop`: a core elected once more)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
         tasks = [t for t in (self._task, *self.running.values()) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = None
 
     async def _loop(self) -> None:
         while True:
@@ -90,7 +105,8 @@ class ServerChecker:
         try:
             msg = await self.nc.request(self.names.server(server.name, "ping"), b"{}",
                                         timeout=self.timeout_s,
-                                        headers={"Fleetbus-Requester": CHECKER_REQUESTER})
+                                        headers={"Fleetbus-Requester": CHECKER_REQUESTER,
+                                                 HDR_CHECKER: self.checker_id})
             reply = json.loads(msg.data)
             ok = bool(reply.get("ok"))
             if not ok:

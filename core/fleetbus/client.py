@@ -8,6 +8,10 @@ Every failure raises a :class:`fleetbus.errors.FleetbusError` subclass whose ``c
 the bus error code. A request to a server no process serves fails at once: NATS answers
 "no responders", and the client asks the registry whether the server exists to raise
 :class:`NotFound` or :class:`ServerOffline`.
+
+A command with an id whose worker dies while running it raises :class:`Lost` within
+seconds (the client reads the command's claim while it waits); see docs/bus-api.md,
+"Command ids and at-most-once".
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import getpass
 import hashlib
 import inspect
 import json
+import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -35,7 +41,17 @@ from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from .connection import NatsSettings, connect
-from .errors import Cancelled, FleetbusError, InvalidRequest, NotFound, ServerOffline, Timeout, TransportError
+from .dedupe import CommandMemory
+from .errors import (
+    Cancelled,
+    FleetbusError,
+    InvalidRequest,
+    Lost,
+    NotFound,
+    ServerOffline,
+    Timeout,
+    TransportError,
+)
 from .home import Home
 from .limits import DEFAULT_STREAM_IDLE_S, DEFAULT_STREAM_WINDOW, MAX_INLINE_BYTES
 from .names import check_server_name
@@ -45,6 +61,7 @@ from .replies import Replies
 from .streams import Receiver, Sender, chunk_limit
 from .subjects import Names
 
+_log = logging.getLogger("fleetbus.client")
 OutputCallback = Callable[[str, bytes], Awaitable[None] | None]
 ProgressCallback = Callable[[int, int], None]
 # Extra time beyond a command's own limit before the client stops waiting for a reply.
@@ -56,6 +73,12 @@ REPLY_GRACE_S = 30.0
 # retried for this long.
 JUST_REGISTERED_S = 10.0
 NOT_YET_SERVED_WAIT_S = 2.0
+# A command with an id that has not answered within this is watched: its claim is read
+# every CLAIM_CHECK_S, so a worker that died running it is known within seconds (the
+# claim's worker lease expires, leases.py) instead of after the command's time limit.
+CLAIM_CHECK_S = 1.0
+HDR_DEADLINE = "Fleetbus-Deadline"
+MAX_RESENDS = 5
 FILE_CHUNK = 256 * 1024
 
 
@@ -87,6 +110,7 @@ class Client:
         self.requester = requester or default_requester()
         self.files = ObjectFiles(nc.jetstream(timeout=30), names.files_bucket)
         self.replies = Replies(nc)
+        self._memory: CommandMemory | None = None  # opened when a command is first watched
 
     @classmethod
     async def connect(
@@ -116,8 +140,13 @@ class Client:
     async def _request(self, subject: str, body: dict[str, Any], timeout: float,
                        server: str | None = None) -> dict[str, Any]:
         data = json.dumps(body).encode()
+        headers = {"Fleetbus-Requester": self.requester}
+        if server is not None:
+            # When this client stops waiting: a worker that reaches the request later
+            # (it was stopped, or far behind) answers `timeout` instead of running it.
+            headers[HDR_DEADLINE] = f"{time.time() + timeout:.3f}"
         try:
-            msg = await self.replies.request(subject, data, timeout, {"Fleetbus-Requester": self.requester})
+            msg = await self.replies.request(subject, data, timeout, headers)
         except nats.errors.NoRespondersError:
             raise await self._nobody_serves(server) from None
         except nats.errors.TimeoutError:
@@ -155,14 +184,87 @@ class Client:
         subject = self.names.server(server, op)
         loop = asyncio.get_running_loop()
         give_up = loop.time() + NOT_YET_SERVED_WAIT_S
+        command_id = body.get("id") if op in ("exec", "put") else None
         while True:
             try:
-                return await self._request(subject, body, timeout, server=server)
+                if command_id is None:
+                    return await self._request(subject, body, timeout, server=server)
+                return await self._watched(
+                    lambda: self._request(subject, body, timeout, server=server), server, op,
+                    command_id, resendable="stream" not in body)
             except _NotServedYet:
                 # Nobody received the request, so sending it again cannot run it twice.
                 if loop.time() >= give_up:
                     raise
                 await asyncio.sleep(0.05)
+
+    async def _watched(self, send: Callable[[], Awaitable[dict[str, Any]]], server: str, op: str,
+                       command_id: str, resendable: bool) -> dict[str, Any]:
+        """``send()``'s reply, or sooner what the command's claim says: ``lost`` once the
+        worker holding it died, or the stored reply (one the worker stored and whose
+        answer to us was lost, as across a NATS reconnect).
+
+        A request that NATS lost in a reconnect (no claim exists for it once the
+        connection is back) is sent again, ``resendable`` permitting: with the same id,
+        a second copy that did arrive is answered from the first, never run twice."""
+        for _ in range(MAX_RESENDS + 1):
+            reconnects = self.nc.stats["reconnects"]
+            asked = asyncio.ensure_future(send())
+            watch: asyncio.Future[dict[str, Any] | None] | None = None
+            try:
+                # Most commands answer within the first check's delay: no watch for them.
+                done, _ = await asyncio.wait({asked}, timeout=CLAIM_CHECK_S)
+                if done:
+                    return asked.result()
+                watch = asyncio.ensure_future(self._watch_claim(
+                    server, op, command_id, reconnects if resendable else None, first_wait=False))
+                done, _ = await asyncio.wait({asked, watch}, return_when=asyncio.FIRST_COMPLETED)
+                if asked in done:
+                    return asked.result()
+                reply = watch.result()
+                if reply is not None:
+                    return reply
+            finally:
+                await _stop(asked, *([watch] if watch is not None else []))
+        return await send()  # lost again and again: wait for this one to the end
+
+    async def _watch_claim(self, server: str, op: str, command_id: str,
+                           reconnects: int | None, first_wait: bool = True) -> dict[str, Any] | None:
+        """Returns the stored reply, None when the request was lost in a reconnect
+        (``reconnects``: the count when it was sent; None: never say so), or raises the
+        stored error or ``lost``. Reads the claim every :data:`CLAIM_CHECK_S` (the
+        first time at once unless ``first_wait``)."""
+        while True:
+            if first_wait:
+                await asyncio.sleep(CLAIM_CHECK_S)
+            first_wait = True
+            try:
+                memory = await self._command_memory()
+                claim = await memory.settle(await memory.load(server, op, command_id), None)
+            except Exception as exc:
+                # JetStream unavailable for now, or a deployment without leases: watching
+                # is a bonus, the reply may still come.
+                _log.debug("command %s: could not read its claim: %s", command_id, type(exc).__name__)
+                continue
+            if claim.outcome == "lost":
+                raise Lost(f"command {command_id} on {server}: the worker running it died before it "
+                           "answered; whether the process ran is unknown (retry with a new id to "
+                           "run it again)")
+            if claim.outcome == "replay" and claim.reply is not None:
+                if not claim.reply.get("ok"):
+                    raise FleetbusError.from_wire(claim.reply.get("error") or {})
+                return claim.reply
+            if (claim.outcome == "dropped" and reconnects is not None and self.nc.is_connected
+                    and self.nc.stats["reconnects"] != reconnects):
+                return None
+
+    async def _command_memory(self) -> CommandMemory:
+        if self._memory is None:
+            js = self.nc.jetstream(timeout=5)
+            commands = await js.key_value(self.names.commands_bucket)
+            workers = await js.key_value(self.names.workers_bucket)
+            self._memory = CommandMemory(commands, workers)
+        return self._memory
 
     async def _admin(self, endpoint: str, body: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
         return await self._request(self.names.admin(endpoint), body, timeout)

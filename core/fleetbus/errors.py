@@ -101,6 +101,14 @@ class Busy(FleetbusError):
     code = "busy"
 
 
+class Lost(FleetbusError):
+    """The worker running the command died before it answered; whether the process ran
+    (and how far) is unknown. A retry with the same id gets this answer too, never a
+    second run; to run the command again, send it with a new id."""
+
+    code = "lost"
+
+
 class InternalError(FleetbusError):
     """A bug: something fleetbus did not expect. The message never carries secrets."""
 
@@ -119,6 +127,7 @@ ERROR_CLASSES: dict[str, type[FleetbusError]] = {
         TransportError,
         TooLarge,
         Busy,
+        Lost,
         InternalError,
     )
 }

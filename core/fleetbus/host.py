@@ -17,6 +17,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import socket
 import time
@@ -45,6 +46,7 @@ from .errors import (
     FleetbusError,
     InternalError,
     InvalidRequest,
+    Lost,
     ServerOffline,
     Timeout,
     TooLarge,
@@ -53,6 +55,7 @@ from .errors import (
 from .home import Home
 from .jetstream import State
 from .keys import AgentKeys
+from .leases import WorkerLease
 from .limits import DEFAULT_STREAM_WINDOW, MAX_INLINE_BYTES, MAX_REQUEST_BYTES
 from .messages import (
     DEFAULT_TAIL_BYTES,
@@ -85,6 +88,11 @@ _REPLY_JSON = json.JSONEncoder(default=str)
 T = TypeVar("T")
 
 HDR_REQUESTER = "Fleetbus-Requester"
+# When the requester stops waiting for the reply: seconds since the Unix epoch on its
+# clock (docs/bus-api.md, "Conventions"). A request a worker reaches later than that, plus
+# DEADLINE_SKEW_S for clocks that disagree, is answered `timeout` and never run.
+HDR_DEADLINE = "Fleetbus-Deadline"
+DEADLINE_SKEW_S = 2.0
 CHECKER_REQUESTER = "fleetbus-checker"
 # A killed process or closed channel should finish well within this after cancel().
 CANCEL_GRACE_S = 15.0
@@ -181,7 +189,9 @@ class PluginHost:
         self.settings = settings or HostSettings()
         self.replies = self.names.reply_subjects(self.settings.reply_prefixes)
         self.registry = Registry(state.servers, state.status)
-        self.memory = CommandMemory(state.commands)
+        # This worker's liveness key; the claims it makes name it (leases.py, dedupe.py).
+        self.lease = WorkerLease(state.workers, self.settings.worker_id)
+        self.memory = CommandMemory(state.commands, state.workers, self.lease.key)
         self.auditor = Auditor(nc, self.names)
         self.files = ObjectFiles(state.js, self.names.files_bucket)
         self.vault = vault
@@ -246,6 +256,9 @@ class PluginHost:
                 continue
             self.transports[name] = transport
             self.sessions[name] = SessionPool(transport, self._credential, self.settings.open_timeout_s)
+        # Before any subject is served, so before any claim can name it; after the
+        # transports, so a transport that refuses to start leaves nothing running.
+        await self.lease.start()
         self._cancel_sub = await self.nc.subscribe(
             f"{self.names.prefix}.v1.servers.*.cancel", cb=self._on_cancel
         )
@@ -283,6 +296,7 @@ class PluginHost:
             except Exception:
                 log.exception("stopping transport %s failed", transport.name)
         await self.auditor.close()
+        await self.lease.stop()
         self._shed_report.close()
         self.pool.shutdown(wait=False, cancel_futures=True)
 
@@ -476,6 +490,7 @@ class PluginHost:
         body: dict[str, Any] = {}
         replayed = False
         remember: Any = None
+        deadline = _deadline_of(msg)
         try:
             if op not in OPERATIONS:
                 raise InvalidRequest(f"unknown operation {op[:32]!r}; use one of {', '.join(OPERATIONS)}")
@@ -485,16 +500,17 @@ class PluginHost:
                 body, req = parse_request(op, msg.data, self.replies)
                 if req.id is not None and op in ("exec", "put"):
                     deduplicated = True
-                    body_fp = fingerprint(body)  # as costly as the parse on a large body
+                    body_fp = fingerprint(req)  # as costly as the parse on a large body
             if req.id is not None:
                 command_id = req.id
+            _check_deadline(deadline, command_id)  # before a claim: nothing to undo
             outcome: _Outcome
             if deduplicated:
                 assert req.id is not None
                 outcome, remember, replayed = await self._deduplicated(
-                    served, op, req, req.id, body_fp, ticket)
+                    served, op, req, req.id, body_fp, ticket, deadline)
             else:
-                outcome = await self._dispatch(served, op, req, command_id, ticket)
+                outcome = await self._dispatch(served, op, req, command_id, ticket, deadline)
         except FleetbusError as exc:
             # Refused before it reached a transport (malformed, a conflicting id, ...).
             outcome = _Outcome(reply={"ok": False, "id": command_id, "error": exc.to_wire()}, ran=False)
@@ -521,7 +537,8 @@ class PluginHost:
         await self._audit(served, op, body, command_id, requester, started, outcome, replayed)
 
     async def _deduplicated(self, served: _Served, op: str, req: Request, command_id: str,
-                            body_fp: str, ticket: Ticket) -> tuple[_Outcome, Any, bool]:
+                            body_fp: str, ticket: Ticket,
+                            deadline: float | None) -> tuple[_Outcome, Any, bool]:
         """Run a command that carries an id at most once (dedupe.py): the outcome, the
         claim's update to await after replying (or None), and whether it was replayed."""
         server = served.server
@@ -529,11 +546,13 @@ class PluginHost:
         # is claimed again: this request then runs the command itself.
         for _ in range(3):
             claim = await self.memory.claim(server.name, op, command_id, body_fp)
+            if claim.outcome == "dropped":
+                continue  # deleted between our create and our read: claim it again
             if claim.outcome == "conflict":
                 raise InvalidRequest(
                     f"command id {command_id} was already used for a different {op} on {server.name}")
             if claim.outcome == "run":
-                outcome = await self._dispatch(served, op, req, command_id, ticket)
+                outcome = await self._dispatch(served, op, req, command_id, ticket, deadline)
                 # Stored after the reply is sent: the requester does not wait for it, and
                 # a retry arriving in between waits for the stored reply.
                 if outcome.ran:
@@ -541,6 +560,8 @@ class PluginHost:
                                                        outcome.reply), False
                 # It never reached the server: a retry may run it.
                 return outcome, self.memory.forget(server.name, op, command_id), False
+            if claim.outcome == "lost":
+                raise _lost(command_id, server.name)
             if claim.outcome == "running":
                 wait_s = (req.timeout_s if isinstance(req, ExecRequest)
                           else self.settings.transfer_timeout_s)
@@ -550,6 +571,8 @@ class PluginHost:
                 claim = await waiting
                 if claim.outcome == "dropped":
                     continue
+                if claim.outcome == "lost":
+                    raise _lost(command_id, server.name)
                 if claim.outcome != "replay":
                     raise Timeout(f"command {command_id} is still running elsewhere; "
                                   "this retry stopped waiting for it")
@@ -607,9 +630,9 @@ class PluginHost:
             log.warning("could not send a reply: %s", type(exc).__name__)
 
     async def _dispatch(self, served: _Served, op: str, req: Request, command_id: str,
-                        ticket: Ticket) -> _Outcome:
+                        ticket: Ticket, deadline: float | None = None) -> _Outcome:
         try:
-            return await self._run_tracked(served, op, req, command_id, ticket)
+            return await self._run_tracked(served, op, req, command_id, ticket, deadline)
         except FleetbusError as exc:
             return _Outcome(reply={"ok": False, "id": command_id, "error": exc.to_wire()},
                             ran=not exc.before_start)
@@ -620,7 +643,7 @@ class PluginHost:
                 "internal error in the plugin host; see its log").to_wire()})
 
     async def _run_tracked(self, served: _Served, op: str, req: Request, command_id: str,
-                           ticket: Ticket) -> _Outcome:
+                           ticket: Ticket, deadline: float | None = None) -> _Outcome:
         if command_id in served.running:
             raise InvalidRequest(f"command {command_id} is already running on {served.server.name}")
         # The command runs in the request's own task (a task of its own would cost two
@@ -647,6 +670,9 @@ class PluginHost:
                 await served.slots.acquire()  # free: returns without waiting
             ticket.release()  # running now: no longer waiting work (admission.py)
             try:
+                # A command that waited for its slot past its requester's deadline: nobody
+                # is waiting for it any more (its claim, if any, is dropped).
+                _check_deadline(deadline, command_id)
                 return await self._run(served, op, req, command_id)
             finally:
                 served.slots.release()
@@ -903,6 +929,34 @@ class PluginHost:
         return _Outcome(reply={"ok": True, "id": command_id, "server": served.server.name,
                                "transport": served.transport,
                                "latency_s": round(time.monotonic() - started, 6)})
+
+
+def _deadline_of(msg: Msg) -> float | None:
+    """The request's ``Fleetbus-Deadline`` (Unix seconds), None when absent or unreadable
+    (an unreadable one is ignored rather than refused: it only ever drops work)."""
+    if not msg.headers:
+        return None
+    value = msg.headers.get(HDR_DEADLINE)
+    if value is None:
+        return None
+    try:
+        deadline = float(value)
+    except ValueError:
+        return None
+    return deadline if math.isfinite(deadline) else None
+
+
+def _check_deadline(deadline: float | None, command_id: str) -> None:
+    """Raise ``timeout`` (not started) when the requester gave up on this command."""
+    if deadline is not None and time.time() > deadline + DEADLINE_SKEW_S:
+        late = time.time() - deadline
+        raise Timeout(f"command {command_id} reached the worker {late:.1f} s after its requester's "
+                      "deadline; it was not run").not_started()
+
+
+def _lost(command_id: str, server: str) -> Lost:
+    return Lost(f"command {command_id} on {server}: the worker running it died before it answered; "
+                "whether the process ran is unknown (retry with a new id to run it again)")
 
 
 def _short(exc: BaseException) -> str:

@@ -26,6 +26,7 @@ from nats.js.object_store import ObjectStore
 
 from .errors import ServerOffline
 from .jobleases import CORE_LEASE_TTL_S
+from .leases import WORKER_LEASE_TTL_S
 from .replication import warn_if_under_replicated
 from .subjects import Names
 
@@ -50,6 +51,7 @@ class State:
     files: ObjectStore
     job_cores: KeyValue
     jobs_live: KeyValue
+    workers: KeyValue
 
 
 def _refused(name: str, replicas: int, exc: APIError) -> ServerOffline:
@@ -134,10 +136,14 @@ async def open_state(nc: NATS, names: Names, replicas: int = 1,
         js, KeyValueConfig(bucket=names.jobs_live_bucket, history=1, replicas=replicas,
                            storage=StorageType.FILE)
     )
+    workers = await _kv(
+        js, KeyValueConfig(bucket=names.workers_bucket, history=1, ttl=WORKER_LEASE_TTL_S,
+                           replicas=replicas, storage=StorageType.FILE)
+    )
     await warn_if_under_replicated(nc, names, replicas)
     return State(js=js, names=names, servers=servers, status=status, credentials=credentials,
                  commands=commands, agent_keys=agent_keys, gateways=gateways, files=files,
-                 job_cores=job_cores, jobs_live=jobs_live)
+                 job_cores=job_cores, jobs_live=jobs_live, workers=workers)
 
 
 async def _add_stream(js: JetStreamContext, config: StreamConfig) -> None:

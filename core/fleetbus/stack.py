@@ -29,6 +29,7 @@ from .host import HostSettings, PluginHost
 from .jetstream import State, open_state
 from .jobs import JobService
 from .keys import AgentKeys
+from .leases import CHECKS_LEADER_KEY, LeaderLease
 from .metrics import Metrics, MetricsServer, serve_metrics
 from .plugins import load_plugins
 from .records import Server
@@ -145,8 +146,13 @@ async def start_stack(opts: StackOptions, stack: AsyncExitStack, *, embedded_nat
             running.checker = ServerChecker(nc, names, Registry(state.servers, state.status), metrics,
                                             interval_s=opts.check_interval_s,
                                             timeout_s=opts.check_timeout_s)
-            running.checker.start()
+            # With several cores only the lease's leader checks (leases.py); stopped
+            # first, so a clean stop hands the checks over at once.
+            leader = LeaderLease(state.workers, CHECKS_LEADER_KEY, running.checker.checker_id,
+                                 on_elected=running.checker.start, on_deposed=running.checker.stop)
+            leader.start()
             stack.push_async_callback(running.checker.stop)
+            stack.push_async_callback(leader.stop)
     if worker:
         transports = plugins.select(opts.transports)
         opts.host_settings.home = opts.home

@@ -123,6 +123,10 @@ class Names:
         return f"{self._b}_jobs_live"
 
     @property
+    def workers_bucket(self) -> str:
+        return f"{self._b}_workers"
+
+    @property
     def audit_stream(self) -> str:
         return f"{self._b.upper()}_AUDIT"
 

@@ -37,6 +37,7 @@ from fleetbus.transport import (
     TransportContext,
 )
 from fleetbus_agent import ops
+from fleetbus_agent.ops import groupkeeper
 from fleetbus_agent.ops.runas import RunAs
 
 from .userfiles import WorkingDirectory, get_file_as, put_file_as
@@ -178,6 +179,14 @@ class LocalTransport(Transport):
         self.run_as = local_user(settings.get(USER_SETTING))
         if self.run_as is not None:
             ctx.logger.info("local runs commands and file operations as %s", self.run_as)
+
+    async def start(self) -> None:
+        # A command's processes are killed if this worker dies (SIGKILL included) rather
+        # than run on unobserved: ops/groupkeeper.py.
+        groupkeeper.enable()
+
+    async def stop(self) -> None:
+        groupkeeper.disable()
 
     @property
     def user(self) -> str:

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
-from . import executables
+from . import executables, groupkeeper
 
 if TYPE_CHECKING:
     from .runas import RunAs
@@ -261,6 +261,8 @@ class ChildProcess:
         for fd in (out_w, err_w, in_r):
             if fd >= 0:
                 os.close(fd)
+        # Its group (pgid = pid: a new session) is killed if we die (groupkeeper.py).
+        groupkeeper.started(popen.pid)
         return cls(loop, popen, on_output, on_eof, on_exit, out_r, err_r,
                    (in_w, stdin) if stdin is not None else None)
 
@@ -277,6 +279,7 @@ class ChildProcess:
                 os.kill(self.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        groupkeeper.finished(self.pid)
 
     # exit ----------------------------------------------------------------------------
     def _watch_exit(self) -> None:
