@@ -1068,3 +1068,23 @@ async def test_ctrl_c_while_the_job_starts_cancels_it_once_its_id_is_known(
             proc.kill()
         await proc.wait()
         await nc.close()
+
+
+async def test_each_command_of_a_job_carries_when_the_job_stops_waiting(fleet: Fleet, nc: NATS, tag: str) -> None:
+    """A worker that reaches a job's command after the job gave up on it must drop it,
+    not run it unseen: the request carries the job's own deadline (docs/bus-api.md)."""
+    name = f"{tag}-d1"
+    cli_register(fleet, tag, name)
+    seen: asyncio.Queue[Any] = asyncio.Queue()
+    sub = await nc.subscribe(f"{PREFIX}.v1.servers.{name}.exec", cb=seen.put)  # beside the worker
+    try:
+        before = time.time()
+        reply = await start(nc, {"selection": {"servers": [name]}, "exec": {"argv": ["true"]}, "timeout_s": 40})
+        assert reply["targets"] == [name]
+        msg = await asyncio.wait_for(seen.get(), 30)
+        deadline = float(msg.headers["Fleetbus-Deadline"])
+        # The command's own limit plus the grace the job gives the worker's reply.
+        assert before + 40 < deadline <= time.time() + 40 + 30 + 1
+        assert msg.headers["Fleetbus-Requester"]
+    finally:
+        await sub.unsubscribe()

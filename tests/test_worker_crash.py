@@ -28,8 +28,8 @@ import nats.errors
 import pytest
 from fleetbus.client import Client
 from fleetbus.errors import Lost
-from fleetbus.host import DEADLINE_SKEW_S, HDR_DEADLINE
-from fleetbus.subjects import Names
+from fleetbus.host import DEADLINE_SKEW_S
+from fleetbus.subjects import HDR_DEADLINE, Names
 from nats.aio.client import Client as NATS
 from support.processes import Daemon, NatsServer, own_user
 

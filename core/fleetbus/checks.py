@@ -28,7 +28,7 @@ from .host import CHECKER_REQUESTER
 from .metrics import Metrics
 from .records import Server, ServerStatus, utcnow
 from .registry import Registry
-from .subjects import Names
+from .subjects import HDR_REQUESTER, Names
 
 log = logging.getLogger("fleetbus.checks")
 
@@ -105,7 +105,7 @@ class ServerChecker:
         try:
             msg = await self.nc.request(self.names.server(server.name, "ping"), b"{}",
                                         timeout=self.timeout_s,
-                                        headers={"Fleetbus-Requester": CHECKER_REQUESTER,
+                                        headers={HDR_REQUESTER: CHECKER_REQUESTER,
                                                  HDR_CHECKER: self.checker_id})
             reply = json.loads(msg.data)
             ok = bool(reply.get("ok"))

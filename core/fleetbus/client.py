@@ -59,7 +59,7 @@ from .objects import ObjectFiles
 from .output import HDR_END, HDR_STREAM
 from .replies import Replies
 from .streams import Receiver, Sender, chunk_limit
-from .subjects import Names
+from .subjects import HDR_DEADLINE, HDR_REQUESTER, Names
 
 _log = logging.getLogger("fleetbus.client")
 OutputCallback = Callable[[str, bytes], Awaitable[None] | None]
@@ -77,7 +77,6 @@ NOT_YET_SERVED_WAIT_S = 2.0
 # every CLAIM_CHECK_S, so a worker that died running it is known within seconds (the
 # claim's worker lease expires, leases.py) instead of after the command's time limit.
 CLAIM_CHECK_S = 1.0
-HDR_DEADLINE = "Fleetbus-Deadline"
 MAX_RESENDS = 5
 FILE_CHUNK = 256 * 1024
 
@@ -140,7 +139,7 @@ class Client:
     async def _request(self, subject: str, body: dict[str, Any], timeout: float,
                        server: str | None = None) -> dict[str, Any]:
         data = json.dumps(body).encode()
-        headers = {"Fleetbus-Requester": self.requester}
+        headers = {HDR_REQUESTER: self.requester}
         if server is not None:
             # When this client stops waiting: a worker that reaches the request later
             # (it was stopped, or far behind) answers `timeout` instead of running it.

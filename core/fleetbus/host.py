@@ -77,7 +77,7 @@ from .registry import Registry
 from .services import CoreServices
 from .sessions import SessionPool
 from .streams import BackgroundHash, Receiver, Sender, chunk_limit, keep_alive
-from .subjects import DEFAULT_REPLY_PREFIXES, Names
+from .subjects import DEFAULT_REPLY_PREFIXES, HDR_DEADLINE, HDR_REQUESTER, Names
 from .transport import Credential, ExecSpec, PutSpec, Session, Transport
 from .vault import Vault
 
@@ -87,11 +87,8 @@ log = logging.getLogger("fleetbus.host")
 _REPLY_JSON = json.JSONEncoder(default=str)
 T = TypeVar("T")
 
-HDR_REQUESTER = "Fleetbus-Requester"
-# When the requester stops waiting for the reply: seconds since the Unix epoch on its
-# clock (docs/bus-api.md, "Conventions"). A request a worker reaches later than that, plus
-# DEADLINE_SKEW_S for clocks that disagree, is answered `timeout` and never run.
-HDR_DEADLINE = "Fleetbus-Deadline"
+# How far a requester's clock may run ahead of ours before its Fleetbus-Deadline
+# (subjects.HDR_DEADLINE) would drop work it still waits for.
 DEADLINE_SKEW_S = 2.0
 CHECKER_REQUESTER = "fleetbus-checker"
 # A killed process or closed channel should finish well within this after cancel().

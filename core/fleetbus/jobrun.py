@@ -49,11 +49,10 @@ from .jobrequest import job_object
 from .jobwait import OnlineWatch, shown_duration
 from .names import COMMAND_ID_RE
 from .replies import Replies
-from .subjects import Names
+from .subjects import HDR_DEADLINE, HDR_REQUESTER, Names
 
 log = logging.getLogger("fleetbus.jobs")
 
-HDR_REQUESTER = "Fleetbus-Requester"
 ENV_JOB = "FLEETBUS_JOB"
 ENV_SERVER = "FLEETBUS_SERVER"
 # Beyond a command's own limit, how long the job waits for the worker's reply.
@@ -381,10 +380,12 @@ class JobRun:
                                            f"progress, so the command was not sent: {type(exc).__name__}"})
         try:
             request = self.replies.request if self.replies is not None else self.nc.request
+            wait = self.spec.timeout_s + REPLY_GRACE_S
+            # A worker that reaches the request after the job stopped waiting (it was
+            # stopped, or far behind) answers `timeout` instead of running it unseen.
             msg = await request(
-                self.names.server(server, self.spec.op), json.dumps(body).encode(),
-                timeout=self.spec.timeout_s + REPLY_GRACE_S,
-                headers={HDR_REQUESTER: self.requester})
+                self.names.server(server, self.spec.op), json.dumps(body).encode(), timeout=wait,
+                headers={HDR_REQUESTER: self.requester, HDR_DEADLINE: f"{time.time() + wait:.3f}"})
             reply = json.loads(msg.data)
         except nats.errors.NoRespondersError:
             self._unserved.add(server)

@@ -38,7 +38,7 @@ from .jobleases import JobLeases
 from .jobplan import JobPlan
 from .jobrecords import JobCounts, JobDefinition, JobStore, JobSummary, ServerResult, count
 from .jobrequest import REDACTED, JobId, JobList, JobRequest, JobRerun
-from .jobrun import HDR_REQUESTER, JobRun, JobSpec, command_id
+from .jobrun import JobRun, JobSpec, command_id
 from .messages import reply_context
 from .metrics import Metrics
 from .objects import ObjectFiles
@@ -47,7 +47,7 @@ from .registry import Registry
 from .registryview import RegistryView
 from .replies import Replies
 from .selection import resolve
-from .subjects import ReplySubjects
+from .subjects import HDR_REQUESTER, ReplySubjects
 
 log = logging.getLogger("fleetbus.jobs")
 

@@ -1,4 +1,4 @@
-"""Names on the bus: subjects, KV buckets, streams. One place, derived from the prefix.
+"""Names on the bus: subjects, KV buckets, streams, header names. One place, derived from the prefix.
 
 Also the reply namespace (:class:`ReplySubjects`): the only subjects a requester may
 name for fleetbus to publish on (``output_subject``, streamed-transfer subjects).
@@ -19,6 +19,13 @@ _REPLY_PREFIX_RE = re.compile(r"^[^\s.*>]+(\.[^\s.*>]+)*\.$")
 DEFAULT_REPLY_PREFIXES: tuple[str, ...] = ("_INBOX.",)
 #: The deployment setting (comma-separated) for other inbox prefixes on a shared NATS.
 ENV_REPLY_PREFIXES = "FLEETBUS_REPLY_PREFIXES"
+#: Who sent a request, as the requester declares it (recorded in the audit trail).
+HDR_REQUESTER = "Fleetbus-Requester"
+#: When the requester stops waiting for the reply: seconds since the Unix epoch on its
+#: clock (docs/bus-api.md, "Conventions"). A request a worker reaches later than that,
+#: plus the host's allowance for clocks that disagree, is answered `timeout`, never run.
+HDR_DEADLINE = "Fleetbus-Deadline"
+
 # NATS's own subjects all start with "$" ($JS, $KV, $O, $SYS, $SRV, $MQTT, $NRG, ...):
 # publishing there acts on the server itself (deleting a stream takes an empty message).
 _SYSTEM_MARK = "$"
