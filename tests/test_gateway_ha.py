@@ -1,0 +1,235 @@
+"""Several gateways on one NATS: a shared CA, agents that move, one gateway per server.
+
+Real processes: one nats-server, a `fleetbus core`, two `fleetbus worker --transports
+agent-outbound` each with its own home (as on two machines) and gateway port, and real
+`fleetbus-agent connect` processes given both gateways.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.agents import Agent
+from support.processes import FLEETBUS, Daemon, NatsServer, wait_for
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Deployment:
+    env: dict[str, str]
+    workdir: Path
+    core: Daemon
+    gateways: list[Daemon]
+    listens: list[str]
+
+    def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run([FLEETBUS, *args], capture_output=True, text=True, env=self.env, timeout=60,
+                              check=False)
+        assert not check or proc.returncode == 0, proc.stderr
+        return proc
+
+    def records(self) -> list[dict[str, Any]]:
+        proc = self.cli("gateway", "info", "--json")
+        return json.loads(proc.stdout) if proc.returncode == 0 else []
+
+    def statuses(self) -> dict[str, dict[str, Any]]:
+        found = json.loads(self.cli("servers", "list", "--json", check=True).stdout)
+        return {s["name"]: s.get("status") or {} for s in found}
+
+    def add(self, name: str) -> str:
+        return json.loads(self.cli("servers", "add", name, "--transport", "agent-outbound", "--json",
+                                   check=True).stdout)["key"]
+
+    def gateway(self, listen: str, **settings: str) -> Daemon:
+        home = self.workdir / f"gw-{listen.replace(':', '_').strip('[]')}"
+        env = {**self.env, "FLEETBUS_HOME": str(home)}
+        args = ["worker", "--transports", "agent-outbound", "--gateway-listen", listen]
+        for key, value in settings.items():
+            args += ["--transport-setting", f"agent-outbound.{key}={value}"]
+        return Daemon(args, env, self.workdir / f"{home.name}.log", "serving agent-outbound").start()
+
+
+@pytest.fixture
+def deployment(nats_server: NatsServer, tmp_path: Path) -> Iterator[Deployment]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+    env.update(FLEETBUS_NATS_URL=nats_server.url, FLEETBUS_PREFIX="h" + secrets.token_hex(4),
+               FLEETBUS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode(),
+               FLEETBUS_HOME=str(tmp_path / "core-home"))
+    core = Daemon(["core"], env, tmp_path / "core.log", "fleetbus core").start()
+    dep = Deployment(env, tmp_path, core, [], [])
+    try:
+        yield dep
+    finally:
+        for daemon in dep.gateways:
+            daemon.stop()
+        core.stop()
+
+
+def start_two_gateways(dep: Deployment, listens: list[str] | None = None) -> list[dict[str, Any]]:
+    """Two gateways started at once (the CA race), and their records in listen order."""
+    dep.listens = listens or [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        dep.gateways = list(pool.map(dep.gateway, dep.listens))
+
+    def both() -> list[dict[str, Any]] | None:
+        records = dep.records()
+        return records if len(records) == 2 else None
+
+    records = wait_for(both, what="two gateway records")
+    by_address = {r["address"]: r for r in records}
+    return [by_address[listen.replace("[", "").replace("]", "")] for listen in dep.listens]
+
+
+def pings(dep: Deployment, names: list[str]) -> dict[str, bool]:
+    with ThreadPoolExecutor(8) as pool:
+        results = pool.map(lambda n: dep.cli("ping", n).returncode == 0, names)
+    return dict(zip(names, results, strict=True))
+
+
+def start_agents(dep: Deployment, tmp_path: Path, names: list[str], gateways: list[str], pin: str,
+                 keys: dict[str, str] | None = None) -> list[Agent]:
+    keys = keys or {name: dep.add(name) for name in names}
+    return [Agent(tmp_path / f"agent-{name}", gateways[0], pin, keys[name], more_gateways=gateways[1:]).start()
+            for name in names]
+
+
+def test_agents_of_a_killed_gateway_answer_through_the_other(deployment: Deployment, tmp_path: Path) -> None:
+    dep = deployment
+    first, second = start_two_gateways(dep)
+    # One identity: the same CA, each gateway its own certificate.
+    assert first["ca_fingerprint"] == second["ca_fingerprint"] and first["ca_fingerprint"]
+    assert first["fingerprint"] != second["fingerprint"]
+    ca_pin = first["ca_fingerprint"]
+
+    shown = dep.cli("servers", "add", "shown", "--transport", "agent-outbound", check=True).stdout
+    assert f"--gateway {first['address']}" in shown and f"--gateway {second['address']}" in shown
+    assert f"--fingerprint {ca_pin}" in shown
+
+    names = [f"ha{i}" for i in range(6)]
+    agents = start_agents(dep, tmp_path, names, [first["address"], second["address"]], ca_pin)
+    # An agent that knows only the first gateway: it must read offline once that one is gone.
+    lonely = start_agents(dep, tmp_path, ["lonely"], [first["address"]], ca_pin)
+    try:
+        wait_for(lambda: all(pings(dep, [*names, "lonely"]).values()), timeout=60, what="every agent online")
+        statuses = dep.statuses()
+        assert {statuses[n]["served_by"] for n in names} == {first["worker"]}, "agents dial in order"
+
+        dep.gateways[0].stop(signal.SIGKILL)
+        killed = time.monotonic()
+        answered: dict[str, float] = {}
+
+        def all_answer() -> bool:
+            for name, ok in pings(dep, [n for n in names if n not in answered]).items():
+                if ok:
+                    answered[name] = time.monotonic() - killed
+            return len(answered) == len(names)
+
+        wait_for(all_answer, timeout=60, what="every agent through the other gateway")
+        print(f"\nagents of the killed gateway answering through the other: "
+              f"{max(answered.values()):.1f} s for all {len(names)} (first {min(answered.values()):.1f} s)")
+        statuses = dep.statuses()
+        assert {statuses[n]["served_by"] for n in names} == {second["worker"]}
+        assert all(statuses[n]["state"] == "online" for n in names)
+
+        # The dead gateway leaves `gateway info`, and its last agent reads offline,
+        # within seconds rather than the record's 60 s expiry.
+        def reflected() -> bool:
+            records = dep.records()
+            lone = dep.statuses()["lonely"]
+            return [r["worker"] for r in records] == [second["worker"]] and lone.get("state") == "offline"
+
+        wait_for(reflected, timeout=40, what="the dead gateway gone from gateway info and its agent offline")
+        print(f"gateway info and servers list reflect the death after {time.monotonic() - killed:.1f} s")
+        assert "stopped" in (dep.statuses()["lonely"].get("detail") or "")
+    finally:
+        for agent in [*agents, *lonely]:
+            agent.stop()
+
+
+def test_one_gateway_serves_a_server_even_with_two_agents_for_it(deployment: Deployment, tmp_path: Path) -> None:
+    dep = deployment
+    first, second = start_two_gateways(dep)
+    key = dep.add("twin")
+    # The same server's key in two agents, one per gateway (a plausible HA mistake).
+    one = Agent(tmp_path / "one", first["address"], first["ca_fingerprint"], key).start()
+    two: Agent | None = None
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    outcomes: list[int] = []
+    try:
+        wait_for(lambda: dep.cli("ping", "twin").returncode == 0, timeout=30, what="twin online")
+        for i in range(40):
+            if i == 5:
+                two = Agent(tmp_path / "two", second["address"], second["fingerprint"], key).start()
+            # No command id: only delivery to exactly one gateway keeps this from running twice.
+            proc = dep.cli("run", "twin", "--timeout", "10", "--", "sh", "-c", f"echo ran >> {runs}/{i}")
+            outcomes.append(proc.returncode)
+        ran_twice = {p.name: n for p in runs.iterdir() if (n := len(p.read_text().splitlines())) > 1}
+        assert not ran_twice, f"commands that ran twice: {ran_twice}"
+        assert sum(1 for code in outcomes if code == 0) >= 10, outcomes
+        # The takeover crossed gateways: one of the gateways closed its link because the
+        # other claimed the server (cluster-wide, not only within one gateway).
+        assert two is not None
+        assert "now served by gateway" in one.log() + two.log()
+        status = dep.statuses()["twin"]
+        assert status["state"] == "online"
+    finally:
+        one.stop()
+        if two is not None:
+            two.stop()
+
+
+def _loopback_pair() -> int | None:
+    """A port free on 127.0.0.1 and ::1 when `localhost` resolves to both, else None."""
+    try:
+        found = {info[4][0] for info in socket.getaddrinfo("localhost", 1, type=socket.SOCK_STREAM)}
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as six:
+            six.bind(("::1", 0))
+            port = int(six.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as four:
+                four.bind(("127.0.0.1", port))
+    except OSError:
+        return None
+    return port if {"127.0.0.1", "::1"} <= found else None
+
+
+def test_a_name_with_two_addresses_is_two_gateways(deployment: Deployment, tmp_path: Path) -> None:
+    port = _loopback_pair()
+    if port is None:
+        pytest.skip("localhost does not resolve to both 127.0.0.1 and ::1 here, or ::1 is unusable")
+    dep = deployment
+    first, second = start_two_gateways(dep, [f"127.0.0.1:{port}", f"[::1]:{port}"])
+    order = [info[4][0] for info in socket.getaddrinfo("localhost", port, type=socket.SOCK_STREAM)]
+    agents = start_agents(dep, tmp_path, ["dns1"], [f"localhost:{port}"], first["ca_fingerprint"])
+    try:
+        wait_for(lambda: dep.cli("ping", "dns1").returncode == 0, timeout=30, what="dns1 online")
+        served_by = dep.statuses()["dns1"]["served_by"]
+        # The first address the name resolves to is dialled first.
+        dialled = 1 if order[0] == "::1" else 0
+        assert served_by == (first, second)[dialled]["worker"]
+        dep.gateways[dialled].stop(signal.SIGKILL)
+        other = (first, second)[1 - dialled]
+        wait_for(lambda: dep.cli("ping", "dns1").returncode == 0, timeout=30, what="dns1 through the other address")
+        assert dep.statuses()["dns1"]["served_by"] == other["worker"]
+    finally:
+        for agent in agents:
+            agent.stop()
