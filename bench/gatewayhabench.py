@@ -91,20 +91,27 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             assert a["ca_fingerprint"] == b["ca_fingerprint"], "the gateways share one CA"
             names = [f"gha-{i:04d}" for i in range(args.agents)]
             keys = await stack.add_agents(names)
+            on_a = 0
+
+            async def held_by_a(count: int) -> bool:
+                nonlocal on_a
+                on_a = int(((await _gateway_records(stack)).get(listen) or {}).get("agents") or 0)
+                return on_a >= count
+
+            # One swarm process at a time, so that the first connections are not a storm
+            # that spills agents over to B (what is measured is A's agents moving).
+            started = time.monotonic()
             for i in range(args.processes):
                 part = keys[i::args.processes]
-                if part:
-                    stack.swarms.append(start_swarm(work / f"swarm{i}", f"{a['address']},{b['address']}",
-                                                    a["ca_fingerprint"], part))
-
-            async def all_on_a() -> bool:
-                record = (await _gateway_records(stack)).get(listen) or {}
-                return record.get("agents") == args.agents
-
-            started = time.monotonic()
-            await _wait(all_on_a, 300, f"{args.agents} agents on gateway A")
+                stack.swarms.append(start_swarm(work / f"swarm{i}", f"{a['address']},{b['address']}",
+                                                a["ca_fingerprint"], part))
+                expected = sum(len(keys[j::args.processes]) for j in range(i + 1))
+                try:
+                    await _wait(lambda expected=expected: held_by_a(expected), 120, "agents on gateway A")
+                except TimeoutError:
+                    pass  # some went to B: the figure is still for all of them answering
             connect_s = time.monotonic() - started
-            await _wait(lambda: _all_answer(stack, names), 60, "every agent answering through A")
+            await _wait(lambda: _all_answer(stack, names), 120, "every agent answering")
 
             worker.send_signal(signal.SIGKILL)
             killed = time.monotonic()
@@ -116,8 +123,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
             await _wait(a_gone, 120, "gateway A gone from gateway info")
             record_gone_s = time.monotonic() - killed
-            return {"agents": args.agents, "swarm_processes": args.processes,
-                    "all_connected_to_a_s": round(connect_s, 1),
+            return {"agents": args.agents, "on_gateway_a_when_killed": on_a, "swarm_processes": args.processes,
+                    "all_connected_s": round(connect_s, 1),
                     "all_answer_through_b_after_kill_s": round(answered_s, 1),
                     "gateway_info_drops_a_after_s": round(record_gone_s, 1), "target_s": 10.0}
         finally:
@@ -132,7 +139,8 @@ def run() -> None:
     result = asyncio.run(main(parser.parse_args()))
     print(dumps(result))
     print(f"agents of a killed gateway answering through the other: {result['all_answer_through_b_after_kill_s']} s "
-          f"for all {result['agents']} (target <= 10 s); gateway info dropped it after "
+          f"for all {result['agents']} ({result['on_gateway_a_when_killed']} on the killed one; target <= 10 s); "
+          f"gateway info dropped it after "
           f"{result['gateway_info_drops_a_after_s']} s")
 
 

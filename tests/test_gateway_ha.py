@@ -13,11 +13,12 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ class Deployment:
     core: Daemon
     gateways: list[Daemon]
     listens: list[str]
+    started: list[Daemon] = field(default_factory=list)
 
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run([FLEETBUS, *args], capture_output=True, text=True, env=self.env, timeout=60,
@@ -65,7 +67,9 @@ class Deployment:
         args = ["worker", "--transports", "agent-outbound", "--gateway-listen", listen]
         for key, value in settings.items():
             args += ["--transport-setting", f"agent-outbound.{key}={value}"]
-        return Daemon(args, env, self.workdir / f"{home.name}.log", "serving agent-outbound").start()
+        daemon = Daemon(args, env, self.workdir / f"{home.name}.log", "serving agent-outbound")
+        self.started.append(daemon)  # stopped by the fixture even if it never got ready
+        return daemon.start()
 
 
 @pytest.fixture
@@ -79,7 +83,7 @@ def deployment(nats_server: NatsServer, tmp_path: Path) -> Iterator[Deployment]:
     try:
         yield dep
     finally:
-        for daemon in dep.gateways:
+        for daemon in dep.started:
             daemon.stop()
         core.stop()
 
@@ -233,3 +237,39 @@ def test_a_name_with_two_addresses_is_two_gateways(deployment: Deployment, tmp_p
     finally:
         for agent in agents:
             agent.stop()
+
+
+def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, name: str) -> None:
+    """A TLS handshake between the two contexts over memory buffers; raises if it fails."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    cli_obj = client.wrap_bio(c_in, c_out, server_hostname=name)
+    srv_obj = server.wrap_bio(s_in, s_out, server_side=True)
+    done = {"c": False, "s": False}
+    for _ in range(20):
+        for key, obj, out, peer_in in (("c", cli_obj, c_out, s_in), ("s", srv_obj, s_out, c_in)):
+            if not done[key]:
+                try:
+                    obj.do_handshake()
+                    done[key] = True
+                except ssl.SSLWantReadError:
+                    pass
+            peer_in.write(out.read())
+        if all(done.values()):
+            return
+    raise AssertionError("the handshake did not finish")
+
+
+def test_a_bundle_of_two_cas_with_one_name_verifies_either_gateway(tmp_path: Path) -> None:
+    """Key identifiers tell two CAs of the same name apart (an old per-gateway CA and
+    the deployment's in one bundle): certificates of both verify against the bundle."""
+    from fleetbus.certs import GatewayCA, server_context
+    from fleetbus.home import Home
+    from fleetbus.vault import MasterKey
+
+    master = MasterKey(secrets.token_bytes(32), "test")
+    old, new = GatewayCA.create("fleetbus gateway CA same"), GatewayCA.create("fleetbus gateway CA same")
+    assert GatewayCA.unseal(new.seal(master), master).fingerprint == new.fingerprint
+    bundle = ssl.create_default_context(cadata=(old.cert_pem + new.cert_pem).decode())
+    for i, ca in enumerate((old, new)):
+        files = ca.write(Home(tmp_path / f"gw{i}"), master, ["gw.example"])
+        _handshake(server_context(files, master), bundle, "gw.example")

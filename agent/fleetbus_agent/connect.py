@@ -36,9 +36,12 @@ from .protocol import AuthError, Connection, HandshakeError, agent_handshake, sh
 log = logging.getLogger("fleetbus_agent.connect")
 
 CONNECT_TIMEOUT_S = 10.0
-# With more than one gateway to try, a gateway that does not answer at all (its host is
-# down, packets dropped) is given up on sooner, so its agents reach another within seconds.
-CONNECT_TIMEOUT_MANY_S = 4.0
+# With more than one gateway to try, a gateway whose host does not answer at all (down,
+# packets dropped) is given up on sooner: the TCP connect alone gets this long, so its
+# agents reach another within seconds. TLS and the hello still get CONNECT_TIMEOUT_S,
+# since a busy gateway (thousands of agents reconnecting) makes new ones wait for a
+# handshake slot and giving up there only sends them round again.
+TCP_CONNECT_TIMEOUT_MANY_S = 3.0
 STABLE_AFTER_S = 30.0
 CA_PROBE_NAME = "ca.fleetbus.invalid"
 """The TLS server name under which a gateway presents its CA certificate instead of its own."""
@@ -80,10 +83,12 @@ class Target:
 
 
 class Trust:
-    """What the agent learnt to trust while running: the pinned CA, once a gateway showed it."""
+    """What the agent learnt while running: the pinned CA, once a gateway showed it, or
+    that the pin is a gateway certificate's (so the CA probe comes second)."""
 
     def __init__(self) -> None:
         self.ca_der: Optional[bytes] = None
+        self.leaf_first = False
 
 
 def normalize_fingerprint(value: str) -> str:
@@ -155,19 +160,39 @@ def _ca_context(ca_der: bytes, server_hostname: Optional[str]) -> ssl.SSLContext
 
 
 async def _open(target: Target, ctx: ssl.SSLContext, name: str,
-                timeout: float) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.wait_for(
-        asyncio.open_connection(target.address, target.port, ssl=ctx, server_hostname=_sni_name(name)),
-        timeout)
+                tcp_timeout: float) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """TLS to ``target``: the TCP connect within ``tcp_timeout``, all of it within CONNECT_TIMEOUT_S."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        infos = socket.getaddrinfo(target.address, target.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        infos = []  # a name that did not resolve before: asyncio resolves and reports it
+    if not infos:
+        return await asyncio.wait_for(
+            asyncio.open_connection(target.address, target.port, ssl=ctx, server_hostname=_sni_name(name)),
+            CONNECT_TIMEOUT_S)
+    family, kind, proto, _canon, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        await asyncio.wait_for(loop.sock_connect(sock, address), tcp_timeout)
+        left = max(0.1, CONNECT_TIMEOUT_S - (loop.time() - started))
+        return await asyncio.wait_for(
+            asyncio.open_connection(sock=sock, ssl=ctx, server_hostname=_sni_name(name)), left)
+    except BaseException:
+        sock.close()
+        raise
 
 
-async def _probe_ca(target: Target, timeout: float) -> bytes:
+async def _probe_ca(target: Target, tcp_timeout: float) -> bytes:
     """The CA certificate (DER) the gateway at ``target`` presents for ``CA_PROBE_NAME``."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    _reader, writer = await _open(target, ctx, CA_PROBE_NAME, timeout)
+    _reader, writer = await _open(target, ctx, CA_PROBE_NAME, tcp_timeout)
     try:
         ssl_object = writer.get_extra_info("ssl_object")
         return (ssl_object.getpeercert(binary_form=True) if ssl_object else None) or b""
@@ -176,33 +201,59 @@ async def _probe_ca(target: Target, timeout: float) -> bytes:
 
 
 async def _verified(opts: ConnectOptions, target: Target, trust: Trust,
-                    timeout: float) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A TLS connection to ``target`` whose certificate passed the agent's checks."""
+                    tcp_timeout: float) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TLS connection to ``target`` whose certificate passed the agent's checks.
+
+    With pins and nothing learnt yet, the CA probe comes first: a CA pin (what
+    ``servers add`` prints) then costs two handshakes, not three; a gateway
+    certificate's pin costs two the first time and one from then on.
+    """
     name = opts.server_hostname or target.host
     if opts.ca_file:
-        return await _open(target, client_context(opts), name, timeout)
-    if trust.ca_der is not None:
-        return await _open(target, _ca_context(trust.ca_der, opts.server_hostname), name, timeout)
+        return await _open(target, client_context(opts), name, tcp_timeout)
     pins = opts.pins()
-    reader, writer = await _open(target, client_context(opts), name, timeout)
+    if trust.ca_der is None and not trust.leaf_first:
+        await _learn_ca(target, pins, trust, tcp_timeout)
+    if trust.ca_der is not None:
+        try:
+            return await _open(target, _ca_context(trust.ca_der, opts.server_hostname), name, tcp_timeout)
+        except ssl.SSLCertVerificationError:
+            # Not signed by that CA; the certificate itself may still be pinned (a gateway
+            # of an earlier version answers the probe with its own certificate).
+            pass
+    reader, writer = await _open(target, client_context(opts), name, tcp_timeout)
     if _pinned(peer_fingerprint(writer), pins):
+        if trust.ca_der is not None and sha256_hex(trust.ca_der) == peer_fingerprint(writer):
+            trust.ca_der = None  # what the probe showed was this certificate, not a CA
+        trust.leaf_first = trust.ca_der is None
         return reader, writer
     writer.close()
-    # Not the gateway's own certificate: perhaps the pin is its CA's.
-    ca_der = await _probe_ca(target, timeout)
-    if not ca_der or not _pinned(sha256_hex(ca_der), pins):
-        raise GatewayRejected("the gateway's certificate does not match the pinned fingerprint")
-    trust.ca_der = ca_der
-    log.info("the gateway's CA matches the pinned fingerprint; trusting every gateway it signed")
-    return await _open(target, _ca_context(ca_der, opts.server_hostname), name, timeout)
+    if trust.leaf_first and await _learn_ca(target, pins, trust, tcp_timeout):
+        # The probe was skipped: this gateway's CA is pinned.
+        return await _open(target, _ca_context(trust.ca_der or b"", opts.server_hostname), name, tcp_timeout)
+    raise GatewayRejected("the gateway's certificate does not match the pinned fingerprint")
+
+
+async def _learn_ca(target: Target, pins: List[str], trust: Trust, tcp_timeout: float) -> bool:
+    """Whether the CA the gateway at ``target`` presents is pinned (then ``trust`` keeps it)."""
+    try:
+        ca_der = await _probe_ca(target, tcp_timeout)
+    except ssl.SSLError:
+        return False  # no probe here: the gateway's own certificate decides
+    if ca_der and _pinned(sha256_hex(ca_der), pins):
+        trust.ca_der = ca_der
+        trust.leaf_first = False
+        log.info("the gateway's CA matches the pinned fingerprint; trusting every gateway it signed")
+        return True
+    return False
 
 
 async def connect_once(opts: ConnectOptions, handler: Handler, stop: asyncio.Event,
                        target: Optional[Target] = None, trust: Optional[Trust] = None) -> str:
     """One connection, until it closes or ``stop`` is set; returns why it ended."""
     target = target or Target(opts.host, opts.port, opts.host)
-    timeout = CONNECT_TIMEOUT_S if len(opts.gateways) == 1 else CONNECT_TIMEOUT_MANY_S
-    reader, writer = await _verified(opts, target, trust or Trust(), timeout)
+    tcp_timeout = CONNECT_TIMEOUT_S if len(opts.gateways) == 1 else TCP_CONNECT_TIMEOUT_MANY_S
+    reader, writer = await _verified(opts, target, trust or Trust(), tcp_timeout)
     facts = server_facts().to_dict()
     welcome = await agent_handshake(reader, writer, {"method": "key", "key": opts.key}, facts,
                                     agent=f"fleetbus-agent/{__version__}")
