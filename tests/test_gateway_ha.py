@@ -273,3 +273,48 @@ def test_a_bundle_of_two_cas_with_one_name_verifies_either_gateway(tmp_path: Pat
     for i, ca in enumerate((old, new)):
         files = ca.write(Home(tmp_path / f"gw{i}"), master, ["gw.example"])
         _handshake(server_context(files, master), bundle, "gw.example")
+
+
+def test_an_earlier_gateways_ca_becomes_the_deployments_and_its_agents_keep_working(
+        deployment: Deployment, tmp_path: Path) -> None:
+    """Upgrading: a gateway with the CA and certificate an earlier version made (`fleetbus
+    gateway cert`) is restarted first; its CA becomes the deployment's. Agents given that
+    CA file accept a new gateway too; an agent pinning the old gateway's own certificate
+    keeps working with it and refuses the new one."""
+    dep = deployment
+    listens = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    old_home = dep.workdir / f"gw-{listens[0].replace(':', '_')}"
+    made = subprocess.run([FLEETBUS, "gateway", "cert", "--host", "localhost", "--host", "127.0.0.1"],
+                          capture_output=True, text=True, env={**dep.env, "FLEETBUS_HOME": str(old_home)},
+                          timeout=60, check=True).stdout
+    old_leaf = next(line.split()[1] for line in made.splitlines() if line.startswith("fingerprint"))
+    old_ca = old_home / "gateway" / "ca.pem"
+    dep.listens = listens
+    dep.gateways = [dep.gateway(listens[0])]
+    wait_for(lambda: len(dep.records()) == 1, what="the upgraded gateway's record")
+    dep.gateways.append(dep.gateway(listens[1]))
+    records = wait_for(lambda: (r := dep.records()) and len(r) == 2 and r, what="both records")
+    by_address = {r["address"]: r for r in records}
+    old, new = by_address[listens[0]], by_address[listens[1]]
+    assert old["fingerprint"] == old_leaf, "the upgraded gateway keeps its certificate"
+    ca_fingerprint = subprocess.run(
+        ["openssl", "x509", "-in", str(old_ca), "-noout", "-fingerprint", "-sha256"],
+        capture_output=True, text=True, check=True).stdout.split("=", 1)[1].strip().replace(":", "").lower()
+    assert old["ca_fingerprint"] == new["ca_fingerprint"] == f"sha256:{ca_fingerprint}"
+
+    keys = {name: dep.add(name) for name in ("pinned", "withca")}
+    pinned = Agent(tmp_path / "pinned", old["address"], old_leaf, keys["pinned"],
+                   more_gateways=[new["address"]]).start()
+    withca = Agent(tmp_path / "withca", new["address"], None, keys["withca"], ca=str(old_ca)).start()
+    try:
+        wait_for(lambda: all(pings(dep, ["pinned", "withca"]).values()), timeout=30, what="both agents")
+        statuses = dep.statuses()
+        assert statuses["withca"]["served_by"] == new["worker"], "the old CA file accepts the new gateway"
+        assert statuses["pinned"]["served_by"] == old["worker"]
+        dep.gateways[0].stop(signal.SIGKILL)
+        wait_for(lambda: "does not match the pinned fingerprint" in pinned.log(), timeout=30,
+                 what="the old-pinned agent refusing the new gateway")
+        assert dep.cli("ping", "withca").returncode == 0
+    finally:
+        pinned.stop()
+        withca.stop()
