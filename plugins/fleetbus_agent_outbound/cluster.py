@@ -49,6 +49,9 @@ CHECK_PEERS_S = 1.0
 # read and write): enough to clear 1,000 in a few seconds without flooding JetStream.
 CLEAR_AT_ONCE = 32
 CA_KEY = "ca"
+# After taking a server over from another gateway, its status is checked once this long
+# after (see Cluster.confirm_status).
+CONFIRM_STATUS_S = 2.0
 # JetStream's answer to a write whose expected last revision is no longer the last.
 WRONG_LAST_SEQUENCE = 10071
 
@@ -140,18 +143,38 @@ class Cluster:
     def _claim_value(self, link: Link) -> bytes:
         return json.dumps({"gateway": self.me, "remote": link.remote, "since": link.since}).encode()
 
-    async def claim(self, link: Link) -> None:
-        """Record that this gateway serves ``link.server`` from now on (the link's epoch)."""
+    async def claim(self, link: Link) -> bool:
+        """Record that this gateway serves ``link.server`` from now on (the link's epoch);
+        True when another gateway held it until now."""
+        before = self.owners.get(link.server)
         try:
             link.epoch = await self.state.put(link_key(link.server), self._claim_value(link))
         except Exception as exc:
             # Served anyway (the agent is here); the queue group still delivers each
             # request once, and the next claim or the status refresh corrects the record.
             self.ctx.logger.warning("could not claim %s for this gateway: %s", link.server, type(exc).__name__)
-            return
+            return False
         newer = self.owners.get(link.server)
         if newer is not None and newer[0] != self.me and newer[1] > link.epoch:
             await self._taken_over(link, newer[0])
+        return before is not None and before[0] != self.me
+
+    def confirm_status(self, link: Link, write: Callable[[Link], Any]) -> None:
+        """Write ``link``'s status again shortly unless it still reads online here.
+
+        After taking a server from another gateway, that gateway's "offline" (written
+        as it lets go, or by a survivor for a dead one) can land just after our
+        "online"; one check a moment later puts it right.
+        """
+        async def check() -> None:
+            await asyncio.sleep(CONFIRM_STATUS_S)
+            if self.links.get(link.server) is not link:
+                return
+            status = await self.ctx.services.registry.status(link.server)
+            if status is None or status.state != "online" or status.served_by != self.me:
+                await write(link)
+
+        self._spawn(check())
 
     async def release(self, link: Link) -> None:
         """Drop this gateway's claim after its agent left (unless someone claimed since)."""

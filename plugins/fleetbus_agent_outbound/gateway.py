@@ -306,11 +306,13 @@ class GatewayTransport(Transport):
         # Claimed before serving: a gateway holding an older claim closes its link and
         # stops serving, and the host's queue group sends each request to one of us in
         # the moment both subscriptions exist, so no command is delivered twice.
-        await self.cluster.claim(link)
+        moved = await self.cluster.claim(link)
         if not conn.closed:
             await self.ctx.serve(server)
             await self._status(link, "online")
             link.status_at = time.monotonic()
+            if moved:
+                self.cluster.confirm_status(link, lambda link: self._status(link, "online"))
             self.ctx.logger.info("agent %s connected from %s (%s, link epoch %s)", link.server, remote,
                                  agent, link.epoch)
         await conn.wait_closed()
