@@ -244,8 +244,8 @@ def test_a_name_with_two_addresses_is_two_gateways(deployment: Deployment, tmp_p
             agent.stop()
 
 
-def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, name: str) -> None:
-    """A TLS handshake between the two contexts over memory buffers; raises if it fails."""
+def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, name: str) -> tuple[ssl.SSLObject, ssl.SSLObject]:
+    """A TLS handshake between the two contexts over memory buffers: (client, server) ends."""
     c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
     cli_obj = client.wrap_bio(c_in, c_out, server_hostname=name)
     srv_obj = server.wrap_bio(s_in, s_out, server_side=True)
@@ -260,7 +260,7 @@ def _handshake(server: ssl.SSLContext, client: ssl.SSLContext, name: str) -> Non
                     pass
             peer_in.write(out.read())
         if all(done.values()):
-            return
+            return cli_obj, srv_obj
     raise AssertionError("the handshake did not finish")
 
 
@@ -278,6 +278,19 @@ def test_a_bundle_of_two_cas_with_one_name_verifies_either_gateway(tmp_path: Pat
     for i, ca in enumerate((old, new)):
         files = ca.write(Home(tmp_path / f"gw{i}"), master, ["gw.example"])
         _handshake(server_context(files, master), bundle, "gw.example")
+
+    # The CA probe: asked for CA_PROBE_NAME, a gateway shows the CA itself.
+    from fleetbus_agent.connect import CA_PROBE_NAME
+
+    gateway = server_context(files, master, ca_probe_name=CA_PROBE_NAME)
+    anyone = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    anyone.check_hostname, anyone.verify_mode = False, ssl.CERT_NONE
+    client, server = _handshake(gateway, anyone, CA_PROBE_NAME)
+    assert ssl.DER_cert_to_PEM_cert(client.getpeercert(binary_form=True)).encode() == new.cert_pem
+    assert server.context is not gateway  # how the gateway tells a probe from an agent
+    client, server = _handshake(gateway, anyone, "gw.example")
+    assert ssl.DER_cert_to_PEM_cert(client.getpeercert(binary_form=True)).encode() != new.cert_pem
+    assert server.context is gateway
 
 
 def test_an_earlier_gateways_ca_becomes_the_deployments_and_its_agents_keep_working(

@@ -240,6 +240,12 @@ class GatewayTransport(Transport):
             self.ctx.logger.debug("TLS handshake from %s failed: %s", remote, exc)
             conn.close()
             return None
+        ssl_object = tls.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.context is not self._tls:
+            # The CA probe (docs/agent-protocol.md): the agent came for the CA certificate
+            # it just saw and sends nothing; not a failed handshake.
+            tls.close()
+            return None
         writer = asyncio.StreamWriter(tls, protocol, reader, loop)
         matched: dict[str, str] = {}
 
