@@ -329,6 +329,10 @@ def test_an_earlier_gateways_ca_becomes_the_deployments_and_its_agents_keep_work
         wait_for(lambda: dep.statuses()["withca"].get("served_by") == new["worker"],
                  what="the old CA file accepting the new gateway")
         wait_for(lambda: dep.statuses()["pinned"].get("served_by") == old["worker"], what="pinned on the old one")
+        # --ca and --fingerprint together: the certificate must chain to the CA and be pinned.
+        both = Agent(tmp_path / "both", new["address"], old_leaf, keys["withca"], ca=str(old_ca)).start()
+        wait_for(lambda: "does not match the pinned fingerprint" in both.log(), what="--ca with a wrong pin refused")
+        both.stop()
         dep.gateways[0].stop(signal.SIGKILL)
         wait_for(lambda: "does not match the pinned fingerprint" in pinned.log(), timeout=30,
                  what="the old-pinned agent refusing the new gateway")

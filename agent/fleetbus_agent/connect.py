@@ -209,9 +209,13 @@ async def _verified(opts: ConnectOptions, target: Target, trust: Trust,
     certificate's pin costs two the first time and one from then on.
     """
     name = opts.server_hostname or target.host
-    if opts.ca_file:
-        return await _open(target, client_context(opts), name, tcp_timeout)
     pins = opts.pins()
+    if opts.ca_file:
+        reader, writer = await _open(target, client_context(opts), name, tcp_timeout)
+        if pins and not _pinned(peer_fingerprint(writer), pins):  # both given: both must hold
+            writer.close()
+            raise GatewayRejected("the gateway's certificate does not match the pinned fingerprint")
+        return reader, writer
     if trust.ca_der is None and not trust.leaf_first:
         await _learn_ca(target, pins, trust, tcp_timeout)
     if trust.ca_der is not None:

@@ -192,9 +192,9 @@ class GatewayTransport(Transport):
                        asyncio.create_task(self._trim_after_handshakes()),
                        asyncio.create_task(self._flush_failure_log()),
                        *self.cluster.start(self._record_key(), self._record)]
-        self.ctx.logger.info("gateway listening on %s:%s (agents dial %s, pin %s; descriptor limit %s, "
-                             "%s kept in reserve)", host, bound[1], self.address, self.fingerprint,
-                             soft, gate.budget.reserve)
+        self.ctx.logger.info("gateway listening on %s:%s (agents dial %s, pin the CA %s or this gateway %s; "
+                             "descriptor limit %s, %s kept in reserve)", host, bound[1], self.address,
+                             self.ca_fingerprint, self.fingerprint, soft, gate.budget.reserve)
 
     async def stop(self) -> None:
         if self._gate is not None:
