@@ -83,12 +83,10 @@ class Target:
 
 
 class Trust:
-    """What the agent learnt while running: the pinned CA, once a gateway showed it, or
-    that the pin is a gateway certificate's (so the CA probe comes second)."""
+    """What the agent learnt while running: the pinned CA, once a gateway showed it."""
 
     def __init__(self) -> None:
         self.ca_der: Optional[bytes] = None
-        self.leaf_first = False
 
 
 def normalize_fingerprint(value: str) -> str:
@@ -204,9 +202,9 @@ async def _verified(opts: ConnectOptions, target: Target, trust: Trust,
                     tcp_timeout: float) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A TLS connection to ``target`` whose certificate passed the agent's checks.
 
-    With pins and nothing learnt yet, the CA probe comes first: a CA pin (what
-    ``servers add`` prints) then costs two handshakes, not three; a gateway
-    certificate's pin costs two the first time and one from then on.
+    A pinned gateway certificate costs one handshake. A pinned CA costs three the first
+    time (the gateway's own certificate, not pinned; the probe; the connection verified
+    against the CA) and one from then on, to any gateway, while the agent runs.
     """
     name = opts.server_hostname or target.host
     pins = opts.pins()
@@ -216,24 +214,16 @@ async def _verified(opts: ConnectOptions, target: Target, trust: Trust,
             writer.close()
             raise GatewayRejected("the gateway's certificate does not match the pinned fingerprint")
         return reader, writer
-    if trust.ca_der is None and not trust.leaf_first:
-        await _learn_ca(target, pins, trust, tcp_timeout)
     if trust.ca_der is not None:
         try:
             return await _open(target, _ca_context(trust.ca_der, opts.server_hostname), name, tcp_timeout)
         except ssl.SSLCertVerificationError:
-            # Not signed by that CA; the certificate itself may still be pinned (a gateway
-            # of an earlier version answers the probe with its own certificate).
-            pass
+            pass  # not signed by that CA; the certificate itself may still be pinned
     reader, writer = await _open(target, client_context(opts), name, tcp_timeout)
     if _pinned(peer_fingerprint(writer), pins):
-        if trust.ca_der is not None and sha256_hex(trust.ca_der) == peer_fingerprint(writer):
-            trust.ca_der = None  # what the probe showed was this certificate, not a CA
-        trust.leaf_first = trust.ca_der is None
         return reader, writer
     writer.close()
-    if trust.leaf_first and await _learn_ca(target, pins, trust, tcp_timeout):
-        # The probe was skipped: this gateway's CA is pinned.
+    if trust.ca_der is None and await _learn_ca(target, pins, trust, tcp_timeout):
         return await _open(target, _ca_context(trust.ca_der or b"", opts.server_hostname), name, tcp_timeout)
     raise GatewayRejected("the gateway's certificate does not match the pinned fingerprint")
 
@@ -243,10 +233,9 @@ async def _learn_ca(target: Target, pins: List[str], trust: Trust, tcp_timeout: 
     try:
         ca_der = await _probe_ca(target, tcp_timeout)
     except ssl.SSLError:
-        return False  # no probe here: the gateway's own certificate decides
+        return False
     if ca_der and _pinned(sha256_hex(ca_der), pins):
         trust.ca_der = ca_der
-        trust.leaf_first = False
         log.info("the gateway's CA matches the pinned fingerprint; trusting every gateway it signed")
         return True
     return False
