@@ -45,6 +45,7 @@ from .links import Link, Links
 RECORD_EVERY_S = 2.0
 PEER_DEAD_S = 8.0
 CHECK_PEERS_S = 1.0
+RESTART_WATCH_S = 1.0
 # Claims of a dead gateway are cleared this many at a time (each is a delete and a status
 # read and write): enough to clear 1,000 in a few seconds without flooding JetStream.
 CLEAR_AT_ONCE = 32
@@ -126,8 +127,22 @@ class Cluster:
     def start(self, record_key: str, record: Callable[[], bytes]) -> list[asyncio.Task[Any]]:
         self._record_key = record_key
         self._record = record
-        return [asyncio.create_task(self._watch_claims()), asyncio.create_task(self._watch_peers()),
+        return [asyncio.create_task(self._forever("claims", self._watch_claims)),
+                asyncio.create_task(self._forever("gateway records", self._watch_peers)),
                 asyncio.create_task(self._check_peers())]
+
+    async def _forever(self, what: str, watch: Callable[[], Any]) -> None:
+        """Run ``watch`` again whenever it ends or fails (NATS reconnects, a JetStream
+        leader moves): a gateway that stopped watching would keep a link another gateway
+        took over. A new watch delivers every current record again."""
+        while True:
+            try:
+                await watch()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.ctx.logger.warning("watching the %s failed (%s); watching again", what, type(exc).__name__)
+            await asyncio.sleep(RESTART_WATCH_S)
 
     async def aclose(self) -> None:
         for task in list(self._tasks):
@@ -245,24 +260,31 @@ class Cluster:
     async def _check_peers(self) -> None:
         while True:
             await asyncio.sleep(CHECK_PEERS_S)
-            now = time.monotonic()
-            for key, peer in list(self.peers.items()):
-                if now - peer.seen < PEER_DEAD_S:
-                    continue
-                self.peers.pop(key, None)
-                try:
-                    await self.ctx.services.gateways.delete(key, last=peer.revision)
-                except APIError as exc:
-                    if exc.err_code != WRONG_LAST_SEQUENCE:
-                        self.ctx.logger.warning("could not remove gateway %s's record: %s", peer.worker, exc)
-                    continue  # else it wrote again meanwhile, or another survivor removed it
-                except Exception as exc:
-                    self.ctx.logger.warning("could not remove gateway %s's record: %s", peer.worker,
-                                            type(exc).__name__)
-                    continue
-                self.ctx.logger.warning("gateway %s stopped refreshing its record for %.0f s; "
-                                        "taking it for gone", peer.worker, now - peer.seen)
-                await self.clear_gateway(peer.worker)
+            try:
+                await self._remove_dead_peers()
+            except Exception as exc:
+                self.ctx.logger.warning("checking the other gateways failed: %s", type(exc).__name__)
+
+    async def _remove_dead_peers(self) -> None:
+        """Remove the records of gateways not seen to change for PEER_DEAD_S, and their claims."""
+        now = time.monotonic()
+        for key, peer in list(self.peers.items()):
+            if now - peer.seen < PEER_DEAD_S:
+                continue
+            self.peers.pop(key, None)
+            try:
+                await self.ctx.services.gateways.delete(key, last=peer.revision)
+            except APIError as exc:
+                if exc.err_code != WRONG_LAST_SEQUENCE:
+                    self.ctx.logger.warning("could not remove gateway %s's record: %s", peer.worker, exc)
+                continue  # else it wrote again meanwhile, or another survivor removed it
+            except Exception as exc:
+                self.ctx.logger.warning("could not remove gateway %s's record: %s", peer.worker,
+                                        type(exc).__name__)
+                continue
+            self.ctx.logger.warning("gateway %s stopped refreshing its record for %.0f s; "
+                                    "taking it for gone", peer.worker, now - peer.seen)
+            await self.clear_gateway(peer.worker)
 
     async def clear_gateway(self, worker: str) -> int:
         """Drop the claims of gateway ``worker`` (gone) and mark their servers offline; how many."""
