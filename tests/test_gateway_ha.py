@@ -8,6 +8,7 @@ agent-outbound` each with its own home (as on two machines) and gateway port, an
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -16,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from typing import Any
 
 import pytest
 from support.agents import Agent
-from support.processes import FLEETBUS, Daemon, NatsServer, wait_for
+from support.processes import FLEETBUS, NATS_SERVER, Daemon, NatsServer, wait_for
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -74,8 +76,15 @@ class Deployment:
 
 @pytest.fixture
 def deployment(nats_server: NatsServer, tmp_path: Path) -> Iterator[Deployment]:
+    with _deployment(nats_server.url, tmp_path) as dep:
+        yield dep
+
+
+@contextlib.contextmanager
+def _deployment(url: str, tmp_path: Path) -> Iterator[Deployment]:
+    """A core on ``url`` (gateways are started by the test); everything stopped after."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
-    env.update(FLEETBUS_NATS_URL=nats_server.url, FLEETBUS_PREFIX="h" + secrets.token_hex(4),
+    env.update(FLEETBUS_NATS_URL=url, FLEETBUS_PREFIX="h" + secrets.token_hex(4),
                FLEETBUS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode(),
                FLEETBUS_HOME=str(tmp_path / "core-home"))
     core = Daemon(["core"], env, tmp_path / "core.log", "fleetbus core").start()
@@ -340,3 +349,38 @@ def test_an_earlier_gateways_ca_becomes_the_deployments_and_its_agents_keep_work
     finally:
         pinned.stop()
         withca.stop()
+
+
+def test_a_gateway_answers_a_server_in_the_queue_group(tmp_path: Path) -> None:
+    """The guarantee beneath the claims: a server's subjects are subscribed in a queue
+    group, so while two gateways subscribe (one taking over from the other) NATS hands
+    each request to one of them. Read from the NATS server's own list of subscriptions."""
+    workdir = tmp_path / "nats"
+    workdir.mkdir()
+    (workdir / "nats.conf").write_text(
+        'host: "127.0.0.1"\nport: -1\nhttp: "127.0.0.1:-1"\n'
+        f"ports_file_dir: {json.dumps(str(workdir))}\n"
+        f"jetstream {{ store_dir: {json.dumps(str(workdir / 'js'))} }}\n")
+    with open(workdir / "nats.log", "ab") as log:
+        nats = subprocess.Popen([NATS_SERVER, "-c", str(workdir / "nats.conf")], stdout=log, stderr=log)
+    try:
+        ports = wait_for(lambda: (f := workdir / f"nats-server_{nats.pid}.ports").exists()
+                         and json.loads(f.read_text()), what="nats-server ports")
+        with _deployment(ports["nats"][0], tmp_path) as dep:
+            gateway = start_two_gateways(dep)[0]
+            agents = start_agents(dep, tmp_path, ["queued"], [gateway["address"]], gateway["ca_fingerprint"])
+            try:
+                wait_for(lambda: dep.cli("ping", "queued").returncode == 0, what="queued online")
+                with urllib.request.urlopen(f"{ports['monitoring'][0]}/connz?subs=detail", timeout=10) as resp:
+                    connz = json.load(resp)
+                subject = f"{dep.env['FLEETBUS_PREFIX']}.v1.servers.queued.*"
+                subs = [sub for conn in connz["connections"] for sub in conn.get("subscriptions_list_detail", [])
+                        if sub["subject"] == subject]
+                assert subs, "the gateway subscribed to the server's subjects"
+                assert {sub.get("qgroup") for sub in subs} == {f"{dep.env['FLEETBUS_PREFIX']}.transport.agent-outbound"}
+            finally:
+                for agent in agents:
+                    agent.stop()
+    finally:
+        nats.terminate()
+        nats.wait(30)
