@@ -88,7 +88,8 @@ def test_add_shows_the_key_once_and_the_agent_behaves_like_local(fleet: Fleet, a
     assert add.returncode == 0, add.stderr
     key = next(line.strip() for line in add.stdout.splitlines() if line.strip().startswith("fbk1_"))
     gw = gateway_of(fleet)
-    assert f"--gateway {gw['address']} --fingerprint {gw['fingerprint']}" in add.stdout
+    # The printed pin is the gateways' CA, which accepts any gateway of the deployment.
+    assert f"--gateway {gw['address']} --fingerprint {gw['ca_fingerprint']}" in add.stdout
     assert key not in fleet.cli("servers", "show", "web1", "--json").stdout
     agent = agent_factory(key)
     wait_online(fleet, "web1")

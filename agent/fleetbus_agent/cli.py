@@ -1,6 +1,7 @@
 """``fleetbus-agent``: the agent's command line.
 
-    fleetbus-agent connect --gateway HOST:PORT --key-file FILE (--ca FILE | --fingerprint sha256:...)
+    fleetbus-agent connect --gateway HOST:PORT [--gateway HOST:PORT]... --key-file FILE
+                           (--ca FILE | --fingerprint sha256:...)
     fleetbus-agent listen [--bind ADDR] [--port PORT] --key-file FILE [--allow-path PATH]...
                           [--cert FILE --key FILE] [--tls-dir DIR] [--new-cert]
 
@@ -108,10 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("connect", help="dial out to a fleetbus gateway (outbound agent)",
                        formatter_class=_HelpFormatter)
-    c.add_argument("--gateway", required=True, metavar="HOST:PORT")
+    c.add_argument("--gateway", required=True, action="append", metavar="HOST:PORT",
+                   help="a gateway to dial (repeatable: tried in order, the next when one fails; "
+                        "a name is tried at each of its addresses)")
     c.add_argument("--key-file", metavar="FILE", help=f"the server's secret key (else ${KEY_ENV})")
     c.add_argument("--ca", metavar="FILE", help="CA certificate that signed the gateway's certificate")
-    c.add_argument("--fingerprint", metavar="sha256:HEX", help="pin the gateway's certificate")
+    c.add_argument("--fingerprint", action="append", metavar="sha256:HEX",
+                   help="pin the gateways' CA or one gateway's certificate (repeatable: any matches)")
     c.add_argument("--server-name", metavar="NAME", help="host name to check the certificate against")
     c.add_argument("-v", "--verbose", action="count", default=0)
     li = sub.add_parser("listen", help="listen for fleetbus to connect in (inbound agent)",
@@ -152,18 +156,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .connect import ConnectOptions, normalize_fingerprint
 
     try:
-        host, port = parse_gateway(args.gateway)
-        if not args.ca and not args.fingerprint:
+        gateways = [parse_gateway(value) for value in args.gateway]
+        pins = args.fingerprint or []
+        if not args.ca and not pins:
             raise UsageError("give --ca FILE or --fingerprint sha256:...: the gateway must be verified")
-        if args.fingerprint:
+        for pin in pins:
             try:
-                normalize_fingerprint(args.fingerprint)
+                normalize_fingerprint(pin)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
         if args.ca and not os.path.exists(args.ca):
             raise UsageError(f"no CA file at {args.ca}")
+        (host, port), more = gateways[0], gateways[1:]
         opts = ConnectOptions(host=host, port=port, key=read_key(args.key_file), ca_file=args.ca,
-                              fingerprint=args.fingerprint, server_hostname=args.server_name)
+                              fingerprint=pins[0] if pins else None, server_hostname=args.server_name,
+                              more_gateways=more, more_fingerprints=pins[1:])
     except UsageError as exc:
         print(f"fleetbus-agent: error: {exc}", file=sys.stderr)
         return 2

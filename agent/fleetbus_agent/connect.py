@@ -1,9 +1,18 @@
-"""Outbound mode: dial the gateway, prove the server's key, serve until told to stop.
+"""Outbound mode: dial a gateway, prove the server's key, serve until told to stop.
 
 The agent verifies the gateway first (a CA file, a pinned certificate fingerprint, or
-both) and only then sends its key, inside TLS. A lost connection is retried with
-jittered exponential backoff, reset after a connection that stayed up; operations in
-flight when it drops are cancelled here (their results could not be delivered), and the
+both) and only then sends its key, inside TLS. A pinned fingerprint may be the gateway
+certificate's or its CA's: for the CA's, the agent asks the gateway for the CA first
+(TLS with the server name ``CA_PROBE_NAME``: the gateway presents the CA certificate,
+proving it holds the CA key), checks the pin against it, and from then on verifies
+every gateway's certificate against that CA, so any gateway of the deployment is
+accepted.
+
+Several gateways (each ``--gateway``, and every address a name resolves to) are tried
+in order; after a connection drops or an attempt fails the agent moves to the next
+one a moment later, and backs off (jittered, exponential, reset after a connection that
+stayed up) only after every gateway failed in turn. Operations in flight when a
+connection drops are cancelled here (their results could not be delivered), and the
 gateway fails them with ``server_offline``, so none runs twice.
 """
 
@@ -15,8 +24,8 @@ import os
 import socket
 import ssl
 import time
-from dataclasses import dataclass
-from typing import Optional, Union
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple, Union
 
 from . import __version__
 from .digests import compare_digest, sha256_hex
@@ -27,7 +36,15 @@ from .protocol import AuthError, Connection, HandshakeError, agent_handshake, sh
 log = logging.getLogger("fleetbus_agent.connect")
 
 CONNECT_TIMEOUT_S = 10.0
+# With more than one gateway to try, a gateway whose host does not answer at all (down,
+# packets dropped) is given up on sooner: the TCP connect alone gets this long, so its
+# agents reach another within seconds. TLS and the hello still get CONNECT_TIMEOUT_S,
+# since a busy gateway (thousands of agents reconnecting) makes new ones wait for a
+# handshake slot and giving up there only sends them round again.
+TCP_CONNECT_TIMEOUT_MANY_S = 3.0
 STABLE_AFTER_S = 30.0
+CA_PROBE_NAME = "ca.fleetbus.invalid"
+"""The TLS server name under which a gateway presents its CA certificate instead of its own."""
 
 
 @dataclass
@@ -40,9 +57,36 @@ class ConnectOptions:
     server_hostname: Optional[str] = None
     backoff_min_s: float = 0.5
     backoff_max_s: float = 30.0
+    more_gateways: List[Tuple[str, int]] = field(default_factory=list)
+    """Gateways after ``host``:``port``, in the order they are tried."""
+    more_fingerprints: List[str] = field(default_factory=list)
+    """Further accepted pins (a CA's and an old gateway certificate's, while moving)."""
 
     def __repr__(self) -> str:  # the key stays out of any log or traceback
         return f"ConnectOptions(host={self.host!r}, port={self.port})"
+
+    @property
+    def gateways(self) -> List[Tuple[str, int]]:
+        return [(self.host, self.port), *self.more_gateways]
+
+    def pins(self) -> List[str]:
+        return [normalize_fingerprint(p) for p in (self.fingerprint, *self.more_fingerprints) if p]
+
+
+@dataclass
+class Target:
+    """One address to dial: ``host`` as given (for TLS), ``address`` as resolved."""
+
+    host: str
+    port: int
+    address: str
+
+
+class Trust:
+    """What the agent learnt while running: the pinned CA, once a gateway showed it."""
+
+    def __init__(self) -> None:
+        self.ca_der: Optional[bytes] = None
 
 
 def normalize_fingerprint(value: str) -> str:
@@ -95,25 +139,120 @@ class GatewayRejected(Exception):
     """The gateway is not who it should be (pin mismatch)."""
 
 
-async def connect_once(opts: ConnectOptions, handler: Handler, stop: asyncio.Event) -> str:
-    """One connection, until it closes or ``stop`` is set; returns why it ended."""
-    ctx = client_context(opts)
-    reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(opts.host, opts.port, ssl=ctx,
-                                server_hostname=_sni_name(opts.server_hostname or opts.host)),
-        CONNECT_TIMEOUT_S,
-    )
-    if opts.fingerprint and not compare_digest(
-        peer_fingerprint(writer), normalize_fingerprint(opts.fingerprint)
-    ):
+def _pinned(fingerprint: str, pins: List[str]) -> bool:
+    found = False
+    for pin in pins:  # every pin compared, in constant time each
+        found = compare_digest(fingerprint, pin) or found
+    return found
+
+
+def _ca_context(ca_der: bytes, server_hostname: Optional[str]) -> ssl.SSLContext:
+    """Verify the gateway against the pinned CA; its names only when ``--server-name`` asks,
+    since any certificate that CA signed is a gateway of the deployment."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = bool(server_hostname)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=ca_der)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+async def _open(target: Target, ctx: ssl.SSLContext, name: str,
+                tcp_timeout: float) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """TLS to ``target``: the TCP connect within ``tcp_timeout``, all of it within CONNECT_TIMEOUT_S."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        infos = socket.getaddrinfo(target.address, target.port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_NUMERICHOST)
+    except socket.gaierror:
+        infos = []  # a name that did not resolve before: asyncio resolves and reports it
+    if not infos:
+        return await asyncio.wait_for(
+            asyncio.open_connection(target.address, target.port, ssl=ctx, server_hostname=_sni_name(name)),
+            CONNECT_TIMEOUT_S)
+    family, kind, proto, _canon, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setblocking(False)
+        await asyncio.wait_for(loop.sock_connect(sock, address), tcp_timeout)
+        left = max(0.1, CONNECT_TIMEOUT_S - (loop.time() - started))
+        return await asyncio.wait_for(
+            asyncio.open_connection(sock=sock, ssl=ctx, server_hostname=_sni_name(name)), left)
+    except BaseException:
+        sock.close()
+        raise
+
+
+async def _probe_ca(target: Target, tcp_timeout: float) -> bytes:
+    """The CA certificate (DER) the gateway at ``target`` presents for ``CA_PROBE_NAME``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    _reader, writer = await _open(target, ctx, CA_PROBE_NAME, tcp_timeout)
+    try:
+        ssl_object = writer.get_extra_info("ssl_object")
+        return (ssl_object.getpeercert(binary_form=True) if ssl_object else None) or b""
+    finally:
         writer.close()
-        raise GatewayRejected("the gateway's certificate does not match the pinned fingerprint")
+
+
+async def _verified(opts: ConnectOptions, target: Target, trust: Trust,
+                    tcp_timeout: float) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TLS connection to ``target`` whose certificate passed the agent's checks.
+
+    A pinned gateway certificate costs one handshake. A pinned CA costs three the first
+    time (the gateway's own certificate, not pinned; the probe; the connection verified
+    against the CA) and one from then on, to any gateway, while the agent runs.
+    """
+    name = opts.server_hostname or target.host
+    pins = opts.pins()
+    if opts.ca_file:
+        reader, writer = await _open(target, client_context(opts), name, tcp_timeout)
+        if pins and not _pinned(peer_fingerprint(writer), pins):  # both given: both must hold
+            writer.close()
+            raise GatewayRejected("the gateway's certificate does not match the pinned fingerprint")
+        return reader, writer
+    if trust.ca_der is not None:
+        try:
+            return await _open(target, _ca_context(trust.ca_der, opts.server_hostname), name, tcp_timeout)
+        except ssl.SSLCertVerificationError:
+            pass  # not signed by that CA; the certificate itself may still be pinned
+    reader, writer = await _open(target, client_context(opts), name, tcp_timeout)
+    if _pinned(peer_fingerprint(writer), pins):
+        return reader, writer
+    writer.close()
+    if trust.ca_der is None and await _learn_ca(target, pins, trust, tcp_timeout):
+        return await _open(target, _ca_context(trust.ca_der or b"", opts.server_hostname), name, tcp_timeout)
+    raise GatewayRejected("the gateway's certificate does not match the pinned fingerprint")
+
+
+async def _learn_ca(target: Target, pins: List[str], trust: Trust, tcp_timeout: float) -> bool:
+    """Whether the CA the gateway at ``target`` presents is pinned (then ``trust`` keeps it)."""
+    try:
+        ca_der = await _probe_ca(target, tcp_timeout)
+    except ssl.SSLError:
+        return False
+    if ca_der and _pinned(sha256_hex(ca_der), pins):
+        trust.ca_der = ca_der
+        log.info("the gateway's CA matches the pinned fingerprint; trusting every gateway it signed")
+        return True
+    return False
+
+
+async def connect_once(opts: ConnectOptions, handler: Handler, stop: asyncio.Event,
+                       target: Optional[Target] = None, trust: Optional[Trust] = None) -> str:
+    """One connection, until it closes or ``stop`` is set; returns why it ended."""
+    target = target or Target(opts.host, opts.port, opts.host)
+    tcp_timeout = CONNECT_TIMEOUT_S if len(opts.gateways) == 1 else TCP_CONNECT_TIMEOUT_MANY_S
+    reader, writer = await _verified(opts, target, trust or Trust(), tcp_timeout)
     facts = server_facts().to_dict()
     welcome = await agent_handshake(reader, writer, {"method": "key", "key": opts.key}, facts,
                                     agent=f"fleetbus-agent/{__version__}")
     conn = Connection.from_welcome(reader, writer, welcome, on_open=handler)
     conn.start()
-    log.info("connected to %s:%s as %s", opts.host, opts.port, welcome.server)
+    log.info("connected to %s:%s (%s) as %s", target.host, target.port, target.address, welcome.server)
     stopper = asyncio.ensure_future(stop.wait())
     closed = asyncio.ensure_future(conn.wait_closed())
     try:
@@ -127,19 +266,44 @@ async def connect_once(opts: ConnectOptions, handler: Handler, stop: asyncio.Eve
     return conn.close_reason or "connection closed"
 
 
+async def resolve(gateways: List[Tuple[str, int]]) -> List[Target]:
+    """Every address of every gateway, in order; a name that does not resolve now is
+    kept as it is (its attempt fails and says why)."""
+    loop = asyncio.get_running_loop()
+    targets: List[Target] = []
+    for host, port in gateways:
+        try:
+            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            infos = []
+        addresses: List[str] = []
+        for info in infos:
+            address = str(info[4][0])
+            if address not in addresses:
+                addresses.append(address)
+        targets.extend(Target(host, port, a) for a in addresses or [host])
+    return targets
+
+
 async def run_connect(opts: ConnectOptions, stop: asyncio.Event,
                       handler: Optional[Handler] = None) -> None:
-    """Stay connected to the gateway until ``stop`` is set."""
+    """Stay connected to one of the gateways until ``stop`` is set."""
     shrink_tls_buffers()
     handler = handler or Handler()
+    trust = Trust()
     attempt = 0
+    targets: List[Target] = []
+    index = 0
     while not stop.is_set():
+        if index == 0 or not targets:
+            targets = await resolve(opts.gateways)  # again every round: DNS may change
+        target = targets[index % len(targets)]
         started = time.monotonic()
         try:
-            reason = await connect_once(opts, handler, stop)
+            reason = await connect_once(opts, handler, stop, target, trust)
             if stop.is_set():
                 return
-            log.warning("connection to the gateway ended: %s", reason)
+            log.warning("connection to the gateway at %s:%s ended: %s", target.host, target.port, reason)
         except AuthError as exc:
             log.error("the gateway refused this agent: %s", exc.message)
         except GatewayRejected as exc:
@@ -149,13 +313,20 @@ async def run_connect(opts: ConnectOptions, stop: asyncio.Event,
         except ssl.SSLError as exc:
             log.error("TLS with the gateway failed: %s", exc.reason or exc)
         except (OSError, asyncio.TimeoutError, socket.gaierror) as exc:
-            log.warning("cannot reach the gateway at %s:%s: %s", opts.host, opts.port,
+            log.warning("cannot reach the gateway at %s:%s (%s): %s", target.host, target.port, target.address,
                         exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__)
         if time.monotonic() - started > STABLE_AFTER_S:
             attempt = 0
-        delay = min(opts.backoff_max_s, opts.backoff_min_s * (2 ** attempt))
+        # The next gateway, whatever happened: the one that just failed or dropped us is
+        # the least likely to answer now.
+        index = (index + 1) % len(targets)
+        if index == 0 and (len(targets) == 1 or time.monotonic() - started <= STABLE_AFTER_S):
+            # A full round failed: back off before the next.
+            delay = min(opts.backoff_max_s, opts.backoff_min_s * (2 ** attempt))
+            attempt = min(attempt + 1, 30)
+        else:
+            delay = opts.backoff_min_s
         delay *= _jitter()  # jitter: a gateway restart must not bring a thundering herd
-        attempt = min(attempt + 1, 30)
         try:
             await asyncio.wait_for(stop.wait(), delay)
         except asyncio.TimeoutError:

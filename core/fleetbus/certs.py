@@ -3,7 +3,9 @@
 Files live in ``$FLEETBUS_HOME/gateway/``. Private keys are stored as encrypted PEM
 (PKCS#8, AES-256) under a password derived from the master key, so a copy of the folder
 without the key is no use; ssl.SSLContext opens them with that password.
-Agents pin either the CA (``--ca ca.pem``) or the gateway certificate's fingerprint.
+Agents pin either the CA (``--ca ca.pem``, or its fingerprint) or the gateway
+certificate's fingerprint. Several gateways of one deployment share one CA
+(:class:`GatewayCA`, kept in JetStream) and each has its own certificate signed by it.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import datetime
 import hashlib
 import hmac
 import ipaddress
+import json
 import os
 import socket
 import ssl
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -98,21 +102,11 @@ def _encrypt(key: ec.EllipticCurvePrivateKey, password: bytes) -> bytes:
                              serialization.BestAvailableEncryption(password))
 
 
-def create_gateway_identity(home: Home, master: MasterKey, hosts: list[str] | None = None,
-                            replace: bool = False) -> GatewayFiles:
-    """A new CA and a gateway certificate for ``hosts`` (names or addresses)."""
-    files = GatewayFiles.of(home)
-    if files.exists() and not replace:
-        return files
-    files.folder.mkdir(parents=True, exist_ok=True)
-    os.chmod(files.folder, 0o700)
-    now = datetime.datetime.now(datetime.UTC)
-    password = key_password(master)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = _name(f"fleetbus gateway CA {socket.gethostname()}")
-    ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-        .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+def _ca_builder(name: x509.Name, key: ec.EllipticCurvePrivateKey, now: datetime.datetime) -> x509.CertificateBuilder:
+    public = key.public_key()
+    return (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(public).serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
@@ -120,24 +114,133 @@ def create_gateway_identity(home: Home, master: MasterKey, hosts: list[str] | No
                                      content_commitment=False, key_encipherment=False,
                                      data_encipherment=False, key_agreement=False,
                                      encipher_only=False, decipher_only=False), critical=True)
-        .sign(ca_key, hashes.SHA256())
+        # Key identifiers let a verifier pick the right CA out of a bundle holding several
+        # with similar names (an old per-gateway CA next to the deployment's).
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
     )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder().subject_name(_name("fleetbus gateway")).issuer_name(ca_name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
-        .add_extension(_san(hosts or default_hosts()), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    write_private(files.ca_key, _encrypt(ca_key, password))
-    write_private(files.key, _encrypt(key, password))
-    files.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return files
+
+
+@dataclass(frozen=True)
+class GatewayCA:
+    """A CA that signs gateway certificates: its certificate (PEM) and private key.
+
+    One per deployment, kept in JetStream sealed under the master key (the gateway
+    plugin reads or creates it), so every gateway's certificate chains to it and an
+    agent that trusts it accepts any gateway of the deployment.
+    """
+
+    cert_pem: bytes
+    key: ec.EllipticCurvePrivateKey
+
+    def __repr__(self) -> str:  # the key stays out of any log or traceback
+        return f"GatewayCA({self.fingerprint})"
+
+    @classmethod
+    def create(cls, common: str) -> GatewayCA:
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        cert = _ca_builder(_name(common), key, now).sign(key, hashes.SHA256())
+        return cls(cert.public_bytes(serialization.Encoding.PEM), key)
+
+    @property
+    def cert(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.cert_pem)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint_pem(self.cert_pem)
+
+    def seal(self, master: MasterKey) -> bytes:
+        """The CA as stored: its certificate and its key encrypted under the master key."""
+        return json.dumps({"v": 1, "cert": self.cert_pem.decode(),
+                           "key": _encrypt(self.key, key_password(master)).decode()}).encode()
+
+    @classmethod
+    def unseal(cls, raw: bytes, master: MasterKey) -> GatewayCA:
+        """The stored CA; :class:`InvalidRequest` if it is not one or another master key sealed it."""
+        try:
+            record = json.loads(raw)
+            key = serialization.load_pem_private_key(record["key"].encode(), password=key_password(master))
+            cert_pem = record["cert"].encode()
+            x509.load_pem_x509_certificate(cert_pem)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            raise InvalidRequest("the stored gateway CA cannot be opened with this master key") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise InvalidRequest("the stored gateway CA key is not an EC key")
+        return cls(cert_pem, key)
+
+    @classmethod
+    def from_files(cls, files: GatewayFiles, master: MasterKey) -> GatewayCA | None:
+        """The CA a gateway made for itself before CAs were shared, if it has one."""
+        if not (files.ca_cert.exists() and files.ca_key.exists()):
+            return None
+        key = serialization.load_pem_private_key(files.ca_key.read_bytes(), password=key_password(master))
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            return None
+        return cls(files.ca_cert.read_bytes(), key)
+
+    def issue(self, hosts: list[str]) -> tuple[bytes, ec.EllipticCurvePrivateKey]:
+        """A gateway certificate for ``hosts`` signed by this CA: (leaf and CA PEM, leaf key)."""
+        ca = self.cert
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        host = socket.gethostname() or "gateway"
+        cert = (
+            x509.CertificateBuilder().subject_name(_name(f"fleetbus gateway {host}"[:64]))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=CERT_DAYS))
+            .add_extension(_san(hosts or default_hosts()), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                           critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        # The chain goes with the leaf so that a client holding only a bundle of roots
+        # (or an older CA) can still build the path.
+        return cert.public_bytes(serialization.Encoding.PEM) + self.cert_pem, key
+
+    def write(self, home: Home, master: MasterKey, hosts: list[str]) -> GatewayFiles:
+        """Make this gateway's certificate for ``hosts`` and store it, with the CA, in its home."""
+        files = GatewayFiles.of(home)
+        files.folder.mkdir(parents=True, exist_ok=True)
+        os.chmod(files.folder, 0o700)
+        chain, key = self.issue(hosts)
+        password = key_password(master)
+        # The CA key is kept beside the certificate so the gateway can present the CA to
+        # an agent that pins its fingerprint (the CA probe, docs/agent-protocol.md).
+        write_private(files.ca_key, _encrypt(self.key, password))
+        write_private(files.key, _encrypt(key, password))
+        files.ca_cert.write_bytes(self.cert_pem)
+        files.cert.write_bytes(chain)
+        return files
+
+
+def issued_by(files: GatewayFiles, ca: GatewayCA) -> bool:
+    """Whether the gateway certificate in ``files`` was signed by ``ca``."""
+    try:
+        leaf = x509.load_pem_x509_certificate(files.cert.read_bytes())
+        leaf.verify_directly_issued_by(ca.cert)
+    except (OSError, ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def create_gateway_identity(home: Home, master: MasterKey, hosts: list[str] | None = None,
+                            replace: bool = False) -> GatewayFiles:
+    """A new CA of this gateway's own and a gateway certificate for ``hosts`` (names or addresses).
+
+    The single-gateway identity (``fleetbus gateway cert``); a gateway that starts with
+    none takes its certificate from the deployment's CA instead (:class:`GatewayCA`).
+    """
+    files = GatewayFiles.of(home)
+    if files.exists() and not replace:
+        return files
+    ca = GatewayCA.create(f"fleetbus gateway CA {socket.gethostname()}"[:64])
+    return ca.write(home, master, hosts or default_hosts())
 
 
 def import_gateway_identity(home: Home, master: MasterKey, cert_path: Path, key_path: Path,
@@ -166,10 +269,24 @@ def import_gateway_identity(home: Home, master: MasterKey, cert_path: Path, key_
     return files
 
 
-def server_context(files: GatewayFiles, master: MasterKey) -> ssl.SSLContext:
+def server_context(files: GatewayFiles, master: MasterKey, ca_probe_name: str | None = None) -> ssl.SSLContext:
+    """The gateway's TLS context. With ``ca_probe_name`` and a CA key in ``files``, a client
+    asking for that name (SNI) is shown the CA certificate instead, so that an agent that
+    pins the CA's fingerprint can learn the CA from any gateway and then verify the
+    gateway's own certificate against it."""
     if not files.exists():
         raise NotFound(f"no gateway certificate in {files.folder}: run `fleetbus gateway cert`")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(str(files.cert), str(files.key), password=key_password(master))
+    if ca_probe_name and files.ca_cert.exists() and files.ca_key.exists():
+        probe = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        probe.minimum_version = ssl.TLSVersion.TLSv1_2
+        probe.load_cert_chain(str(files.ca_cert), str(files.ca_key), password=key_password(master))
+
+        def pick(sslobj: ssl.SSLObject, name: str | None, _ctx: ssl.SSLContext) -> None:
+            if name == ca_probe_name:
+                sslobj.context = probe
+
+        ctx.sni_callback = pick  # type: ignore[assignment]
     return ctx

@@ -343,7 +343,10 @@ class PluginHost:
             if server.name in self.served:
                 self.served[server.name].server = server
                 return
-            queue = self.names.queue_group(transport) if self.transports[transport].serves_registered else ""
+            # A queue group for every transport: where two processes answer one server
+            # at once (workers sharing the registry, or two gateways while one takes an
+            # agent over from the other), NATS hands each request to one of them.
+            queue = self.names.queue_group(transport)
             served = _Served(server=server, transport=transport, sub=None,  # type: ignore[arg-type]
                              slots=asyncio.Semaphore(server.max_concurrency))
 

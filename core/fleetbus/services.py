@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from nats.aio.client import Client as NATS
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
 from .errors import InternalError
@@ -39,6 +41,24 @@ class CoreServices:
     master: MasterKey | None
     worker_id: str
     metrics: Metrics
+    _gateway_state: KeyValue | None = field(default=None, repr=False)
+
+    async def gateway_state(self) -> KeyValue:
+        """The bucket gateways share: the deployment CA (key ``ca``) and, per server,
+        which gateway holds its agent (``link.<server>``). Made on first use by a
+        gateway, with as many replicas as the gateways bucket (so a deployment's
+        replication setting reaches it too); creating it twice is harmless."""
+        if self._gateway_state is None:
+            js = self.nc.jetstream(timeout=10)
+            bucket = self.names.gateway_state_bucket
+            try:
+                self._gateway_state = await js.key_value(bucket)
+            except (NotFoundError, BadRequestError):
+                info = await js.stream_info(f"KV_{self.names.gateways_bucket}")
+                self._gateway_state = await js.create_key_value(KeyValueConfig(
+                    bucket=bucket, history=1, replicas=info.config.num_replicas or 1,
+                    storage=StorageType.FILE))
+        return self._gateway_state
 
     def derive_secret(self, purpose: str) -> bytes:
         """A 32-byte secret for ``purpose``, derived from the master key (never stored)."""
@@ -62,3 +82,22 @@ class CoreServices:
             await self.registry.set_status(ServerStatus.model_validate({**base.model_dump(), **update}))
         except Exception as exc:
             log.warning("could not record status of %s: %s", name, type(exc).__name__)
+
+    async def report_lost(self, name: str, served_by: str, detail: str) -> bool:
+        """Mark ``name`` offline if ``served_by`` still holds it (its process died unseen).
+
+        Written by a surviving gateway for the agents of one that stopped refreshing its
+        record; a status some other process wrote since (the agent came back elsewhere)
+        is left alone. Returns whether it wrote.
+        """
+        previous = await self.registry.status(name)
+        if previous is None or previous.served_by != served_by or previous.state != "online":
+            return False
+        now = utcnow()
+        update = {"state": "offline", "since": now, "detail": detail}
+        try:
+            await self.registry.set_status(ServerStatus.model_validate({**previous.model_dump(), **update}))
+        except Exception as exc:
+            log.warning("could not record status of %s: %s", name, type(exc).__name__)
+            return False
+        return True

@@ -118,6 +118,11 @@ class Names:
         return f"{self._b}_gateways"
 
     @property
+    def gateway_state_bucket(self) -> str:
+        """The gateways' shared state: the deployment CA and which gateway holds each agent."""
+        return f"{self._b}_gateway_state"
+
+    @property
     def files_bucket(self) -> str:
         return f"{self._b}_files"
 

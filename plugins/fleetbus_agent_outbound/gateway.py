@@ -2,10 +2,17 @@
 
 When an agent proves a server's key, this process starts serving that server's bus
 subjects (``ctx.serve``); when the connection goes, it stops. So NATS routes each
-server's commands to whichever gateway holds its agent, and a second gateway process
-on the same NATS needs no extra code. A second connection with the same key replaces
-the first. The gateway watches the key bucket and drops a connection whose key was
-rotated or revoked at once.
+server's commands to whichever gateway holds its agent. The gateway watches the key
+bucket and drops a connection whose key was rotated or revoked at once.
+
+Several gateways on one NATS (:mod:`.cluster`): they share the deployment's CA (kept in
+JetStream, created once), so an agent that trusts it accepts any of them; each claims a
+server when its agent connects (a ``link.<server>`` record whose revision is the link's
+epoch), and the one holding an older claim closes its connection, so exactly one
+gateway serves a server (a second connection with the same key, here or at another
+gateway, replaces the first). Each refreshes its record in the gateways bucket every
+``RECORD_EVERY_S``; the survivors remove a gateway that stopped and mark its agents
+offline unless they came back through another.
 
 Before an agent has proved anything, :class:`fleetbus_agent.admission.Gate` decides
 whether and when it gets a handshake (fair per source address, capped, within the
@@ -23,7 +30,9 @@ eviction and round-robin),
 ``penalised_per_address`` (4: the cap for an address that keeps failing),
 ``silent_s`` (as handshake_timeout_s), ``fd_reserve`` (256: descriptors the listener
 never takes; at least 10 % of the limit), ``auth_log_interval_s`` (60), ``create_cert``
-(True: make a CA and certificate on first start when none exists).
+(True: make a certificate signed by the deployment's CA on first start when none
+exists), ``hosts`` (comma-separated names and addresses for that certificate, beside
+this host's names and the advertised host).
 """
 
 from __future__ import annotations
@@ -38,12 +47,13 @@ from typing import Any
 
 from fleetbus import __version__
 from fleetbus.agentlink import AgentSession
-from fleetbus.certs import GatewayFiles, create_gateway_identity, fingerprint_pem, server_context
+from fleetbus.certs import GatewayFiles, default_hosts, fingerprint_pem, server_context
 from fleetbus.errors import AuthFailed, InvalidRequest, ServerOffline
 from fleetbus.keys import parse_key
 from fleetbus.records import Server, utcnow
 from fleetbus.transport import Credential, Session, Transport
 from fleetbus_agent.admission import Gate, GateSettings
+from fleetbus_agent.connect import CA_PROBE_NAME
 from fleetbus_agent.fdbudget import raise_nofile_limit
 from fleetbus_agent.heap import trim_heap
 from fleetbus_agent.protocol import (
@@ -57,9 +67,9 @@ from fleetbus_agent.protocol import (
 from fleetbus_agent.throttle import AuthThrottle, FailureLog
 from nats.js.kv import KV_DEL, KV_PURGE
 
+from .cluster import RECORD_EVERY_S, Cluster
 from .links import Link, Links
 
-RECORD_EVERY_S = 20.0
 # How often each connected agent's status (its last_seen) is written again. It was every
 # 30 s for all links at once: with 5,000 agents, 10,000 JetStream requests in a burst
 # every 30 s (a status read and write each), about a fifth of an idle gateway's CPU. Now
@@ -110,6 +120,8 @@ class GatewayTransport(Transport):
         self.throttle = AuthThrottle()
         self.address = ""
         self.fingerprint = ""
+        self.ca_fingerprint: str | None = None
+        self.cluster: Cluster | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self._gate: Gate[tuple[Any, ...]] | None = None
         self._accepted_at_trim = 0
@@ -140,6 +152,9 @@ class GatewayTransport(Transport):
                                       interval_s=log_interval_s)
         self._tls: ssl.SSLContext | None = None
         self.advertise = settings.get("advertise")
+        extra = settings.get("hosts") or []
+        self.extra_hosts = [h.strip() for h in (extra.split(",") if isinstance(extra, str) else extra)
+                            if str(h).strip()]
 
     # lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -147,10 +162,12 @@ class GatewayTransport(Transport):
         soft, _hard = raise_nofile_limit()
         services = self.ctx.services
         files = GatewayFiles.of(services.home)
-        if not files.exists() and self.create_cert:
-            create_gateway_identity(services.home, services.master)
-        self._tls = server_context(files, services.master)
+        self.cluster = Cluster(self.ctx, self.links, await services.gateway_state())
+        await self.cluster.identity(files, self.create_cert, self._cert_hosts())
+        self._tls = server_context(files, services.master, ca_probe_name=CA_PROBE_NAME)
         self.fingerprint = fingerprint_pem(files.cert.read_bytes())
+        if files.ca_cert.exists():
+            self.ca_fingerprint = fingerprint_pem(files.ca_cert.read_bytes())
         host, port = self.listen
         try:
             # Accepted by hand and held as plain sockets until a handshake slot is free:
@@ -173,10 +190,11 @@ class GatewayTransport(Transport):
         self.bound_port = bound[1]
         self._tasks = [asyncio.create_task(self._watch_keys()), asyncio.create_task(self._refresh()),
                        asyncio.create_task(self._trim_after_handshakes()),
-                       asyncio.create_task(self._flush_failure_log())]
-        self.ctx.logger.info("gateway listening on %s:%s (agents dial %s, pin %s; descriptor limit %s, "
-                             "%s kept in reserve)", host, bound[1], self.address, self.fingerprint,
-                             soft, gate.budget.reserve)
+                       asyncio.create_task(self._flush_failure_log()),
+                       *self.cluster.start(self._record_key(), self._record)]
+        self.ctx.logger.info("gateway listening on %s:%s (agents dial %s, pin the CA %s or this gateway %s; "
+                             "descriptor limit %s, %s kept in reserve)", host, bound[1], self.address,
+                             self.ca_fingerprint, self.fingerprint, soft, gate.budget.reserve)
 
     async def stop(self) -> None:
         if self._gate is not None:
@@ -184,6 +202,8 @@ class GatewayTransport(Transport):
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.cluster is not None:
+            await self.cluster.aclose()
         self.failure_log.flush()
         for link in list(self.links.by_server.values()):
             await link.conn.close("the gateway is stopping", code="server_offline", goaway=True)
@@ -219,6 +239,12 @@ class GatewayTransport(Transport):
             self._dropped("tls")
             self.ctx.logger.debug("TLS handshake from %s failed: %s", remote, exc)
             conn.close()
+            return None
+        ssl_object = tls.get_extra_info("ssl_object")
+        if ssl_object is not None and ssl_object.context is not self._tls:
+            # The CA probe (docs/agent-protocol.md): the agent came for the CA certificate
+            # it just saw and sends nothing; not a failed handshake.
+            tls.close()
             return None
         writer = asyncio.StreamWriter(tls, protocol, reader, loop)
         matched: dict[str, str] = {}
@@ -282,16 +308,27 @@ class GatewayTransport(Transport):
             await conn.close("the server was removed", code="auth_failed", goaway=True)
             self.links.remove(link)
             return
-        await self.ctx.serve(server)
-        await self._status(link, "online")
-        link.status_at = time.monotonic()
-        self.ctx.logger.info("agent %s connected from %s (%s)", link.server, remote, agent)
+        assert self.cluster is not None
+        # Claimed before serving: a gateway holding an older claim closes its link and
+        # stops serving, and the host's queue group sends each request to one of us in
+        # the moment both subscriptions exist, so no command is delivered twice.
+        moved = await self.cluster.claim(link)
+        if not conn.closed:
+            await self.ctx.serve(server)
+            await self._status(link, "online")
+            link.status_at = time.monotonic()
+            if moved:
+                self.cluster.confirm_status(link, lambda link: self._status(link, "online"))
+            self.ctx.logger.info("agent %s connected from %s (%s, link epoch %s)", link.server, remote,
+                                 agent, link.epoch)
         await conn.wait_closed()
         removed = self.links.remove(link)
         metrics.agents.set(len(self.links))
         if removed:
             await self.ctx.unserve(link.server)
-            await self._status(link, "offline", detail=conn.close_reason)
+            if not link.taken_over:
+                await self._status(link, "offline", detail=conn.close_reason)
+                await self.cluster.release(link)
         self.ctx.logger.info("agent %s disconnected: %s", link.server, conn.close_reason)
 
     def _dropped(self, reason: str) -> None:
@@ -328,13 +365,26 @@ class GatewayTransport(Transport):
     def _record_key(self) -> str:
         return self.ctx.services.worker_id.replace(":", "-")
 
+    def _record(self) -> bytes:
+        """This gateway's record in the gateways bucket (`fleetbus gateway info`)."""
+        return json.dumps({"worker": self.ctx.services.worker_id, "address": self.address,
+                           "fingerprint": self.fingerprint, "ca_fingerprint": self.ca_fingerprint,
+                           "agents": len(self.links), "refresh_s": RECORD_EVERY_S,
+                           "updated": utcnow().isoformat()}).encode()
+
+    def _cert_hosts(self) -> list[str]:
+        """The names a certificate made for this gateway carries."""
+        hosts = set(default_hosts()) | set(self.extra_hosts)
+        if self.listen[0] not in ("0.0.0.0", "::", ""):
+            hosts.add(self.listen[0])
+        if self.advertise:
+            hosts.add(str(self.advertise).rpartition(":")[0].strip("[]") or str(self.advertise))
+        return sorted(h for h in hosts if h)
+
     async def _refresh(self) -> None:
         while True:
-            record = {"worker": self.ctx.services.worker_id, "address": self.address,
-                      "fingerprint": self.fingerprint, "agents": len(self.links),
-                      "updated": utcnow().isoformat()}
             try:
-                await self.ctx.services.gateways.put(self._record_key(), json.dumps(record).encode())
+                await self.ctx.services.gateways.put(self._record_key(), self._record())
             except Exception as exc:
                 self.ctx.logger.warning("could not publish the gateway record: %s", type(exc).__name__)
             for link in self._stale_links(time.monotonic()):

@@ -21,6 +21,10 @@ class Link:
     since: float = field(default_factory=time.time)
     status_at: float = field(default_factory=time.monotonic)
     """When this link's status was last written (monotonic clock)."""
+    epoch: int | None = None
+    """The revision of this gateway's claim on the server (None until claimed)."""
+    taken_over: bool = False
+    """Closed because another gateway claimed the server since: its status is theirs to write."""
 
 
 class Links:

@@ -1,5 +1,7 @@
 """Run many real outbound agent connections in one process: `agent_swarm.py GATEWAY PIN KEYS_JSON`.
 
+GATEWAY may list several, comma-separated (``a:7443,b:7443``): each agent tries them in order.
+
 Each connection is the agent's own connect loop (fleetbus_agent.connect.run_connect),
 so scale tests exercise the real agent code without one process per agent.
 """
@@ -17,7 +19,8 @@ from fleetbus_agent.handlers import Handler
 
 async def main() -> None:
     gateway, pin, keys_file = sys.argv[1:4]
-    host, port = gateway.rsplit(":", 1)
+    gateways = [(host, int(port)) for host, port in (g.rsplit(":", 1) for g in gateway.split(","))]
+    (host, port), more = gateways[0], gateways[1:]
     with open(keys_file) as fh:  # noqa: ASYNC230 - before the loop has any work
         keys = json.load(fh)
     stop = asyncio.Event()
@@ -26,7 +29,8 @@ async def main() -> None:
         loop.add_signal_handler(sig, stop.set)
     handler = Handler()
     await asyncio.gather(*(
-        run_connect(ConnectOptions(host=host, port=int(port), key=key, fingerprint=pin), stop, handler)
+        run_connect(ConnectOptions(host=host, port=port, key=key, fingerprint=pin, more_gateways=more),
+                    stop, handler)
         for key in keys
     ))
 

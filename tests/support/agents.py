@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ class Agent:
     ca: str | None = None
     command: list[str] | None = None
     proc: subprocess.Popen[bytes] | None = None
+    more_gateways: list[str] = field(default_factory=list)
+    """Further ``--gateway`` values, tried after ``gateway`` in this order."""
 
     @property
     def log_path(self) -> Path:
@@ -56,6 +58,8 @@ class Agent:
         os.write(fd, self.key.encode() + b"\n")
         os.close(fd)
         args = [*(self.command or [AGENT]), "connect", "--gateway", self.gateway, "--key-file", str(key_file)]
+        for more in self.more_gateways:
+            args += ["--gateway", more]
         if self.fingerprint:
             args += ["--fingerprint", self.fingerprint]
         if self.ca:

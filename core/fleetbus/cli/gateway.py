@@ -67,9 +67,9 @@ def info(g: Globals, as_json: bool) -> None:
     if not found:
         click.echo("no gateway is running (fleetbus up, or fleetbus worker --transports agent-outbound)")
         return
-    table(["address", "fingerprint", "agents", "worker", "updated"],
-          [[x.get("address"), x.get("fingerprint"), x.get("agents"), x.get("worker"), x.get("updated")]
-           for x in found])
+    table(["address", "fingerprint", "ca fingerprint", "agents", "worker", "updated"],
+          [[x.get("address"), x.get("fingerprint"), x.get("ca_fingerprint"), x.get("agents"),
+            x.get("worker"), x.get("updated")] for x in found])
 
 
 @click.group("agent")

@@ -124,11 +124,20 @@ def add(g: Globals, name: str, transport: str, host: str | None, port: int | Non
         _show_key(name, reply["key"], reply.get("gateways") or [])
 
 
+def connect_options(gateways: list[dict[str, Any]]) -> str:
+    """``--gateway`` for every live gateway and the pin that accepts them all: their
+    shared CA's fingerprint, else each one's own certificate's."""
+    if not gateways:
+        return "--gateway GATEWAY-HOST:7443 --fingerprint sha256:..."
+    cas = {gw.get("ca_fingerprint") for gw in gateways}
+    pins = sorted(cas) if len(cas) == 1 and None not in cas else sorted(
+        {str(gw.get("fingerprint")) for gw in gateways})
+    return " ".join([*(f"--gateway {gw.get('address')}" for gw in gateways),
+                     *(f"--fingerprint {pin}" for pin in pins)])
+
+
 def _show_key(name: str, key: str, gateways: list[dict[str, Any]]) -> None:
     """Print an agent key once, with the command that starts the agent with it."""
-    gw = gateways[0] if gateways else {}
-    address = gw.get("address", "GATEWAY-HOST:7443")
-    pin = gw.get("fingerprint", "sha256:...")
     click.echo("")
     click.echo(f"secret key for {name} (shown only now; fleetbus keeps just a hash):")
     click.echo(f"  {key}")
@@ -136,7 +145,7 @@ def _show_key(name: str, key: str, gateways: list[dict[str, Any]]) -> None:
     click.echo(f"on {name}, save it readable only by the agent's user, then start the agent:")
     click.echo("  install -d -m 700 /etc/fleetbus-agent && "
                "(umask 077; cat > /etc/fleetbus-agent/key)   # paste the key, then Ctrl-D")
-    click.echo(f"  fleetbus-agent connect --gateway {address} --fingerprint {pin} "
+    click.echo(f"  fleetbus-agent connect {connect_options(gateways)} "
                "--key-file /etc/fleetbus-agent/key")
     if not gateways:
         click.echo("(no gateway is running yet: `fleetbus gateway info` shows its address and fingerprint)")
