@@ -200,7 +200,7 @@ class PluginHost:
         self.services = CoreServices(
             nc=nc, names=self.names, home=self.settings.home, registry=self.registry,
             agent_keys=AgentKeys(state.agent_keys), gateways=state.gateways,
-            master=vault.master if vault else None, worker_id=self.settings.worker_id,
+            gateway_state_kv=state.gateway_state, master=vault.master if vault else None, worker_id=self.settings.worker_id,
             metrics=self.metrics,
         )
         self.metrics.blocking_max.set(self.settings.blocking_threads)

@@ -52,6 +52,8 @@ class State:
     job_cores: KeyValue
     jobs_live: KeyValue
     workers: KeyValue
+    # What gateways share: the deployment CA and which gateway holds each server's agent.
+    gateway_state: KeyValue
 
 
 def _refused(name: str, replicas: int, exc: APIError) -> ServerOffline:
@@ -140,10 +142,14 @@ async def open_state(nc: NATS, names: Names, replicas: int = 1,
         js, KeyValueConfig(bucket=names.workers_bucket, history=1, ttl=WORKER_LEASE_TTL_S,
                            replicas=replicas, storage=StorageType.FILE)
     )
+    gateway_state = await _kv(
+        js, KeyValueConfig(bucket=names.gateway_state_bucket, history=1, replicas=replicas,
+                           storage=StorageType.FILE)
+    )
     await warn_if_under_replicated(nc, names, replicas)
     return State(js=js, names=names, servers=servers, status=status, credentials=credentials,
                  commands=commands, agent_keys=agent_keys, gateways=gateways, files=files,
-                 job_cores=job_cores, jobs_live=jobs_live, workers=workers)
+                 job_cores=job_cores, jobs_live=jobs_live, workers=workers, gateway_state=gateway_state)
 
 
 async def _add_stream(js: JetStreamContext, config: StreamConfig) -> None:

@@ -10,12 +10,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.client import Client as NATS
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
 from .errors import InternalError
@@ -41,24 +39,13 @@ class CoreServices:
     master: MasterKey | None
     worker_id: str
     metrics: Metrics
-    _gateway_state: KeyValue | None = field(default=None, repr=False)
+    gateway_state_kv: KeyValue
 
     async def gateway_state(self) -> KeyValue:
         """The bucket gateways share: the deployment CA (key ``ca``) and, per server,
-        which gateway holds its agent (``link.<server>``). Made on first use by a
-        gateway, with as many replicas as the gateways bucket (so a deployment's
-        replication setting reaches it too); creating it twice is harmless."""
-        if self._gateway_state is None:
-            js = self.nc.jetstream(timeout=10)
-            bucket = self.names.gateway_state_bucket
-            try:
-                self._gateway_state = await js.key_value(bucket)
-            except (NotFoundError, BadRequestError):
-                info = await js.stream_info(f"KV_{self.names.gateways_bucket}")
-                self._gateway_state = await js.create_key_value(KeyValueConfig(
-                    bucket=bucket, history=1, replicas=info.config.num_replicas or 1,
-                    storage=StorageType.FILE))
-        return self._gateway_state
+        which gateway holds its agent (``link.<server>``). Made with the rest of the
+        state (jetstream.open_state), so the deployment's replicas reach it too."""
+        return self.gateway_state_kv
 
     def derive_secret(self, purpose: str) -> bytes:
         """A 32-byte secret for ``purpose``, derived from the master key (never stored)."""
