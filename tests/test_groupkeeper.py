@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support.processes import stop_process, wait_for
+from support.processes import group_members, stop_process, wait_for
 
 # The parent: enables the keeper, starts commands that each leave a grandchild in their
 # group, prints their pgids and the keeper's pid, then waits for orders on stdin.
@@ -39,19 +39,6 @@ asyncio.run(main())
 """
 
 
-def members(pgid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                found.append(int(entry.name))
-    return found
-
-
 def ask(parent: subprocess.Popen[str], order: str) -> int:
     assert parent.stdin is not None and parent.stdout is not None
     parent.stdin.write(order + "\n")
@@ -65,7 +52,7 @@ def test_the_groups_of_a_killed_parent_are_killed_even_after_its_keeper_was_repl
                               stdout=subprocess.PIPE, text=True)
     try:
         first = ask(parent, "start")
-        wait_for(lambda: len(members(first)) == 3, what="sh and its two sleeps")
+        wait_for(lambda: len(group_members(first)) == 3, what="sh and its two sleeps")
         keeper = ask(parent, "keeper")
         os.kill(keeper, signal.SIGKILL)
         wait_for(lambda: not Path(f"/proc/{keeper}").exists() or
@@ -73,13 +60,13 @@ def test_the_groups_of_a_killed_parent_are_killed_even_after_its_keeper_was_repl
                  what="the keeper to die")
         second = ask(parent, "start")  # starts a new keeper, told of both groups
         assert ask(parent, "keeper") != keeper
-        wait_for(lambda: len(members(second)) == 3, what="the second command")
-        assert len(members(first)) == 3  # the keeper's death alone killed nothing
+        wait_for(lambda: len(group_members(second)) == 3, what="the second command")
+        assert len(group_members(first)) == 3  # the keeper's death alone killed nothing
 
         parent.kill()
         parent.wait()
         killed = time.monotonic()
-        wait_for(lambda: not members(first) and not members(second), timeout=10,
+        wait_for(lambda: not group_members(first) and not group_members(second), timeout=10,
                  what="every process of both commands to be killed")
         print(f"\nboth commands' groups were gone {time.monotonic() - killed:.3f} s after SIGKILL of their parent")
     finally:

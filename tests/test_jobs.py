@@ -8,6 +8,7 @@ what they saw in a folder shared with the test: that is where concurrency is mea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -20,6 +21,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -750,13 +752,36 @@ async def follow_prefixed(nc: NATS, prefix: str, job: str, timeout: float = 30) 
         await sub.unsubscribe()
 
 
-async def test_cancel_reaches_the_core_running_the_job_among_several(nats_server: Any, tmp_path: Path) -> None:
+@dataclass
+class TwoCores:
+    """Two job services in this process (`a` runs the jobs, `b` is asked about them)
+    and a real `fleetbus worker` serving local servers, on one nats-server."""
+    prefix: str
+    conn: NATS
+    registry: Any
+    a: Any
+    b: Any
+
+    async def add_served(self, *names: str) -> None:
+        from fleetbus.records import Server
+
+        for name in names:
+            await self.registry.add(Server(name=name, transport="local"))
+
+            async def served(name: str = name) -> bool:
+                status = await self.registry.status(name)
+                return status is not None and status.state == "online"
+
+            await wait_until(served, what=f"{name} served")
+
+
+@contextlib.asynccontextmanager
+async def two_cores(nats_server: Any, tmp_path: Path) -> AsyncIterator[TwoCores]:
     import base64
 
     import nats
     from fleetbus.jetstream import open_state
     from fleetbus.jobs import JobService
-    from fleetbus.records import Server
     from fleetbus.registry import Registry
     from fleetbus.subjects import Names
     from support.processes import Daemon, own_user
@@ -770,18 +795,22 @@ async def test_cancel_reaches_the_core_running_the_job_among_several(nats_server
     conn = await nats.connect(nats_server.url)
     state = await open_state(conn, Names(prefix))
     registry = Registry(state.servers, state.status)
-    # Two cores in this process: `a` runs the job, `b` is asked to cancel it.
     a, b = JobService(conn, state, registry), JobService(conn, state, registry)
     await a.start()
     await b.start()
     try:
-        await registry.add(Server(name="k1", transport="local"))
+        yield TwoCores(prefix, conn, registry, a, b)
+    finally:
+        await a.stop()
+        await b.stop()
+        await conn.close()
+        worker.stop()
 
-        async def served() -> bool:
-            status = await registry.status("k1")
-            return status is not None and status.state == "online"
 
-        await wait_until(served, what="k1 served")
+async def test_cancel_reaches_the_core_running_the_job_among_several(nats_server: Any, tmp_path: Path) -> None:
+    async with two_cores(nats_server, tmp_path) as cores:
+        a, b, conn, prefix = cores.a, cores.b, cores.conn, cores.prefix
+        await cores.add_served("k1")
         pid_file = tmp_path / "pid"
         started = await a.start_job({"selection": {"servers": ["k1"]},
                                      "exec": {"shell": f"echo $$ > {pid_file}; exec sleep 60"}}, "test")
@@ -797,11 +826,6 @@ async def test_cancel_reaches_the_core_running_the_job_among_several(nats_server
         await wait_until(lambda: _gone(pid), what="the command killed")
         again = await b.cancel_job({"id": job}, "test")
         assert not again["cancelled"] and again["state"] == "cancelled"
-    finally:
-        await a.stop()
-        await b.stop()
-        await conn.close()
-        worker.stop()
 
 
 async def _read_pid(path: Path) -> bool:
@@ -813,37 +837,9 @@ async def _gone(pid: int) -> bool:
 
 
 async def test_get_and_list_on_another_core_give_the_live_counts(nats_server: Any, tmp_path: Path) -> None:
-    import base64
-
-    import nats
-    from fleetbus.jetstream import open_state
-    from fleetbus.jobs import JobService
-    from fleetbus.records import Server
-    from fleetbus.registry import Registry
-    from fleetbus.subjects import Names
-    from support.processes import Daemon, own_user
-
-    prefix = "l" + secrets.token_hex(4)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
-    env.update(FLEETBUS_NATS_URL=nats_server.url, FLEETBUS_PREFIX=prefix, FLEETBUS_HOME=str(tmp_path / "home"),
-               FLEETBUS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode())
-    worker = Daemon(["worker", "--transports", "local", "--local-user", own_user()], env,
-                    tmp_path / "worker.log", "serving local").start()
-    conn = await nats.connect(nats_server.url)
-    state = await open_state(conn, Names(prefix))
-    registry = Registry(state.servers, state.status)
-    a, b = JobService(conn, state, registry), JobService(conn, state, registry)  # `a` runs it, `b` is asked
-    await a.start()
-    await b.start()
-    try:
-        for name in ("q1", "q2", "q3"):
-            await registry.add(Server(name=name, transport="local"))
-
-            async def served(name: str = name) -> bool:
-                status = await registry.status(name)
-                return status is not None and status.state == "online"
-
-            await wait_until(served, what=f"{name} served")
+    async with two_cores(nats_server, tmp_path) as cores:
+        a, b, conn, prefix = cores.a, cores.b, cores.conn, cores.prefix
+        await cores.add_served("q1", "q2", "q3")
         started = await a.start_job({"selection": {"servers": ["q1", "q2", "q3"]}, "max_concurrency": 2,
                                      "exec": {"shell": '[ "$FLEETBUS_SERVER" = q1 ] || exec sleep 60'}}, "test")
         job = started["id"]
@@ -865,11 +861,6 @@ async def test_get_and_list_on_another_core_give_the_live_counts(nats_server: An
         assert (await b.get_job({"id": job}, "test"))["counts"] == live
         await a.cancel_job({"id": job}, "test")
         assert (await follow_prefixed(conn, prefix, job))[-1][1]["state"] == "cancelled"
-    finally:
-        await a.stop()
-        await b.stop()
-        await conn.close()
-        worker.stop()
 
 
 async def test_a_sweep_that_could_not_mark_a_job_abandoned_tries_again(nats_server: Any, prefix: str) -> None:

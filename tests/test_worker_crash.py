@@ -31,7 +31,7 @@ from fleetbus.errors import Lost
 from fleetbus.host import DEADLINE_SKEW_S
 from fleetbus.subjects import HDR_DEADLINE, Names
 from nats.aio.client import Client as NATS
-from support.processes import Daemon, NatsServer, own_user
+from support.processes import Daemon, NatsServer, group_members, own_user
 
 
 @dataclass
@@ -108,21 +108,6 @@ async def until(predicate: Any, timeout: float = 15.0, what: str = "condition") 
 
 def ppid_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-
-
-def group_members(pgid: int) -> list[int]:
-    """Every live process whose process group is ``pgid`` (zombies are gone already)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
 
 
 def read_pid(path: Path) -> int | None:

@@ -54,6 +54,21 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def group_members(pgid: int) -> list[int]:
+    """Every live process whose process group is ``pgid`` (zombies are gone already)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
 def stop_process(proc: subprocess.Popen[bytes] | None, sig: int = signal.SIGTERM) -> int | None:
     """Signal ``proc`` and wait for it; kill it if it has not stopped within 30 s."""
     if proc is None:
