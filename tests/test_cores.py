@@ -5,9 +5,7 @@ it dies (SIGKILL: once its lease expired) or stops (SIGTERM: at once)."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
 import secrets
 import signal
 import time
@@ -16,7 +14,7 @@ from pathlib import Path
 import nats
 from fleetbus.checks import HDR_CHECKER
 from nats.aio.msg import Msg
-from support.processes import Daemon, NatsServer, own_user
+from support.processes import Daemon, NatsServer, own_user, shared_env
 
 
 def pid_of(checker: str) -> int:
@@ -26,9 +24,7 @@ def pid_of(checker: str) -> int:
 async def test_one_core_checks_servers_and_another_takes_over_when_it_dies(
         nats_server: NatsServer, tmp_path: Path) -> None:
     prefix = "k" + secrets.token_hex(4)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
-    env.update(FLEETBUS_NATS_URL=nats_server.url, FLEETBUS_PREFIX=prefix, FLEETBUS_HOME=str(tmp_path / "home"),
-               FLEETBUS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode())
+    env = shared_env(nats_server.url, prefix, tmp_path / "home")
 
     def core(n: int) -> Daemon:
         return Daemon(["core", "--check-interval", "0.3"], env, tmp_path / f"core{n}.log", "fleetbus core").start()

@@ -29,7 +29,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.js.api import DeliverPolicy
 from support.agents import Agent, gateway_of
-from support.processes import FLEETBUS, Fleet, pid_alive, wait_for
+from support.processes import FLEETBUS, Fleet, pid_alive, shared_env, wait_for
 
 PREFIX = "fleetbus"
 # Each command: mark itself running, record how many it saw running, hold, unmark.
@@ -675,15 +675,12 @@ async def test_rerun_runs_the_same_command_again_where_it_did_not_succeed(
 
 async def test_a_job_whose_core_died_is_abandoned_and_rerun_runs_nothing_twice(
         nats_server: Any, tmp_path: Path) -> None:
-    import base64
 
     import nats
     from support.processes import Daemon, own_user
 
     prefix = "j" + secrets.token_hex(4)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
-    env.update(FLEETBUS_NATS_URL=nats_server.url, FLEETBUS_PREFIX=prefix, FLEETBUS_HOME=str(tmp_path / "home"),
-               FLEETBUS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode())
+    env = shared_env(nats_server.url, prefix, tmp_path / "home")
     core = Daemon(["core"], env, tmp_path / "core1.log", "fleetbus core").start()
     worker = Daemon(["worker", "--transports", "local", "--local-user", own_user()], env,
                     tmp_path / "worker.log", "serving local").start()
@@ -777,7 +774,6 @@ class TwoCores:
 
 @contextlib.asynccontextmanager
 async def two_cores(nats_server: Any, tmp_path: Path) -> AsyncIterator[TwoCores]:
-    import base64
 
     import nats
     from fleetbus.jetstream import open_state
@@ -787,9 +783,7 @@ async def two_cores(nats_server: Any, tmp_path: Path) -> AsyncIterator[TwoCores]
     from support.processes import Daemon, own_user
 
     prefix = "c" + secrets.token_hex(4)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
-    env.update(FLEETBUS_NATS_URL=nats_server.url, FLEETBUS_PREFIX=prefix, FLEETBUS_HOME=str(tmp_path / "home"),
-               FLEETBUS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode())
+    env = shared_env(nats_server.url, prefix, tmp_path / "home")
     worker = Daemon(["worker", "--transports", "local", "--local-user", own_user()], env,
                     tmp_path / "worker.log", "serving local").start()
     conn = await nats.connect(nats_server.url)
@@ -1034,8 +1028,7 @@ async def test_ctrl_c_while_the_job_starts_cancels_it_once_its_id_is_known(
     """A Ctrl-C that lands while ``jobs.start`` is in flight cannot stop the core from
     starting the job: the CLI must cancel it once the reply names it, not exit and leave
     it running unseen. The test plays the core, so the Ctrl-C lands exactly then."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
-    env.update(FLEETBUS_NATS_URL=nats_server.url, FLEETBUS_PREFIX=prefix, FLEETBUS_HOME=str(tmp_path / "home"))
+    env = shared_env(nats_server.url, prefix, tmp_path / "home", master_key=False)
     import nats
 
     nc = await nats.connect(nats_server.url)  # this module's `nc` is the fleet's

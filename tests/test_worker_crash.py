@@ -11,7 +11,6 @@ nats-server, `fleetbus core` and `fleetbus worker` daemons, SIGKILL and SIGSTOP.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import os
 import secrets
@@ -31,7 +30,7 @@ from fleetbus.errors import Lost
 from fleetbus.host import DEADLINE_SKEW_S
 from fleetbus.subjects import HDR_DEADLINE, Names
 from nats.aio.client import Client as NATS
-from support.processes import Daemon, NatsServer, group_members, own_user
+from support.processes import Daemon, NatsServer, group_members, own_user, shared_env
 
 
 @dataclass
@@ -63,10 +62,7 @@ class Deployment:
 
 @pytest.fixture
 def deployment(nats_server: NatsServer, tmp_path: Path) -> Iterator[Deployment]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
-    env.update(FLEETBUS_NATS_URL=nats_server.url, FLEETBUS_PREFIX="w" + secrets.token_hex(4),
-               FLEETBUS_HOME=str(tmp_path / "home"),
-               FLEETBUS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode())
+    env = shared_env(nats_server.url, "w" + secrets.token_hex(4), tmp_path / "home")
     dep = Deployment(env, tmp_path)
     dep.core = Daemon(["core"], env, tmp_path / "core.log", "fleetbus core").start()
     try:

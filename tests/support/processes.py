@@ -6,9 +6,11 @@ with a deadline, never a fixed sleep.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pwd
+import secrets
 import signal
 import subprocess
 import sys
@@ -37,6 +39,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "c
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(0.01)
+
+
+def shared_env(nats_url: str, prefix: str, home: Path, master_key: bool = True, **more: str) -> dict[str, str]:
+    """The environment of fleetbus processes sharing one NATS under ``prefix`` (`core`,
+    `worker`, the CLI): none of the caller's own FLEETBUS_ settings, a home of its own,
+    and a fresh master key unless ``master_key`` is False."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+    env.update(FLEETBUS_NATS_URL=nats_url, FLEETBUS_PREFIX=prefix, FLEETBUS_HOME=str(home), **more)
+    if master_key:
+        env["FLEETBUS_MASTER_KEY"] = base64.b64encode(secrets.token_bytes(32)).decode()
+    return env
 
 
 def pid_alive(pid: int) -> bool:
