@@ -28,14 +28,19 @@ Standard library only, Python 3.9+.
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
+
+if TYPE_CHECKING:
+    import mmap
+
+# mmap and tempfile are imported when the keeper starts, not with this module: every
+# agent imports it (ops/child.py), and tempfile alone brings random, shutil and lzma
+# into an idle agent that may never run a command (tests/test_agent_memory.py).
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +90,8 @@ def _shared_file(size: int) -> int:
     if hasattr(os, "memfd_create"):
         fd = os.memfd_create("fleetbus-groups", os.MFD_CLOEXEC)
     else:
+        import tempfile
+
         with tempfile.TemporaryFile() as handle:  # unlinked at once
             fd = os.dup(handle.fileno())
     os.ftruncate(fd, size)
@@ -114,6 +121,8 @@ class GroupKeeper:
     def start(self) -> None:
         with self._lock:
             if self._slots is None:
+                import mmap
+
                 self._file = _shared_file(SLOTS * _SLOT.size)
                 self._slots = mmap.mmap(self._file, SLOTS * _SLOT.size)
             if self._proc is None or self._proc.poll() is not None:
