@@ -86,7 +86,7 @@ async def cluster_fleet(work: Path) -> AsyncIterator[ClusterFleet]:
                             (["worker", "--replicas", "3", "--transports", "local", "--local-user", own_user()],
                              "serving local")):
             daemons.append(Daemon(args, env, work / f"cluster-{args[0]}.log", ready))
-            await asyncio.to_thread(daemons[-1].start)
+            await _start(daemons[-1])
         # Reconnecting forever, as a long-running caller does, to ride out the node loss.
         settings = NatsSettings(url=cluster.urls, token=cluster.token, prefix=names.prefix)
         client = Client(await connect(settings, "fleetbus-bench"), names, "bench")
@@ -107,6 +107,20 @@ async def cluster_fleet(work: Path) -> AsyncIterator[ClusterFleet]:
         for daemon in reversed(daemons):
             await asyncio.to_thread(daemon.stop)
         await asyncio.to_thread(cluster.stop)
+
+
+async def _start(daemon: Daemon, tries: int = 5) -> None:
+    """Start ``daemon``; again, a second later, when JetStream could not place R3 state
+    yet: a cluster whose meta leader was just elected can still count a peer offline
+    for a moment, and the first process to start creates the state."""
+    for attempt in range(tries):
+        try:
+            await asyncio.to_thread(daemon.start)
+            return
+        except RuntimeError as exc:
+            if "no suitable peers" not in str(exc) or attempt == tries - 1:
+                raise
+            await asyncio.sleep(1)
 
 
 async def exec_p50_rows(fleet: ClusterFleet, stack: Stack, n: int) -> list[Row]:
