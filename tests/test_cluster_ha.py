@@ -63,6 +63,7 @@ class Attempt:
     server: str
     at: float  # monotonic time the attempt ended
     outcome: str
+    took: float
 
 
 @dataclass
@@ -84,12 +85,13 @@ async def lane(fb: Client, lane_no: int, marks: Path, loop: Loop) -> None:
         command_id = f"ha-{lane_no}-{n}"
         argv = ["sh", "-c", f"echo ran >> {marks / command_id}"]
         for _ in range(60):  # retried with the same id, as a careful caller does
+            sent = time.monotonic()
             try:
                 await fb.exec(server, argv, timeout_s=10, command_id=command_id)
                 outcome = "ok"
             except FleetbusError as exc:
                 outcome = exc.code
-            attempt = Attempt(command_id, server, time.monotonic(), outcome)
+            attempt = Attempt(command_id, server, time.monotonic(), outcome, time.monotonic() - sent)
             loop.attempts.append(attempt)
             if outcome not in RETRYABLE:
                 break
@@ -176,8 +178,9 @@ async def test_a_node_and_a_gateway_die_and_no_command_runs_twice_or_fails_as_in
             await asyncio.wait_for(asyncio.gather(*lanes), 120)
 
         def window(start: float, end: float) -> tuple[float, list[Attempt]]:
+            """From the sending of the first attempt that failed to the end of the last."""
             failed = [a for a in loop.attempts if a.outcome != "ok" and start <= a.at < end]
-            return (failed[-1].at - failed[0].at if failed else 0.0), failed
+            return (max(a.at for a in failed) - min(a.at - a.took for a in failed) if failed else 0.0), failed
 
         node_window, node_failed = window(node_killed, gateway_killed)
         gw_window, gw_failed = window(gateway_killed, float("inf"))
@@ -189,7 +192,10 @@ async def test_a_node_and_a_gateway_die_and_no_command_runs_twice_or_fails_as_in
 
         assert "internal" not in codes, [a for a in loop.attempts if a.outcome == "internal"][:5]
         assert codes <= ACCEPTED, codes
-        assert node_window <= 20, node_window  # the target is 2 s: bounded, generously
+        # The target is 2 s; asserted only bounded, generously: a request lost with the
+        # worker's NATS node costs its caller the client's whole wait, 40 s here
+        # (docs/operations.md, "When a NATS node dies").
+        assert node_window <= 45, node_window
         # No command ran twice; each answered `ok` ran exactly once; only a `lost` one may
         # have run without its caller knowing.
         runs = {p.name: p.read_text().count("ran") for p in marks.iterdir()}
