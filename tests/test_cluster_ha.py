@@ -207,8 +207,9 @@ async def test_a_node_and_a_gateway_die_and_no_command_runs_twice_or_fails_as_in
         assert set(runs) <= {cid for cid, outcome in finals.items() if outcome in ("ok", "lost")}
         # The agents live on through the second gateway.
         assert all(pings(dep, names).values())
-        statuses = dep.statuses()
-        assert {statuses[n].get("served_by") for n in names} == {second["worker"]}
+        # A status is written just after the subscription that answers the ping: waited for.
+        wait_for(lambda: {dep.statuses()[n].get("served_by") for n in names} == {second["worker"]}, timeout=20,
+                 what="every agent's status naming the surviving gateway")
 
         # One `ok` record for every command answered `ok`, none twice, none for others.
         found = await ok_records(nc, prefix, ok_ids)
