@@ -162,6 +162,7 @@ async def test_a_node_and_a_gateway_die_and_no_command_runs_twice_or_fails_as_in
             await asyncio.to_thread(cluster.kill, leader)
             await asyncio.sleep(5)  # an election's length (4-9 s) of commands without the node
             await asyncio.to_thread(cluster.restart, leader)
+            node_back = time.monotonic()
             after_node = len(loop.attempts)
             await _until(lambda: all(loop.oks_since(after_node, s) >= 2 for s in loop.servers), 90,
                          "commands on every server after the restart")
@@ -174,6 +175,7 @@ async def test_a_node_and_a_gateway_die_and_no_command_runs_twice_or_fails_as_in
             after_gateway = len(loop.attempts)
             await _until(lambda: all(loop.oks_since(after_gateway, s) >= 2 for s in loop.servers), 60,
                          "commands on every server after the gateway's death")
+            loop_stopped = time.monotonic()
         finally:
             loop.stop.set()
             await asyncio.wait_for(asyncio.gather(*lanes), 120)
@@ -189,7 +191,10 @@ async def test_a_node_and_a_gateway_die_and_no_command_runs_twice_or_fails_as_in
         print(f"\n{len(loop.finals)} commands, {len(loop.attempts)} attempts; node loss: {len(node_failed)} "
               f"failed attempts within {node_window:.2f} s; gateway kill: {len(gw_failed)} failed attempts "
               f"within {gw_window:.2f} s ({', '.join(sorted(codes)) or 'none'}); every agent answered "
-              f"through the other gateway {answered - gateway_killed:.1f} s after the kill")
+              f"through the other gateway {answered - gateway_killed:.1f} s after the kill; the node was back "
+              f"after {node_back - node_killed:.1f} s, commands ran everywhere again "
+              f"{gateway_killed - node_back:.1f} s later; the lanes ended "
+              f"{time.monotonic() - loop_stopped:.1f} s after being told to")
 
         assert "internal" not in codes, [a for a in loop.attempts if a.outcome == "internal"][:5]
         assert codes <= ACCEPTED, codes
