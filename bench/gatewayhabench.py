@@ -68,68 +68,73 @@ async def _all_answer(stack: Stack, names: list[str]) -> bool:
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="gatewayhabench-") as tmp:
-        work = Path(tmp)
-        stack = await Stack.start(work)
-        worker: subprocess.Popen[bytes] | None = None
-        try:
-            fleet = stack.fleet
-            listen = f"127.0.0.1:{_free_port()}"
-            env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
-            env.update(FLEETBUS_HOME=str(work / "gateway-a"), FLEETBUS_NATS_URL=fleet.nats_url,
-                       FLEETBUS_NATS_TOKEN=fleet.token, FLEETBUS_MASTER_KEY_FILE=str(fleet.home / "master.key"))
-            worker = await asyncio.to_thread(
-                _start_worker, ["worker", "--transports", "agent-outbound", "--gateway-listen", listen], env,
-                work / "gateway-a.log")
+        return await measure(Path(tmp), args.agents, args.processes)
 
-            async def both() -> dict[str, dict[str, Any]] | None:
-                records = await _gateway_records(stack)
-                return records if len(records) == 2 and listen in records else None
 
-            records = await _wait(both, 60, "both gateways")
-            a = records[listen]
-            b = next(r for address, r in records.items() if address != listen)
-            assert a["ca_fingerprint"] == b["ca_fingerprint"], "the gateways share one CA"
-            names = [f"gha-{i:04d}" for i in range(args.agents)]
-            keys = await stack.add_agents(names)
-            on_a = 0
+async def measure(work: Path, agents: int, processes: int) -> dict[str, Any]:
+    """The whole measurement in ``work``: its own `fleetbus up` and second gateway, started
+    and stopped here, so that nothing else a run holds (agents, load) shares them."""
+    stack = await Stack.start(work)
+    worker: subprocess.Popen[bytes] | None = None
+    try:
+        fleet = stack.fleet
+        listen = f"127.0.0.1:{_free_port()}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+        env.update(FLEETBUS_HOME=str(work / "gateway-a"), FLEETBUS_NATS_URL=fleet.nats_url,
+                   FLEETBUS_NATS_TOKEN=fleet.token, FLEETBUS_MASTER_KEY_FILE=str(fleet.home / "master.key"))
+        worker = await asyncio.to_thread(
+            _start_worker, ["worker", "--transports", "agent-outbound", "--gateway-listen", listen], env,
+            work / "gateway-a.log")
 
-            async def held_by_a(count: int) -> bool:
-                nonlocal on_a
-                on_a = int(((await _gateway_records(stack)).get(listen) or {}).get("agents") or 0)
-                return on_a >= count
+        async def both() -> dict[str, dict[str, Any]] | None:
+            records = await _gateway_records(stack)
+            return records if len(records) == 2 and listen in records else None
 
-            # One swarm process at a time, so that the first connections are not a storm
-            # that spills agents over to B (what is measured is A's agents moving).
-            started = time.monotonic()
-            for i in range(args.processes):
-                part = keys[i::args.processes]
-                stack.swarms.append(start_swarm(work / f"swarm{i}", f"{a['address']},{b['address']}",
-                                                a["ca_fingerprint"], part))
-                expected = sum(len(keys[j::args.processes]) for j in range(i + 1))
-                try:
-                    await _wait(lambda expected=expected: held_by_a(expected), 120, "agents on gateway A")
-                except TimeoutError:
-                    pass  # some went to B: the figure is still for all of them answering
-            connect_s = time.monotonic() - started
-            await _wait(lambda: _all_answer(stack, names), 120, "every agent answering")
+        records = await _wait(both, 60, "both gateways")
+        a = records[listen]
+        b = next(r for address, r in records.items() if address != listen)
+        assert a["ca_fingerprint"] == b["ca_fingerprint"], "the gateways share one CA"
+        names = [f"gha-{i:04d}" for i in range(agents)]
+        keys = await stack.add_agents(names)
+        on_a = 0
 
-            worker.send_signal(signal.SIGKILL)
-            killed = time.monotonic()
-            await stack.wait_answering(names, timeout=300)
-            answered_s = time.monotonic() - killed
+        async def held_by_a(count: int) -> bool:
+            nonlocal on_a
+            on_a = int(((await _gateway_records(stack)).get(listen) or {}).get("agents") or 0)
+            return on_a >= count
 
-            async def a_gone() -> bool:
-                return listen not in await _gateway_records(stack)
+        # One swarm process at a time, so that the first connections are not a storm
+        # that spills agents over to B (what is measured is A's agents moving).
+        started = time.monotonic()
+        for i in range(processes):
+            part = keys[i::processes]
+            stack.swarms.append(start_swarm(work / f"swarm{i}", f"{a['address']},{b['address']}",
+                                            a["ca_fingerprint"], part))
+            expected = sum(len(keys[j::processes]) for j in range(i + 1))
+            try:
+                await _wait(lambda expected=expected: held_by_a(expected), 120, "agents on gateway A")
+            except TimeoutError:
+                pass  # some went to B: the figure is still for all of them answering
+        connect_s = time.monotonic() - started
+        await _wait(lambda: _all_answer(stack, names), 120, "every agent answering")
 
-            await _wait(a_gone, 120, "gateway A gone from gateway info")
-            record_gone_s = time.monotonic() - killed
-            return {"agents": args.agents, "on_gateway_a_when_killed": on_a, "swarm_processes": args.processes,
-                    "all_connected_s": round(connect_s, 1),
-                    "all_answer_through_b_after_kill_s": round(answered_s, 1),
-                    "gateway_info_drops_a_after_s": round(record_gone_s, 1), "target_s": 10.0}
-        finally:
-            stop_process(worker)
-            await stack.stop()
+        worker.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        await stack.wait_answering(names, timeout=300)
+        answered_s = time.monotonic() - killed
+
+        async def a_gone() -> bool:
+            return listen not in await _gateway_records(stack)
+
+        await _wait(a_gone, 120, "gateway A gone from gateway info")
+        record_gone_s = time.monotonic() - killed
+        return {"agents": agents, "on_gateway_a_when_killed": on_a, "swarm_processes": processes,
+                "all_connected_s": round(connect_s, 2),
+                "all_answer_through_b_after_kill_s": round(answered_s, 2),
+                "gateway_info_drops_a_after_s": round(record_gone_s, 2), "target_s": 10.0}
+    finally:
+        stop_process(worker)
+        await stack.stop()
 
 
 def run() -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from clusterbench import cluster_rows
 from figures import Row, Sizes, agents_scale, describe, exec_agent, exec_local, put_agent, up_to_first_command
 from floors import floor_rows
 from getjobbench import get_job_rows
@@ -98,6 +99,10 @@ async def main(args: argparse.Namespace) -> list[Row]:
                 rows += await job_rows(stack, sizes, work)
                 rows += await job_put_rows(stack, sizes, work)
                 rows += await get_job_rows(stack, sizes, work)
+            if on("cluster"):
+                # Before the scale rows, whose thousands of agents would load the
+                # baseline's `fleetbus up`; its own processes are stopped when it ends.
+                rows += await cluster_rows(stack, work, mode)
             if on("scale"):
                 rows += await agents_scale(stack, sizes, work)
         finally:
@@ -116,7 +121,7 @@ def cli() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, under two minutes")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the benchmarks work")
-    parser.add_argument("--only", action="append", choices=["startup", "local", "agent", "put", "floors", "jobs", "scale", "ssh"])
+    parser.add_argument("--only", action="append", choices=["startup", "local", "agent", "put", "floors", "jobs", "cluster", "scale", "ssh"])
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
     started = time.perf_counter()

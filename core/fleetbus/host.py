@@ -420,6 +420,12 @@ class PluginHost:
             for task in served.running.values():
                 task.cancel()
         await self.sessions[served.transport].drop(name)
+        if shutting_down and not self.nc.is_connected:
+            # No NATS to write "offline" to: waiting for each server's read to time out
+            # made a worker serving many servers outlast its stop bound. The status
+            # names this worker, whose lease expires, so readers see it offline anyway.
+            log.info("stopped serving %s", name)
+            return
         status = await self.registry.status(name)
         if status is not None and status.served_by == self.settings.worker_id:
             await self._set_status(name, "offline", served.transport)

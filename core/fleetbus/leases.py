@@ -39,6 +39,8 @@ log = logging.getLogger("fleetbus.leases")
 #: short enough that a crashed worker's commands read ``lost`` within seconds.
 WORKER_LEASE_TTL_S = 15.0
 WORKER_RENEW_S = 2.0
+#: Seconds a stopping worker waits to delete its lease key (see WorkerLease.stop).
+STOP_DELETE_S = 2.0
 
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_=-]")
 
@@ -85,8 +87,10 @@ class WorkerLease:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        # Bounded: with NATS unreachable the key expires by its TTL instead, and a stop
+        # must not wait out the KV's own timeout for it.
         with contextlib.suppress(Exception):
-            await self.workers.delete(self.key)
+            await asyncio.wait_for(self.workers.delete(self.key), STOP_DELETE_S)
 
     async def _renew(self) -> None:
         await self.workers.put(self.key, b"1")

@@ -8,8 +8,12 @@ against a shared NATS, which is how fleetbus scales out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import sys
+import threading
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
@@ -39,6 +43,13 @@ from .subjects import Names
 from .vault import MasterKey, Vault
 
 log = logging.getLogger("fleetbus.stack")
+
+#: Seconds a stopping ``up``, ``core`` or ``worker`` may take from the first step of its
+#: stop (SIGTERM, SIGINT, or a failed start) to exiting. A stop normally ends well
+#: within it; past it the process exits with status 1 all the same. It covers the
+#: running commands' cancellation grace (``host.CANCEL_GRACE_S``, 15 s) and stays
+#: under the 30 s that the shipped units and the tests give a stop before SIGKILL.
+STOP_BOUND_S = 25.0
 
 
 @dataclass
@@ -168,14 +179,38 @@ async def start_stack(opts: StackOptions, stack: AsyncExitStack, *, embedded_nat
                                   names.reply_subjects(opts.host_settings.reply_prefixes))
         await running.jobs.start()
         stack.push_async_callback(running.jobs.stop)
+    # Pushed last, so run first when the stack unwinds: from here the stop is bounded.
+    stack.callback(_bound_stop, STOP_BOUND_S)
     return running
 
 
+def _bound_stop(bound_s: float) -> None:
+    """Exit the process ``bound_s`` s from now if it has not exited by then.
+
+    A stop awaits NATS in many places (unsubscribing, a lease's and a gateway record's
+    delete, each served server's status, draining): with every NATS server gone, each
+    waits for its own timeout, and a worker serving hundreds of servers waited for
+    minutes. A thread, because the loop may be what is stuck.
+    """
+    def exit_now() -> None:
+        sys.stderr.write(f"fleetbus: stopping took longer than {bound_s:g} s; exiting without finishing it\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    timer = threading.Timer(bound_s, exit_now)
+    timer.daemon = True  # a stop that ends in time exits without waiting for it
+    timer.start()
+
+
 async def _close_nats(nc: NATS) -> None:
+    """Drain the connection (up to 5 s), else close it; never raises: with the NATS
+    server gone, closing fails writing to a dead socket, which is no reason to exit
+    with an error."""
     try:
         await asyncio.wait_for(nc.drain(), timeout=5)
     except Exception:
-        await nc.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(nc.close(), timeout=5)
 
 
 async def ensure_local_server(state: State, host: PluginHost | None = None, timeout: float = 10) -> bool:

@@ -208,7 +208,9 @@ class GatewayTransport(Transport):
         for link in list(self.links.by_server.values()):
             await link.conn.close("the gateway is stopping", code="server_offline", goaway=True)
         try:
-            await self.ctx.services.gateways.delete(self._record_key())
+            # Bounded: with NATS unreachable the record expires by itself, and the
+            # worker's stop must not wait out the KV's timeout for it.
+            await asyncio.wait_for(self.ctx.services.gateways.delete(self._record_key()), 2.0)
         except Exception:
             pass
 
