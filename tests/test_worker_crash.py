@@ -231,3 +231,34 @@ async def test_a_late_request_without_a_deadline_still_runs(
     answer = json.loads((await asyncio.wait_for(answers.get(), 30)).data)
     await sub.unsubscribe()
     assert answer["ok"] and ran.exists()
+
+
+async def test_a_request_no_worker_claimed_is_sent_again_with_its_id(nats_server: NatsServer) -> None:
+    """A request lost on its way (with the NATS node its worker was on, which the
+    client's own connection never saw go) is sent again once no worker has claimed it
+    for a while, with the same id, instead of waiting out its whole time limit. Here a
+    stand-in worker drops the first copy; the client must send the second itself."""
+    from fleetbus import client as client_module
+    from fleetbus.jetstream import open_state
+
+    names = Names("u" + secrets.token_hex(4))
+    conn = await nats.connect(nats_server.url)
+    try:
+        await open_state(conn, names)
+        copies: list[dict[str, Any]] = []
+
+        async def worker(msg: Any) -> None:
+            copies.append(json.loads(msg.data))
+            if len(copies) > 1:  # the first copy is "lost": nobody claims or answers it
+                await msg.respond(json.dumps({"ok": True, "id": copies[-1]["id"], "exit_code": 0, "signal": None,
+                                              "stdout": "", "stderr": ""}).encode())
+
+        await conn.subscribe(names.server("s1", "exec"), cb=worker)
+        fb = Client(conn, names)
+        result = await asyncio.wait_for(fb.exec("s1", ["true"], timeout_s=60, command_id="resent-1"),
+                                        client_module.UNCLAIMED_RESEND_S + 30)
+        assert result.exit_code == 0
+        # Sent again after the unclaimed wait: waiting out the 60 s limit misses the deadline above.
+        assert [c["id"] for c in copies] == ["resent-1", "resent-1"]
+    finally:
+        await conn.close()

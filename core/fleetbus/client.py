@@ -77,6 +77,11 @@ NOT_YET_SERVED_WAIT_S = 2.0
 # every CLAIM_CHECK_S, so a worker that died running it is known within seconds (the
 # claim's worker lease expires, leases.py) instead of after the command's time limit.
 CLAIM_CHECK_S = 1.0
+# A request with an id that no worker has claimed this long after it went out was lost
+# on its way (with the NATS node its worker was connected to, which our connection never
+# saw go): it is sent again. A copy that did arrive meanwhile cannot run it twice: the
+# claim is taken once, and the other copy is answered from it.
+UNCLAIMED_RESEND_S = 5.0
 MAX_RESENDS = 5
 FILE_CHUNK = 256 * 1024
 
@@ -203,11 +208,14 @@ class Client:
         worker holding it died, or the stored reply (one the worker stored and whose
         answer to us was lost, as across a NATS reconnect).
 
-        A request that NATS lost in a reconnect (no claim exists for it once the
-        connection is back) is sent again, ``resendable`` permitting: with the same id,
-        a second copy that did arrive is answered from the first, never run twice."""
+        A request that NATS lost (no claim exists for it once our connection is back
+        from a reconnect, or :data:`UNCLAIMED_RESEND_S` after it went out) is sent again,
+        ``resendable`` permitting: with the same id, a second copy that did arrive is
+        answered from the first, never run twice."""
+        loop = asyncio.get_running_loop()
         for _ in range(MAX_RESENDS + 1):
             reconnects = self.nc.stats["reconnects"]
+            sent_at = loop.time()
             asked = asyncio.ensure_future(send())
             watch: asyncio.Future[dict[str, Any] | None] | None = None
             try:
@@ -216,7 +224,7 @@ class Client:
                 if done:
                     return asked.result()
                 watch = asyncio.ensure_future(self._watch_claim(
-                    server, op, command_id, reconnects if resendable else None, first_wait=False))
+                    server, op, command_id, reconnects if resendable else None, sent_at, first_wait=False))
                 done, _ = await asyncio.wait({asked, watch}, return_when=asyncio.FIRST_COMPLETED)
                 if asked in done:
                     return asked.result()
@@ -227,12 +235,13 @@ class Client:
                 await _stop(asked, *([watch] if watch is not None else []))
         return await send()  # lost again and again: wait for this one to the end
 
-    async def _watch_claim(self, server: str, op: str, command_id: str,
-                           reconnects: int | None, first_wait: bool = True) -> dict[str, Any] | None:
-        """Returns the stored reply, None when the request was lost in a reconnect
-        (``reconnects``: the count when it was sent; None: never say so), or raises the
-        stored error or ``lost``. Reads the claim every :data:`CLAIM_CHECK_S` (the
-        first time at once unless ``first_wait``)."""
+    async def _watch_claim(self, server: str, op: str, command_id: str, reconnects: int | None,
+                           sent_at: float, first_wait: bool = True) -> dict[str, Any] | None:
+        """Returns the stored reply, None when the request was lost (``reconnects``: our
+        reconnect count when it was sent, at loop time ``sent_at``; None: never say so),
+        or raises the stored error or ``lost``. Reads the claim every
+        :data:`CLAIM_CHECK_S` (the first time at once unless ``first_wait``)."""
+        loop = asyncio.get_running_loop()
         while True:
             if first_wait:
                 await asyncio.sleep(CLAIM_CHECK_S)
@@ -254,7 +263,8 @@ class Client:
                     raise FleetbusError.from_wire(claim.reply.get("error") or {})
                 return claim.reply
             if (claim.outcome == "dropped" and reconnects is not None and self.nc.is_connected
-                    and self.nc.stats["reconnects"] != reconnects):
+                    and (self.nc.stats["reconnects"] != reconnects
+                         or loop.time() - sent_at >= UNCLAIMED_RESEND_S)):
                 return None
 
     async def _command_memory(self) -> CommandMemory:
