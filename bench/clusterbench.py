@@ -39,7 +39,7 @@ from fleetbus.subjects import Names
 from gatewayhabench import measure as gateway_ha
 from harness import Stack, percentile
 from support.natscluster import NatsCluster
-from support.processes import Daemon, own_user
+from support.processes import Daemon, own_user, until
 
 # Codes a caller retries with the same id (docs/bus-api.md, "Error codes").
 RETRYABLE = {"server_offline", "transport_error", "timeout", "busy"}
@@ -166,19 +166,11 @@ async def _lane(client: Client, loop: _Loop) -> None:
             await asyncio.sleep(0.05)
 
 
-async def _until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
 async def node_loss_rows(fleet: ClusterFleet, sizes: ClusterSizes) -> list[Row]:
     loop = _Loop()
     lanes = [asyncio.create_task(_lane(fleet.client, loop)) for _ in range(sizes.lanes)]
     try:
-        await _until(lambda: loop.oks_since(0) >= 20, 60, "commands before the node loss")
+        await until(lambda: loop.oks_since(0) >= 20, 60, "commands before the node loss")
         # The node leading the commands KV: its loss forces an election there.
         info = await fleet.client.nc.jetstream().stream_info(f"KV_{fleet.names.commands_bucket}")
         leader = next(n for n in fleet.cluster.nodes if n.name == info.cluster.leader)
@@ -186,7 +178,7 @@ async def node_loss_rows(fleet: ClusterFleet, sizes: ClusterSizes) -> list[Row]:
         await asyncio.sleep(sizes.down_s)
         await asyncio.to_thread(fleet.cluster.restart, leader)
         after = len(loop.ended)
-        await _until(lambda: loop.oks_since(after) >= 20, 90, "commands after the restart")
+        await until(lambda: loop.oks_since(after) >= 20, 90, "commands after the restart")
     finally:
         loop.stop.set()
         await asyncio.wait_for(asyncio.gather(*lanes), 120)

@@ -13,6 +13,7 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from support.natscluster import NatsCluster
 from support.ops_helpers import stray_pids  # noqa: F401  (a fixture)
 from support.processes import Fleet, NatsServer
 
@@ -77,3 +78,11 @@ def pytest_configure(config: pytest.Config) -> None:
         if key.startswith("FLEETBUS_"):
             del os.environ[key]
     os.environ["HOME"] = os.environ.get("HOME", str(Path.home()))
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """A 3-node JetStream cluster of real nats-servers on loopback (support/natscluster.py)."""
+    nodes = NatsCluster(tmp_path / "cluster").start()
+    yield nodes
+    nodes.stop()

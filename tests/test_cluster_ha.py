@@ -23,21 +23,19 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats.errors
-import pytest
 from fleetbus.client import Client
 from fleetbus.errors import FleetbusError
 from fleetbus.subjects import Names
 from nats.aio.client import Client as NATS
 from support.agents import Agent
 from support.natscluster import NatsCluster
-from support.processes import Daemon, own_user, wait_for
-from test_failover import RETRYABLE, _until
+from support.processes import Daemon, own_user, until, wait_for
+from test_failover import RETRYABLE
 from test_gateway_ha import Deployment, free_port, pings
 
 # Answers a caller acts on without guessing: RETRYABLE ones it retries with the same id;
@@ -49,13 +47,6 @@ AGENTS = 4
 # (docs/operations.md, "When a NATS node dies"): commands it answered this close
 # before its death may lack their record.
 UNACKED_S = 1.0
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
-    nodes = NatsCluster(tmp_path / "cluster").start()
-    yield nodes
-    nodes.stop()
 
 
 @dataclass
@@ -154,7 +145,7 @@ async def test_a_node_and_a_gateway_die_and_no_command_runs_twice_or_fails_as_in
         loop = Loop(["c1", *names])
         lanes = [asyncio.create_task(lane(fb, i, marks, loop)) for i in range(LANES)]
         try:
-            await _until(lambda: loop.oks_since(0) >= 20, 60, "commands before the node loss")
+            await until(lambda: loop.oks_since(0) >= 20, 60, "commands before the node loss")
             # The node leading the commands KV: its loss forces an election there.
             info = await nc.jetstream().stream_info(f"KV_{Names(prefix).commands_bucket}")
             leader = next(n for n in cluster.nodes if n.name == info.cluster.leader)
@@ -164,7 +155,7 @@ async def test_a_node_and_a_gateway_die_and_no_command_runs_twice_or_fails_as_in
             await asyncio.to_thread(cluster.restart, leader)
             node_back = time.monotonic()
             after_node = len(loop.attempts)
-            await _until(lambda: all(loop.oks_since(after_node, s) >= 2 for s in loop.servers), 90,
+            await until(lambda: all(loop.oks_since(after_node, s) >= 2 for s in loop.servers), 90,
                          "commands on every server after the restart")
 
             gateway_killed = time.monotonic()
@@ -173,7 +164,7 @@ async def test_a_node_and_a_gateway_die_and_no_command_runs_twice_or_fails_as_in
                 wait_for, lambda: all(pings(dep, names).values()) and time.monotonic(), 60,
                 "every agent answering through the surviving gateway")
             after_gateway = len(loop.attempts)
-            await _until(lambda: all(loop.oks_since(after_gateway, s) >= 2 for s in loop.servers), 60,
+            await until(lambda: all(loop.oks_since(after_gateway, s) >= 2 for s in loop.servers), 60,
                          "commands on every server after the gateway's death")
             loop_stopped = time.monotonic()
         finally:

@@ -17,29 +17,20 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats.errors
-import pytest
 from fleetbus.client import Client
 from fleetbus.errors import FleetbusError
 from fleetbus.subjects import Names
 from nats.aio.client import Client as NATS
 from support.natscluster import NatsCluster
-from support.processes import Daemon, own_user
+from support.processes import Daemon, own_user, until
 
 # Codes a caller retries with the same id: nothing ran, or it is safe to ask again.
 RETRYABLE = {"server_offline", "transport_error", "timeout", "busy"}
 LANES = 3
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
-    nodes = NatsCluster(tmp_path / "cluster").start()
-    yield nodes
-    nodes.stop()
 
 
 @dataclass
@@ -136,17 +127,17 @@ async def test_a_nats_node_loss_fails_no_command_as_internal_and_runs_none_twice
         loop = Loop()
         lanes = [asyncio.create_task(lane(fb, i, marks, loop)) for i in range(LANES)]
         try:
-            await _until(lambda: sum(a.outcome == "ok" for a in loop.attempts) >= 30, 60, "commands before")
+            await until(lambda: sum(a.outcome == "ok" for a in loop.attempts) >= 30, 60, "commands before")
             # The node leading the commands KV: its loss forces a leader election there.
             info = await nc.jetstream().stream_info(f"KV_{Names(prefix).commands_bucket}")
             leader = next(n for n in cluster.nodes if n.name == info.cluster.leader)
             killed_at = time.monotonic()
             await asyncio.to_thread(cluster.kill, leader)
-            await _until(lambda: time.monotonic() > killed_at + 10, 20, "ten seconds of commands")
+            await until(lambda: time.monotonic() > killed_at + 10, 20, "ten seconds of commands")
             await asyncio.to_thread(cluster.restart, leader)
             restarted_at = time.monotonic()
             after = len(loop.attempts)
-            await _until(lambda: sum(a.outcome == "ok" for a in loop.attempts[after:]) >= 30, 90,
+            await until(lambda: sum(a.outcome == "ok" for a in loop.attempts[after:]) >= 30, 90,
                          "commands after the restart")
         finally:
             loop.stop.set()
@@ -179,11 +170,4 @@ async def test_a_nats_node_loss_fails_no_command_as_internal_and_runs_none_twice
         worker.stop()
         core.stop()
 
-
-async def _until(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.05)
 

@@ -10,7 +10,6 @@ import os
 import secrets
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import nats
@@ -21,13 +20,6 @@ from fleetbus.subjects import Names
 from support.natscluster import NatsCluster, free_port
 from support.natsjwt import AuthServer
 from support.processes import FLEETBUS, Daemon, NatsServer, own_user, wait_for
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[NatsCluster]:
-    nodes = NatsCluster(tmp_path / "cluster").start()
-    yield nodes
-    nodes.stop()
 
 
 def dead_url() -> str:

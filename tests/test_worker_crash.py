@@ -30,7 +30,7 @@ from fleetbus.errors import Lost
 from fleetbus.host import DEADLINE_SKEW_S
 from fleetbus.subjects import HDR_DEADLINE, Names
 from nats.aio.client import Client as NATS
-from support.processes import Daemon, NatsServer, group_members, own_user, shared_env
+from support.processes import Daemon, NatsServer, group_members, own_user, shared_env, until
 
 
 @dataclass
@@ -90,16 +90,6 @@ async def add_server(nc: NATS, prefix: str, name: str) -> None:
             return
         await asyncio.sleep(0.1)
     raise TimeoutError(f"{name} was never served")
-
-
-async def until(predicate: Any, timeout: float = 15.0, what: str = "condition") -> Any:
-    """Wait for ``predicate()`` to be true without blocking the event loop."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return value
 
 
 def ppid_of(pid: int) -> int:

@@ -6,6 +6,7 @@ with a deadline, never a fixed sleep.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -50,6 +51,16 @@ def shared_env(nats_url: str, prefix: str, home: Path, master_key: bool = True, 
     if master_key:
         env["FLEETBUS_MASTER_KEY"] = base64.b64encode(secrets.token_bytes(32)).decode()
     return env
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    """Wait for ``predicate()`` to be true without blocking the event loop; its value."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.02)
+    return value
 
 
 def pid_alive(pid: int) -> bool:
