@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import os
 import secrets
 import signal
@@ -27,12 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nats.errors
 from fleetbus.client import Client
 from fleetbus.errors import FleetbusError
 from fleetbus.subjects import Names
 from nats.aio.client import Client as NATS
 from support.agents import Agent
+from support.auditread import audit_records
 from support.natscluster import NatsCluster
 from support.processes import Daemon, own_user, until, wait_for
 from test_failover import RETRYABLE
@@ -93,23 +92,10 @@ async def lane(fb: Client, lane_no: int, marks: Path, loop: Loop) -> None:
 
 async def ok_records(nc: NATS, prefix: str, wanted: set[str], timeout: float = 60) -> dict[str, int]:
     """How many `ok` exec records (not replays) the audit stream holds per command id,
-    read until every wanted id has one, then until the stream is quiet."""
-    sub = await nc.jetstream().subscribe(f"{prefix}.v1.audit.*.exec", ordered_consumer=True)
-    found: dict[str, int] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=1)
-            except nats.errors.TimeoutError:
-                if wanted <= set(found) or time.monotonic() > deadline:
-                    return found
-                continue
-            record = json.loads(msg.data)
-            if record["outcome"] == "ok" and not record["replayed"]:
-                found[record["id"]] = found.get(record["id"], 0) + 1
-    finally:
-        await sub.unsubscribe()
+    read until every wanted id has one."""
+    records = await audit_records(nc, Names(prefix).audit_stream, f"{prefix}.v1.audit.*.exec", wanted, timeout)
+    return {cid: n for cid, recs in records.items()
+            if (n := sum(r["outcome"] == "ok" and not r["replayed"] for r in recs))}
 
 
 async def test_a_node_and_a_gateway_die_and_no_command_runs_twice_or_fails_as_internal(

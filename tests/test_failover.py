@@ -20,11 +20,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nats.errors
 from fleetbus.client import Client
 from fleetbus.errors import FleetbusError
 from fleetbus.subjects import Names
-from nats.aio.client import Client as NATS
+from support.auditread import audit_records
 from support.natscluster import NatsCluster
 from support.processes import Daemon, own_user, until
 
@@ -66,33 +65,6 @@ async def lane(fb: Client, lane_no: int, marks: Path, loop: Loop) -> None:
                 break
             await asyncio.sleep(0.1)
         loop.finals[command_id] = outcome
-
-
-async def audit_records(nc: NATS, prefix: str, wanted: set[str], timeout: float = 60) -> dict[str, list[dict]]:
-    """Audit records of server c1's execs by id, read until every wanted id has one."""
-    js = nc.jetstream()
-    sub = await js.subscribe(f"{prefix}.v1.audit.c1.exec", ordered_consumer=True)
-    found: dict[str, list[dict]] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and not wanted <= set(found):
-            try:
-                msg = await sub.next_msg(timeout=1)
-            except nats.errors.TimeoutError:
-                continue
-            record = json.loads(msg.data)
-            found.setdefault(record["id"], []).append(record)
-        # Whatever else arrives right behind (a record written twice would show here).
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=1)
-            except nats.errors.TimeoutError:
-                break
-            record = json.loads(msg.data)
-            found.setdefault(record["id"], []).append(record)
-    finally:
-        await sub.unsubscribe()
-    return found
 
 
 async def test_a_nats_node_loss_fails_no_command_as_internal_and_runs_none_twice(
@@ -159,7 +131,7 @@ async def test_a_nats_node_loss_fails_no_command_as_internal_and_runs_none_twice
         assert runs == dict.fromkeys(loop.finals, 1), {k: v for k, v in runs.items() if v != 1}
 
         # One audit record that says it ran for every command that ran, and none for others.
-        records = await audit_records(nc, prefix, set(runs))
+        records = await audit_records(nc, Names(prefix).audit_stream, f"{prefix}.v1.audit.c1.exec", set(runs))
         ran_records = {cid: [r for r in recs if r["outcome"] == "ok" and not r["replayed"]]
                        for cid, recs in records.items()}
         assert {cid for cid, recs in ran_records.items() if recs} == set(runs)
