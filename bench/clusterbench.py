@@ -21,9 +21,7 @@ so it is imported, not copied. The core and worker are separate processes starte
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import os
 import secrets
 import time
 import uuid
@@ -80,9 +78,7 @@ async def cluster_fleet(work: Path) -> AsyncIterator[ClusterFleet]:
     try:
         await asyncio.to_thread(cluster.start)
         names = Names("bc" + secrets.token_hex(4))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
-        env.update(cluster.client_env(), FLEETBUS_PREFIX=names.prefix, FLEETBUS_HOME=str(work / "cluster-home"),
-                   FLEETBUS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode())
+        env = cluster.fleet_env(names.prefix, work / "cluster-home")
         for args, ready in ((["core", "--replicas", "3", "--check-interval", "0"], "fleetbus core"),
                             (["worker", "--replicas", "3", "--transports", "local", "--local-user", own_user()],
                              "serving local")):

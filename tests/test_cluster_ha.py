@@ -17,8 +17,6 @@ has exactly one `ok` record for each command answered `ok`, and none for any oth
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
 import secrets
 import signal
 import time
@@ -101,9 +99,7 @@ async def ok_records(nc: NATS, prefix: str, wanted: set[str], timeout: float = 6
 async def test_a_node_and_a_gateway_die_and_no_command_runs_twice_or_fails_as_internal(
         cluster: NatsCluster, tmp_path: Path) -> None:
     prefix = "ha" + secrets.token_hex(4)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
-    env.update(cluster.client_env(), FLEETBUS_PREFIX=prefix, FLEETBUS_HOME=str(tmp_path / "core-home"),
-               FLEETBUS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode())
+    env = cluster.fleet_env(prefix, tmp_path / "core-home")
     core = Daemon(["core", "--replicas", "3"], env, tmp_path / "core.log", "fleetbus core").start()
     dep = Deployment(env, tmp_path, core, [], [f"127.0.0.1:{free_port()}" for _ in range(2)])
     for i, listen in enumerate(dep.listens):  # two machines: each its own home and gateway

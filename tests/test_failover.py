@@ -12,9 +12,7 @@ printed (measured, not asserted).
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -70,9 +68,7 @@ async def lane(fb: Client, lane_no: int, marks: Path, loop: Loop) -> None:
 async def test_a_nats_node_loss_fails_no_command_as_internal_and_runs_none_twice(
         cluster: NatsCluster, tmp_path: Path) -> None:
     prefix = "f" + secrets.token_hex(4)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
-    env.update(cluster.client_env(), FLEETBUS_PREFIX=prefix, FLEETBUS_HOME=str(tmp_path / "home"),
-               FLEETBUS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode())
+    env = cluster.fleet_env(prefix, tmp_path / "home")
     core = Daemon(["core", "--replicas", "3"], env, tmp_path / "core.log", "fleetbus core").start()
     worker = Daemon(["worker", "--replicas", "3", "--transports", "local", "--local-user", own_user()],
                     env, tmp_path / "worker.log", "serving local").start()

@@ -22,7 +22,7 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 
-from .processes import NATS_SERVER, stop_process, wait_for
+from .processes import NATS_SERVER, shared_env, stop_process, wait_for
 
 CLUSTER_NAME = "fbtest"
 
@@ -81,6 +81,11 @@ class NatsCluster:
     def client_env(self) -> dict[str, str]:
         """What a fleetbus process or the CLI needs to use this cluster."""
         return {"FLEETBUS_NATS_URL": self.urls, "FLEETBUS_NATS_TOKEN": self.token}
+
+    def fleet_env(self, prefix: str, home: Path) -> dict[str, str]:
+        """The environment of fleetbus processes (core, workers, the CLI) sharing this
+        cluster under ``prefix``, with a fresh master key (support/processes.py)."""
+        return shared_env(self.urls, prefix, home, FLEETBUS_NATS_TOKEN=self.token)
 
     async def connect(self, **options: Any) -> NATS:
         """A plain nats-py client on the cluster, as another system would use it."""
