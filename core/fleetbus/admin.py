@@ -194,7 +194,7 @@ class AdminService:
         caps = transport.capabilities
         if caps.needs_host and not server.host:
             port = f" (and a port unless it is {caps.default_port})" if caps.default_port else ""
-            raise InvalidRequest(f"a {server.transport} server needs a host{port}")
+            raise InvalidRequest(f"a server of the {server.transport} transport needs a host{port}")
         transport.check_options(server.options)
 
     async def servers_list(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -79,6 +79,7 @@ def _prepare(draft: ServerDraft) -> None:
     draft.before.append(store)
     if issued:
         draft.after.append(lambda reply: _show_key(draft, key.decode(), pinned))
+        draft.json_extra["key"] = key.decode()
 
 
 def _show_key(draft: ServerDraft, key: str, pinned: bool) -> None:

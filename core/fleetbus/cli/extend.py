@@ -37,7 +37,8 @@ class ServerDraft:
     ``before`` steps run with a connected client before the server is registered (e.g.
     storing a key as a credential); each may return an undo step, run if the
     registration then fails. ``after`` steps get the admin service's reply and print
-    what the operator needs next (a key, the agent's command line).
+    what the operator needs next (a key, the agent's command line); with ``--json``
+    they do not run, and ``json_extra`` is merged into the printed reply instead.
     """
 
     name: str
@@ -51,6 +52,8 @@ class ServerDraft:
     replace: bool = False
     before: list[Callable[[Client], Awaitable[Undo | None]]] = field(default_factory=list)
     after: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
+    #: Added to the reply ``servers add --json`` prints (e.g. a key the CLI issued).
+    json_extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -69,7 +69,7 @@ def add(g: Globals, name: str, transport: str, host: str | None, port: int | Non
 
     reply = client_call(g, go)
     if as_json:
-        emit_json(reply)
+        emit_json({**reply, **draft.json_extra})
         return
     for warning in reply.get("warnings", []):
         click.echo(f"fleetbus: warning: {shown(warning)}", err=True)
