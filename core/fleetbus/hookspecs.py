@@ -44,7 +44,9 @@ def fleetbus_transports() -> list[type[Transport]]:
     """Return the transport classes this plugin provides.
 
     Each class subclasses :class:`fleetbus.transport.Transport` and has a unique
-    ``name``. Called once per process when plugins load.
+    ``name``. Called once per process when plugins load. Since fleetbus 0.1; the
+    classes' ``Settings``, ``Options`` and ``capabilities`` declarations are checked
+    since the declarations were added (issue 19).
     """
     raise NotImplementedError
 
@@ -58,5 +60,6 @@ def fleetbus_cli(cli: CliRegistry) -> None:
     ``add_setting_flag`` (a flag on ``up``/``worker`` that sets a transport setting),
     ``add_command`` (a command of its own, top level or under ``servers``) and
     ``quiet_logger``. Called at most once per process, only when a command that can
-    show these additions runs, never on ``fleetbus run``. Returns nothing.
+    show these additions runs, never on ``fleetbus run``. Returns nothing. A hook that
+    raises is logged and skipped. Since fleetbus 0.1 (issue 19); optional.
     """
