@@ -183,3 +183,24 @@ def test_an_inbound_key_issued_by_the_cli_is_in_the_json_reply(fleet: Fleet) -> 
     nopin = fleet.cli("servers", "add", "db7", "--transport", "agent-inbound", "--host", "127.0.0.1",
                       input=b"operator-key")
     assert "pin the agent's certificate" in one_line_error(nopin)
+
+
+def test_fleetbus_run_loads_no_plugin_cli() -> None:
+    """The plugins' CLI is loaded only for commands that show it: `run` stays cheap."""
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from fleetbus.cli.main import cli\n"
+        "for args in (['run', '--help'], ['servers', 'add', '--help']):\n"
+        "    try:\n"
+        "        cli(args, prog_name='fleetbus')\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "    loaded = sorted(m for m in sys.modules if m.endswith('.cli') and m.startswith('fleetbus_'))\n"
+        "    print(' '.join(args), loaded, file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    run_line, add_line = proc.stderr.strip().splitlines()
+    assert run_line == "run --help []"
+    assert "'fleetbus_ssh.cli'" in add_line and "'fleetbus_agent_inbound.cli'" in add_line
