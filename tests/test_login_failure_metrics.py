@@ -44,7 +44,9 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
 @pytest.fixture(scope="module")
 def wsman(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WsmanServer]:
     certs = make_certs(tmp_path_factory.mktemp("wsman-login-certs"))
-    server = WsmanServer(tmp_path_factory.mktemp("wsman-login"), certs=certs, auth=("basic",)).start()
+    server = WsmanServer(tmp_path_factory.mktemp("wsman-login"), certs=certs, auth=("basic",),
+                         users={"DOMAIN\\ops": "s3cret", "DOMAIN\\guest": "g3st"},
+                         denied_users=("DOMAIN\\guest",)).start()
     yield server
     server.stop()
 
@@ -66,6 +68,20 @@ def test_a_wrong_ssh_password_is_counted(fleet: Fleet, sshd: Sshd, tmp_path: Pat
     assert all(user not in labels.values() for labels in labels_of_failures(fleet))
 
 
+def test_an_unverifiable_certificate_is_not_a_login_failure(fleet: Fleet, wsman: WsmanServer) -> None:
+    # First of the wmi tests: no server of this module's fleet logs in to WinRM with a
+    # wrong password yet, so no server check can count one meanwhile.
+    assert fleet.cli("credentials", "add", "win-right", "--type", "windows", "--user", "DOMAIN\\ops",
+                     input=b"s3cret\n").returncode == 0
+    added = fleet.cli("servers", "add", "win-noca1", "--transport", "wmi", "--host", "127.0.0.1",
+                      "--port", str(wsman.port), "--auth", "basic", "--credential", "win-right")
+    assert added.returncode == 0, added.stderr
+    before = failures(fleet, "wmi")
+    refused = fleet.cli("ping", "win-noca1")
+    assert refused.returncode != 0 and "certificate" in refused.stderr.lower()
+    assert failures(fleet, "wmi") == before
+
+
 def test_a_wrong_wmi_password_is_counted(fleet: Fleet, wsman: WsmanServer) -> None:
     wrong = "wrong-" + secrets.token_hex(8)
     added = fleet.cli("credentials", "add", "win-login", "--type", "windows", "--user", "DOMAIN\\ops",
@@ -82,20 +98,19 @@ def test_a_wrong_wmi_password_is_counted(fleet: Fleet, wsman: WsmanServer) -> No
     assert wrong not in scrape(fleet)
     for labels in labels_of_failures(fleet):
         assert set(labels) == {"transport", "reason"} and "ops" not in labels["reason"]
-    # Not pinged again by the server checks while the next test counts.
-    assert fleet.cli("servers", "remove", "win-login1").returncode == 0
 
 
-def test_an_unverifiable_certificate_is_not_a_login_failure(fleet: Fleet, wsman: WsmanServer) -> None:
-    assert fleet.cli("credentials", "add", "win-right", "--type", "windows", "--user", "DOMAIN\\ops",
-                     input=b"s3cret\n").returncode == 0
-    added = fleet.cli("servers", "add", "win-noca1", "--transport", "wmi", "--host", "127.0.0.1",
-                      "--port", str(wsman.port), "--auth", "basic", "--credential", "win-right")
+def test_a_login_without_winrm_access_is_counted(fleet: Fleet, wsman: WsmanServer) -> None:
+    assert fleet.cli("credentials", "add", "win-guest", "--type", "windows", "--user", "DOMAIN\\guest",
+                     input=b"g3st\n").returncode == 0
+    added = fleet.cli("servers", "add", "win-denied1", "--transport", "wmi", "--host", "127.0.0.1",
+                      "--port", str(wsman.port), "--auth", "basic", "--ca", str(wsman.ca_path),
+                      "--credential", "win-guest")
     assert added.returncode == 0, added.stderr
-    before = failures(fleet, "wmi")
-    refused = fleet.cli("ping", "win-noca1")
-    assert refused.returncode != 0 and "certificate" in refused.stderr.lower()
-    assert failures(fleet, "wmi") == before
+    before = failures(fleet, "wmi").get("access_denied", 0)
+    refused = fleet.cli("ping", "win-denied1")
+    assert refused.returncode != 0 and "denied access" in refused.stderr, refused.stderr
+    wait_for(lambda: failures(fleet, "wmi").get("access_denied", 0) > before, what="the denied login counted")
 
 
 def labels_of_failures(fleet: Fleet) -> list[dict[str, str]]:

@@ -23,7 +23,10 @@ def test_command_to_a_stopped_agent_says_it_is_not_connected_and_when_it_was_see
         connected_at = datetime.now(UTC).replace(microsecond=0)
     finally:
         agent.stop()
-    proc = wait_for(lambda: (p := fleet.cli("ping", "away1")).returncode != 0 and p or None,
+    # Until the gateway sees the connection close, a ping may fail otherwise (the link
+    # going down): wait for the answer of a server nobody serves.
+    proc = wait_for(lambda: (p := fleet.cli("ping", "away1")).returncode != 0
+                    and "nobody serves away1" in p.stderr and p or None,
                     what="away1 unserved after its agent stopped")
     assert "nobody serves away1 right now: its agent is not connected" in proc.stderr, proc.stderr
     assert "'agent-outbound' transport" not in proc.stderr
