@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,6 +30,7 @@ from fleetbus.errors import (
     Timeout,
     TransportError,
 )
+from fleetbus.metrics import Metrics
 from fleetbus.records import Server
 from fleetbus.transport import Credential, ExecSpec, PutSpec
 from fleetbus_wmi import commands, facts, files
@@ -57,7 +59,7 @@ class FakeContext:
     """The plugin host's TransportContext, reduced to what a transport uses."""
 
     transport_name = "wmi"
-    services = None
+    services = SimpleNamespace(metrics=Metrics())  # a refused login is counted there
 
     def __init__(self, settings: dict[str, Any] | None = None) -> None:
         self.logger = logging.getLogger("test.wmi")

@@ -35,7 +35,8 @@ from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
 from .admission import Admission, AdmissionSettings, ShedReport, Ticket, requester_of
-from .audit import Auditor, summarize
+from .audit import Auditor, StagedRecord, summarize
+from .auditspool import AuditSpool
 from .collector import relax_gc
 from .connection import publish_now, publish_soon, send_now, unread_bytes, watch_errors
 from .dedupe import CommandMemory, fingerprint
@@ -190,7 +191,8 @@ class PluginHost:
         # This worker's liveness key; the claims it makes name it (leases.py, dedupe.py).
         self.lease = WorkerLease(state.workers, self.settings.worker_id)
         self.memory = CommandMemory(state.commands, state.workers, self.lease.key)
-        self.auditor = Auditor(nc, self.names)
+        # Records stay on this worker's disk until stored, so a crash loses none (audit.py).
+        self.auditor = Auditor(nc, self.names, spool=AuditSpool(self.settings.home.path / "audit-spool"))
         self.files = ObjectFiles(state.js, self.names.files_bucket)
         self.vault = vault
         self.metrics = metrics or Metrics()
@@ -257,6 +259,7 @@ class PluginHost:
         # Before any subject is served, so before any claim can name it; after the
         # transports, so a transport that refuses to start leaves nothing running.
         await self.lease.start()
+        await self.auditor.recover()
         self._cancel_sub = await self.nc.subscribe(
             f"{self.names.prefix}.v1.servers.*.cancel", cb=self._on_cancel
         )
@@ -525,8 +528,9 @@ class PluginHost:
             # Our own shutdown: tell the requester rather than leaving it to time out.
             outcome = _Outcome(reply={"ok": False, "id": command_id,
                                       "error": Cancelled("the worker is shutting down").to_wire()})
+            staged = self._audit(served, op, body, command_id, requester, started, outcome, replayed)
             await self._respond(msg, outcome.reply)
-            await self._audit(served, op, body, command_id, requester, started, outcome, replayed)
+            await self.auditor.send(staged)
             raise
         except Exception:
             log.exception("command %s on %s failed unexpectedly", command_id, server.name)
@@ -535,13 +539,16 @@ class PluginHost:
         # The reply is on the socket already (send_now), or batched with the others of
         # this loop turn for nats-py's flusher, which the bookkeeping below holds back by
         # a few microseconds; yielding to it here cost every command a loop turn.
+        # The record is on disk before the reply leaves: a worker that dies after replying
+        # still has it for the next start (auditspool.py).
+        staged = self._audit(served, op, body, command_id, requester, started, outcome, replayed)
         await self._respond(msg, outcome.reply)
         if remember is not None:
             try:
                 await remember
             except Exception as exc:
                 log.error("could not store the reply of command %s: %s", command_id, type(exc).__name__)
-        await self._audit(served, op, body, command_id, requester, started, outcome, replayed)
+        await self.auditor.send(staged)
 
     async def _deduplicated(self, served: _Served, op: str, req: Request, command_id: str,
                             body_fp: str, ticket: Ticket,
@@ -590,11 +597,12 @@ class PluginHost:
             return outcome, None, True
         raise Busy(f"command {command_id} was claimed and dropped again and again; retry it")
 
-    async def _audit(self, served: _Served, op: str, body: dict[str, Any], command_id: str,
-                     requester: str, started: float, outcome: _Outcome, replayed: bool) -> None:
+    def _audit(self, served: _Served, op: str, body: dict[str, Any], command_id: str,
+               requester: str, started: float, outcome: _Outcome, replayed: bool) -> StagedRecord | None:
+        """Count the command and stage its audit record (None when it has none)."""
         error = outcome.reply.get("error") or {}
         if op == "ping" and requester == CHECKER_REQUESTER:
-            return  # health checks have their own metrics and would drown the trail
+            return None  # health checks have their own metrics and would drown the trail
         elapsed = time.monotonic() - started
         label_op = op if op in OPERATIONS else "invalid"
         result = "ok" if outcome.reply.get("ok") else str(error.get("code", "internal"))
@@ -604,7 +612,7 @@ class PluginHost:
         malformed = not outcome.ran and result in (InvalidRequest.code, TooLarge.code)
         # The fields of an AuditRecord, from our own values: building and validating a
         # model on every command would only cost time.
-        await self.auditor.record({
+        return self.auditor.stage({
             "ts": utcnow(), "id": command_id, "server": served.server.name,
             "transport": served.transport, "op": label_op, "requester": requester,
             "outcome": result, "exit_code": outcome.exit_code, "duration_s": round(elapsed, 6),

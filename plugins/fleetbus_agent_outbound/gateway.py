@@ -71,12 +71,12 @@ from pydantic import Field, field_validator
 from .cluster import RECORD_EVERY_S, Cluster
 from .links import Link, Links
 
-# How often each connected agent's status (its last_seen) is written again. It was every
-# 30 s for all links at once: with 5,000 agents, 10,000 JetStream requests in a burst
-# every 30 s (a status read and write each), about a fifth of an idle gateway's CPU. Now
-# each record tick writes the stalest share, so every link is refreshed about this often
-# and the writes are spread out. The core's server checks (every 30 s by default) also
-# set last_seen.
+# How often each connected agent's status (its last_seen) is written again. Each record
+# tick writes the stalest share of the links, so every link is refreshed about this often
+# and the writes (a status read and write per agent) are spread out instead of arriving
+# in one burst per interval, which a gateway with thousands of agents pays for in CPU
+# (docs/performance.md, "History of measured changes"). The core's server checks (every
+# 30 s by default) also set last_seen.
 STATUS_EVERY_S = 300.0
 # Every TLS handshake, failed ones too, allocates and frees OpenSSL and asyncio state
 # between the allocations of connections that stay. After thousands of agents connect

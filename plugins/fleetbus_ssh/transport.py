@@ -60,7 +60,7 @@ class SshTransport(Transport):
         hops = await self._route(server, credential)
         max_sessions = self._max_sessions(server)
         task = asyncio.ensure_future(
-            self.ctx.run_blocking(connect, hops, self.settings, self.ctx.logger))
+            self.ctx.run_blocking(connect, hops, self.settings, self.ctx.logger, self._login_refused))
         try:
             # Shielded so a cancelled open can still close what its thread connects.
             conn = await asyncio.shield(task)
@@ -68,6 +68,11 @@ class SshTransport(Transport):
             task.add_done_callback(self._close_if_opened)
             raise
         return SshSession(conn, self.settings, self.ctx.run_blocking, self.ctx.logger, max_sessions)
+
+    def _login_refused(self, reason: str) -> None:
+        # Counted like the agents' failed authentications; prometheus counters take
+        # increments from the connecting thread.
+        self.ctx.services.metrics.auth_failures.labels(self.name, reason).inc()
 
     def _close_if_opened(self, task: asyncio.Future[SshConnection]) -> None:
         # The open was cancelled while its thread was still connecting: nobody will use
