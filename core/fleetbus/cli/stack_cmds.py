@@ -137,11 +137,6 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None,
             stack.callback(home.clear_run)
             added = await ensure_local_server(running.state, running.host)
             metrics_url = running.metrics_server.url if running.metrics_server else None
-            # Names and paths only: the CLI finds a token in its own environment or file.
-            home.write_run({"nats_url": running.nats_url, "prefix": running.names.prefix,
-                            "embedded": running.embedded is not None, "version": __version__,
-                            "metrics_url": metrics_url, "nats_context": g.nats_context,
-                            "nats_creds": g.nats_creds, "replicas": running.replicas})
             served = ", ".join(running.host.transports) if running.host and running.host.transports else "none"
             _say(f"fleetbus {__version__} is up in {time.monotonic() - started:.2f} s")
             _say(f"  nats      {running.nats_shown}" + (" (embedded, token required)" if running.embedded
@@ -157,6 +152,12 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None,
                     _say(f"  {label:<9} {text}")
             _say("  server 'local' registered" if added else "  server 'local' already registered")
             _say("try: fleetbus run local -- uname -a      (Ctrl-C stops fleetbus)")
+            # Names and paths only: the CLI finds a token in its own environment or file.
+            # Written last, so whoever waits for it (a script, a test) also has the lines above.
+            home.write_run({"nats_url": running.nats_url, "prefix": running.names.prefix,
+                            "embedded": running.embedded is not None, "version": __version__,
+                            "metrics_url": metrics_url, "nats_context": g.nats_context,
+                            "nats_creds": g.nats_creds, "replicas": running.replicas})
             await wait_for_signal(lambda name: _say(f"\nfleetbus: {name} received, shutting down"))
         _say("fleetbus stopped")
 
