@@ -47,7 +47,7 @@ from .registry import Registry
 from .registryview import RegistryView
 from .replies import Replies
 from .selection import resolve
-from .subjects import HDR_REQUESTER, ReplySubjects
+from .subjects import ReplySubjects, requester_in
 
 log = logging.getLogger("fleetbus.jobs")
 
@@ -158,7 +158,7 @@ class JobService:
     def _wrap(self, verb: str, handler: Handler) -> Callable[[MicroRequest], Awaitable[None]]:
         async def serve(req: MicroRequest) -> None:
             started = time.monotonic()
-            requester = str((req.headers or {}).get(HDR_REQUESTER, "bus"))[:128]
+            requester = requester_in(req.headers)
             answered = await answer(req, self.replies, lambda body: handler(body, requester))
             if answered is not None and verb in ("start", "cancel", "rerun"):
                 await self._audit(verb, requester, answered[1], started)

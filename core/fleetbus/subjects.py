@@ -31,6 +31,34 @@ HDR_REQUESTER = "Fleetbus-Requester"
 #: clock (docs/bus-api.md, "Conventions"). A request a worker reaches later than that,
 #: plus the host's allowance for clocks that disagree, is answered `timeout`, never run.
 HDR_DEADLINE = "Fleetbus-Deadline"
+#: Which core's server checker sent a ``ping`` (checks.py).
+HDR_CHECKER = "Fleetbus-Checker"
+
+# A command's live output on the requester's output subject (output.py).
+#: ``stdout`` or ``stderr``.
+HDR_STREAM = "Fleetbus-Stream"
+#: The message's sequence number (live output and streamed transfers alike).
+HDR_SEQ = "Fleetbus-Seq"
+#: Present on the last message of a command's output.
+HDR_END = "Fleetbus-End"
+#: The exit code, on the end marker.
+HDR_EXIT = "Fleetbus-Exit-Code"
+#: The error code that ended a command's output or a transfer.
+HDR_ERROR = "Fleetbus-Error"
+#: The command id the output belongs to.
+HDR_COMMAND = "Fleetbus-Command"
+
+# A streamed transfer's messages between requester and worker (streams.py).
+#: What a transfer message is (data, end, credit, alive, abort).
+HDR_TRANSFER = "Fleetbus-Transfer"
+#: The transfer's total size, when known.
+HDR_SIZE = "Fleetbus-Size"
+#: The SHA-256 of the content, on the end message.
+HDR_SHA256 = "Fleetbus-Sha256"
+#: Bytes of credit a receiver grants.
+HDR_CREDIT = "Fleetbus-Credit"
+#: The subject the sender of a transfer message answers on.
+HDR_SUBJECT = "Fleetbus-Subject"
 #: Who sent a request when its headers do not say.
 DEFAULT_REQUESTER = "bus"
 #: The most of a declared requester that is kept (it is recorded in every audit record).
