@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats.errors
+from fleetbus_agent.text import shorten
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -362,5 +363,5 @@ def _what(request: dict[str, Any]) -> str:
         text = f"{request['op']} {(request.get('put') or request.get('get'))['path']}"
     else:
         text = str(request.get("op"))
-    return text if len(text) <= 80 else text[:77] + "..."
+    return shorten(text, 80)
 
