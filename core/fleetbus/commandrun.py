@@ -85,7 +85,7 @@ def error_reply(command_id: str, error: FleetbusError) -> dict[str, Any]:
     return {"ok": False, "id": command_id, "error": error.to_wire()}
 
 
-@dataclass
+@dataclass(slots=True)
 class _Command:
     """What the path knows of one command as it goes."""
 

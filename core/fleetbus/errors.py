@@ -34,8 +34,8 @@ with their library and end in these classes too.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
+from types import TracebackType
 from typing import Any, ClassVar, Self
 
 from fleetbus_agent.text import first_line, shorten
@@ -200,22 +200,41 @@ REACHING: Mapping[type[BaseException], type[FleetbusError]] = {OSError: ServerOf
 RUNNING: Mapping[type[BaseException], type[FleetbusError]] = {OSError: TransportError}
 
 
-@contextlib.contextmanager
 def mapped_errors(mapping: Mapping[type[BaseException], type[FleetbusError]], what: str, *,
-                  before_start: bool = False) -> Iterator[None]:
-    """Raise what the block raises as a fleetbus error: a :class:`FleetbusError` as it
-    is, an exception of a type in ``mapping`` (the first that matches, in order) as its
-    fleetbus error, "<what>: <the exception's first line>", chained to it. Anything
-    else passes unchanged: the host reports it as ``internal`` (a bug), once.
-    ``before_start`` marks the mapped error and any fleetbus error (see
-    :attr:`FleetbusError.before_start`)."""
-    try:
-        yield
-    except FleetbusError as exc:
-        raise (exc.not_started() if before_start else exc)
-    except Exception as exc:
-        for source, target in mapping.items():
+                  before_start: bool = False) -> _MappedErrors:
+    """``with mapped_errors(RUNNING, "ssh transport failed"):`` raises what the block
+    raises as a fleetbus error: a :class:`FleetbusError` as it is, an exception of a type
+    in ``mapping`` (the first that matches, in order) as its fleetbus error, "<what>:
+    <the exception's first line>", chained to it. Anything else passes unchanged: the
+    host reports it as ``internal`` (a bug), once. ``before_start`` marks the mapped
+    error and any fleetbus error (see :attr:`FleetbusError.before_start`)."""
+    return _MappedErrors(mapping, what, before_start)
+
+
+class _MappedErrors:
+    # A class, not contextlib.contextmanager: it wraps every command, and a generator
+    # per use costs more than the rest of the mapping.
+    __slots__ = ("before_start", "mapping", "what")
+
+    def __init__(self, mapping: Mapping[type[BaseException], type[FleetbusError]], what: str,
+                 before_start: bool) -> None:
+        self.mapping = mapping
+        self.what = what
+        self.before_start = before_start
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> bool:
+        if exc is None or not isinstance(exc, Exception):
+            return False  # done, or CancelledError and the like: not ours to map
+        if isinstance(exc, FleetbusError):
+            if self.before_start:
+                exc.not_started()
+            return False
+        for source, target in self.mapping.items():
             if isinstance(exc, source):
                 detail = shorten(first_line(exc), MAX_CAUSE_CHARS)
-                raise target(f"{what}: {detail}", before_start=before_start) from exc
-        raise
+                raise target(f"{self.what}: {detail}", before_start=self.before_start) from exc
+        return False

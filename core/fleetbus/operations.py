@@ -53,7 +53,7 @@ class Outcome:
     ran: bool = True
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Target:
     """The server a command runs on, as the reply names it."""
 
