@@ -146,6 +146,10 @@ class Served:
 
 
 class PluginHost:
+    """Serves the servers of the loaded transports on the bus: :meth:`start`, then
+    :meth:`serve`/:meth:`unserve` as the registry and the transports say, :meth:`stop`.
+    Each admitted request runs in :attr:`commands` (commandrun.py)."""
+
     def __init__(
         self,
         nc: NATS,
