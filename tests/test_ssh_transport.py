@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
@@ -32,6 +33,7 @@ from fleetbus.errors import (
     Timeout,
     TransportError,
 )
+from fleetbus.metrics import Metrics
 from fleetbus.records import Server
 from fleetbus.sessions import SessionPool
 from fleetbus.transport import Credential, ExecResult, ExecSpec, PutSpec, Session
@@ -72,7 +74,7 @@ class FakeContext:
         self.credentials = credentials
         self.settings = settings or {}
         self.logger = logging.getLogger("test.ssh")
-        self.services = None
+        self.services = SimpleNamespace(metrics=Metrics())  # a refused login is counted there
         self.pool = ThreadPoolExecutor(32, thread_name_prefix="ssh-test")
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:

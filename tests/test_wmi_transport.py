@@ -18,6 +18,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -28,6 +29,7 @@ from fleetbus.errors import (
     ServerOffline,
     TransportError,
 )
+from fleetbus.metrics import Metrics
 from fleetbus.records import Server
 from fleetbus.transport import Credential, ExecSpec, PutSpec
 from fleetbus_wmi import commands, facts, files
@@ -56,7 +58,7 @@ class FakeContext:
     """The plugin host's TransportContext, reduced to what a transport uses."""
 
     transport_name = "wmi"
-    services = None
+    services = SimpleNamespace(metrics=Metrics())  # a refused login is counted there
 
     def __init__(self, settings: dict[str, Any] | None = None) -> None:
         self.logger = logging.getLogger("test.wmi")
@@ -471,7 +473,7 @@ async def test_access_denied_is_auth_failed(tmp_path: Path, certs: dict[str, Pat
 def test_bad_options_are_refused(wsman: WsmanServer) -> None:
     from fleetbus_wmi.transport import WmiConfig, WmiSettings
 
-    settings = WmiSettings({})
+    settings = WmiSettings()
     for options, message in (({"scheme": "ftp"}, "scheme"), ({"auth": "digest"}, "auth"),
                              ({"colour": "blue"}, "unknown wmi option"),
                              ({"ca": "/nonexistent.pem"}, "does not exist"),

@@ -9,6 +9,11 @@ record carries the same ``Nats-Msg-Id``, so the stream stores it once even when 
 earlier send was stored and only its acknowledgement was lost. A record still not stored
 after that is logged as an error with its command id rather than lost silently.
 
+With a spool (auditspool.py; the plugin host has one), a record is also written to the
+worker's disk before the reply (:meth:`Auditor.stage`) and leaves it when stored, so a
+worker killed before the stream acknowledged its records does not lose them: the next
+worker on the same home sends them (:meth:`Auditor.recover`).
+
 The acknowledgements come back on one wildcard inbox read straight from nats-py's read
 loop (:class:`~fleetbus.dispatch.ReplyInbox`, as the client's replies do). nats-py's ``publish_async`` would
 cost, per record, a random token (a ``getrandom`` call), a future with two callbacks,
@@ -36,6 +41,7 @@ from nats.aio.msg import Msg
 from nats.js.api import Header
 from pydantic import BaseModel, ConfigDict
 
+from .auditspool import AuditSpool, Segment
 from .dispatch import ReplyInbox
 from .subjects import Names
 
@@ -117,7 +123,7 @@ _SUMMARY_JSON = json.JSONEncoder(default=str)
 
 
 @dataclass(eq=False)
-class _Record:
+class StagedRecord:
     """One record until the stream stored it: what to send again, and since when."""
 
     command_id: str
@@ -127,6 +133,7 @@ class _Record:
     first: float  # loop time of the first send
     sent: float = 0.0  # loop time of the latest send
     pause: float = RESEND_FIRST_PAUSE_S
+    segment: Segment | None = None  # where the spool keeps it until stored
 
 
 # Built once: json.dumps with any option builds a new encoder per call.
@@ -151,17 +158,19 @@ class Auditor:
     """Publishes audit records and checks that the audit stream stored each one."""
 
     def __init__(self, nc: NATS, names: Names, *, max_pending: int = MAX_PENDING,
-                 ack_timeout_s: float = ACK_TIMEOUT_S, stall_limit_s: float = STALL_LIMIT_S) -> None:
+                 ack_timeout_s: float = ACK_TIMEOUT_S, stall_limit_s: float = STALL_LIMIT_S,
+                 spool: AuditSpool | None = None) -> None:
         self.nc = nc
+        self.spool = spool
         self.names = names
         self.max_pending = max_pending
         self.ack_timeout_s = ack_timeout_s
         self.resend_after_s = min(RESEND_AFTER_S, ack_timeout_s)
         self.stall_limit_s = stall_limit_s
         # token -> record; insertion order is sending order.
-        self._pending: dict[str, _Record] = {}
+        self._pending: dict[str, StagedRecord] = {}
         # Refused for a moment, to be sent again after a pause (and still pending).
-        self._resending: set[_Record] = set()
+        self._resending: set[StagedRecord] = set()
         self._resend_tasks: set[asyncio.Task[None]] = set()
         self._msg_ids = (f"{os.urandom(6).hex()}-{n}" for n in itertools.count())
         self._inbox = ReplyInbox(nc, self._on_ack)
@@ -188,28 +197,59 @@ class Auditor:
         sent while the stream lags (half of ``max_pending`` outstanding), and counted
         in :attr:`skipped` and in one log line per interval instead.
         """
+        await self.send(self.stage(rec, admin, skippable))
+
+    def stage(self, rec: AuditRecord | Mapping[str, Any], admin: bool = False,
+              skippable: bool = False) -> StagedRecord | None:
+        """Encode one record and keep it in the spool, before the command's reply; then
+        :meth:`send` it. None when it is skipped (see :meth:`record`)."""
         fields = rec.model_dump() if isinstance(rec, AuditRecord) else rec
         if skippable and len(self._pending) >= self.max_pending * SKIP_FROM_SHARE:
             self._skip()
-            return
-        command_id = str(fields["id"])
+            return None
         # Server names cannot start with "_", so admin records never share a subject with one.
         server = "_admin" if admin else str(fields["server"])
-        subject = self.names.audit(server, str(fields["op"]))
+        record = StagedRecord(str(fields["id"]), self.names.audit(server, str(fields["op"])),
+                         encode_record(fields), next(self._msg_ids), asyncio.get_running_loop().time())
+        if self.spool is not None:
+            record.segment = self.spool.append(record.msg_id, record.subject, record.data)
+        return record
+
+    async def send(self, record: StagedRecord | None) -> None:
+        """Publish a record from :meth:`stage`. Never raises (see :meth:`record`)."""
+        if record is None:
+            return
         token = ""
         try:
             if len(self._pending) >= self.max_pending and not await self._wait_for_room():
                 log.error("audit record for command %s was not stored: the audit stream is not "
-                          "keeping up (%d records unacknowledged)", command_id, len(self._pending))
+                          "keeping up (%d records unacknowledged)", record.command_id, len(self._pending))
+                self._done(record)
                 return
-            record = _Record(command_id, subject, encode_record(fields), next(self._msg_ids),
-                             asyncio.get_running_loop().time())
             token = await self._send(record)
         except Exception as exc:
             self._settled(token)
-            log.error("audit record for command %s was not stored: %s", command_id, type(exc).__name__)
+            self._done(record)
+            log.error("audit record for command %s was not stored: %s", record.command_id, type(exc).__name__)
 
-    async def _send(self, record: _Record) -> str:
+    async def recover(self) -> int:
+        """Send the records a dead process left in the spool's folder; how many."""
+        if self.spool is None:
+            return 0
+        loop = asyncio.get_running_loop()
+        found = self.spool.adopt()
+        for spooled in found:
+            await self.send(StagedRecord(spooled.command_id, spooled.subject, spooled.data, spooled.msg_id,
+                                    loop.time(), segment=spooled.segment))
+        return len(found)
+
+    def _done(self, record: StagedRecord) -> None:
+        """``record`` leaves the spool: stored, refused for good, or its window spent."""
+        if self.spool is not None and record.segment is not None:
+            self.spool.settle(record.segment)
+            record.segment = None
+
+    async def _send(self, record: StagedRecord) -> str:
         token, reply = await self._inbox.reply_to()
         record.sent = asyncio.get_running_loop().time()
         self._pending[token] = record
@@ -219,7 +259,7 @@ class Auditor:
                               headers={"Nats-Msg-Id": record.msg_id})
         return token
 
-    def _again(self, record: _Record, pause: float) -> bool:
+    def _again(self, record: StagedRecord, pause: float) -> bool:
         """Send ``record`` again after ``pause`` s if that is within its window; False
         when the window is spent (the caller reports it)."""
         loop = asyncio.get_running_loop()
@@ -236,12 +276,13 @@ class Auditor:
         loop.call_later(pause, resend)
         return True
 
-    async def _resend(self, record: _Record) -> None:
+    async def _resend(self, record: StagedRecord) -> None:
         token = ""
         try:
             token = await self._send(record)
         except Exception as exc:
             self._settled(token)
+            self._done(record)
             log.error("audit record for command %s was not stored: %s", record.command_id,
                       type(exc).__name__)
         finally:
@@ -269,11 +310,15 @@ class Auditor:
                     await self._drained.wait()
             except TimeoutError:
                 pass
-        if self.pending:
+        unconfirmed = self.pending
+        if unconfirmed:
             log.warning("%d audit records were sent but not confirmed by the audit stream "
-                        "before shutdown", self.pending)
+                        "before shutdown%s", unconfirmed,
+                        "; they stay in the spool for the next start" if self.spool else "")
             self._pending.clear()
             self._resending.clear()
+        if self.spool is not None:
+            self.spool.close(keep=unconfirmed > 0)
         for task in self._resend_tasks:
             task.cancel()
         if self._expiry is not None:
@@ -291,7 +336,7 @@ class Auditor:
             return False
         return True
 
-    def _settled(self, token: str) -> _Record | None:
+    def _settled(self, token: str) -> StagedRecord | None:
         entry = self._pending.pop(token, None)
         if len(self._pending) < self.max_pending:
             self._room.set()
@@ -318,6 +363,7 @@ class Auditor:
             self._check_drained()
         else:
             self._settled(token)
+        self._done(record)
         if problem is not None:
             log.error("audit record for command %s was not stored: %s", record.command_id, problem)
 
@@ -343,6 +389,7 @@ class Auditor:
             if self._again(record, 0.0):
                 continue
             self._check_drained()
+            self._done(record)
             late += 1
             if late <= 10:  # a stall makes thousands; the first ones and a count say enough
                 log.error("audit record for command %s was not confirmed by the audit stream "

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import getpass
 import hashlib
 import inspect
@@ -174,8 +175,11 @@ class Client:
         except ServerOffline:
             return ServerOffline(f"nobody serves {server} right now")
         transport = found["server"]["transport"]
-        message = f"nobody serves {server} right now: no running worker has the {transport!r} transport for it"
         status = found.get("status")
+        if await _serves_connected_only(transport):
+            message = f"nobody serves {server} right now: its agent is not connected ({_last_seen(status)})"
+        else:
+            message = f"nobody serves {server} right now: no running worker has the {transport!r} transport for it"
         if status is None:  # never served: about to be, if it was registered just now
             fresh = _age_s(found["server"].get("created")) < JUST_REGISTERED_S
         else:  # a worker began serving it just now, after our request found nobody
@@ -829,6 +833,46 @@ async def _stream_to_file(dest: Path, chunks: AsyncIterator[bytes], size: int,
 class _NotServedYet(ServerOffline):
     """Nobody answered for a server registered, or served again, moments ago: the
     workers' subscriptions are about to reach NATS, so the request is worth resending."""
+
+
+async def _serves_connected_only(transport: str) -> bool:
+    """Whether ``transport`` serves a server only while the server is connected to it
+    (``Transport.serves_registered`` is False), as an outbound agent is.
+
+    Then nobody serving a server means its agent is away, not that no worker runs the
+    transport. Read from the installed plugins off the event loop (importing them takes
+    a while), and only on this error path. A transport not installed here reads as one
+    that serves every registered server, which keeps the general message.
+    """
+    return transport in await asyncio.to_thread(_connected_only_transports)
+
+
+@functools.cache
+def _connected_only_transports() -> frozenset[str]:
+    from .plugins import load_plugins  # they import their client libraries: only when needed
+
+    return frozenset(name for name, cls in load_plugins().transports.items() if not cls.serves_registered)
+
+
+def _last_seen(status: dict[str, Any] | None) -> str:
+    """When whoever served the server last saw it, from its status, for a message."""
+    seen = (status or {}).get("last_seen")
+    age = _age_s(seen)
+    if seen is None or age == float("inf"):
+        return "never seen"
+    then = datetime.fromisoformat(str(seen)).astimezone(UTC)
+    return f"last seen {then:%Y-%m-%d %H:%M:%S} UTC, {_ago(age)}"
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 120:
+        return f"{seconds:.0f} s ago"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min ago"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.0f} h ago"
+    return f"{seconds / 86400:.0f} days ago"
 
 
 def _age_s(created: Any) -> float:

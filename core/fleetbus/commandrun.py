@@ -13,7 +13,8 @@ where it goes, in order:
    (operations.py);
 5. **reply** on the requester's reply subject, then the claim is settled (the reply
    stored, or the claim dropped when the command never started);
-6. **audit**: the metrics and the audit record.
+6. **audit**: the metrics and the audit record, staged on the worker's disk before
+   the reply leaves (auditspool.py) and sent to the audit stream after it.
 
 Every failure on that path ends in one place, :meth:`CommandRunner._handle`'s ladder
 (as nats-py's ``micro`` ``Endpoint`` turns a handler's exception into an error reply):
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from nats.aio.msg import Msg
 
 from .admission import Ticket
-from .audit import summarize
+from .audit import StagedRecord, summarize
 from .connection import publish_now, send_now
 from .dedupe import fingerprint
 from .errors import (
@@ -136,8 +137,9 @@ class CommandRunner:
             # Our own shutdown: tell the requester rather than leaving it to time out. The
             # claim stays: the command may have started, and this worker's lease ends.
             outcome = Outcome(reply=error_reply(command.id, Cancelled("the worker is shutting down")))
+            staged = self._audit(command, outcome, replayed)
             await self._respond(msg, outcome.reply)
-            await self._audit(command, outcome, replayed)
+            await self.host.auditor.send(staged)
             raise
         except Exception:
             # A bug (ours or a transport's): reply (and remember) internal, so a retry
@@ -148,10 +150,13 @@ class CommandRunner:
         # The reply is on the socket already (send_now), or batched with the others of
         # this loop turn for nats-py's flusher, which the bookkeeping below holds back by
         # a few microseconds; yielding to it here cost every command a loop turn.
+        # The record is on disk before the reply leaves: a worker that dies after replying
+        # still has it for the next start (auditspool.py).
+        staged = self._audit(command, outcome, replayed)
         await self._respond(msg, outcome.reply)
         if claimed is not None:
             await self._settle(command, claimed, outcome)
-        await self._audit(command, outcome, replayed)
+        await self.host.auditor.send(staged)
 
     # 1. parse ------------------------------------------------------------------------
     async def _parse(self, command: _Command, msg: Msg, ticket: Ticket) -> tuple[Request, str | None]:
@@ -321,12 +326,13 @@ class CommandRunner:
             log.error("could not store the reply of command %s: %s", command.id, type(exc).__name__)
 
     # 6. audit ------------------------------------------------------------------------
-    async def _audit(self, command: _Command, outcome: Outcome, replayed: bool) -> None:
+    def _audit(self, command: _Command, outcome: Outcome, replayed: bool) -> StagedRecord | None:
+        """Count the command and stage its audit record (None when it has none)."""
         served = command.served
         op = command.op
         error = outcome.reply.get("error") or {}
         if op == "ping" and command.requester == CHECKER_REQUESTER:
-            return  # health checks have their own metrics and would drown the trail
+            return None  # health checks have their own metrics and would drown the trail
         elapsed = time.monotonic() - command.started
         label_op = op if op in OPERATIONS else "invalid"
         result = "ok" if outcome.reply.get("ok") else str(error.get("code", "internal"))
@@ -336,7 +342,7 @@ class CommandRunner:
         malformed = not outcome.ran and result in (InvalidRequest.code, TooLarge.code)
         # The fields of an AuditRecord, from our own values: building and validating a
         # model on every command would only cost time.
-        await self.host.auditor.record({
+        return self.host.auditor.stage({
             "ts": utcnow(), "id": command.id, "server": served.server.name,
             "transport": served.transport, "op": label_op, "requester": command.requester,
             "outcome": result, "exit_code": outcome.exit_code, "duration_s": round(elapsed, 6),

@@ -37,6 +37,7 @@ from pydantic import ValidationError
 
 from .admission import Admission, AdmissionSettings, ShedReport, Ticket, requester_of
 from .audit import Auditor
+from .auditspool import AuditSpool
 from .collector import relax_gc
 from .commandrun import CHECKER_REQUESTER, DEADLINE_SKEW_S, CommandRunner, error_reply, reply_body
 from .connection import publish_soon, unread_bytes, watch_errors
@@ -109,7 +110,8 @@ class _Context:
         self.host = host
         self.transport_name = name
         self.logger = logging.getLogger(f"fleetbus.transport.{name}")
-        self.settings = host.settings.transport_settings.get(name, {})
+        # Validated here, before the transport exists: a bad one stops the worker, one line.
+        self.settings = host.transport_classes[name].load_settings(host.settings.transport_settings.get(name))
         self.services = host.services
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
@@ -168,7 +170,8 @@ class PluginHost:
         # This worker's liveness key; the claims it makes name it (leases.py, dedupe.py).
         self.lease = WorkerLease(state.workers, self.settings.worker_id)
         self.memory = CommandMemory(state.commands, state.workers, self.lease.key)
-        self.auditor = Auditor(nc, self.names)
+        # Records stay on this worker's disk until stored, so a crash loses none (audit.py).
+        self.auditor = Auditor(nc, self.names, spool=AuditSpool(self.settings.home.path / "audit-spool"))
         self.files = ObjectFiles(state.js, self.names.files_bucket)
         self.vault = vault
         self.metrics = metrics or Metrics()
@@ -240,6 +243,7 @@ class PluginHost:
         # Before any subject is served, so before any claim can name it; after the
         # transports, so a transport that refuses to start leaves nothing running.
         await self.lease.start()
+        await self.auditor.recover()
         self._cancel_sub = await self.nc.subscribe(
             self.names.server("*", "cancel"), cb=self._on_cancel
         )

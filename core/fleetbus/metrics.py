@@ -69,7 +69,7 @@ class Metrics:
             "Agent connections dropped before their handshake finished, by reason.",
             ["reason"], registry=r)
         self.auth_failures = Counter(
-            "fleetbus_auth_failures", "Failed agent authentications, by reason.",
+            "fleetbus_auth_failures", "Failed authentications (agents, ssh and WinRM logins), by reason.",
             ["transport", "reason"], registry=r)
         self.agent_connects = Counter(
             "fleetbus_agent_connections", "Agent connections accepted or opened.",

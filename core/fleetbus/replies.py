@@ -5,9 +5,9 @@ task that awaits the callback) and then ``asyncio.wait_for`` (a done callback th
 itself scheduled before the requester wakes): event-loop iterations between reading a
 reply and the requester seeing it, on every command. :class:`Replies` keeps one
 wildcard reply subscription per connection (:class:`~fleetbus.dispatch.ReplyInbox`) and resolves the waiting request's future
-from nats-py's read loop. Measured by hand against the same worker, alternating the
-two request by request: `exec true` on local about 120 us faster at the median (3.46
--> 3.34 and 3.13 -> 3.02 ms in two runs).
+from nats-py's read loop, so no loop iteration stands between reading a reply and the
+requester seeing it (its measured effect: docs/performance.md, "History of measured
+changes").
 
 It raises what ``Client.request`` raises for the outcomes the client handles:
 ``nats.errors.NoRespondersError`` and ``nats.errors.TimeoutError``.

@@ -18,6 +18,7 @@ from nats.js.kv import KeyValue
 
 from .errors import InternalError
 from .home import Home
+from .jsretry import retry_js
 from .keys import AgentKeys
 from .metrics import Metrics
 from .records import ServerStatus, utcnow
@@ -56,17 +57,22 @@ class CoreServices:
 
     async def report_status(self, name: str, state: str, transport_version: str | None = None,
                             **fields: Any) -> None:
-        """Record what this process sees of ``name`` in the status bucket."""
-        now = utcnow()
-        previous = await self.registry.status(name)
-        since = previous.since if previous is not None and previous.state == state and previous.since else now
-        update = dict(state=state, served_by=self.worker_id, since=since, last_seen=now, **fields)
-        if transport_version is not None:
-            update["transport_version"] = transport_version
-        # Merge, so the checker's and the transports' fields do not erase each other.
-        base = previous or ServerStatus(name=name)
+        """Record what this process sees of ``name`` in the status bucket.
+
+        Never raises: a status is what this process saw, and serving a server must not
+        fail because the bucket is electing a leader (each call is retried through one,
+        jsretry.py); a status still not written is logged.
+        """
         try:
-            await self.registry.set_status(ServerStatus.model_validate({**base.model_dump(), **update}))
+            now = utcnow()
+            previous = await retry_js(lambda: self.registry.status(name), f"reading the status of {name}")
+            since = previous.since if previous is not None and previous.state == state and previous.since else now
+            update = dict(state=state, served_by=self.worker_id, since=since, last_seen=now, **fields)
+            if transport_version is not None:
+                update["transport_version"] = transport_version
+            # Merge, so the checker's and the transports' fields do not erase each other.
+            status = ServerStatus.model_validate({**(previous or ServerStatus(name=name)).model_dump(), **update})
+            await retry_js(lambda: self.registry.set_status(status), f"recording the status of {name}")
         except Exception as exc:
             log.warning("could not record status of %s: %s", name, type(exc).__name__)
 
@@ -77,7 +83,11 @@ class CoreServices:
         record; a status some other process wrote since (the agent came back elsewhere)
         is left alone. Returns whether it wrote.
         """
-        previous = await self.registry.status(name)
+        try:
+            previous = await retry_js(lambda: self.registry.status(name), f"reading the status of {name}")
+        except Exception as exc:
+            log.warning("could not read status of %s: %s", name, type(exc).__name__)
+            return False
         if previous is None or previous.served_by != served_by or previous.state != "online":
             return False
         now = utcnow()

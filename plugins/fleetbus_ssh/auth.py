@@ -17,6 +17,7 @@ Credential types:
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 import paramiko
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -93,12 +94,18 @@ def load_private_key(credential: Credential) -> paramiko.PKey:
     )
 
 
+LoginRefused = Callable[[str], None]
+"""Told the reason (a fixed word, never a user or secret) each time a server refuses a
+login, for the auth-failure metric. Called from the connecting thread."""
+
+
 def authenticate(transport: paramiko.Transport, server_name: str, user: str,
-                 credential: Credential) -> None:
+                 credential: Credential, refused: LoginRefused) -> None:
     """Authenticate ``transport`` (key exchange done, host key checked). Blocking.
 
-    Raises AuthFailed on refusal; paramiko's SSHException (connection trouble) is left
-    to the caller, which knows how to report an unreachable server.
+    Raises AuthFailed on refusal, after telling ``refused`` why; paramiko's
+    SSHException (connection trouble) is left to the caller, which knows how to report
+    an unreachable server.
     """
     who = f"{user}@{server_name}"
     try:
@@ -107,6 +114,7 @@ def authenticate(transport: paramiko.Transport, server_name: str, user: str,
         else:
             remaining = transport.auth_password(user, credential.secret, fallback=True)
     except paramiko.BadAuthenticationType as exc:
+        refused("method_refused")
         allowed = ", ".join(exc.allowed_types) or "nothing"
         method = "public key" if credential.type == "ssh-key" else "password"
         raise AuthFailed(
@@ -114,8 +122,10 @@ def authenticate(transport: paramiko.Transport, server_name: str, user: str,
             f"authentication (it allows: {allowed})"
         ) from None
     except paramiko.AuthenticationException:
+        refused("bad_credentials")
         raise AuthFailed(f"ssh authentication failed for {who}") from None
     if remaining:
+        refused("second_factor")
         raise AuthFailed(
             f"ssh authentication failed for {who}: the server wants a second factor "
             f"({', '.join(remaining)}), which fleetbus cannot give"

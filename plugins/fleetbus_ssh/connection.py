@@ -30,7 +30,7 @@ from fleetbus.transport import Credential
 from fleetbus_agent.text import shorten
 from paramiko.common import MSG_CHANNEL_REQUEST
 
-from .auth import authenticate, login_user
+from .auth import LoginRefused, authenticate, login_user
 from .fastpath import BatchPacketizer
 from .hostkeys import HostKeyPin, allowed_algorithms, check_host_key, parse_pins
 from .settings import SshSettings
@@ -271,7 +271,8 @@ def _forward(through: paramiko.Transport, bastion: Hop, hop: Hop, settings: SshS
         ) from None
 
 
-def _handshake(hop: Hop, sock: Any, settings: SshSettings, logger: logging.Logger) -> paramiko.Transport:
+def _handshake(hop: Hop, sock: Any, settings: SshSettings, logger: logging.Logger,
+               refused: LoginRefused) -> paramiko.Transport:
     """Key exchange, host key check, authentication over ``sock``. Blocking."""
     name = hop.server.name
     pins: list[HostKeyPin] = parse_pins(hop.server.options.get("host_key"), name)
@@ -314,9 +315,10 @@ def _handshake(hop: Hop, sock: Any, settings: SshSettings, logger: logging.Logge
         user = login_user(name, hop.credential, hop.server.options.get("user"))
         assert hop.credential is not None  # login_user refuses None
         try:
-            authenticate(transport, name, user, hop.credential)
+            authenticate(transport, name, user, hop.credential, refused)
         except (paramiko.SSHException, OSError, EOFError) as exc:
             if isinstance(exc, paramiko.AuthenticationException):
+                refused("bad_credentials")
                 raise AuthFailed(f"ssh authentication failed for {user}@{name}{hop.context}") from None
             raise ServerOffline(
                 f"lost the connection to {name}{hop.context} while authenticating: {short(exc)}"
@@ -329,8 +331,11 @@ def _handshake(hop: Hop, sock: Any, settings: SshSettings, logger: logging.Logge
         raise
 
 
-def connect(hops: list[Hop], settings: SshSettings, logger: logging.Logger) -> SshConnection:
+def connect(hops: list[Hop], settings: SshSettings, logger: logging.Logger,
+            refused: LoginRefused) -> SshConnection:
     """Connect through ``hops`` (jump hosts first, the target last). Blocking.
+
+    ``refused`` hears of every login a hop refuses (for the auth-failure metric).
 
     Errors name the hop that failed: a jump host's unreachable address, unknown host key
     or refused credential is reported as that jump host's.
@@ -343,7 +348,7 @@ def connect(hops: list[Hop], settings: SshSettings, logger: logging.Logger) -> S
                 sock = _dial(hop, settings)
             else:
                 sock = _forward(transports[-1], hops[index - 1], hop, settings)
-            transports.append(_handshake(hop, sock, settings, logger))
+            transports.append(_handshake(hop, sock, settings, logger, refused))
             sock = None  # owned by its transport now
         return SshConnection(hops[-1].server.name, transports[-1], transports[:-1], settings)
     except BaseException:

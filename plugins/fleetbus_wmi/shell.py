@@ -71,7 +71,7 @@ from typing import Any
 
 from fleetbus.errors import AuthFailed, FleetbusError, ServerOffline, Timeout, TransportError
 from fleetbus.transport import OutputSink, TransportContext
-from winrm.exceptions import WinRMOperationTimeoutError, WSManFaultError
+from winrm.exceptions import InvalidCredentialsError, WinRMOperationTimeoutError, WSManFaultError
 from winrm.protocol import Protocol
 
 from .commands import CommandLine
@@ -151,6 +151,9 @@ class WinrmClient:
             raise
         except Exception as exc:  # every pywinrm/requests failure gets mapped
             mapped = map_error(exc, self.where)
+            refusal = _login_refusal(exc) if isinstance(mapped, AuthFailed) else None
+            if refusal is not None:
+                self._ctx.services.metrics.auth_failures.labels(self._ctx.transport_name, refusal).inc()
             if isinstance(mapped, (ServerOffline, AuthFailed, Timeout)):
                 self.alive = False  # the host opens a new session next time
             raise mapped from None
@@ -175,6 +178,16 @@ class WinrmClient:
         idle, self._idle = self._idle, []
         for protocol in idle:
             _close_protocol(protocol)
+
+
+def _login_refusal(exc: BaseException) -> str | None:
+    """The auth-failure metric's reason when WinRM refused the login, else None: a TLS
+    certificate that could not be verified is the server's identity, not a login."""
+    if isinstance(exc, InvalidCredentialsError):
+        return "bad_credentials"  # HTTP 401
+    if isinstance(exc, WSManFaultError):
+        return "access_denied"  # logged in, but not allowed to use WinRM
+    return None
 
 
 def _close_protocol(protocol: Protocol) -> None:

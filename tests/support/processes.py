@@ -247,6 +247,8 @@ class Daemon:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Daemon:
+        # A restart appends to the same log: wait for one more ready line than it has.
+        seen = self.log_path.read_text(errors="replace").count(self.ready_text) if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([FLEETBUS, *self.args], stdout=log, stderr=log,
                                          stdin=subprocess.DEVNULL, env=self.env)
@@ -254,7 +256,7 @@ class Daemon:
         def ready() -> bool:
             if self.proc and self.proc.poll() is not None:
                 raise RuntimeError(self.log_path.read_text()[-3000:])
-            return self.ready_text in self.log_path.read_text(errors="replace")
+            return self.log_path.read_text(errors="replace").count(self.ready_text) > seen
 
         wait_for(ready, timeout=30, what=f"fleetbus {self.args}")
         return self

@@ -60,9 +60,8 @@ ENV_LOOP = "FLEETBUS_LOOP"
 def choose_event_loop() -> str:
     """asyncio, unless FLEETBUS_LOOP=uvloop (the ``fast`` extra installs uvloop).
 
-    Measured both ways in bench/ (docs/performance.md): uvloop made `exec` on the local
-    transport slower while exec used the loop's subprocess support (3.68 -> 10.77 ms
-    p50), and no faster since it does not (2.78 vs 2.81 ms), so it stays opt-in.
+    uvloop stays opt-in: measured both ways, it makes fleetbus's commands no faster
+    (figures in docs/performance.md, "History of measured changes").
     """
     wanted = os.environ.get(ENV_LOOP, "asyncio").strip().lower()
     if wanted not in ("uvloop", "asyncio"):
