@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import nats
-from fleetbus.checks import HDR_CHECKER
+from fleetbus.subjects import HDR_CHECKER
 from nats.aio.msg import Msg
 from support.processes import Daemon, NatsServer, own_user, shared_env
 

@@ -39,7 +39,7 @@ from .keys import AgentKeys
 from .names import check_credential_name, check_server_name
 from .records import CredentialInfo, CredentialType, Server, utcnow
 from .registry import Registry, kv_snapshot
-from .subjects import HDR_REQUESTER, Names, ReplySubjects
+from .subjects import Names, ReplySubjects, requester_in
 from .transport import Transport
 from .vault import Vault
 
@@ -148,7 +148,7 @@ class AdminService:
         server_body = body.get("server")
         target = body.get("name") or (server_body.get("name") if isinstance(server_body, dict) else None)
         error = reply.get("error") or {}
-        requester = str((req.headers or {}).get(HDR_REQUESTER, "bus"))[:128]
+        requester = requester_in(req.headers)
         await self.auditor.record(AuditRecord(
             ts=utcnow(), id=uuid.uuid4().hex, server=str(target or "")[:64], transport="admin",
             op=endpoint, requester=requester,

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, TypeVar
 
 from fleetbus_agent.protocol import Connection, ControllerStream, StreamError
+from fleetbus_agent.text import shorten
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -32,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ERROR_CLASSES, FleetbusError, InternalError, ServerOffline, TransportError
+from .errors import FleetbusError, ServerOffline, TransportError, error_for_code
 from .transport import ExecResult, ExecSpec, FileStat, OutputSink, PutSpec, RemoteFile, ServerFacts, Session
 
 # After a cancel, how long to wait for the agent to confirm the work stopped.
@@ -122,15 +123,13 @@ def checked(model: type[_Model], op: str, result: Any) -> _Model:
 
 
 def error_from(error: dict[str, Any] | None) -> FleetbusError:
-    """The fleetbus error for an agent's ``fail``. An unknown code, or ``internal`` (the
+    """The fleetbus error for an agent's ``fail``: the agent is a peer
+    (:func:`fleetbus.errors.error_for_code`), so an unknown code, or ``internal`` (the
     agent's own failure, not fleetbus's), is a ``transport_error``."""
     error = error or {}
     message = error.get("message")
-    text = message[:MAX_ERROR_CHARS] if isinstance(message, str) and message else "no reason given"
-    cls = ERROR_CLASSES.get(str(error.get("code")))
-    if cls is None or cls is InternalError:
-        return TransportError(f"the agent failed: {text}")
-    return cls(text)
+    text = shorten(message, MAX_ERROR_CHARS) if isinstance(message, str) and message else "no reason given"
+    return error_for_code(error.get("code"), text, reporter="the agent")
 
 
 async def _cancel(stream: ControllerStream) -> None:

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from fleetbus_agent.text import shorten
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import Header
@@ -97,7 +98,7 @@ def summarize(op: str, body: dict[str, Any]) -> str | None:
         text = _bounded(body.get("path"), as_json=False)
     else:
         return None
-    return text if len(text) <= MAX_SUMMARY_CHARS else text[: MAX_SUMMARY_CHARS - 3] + "..."
+    return shorten(text, MAX_SUMMARY_CHARS)
 
 
 def _bounded(value: Any, as_json: bool = True) -> str:

@@ -28,11 +28,10 @@ from .host import CHECKER_REQUESTER
 from .metrics import Metrics
 from .records import Server, ServerStatus, utcnow
 from .registry import Registry
-from .subjects import HDR_REQUESTER, Names
+from .subjects import HDR_CHECKER, Names, request_headers
 
 log = logging.getLogger("fleetbus.checks")
 
-HDR_CHECKER = "Fleetbus-Checker"
 
 
 class ServerChecker:
@@ -105,7 +104,7 @@ class ServerChecker:
         try:
             msg = await self.nc.request(self.names.server(server.name, "ping"), b"{}",
                                         timeout=self.timeout_s,
-                                        headers={HDR_REQUESTER: CHECKER_REQUESTER,
+                                        headers={**request_headers(CHECKER_REQUESTER),
                                                  HDR_CHECKER: self.checker_id})
             reply = json.loads(msg.data)
             ok = bool(reply.get("ok"))

@@ -60,7 +60,7 @@ from .objects import ObjectFiles
 from .output import HDR_END, HDR_STREAM
 from .replies import Replies
 from .streams import Receiver, Sender, chunk_limit
-from .subjects import HDR_DEADLINE, HDR_REQUESTER, Names
+from .subjects import Names, request_headers
 
 _log = logging.getLogger("fleetbus.client")
 OutputCallback = Callable[[str, bytes], Awaitable[None] | None]
@@ -145,11 +145,10 @@ class Client:
     async def _request(self, subject: str, body: dict[str, Any], timeout: float,
                        server: str | None = None) -> dict[str, Any]:
         data = json.dumps(body).encode()
-        headers = {HDR_REQUESTER: self.requester}
-        if server is not None:
-            # When this client stops waiting: a worker that reaches the request later
-            # (it was stopped, or far behind) answers `timeout` instead of running it.
-            headers[HDR_DEADLINE] = f"{time.time() + timeout:.3f}"
+        # With a deadline for a server's command, when this client stops waiting: a
+        # worker that reaches the request later (it was stopped, or far behind) answers
+        # `timeout` instead of running it.
+        headers = request_headers(self.requester, time.time() + timeout if server is not None else None)
         try:
             msg = await self.replies.request(subject, data, timeout, headers)
         except nats.errors.NoRespondersError:

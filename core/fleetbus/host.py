@@ -1,28 +1,29 @@
 """The plugin host: all the NATS plumbing between the bus API and the transports.
 
-For every server a loaded transport serves, the host subscribes to
-``<prefix>.v1.servers.<name>.*`` (in the transport's queue group, so several worker
-processes share the load), and for each request it: checks the size, parses and
-validates the JSON, deduplicates by command id, waits for a slot under the server's
-concurrency limit, opens or reuses the server's session, runs the operation under its
-time limit, streams output, replies with the fixed error codes, and writes the audit
-record. Transports see none of this; they implement ``fleetbus.transport``.
+This module is its lifecycle and serving: starting and stopping the transports (each
+with its :class:`_Context`), a session pool per transport, subscribing to
+``<prefix>.v1.servers.<name>.*`` for every server a loaded transport serves (in the
+transport's queue group, so several worker processes share the load), following the
+registry, routing ``cancel`` to the command it names, and admission: weighing each
+request before any work is done on it (``too_large``, ``busy``).
+
+An admitted request is handed to :mod:`fleetbus.commandrun`, which runs one command's
+life (parse, claim, slot, run, reply, audit) with its one error ladder; the operations
+themselves are :mod:`fleetbus.operations`. Transports see none of this; they implement
+``fleetbus.transport``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import itertools
 import json
 import logging
-import math
 import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -35,63 +36,45 @@ from nats.aio.subscription import Subscription
 from pydantic import ValidationError
 
 from .admission import Admission, AdmissionSettings, ShedReport, Ticket, requester_of
-from .audit import Auditor, StagedRecord, summarize
+from .audit import Auditor
 from .auditspool import AuditSpool
 from .collector import relax_gc
-from .connection import publish_now, publish_soon, send_now, unread_bytes, watch_errors
-from .dedupe import CommandMemory, fingerprint
+from .commandrun import CHECKER_REQUESTER, DEADLINE_SKEW_S, CommandRunner, error_reply, reply_body
+from .connection import publish_soon, unread_bytes, watch_errors
+from .dedupe import CommandMemory
 from .dispatch import subscribe_direct
-from .errors import (
-    Busy,
-    Cancelled,
-    FleetbusError,
-    InternalError,
-    InvalidRequest,
-    Lost,
-    ServerOffline,
-    Timeout,
-    TooLarge,
-    TransportError,
-)
+from .errors import Busy, FleetbusError, InternalError
 from .home import Home
 from .jetstream import State
 from .keys import AgentKeys
 from .leases import WorkerLease
-from .limits import DEFAULT_STREAM_WINDOW, MAX_INLINE_BYTES, MAX_REQUEST_BYTES
-from .messages import (
-    DEFAULT_TAIL_BYTES,
-    OPERATIONS,
-    CancelRequest,
-    ExecRequest,
-    GetRequest,
-    PutRequest,
-    Request,
-    parse_request,
-    too_large_body,
-)
+from .limits import DEFAULT_STREAM_WINDOW, MAX_REQUEST_BYTES
+from .messages import DEFAULT_TAIL_BYTES, CancelRequest, too_large_body
 from .metrics import Metrics
 from .objects import ObjectFiles
-from .objectshare import SharedObjects, SharedRead
-from .output import BusOutput
-from .records import Server, utcnow
+from .objectshare import SharedObjects
+from .operations import Operations
+from .records import Server
 from .registry import Registry
 from .services import CoreServices
 from .sessions import SessionPool
-from .streams import BackgroundHash, Receiver, Sender, chunk_limit, keep_alive
-from .subjects import DEFAULT_REPLY_PREFIXES, HDR_DEADLINE, HDR_REQUESTER, Names
-from .transport import Credential, ExecSpec, PutSpec, Session, Transport
+from .subjects import DEFAULT_REPLY_PREFIXES, Names
+from .transport import Credential, Transport
 from .vault import Vault
 
 log = logging.getLogger("fleetbus.host")
-# default=str: a transport's odd `extra` value must not cost the requester its reply.
-# One encoder for every reply: json.dumps with any option builds a new one per call.
-_REPLY_JSON = json.JSONEncoder(default=str)
+# The public names; CHECKER_REQUESTER and DEADLINE_SKEW_S belong to the command path
+# (commandrun.py) and stay importable from here, where the checker and tests find them.
+__all__ = [
+    "CANCEL_GRACE_S",
+    "CHECKER_REQUESTER",
+    "DEADLINE_SKEW_S",
+    "READING_BEHIND_BYTES",
+    "HostSettings",
+    "PluginHost",
+]
 T = TypeVar("T")
 
-# How far a requester's clock may run ahead of ours before its Fleetbus-Deadline
-# (subjects.HDR_DEADLINE) would drop work it still waits for.
-DEADLINE_SKEW_S = 2.0
-CHECKER_REQUESTER = "fleetbus-checker"
 # A killed process or closed channel should finish well within this after cancel().
 CANCEL_GRACE_S = 15.0
 # Delivered by NATS and not read yet: past this the worker is reading behind, and large
@@ -153,7 +136,9 @@ class _Context:
 
 
 @dataclass
-class _Served:
+class Served:
+    """A server this process answers: its subscription, slots and running commands."""
+
     server: Server
     transport: str
     sub: Subscription
@@ -162,17 +147,11 @@ class _Served:
     reader: asyncio.Task[None] | None = None  # only where subscribe_direct needs one
 
 
-@dataclass
-class _Outcome:
-    reply: dict[str, Any]
-    exit_code: int | None = None
-    bytes: int | None = None
-    # False when the command never reached the server (FleetbusError.before_start):
-    # its id claim is dropped instead of stored, so a retry runs it.
-    ran: bool = True
-
-
 class PluginHost:
+    """Serves the servers of the loaded transports on the bus: :meth:`start`, then
+    :meth:`serve`/:meth:`unserve` as the registry and the transports say, :meth:`stop`.
+    Each admitted request runs in :attr:`commands` (commandrun.py)."""
+
     def __init__(
         self,
         nc: NATS,
@@ -211,6 +190,9 @@ class PluginHost:
             self.settings.admission, behind=lambda: unread_bytes(nc) > READING_BEHIND_BYTES)
         self.metrics.requests_waiting.set_function(lambda: self.admission.waiting)
         self.metrics.requests_waiting_bytes.set_function(lambda: self.admission.waiting_bytes)
+        self.operations = Operations(nc, self.settings, self.files, self.objects,
+                                     self.names.files_bucket)
+        self.commands = CommandRunner(self)
         self._shed_report = ShedReport(lambda reason: self.metrics.requests_shed.labels(reason).inc())
         self.pool = ThreadPoolExecutor(
             max_workers=self.settings.blocking_threads, thread_name_prefix="fleetbus-blocking"
@@ -218,21 +200,23 @@ class PluginHost:
         self.transport_classes = transports
         self.transports: dict[str, Transport] = {}
         self.sessions: dict[str, SessionPool] = {}
-        self.served: dict[str, _Served] = {}
+        self.served: dict[str, Served] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[Any]] = []
         self._cancel_sub: Subscription | None = None
         self._serve_lock = asyncio.Lock()
         self._serve_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._online: set[str] = set()  # served, and shown online in the registry
-        self._stopping = False
+        #: True once stop() began: a started command then ends with its request.
+        self.stopping = False
         self._slow_logged = -60.0  # when the last slow-consumer line was written
         # Command ids without a getrandom() call per command: random per process, then
         # counted; 32 hex digits like a uuid4, unique across workers and restarts.
         self._id_prefix = os.urandom(8).hex()
         self._id_counter = itertools.count()
 
-    def _new_id(self) -> str:
+    def new_id(self) -> str:
+        """A fresh command id, for a request that names none."""
         return f"{self._id_prefix}{next(self._id_counter) & 0xFFFFFFFFFFFFFFFF:016x}"
 
     # lifecycle -----------------------------------------------------------------
@@ -261,7 +245,7 @@ class PluginHost:
         await self.lease.start()
         await self.auditor.recover()
         self._cancel_sub = await self.nc.subscribe(
-            f"{self.names.prefix}.v1.servers.*.cancel", cb=self._on_cancel
+            self.names.server("*", "cancel"), cb=self._on_cancel
         )
         ready = asyncio.Event()
         self._background.append(asyncio.create_task(self.registry.watch(self._on_registry, ready)))
@@ -275,7 +259,7 @@ class PluginHost:
                  ", ".join(self.transports) or "none")
 
     async def stop(self) -> None:
-        self._stopping = True
+        self.stopping = True
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
@@ -351,7 +335,7 @@ class PluginHost:
             # at once (workers sharing the registry, or two gateways while one takes an
             # agent over from the other), NATS hands each request to one of them.
             queue = self.names.queue_group(transport)
-            served = _Served(server=server, transport=transport, sub=None,  # type: ignore[arg-type]
+            served = Served(server=server, transport=transport, sub=None,  # type: ignore[arg-type]
                              slots=asyncio.Semaphore(server.max_concurrency))
 
             def on_msg(msg: Msg) -> None:
@@ -363,7 +347,7 @@ class PluginHost:
                 ticket = self._admit(msg)
                 if ticket is None:
                     return
-                task = asyncio.create_task(self._handle(served, msg, ticket))
+                task = asyncio.create_task(self.commands.handle(served, msg, ticket))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
@@ -442,7 +426,7 @@ class PluginHost:
 
     # cancel ------------------------------------------------------------------------
     async def _on_cancel(self, msg: Msg) -> None:
-        server = msg.subject.split(".")[-2]
+        server, _ = Names.server_op(msg.subject)
         try:
             req = CancelRequest.model_validate_json(msg.data)
         except ValidationError:
@@ -477,503 +461,7 @@ class PluginHost:
         # Counted and logged in aggregate, not audited: nothing was read or run, and one
         # record per refused request would let a flood crowd out the real ones.
         self._shed_report.note(error.code, requester)
-        if msg.reply:
-            body = _REPLY_JSON.encode({"ok": False, "id": self._new_id(), "error": error.to_wire()})
-            if not publish_soon(self.nc, msg.reply, body.encode()):
-                log.debug("could not answer a shed request on %s", msg.reply)
-
-    # one request ---------------------------------------------------------------------
-    async def _handle(self, served: _Served, msg: Msg, ticket: Ticket) -> None:
-        try:
-            await self._handle_admitted(served, msg, ticket)
-        finally:
-            ticket.release()
-
-    async def _handle_admitted(self, served: _Served, msg: Msg, ticket: Ticket) -> None:
-        started = time.monotonic()
-        server = served.server
-        op = msg.subject.rsplit(".", 1)[-1]
-        command_id = self._new_id()
-        requester = "bus"
-        if msg.headers:
-            requester = str(msg.headers.get(HDR_REQUESTER, "bus"))[:128]
-        body: dict[str, Any] = {}
-        replayed = False
-        remember: Any = None
-        deadline = _deadline_of(msg)
-        try:
-            if op not in OPERATIONS:
-                raise InvalidRequest(f"unknown operation {op[:32]!r}; use one of {', '.join(OPERATIONS)}")
-            deduplicated = False
-            body_fp = ""
-            async with self.admission.parse_turn(ticket):
-                body, req = parse_request(op, msg.data, self.replies)
-                if req.id is not None and op in ("exec", "put"):
-                    deduplicated = True
-                    body_fp = fingerprint(req)  # as costly as the parse on a large body
-            if req.id is not None:
-                command_id = req.id
-            _check_deadline(deadline, command_id)  # before a claim: nothing to undo
-            outcome: _Outcome
-            if deduplicated:
-                assert req.id is not None
-                outcome, remember, replayed = await self._deduplicated(
-                    served, op, req, req.id, body_fp, ticket, deadline)
-            else:
-                outcome = await self._dispatch(served, op, req, command_id, ticket, deadline)
-        except FleetbusError as exc:
-            # Refused before it reached a transport (malformed, a conflicting id, ...).
-            outcome = _Outcome(reply={"ok": False, "id": command_id, "error": exc.to_wire()}, ran=False)
-        except asyncio.CancelledError:
-            # Our own shutdown: tell the requester rather than leaving it to time out.
-            outcome = _Outcome(reply={"ok": False, "id": command_id,
-                                      "error": Cancelled("the worker is shutting down").to_wire()})
-            staged = self._audit(served, op, body, command_id, requester, started, outcome, replayed)
-            await self._respond(msg, outcome.reply)
-            await self.auditor.send(staged)
-            raise
-        except Exception:
-            log.exception("command %s on %s failed unexpectedly", command_id, server.name)
-            outcome = _Outcome(reply={"ok": False, "id": command_id, "error": InternalError(
-                "internal error in the plugin host; see its log").to_wire()})
-        # The reply is on the socket already (send_now), or batched with the others of
-        # this loop turn for nats-py's flusher, which the bookkeeping below holds back by
-        # a few microseconds; yielding to it here cost every command a loop turn.
-        # The record is on disk before the reply leaves: a worker that dies after replying
-        # still has it for the next start (auditspool.py).
-        staged = self._audit(served, op, body, command_id, requester, started, outcome, replayed)
-        await self._respond(msg, outcome.reply)
-        if remember is not None:
-            try:
-                await remember
-            except Exception as exc:
-                log.error("could not store the reply of command %s: %s", command_id, type(exc).__name__)
-        await self.auditor.send(staged)
-
-    async def _deduplicated(self, served: _Served, op: str, req: Request, command_id: str,
-                            body_fp: str, ticket: Ticket,
-                            deadline: float | None) -> tuple[_Outcome, Any, bool]:
-        """Run a command that carries an id at most once (dedupe.py): the outcome, the
-        claim's update to await after replying (or None), and whether it was replayed."""
-        server = served.server
-        # A claim dropped while this request waited on it (that command never started)
-        # is claimed again: this request then runs the command itself.
-        for _ in range(3):
-            claim = await self.memory.claim(server.name, op, command_id, body_fp)
-            if claim.outcome == "dropped":
-                continue  # deleted between our create and our read: claim it again
-            if claim.outcome == "conflict":
-                raise InvalidRequest(
-                    f"command id {command_id} was already used for a different {op} on {server.name}")
-            if claim.outcome == "run":
-                outcome = await self._dispatch(served, op, req, command_id, ticket, deadline)
-                # Stored after the reply is sent: the requester does not wait for it, and
-                # a retry arriving in between waits for the stored reply.
-                if outcome.ran:
-                    return outcome, self.memory.finish(server.name, op, command_id, body_fp,
-                                                       outcome.reply), False
-                # It never reached the server: a retry may run it.
-                return outcome, self.memory.forget(server.name, op, command_id), False
-            if claim.outcome == "lost":
-                raise _lost(command_id, server.name)
-            if claim.outcome == "running":
-                wait_s = (req.timeout_s if isinstance(req, ExecRequest)
-                          else self.settings.transfer_timeout_s)
-                waiting = self.memory.wait(server.name, op, command_id, wait_s)
-                if isinstance(req, PutRequest) and req.stream is not None:
-                    waiting = keep_alive(self.nc, req.stream.subject, waiting)
-                claim = await waiting
-                if claim.outcome == "dropped":
-                    continue
-                if claim.outcome == "lost":
-                    raise _lost(command_id, server.name)
-                if claim.outcome != "replay":
-                    raise Timeout(f"command {command_id} is still running elsewhere; "
-                                  "this retry stopped waiting for it")
-            reply = claim.reply or {}
-            outcome = _Outcome(reply=reply, exit_code=reply.get("exit_code"))
-            if isinstance(req, ExecRequest) and req.output_subject:
-                await self._replay_output(req.output_subject, command_id, reply)
-            return outcome, None, True
-        raise Busy(f"command {command_id} was claimed and dropped again and again; retry it")
-
-    def _audit(self, served: _Served, op: str, body: dict[str, Any], command_id: str,
-               requester: str, started: float, outcome: _Outcome, replayed: bool) -> StagedRecord | None:
-        """Count the command and stage its audit record (None when it has none)."""
-        error = outcome.reply.get("error") or {}
-        if op == "ping" and requester == CHECKER_REQUESTER:
-            return None  # health checks have their own metrics and would drown the trail
-        elapsed = time.monotonic() - started
-        label_op = op if op in OPERATIONS else "invalid"
-        result = "ok" if outcome.reply.get("ok") else str(error.get("code", "internal"))
-        self.metrics.for_transport(served.transport).finished(label_op, result, elapsed, outcome.bytes)
-        # A malformed request's record may be skipped while the audit stream lags, so a
-        # flood of them cannot crowd out the records of commands that ran (audit.py).
-        malformed = not outcome.ran and result in (InvalidRequest.code, TooLarge.code)
-        # The fields of an AuditRecord, from our own values: building and validating a
-        # model on every command would only cost time.
-        return self.auditor.stage({
-            "ts": utcnow(), "id": command_id, "server": served.server.name,
-            "transport": served.transport, "op": label_op, "requester": requester,
-            "outcome": result, "exit_code": outcome.exit_code, "duration_s": round(elapsed, 6),
-            "worker": self.settings.worker_id, "summary": summarize(op, body),
-            "bytes": outcome.bytes, "replayed": replayed,
-        }, skippable=malformed)
-
-    async def _replay_output(self, subject: str, command_id: str, reply: dict[str, Any]) -> None:
-        """A retry's live output is the stored tail, so consumers see the same shape."""
-        output = BusOutput(self.nc, command_id, subject, self.settings.tail_bytes)
-        details = (reply.get("error") or {}).get("details") or {}
-        for stream in ("stdout", "stderr"):
-            text = reply.get(stream) or details.get(stream) or ""
-            if text:
-                await output.write(stream, text.encode())  # type: ignore[arg-type]
-        error = (reply.get("error") or {}).get("code")
-        await output.end(reply.get("exit_code"), error)
-
-    async def _respond(self, msg: Msg, reply: dict[str, Any]) -> None:
-        if not msg.reply:
-            return
-        try:
-            # Not msg.respond(): nats-py's copies the request's headers onto the reply, which
-            # the requester then parses again on every command.
-            body = _REPLY_JSON.encode(reply).encode()
-            if not publish_now(self.nc, msg.reply, body):
-                await self.nc.publish(msg.reply, body)
-                send_now(self.nc)
-        except Exception as exc:
-            log.warning("could not send a reply: %s", type(exc).__name__)
-
-    async def _dispatch(self, served: _Served, op: str, req: Request, command_id: str,
-                        ticket: Ticket, deadline: float | None = None) -> _Outcome:
-        try:
-            return await self._run_tracked(served, op, req, command_id, ticket, deadline)
-        except FleetbusError as exc:
-            return _Outcome(reply={"ok": False, "id": command_id, "error": exc.to_wire()},
-                            ran=not exc.before_start)
-        except Exception:
-            # A transport bug: reply (and remember) internal, so a retry does not hang.
-            log.exception("command %s on %s failed unexpectedly", command_id, served.server.name)
-            return _Outcome(reply={"ok": False, "id": command_id, "error": InternalError(
-                "internal error in the plugin host; see its log").to_wire()})
-
-    async def _run_tracked(self, served: _Served, op: str, req: Request, command_id: str,
-                           ticket: Ticket, deadline: float | None = None) -> _Outcome:
-        if command_id in served.running:
-            raise InvalidRequest(f"command {command_id} is already running on {served.server.name}")
-        # The command runs in the request's own task (a task of its own would cost two
-        # event-loop hops per command); registered before it waits for a slot, so a
-        # queued command can be cancelled too.
-        task = asyncio.current_task()
-        assert task is not None
-        served.running[command_id] = task
-        counted = self.metrics.for_transport(served.transport)
-        counted.inflight.inc()
-        try:
-            if served.slots.locked():  # only a command that has to wait is counted as queued
-                counted.queued.inc()
-                try:
-                    await served.slots.acquire()
-                except asyncio.CancelledError:
-                    self._cancelled_by_request(task, started=False)
-                    why = " (the worker is shutting down)" if self._stopping else ""
-                    raise Cancelled(f"command {command_id} was cancelled while queued for a "
-                                    f"slot{why}; it never started").not_started() from None
-                finally:
-                    counted.queued.dec()
-            else:
-                await served.slots.acquire()  # free: returns without waiting
-            ticket.release()  # running now: no longer waiting work (admission.py)
-            try:
-                # A command that waited for its slot past its requester's deadline: nobody
-                # is waiting for it any more (its claim, if any, is dropped).
-                _check_deadline(deadline, command_id)
-                return await self._run(served, op, req, command_id)
-            finally:
-                served.slots.release()
-        finally:
-            counted.inflight.dec()
-            served.running.pop(command_id, None)
-
-    def _cancelled_by_request(self, task: asyncio.Task[Any], started: bool) -> None:
-        """Called on CancelledError inside a command: a cancel request (or unserve) ends
-        the command with the ``cancelled`` error. The host stopping ends a command that
-        has started together with its request, so it propagates (and the requester is
-        told the worker is shutting down); one that never started ends like any other
-        cancelled one, so its claim is dropped and a retry (elsewhere, or after the
-        restart) runs it."""
-        if self._stopping and started:
-            raise asyncio.CancelledError
-        task.uncancel()  # handled here: later awaits of this request must not see it
-
-    async def _run(self, served: _Served, op: str, req: Request, command_id: str) -> _Outcome:
-        server = served.server
-        pool = self.sessions[served.transport]
-        # Whether the command reached the session; an error before that (opening it,
-        # a cancel while it opened) ends a command that never started.
-        started = False
-        try:
-            async with pool.use(server) as session:
-                if not session.alive:
-                    # Closed under us (an agent that just dropped): nothing was sent.
-                    raise ServerOffline(f"the session to {server.name} closed before the command "
-                                        "started").not_started()
-                started = True
-                if isinstance(req, ExecRequest):
-                    return await self._exec(session, req, command_id)
-                if isinstance(req, PutRequest):
-                    return await self._limit(self._put(session, req, command_id),
-                                             self.settings.transfer_timeout_s, "put")
-                if isinstance(req, GetRequest):
-                    return await self._limit(self._get(session, server, req, command_id),
-                                             self.settings.transfer_timeout_s, "get")
-                if op == "info":
-                    return await self._limit(self._info(session, served, command_id),
-                                             self.settings.quick_timeout_s, "info")
-                return await self._limit(self._ping(session, served, command_id),
-                                         self.settings.quick_timeout_s, "ping")
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            assert task is not None
-            self._cancelled_by_request(task, started)
-            cancelled = Cancelled(f"command {command_id} was cancelled")
-            raise (cancelled if started else cancelled.not_started()) from None
-        except FleetbusError as exc:
-            if not started:
-                exc.not_started()
-            raise
-        except (ConnectionError, OSError) as exc:
-            error = TransportError(f"{served.transport} transport failed: {_short(exc)}")
-            raise (error if started else error.not_started()) from None
-
-    @staticmethod
-    async def _limit(coro: Any, seconds: float, what: str) -> _Outcome:
-        try:
-            async with asyncio.timeout(seconds):
-                return await coro
-        except TimeoutError:
-            raise Timeout(f"{what} did not finish within {seconds:g} s") from None
-
-    async def _exec(self, session: Session, req: ExecRequest, command_id: str) -> _Outcome:
-        output = BusOutput(self.nc, command_id, req.output_subject, self.settings.tail_bytes)
-        spec = ExecSpec(argv=req.argv, shell=req.shell, env=dict(req.env), cwd=req.cwd,
-                        stdin=req.stdin_bytes(), timeout_s=req.timeout_s)
-        started = time.monotonic()
-        limit = asyncio.timeout(req.timeout_s)
-        try:
-            async with limit:
-                result = await session.exec(spec, output)
-            if limit.expired():
-                # The transport swallowed our cancellation and returned: still a timeout.
-                raise TimeoutError
-        except TimeoutError:
-            if not limit.expired():
-                # A timeout inside the transport (a socket, a library), not our limit.
-                await output.end(None, TransportError.code)
-                raise TransportError(f"command {command_id} failed: the transport timed out") from None
-            await output.end(None, Timeout.code)
-            raise Timeout(
-                f"command {command_id} ran past its {req.timeout_s:g} s limit and was killed",
-                stdout=output.stdout.text()[-4096:], stderr=output.stderr.text()[-4096:],
-            ) from None
-        except asyncio.CancelledError:
-            await output.end(None, Cancelled.code)
-            raise
-        except FleetbusError as exc:
-            await output.end(None, exc.code)
-            raise
-        except BaseException:
-            # Whatever went wrong, a consumer of the output subject must see the end.
-            await output.end(None, TransportError.code)
-            raise
-        await output.end(result.exit_code)
-        reply = {
-            "ok": True,
-            "id": command_id,
-            "exit_code": result.exit_code,
-            "signal": result.signal,
-            "stdout": output.stdout.text(),
-            "stderr": output.stderr.text(),
-            "stdout_truncated": output.stdout.truncated,
-            "stderr_truncated": output.stderr.truncated,
-            "duration_s": round(time.monotonic() - started, 6),
-        }
-        return _Outcome(reply=reply, exit_code=result.exit_code, bytes=output.bytes_out)
-
-    async def _put(self, session: Session, req: PutRequest, command_id: str) -> _Outcome:
-        content = req.content()
-        if content is not None and len(content) > MAX_INLINE_BYTES:
-            raise TooLarge(f"inline content is {len(content)} bytes; above {MAX_INLINE_BYTES} "
-                           "send it through the object store")
-        receiver: Receiver | None = None
-        shared: SharedRead | None = None
-        size: int | None
-        if content is not None:
-            size = len(content)
-
-            async def inline() -> AsyncIterator[bytes]:
-                yield content
-
-            source: AsyncIterator[bytes] = inline()
-        elif req.stream is not None:
-            # The requester streams the content to us: one NATS hop, no object store.
-            receiver = Receiver(self.nc, req.stream.subject, self.settings.stream_window,
-                                req.stream.idle_s, "requester")
-            await receiver.open()
-            size = req.stream.size
-            source = receiver.chunks(grant_first=True)
-        else:
-            assert req.object is not None
-            # Every put of this object on this worker shares one read of the store.
-            shared = await self.objects.open(req.object)
-            size, source = shared.size, shared.chunks()
-        digest = hashlib.sha256()
-
-        async def checked() -> AsyncIterator[bytes]:
-            got = 0
-            async for chunk in source:
-                if receiver is None:
-                    digest.update(chunk)  # a receiver hashes as it takes each chunk
-                got += len(chunk)
-                if size is not None and got > size:
-                    raise TransportError(f"expected {size} bytes for {req.path}, got more")
-                yield chunk
-            # Raised before the transport renames the temporary file into place.
-            if size is not None and got != size:
-                raise TransportError(f"expected {size} bytes for {req.path}, got {got}")
-            nonlocal sha256
-            sha256 = receiver.sha256 if receiver is not None else digest.hexdigest()
-            if req.sha256 is not None and sha256 != req.sha256:
-                raise InvalidRequest(f"content of {req.path} does not match the given sha256")
-
-        sha256: str | None = None
-        try:
-            stat = await session.put(PutSpec(path=req.path, mode=req.mode,
-                                             make_parents=req.make_parents, size=size), checked())
-        except BaseException as exc:
-            if receiver is not None:
-                # The requester may still be sending: tell it to stop now, not at a stall.
-                error = exc if isinstance(exc, FleetbusError) else Cancelled("the put was stopped")
-                await receiver.abort(error)
-            raise
-        finally:
-            if receiver is not None:
-                await receiver.close()
-            if shared is not None:
-                shared.release()
-        if sha256 is None:
-            # The transport returned without reading its source to the end (a plugin bug).
-            if receiver is not None:  # the requester's digest was never checked: say so
-                raise InternalError(f"the put of {req.path} finished without reading all its content")
-            sha256 = digest.hexdigest()  # as before streams: the digest of what was read
-        reply = {"ok": True, "id": command_id, "path": req.path, "size": stat.size,
-                 "sha256": sha256, "mode": None if stat.mode is None else f"{stat.mode:04o}"}
-        return _Outcome(reply=reply, bytes=stat.size)
-
-    async def _get(self, session: Session, server: Server, req: GetRequest, command_id: str) -> _Outcome:
-        remote = await session.get(req.path)
-        digest = hashlib.sha256()
-        reply: dict[str, Any] = {"ok": True, "id": command_id, "path": req.path,
-                                 "mode": None if remote.mode is None else f"{remote.mode:04o}"}
-        try:
-            if req.object is None and remote.size <= req.max_inline:
-                data = bytearray()
-                async for chunk in remote.chunks:
-                    data += chunk
-                    if len(data) > req.max_inline:
-                        raise TooLarge(f"{req.path} grew past {req.max_inline} bytes while being read")
-                digest.update(data)
-                reply.update(size=len(data), content_b64=base64.b64encode(data).decode())
-            elif req.stream is not None:
-                sent, sha256 = await self._send_stream(req, remote.size, remote.chunks)
-                reply.update(size=sent, sha256=sha256)
-            else:
-                name = req.object or f"get/{server.name}/{command_id}"
-
-                async def counted() -> AsyncIterator[bytes]:
-                    async for chunk in remote.chunks:
-                        digest.update(chunk)
-                        yield chunk
-
-                stored = await self.files.write(name, counted())
-                reply.update(size=stored.size, object=name, bucket=self.names.files_bucket)
-        finally:
-            await remote.aclose()
-        reply.setdefault("sha256", digest.hexdigest())
-        return _Outcome(reply=reply, bytes=reply["size"])
-
-    async def _send_stream(self, req: GetRequest, size: int,
-                           chunks: AsyncIterator[bytes]) -> tuple[int, str]:
-        """Stream a file to the requester's subject within the credit it grants."""
-        assert req.stream is not None
-        sender = Sender(self.nc, req.stream.subject, req.stream.window, req.stream.idle_s, "requester")
-        sender.total = size or None
-        await sender.open()
-        limit = chunk_limit(self.nc)
-        hashing = BackgroundHash()
-        try:
-            async for chunk in chunks:
-                await hashing.update(chunk)
-                await sender.send(chunk, limit)
-            sha256 = await hashing.hexdigest()
-            await sender.end(sha256)
-        except BaseException as exc:
-            error = exc if isinstance(exc, FleetbusError) else Cancelled("the get was stopped")
-            await sender.abort(error)
-            raise
-        finally:
-            await hashing.settle()
-            await sender.close()
-        return sender.size, sha256
-
-    async def _info(self, session: Session, served: _Served, command_id: str) -> _Outcome:
-        facts = await session.info()
-        reply = {
-            "ok": True, "id": command_id, "server": served.server.name,
-            "transport": served.transport,
-            "transport_version": self.transport_classes[served.transport].version,
-            "hostname": facts.hostname, "os": facts.os, "os_version": facts.os_version,
-            "kernel": facts.kernel, "arch": facts.arch, "uptime_s": facts.uptime_s,
-            "extra": facts.extra,
-        }
-        return _Outcome(reply=reply)
-
-    async def _ping(self, session: Session, served: _Served, command_id: str) -> _Outcome:
-        started = time.monotonic()
-        await session.ping()
-        return _Outcome(reply={"ok": True, "id": command_id, "server": served.server.name,
-                               "transport": served.transport,
-                               "latency_s": round(time.monotonic() - started, 6)})
-
-
-def _deadline_of(msg: Msg) -> float | None:
-    """The request's ``Fleetbus-Deadline`` (Unix seconds), None when absent or unreadable
-    (an unreadable one is ignored rather than refused: it only ever drops work)."""
-    if not msg.headers:
-        return None
-    value = msg.headers.get(HDR_DEADLINE)
-    if value is None:
-        return None
-    try:
-        deadline = float(value)
-    except ValueError:
-        return None
-    return deadline if math.isfinite(deadline) else None
-
-
-def _check_deadline(deadline: float | None, command_id: str) -> None:
-    """Raise ``timeout`` (not started) when the requester gave up on this command."""
-    if deadline is not None and time.time() > deadline + DEADLINE_SKEW_S:
-        late = time.time() - deadline
-        raise Timeout(f"command {command_id} reached the worker {late:.1f} s after its requester's "
-                      "deadline; it was not run").not_started()
-
-
-def _lost(command_id: str, server: str) -> Lost:
-    return Lost(f"command {command_id} on {server}: the worker running it died before it answered; "
-                "whether the process ran is unknown (retry with a new id to run it again)")
-
-
-def _short(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0][:200] or type(exc).__name__
+        body = reply_body(error_reply(self.new_id(), error)) if msg.reply else b""
+        if msg.reply and not publish_soon(self.nc, msg.reply, body):
+            log.debug("could not answer a shed request on %s", msg.reply)
 

@@ -49,7 +49,7 @@ from .jobrequest import job_object
 from .jobwait import OnlineWatch, shown_duration
 from .names import COMMAND_ID_RE
 from .replies import Replies
-from .subjects import HDR_DEADLINE, HDR_REQUESTER, Names
+from .subjects import Names, request_headers
 
 log = logging.getLogger("fleetbus.jobs")
 
@@ -385,7 +385,7 @@ class JobRun:
             # stopped, or far behind) answers `timeout` instead of running it unseen.
             msg = await request(
                 self.names.server(server, self.spec.op), json.dumps(body).encode(), timeout=wait,
-                headers={HDR_REQUESTER: self.requester, HDR_DEADLINE: f"{time.time() + wait:.3f}"})
+                headers=request_headers(self.requester, time.time() + wait))
             reply = json.loads(msg.data)
         except nats.errors.NoRespondersError:
             self._unserved.add(server)

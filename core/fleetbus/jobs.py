@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats.errors
+from fleetbus_agent.text import shorten
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -47,7 +48,7 @@ from .registry import Registry
 from .registryview import RegistryView
 from .replies import Replies
 from .selection import resolve
-from .subjects import HDR_REQUESTER, ReplySubjects
+from .subjects import ReplySubjects, requester_in
 
 log = logging.getLogger("fleetbus.jobs")
 
@@ -158,7 +159,7 @@ class JobService:
     def _wrap(self, verb: str, handler: Handler) -> Callable[[MicroRequest], Awaitable[None]]:
         async def serve(req: MicroRequest) -> None:
             started = time.monotonic()
-            requester = str((req.headers or {}).get(HDR_REQUESTER, "bus"))[:128]
+            requester = requester_in(req.headers)
             answered = await answer(req, self.replies, lambda body: handler(body, requester))
             if answered is not None and verb in ("start", "cancel", "rerun"):
                 await self._audit(verb, requester, answered[1], started)
@@ -362,5 +363,5 @@ def _what(request: dict[str, Any]) -> str:
         text = f"{request['op']} {(request.get('put') or request.get('get'))['path']}"
     else:
         text = str(request.get("op"))
-    return text if len(text) <= 80 else text[:77] + "..."
+    return shorten(text, 80)
 

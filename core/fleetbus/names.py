@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 
+from fleetbus_agent.text import shorten
+
 from .errors import InvalidRequest
 
 SERVER_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
@@ -18,8 +20,7 @@ LABEL_KEY_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_.-]{0,61}[a-z0-9])?$")
 
 
 def _shown(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
+    return shorten(repr(value), 80)
 
 
 def check_server_name(name: str) -> str:

@@ -13,15 +13,14 @@ from typing import TYPE_CHECKING
 
 from nats.aio.client import Client as NATS
 
+# The header names live in subjects.py; callers also find them here.
+from .subjects import HDR_COMMAND, HDR_END, HDR_ERROR, HDR_EXIT, HDR_SEQ, HDR_STREAM
+
 if TYPE_CHECKING:  # importing transport builds pydantic models; the CLI avoids that
     from .transport import StreamName
 
-HDR_STREAM = "Fleetbus-Stream"
-HDR_SEQ = "Fleetbus-Seq"
-HDR_END = "Fleetbus-End"
-HDR_EXIT = "Fleetbus-Exit-Code"
-HDR_ERROR = "Fleetbus-Error"
-HDR_COMMAND = "Fleetbus-Command"
+__all__ = ["HDR_COMMAND", "HDR_END", "HDR_ERROR", "HDR_EXIT", "HDR_SEQ", "HDR_STREAM", "BusOutput", "Tail"]
+
 # NATS buffers publishes; past this many unflushed bytes we wait for the socket, which
 # pushes back on the transport (and so on the remote process) instead of growing memory.
 FLUSH_AFTER_BYTES = 4 * 1024 * 1024

@@ -12,7 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from .errors import FleetbusError, ServerOffline
+from .errors import REACHING, ServerOffline, mapped_errors
 from .records import Server
 from .transport import Credential, Session, Transport
 
@@ -92,19 +92,14 @@ class SessionPool:
 
     async def _open(self, server: Server) -> Session:
         """Open a session; failures are marked ``before_start``: no command reached the server."""
-        try:
+        with mapped_errors(REACHING, f"cannot reach {server.name} over {self.transport.name}",
+                           before_start=True):
             credential = await self.credentials(server.credential) if server.credential else None
-            return await asyncio.wait_for(self.transport.open(server, credential), self.open_timeout_s)
-        except FleetbusError as exc:
-            raise exc.not_started()
-        except TimeoutError:
-            raise ServerOffline(f"opening a {self.transport.name} session to {server.name} "
-                                f"took longer than {self.open_timeout_s:g} s").not_started() from None
-        except (OSError, ConnectionError) as exc:
-            raise ServerOffline(
-                f"cannot reach {server.name} over {self.transport.name}: "
-                f"{(str(exc).splitlines() or [''])[0][:200] or type(exc).__name__}"
-            ).not_started() from None
+            try:
+                return await asyncio.wait_for(self.transport.open(server, credential), self.open_timeout_s)
+            except TimeoutError:
+                raise ServerOffline(f"opening a {self.transport.name} session to {server.name} "
+                                    f"took longer than {self.open_timeout_s:g} s") from None
 
     def _close_later(self, session: Session) -> None:
         task = asyncio.create_task(self._close(session))

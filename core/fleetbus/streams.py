@@ -39,15 +39,8 @@ from nats.aio.subscription import Subscription
 
 from .errors import Cancelled, FleetbusError, InvalidRequest, Timeout, TransportError
 from .limits import DEFAULT_STREAM_IDLE_S, DEFAULT_STREAM_WINDOW
-from .subjects import ReplySubjects
-
-HDR_KIND = "Fleetbus-Transfer"
-HDR_SEQ = "Fleetbus-Seq"
-HDR_SIZE = "Fleetbus-Size"
-HDR_SHA256 = "Fleetbus-Sha256"
-HDR_CREDIT = "Fleetbus-Credit"
-HDR_SUBJECT = "Fleetbus-Subject"
-HDR_ERROR = "Fleetbus-Error"
+from .subjects import HDR_CREDIT, HDR_ERROR, HDR_SEQ, HDR_SHA256, HDR_SIZE, HDR_SUBJECT, ReplySubjects
+from .subjects import HDR_TRANSFER as HDR_KIND
 
 KIND_DATA = "data"
 KIND_END = "end"

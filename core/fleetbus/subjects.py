@@ -1,12 +1,18 @@
 """Names on the bus: subjects, KV buckets, streams, header names. One place, derived from the prefix.
 
+Subjects are built by :class:`Names` and read back by :meth:`Names.server_op`; the
+request headers fleetbus sets are written by :func:`request_headers` and read by
+:func:`requester_in` and :func:`deadline_in`, and nowhere else.
+
 Also the reply namespace (:class:`ReplySubjects`): the only subjects a requester may
 name for fleetbus to publish on (``output_subject``, streamed-transfer subjects).
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .errors import InvalidRequest
@@ -25,6 +31,38 @@ HDR_REQUESTER = "Fleetbus-Requester"
 #: clock (docs/bus-api.md, "Conventions"). A request a worker reaches later than that,
 #: plus the host's allowance for clocks that disagree, is answered `timeout`, never run.
 HDR_DEADLINE = "Fleetbus-Deadline"
+#: Which core's server checker sent a ``ping`` (checks.py).
+HDR_CHECKER = "Fleetbus-Checker"
+
+# A command's live output on the requester's output subject (output.py).
+#: ``stdout`` or ``stderr``.
+HDR_STREAM = "Fleetbus-Stream"
+#: The message's sequence number (live output and streamed transfers alike).
+HDR_SEQ = "Fleetbus-Seq"
+#: Present on the last message of a command's output.
+HDR_END = "Fleetbus-End"
+#: The exit code, on the end marker.
+HDR_EXIT = "Fleetbus-Exit-Code"
+#: The error code that ended a command's output or a transfer.
+HDR_ERROR = "Fleetbus-Error"
+#: The command id the output belongs to.
+HDR_COMMAND = "Fleetbus-Command"
+
+# A streamed transfer's messages between requester and worker (streams.py).
+#: What a transfer message is (data, end, credit, alive, abort).
+HDR_TRANSFER = "Fleetbus-Transfer"
+#: The transfer's total size, when known.
+HDR_SIZE = "Fleetbus-Size"
+#: The SHA-256 of the content, on the end message.
+HDR_SHA256 = "Fleetbus-Sha256"
+#: Bytes of credit a receiver grants.
+HDR_CREDIT = "Fleetbus-Credit"
+#: The subject the sender of a transfer message answers on.
+HDR_SUBJECT = "Fleetbus-Subject"
+#: Who sent a request when its headers do not say.
+DEFAULT_REQUESTER = "bus"
+#: The most of a declared requester that is kept (it is recorded in every audit record).
+MAX_REQUESTER_CHARS = 128
 
 # NATS's own subjects all start with "$" ($JS, $KV, $O, $SYS, $SRV, $MQTT, $NRG, ...):
 # publishing there acts on the server itself (deleting a stream takes an empty message).
@@ -47,6 +85,15 @@ class Names:
 
     def server_all(self, name: str) -> str:
         return f"{self.prefix}.v1.servers.{name}.*"
+
+    @staticmethod
+    def server_op(subject: str) -> tuple[str, str]:
+        """The server and the operation of a subject :meth:`server` built.
+
+        Its last two tokens: server names and operations hold no dots (names.py).
+        """
+        _, server, op = subject.rsplit(".", 2)
+        return server, op
 
     def admin(self, endpoint: str) -> str:
         return f"{self.prefix}.v1.admin.{endpoint}"
@@ -212,3 +259,33 @@ class ReplySubjects:
                 f"{' or '.join(self.prefixes)}, never on its own, $JS, $KV, $O, $SYS or $SRV subjects"
             )
         return subject
+
+
+def request_headers(requester: str, deadline: float | None = None) -> dict[str, str]:
+    """The headers of a request fleetbus sends: who sends it (``Fleetbus-Requester``)
+    and, when given, until when (Unix seconds) it waits for the reply
+    (``Fleetbus-Deadline``)."""
+    headers = {HDR_REQUESTER: requester}
+    if deadline is not None:
+        headers[HDR_DEADLINE] = f"{deadline:.3f}"
+    return headers
+
+
+def requester_in(headers: Mapping[str, str] | None) -> str:
+    """Who a request says sent it, bounded; ``bus`` when it does not say."""
+    if not headers:
+        return DEFAULT_REQUESTER
+    return str(headers.get(HDR_REQUESTER, DEFAULT_REQUESTER))[:MAX_REQUESTER_CHARS]
+
+
+def deadline_in(headers: Mapping[str, str] | None) -> float | None:
+    """A request's ``Fleetbus-Deadline`` (Unix seconds); None when absent or unreadable
+    (an unreadable one is ignored rather than refused: it only ever drops work)."""
+    value = headers.get(HDR_DEADLINE) if headers else None
+    if value is None:
+        return None
+    try:
+        deadline = float(value)
+    except ValueError:
+        return None
+    return deadline if math.isfinite(deadline) else None

@@ -10,7 +10,8 @@ that user (:mod:`fleetbus_local.userfiles`). POSIX only (process groups, ``/bin/
 What exec, put, get and info do is defined once, in :mod:`fleetbus_agent.ops`, which
 the fleetbus agent runs on remote servers too; this module only adapts it to the
 :class:`fleetbus.transport.Transport` interface: fleetbus dataclasses in and out, and
-:class:`~fleetbus_agent.ops.OpError` raised as the fleetbus error with the same code.
+:class:`~fleetbus_agent.ops.OpError` raised as the fleetbus error with the same code
+(:func:`fleetbus.errors.error_for_code`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import fleetbus
-from fleetbus.errors import ERROR_CLASSES, FleetbusError, InternalError
+from fleetbus.errors import FleetbusError, error_for_code
 from fleetbus.records import Server
 from fleetbus.transport import (
     Capabilities,
@@ -52,8 +53,9 @@ LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 def fleetbus_error(exc: ops.OpError) -> FleetbusError:
-    """The fleetbus error with the same code and message as ``exc``."""
-    return ERROR_CLASSES.get(exc.code, InternalError)(exc.message)
+    """The fleetbus error with the same code and message as ``exc``: the operations run
+    in this process, so their ``internal`` is fleetbus's own (errors.error_for_code)."""
+    return error_for_code(exc.code, exc.message)
 
 
 class _Chunks(AsyncIterator[bytes]):

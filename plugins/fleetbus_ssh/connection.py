@@ -27,6 +27,7 @@ import paramiko
 from fleetbus.errors import AuthFailed, FleetbusError, ServerOffline, TransportError
 from fleetbus.records import Server
 from fleetbus.transport import Credential
+from fleetbus_agent.text import shorten
 from paramiko.common import MSG_CHANNEL_REQUEST
 
 from .auth import LoginRefused, authenticate, login_user
@@ -53,9 +54,8 @@ def short(exc: BaseException) -> str:
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve the host name ({exc.strerror or exc})"
     if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror[:200]
-    text = (str(exc).splitlines() or [""])[0].strip()
-    return text[:200] or type(exc).__name__
+        return shorten(exc.strerror, 200)
+    return shorten((str(exc).splitlines() or [""])[0].strip(), 200) or type(exc).__name__
 
 
 def _channel_request(chan: paramiko.Channel, m: paramiko.Message) -> None:

@@ -54,6 +54,7 @@ from typing import Any, TypeVar
 import paramiko
 from fleetbus.errors import FleetbusError, InvalidRequest, NotFound, Timeout, TransportError
 from fleetbus.transport import ExecResult, ExecSpec, OutputSink
+from fleetbus_agent.text import readable, shorten
 
 from .connection import EXIT_SIGNAL_ATTR, SshConnection, short
 from .settings import SshSettings
@@ -78,8 +79,7 @@ def _report(tag: str, status: str) -> str:
 
 
 def _shown(value: str) -> str:
-    text = value if value.isprintable() else repr(value)
-    return text if len(text) <= 200 else text[:197] + "..."
+    return shorten(readable(value), 200)
 
 
 def check_spec(spec: ExecSpec) -> None:

@@ -51,6 +51,7 @@ import paramiko
 from fleetbus.errors import FleetbusError, InvalidRequest, NotFound, TransportError
 from fleetbus.transport import FileStat, PutSpec, RemoteFile
 from fleetbus_agent.ops import GET_CHUNK, TEMP_PREFIX
+from fleetbus_agent.text import readable, shorten
 from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY, SFTPError
 
 from .connection import SshConnection, short
@@ -70,8 +71,7 @@ _SFTP_ERRORS = (OSError, EOFError, paramiko.SSHException, SFTPError)
 
 
 def shown(path: str) -> str:
-    text = path if path.isprintable() else repr(path)
-    return text if len(text) <= 300 else text[:297] + "..."
+    return shorten(readable(path), 300)
 
 
 def check_path(path: str) -> str:

@@ -31,6 +31,7 @@ from fleetbus.errors import (
     Timeout,
     TransportError,
 )
+from fleetbus_agent.text import one_line, shorten
 from winrm.exceptions import (
     InvalidCredentialsError,
     WinRMError,
@@ -65,11 +66,6 @@ RETRY_WITH_NEW_SHELL = frozenset({
 _CERT_WORDS = ("certificate verify failed", "certificate_verify_failed", "hostname mismatch",
                "doesn't match", "self signed certificate", "self-signed certificate",
                "unable to get local issuer", "certificate has expired")
-
-
-def one_line(text: object, limit: int = 300) -> str:
-    line = re.sub(r"\s+", " ", str(text)).strip()
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def fault_code(exc: BaseException) -> int | None:
@@ -113,7 +109,7 @@ def map_error(exc: BaseException, where: dict[str, Any]) -> FleetbusError:
         return Timeout(f"{server}: WinRM at {endpoint} did not complete the operation in time")
     if isinstance(exc, WinRMTransportError):
         return TransportError(f"{server}: WinRM at {endpoint} answered HTTP {exc.code}"
-                              + (f": {one_line(exc.response_text, 200)}" if exc.response_text else ""))
+                              + (f": {shorten(one_line(exc.response_text), 200)}" if exc.response_text else ""))
     if isinstance(exc, requests.exceptions.SSLError):
         text = _chain(exc).lower()
         if any(word in text for word in _CERT_WORDS):
@@ -131,19 +127,19 @@ def map_error(exc: BaseException, where: dict[str, Any]) -> FleetbusError:
     if isinstance(exc, requests.exceptions.ConnectionError):
         return ServerOffline(f"{server}: cannot reach WinRM at {endpoint}: {_conn_reason(exc)}")
     if isinstance(exc, requests.exceptions.RequestException):
-        return TransportError(f"{server}: HTTP to WinRM at {endpoint} failed: {one_line(exc, 200)}")
+        return TransportError(f"{server}: HTTP to WinRM at {endpoint} failed: {shorten(one_line(exc), 200)}")
     if isinstance(exc, WinRMError):
-        return TransportError(f"{server}: WinRM client error: {one_line(exc, 200)}")
+        return TransportError(f"{server}: WinRM client error: {shorten(one_line(exc), 200)}")
     if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
-        return ServerOffline(f"{server}: cannot reach WinRM at {endpoint}: {one_line(exc, 200)}")
+        return ServerOffline(f"{server}: cannot reach WinRM at {endpoint}: {shorten(one_line(exc), 200)}")
     if isinstance(exc, InvalidRequest):
         return exc
-    return TransportError(f"{server}: WinRM call failed: {type(exc).__name__}: {one_line(exc, 200)}")
+    return TransportError(f"{server}: WinRM call failed: {type(exc).__name__}: {shorten(one_line(exc), 200)}")
 
 
 def _map_fault(exc: WSManFaultError, server: str, endpoint: str, where: dict[str, Any]) -> FleetbusError:
     code = exc.wsman_fault_code
-    reason = one_line(exc.reason or "no reason given", 400)
+    reason = shorten(one_line(exc.reason or "no reason given"), 400)
     if code in SHELL_QUOTA_FAULTS or "concurrent shells" in reason.lower():
         return TransportError(
             f"{server}: Windows refused a new WinRM shell: the user {where.get('user')!s} has "
@@ -194,4 +190,4 @@ def _conn_reason(exc: BaseException) -> str:
                           ("timed out", "timed out")):
         if needle in text:
             return shown
-    return one_line(type(exc).__name__)
+    return type(exc).__name__

@@ -16,8 +16,7 @@ from typing import Any
 
 from fleetbus.errors import TransportError
 from fleetbus.transport import ServerFacts
-
-from .errors import one_line
+from fleetbus_agent.text import one_line, shorten
 
 INFO_SCRIPT = r"""# fleetbus-wmi info v1
 # params
@@ -66,7 +65,7 @@ def parse_facts(stdout: bytes | str, user: str | None = None,
                 data = value
                 break
     if data is None:
-        raise TransportError(f"info: the PowerShell facts script printed no JSON: {one_line(text, 200)!r}")
+        raise TransportError(f"info: the PowerShell facts script printed no JSON: {shorten(one_line(text), 200)!r}")
     uptime: float | None
     try:
         uptime = float(data["UptimeSeconds"]) if data.get("UptimeSeconds") is not None else None

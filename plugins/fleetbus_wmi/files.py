@@ -63,16 +63,11 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 
-from fleetbus.errors import (
-    ERROR_CLASSES,
-    FleetbusError,
-    InvalidRequest,
-    TransportError,
-)
+from fleetbus.errors import FleetbusError, InvalidRequest, TransportError, error_for_code
 from fleetbus.transport import FileStat, PutSpec, RemoteFile
+from fleetbus_agent.text import one_line, shorten
 
 from .commands import powershell_line, ps_quote
-from .errors import one_line
 from .shell import Connection, RunningCommand
 
 TEMP_PREFIX = ".fleetbus-"
@@ -94,7 +89,7 @@ def check_windows_path(path: object) -> str:
         raise InvalidRequest(f"path contains a control character, which Windows file names cannot: {path!r}")
     if not _ABSOLUTE.match(path):
         raise InvalidRequest(
-            f"path must be an absolute Windows path like C:\\dir\\file: {one_line(path, 200)}")
+            f"path must be an absolute Windows path like C:\\dir\\file: {shorten(one_line(path), 200)}")
     return path
 
 
@@ -265,10 +260,12 @@ def put_lines(data: bytes, chunk: int) -> list[bytes]:
 
 
 def result_error(result: dict[str, object], what: str) -> FleetbusError:
-    code = str(result.get("code") or "transport_error")
-    message = one_line(result.get("message") or "failed", 300)
-    cls = ERROR_CLASSES.get(code, TransportError)
-    return cls(f"{what}: {message}")
+    """The fleetbus error for a failed script's result. The script is a peer
+    (errors.error_for_code): a code it gives that fleetbus does not know, or
+    ``internal``, is the transport failing."""
+    message = shorten(one_line(result.get("message") or "failed"), 300)
+    return error_for_code(result.get("code") or TransportError.code, f"{what}: {message}",
+                          reporter="the server's script")
 
 
 def last_json(stdout: bytes) -> dict[str, object] | None:
@@ -340,7 +337,7 @@ async def put_file(conn: Connection, spec: PutSpec, source: AsyncIterator[bytes]
     await cmd.finish()
     result = last_json(bytes(out))
     if result is None:
-        detail = one_line(bytes(err).decode("utf-8", "replace") or f"exit code {code}", 300)
+        detail = shorten(one_line(bytes(err).decode("utf-8", "replace") or f"exit code {code}"), 300)
         raise TransportError(f"put {path}: the PowerShell script gave no result: {detail}")
     if not result.get("ok"):
         raise result_error(result, f"put {path}")
@@ -424,8 +421,8 @@ class _GetChunks(AsyncIterator[bytes]):
                 await self._lines.cmd.finish()
                 raise StopAsyncIteration
             if line is None:
-                detail = one_line(bytes(self._lines.stderr).decode("utf-8", "replace")
-                                  or f"exit code {self._lines.exit_code}", 300)
+                detail = shorten(one_line(bytes(self._lines.stderr).decode("utf-8", "replace")
+                                  or f"exit code {self._lines.exit_code}"), 300)
                 raise TransportError(f"get {self._path}: reading stopped after {self._received} "
                                      f"of {self._size} bytes: {detail}")
             try:
@@ -463,8 +460,8 @@ async def get_file(conn: Connection, path: str, chunk: int = DEFAULT_GET_CHUNK) 
         raise
     if header is None:
         await cmd.finish()
-        detail = one_line(bytes(lines.stderr).decode("utf-8", "replace")
-                          or f"exit code {lines.exit_code}", 300)
+        detail = shorten(one_line(bytes(lines.stderr).decode("utf-8", "replace")
+                          or f"exit code {lines.exit_code}"), 300)
         raise TransportError(f"get {path}: the PowerShell script gave no header: {detail}")
     if not header.get("ok"):
         await cmd.finish()

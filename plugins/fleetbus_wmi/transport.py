@@ -38,13 +38,12 @@ message, and the Credential's repr hides it.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 import fleetbus
-from fleetbus.errors import AuthFailed, InvalidRequest, Timeout, TransportError
+from fleetbus.errors import AuthFailed, InvalidRequest, TransportError
 from fleetbus.records import Server
 from fleetbus.transport import (
     Capabilities,
@@ -63,12 +62,12 @@ from fleetbus.transport import (
     TransportContext,
     TransportSettings,
 )
+from fleetbus_agent.text import one_line, shorten
 from pydantic import Field, model_validator
 from winrm.protocol import Protocol
 
 from . import facts, files
 from .commands import ClixmlFilter, command_line, powershell_line
-from .errors import one_line
 from .shell import Connection, ShellSettings
 
 DEFAULT_PORTS = {"https": 5986, "http": 5985}
@@ -277,16 +276,9 @@ class WmiSession(Session):
         stderr_filter = ClixmlFilter() if line.powershell_script is not None else None
         run = self.conn.run(line, output, cwd=spec.cwd or None, env=env or None,
                             stdin=spec.stdin, stderr_filter=stderr_filter)
-        if spec.timeout_s is None:
-            code = await run
-        else:
-            try:
-                async with asyncio.timeout(spec.timeout_s):
-                    code = await run
-            except TimeoutError:
-                raise Timeout(f"command ran past its {spec.timeout_s:g} s time limit and was stopped "
-                              "(WinRM Signal terminate sent, its shell deleted)") from None
-        return ExecResult(exit_code=code)
+        # No time limit of its own: the host's (spec.timeout_s) cancels this coroutine,
+        # and a cancelled run sends WinRM's Signal terminate and deletes its shell (shell.py).
+        return ExecResult(exit_code=await run)
 
     async def put(self, spec: PutSpec, source: AsyncIterator[bytes]) -> FileStat:
         return await files.put_file(self.conn, spec, source, self.config.put_chunk)
@@ -299,7 +291,7 @@ class WmiSession(Session):
         code = await self.conn.run(powershell_line(facts.INFO_SCRIPT), sink,
                                    stderr_filter=ClixmlFilter())
         if code != 0:
-            detail = one_line(bytes(sink.stderr).decode("utf-8", "replace") or "no error output", 300)
+            detail = shorten(one_line(bytes(sink.stderr).decode("utf-8", "replace") or "no error output"), 300)
             raise TransportError(f"info: the PowerShell facts script failed (exit code {code}): {detail}")
         return facts.parse_facts(bytes(sink.stdout), user=self.config.user, wsman=self.identity,
                                  transport_version=WmiTransport.version)

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Optional, TypeVar
 
+from ..text import readable, shorten
 from .blocking import RunBlocking, resolve_run_blocking
 from .errors import OpError, invalid_request, not_found, transport_error
 from .pagecache import DropBehind
@@ -85,8 +86,7 @@ class RemoteFile:
 
 def shown_path(path: str) -> str:
     """``path`` for a one-line message: as is, or quoted if it holds control characters."""
-    text = path if path.isprintable() else repr(path)
-    return text if len(text) <= 300 else text[:297] + "..."
+    return shorten(readable(path), 300)
 
 
 def check_path(path: str) -> str:

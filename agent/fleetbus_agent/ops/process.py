@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Optional
 
+from ..text import shorten
 from .blocking import RunBlocking, resolve_run_blocking
 from .child import ChildProcess, PipeReader
 from .environment import child_environment, spawn_environment
@@ -133,8 +134,7 @@ class ProcessTimings:
 
 
 def _shown(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 200 else text[:197] + "..."
+    return shorten(repr(value), 200)
 
 
 def command_line(spec: ExecSpec) -> list[str]:
