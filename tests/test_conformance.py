@@ -1,14 +1,17 @@
-"""fleetbus.testing's conformance suite run against every built-in transport.
+"""fleetbus.testing's conformance suite run against every built-in transport and the example.
 
 Each class below opens real sessions the way a plugin author's own tests would: the
 local transport on this host, ssh against a real sshd, agent-inbound and agent-outbound
-against real ``fleetbus-agent`` processes, wmi against the tests' WS-Management server.
+against real ``fleetbus-agent`` processes, wmi against the tests' WS-Management server,
+and the example plugin's echo transport from its source folder. What a transport lacks
+(``lacks``) or knowingly breaks (``known_gaps``) is declared on its class with the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib
 import os
 import re
 import secrets
@@ -16,6 +19,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -247,5 +251,33 @@ class TestWmi(TransportConformance):
                         options={"auth": "basic", "ca": str(wsman.ca_path)})
         async with FakeContext("wmi") as ctx:
             session = await WmiTransport(ctx).open(record, credential)
+            yield session
+            await session.close()
+
+
+# ------------------------------------------------------------------------------- the example plugin
+
+
+class TestExampleEcho(TransportConformance):
+    """tests/example_plugin: an in-memory fake machine that runs no real programs."""
+
+    lacks = {  # noqa: RUF012
+        "python": "the echo transport's fake machine runs four toy programs, no Python",
+        "signals": "the fake machine's programs never die of a signal",
+    }
+    known_gaps = {  # noqa: RUF012
+        "test_exec_missing_program_is_not_found": "by design every unknown program name behaves like echo",
+    }
+
+    @pytest.fixture
+    def scratch(self) -> str:
+        return f"/conformance/{secrets.token_hex(4)}"
+
+    @pytest.fixture
+    async def session(self, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Session]:
+        monkeypatch.syspath_prepend(str(Path(__file__).parent / "example_plugin"))
+        echo = importlib.import_module("fleetbus_example_echo.transport")
+        async with FakeContext("echo") as ctx:
+            session = await echo.EchoTransport(ctx).open(Server(name="u1", transport="echo"), None)
             yield session
             await session.close()

@@ -40,7 +40,7 @@ from .sinks import CollectingSink, SlowSink
 
 DEADLINE_S = 15.0  # plugins.md: cancellation must stop the remote work well within 15 s
 MIB = 1 << 20
-CAPABILITIES = frozenset({"signals", "file_modes", "empty_default_stdin"})
+CAPABILITIES = frozenset({"signals", "file_modes", "empty_default_stdin", "python"})
 
 
 async def chunks_of(data: bytes, size: int = 256 * 1024,
@@ -81,7 +81,8 @@ class TransportConformance:
     #: skip: ``signals`` (a process can die of a signal, reported as
     #: ``ExecResult(None, signal)``), ``file_modes`` (``put`` applies ``PutSpec.mode``,
     #: ``put`` and ``get`` report it), ``empty_default_stdin`` (with ``stdin=None`` a
-    #: process reading its standard input gets end of file at once).
+    #: process reading its standard input gets end of file at once), ``python`` (the
+    #: server runs ``python`` programs: without it only the transport-neutral tests run).
     lacks: ClassVar[dict[str, str]] = {}
     #: Rules this transport is known to break: test method name -> why. They run and
     #: must fail (strict xfail), so a fix shows up as a pass to remove from this list.
@@ -119,6 +120,7 @@ class TransportConformance:
 
     def py(self, code: str, **kw: Any) -> ExecSpec:
         """An ExecSpec running ``code`` (one line) with the server's Python."""
+        self.require("python")
         return ExecSpec(argv=[*self.python, "-c", code], shell=None, **kw)
 
     def require(self, capability: str) -> None:
@@ -146,6 +148,7 @@ class TransportConformance:
         """Prove a process stopped: it would write ``late`` after DELAY; a witness started
         after it with the same delay writes ``witness``; once the witness has, ``late``
         must still be absent."""
+        self.require("python")
         delay = 1.0
         code = ("import pathlib,sys,time; print('started', flush=True); "
                 f"time.sleep({delay}); pathlib.Path(sys.argv[1]).write_text('done')")
@@ -172,6 +175,7 @@ class TransportConformance:
 
     async def test_exec_argv_is_passed_verbatim(self, session: Session) -> None:
         """argv items reach the program as they are: no shell expands, splits or globs them."""
+        self.require("python")
         args = ["$HOME;", "*", "a b", 'q"uote', "back\\slash", ""]
         spec = ExecSpec(argv=[*self.python, "-c", "import json,sys; print(json.dumps(sys.argv[1:]))", *args],
                         shell=None)
@@ -303,6 +307,7 @@ class TransportConformance:
 
     async def test_concurrent_commands_on_one_session(self, session: Session, scratch: str) -> None:
         """One session carries concurrent execs, puts, gets and pings, each with its own result."""
+        self.require("python")
         data = pattern(200 * 1024, b"concurrent")
 
         async def one(i: int) -> None:
@@ -424,7 +429,8 @@ class TransportConformance:
     async def test_alive_and_close(self, session: Session) -> None:
         """A working session is alive; close() returns promptly (the host bounds it to 10 s)."""
         assert session.alive is True
-        await self.run(session, self.py("print(1)"))
+        result, _ = await self.run(session, ExecSpec(argv=None, shell="exit 3"))
+        assert result == ExecResult(exit_code=3)
         assert session.alive is True
         async with asyncio.timeout(10):
             await session.close()
