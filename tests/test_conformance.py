@@ -192,8 +192,9 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gat
         server.close()
 
 
-@pytest.mark.asyncio(loop_scope="module")
 class TestAgentOutbound(TransportConformance):
+    # The tests share the module's event loop with the gateway and its link.
+    pytestmark = [pytest.mark.asyncio(loop_scope="module")]  # noqa: RUF012
     python = PY
     known_gaps = AGENT_GAPS
 
