@@ -17,6 +17,7 @@ import re
 import secrets
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,11 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from fleetbus import testing
 from fleetbus.agentlink import AgentSession
+from fleetbus.errors import NotFound
 from fleetbus.records import Server
-from fleetbus.testing import FakeContext, TransportConformance
+from fleetbus.testing import CollectingSink, FakeContext, TransportConformance
 from fleetbus.transport import Credential, Session
 from fleetbus_agent.protocol import AuthError, Connection, controller_handshake
 from fleetbus_agent.tlsid import create_identity
@@ -282,3 +285,43 @@ class TestExampleEcho(TransportConformance):
             session = await echo.EchoTransport(ctx).open(Server(name="u1", transport="echo"), None)
             yield session
             await session.close()
+
+
+# ------------------------------------------------------------------------------- the helpers themselves
+
+
+def test_public_surface() -> None:
+    assert sorted(testing.__all__) == ["CollectingSink", "FakeContext", "FakeServices", "SlowSink",
+                                       "TransportConformance", "chunks_of"]
+
+
+async def test_fake_context_answers_from_its_dicts_and_records_serving() -> None:
+    record = Server(name="s1", transport="t")
+    credential = Credential(name="c1", type="password", user="u", secret=b"pw")
+    async with FakeContext("t", {"a": 1}, servers={"s1": record}, credentials={"c1": credential},
+                           max_threads=2) as ctx:
+        assert (await ctx.lookup_server("s1"), await ctx.lookup_server("nope")) == (record, None)
+        assert await ctx.credential("c1") is credential
+        with pytest.raises(NotFound):
+            await ctx.credential("nope")
+        await ctx.serve(record)
+        await ctx.unserve("s1")
+        assert ctx.events == [("serve", "s1"), ("unserve", "s1")] and ctx.served == {}
+        # A real pool of the given size: blocking calls run off the loop, two at a time.
+        names = await asyncio.gather(*(ctx.run_blocking(lambda: threading.current_thread().name)
+                                       for _ in range(8)))
+        assert len(set(names)) <= 2 and threading.current_thread().name not in names
+        await ctx.services.report_status("s1", "online", "1.0", agent_version="x")
+        assert ctx.services.statuses[0].details == {"agent_version": "x"}
+
+
+async def test_collecting_sink_records_contract_breaches() -> None:
+    sink = CollectingSink()
+    await sink.write("stdout", b"a")
+    for stream, data in (("stdin", b"x"), ("stdout", b""), ("stdout", "text")):
+        with pytest.raises(AssertionError):
+            await sink.write(stream, data)  # type: ignore[arg-type]
+    sink.close()
+    with pytest.raises(AssertionError, match="after exec returned"):
+        await sink.write("stderr", b"late")
+    assert sink.data("stdout") == b"a" and len(sink.violations) == 4
