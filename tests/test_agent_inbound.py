@@ -134,6 +134,38 @@ def test_pinned_agent_behaves_like_local(fleet: Fleet, listeners, tmp_path: Path
     assert agent.key not in fleet.cli("servers", "show", "db1", "--json").stdout
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_without_a_key_fleetbus_issues_one_and_the_printed_commands_work(fleet: Fleet, tmp_path: Path) -> None:
+    port = free_port()
+    # Nothing on standard input, no --key-file: fleetbus issues the key.
+    add = fleet.cli("servers", "add", "db9", "--transport", "agent-inbound", "--host", "127.0.0.1",
+                    "--port", str(port), input=b"")
+    assert add.returncode == 0, add.stderr
+    key = re.search(r"secret key for db9 [^\n]*:\n  (\S+)\n", add.stdout)[1]
+    assert len(key) >= 40
+    assert f"fleetbus-agent listen --port {port} --key-file /etc/fleetbus-agent/key" in add.stdout
+    # The fingerprint step stays: the agent makes its certificate on first start, and
+    # the printed command pins it.
+    pin = re.search(r"  fleetbus (servers add db9 .* --fingerprint) sha256:\.\.\. --replace", add.stdout)[1]
+    agent = start_listener(tmp_path / "db9", key, "--port", str(port))
+    try:
+        pinned = fleet.cli(*pin.split(), agent.fingerprint, "--replace")
+        assert pinned.returncode == 0, pinned.stderr
+        assert "secret key" not in pinned.stdout  # the credential was given: nothing issued
+        wait_for(lambda: fleet.cli("run", "db9", "--", "echo", "hi").stdout == "hi\n",
+                 timeout=60, what="db9's agent answering with the issued key")
+    finally:
+        stop_process(agent.proc)
+    shown = fleet.cli("servers", "show", "db9", "--json").stdout
+    assert "agent-db9" in shown and key not in shown
+    assert key not in fleet.output()  # never in a log
+
+
 def test_mismatched_fingerprint_is_refused(fleet: Fleet, listeners, tmp_path: Path) -> None:
     agent = listeners("mitm")
     marker = tmp_path / "ran"

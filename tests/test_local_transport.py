@@ -658,11 +658,14 @@ async def test_transport_description_and_open() -> None:
 
 
 def test_timing_settings() -> None:
-    assert ProcessTimings.from_settings({}) == ProcessTimings()
-    assert ProcessTimings.from_settings({"term_grace_s": 1, "other": "ignored"}).term_grace_s == 1.0
+    assert LocalTransport(FakeContext()).timings == ProcessTimings()
+    assert LocalTransport(FakeContext({"term_grace_s": 1})).timings.term_grace_s == 1.0
+    # The local transport's Settings model: a bad value or an unknown key names the setting.
     for bad in (-1, "2", True, float("inf")):
-        with pytest.raises(ValueError, match="term_grace_s"):
+        with pytest.raises(InvalidRequest, match="local transport setting 'term_grace_s'"):
             LocalTransport(FakeContext({"term_grace_s": bad}))
+    with pytest.raises(InvalidRequest, match="local transport setting 'other': unknown"):
+        LocalTransport(FakeContext({"other": "refused"}))
 
 
 CHILD_WATCHER_PROBE = """

@@ -57,6 +57,7 @@ ECHO_VERSION = re.search(r'__version__ = "([^"]+)"',
                          (ECHO_SRC / "fleetbus_example_echo" / "__init__.py").read_text())[1]
 PREFIX = "fleetbus"
 MAX_FILE_BYTES = 4096  # passed as --transport-setting echo.max_file_bytes
+ECHO_OS = "PluginOS"  # passed as --echo-os, a flag the plugin adds to `up` (its os_name setting)
 
 
 # A fresh virtual environment with the plugins pip-installed ------------------------------
@@ -201,7 +202,8 @@ class VenvFleet:
 @pytest.fixture(scope="module")
 def fleet(venv: Venv) -> Iterator[VenvFleet]:
     stack = VenvFleet(venv, venv.path.parent / "home",
-                      extra_args=["--transport-setting", f"echo.max_file_bytes={MAX_FILE_BYTES}"]).start()
+                      extra_args=["--transport-setting", f"echo.max_file_bytes={MAX_FILE_BYTES}",
+                                  "--echo-os", ECHO_OS]).start()
     try:
         # A credential, sealed in the vault; the echo transport gets it decrypted in open().
         stack.cli("credentials", "add", "echo-cred", "--type", "token", "--user", "deployer",
@@ -286,6 +288,8 @@ def test_plugins_list_shows_echo_beside_the_built_ins(venv: Venv) -> None:
         "plugin": "echo", "distribution": "fleetbus-example-echo", "version": ECHO_VERSION,
         "transport": "echo", "transport_version": ECHO_VERSION,
         "description": "Example plugin: in-memory fake servers that echo their commands",
+        "capabilities": {"needs_host": False, "default_port": None, "issues_agent_key": False,
+                         "supports_via": False},
     }
     # Exactly what fleetbus alone provides here, plus echo.
     alone = load_plugins()
@@ -389,7 +393,7 @@ async def test_info_ping_and_the_credential(nc: NATS) -> None:
     info = await request(nc, "echo1", "info", {})
     assert info["ok"] and (info["server"], info["transport"], info["transport_version"]) == (
         "echo1", "echo", ECHO_VERSION)
-    assert (info["hostname"], info["os"], info["arch"]) == ("echo1.example", "EchoOS", "none")
+    assert (info["hostname"], info["os"], info["arch"]) == ("echo1.example", ECHO_OS, "none")
     assert info["extra"]["user"] == "deployer"  # from the vault, through Transport.open
     ping = await request(nc, "echo1", "ping", {})
     assert ping["ok"] and ping["transport"] == "echo" and ping["latency_s"] >= 0
@@ -456,6 +460,50 @@ async def test_commands_are_audited_and_counted(nc: NATS, fleet: VenvFleet) -> N
     samples = await eventually(counted, what='fleetbus_commands_total{transport="echo"}')
     assert samples.get("fleetbus_servers_served", transport="echo") == 2
     assert samples.get("fleetbus_command_duration_seconds_count", transport="echo", op="exec") >= 1
+
+
+# After the tests that count the fleet's echo servers: these register more.
+
+
+def test_the_plugin_declares_a_setting_an_option_and_a_flag(venv: Venv, fleet: VenvFleet) -> None:
+    """The plugin's flag on `servers add` reaches the stored options; the admin service
+    checks options against the plugin's model at registration; the host checks settings
+    against it at start; its `up` flag (--echo-os) became a setting (see info's OS)."""
+    assert "--exit-code" in venv.fleetbus("servers", "add", "--help").stdout
+    assert "--echo-os" in venv.fleetbus("worker", "--help").stdout
+    fleet.cli("servers", "add", "echo8", "--transport", "echo", "--exit-code", "8")
+    shown = json.loads(fleet.cli("servers", "show", "echo8", "--json").stdout)
+    assert shown["server"]["options"] == {"exit_code": 8}
+    typo = venv.fleetbus("servers", "add", "echo9", "--transport", "echo", "--option", "exit_cod=7",
+                         home=fleet.home)
+    assert typo.returncode != 0 and typo.stderr.strip().splitlines() == [
+        "fleetbus: error: echo server option 'exit_cod': unknown (known: exit_code, offline)"]
+    bad = venv.fleetbus("servers", "add", "echo9", "--transport", "echo", "--option", "offline=maybe",
+                        home=fleet.home)
+    assert bad.returncode != 0 and "echo server option 'offline'" in bad.stderr
+    wrong = venv.fleetbus("servers", "add", "loc9", "--transport", "local", "--exit-code", "3", home=fleet.home)
+    assert wrong.returncode != 0 and "--exit-code is for echo servers" in wrong.stderr
+    worker = venv.fleetbus("worker", "--transports", "echo", "--transport-setting", "echo.max_file_byte=1",
+                           home=fleet.home)
+    # Its log also says the broken plugin was skipped; the error itself is one line, no traceback.
+    errors = [line for line in worker.stderr.splitlines() if line.startswith("fleetbus: error: ")]
+    assert worker.returncode != 0 and "Traceback" not in worker.stderr, worker.stderr
+    assert len(errors) == 1 and errors[0].startswith(
+        "fleetbus: error: echo transport setting 'max_file_byte': unknown (known: "), worker.stderr
+
+
+async def test_the_plugin_flag_option_is_used_by_the_transport(nc: NATS, fleet: VenvFleet) -> None:
+    fleet.cli("servers", "add", "echo6", "--transport", "echo", "--exit-code", "6")
+    await eventually(lambda: served_by_echo(nc, "echo6"), what="echo6 to be served")
+    reply = await request(nc, "echo6", "exec", {"argv": ["say", "hi"]})
+    assert (reply["ok"], reply["exit_code"], reply["stdout"]) == (True, 6, "hi\n")
+
+
+async def served_by_echo(nc: NATS, name: str) -> bool:
+    try:
+        return bool((await request(nc, name, "ping", {}, timeout=5))["ok"])
+    except NoRespondersError:
+        return False
 
 
 _SAMPLE_RE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')

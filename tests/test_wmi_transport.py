@@ -460,7 +460,7 @@ async def test_access_denied_is_auth_failed(tmp_path: Path, certs: dict[str, Pat
 def test_bad_options_are_refused(wsman: WsmanServer) -> None:
     from fleetbus_wmi.transport import WmiConfig, WmiSettings
 
-    settings = WmiSettings({})
+    settings = WmiSettings()
     for options, message in (({"scheme": "ftp"}, "scheme"), ({"auth": "digest"}, "auth"),
                              ({"colour": "blue"}, "unknown wmi option"),
                              ({"ca": "/nonexistent.pem"}, "does not exist"),

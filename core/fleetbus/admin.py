@@ -4,6 +4,13 @@ Subjects are ``<prefix>.v1.admin.<area>.<verb>``; the service answers NATS micro
 discovery (``$SRV.PING|INFO|STATS``) as ``fleetbus-admin``. Only the core runs it, and
 only the core holds the master key, so a secret sent to ``credentials.add`` is sealed
 before it is stored and is never sent back by any endpoint.
+
+``servers.add`` checks a server against its transport's declarations
+(:class:`fleetbus.transport.Transport`): ``Options`` (a typo is ``invalid_request``
+naming the option), ``capabilities.needs_host``, ``capabilities.issues_agent_key``. A
+transport not installed beside the core cannot be checked: such a server is registered
+with a warning saying so (a deployment may run that plugin on its workers only), and its
+options are first checked when a worker opens a session to it.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -33,12 +40,11 @@ from .names import check_credential_name, check_server_name
 from .records import CredentialInfo, CredentialType, Server, utcnow
 from .registry import Registry, kv_snapshot
 from .subjects import HDR_REQUESTER, Names, ReplySubjects
+from .transport import Transport
 from .vault import Vault
 
 log = logging.getLogger("fleetbus.admin")
 
-# Transports whose servers authenticate with a fleetbus-issued secret key.
-KEYED_TRANSPORTS = frozenset({"agent-outbound"})
 GATEWAY_CACHE_S = 5.0
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -81,7 +87,7 @@ def _b64(value: str, what: str) -> bytes:
 
 class AdminService:
     def __init__(self, nc: NATS, names: Names, registry: Registry, vault: Vault,
-                 agent_keys: AgentKeys, gateways: KeyValue, known_transports: set[str],
+                 agent_keys: AgentKeys, gateways: KeyValue, transports: Mapping[str, type[Transport]],
                  replies: ReplySubjects | None = None) -> None:
         self.nc = nc
         self.names = names
@@ -92,7 +98,8 @@ class AdminService:
         self.gateways = gateways
         self.auditor = Auditor(nc, names)
         self._gateway_cache: tuple[float, list[dict[str, Any]]] | None = None
-        self.known_transports = known_transports
+        #: The transport classes installed beside the core, by name: their declarations.
+        self.transports = dict(transports)
         self.service: Service | None = None
 
     async def start(self) -> None:
@@ -159,24 +166,36 @@ class AdminService:
     async def servers_add(self, body: dict[str, Any]) -> dict[str, Any]:
         req = ServerAdd.model_validate(body)
         server = req.server
+        transport = self.transports.get(server.transport)
+        if transport is not None:
+            self._check_declared(server, transport)
         if server.credential is not None:
             await self.vault.info(server.credential)  # NotFound names the credential
         await self.registry.add(server, replace=req.replace)
         await self._event("servers", server.name, "registered")
         reply: dict[str, Any] = {"ok": True}
-        if server.transport in KEYED_TRANSPORTS:
+        if transport is not None and transport.capabilities.issues_agent_key:
             # The key is returned this once and stored only as a hash.
             issued = await self.agent_keys.issue(server.name)
             reply["key"] = issued.key
             reply["gateways"] = await self._gateways()
         warnings = []
-        if server.transport not in self.known_transports:
+        if transport is None:
             warnings.append(
-                f"no transport named {server.transport!r} is installed beside the core; "
-                "the server answers once a worker with that plugin runs"
+                f"no transport named {server.transport!r} is installed beside the core, so its "
+                "options were not checked; the server answers once a worker with that plugin runs"
             )
         reply.update(server=server.model_dump(mode="json"), warnings=warnings)
         return reply
+
+    @staticmethod
+    def _check_declared(server: Server, transport: type[Transport]) -> None:
+        """What the transport declares about its servers, checked before anything is stored."""
+        caps = transport.capabilities
+        if caps.needs_host and not server.host:
+            port = f" (and a port unless it is {caps.default_port})" if caps.default_port else ""
+            raise InvalidRequest(f"a server of the {server.transport} transport needs a host{port}")
+        transport.check_options(server.options)
 
     async def servers_list(self, body: dict[str, Any]) -> dict[str, Any]:
         _Body.model_validate(body)
@@ -208,7 +227,8 @@ class AdminService:
 
     async def _keyed_server(self, body: dict[str, Any]) -> Server:
         server = await self.registry.get(check_server_name(NameBody.model_validate(body).name))
-        if server.transport not in KEYED_TRANSPORTS:
+        transport = self.transports.get(server.transport)
+        if transport is None or not transport.capabilities.issues_agent_key:
             raise InvalidRequest(
                 f"{server.name} uses the {server.transport} transport, which has no agent key")
         return server

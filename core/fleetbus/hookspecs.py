@@ -15,13 +15,22 @@ A plugin is a module (or object) registered under the entry-point group
         return [MyTransport]
 
 The built-in transports are registered exactly this way.
+
+Keep the module the entry point names cheap to import: fleetbus imports it to list
+plugins and to build its CLI. Import the transport (and its client libraries) inside
+``fleetbus_transports``, and click and your CLI module inside ``fleetbus_cli``.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pluggy
 
 from .transport import Transport
+
+if TYPE_CHECKING:
+    from .cli.extend import CliRegistry
 
 PROJECT = "fleetbus"
 ENTRY_POINT_GROUP = "fleetbus.plugins"
@@ -35,6 +44,22 @@ def fleetbus_transports() -> list[type[Transport]]:
     """Return the transport classes this plugin provides.
 
     Each class subclasses :class:`fleetbus.transport.Transport` and has a unique
-    ``name``. Called once per process when plugins load.
+    ``name``. Called once per process when plugins load. Since fleetbus 0.1; the
+    classes' ``Settings``, ``Options`` and ``capabilities`` declarations are checked
+    since the declarations were added (issue 19).
     """
     raise NotImplementedError
+
+
+@hookspec
+def fleetbus_cli(cli: CliRegistry) -> None:
+    """Add this plugin's flags and commands to the ``fleetbus`` command.
+
+    ``cli`` is a :class:`fleetbus.cli.extend.CliRegistry`: ``add_server_flag`` (a flag
+    on ``servers add``, stored as a server option or read by ``on_server_add``),
+    ``add_setting_flag`` (a flag on ``up``/``worker`` that sets a transport setting),
+    ``add_command`` (a command of its own, top level or under ``servers``) and
+    ``quiet_logger``. Called at most once per process, only when a command that can
+    show these additions runs, never on ``fleetbus run``. Returns nothing. A hook that
+    raises is logged and skipped. Since fleetbus 0.1 (issue 19); optional.
+    """

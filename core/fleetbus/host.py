@@ -127,7 +127,8 @@ class _Context:
         self.host = host
         self.transport_name = name
         self.logger = logging.getLogger(f"fleetbus.transport.{name}")
-        self.settings = host.settings.transport_settings.get(name, {})
+        # Validated here, before the transport exists: a bad one stops the worker, one line.
+        self.settings = host.transport_classes[name].load_settings(host.settings.transport_settings.get(name))
         self.services = host.services
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:

@@ -149,7 +149,7 @@ async def start_stack(opts: StackOptions, stack: AsyncExitStack, *, embedded_nat
     if core:
         running.admin = AdminService(nc, names, Registry(state.servers, state.status), vault,
                                      AgentKeys(state.agent_keys), state.gateways,
-                                     set(plugins.transports),
+                                     plugins.transports,
                                      names.reply_subjects(opts.host_settings.reply_prefixes))
         await running.admin.start()
         stack.push_async_callback(running.admin.stop)

@@ -10,7 +10,8 @@ is pinned in the registry.
 
 Server fields: ``host``, ``port`` (default 7444), ``credential`` (holds the server's key),
 ``options.fingerprint`` ("sha256:<hex>"), ``options.trust_on_first_use``.
-Settings: ``connect_timeout_s`` (5), ``heartbeat_s`` (5), ``idle_timeout_s`` (300).
+Settings: ``connect_timeout_s`` (5), ``heartbeat_s`` (5), ``idle_timeout_s`` (300):
+:class:`InboundSettings`; options: :class:`InboundOptions`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from fleetbus import __version__
 from fleetbus.agentlink import AgentSession
 from fleetbus.errors import AuthFailed, InvalidRequest, ServerOffline
 from fleetbus.records import Server
-from fleetbus.transport import Credential, Session, Transport
+from fleetbus.transport import Capabilities, Credential, ServerOptions, Session, Transport, TransportSettings
 from fleetbus_agent.protocol import (
     AuthError,
     Connection,
@@ -33,6 +34,7 @@ from fleetbus_agent.protocol import (
     peer_certificate_fingerprint,
     shrink_tls_buffers,
 )
+from pydantic import Field, field_validator
 
 DEFAULT_PORT = 7444
 
@@ -42,6 +44,33 @@ def normalize(fingerprint: str) -> str:
     if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
         raise InvalidRequest(f"{fingerprint!r} is not a fingerprint: use sha256: and 64 hex digits")
     return text
+
+
+class InboundOptions(ServerOptions):
+    """Per-server options: the agent certificate's pinned ``fingerprint``
+    ("sha256:<hex>") and ``trust_on_first_use`` (pin the certificate seen first)."""
+
+    fingerprint: str | None = None
+    trust_on_first_use: bool = False
+
+    @field_validator("fingerprint")
+    @classmethod
+    def _fingerprint(cls, value: str | None) -> str | None:
+        if value:
+            try:
+                normalize(value)
+            except InvalidRequest as exc:
+                raise ValueError(exc.message) from None
+        return value
+
+
+class InboundSettings(TransportSettings):
+    """Settings, in seconds: ``connect_timeout_s`` (TCP, TLS and the key proof),
+    ``heartbeat_s``, ``idle_timeout_s`` (how long an unused connection stays open)."""
+
+    connect_timeout_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    heartbeat_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    idle_timeout_s: float = Field(default=300.0, gt=0, allow_inf_nan=False)
 
 
 class InboundSession(AgentSession):
@@ -56,13 +85,16 @@ class InboundTransport(Transport):
     version = __version__
     description = "fleetbus agents listening on their servers; fleetbus connects in"
     serves_registered = True
+    Settings = InboundSettings
+    Options = InboundOptions
+    capabilities = Capabilities(needs_host=True, default_port=DEFAULT_PORT)
+    settings: InboundSettings
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
-        settings = ctx.settings
-        self.connect_timeout_s = float(settings.get("connect_timeout_s", 5.0))
-        self.heartbeat_s = float(settings.get("heartbeat_s", 5.0))
-        self.idle_timeout_s = float(settings.get("idle_timeout_s", 300.0))
+        self.connect_timeout_s = self.settings.connect_timeout_s
+        self.heartbeat_s = self.settings.heartbeat_s
+        self.idle_timeout_s = self.settings.idle_timeout_s
 
     async def start(self) -> None:
         shrink_tls_buffers()

@@ -51,7 +51,7 @@ from fleetbus.certs import GatewayFiles, default_hosts, fingerprint_pem, server_
 from fleetbus.errors import AuthFailed, InvalidRequest, ServerOffline
 from fleetbus.keys import parse_key
 from fleetbus.records import Server, utcnow
-from fleetbus.transport import Credential, Session, Transport
+from fleetbus.transport import Capabilities, Credential, Session, Transport, TransportSettings
 from fleetbus_agent.admission import Gate, GateSettings
 from fleetbus_agent.connect import CA_PROBE_NAME
 from fleetbus_agent.fdbudget import raise_nofile_limit
@@ -66,6 +66,7 @@ from fleetbus_agent.protocol import (
 )
 from fleetbus_agent.throttle import AuthThrottle, FailureLog
 from nats.js.kv import KV_DEL, KV_PURGE
+from pydantic import Field, field_validator
 
 from .cluster import RECORD_EVERY_S, Cluster
 from .links import Link, Links
@@ -108,11 +109,41 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+class GatewaySettings(TransportSettings):
+    """The gateway's settings (see the module docstring for each)."""
+
+    listen: str = "0.0.0.0:7443"
+    advertise: str | None = None
+    heartbeat_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    handshake_timeout_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    max_handshakes: int = Field(default=MAX_HANDSHAKES, ge=1)
+    handshake_wait_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    max_unauthenticated: int = Field(default=8192, ge=1)
+    max_unauthenticated_per_address: int = Field(default=8192, ge=1)
+    penalised_per_address: int = Field(default=PENALISED_PER_ADDRESS, ge=1)
+    silent_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    fd_reserve: int = Field(default=256, ge=0)
+    auth_log_interval_s: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+    create_cert: bool = True
+    hosts: str | list[str] | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        try:
+            parse_listen(value)
+        except InvalidRequest as exc:
+            raise ValueError(exc.message) from None
+        return value
+
+
 class GatewayTransport(Transport):
     name = "agent-outbound"
     version = __version__
     description = "fleetbus agents that dial out to this TLS gateway (behind NAT and firewalls)"
     serves_registered = False
+    Settings = GatewaySettings
+    capabilities = Capabilities(issues_agent_key=True)
 
     def __init__(self, ctx: Any) -> None:
         super().__init__(ctx)
@@ -125,36 +156,37 @@ class GatewayTransport(Transport):
         self._tasks: list[asyncio.Task[Any]] = []
         self._gate: Gate[tuple[Any, ...]] | None = None
         self._accepted_at_trim = 0
-        settings = ctx.settings
-        self.listen = parse_listen(settings.get("listen", "0.0.0.0:7443"))
-        self.heartbeat_s = float(settings.get("heartbeat_s", 5.0))
-        self.create_cert = bool(settings.get("create_cert", True))
+        settings: GatewaySettings = self.settings
+        self.listen = parse_listen(settings.listen)
+        self.heartbeat_s = settings.heartbeat_s
+        self.create_cert = settings.create_cert
+        timeout = settings.handshake_timeout_s
         try:
-            timeout = float(settings.get("handshake_timeout_s", 5.0))
             self.admission_settings = GateSettings(
-                max_handshakes=settings.get("max_handshakes", MAX_HANDSHAKES),
-                max_unauthenticated=settings.get("max_unauthenticated", 8192),
-                max_per_source=settings.get("max_unauthenticated_per_address", 8192),
+                max_handshakes=settings.max_handshakes,
+                max_unauthenticated=settings.max_unauthenticated,
+                max_per_source=settings.max_unauthenticated_per_address,
                 handshake_timeout_s=timeout,
-                wait_s=settings.get("handshake_wait_s", timeout),
-                silent_s=settings.get("silent_s", timeout),
-                fd_reserve_min=int(settings.get("fd_reserve", 256)))
-            self.penalised_per_address = int(settings.get("penalised_per_address", PENALISED_PER_ADDRESS))
-            log_interval_s = float(settings.get("auth_log_interval_s", 60.0))
-            if self.penalised_per_address < 1 or not log_interval_s > 0:
-                raise ValueError("penalised_per_address must be at least 1 and auth_log_interval_s above 0")
+                wait_s=settings.handshake_wait_s if settings.handshake_wait_s is not None else timeout,
+                silent_s=settings.silent_s if settings.silent_s is not None else timeout,
+                fd_reserve_min=settings.fd_reserve)
         except (TypeError, ValueError) as exc:
             raise InvalidRequest(f"agent-outbound settings: {exc}") from None
+        self.penalised_per_address = settings.penalised_per_address
+        log_interval_s = settings.auth_log_interval_s
         # The transport's own logger (ctx.logger), named here so settings can be checked
         # before the host hands over a context with one.
         self.failure_log = FailureLog(logging.getLogger(f"fleetbus.transport.{self.name}"),
                                       "agent authentication", "agent authentications",
                                       interval_s=log_interval_s)
         self._tls: ssl.SSLContext | None = None
-        self.advertise = settings.get("advertise")
-        extra = settings.get("hosts") or []
+        self.advertise = settings.advertise
+        extra = settings.hosts or []
         self.extra_hosts = [h.strip() for h in (extra.split(",") if isinstance(extra, str) else extra)
                             if str(h).strip()]
+
+    def describe(self) -> list[tuple[str, str]]:
+        return [("gateway", f"{self.address}  pin {self.fingerprint}")]
 
     # lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:

@@ -8,3 +8,10 @@ def fleetbus_transports():
     from .gateway import GatewayTransport
 
     return [GatewayTransport]
+
+
+@hookimpl
+def fleetbus_cli(cli):
+    from .cli import add_cli
+
+    add_cli(cli)

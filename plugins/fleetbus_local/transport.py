@@ -19,11 +19,13 @@ import os
 import pwd
 import socket
 from collections.abc import AsyncIterator
+from typing import Annotated
 
 import fleetbus
 from fleetbus.errors import ERROR_CLASSES, FleetbusError, InternalError
 from fleetbus.records import Server
 from fleetbus.transport import (
+    Capabilities,
     Credential,
     ExecResult,
     ExecSpec,
@@ -35,13 +37,14 @@ from fleetbus.transport import (
     Session,
     Transport,
     TransportContext,
+    TransportSettings,
 )
 from fleetbus_agent import ops
 from fleetbus_agent.ops import groupkeeper
 from fleetbus_agent.ops.runas import RunAs
+from pydantic import Field, StrictFloat, StrictInt
 
 from .userfiles import WorkingDirectory, get_file_as, put_file_as
-from .users import SETTING as USER_SETTING
 from .users import local_user
 
 # Names that always mean "this machine", whoever resolves them.
@@ -152,6 +155,27 @@ class LocalSession(Session):
         return None
 
 
+Seconds = Annotated[StrictFloat | StrictInt, Field(ge=0, allow_inf_nan=False)]
+
+
+class LocalSettings(TransportSettings):
+    """Settings of ``local``: ``user`` (a user name or uid to run as; see
+    :mod:`fleetbus_local.users`) and the timings of
+    :class:`fleetbus_agent.ops.ProcessTimings`, in seconds."""
+
+    user: str | int | None = None
+    term_grace_s: Seconds = 2.0
+    exit_grace_s: Seconds = 1.0
+    reap_timeout_s: Seconds = 5.0
+    timeout_backstop_s: Seconds = 5.0
+
+    @property
+    def timings(self) -> ops.ProcessTimings:
+        return ops.ProcessTimings(term_grace_s=float(self.term_grace_s), exit_grace_s=float(self.exit_grace_s),
+                                  reap_timeout_s=float(self.reap_timeout_s),
+                                  timeout_backstop_s=float(self.timeout_backstop_s))
+
+
 class LocalTransport(Transport):
     """Runs commands and moves files on the host this fleetbus process runs on.
 
@@ -167,16 +191,15 @@ class LocalTransport(Transport):
     description = ("Run commands and move files on the machine fleetbus runs on, as its own "
                    "user or a configured one (unprivileged by default under root).")
     serves_registered = True
+    Settings = LocalSettings
+    capabilities = Capabilities()
+    settings: LocalSettings
 
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
-        settings = ctx.settings or {}
-        try:
-            self.timings = ops.ProcessTimings.from_settings(settings)
-        except ValueError as exc:
-            raise ValueError(f"local transport setting {exc}") from None
+        self.timings = self.settings.timings
         #: The user commands run as, None for fleetbus's own.
-        self.run_as = local_user(settings.get(USER_SETTING))
+        self.run_as = local_user(self.settings.user)
         if self.run_as is not None:
             ctx.logger.info("local runs commands and file operations as %s", self.run_as)
 
@@ -187,6 +210,9 @@ class LocalTransport(Transport):
 
     async def stop(self) -> None:
         groupkeeper.disable()
+
+    def describe(self) -> list[tuple[str, str]]:
+        return [("local as", self.user)]
 
     @property
     def user(self) -> str:

@@ -1,22 +1,40 @@
-"""The ``ssh`` transport's settings (``ctx.settings``), validated once at start-up.
+"""The ``ssh`` transport's declarations: its settings (per worker) and server options.
 
-Every key is optional; unknown keys are ignored so a newer configuration does not stop
-an older worker. A bad value raises ``ValueError`` naming the key, which the transport
-turns into a start-up error.
+The host validates the settings once at start (``Transport.load_settings``); the admin
+service validates a server's options at ``servers add``. Unknown keys are refused.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any
+from typing import Annotated
+
+from fleetbus.transport import ServerOptions, TransportSettings
+from pydantic import Field, StrictFloat, StrictInt, model_validator
 
 MiB = 1024 * 1024
 
+# Numbers only (no "5" strings, no booleans): a setting is a number or a mistake.
+Seconds = Annotated[StrictFloat | StrictInt, Field(ge=0, allow_inf_nan=False)]
+Count = Annotated[StrictInt, Field(ge=1)]
 
-@dataclass(frozen=True)
-class SshSettings:
+
+class SshOptions(ServerOptions):
+    """Per-server options of an ``ssh`` server (``server.options``).
+
+    - ``host_key``: the pinned host key(s): an OpenSSH public key line or a
+      ``SHA256:...`` fingerprint, or a list of them (while a key is being rotated).
+    - ``via``: the registered ``ssh`` server to reach this one through (a jump host).
+    - ``user``: the login user when the credential names none.
+    - ``max_sessions``: session channels per connection (the server's ``MaxSessions``).
+    """
+
+    host_key: str | list[str] | None = None
+    via: str | None = None
+    user: str | None = None
+    max_sessions: Annotated[StrictInt, Field(ge=2)] | None = None
+
+
+class SshSettings(TransportSettings):
     """Timings (seconds) and sizes (bytes) of the ``ssh`` transport.
 
     - ``connect_timeout_s``: TCP connect, SSH banner, key exchange and authentication
@@ -45,43 +63,27 @@ class SshSettings:
     - ``max_jump_hops``: longest chain of ``via`` jump hosts followed.
     """
 
-    connect_timeout_s: float = 10.0
-    keepalive_s: float = 15.0
-    idle_timeout_s: float = 300.0
-    ping_timeout_s: float = 10.0
-    term_grace_s: float = 2.0
-    exit_grace_s: float = 1.0
-    kill_timeout_s: float = 5.0
-    timeout_backstop_s: float = 5.0
-    window_size: int = 16 * MiB
-    max_packet_size: int = 32 * 1024
-    exec_window_size: int = 2 * MiB
-    sftp_request_size: int = 256 * 1024
-    sftp_read_ahead: int = 8 * MiB
-    max_sessions: int = 10
-    max_jump_hops: int = 4
+    connect_timeout_s: Seconds = 10.0
+    keepalive_s: Seconds = 15.0
+    idle_timeout_s: Seconds = 300.0
+    ping_timeout_s: Seconds = 10.0
+    term_grace_s: Seconds = 2.0
+    exit_grace_s: Seconds = 1.0
+    kill_timeout_s: Seconds = 5.0
+    timeout_backstop_s: Seconds = 5.0
+    window_size: Count = 16 * MiB
+    max_packet_size: Count = 32 * 1024
+    exec_window_size: Count = 2 * MiB
+    sftp_request_size: Count = 256 * 1024
+    sftp_read_ahead: Count = 8 * MiB
+    # One channel is kept for stopping cancelled commands (see session.ChannelSlots).
+    max_sessions: Annotated[StrictInt, Field(ge=2)] = 10
+    max_jump_hops: Count = 4
 
-    @classmethod
-    def from_settings(cls, settings: Mapping[str, Any] | None) -> SshSettings:
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            if not settings or f.name not in settings:
-                continue
-            value = settings[f.name]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                # ValueError, not TypeError: callers report every ValueError as a bad setting.
-                raise ValueError(f"ssh setting {f.name!r} must be a number, not {value!r}")  # noqa: TRY004
-            if f.type == "int" or f.type is int:
-                if int(value) != value or value < 1:
-                    raise ValueError(f"ssh setting {f.name!r} must be a positive integer, not {value!r}")
-                values[f.name] = int(value)
-            else:
-                if not math.isfinite(value) or value < 0:
-                    raise ValueError(
-                        f"ssh setting {f.name!r} must be a non-negative number of seconds, not {value!r}")
-                values[f.name] = float(value)
-        made = cls(**values)
-        if made.max_sessions < 2:
-            # One channel is kept for stopping cancelled commands (see session.ChannelSlots).
-            raise ValueError("ssh setting 'max_sessions' must be at least 2")
-        return made
+    @model_validator(mode="after")
+    def _seconds_as_floats(self) -> SshSettings:
+        # The timings are used as floats (``f"{s:g}"``, arithmetic); an int given is fine.
+        for name in type(self).model_fields:
+            if name.endswith("_s"):
+                object.__setattr__(self, name, float(getattr(self, name)))
+        return self

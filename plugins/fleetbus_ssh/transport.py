@@ -18,7 +18,7 @@ starts sessions with ``setsid()`` (OpenSSH, Dropbear) so a command's process gro
 be killed, and the SFTP subsystem with ``posix-rename@openssh.com`` for ``put``
 (OpenSSH's ``sftp-server``/``internal-sftp``).
 
-Settings (``ctx.settings``): see :class:`.settings.SshSettings`; ``idle_timeout_s``
+Settings and server options: see :class:`.settings.SshSettings` and :class:`.settings.SshOptions`; ``idle_timeout_s``
 (300) is how long the host keeps an unused connection.
 
 Module map: :mod:`.connection` (paramiko transport, jump hosts, keepalive),
@@ -33,11 +33,11 @@ import asyncio
 import fleetbus
 from fleetbus.errors import InvalidRequest, NotFound
 from fleetbus.records import Server
-from fleetbus.transport import Credential, Session, Transport, TransportContext
+from fleetbus.transport import Capabilities, Credential, Session, Transport, TransportContext
 
 from .connection import Hop, SshConnection, connect
 from .session import SshSession
-from .settings import SshSettings
+from .settings import SshOptions, SshSettings
 
 
 class SshTransport(Transport):
@@ -47,10 +47,13 @@ class SshTransport(Transport):
     version = fleetbus.__version__
     description = "Linux/Unix servers over SSH (agentless, paramiko); host keys pinned, jump hosts"
     serves_registered = True
+    Settings = SshSettings
+    Options = SshOptions
+    capabilities = Capabilities(needs_host=True, default_port=22, supports_via=True)
+    settings: SshSettings
 
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
-        self.settings = SshSettings.from_settings(ctx.settings or {})
         self.idle_timeout_s = self.settings.idle_timeout_s
 
     async def open(self, server: Server, credential: Credential | None) -> Session:

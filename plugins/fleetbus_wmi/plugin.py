@@ -8,3 +8,10 @@ def fleetbus_transports():
     from .transport import WmiTransport
 
     return [WmiTransport]
+
+
+@hookimpl
+def fleetbus_cli(cli):
+    from .cli import add_cli
+
+    add_cli(cli)

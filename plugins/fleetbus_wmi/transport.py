@@ -41,12 +41,13 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import fleetbus
 from fleetbus.errors import AuthFailed, InvalidRequest, Timeout, TransportError
 from fleetbus.records import Server
 from fleetbus.transport import (
+    Capabilities,
     Credential,
     ExecResult,
     ExecSpec,
@@ -55,11 +56,14 @@ from fleetbus.transport import (
     PutSpec,
     RemoteFile,
     ServerFacts,
+    ServerOptions,
     Session,
     StreamName,
     Transport,
     TransportContext,
+    TransportSettings,
 )
+from pydantic import Field, model_validator
 from winrm.protocol import Protocol
 
 from . import facts, files
@@ -84,45 +88,56 @@ def _bool(value: Any, name: str) -> bool:
     raise InvalidRequest(f"option {name} must be true or false, not {value!r}")
 
 
-def _int_setting(settings: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
-    value = settings.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"wmi transport setting {name} must be a number")  # noqa: TRY004
-    try:
-        number = int(value)
-    except ValueError:
-        raise ValueError(f"wmi transport setting {name} must be a number") from None
-    if not low <= number <= high:
-        raise ValueError(f"wmi transport setting {name} must be between {low} and {high}")
-    return number
+def _ints(low: int, high: int) -> Any:
+    return Annotated[int, Field(ge=low, le=high, strict=True)]
 
 
-class WmiSettings:
-    """The transport settings (``ctx.settings``), checked once when the transport starts."""
+class WmiOptions(ServerOptions):
+    """Per-server options of a ``wmi`` server (see the module docstring); checked at
+    ``servers add``. :class:`WmiConfig` checks the rest (files, credential) at open."""
 
-    def __init__(self, settings: dict[str, Any]) -> None:
-        self.operation_timeout_s = _int_setting(settings, "operation_timeout_s", 20, 1, 3600)
-        self.connect_timeout_s = float(_int_setting(settings, "connect_timeout_s", 10, 1, 600))
-        try:
-            reuse = _bool(settings.get("reuse_shells", True), "reuse_shells")
-        except InvalidRequest as exc:
-            raise ValueError(f"wmi transport setting {exc.message}") from None
-        self.shells = ShellSettings(
-            max_shells=_int_setting(settings, "max_shells", 8, 1, 1000),
-            max_idle_shells=_int_setting(settings, "max_idle_shells", 2, 0, 1000),
-            max_commands_per_shell=_int_setting(settings, "max_commands_per_shell", 100, 1, 100000),
-            reuse_shells=reuse,
-            codepage=_int_setting(settings, "codepage", 65001, 1, 65535),
-            shell_idle_timeout_s=_int_setting(settings, "shell_idle_timeout_s", 600, 1, 86400),
-        )
-        self.put_chunk = _int_setting(settings, "put_chunk_bytes", files.DEFAULT_PUT_CHUNK, 1024,
-                                      files.MAX_PUT_CHUNK)
-        self.get_chunk = _int_setting(settings, "get_chunk_bytes", files.DEFAULT_GET_CHUNK, 1024,
-                                      16 * 1024 * 1024)
-        idle = settings.get("idle_timeout_s", 300.0)
-        if isinstance(idle, bool) or not isinstance(idle, (int, float)) or idle <= 0:
-            raise ValueError("wmi transport setting idle_timeout_s must be a positive number")
-        self.idle_timeout_s = float(idle)
+    scheme: Literal["https", "http"] | None = None
+    auth: Literal["ntlm", "kerberos", "basic", "credssp"] | None = None
+    ca: str | None = None
+    insecure_skip_verify: bool = False
+    allow_basic_over_http: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> WmiOptions:
+        if self.ca and self.insecure_skip_verify:
+            raise ValueError("give either ca or insecure_skip_verify, not both")
+        return self
+
+
+class WmiSettings(TransportSettings):
+    """The transport settings (see the module docstring), checked once when the host starts."""
+
+    operation_timeout_s: _ints(1, 3600) = 20
+    connect_timeout_s: _ints(1, 600) = 10
+    reuse_shells: bool = True
+    max_shells: _ints(1, 1000) = 8
+    max_idle_shells: _ints(0, 1000) = 2
+    max_commands_per_shell: _ints(1, 100000) = 100
+    codepage: _ints(1, 65535) = 65001
+    shell_idle_timeout_s: _ints(1, 86400) = 600
+    put_chunk_bytes: _ints(1024, files.MAX_PUT_CHUNK) = files.DEFAULT_PUT_CHUNK
+    get_chunk_bytes: _ints(1024, 16 * 1024 * 1024) = files.DEFAULT_GET_CHUNK
+    idle_timeout_s: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 300.0
+
+    @property
+    def shells(self) -> ShellSettings:
+        return ShellSettings(
+            max_shells=self.max_shells, max_idle_shells=self.max_idle_shells,
+            max_commands_per_shell=self.max_commands_per_shell, reuse_shells=self.reuse_shells,
+            codepage=self.codepage, shell_idle_timeout_s=self.shell_idle_timeout_s)
+
+    @property
+    def put_chunk(self) -> int:
+        return self.put_chunk_bytes
+
+    @property
+    def get_chunk(self) -> int:
+        return self.get_chunk_bytes
 
 
 class WmiConfig:
@@ -183,7 +198,7 @@ class WmiConfig:
         self.settings = settings
         self.shells = settings.shells
         self.operation_timeout_s = settings.operation_timeout_s
-        self.connect_timeout_s = settings.connect_timeout_s
+        self.connect_timeout_s = float(settings.connect_timeout_s)
         self.put_chunk = settings.put_chunk
         self.get_chunk = settings.get_chunk
 
@@ -304,9 +319,13 @@ class WmiTransport(Transport):
     description = "Windows servers over WinRM (WS-Management, pywinrm): cmd and PowerShell, files, facts"
     serves_registered = True
 
+    Settings = WmiSettings
+    Options = WmiOptions
+    capabilities = Capabilities(needs_host=True, default_port=DEFAULT_PORTS["https"])
+    settings: WmiSettings
+
     def __init__(self, ctx: TransportContext) -> None:
         super().__init__(ctx)
-        self.settings = WmiSettings(dict(ctx.settings or {}))
         self.idle_timeout_s = self.settings.idle_timeout_s  # type: ignore[misc]
 
     async def open(self, server: Server, credential: Credential | None) -> Session:

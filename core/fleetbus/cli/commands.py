@@ -52,7 +52,7 @@ def _write(stream: str, data: bytes) -> None:
 @click.option("--cwd", help="Working directory on the server.")
 @click.option("--shell", "use_shell", is_flag=True, help="Run COMMAND as one shell command line.")
 @click.option("--powershell", "use_powershell", is_flag=True,
-              help="wmi: run COMMAND as a PowerShell script (sent -EncodedCommand).")
+              help="Run COMMAND as a PowerShell script (Windows transports; sent -EncodedCommand).")
 @click.option("--stdin", "-i", "forward_stdin", is_flag=True, help=f"Send standard input (up to {MAX_INLINE_BYTES // 1024} KiB).")
 @click.option("--id", "command_id", help="Command id; a retry with the same id is not run twice.")
 @click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON instead of streaming output.")
@@ -83,7 +83,7 @@ def run(g: Globals, server: str, command: tuple[str, ...], show_output: bool, gr
     if use_shell and use_powershell:
         fail("give --shell or --powershell, not both", EXIT_FLEETBUS_ERROR)
     if use_powershell:
-        # The wmi transport runs ["powershell", SCRIPT] with -EncodedCommand (docs/wmi.md).
+        # A Windows transport runs ["powershell", SCRIPT] with -EncodedCommand (docs/wmi.md).
         argv = ["powershell", " ".join(argv)]
     stdin = None
     if forward_stdin:

@@ -6,17 +6,18 @@ import click
 
 from .. import __version__
 from .admin_cmds import admin
+from .agent_cmds import agent
 from .commands import get, info, ping, put, run
 from .context import Globals
 from .credentials import credentials
-from .gateway import agent, gateway
+from .extend import PluginGroup
 from .jobs import jobs
 from .plugins_cmd import plugins
 from .servers import servers
 from .stack_cmds import core, up, worker
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fleetbus")
 @click.option("--nats", envvar="FLEETBUS_NATS_URL", metavar="URL[,URL...]",
               help="NATS servers to use, comma-separated (default: the one `fleetbus up` started). "
@@ -37,8 +38,9 @@ def cli(ctx: click.Context, nats: str | None, nats_creds: str | None, nats_conte
                       nats_context=nats_context)
 
 
+# Installed transports add their own commands (e.g. `gateway`) through the fleetbus_cli hook.
 for command in (up, core, worker, servers, credentials, run, put, get, info, ping, jobs, plugins,
-                gateway, agent, admin):
+                agent, admin):
     cli.add_command(command)
 
 

@@ -14,6 +14,7 @@ from .. import __version__
 from ..errors import FleetbusError
 from ..home import Home
 from .context import Globals, choose_event_loop, fail, parse_options, pass_globals, run_async
+from .extend import flag_values, registry, takes_plugin_flags
 
 
 def _logging(verbose: int) -> None:
@@ -23,10 +24,9 @@ def _logging(verbose: int) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if verbose < 2:
         logging.getLogger("nats").setLevel(logging.CRITICAL)
-        # paramiko logs every refused or dropped connection at ERROR with a traceback;
-        # the ssh transport reports those itself, once, as command errors.
-        logging.getLogger("paramiko").setLevel(logging.CRITICAL)
-        logging.getLogger("fleetbus.transport.ssh.paramiko").setLevel(logging.CRITICAL)
+        # Client libraries that log what their transport reports itself (fleetbus_cli hook).
+        for name in registry().quiet_loggers:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     logging.getLogger("fleetbus").info("event loop: %s", loop)
 
 
@@ -42,18 +42,17 @@ def _metrics(addr: str) -> str | None:
     return None if addr.strip().lower() in ("", "off", "none") else addr
 
 
-def _settings(gateway_listen: str, pairs: tuple[str, ...],
-              local_user: str | None = None) -> dict[str, dict[str, object]]:
-    """Per-transport settings: --gateway-listen, every --transport-setting T.KEY=VALUE,
-    and --local-user (local.user; it wins over a --transport-setting of the same)."""
-    out: dict[str, dict[str, object]] = {"agent-outbound": {"listen": gateway_listen}}
+def _settings(command: str, pairs: tuple[str, ...]) -> dict[str, dict[str, object]]:
+    """Per-transport settings: every --transport-setting T.KEY=VALUE, then the settings
+    flags transports add to ``command`` (``--gateway-listen``: they win over the same key)."""
+    out: dict[str, dict[str, object]] = {}
     for name, value in parse_options(pairs).items():
         transport, dot, key = name.partition(".")
         if not dot or not transport or not key:
             raise click.BadParameter(f"{name!r} is not TRANSPORT.KEY", param_hint="--transport-setting")
         out.setdefault(transport, {})[key] = value
-    if local_user:
-        out.setdefault("local", {})["user"] = local_user
+    for transport, values in registry().settings_from_flags(command, flag_values()).items():
+        out.setdefault(transport, {}).update(values)
     return out
 
 
@@ -64,11 +63,6 @@ def replicas_option(fn):  # type: ignore[no-untyped-def]
         help="JetStream replicas for fleetbus's state (env FLEETBUS_REPLICAS; default: 3 on a "
              "NATS cluster of 3 or more servers, else 1). State found with fewer is warned about; "
              "`fleetbus admin migrate` changes it.")(fn)
-
-
-LOCAL_USER_HELP = ("Run local commands and file operations as this user (name or uid). Default: "
-                   "fleetbus's own user; as root, fleetbus-local if it exists, else nobody. "
-                   "'root' keeps them root. Same as --transport-setting local.user=NAME.")
 
 
 def _secure(home: Home) -> None:
@@ -102,11 +96,8 @@ def _say(text: str) -> None:
 @click.option("--nats-port", type=click.IntRange(0, 65535), default=4222, show_default=True,
               help="Port of the embedded NATS (0: any free port).")
 @click.option("--transports", help="Comma-separated transports to serve (default: all installed).")
-@click.option("--gateway-listen", default="0.0.0.0:7443", show_default=True, metavar="HOST:PORT",
-              help="Where the agent-outbound gateway listens (port 0: any free port).")
 @click.option("--transport-setting", "transport_settings", multiple=True, metavar="TRANSPORT.KEY=VALUE",
-              help="A transport setting, e.g. agent-inbound.idle_timeout_s=60 (repeatable).")
-@click.option("--local-user", metavar="NAME", help=LOCAL_USER_HELP)
+              help="A transport setting, e.g. NAME.idle_timeout_s=60 (repeatable); checked at start.")
 @click.option("--metrics-addr", default="127.0.0.1:9464", show_default=True, metavar="HOST:PORT",
               help="Serve Prometheus metrics here (port 0: any free port; 'off' to disable).")
 @click.option("--check-interval", type=click.FloatRange(min=0), default=30.0, show_default=True,
@@ -118,8 +109,8 @@ def _say(text: str) -> None:
 @replicas_option
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @pass_globals
-def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gateway_listen: str,
-       transport_settings: tuple[str, ...], local_user: str | None, metrics_addr: str,
+def up(g: Globals, nats_host: str, nats_port: int, transports: str | None,
+       transport_settings: tuple[str, ...], metrics_addr: str,
        check_interval: float, check_timeout: float, job_retention: float | None, replicas: int | None,
        verbose: int) -> None:
     """Start everything on this machine: NATS (unless --nats), the core and every transport."""
@@ -132,8 +123,7 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
     opts = StackOptions(home=home, nats_url=g.nats, nats_host=nats_host, nats_port=nats_port,
                         prefix=g.prefix, transports=_transports(transports), replicas=replicas,
                         nats_creds=g.nats_creds, nats_context=g.nats_context,
-                        host_settings=HostSettings(transport_settings=_settings(gateway_listen, transport_settings,
-                                                                                local_user),
+                        host_settings=HostSettings(transport_settings=_settings("up", transport_settings),
                                                    reply_prefixes=_reply_prefixes(g.prefix)),
                         metrics_addr=_metrics(metrics_addr), check_interval_s=check_interval,
                         check_timeout_s=check_timeout, job_retention_s=_days(job_retention))
@@ -147,11 +137,6 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
             stack.callback(home.clear_run)
             added = await ensure_local_server(running.state, running.host)
             metrics_url = running.metrics_server.url if running.metrics_server else None
-            # Names and paths only: the CLI finds a token in its own environment or file.
-            home.write_run({"nats_url": running.nats_url, "prefix": running.names.prefix,
-                            "embedded": running.embedded is not None, "version": __version__,
-                            "metrics_url": metrics_url, "nats_context": g.nats_context,
-                            "nats_creds": g.nats_creds, "replicas": running.replicas})
             served = ", ".join(running.host.transports) if running.host and running.host.transports else "none"
             _say(f"fleetbus {__version__} is up in {time.monotonic() - started:.2f} s")
             _say(f"  nats      {running.nats_shown}" + (" (embedded, token required)" if running.embedded
@@ -162,14 +147,17 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None, gatew
                 _say(f"  nats log  {running.embedded.log_path}")
             _say(f"  metrics   {metrics_url or 'off'}")
             _say(f"  serving   {served}")
-            local = running.host.transports.get("local") if running.host else None
-            if local is not None and hasattr(local, "user"):
-                _say(f"  local as  {local.user}")
-            gateway = running.host.transports.get("agent-outbound") if running.host else None
-            if gateway is not None:
-                _say(f"  gateway   {gateway.address}  pin {gateway.fingerprint}")
+            for transport in (running.host.transports.values() if running.host else ()):
+                for label, text in transport.describe():
+                    _say(f"  {label:<9} {text}")
             _say("  server 'local' registered" if added else "  server 'local' already registered")
             _say("try: fleetbus run local -- uname -a      (Ctrl-C stops fleetbus)")
+            # Names and paths only: the CLI finds a token in its own environment or file.
+            # Written last, so whoever waits for it (a script, a test) also has the lines above.
+            home.write_run({"nats_url": running.nats_url, "prefix": running.names.prefix,
+                            "embedded": running.embedded is not None, "version": __version__,
+                            "metrics_url": metrics_url, "nats_context": g.nats_context,
+                            "nats_creds": g.nats_creds, "replicas": running.replicas})
             await wait_for_signal(lambda name: _say(f"\nfleetbus: {name} received, shutting down"))
         _say("fleetbus stopped")
 
@@ -216,18 +204,15 @@ def core(g: Globals, verbose: int, replicas: int | None, metrics_addr: str, chec
 @click.option("--transports", help="Comma-separated transports to serve (default: all installed).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=32, show_default=True,
               help="Threads for blocking client libraries.")
-@click.option("--gateway-listen", default="0.0.0.0:7443", show_default=True, metavar="HOST:PORT",
-              help="Where the agent-outbound gateway listens, when this worker runs it.")
 @click.option("--transport-setting", "transport_settings", multiple=True, metavar="TRANSPORT.KEY=VALUE",
-              help="A transport setting, e.g. agent-inbound.idle_timeout_s=60 (repeatable).")
-@click.option("--local-user", metavar="NAME", help=LOCAL_USER_HELP)
+              help="A transport setting, e.g. NAME.idle_timeout_s=60 (repeatable); checked at start.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("--metrics-addr", default="off", show_default=True, metavar="HOST:PORT",
               help="Serve Prometheus metrics here ('off' to disable).")
 @replicas_option
 @pass_globals
-def worker(g: Globals, transports: str | None, threads: int, gateway_listen: str,
-           transport_settings: tuple[str, ...], local_user: str | None, metrics_addr: str,
+def worker(g: Globals, transports: str | None, threads: int,
+           transport_settings: tuple[str, ...], metrics_addr: str,
            replicas: int | None, verbose: int) -> None:
     """Run a plugin host serving the given transports against a shared NATS."""
     from ..host import HostSettings  # the stack is heavy; `fleetbus run` never needs it
@@ -239,8 +224,7 @@ def worker(g: Globals, transports: str | None, threads: int, gateway_listen: str
                         transports=_transports(transports), replicas=replicas,
                         nats_creds=g.nats_creds, nats_context=g.nats_context,
                         host_settings=HostSettings(blocking_threads=threads,
-                                                   transport_settings=_settings(gateway_listen, transport_settings,
-                                                                                local_user),
+                                                   transport_settings=_settings("worker", transport_settings),
                                                    reply_prefixes=_reply_prefixes(g.prefix)),
                         metrics_addr=_metrics(metrics_addr))
 
@@ -254,3 +238,7 @@ def worker(g: Globals, transports: str | None, threads: int, gateway_listen: str
             await wait_for_signal()
 
     run_async(main)
+
+
+takes_plugin_flags("up")(up)
+takes_plugin_flags("worker")(worker)

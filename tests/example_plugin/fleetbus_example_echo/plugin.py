@@ -1,7 +1,8 @@
-"""The module the ``fleetbus.plugins`` entry point names: it only registers the hook.
+"""The module the ``fleetbus.plugins`` entry point names: it only registers the hooks.
 
-fleetbus imports this module for ``fleetbus plugins list`` too, so keep it cheap: import
-the transport (and its client libraries) inside the hook, not at the top.
+fleetbus imports this module for ``fleetbus plugins list`` and to build its CLI, so keep
+it cheap: import the transport (and its client libraries) inside ``fleetbus_transports``,
+and click and the CLI module inside ``fleetbus_cli``.
 """
 
 from fleetbus.hookspecs import hookimpl
@@ -13,3 +14,11 @@ def fleetbus_transports():
     from .transport import EchoTransport
 
     return [EchoTransport]
+
+
+@hookimpl
+def fleetbus_cli(cli):
+    """The plugin's flags: ``servers add --exit-code``, ``up``/``worker --echo-os``."""
+    from .cli import add_cli
+
+    add_cli(cli)

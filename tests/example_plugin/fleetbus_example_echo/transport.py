@@ -24,13 +24,19 @@ library in the way. What its fake machines do:
     ``killed``, ``files``).
 
 Server fields: ``host`` (reported as the hostname), ``credential`` (optional; a
-``password`` or ``token``, whose user ``info`` reports), ``options.exit_code`` (the exit
-code of echoing programs), ``options.offline`` (true: opening a session fails with
-``server_offline``).
+``password`` or ``token``, whose user ``info`` reports), and the options of
+:class:`EchoOptions`: ``exit_code`` (the exit code of echoing programs; ``servers add
+--exit-code N``, a flag the plugin adds in ``cli.py``), ``offline`` (true: opening a
+session fails with ``server_offline``).
 
-Settings (``fleetbus up --transport-setting echo.KEY=VALUE``): ``exit_code`` (default
-for ``options.exit_code``, 0), ``max_file_bytes`` (16 MiB: larger puts are
-``too_large``), ``idle_timeout_s`` (300).
+Settings (:class:`EchoSettings`; ``fleetbus up --transport-setting echo.KEY=VALUE``):
+``exit_code`` (default for the option, 0), ``max_file_bytes`` (16 MiB: larger puts are
+``too_large``), ``os_name`` (what ``info`` reports as the OS; ``fleetbus up --echo-os
+NAME``), ``idle_timeout_s`` (300).
+
+Both are pydantic models declared on the transport class: fleetbus checks the settings
+when the worker starts and the options when a server is registered, and refuses keys
+the models do not declare.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from typing import Any
 from fleetbus.errors import AuthFailed, InvalidRequest, NotFound, ServerOffline, TooLarge
 from fleetbus.records import Server
 from fleetbus.transport import (
+    Capabilities,
     Credential,
     ExecResult,
     ExecSpec,
@@ -54,10 +61,13 @@ from fleetbus.transport import (
     PutSpec,
     RemoteFile,
     ServerFacts,
+    ServerOptions,
     Session,
     Transport,
     TransportContext,
+    TransportSettings,
 )
+from pydantic import Field, StrictInt
 
 from . import __version__
 
@@ -229,7 +239,7 @@ class EchoSession(Session):
     async def info(self) -> ServerFacts:
         return ServerFacts(
             hostname=self.server.host or self.server.name,
-            os="EchoOS",
+            os=self.transport.settings.os_name,
             os_version=__version__,
             arch="none",
             uptime_s=round(time.monotonic() - self.machine.booted, 3),
@@ -253,6 +263,22 @@ class EchoSession(Session):
         return not self.closed
 
 
+class EchoSettings(TransportSettings):
+    """Per-worker settings, checked by the host when the worker starts."""
+
+    exit_code: StrictInt = 0
+    max_file_bytes: int = Field(default=DEFAULT_MAX_FILE_BYTES, ge=0)
+    os_name: str = Field(default="EchoOS", min_length=1, max_length=64)
+    idle_timeout_s: float = Field(default=300.0, gt=0)
+
+
+class EchoOptions(ServerOptions):
+    """Per-server options, checked by the admin service at ``servers add``."""
+
+    exit_code: StrictInt | None = None
+    offline: bool = False
+
+
 class EchoTransport(Transport):
     """Servers that are in-memory fakes; see the module docstring for what they do."""
 
@@ -260,17 +286,16 @@ class EchoTransport(Transport):
     version = __version__
     description = "Example plugin: in-memory fake servers that echo their commands"
     serves_registered = True  # the host serves every registered echo server
+    Settings = EchoSettings
+    Options = EchoOptions
+    capabilities = Capabilities()  # no host needed, no port, no agent key
+    settings: EchoSettings
 
     def __init__(self, ctx: TransportContext) -> None:
-        super().__init__(ctx)
-        settings = ctx.settings
-        self.default_exit_code = _int(settings.get("exit_code", 0), "echo.exit_code")
-        self.max_file_bytes = _int(settings.get("max_file_bytes", DEFAULT_MAX_FILE_BYTES),
-                                   "echo.max_file_bytes")
-        try:
-            self.idle_timeout_s = float(settings.get("idle_timeout_s", 300.0))
-        except (TypeError, ValueError):
-            raise InvalidRequest("echo.idle_timeout_s must be a number of seconds") from None
+        super().__init__(ctx)  # validates ctx.settings into self.settings (an EchoSettings)
+        self.default_exit_code = self.settings.exit_code
+        self.max_file_bytes = self.settings.max_file_bytes
+        self.idle_timeout_s = self.settings.idle_timeout_s
         self.machines: dict[str, FakeMachine] = {}
 
     async def open(self, server: Server, credential: Credential | None) -> Session:
