@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import logging
 import os
 import platform
 import signal
 import socket
 import stat
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import fleetbus
 import pytest
+from fleetbus import testing
 from fleetbus.errors import InvalidRequest, NotFound, Timeout, TransportError
 from fleetbus.records import Server
 from fleetbus.secretenv import SECRET_ENV_VARS
@@ -37,27 +37,13 @@ pytestmark = pytest.mark.skipif(os.name != "posix", reason="the local transport 
 DEADLINE_S = 5.0
 
 
-class FakeContext:
-    """The TransportContext the plugin host would provide."""
+class FakeContext(testing.FakeContext):
+    """fleetbus.testing's context as the local transport's tests need it."""
 
     def __init__(self, settings: dict[str, Any] | None = None) -> None:
-        self.transport_name = "local"
-        self.logger = logging.getLogger("test.fleetbus_local")
         # As the tests' own user: the tests use pytest's tmp folders, which under root
         # the default local user (nobody) may not enter.
-        self.settings: dict[str, Any] = {"user": own_user(), **(settings or {})}
-
-    async def run_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-
-    async def serve(self, server: Server) -> None:
-        pass
-
-    async def unserve(self, name: str) -> None:
-        pass
-
-    async def lookup_server(self, name: str) -> Server | None:
-        return None
+        super().__init__("local", {"user": own_user(), **(settings or {})})
 
 
 def make_server(host: str | None = None) -> Server:

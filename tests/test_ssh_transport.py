@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import logging
 import os
 import platform
 import random
@@ -18,13 +17,12 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
+from fleetbus import testing
 from fleetbus.errors import (
     AuthFailed,
     InvalidRequest,
@@ -33,7 +31,6 @@ from fleetbus.errors import (
     Timeout,
     TransportError,
 )
-from fleetbus.metrics import Metrics
 from fleetbus.records import Server
 from fleetbus.sessions import SessionPool
 from fleetbus.transport import Credential, ExecResult, ExecSpec, PutSpec, Session
@@ -63,31 +60,12 @@ pytestmark = pytest.mark.timeout(60)
 # ---------------------------------------------------------------------------- helpers
 
 
-class FakeContext:
-    """The parts of the host's TransportContext the ssh transport uses."""
-
-    transport_name = "ssh"
+class FakeContext(testing.FakeContext):
+    """fleetbus.testing's context with the ssh tests' servers, credentials and settings."""
 
     def __init__(self, servers: dict[str, Server], credentials: dict[str, Credential],
                  settings: dict[str, Any] | None = None) -> None:
-        self.servers = servers
-        self.credentials = credentials
-        self.settings = settings or {}
-        self.logger = logging.getLogger("test.ssh")
-        self.services = SimpleNamespace(metrics=Metrics())  # a refused login is counted there
-        self.pool = ThreadPoolExecutor(32, thread_name_prefix="ssh-test")
-
-    async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
-
-    async def lookup_server(self, name: str) -> Server | None:
-        return self.servers.get(name)
-
-    async def credential(self, name: str) -> Credential:
-        try:
-            return self.credentials[name]
-        except KeyError:
-            raise NotFound(f"no credential {name}") from None
+        super().__init__("ssh", settings, servers=servers, credentials=credentials)
 
 
 @dataclass

@@ -11,17 +11,15 @@ import asyncio
 import base64
 import hashlib
 import json
-import logging
 import os
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from fleetbus import testing
 from fleetbus.errors import (
     AuthFailed,
     InvalidRequest,
@@ -29,7 +27,6 @@ from fleetbus.errors import (
     ServerOffline,
     TransportError,
 )
-from fleetbus.metrics import Metrics
 from fleetbus.records import Server
 from fleetbus.transport import Credential, ExecSpec, PutSpec
 from fleetbus_wmi import commands, facts, files
@@ -54,19 +51,11 @@ pytestmark = pytest.mark.timeout(60)
 
 # --------------------------------------------------------------------------- fixtures
 
-class FakeContext:
-    """The plugin host's TransportContext, reduced to what a transport uses."""
-
-    transport_name = "wmi"
-    services = SimpleNamespace(metrics=Metrics())  # a refused login is counted there
+class FakeContext(testing.FakeContext):
+    """fleetbus.testing's context for the wmi transport."""
 
     def __init__(self, settings: dict[str, Any] | None = None) -> None:
-        self.logger = logging.getLogger("test.wmi")
-        self.settings = settings or {}
-        self.pool = ThreadPoolExecutor(max_workers=32, thread_name_prefix="wmi-test")
-
-    async def run_blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        super().__init__("wmi", settings)
 
 
 class Sink:
