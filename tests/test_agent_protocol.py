@@ -40,6 +40,7 @@ from fleetbus_agent import protocol
 from fleetbus_agent.protocol import (
     DEFAULT_WINDOW,
     MAX_HEADER,
+    PROTOCOL_VERSION,
     Accepted,
     AgentStream,
     AuthError,
@@ -545,7 +546,7 @@ async def test_handshake_ok(tls: Tls) -> None:
         )
         accepted = await asyncio.wait_for(results.get(), DEADLINE_S)
         writer.close()
-    assert (welcome.version, welcome.server, welcome.heartbeat_s) == (1, "web-1", 2.5)
+    assert (welcome.version, welcome.server, welcome.heartbeat_s) == (PROTOCOL_VERSION, "web-1", 2.5)
     assert welcome.peer_max_body == protocol.DEFAULT_MAX_BODY
     assert welcome.window == 2 * MIB
     server, hello = accepted  # unpacks as (server_name, hello_header)
@@ -589,7 +590,7 @@ async def test_wrong_key_is_refused(tls: Tls) -> None:
 
 
 async def test_unsupported_version_is_refused(tls: Tls) -> None:
-    agent_err, controller_err = await run_refused_handshake(tls, versions=[2, 3])
+    agent_err, controller_err = await run_refused_handshake(tls, versions=[7, 8])
     assert agent_err.code == controller_err.code == "unsupported_version"
     assert not isinstance(agent_err, AuthError)
 
@@ -906,11 +907,11 @@ async def test_inbound_handshake_then_streams_work(
     ) as run:
         welcome, accepted = run.agent, run.controller
         assert isinstance(welcome, Welcome) and isinstance(accepted, Accepted)
-        assert (welcome.version, welcome.server, welcome.heartbeat_s) == (1, "web-1", 2.5)
+        assert (welcome.version, welcome.server, welcome.heartbeat_s) == (PROTOCOL_VERSION, "web-1", 2.5)
         assert (welcome.peer_max_body, welcome.peer_window) == (32 * 1024, protocol.DEFAULT_WINDOW)
         assert (welcome.max_body, welcome.window) == (64 * 1024, 2 * MIB)
         assert welcome.header["t"] == "hello" and "proof" not in welcome.header
-        assert (accepted.server, accepted.version, accepted.heartbeat_s) == ("web-1", 1, 2.5)
+        assert (accepted.server, accepted.version, accepted.heartbeat_s) == ("web-1", PROTOCOL_VERSION, 2.5)
         assert (accepted.peer_max_body, accepted.peer_window) == (64 * 1024, 2 * MIB)
         assert (accepted.max_body, accepted.window) == (32 * 1024, protocol.DEFAULT_WINDOW)
         assert accepted.hello["facts"] == {"hostname": "web-1"}
@@ -1075,7 +1076,7 @@ async def test_inbound_wire_format_and_replayed_proof(tls: Tls) -> None:
         assert header.pop("agent").startswith("fleetbus-agent/")
         assert header == {
             "t": "challenge",
-            "versions": [1],
+            "versions": [1, 2],
             "facts": {"hostname": "web-1"},
             "max_body": 8192,
             "window": 16384,
@@ -1128,7 +1129,7 @@ async def test_inbound_wire_format_and_replayed_proof(tls: Tls) -> None:
         (lambda nonce, tls: good_hello(nonce, tls, proof="ab"), "auth_failed"),
         # Checked before anything else: a bad proof never gets as far as the version.
         (lambda nonce, tls: good_hello(nonce, tls, proof="0" * 64, version=7), "auth_failed"),
-        (lambda nonce, tls: good_hello(nonce, tls, version=2), "unsupported_version"),
+        (lambda nonce, tls: good_hello(nonce, tls, version=7), "unsupported_version"),
         (lambda nonce, tls: good_hello(nonce, tls, version="1"), "invalid_request"),
         (lambda nonce, tls: good_hello(nonce, tls, version=True), "invalid_request"),
         (lambda nonce, tls: good_hello(nonce, tls, server=None), "invalid_request"),
@@ -1226,12 +1227,12 @@ async def test_inbound_stalled_agent_times_out_the_controller(tls: Tls, stall: s
 
 
 async def test_inbound_unsupported_version(tls: Tls) -> None:
-    async with inbound(tls, agent_kwargs={"versions": [2, 3]}) as run:
+    async with inbound(tls, agent_kwargs={"versions": [7, 8]}) as run:
         agent_err, controller_err = run.agent, run.controller
         assert isinstance(agent_err, HandshakeError) and isinstance(controller_err, HandshakeError)
         assert agent_err.code == controller_err.code == "unsupported_version"
         assert not isinstance(agent_err, AuthError) and not isinstance(controller_err, AuthError)
-        assert "[1]" in agent_err.message  # what the controller speaks
+        assert "[1, 2]" in agent_err.message  # what the controller speaks
         assert run.agent_io[1].transport.is_closing()
         assert run.controller_io[1].transport.is_closing()
 
@@ -1868,7 +1869,7 @@ async def test_wire_format_and_forward_compatibility(tls: Tls) -> None:
     async with listener(tls, handler) as port:
         reader, writer = await dial(tls, port)
         hello = await asyncio.wait_for(read_frame(reader), DEADLINE_S)
-        assert hello.type == "hello" and hello.header["versions"] == [1]
+        assert hello.type == "hello" and hello.header["versions"] == [1, 2]
         assert hello.header["auth"] == {"method": "key", "key": KEY}
         writer.write(
             encode_frame(

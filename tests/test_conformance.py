@@ -43,11 +43,7 @@ from support.sshd import KeyPair, Sshd, generate_key, require_sshd
 from support.wsman_server import WsmanServer, make_certs
 
 PY = (sys.executable,)
-AGENT_GAPS = {
-    "test_exec_large_stdin": "fleetbus.agentlink sends stdin base64 inside the open frame's header, limited to "
-                             "64 KiB, so stdin above about 48 KiB fails (a ValueError, replied as internal); "
-                             "it needs stdin as stream data in the agent protocol",
-}
+AGENT_GAPS: dict[str, str] = {}
 
 
 class TestLocal(TransportConformance):
@@ -325,3 +321,25 @@ async def test_collecting_sink_records_contract_breaches() -> None:
     with pytest.raises(AssertionError, match="after exec returned"):
         await sink.write("stderr", b"late")
     assert sink.data("stdout") == b"a" and len(sink.violations) == 4
+
+
+async def test_large_stdin_to_a_version_1_agent_is_too_large_not_internal() -> None:
+    """Protocol version 1 carries stdin only inside the open frame's 64 KiB header: a
+    controller that negotiated it refuses larger stdin with a clear `too_large` before
+    opening a stream, instead of failing inside the frame encoder."""
+    from fleetbus.agentlink import INLINE_STDIN_BYTES, AgentSession
+    from fleetbus.errors import TooLarge
+    from fleetbus.testing import CollectingSink
+    from fleetbus.transport import ExecSpec
+
+    class V1Link:
+        version = 1
+        closed = False
+
+        def open_stream(self, op: str, args: dict[str, object]) -> object:
+            raise AssertionError("no stream may be opened for stdin this version cannot carry")
+
+    session = AgentSession(V1Link())  # type: ignore[arg-type]
+    with pytest.raises(TooLarge, match="protocol version 1"):
+        await session.exec(ExecSpec(argv=["cat"], shell=None, stdin=b"x" * (INLINE_STDIN_BYTES + 1)),
+                           CollectingSink())

@@ -22,10 +22,12 @@ from json.encoder import c_make_encoder as _c_make_encoder  # None without the C
 from json.encoder import encode_basestring as _encode_str
 from typing import Any, Callable, Dict, Optional, Union
 
-PROTOCOL_VERSION = 1
-"""The newest protocol version this module speaks."""
+PROTOCOL_VERSION = 2
+"""The newest protocol version this module speaks. Version 2 adds one thing: an
+``exec`` may send its stdin as ``data`` frames (``stdin_size`` in its args) instead of
+base64 in the open frame's header, whose 64 KiB limit capped stdin near 48 KiB."""
 
-SUPPORTED_VERSIONS = (1,)
+SUPPORTED_VERSIONS = (1, 2)
 """Every protocol version this module can speak, announced in ``hello``."""
 
 MAX_HEADER = 0xFFFF

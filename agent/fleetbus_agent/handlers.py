@@ -15,7 +15,7 @@ import base64
 import binascii
 import dataclasses
 import logging
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from . import __version__
 from .heap import TransferHeap
@@ -30,6 +30,27 @@ if TYPE_CHECKING:
     from .protocol import AgentStream
 
 log = logging.getLogger("fleetbus_agent.handlers")
+
+
+# The most stdin an exec may send as data frames: it is held in memory until the
+# process starts (the bus itself carries about 750 KiB).
+MAX_STDIN_BYTES = 16 * 1024 * 1024
+
+
+async def _streamed_stdin(stream: AgentStream, size: Any) -> bytes:
+    """The stdin a version-2 controller sends as data frames after the open frame."""
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= MAX_STDIN_BYTES:
+        raise OpError("invalid_request", f"stdin_size must be an integer from 0 to {MAX_STDIN_BYTES}")
+    parts: List[bytes] = []
+    got = 0
+    async for chunk in stream.data():
+        got += len(chunk)
+        if got > size:
+            raise OpError("invalid_request", f"more stdin than the {size} bytes announced")
+        parts.append(chunk)
+    if got != size:
+        raise OpError("invalid_request", f"stdin ended after {got} of the {size} bytes announced")
+    return b"".join(parts)
 
 
 def _stdin(args: Dict[str, Any]) -> Optional[bytes]:
@@ -76,9 +97,15 @@ class Handler:
     # The process and file code is imported on the first command that needs it, so an
     # idle agent holds only what connecting needs (see fleetbus_agent.ops).
     async def _exec(self, stream: AgentStream, args: Dict[str, Any]) -> Dict[str, Any]:
+        if "stdin_size" in args:
+            if args.get("stdin_b64") is not None:
+                raise OpError("invalid_request", "give at most one of stdin_b64 and stdin_size")
+            stdin = await _streamed_stdin(stream, args["stdin_size"])
+        else:
+            stdin = _stdin(args)
         spec = ExecSpec(
             argv=args.get("argv"), shell=args.get("shell"), env=args.get("env") or {},
-            cwd=args.get("cwd"), stdin=_stdin(args), timeout_s=args.get("timeout_s"),
+            cwd=args.get("cwd"), stdin=stdin, timeout_s=args.get("timeout_s"),
         )
         result = await run_process(spec, stream.send_out, timings=self.timings, logger=log,
                                    run_blocking=self.run_blocking)

@@ -1535,9 +1535,11 @@ class Connection:
         window: int = DEFAULT_WINDOW,
         on_open: Optional[OnOpen] = None,
         name: Optional[str] = None,
+        version: int = 1,
     ) -> None:
         """``max_body``/``window`` are ours (as announced in the handshake),
-        ``peer_*`` the other side's; ``name`` is the server name, for messages."""
+        ``peer_*`` the other side's; ``name`` is the server name, for messages;
+        ``version`` the negotiated protocol version."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}")
         if role == "controller" and on_open is not None:
@@ -1546,6 +1548,7 @@ class Connection:
             raise ValueError("heartbeat_s must be positive")
         self.role = role
         self.name = name
+        self.version = version
         self.heartbeat_s = float(heartbeat_s)
         self.max_body = max_body
         self.window = window
@@ -1604,6 +1607,7 @@ class Connection:
             window=welcome.window,
             on_open=on_open,
             name=welcome.server,
+            version=welcome.version,
         )
 
     @classmethod
@@ -1621,6 +1625,7 @@ class Connection:
             max_body=accepted.max_body,
             window=accepted.window,
             name=accepted.server,
+            version=accepted.version,
         )
 
     # ------------------------------------------------------------------ lifecycle

@@ -33,11 +33,14 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import FleetbusError, ServerOffline, TransportError, error_for_code
+from .errors import FleetbusError, ServerOffline, TooLarge, TransportError, error_for_code
 from .transport import ExecResult, ExecSpec, FileStat, OutputSink, PutSpec, RemoteFile, ServerFacts, Session
 
 # After a cancel, how long to wait for the agent to confirm the work stopped.
 CANCEL_CONFIRM_S = 5.0
+# Stdin up to this size travels base64 in the exec's open frame (its header holds 64 KiB
+# with argv and env); above it, as data frames (protocol version 2).
+INLINE_STDIN_BYTES = 32 * 1024
 # Bounds on what an agent may report: no honest fact or error message comes near them.
 MAX_FACT_CHARS = 256
 MAX_EXTRA_FACTS = 64
@@ -177,9 +180,29 @@ class AgentSession(Session):
     async def exec(self, spec: ExecSpec, output: OutputSink) -> ExecResult:
         args: dict[str, Any] = {"argv": spec.argv, "shell": spec.shell, "env": spec.env,
                                 "cwd": spec.cwd, "timeout_s": spec.timeout_s}
-        if spec.stdin is not None:
+        # Small stdin rides in the open frame, as every protocol version allows; larger
+        # stdin would not fit its 64 KiB header and goes as data frames (version 2).
+        streamed = spec.stdin is not None and len(spec.stdin) > INLINE_STDIN_BYTES
+        if streamed:
+            assert spec.stdin is not None
+            if self.conn.version < 2:
+                raise TooLarge(f"this agent speaks protocol version {self.conn.version}, which takes at most "
+                               f"{INLINE_STDIN_BYTES // 1024} KiB of stdin; upgrade the agent to send more")
+            args["stdin_size"] = len(spec.stdin)
+        elif spec.stdin is not None:
             args["stdin_b64"] = base64.b64encode(spec.stdin).decode()
-        result = checked(AgentExecResult, "exec", await self._result(self._open("exec", args), output))
+        stream = self._open("exec", args)
+        if streamed:
+            assert spec.stdin is not None
+            try:
+                await stream.send(spec.stdin)
+                await stream.send_eof()
+            except StreamError:
+                pass  # the agent ended the stream already: its result (or failure) says why
+            except asyncio.CancelledError:
+                await asyncio.shield(_cancel(stream))
+                raise
+        result = checked(AgentExecResult, "exec", await self._result(stream, output))
         return ExecResult(exit_code=result.exit_code, signal=result.signal)
 
     async def put(self, spec: PutSpec, source: AsyncIterator[bytes]) -> FileStat:
