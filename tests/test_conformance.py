@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import importlib
 import os
 import re
 import secrets
@@ -20,7 +19,6 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -255,32 +253,8 @@ class TestWmi(TransportConformance):
             await session.close()
 
 
-# ------------------------------------------------------------------------------- the example plugin
-
-
-class TestExampleEcho(TransportConformance):
-    """tests/example_plugin: an in-memory fake machine that runs no real programs."""
-
-    lacks = {  # noqa: RUF012
-        "python": "the echo transport's fake machine runs four toy programs, no Python",
-        "signals": "the fake machine's programs never die of a signal",
-    }
-    known_gaps = {  # noqa: RUF012
-        "test_exec_missing_program_is_not_found": "by design every unknown program name behaves like echo",
-    }
-
-    @pytest.fixture
-    def scratch(self) -> str:
-        return f"/conformance/{secrets.token_hex(4)}"
-
-    @pytest.fixture
-    async def session(self, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Session]:
-        monkeypatch.syspath_prepend(str(Path(__file__).parent / "example_plugin"))
-        echo = importlib.import_module("fleetbus_example_echo.transport")
-        async with FakeContext("echo") as ctx:
-            session = await echo.EchoTransport(ctx).open(Server(name="u1", transport="echo"), None)
-            yield session
-            await session.close()
+# The example plugin runs the suite in tests/test_plugin_ecosystem.py, installed with pip
+# into a fresh virtual environment as a third party's transport would be.
 
 
 # ------------------------------------------------------------------------------- the helpers themselves

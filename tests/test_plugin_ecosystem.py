@@ -680,3 +680,54 @@ async def test_unit_open_errors_credentials_and_lifecycle(echo: ModuleType) -> N
         await session.ping()
     with pytest.raises(InvalidRequest):
         echo.EchoTransport(FakeContext(settings={"max_file_bytes": "lots"}))
+
+
+# The conformance suite, as a third party runs it ------------------------------------------
+
+ECHO_CONFORMANCE = """
+import secrets
+
+import pytest
+from fleetbus.plugin import Server
+from fleetbus.testing import FakeContext, TransportConformance
+from fleetbus_example_echo.transport import EchoTransport
+
+
+class TestExampleEcho(TransportConformance):
+    lacks = {
+        "python": "the echo transport's fake machine runs four toy programs, no Python",
+        "signals": "the fake machine's programs never die of a signal",
+    }
+    known_gaps = {
+        "test_exec_missing_program_is_not_found": "by design every unknown program name behaves like echo",
+    }
+
+    @pytest.fixture
+    def scratch(self):
+        return f"/conformance/{secrets.token_hex(4)}"
+
+    @pytest.fixture
+    async def session(self):
+        async with FakeContext("echo") as ctx:
+            session = await EchoTransport(ctx).open(Server(name="u1", transport="echo"), None)
+            yield session
+            await session.close()
+"""
+
+
+def test_the_example_plugin_passes_the_conformance_suite_from_its_own_tests(venv: Venv, tmp_path: Path) -> None:
+    """The echo plugin, pip-installed in the fresh venv, run through fleetbus.testing's
+    suite by a test file of its own outside this checkout, as its author would."""
+    tests = tmp_path / "echo-tests"
+    tests.mkdir()
+    (tests / "test_echo_conformance.py").write_text(ECHO_CONFORMANCE)
+    (tests / "pytest.ini").write_text("[pytest]\nasyncio_mode = auto\nasyncio_default_fixture_loop_scope = function\n")
+    run = venv.run("-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", "--rootdir", str(tests),
+                   "-c", str(tests / "pytest.ini"), str(tests), timeout=300)
+    summary = run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-2000:]
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    passed = int(re.search(r"(\d+) passed", summary).group(1))  # type: ignore[union-attr]
+    assert passed >= 14 and "1 xfailed" in summary and "failed," not in summary, summary
+    # Only what the class declares is skipped, each with its reason.
+    skips = [line for line in run.stdout.splitlines() if line.startswith("SKIPPED")]
+    assert skips and all("fake machine" in line for line in skips), skips

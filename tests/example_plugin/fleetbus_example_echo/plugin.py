@@ -5,7 +5,7 @@ it cheap: import the transport (and its client libraries) inside ``fleetbus_tran
 and click and the CLI module inside ``fleetbus_cli``.
 """
 
-from fleetbus.hookspecs import hookimpl
+from fleetbus.plugin import hookimpl
 
 
 @hookimpl

@@ -49,20 +49,24 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleetbus.errors import AuthFailed, InvalidRequest, NotFound, ServerOffline, TooLarge
-from fleetbus.records import Server
-from fleetbus.transport import (
+from fleetbus.plugin import (
+    AuthFailed,
     Capabilities,
     Credential,
     ExecResult,
     ExecSpec,
     FileStat,
+    InvalidRequest,
+    NotFound,
     OutputSink,
     PutSpec,
     RemoteFile,
+    Server,
     ServerFacts,
+    ServerOffline,
     ServerOptions,
     Session,
+    TooLarge,
     Transport,
     TransportContext,
     TransportSettings,
