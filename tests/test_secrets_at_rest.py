@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import pwd
 import secrets
@@ -169,6 +170,8 @@ def test_under_root_local_defaults_to_an_unprivileged_user(tmp_path: Path, share
 
         ids = fleet.cli("run", "local", "--", "id", "-u")
         assert (ids.returncode, ids.stdout.strip()) == (0, str(expected.uid)), ids.stderr
+        info = fleet.cli("info", "local", "--json")
+        assert info.returncode == 0 and json.loads(info.stdout)["extra"]["user"] == expected.name, info.stdout
         # Nothing of fleetbus's reachable: its home, its parent's environment.
         (fleet.home / "master.key").write_text(master + "\n")
         (fleet.home / "master.key").chmod(0o600)

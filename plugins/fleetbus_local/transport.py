@@ -139,6 +139,10 @@ class LocalSession(Session):
 
     async def info(self) -> ServerFacts:
         facts = ops.server_facts()
+        extra = dict(facts.extra)
+        if self._run_as is not None:
+            # The user commands run as, not the worker's own: what `info` is asked for.
+            extra["user"] = self._run_as.name
         return ServerFacts(
             hostname=facts.hostname,
             os=facts.os,
@@ -146,7 +150,7 @@ class LocalSession(Session):
             kernel=facts.kernel,
             arch=facts.arch,
             uptime_s=facts.uptime_s,
-            extra=facts.extra,
+            extra=extra,
         )
 
     async def ping(self) -> None:
