@@ -7,6 +7,7 @@ applied stay applied; the switch is set there explicitly, whatever this run's is
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import json
 import os
@@ -44,6 +45,7 @@ def observe(applied):
         "applied": sorted(applied),
         "nats_read_buffer": nats.aio.client.DEFAULT_BUFFER_SIZE,
         "nats_direct_writes": natspy._direct,
+        "nats_direct_dispatch": natspy.dispatches_directly(),
         "gc_young_threshold": gc.get_threshold()[0],
         "large_buffers": heap._kept,
         "tls_read_buffer": getattr(sslproto.SSLProtocol, "_fleetbus_shared_buffer", False),
@@ -77,6 +79,7 @@ def test_off_applies_no_patch_at_all() -> None:
         assert seen["nats_read_buffer"] == seen["before"][0] < natspy.NATS_READ_BUFFER
         assert seen["gc_young_threshold"] == seen["before"][1] < tuning.collector.YOUNG_THRESHOLD
         assert not seen["nats_direct_writes"]
+        assert not seen["nats_direct_dispatch"]
         assert not seen["large_buffers"]
         assert not seen["tls_read_buffer"]
         assert seen["pidfd_child_watcher"] in (None, "ThreadedChildWatcher")
@@ -93,6 +96,7 @@ def test_on_applies_every_patch_on_the_versions_installed_here() -> None:
     assert set(seen["applied"]) == expected
     assert seen["nats_read_buffer"] == natspy.NATS_READ_BUFFER
     assert seen["nats_direct_writes"]
+    assert seen["nats_direct_dispatch"]
     assert seen["gc_young_threshold"] == tuning.collector.YOUNG_THRESHOLD
     assert seen["tls_read_buffer"]
     if "large_buffers" in expected:
@@ -119,9 +123,12 @@ def test_a_library_that_changed_leaves_its_patch_not_applied_and_says_so() -> No
             pass
         sslproto.SSLProtocol = Plain
         nats.aio.client.Client.__init__ = lambda self: None  # a Client without the parts used
+        import nats.aio.subscription
+        nats.aio.subscription.Subscription.__init__ = lambda self, *a: None
         print(json.dumps({"applied": sorted(tuning.apply(tuning.SERVER))}))
     """, None)
-    assert not {"nats_read_buffer", "nats_direct_writes", "tls_read_buffer"} & set(seen["applied"])
+    assert not {"nats_read_buffer", "nats_direct_writes", "nats_direct_dispatch",
+                "tls_read_buffer"} & set(seen["applied"])
     assert "gc_young_threshold" in seen["applied"]  # the others still apply
 
 
@@ -143,6 +150,12 @@ def test_the_agent_applies_its_own_patches_with_the_standard_library_alone() -> 
         assert expected <= set(applied)
         if switch == "off":
             assert applied == []
+
+
+def test_the_agent_tuning_module_parses_as_python_3_9() -> None:
+    # It ships in the agent's zipapp, which runs on 3.9.
+    source = (AGENT / "fleetbus_agent" / "tuning.py").read_text()
+    ast.parse(source, filename="tuning.py", feature_version=(3, 9))
 
 
 async def test_without_direct_writes_every_message_still_goes_out_in_order(

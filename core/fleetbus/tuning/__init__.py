@@ -19,6 +19,9 @@ nats_read_buffer       nats-py reads its socket 512 KiB at     :mod:`.natspy`
                        a time, not 32 KiB
 nats_direct_writes     requests and replies written in the     :mod:`.natspy`
                        loop turn that publishes them
+nats_direct_dispatch   messages handed over from nats-py's     :mod:`.natspy`
+                       read loop, without a task per           (used by
+                       subscription                            :mod:`fleetbus.dispatch`)
 gc_young_threshold     young GC generation of 100,000          :mod:`.collector`
 large_buffers          glibc serves 1 MiB transfer buffers     :mod:`fleetbus_agent.tuning`
                        from the heap
@@ -47,7 +50,7 @@ __all__ = ["CLIENT", "ENV", "PATCHES", "SERVER", "TRANSFER", "applied", "apply",
 
 log = logging.getLogger("fleetbus.tuning")
 
-CLIENT = ("nats_read_buffer", "nats_direct_writes")
+CLIENT = ("nats_read_buffer", "nats_direct_writes", "nats_direct_dispatch")
 """The ``fleetbus`` command: requests sent and replies read at once."""
 
 TRANSFER = (*CLIENT, agent_tuning.LARGE_BUFFERS)
@@ -60,6 +63,7 @@ SERVER = (*TRANSFER, "gc_young_threshold", agent_tuning.TLS_READ_BUFFER_PATCH,
 PATCHES: dict[str, Callable[[], str | None]] = {
     "nats_read_buffer": natspy.read_buffer,
     "nats_direct_writes": natspy.direct_writes,
+    "nats_direct_dispatch": natspy.direct_dispatch,
     "gc_young_threshold": collector.relax_gc,
 }
 """The core's own patches by name; the agent module's are in ``fleetbus_agent.tuning.PATCHES``."""

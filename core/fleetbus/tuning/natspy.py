@@ -1,10 +1,11 @@
-"""nats-py: a larger socket read, and replies written without waiting for its flusher.
+"""nats-py: a larger socket read, replies written without waiting for its flusher, and
+messages handed over without its per-subscription task.
 
-Both patches target nats-py 2.9-2.16 (written against 2.16.0, the version this project
-installs) and rely on private parts of ``nats.aio.client``; :func:`read_buffer` and
-:func:`direct_writes` check those parts exist before applying, so another nats-py
-leaves them "not applied" (a debug log) and fleetbus works through nats-py's public
-API alone.
+The patches target nats-py 2.9-2.16 (written against 2.16.0, the version this project
+installs) and rely on private parts of ``nats.aio.client`` and ``nats.aio.subscription``;
+:func:`read_buffer`, :func:`direct_writes` and :func:`direct_dispatch` check those parts
+exist before applying, so another nats-py leaves them "not applied" (a debug log) and
+fleetbus works through nats-py's public API alone.
 
 :func:`send_now`, :func:`publish_now` and :func:`publish_soon` are what the plugin host
 and the client call on every command. They write directly only once
@@ -21,6 +22,7 @@ from typing import Any
 import nats
 import nats.aio.client
 from nats.aio.client import Client as NATS
+from nats.aio.subscription import Subscription
 
 log = logging.getLogger("fleetbus.tuning")
 
@@ -32,6 +34,7 @@ _CLIENT_PARTS = ("_pending", "_pending_data_size", "_max_pending_size", "_max_pa
                  "_transport", "_flush_queue", "stats")
 
 _direct = False
+_dispatch = False
 
 
 def _not_applied(name: str, why: str) -> None:
@@ -71,6 +74,33 @@ def direct_writes() -> str | None:
         return _not_applied("nats_direct_writes", f"nats-py's Client differs ({', '.join(missing) or '_pending'})")
     _direct = True
     return "requests and replies written in the loop turn that publishes them"
+
+
+def direct_dispatch() -> str | None:
+    """Patch ``nats_direct_dispatch``: let :func:`fleetbus.dispatch.subscribe_direct` take
+    messages straight from nats-py's read loop.
+
+    nats-py gives every callback subscription a queue and a task that awaits the
+    callback, one message after another: an event-loop iteration (and a queue put and
+    get) between reading a request and handling it. ``subscribe_direct`` puts a stand-in
+    where the subscription's queue was (``Subscription._pending_queue``, with
+    ``_pending_size`` and ``_wait_for_msgs_task``: checked here on a fresh subscription,
+    and again on each one). Without it, messages are read through the subscription's
+    public iterator.
+    """
+    global _dispatch
+    sub = Subscription(None, 0, "fleetbus.tuning.check")
+    if not (isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue)
+            and isinstance(getattr(sub, "_pending_size", None), int)
+            and hasattr(sub, "_wait_for_msgs_task")):
+        return _not_applied("nats_direct_dispatch", "nats-py's Subscription differs")
+    _dispatch = True
+    return "messages handed to the plugin host and the client from nats-py's read loop"
+
+
+def dispatches_directly() -> bool:
+    """Whether :func:`direct_dispatch` was applied in this process."""
+    return _dispatch
 
 
 def send_now(nc: NATS) -> None:
