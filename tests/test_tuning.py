@@ -24,7 +24,7 @@ from fleetbus.tuning import natspy
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from support.ops_helpers import wait_until
-from support.processes import NatsServer
+from support.processes import Fleet, NatsServer
 
 AGENT = Path(__file__).resolve().parents[1] / "agent"
 
@@ -185,3 +185,16 @@ async def test_without_direct_writes_every_message_still_goes_out_in_order(
         await wait_until(lambda: len(got) == 201)
     finally:
         await sender.close()
+
+
+def test_fleetbus_up_applies_the_server_patches_at_start(fleet: Fleet) -> None:
+    line = next((ln for ln in fleet.output().splitlines() if "fleetbus: tuning: " in ln), None)
+    assert line is not None, fleet.output()[-2000:]
+    shown = line.split("fleetbus: tuning: ", 1)[1].strip()
+    if not tuning.enabled():
+        assert shown == f"none ({tuning.ENV}=off)"
+        return
+    expected = set(tuning.SERVER)
+    if sys.version_info >= (3, 12):
+        expected.discard("pidfd_child_watcher")
+    assert set(shown.split(", ")) == expected
