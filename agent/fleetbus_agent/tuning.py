@@ -189,7 +189,7 @@ def pidfd_child_watcher() -> Optional[str]:
 
     Before 3.12 asyncio's default child watcher starts a thread for every child process
     and joins it on exit; ``PidfdChildWatcher`` waits on a pidfd in the event loop
-    instead (about 0.9 ms less per spawn on 2 cores, docs/performance.md). It serves
+    instead, without a thread per spawn (docs/performance.md has the figures). It serves
     every process started with asyncio (the embedded nats-server, for one; ``exec``
     itself does not go through asyncio, :mod:`fleetbus_agent.ops.child`). Python 3.12+
     uses pidfds already and deprecates choosing a watcher: nothing to do there. Not
@@ -237,7 +237,7 @@ def large_buffers() -> Optional[str]:
     For processes that move files (fleetbus workers, the CLI's ``put`` and ``get``):
     glibc's mallopt ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` (glibc 2.x), raised
     so each chunk stops costing an ``mmap``, 256 page faults and the zeroing of a MiB
-    (:mod:`fleetbus_agent.heap` says why and what was measured).
+    (:mod:`fleetbus_agent.heap` says why).
     """
     from . import heap
 
