@@ -59,17 +59,20 @@ def apply(names: Iterable[str] = AGENT) -> Dict[str, str]:
     """Apply the named patches (idempotent); return :func:`applied`.
 
     With ``FLEETBUS_TUNING=off`` nothing is applied. A patch whose target differs from
-    what it expects is skipped with a debug log. Call it before the event loop starts.
+    what it expects is skipped with a debug log; a name no patch has raises ValueError.
+    Call it before the event loop starts.
     """
+    names = list(names)
+    unknown = [name for name in names if name not in PATCHES]
+    if unknown:  # a typo at an entry point, not a library that changed
+        raise ValueError(f"no such tuning patch: {', '.join(unknown)}")
     if not enabled():
         log.debug("%s=off: no tuning applied", ENV)
         return applied()
     for name in names:
         if name in _applied:
             continue
-        patch = PATCHES.get(name)
-        if patch is None:
-            raise ValueError(f"no such tuning patch: {name!r}")
+        patch = PATCHES[name]
         try:
             done = patch()
         except Exception as exc:  # a library that changed must not stop the process
