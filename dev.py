@@ -8,6 +8,11 @@
 Both are safe to run again: the virtual environment is reused and reinstalled only
 when pyproject.toml changes. Only the standard library is used here, because this runs
 before anything is installed.
+
+CI (.ci/run) runs the tests twice: as above, and with FLEETBUS_TUNING=off, which turns
+off every process tweak and library patch (core/fleetbus/tuning):
+
+    FLEETBUS_TUNING=off python3 dev.py test -q
 """
 
 from __future__ import annotations

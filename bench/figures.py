@@ -392,7 +392,7 @@ async def up_to_first_command(work: Path) -> list[Row]:
 
     home = work / "cold" / "home"
     home.mkdir(parents=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_") or k == "FLEETBUS_TUNING"}
     env["FLEETBUS_HOME"] = str(home)
     fleetbus = str(Path(os.sys.executable).parent / "fleetbus")
     t0 = time.perf_counter()

@@ -278,9 +278,9 @@ async def main(config_path: str) -> None:
 
 
 if __name__ == "__main__":
-    from fleetbus_agent.heap import keep_large_buffers
+    from fleetbus import tuning
 
-    keep_large_buffers()
+    tuning.apply(tuning.TRANSFER)  # nats-py and the heap as in a worker
     try:
         asyncio.run(main(sys.argv[1]))
     except KeyboardInterrupt:

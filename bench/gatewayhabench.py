@@ -79,7 +79,7 @@ async def measure(work: Path, agents: int, processes: int) -> dict[str, Any]:
     try:
         fleet = stack.fleet
         listen = f"127.0.0.1:{_free_port()}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_") or k == "FLEETBUS_TUNING"}
         env.update(FLEETBUS_HOME=str(work / "gateway-a"), FLEETBUS_NATS_URL=fleet.nats_url,
                    FLEETBUS_NATS_TOKEN=fleet.token, FLEETBUS_MASTER_KEY_FILE=str(fleet.home / "master.key"))
         worker = await asyncio.to_thread(

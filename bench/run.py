@@ -125,16 +125,12 @@ def cli() -> int:
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args()
     started = time.perf_counter()
-    # The local exec baseline spawns with asyncio in this process: give it the fastest
-    # child watcher asyncio has here (pidfd; on 3.11 the default starts a thread per
-    # child, about 0.2 ms slower per spawn), as fleetbus's own processes use.
-    from fleetbus_agent.childwatch import prefer_pidfd_child_watcher
-    from fleetbus_agent.heap import keep_large_buffers
+    # This process spawns the local exec baseline with asyncio and is the client of the
+    # put/get rows: it tunes itself as fleetbus's own processes do (the pidfd child
+    # watcher, the heap for 1 MiB buffers), and not at all with FLEETBUS_TUNING=off.
+    from fleetbus import tuning
 
-    prefer_pidfd_child_watcher()
-    # This process is the client of the put/get rows, standing in for `fleetbus put`
-    # and `fleetbus get`, which tune the heap for their 1 MiB buffers the same way.
-    keep_large_buffers()
+    tuning.apply((*tuning.TRANSFER, "pidfd_child_watcher"))
     try:
         rows = asyncio.run(main(args))
     finally:

@@ -73,10 +73,16 @@ def bus():
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Tests must not pick up a developer's real fleet.
+    # Tests must not pick up a developer's real fleet. FLEETBUS_TUNING stays, for this
+    # process and the fleetbus processes the tests start: CI runs the suite once with it off.
     for key in list(os.environ):
-        if key.startswith("FLEETBUS_"):
+        if key.startswith("FLEETBUS_") and key != "FLEETBUS_TUNING":
             del os.environ[key]
+    # The plugin hosts, gateways and agent connections that tests run in this process are
+    # tuned as in `fleetbus up` (the child watcher is left to pytest's event loops).
+    from fleetbus import tuning
+
+    tuning.apply(tuple(name for name in tuning.SERVER if name != "pidfd_child_watcher"))
     os.environ["HOME"] = os.environ.get("HOME", str(Path.home()))
 
 

@@ -44,7 +44,7 @@ def start_listener(workdir: Path, key: str, *extra: str) -> Listener:
     os.write(fd, key.encode())
     os.close(fd)
     out = workdir / "agent.out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_") or k == "FLEETBUS_TUNING"}
     with open(workdir / "agent.log", "ab") as log, open(out, "wb") as stdout:
         proc = subprocess.Popen([AGENT, "listen", "--bind", "127.0.0.1", "--port", str(extra_port(extra)),
                                  "--key-file", str(key_file), *strip_port(extra)],

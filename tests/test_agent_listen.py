@@ -306,7 +306,7 @@ def write_key(path: Path, key: str, mode: int = 0o600) -> Path:
 
 
 def agent_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+    return {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_") or k == "FLEETBUS_TUNING"}
 
 
 @dataclass

@@ -474,8 +474,8 @@ async def test_admission_turns_a_waiter_away_and_then_admits_at_once() -> None:
 def test_the_young_gc_threshold_is_raised_but_never_lowered() -> None:
     import gc
 
-    from fleetbus.collector import YOUNG_THRESHOLD as GC_YOUNG_THRESHOLD
-    from fleetbus.collector import relax_gc
+    from fleetbus.tuning.collector import YOUNG_THRESHOLD as GC_YOUNG_THRESHOLD
+    from fleetbus.tuning.collector import relax_gc
 
     saved = gc.get_threshold()
     try:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleetbus_agent import protocol
+from fleetbus_agent import protocol, tuning
 from fleetbus_agent.protocol import (
     DEFAULT_WINDOW,
     MAX_HEADER,
@@ -2010,11 +2010,13 @@ def test_runs_on_python_3_9() -> None:
 
 
 async def test_tls_connections_share_one_read_buffer_yet_keep_their_bytes_apart(tls: Tls) -> None:
-    """After shrink_tls_buffers every TLS connection of a thread reads into one buffer
+    """With the tls_read_buffer patch every TLS connection of a thread reads into one buffer
     so concurrent transfers on several connections must each still get exactly
     their own bytes, in both directions."""
-    protocol.shrink_tls_buffers()
-    protocol.shrink_tls_buffers()  # idempotent: a second call must not wrap the class again
+    if not tuning.enabled():
+        pytest.skip("FLEETBUS_TUNING=off: tls_read_buffer not applied")
+    tuning.apply([tuning.TLS_READ_BUFFER_PATCH])
+    assert tuning.tls_read_buffer() == "already shared"  # a second call must not wrap the class again
     async with connected(tls) as a, connected(tls) as b, connected(tls) as c:
         pairs = [a, b, c]
         ends = [conn for p in pairs for conn in (p.controller, p.agent)]

@@ -165,7 +165,7 @@ def test_plugins_list_shows_the_builtin_local_from_its_entry_point(fleet: Fleet)
 
 
 def test_cli_without_a_stack_says_so(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_") or k == "FLEETBUS_TUNING"}
     env["FLEETBUS_HOME"] = str(tmp_path / "empty")
     proc = subprocess.run([FLEETBUS, "servers", "list"], capture_output=True, text=True, env=env, timeout=30, check=False)
     assert "fleetbus up" in one_line_error(proc)
@@ -179,7 +179,7 @@ def test_up_says_clearly_when_the_port_is_taken(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_") or k == "FLEETBUS_TUNING"}
         env["FLEETBUS_HOME"] = str(tmp_path / "h")
         proc = subprocess.run([FLEETBUS, "up", "--nats-port", str(port)], capture_output=True,
                               text=True, env=env, timeout=30, check=False)

@@ -107,7 +107,7 @@ def listener(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Listener]:
     key_file.write_text(key)
     key_file.chmod(0o600)
     out = workdir / "agent.out"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_") or k == "FLEETBUS_TUNING"}
     with open(workdir / "agent.log", "ab") as log, open(out, "wb") as stdout:
         proc = subprocess.Popen([AGENT, "listen", "--bind", "127.0.0.1", "--port", "0", "--key-file", str(key_file)],
                                 stdout=stdout, stderr=log, stdin=subprocess.DEVNULL, env=env)

@@ -7,10 +7,14 @@ import asyncio
 import logging
 
 import pytest
-from fleetbus import dispatch
+from fleetbus import dispatch, tuning
 from fleetbus.dispatch import subscribe_direct
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+
+# The direct path is a patch (nats_direct_dispatch): with FLEETBUS_TUNING=off every
+# subscription reads through the public iterator, which the last test covers.
+DIRECT = pytest.mark.skipif(not tuning.enabled(), reason="FLEETBUS_TUNING=off: nats_direct_dispatch not applied")
 
 
 async def _until(check, what: str, timeout: float = 10) -> None:
@@ -20,6 +24,7 @@ async def _until(check, what: str, timeout: float = 10) -> None:
         await asyncio.sleep(0.01)
 
 
+@DIRECT
 async def test_every_message_reaches_dispatch_with_no_task_in_between(nc: NATS, prefix: str) -> None:
     got: list[bytes] = []
     tasks_before = len(asyncio.all_tasks())
@@ -34,6 +39,7 @@ async def test_every_message_reaches_dispatch_with_no_task_in_between(nc: NATS, 
     await sub.unsubscribe()
 
 
+@DIRECT
 async def test_nothing_stays_pending_so_no_message_is_dropped_as_slow(nc: NATS, prefix: str) -> None:
     """nats-py counts each message as pending until its consumer takes it; counted and
     never taken off, a 1 KiB limit would drop everything after the tenth message."""

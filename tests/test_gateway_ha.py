@@ -83,7 +83,7 @@ def deployment(nats_server: NatsServer, tmp_path: Path) -> Iterator[Deployment]:
 @contextlib.contextmanager
 def _deployment(url: str, tmp_path: Path) -> Iterator[Deployment]:
     """A core on ``url`` (gateways are started by the test); everything stopped after."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_") or k == "FLEETBUS_TUNING"}
     env.update(FLEETBUS_NATS_URL=url, FLEETBUS_PREFIX="h" + secrets.token_hex(4),
                FLEETBUS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode(),
                FLEETBUS_HOME=str(tmp_path / "core-home"))

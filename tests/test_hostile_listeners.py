@@ -263,7 +263,7 @@ def test_listening_agent_flood_commands_keep_working_and_memory_returns(tmp_path
     fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.write(fd, key.encode())
     os.close(fd)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_") or k == "FLEETBUS_TUNING"}
     log_path, out = workdir / "agent.log", workdir / "agent.out"
     with open(log_path, "ab") as log, open(out, "wb") as stdout:
         listener = subprocess.Popen(

@@ -28,7 +28,7 @@ def dead_url() -> str:
 
 
 def environ(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_") or k == "FLEETBUS_TUNING"}
     env.update(FLEETBUS_PREFIX="c" + secrets.token_hex(4),
                FLEETBUS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode(),
                FLEETBUS_HOME=str(tmp_path / "home"))

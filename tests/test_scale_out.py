@@ -16,7 +16,7 @@ from support.processes import FLEETBUS, Daemon, Fleet, NatsServer, own_user, pid
 
 @pytest.fixture
 def shared(nats_server: NatsServer, tmp_path: Path) -> Iterator[dict[str, str]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_") or k == "FLEETBUS_TUNING"}
     env.update(
         FLEETBUS_NATS_URL=nats_server.url,
         FLEETBUS_PREFIX="s" + secrets.token_hex(4),

@@ -139,7 +139,7 @@ def test_an_agent_command_cannot_read_the_agent_key_from_its_parent(tmp_path: Pa
     try:
         key = add_agent_server(fleet, "keyed1")
         gw = gateway_of(fleet)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_") or k == "FLEETBUS_TUNING"}
         env["FLEETBUS_AGENT_KEY"] = key  # the key in the environment, not a file
         with open(tmp_path / "agent.log", "ab") as log:
             agent = subprocess.Popen([AGENT, "connect", "--gateway", gw["address"],

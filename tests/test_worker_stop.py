@@ -25,7 +25,7 @@ SERVERS = 20
 @pytest.mark.parametrize("nats_fate", ["killed", "hung"])
 def test_a_worker_without_its_nats_server_stops_on_sigterm(tmp_path: Path, nats_fate: str) -> None:
     nats = NatsServer(tmp_path / "nats").start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_") or k == "FLEETBUS_TUNING"}
     env.update(FLEETBUS_NATS_URL=nats.url, FLEETBUS_PREFIX="s" + secrets.token_hex(4),
                FLEETBUS_HOME=str(tmp_path / "home"),
                FLEETBUS_MASTER_KEY=base64.b64encode(secrets.token_bytes(32)).decode())

@@ -31,10 +31,9 @@ from typing import TYPE_CHECKING, List, Optional
 from . import DEFAULT_LISTEN_BIND as DEFAULT_BIND
 from . import DEFAULT_LISTEN_PORT as DEFAULT_PORT
 from . import __version__
-from .childwatch import prefer_pidfd_child_watcher
 from .fdbudget import raise_nofile_limit
-from .heap import trim_heap_after_start
 from .ownenv import secret, take_secrets
+from .tuning import apply as apply_tuning
 
 if TYPE_CHECKING:
     from .connect import ConnectOptions
@@ -174,8 +173,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as exc:
         print(f"fleetbus-agent: error: {exc}", file=sys.stderr)
         return 2
-    prefer_pidfd_child_watcher()
-    trim_heap_after_start()  # what compiling the modules above left behind (fleetbus_agent.heap)
+    apply_tuning()  # after the imports above: it trims what compiling them left
     return asyncio.run(_serve(opts))
 
 
@@ -234,8 +232,7 @@ def main_listen(args: argparse.Namespace) -> int:
         logging.getLogger("fleetbus_agent.cli").info(
             "made a new TLS certificate %s; fleetbus must pin %s", identity.cert_file,
             identity.fingerprint)
-    prefer_pidfd_child_watcher()
-    trim_heap_after_start()
+    apply_tuning()
     try:
         return asyncio.run(_serve_listen(opts, identity))
     except KeyboardInterrupt:

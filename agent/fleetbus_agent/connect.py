@@ -31,7 +31,7 @@ from . import __version__
 from .digests import compare_digest, sha256_hex
 from .handlers import Handler
 from .ops.facts import server_facts
-from .protocol import AuthError, Connection, HandshakeError, agent_handshake, shrink_tls_buffers
+from .protocol import AuthError, Connection, HandshakeError, agent_handshake
 
 log = logging.getLogger("fleetbus_agent.connect")
 
@@ -288,7 +288,6 @@ async def resolve(gateways: List[Tuple[str, int]]) -> List[Target]:
 async def run_connect(opts: ConnectOptions, stop: asyncio.Event,
                       handler: Optional[Handler] = None) -> None:
     """Stay connected to one of the gateways until ``stop`` is set."""
-    shrink_tls_buffers()
     handler = handler or Handler()
     trust = Trust()
     attempt = 0

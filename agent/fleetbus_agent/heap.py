@@ -1,30 +1,21 @@
 """The C heap (glibc only): handing freed memory back, and keeping transfer buffers.
 
-Trimming after start-up
------------------------
+Two policies, both off with ``FLEETBUS_TUNING=off`` (:mod:`fleetbus_agent.tuning`, which
+also applies the start-up ones):
 
-Python compiles every module of the agent from source when it runs from the zipapp
-(zipimport writes no bytecode) or with PYTHONDONTWRITEBYTECODE: compiling
-protocol.py alone peaks at about 4 MiB of parser memory. That memory is freed, but it
-stays in the process's heap below objects allocated later, so glibc's automatic trim
-(which only releases the top of the heap) never returns it: measured by hand, an idle
-agent held about 3 MiB more resident memory than the same agent started from cached
-bytecode. ``malloc_trim`` releases free pages anywhere in the heap.
-
-Where the bytecode was cached there is little to release and loading _ctypes to call
-it costs more (about 0.2 MiB), so start-up trims only after compiling.
-
-Large buffers during transfers
-------------------------------
-A transfer moves 1 MiB chunks, and each process on the way allocates a few buffers of
-that size per chunk (a read, a join, a parser's copy). glibc gives every allocation
-above its mmap threshold a fresh ``mmap``, and raising that threshold dynamically does
-not help an allocation of the very size just freed, so each chunk costs 256 page faults
-and the zeroing of a MiB, more again on a VM that backs guest memory lazily. Measured by
-hand on a 256 MiB put through an agent: page faults per MiB client 205, agent 122, worker 59, and
-0 for all three with :func:`keep_large_buffers`; kernel time per MiB fell by about 0.6
-ms in the client and 0.4 in the agent (docs/performance.md). The trim threshold goes up
-with it, or the heap top would be handed back and faulted in again between two chunks.
+- **Trimming.** glibc's automatic trim only releases the top of the heap; memory freed
+  below live objects (what compiling the agent's modules from its zipapp used, what a
+  flood of connections left) stays resident until ``malloc_trim`` releases free pages
+  anywhere in the heap. Where the bytecode was cached there is little to release, and
+  loading _ctypes to call it costs more (about 0.2 MiB), so start-up trims only after
+  compiling (:func:`compiled_from_source`).
+- **Keeping large buffers.** A transfer moves 1 MiB chunks, and each process on the way
+  allocates a few buffers of that size per chunk. glibc gives every allocation above
+  its mmap threshold a fresh ``mmap`` (and raising that threshold dynamically does not
+  help an allocation of the very size just freed), so each chunk costs 256 page faults
+  and the zeroing of a MiB. :func:`keep_large_buffers` serves them from the heap; the
+  trim threshold goes up with it, or the heap top would be handed back and faulted in
+  again between two chunks. docs/performance.md has the figures.
 """
 
 from __future__ import annotations
@@ -34,6 +25,8 @@ import os
 import sys
 from types import ModuleType
 from typing import Any, Callable, Iterator, Optional
+
+from .tuning import enabled as _tuning_enabled
 
 _trim: Optional[Callable[[int], Any]] = None
 _looked_up = False
@@ -87,7 +80,10 @@ def _c_function(name: str) -> Callable[[int], Any]:
 
 
 def trim_heap() -> bool:
-    """Return free heap pages to the OS; False where the C library cannot (not glibc)."""
+    """Return free heap pages to the OS; False where the C library cannot (not glibc)
+    or tuning is off."""
+    if not _tuning_enabled():
+        return False
     trim = _malloc_trim()
     if trim is None:
         return False
@@ -101,11 +97,13 @@ def keep_large_buffers() -> bool:
 
     For processes that move files: fleetbus workers, the CLI's ``put`` and ``get``,
     and an agent while a large transfer runs (:class:`TransferHeap`). False where the C
-    library has no ``mallopt`` (not glibc). Safe to call more than once.
+    library has no ``mallopt`` (not glibc) or tuning is off. Safe to call more than once.
     """
     global _kept
     if _kept:
         return True
+    if not _tuning_enabled():
+        return False
     if _malloc_trim() is None:  # not glibc, or _ctypes unusable here
         return False
     try:
@@ -160,11 +158,3 @@ def compiled_from_source(module: ModuleType) -> bool:
         return os.stat(cached).st_mtime < os.stat(origin).st_mtime
     except OSError:
         return True  # no bytecode file (inside a zipapp, cached is a path in the archive)
-
-
-def trim_heap_after_start(module_name: str = "fleetbus_agent.protocol") -> bool:
-    """Trim once start-up imports are done, if compiling them left garbage behind."""
-    module = sys.modules.get(module_name)
-    if module is None or not compiled_from_source(module):
-        return False
-    return trim_heap()

@@ -39,7 +39,7 @@ from .fdbudget import raise_nofile_limit
 from .handlers import Handler
 from .heap import trim_heap
 from .paths import PathPolicy
-from .protocol import AuthError, Connection, HandshakeError, Welcome, shrink_tls_buffers
+from .protocol import AuthError, Connection, HandshakeError, Welcome
 from .throttle import AuthThrottle, FailureLog
 from .tlsid import TLSIdentity, load_identity
 
@@ -335,7 +335,6 @@ async def run_listen(opts: ListenOptions, stop: asyncio.Event,
     real port when ``opts.port`` is 0). Raises :class:`OSError` when the address cannot
     be bound and :class:`.tlsid.TLSIdentityError` when the identity cannot be loaded.
     """
-    shrink_tls_buffers()
     raise_nofile_limit()
     if identity is None:
         identity = identity_for(opts)

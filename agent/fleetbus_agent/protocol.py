@@ -34,7 +34,6 @@ import binascii
 import contextlib
 import logging
 import os
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -615,95 +614,6 @@ async def _handshake(
         raise
     except Exception as exc:
         raise await _fail_handshake(writer, exc, peer, waiting, timeout, refuse_own) from None
-
-
-# asyncio (3.11+) gives every TLS connection its own read buffer, 256 KiB by default,
-# allocated and zero-filled when the connection is made: 1.25 GiB for 5,000 agents on a
-# gateway before a byte arrives. The buffer only holds bytes between the socket's
-# recv_into() and SSLProtocol.buffer_updated(), which copies them into the TLS object's
-# incoming BIO in the same callback; no two connections of one event loop (one thread)
-# can be in between at once, so one buffer per thread serves all of them. TLS records
-# are at most 16 KiB, so 64 KiB per recv loses no throughput.
-TLS_READ_BUFFER = 64 * 1024
-
-_tls_read = threading.local()
-
-
-def _tls_read_view(size: int) -> memoryview:
-    view: Optional[memoryview] = getattr(_tls_read, "view", None)
-    if view is None or len(view) < size:
-        view = _tls_read.view = memoryview(bytearray(size))
-    return view
-
-
-def shrink_tls_buffers() -> None:
-    """Make asyncio's TLS connections share one read buffer per thread; both ends call it.
-
-    Where it applies, the TLS read loop also stops when nothing is left to decrypt
-    instead of on an exception per received chunk. Idempotent, process-wide, and a no-op
-    where asyncio has no such buffer (3.9, 3.10: their TLS protocol reads into a fresh
-    bytes object instead).
-    """
-    from asyncio import sslproto
-
-    base = sslproto.SSLProtocol
-    if getattr(base, "_fleetbus_shared_buffer", False):
-        return
-    if not isinstance(getattr(base, "max_size", None), int) or not hasattr(base, "get_buffer"):
-        return
-
-    again = getattr(sslproto, "SSLAgainErrors", None)
-
-    class SharedBufferSSLProtocol(base):  # type: ignore[misc, valid-type]
-        _fleetbus_shared_buffer = True
-        max_size = min(base.max_size, TLS_READ_BUFFER)
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            # The base allocates bytearray(self.max_size) as this connection's own
-            # buffer; shadowing max_size while it runs makes that an empty one.
-            self.max_size = 0
-            try:
-                super().__init__(*args, **kwargs)
-            finally:
-                del self.max_size
-
-        def get_buffer(self, n: int) -> memoryview:
-            # buffer_updated() reads from _ssl_buffer_view: point it at the shared one.
-            view = self._ssl_buffer_view = _tls_read_view(self.max_size)
-            return view
-
-        if again is not None and hasattr(base, "_do_read__copied"):
-
-            def _do_read__copied(self) -> None:
-                # The base reads until the TLS object raises SSLWantReadError: one
-                # exception per chunk received, almost always after the chunk's only
-                # record (a command is one small frame each way). Stop instead once
-                # neither the incoming BIO nor the TLS object holds another byte; a
-                # partial record still ends in the exception, a close_notify still
-                # reads as b"". Otherwise the base's logic, unchanged.
-                incoming, sslobj = self._incoming, self._sslobj
-                chunks: List[bytes] = []
-                chunk = b"1"
-                try:
-                    while True:
-                        chunk = sslobj.read(self.max_size)
-                        if not chunk:
-                            break
-                        chunks.append(chunk)
-                        if not incoming.pending and not sslobj.pending():
-                            break
-                except again:
-                    pass
-                if chunks:
-                    self._app_protocol.data_received(
-                        chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                    )
-                if not chunk:  # close_notify
-                    self._call_eof_received()
-                    self._start_shutdown()
-
-    # base_events, selector_events and proactor_events all look it up here at each use.
-    sslproto.SSLProtocol = SharedBufferSSLProtocol  # type: ignore[misc]
 
 
 async def _fail_handshake(

@@ -12,7 +12,6 @@ ways to authenticate.
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import os
 import ssl
@@ -23,12 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
-import nats.aio.client
 from nats.aio.client import Client as NATS
 
 from .errors import InvalidRequest, ServerOffline
 from .home import Home
 from .natsconfig import ENV_CONTEXT, NatsContext, redact, split_urls
+
+# Publishing that writes to nats-py's socket at once where tuning allows it
+# (fleetbus.tuning.natspy); the plugin host and the client import it from here.
+from .tuning.natspy import publish_now, publish_soon, send_now  # noqa: F401
 
 ENV_URL = "FLEETBUS_NATS_URL"
 ENV_TOKEN = "FLEETBUS_NATS_TOKEN"
@@ -139,106 +141,6 @@ def _readable(path: str, what: str) -> str:
     return str(full)
 
 
-# nats-py reads its socket in DEFAULT_BUFFER_SIZE pieces (32 KiB), and its stream
-# reader stops reading the socket above twice that: a file transfer then costs a
-# pause/resume of the socket and a parser pass every 32 KiB. Measured on a 256 MiB
-# streamed put (docs/performance.md), larger reads cut the worker's NATS receive cost.
-# The module global is what nats-py reads at connect time and in its read loop; no
-# option exposes it.
-NATS_READ_BUFFER = 512 * 1024
-if getattr(nats.aio.client, "DEFAULT_BUFFER_SIZE", NATS_READ_BUFFER) < NATS_READ_BUFFER:
-    nats.aio.client.DEFAULT_BUFFER_SIZE = NATS_READ_BUFFER
-
-
-def send_now(nc: NATS) -> None:
-    """Hand what nats-py has buffered for sending to the socket now, once per loop turn.
-
-    nats-py's ``publish`` only queues the bytes and wakes its flusher task, which writes
-    them one event-loop iteration later. For a command's request (the client) and its
-    reply (the plugin host) that iteration is latency on every command: about 27 us per
-    side measured here. This does the flusher's write in place, but only for the first
-    call in an iteration: under load many requests or replies are published in one
-    iteration, and writing each on its own cost nats-server ten times the CPU per ping
-    (255-280 against 25-41 us, bench ping-rate row); the rest still go out together
-    through the flusher. The flusher always runs and waits for the socket to drain as
-    before. Does nothing while nats-py is not connected (it keeps the bytes for after a
-    reconnect) or where its internals differ from what this expects.
-    """
-    if nc in _wrote_this_turn:
-        return
-    pending = getattr(nc, "_pending", None)
-    transport = getattr(nc, "_transport", None)
-    if not pending or transport is None or not isinstance(pending, list) or not nc.is_connected:
-        return
-    try:
-        transport.writelines(pending[:])
-    except Exception:  # the flusher meets the same error and handles it
-        return
-    nc._pending = []  # type: ignore[attr-defined]
-    nc._pending_data_size = 0  # type: ignore[attr-defined]
-    _wrote(nc)
-
-
-def publish_now(nc: NATS, subject: str, payload: bytes) -> bool:
-    """Write one message without headers (a reply) to the socket at once; False when it
-    cannot, and the caller publishes it the usual way (``publish``, then
-    :func:`send_now`).
-
-    nats-py's ``publish`` makes a future and queues it for its flusher task on every
-    message, and the flusher then wakes in the next loop turn to find the bytes gone
-    already (:func:`send_now` wrote them). For the reply a command's requester waits on,
-    this writes the ``PUB`` directly instead. It writes only when nothing is buffered
-    (so messages keep their order), only for the first message in a loop turn (the
-    rest are batched, as with :func:`send_now`), and only while connected.
-    """
-    if nc in _wrote_this_turn or not nc.is_connected:
-        return False
-    transport = getattr(nc, "_transport", None)
-    stats = getattr(nc, "stats", None)
-    if (transport is None or getattr(nc, "_pending", True) or not isinstance(stats, dict)
-            or len(payload) > getattr(nc, "_max_payload", 0) or not _plain_subject(subject)):
-        return False
-    try:
-        transport.write(b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(payload), payload))
-    except Exception:
-        return False
-    stats["out_msgs"] += 1
-    stats["out_bytes"] += len(payload)
-    _wrote(nc)
-    return True
-
-
-def publish_soon(nc: NATS, subject: str, payload: bytes) -> bool:
-    """Publish one message without headers from code that cannot await (a dispatch
-    callback in nats-py's read loop); False when it cannot be sent.
-
-    Written at once when :func:`publish_now` can; otherwise queued where nats-py's
-    ``publish`` queues it, and its flusher woken. Refused while not connected, above
-    nats-py's own outbound buffer limit, or where nats-py's internals differ.
-    """
-    if publish_now(nc, subject, payload):
-        return True
-    pending = getattr(nc, "_pending", None)
-    queue = getattr(nc, "_flush_queue", None)
-    size = getattr(nc, "_pending_data_size", None)
-    limit = getattr(nc, "_max_pending_size", 0)
-    stats = getattr(nc, "stats", None)
-    if (not isinstance(pending, list) or not isinstance(queue, asyncio.Queue) or not isinstance(size, int)
-            or not isinstance(stats, dict) or not nc.is_connected or not _plain_subject(subject)
-            or len(payload) > getattr(nc, "_max_payload", 0)):
-        return False
-    cmd = b"PUB %s %d\r\n%s\r\n" % (subject.encode(), len(payload), payload)
-    if limit > 0 and size + len(cmd) > limit:
-        return False
-    pending.append(cmd)
-    nc._pending_data_size = size + len(cmd)  # type: ignore[attr-defined]
-    stats["out_msgs"] += 1
-    stats["out_bytes"] += len(payload)
-    if not queue.full():  # a full queue already holds wake-ups for the flusher
-        queue.put_nowait(asyncio.get_running_loop().create_future())
-    return True
-
-
 def unread_bytes(nc: NATS) -> int:
     """Bytes NATS has sent this process that nats-py has not parsed yet: what its stream
     reader holds plus what waits in the socket's receive buffer (0 where unknown).
@@ -277,21 +179,6 @@ def watch_errors(nc: NATS, listener: Callable[[Exception], None]) -> None:
         await previous(exc)
 
     nc._error_cb = chained  # type: ignore[attr-defined]
-
-
-def _plain_subject(subject: str) -> bool:
-    # What nats-py's publish checks: a subject is one token of the protocol line.
-    return bool(subject) and subject.isascii() and subject.isprintable() and " " not in subject
-
-
-def _wrote(nc: NATS) -> None:
-    """Note that ``nc`` was written to directly in this loop turn."""
-    _wrote_this_turn.add(nc)
-    asyncio.get_running_loop().call_soon(_wrote_this_turn.discard, nc)
-
-
-# Connections written to directly in the current event-loop iteration (see send_now).
-_wrote_this_turn: set[NATS] = set()
 
 
 async def connect(

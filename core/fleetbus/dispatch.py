@@ -9,9 +9,11 @@ and puts a stand-in where the subscription's queue was: nats-py's read loop call
 ``dispatch(msg)`` as it parses the message.
 
 The stand-in relies on how nats-py 2.x delivers messages (``Subscription._pending_queue``
-and ``_pending_size``, checked at subscribe time). Where those are not there, the
-messages are read through the subscription's public iterator in a task of our own:
-slower by the same hop, never wrong.
+and ``_pending_size``), so it is a patch: used once :mod:`fleetbus.tuning` applied
+``nats_direct_dispatch`` at the entry point, and checked again at subscribe time. Where
+it was not applied (another nats-py, ``FLEETBUS_TUNING=off``), the messages are read
+through the subscription's public iterator in a task of our own: slower by the same
+hop, never wrong.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
+from .tuning import natspy
 
 log = logging.getLogger("fleetbus.dispatch")
 
@@ -63,7 +67,7 @@ class _DirectQueue:
 
 
 def _direct_possible(sub: Subscription) -> bool:
-    return (isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue)
+    return (natspy.dispatches_directly() and isinstance(getattr(sub, "_pending_queue", None), asyncio.Queue)
             and isinstance(getattr(sub, "_pending_size", None), int)
             and getattr(sub, "_wait_for_msgs_task", None) is None)
 

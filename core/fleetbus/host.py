@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import nats.errors
-from fleetbus_agent.heap import keep_large_buffers
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -38,7 +37,6 @@ from pydantic import ValidationError
 from .admission import Admission, AdmissionSettings, ShedReport, Ticket, requester_of
 from .audit import Auditor
 from .auditspool import AuditSpool
-from .collector import relax_gc
 from .commandrun import CHECKER_REQUESTER, DEADLINE_SKEW_S, CommandRunner, error_reply, reply_body
 from .connection import publish_soon, unread_bytes, watch_errors
 from .dedupe import CommandMemory
@@ -221,10 +219,6 @@ class PluginHost:
 
     # lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
-        # Every process that serves commands holds long-lived state per server, and
-        # moves files in 1 MiB buffers; see each.
-        relax_gc()
-        keep_large_buffers()
         watch_errors(self.nc, self._on_nats_error)
         for name, cls in list(self.transport_classes.items()):
             try:

@@ -32,7 +32,6 @@ from fleetbus_agent.protocol import (
     HandshakeError,
     controller_connect_handshake,
     peer_certificate_fingerprint,
-    shrink_tls_buffers,
 )
 from pydantic import Field, field_validator
 
@@ -95,9 +94,6 @@ class InboundTransport(Transport):
         self.connect_timeout_s = self.settings.connect_timeout_s
         self.heartbeat_s = self.settings.heartbeat_s
         self.idle_timeout_s = self.settings.idle_timeout_s
-
-    async def start(self) -> None:
-        shrink_tls_buffers()
 
     async def open(self, server: Server, credential: Credential | None) -> Session:
         if not server.host:

@@ -62,7 +62,6 @@ from fleetbus_agent.protocol import (
     Connection,
     HandshakeError,
     controller_handshake,
-    shrink_tls_buffers,
 )
 from fleetbus_agent.throttle import AuthThrottle, FailureLog
 from nats.js.kv import KV_DEL, KV_PURGE
@@ -190,7 +189,6 @@ class GatewayTransport(Transport):
 
     # lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
-        shrink_tls_buffers()
         soft, _hard = raise_nofile_limit()
         services = self.ctx.services
         files = GatewayFiles.of(services.home)

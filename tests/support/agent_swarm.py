@@ -15,6 +15,7 @@ import sys
 
 from fleetbus_agent.connect import ConnectOptions, run_connect
 from fleetbus_agent.handlers import Handler
+from fleetbus_agent.tuning import apply as apply_tuning
 
 
 async def main() -> None:
@@ -36,4 +37,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
+    apply_tuning()  # as the agent's own entry point does
     asyncio.run(main())

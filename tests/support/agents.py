@@ -64,7 +64,7 @@ class Agent:
             args += ["--fingerprint", self.fingerprint]
         if self.ca:
             args += ["--ca", self.ca, "--server-name", "localhost"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_") or k == "FLEETBUS_TUNING"}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
         return self

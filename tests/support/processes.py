@@ -46,7 +46,7 @@ def shared_env(nats_url: str, prefix: str, home: Path, master_key: bool = True, 
     """The environment of fleetbus processes sharing one NATS under ``prefix`` (`core`,
     `worker`, the CLI): none of the caller's own FLEETBUS_ settings, a home of its own,
     and a fresh master key unless ``master_key`` is False."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_") or k == "FLEETBUS_TUNING"}
     env.update(FLEETBUS_NATS_URL=nats_url, FLEETBUS_PREFIX=prefix, FLEETBUS_HOME=str(home), **more)
     if master_key:
         env["FLEETBUS_MASTER_KEY"] = base64.b64encode(secrets.token_bytes(32)).decode()
@@ -167,7 +167,7 @@ class Fleet:
     token: str = ""
 
     def environ(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_") or k == "FLEETBUS_TUNING"}
         env.update(self.env)
         env["FLEETBUS_HOME"] = str(self.home)
         return env

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-from fleetbus_agent.heap import keep_large_buffers
 
+from .. import tuning
 from ..client import Client, ExecOutcome
 from ..errors import Cancelled, FleetbusError, Timeout
 from ..limits import MAX_INLINE_BYTES
@@ -202,7 +202,7 @@ def put(g: Globals, args: tuple[str, ...], mode: str | None, no_parents: bool, a
     server, local, remote = args
     if local != "-" and not Path(local).is_file():
         raise click.BadParameter(f"{local} is not a file", param_hint="LOCAL")
-    keep_large_buffers()  # 1 MiB buffers per chunk; see fleetbus_agent.heap
+    tuning.apply(tuning.TRANSFER)  # 1 MiB buffers per chunk
     source: bytes | Path = sys.stdin.buffer.read() if local == "-" else Path(local)
     progress = Progress(f"put {server}:{remote}", sys.stderr.isatty() and not as_json)
     try:
@@ -244,7 +244,7 @@ def get(g: Globals, args: tuple[str, ...], as_json: bool, **selection: Any) -> N
         raise click.UsageError("give SERVER REMOTE [LOCAL], or a selection and REMOTE [FOLDER]")
     server, remote = args[:2]
     local = args[2] if len(args) == 3 else None
-    keep_large_buffers()
+    tuning.apply(tuning.TRANSFER)
     to_stdout = local == "-"
     dest = None if to_stdout else Path(local or Path(remote).name or "download")
     progress = Progress(f"get {server}:{remote}", sys.stderr.isatty() and not as_json and not to_stdout)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
-from fleetbus_agent.childwatch import prefer_pidfd_child_watcher
 
 from ..client import Client
 from ..connection import NatsSettings
@@ -67,7 +66,6 @@ def choose_event_loop() -> str:
     if wanted not in ("uvloop", "asyncio"):
         fail(f"{ENV_LOOP} must be asyncio or uvloop, not {wanted!r}")
     if wanted == "asyncio":
-        prefer_pidfd_child_watcher()
         return "asyncio"
     try:
         import uvloop

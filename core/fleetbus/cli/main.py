@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .. import __version__
+from .. import __version__, tuning
 from .admin_cmds import admin
 from .agent_cmds import agent
 from .commands import get, info, ping, put, run
@@ -45,6 +45,7 @@ for command in (up, core, worker, servers, credentials, run, put, get, info, pin
 
 
 def main() -> None:
+    tuning.apply(tuning.CLIENT)
     cli(prog_name="fleetbus")
 
 

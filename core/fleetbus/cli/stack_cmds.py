@@ -10,7 +10,7 @@ from contextlib import AsyncExitStack
 
 import click
 
-from .. import __version__
+from .. import __version__, tuning
 from ..errors import FleetbusError
 from ..home import Home
 from .context import Globals, choose_event_loop, fail, parse_options, pass_globals, run_async
@@ -28,6 +28,8 @@ def _logging(verbose: int) -> None:
         for name in registry().quiet_loggers:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     logging.getLogger("fleetbus").info("event loop: %s", loop)
+    applied = tuning.apply(tuning.SERVER)  # after the loop policy is chosen: it may patch it
+    logging.getLogger("fleetbus").info("tuning: %s", ", ".join(applied) or f"none ({tuning.ENV}=off)")
 
 
 def _transports(value: str | None) -> list[str] | None:
