@@ -24,6 +24,7 @@ import time
 import nats.errors
 from nats.aio.client import Client as NATS
 
+from .cancelling import cancel_and_wait
 from .host import CHECKER_REQUESTER
 from .metrics import Metrics
 from .records import Server, ServerStatus, utcnow
@@ -60,10 +61,7 @@ class ServerChecker:
             self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._task, *self.running.values()) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait([self._task, *self.running.values()])
         self._task = None
 
     async def _loop(self) -> None:

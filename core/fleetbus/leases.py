@@ -29,6 +29,7 @@ from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.errors import NotFoundError as KVNotFound
 from nats.js.kv import KeyValue
 
+from .cancelling import cancel_and_wait
 from .errors import ServerOffline
 from .jsretry import retry_js
 
@@ -82,11 +83,8 @@ class WorkerLease:
         """Stop renewing and delete the key. Called after the host stopped: a command it
         was still running then was cancelled mid-way, and reading ``lost`` at once is
         the truth about it."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
         # Bounded: with NATS unreachable the key expires by its TTL instead, and a stop
         # must not wait out the KV's own timeout for it.
         with contextlib.suppress(Exception):
@@ -142,11 +140,8 @@ class LeaderLease:
         self._task = asyncio.create_task(self._keep())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait([self._task])
+        self._task = None
         if self.leading:
             await self._depose("this core is stopping")
             with contextlib.suppress(Exception):
