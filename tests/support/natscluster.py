@@ -52,8 +52,16 @@ class Node:
 
     def jsz(self) -> dict[str, Any] | None:
         """The node's JetStream monitoring page; None while it does not answer."""
+        return self._monitor("jsz")
+
+    def varz(self) -> dict[str, Any] | None:
+        """The node's general monitoring page (``connect_urls``: the members it tells
+        clients about); None while it does not answer."""
+        return self._monitor("varz")
+
+    def _monitor(self, page: str) -> dict[str, Any] | None:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/jsz", timeout=2) as resp:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/{page}", timeout=2) as resp:
                 return json.loads(resp.read())
         except (OSError, ValueError):
             return None
@@ -122,7 +130,9 @@ class NatsCluster:
     def wait_ready(self, timeout: float = 30.0) -> str:
         """Wait until every running node names the same meta leader and the leader sees
         every other running node as a current, online peer (so JetStream can place R3
-        state at once); returns the leader's name."""
+        state at once), and every running node tells clients about every running node
+        (a process that reads the cluster's size on connecting counts them all);
+        returns the leader's name."""
 
         def ready() -> str | None:
             leaders, metas = set(), {}
@@ -134,6 +144,8 @@ class NatsCluster:
                     continue
                 meta = (node.jsz() or {}).get("meta_cluster") or {}
                 if not meta.get("leader") or meta.get("cluster_size", 0) < self.size:
+                    return None
+                if len((node.varz() or {}).get("connect_urls") or []) < sum(n.running for n in self.nodes):
                     return None
                 leaders.add(meta["leader"])
                 metas[node.name] = meta
