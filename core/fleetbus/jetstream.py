@@ -9,7 +9,11 @@ here: ``fleetbus admin migrate`` does that.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -29,6 +33,9 @@ from .jobleases import CORE_LEASE_TTL_S
 from .leases import WORKER_LEASE_TTL_S
 from .replication import warn_if_under_replicated
 from .subjects import Names
+
+log = logging.getLogger("fleetbus.jetstream")
+T = TypeVar("T")
 
 COMMAND_MEMORY_S = 3600.0
 # A gateway refreshes its record well within this; a dead one drops out by itself.
@@ -56,6 +63,15 @@ class State:
     gateway_state: KeyValue
 
 
+# JetStream's "no suitable peers for placement": too few servers it counts as online to
+# hold the replicas asked. A cluster still forming, or one whose node restarted a moment
+# ago, says this for a few seconds before its servers' reports reach each other; a
+# process starting then waits up to PLACEMENT_WAIT_S instead of exiting.
+NO_PEERS_ERR_CODE = 10005
+PLACEMENT_WAIT_S = 30.0
+PLACEMENT_RETRY_S = 1.0
+
+
 def _refused(name: str, replicas: int, exc: APIError) -> ServerOffline:
     """JetStream refusing to create state (no peers to place R3 on while a node is down,
     no JetStream at all) as one line naming what could not be created."""
@@ -63,14 +79,33 @@ def _refused(name: str, replicas: int, exc: APIError) -> ServerOffline:
     return ServerOffline(f"JetStream cannot create {name} with {replicas} replica(s): {reason}")
 
 
+async def _create(create: Callable[[], Awaitable[T]], name: str, replicas: int) -> T:
+    """``create()``, tried again while JetStream has no peers to place it on (for up to
+    :data:`PLACEMENT_WAIT_S`); any other refusal, or one that outlasts it, is
+    :func:`_refused`."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + PLACEMENT_WAIT_S
+    waiting = False
+    while True:
+        try:
+            return await create()
+        except APIError as exc:
+            if getattr(exc, "err_code", None) != NO_PEERS_ERR_CODE or loop.time() >= give_up:
+                raise _refused(name, replicas, exc) from None
+            if not waiting:
+                waiting = True
+                log.warning("JetStream has no peers to place %s with %d replica(s) on yet (%s); "
+                            "waiting up to %g s for the cluster", name, replicas,
+                            exc.description or "no suitable peers", PLACEMENT_WAIT_S)
+            await asyncio.sleep(PLACEMENT_RETRY_S)
+
+
 async def _kv(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
     try:
         return await js.key_value(config.bucket)
     except (NotFoundError, BadRequestError):
-        try:
-            return await js.create_key_value(config)
-        except APIError as exc:
-            raise _refused(f"the KV bucket {config.bucket}", config.replicas, exc) from None
+        return await _create(lambda: js.create_key_value(config), f"the KV bucket {config.bucket}",
+                             config.replicas)
 
 
 async def open_state(nc: NATS, names: Names, replicas: int = 1,
@@ -110,14 +145,11 @@ async def open_state(nc: NATS, names: Names, replicas: int = 1,
     try:
         files = await js.object_store(names.files_bucket)
     except (NotFoundError, BadRequestError):
-        try:
-            files = await js.create_object_store(
-                bucket=names.files_bucket,
-                config=ObjectStoreConfig(bucket=names.files_bucket, ttl=FILE_TTL_S,
-                                         replicas=replicas, storage=StorageType.FILE)
-            )
-        except APIError as exc:
-            raise _refused(f"the object store {names.files_bucket}", replicas, exc) from None
+        files = await _create(lambda: js.create_object_store(
+            bucket=names.files_bucket,
+            config=ObjectStoreConfig(bucket=names.files_bucket, ttl=FILE_TTL_S,
+                                     replicas=replicas, storage=StorageType.FILE)
+        ), f"the object store {names.files_bucket}", replicas)
     try:
         await js.stream_info(names.audit_stream)
     except NotFoundError:
@@ -153,10 +185,7 @@ async def open_state(nc: NATS, names: Names, replicas: int = 1,
 
 
 async def _add_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    try:
-        await js.add_stream(config)
-    except APIError as exc:
-        raise _refused(f"the stream {config.name}", config.num_replicas or 1, exc) from None
+    await _create(lambda: js.add_stream(config), f"the stream {config.name}", config.num_replicas or 1)
 
 
 async def _jobs_stream(js: JetStreamContext, names: Names, replicas: int, max_age_s: float | None) -> None:
