@@ -14,9 +14,11 @@ import secrets
 import signal
 from pathlib import Path
 
+import pytest
 from fleetbus.audit import encode_record
 from fleetbus.auditspool import AuditSpool
 from fleetbus.client import Client
+from fleetbus.host import _audit_spool
 from fleetbus.jetstream import open_state
 from fleetbus.subjects import Names
 from nats.aio.client import Client as NATS
@@ -101,3 +103,12 @@ async def test_a_worker_killed_before_its_records_were_stored_loses_none(
     assert all(r["outcome"] == "ok" and r["server"] == "s1" for cid in ids for r in records[cid])
     await until(lambda: not any(cid.encode() in line for cid in ids for line in spooled(spool)), 30,
                 "the recovered records leaving the spool once stored")
+
+
+def test_a_home_that_cannot_hold_a_spool_leaves_the_worker_without_one(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    blocked = tmp_path / "audit-spool"
+    blocked.write_text("not a folder")  # mkdir fails, as on a read-only home
+    with caplog.at_level("ERROR"):
+        assert _audit_spool(blocked) is None
+    assert "cannot be kept on disk" in caplog.text and str(blocked) in caplog.text

@@ -182,20 +182,19 @@ class AgentSession(Session):
                                 "cwd": spec.cwd, "timeout_s": spec.timeout_s}
         # Small stdin rides in the open frame, as every protocol version allows; larger
         # stdin would not fit its 64 KiB header and goes as data frames (version 2).
-        streamed = spec.stdin is not None and len(spec.stdin) > INLINE_STDIN_BYTES
-        if streamed:
-            assert spec.stdin is not None
+        stdin = spec.stdin
+        streamed = stdin if stdin is not None and len(stdin) > INLINE_STDIN_BYTES else None
+        if streamed is not None:
             if self.conn.version < 2:
                 raise TooLarge(f"this agent speaks protocol version {self.conn.version}, which takes at most "
                                f"{INLINE_STDIN_BYTES // 1024} KiB of stdin; upgrade the agent to send more")
-            args["stdin_size"] = len(spec.stdin)
-        elif spec.stdin is not None:
-            args["stdin_b64"] = base64.b64encode(spec.stdin).decode()
+            args["stdin_size"] = len(streamed)
+        elif stdin is not None:
+            args["stdin_b64"] = base64.b64encode(stdin).decode()
         stream = self._open("exec", args)
-        if streamed:
-            assert spec.stdin is not None
+        if streamed is not None:
             try:
-                await stream.send(spec.stdin)
+                await stream.send(streamed)
                 await stream.send_eof()
             except StreamError:
                 pass  # the agent ended the stream already: its result (or failure) says why

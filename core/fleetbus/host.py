@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import nats.errors
@@ -169,7 +170,7 @@ class PluginHost:
         self.lease = WorkerLease(state.workers, self.settings.worker_id)
         self.memory = CommandMemory(state.commands, state.workers, self.lease.key)
         # Records stay on this worker's disk until stored, so a crash loses none (audit.py).
-        self.auditor = Auditor(nc, self.names, spool=AuditSpool(self.settings.home.path / "audit-spool"))
+        self.auditor = Auditor(nc, self.names, spool=_audit_spool(self.settings.home.path / "audit-spool"))
         self.files = ObjectFiles(state.js, self.names.files_bucket)
         self.vault = vault
         self.metrics = metrics or Metrics()
@@ -459,3 +460,13 @@ class PluginHost:
         if msg.reply and not publish_soon(self.nc, msg.reply, body):
             log.debug("could not answer a shed request on %s", msg.reply)
 
+
+def _audit_spool(folder: Path) -> AuditSpool | None:
+    """The worker's audit spool, or None (logged) when its home cannot hold one: the
+    records are then still sent, only not kept through a crash of this process."""
+    try:
+        return AuditSpool(folder)
+    except OSError as exc:
+        log.error("audit records cannot be kept on disk until stored (%s: %s); a crash of this "
+                  "worker may lose the unacknowledged ones", folder, exc.strerror or type(exc).__name__)
+        return None
