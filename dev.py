@@ -44,7 +44,12 @@ def setup(extras: str) -> Path:
     if not venv_python().exists():
         print(f"creating {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
-    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + extras.encode()).hexdigest()
+    # The editable install maps each top-level package by name, so a package added or
+    # moved since the last install needs a new one, as a changed pyproject.toml does.
+    packages = sorted(p.parent.relative_to(ROOT).as_posix()
+                      for where in ("core", "plugins", "agent") for p in (ROOT / where).glob("*/__init__.py"))
+    state = (ROOT / "pyproject.toml").read_bytes() + extras.encode() + "\n".join(packages).encode()
+    want = hashlib.sha256(state).hexdigest()
     if not STAMP.exists() or STAMP.read_text().strip() != want:
         print("installing fleetbus and its dependencies into .venv/", flush=True)
         py = str(venv_python())

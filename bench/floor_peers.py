@@ -18,7 +18,7 @@ import ssl
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from fleetbus_agent.ops.pagecache import DropBehind
+from fleetbus_base.pagecache import DropBehind
 from floor_relay import DATA, DONE, END, HELLO, OPEN, PING, FramedProtocol, write_chunk
 
 

@@ -35,7 +35,7 @@ import nats
 from fleetbus.connection import send_now
 from fleetbus.dispatch import subscribe_direct
 from fleetbus.replies import Replies
-from fleetbus_agent.ops.child import ChildProcess
+from fleetbus_base.ops.child import ChildProcess
 from nats.aio.msg import Msg
 
 HEADER = struct.Struct(">IB")

@@ -156,7 +156,7 @@ async def _receive_file(floor: Floor, remote: Path, dest: Path) -> None:
     """Ask the relay to send ``remote`` over the bus; write it to ``dest`` as fleetbus's
     client does (drop-behind, fdatasync)."""
     from fleetbus.dispatch import subscribe_direct
-    from fleetbus_agent.ops.pagecache import DropBehind
+    from fleetbus_base.pagecache import DropBehind
 
     nc = floor.stack.client.nc
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -289,7 +289,7 @@ async def ssh_floors(stack: Stack, sizes: Sizes, work: Path) -> list[Row]:
             await session.put(PutSpec(path=str(dest), make_parents=False), chunks())
 
         async def get_direct(dest: Path) -> None:
-            from fleetbus_agent.ops.pagecache import DropBehind
+            from fleetbus_base.pagecache import DropBehind
 
             remote_file = await session.get(str(remote))
             fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleetbus_agent import protocol, tlsid
+from fleetbus_agent import tlsid
 from fleetbus_agent.listen import ListenOptions
-from fleetbus_agent.ops import OpError
 from fleetbus_agent.paths import PathPolicy
-from fleetbus_agent.protocol import AuthError, Connection, Event, HandshakeError, StreamError
 from fleetbus_agent.tlsid import TLSIdentityError, key_password, load_identity
+from fleetbus_base import wire as protocol
+from fleetbus_base.ops import OpError
+from fleetbus_base.wire import AuthError, Connection, Event, HandshakeError, StreamError
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="the agent is POSIX only")
 
@@ -48,7 +49,7 @@ HAVE_INBOUND = all(
 needs_openssl = pytest.mark.skipif(not HAVE_OPENSSL, reason="the openssl command is not installed")
 needs_inbound = pytest.mark.skipif(
     not HAVE_INBOUND,
-    reason="fleetbus_agent.protocol has no inbound handshake yet "
+    reason="fleetbus_base.wire has no inbound handshake yet "
     "(agent_accept_handshake / controller_connect_handshake)",
 )
 

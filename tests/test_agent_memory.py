@@ -13,7 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from fleetbus_agent import heap, ops, tuning
+from fleetbus_base import heap, ops, tuning
 
 AGENT_ROOT = Path(__file__).resolve().parent.parent / "agent"
 
@@ -35,8 +35,8 @@ def test_connect_mode_starts_without_listen_or_file_code() -> None:
         import fleetbus_agent.connect
         fleetbus_agent.cli.build_parser().parse_args(["connect", "--gateway", "gw:7443"])
         loaded = set(sys.modules)
-        for name in ("fleetbus_agent.listen", "fleetbus_agent.tlsid", "fleetbus_agent.throttle",
-                     "fleetbus_agent.paths", "fleetbus_agent.ops.files", "tempfile", "shutil", "lzma"):
+        for name in ("fleetbus_agent.listen", "fleetbus_agent.tlsid", "fleetbus_base.throttle",
+                     "fleetbus_agent.paths", "fleetbus_base.ops.files", "tempfile", "shutil", "lzma"):
             print(name, name in loaded)
     """)
     assert all(line.endswith(" False") for line in out.splitlines()), out
@@ -49,9 +49,9 @@ def test_a_connected_agent_carries_no_module_it_needs_once() -> None:
     out = run_fresh("""
         import ssl, sys
         sys.path.insert(0, sys.argv[1])
-        from fleetbus_agent import heap
+        from fleetbus_base import heap
         from fleetbus_agent.connect import ConnectOptions, _jitter, _sni_name, client_context
-        from fleetbus_agent.ops.facts import server_facts
+        from fleetbus_base.ops.facts import server_facts
         server_facts()
         _jitter()
         heap.trim_heap()
@@ -87,8 +87,8 @@ def test_the_zipapp_runs_from_its_own_bytecode(tmp_path: Path) -> None:
     out = run_fresh("""
         import sys
         sys.path.insert(0, sys.argv[2])
-        import fleetbus_agent.protocol as protocol
-        from fleetbus_agent.heap import compiled_from_source
+        import fleetbus_base.wire as protocol
+        from fleetbus_base.heap import compiled_from_source
         print(protocol.__file__.endswith(".pyc"), compiled_from_source(protocol))
     """, str(pyz))
     assert out.split() == ["True", "False"], out
@@ -112,8 +112,8 @@ def test_a_zipapp_from_another_python_compiles_its_sources(tmp_path: Path) -> No
     out = run_fresh("""
         import sys
         sys.path.insert(0, sys.argv[2])
-        import fleetbus_agent.protocol as protocol
-        from fleetbus_agent.heap import compiled_from_source
+        import fleetbus_base.wire as protocol
+        from fleetbus_base.heap import compiled_from_source
         print(protocol.__file__.endswith(".py"), compiled_from_source(protocol), protocol.DEFAULT_HEARTBEAT_S)
     """, str(foreign))
     assert out.split() == ["True", "True", "5.0"], out
@@ -123,11 +123,11 @@ def test_ops_names_load_their_module_on_first_use() -> None:
     out = run_fresh("""
         import sys
         sys.path.insert(0, sys.argv[1])
-        from fleetbus_agent import ops
-        print("files before", "fleetbus_agent.ops.files" in sys.modules)
-        from fleetbus_agent.ops import put_file
-        print("files after", "fleetbus_agent.ops.files" in sys.modules)
-        print("same", put_file is sys.modules["fleetbus_agent.ops.files"].put_file)
+        from fleetbus_base import ops
+        print("files before", "fleetbus_base.ops.files" in sys.modules)
+        from fleetbus_base.ops import put_file
+        print("files after", "fleetbus_base.ops.files" in sys.modules)
+        print("same", put_file is sys.modules["fleetbus_base.ops.files"].put_file)
     """)
     assert out.split("\n")[:3] == ["files before False", "files after True", "same True"], out
 
@@ -158,7 +158,7 @@ def test_keep_large_buffers_stops_a_page_fault_per_page_of_each_chunk() -> None:
     out = run_fresh("""
         import resource, sys
         sys.path.insert(0, sys.argv[1])
-        from fleetbus_agent import heap
+        from fleetbus_base import heap
 
         def faults_per_chunk():
             # A window's worth of chunks in flight, then gone, as a transfer moves them.
@@ -205,7 +205,7 @@ def test_compiled_from_source_tells_cached_bytecode_from_a_compile(tmp_path: Pat
     out = run_fresh(f"""
         import importlib, os, py_compile, sys, time
         sys.path.insert(0, sys.argv[1])
-        from fleetbus_agent.heap import compiled_from_source
+        from fleetbus_base.heap import compiled_from_source
         sys.path.insert(0, {str(tmp_path)!r})
         with open({str(tmp_path / "fresh.py")!r}, "w") as fh:
             fh.write("X = 1\\n")
@@ -221,7 +221,7 @@ def test_compiled_from_source_tells_cached_bytecode_from_a_compile(tmp_path: Pat
 
 def test_a_refused_path_search_still_checks_the_path(tmp_path: Path) -> None:
     """spawn_error imports shutil only on this path (kept out of an idle agent)."""
-    from fleetbus_agent.ops.process import spawn_error
+    from fleetbus_base.ops.process import spawn_error
 
     searched = tmp_path / "bin"
     searched.mkdir()

@@ -1,4 +1,4 @@
-"""Tests of ``fleetbus_agent.ops`` used directly, as the agent uses it.
+"""Tests of ``fleetbus_base.ops`` used directly, as the agent uses it.
 
 Real processes and real files in tmp_path; nothing from fleetbus core is imported, so
 these tests see the package exactly as a remote server running the agent does. The last
@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from fleetbus_agent.ops import (
+from fleetbus_base.ops import (
     ERROR_CODES,
     GET_CHUNK,
     READ_CHUNK,
@@ -46,10 +46,10 @@ from fleetbus_agent.ops import (
     run_process,
     server_facts,
 )
-from fleetbus_agent.ops import child as child_module
-from fleetbus_agent.ops import errors as op_errors
-from fleetbus_agent.ops.facts import parse_os_release
-from fleetbus_agent.ops.pagecache import DROP_EVERY
+from fleetbus_base.ops import child as child_module
+from fleetbus_base.ops import errors as op_errors
+from fleetbus_base.ops.facts import parse_os_release
+from fleetbus_base.pagecache import DROP_EVERY
 from support.ops_helpers import RecordingSink, alive, chunks, temp_files, wait_until
 from support.pagecache import require_droppable_cache, resident_fraction
 
@@ -57,7 +57,6 @@ pytestmark = pytest.mark.skipif(os.name != "posix", reason="the operations are P
 
 DEADLINE_S = 5.0
 AGENT_DIR = Path(__file__).resolve().parent.parent / "agent"
-PACKAGE_DIR = AGENT_DIR / "fleetbus_agent"
 
 
 # ---------------------------------------------------------------- errors
@@ -659,17 +658,20 @@ IMPORT_CHECK = textwrap.dedent(
     import importlib, os, pkgutil, sys
     root = sys.argv[1]
     sys.path.insert(0, root)
-    import fleetbus_agent
-    names = ["fleetbus_agent"] + [
-        m.name for m in pkgutil.walk_packages(fleetbus_agent.__path__, "fleetbus_agent.")
+    import fleetbus_agent, fleetbus_base
+    names = ["fleetbus_agent", "fleetbus_base"] + [
+        m.name
+        for package in (fleetbus_agent, fleetbus_base)
+        for m in pkgutil.walk_packages(package.__path__, package.__name__ + ".")
     ]
     for name in names:
         if name.rsplit(".", 1)[-1] != "__main__":  # importing it would run the agent
             importlib.import_module(name)
-    assert "fleetbus_agent.ops.process" in names, names
+    assert "fleetbus_base.ops.process" in names, names
     loaded = dict(sys.modules)  # before sysconfig, which this check needs, is imported
     import sysconfig
-    allowed = [os.path.join(os.path.realpath(root), "fleetbus_agent")] + [
+    ours = ("fleetbus_agent", "fleetbus_base")
+    allowed = [os.path.join(os.path.realpath(root), package) for package in ours] + [
         os.path.realpath(sysconfig.get_paths()[key]) for key in ("stdlib", "platstdlib")
     ]
     stdlib_names = getattr(sys, "stdlib_module_names", None)
@@ -678,7 +680,7 @@ IMPORT_CHECK = textwrap.dedent(
         top = name.split(".")[0]
         if top == "__main__":  # this script
             continue
-        if stdlib_names is not None and top not in stdlib_names and top != "fleetbus_agent":
+        if stdlib_names is not None and top not in stdlib_names and top not in ours:
             foreign.append(name)
             continue
         origin = getattr(module, "__file__", None)
@@ -707,10 +709,10 @@ def run_isolated(python: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def build_zip(tmp_path: Path) -> Path:
-    """The agent package as a zip, as it travels inside the agent's zipapp."""
+    """The agent's packages (fleetbus_agent, fleetbus_base) as a zip, as they travel in its zipapp."""
     archive = tmp_path / "agent.zip"
     with zipfile.ZipFile(archive, "w") as zf:
-        for src in sorted(PACKAGE_DIR.rglob("*.py")):
+        for src in sorted(AGENT_DIR.rglob("*.py")):
             zf.write(src, src.relative_to(AGENT_DIR).as_posix())
     return archive
 
@@ -777,7 +779,7 @@ def test_agent_package_compiles_and_imports_on_old_python(
             py_compile.compile(str(src), cfile=str(out / f"{i}.pyc"), doraise=True)
         """
     )
-    proc = run_isolated(old_python, "-c", compile_all, str(PACKAGE_DIR), str(tmp_path))
+    proc = run_isolated(old_python, "-c", compile_all, str(AGENT_DIR), str(tmp_path))
     assert proc.returncode == 0, proc.stderr
     proc = run_isolated(old_python, "-c", IMPORT_CHECK, str(AGENT_DIR))
     assert proc.returncode == 0, proc.stderr
@@ -788,7 +790,7 @@ OLD_PYTHON_SMOKE = textwrap.dedent(
     """
     import asyncio, hashlib, os, sys
     sys.path.insert(0, sys.argv[1])
-    from fleetbus_agent import ops
+    from fleetbus_base import ops
     tmp = sys.argv[2]
 
     def alive(pid):

@@ -441,7 +441,7 @@ def test_agent_refuses_a_readable_key_file_and_an_unverified_gateway(tmp_path: P
 
 
 async def test_admission_hands_a_freed_slot_to_the_newest_waiter() -> None:
-    from fleetbus_agent.admission import HandshakeSlots
+    from fleetbus_base.admission import HandshakeSlots
 
     admission = HandshakeSlots(1)
     assert await admission.acquire(30)
@@ -459,7 +459,7 @@ async def test_admission_hands_a_freed_slot_to_the_newest_waiter() -> None:
 
 
 async def test_admission_turns_a_waiter_away_and_then_admits_at_once() -> None:
-    from fleetbus_agent.admission import HandshakeSlots
+    from fleetbus_base.admission import HandshakeSlots
 
     admission = HandshakeSlots(1)
     assert await admission.acquire(30)

@@ -1,4 +1,4 @@
-"""The agent wire protocol (fleetbus_agent.protocol) over real TLS on 127.0.0.1.
+"""The agent wire protocol (fleetbus_base.wire) over real TLS on 127.0.0.1.
 
 Both ends run in this process: the controller (the gateway's side) behind
 ``asyncio.start_server(ssl=...)`` and the agent dialling it, as in outbound mode; the
@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleetbus_agent import protocol, tuning
-from fleetbus_agent.protocol import (
+from fleetbus_base import tuning
+from fleetbus_base import wire as protocol
+from fleetbus_base.wire import (
     DEFAULT_WINDOW,
     MAX_HEADER,
     PROTOCOL_VERSION,
@@ -62,6 +63,7 @@ from fleetbus_agent.protocol import (
     peer_certificate_fingerprint,
     read_frame,
 )
+from fleetbus_base.wire.peer import LINGER_S
 from support.ops_helpers import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
@@ -507,9 +509,9 @@ def test_module_is_standard_library_only() -> None:
         f"""
         import sys
         sys.path.insert(0, {str(REPO / "agent")!r})
-        import fleetbus_agent.protocol
+        import fleetbus_base.wire
         roots = {{name.split(".")[0] for name in sys.modules}}
-        ours = ("__main__", "fleetbus_agent")
+        ours = ("__main__", "fleetbus_base")
         extra = sorted(r for r in roots if r not in sys.stdlib_module_names and r not in ours)
         assert not extra, extra
         print("ok")
@@ -523,9 +525,8 @@ def test_module_is_standard_library_only() -> None:
 
 
 def test_module_parses_as_python_3_9() -> None:
-    for name in ("protocol.py", "frames.py"):
-        source = (REPO / "agent" / "fleetbus_agent" / name).read_text()
-        ast.parse(source, filename=name, feature_version=(3, 9))
+    for path in sorted((REPO / "agent" / "fleetbus_base" / "wire").glob("*.py")):
+        ast.parse(path.read_text(), filename=path.name, feature_version=(3, 9))
 
 
 # --------------------------------------------------------------------- handshake
@@ -1392,7 +1393,7 @@ async def test_inbound_secrets_never_reach_errors_or_logs(
 SMOKE_39_INBOUND = """
 import asyncio, ssl, sys
 sys.path.insert(0, sys.argv[1])
-from fleetbus_agent import protocol as p
+from fleetbus_base import wire as p
 cert, key, fingerprint = sys.argv[2:5]
 
 async def ops(stream):
@@ -1938,7 +1939,7 @@ def find_python39() -> str | None:
 SMOKE_39 = """
 import asyncio, hashlib, sys
 sys.path.insert(0, sys.argv[1])
-from fleetbus_agent import protocol as p
+from fleetbus_base import wire as p
 
 async def ops(stream):
     if stream.op == "put":
@@ -2047,7 +2048,7 @@ async def test_tls_connections_share_one_read_buffer_yet_keep_their_bytes_apart(
         # the controller waiting out LINGER_S for the agent's before it gave up.
         started = time.monotonic()
         await a.controller.close("done here")
-        assert time.monotonic() - started < protocol.LINGER_S
+        assert time.monotonic() - started < LINGER_S
         await asyncio.wait_for(a.agent.wait_closed(), DEADLINE_S)
         assert a.agent.close_reason == "controller connection lost: connection closed by peer"
 

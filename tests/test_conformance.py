@@ -29,9 +29,9 @@ from fleetbus.errors import NotFound
 from fleetbus.records import Server
 from fleetbus.testing import CollectingSink, FakeContext, TransportConformance
 from fleetbus.transport import Credential, Session
-from fleetbus_agent.protocol import AuthError, Connection, controller_handshake
 from fleetbus_agent.tlsid import create_identity
 from fleetbus_agent_inbound.transport import InboundTransport
+from fleetbus_base.wire import AuthError, Connection, controller_handshake
 from fleetbus_local.transport import LocalTransport
 from fleetbus_ssh.transport import SshTransport
 from fleetbus_wmi.transport import WmiTransport

@@ -1,5 +1,5 @@
 """The one way into fleetbus's errors (errors.py), the one string-shortening helper
-(fleetbus_agent.text), the request headers and subjects read in one place
+(fleetbus_base.text), the request headers and subjects read in one place
 (subjects.py), and the host's one error ladder (commandrun.py) seen from the bus."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from fleetbus.transport import (
     Session,
     Transport,
 )
-from fleetbus_agent.text import first_line, one_line, readable, shorten
+from fleetbus_base.text import first_line, one_line, readable, shorten
 from nats.aio.client import Client as NATS
 
 # --- error_for_code: one fallback rule ----------------------------------------------
@@ -122,7 +122,7 @@ def test_other_exceptions_pass_unchanged_for_the_host_to_call_internal() -> None
         raise KeyError("bug")
 
 
-# --- fleetbus_agent.text: one helper that shortens ------------------------------------
+# --- fleetbus_base.text: one helper that shortens ------------------------------------
 
 
 def test_shorten_keeps_what_fits_and_cuts_the_rest_to_the_limit() -> None:

@@ -42,9 +42,8 @@ import nats
 import nats.errors
 import pytest
 from fleetbus.errors import ERROR_CODES
-from fleetbus_agent import protocol
-from fleetbus_agent.frames import DEFAULT_MAX_BODY, MIN_LIMIT, Frame, max_frame_size
-from fleetbus_agent.protocol import (
+from fleetbus_base import wire as protocol
+from fleetbus_base.wire import (
     Accepted,
     AgentStream,
     AuthError,
@@ -63,6 +62,7 @@ from fleetbus_agent.protocol import (
     inbound_proof,
     read_frame,
 )
+from fleetbus_base.wire.frames import DEFAULT_MAX_BODY, MIN_LIMIT, Frame, max_frame_size
 from nats.aio.client import Client as NATS
 from support.agents import Agent, add_agent_server, gateway_of, wait_online
 from support.fuzzing import (
@@ -105,7 +105,7 @@ CASE_DEADLINE_S = 10.0
 
 KEY = "fbk1_" + "0" * 16 + "_" + "k" * 43
 FINGERPRINT = "sha256:" + "ab" * 32
-PROTOCOL_LOGGER = "fleetbus_agent.protocol"
+PROTOCOL_LOGGER = "fleetbus_base.wire"
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -1,4 +1,4 @@
-"""fleetbus_agent.ops.groupkeeper on its own: a process that runs commands through
+"""fleetbus_base.ops.groupkeeper on its own: a process that runs commands through
 ChildProcess with the keeper enabled is SIGKILLed, and no process of its commands'
 groups survives it, also after its keeper was killed and started again."""
 
@@ -18,8 +18,8 @@ from support.processes import group_members, stop_process, wait_for
 # group, prints their pgids and the keeper's pid, then waits for orders on stdin.
 PARENT = r"""
 import asyncio, sys
-from fleetbus_agent.ops import groupkeeper
-from fleetbus_agent.ops.child import ChildProcess
+from fleetbus_base.ops import groupkeeper
+from fleetbus_base.ops.child import ChildProcess
 
 async def main():
     groupkeeper.enable()

@@ -1,6 +1,6 @@
 """A keyed but hostile outbound agent: it authenticates with a real key, then lies.
 
-The agent here is the real protocol (fleetbus_agent.protocol) with a handler that
+The agent here is the real protocol (fleetbus_base.wire) with a handler that
 answers with wrong types, so everything between the TLS gateway and the bus reply is
 the production code. What it says must never reach a bus reply as it is, never become
 ``internal``, and never reach an operator's terminal with its control characters.
@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleetbus_agent.frames import encode_frame
-from fleetbus_agent.protocol import AgentStream, Connection, agent_handshake
+from fleetbus_base.wire import AgentStream, Connection, agent_handshake
+from fleetbus_base.wire.frames import encode_frame
 from nats.aio.client import Client as NATS
 from support.agents import add_agent_server, gateway_of
 from support.processes import FLEETBUS, Fleet

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleetbus_agent import protocol
-from fleetbus_agent.admission import Gate, GateSettings, HandshakeSlots
-from fleetbus_agent.fdbudget import FdBudget
-from fleetbus_agent.throttle import AuthThrottle, FailureLog
+from fleetbus_base import wire as protocol
+from fleetbus_base.admission import Gate, GateSettings, HandshakeSlots
+from fleetbus_base.fdbudget import FdBudget
+from fleetbus_base.throttle import AuthThrottle, FailureLog
 from prometheus_client.parser import text_string_to_metric_families
 from support import processes
 from support.agents import AGENT, Agent, add_agent_server, gateway_of, wait_online
@@ -521,7 +521,7 @@ def test_fd_budget_keeps_a_reserve() -> None:
 
 
 def test_raise_nofile_limit_raises_soft_to_hard() -> None:
-    code = ("import resource; from fleetbus_agent.fdbudget import raise_nofile_limit; "
+    code = ("import resource; from fleetbus_base.fdbudget import raise_nofile_limit; "
             "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 4096)); print(raise_nofile_limit())")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "(4096, 4096)"

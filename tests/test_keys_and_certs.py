@@ -15,7 +15,7 @@ from fleetbus.jetstream import open_state
 from fleetbus.keys import AgentKeys, parse_key
 from fleetbus.subjects import Names
 from fleetbus.vault import MasterKey
-from fleetbus_agent.throttle import FailureThrottle
+from fleetbus_base.throttle import FailureThrottle
 from nats.aio.client import Client as NATS
 
 

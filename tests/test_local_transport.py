@@ -24,10 +24,10 @@ from fleetbus.errors import InvalidRequest, NotFound, Timeout, TransportError
 from fleetbus.records import Server
 from fleetbus.secretenv import SECRET_ENV_VARS
 from fleetbus.transport import ExecResult, ExecSpec, PutSpec, Session
-from fleetbus_agent import tuning
-from fleetbus_agent.ops import environment
-from fleetbus_agent.ops.files import GET_CHUNK
-from fleetbus_agent.ops.process import ProcessTimings
+from fleetbus_base import tuning
+from fleetbus_base.ops import environment
+from fleetbus_base.ops.files import GET_CHUNK
+from fleetbus_base.ops.process import ProcessTimings
 from fleetbus_local import plugin
 from fleetbus_local.transport import LocalSession, LocalTransport
 from support.ops_helpers import RecordingSink, alive, chunks, temp_files, wait_until
@@ -671,9 +671,9 @@ def test_timing_settings() -> None:
 
 CHILD_WATCHER_PROBE = """
 import asyncio, sys
-from fleetbus_agent.childwatch import pidfd_usable
-from fleetbus_agent.ops import ExecSpec, run_process
-from fleetbus_agent.tuning import apply
+from fleetbus_base.ops.childwatch import pidfd_usable
+from fleetbus_base.ops import ExecSpec, run_process
+from fleetbus_base.tuning import apply
 
 chosen = "pidfd_child_watcher" in apply(["pidfd_child_watcher"])
 out = []

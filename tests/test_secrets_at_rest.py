@@ -27,7 +27,7 @@ from fleetbus.home import Home
 from fleetbus.records import Server
 from fleetbus.transport import ExecSpec, PutSpec, Session
 from fleetbus.vault import MasterKey
-from fleetbus_agent.ops.runas import RunAs
+from fleetbus_base.ops.runas import RunAs
 from fleetbus_local.transport import LocalTransport
 from fleetbus_local.users import local_user
 from support.agents import AGENT, add_agent_server, gateway_of, wait_online
@@ -327,7 +327,7 @@ def test_which_user_local_runs_as() -> None:
 
 TAKE = r"""
 import os, sys
-from fleetbus_agent.ownenv import secret, take_secrets
+from fleetbus_base.ownenv import secret, take_secrets
 taken = take_secrets()
 with open("/proc/self/environ", "rb") as fh:
     block = fh.read()

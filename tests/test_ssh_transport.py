@@ -34,7 +34,7 @@ from fleetbus.errors import (
 from fleetbus.records import Server
 from fleetbus.sessions import SessionPool
 from fleetbus.transport import Credential, ExecResult, ExecSpec, PutSpec, Session
-from fleetbus_agent.ops import GET_CHUNK
+from fleetbus_base.ops import GET_CHUNK
 from fleetbus_ssh.fastpath import BatchPacketizer
 from fleetbus_ssh.hostkeys import HostKeyPin, fingerprint
 from fleetbus_ssh.remote_exec import PreambleFilter, build_command

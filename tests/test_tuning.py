@@ -1,4 +1,4 @@
-"""fleetbus.tuning and fleetbus_agent.tuning: one switch turns every patch off, and on,
+"""fleetbus.tuning and fleetbus_base.tuning: one switch turns every patch off, and on,
 each patch is applied on the library versions this project installs.
 
 Each case runs in a fresh interpreter, because patches are process-wide and once
@@ -35,7 +35,7 @@ from asyncio import sslproto
 import nats.aio.client
 from fleetbus import tuning
 from fleetbus.tuning import natspy
-from fleetbus_agent import heap
+from fleetbus_base import heap
 
 def observe(applied):
     watcher = None
@@ -136,7 +136,7 @@ def test_the_agent_applies_its_own_patches_with_the_standard_library_alone() -> 
     code = f"""
         import json, sys
         sys.path.insert(0, {str(AGENT)!r})
-        from fleetbus_agent import tuning
+        from fleetbus_base import tuning
         print(json.dumps(sorted(tuning.apply())))
         print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("fleetbus", "nats"))))
     """
@@ -154,7 +154,7 @@ def test_the_agent_applies_its_own_patches_with_the_standard_library_alone() -> 
 
 def test_the_agent_tuning_module_parses_as_python_3_9() -> None:
     # It ships in the agent's zipapp, which runs on 3.9.
-    source = (AGENT / "fleetbus_agent" / "tuning.py").read_text()
+    source = (AGENT / "fleetbus_base" / "tuning.py").read_text()
     ast.parse(source, filename="tuning.py", feature_version=(3, 9))
 
 

@@ -9,11 +9,12 @@ import tempfile
 import zipapp
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGES = (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "fleetbus_base")
+"""What the archive holds: the agent program and the standard-library layer under it."""
 
 
 def build_zipapp(output: Path) -> Path:
-    """Write ``output`` (a .pyz) holding the fleetbus_agent package and nothing else.
+    """Write ``output`` (a .pyz) holding the fleetbus_agent and fleetbus_base packages and nothing else.
 
     Beside each module's source the archive carries its bytecode for the Python that
     builds it. zipimport never writes bytecode, so without it every start compiles
@@ -25,9 +26,10 @@ def build_zipapp(output: Path) -> Path:
     output = output.resolve()
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp) / "app"
-        shutil.copytree(PACKAGE, staging / "fleetbus_agent",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "build.py"))
-        for source in sorted((staging / "fleetbus_agent").rglob("*.py")):
+        for package in PACKAGES:
+            shutil.copytree(package, staging / package.name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "build.py"))
+        for source in sorted(staging.rglob("*.py")):
             relative = source.relative_to(staging).as_posix()
             # zipimport looks for module.pyc next to module.py (not in __pycache__).
             py_compile.compile(str(source), cfile=str(source) + "c", dfile=relative, doraise=True,

@@ -8,7 +8,7 @@
 The key comes from ``--key-file`` (which must be readable by its owner only) or the
 ``FLEETBUS_AGENT_KEY`` environment variable; never from the command line, where any
 user could read it in the process list. The variable is taken out of the agent's
-environment first thing (:mod:`fleetbus_agent.ownenv`), so neither the commands the
+environment first thing (:mod:`fleetbus_base.ownenv`), so neither the commands the
 agent runs nor ``/proc/<agent pid>/environ`` show it. ``--key`` (listen) is the TLS private key of an
 operator-provided certificate, not the server's secret key.
 
@@ -28,12 +28,13 @@ import stat
 import sys
 from typing import TYPE_CHECKING, List, Optional
 
+from fleetbus_base.fdbudget import raise_nofile_limit
+from fleetbus_base.ownenv import secret, take_secrets
+from fleetbus_base.tuning import apply as apply_tuning
+
 from . import DEFAULT_LISTEN_BIND as DEFAULT_BIND
 from . import DEFAULT_LISTEN_PORT as DEFAULT_PORT
 from . import __version__
-from .fdbudget import raise_nofile_limit
-from .ownenv import secret, take_secrets
-from .tuning import apply as apply_tuning
 
 if TYPE_CHECKING:
     from .connect import ConnectOptions

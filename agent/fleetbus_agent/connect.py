@@ -27,11 +27,12 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple, Union
 
+from fleetbus_base.digests import compare_digest, sha256_hex
+from fleetbus_base.ops.facts import server_facts
+from fleetbus_base.wire import AuthError, Connection, HandshakeError, agent_handshake
+
 from . import __version__
-from .digests import compare_digest, sha256_hex
 from .handlers import Handler
-from .ops.facts import server_facts
-from .protocol import AuthError, Connection, HandshakeError, agent_handshake
 
 log = logging.getLogger("fleetbus_agent.connect")
 

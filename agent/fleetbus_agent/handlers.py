@@ -17,17 +17,19 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
+from fleetbus_base.heap import TransferHeap
+from fleetbus_base.ops.blocking import resolve_run_blocking
+from fleetbus_base.ops.errors import OpError
+from fleetbus_base.ops.facts import server_facts
+from fleetbus_base.ops.process import ExecSpec, run_process
+
 from . import __version__
-from .heap import TransferHeap
-from .ops.blocking import resolve_run_blocking
-from .ops.errors import OpError
-from .ops.facts import server_facts
-from .ops.process import ExecSpec, run_process
 
 if TYPE_CHECKING:
-    from .ops import ProcessTimings, RunBlocking
+    from fleetbus_base.ops import ProcessTimings, RunBlocking
+    from fleetbus_base.wire import AgentStream
+
     from .paths import PathPolicy
-    from .protocol import AgentStream
 
 log = logging.getLogger("fleetbus_agent.handlers")
 
@@ -95,7 +97,7 @@ class Handler:
         raise OpError("invalid_request", f"this agent does not know the operation {str(op)[:32]!r}")
 
     # The process and file code is imported on the first command that needs it, so an
-    # idle agent holds only what connecting needs (see fleetbus_agent.ops).
+    # idle agent holds only what connecting needs (see fleetbus_base.ops).
     async def _exec(self, stream: AgentStream, args: Dict[str, Any]) -> Dict[str, Any]:
         if "stdin_size" in args:
             if args.get("stdin_b64") is not None:
@@ -112,7 +114,7 @@ class Handler:
         return {"exit_code": result.exit_code, "signal": result.signal}
 
     async def _put(self, stream: AgentStream, args: Dict[str, Any]) -> Dict[str, Any]:
-        from .ops.files import PutSpec, put_file
+        from fleetbus_base.ops.files import PutSpec, put_file
 
         if self.paths is not None:
             # realpath and friends stat the file system: off the event loop, like all file I/O.
@@ -124,7 +126,7 @@ class Handler:
         return {"size": stat.size, "mode": stat.mode}
 
     async def _get(self, stream: AgentStream, args: Dict[str, Any]) -> Dict[str, Any]:
-        from .ops.files import get_file
+        from fleetbus_base.ops.files import get_file
 
         if self.paths is not None:
             await resolve_run_blocking(self.run_blocking)(self.paths.check_read, args.get("path"))

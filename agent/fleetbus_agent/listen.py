@@ -4,7 +4,7 @@ The agent is the TLS server, presenting its own certificate (:mod:`.tlsid`); fle
 (the ``agent-inbound`` transport) pins that certificate's fingerprint and connects in.
 Before the agent runs anything, the controller must answer the agent's challenge with an
 HMAC proof over it, keyed with the server's secret key and bound to the agent's
-certificate fingerprint (:func:`.protocol.agent_accept_handshake`), so neither a
+certificate fingerprint (:func:`fleetbus_base.wire.agent_accept_handshake`), so neither a
 stranger nor a man in the middle holding another certificate gets in, and the key itself
 never crosses the wire.
 
@@ -33,14 +33,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from . import DEFAULT_LISTEN_BIND, DEFAULT_LISTEN_PORT, __version__, protocol
-from .admission import Gate, GateSettings
-from .fdbudget import raise_nofile_limit
+from fleetbus_base import wire as protocol
+from fleetbus_base.admission import Gate, GateSettings
+from fleetbus_base.fdbudget import raise_nofile_limit
+from fleetbus_base.heap import trim_heap
+from fleetbus_base.throttle import AuthThrottle, FailureLog
+from fleetbus_base.wire import AuthError, Connection, HandshakeError, Welcome
+
+from . import DEFAULT_LISTEN_BIND, DEFAULT_LISTEN_PORT, __version__
 from .handlers import Handler
-from .heap import trim_heap
 from .paths import PathPolicy
-from .protocol import AuthError, Connection, HandshakeError, Welcome
-from .throttle import AuthThrottle, FailureLog
 from .tlsid import TLSIdentity, load_identity
 
 log = logging.getLogger("fleetbus_agent.listen")

@@ -29,8 +29,8 @@ from __future__ import annotations
 import os
 from typing import Iterable, List, Optional
 
-from .ops import OpError, check_path
-from .ops.files import shown_path
+from fleetbus_base.ops import OpError, check_path
+from fleetbus_base.ops.files import shown_path
 
 
 class PathPolicy:

@@ -29,7 +29,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from .digests import hmac_sha256_hex, sha256_hex
+from fleetbus_base.digests import hmac_sha256_hex, sha256_hex
 
 CERT_NAME = "agent-tls.pem"
 """The certificate's file name in the TLS directory (mode 0644)."""

@@ -19,8 +19,8 @@ import math
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, TypeVar
 
-from fleetbus_agent.protocol import Connection, ControllerStream, StreamError
-from fleetbus_agent.text import shorten
+from fleetbus_base.text import shorten
+from fleetbus_base.wire import Connection, ControllerStream, StreamError
 from pydantic import (
     BaseModel,
     ConfigDict,

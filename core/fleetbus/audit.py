@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from fleetbus_agent.text import shorten
+from fleetbus_base.text import shorten
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import Header

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import nats.errors
-from fleetbus_agent.ops.pagecache import DropBehind
+from fleetbus_base.pagecache import DropBehind
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy

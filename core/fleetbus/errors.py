@@ -38,7 +38,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
-from fleetbus_agent.text import first_line, shorten
+from fleetbus_base.text import first_line, shorten
 
 #: How much of an exception's first line a mapped error quotes.
 MAX_CAUSE_CHARS = 200

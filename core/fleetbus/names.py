@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from fleetbus_agent.text import shorten
+from fleetbus_base.text import shorten
 
 from .errors import InvalidRequest
 

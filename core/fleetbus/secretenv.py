@@ -6,4 +6,4 @@ Transports that start processes remove these from the environment they pass on, 
 
 from __future__ import annotations
 
-from fleetbus_agent.ops.environment import SECRET_ENV_VARS  # noqa: F401  (re-exported)
+from fleetbus_base.ops.environment import SECRET_ENV_VARS  # noqa: F401  (re-exported)

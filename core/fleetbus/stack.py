@@ -19,8 +19,8 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from fleetbus_agent.fdbudget import raise_nofile_limit
-from fleetbus_agent.ownenv import secret, take_secrets
+from fleetbus_base.fdbudget import raise_nofile_limit
+from fleetbus_base.ownenv import secret, take_secrets
 from nats.aio.client import Client as NATS
 
 from .admin import AdminService
@@ -107,7 +107,7 @@ def secure_process_start(home: Home) -> None:
     """What every long-running fleetbus process does first, before any thread or child.
 
     Takes fleetbus's secret variables (master key, NATS token) out of the environment
-    and of ``/proc/<pid>/environ`` (:mod:`fleetbus_agent.ownenv`), so no process we
+    and of ``/proc/<pid>/environ`` (:mod:`fleetbus_base.ownenv`), so no process we
     start and no ``local`` command can read them there; and closes an existing home
     folder to everyone else (0700), since it holds ``master.key`` and ``nats.token``;
     and raises the soft descriptor limit to the hard one.

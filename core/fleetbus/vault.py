@@ -3,7 +3,7 @@
 The master key (base64 of 32 bytes) comes from the first of these that is set:
 
 1. ``FLEETBUS_MASTER_KEY``, the key itself. ``fleetbus up|core|worker`` take it out of
-   their environment at start (:mod:`fleetbus_agent.ownenv`), so it is neither in
+   their environment at start (:mod:`fleetbus_base.ownenv`), so it is neither in
    ``/proc/<pid>/environ`` nor inherited by anything they start.
 2. ``FLEETBUS_MASTER_KEY_FILE``, a file holding it (mode 0600 if a regular file;
    ``/dev/fd/N`` reads an inherited descriptor), so it need never be in an environment.
@@ -34,7 +34,7 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from fleetbus_agent.ownenv import secret
+from fleetbus_base.ownenv import secret
 from nats.js.errors import KeyWrongLastSequenceError, NoKeysError
 from nats.js.errors import NotFoundError as KVNotFound
 from nats.js.kv import KeyValue

@@ -26,7 +26,7 @@ from fleetbus.agentlink import AgentSession
 from fleetbus.errors import AuthFailed, InvalidRequest, ServerOffline
 from fleetbus.records import Server
 from fleetbus.transport import Capabilities, Credential, ServerOptions, Session, Transport, TransportSettings
-from fleetbus_agent.protocol import (
+from fleetbus_base.wire import (
     AuthError,
     Connection,
     HandshakeError,

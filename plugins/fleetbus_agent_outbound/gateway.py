@@ -14,9 +14,9 @@ gateway, replaces the first). Each refreshes its record in the gateways bucket e
 ``RECORD_EVERY_S``; the survivors remove a gateway that stopped and mark its agents
 offline unless they came back through another.
 
-Before an agent has proved anything, :class:`fleetbus_agent.admission.Gate` decides
+Before an agent has proved anything, :class:`fleetbus_base.admission.Gate` decides
 whether and when it gets a handshake (fair per source address, capped, within the
-process's descriptor budget), and :class:`fleetbus_agent.throttle.AuthThrottle` throttles
+process's descriptor budget), and :class:`fleetbus_base.throttle.AuthThrottle` throttles
 failed keys by address and key id; failures are logged in aggregate.
 
 Settings (``ctx.settings``): ``listen`` ("HOST:PORT", default "0.0.0.0:7443"),
@@ -52,18 +52,18 @@ from fleetbus.errors import AuthFailed, InvalidRequest, ServerOffline
 from fleetbus.keys import parse_key
 from fleetbus.records import Server, utcnow
 from fleetbus.transport import Capabilities, Credential, Session, Transport, TransportSettings
-from fleetbus_agent.admission import Gate, GateSettings
 from fleetbus_agent.connect import CA_PROBE_NAME
-from fleetbus_agent.fdbudget import raise_nofile_limit
-from fleetbus_agent.heap import trim_heap
-from fleetbus_agent.protocol import (
+from fleetbus_base.admission import Gate, GateSettings
+from fleetbus_base.fdbudget import raise_nofile_limit
+from fleetbus_base.heap import trim_heap
+from fleetbus_base.throttle import AuthThrottle, FailureLog
+from fleetbus_base.wire import (
     Accepted,
     AuthError,
     Connection,
     HandshakeError,
     controller_handshake,
 )
-from fleetbus_agent.throttle import AuthThrottle, FailureLog
 from nats.js.kv import KV_DEL, KV_PURGE
 from pydantic import Field, field_validator
 
@@ -84,7 +84,7 @@ STATUS_EVERY_S = 300.0
 # live allocations, malloc_trim does.
 TRIM_EVERY_S = 10.0
 # Agents in their handshake (TLS, hello, key check) at once; the rest wait, accepted,
-# with no TLS state yet (fleetbus_agent.admission). When 5,000 agents dialled at once,
+# with no TLS state yet (fleetbus_base.admission). When 5,000 agents dialled at once,
 # every handshake ran at the same time, most missed their deadlines and started over.
 MAX_HANDSHAKES = 64
 # An address that keeps failing to authenticate may hold this many unauthenticated

@@ -6,7 +6,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from fleetbus_agent.protocol import Connection
+from fleetbus_base.wire import Connection
 
 log = logging.getLogger("fleetbus.transport.agent-outbound")
 

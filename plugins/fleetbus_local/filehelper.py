@@ -33,8 +33,8 @@ import os
 import socket
 import stat
 
-TEMP_PREFIX = ".fleetbus-"  # as fleetbus_agent.ops.files.TEMP_PREFIX
-DEFAULT_MODE = 0o644  # as fleetbus_agent.ops.files.DEFAULT_MODE
+TEMP_PREFIX = ".fleetbus-"  # as fleetbus_base.ops.files.TEMP_PREFIX
+DEFAULT_MODE = 0o644  # as fleetbus_base.ops.files.DEFAULT_MODE
 MAX_MESSAGE = 65536
 
 

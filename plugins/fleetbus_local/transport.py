@@ -7,10 +7,10 @@ server is never used to change that. As another user, exec starts the process al
 switched (groups, gid, uid) and put/get open their files through a helper running as
 that user (:mod:`fleetbus_local.userfiles`). POSIX only (process groups, ``/bin/sh``).
 
-What exec, put, get and info do is defined once, in :mod:`fleetbus_agent.ops`, which
+What exec, put, get and info do is defined once, in :mod:`fleetbus_base.ops`, which
 the fleetbus agent runs on remote servers too; this module only adapts it to the
 :class:`fleetbus.transport.Transport` interface: fleetbus dataclasses in and out, and
-:class:`~fleetbus_agent.ops.OpError` raised as the fleetbus error with the same code
+:class:`~fleetbus_base.ops.OpError` raised as the fleetbus error with the same code
 (:func:`fleetbus.errors.error_for_code`).
 """
 
@@ -40,9 +40,9 @@ from fleetbus.transport import (
     TransportContext,
     TransportSettings,
 )
-from fleetbus_agent import ops
-from fleetbus_agent.ops import groupkeeper
-from fleetbus_agent.ops.runas import RunAs
+from fleetbus_base import ops
+from fleetbus_base.ops import groupkeeper
+from fleetbus_base.ops.runas import RunAs
 from pydantic import Field, StrictFloat, StrictInt
 
 from .userfiles import WorkingDirectory, get_file_as, put_file_as
@@ -167,7 +167,7 @@ Seconds = Annotated[StrictFloat | StrictInt, Field(ge=0, allow_inf_nan=False)]
 class LocalSettings(TransportSettings):
     """Settings of ``local``: ``user`` (a user name or uid to run as; see
     :mod:`fleetbus_local.users`) and the timings of
-    :class:`fleetbus_agent.ops.ProcessTimings`, in seconds."""
+    :class:`fleetbus_base.ops.ProcessTimings`, in seconds."""
 
     user: str | int | None = None
     term_grace_s: Seconds = 2.0
@@ -189,7 +189,7 @@ class LocalTransport(Transport):
     and file operations as (see :mod:`fleetbus_local.users` for the default and when
     it is refused); and, in seconds, ``term_grace_s``, ``exit_grace_s``,
     ``reap_timeout_s`` and ``timeout_backstop_s``; see
-    :class:`fleetbus_agent.ops.ProcessTimings`.
+    :class:`fleetbus_base.ops.ProcessTimings`.
     """
 
     name = "local"

@@ -39,11 +39,11 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from fleetbus_agent import ops
-from fleetbus_agent.ops.errors import OpError, invalid_request, not_found, transport_error
-from fleetbus_agent.ops.files import check_path, consume_outcome, shown_path, write_all, write_in_batches
-from fleetbus_agent.ops.pagecache import DropBehind
-from fleetbus_agent.ops.runas import RunAs
+from fleetbus_base import ops
+from fleetbus_base.ops.errors import OpError, invalid_request, not_found, transport_error
+from fleetbus_base.ops.files import check_path, consume_outcome, shown_path, write_all, write_in_batches
+from fleetbus_base.ops.runas import RunAs
+from fleetbus_base.pagecache import DropBehind
 
 HELPER_TIMEOUT_S = 60.0
 """How long one answer of the helper may take (a path on a hung network mount)."""
@@ -226,7 +226,7 @@ def _close_fd(task: asyncio.Future[int]) -> None:
 
 
 async def get_file_as(run_as: RunAs, path: str, run_blocking: ops.RunBlocking) -> ops.RemoteFile:
-    """:func:`fleetbus_agent.ops.get_file`, with the file opened as ``run_as``."""
+    """:func:`fleetbus_base.ops.get_file`, with the file opened as ``run_as``."""
     check_path(path)
     task = asyncio.ensure_future(run_blocking(_open_as, run_as, path))
     try:
@@ -247,7 +247,7 @@ def _close_opened(task: asyncio.Future[tuple[int, os.stat_result]]) -> None:
 
 class _PutAs:
     """One ``put`` as ``run_as``: the helper's temporary file, written here, renamed by
-    the helper. Mirrors :class:`fleetbus_agent.ops.files.AtomicPut`."""
+    the helper. Mirrors :class:`fleetbus_base.ops.files.AtomicPut`."""
 
     def __init__(self, run_as: RunAs, spec: ops.PutSpec, run_blocking: ops.RunBlocking) -> None:
         self.run_as = run_as
@@ -352,6 +352,6 @@ class _PutAs:
 
 async def put_file_as(run_as: RunAs, spec: ops.PutSpec, source: AsyncIterator[bytes],
                       run_blocking: ops.RunBlocking) -> ops.FileStat:
-    """:func:`fleetbus_agent.ops.put_file`, with the file created and renamed into place
+    """:func:`fleetbus_base.ops.put_file`, with the file created and renamed into place
     as ``run_as`` (so it is owned by that user)."""
     return await _PutAs(run_as, spec, run_blocking).run(source)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 
 from fleetbus.errors import InvalidRequest
-from fleetbus_agent.ops.runas import RunAs
+from fleetbus_base.ops.runas import RunAs
 
 SETTING = "user"
 DEFAULT_USERS = ("fleetbus-local", "nobody")

@@ -27,7 +27,7 @@ import paramiko
 from fleetbus.errors import AuthFailed, FleetbusError, ServerOffline, TransportError
 from fleetbus.records import Server
 from fleetbus.transport import Credential
-from fleetbus_agent.text import shorten
+from fleetbus_base.text import shorten
 from paramiko.common import MSG_CHANNEL_REQUEST
 
 from .auth import LoginRefused, authenticate, login_user

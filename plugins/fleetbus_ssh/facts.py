@@ -3,7 +3,7 @@
 The script prints sections, each after a marker line, so one missing tool (no
 ``hostname`` binary, no /proc on a BSD) costs one fact, never the whole answer. The
 os-release file is parsed here with the same grammar the local transport and the agent
-use (:func:`fleetbus_agent.ops.facts.parse_os_release`), so all transports report the
+use (:func:`fleetbus_base.ops.facts.parse_os_release`), so all transports report the
 same ``os_version``.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fleetbus.errors import TransportError
 from fleetbus.transport import ExecSpec, ServerFacts, StreamName
-from fleetbus_agent.ops.facts import parse_os_release
+from fleetbus_base.ops.facts import parse_os_release
 
 _MARK = "--fleetbus-facts:"
 MAX_OUTPUT = 64 * 1024

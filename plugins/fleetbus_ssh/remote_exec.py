@@ -54,7 +54,7 @@ from typing import Any, TypeVar
 import paramiko
 from fleetbus.errors import FleetbusError, InvalidRequest, NotFound, Timeout, TransportError
 from fleetbus.transport import ExecResult, ExecSpec, OutputSink
-from fleetbus_agent.text import readable, shorten
+from fleetbus_base.text import readable, shorten
 
 from .connection import EXIT_SIGNAL_ATTR, SshConnection, short
 from .settings import SshSettings

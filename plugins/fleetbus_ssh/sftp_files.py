@@ -50,8 +50,8 @@ from typing import Any, TypeVar
 import paramiko
 from fleetbus.errors import FleetbusError, InvalidRequest, NotFound, TransportError
 from fleetbus.transport import FileStat, PutSpec, RemoteFile
-from fleetbus_agent.ops import GET_CHUNK, TEMP_PREFIX
-from fleetbus_agent.text import readable, shorten
+from fleetbus_base.ops import GET_CHUNK, TEMP_PREFIX
+from fleetbus_base.text import readable, shorten
 from paramiko.sftp import CMD_EXTENDED, CMD_EXTENDED_REPLY, SFTPError
 
 from .connection import SshConnection, short

@@ -31,7 +31,7 @@ from fleetbus.errors import (
     Timeout,
     TransportError,
 )
-from fleetbus_agent.text import one_line, shorten
+from fleetbus_base.text import one_line, shorten
 from winrm.exceptions import (
     InvalidCredentialsError,
     WinRMError,

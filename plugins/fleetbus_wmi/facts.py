@@ -16,7 +16,7 @@ from typing import Any
 
 from fleetbus.errors import TransportError
 from fleetbus.transport import ServerFacts
-from fleetbus_agent.text import one_line, shorten
+from fleetbus_base.text import one_line, shorten
 
 INFO_SCRIPT = r"""# fleetbus-wmi info v1
 # params

@@ -65,7 +65,7 @@ from collections.abc import AsyncIterator
 
 from fleetbus.errors import FleetbusError, InvalidRequest, TransportError, error_for_code
 from fleetbus.transport import FileStat, PutSpec, RemoteFile
-from fleetbus_agent.text import one_line, shorten
+from fleetbus_base.text import one_line, shorten
 
 from .commands import powershell_line, ps_quote
 from .shell import Connection, RunningCommand

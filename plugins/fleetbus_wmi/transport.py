@@ -62,7 +62,7 @@ from fleetbus.transport import (
     TransportContext,
     TransportSettings,
 )
-from fleetbus_agent.text import one_line, shorten
+from fleetbus_base.text import one_line, shorten
 from pydantic import Field, model_validator
 from winrm.protocol import Protocol
 

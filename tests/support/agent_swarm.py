@@ -15,7 +15,7 @@ import sys
 
 from fleetbus_agent.connect import ConnectOptions, run_connect
 from fleetbus_agent.handlers import Handler
-from fleetbus_agent.tuning import apply as apply_tuning
+from fleetbus_base.tuning import apply as apply_tuning
 
 
 async def main() -> None:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleetbus_agent.frames import DEFAULT_MAX_BODY, MAX_HEADER, encode_frame, max_frame_size
+from fleetbus_base.wire.frames import DEFAULT_MAX_BODY, MAX_HEADER, encode_frame, max_frame_size
 
 # ------------------------------------------------------------------------- settings
 

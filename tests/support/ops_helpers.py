@@ -1,4 +1,4 @@
-"""Helpers shared by the tests of fleetbus_agent.ops and the local transport."""
+"""Helpers shared by the tests of fleetbus_base.ops and the local transport."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
-from fleetbus_agent.ops import READ_CHUNK, TEMP_PREFIX
+from fleetbus_base.ops import READ_CHUNK, TEMP_PREFIX
 
 DEADLINE_S = 5.0
 

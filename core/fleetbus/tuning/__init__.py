@@ -23,11 +23,11 @@ nats_direct_dispatch   messages handed over from nats-py's     :mod:`.natspy`
                        read loop, without a task per           (used by
                        subscription                            :mod:`fleetbus.dispatch`)
 gc_young_threshold     young GC generation of 100,000          :mod:`.collector`
-large_buffers          glibc serves 1 MiB transfer buffers     :mod:`fleetbus_agent.tuning`
+large_buffers          glibc serves 1 MiB transfer buffers     :mod:`fleetbus_base.tuning`
                        from the heap
-tls_read_buffer        asyncio's TLS connections share one     :mod:`fleetbus_agent.tuning`
+tls_read_buffer        asyncio's TLS connections share one     :mod:`fleetbus_base.tuning`
                        read buffer per thread
-pidfd_child_watcher    asyncio waits for children on pidfds    :mod:`fleetbus_agent.tuning`
+pidfd_child_watcher    asyncio waits for children on pidfds    :mod:`fleetbus_base.tuning`
                        (Python 3.9-3.11)
 =====================  ======================================  ==========================
 
@@ -41,8 +41,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from fleetbus_agent import tuning as agent_tuning
-from fleetbus_agent.tuning import ENV, enabled
+from fleetbus_base import tuning as agent_tuning
+from fleetbus_base.tuning import ENV, enabled
 
 from . import collector, natspy
 
@@ -66,7 +66,7 @@ PATCHES: dict[str, Callable[[], str | None]] = {
     "nats_direct_dispatch": natspy.direct_dispatch,
     "gc_young_threshold": collector.relax_gc,
 }
-"""The core's own patches by name; the agent module's are in ``fleetbus_agent.tuning.PATCHES``."""
+"""The core's own patches by name; the agent module's are in ``fleetbus_base.tuning.PATCHES``."""
 
 _applied: dict[str, str] = {}
 

@@ -3,7 +3,7 @@
 The process is started in a session (and so a process group) of its own, so that
 stopping it means stopping everything it started, not only the immediate child.
 
-The process itself is a :class:`~fleetbus_agent.ops.child.ChildProcess` (started and
+The process itself is a :class:`~fleetbus_base.ops.child.ChildProcess` (started and
 watched straight from the event loop, see there why not asyncio's subprocess
 transport). Its exit is reported the moment it is reaped, not when its pipes close, so
 a background grandchild that inherited stdout cannot hang the command.
@@ -531,7 +531,7 @@ async def run_process(
     """Run ``spec`` on this host, passing its output to ``write`` as it arrives.
 
     The process runs in a new session with this process's environment minus
-    :data:`~fleetbus_agent.ops.environment.SECRET_ENV_VARS`, plus ``spec.env``.
+    :data:`~fleetbus_base.ops.environment.SECRET_ENV_VARS`, plus ``spec.env``.
     With ``run_as`` it runs as that user (only a process running as root may ask for
     another user): HOME, USER and LOGNAME are that user's unless ``spec.env`` sets them,
     and without ``spec.cwd`` it starts in :meth:`RunAs.default_cwd`.
@@ -541,7 +541,7 @@ async def run_process(
     ``spec.timeout_s`` plus ``timings.timeout_backstop_s``. On cancellation, or any
     failure such as ``write`` raising, the whole process group is stopped (SIGTERM,
     ``timings.term_grace_s``, SIGKILL) and reaped before the exception propagates.
-    ``run_blocking`` (default: :func:`~fleetbus_agent.ops.blocking.default_run_blocking`)
+    ``run_blocking`` (default: :func:`~fleetbus_base.ops.blocking.default_run_blocking`)
     runs the /proc scans that check whether the group is gone.
     """
     argv = command_line(spec)

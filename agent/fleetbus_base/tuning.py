@@ -8,7 +8,7 @@ gateway and the agent-inbound transport). Nothing on the data path applies a pat
 Each patch below names what it targets and why. Each checks the attributes it relies
 on first: where they are missing (another Python, another C library) it is not applied
 and says so in a debug log, never an error. ``FLEETBUS_TUNING=off`` turns every patch
-off, and with it the heap policy of :mod:`fleetbus_agent.heap` (trimming, keeping
+off, and with it the heap policy of :mod:`fleetbus_base.heap` (trimming, keeping
 large buffers), so a test run can show that none of them is needed for correctness.
 
 Standard library only, Python 3.9+: this module ships in the agent's zipapp.
@@ -23,7 +23,7 @@ import sys
 import threading
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
-log = logging.getLogger("fleetbus_agent.tuning")
+log = logging.getLogger("fleetbus_base.tuning")
 
 ENV = "FLEETBUS_TUNING"
 """``off`` (or ``0``, ``false``, ``no``) turns every patch off; anything else leaves them on."""
@@ -194,11 +194,11 @@ def pidfd_child_watcher() -> Optional[str]:
     and joins it on exit; ``PidfdChildWatcher`` waits on a pidfd in the event loop
     instead, without a thread per spawn (docs/performance.md has the figures). It serves
     every process started with asyncio (the embedded nats-server, for one; ``exec``
-    itself does not go through asyncio, :mod:`fleetbus_agent.ops.child`). Python 3.12+
+    itself does not go through asyncio, :mod:`fleetbus_base.ops.child`). Python 3.12+
     uses pidfds already and deprecates choosing a watcher: nothing to do there. Not
     applied under another event loop policy (uvloop watches children itself).
     """
-    from .childwatch import pidfd_usable
+    from .ops.childwatch import pidfd_usable
 
     if sys.version_info >= (3, 12):
         return _not_applied(PIDFD_CHILD_WATCHER, "Python 3.12+ watches children with pidfds itself")
@@ -222,11 +222,11 @@ def trim_heap_after_start() -> Optional[str]:
 
     Python compiles every module from source when the agent runs from its zipapp or
     without cached bytecode, and that memory stays below later allocations, out of
-    reach of glibc's automatic trim (:mod:`fleetbus_agent.heap`). Only after a compile.
+    reach of glibc's automatic trim (:mod:`fleetbus_base.heap`). Only after a compile.
     """
     from . import heap
 
-    module = sys.modules.get("fleetbus_agent.protocol")
+    module = sys.modules.get("fleetbus_base.wire.connection")
     if module is None or not heap.compiled_from_source(module):
         return _not_applied(TRIM_AFTER_START, "modules came from cached bytecode: little to release")
     if not heap.trim_heap():
@@ -240,7 +240,7 @@ def large_buffers() -> Optional[str]:
     For processes that move files (fleetbus workers, the CLI's ``put`` and ``get``):
     glibc's mallopt ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` (glibc 2.x), raised
     so each chunk stops costing an ``mmap``, 256 page faults and the zeroing of a MiB
-    (:mod:`fleetbus_agent.heap` says why).
+    (:mod:`fleetbus_base.heap` says why).
     """
     from . import heap
 

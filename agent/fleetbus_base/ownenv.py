@@ -1,7 +1,7 @@
 """Secrets this process received through its environment, taken out of it at start.
 
 fleetbus and its agent may be given their secrets as environment variables
-(:data:`~fleetbus_agent.ops.environment.SECRET_ENV_VARS`). Leaving them there has two
+(:data:`~fleetbus_base.ops.environment.SECRET_ENV_VARS`). Leaving them there has two
 costs. Any process started later with our environment inherits them; and on Linux
 anyone who may read ``/proc/<our pid>/environ`` (our own user, root) reads them, for as
 long as we run. That second one is not fixed by ``del os.environ[name]``:

@@ -19,10 +19,10 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Optional, TypeVar
 
+from ..pagecache import DropBehind
 from ..text import readable, shorten
 from .blocking import RunBlocking, resolve_run_blocking
 from .errors import OpError, invalid_request, not_found, transport_error
-from .pagecache import DropBehind
 
 T = TypeVar("T")
 

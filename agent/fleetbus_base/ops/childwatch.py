@@ -1,7 +1,7 @@
 """Whether this kernel gives us pidfds, to wait for a child's exit in the event loop.
 
-:mod:`fleetbus_agent.ops.child` waits on a pidfd where it can; choosing asyncio's
-pidfd child watcher on Python 3.9-3.11 is a patch, in :mod:`fleetbus_agent.tuning`.
+:mod:`fleetbus_base.ops.child` waits on a pidfd where it can; choosing asyncio's
+pidfd child watcher on Python 3.9-3.11 is a patch, in :mod:`fleetbus_base.tuning`.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ _pidfds: Optional[bool] = None
 def _pidfds_usable() -> bool:
     global _pidfds
     if _pidfds is None:
-        from ..childwatch import pidfd_usable
+        from .childwatch import pidfd_usable
 
         _pidfds = pidfd_usable()
     return _pidfds

@@ -8,7 +8,7 @@ Every frame on the wire is::
     N - 2 - H bytes       raw binary body, possibly empty
 
 This module knows nothing about handshakes, streams or connections (see
-:mod:`fleetbus_agent.protocol`). It is standard library only and runs on Python 3.9+,
+:mod:`fleetbus_base.wire`). It is standard library only and runs on Python 3.9+,
 because both the agent (shipped as one zipapp to any server) and the gateway use it.
 """
 

@@ -1,6 +1,6 @@
 """The C heap (glibc only): handing freed memory back, and keeping transfer buffers.
 
-Two policies, both off with ``FLEETBUS_TUNING=off`` (:mod:`fleetbus_agent.tuning`, which
+Two policies, both off with ``FLEETBUS_TUNING=off`` (:mod:`fleetbus_base.tuning`, which
 also applies the start-up ones):
 
 - **Trimming.** glibc's automatic trim only releases the top of the heap; memory freed
