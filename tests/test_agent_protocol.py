@@ -532,6 +532,39 @@ def test_module_parses_as_python_3_9() -> None:
 # --------------------------------------------------------------------- handshake
 
 
+def test_one_negotiation_serves_every_handshake_variant() -> None:
+    """The rules every variant shares: the highest common version, limits in range,
+    ``bool`` never taken for an integer, and refusals that name what this side speaks."""
+    from fleetbus_base.wire.negotiation import Negotiation
+
+    ours = Negotiation("controller", [1, 2], max_body=65536, window=1 << 20)
+    assert ours.offer() == {"versions": [1, 2], "max_body": 65536, "window": 1 << 20}
+    assert ours.choose_version({"versions": [2, 3, 1]}, "hello") == 2
+    with pytest.raises(ProtocolError) as refused:
+        ours.choose_version({"versions": [7]}, "hello")
+    assert refused.value.code == "unsupported_version" and "controller speaks [1, 2]" in str(refused.value)
+    for bad in ([], [True], "1", list(range(100))):
+        with pytest.raises(ProtocolError) as malformed:
+            ours.choose_version({"versions": bad}, "hello")
+        assert malformed.value.code == "invalid_request"
+    assert ours.chosen_version({"version": 1}, "welcome") == 1
+    with pytest.raises(ProtocolError) as other:
+        ours.chosen_version({"version": 3}, "welcome")
+    assert other.value.code == "unsupported_version"
+    assert Negotiation.peer_limits({}) == (protocol.DEFAULT_MAX_BODY, DEFAULT_WINDOW)
+    for bad_limit in ({"max_body": True}, {"window": 1}, {"max_body": 1 << 40}):
+        with pytest.raises(ProtocolError):
+            Negotiation.peer_limits(bad_limit)
+    for bad_heartbeat in (0, -1, True, "5", 3601):
+        with pytest.raises(ProtocolError):
+            Negotiation.heartbeat({"heartbeat_s": bad_heartbeat}, "welcome")
+    terms = ours.terms(2, 5, (4096, 8192))
+    assert terms.fields() == {"version": 2, "heartbeat_s": 5.0, "peer_max_body": 4096, "peer_window": 8192,
+                              "max_body": 65536, "window": 1 << 20}
+    with pytest.raises(ValueError, match="max_body"):
+        Negotiation("agent", [1], max_body=1, window=1 << 20)
+
+
 async def test_handshake_ok(tls: Tls) -> None:
     results: asyncio.Queue[Accepted] = asyncio.Queue()
 

@@ -7,7 +7,9 @@ ends. The spec is docs/agent-protocol.md; this is the map of the code, bottom up
 * :mod:`.frames`: the framing, bytes in and bytes out (:func:`read_frame`,
   :func:`encode_frame`, :class:`FrameParser`, :class:`Frame`).
 * :mod:`.peer`: what is accepted from an untrusted peer and how a connection is left.
-* :mod:`.handshake`: one negotiation (versions, limits, heartbeat) in four variants.
+* :mod:`.negotiation`: the one negotiation (versions, limits, heartbeat) every
+  handshake runs, and :mod:`.proof`, the inbound key proof (pure functions).
+* :mod:`.handshake`: that negotiation in four variants.
   Outbound, :func:`agent_handshake` / :func:`controller_handshake` exchange ``hello`` /
   ``welcome`` and the agent sends its key. Inbound,
   :func:`agent_accept_handshake` / :func:`controller_connect_handshake` exchange

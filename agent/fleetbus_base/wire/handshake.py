@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import logging
 import os
 from dataclasses import dataclass, field
@@ -33,19 +32,26 @@ from typing import (
     Sequence,
 )
 
-from ..digests import compare_digest, hmac_sha256_hex, sha256_hex
+from ..digests import compare_digest
 from .frames import (
     DEFAULT_MAX_BODY,
     DEFAULT_WINDOW,
-    MAX_ANNOUNCED_BODY,
-    MAX_ANNOUNCED_WINDOW,
-    MIN_LIMIT,
     SUPPORTED_VERSIONS,
     ProtocolError,
     encode_frame,
     read_frame,
 )
+from .negotiation import Negotiation, check_heartbeat
 from .peer import MAX_PEER_TEXT, drop, encodable, is_int, peer_text, send_error
+from .proof import (
+    NONCE_BYTES,
+    certificate_fingerprint,
+    decode_nonce,
+    inbound_proof,
+    key_bytes,
+    normalise_fingerprint,
+    proof_matches,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,43 +150,6 @@ def _default_agent_name() -> str:
     return f"fleetbus-agent/{__version__}"
 
 
-def _check_limits(max_body: int, window: int) -> None:
-    if not MIN_LIMIT <= max_body <= MAX_ANNOUNCED_BODY:
-        raise ValueError(f"max_body must be between {MIN_LIMIT} and {MAX_ANNOUNCED_BODY}")
-    if not MIN_LIMIT <= window <= MAX_ANNOUNCED_WINDOW:
-        raise ValueError(f"window must be between {MIN_LIMIT} and {MAX_ANNOUNCED_WINDOW}")
-
-
-def _peer_limit(header: Dict[str, Any], name: str, default: int, low: int, high: int) -> int:
-    value = header.get(name, default)
-    if not is_int(value) or not low <= value <= high:
-        raise ProtocolError(f'"{name}" must be an integer between {low} and {high}')
-    return int(value)
-
-
-def _offered_versions(header: Dict[str, Any], what: str) -> List[int]:
-    offered = header.get("versions")
-    if (
-        not isinstance(offered, list)
-        or not offered
-        or len(offered) > 64
-        or not all(is_int(v) for v in offered)
-    ):
-        raise ProtocolError(f'{what} needs "versions", a non-empty list of integers')
-    return offered
-
-
-def _peer_heartbeat(header: Dict[str, Any], what: str) -> float:
-    heartbeat_s = header.get("heartbeat_s")
-    if (
-        not isinstance(heartbeat_s, (int, float))
-        or isinstance(heartbeat_s, bool)
-        or not 0 < heartbeat_s <= 3600
-    ):
-        raise ProtocolError(f'{what} has no valid "heartbeat_s"')
-    return float(heartbeat_s)
-
-
 async def agent_handshake(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
@@ -204,19 +173,16 @@ async def agent_handshake(
     :class:`AuthError` (controller answered ``auth_failed``) or
     :class:`HandshakeError` is raised; ``timeout`` bounds the whole exchange.
     """
-    _check_limits(max_body, window)
+    ours = Negotiation("agent", versions, max_body, window)
     hello = {
         "t": "hello",
-        "versions": list(versions),
+        **ours.offer(),
         "agent": agent or _default_agent_name(),
         "auth": auth,
         "facts": facts or {},
-        "max_body": max_body,
-        "window": window,
     }
     return await _handshake(
-        _agent_exchange(reader, writer, hello, versions, max_body, window),
-        writer, timeout, "controller", "welcome",
+        _agent_exchange(reader, writer, hello, ours), writer, timeout, "controller", "welcome"
     )
 
 
@@ -224,41 +190,22 @@ async def _agent_exchange(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     hello: Dict[str, Any],
-    versions: Sequence[int],
-    max_body: int,
-    window: int,
+    ours: Negotiation,
 ) -> Welcome:
     writer.write(encode_frame(hello))
     await writer.drain()
-    frame = await read_frame(reader, max_body)
+    frame = await read_frame(reader, ours.max_body)
     header = frame.header
     if frame.type == "error":
-        code = peer_text(header.get("code"), "invalid_request")
-        message = peer_text(header.get("message"), "refused by the controller")
-        if code == "auth_failed":
-            raise AuthError(code, message)
-        raise HandshakeError(code, message)
+        raise _peer_refusal(header, "controller")
     if frame.type != "welcome":
         raise ProtocolError(f"expected welcome, got {frame.type[:40]!r}")
-    version = header.get("version")
-    if not is_int(version) or version not in versions:
-        raise ProtocolError("welcome names a version we did not offer")
+    version = ours.chosen_version(header, "welcome")
     server = header.get("server")
     if not isinstance(server, str) or not server:
         raise ProtocolError('welcome lacks a "server" name')
-    heartbeat_s = _peer_heartbeat(header, "welcome")
-    peer_max_body = _peer_limit(header, "max_body", DEFAULT_MAX_BODY, MIN_LIMIT, MAX_ANNOUNCED_BODY)
-    peer_window = _peer_limit(header, "window", DEFAULT_WINDOW, MIN_LIMIT, MAX_ANNOUNCED_WINDOW)
-    return Welcome(
-        version=int(version),
-        server=server,
-        heartbeat_s=float(heartbeat_s),
-        peer_max_body=peer_max_body,
-        peer_window=peer_window,
-        max_body=max_body,
-        window=window,
-        header=header,
-    )
+    terms = ours.terms(version, Negotiation.heartbeat(header, "welcome"), Negotiation.peer_limits(header))
+    return Welcome(server=server, header=header, **terms.fields())
 
 
 async def controller_handshake(
@@ -286,12 +233,11 @@ async def controller_handshake(
     peer gets an ``error`` frame when one applies, the connection is closed, and
     :class:`HandshakeError` (or the callback's :class:`AuthError`) is raised.
     """
-    _check_limits(max_body, window)
-    if not 0 < heartbeat_s <= 3600:
-        raise ValueError("heartbeat_s must be in (0, 3600]")
+    ours = Negotiation("controller", versions, max_body, window)
+    check_heartbeat(heartbeat_s)
     # Refusals raised here (authenticate, versions) are ours: the agent is told.
     return await _handshake(
-        _controller_exchange(reader, writer, authenticate, heartbeat_s, versions, max_body, window),
+        _controller_exchange(reader, writer, authenticate, heartbeat_s, ours),
         writer, timeout, "agent", "hello", refuse_own=True,
     )
 
@@ -301,30 +247,17 @@ async def _controller_exchange(
     writer: asyncio.StreamWriter,
     authenticate: Authenticate,
     heartbeat_s: float,
-    versions: Sequence[int],
-    max_body: int,
-    window: int,
+    ours: Negotiation,
 ) -> Accepted:
-    frame = await read_frame(reader, max_body)
+    frame = await read_frame(reader, ours.max_body)
     hello = frame.header
     if frame.type != "hello":
         raise ProtocolError(f"expected hello, got {frame.type[:40]!r}")
-    offered = _offered_versions(hello, "hello")
     if not isinstance(hello.get("auth"), dict):
         raise ProtocolError('hello needs an "auth" object')
-    if not isinstance(hello.get("facts", {}), dict):
-        raise ProtocolError('hello "facts" must be an object')
-    if not isinstance(hello.get("agent", ""), str):
-        raise ProtocolError('hello "agent" must be a string')
-    peer_max_body = _peer_limit(hello, "max_body", DEFAULT_MAX_BODY, MIN_LIMIT, MAX_ANNOUNCED_BODY)
-    peer_window = _peer_limit(hello, "window", DEFAULT_WINDOW, MIN_LIMIT, MAX_ANNOUNCED_WINDOW)
-    common = set(offered) & set(versions)
-    if not common:
-        raise HandshakeError(
-            "unsupported_version",
-            f"no common protocol version: the controller speaks {sorted(set(versions))}",
-        )
-    version = max(common)
+    ours.check_description(hello, "hello")
+    peer_limits = Negotiation.peer_limits(hello)
+    version = ours.choose_version(hello, "hello")
     try:
         server = await authenticate(hello)
     except HandshakeError:
@@ -336,92 +269,13 @@ async def _controller_exchange(
     if not isinstance(server, str) or not server:
         log.error("authenticate callback returned %r instead of a server name", type(server))
         raise HandshakeError("internal", "internal error while authenticating")
-    welcome = {
-        "t": "welcome",
-        "version": version,
-        "server": server,
-        "heartbeat_s": heartbeat_s,
-        "max_body": max_body,
-        "window": window,
-    }
+    welcome = {"t": "welcome", "version": version, "server": server, "heartbeat_s": heartbeat_s, **ours.limits()}
     writer.write(encode_frame(welcome))
     await writer.drain()
     safe = dict(hello)
     method = hello["auth"].get("method")
     safe["auth"] = {"method": method} if isinstance(method, str) else {}
-    return Accepted(
-        server=server,
-        hello=safe,
-        version=version,
-        heartbeat_s=float(heartbeat_s),
-        peer_max_body=peer_max_body,
-        peer_window=peer_window,
-        max_body=max_body,
-        window=window,
-    )
-
-
-INBOUND_PROOF_LABEL = b"fleetbus-inbound-v1"
-"""Domain separation for the inbound proof: no other HMAC made with the key matches it."""
-
-
-NONCE_BYTES = 32
-"""Size of the agent's challenge nonce."""
-
-
-_HEX_DIGITS = frozenset("0123456789abcdef")
-
-
-def _normalise_fingerprint(fingerprint: Any) -> str:
-    """``"sha256:<hex>"`` or bare hex, any case, to 64 lowercase hex digits."""
-    if not isinstance(fingerprint, str):
-        raise ValueError("a certificate fingerprint must be a string")  # noqa: TRY004 - callers catch ValueError
-    text = fingerprint.lower().removeprefix("sha256:")
-    if len(text) != 64 or not _HEX_DIGITS.issuperset(text):
-        # The value is not quoted: a caller mixing up arguments may have passed the key.
-        raise ValueError(
-            'a certificate fingerprint must be "sha256:" and 64 hex digits, or the 64 digits alone'
-        )
-    return text
-
-
-def _key_bytes(key: Any) -> bytes:
-    if not isinstance(key, str) or not key:
-        raise ValueError("the server key must be a non-empty string")
-    try:
-        return key.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("the server key is not encodable as UTF-8") from None
-
-
-def inbound_proof(key: str, nonce: bytes, agent_fingerprint: str) -> str:
-    """The controller's proof that it knows ``key``, for one challenge, bound to one certificate.
-
-    ``hex(HMAC-SHA256(key=UTF-8 key, msg=b"fleetbus-inbound-v1" \\0 nonce \\0 fingerprint))``
-    where ``fingerprint`` is the agent certificate's SHA-256 as 64 lowercase hex digits
-    (ASCII). ``agent_fingerprint`` may be ``"sha256:<hex>"`` or bare hex, in any case;
-    anything else raises ValueError, as does an empty key.
-    """
-    secret = _key_bytes(key)
-    if not isinstance(nonce, (bytes, bytearray, memoryview)):
-        raise TypeError("nonce must be bytes")
-    fingerprint = _normalise_fingerprint(agent_fingerprint)
-    message = b"".join(
-        (INBOUND_PROOF_LABEL, b"\0", bytes(nonce), b"\0", fingerprint.encode("ascii"))
-    )
-    return hmac_sha256_hex(secret, message)
-
-
-def certificate_fingerprint(der: bytes) -> str:
-    """``"sha256:<hex>"`` of a DER-encoded certificate (what fleetbus pins)."""
-    if not isinstance(der, (bytes, bytearray, memoryview)):
-        raise TypeError("certificate_fingerprint needs the DER certificate as bytes")
-    data = bytes(der)
-    if not data:
-        raise ValueError("the certificate is empty")
-    if data.lstrip().startswith(b"-----BEGIN"):
-        raise ValueError("that is a PEM certificate: pass its DER form (ssl.PEM_cert_to_DER_cert)")
-    return "sha256:" + sha256_hex(data)
+    return Accepted(server=server, hello=safe, **ours.terms(version, heartbeat_s, peer_limits).fields())
 
 
 def peer_certificate_fingerprint(writer: asyncio.StreamWriter) -> str:
@@ -508,16 +362,6 @@ async def _fail_handshake(
     return HandshakeError("internal", "internal error during the handshake")
 
 
-def _proof_matches(expected: str, proof: str) -> bool:
-    """Constant-time check of a peer's hex proof (either case) against ours."""
-    if len(proof) != len(expected):
-        return False
-    candidate = proof.lower()
-    if not _HEX_DIGITS.issuperset(candidate):
-        return False
-    return compare_digest(expected.encode("ascii"), candidate.encode("ascii"))
-
-
 async def agent_accept_handshake(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
@@ -547,26 +391,23 @@ async def agent_accept_handshake(
     Bad arguments raise ValueError before anything is sent. Nothing logged or raised
     here contains the key, the nonce or the proof.
     """
-    _check_limits(max_body, window)
-    _key_bytes(key)
-    own_fingerprint = _normalise_fingerprint(certificate_fingerprint)
-    offered = list(versions)
+    ours = Negotiation("agent", versions, max_body, window)
+    key_bytes(key)
+    own_fingerprint = normalise_fingerprint(certificate_fingerprint)
     nonce = os.urandom(NONCE_BYTES)  # what secrets.token_bytes is; secrets would import hashlib
     # Encoded before any I/O: facts too large or not JSON are the caller's ValueError/TypeError.
     challenge = encode_frame(
         {
             "t": "challenge",
-            "versions": offered,
+            **ours.offer(),
             "nonce": base64.b64encode(nonce).decode("ascii"),
             "agent": agent or _default_agent_name(),
             "facts": facts or {},
-            "max_body": max_body,
-            "window": window,
         }
     )
     expected = inbound_proof(key, nonce, own_fingerprint)
     return await _handshake(
-        _agent_accept_exchange(reader, writer, challenge, expected, offered, max_body, window),
+        _agent_accept_exchange(reader, writer, challenge, expected, ours),
         writer, timeout, "controller", "hello",
     )
 
@@ -576,13 +417,11 @@ async def _agent_accept_exchange(
     writer: asyncio.StreamWriter,
     challenge: bytes,
     expected: str,
-    versions: List[int],
-    max_body: int,
-    window: int,
+    ours: Negotiation,
 ) -> Welcome:
     writer.write(challenge)
     await writer.drain()
-    frame = await read_frame(reader, max_body)
+    frame = await read_frame(reader, ours.max_body)
     header = frame.header
     if frame.type == "error":
         raise _peer_refusal(header, "controller")
@@ -592,59 +431,19 @@ async def _agent_accept_exchange(
     if not isinstance(proof, str):
         raise ProtocolError('hello needs a "proof" string')
     # Checked before anything else, so a peer without the key learns nothing more.
-    if not _proof_matches(expected, proof):
+    if not proof_matches(expected, proof):
         raise ProtocolError("proof of the server key failed", "auth_failed")
-    version = header.get("version")
-    if not is_int(version):
-        raise ProtocolError('hello needs an integer "version"')
-    if version not in versions:
-        raise ProtocolError(
-            f"the controller chose a version the agent did not offer: it speaks "
-            f"{sorted(set(versions))}",
-            "unsupported_version",
-        )
+    version = ours.chosen_version(header, "hello")
     server = header.get("server")
     if not isinstance(server, str) or not 0 < len(server) <= MAX_PEER_TEXT or not encodable(server):
         raise ProtocolError(f'hello needs a "server" name of 1 to {MAX_PEER_TEXT} characters')
-    raw_heartbeat = header.get("heartbeat_s")
-    heartbeat_s = _peer_heartbeat(header, "hello")
-    peer_max_body = _peer_limit(header, "max_body", DEFAULT_MAX_BODY, MIN_LIMIT, MAX_ANNOUNCED_BODY)
-    peer_window = _peer_limit(header, "window", DEFAULT_WINDOW, MIN_LIMIT, MAX_ANNOUNCED_WINDOW)
-    writer.write(
-        encode_frame(
-            {
-                "t": "welcome",
-                "version": version,
-                "server": server,
-                "heartbeat_s": raw_heartbeat,
-                "max_body": max_body,
-                "window": window,
-            }
-        )
-    )
+    terms = ours.terms(version, Negotiation.heartbeat(header, "hello"), Negotiation.peer_limits(header))
+    # The welcome echoes the hello's heartbeat as sent, so the controller can compare it.
+    welcome = {"t": "welcome", "version": version, "server": server,
+               "heartbeat_s": header.get("heartbeat_s"), **ours.limits()}
+    writer.write(encode_frame(welcome))
     await writer.drain()
-    return Welcome(
-        version=int(version),
-        server=server,
-        heartbeat_s=heartbeat_s,
-        peer_max_body=peer_max_body,
-        peer_window=peer_window,
-        max_body=max_body,
-        window=window,
-        header={k: v for k, v in header.items() if k != "proof"},
-    )
-
-
-def _decode_nonce(value: Any) -> bytes:
-    # 32 bytes are 44 base64 characters; the length check comes before any decoding.
-    if isinstance(value, str) and len(value) <= 64:
-        try:
-            nonce = base64.b64decode(value.encode("ascii"), validate=True)
-        except (UnicodeEncodeError, binascii.Error, ValueError):
-            nonce = b""
-        if len(nonce) == NONCE_BYTES:
-            return nonce
-    raise ProtocolError(f'challenge needs a "nonce": base64 of {NONCE_BYTES} bytes')
+    return Welcome(server=server, header={k: v for k, v in header.items() if k != "proof"}, **terms.fields())
 
 
 async def controller_connect_handshake(
@@ -678,35 +477,22 @@ async def controller_connect_handshake(
     proof: ``auth_failed``) or :class:`HandshakeError` is raised. Bad arguments raise
     ValueError before anything is read or sent.
     """
-    _check_limits(max_body, window)
-    if not 0 < heartbeat_s <= 3600:
-        raise ValueError("heartbeat_s must be in (0, 3600]")
-    _key_bytes(key)
+    ours = Negotiation("controller", versions, max_body, window)
+    check_heartbeat(heartbeat_s)
+    key_bytes(key)
     if not isinstance(server, str) or not 0 < len(server) <= MAX_PEER_TEXT:
         raise ValueError(f"server must be a name of 1 to {MAX_PEER_TEXT} characters")
-    pinned = _normalise_fingerprint(agent_fingerprint)
-    spoken = list(versions)
+    pinned = normalise_fingerprint(agent_fingerprint)
     waiting = ["challenge"]
     try:
-        seen = _normalise_fingerprint(peer_certificate_fingerprint(writer))
+        seen = normalise_fingerprint(peer_certificate_fingerprint(writer))
         if not compare_digest(seen, pinned):
             raise HandshakeError(
                 "transport_error",
                 "the agent's TLS certificate is not the one agent_fingerprint names",
             )
         return await asyncio.wait_for(
-            _controller_connect_exchange(
-                reader,
-                writer,
-                key,
-                seen,
-                server,
-                heartbeat_s,
-                spoken,
-                max_body,
-                window,
-                waiting,
-            ),
+            _controller_connect_exchange(reader, writer, key, seen, server, heartbeat_s, ours, waiting),
             timeout,
         )
     except asyncio.CancelledError:
@@ -723,50 +509,25 @@ async def _controller_connect_exchange(
     seen: str,
     server: str,
     heartbeat_s: float,
-    versions: List[int],
-    max_body: int,
-    window: int,
+    ours: Negotiation,
     waiting: List[str],
 ) -> Accepted:
-    frame = await read_frame(reader, max_body)
+    frame = await read_frame(reader, ours.max_body)
     challenge = frame.header
     if frame.type == "error":
         raise _peer_refusal(challenge, "agent")
     if frame.type != "challenge":
         raise ProtocolError(f"expected challenge, got {frame.type[:40]!r}")
-    offered = _offered_versions(challenge, "challenge")
-    nonce = _decode_nonce(challenge.get("nonce"))
-    if not isinstance(challenge.get("facts", {}), dict):
-        raise ProtocolError('challenge "facts" must be an object')
-    if not isinstance(challenge.get("agent", ""), str):
-        raise ProtocolError('challenge "agent" must be a string')
-    peer_max_body = _peer_limit(
-        challenge, "max_body", DEFAULT_MAX_BODY, MIN_LIMIT, MAX_ANNOUNCED_BODY
-    )
-    peer_window = _peer_limit(challenge, "window", DEFAULT_WINDOW, MIN_LIMIT, MAX_ANNOUNCED_WINDOW)
-    common = set(offered) & set(versions)
-    if not common:
-        raise ProtocolError(
-            f"no common protocol version: the controller speaks {sorted(set(versions))}",
-            "unsupported_version",
-        )
-    version = max(common)
-    writer.write(
-        encode_frame(
-            {
-                "t": "hello",
-                "version": version,
-                "proof": inbound_proof(key, nonce, seen),
-                "server": server,
-                "heartbeat_s": heartbeat_s,
-                "max_body": max_body,
-                "window": window,
-            }
-        )
-    )
+    version = ours.choose_version(challenge, "challenge")
+    nonce = decode_nonce(challenge.get("nonce"))
+    ours.check_description(challenge, "challenge")
+    peer_limits = Negotiation.peer_limits(challenge)
+    hello = {"t": "hello", "version": version, "proof": inbound_proof(key, nonce, seen), "server": server,
+             "heartbeat_s": heartbeat_s, **ours.limits()}
+    writer.write(encode_frame(hello))
     await writer.drain()
     waiting[0] = "welcome"
-    frame = await read_frame(reader, max_body)
+    frame = await read_frame(reader, ours.max_body)
     welcome = frame.header
     if frame.type == "error":
         raise _peer_refusal(welcome, "agent")
@@ -776,27 +537,14 @@ async def _controller_connect_exchange(
         raise ProtocolError("welcome names a version other than the one chosen")
     if welcome.get("server") != server:
         raise ProtocolError('welcome does not echo the hello\'s "server"')
-    if _peer_heartbeat(welcome, "welcome") != float(heartbeat_s):
+    if Negotiation.heartbeat(welcome, "welcome") != float(heartbeat_s):
         raise ProtocolError('welcome does not echo the hello\'s "heartbeat_s"')
     # The welcome repeats the challenge's limits; the smaller is safe either way.
-    peer_max_body = min(
-        peer_max_body,
-        _peer_limit(welcome, "max_body", peer_max_body, MIN_LIMIT, MAX_ANNOUNCED_BODY),
-    )
-    peer_window = min(
-        peer_window,
-        _peer_limit(welcome, "window", peer_window, MIN_LIMIT, MAX_ANNOUNCED_WINDOW),
-    )
-    hello = {k: v for k, v in challenge.items() if k != "nonce"}
-    hello.setdefault("agent", "")
-    hello.setdefault("facts", {})
-    return Accepted(
-        server=server,
-        hello=hello,
-        version=version,
-        heartbeat_s=float(heartbeat_s),
-        peer_max_body=peer_max_body,
-        peer_window=peer_window,
-        max_body=max_body,
-        window=window,
-    )
+    repeated = Negotiation.peer_limits(welcome, *peer_limits)
+    peer_limits = (min(peer_limits[0], repeated[0]), min(peer_limits[1], repeated[1]))
+    described = {k: v for k, v in challenge.items() if k != "nonce"}
+    described.setdefault("agent", "")
+    described.setdefault("facts", {})
+    return Accepted(server=server, hello=described, **ours.terms(version, heartbeat_s, peer_limits).fields())
+
+
