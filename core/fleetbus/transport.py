@@ -43,6 +43,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, Protocol, TypeVar
 
+from fleetbus_base.ops.specs import ExecResult, ExecSpec, FileStat, PutSpec, RemoteFile, ServerFacts
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import InvalidRequest
@@ -53,26 +54,6 @@ T = TypeVar("T")
 StreamName = Literal["stdout", "stderr"]
 
 
-@dataclass(frozen=True)
-class ExecSpec:
-    """One process to run. Exactly one of ``argv`` and ``shell`` is set."""
-
-    argv: list[str] | None
-    shell: str | None
-    env: dict[str, str] = field(default_factory=dict)
-    cwd: str | None = None
-    stdin: bytes | None = None
-    timeout_s: float | None = None
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    """How the process ended: ``exit_code``, or the ``signal`` that killed it."""
-
-    exit_code: int | None
-    signal: int | None = None
-
-
 class OutputSink(Protocol):
     """Where a transport sends process output as it arrives.
 
@@ -81,49 +62,6 @@ class OutputSink(Protocol):
     """
 
     async def write(self, stream: StreamName, data: bytes) -> None: ...
-
-
-@dataclass(frozen=True)
-class PutSpec:
-    """A file to write atomically: write a temporary file beside ``path``, then rename."""
-
-    path: str
-    mode: int | None = None
-    make_parents: bool = True
-    size: int | None = None
-
-
-@dataclass(frozen=True)
-class FileStat:
-    size: int
-    mode: int | None = None
-
-
-@dataclass
-class RemoteFile:
-    """A file being read: its size and mode up front, then its bytes in chunks."""
-
-    size: int
-    mode: int | None
-    chunks: AsyncIterator[bytes]
-
-    async def aclose(self) -> None:
-        closer = getattr(self.chunks, "aclose", None)
-        if closer is not None:
-            await closer()
-
-
-@dataclass(frozen=True)
-class ServerFacts:
-    """What ``info`` reports. Unknown facts stay ``None``; ``extra`` holds the rest."""
-
-    hostname: str | None = None
-    os: str | None = None
-    os_version: str | None = None
-    kernel: str | None = None
-    arch: str | None = None
-    uptime_s: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ the fleetbus agent runs on remote servers too; this module only adapts it to the
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pwd
 import socket
@@ -92,15 +93,10 @@ class LocalSession(Session):
         try:
             if self._run_as is not None and spec.cwd is not None:
                 cwd = await WorkingDirectory.enter(self._run_as, spec.cwd, self._ctx.run_blocking)
+            # The directory as run_as entered it (its /proc/self/fd path), checked as that user.
+            run = spec if cwd is None else dataclasses.replace(spec, cwd=cwd.path)
             result = await ops.run_process(
-                ops.ExecSpec(
-                    argv=spec.argv,
-                    shell=spec.shell,
-                    env=spec.env,
-                    cwd=spec.cwd if cwd is None else cwd.path,
-                    stdin=spec.stdin,
-                    timeout_s=spec.timeout_s,
-                ),
+                run,
                 output.write,
                 timings=self._timings,
                 logger=self._ctx.logger,
@@ -112,20 +108,18 @@ class LocalSession(Session):
         finally:
             if cwd is not None:
                 cwd.close()
-        return ExecResult(exit_code=result.exit_code, signal=result.signal)
+        return result
 
     async def put(self, spec: PutSpec, source: AsyncIterator[bytes]) -> FileStat:
-        put = ops.PutSpec(path=spec.path, mode=spec.mode, make_parents=spec.make_parents,
-                          size=spec.size)
         try:
             if self._run_as is None:
-                written = await ops.put_file(put, source, run_blocking=self._ctx.run_blocking,
+                written = await ops.put_file(spec, source, run_blocking=self._ctx.run_blocking,
                                              logger=self._ctx.logger)
             else:
-                written = await put_file_as(self._run_as, put, source, self._ctx.run_blocking)
+                written = await put_file_as(self._run_as, spec, source, self._ctx.run_blocking)
         except ops.OpError as exc:
             raise fleetbus_error(exc) from exc
-        return FileStat(size=written.size, mode=written.mode)
+        return written
 
     async def get(self, path: str) -> RemoteFile:
         try:
@@ -143,15 +137,7 @@ class LocalSession(Session):
         if self._run_as is not None:
             # The user commands run as, not the worker's own: what `info` is asked for.
             extra["user"] = self._run_as.name
-        return ServerFacts(
-            hostname=facts.hostname,
-            os=facts.os,
-            os_version=facts.os_version,
-            kernel=facts.kernel,
-            arch=facts.arch,
-            uptime_s=facts.uptime_s,
-            extra=extra,
-        )
+        return dataclasses.replace(facts, extra=extra)
 
     async def ping(self) -> None:
         # This host answers as long as this process runs.

@@ -25,26 +25,22 @@ if TYPE_CHECKING:
     from .blocking import RunBlocking, ThreadRunner, default_run_blocking
     from .environment import SECRET_ENV_VARS, child_environment, spawn_environment
     from .errors import ERROR_CODES, OpError
-    from .facts import Facts, server_facts
+    from .facts import server_facts
     from .files import (
         GET_CHUNK,
         TEMP_PREFIX,
         FileChunks,
-        FileStat,
-        PutSpec,
-        RemoteFile,
         check_path,
         get_file,
         put_file,
     )
     from .process import (
         READ_CHUNK,
-        ExecResult,
-        ExecSpec,
         OutputCallback,
         ProcessTimings,
         run_process,
     )
+    from .specs import ExecResult, ExecSpec, FileStat, PutSpec, RemoteFile, ServerFacts
 
 # Each submodule is imported on first use of one of its names (PEP 562), so an agent
 # that never moved a file holds no file-transfer code (tempfile, shutil and what they
@@ -55,11 +51,13 @@ _SUBMODULE = {
     "SECRET_ENV_VARS": "environment", "child_environment": "environment",
     "spawn_environment": "environment",
     "ERROR_CODES": "errors", "OpError": "errors",
-    "Facts": "facts", "server_facts": "facts",
-    "GET_CHUNK": "files", "TEMP_PREFIX": "files", "FileChunks": "files", "FileStat": "files",
-    "PutSpec": "files", "RemoteFile": "files", "check_path": "files", "get_file": "files",
+    "server_facts": "facts",
+    "ExecSpec": "specs", "ExecResult": "specs", "PutSpec": "specs", "FileStat": "specs",
+    "RemoteFile": "specs", "ServerFacts": "specs",
+    "GET_CHUNK": "files", "TEMP_PREFIX": "files", "FileChunks": "files", 
+     "check_path": "files", "get_file": "files",
     "put_file": "files",
-    "READ_CHUNK": "process", "ExecResult": "process", "ExecSpec": "process",
+    "READ_CHUNK": "process",
     "OutputCallback": "process", "ProcessTimings": "process", "run_process": "process",
 }
 
@@ -85,7 +83,6 @@ __all__ = [
     "TEMP_PREFIX",
     "ExecResult",
     "ExecSpec",
-    "Facts",
     "FileChunks",
     "FileStat",
     "OpError",
@@ -94,6 +91,7 @@ __all__ = [
     "PutSpec",
     "RemoteFile",
     "RunBlocking",
+    "ServerFacts",
     "ThreadRunner",
     "check_path",
     "child_environment",

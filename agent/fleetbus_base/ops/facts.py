@@ -7,15 +7,15 @@ failing the whole request.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import re
 import socket
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any, Optional, Tuple
+from typing import Optional, Tuple
+
+from .specs import ServerFacts
 
 OS_RELEASE_FILES = ("/etc/os-release", "/usr/lib/os-release")
 """Where os-release(5) says to look, in that order."""
@@ -26,23 +26,6 @@ _OS_RELEASE_LINE = re.compile(
     "^(?P<name>[a-zA-Z0-9_]+)=(?P<quote>[\"']?)(?P<value>.*)(?P=quote)$"
 )
 _OS_RELEASE_UNESCAPE = re.compile(r"\\([\\\$\"\'`])")
-
-
-@dataclass(frozen=True)
-class Facts:
-    """What ``info`` reports. Unknown facts stay ``None``; ``extra`` holds the rest."""
-
-    hostname: Optional[str] = None
-    os: Optional[str] = None
-    os_version: Optional[str] = None
-    kernel: Optional[str] = None
-    arch: Optional[str] = None
-    uptime_s: Optional[float] = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The facts as a JSON-ready dict."""
-        return dataclasses.asdict(self)
 
 
 def parse_os_release(lines: Iterable[str]) -> dict[str, str]:
@@ -117,15 +100,15 @@ def effective_user() -> str:
         return str(uid)
 
 
-def server_facts() -> Facts:
-    """Facts about the host this process runs on.
+def server_facts() -> ServerFacts:
+    """ServerFacts about the host this process runs on.
 
     ``extra`` holds ``python`` (this interpreter's version) and ``user`` (who commands
     run as); callers add their own entries (e.g. the agent's version) with
     ``dataclasses.replace``.
     """
     system, release, machine = _uname()
-    return Facts(
+    return ServerFacts(
         hostname=socket.gethostname(),
         os=system or None,
         os_version=os_version() or None,

@@ -16,13 +16,13 @@ import os
 import stat
 import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any, Optional, TypeVar
 
 from ..pagecache import DropBehind
 from ..text import readable, shorten
 from .blocking import RunBlocking, resolve_run_blocking
 from .errors import OpError, invalid_request, not_found, transport_error
+from .specs import FileStat, PutSpec, RemoteFile
 
 T = TypeVar("T")
 
@@ -42,46 +42,6 @@ DEFAULT_MODE = 0o644
 # Small chunks from the sender are gathered into writes of about this size, so that a
 # many-small-chunks upload does not cost one thread-pool round trip per chunk.
 _WRITE_BATCH = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class PutSpec:
-    """A file to write atomically: a temporary file beside ``path``, then a rename.
-
-    - ``mode``: permission bits (0 to 0o7777); None keeps the mode of the file being
-      replaced, or :data:`DEFAULT_MODE` for a new file. Never subject to the umask.
-    - ``make_parents``: create missing parent directories.
-    - ``size``: when given, the exact number of bytes the source must yield.
-    """
-
-    path: str
-    mode: Optional[int] = None
-    make_parents: bool = True
-    size: Optional[int] = None
-
-
-@dataclass(frozen=True)
-class FileStat:
-    """What ``put`` wrote: its size and the mode the file now has."""
-
-    size: int
-    mode: Optional[int] = None
-
-
-@dataclass
-class RemoteFile:
-    """A file being read: its size and mode up front, then its bytes in ``chunks``.
-
-    Close it with :meth:`aclose` unless ``chunks`` is read to its end.
-    """
-
-    size: int
-    mode: Optional[int]
-    chunks: FileChunks
-
-    async def aclose(self) -> None:
-        """Close the file; safe at any time, also twice."""
-        await self.chunks.aclose()
 
 
 def shown_path(path: str) -> str:

@@ -23,7 +23,7 @@ import math
 import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..text import shorten
@@ -31,6 +31,7 @@ from .blocking import RunBlocking, resolve_run_blocking
 from .child import ChildProcess, PipeReader
 from .environment import child_environment, spawn_environment
 from .errors import OpError, invalid_request, not_found, timeout, transport_error
+from .specs import ExecResult, ExecSpec
 
 if TYPE_CHECKING:
     from .runas import RunAs
@@ -55,36 +56,6 @@ OutputCallback = Callable[[str, bytes], Awaitable[None]]
 1 to READ_CHUNK bytes. It may wait when its consumer is slow (back-pressure): the next
 chunk of that stream is read only after it returns. If it raises, the process group is
 stopped and the exception propagates out of :func:`run_process` unchanged."""
-
-
-@dataclass(frozen=True)
-class ExecSpec:
-    """One process to run. Exactly one of ``argv`` and ``shell`` is set.
-
-    - ``argv``: program and arguments, looked up in PATH; no shell is involved.
-    - ``shell``: a command line for ``/bin/sh -c``.
-    - ``env``: set over this process's environment (minus the secret variables).
-    - ``cwd``: working directory; None for ours.
-    - ``stdin``: the whole input, then end of file; None for ``/dev/null``.
-    - ``timeout_s``: the caller's time limit. The caller enforces it by cancelling
-      :func:`run_process`; the process only stops itself
-      ``ProcessTimings.timeout_backstop_s`` later, in case that never happens.
-    """
-
-    argv: Optional[list[str]] = None
-    shell: Optional[str] = None
-    env: dict[str, str] = field(default_factory=dict)
-    cwd: Optional[str] = None
-    stdin: Optional[bytes] = None
-    timeout_s: Optional[float] = None
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    """How the process ended: ``exit_code``, or the ``signal`` that killed it."""
-
-    exit_code: Optional[int]
-    signal: Optional[int] = None
 
 
 @dataclass(frozen=True)
