@@ -427,13 +427,6 @@ def test_path_lookup_matches_execvp(tmp_path: Path) -> None:
     assert executables.resolve("tool", {}) is None  # no PATH: exec's default search
 
 
-def test_timings_from_settings() -> None:
-    assert ProcessTimings.from_settings({}) == ProcessTimings()
-    assert ProcessTimings.from_settings({"exit_grace_s": 3, "x": 1}).exit_grace_s == 3.0
-    with pytest.raises(ValueError, match="^'reap_timeout_s' must be"):
-        ProcessTimings.from_settings({"reap_timeout_s": -1})
-
-
 # ---------------------------------------------------------------- put
 
 

@@ -49,3 +49,21 @@ def test_a_transport_no_worker_runs_keeps_the_general_message(fleet: Fleet) -> N
     proc = fleet.cli("ping", "nowhere1")
     assert proc.returncode != 0
     assert "no running worker has the 'no-such-transport' transport for it" in proc.stderr, proc.stderr
+
+
+def test_a_job_says_when_a_server_it_found_unserved_was_last_seen(fleet: Fleet, tmp_path: Path) -> None:
+    """A job's ``offline`` result carries the same explanation as a single command:
+    the server's last state and when it was last seen."""
+    key = add_agent_server(fleet, "away3")
+    gw = gateway_of(fleet)
+    agent = Agent(tmp_path / "agent", gw["address"], gw["fingerprint"], key).start()
+    try:
+        wait_online(fleet, "away3")
+    finally:
+        agent.stop()
+    wait_for(lambda: (p := fleet.cli("ping", "away3")).returncode != 0 and "nobody serves away3" in p.stderr,
+             what="away3 unserved after its agent stopped")
+    proc = fleet.cli("run", "--servers", "away3", "--json", "--", "true")
+    assert proc.returncode != 0
+    assert re.search(r"nobody serves away3 right now: offline \(last seen \d{4}-\d\d-\d\d [\d:]+ UTC, \d+ s ago\)",
+                     proc.stdout + proc.stderr), proc.stdout + proc.stderr

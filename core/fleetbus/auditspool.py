@@ -59,6 +59,14 @@ class SpooledRecord:
     segment: Segment
 
 
+
+def log_unkept(folder: Path, exc: OSError) -> None:
+    """Say once that records cannot be kept in ``folder``: they are still sent, only not
+    protected against this process's death."""
+    log.error("audit records cannot be kept on disk until stored (%s: %s); they are still sent, "
+              "but a crash of this process may lose the unacknowledged ones",
+              folder, exc.strerror or type(exc).__name__)
+
 class AuditSpool:
     """The unacknowledged audit records of one process, on disk under ``folder``.
 
@@ -96,9 +104,7 @@ class AuditSpool:
         except OSError as exc:
             if not self._failed:
                 self._failed = True
-                log.error("audit records cannot be kept on disk until stored (%s: %s); they are still "
-                          "sent, but a crash of this process may lose the unacknowledged ones",
-                          self.folder, exc.strerror or type(exc).__name__)
+                log_unkept(self.folder, exc)
             return None
         self._failed = False
         segment.size += written

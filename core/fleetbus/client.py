@@ -31,7 +31,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self
 
@@ -54,6 +53,7 @@ from .errors import (
     TransportError,
 )
 from .home import Home
+from .lastseen import age_s, last_seen
 from .limits import DEFAULT_STREAM_IDLE_S, DEFAULT_STREAM_WINDOW, MAX_INLINE_BYTES
 from .names import check_server_name
 from .objects import ObjectFiles
@@ -177,13 +177,13 @@ class Client:
         transport = found["server"]["transport"]
         status = found.get("status")
         if await _serves_connected_only(transport):
-            message = f"nobody serves {server} right now: its agent is not connected ({_last_seen(status)})"
+            message = f"nobody serves {server} right now: its agent is not connected ({last_seen(status)})"
         else:
             message = f"nobody serves {server} right now: no running worker has the {transport!r} transport for it"
         if status is None:  # never served: about to be, if it was registered just now
-            fresh = _age_s(found["server"].get("created")) < JUST_REGISTERED_S
+            fresh = age_s(found["server"].get("created")) < JUST_REGISTERED_S
         else:  # a worker began serving it just now, after our request found nobody
-            fresh = status.get("state") == "online" and _age_s(status.get("since")) < JUST_REGISTERED_S
+            fresh = status.get("state") == "online" and age_s(status.get("since")) < JUST_REGISTERED_S
         return _NotServedYet(message) if fresh else ServerOffline(message)
 
     async def _server(self, server: str, op: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
@@ -852,35 +852,3 @@ def _connected_only_transports() -> frozenset[str]:
     from .plugins import load_plugins  # they import their client libraries: only when needed
 
     return frozenset(name for name, cls in load_plugins().transports.items() if not cls.serves_registered)
-
-
-def _last_seen(status: dict[str, Any] | None) -> str:
-    """When whoever served the server last saw it, from its status, for a message."""
-    seen = (status or {}).get("last_seen")
-    age = _age_s(seen)
-    if seen is None or age == float("inf"):
-        return "never seen"
-    then = datetime.fromisoformat(str(seen)).astimezone(UTC)
-    return f"last seen {then:%Y-%m-%d %H:%M:%S} UTC, {_ago(age)}"
-
-
-def _ago(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    if seconds < 120:
-        return f"{seconds:.0f} s ago"
-    if seconds < 2 * 3600:
-        return f"{seconds / 60:.0f} min ago"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.0f} h ago"
-    return f"{seconds / 86400:.0f} days ago"
-
-
-def _age_s(created: Any) -> float:
-    """Seconds since an ISO-8601 ``created`` time; infinite when it cannot be read."""
-    try:
-        then = datetime.fromisoformat(str(created))  # 3.11 reads a trailing Z too
-    except ValueError:
-        return float("inf")
-    if then.tzinfo is None:
-        then = then.replace(tzinfo=UTC)
-    return (datetime.now(UTC) - then).total_seconds()

@@ -37,7 +37,7 @@ from pydantic import ValidationError
 
 from .admission import Admission, AdmissionSettings, ShedReport, Ticket, requester_of
 from .audit import Auditor
-from .auditspool import AuditSpool
+from .auditspool import AuditSpool, log_unkept
 from .commandrun import CHECKER_REQUESTER, DEADLINE_SKEW_S, CommandRunner, error_reply, reply_body
 from .connection import publish_soon, unread_bytes, watch_errors
 from .dedupe import CommandMemory
@@ -467,6 +467,5 @@ def _audit_spool(folder: Path) -> AuditSpool | None:
     try:
         return AuditSpool(folder)
     except OSError as exc:
-        log.error("audit records cannot be kept on disk until stored (%s: %s); a crash of this "
-                  "worker may lose the unacknowledged ones", folder, exc.strerror or type(exc).__name__)
+        log_unkept(folder, exc)
         return None

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import nats.errors
+from fleetbus_base.text import one_line, shorten
 from nats.aio.client import Client as NATS
 from nats.js.kv import KeyValue
 
@@ -47,11 +48,16 @@ from .jobplan import JobPlan, Outcome, StopReason
 from .jobrecords import JobCounts, JobDefinition, JobStore, JobSummary, ServerResult, acked, tail
 from .jobrequest import job_object
 from .jobwait import OnlineWatch, shown_duration
+from .lastseen import last_seen
 from .names import COMMAND_ID_RE
+from .records import ServerStatus
 from .replies import Replies
 from .subjects import Names, request_headers
 
 log = logging.getLogger("fleetbus.jobs")
+
+# How long a job waits for a server's status when it explains why nobody serves it.
+STATUS_READ_S = 2.0
 
 ENV_JOB = "FLEETBUS_JOB"
 ENV_SERVER = "FLEETBUS_SERVER"
@@ -252,6 +258,20 @@ class JobRun:
             self._wake.set_result(None)
 
     # waiting for offline servers ---------------------------------------------------------
+    async def _unserved_message(self, server: str) -> str:
+        """Why nobody serves ``server``, as its status record tells it: its state, when it
+        was last seen, and what its last server said (an agent that went away)."""
+        message = f"nobody serves {server} right now"
+        if self.status is None:
+            return message
+        try:
+            entry = await asyncio.wait_for(self.status.get(server), STATUS_READ_S)
+            status = ServerStatus.model_validate_json(entry.value or b"")
+        except Exception:  # no record (never served), or the bucket is unavailable
+            return message
+        said = f"; {shorten(one_line(status.detail), 200)}" if status.detail else ""
+        return f"{message}: {status.state} ({last_seen(status.model_dump(mode='json'))}){said}"
+
     def _may_wait(self, server: str) -> bool:
         """Whether an offline ``server`` waits (rather than being an error now); its
         wait starts at its first ``server_offline``."""
@@ -391,7 +411,7 @@ class JobRun:
             self._unserved.add(server)
             return ServerResult(job=self.id, server=server, outcome="offline", command_id=cid,
                                 duration_s=_since(started),
-                                error={"code": "server_offline", "message": f"nobody serves {server} right now"})
+                                error={"code": "server_offline", "message": await self._unserved_message(server)})
         except nats.errors.TimeoutError:
             return ServerResult(job=self.id, server=server, outcome="timeout", command_id=cid,
                                 duration_s=_since(started),

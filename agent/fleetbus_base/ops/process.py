@@ -19,11 +19,10 @@ import asyncio
 import collections
 import errno
 import logging
-import math
 import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 from ..text import shorten
@@ -78,30 +77,6 @@ class ProcessTimings:
     exit_grace_s: float = 1.0
     reap_timeout_s: float = 5.0
     timeout_backstop_s: float = 5.0
-
-    @classmethod
-    def from_settings(cls, settings: Mapping[str, Any]) -> ProcessTimings:
-        """Read the timings from a settings mapping; absent keys keep their default.
-
-        Other keys are ignored. A bad value raises ValueError whose message starts
-        with the quoted setting name, so callers can prefix where it came from.
-        """
-        values: dict[str, float] = {}
-        for f in fields(cls):
-            if f.name not in settings:
-                continue
-            value = settings[f.name]
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or not math.isfinite(value)
-                or value < 0
-            ):
-                raise ValueError(
-                    f"{f.name!r} must be a non-negative number of seconds, not {value!r}"
-                )
-            values[f.name] = float(value)
-        return cls(**values)
 
 
 def _shown(value: object) -> str:
