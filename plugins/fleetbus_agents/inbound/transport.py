@@ -22,7 +22,6 @@ import ssl
 from typing import Any
 
 from fleetbus import __version__
-from fleetbus.agentlink import AgentSession
 from fleetbus.errors import AuthFailed, InvalidRequest, ServerOffline
 from fleetbus.records import Server
 from fleetbus.transport import Capabilities, Credential, ServerOptions, Session, Transport, TransportSettings
@@ -34,6 +33,8 @@ from fleetbus_base.wire import (
     peer_certificate_fingerprint,
 )
 from pydantic import Field, field_validator
+
+from ..link import AgentSession
 
 DEFAULT_PORT = 7444
 

@@ -46,7 +46,6 @@ import time
 from typing import Any
 
 from fleetbus import __version__
-from fleetbus.agentlink import AgentSession
 from fleetbus.certs import GatewayFiles, default_hosts, fingerprint_pem, server_context
 from fleetbus.errors import AuthFailed, InvalidRequest, ServerOffline
 from fleetbus.keys import parse_key
@@ -67,6 +66,7 @@ from fleetbus_base.wire import (
 from nats.js.kv import KV_DEL, KV_PURGE
 from pydantic import Field, field_validator
 
+from ..link import AgentSession
 from .cluster import RECORD_EVERY_S, Cluster
 from .links import Link, Links
 
