@@ -10,15 +10,15 @@ Three things gateways of one deployment agree on through JetStream, reached thro
   and accept every new gateway. A gateway with no certificate gets one signed by the CA,
   with its own names.
 - **Who serves a server** (``services.claim_link``). A claim names the gateway holding
-  the server's agent; its revision is the link's epoch. A gateway claims it when an agent connects; every
-  gateway watches the records and closes its own link for a server another gateway
-  claimed later. The link that lost stops serving the server's subjects.
-- **Who is alive** (``services.publish_gateway_record``). Each gateway rewrites its record every
-  ``RECORD_EVERY_S``. A gateway that has not seen a peer's record change for
-  ``PEER_DEAD_S`` deletes it (only if unchanged, so one survivor does it) and then, for
-  each server that gateway still claimed, deletes the claim (only if unchanged) and marks
-  the server offline unless its status was written by someone else since. So a dead
-  gateway's servers read offline within about ``PEER_DEAD_S`` + ``RECORD_EVERY_S``
+  the server's agent; its revision is the link's epoch. A gateway claims it when an
+  agent connects; every gateway watches the claims and closes its own link for a server
+  another gateway claimed later. The link that lost stops serving the server's subjects.
+- **Who is alive** (``services.publish_gateway_record``). Each gateway rewrites its
+  record every ``RECORD_EVERY_S``. A gateway that has not seen a peer's record change for
+  ``PEER_DEAD_S`` removes it (only if unchanged, so one survivor does it) and then, for
+  each server that gateway still claimed, releases the claim (only if unchanged) and
+  marks the server offline unless its status was written by someone else since. So a
+  dead gateway's servers read offline within about ``PEER_DEAD_S`` + ``RECORD_EVERY_S``
   unless their agents came back elsewhere.
 """
 
@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from fleetbus.transport import TransportContext
 
 from .links import Link, Links
 
@@ -58,7 +60,7 @@ class _Peer:
 class Cluster:
     """This gateway's part in the agreement above; ``start`` returns its background tasks."""
 
-    def __init__(self, ctx: Any, links: Links) -> None:
+    def __init__(self, ctx: TransportContext, links: Links) -> None:
         self.ctx = ctx
         self.services = ctx.services
         self.links = links
