@@ -495,8 +495,8 @@ def test_the_young_gc_threshold_is_raised_but_never_lowered() -> None:
 def test_agent_status_is_refreshed_in_shares_stalest_first() -> None:
     from types import SimpleNamespace
 
-    from fleetbus_agent_outbound.gateway import RECORD_EVERY_S, STATUS_EVERY_S, GatewayTransport
-    from fleetbus_agent_outbound.links import Link
+    from fleetbus_agents.outbound.gateway import RECORD_EVERY_S, STATUS_EVERY_S, GatewayTransport
+    from fleetbus_agents.outbound.links import Link
 
     gateway = GatewayTransport(SimpleNamespace(settings={}))
     now = 10_000.0

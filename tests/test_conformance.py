@@ -24,13 +24,13 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from fleetbus import testing
-from fleetbus.agentlink import AgentSession
 from fleetbus.errors import NotFound
 from fleetbus.records import Server
 from fleetbus.testing import CollectingSink, FakeContext, TransportConformance
 from fleetbus.transport import Credential, Session
 from fleetbus_agent.tlsid import create_identity
-from fleetbus_agent_inbound.transport import InboundTransport
+from fleetbus_agents.inbound.transport import InboundTransport
+from fleetbus_agents.link import AgentSession
 from fleetbus_base.wire import AuthError, Connection, controller_handshake
 from fleetbus_local.transport import LocalTransport
 from fleetbus_ssh.transport import SshTransport
@@ -301,10 +301,10 @@ async def test_large_stdin_to_a_version_1_agent_is_too_large_not_internal() -> N
     """Protocol version 1 carries stdin only inside the open frame's 64 KiB header: a
     controller that negotiated it refuses larger stdin with a clear `too_large` before
     opening a stream, instead of failing inside the frame encoder."""
-    from fleetbus.agentlink import INLINE_STDIN_BYTES, AgentSession
     from fleetbus.errors import TooLarge
     from fleetbus.testing import CollectingSink
     from fleetbus.transport import ExecSpec
+    from fleetbus_agents.link import INLINE_STDIN_BYTES, AgentSession
 
     class V1Link:
         version = 1

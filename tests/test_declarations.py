@@ -18,7 +18,7 @@ from fleetbus.cli.extend import CliRegistry, PluginGroup, ServerDraft, takes_plu
 from fleetbus.errors import InvalidRequest
 from fleetbus.plugins import load_plugins
 from fleetbus.transport import Capabilities, ServerOptions, Transport, TransportSettings
-from fleetbus_agent_outbound.gateway import GatewayTransport
+from fleetbus_agents.outbound.gateway import GatewayTransport
 from fleetbus_ssh.transport import SshTransport
 from nats.aio.client import Client as NATS
 from support.processes import Fleet
@@ -203,4 +203,4 @@ def test_fleetbus_run_loads_no_plugin_cli() -> None:
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     run_line, add_line = proc.stderr.strip().splitlines()
     assert run_line == "run --help []"
-    assert "'fleetbus_ssh.cli'" in add_line and "'fleetbus_agent_inbound.cli'" in add_line
+    assert "'fleetbus_ssh.cli'" in add_line and "'fleetbus_agents.inbound.cli'" in add_line

@@ -40,9 +40,11 @@ from .audit import Auditor
 from .auditspool import AuditSpool, log_unkept
 from .commandrun import CHECKER_REQUESTER, DEADLINE_SKEW_S, CommandRunner, error_reply, reply_body
 from .connection import publish_soon, unread_bytes, watch_errors
+from .coreservices import CoreServices
 from .dedupe import CommandMemory
 from .dispatch import subscribe_direct
 from .errors import Busy, FleetbusError, InternalError
+from .gatewaystate import GatewayState
 from .home import Home
 from .jetstream import State
 from .keys import AgentKeys
@@ -55,7 +57,6 @@ from .objectshare import SharedObjects
 from .operations import Operations
 from .records import Server
 from .registry import Registry
-from .services import CoreServices
 from .sessions import SessionPool
 from .subjects import DEFAULT_REPLY_PREFIXES, Names
 from .transport import Credential, Transport
@@ -178,11 +179,12 @@ class PluginHost:
         # this worker serves (objectshare.py).
         self.objects = SharedObjects(self.files, self.settings.home.path / "spool",
                                      on_read=self.metrics.object_read_bytes.inc)
+        master = vault.master if vault else None
         self.services = CoreServices(
-            nc=nc, names=self.names, home=self.settings.home, registry=self.registry,
-            agent_keys=AgentKeys(state.agent_keys), gateways=state.gateways,
-            gateway_state_kv=state.gateway_state, master=vault.master if vault else None, worker_id=self.settings.worker_id,
-            metrics=self.metrics,
+            home=self.settings.home, registry=self.registry, agent_keys=AgentKeys(state.agent_keys),
+            gateway_state=GatewayState(state.gateway_state, state.gateways, self.settings.home, master,
+                                       self.settings.worker_id),
+            master=master, worker_id=self.settings.worker_id, metrics=self.metrics,
         )
         self.metrics.blocking_max.set(self.settings.blocking_threads)
         self.admission = Admission(

@@ -17,10 +17,11 @@ import hmac
 import json
 import re
 import secrets
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from nats.js.errors import NotFoundError as KVNotFound
-from nats.js.kv import KeyValue
+from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
 from .errors import AuthFailed, NotFound
 from .records import utcnow
@@ -99,6 +100,15 @@ class AgentKeys:
         if not hmac.compare_digest(presented, str(record.get("sha256", ""))):
             raise AuthFailed("unknown or revoked key")
         return KeyMatch(server=str(record["server"]), key_id=parsed[0])
+
+    async def watch_revoked(self) -> AsyncIterator[str]:
+        """The id of every key deleted from now on (rotated or revoked), as it happens;
+        raises when the watch fails (NATS reconnecting), for the caller to watch again."""
+        watcher = await self.kv.watch("id.*")
+        async for entry in watcher:
+            if entry is None or entry.operation not in (KV_DEL, KV_PURGE):
+                continue
+            yield entry.key.split(".", 1)[1]
 
     async def _delete(self, key: str) -> None:
         try:

@@ -11,7 +11,10 @@ The rest of ``fleetbus`` is the product's inside and may change without notice.
 
 - The interface to implement: :class:`Transport` (declares ``Settings``, ``Options``,
   ``capabilities``), :class:`Session`, and the data they take and return.
-- What the host gives a transport: :class:`TransportContext`, :class:`Credential`.
+- What the host gives a transport: :class:`TransportContext`, :class:`Credential`, and
+  ``ctx.services``, the core's domain operations (:class:`Services`, with the records its
+  gateway methods take and yield: :class:`GatewayIdentity`, :class:`GatewayRecord`,
+  :class:`LinkClaim`).
 - The errors to raise, each one bus error code (docs/bus-api.md), and the one mapping of
   OS errors onto them (:func:`mapped_errors` with :data:`REACHING` while connecting,
   :data:`RUNNING` once a command runs), as httpx's ``map_exceptions`` does.
@@ -44,6 +47,7 @@ from .errors import (
 )
 from .hookspecs import hookimpl
 from .records import Server
+from .services import GatewayIdentity, GatewayRecord, LinkClaim, Services
 from .transport import (
     Capabilities,
     Credential,
@@ -89,8 +93,11 @@ __all__ = [
     "ExecSpec",
     "FileStat",
     "FleetbusError",
+    "GatewayIdentity",
+    "GatewayRecord",
     "InternalError",
     "InvalidRequest",
+    "LinkClaim",
     "NotFound",
     "OutputSink",
     "PutSpec",
@@ -100,6 +107,7 @@ __all__ = [
     "ServerFacts",
     "ServerOffline",
     "ServerOptions",
+    "Services",
     "Session",
     "StreamName",
     "Timeout",

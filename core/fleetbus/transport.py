@@ -48,6 +48,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import InvalidRequest
 from .records import Server
+from .services import Services
 
 T = TypeVar("T")
 
@@ -135,9 +136,9 @@ class TransportContext(Protocol):
     #: host made the context; a plain mapping from a test's fake context is validated
     #: by :class:`Transport` on construction.
     settings: TransportSettings | Mapping[str, Any]
-    #: Core facilities (home folder, agent keys, status, derived secrets): see
-    #: ``fleetbus.services.CoreServices``. Most transports need none of it.
-    services: Any
+    #: The core's domain operations (status, auth-failure counts, agent keys, gateway
+    #: records, ...): :class:`fleetbus.services.Services`. Most transports need none of it.
+    services: Services
 
     async def run_blocking(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking call in the host's bounded thread pool."""

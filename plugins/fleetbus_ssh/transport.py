@@ -70,9 +70,9 @@ class SshTransport(Transport):
         return SshSession(conn, self.settings, self.ctx.run_blocking, self.ctx.logger, max_sessions)
 
     def _login_refused(self, reason: str) -> None:
-        # Counted like the agents' failed authentications; prometheus counters take
-        # increments from the connecting thread.
-        self.ctx.services.metrics.auth_failures.labels(self.name, reason).inc()
+        # Counted like the agents' failed authentications; count_auth_failure may be
+        # called from the connecting thread.
+        self.ctx.services.count_auth_failure(self.name, reason)
 
     def _close_if_opened(self, task: asyncio.Future[SshConnection]) -> None:
         # The open was cancelled while its thread was still connecting: nobody will use

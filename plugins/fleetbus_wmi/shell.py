@@ -153,7 +153,7 @@ class WinrmClient:
             mapped = map_error(exc, self.where)
             refusal = _login_refusal(exc) if isinstance(mapped, AuthFailed) else None
             if refusal is not None:
-                self._ctx.services.metrics.auth_failures.labels(self._ctx.transport_name, refusal).inc()
+                self._ctx.services.count_auth_failure(self._ctx.transport_name, refusal)
             if isinstance(mapped, (ServerOffline, AuthFailed, Timeout)):
                 self.alive = False  # the host opens a new session next time
             raise mapped from None

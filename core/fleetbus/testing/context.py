@@ -31,8 +31,9 @@ class StatusReport:
 class FakeServices:
     """The few core services a built-in transport touches, recorded instead of published.
 
-    ``metrics`` is a real :class:`fleetbus.metrics.Metrics` (a refused login is counted
-    there); ``report_status`` appends to ``statuses``. A transport that needs more of
+    The part of :class:`fleetbus.services.Services` a transport that reaches servers by
+    itself uses: ``count_auth_failure`` and ``count_agent_connect`` count in ``metrics``,
+    a real :class:`fleetbus.metrics.Metrics`; ``report_status`` appends to ``statuses``. A transport that needs more of
     the core (the registry, agent keys, the gateway buckets) is tested end to end
     through a real ``fleetbus up`` instead.
     """
@@ -43,6 +44,12 @@ class FakeServices:
     async def report_status(self, name: str, state: str, transport_version: str | None = None,
                             **details: Any) -> None:
         self.statuses.append(StatusReport(name, state, transport_version, details))
+
+    def count_auth_failure(self, transport: str, reason: str) -> None:
+        self.metrics.auth_failures.labels(transport, reason).inc()
+
+    def count_agent_connect(self, transport: str) -> None:
+        self.metrics.agent_connects.labels(transport).inc()
 
 
 class FakeContext:

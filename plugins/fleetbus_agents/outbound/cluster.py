@@ -1,40 +1,36 @@
 """Several gateways on one NATS: one identity, one gateway per server, dead peers noticed.
 
-Three things gateways of one deployment agree on through JetStream (the bucket
-``CoreServices.gateway_state`` and the gateways bucket):
+Three things gateways of one deployment agree on through JetStream, reached through
+``ctx.services`` (the core's ``gatewaystate.py`` keeps the buckets; this module decides):
 
-- **The CA.** Key ``ca`` holds the deployment's gateway CA, sealed under the master key.
-  The first gateway to start makes it (``kv.create``: of two starting at once, the loser
-  reads the winner's); a gateway that already had a CA of its own from before CAs were
-  shared offers that one instead, so agents that trust it keep working and accept every
-  new gateway. A gateway with no certificate gets one signed by the CA, with its own names.
-- **Who serves a server.** ``link.<server>`` names the gateway holding the server's agent;
-  its revision is the link's epoch. A gateway claims it when an agent connects; every
-  gateway watches the records and closes its own link for a server another gateway
-  claimed later. The link that lost stops serving the server's subjects.
-- **Who is alive.** Each gateway rewrites its record in the gateways bucket every
-  ``RECORD_EVERY_S``. A gateway that has not seen a peer's record change for
-  ``PEER_DEAD_S`` deletes it (only if unchanged, so one survivor does it) and then, for
-  each server that gateway still claimed, deletes the claim (only if unchanged) and marks
-  the server offline unless its status was written by someone else since. So a dead
-  gateway's servers read offline within about ``PEER_DEAD_S`` + ``RECORD_EVERY_S``
+- **The CA** (``services.gateway_identity``, kept by the core). The deployment's gateway
+  CA, sealed under the master key. The first gateway to start makes it (of two starting at
+  once, the loser reads the winner's); a gateway that already had a CA of its own from
+  before CAs were shared offers that one instead, so agents that trust it keep working
+  and accept every new gateway. A gateway with no certificate gets one signed by the CA,
+  with its own names.
+- **Who serves a server** (``services.claim_link``). A claim names the gateway holding
+  the server's agent; its revision is the link's epoch. A gateway claims it when an
+  agent connects; every gateway watches the claims and closes its own link for a server
+  another gateway claimed later. The link that lost stops serving the server's subjects.
+- **Who is alive** (``services.publish_gateway_record``). Each gateway rewrites its
+  record every ``RECORD_EVERY_S``. A gateway that has not seen a peer's record change for
+  ``PEER_DEAD_S`` removes it (only if unchanged, so one survivor does it) and then, for
+  each server that gateway still claimed, releases the claim (only if unchanged) and
+  marks the server offline unless its status was written by someone else since. So a
+  dead gateway's servers read offline within about ``PEER_DEAD_S`` + ``RECORD_EVERY_S``
   unless their agents came back elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fleetbus.certs import GatewayCA, GatewayFiles, issued_by
-from fleetbus.errors import InternalError
-from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
-from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
+from fleetbus.transport import TransportContext
 
 from .links import Link, Links
 
@@ -49,16 +45,9 @@ RESTART_WATCH_S = 1.0
 # Claims of a dead gateway are cleared this many at a time (each is a delete and a status
 # read and write): enough to clear 1,000 in a few seconds without flooding JetStream.
 CLEAR_AT_ONCE = 32
-CA_KEY = "ca"
 # After taking a server over from another gateway, its status is checked once this long
 # after (see Cluster.confirm_status).
 CONFIRM_STATUS_S = 2.0
-# JetStream's answer to a write whose expected last revision is no longer the last.
-WRONG_LAST_SEQUENCE = 10071
-
-
-def link_key(server: str) -> str:
-    return f"link.{server}"
 
 
 @dataclass
@@ -71,61 +60,20 @@ class _Peer:
 class Cluster:
     """This gateway's part in the agreement above; ``start`` returns its background tasks."""
 
-    def __init__(self, ctx: Any, links: Links, state: KeyValue) -> None:
+    def __init__(self, ctx: TransportContext, links: Links) -> None:
         self.ctx = ctx
+        self.services = ctx.services
         self.links = links
-        self.state = state
         self.me: str = ctx.services.worker_id
         self.owners: dict[str, tuple[str, int]] = {}
         """Server -> (gateway worker id, claim revision), as the claims watch last showed."""
         self.peers: dict[str, _Peer] = {}
-        self._record_key = ""
-        self._record: Callable[[], bytes] = lambda: b""
+        self._record: Callable[[], dict[str, Any]] = dict
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    # identity ---------------------------------------------------------------------------
-    async def identity(self, files: GatewayFiles, create: bool, hosts: list[str]) -> None:
-        """Make sure ``files`` hold a certificate: the one there, or a new one from the CA."""
-        master = self.ctx.services.master
-        if master is None:
-            raise InternalError("the gateway needs the master key to open its certificate")
-        if files.exists():
-            own = GatewayCA.from_files(files, master)
-            ca = await self._deployment_ca(offer=own)
-            if not issued_by(files, ca):
-                self.ctx.logger.warning(
-                    "this gateway's certificate in %s is not signed by the deployment's gateway CA "
-                    "(%s): agents that trust that CA will not accept this gateway. Move its files "
-                    "away and restart it to get a certificate from the CA", files.folder, ca.fingerprint)
-            return
-        if create:
-            ca = await self._deployment_ca(offer=None)
-            ca.write(self.ctx.services.home, master, hosts)
-            self.ctx.logger.info("made this gateway's certificate for %s, signed by the deployment's "
-                                 "gateway CA %s", ", ".join(hosts), ca.fingerprint)
-
-    async def _deployment_ca(self, offer: GatewayCA | None) -> GatewayCA:
-        """The deployment's CA: the stored one, else ``offer`` or a new one, stored race-safely."""
-        master = self.ctx.services.master
-        try:
-            entry = await self.state.get(CA_KEY)
-            if entry.value:
-                return GatewayCA.unseal(entry.value, master)
-        except KeyNotFoundError:
-            pass
-        ca = offer or GatewayCA.create(f"fleetbus gateways CA {secrets.token_hex(4)}")
-        try:
-            await self.state.create(CA_KEY, ca.seal(master))
-            self.ctx.logger.info("stored the deployment's gateway CA %s", ca.fingerprint)
-            return ca
-        except KeyWrongLastSequenceError:
-            # Another gateway stored one first: that one is the deployment's.
-            entry = await self.state.get(CA_KEY)
-            return GatewayCA.unseal(entry.value or b"", master)
-
     # lifecycle --------------------------------------------------------------------------
-    def start(self, record_key: str, record: Callable[[], bytes]) -> list[asyncio.Task[Any]]:
-        self._record_key = record_key
+    def start(self, record: Callable[[], dict[str, Any]]) -> list[asyncio.Task[Any]]:
+        """Start watching claims and peers; ``record`` gives this gateway's record."""
         self._record = record
         return [asyncio.create_task(self._forever("claims", self._watch_claims)),
                 asyncio.create_task(self._forever("gateway records", self._watch_peers)),
@@ -155,15 +103,12 @@ class Cluster:
         task.add_done_callback(self._tasks.discard)
 
     # claims -----------------------------------------------------------------------------
-    def _claim_value(self, link: Link) -> bytes:
-        return json.dumps({"gateway": self.me, "remote": link.remote, "since": link.since}).encode()
-
     async def claim(self, link: Link) -> bool:
         """Record that this gateway serves ``link.server`` from now on (the link's epoch);
         True when another gateway held it until now."""
         before = self.owners.get(link.server)
         try:
-            link.epoch = await self.state.put(link_key(link.server), self._claim_value(link))
+            link.epoch = await self.services.claim_link(link.server, {"remote": link.remote, "since": link.since})
         except Exception as exc:
             # Served anyway (the agent is here); the queue group still delivers each
             # request once, and the next claim or the status refresh corrects the record.
@@ -185,7 +130,7 @@ class Cluster:
             await asyncio.sleep(CONFIRM_STATUS_S)
             if self.links.get(link.server) is not link:
                 return
-            status = await self.ctx.services.registry.status(link.server)
+            status = await self.services.server_status(link.server)
             if status is None or status.state != "online" or status.served_by != self.me:
                 await write(link)
 
@@ -195,10 +140,8 @@ class Cluster:
         """Drop this gateway's claim after its agent left (unless someone claimed since)."""
         if link.epoch is None:
             return
-        try:
-            await self.state.delete(link_key(link.server), last=link.epoch)
-        except Exception:
-            pass  # claimed again since, or JetStream unavailable: the next claim overwrites it
+        # False when claimed again since, or JetStream is unavailable: the next claim overwrites it.
+        await self.services.release_link(link.server, link.epoch)
 
     async def _taken_over(self, link: Link, gateway: str) -> None:
         if link.conn.closed or link.taken_over:
@@ -210,52 +153,37 @@ class Cluster:
                               code="server_offline", goaway=True)
 
     async def _watch_claims(self) -> None:
-        watcher = await self.state.watch("link.>")
-        async for entry in watcher:
-            if entry is None:
-                continue  # the end of the records there were when the watch began
-            server = entry.key.split(".", 1)[1]
+        async for claim in self.services.watch_link_claims():
+            server, owner = claim.server, claim.gateway
             link = self.links.get(server)
-            if entry.operation in (KV_DEL, KV_PURGE):
+            if owner is None:
                 self.owners.pop(server, None)
                 if link is not None and link.epoch is not None and not link.taken_over:
                     # A survivor took this gateway for dead and cleared its claim: claim again.
                     self._spawn(self._reclaim(link))
                 continue
-            try:
-                owner = str(json.loads(entry.value or b"{}")["gateway"])
-            except (ValueError, KeyError, TypeError):
-                continue
-            self.owners[server] = (owner, entry.revision)
-            if owner != self.me and link is not None and link.epoch is not None and link.epoch < entry.revision:
+            self.owners[server] = (owner, claim.revision)
+            if owner != self.me and link is not None and link.epoch is not None and link.epoch < claim.revision:
                 self._spawn(self._taken_over(link, owner))
 
     async def _reclaim(self, link: Link) -> None:
         await self.claim(link)
         if not link.conn.closed:
-            await self.ctx.services.report_status(link.server, "online", agent_version=link.agent,
-                                                  remote_address=link.remote)
+            await self.services.report_status(link.server, "online", agent_version=link.agent,
+                                              remote_address=link.remote)
 
     # peers ------------------------------------------------------------------------------
     async def _watch_peers(self) -> None:
-        watcher = await self.ctx.services.gateways.watch(">")
-        async for entry in watcher:
-            if entry is None:
+        async for record in self.services.watch_gateway_records():
+            if record.mine:
+                if record.worker is None:  # taken for dead (a long stall): say otherwise at once
+                    self._spawn(self.services.publish_gateway_record(self._record()))
                 continue
-            deleted = entry.operation in (KV_DEL, KV_PURGE)
-            if entry.key == self._record_key:
-                if deleted:  # taken for dead (a long stall): say otherwise at once
-                    self._spawn(self.ctx.services.gateways.put(self._record_key, self._record()))
-                continue
-            if deleted:
-                self.peers.pop(entry.key, None)
-                continue
-            try:
-                worker = str(json.loads(entry.value or b"{}")["worker"])
-            except (ValueError, KeyError, TypeError):
+            if record.worker is None:
+                self.peers.pop(record.key, None)
                 continue
             # Our own clock, not the record's timestamp: gateways' clocks may differ.
-            self.peers[entry.key] = _Peer(worker, entry.revision, time.monotonic())
+            self.peers[record.key] = _Peer(record.worker, record.revision, time.monotonic())
 
     async def _check_peers(self) -> None:
         while True:
@@ -273,15 +201,13 @@ class Cluster:
                 continue
             self.peers.pop(key, None)
             try:
-                await self.ctx.services.gateways.delete(key, last=peer.revision)
-            except APIError as exc:
-                if exc.err_code != WRONG_LAST_SEQUENCE:
-                    self.ctx.logger.warning("could not remove gateway %s's record: %s", peer.worker, exc)
-                continue  # else it wrote again meanwhile, or another survivor removed it
+                removed = await self.services.remove_gateway_record(key, peer.revision)
             except Exception as exc:
                 self.ctx.logger.warning("could not remove gateway %s's record: %s", peer.worker,
                                         type(exc).__name__)
                 continue
+            if not removed:
+                continue  # it wrote again meanwhile, or another survivor removed it
             self.ctx.logger.warning("gateway %s stopped refreshing its record for %.0f s; "
                                     "taking it for gone", peer.worker, now - peer.seen)
             await self.clear_gateway(peer.worker)
@@ -294,11 +220,9 @@ class Cluster:
 
         async def clear(server: str, revision: int) -> None:
             nonlocal cleared
-            try:
-                await self.state.delete(link_key(server), last=revision)
-            except Exception:
+            if not await self.services.release_link(server, revision):
                 return  # claimed by another gateway since: its agent came back
-            if await self.ctx.services.report_lost(server, worker, detail):
+            if await self.services.report_lost(server, worker, detail):
                 cleared += 1
 
         for at in range(0, len(claimed), CLEAR_AT_ONCE):

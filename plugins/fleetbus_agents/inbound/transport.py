@@ -22,7 +22,6 @@ import ssl
 from typing import Any
 
 from fleetbus import __version__
-from fleetbus.agentlink import AgentSession
 from fleetbus.errors import AuthFailed, InvalidRequest, ServerOffline
 from fleetbus.records import Server
 from fleetbus.transport import Capabilities, Credential, ServerOptions, Session, Transport, TransportSettings
@@ -34,6 +33,8 @@ from fleetbus_base.wire import (
     peer_certificate_fingerprint,
 )
 from pydantic import Field, field_validator
+
+from ..link import AgentSession
 
 DEFAULT_PORT = 7444
 
@@ -121,7 +122,7 @@ class InboundTransport(Transport):
         try:
             seen = peer_certificate_fingerprint(writer)
             if pin and not hmac.compare_digest(normalize(seen), normalize(pin)):
-                self.ctx.services.metrics.auth_failures.labels(self.name, "bad_pin").inc()
+                self.ctx.services.count_auth_failure(self.name, "bad_pin")
                 raise AuthFailed(
                     f"{server.name}'s agent presented certificate {seen}, not the pinned "
                     f"sha256:{normalize(pin)}; refusing to talk to it")
@@ -130,7 +131,7 @@ class InboundTransport(Transport):
                 server=server.name, heartbeat_s=self.heartbeat_s, timeout=self.connect_timeout_s)
         except AuthError:
             writer.close()
-            self.ctx.services.metrics.auth_failures.labels(self.name, "bad_proof").inc()
+            self.ctx.services.count_auth_failure(self.name, "bad_proof")
             raise AuthFailed(f"{server.name}'s agent refused fleetbus's proof of the key "
                              "(the key registered in fleetbus differs from the agent's)") from None
         except HandshakeError as exc:
@@ -143,13 +144,12 @@ class InboundTransport(Transport):
             await self._pin(server, seen)
         conn = Connection.from_accepted(reader, writer, accepted)
         conn.start()
-        self.ctx.services.metrics.agent_connects.labels(self.name).inc()
+        self.ctx.services.count_agent_connect(self.name)
         agent = str(accepted.hello.get("agent", "?"))[:100]
         await self.ctx.services.report_status(server.name, "online", self.version, agent_version=agent,
                                               remote_address=f"{server.host}:{port}")
         return InboundSession(conn)
 
     async def _pin(self, server: Server, seen: str) -> None:
-        options = dict(server.options, fingerprint=seen)
-        await self.ctx.services.registry.add(server.model_copy(update={"options": options}), replace=True)
+        await self.ctx.services.pin_server_certificate(server.name, seen)
         self.ctx.logger.warning("trust on first use: pinned %s for %s", seen, server.name)

@@ -38,7 +38,6 @@ this host's names and the advertised host).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import ssl
@@ -46,8 +45,7 @@ import time
 from typing import Any
 
 from fleetbus import __version__
-from fleetbus.agentlink import AgentSession
-from fleetbus.certs import GatewayFiles, default_hosts, fingerprint_pem, server_context
+from fleetbus.certs import default_hosts
 from fleetbus.errors import AuthFailed, InvalidRequest, ServerOffline
 from fleetbus.keys import parse_key
 from fleetbus.records import Server, utcnow
@@ -64,9 +62,9 @@ from fleetbus_base.wire import (
     HandshakeError,
     controller_handshake,
 )
-from nats.js.kv import KV_DEL, KV_PURGE
 from pydantic import Field, field_validator
 
+from ..link import AgentSession
 from .cluster import RECORD_EVERY_S, Cluster
 from .links import Link, Links
 
@@ -190,14 +188,12 @@ class GatewayTransport(Transport):
     # lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         soft, _hard = raise_nofile_limit()
-        services = self.ctx.services
-        files = GatewayFiles.of(services.home)
-        self.cluster = Cluster(self.ctx, self.links, await services.gateway_state())
-        await self.cluster.identity(files, self.create_cert, self._cert_hosts())
-        self._tls = server_context(files, services.master, ca_probe_name=CA_PROBE_NAME)
-        self.fingerprint = fingerprint_pem(files.cert.read_bytes())
-        if files.ca_cert.exists():
-            self.ca_fingerprint = fingerprint_pem(files.ca_cert.read_bytes())
+        self.cluster = Cluster(self.ctx, self.links)
+        identity = await self.ctx.services.gateway_identity(self.create_cert, self._cert_hosts(),
+                                                             ca_probe_name=CA_PROBE_NAME)
+        self._tls = identity.tls
+        self.fingerprint = identity.fingerprint
+        self.ca_fingerprint = identity.ca_fingerprint
         host, port = self.listen
         try:
             # Accepted by hand and held as plain sockets until a handshake slot is free:
@@ -213,15 +209,14 @@ class GatewayTransport(Transport):
                           log=self.ctx.logger, dropped=self._dropped, source_cap=self._source_cap)
         self._gate.start()
         gate = self._gate
-        self.ctx.services.metrics.handshakes_waiting.set_function(lambda: gate.waiting)
-        self.ctx.services.metrics.unauthenticated.set_function(lambda: gate.unauthenticated)
+        self.ctx.services.observe_listener(lambda: gate.waiting, lambda: gate.unauthenticated)
         bound = listener.getsockname()
         self.address = self.advertise or f"{socket.gethostname() if host in ('0.0.0.0', '::') else host}:{bound[1]}"
         self.bound_port = bound[1]
         self._tasks = [asyncio.create_task(self._watch_keys()), asyncio.create_task(self._refresh()),
                        asyncio.create_task(self._trim_after_handshakes()),
                        asyncio.create_task(self._flush_failure_log()),
-                       *self.cluster.start(self._record_key(), self._record)]
+                       *self.cluster.start(self._record)]
         self.ctx.logger.info("gateway listening on %s:%s (agents dial %s, pin the CA %s or this gateway %s; "
                              "descriptor limit %s, %s kept in reserve)", host, bound[1], self.address,
                              self.ca_fingerprint, self.fingerprint, soft, gate.budget.reserve)
@@ -240,7 +235,7 @@ class GatewayTransport(Transport):
         try:
             # Bounded: with NATS unreachable the record expires by itself, and the
             # worker's stop must not wait out the KV's timeout for it.
-            await asyncio.wait_for(self.ctx.services.gateways.delete(self._record_key()), 2.0)
+            await asyncio.wait_for(self.ctx.services.withdraw_gateway_record(), 2.0)
         except Exception:
             pass
 
@@ -297,7 +292,7 @@ class GatewayTransport(Transport):
                 self._auth_failed(ip, None, "unknown_key")
                 raise AuthError("auth_failed", "unknown or revoked key")
             try:
-                match = await self.ctx.services.agent_keys.verify(key)
+                match = await self.ctx.services.verify_agent_key(key)
             except AuthFailed:
                 self._auth_failed(ip, key_id, "unknown_key")
                 raise AuthError("auth_failed", "unknown or revoked key") from None
@@ -327,9 +322,9 @@ class GatewayTransport(Transport):
         link = Link(server=accepted.server, conn=conn, key_id=key_id, remote=remote, agent=agent)
         conn.start()
         old = self.links.put(link)
-        metrics = self.ctx.services.metrics
-        metrics.agent_connects.labels(self.name).inc()
-        metrics.agents.set(len(self.links))
+        services = self.ctx.services
+        services.count_agent_connect(self.name)
+        services.set_agents_connected(len(self.links))
         if old is not None:
             self.ctx.logger.warning("agent %s connected again from %s; dropping its older connection from %s",
                                     link.server, remote, old.remote)
@@ -355,7 +350,7 @@ class GatewayTransport(Transport):
                                  agent, link.epoch)
         await conn.wait_closed()
         removed = self.links.remove(link)
-        metrics.agents.set(len(self.links))
+        services.set_agents_connected(len(self.links))
         if removed:
             await self.ctx.unserve(link.server)
             if not link.taken_over:
@@ -364,11 +359,11 @@ class GatewayTransport(Transport):
         self.ctx.logger.info("agent %s disconnected: %s", link.server, conn.close_reason)
 
     def _dropped(self, reason: str) -> None:
-        self.ctx.services.metrics.handshakes_dropped.labels(reason).inc()
+        self.ctx.services.count_handshake_dropped(reason)
 
     def _auth_failed(self, ip: str, key_id: str | None, reason: str, count: bool = True) -> None:
         """Count a failed authentication (``count``: towards the lockouts too) and log it in aggregate."""
-        self.ctx.services.metrics.auth_failures.labels(self.name, reason).inc()
+        self.ctx.services.count_auth_failure(self.name, reason)
         locked = self.throttle.failure(ip, key_id) if count else False
         self.failure_log.note(ip, reason, locked)
 
@@ -384,25 +379,16 @@ class GatewayTransport(Transport):
 
     # keys and records -----------------------------------------------------------------
     async def _watch_keys(self) -> None:
-        kv = self.ctx.services.agent_keys.kv
-        watcher = await kv.watch("id.*")
-        async for entry in watcher:
-            if entry is None or entry.operation not in (KV_DEL, KV_PURGE):
-                continue
-            key_id = entry.key.split(".", 1)[1]
+        async for key_id in self.ctx.services.watch_revoked_keys():
             for link in self.links.with_key(key_id):
                 self.ctx.logger.warning("dropping agent %s: its key was rotated or revoked", link.server)
                 await link.conn.close("the key was rotated or revoked", code="auth_failed", goaway=True)
 
-    def _record_key(self) -> str:
-        return self.ctx.services.worker_id.replace(":", "-")
-
-    def _record(self) -> bytes:
-        """This gateway's record in the gateways bucket (`fleetbus gateway info`)."""
-        return json.dumps({"worker": self.ctx.services.worker_id, "address": self.address,
-                           "fingerprint": self.fingerprint, "ca_fingerprint": self.ca_fingerprint,
-                           "agents": len(self.links), "refresh_s": RECORD_EVERY_S,
-                           "updated": utcnow().isoformat()}).encode()
+    def _record(self) -> dict[str, Any]:
+        """This gateway's record, as `fleetbus gateway info` shows it."""
+        return {"address": self.address, "fingerprint": self.fingerprint,
+                "ca_fingerprint": self.ca_fingerprint, "agents": len(self.links),
+                "refresh_s": RECORD_EVERY_S, "updated": utcnow().isoformat()}
 
     def _cert_hosts(self) -> list[str]:
         """The names a certificate made for this gateway carries."""
@@ -416,7 +402,7 @@ class GatewayTransport(Transport):
     async def _refresh(self) -> None:
         while True:
             try:
-                await self.ctx.services.gateways.put(self._record_key(), self._record())
+                await self.ctx.services.publish_gateway_record(self._record())
             except Exception as exc:
                 self.ctx.logger.warning("could not publish the gateway record: %s", type(exc).__name__)
             for link in self._stale_links(time.monotonic()):

@@ -19,6 +19,17 @@ import math
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, TypeVar
 
+from fleetbus.errors import FleetbusError, ServerOffline, TooLarge, TransportError, error_for_code
+from fleetbus.transport import (
+    ExecResult,
+    ExecSpec,
+    FileStat,
+    OutputSink,
+    PutSpec,
+    RemoteFile,
+    ServerFacts,
+    Session,
+)
 from fleetbus_base.text import shorten
 from fleetbus_base.wire import Connection, ControllerStream, StreamError
 from pydantic import (
@@ -32,9 +43,6 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
-
-from .errors import FleetbusError, ServerOffline, TooLarge, TransportError, error_for_code
-from .transport import ExecResult, ExecSpec, FileStat, OutputSink, PutSpec, RemoteFile, ServerFacts, Session
 
 # After a cancel, how long to wait for the agent to confirm the work stopped.
 CANCEL_CONFIRM_S = 5.0

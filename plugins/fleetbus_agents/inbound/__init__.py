@@ -1,0 +1,1 @@
+"""The ``agent-inbound`` transport: fleetbus connects to an agent listening on its server."""

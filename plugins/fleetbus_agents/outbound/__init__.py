@@ -1,0 +1,1 @@
+"""The ``agent-outbound`` transport: the TLS gateway outbound agents dial into."""
