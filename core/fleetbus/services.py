@@ -14,6 +14,7 @@ This module imports no NATS client: plugins load it through ``fleetbus.plugin``.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
 class GatewayIdentity:
     """A gateway's TLS identity, ready to serve: its context and the pins agents use."""
 
-    tls: Any  # an ssl.SSLContext for the server side
+    tls: ssl.SSLContext
+    """The server side's TLS context, with the gateway's certificate loaded."""
     fingerprint: str
     """The gateway certificate's fingerprint ("sha256:<hex>")."""
     ca_fingerprint: str | None
