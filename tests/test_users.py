@@ -1,0 +1,210 @@
+"""Users (issue 21): accounts in the embedded NATS, user records, generated permissions,
+reload on every change, expiry, and the owner keeping everything the single token had.
+
+Against a real `fleetbus up`: users are added with the CLI and connect with raw nats-py
+as another system would, with the seed file the CLI wrote. The services do not answer
+users yet (reply rule and grant subscriptions are another part of issue 21), so what is
+checked here is what NATS lets each identity publish and subscribe: a refusal is a
+permission violation in ``error_cb``, seen by the PONG of a flush.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from fleetbus.subjects import Names
+from nats.aio.client import Client as NATS
+from support.processes import Fleet, until
+
+pytestmark = pytest.mark.asyncio
+
+
+class UserClient:
+    """A raw nats-py connection as a user, recording what NATS refused."""
+
+    def __init__(self) -> None:
+        self.errors: list[str] = []
+        self.closed = False
+        self.nc: NATS | None = None
+
+    async def connect(self, url: str, seed_file: Path, user: str, **opts: Any) -> UserClient:
+        async def on_error(exc: Exception) -> None:
+            self.errors.append(str(exc))
+
+        async def on_closed() -> None:
+            self.closed = True
+
+        self.nc = await nats.connect(url, nkeys_seed=str(seed_file), inbox_prefix=f"_I.{user}",
+                                     error_cb=on_error, closed_cb=on_closed, allow_reconnect=False,
+                                     **opts)
+        return self
+
+    async def refused(self, subject: str) -> bool:
+        """Publish on ``subject``: True if NATS refused it (its -ERR precedes the PONG)."""
+        assert self.nc is not None
+        before = len(self.errors)
+        await self.nc.publish(subject, b"{}")
+        await self.nc.flush(timeout=5)
+        text = f'permissions violation for publish to "{subject.lower()}"'
+        return any(text in e for e in self.errors[before:])
+
+    async def close(self) -> None:
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.close()
+
+
+def add_user(fleet: Fleet, tmp_path: Path, name: str, *args: str) -> tuple[Path, dict[str, Any]]:
+    seed = tmp_path / f"{name}.nk"
+    done = fleet.cli("users", "add", name, *args, "--out", str(seed), "--json")
+    assert done.returncode == 0, done.stderr
+    return seed, json.loads(done.stdout)
+
+
+@pytest.fixture(scope="module")
+def names() -> Names:
+    return Names("fleetbus")
+
+
+async def test_owner_keeps_everything_the_token_had(fleet: Fleet) -> None:
+    # The CLI and fleetbus's own processes present the token file as before.
+    ran = fleet.cli("run", "local", "--", "echo", "hello")
+    assert ran.returncode == 0 and "hello" in ran.stdout, ran.stderr
+    # A raw client presents the same secret as owner's password, with JetStream as before.
+    nc = await nats.connect(fleet.nats_url, user="owner", password=fleet.token)
+    try:
+        kv = await nc.jetstream().key_value("fleetbus_servers")
+        assert (await kv.get("local")).value
+    finally:
+        await nc.close()
+    # As a NATS token it is refused: a token cannot sit beside account users.
+    with pytest.raises(Exception):  # noqa: B017  (nats-py raises several types here)
+        await nats.connect(fleet.nats_url, token=fleet.token, allow_reconnect=False,
+                           max_reconnect_attempts=0, connect_timeout=3)
+    conf = (fleet.home / "nats.conf").read_text()
+    assert fleet.token not in conf and "$FLEETBUS_EMBEDDED_NATS_TOKEN" in conf
+
+
+async def test_user_may_publish_only_what_it_was_granted(fleet: Fleet, fleet_nc: NATS, tmp_path: Path,
+                                                         names: Names) -> None:
+    seed, added = add_user(fleet, tmp_path, "ci-deploy", "--allow", "exec,put:role=web",
+                           "--allow", "info:local", "--admin", "servers.list")
+    assert added["applied"] is True
+    grant = added["user"]["grants"][0]["id"]
+    # Stands in for a worker serving web1 through the grant (another part of issue 21).
+    async def answer(msg: Any) -> None:
+        await msg.respond(json.dumps({"ok": True, "via": msg.subject}).encode())
+
+    served = await fleet_nc.subscribe(names.grant(grant, "*", "exec"), cb=answer)
+    await fleet_nc.flush()
+    user = await UserClient().connect(fleet.nats_url, seed, "ci-deploy")
+    try:
+        # The grant's subject crosses the import and is answered on the user's own inbox.
+        reply = await user.nc.request(names.grant(grant, "web1", "exec"), b"{}", timeout=10)  # type: ignore[union-attr]
+        assert json.loads(reply.data) == {"ok": True, "via": names.grant(grant, "web1", "exec")}
+        for allowed in (names.grant(grant, "web1", "put"), names.grant(grant, "web1", "cancel"),
+                        names.server("local", "info"), names.admin("servers.list")):
+            assert not await user.refused(allowed), (allowed, user.errors)
+        for denied in (names.grant(grant, "web1", "get"), names.server("db1", "exec"),
+                       names.server("local", "exec"), names.admin("servers.add"),
+                       names.admin("users.add"), names.jobs("start"), names.event("x"),
+                       "$JS.API.STREAM.NAMES", "$KV.fleetbus_servers.local"):
+            assert await user.refused(denied), (denied, user.errors)
+        # It may read its own inbox only.
+        await user.nc.subscribe("_I.other.>")  # type: ignore[union-attr]
+        await user.nc.flush(timeout=5)  # type: ignore[union-attr]
+        await until(lambda: any('subscription to "_i.other.>"' in e for e in user.errors), what="refusal")
+        assert not user.closed  # refusals do not close the connection
+    finally:
+        await user.close()
+        await served.unsubscribe()
+
+
+async def test_seed_written_0600_and_never_shown_again(fleet: Fleet, tmp_path: Path) -> None:
+    seed, added = add_user(fleet, tmp_path, "auditor", "--allow", "info,ping:all")
+    assert stat.S_IMODE(os.stat(seed).st_mode) == 0o600
+    secret = seed.read_text().strip()
+    assert secret.startswith("SU")
+    shown = fleet.cli("users", "show", "auditor", "--json")
+    listed = fleet.cli("users", "list", "--json")
+    assert shown.returncode == 0 and listed.returncode == 0
+    everything = [json.dumps(added), shown.stdout, listed.stdout, fleet.output(),
+                  (fleet.home / "nats.log").read_text(errors="replace"),
+                  (fleet.home / "nats-users.conf").read_text()]
+    assert not any(secret in text for text in everything)
+    assert json.loads(shown.stdout)["public_key"] in (fleet.home / "nats-users.conf").read_text()
+    assert stat.S_IMODE(os.stat(fleet.home / "nats-users.conf").st_mode) == 0o600
+
+
+async def test_removed_user_is_disconnected_and_refused(fleet: Fleet, tmp_path: Path, names: Names) -> None:
+    seed, _ = add_user(fleet, tmp_path, "oncall", "--allow", "exec:local")
+    user = await UserClient().connect(fleet.nats_url, seed, "oncall")
+    try:
+        assert not await user.refused(names.server("local", "exec"))
+        removed = fleet.cli("users", "remove", "oncall")
+        assert removed.returncode == 0, removed.stderr
+        await until(lambda: user.closed, timeout=15, what="the removed user's connection closed")
+    finally:
+        await user.close()
+    with pytest.raises(Exception):  # noqa: B017
+        await UserClient().connect(fleet.nats_url, seed, "oncall", max_reconnect_attempts=0, connect_timeout=3)
+    assert fleet.cli("users", "show", "oncall").returncode != 0
+
+
+async def test_rotated_key_replaces_the_old_one(fleet: Fleet, tmp_path: Path, names: Names) -> None:
+    old, _ = add_user(fleet, tmp_path, "rotor", "--allow", "ping:local")
+    user = await UserClient().connect(fleet.nats_url, old, "rotor")
+    new = tmp_path / "rotor-new.nk"
+    try:
+        done = fleet.cli("users", "rotate", "rotor", "--out", str(new))
+        assert done.returncode == 0, done.stderr
+        await until(lambda: user.closed, timeout=15, what="the old key's connection closed")
+    finally:
+        await user.close()
+    with pytest.raises(Exception):  # noqa: B017
+        await UserClient().connect(fleet.nats_url, old, "rotor", max_reconnect_attempts=0, connect_timeout=3)
+    fresh = await UserClient().connect(fleet.nats_url, new, "rotor")
+    try:
+        assert not await fresh.refused(names.server("local", "ping"))
+        assert await fresh.refused(names.server("local", "exec"))
+    finally:
+        await fresh.close()
+    assert stat.S_IMODE(os.stat(new).st_mode) == 0o600
+
+
+async def test_expired_user_is_removed_from_nats(fleet: Fleet, tmp_path: Path) -> None:
+    seed, added = add_user(fleet, tmp_path, "brief", "--allow", "ping:local", "--expires", "1s")
+    assert added["user"]["expires"]
+
+    async def refused() -> bool:
+        try:
+            c = await UserClient().connect(fleet.nats_url, seed, "brief", max_reconnect_attempts=0,
+                                           connect_timeout=3)
+        except Exception:
+            return True
+        await c.close()
+        return False
+
+    deadline = asyncio.get_running_loop().time() + 30
+    while not await refused():
+        assert asyncio.get_running_loop().time() < deadline, "the expired user still connects"
+        await asyncio.sleep(0.2)
+    listed = json.loads(fleet.cli("users", "list", "--json").stdout)
+    assert next(u for u in listed if u["name"] == "brief")["expired"] is True
+
+
+async def test_bad_requests_change_nothing(fleet: Fleet, tmp_path: Path) -> None:
+    before = (fleet.home / "nats-users.conf").read_text()
+    for args in (["--allow", "exec"], ["--allow", "rm:role=web"], ["--allow", "exec:colour=red"],
+                 ["--admin", "servers.nuke"], []):
+        done = fleet.cli("users", "add", "badone", *args, "--out", str(tmp_path / "bad.nk"))
+        assert done.returncode != 0, args
+        assert not (tmp_path / "bad.nk").exists()
+    assert fleet.cli("users", "add", "owner", "--allow", "ping:all").returncode != 0
+    assert (fleet.home / "nats-users.conf").read_text() == before
