@@ -728,7 +728,7 @@ class LogWatch:
 
 
 async def _fleet_nc(fleet: Fleet) -> NATS:
-    return await nats.connect(fleet.nats_url, token=fleet.token, max_reconnect_attempts=2)
+    return await nats.connect(fleet.nats_url, user="owner", password=fleet.token, max_reconnect_attempts=2)
 
 
 async def _still_serves(nc: NATS) -> list[str]:

@@ -23,8 +23,6 @@ from fleetbus.subjects import Names
 from nats.aio.client import Client as NATS
 from support.processes import Fleet, until
 
-pytestmark = pytest.mark.asyncio
-
 
 class UserClient:
     """A raw nats-py connection as a user, recording what NATS refused."""
@@ -208,3 +206,110 @@ async def test_bad_requests_change_nothing(fleet: Fleet, tmp_path: Path) -> None
         assert not (tmp_path / "bad.nk").exists()
     assert fleet.cli("users", "add", "owner", "--allow", "ping:all").returncode != 0
     assert (fleet.home / "nats-users.conf").read_text() == before
+
+
+async def test_upgrade_keeps_jetstream_data_of_the_token_era(tmp_path: Path) -> None:
+    """A home whose NATS ran without accounts keeps its data: it moves to FLEETBUS."""
+    from fleetbus.embedded import EmbeddedNats, nats_server_binary
+    from fleetbus.home import Home
+
+    home = Home(tmp_path / "home")
+    home.ensure()
+    home.nats_data.mkdir()
+    # The token-era server: no accounts, so JetStream data is the global account's.
+    conf = tmp_path / "old.conf"
+    conf.write_text(f'port: -1\nports_file_dir: "{tmp_path}"\njetstream {{ store_dir: "{home.nats_data}" }}\n')
+    old = await asyncio.create_subprocess_exec(nats_server_binary(), "-c", str(conf),
+                                               stdout=asyncio.subprocess.DEVNULL,
+                                               stderr=asyncio.subprocess.DEVNULL)
+    try:
+        ports = await until(lambda: next(tmp_path.glob(f"nats-server_{old.pid}.ports"), None), what="ports")
+        url = await until(lambda: json.loads(ports.read_text() or "null"), what="ports file")
+        nc = await nats.connect(url["nats"][0])
+        kv = await nc.jetstream().create_key_value(bucket="fleetbus_servers")
+        await kv.put("web1", b"kept")
+        await nc.close()
+    finally:
+        old.terminate()
+        await old.wait()
+    embedded = EmbeddedNats(home, port=0)
+    await embedded.start()
+    try:
+        nc = await nats.connect(embedded.url, user="owner", password=embedded.token)
+        try:
+            kv = await nc.jetstream().key_value("fleetbus_servers")
+            assert (await kv.get("web1")).value == b"kept"
+        finally:
+            await nc.close()
+        assert not (home.nats_data / "jetstream" / "$G").exists()
+    finally:
+        await embedded.stop()
+
+
+async def test_a_users_file_nats_refuses_leaves_the_running_users(tmp_path: Path) -> None:
+    from fleetbus.embedded import EmbeddedNats
+    from fleetbus.errors import InvalidRequest
+    from fleetbus.home import Home
+
+    embedded = EmbeddedNats(Home(tmp_path / "home"), port=0)
+    await embedded.start()
+    try:
+        before = embedded.users_path.read_text()
+        with pytest.raises(InvalidRequest, match="refused"):
+            await embedded.apply_users('users: [ {nkey: "not-a-key"} ]\n')
+        assert embedded.users_path.read_text() == before
+        assert await embedded.apply_users(before) is False  # unchanged: no reload
+    finally:
+        await embedded.stop()
+
+
+@pytest.mark.parametrize(("text", "ops", "selection"), [
+    ("exec,put:role=web", ["exec", "put"], {"role": "web"}),
+    ("info,ping:all", ["info", "ping"], {"all": True}),
+    ("exec:role=web env=prod", ["exec"], {"role": "web", "environment": "prod"}),
+    ("get:label team=payments", ["get"], {"labels": {"team": "payments"}}),
+    ("exec:db1 db2 web-*", ["exec"], {"servers": ["db1", "db2", "web-*"]}),
+    ("*:local", ["exec", "put", "get", "info", "ping"], {"servers": ["local"]}),
+])
+def test_grants_read_like_sentences(text: str, ops: list[str], selection: dict[str, Any]) -> None:
+    from fleetbus.selection import Selection
+    from fleetbus.users import parse_grant
+
+    grant = parse_grant(text)
+    assert grant.ops == ops
+    assert grant.selector == Selection.model_validate(selection)
+    assert grant.text == text
+
+
+@pytest.mark.parametrize("text", ["exec", ":role=web", "exec:", "rm:all", "exec:colour=red",
+                                  "exec:label team", "exec:role=a role=b", "exec:WEB1"])
+def test_bad_grants_are_refused(text: str) -> None:
+    from fleetbus.errors import InvalidRequest
+    from fleetbus.users import parse_grant
+
+    with pytest.raises(InvalidRequest):
+        parse_grant(text)
+
+
+def test_permissions_are_exactly_the_grants(names: Names) -> None:
+    from datetime import timedelta
+
+    from fleetbus.records import utcnow
+    from fleetbus.userperms import permissions, render_users
+    from fleetbus.users import UserRecord, parse_grant
+
+    key = "U" + "A" * 55
+    user = UserRecord(name="ci", public_key=key, grants=[parse_grant("exec:role=web", "g00000001"),
+                                                        parse_grant("ping:db1", "g00000002")],
+                      admin=["servers.list"])
+    assert permissions(names, user) == {
+        "publish": sorted([
+            "fleetbus.v1.grants.g00000001.*.exec", "fleetbus.v1.grants.g00000001.*.cancel",
+            "fleetbus.v1.grants.g00000002.*.ping", "fleetbus.v1.grants.g00000002.*.cancel",
+            "fleetbus.v1.servers.db1.ping", "fleetbus.v1.servers.db1.cancel",
+            "fleetbus.v1.admin.servers.list", "fleetbus.v1.xfer.>"]),
+        "subscribe": ["_I.ci.>"],
+    }
+    expired = user.model_copy(update={"name": "gone", "expires": utcnow() - timedelta(seconds=1)})
+    text = render_users(names, [user, expired])
+    assert text.count('"nkey"') == 1 and "_I.ci.>" in text and "_I.gone" not in text
