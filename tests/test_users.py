@@ -313,3 +313,16 @@ def test_permissions_are_exactly_the_grants(names: Names) -> None:
     expired = user.model_copy(update={"name": "gone", "expires": utcnow() - timedelta(seconds=1)})
     text = render_users(names, [user, expired])
     assert text.count('"nkey"') == 1 and "_I.ci.>" in text and "_I.gone" not in text
+
+
+def test_fleetbus_clients_send_the_embedded_token_as_owner() -> None:
+    from fleetbus.connection import NatsSettings
+    from fleetbus.embedded import new_token
+
+    token = new_token()
+    assert NatsSettings(url="nats://x", token=token).auth_options() == {"user": "owner", "password": token}
+    # Any other token stays a NATS token (a NATS of your own, a cluster's token).
+    assert NatsSettings(url="nats://x", token="s3cret").auth_options() == {"token": "s3cret"}
+    # An explicit user wins: the token is not turned into another user's password.
+    assert NatsSettings(url="nats://x", token=token, user="svc", password="pw").auth_options() == {
+        "token": token, "user": "svc", "password": "pw"}
