@@ -205,6 +205,16 @@ async def test_bad_requests_change_nothing(fleet: Fleet, tmp_path: Path) -> None
         assert done.returncode != 0, args
         assert not (tmp_path / "bad.nk").exists()
     assert fleet.cli("users", "add", "owner", "--allow", "ping:all").returncode != 0
+    # A key nats-server would refuse is refused before it is stored: one such record would
+    # keep every later change from reaching NATS.
+    nc = await nats.connect(fleet.nats_url, user="owner", password=fleet.token)
+    try:
+        for key in ("U" + "A" * 55, "not-a-key"):
+            msg = await nc.request("fleetbus.v1.admin.users.add", json.dumps(
+                {"name": "badkey", "public_key": key, "allow": ["ping:all"]}).encode(), timeout=10)
+            assert json.loads(msg.data)["error"]["code"] == "invalid_request"
+    finally:
+        await nc.close()
     assert (fleet.home / "nats-users.conf").read_text() == before
 
 
@@ -294,11 +304,12 @@ def test_bad_grants_are_refused(text: str) -> None:
 def test_permissions_are_exactly_the_grants(names: Names) -> None:
     from datetime import timedelta
 
+    from fleetbus.cli.users import new_user_key
     from fleetbus.records import utcnow
     from fleetbus.userperms import permissions, render_users
     from fleetbus.users import UserRecord, parse_grant
 
-    key = "U" + "A" * 55
+    key = new_user_key()[1]
     user = UserRecord(name="ci", public_key=key, grants=[parse_grant("exec:role=web", "g00000001"),
                                                         parse_grant("ping:db1", "g00000002")],
                       admin=["servers.list"])

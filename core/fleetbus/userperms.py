@@ -104,9 +104,10 @@ class UserSync:
         self._applied_event = asyncio.Event()
 
     async def start(self) -> None:
-        await self.sync_once()  # before start returns: the first users are in place
+        # Before start returns: the users are in place, the expired ones already out.
+        next_at = await self.sync_once()
         self._tasks = [asyncio.create_task(self._watch(), name="fleetbus-users-watch"),
-                       asyncio.create_task(self._run(), name="fleetbus-users-sync")]
+                       asyncio.create_task(self._run(next_at), name="fleetbus-users-sync")]
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -146,8 +147,7 @@ class UserSync:
         """Ask for a pass soon (the admin service calls it after a change)."""
         self._wake.set()
 
-    async def _run(self) -> None:
-        next_at: datetime | None = None
+    async def _run(self, next_at: datetime | None) -> None:
         while True:
             wait = self.recheck_s
             if next_at is not None:

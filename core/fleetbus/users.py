@@ -29,10 +29,13 @@ Records are JSON under the user's name in ``<prefix>_users``::
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import secrets
 from datetime import datetime, timedelta
 
+import nkeys
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import BadRequestError, KeyWrongLastSequenceError
@@ -58,6 +61,19 @@ MAX_GRANTS = 64
 #: Written as ``90d``, ``12h``, ``30m`` or ``3600s``.
 _DURATION_RE = re.compile(r"^(\d{1,6})([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def is_user_key(text: str) -> bool:
+    """Whether ``text`` is an nkey user public key, checksum included: nats-server
+    refuses a config holding anything else, and one such record would stop every
+    later users change from reaching it."""
+    if not USER_KEY_RE.fullmatch(text):
+        return False
+    try:
+        raw = base64.b32decode(text + "=" * (-len(text) % 8))
+    except (binascii.Error, ValueError):
+        return False
+    return raw[0] == nkeys.PREFIX_BYTE_USER and nkeys.crc16_checksum(raw[:-2]) == raw[-2:]
 
 
 def check_user_name(name: str) -> str:
@@ -183,8 +199,8 @@ class UserRecord(BaseModel):
     @field_validator("public_key")
     @classmethod
     def _key(cls, v: str) -> str:
-        if not USER_KEY_RE.fullmatch(v):
-            raise ValueError("not an nkey user public key (U and 55 base32 characters)")
+        if not is_user_key(v):
+            raise ValueError("not an nkey user public key (U and 55 base32 characters with a valid checksum)")
         return v
 
     @field_validator("admin")
