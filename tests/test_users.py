@@ -29,6 +29,7 @@ class UserClient:
 
     def __init__(self) -> None:
         self.errors: list[str] = []
+        self.sent = 0
         self.closed = False
         self.nc: NATS | None = None
 
@@ -45,11 +46,21 @@ class UserClient:
         return self
 
     async def refused(self, subject: str) -> bool:
-        """Publish on ``subject``: True if NATS refused it (its -ERR precedes the PONG)."""
+        """Publish on ``subject``: True if NATS refused it.
+
+        nats-py hands each -ERR to ``error_cb`` in a task of its own, in order, so a
+        refusal may land after the flush's PONG. A publish on a subject no user may use
+        follows, and once its refusal is in, any refusal of ``subject`` is in too.
+        """
         assert self.nc is not None
+        self.sent += 1
         before = len(self.errors)
+        sentinel = f"$SYS.fleetbus-test.{self.sent}"
         await self.nc.publish(subject, b"{}")
+        await self.nc.publish(sentinel, b"{}")
         await self.nc.flush(timeout=5)
+        await until(lambda: any(f'"{sentinel.lower()}"' in e for e in self.errors[before:]),
+                    what=f"the refusal of {sentinel}")
         text = f'permissions violation for publish to "{subject.lower()}"'
         return any(text in e for e in self.errors[before:])
 
@@ -205,6 +216,7 @@ async def test_bad_requests_change_nothing(fleet: Fleet, tmp_path: Path) -> None
         assert done.returncode != 0, args
         assert not (tmp_path / "bad.nk").exists()
     assert fleet.cli("users", "add", "owner", "--allow", "ping:all").returncode != 0
+    assert (fleet.home / "nats-users.conf").read_text() == before
     # A key nats-server would refuse is refused before it is stored: one such record would
     # keep every later change from reaching NATS.
     nc = await nats.connect(fleet.nats_url, user="owner", password=fleet.token)
@@ -213,9 +225,13 @@ async def test_bad_requests_change_nothing(fleet: Fleet, tmp_path: Path) -> None
             msg = await nc.request("fleetbus.v1.admin.users.add", json.dumps(
                 {"name": "badkey", "public_key": key, "allow": ["ping:all"]}).encode(), timeout=10)
             assert json.loads(msg.data)["error"]["code"] == "invalid_request"
+        # Nor a key another user holds: NATS could not tell the two apart.
+        taken = add_user(fleet, tmp_path, "keyholder", "--allow", "ping:local")[1]["user"]["public_key"]
+        msg = await nc.request("fleetbus.v1.admin.users.add", json.dumps(
+            {"name": "twin", "public_key": taken, "allow": ["ping:all"]}).encode(), timeout=10)
+        assert json.loads(msg.data)["error"]["code"] == "invalid_request"
     finally:
         await nc.close()
-    assert (fleet.home / "nats-users.conf").read_text() == before
 
 
 async def test_upgrade_keeps_jetstream_data_of_the_token_era(tmp_path: Path) -> None:

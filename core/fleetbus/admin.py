@@ -375,8 +375,15 @@ class AdminService:
                                 admin=req.admin, expires=expires)
         except ValueError as exc:  # pydantic's, for the public key's form
             raise InvalidRequest(str(exc).splitlines()[-1].strip()) from None
+        await self._key_unused(record.public_key)
         await self._store().add(record)
         return self._reply(record, await self._applied())
+
+    async def _key_unused(self, public_key: str) -> None:
+        """One key, one user: NATS could not tell them apart."""
+        holder = next((u.name for u in await self._store().list() if u.public_key == public_key), None)
+        if holder is not None:
+            raise InvalidRequest(f"that public key is user {holder}'s; make a new key")
 
     async def users_list(self, body: dict[str, Any]) -> dict[str, Any]:
         _Body.model_validate(body)
@@ -393,6 +400,7 @@ class AdminService:
 
     async def users_rotate(self, body: dict[str, Any]) -> dict[str, Any]:
         req = UserRotate.model_validate(body)
+        await self._key_unused(req.public_key)
         try:
             record = await self._store().replace_key(req.name, req.public_key)
         except ValueError as exc:

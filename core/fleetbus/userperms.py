@@ -58,9 +58,16 @@ def render_users(names: Names, users: Iterable[UserRecord], now: datetime | None
     """
     now = now or utcnow()
     entries = []
+    keys: set[str] = set()
     for user in sorted(users, key=lambda u: u.name):
         if user.expired(now):
             continue
+        if user.public_key in keys:
+            # nats-server refuses a key listed twice, and with it every other change; the
+            # admin API never stores one twice, so this is a record written around it.
+            log.warning("user %s shares its key with another user: left out of NATS", user.name)
+            continue
+        keys.add(user.public_key)
         perms = permissions(names, user)
         entries.append("  " + json.dumps({
             "nkey": user.public_key,
