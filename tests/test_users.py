@@ -353,3 +353,23 @@ def test_fleetbus_clients_send_the_embedded_token_as_owner() -> None:
     # An explicit user wins: the token is not turned into another user's password.
     assert NatsSettings(url="nats://x", token=token, user="svc", password="pw").auth_options() == {
         "token": token, "user": "svc", "password": "pw"}
+
+
+async def test_users_outlive_a_restart_of_the_stack(tmp_path: Path, names: Names) -> None:
+    stack = Fleet(tmp_path / "home").start()
+    try:
+        seed, _ = add_user(stack, tmp_path, "keeper", "--allow", "ping:local")
+    finally:
+        stack.stop()
+    stack = Fleet(tmp_path / "home").start()
+    try:
+        user = await UserClient().connect(stack.nats_url, seed, "keeper")
+        try:
+            assert not await user.refused(names.server("local", "ping"))
+            assert await user.refused(names.server("local", "exec"))
+            assert stack.cli("users", "remove", "keeper").returncode == 0
+            await until(lambda: user.closed, timeout=15, what="the removed user's connection closed")
+        finally:
+            await user.close()
+    finally:
+        stack.stop()
