@@ -150,6 +150,28 @@ async def test_seed_written_0600_and_never_shown_again(fleet: Fleet, tmp_path: P
     assert json.loads(shown.stdout)["public_key"] in (fleet.home / "nats-users.conf").read_text()
     assert stat.S_IMODE(os.stat(fleet.home / "nats-users.conf").st_mode) == 0o600
 
+    # The change is audited by name, never with the seed.
+    nc = await nats.connect(fleet.nats_url, user="owner", password=fleet.token)
+    try:
+        js = nc.jetstream()
+        records: list[dict[str, Any]] = []
+
+        async def audited() -> bool:
+            try:
+                msg = await js.get_last_msg("FLEETBUS_AUDIT", "fleetbus.v1.audit._admin.users.add")
+            except Exception:
+                return False
+            records.append(json.loads(msg.data))
+            return secret not in msg.data.decode()
+
+        deadline = asyncio.get_running_loop().time() + 30
+        while not await audited():
+            assert asyncio.get_running_loop().time() < deadline, "no audit record of users.add"
+            await asyncio.sleep(0.1)
+        assert (records[-1]["op"], records[-1]["server"], records[-1]["outcome"]) == ("users.add", "auditor", "ok")
+    finally:
+        await nc.close()
+
 
 async def test_removed_user_is_disconnected_and_refused(fleet: Fleet, tmp_path: Path, names: Names) -> None:
     seed, _ = add_user(fleet, tmp_path, "oncall", "--allow", "exec:local")
