@@ -395,3 +395,12 @@ async def test_users_outlive_a_restart_of_the_stack(tmp_path: Path, names: Names
             await user.close()
     finally:
         stack.stop()
+
+
+async def test_without_out_the_seed_is_shown_once_on_stderr(fleet: Fleet) -> None:
+    done = fleet.cli("users", "add", "shown-once", "--allow", "ping:local")
+    assert done.returncode == 0, done.stderr
+    seed = next(word for word in done.stderr.split() if word.startswith("SU"))
+    assert seed not in done.stdout
+    again = fleet.cli("users", "show", "shown-once")
+    assert again.returncode == 0 and seed not in again.stdout + again.stderr
