@@ -293,9 +293,10 @@ class EmbeddedNats:
             return f"the check took longer than {CHECK_TIMEOUT_S:g} s"
         if check.returncode == 0:
             return None
-        # Its complaint names a line of the users file: permissions, never a secret
-        # (the users file holds public keys only).
-        return out.decode(errors="replace").strip().splitlines()[-1][:300] if out.strip() else "exit status " + str(check.returncode)
+        # Its last line names the users file's line at fault: keys and subjects, never a
+        # secret (the file holds public keys only; the token stays a variable reference).
+        lines = out.decode(errors="replace").strip().splitlines()
+        return lines[-1][:300] if lines else f"exit status {check.returncode}"
 
     def reload(self) -> None:
         """Make the running nats-server re-read its config (SIGHUP); a no-op once stopped."""
