@@ -95,6 +95,16 @@ class Names:
         _, server, op = subject.rsplit(".", 2)
         return server, op
 
+    def grant(self, grant_id: str, server: str, op: str) -> str:
+        """An operation on a server sent through a user's grant (users.py); ``server`` may be ``*``.
+        Its last two tokens are the server and operation, as :meth:`server_op` reads them."""
+        return f"{self.prefix}.v1.grants.{grant_id}.{server}.{op}"
+
+    @staticmethod
+    def user_inbox(user: str) -> str:
+        """The inbox prefix of a user (with its final dot): the only subjects it may subscribe to."""
+        return f"_I.{user}."
+
     def admin(self, endpoint: str) -> str:
         return f"{self.prefix}.v1.admin.{endpoint}"
 
@@ -168,6 +178,11 @@ class Names:
     def gateway_state_bucket(self) -> str:
         """The gateways' shared state: the deployment CA and which gateway holds each agent."""
         return f"{self._b}_gateway_state"
+
+    @property
+    def users_bucket(self) -> str:
+        """Users and their grants (users.py); public keys only."""
+        return f"{self._b}_users"
 
     @property
     def files_bucket(self) -> str:
