@@ -43,7 +43,7 @@ from .connection import publish_soon, unread_bytes, watch_errors
 from .coreservices import CoreServices
 from .dedupe import CommandMemory
 from .dispatch import subscribe_direct
-from .errors import Busy, FleetbusError, InternalError
+from .errors import Busy, FleetbusError, Forbidden, InternalError
 from .gatewaystate import GatewayState
 from .home import Home
 from .jetstream import State
@@ -55,10 +55,18 @@ from .metrics import Metrics
 from .objects import ObjectFiles
 from .objectshare import SharedObjects
 from .operations import Operations
-from .records import Server
+from .records import Server, utcnow
 from .registry import Registry
 from .sessions import SessionPool
-from .subjects import DEFAULT_REPLY_PREFIXES, Names
+from .subjects import (
+    DEFAULT_REPLY_PREFIXES,
+    Identity,
+    Names,
+    ReplySubjects,
+    identity_in,
+    reply_allowed,
+    requester_in,
+)
 from .transport import Credential, Transport
 from .vault import Vault
 
@@ -144,6 +152,8 @@ class Served:
     sub: Subscription
     slots: asyncio.Semaphore
     running: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
+    # Who sent each running command (by id): only that identity may cancel it.
+    senders: dict[str, Identity] = field(default_factory=dict)
     reader: asyncio.Task[None] | None = None  # only where subscribe_direct needs one
 
 
@@ -166,6 +176,7 @@ class PluginHost:
         self.names: Names = state.names
         self.settings = settings or HostSettings()
         self.replies = self.names.reply_subjects(self.settings.reply_prefixes)
+        self._user_replies: dict[Identity, ReplySubjects] = {}
         self.registry = Registry(state.servers, state.status)
         # This worker's liveness key; the claims it makes name it (leases.py, dedupe.py).
         self.lease = WorkerLease(state.workers, self.settings.worker_id)
@@ -339,12 +350,13 @@ class PluginHost:
                 # Called from nats-py's read loop as the request is parsed (dispatch.py).
                 if msg.subject.endswith(".cancel"):
                     return  # answered by _on_cancel, which every host receives
-                if msg.reply and not self.replies.allows(msg.reply):
+                identity = identity_in(msg.headers)
+                if msg.reply and not self.reply_allowed(msg.reply, identity):
                     return  # its reply would be fleetbus publishing where the requester chose
-                ticket = self._admit(msg)
+                ticket = self._admit(msg, identity)
                 if ticket is None:
                     return
-                task = asyncio.create_task(self.commands.handle(served, msg, ticket))
+                task = asyncio.create_task(self.commands.handle(served, msg, ticket, identity))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
@@ -421,6 +433,27 @@ class PluginHost:
             return
         await self.services.report_status(name, state, self.transport_classes[transport].version)
 
+    # who asks ------------------------------------------------------------------------
+    def reply_allowed(self, reply: str, identity: Identity) -> bool:
+        """Whether to answer a request from ``identity`` on ``reply`` (subjects.reply_allowed)."""
+        return reply_allowed(self.replies, reply, identity)
+
+    def replies_for(self, identity: Identity) -> ReplySubjects:
+        """Where fleetbus may publish for ``identity``: the reply namespace for the
+        owner, a user's own inboxes ``_I.<user>.`` for a user."""
+        if identity.is_owner:
+            return self.replies
+        found = self._user_replies.get(identity)
+        if found is None:
+            if len(self._user_replies) >= 4096:
+                self._user_replies.clear()  # users are few; this only bounds the cache
+            found = self._user_replies[identity] = ReplySubjects.for_identity(identity, self.names.prefix)
+        return found
+
+    def denied(self, identity: Identity, op: str) -> None:
+        """Count a request fleetbus refused as ``forbidden``."""
+        self.metrics.denied.labels(identity.user, op).inc()
+
     # cancel ------------------------------------------------------------------------
     async def _on_cancel(self, msg: Msg) -> None:
         server, _ = Names.server_op(msg.subject)
@@ -430,20 +463,41 @@ class PluginHost:
             return  # not ours to answer: another host may hold it, none should guess
         served = self.served.get(server)
         task = served.running.get(req.id) if served else None
-        if task is None:
+        if task is None or served is None:
             return
-        if msg.reply and not self.replies.allows(msg.reply):
+        identity = identity_in(msg.headers)
+        if msg.reply and not self.reply_allowed(msg.reply, identity):
             return  # not a reply subject: neither cancel nor answer
+        sender = served.senders.get(req.id)
+        if sender is not None and sender != identity and not identity.is_owner:
+            # Another user's command: its id is no secret (it is in audit records and
+            # job results), so knowing it must not be enough to stop it.
+            await self._refuse_cancel(msg, served, req.id, identity, sender)
+            return
         task.cancel("cancelled by request")
         if msg.reply:
             await self.nc.publish(msg.reply, json.dumps({"ok": True, "id": req.id, "cancelled": True}).encode())
 
+    async def _refuse_cancel(self, msg: Msg, served: Served, command_id: str, identity: Identity,
+                             sender: Identity) -> None:
+        """Answer a cancel of another identity's command ``forbidden``; counted, audited."""
+        error = Forbidden(f"command {command_id} on {served.server.name} was sent by another user; "
+                          "only its sender (or the owner) may cancel it")
+        self.denied(identity, "cancel")
+        if msg.reply:
+            await self.nc.publish(msg.reply, reply_body(error_reply(command_id, error)))
+        await self.auditor.record({
+            "ts": utcnow(), "id": command_id, "server": served.server.name, "transport": served.transport,
+            "op": "cancel", "requester": requester_in(msg.headers), "identity": identity.record(),
+            "outcome": error.code, "duration_s": 0.0, "worker": self.settings.worker_id,
+        })
+
     # admission -----------------------------------------------------------------------
-    def _admit(self, msg: Msg) -> Ticket | None:
+    def _admit(self, msg: Msg, identity: Identity) -> Ticket | None:
         """Weigh a request before any work is done on it (admission.py); None when it
         was answered already, ``too_large`` or ``busy``, without being read."""
         size = len(msg.data)
-        requester = requester_of(msg.reply)
+        requester = requester_of(msg.reply, identity)
         if size > MAX_REQUEST_BYTES:
             self._shed(msg, requester, too_large_body(size))
             return None

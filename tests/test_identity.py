@@ -1,0 +1,193 @@
+"""The verified requester and the confused-deputy rules for users (issue 21).
+
+A real nats-server with fleetbus's two accounts (support/natsaccounts.py): a plugin host
+with the ``local`` transport runs as the owner in FLEETBUS; alice and bob are nkey users
+in USERS, driven with raw nats-py clients, their requests crossing the service import
+so that nats-server writes ``Nats-Request-Info``. Every refusal is checked where it
+lands: the subject that would have received something is watched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fleetbus.admission import requester_of
+from fleetbus.home import Home
+from fleetbus.host import HostSettings, PluginHost
+from fleetbus.jetstream import open_state
+from fleetbus.records import Server
+from fleetbus.registry import Registry
+from fleetbus.subjects import HDR_REQUEST_INFO, HDR_REQUESTER, OWNER, Identity, Names, identity_in
+from fleetbus_local.transport import LocalTransport
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from support.auditread import audit_records
+from support.natsaccounts import AccountsNats, NkeyUser
+from support.processes import own_user
+
+
+@dataclass
+class Bus:
+    nats: AccountsNats
+    names: Names
+    host: PluginHost
+    owner: NATS
+    alice: NkeyUser
+    bob: NkeyUser
+
+
+@pytest.fixture
+async def bus(tmp_path: Path, prefix: str) -> AsyncIterator[Bus]:
+    names = Names(prefix)
+    web1 = f"{prefix}.v1.servers.web1.*"
+    alice = NkeyUser.new("alice", [web1])
+    bob = NkeyUser.new("bob", [web1])
+    server = AccountsNats(tmp_path / "nats", prefix, [alice, bob]).start()
+    owner = await server.owner()
+    state = await open_state(owner, names)
+    host = PluginHost(owner, state, {"local": LocalTransport}, vault=None, settings=HostSettings(
+        home=Home(tmp_path / "home"), transport_settings={"local": {"user": own_user()}}))
+    try:
+        await host.start()
+        await Registry(state.servers, state.status).add(Server(name="web1", transport="local"))
+        assert await host.wait_served("web1", 20)
+        yield Bus(server, names, host, owner, alice, bob)
+    finally:
+        await host.stop()
+        await owner.close()
+        server.stop()
+
+
+async def _ask(nc: NATS, subject: str, body: dict[str, Any], headers: dict[str, str] | None = None,
+               timeout: float = 30) -> dict[str, Any]:
+    msg = await nc.request(subject, json.dumps(body).encode(), timeout=timeout, headers=headers)
+    return json.loads(msg.data)
+
+
+async def _watch(nc: NATS, subject: str) -> list[Msg]:
+    seen: list[Msg] = []
+
+    async def note(msg: Msg) -> None:
+        seen.append(msg)
+
+    await nc.subscribe(subject, cb=note)
+    await nc.flush()
+    return seen
+
+
+def test_identity_is_read_from_nats_request_info_only() -> None:
+    assert identity_in(None) is OWNER and identity_in({HDR_REQUESTER: "alice"}) is OWNER
+    info = {HDR_REQUEST_INFO: json.dumps({"acc": "USERS", "user": "UABC", "name_tag": "ci", "rtt": 1})}
+    alice = identity_in(info)
+    assert alice == Identity("USERS", "UABC", "ci") and alice.inbox_prefix == "_I.UABC."
+    assert OWNER.inbox_prefix is None
+    # Unreadable: not nats-server's; no user's, and no inbox of anyone's.
+    assert identity_in({HDR_REQUEST_INFO: "{"}).inbox_prefix is None
+    assert identity_in({HDR_REQUEST_INFO: '{"acc":"USERS","user":"a.b"}'}).inbox_prefix is None
+    # Fairness keys on the identity: every user's reply starts with the same _R_.<acc>.
+    assert requester_of("_R_.abc123.xyz789", alice) == "id:USERS:UABC"
+    assert requester_of("_R_.abc123.xyz789", identity_in({HDR_REQUEST_INFO: '{"acc":"USERS","user":"B"}'})) \
+        != requester_of("_R_.abc123.xyz789", alice)
+    assert requester_of("_INBOX.abc.1", OWNER) == "_INBOX.abc"
+
+
+async def test_a_user_cannot_make_the_audit_trail_name_another(bus: Bus) -> None:
+    alice = await bus.nats.user("alice")
+    try:
+        forged = {HDR_REQUESTER: "bob",
+                  HDR_REQUEST_INFO: json.dumps({"acc": "USERS", "user": bus.bob.public})}
+        reply = await _ask(alice, bus.names.server("web1", "exec"),
+                           {"id": "forged-1", "argv": ["echo", "hi"]}, headers=forged)
+        assert reply["ok"] and reply["stdout"] == "hi\n"  # answered on the import's _R_. reply
+    finally:
+        await alice.close()
+    owned = await _ask(bus.owner, bus.names.server("web1", "exec"), {"id": "owned-1", "argv": ["true"]},
+                       headers={HDR_REQUESTER: "bob"})
+    assert owned["ok"]
+    found = await audit_records(bus.owner, bus.names.audit_stream, bus.names.audit_all,
+                                {"forged-1", "owned-1"})
+    (record,) = found["forged-1"]
+    assert record["identity"] == {"account": "USERS", "user": bus.alice.public}
+    assert record["requester"] == "bob"  # recorded as declared, beside it
+    (owner_record,) = found["owned-1"]
+    assert owner_record["identity"] == {"account": None, "user": "owner"}
+
+
+async def test_output_goes_only_to_the_users_own_inbox(bus: Bus) -> None:
+    alice = await bus.nats.user("alice")
+    bob = await bus.nats.user("bob")
+    try:
+        bobs = await _watch(bob, f"{bus.bob.inbox}.>")
+        fleetbus_inbox = await _watch(bus.owner, "_INBOX.stolen.>")
+        admin = await _watch(bus.owner, bus.names.admin("servers.remove"))
+        exec_subject = bus.names.server("web1", "exec")
+        for subject in (f"{bus.bob.inbox}.out", "_INBOX.stolen.out", bus.names.admin("servers.remove")):
+            reply = await _ask(alice, exec_subject, {"argv": ["echo", "x"], "output_subject": subject})
+            assert reply["error"]["code"] == "forbidden", (subject, reply)
+            put = await _ask(alice, bus.names.server("web1", "put"),
+                             {"path": "/tmp/never", "stream": {"subject": subject, "size": 1}})
+            assert put["error"]["code"] == "forbidden", (subject, put)
+        # Her own inbox works, and a later command ran: everything before it was handled.
+        own = f"{bus.alice.inbox}.out"
+        ended = asyncio.Event()
+
+        async def on_output(msg: Msg) -> None:
+            if (msg.headers or {}).get("Fleetbus-End"):
+                ended.set()
+
+        await alice.subscribe(own, cb=on_output)
+        reply = await _ask(alice, exec_subject, {"argv": ["echo", "mine"], "output_subject": own})
+        assert reply["ok"] and reply["stdout"] == "mine\n"
+        await asyncio.wait_for(ended.wait(), 10)
+        await bob.flush()
+        await bus.owner.flush()
+        assert (bobs, fleetbus_inbox, admin) == ([], [], [])
+        denied = bus.host.metrics.denied
+        assert denied.labels(bus.alice.public, "exec")._value.get() == 3
+        assert denied.labels(bus.alice.public, "put")._value.get() == 3
+    finally:
+        await alice.close()
+        await bob.close()
+
+
+async def test_a_command_id_and_its_cancel_belong_to_its_sender(bus: Bus) -> None:
+    alice = await bus.nats.user("alice")
+    bob = await bus.nats.user("bob")
+    exec_subject = bus.names.server("web1", "exec")
+    try:
+        first = await _ask(alice, exec_subject, {"id": "alices-1", "argv": ["echo", "secret"]})
+        assert first["ok"]
+        # bob's retry of her id (same body) would replay her output to him.
+        retry = await _ask(bob, exec_subject, {"id": "alices-1", "argv": ["echo", "secret"]})
+        assert retry["error"]["code"] == "forbidden" and "secret" not in json.dumps(retry)
+        # And her own retry still replays.
+        again = await _ask(alice, exec_subject, {"id": "alices-1", "argv": ["echo", "secret"]})
+        assert again["ok"] and again["stdout"] == "secret\n"
+
+        running = asyncio.create_task(_ask(alice, exec_subject, {"id": "alices-2", "argv": ["sleep", "30"]}))
+        deadline = time.monotonic() + 20
+        while "alices-2" not in bus.host.served["web1"].running:
+            assert time.monotonic() < deadline and not running.done()
+            await asyncio.sleep(0.01)
+        cancel = bus.names.server("web1", "cancel")
+        refused = await _ask(bob, cancel, {"id": "alices-2"})
+        assert refused["error"]["code"] == "forbidden"
+        assert not running.done()
+        assert bus.host.metrics.denied.labels(bus.bob.public, "cancel")._value.get() == 1
+        assert (await _ask(alice, cancel, {"id": "alices-2"}))["cancelled"] is True
+        assert (await running)["error"]["code"] == "cancelled"
+    finally:
+        await alice.close()
+        await bob.close()
+    found = await audit_records(bus.owner, bus.names.audit_stream, bus.names.audit_all, {"alices-2"})
+    ops = {(r["op"], r["outcome"], r["identity"]["user"]) for r in found["alices-2"]}
+    assert ("cancel", "forbidden", bus.bob.public) in ops
+    assert ("exec", "cancelled", bus.alice.public) in ops
+
