@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 from fleetbus.admission import requester_of
+from fleetbus.client import Client
+from fleetbus.errors import Forbidden
 from fleetbus.home import Home
 from fleetbus.host import HostSettings, PluginHost
 from fleetbus.jetstream import open_state
@@ -191,3 +193,23 @@ async def test_a_command_id_and_its_cancel_belong_to_its_sender(bus: Bus) -> Non
     assert ("cancel", "forbidden", bus.bob.public) in ops
     assert ("exec", "cancelled", bus.alice.public) in ops
 
+
+async def test_the_client_turns_a_nats_permission_violation_into_forbidden(bus: Bus) -> None:
+    errors: list[Exception] = []
+    nc = await bus.nats.user("alice", errors)
+    client = Client(nc, bus.names, requester="alice")
+    try:
+        with pytest.raises(Forbidden, match=r"db1\.ping"):
+            # Refused by NATS (her permissions): without the mapping, `timeout` after 30 s.
+            await client.ping("db1", timeout_s=30)
+        assert (await client.ping("web1"))["ok"]  # the connection is still usable
+        # A user reaches none of fleetbus's JetStream.
+        await nc.publish("$JS.API.STREAM.DELETE." + bus.names.audit_stream, b"")
+        await nc.flush()
+        deadline = time.monotonic() + 10
+        while not any("$js.api.stream.delete" in str(e) for e in errors):
+            assert time.monotonic() < deadline, errors
+            await asyncio.sleep(0.01)
+    finally:
+        await client.close()
+    assert (await bus.owner.jetstream().stream_info(bus.names.audit_stream)).config.name
