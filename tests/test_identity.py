@@ -13,7 +13,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import pytest
 from fleetbus.admission import requester_of
 from fleetbus.client import Client
 from fleetbus.errors import Forbidden
+from fleetbus.grants import open_users_bucket
 from fleetbus.home import Home
 from fleetbus.host import HostSettings, PluginHost
 from fleetbus.jetstream import open_state
@@ -30,9 +31,14 @@ from fleetbus.subjects import HDR_REQUEST_INFO, HDR_REQUESTER, OWNER, Identity, 
 from fleetbus_local.transport import LocalTransport
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.js.kv import KeyValue
 from support.auditread import audit_records
 from support.natsaccounts import AccountsNats, NkeyUser
 from support.processes import own_user
+
+# alice's grant: exec on every server in role web, sent on its grant subjects.
+WEB_GRANT = {"id": "gweb0001", "ops": ["exec"], "selector": {"role": "web"}}
 
 
 @dataclass
@@ -41,6 +47,8 @@ class Bus:
     names: Names
     host: PluginHost
     owner: NATS
+    registry: Registry
+    users: KeyValue
     alice: NkeyUser
     bob: NkeyUser
 
@@ -49,18 +57,25 @@ class Bus:
 async def bus(tmp_path: Path, prefix: str) -> AsyncIterator[Bus]:
     names = Names(prefix)
     web1 = f"{prefix}.v1.servers.web1.*"
-    alice = NkeyUser.new("alice", [web1])
+    grant = [names.grant(WEB_GRANT["id"], "*", op) for op in ("exec", "cancel")]
+    alice = NkeyUser.new("alice", [web1, *grant])
     bob = NkeyUser.new("bob", [web1])
     server = AccountsNats(tmp_path / "nats", prefix, [alice, bob]).start()
     owner = await server.owner()
     state = await open_state(owner, names)
+    # What `users add` writes (the users module): the serving side reads it (grants.py).
+    users = await open_users_bucket(state.js, names.users_bucket, state.servers)
+    await users.put("alice", alice.record([WEB_GRANT]))
+    await users.put("bob", bob.record())
+    registry = Registry(state.servers, state.status)
     host = PluginHost(owner, state, {"local": LocalTransport}, vault=None, settings=HostSettings(
         home=Home(tmp_path / "home"), transport_settings={"local": {"user": own_user()}}))
     try:
         await host.start()
-        await Registry(state.servers, state.status).add(Server(name="web1", transport="local"))
-        assert await host.wait_served("web1", 20)
-        yield Bus(server, names, host, owner, alice, bob)
+        await registry.add(Server(name="web1", transport="local", roles=["web"]))
+        await registry.add(Server(name="db1", transport="local"))
+        assert await host.wait_served("web1", 20) and await host.wait_served("db1", 20)
+        yield Bus(server, names, host, owner, registry, users, alice, bob)
     finally:
         await host.stop()
         await owner.close()
@@ -88,11 +103,13 @@ def test_identity_is_read_from_nats_request_info_only() -> None:
     assert identity_in(None) is OWNER and identity_in({HDR_REQUESTER: "alice"}) is OWNER
     info = {HDR_REQUEST_INFO: json.dumps({"acc": "USERS", "user": "UABC", "name_tag": "ci", "rtt": 1})}
     alice = identity_in(info)
-    assert alice == Identity("USERS", "UABC", "ci") and alice.inbox_prefix == "_I.UABC."
-    assert OWNER.inbox_prefix is None
-    # Unreadable: not nats-server's; no user's, and no inbox of anyone's.
-    assert identity_in({HDR_REQUEST_INFO: "{"}).inbox_prefix is None
-    assert identity_in({HDR_REQUEST_INFO: '{"acc":"USERS","user":"a.b"}'}).inbox_prefix is None
+    assert alice == Identity("USERS", "UABC", "ci")
+    # Its inboxes are its user record's name's, not NATS's (the users bucket says it).
+    assert alice.inbox_prefix is None and OWNER.inbox_prefix is None
+    assert replace(alice, name="alice").inbox_prefix == "_I.alice."
+    assert replace(alice, name="a.b").inbox_prefix is None
+    # Unreadable: not nats-server's; no user's.
+    assert identity_in({HDR_REQUEST_INFO: "{"}).account == "?"
     # Fairness keys on the identity: every user's reply starts with the same _R_.<acc>.
     assert requester_of("_R_.abc123.xyz789", alice) == "id:USERS:UABC"
     assert requester_of("_R_.abc123.xyz789", identity_in({HDR_REQUEST_INFO: '{"acc":"USERS","user":"B"}'})) \
@@ -116,7 +133,7 @@ async def test_a_user_cannot_make_the_audit_trail_name_another(bus: Bus) -> None
     found = await audit_records(bus.owner, bus.names.audit_stream, bus.names.audit_all,
                                 {"forged-1", "owned-1"})
     (record,) = found["forged-1"]
-    assert record["identity"] == {"account": "USERS", "user": bus.alice.public}
+    assert record["identity"] == {"account": "USERS", "user": bus.alice.public, "name": "alice"}
     assert record["requester"] == "bob"  # recorded as declared, beside it
     (owner_record,) = found["owned-1"]
     assert owner_record["identity"] == {"account": None, "user": "owner"}
@@ -219,3 +236,43 @@ async def test_the_client_turns_a_nats_permission_violation_into_forbidden(bus: 
     finally:
         await client.close()
     assert (await bus.owner.jetstream().stream_info(bus.names.audit_stream)).config.name
+
+
+async def _served_through(bus: Bus, server: str, grant: str, wanted: bool) -> None:
+    """Wait until the host does (or does not) serve ``server`` through ``grant``; then
+    NATS has the (un)subscription too."""
+    deadline = time.monotonic() + 20
+    while (grant in bus.host.served[server].grant_subs) is not wanted:
+        assert time.monotonic() < deadline, (server, grant, wanted)
+        await asyncio.sleep(0.01)
+    await bus.owner.flush()
+
+
+async def test_a_grant_reaches_the_servers_its_selector_matches_as_the_registry_changes(bus: Bus) -> None:
+    alice = await bus.nats.user("alice")
+    grant = WEB_GRANT["id"]
+    try:
+        await _served_through(bus, "web1", grant, True)
+        ran = await _ask(alice, bus.names.grant(grant, "web1", "exec"), {"argv": ["echo", "via grant"]})
+        assert ran["ok"] and ran["stdout"] == "via grant\n"
+        # db1 is not in role web: nobody answers its grant subject.
+        assert "db1" in bus.host.served and grant not in bus.host.served["db1"].grant_subs
+        with pytest.raises(NoRespondersError):
+            await _ask(alice, bus.names.grant(grant, "db1", "exec"), {"argv": ["true"]})
+        # Added to role web: reachable, with no permission change and no restart.
+        db1 = await bus.registry.find("db1")
+        assert db1 is not None
+        await bus.registry.add(db1.model_copy(update={"roles": ["web"]}), replace=True)
+        await _served_through(bus, "db1", grant, True)
+        assert (await _ask(alice, bus.names.grant(grant, "db1", "exec"), {"argv": ["true"]}))["ok"]
+        # The grant taken from alice's record: no server is served through it any more.
+        await bus.users.put("alice", bus.alice.record())
+        await _served_through(bus, "web1", grant, False)
+        await _served_through(bus, "db1", grant, False)
+        with pytest.raises(NoRespondersError):
+            await _ask(alice, bus.names.grant(grant, "web1", "exec"), {"argv": ["true"]})
+    finally:
+        await alice.close()
+    found = await audit_records(bus.owner, bus.names.audit_stream, bus.names.audit_all, {ran["id"]})
+    (record,) = found[ran["id"]]
+    assert (record["server"], record["identity"]["name"]) == ("web1", "alice")

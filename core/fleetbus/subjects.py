@@ -37,12 +37,11 @@ HDR_REQUEST_INFO = "Nats-Request-Info"
 #: The reply subjects nats-server makes for a request crossing a service import: one
 #: prefix per exporting account, shared by every requester (so never a requester's key).
 IMPORT_REPLY_PREFIX = "_R_."
-#: The root of users' inboxes: a user's are ``_I.<user>.``, the only subjects its NATS
+#: The root of users' inboxes: a user's are ``_I.<name>.``, the only subjects its NATS
 #: permissions let it subscribe to, so the only ones fleetbus publishes on for it.
 USER_INBOX_ROOT = "_I"
-# A user as a subject token: what NATS authenticated (an nkey or JWT public key, or a
-# user name) becomes one token of the user's inbox prefix.
-_USER_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+# A user's name as a subject token (the users module's rule is narrower).
+_USER_TOKEN_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 #: The most of each Nats-Request-Info field that is kept.
 MAX_IDENTITY_CHARS = 128
 #: When the requester stops waiting for the reply: seconds since the Unix epoch on its
@@ -112,6 +111,16 @@ class Names:
         """
         _, server, op = subject.rsplit(".", 2)
         return server, op
+
+    def grant(self, grant_id: str, server: str, op: str) -> str:
+        """An operation on a server sent through a user's grant (users.py); ``server`` may be ``*``.
+        Its last two tokens are the server and operation, as :meth:`server_op` reads them."""
+        return f"{self.prefix}.v1.grants.{grant_id}.{server}.{op}"
+
+    @staticmethod
+    def user_inbox(user: str) -> str:
+        """The inbox prefix of a user (with its final dot): the only subjects it may subscribe to."""
+        return f"{USER_INBOX_ROOT}.{user}."
 
     def admin(self, endpoint: str) -> str:
         return f"{self.prefix}.v1.admin.{endpoint}"
@@ -188,6 +197,11 @@ class Names:
         return f"{self._b}_gateway_state"
 
     @property
+    def users_bucket(self) -> str:
+        """Users and their grants (users.py); public keys only."""
+        return f"{self._b}_users"
+
+    @property
     def files_bucket(self) -> str:
         return f"{self._b}_files"
 
@@ -241,10 +255,10 @@ class ReplySubjects:
 
     @classmethod
     def for_identity(cls, identity: Identity, own_prefix: str | None = None) -> ReplySubjects:
-        """A user's namespace: its own inboxes ``_I.<user>.`` only (no prefix at all for
-        a user that is no subject token: then every subject is ``forbidden``)."""
+        """A user's namespace: its own inboxes ``_I.<name>.`` only (none at all for a
+        user without a name in the users bucket: then every subject is ``forbidden``)."""
         prefix = identity.inbox_prefix
-        return cls((prefix,) if prefix else (), own_prefix, user=identity.user or "?")
+        return cls((prefix,) if prefix else (), own_prefix, user=identity.name or identity.user or "?")
 
     def __post_init__(self) -> None:
         if not self.prefixes and self.user is None:
@@ -286,7 +300,8 @@ class ReplySubjects:
             if self.user is not None:
                 raise Forbidden(
                     f"{subject[:64]!r} is not one of your inboxes: fleetbus publishes for you only "
-                    f"under {self.prefixes[0] if self.prefixes else f'{USER_INBOX_ROOT}.<user>.'}",
+                    f"under {self.prefixes[0] if self.prefixes else f'{USER_INBOX_ROOT}.<name>.'} "
+                    "(and only as a user fleetbus knows)",
                     before_start=True)
             raise ValueError(
                 f"not a reply subject: fleetbus publishes for a requester only under "
@@ -333,7 +348,9 @@ class Identity:
     from inside fleetbus's own account (the owner, or fleetbus itself), where no
     header is added. Otherwise ``account`` and ``user`` are the header's ``acc`` and
     ``user`` (a user name, or an nkey or JWT public key), ``name_tag`` a JWT user's
-    name. The header is trusted because nats-server writes it on the import itself
+    name. ``name`` is not NATS's: the name of the user record holding that public key
+    (grants.UserDirectory), filled in by whoever follows the users bucket. The header
+    is trusted because nats-server writes it on the import itself
     and removes any the client sent; a user never reaches fleetbus's services but
     through the import (docs/bus-api.md, "Identity").
     """
@@ -341,6 +358,7 @@ class Identity:
     account: str | None
     user: str
     name_tag: str | None = None
+    name: str | None = None
 
     @property
     def is_owner(self) -> bool:
@@ -353,18 +371,20 @@ class Identity:
 
     @property
     def inbox_prefix(self) -> str | None:
-        """``_I.<user>.``, where this user's NATS permissions let it subscribe; None for
+        """``_I.<name>.``, where this user's NATS permissions let it subscribe; None for
         the owner (whose inboxes are the deployment's reply prefixes) and for a user
-        that is no subject token."""
-        if self.account is None or not _USER_TOKEN_RE.fullmatch(self.user):
+        whose name is not known."""
+        if self.account is None or self.name is None or not _USER_TOKEN_RE.fullmatch(self.name):
             return None
-        return f"{USER_INBOX_ROOT}.{self.user}."
+        return Names.user_inbox(self.name)
 
     def record(self) -> dict[str, Any]:
         """The audit record's ``identity`` field."""
         out: dict[str, Any] = {"account": self.account, "user": self.user}
         if self.name_tag is not None:
             out["name_tag"] = self.name_tag
+        if self.name is not None:
+            out["name"] = self.name
         return out
 
 
