@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from fleetbus.admission import requester_of
+from fleetbus.audit import AuditRecord
 from fleetbus.client import Client
 from fleetbus.errors import Forbidden
 from fleetbus.grants import open_users_bucket
@@ -135,6 +136,7 @@ async def test_a_user_cannot_make_the_audit_trail_name_another(bus: Bus) -> None
     (record,) = found["forged-1"]
     assert record["identity"] == {"account": "USERS", "user": bus.alice.public, "name": "alice"}
     assert record["requester"] == "bob"  # recorded as declared, beside it
+    assert AuditRecord.model_validate(record).identity is not None  # the documented model reads it
     (owner_record,) = found["owned-1"]
     assert owner_record["identity"] == {"account": None, "user": "owner"}
 
