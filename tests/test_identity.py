@@ -158,6 +158,12 @@ async def test_output_goes_only_to_the_users_own_inbox(bus: Bus) -> None:
             put = await _ask(alice, bus.names.server("web1", "put"),
                              {"path": "/tmp/never", "stream": {"subject": subject, "size": 1}})
             assert put["error"]["code"] == "forbidden", (subject, put)
+        # Nor the object store, which holds everyone's files.
+        for op, body in (("put", {"path": "/tmp/never", "object": "owners-upload"}),
+                         ("get", {"path": "/etc/hostname", "object": "owners-upload"})):
+            reply = await _ask(alice, bus.names.server("web1", op), body)
+            assert reply["error"]["code"] == "forbidden", (op, reply)
+            assert "streamed transfer" in reply["error"]["message"]
         # Her own inbox works, and a later command ran: everything before it was handled.
         own = f"{bus.alice.inbox}.out"
         ended = asyncio.Event()
@@ -175,7 +181,8 @@ async def test_output_goes_only_to_the_users_own_inbox(bus: Bus) -> None:
         assert (bobs, fleetbus_inbox, admin) == ([], [], [])
         denied = bus.host.metrics.denied
         assert denied.labels(bus.alice.public, "exec")._value.get() == 3
-        assert denied.labels(bus.alice.public, "put")._value.get() == 3
+        assert denied.labels(bus.alice.public, "put")._value.get() == 4
+        assert denied.labels(bus.alice.public, "get")._value.get() == 1
     finally:
         await alice.close()
         await bob.close()

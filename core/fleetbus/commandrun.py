@@ -54,7 +54,7 @@ from .errors import (
     TooLarge,
     mapped_errors,
 )
-from .messages import OPERATIONS, ExecRequest, PutRequest, Request, parse_request
+from .messages import OPERATIONS, ExecRequest, GetRequest, PutRequest, Request, parse_request
 from .operations import Outcome, Target
 from .output import BusOutput
 from .records import utcnow
@@ -172,6 +172,13 @@ class CommandRunner:
             # A user's output and transfer subjects must be its own inboxes (forbidden
             # otherwise): fleetbus publishes them in its own account, as itself.
             command.body, req = parse_request(command.op, msg.data, self.host.replies_for(command.identity))
+            if (not command.identity.is_owner and isinstance(req, PutRequest | GetRequest)
+                    and req.object is not None):
+                # The object store is fleetbus's own and holds every requester's files: a
+                # user naming an object would have fleetbus read another's upload onto a
+                # server, or overwrite it with a file (a user reaches no JetStream itself).
+                raise Forbidden("the object store is fleetbus's own: as a user, move files with a "
+                                "streamed transfer (stream)", before_start=True)
             if req.id is not None and command.op in ("exec", "put"):
                 body_fp = fingerprint(req)  # as costly as the parse on a large body
                 if not command.identity.is_owner:
