@@ -297,6 +297,15 @@ async def test_a_grant_reaches_the_servers_its_selector_matches_as_the_registry_
         await _reachable(alice, bus.names.grant(grant, "web1", "exec"))
         ran = await _ask(alice, bus.names.grant(grant, "web1", "exec"), {"argv": ["echo", "via grant"]})
         assert ran["ok"] and ran["stdout"] == "via grant\n"
+        # cancel works through the grant too (her permissions allow it there).
+        running = asyncio.create_task(_ask(alice, bus.names.grant(grant, "web1", "exec"),
+                                           {"id": "by-grant-1", "argv": ["sleep", "30"]}))
+        deadline = time.monotonic() + 20
+        while "by-grant-1" not in bus.host.served["web1"].running:
+            assert time.monotonic() < deadline and not running.done()
+            await asyncio.sleep(0.01)
+        assert (await _ask(alice, bus.names.grant(grant, "web1", "cancel"), {"id": "by-grant-1"}))["cancelled"]
+        assert (await running)["error"]["code"] == "cancelled"
         # db1 is not in role web: nobody answers its grant subject.
         assert "db1" in bus.host.served and grant not in bus.host.served["db1"].grant_subs
         with pytest.raises(NoRespondersError):
