@@ -379,7 +379,10 @@ class Identity:
         return Names.user_inbox(self.name)
 
     def record(self) -> dict[str, Any]:
-        """The audit record's ``identity`` field."""
+        """The audit record's ``identity`` field (the owner's is one shared dict: read it,
+        never change it)."""
+        if self.account is None and self.user == "owner":
+            return _OWNER_RECORD  # every command of the owner: no dict built per record
         out: dict[str, Any] = {"account": self.account, "user": self.user}
         if self.name_tag is not None:
             out["name_tag"] = self.name_tag
@@ -390,6 +393,7 @@ class Identity:
 
 #: The identity of every request without ``Nats-Request-Info``.
 OWNER = Identity(account=None, user="owner")
+_OWNER_RECORD: dict[str, Any] = {"account": None, "user": "owner"}
 # A header that is there but unreadable cannot have come from nats-server: only from
 # inside fleetbus's own account, which can claim anything anyway. It is no user's, so
 # it is recorded as such and fleetbus publishes nowhere for it.
