@@ -44,7 +44,7 @@ from .keys import AgentKeys
 from .names import check_credential_name, check_server_name
 from .records import CredentialInfo, CredentialType, Server, utcnow
 from .registry import Registry, kv_snapshot
-from .subjects import Names, ReplySubjects, requester_in
+from .subjects import Names, ReplySubjects, identity_in, requester_in
 from .transport import Transport
 from .userperms import UserSync
 from .users import UserRecord, UserStore, check_user_name, parse_duration, parse_grant
@@ -187,7 +187,7 @@ class AdminService:
         requester = requester_in(req.headers)
         await self.auditor.record(AuditRecord(
             ts=utcnow(), id=uuid.uuid4().hex, server=str(target or "")[:64], transport="admin",
-            op=endpoint, requester=requester,
+            op=endpoint, requester=requester, identity=identity_in(req.headers).record(),
             outcome="ok" if reply.get("ok") else str(error.get("code", "internal")),
             duration_s=round(time.monotonic() - started, 6), worker="core",
             summary=f"{endpoint} {target or ''}".strip()), admin=True)
