@@ -36,6 +36,7 @@ from pathlib import Path
 from .connection import OWNER_TOKEN_RE, OWNER_USER
 from .errors import InvalidRequest, ServerOffline
 from .home import Home, create_private, write_private
+from .subjects import Names
 
 log = logging.getLogger("fleetbus.embedded")
 
@@ -121,17 +122,18 @@ def account_config(prefix: str, users_file: str) -> list[str]:
     authenticated user in ``Nats-Request-Info``) and includes its users from
     ``users_file``, a name beside the config file (nats-server reads an include
     relative to the including file, even an absolute-looking one)."""
-    services = [f"{prefix}.v1.servers.*.*", f"{prefix}.v1.grants.*.*.*", f"{prefix}.v1.admin.>",
-                f"{prefix}.v1.jobs.>", f"{prefix}.v1.xfer.>"]
+    names = Names(prefix)
+    services = names.user_services
+    inboxes = json.dumps(names.user_inboxes())
     # Several messages may answer one request (response_type: stream), for as long as
     # the longest command may take (RESPONSE_THRESHOLD).
     exports = [f"      {{service: {json.dumps(s)}, response_type: stream, "
                f"response_threshold: {json.dumps(RESPONSE_THRESHOLD)}}}" for s in services]
     # Live output and transfer messages fleetbus publishes on a user's own inbox.
-    exports.append('      {stream: "_I.>"}')
+    exports.append(f"      {{stream: {inboxes}}}")
     imports = [f"      {{service: {{account: {FLEETBUS_ACCOUNT}, subject: {json.dumps(s)}}}, share: true}}"
                for s in services]
-    imports.append(f'      {{stream: {{account: {FLEETBUS_ACCOUNT}, subject: "_I.>"}}}}')
+    imports.append(f"      {{stream: {{account: {FLEETBUS_ACCOUNT}, subject: {inboxes}}}}}")
     return [
         "accounts {",
         f"  {FLEETBUS_ACCOUNT} {{",

@@ -122,6 +122,18 @@ class Names:
         """The inbox prefix of a user (with its final dot): the only subjects it may subscribe to."""
         return f"{USER_INBOX_ROOT}.{user}."
 
+    @property
+    def user_services(self) -> tuple[str, ...]:
+        """The subjects a user's account imports as services from fleetbus's: server and
+        grant commands, the admin and job services, the worker's side of transfers."""
+        p = f"{self.prefix}.v1"
+        return (f"{p}.servers.*.*", f"{p}.grants.*.*.*", f"{p}.admin.>", f"{p}.jobs.>", f"{p}.xfer.>")
+
+    @staticmethod
+    def user_inboxes() -> str:
+        """Every user's inboxes, which fleetbus's account exports to the users' as a stream."""
+        return f"{USER_INBOX_ROOT}.>"
+
     def admin(self, endpoint: str) -> str:
         return f"{self.prefix}.v1.admin.{endpoint}"
 
