@@ -157,7 +157,8 @@ import asyncio, os, sys
 import nats
 
 async def main():
-    nc = await nats.connect(sys.argv[1], token=os.environ.get("ECHO_TOKEN") or None)
+    token = os.environ.get("ECHO_TOKEN")
+    nc = await nats.connect(sys.argv[1], **({"user": "owner", "password": token} if token else {}))
     async def answer(msg):
         await msg.respond(b'{"ok":true}')
     await nc.subscribe("bench.echo", cb=answer)

@@ -251,7 +251,8 @@ class Relay:
 
 async def main(config_path: str) -> None:
     config = json.loads(Path(config_path).read_text())
-    nc = await nats.connect(config["nats_url"], token=os.environ.get("FLOOR_NATS_TOKEN") or None,
+    token = os.environ.get("FLOOR_NATS_TOKEN")  # the embedded NATS's: owner's password
+    nc = await nats.connect(config["nats_url"], **({"user": "owner", "password": token} if token else {}),
                             max_reconnect_attempts=0)
     relay = Relay(nc)
     for name, handler in (("peers", relay.on_peers), ("exec", relay.on_exec), ("ping.*", relay.on_ping), ("put.*", relay.on_put),

@@ -56,7 +56,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 @pytest.fixture
 async def fleet_nc(fleet: Fleet) -> AsyncIterator[NATS]:
     """A plain NATS client on the fleet's embedded NATS, as another system would use."""
-    conn = await nats.connect(fleet.nats_url, token=fleet.token)
+    conn = await nats.connect(fleet.nats_url, user="owner", password=fleet.token)
     yield conn
     await conn.close()
 

@@ -169,7 +169,7 @@ async def test_a_command_queued_when_the_worker_stops_runs_on_retry_after_the_re
                                         "--max-concurrency", "1")
         assert added.returncode == 0, added.stderr
         await until(lambda: fleet.cli("ping", "one-slot").returncode == 0, "one-slot served")
-        nc = await nats.connect(fleet.nats_url, token=fleet.token)
+        nc = await nats.connect(fleet.nats_url, user="owner", password=fleet.token)
         try:
             first_reply = asyncio.create_task(exec_(nc, "one-slot", first))
             await until(lambda: marker.exists() or first_reply.done(), "the first command to start")
@@ -186,7 +186,7 @@ async def test_a_command_queued_when_the_worker_stops_runs_on_retry_after_the_re
 
         # The claim was dropped, not left "running": after the restart a retry runs it.
         fleet = await asyncio.to_thread(Fleet(home).start)
-        nc = await nats.connect(fleet.nats_url, token=fleet.token)
+        nc = await nats.connect(fleet.nats_url, user="owner", password=fleet.token)
         try:
             await until(lambda: fleet.cli("ping", "one-slot").returncode == 0, "one-slot served again")
             retried = await exec_(nc, "one-slot", second)

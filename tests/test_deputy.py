@@ -200,7 +200,7 @@ async def test_the_client_sends_no_file_where_a_fake_worker_points_it(fake, tmp_
 async def test_a_configured_reply_prefix_serves_clients_with_that_inbox_prefix(tmp_path: Path) -> None:
     stack = Fleet(tmp_path / "home", env={"FLEETBUS_REPLY_PREFIXES": "_INBOX, ci.replies"}).start()
     try:
-        nc = await nats.connect(stack.nats_url, token=stack.token, inbox_prefix="ci.replies")
+        nc = await nats.connect(stack.nats_url, user="owner", password=stack.token, inbox_prefix="ci.replies")
         try:
             await _a_later_command_completes(nc)  # live output on ci.replies.<nuid>
             client = Client(nc, Names("fleetbus"), requester="test")

@@ -143,7 +143,7 @@ def test_the_python_example_in_the_doc_is_the_script(doc: str) -> None:
 
 
 async def test_every_admin_endpoint_is_documented(fleet: Fleet, doc: str) -> None:
-    nc = await nats.connect(fleet.nats_url, token=fleet.token or None)
+    nc = await nats.connect(fleet.nats_url, user="owner", password=fleet.token)
     try:
         msg = await nc.request("$SRV.INFO.fleetbus-admin", b"", timeout=10)
     finally:

@@ -728,7 +728,7 @@ class LogWatch:
 
 
 async def _fleet_nc(fleet: Fleet) -> NATS:
-    return await nats.connect(fleet.nats_url, token=fleet.token, max_reconnect_attempts=2)
+    return await nats.connect(fleet.nats_url, user="owner", password=fleet.token, max_reconnect_attempts=2)
 
 
 async def _still_serves(nc: NATS) -> list[str]:
@@ -1170,6 +1170,12 @@ ADMIN_ENDPOINTS = {
     "credentials.add": True,
     "credentials.list": False,
     "credentials.remove": True,
+    # Users change what the USERS account may do and reload NATS; no target uses a user.
+    "users.add": True,
+    "users.list": False,
+    "users.show": False,
+    "users.remove": True,
+    "users.rotate": True,
 }
 
 SAFE_PROGRAMS = frozenset({"true", "echo", "printf", "/bin/true", "/bin/echo", "pwd"})
@@ -1220,7 +1226,19 @@ def _valid_body(rng: random.Random, subject: str, workdir: Path, index: int) -> 
         "credentials.add": {"name": f"fuzz-cred-{rng.randint(0, 5)}", "type": "password",
                             "secret_b64": "c2VjcmV0", "replace": rng.random() < 0.5},
         "credentials.remove": {"name": f"fuzz-cred-{rng.randint(0, 5)}", "force": rng.random() < 0.5},
+        "users.add": {"name": name, "public_key": _user_key(rng), "allow": ["ping:local"],
+                      "expires_in": rng.choice((None, "1h"))},
+        "users.show": {"name": name},
+        "users.remove": {"name": name},
+        "users.rotate": {"name": name, "public_key": _user_key(rng)},
     }.get(subject, {})
+
+
+def _user_key(rng: random.Random) -> str:
+    """A valid nkey user public key from the run's seed (replayable)."""
+    import nkeys
+
+    return nkeys.from_seed(nkeys.encode_seed(rng.randbytes(32), nkeys.PREFIX_BYTE_USER)).public_key.decode()
 
 
 def _steer(subject: str, body: Any, workdir: Path) -> Any:

@@ -51,7 +51,7 @@ def example_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 async def register(fleet: Fleet, names: list[str], labels: dict[str, str]) -> None:
     """Register `local` servers and wait until a worker serves each (status online)."""
-    nc = await nats.connect(fleet.nats_url, token=fleet.token)
+    nc = await nats.connect(fleet.nats_url, user="owner", password=fleet.token)
     try:
         for name in names:
             msg = await nc.request("fleetbus.v1.admin.servers.add", json.dumps(

@@ -110,7 +110,7 @@ def max_seen(folder: Path) -> int:
 async def nc(fleet: Fleet) -> AsyncIterator[NATS]:
     import nats
 
-    conn = await nats.connect(fleet.nats_url, token=fleet.token)
+    conn = await nats.connect(fleet.nats_url, user="owner", password=fleet.token)
     yield conn
     await conn.close()
 

@@ -39,7 +39,7 @@ def tag() -> str:
 async def nc(fleet: Fleet) -> AsyncIterator[NATS]:
     import nats
 
-    conn = await nats.connect(fleet.nats_url, token=fleet.token)
+    conn = await nats.connect(fleet.nats_url, user="owner", password=fleet.token)
     yield conn
     await conn.close()
 

@@ -90,7 +90,7 @@ class Fleet60:
 
 async def _register(fleet: Fleet, specs: list[Spec], sshd: Sshd, ssh_key: bytes) -> dict[str, str]:
     """Register every server over the bus; the agents' keys by server."""
-    nc = await nats.connect(fleet.nats_url, token=fleet.token)
+    nc = await nats.connect(fleet.nats_url, user="owner", password=fleet.token)
     try:
         added = await request(nc, f"{PREFIX}.v1.admin.credentials.add", {
             "name": "fleet-key", "type": "ssh-key", "user": own_user(),
@@ -124,7 +124,7 @@ async def _online(nc: NATS) -> set[str]:
 
 
 async def _all_online(fleet: Fleet, expected: set[str]) -> None:
-    nc = await nats.connect(fleet.nats_url, token=fleet.token)
+    nc = await nats.connect(fleet.nats_url, user="owner", password=fleet.token)
     try:
         async def ready() -> bool:
             online = await _online(nc)
@@ -165,7 +165,7 @@ def fleet60(fleet: Fleet, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
 
 @pytest.fixture
 async def nc(fleet: Fleet) -> AsyncIterator[NATS]:
-    conn = await nats.connect(fleet.nats_url, token=fleet.token)
+    conn = await nats.connect(fleet.nats_url, user="owner", password=fleet.token)
     yield conn
     await conn.close()
 

@@ -214,7 +214,7 @@ def test_command_ids() -> None:
 def test_error_codes_round_trip_over_the_wire() -> None:
     assert set(ERROR_CODES) == {
         "invalid_request", "not_found", "server_offline", "timeout", "cancelled",
-        "auth_failed", "transport_error", "too_large", "busy", "lost", "internal",
+        "auth_failed", "transport_error", "too_large", "busy", "lost", "forbidden", "internal",
     }
     err = FleetbusError.from_wire(NotFound("no server named x").to_wire())
     assert FleetbusError.from_wire({"code": "lost", "message": "m"}).code == "lost"

@@ -38,7 +38,7 @@ PROMETHEUS = "/usr/bin/prometheus"
 PROMTOOL = "/usr/bin/promtool"
 
 # Every label name fleetbus may put on a sample ("le" is the histogram's own).
-ALLOWED_LABELS = {"transport", "op", "outcome", "server", "reason", "version", "le"}
+ALLOWED_LABELS = {"transport", "op", "outcome", "server", "reason", "version", "user", "le"}
 ALERTS = {"FleetbusProcessDown", "FleetbusServerDown", "FleetbusServerFlapping",
           "FleetbusAuthFailureBurst", "FleetbusCommandErrorRatio",
           "FleetbusBlockingPoolSaturated", "FleetbusCommandsQueued", "FleetbusJobStopped"}

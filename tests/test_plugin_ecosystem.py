@@ -239,7 +239,7 @@ async def eventually(check: Any, timeout: float = 15, what: str = "condition") -
 @pytest.fixture
 async def nc(fleet: VenvFleet) -> AsyncIterator[NATS]:
     """A plain nats-py client, as another system would use the bus; the echo servers served."""
-    conn = await nats.connect(fleet.nats_url, token=fleet.token)
+    conn = await nats.connect(fleet.nats_url, user="owner", password=fleet.token)
 
     async def served(name: str) -> bool:
         try:

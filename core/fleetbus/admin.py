@@ -11,6 +11,11 @@ naming the option), ``capabilities.needs_host``, ``capabilities.issues_agent_key
 transport not installed beside the core cannot be checked: such a server is registered
 with a warning saying so (a deployment may run that plugin on its workers only), and its
 options are first checked when a worker opens a session to it.
+
+``users.add|list|show|remove|rotate`` keep the users bucket (users.py). They take and
+show public keys only: whoever adds a user makes its nkey and keeps the seed (the CLI
+writes it to a 0600 file), so no seed ever crosses the bus. Where this process runs the
+embedded NATS, a change is answered once nats-server has it (``applied: true``).
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ from .keys import AgentKeys
 from .names import check_credential_name, check_server_name
 from .records import CredentialInfo, CredentialType, Server, utcnow
 from .registry import Registry, kv_snapshot
-from .subjects import Names, ReplySubjects, requester_in
+from .subjects import Names, ReplySubjects, identity_in, requester_in
 from .transport import Transport
+from .userperms import UserSync
+from .users import UserRecord, UserStore, check_user_name, parse_duration, parse_grant
 from .vault import Vault
 
 log = logging.getLogger("fleetbus.admin")
@@ -78,6 +85,23 @@ class CredentialRemove(_Body):
     force: bool = False
 
 
+class UserAdd(_Body):
+    name: str
+    public_key: str
+    allow: list[str] = Field(default_factory=list, max_length=64,
+                             description="Grants, each OPS:SELECTOR (users.parse_grant).")
+    admin: list[str] = Field(default_factory=list, max_length=64)
+    expires_in: str | None = Field(default=None, description="Like 90d, 12h; none: never.")
+
+
+class UserRotate(_Body):
+    name: str
+    public_key: str
+
+#: How long a users change waits for nats-server to have it before answering anyway.
+USERS_APPLY_WAIT_S = 10.0
+
+
 def _b64(value: str, what: str) -> bytes:
     try:
         return base64.b64decode(value, validate=True)
@@ -88,7 +112,8 @@ def _b64(value: str, what: str) -> bytes:
 class AdminService:
     def __init__(self, nc: NATS, names: Names, registry: Registry, vault: Vault,
                  agent_keys: AgentKeys, gateways: KeyValue, transports: Mapping[str, type[Transport]],
-                 replies: ReplySubjects | None = None) -> None:
+                 replies: ReplySubjects | None = None, users: UserStore | None = None,
+                 user_sync: UserSync | None = None) -> None:
         self.nc = nc
         self.names = names
         self.replies = replies or names.reply_subjects()
@@ -101,13 +126,10 @@ class AdminService:
         #: The transport classes installed beside the core, by name: their declarations.
         self.transports = dict(transports)
         self.service: Service | None = None
-
-    async def start(self) -> None:
-        self.service = await add_service(
-            self.nc, name="fleetbus-admin", version=__version__,
-            description="fleetbus registry and credential administration",
-        )
-        endpoints: dict[str, Handler] = {
+        self.users = users
+        #: Set where this process runs the embedded NATS: changes are applied and awaited.
+        self.user_sync = user_sync
+        self.endpoints: dict[str, Handler] = {
             "servers.add": self.servers_add,
             "servers.list": self.servers_list,
             "servers.get": self.servers_get,
@@ -119,7 +141,21 @@ class AdminService:
             "credentials.list": self.credentials_list,
             "credentials.remove": self.credentials_remove,
         }
-        for subject, handler in endpoints.items():
+        if users is not None:
+            self.endpoints.update({
+                "users.add": self.users_add,
+                "users.list": self.users_list,
+                "users.show": self.users_show,
+                "users.remove": self.users_remove,
+                "users.rotate": self.users_rotate,
+            })
+
+    async def start(self) -> None:
+        self.service = await add_service(
+            self.nc, name="fleetbus-admin", version=__version__,
+            description="fleetbus registry and credential administration",
+        )
+        for subject, handler in self.endpoints.items():
             await self.service.add_endpoint(
                 name=subject.replace(".", "-"), subject=self.names.admin(subject),
                 handler=self._wrap(handler),
@@ -143,7 +179,7 @@ class AdminService:
                      started: float) -> None:
         """Who changed the registry or the vault: names only, never a secret."""
         endpoint = req.subject[len(self.names.admin_root) + 1:]
-        if endpoint.endswith((".list", ".get")):
+        if endpoint.endswith((".list", ".get", ".show")):
             return  # reads are not changes
         server_body = body.get("server")
         target = body.get("name") or (server_body.get("name") if isinstance(server_body, dict) else None)
@@ -151,7 +187,7 @@ class AdminService:
         requester = requester_in(req.headers)
         await self.auditor.record(AuditRecord(
             ts=utcnow(), id=uuid.uuid4().hex, server=str(target or "")[:64], transport="admin",
-            op=endpoint, requester=requester,
+            op=endpoint, requester=requester, identity=identity_in(req.headers).record(),
             outcome="ok" if reply.get("ok") else str(error.get("code", "internal")),
             duration_s=round(time.monotonic() - started, 6), worker="core",
             summary=f"{endpoint} {target or ''}".strip()), admin=True)
@@ -293,3 +329,80 @@ class AdminService:
         await self._event("credentials", name, "removed")
         return {"ok": True, "name": name, "was_used_by": users}
 
+
+    # users -------------------------------------------------------------------------
+    def _store(self) -> UserStore:
+        assert self.users is not None  # the endpoints exist only with a store
+        return self.users
+
+    async def _applied(self) -> bool:
+        """After a change: ask the sync for a pass and wait for one that began after the
+        change; False where no sync runs here, or it did not finish in time."""
+        if self.user_sync is None:
+            return False
+        begun = self.user_sync.started
+        self.user_sync.changed()
+        return await self.user_sync.wait_applied(begun, USERS_APPLY_WAIT_S)
+
+    def _shown(self, record: UserRecord) -> dict[str, Any]:
+        return {**record.model_dump(mode="json"), "expired": record.expired()}
+
+    def _reply(self, record: UserRecord | None, applied: bool, **more: Any) -> dict[str, Any]:
+        reply: dict[str, Any] = {"ok": True, "applied": applied, **more}
+        if record is not None:
+            reply["user"] = self._shown(record)
+        if not applied:
+            reply["warnings"] = [
+                "this core does not run the NATS server (fleetbus up does), so the change is "
+                "stored but not in NATS yet; see docs/security.md for a shared NATS"
+                if self.user_sync is None else
+                "the change is stored; NATS had not applied it within "
+                f"{USERS_APPLY_WAIT_S:g} s (see the core's log)"]
+        return reply
+
+    async def users_add(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = UserAdd.model_validate(body)
+        unknown = [e for e in req.admin if e not in self.endpoints]
+        if unknown:
+            raise InvalidRequest(f"no admin endpoint {unknown[0][:64]!r} (one of {', '.join(sorted(self.endpoints))})")
+        if not req.allow and not req.admin:
+            raise InvalidRequest("a user with no grant and no admin endpoint could do nothing: "
+                                 "give --allow or --admin")
+        expires = utcnow() + parse_duration(req.expires_in) if req.expires_in else None
+        try:
+            record = UserRecord(name=check_user_name(req.name), public_key=req.public_key,
+                                grants=[parse_grant(text) for text in req.allow],
+                                admin=req.admin, expires=expires)
+        except ValueError as exc:  # pydantic's, for the public key's form
+            raise InvalidRequest(str(exc).splitlines()[-1].strip()) from None
+        await self._key_unused(record.public_key)
+        await self._store().add(record)
+        return self._reply(record, await self._applied())
+
+    async def _key_unused(self, public_key: str) -> None:
+        """One key, one user: NATS could not tell them apart."""
+        holder = next((u.name for u in await self._store().list() if u.public_key == public_key), None)
+        if holder is not None:
+            raise InvalidRequest(f"that public key is user {holder}'s; make a new key")
+
+    async def users_list(self, body: dict[str, Any]) -> dict[str, Any]:
+        _Body.model_validate(body)
+        return {"ok": True, "users": [self._shown(r) for r in await self._store().list()]}
+
+    async def users_show(self, body: dict[str, Any]) -> dict[str, Any]:
+        record = await self._store().get(NameBody.model_validate(body).name)
+        return {"ok": True, "user": self._shown(record)}
+
+    async def users_remove(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = check_user_name(NameBody.model_validate(body).name)
+        await self._store().remove(name)
+        return self._reply(None, await self._applied(), name=name)
+
+    async def users_rotate(self, body: dict[str, Any]) -> dict[str, Any]:
+        req = UserRotate.model_validate(body)
+        await self._key_unused(req.public_key)
+        try:
+            record = await self._store().replace_key(req.name, req.public_key)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc).splitlines()[-1].strip()) from None
+        return self._reply(record, await self._applied())

@@ -22,7 +22,9 @@ this tells connections apart without reading the body (a reply subject of one or
 tokens counts whole). It is a proxy: a requester that makes up a new prefix per
 request counts as many requesters (each may then hold one request), which loses it
 its fairness, not the bound. Requests without a reply subject share one requester,
-``""``.
+``""``. A request that crossed a service import from a user's account has a reply
+subject nats-server made (``_R_.<account>.<token>``, one prefix for every user), so
+there the requester is the identity NATS authenticated instead (subjects.Identity).
 
 Large bodies are parsed one at a time, requesters taking turns, and parsing takes at
 most ``parse_share`` of the event loop's time: after a parse of ``t`` seconds the next
@@ -45,6 +47,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .limits import MAX_REQUEST_BYTES
+from .subjects import Identity
 
 log = logging.getLogger("fleetbus.admission")
 
@@ -80,10 +83,14 @@ class AdmissionSettings:
             raise ValueError("parse_share must be between 0.05 and 1")
 
 
-def requester_of(reply: str) -> str:
-    """Who is asking, as far as fairness goes: the reply subject without its last token,
-    or the whole of a subject of one or two tokens (a client's old-style unique inbox
-    per request, ``_INBOX.<nuid>``, must not share one requester with every other)."""
+def requester_of(reply: str, identity: Identity | None = None) -> str:
+    """Who is asking, as far as fairness goes: a user's verified identity, else the
+    reply subject without its last token, or the whole of a subject of one or two
+    tokens (a client's old-style unique inbox per request, ``_INBOX.<nuid>``, must not
+    share one requester with every other)."""
+    if identity is not None and not identity.is_owner:
+        # "id:" keeps these apart from inbox prefixes (which never start so).
+        return "id:" + identity.key
     head = reply.rpartition(".")[0]
     return head if "." in head else reply
 

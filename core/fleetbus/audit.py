@@ -67,6 +67,20 @@ SKIP_FROM_SHARE = 0.5
 SKIP_REPORT_EVERY_S = 10.0
 
 
+class AuditIdentity(BaseModel):
+    """Who NATS authenticated for a request (subjects.Identity): ``account`` None is the
+    owner (fleetbus's own account), else the user's account, ``user`` (a name, or an
+    nkey or JWT public key), a JWT user's ``name_tag`` and the user record's ``name``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    account: str | None = None
+    user: str
+    name_tag: str | None = None
+    #: The user record holding that key (the users bucket), where the worker knew it.
+    name: str | None = None
+
+
 class AuditRecord(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -75,7 +89,10 @@ class AuditRecord(BaseModel):
     server: str
     transport: str
     op: str
+    #: As the request declared it (``Fleetbus-Requester``): grants nothing.
     requester: str
+    #: As NATS authenticated it; absent only in records written before it existed.
+    identity: AuditIdentity | None = None
     outcome: str
     exit_code: int | None = None
     duration_s: float

@@ -281,6 +281,11 @@ class Client:
     async def _admin(self, endpoint: str, body: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
         return await self._request(self.names.admin(endpoint), body, timeout)
 
+    async def admin(self, endpoint: str, body: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
+        """Call the admin endpoint ``endpoint`` (``users.add``, ...; docs/bus-api.md) with
+        ``body``: its reply, or the error it answered raised as its exception."""
+        return await self._admin(endpoint, body, timeout)
+
     # commands -------------------------------------------------------------------------
     async def exec(
         self,

@@ -7,7 +7,8 @@ where it goes, in order:
    operation's pydantic model;
 2. **claim**: a command with an id (``exec``, ``put``) is claimed in
    ``fleetbus_commands`` (dedupe.py): this request runs it, or a retry gets the stored
-   reply (or waits for the one still running);
+   reply (or waits for the one still running); a user's claim records its identity, so
+   the id cannot be replayed or taken over by another (``forbidden``);
 3. **slot**: a place under the server's ``max_concurrency``;
 4. **run**: the server's session (sessions.py) and the operation under its time limit
    (operations.py);
@@ -44,6 +45,7 @@ from .errors import (
     Busy,
     Cancelled,
     FleetbusError,
+    Forbidden,
     InternalError,
     InvalidRequest,
     Lost,
@@ -52,12 +54,12 @@ from .errors import (
     TooLarge,
     mapped_errors,
 )
-from .messages import OPERATIONS, ExecRequest, PutRequest, Request, parse_request
+from .messages import OPERATIONS, ExecRequest, GetRequest, PutRequest, Request, parse_request
 from .operations import Outcome, Target
 from .output import BusOutput
 from .records import utcnow
 from .streams import keep_alive
-from .subjects import Names, deadline_in, requester_in
+from .subjects import Identity, Names, deadline_in, requester_in
 
 if TYPE_CHECKING:
     from .host import PluginHost, Served
@@ -94,6 +96,7 @@ class _Command:
     op: str
     id: str
     requester: str
+    identity: Identity
     deadline: float | None
     started: float
     body: dict[str, Any]
@@ -105,18 +108,19 @@ class CommandRunner:
     def __init__(self, host: PluginHost) -> None:
         self.host = host
 
-    async def handle(self, served: Served, msg: Msg, ticket: Ticket) -> None:
-        """Answer one admitted request; its admission ticket is released when done."""
+    async def handle(self, served: Served, msg: Msg, ticket: Ticket, identity: Identity) -> None:
+        """Answer one admitted request from ``identity`` (as NATS authenticated it); its
+        admission ticket is released when done."""
         try:
-            await self._handle(served, msg, ticket)
+            await self._handle(served, msg, ticket, identity)
         finally:
             ticket.release()
 
-    async def _handle(self, served: Served, msg: Msg, ticket: Ticket) -> None:
+    async def _handle(self, served: Served, msg: Msg, ticket: Ticket, identity: Identity) -> None:
         host = self.host
         _, op = Names.server_op(msg.subject)
         command = _Command(served=served, op=op, id=host.new_id(), requester=requester_in(msg.headers),
-                           deadline=deadline_in(msg.headers), started=time.monotonic(), body={})
+                           identity=identity, deadline=deadline_in(msg.headers), started=time.monotonic(), body={})
         claimed: str | None = None  # this request holds the command id's claim (its fingerprint)
         replayed = False
         running = False  # the command was handed to a slot: from here an error may have run it
@@ -165,9 +169,22 @@ class CommandRunner:
             raise InvalidRequest(f"unknown operation {command.op[:32]!r}; use one of {', '.join(OPERATIONS)}")
         body_fp: str | None = None
         async with self.host.admission.parse_turn(ticket):
-            command.body, req = parse_request(command.op, msg.data, self.host.replies)
+            # A user's output and transfer subjects must be its own inboxes (forbidden
+            # otherwise): fleetbus publishes them in its own account, as itself.
+            command.body, req = parse_request(command.op, msg.data, self.host.replies_for(command.identity))
+            if (not command.identity.is_owner and isinstance(req, PutRequest | GetRequest)
+                    and req.object is not None):
+                # The object store is fleetbus's own and holds every requester's files: a
+                # user naming an object would have fleetbus read another's upload onto a
+                # server, or overwrite it with a file (a user reaches no JetStream itself).
+                raise Forbidden("the object store is fleetbus's own: as a user, move files with a "
+                                "streamed transfer (stream)", before_start=True)
             if req.id is not None and command.op in ("exec", "put"):
                 body_fp = fingerprint(req)  # as costly as the parse on a large body
+                if not command.identity.is_owner:
+                    # Whose claim it is goes with the body: another identity's retry
+                    # conflicts (and is told so below) instead of replaying its output.
+                    body_fp = f"{command.identity.key}/{body_fp}"
         if req.id is not None:
             command.id = req.id
         return req, body_fp
@@ -185,6 +202,7 @@ class CommandRunner:
             if claim.outcome == "dropped":
                 continue  # deleted between our create and our read: claim it again
             if claim.outcome == "conflict":
+                await self._check_claimant(command, body_fp)
                 raise InvalidRequest(
                     f"command id {command.id} was already used for a different {command.op} on {server}")
             if claim.outcome == "run":
@@ -211,6 +229,16 @@ class CommandRunner:
             return Outcome(reply=reply, exit_code=reply.get("exit_code"))
         raise Busy(f"command {command.id} was claimed and dropped again and again; retry it")
 
+    async def _check_claimant(self, command: _Command, body_fp: str) -> None:
+        """Raise ``forbidden`` when the id's claim belongs to another identity (whose
+        fingerprints carry its key; the owner's carry none)."""
+        server = command.served.server.name
+        stored = await self.host.memory.load(server, command.op, command.id)
+        theirs = str((stored or {}).get("fp") or "")
+        if theirs.rpartition("/")[0] != body_fp.rpartition("/")[0]:
+            raise Forbidden(f"command id {command.id} on {server} belongs to another user; "
+                            "send your command with an id of your own", before_start=True)
+
     async def _replay_output(self, subject: str, command_id: str, reply: dict[str, Any]) -> None:
         """A retry's live output is the stored tail, so consumers see the same shape."""
         output = BusOutput(self.host.nc, command_id, subject, self.host.settings.tail_bytes)
@@ -233,6 +261,7 @@ class CommandRunner:
         task = asyncio.current_task()
         assert task is not None
         served.running[command.id] = task
+        served.senders[command.id] = command.identity
         counted = self.host.metrics.for_transport(served.transport)
         counted.inflight.inc()
         try:
@@ -260,6 +289,7 @@ class CommandRunner:
         finally:
             counted.inflight.dec()
             served.running.pop(command.id, None)
+            served.senders.pop(command.id, None)
 
     def _cancelled_by_request(self, task: asyncio.Task[Any], started: bool) -> None:
         """Called on CancelledError inside a command: a cancel request (or unserve) ends
@@ -336,6 +366,8 @@ class CommandRunner:
         elapsed = time.monotonic() - command.started
         label_op = op if op in OPERATIONS else "invalid"
         result = "ok" if outcome.reply.get("ok") else str(error.get("code", "internal"))
+        if result == Forbidden.code:
+            self.host.denied(command.identity, label_op)
         self.host.metrics.for_transport(served.transport).finished(label_op, result, elapsed, outcome.bytes)
         # A malformed request's record may be skipped while the audit stream lags, so a
         # flood of them cannot crowd out the records of commands that ran (audit.py).
@@ -345,6 +377,7 @@ class CommandRunner:
         return self.host.auditor.stage({
             "ts": utcnow(), "id": command.id, "server": served.server.name,
             "transport": served.transport, "op": label_op, "requester": command.requester,
+            "identity": command.identity.record(),
             "outcome": result, "exit_code": outcome.exit_code, "duration_s": round(elapsed, 6),
             "worker": self.host.settings.worker_id, "summary": summarize(op, command.body),
             "bytes": outcome.bytes, "replayed": replayed,

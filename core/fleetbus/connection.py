@@ -5,7 +5,10 @@ The servers come from ``--nats``, else ``FLEETBUS_NATS_URL``, else the NATS CLI 
 writes in the home folder; each is one URL or a comma-separated list
 (:mod:`fleetbus.natsconfig`). The embedded NATS requires a token; it is read from
 ``FLEETBUS_NATS_TOKEN``, a context or the token file, never from a command line, so it
-never shows in a process list. A ``.creds`` file (``--nats-creds`` /
+never shows in a process list. Since the embedded NATS runs with accounts, its token is
+the password of its user ``owner`` (a NATS token cannot sit beside account users): a
+token of the embedded form (``fbn_`` and 64 hex digits, :data:`OWNER_TOKEN_RE`) is sent
+as ``owner``'s password, any other token as a NATS token. A ``.creds`` file (``--nats-creds`` /
 ``FLEETBUS_NATS_CREDS``) or a context's user, password, nkey or TLS files are the other
 ways to authenticate.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import ssl
 import sys
 import termios
@@ -37,6 +41,9 @@ ENV_TOKEN = "FLEETBUS_NATS_TOKEN"
 ENV_CREDS = "FLEETBUS_NATS_CREDS"
 ENV_PREFIX = "FLEETBUS_PREFIX"
 DEFAULT_PREFIX = "fleetbus"
+#: A token the embedded NATS made (embedded.new_token): the password of OWNER_USER there.
+OWNER_TOKEN_RE = re.compile(r"^fbn_[0-9a-f]{64}$")
+OWNER_USER = "owner"
 
 
 @dataclass(frozen=True)
@@ -115,7 +122,10 @@ class NatsSettings:
         """nats-py ``connect`` options for these credentials; InvalidRequest when a named
         file cannot be read (checked here so the error names the file, not nats-py's)."""
         opts: dict[str, object] = {}
-        if self.token:
+        if self.token and not self.user and OWNER_TOKEN_RE.fullmatch(self.token):
+            # nats-py sends user and password instead of a token, never both.
+            opts["user"], opts["password"] = OWNER_USER, self.token
+        elif self.token:
             opts["token"] = self.token
         if self.user:
             opts["user"] = self.user

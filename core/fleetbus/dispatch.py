@@ -136,6 +136,11 @@ class ReplyInbox:
         token = str(next(self._tokens))
         return token, self._prefix + token
 
+    @property
+    def prefix(self) -> str:
+        """The reply subjects' common prefix (ending in "."); "" until first used."""
+        return self._prefix
+
     async def close(self) -> None:
         """Stop listening (the subscription ends with the connection anyway)."""
         if self.reader is not None:

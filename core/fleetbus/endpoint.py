@@ -2,8 +2,9 @@
 
 Both services take a JSON object, run a handler on it and answer ``{"ok": ...}``; what
 can go wrong on the way is the same for every endpoint, so it is decided here once: a
-reply subject outside the reply namespace drops the request unanswered (fleetbus would
-otherwise publish where the requester chose, docs/bus-api.md "Reply subjects"); a
+reply subject outside the reply namespace (for a user's request: not one nats-server made
+on the import, ``_R_.``) drops the request unanswered (fleetbus would otherwise publish
+where the requester chose, docs/bus-api.md "Reply subjects"); a
 :class:`FleetbusError` is its own code; a validation error is ``invalid_request``;
 anything else is a bug, logged here and answered ``internal`` without its text.
 """
@@ -20,7 +21,7 @@ from pydantic import ValidationError
 
 from .errors import FleetbusError, InternalError, InvalidRequest
 from .messages import describe_validation_error, parse_json_object
-from .subjects import ReplySubjects
+from .subjects import ReplySubjects, identity_in, reply_allowed
 
 log = logging.getLogger("fleetbus.endpoint")
 
@@ -35,7 +36,7 @@ async def answer(req: MicroRequest, replies: ReplySubjects,
     caller's audit record; None when the request was dropped for its reply subject.
     """
     reply_to = req._msg.reply  # nats-py's micro Request keeps the message private
-    if reply_to and not replies.allows(reply_to):
+    if reply_to and not reply_allowed(replies, reply_to, identity_in(req.headers)):
         return None
     body: dict[str, Any] = {}
     try:

@@ -13,6 +13,7 @@ Every failure that crosses a process boundary is one of these codes::
     ├── TooLarge             too_large
     ├── Busy                 busy
     ├── Lost                 lost
+    ├── Forbidden            forbidden
     └── InternalError        internal
 
 Transport authors raise these (most often :class:`TransportError`,
@@ -143,6 +144,14 @@ class Lost(FleetbusError):
     code = "lost"
 
 
+class Forbidden(FleetbusError):
+    """The requester may not do this: NATS refused the subject (its permissions), or
+    fleetbus decided (a subject outside the requester's own inboxes, a command id or
+    cancel that belongs to another identity). Nothing was run."""
+
+    code = "forbidden"
+
+
 class InternalError(FleetbusError):
     """A bug: something fleetbus did not expect. The message never carries secrets."""
 
@@ -162,6 +171,7 @@ ERROR_CLASSES: dict[str, type[FleetbusError]] = {
         TooLarge,
         Busy,
         Lost,
+        Forbidden,
         InternalError,
     )
 }

@@ -3,9 +3,11 @@
 This module is its lifecycle and serving: starting and stopping the transports (each
 with its :class:`_Context`), a session pool per transport, subscribing to
 ``<prefix>.v1.servers.<name>.*`` for every server a loaded transport serves (in the
-transport's queue group, so several worker processes share the load), following the
-registry, routing ``cancel`` to the command it names, and admission: weighing each
-request before any work is done on it (``too_large``, ``busy``).
+transport's queue group, so several worker processes share the load), and to
+``<prefix>.v1.grants.<grant>.<name>.*`` for every user's grant that selects it (the
+users bucket, grants.py), following the registry and the users, routing ``cancel``
+to the command it names, who asks (the identity NATS authenticated, subjects.Identity),
+and admission: weighing each request before any work is done on it (``too_large``, ``busy``).
 
 An admitted request is handed to :mod:`fleetbus.commandrun`, which runs one command's
 life (parse, claim, slot, run, reply, audit) with its one error ladder; the operations
@@ -16,6 +18,7 @@ themselves are :mod:`fleetbus.operations`. Transports see none of this; they imp
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -23,7 +26,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +46,9 @@ from .connection import publish_soon, unread_bytes, watch_errors
 from .coreservices import CoreServices
 from .dedupe import CommandMemory
 from .dispatch import subscribe_direct
-from .errors import Busy, FleetbusError, InternalError
+from .errors import Busy, FleetbusError, Forbidden, InternalError
 from .gatewaystate import GatewayState
+from .grants import UserDirectory, open_users_bucket
 from .home import Home
 from .jetstream import State
 from .keys import AgentKeys
@@ -55,10 +59,18 @@ from .metrics import Metrics
 from .objects import ObjectFiles
 from .objectshare import SharedObjects
 from .operations import Operations
-from .records import Server
+from .records import Server, utcnow
 from .registry import Registry
 from .sessions import SessionPool
-from .subjects import DEFAULT_REPLY_PREFIXES, Names
+from .subjects import (
+    DEFAULT_REPLY_PREFIXES,
+    Identity,
+    Names,
+    ReplySubjects,
+    identity_in,
+    reply_allowed,
+    requester_in,
+)
 from .transport import Credential, Transport
 from .vault import Vault
 
@@ -144,6 +156,11 @@ class Served:
     sub: Subscription
     slots: asyncio.Semaphore
     running: dict[str, asyncio.Task[Any]] = field(default_factory=dict)
+    # Who sent each running command (by id): only that identity may cancel it.
+    senders: dict[str, Identity] = field(default_factory=dict)
+    # The request handler, for the grant subjects too; and grant id -> its subscription.
+    dispatch: Callable[[Msg], None] | None = None
+    grant_subs: dict[str, tuple[Subscription, asyncio.Task[None] | None]] = field(default_factory=dict)
     reader: asyncio.Task[None] | None = None  # only where subscribe_direct needs one
 
 
@@ -166,6 +183,7 @@ class PluginHost:
         self.names: Names = state.names
         self.settings = settings or HostSettings()
         self.replies = self.names.reply_subjects(self.settings.reply_prefixes)
+        self._user_replies: dict[Identity, ReplySubjects] = {}
         self.registry = Registry(state.servers, state.status)
         # This worker's liveness key; the claims it makes name it (leases.py, dedupe.py).
         self.lease = WorkerLease(state.workers, self.settings.worker_id)
@@ -204,7 +222,9 @@ class PluginHost:
         self.served: dict[str, Served] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[Any]] = []
-        self._cancel_sub: Subscription | None = None
+        self._cancel_subs: list[Subscription] = []
+        #: The users bucket, followed (grants.py); from start().
+        self.users: UserDirectory | None = None
         self._serve_lock = asyncio.Lock()
         self._serve_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._online: set[str] = set()  # served, and shown online in the registry
@@ -241,9 +261,17 @@ class PluginHost:
         # transports, so a transport that refuses to start leaves nothing running.
         await self.lease.start()
         await self.auditor.recover()
-        self._cancel_sub = await self.nc.subscribe(
-            self.names.server("*", "cancel"), cb=self._on_cancel
-        )
+        for subject in (self.names.server("*", "cancel"), self.names.grant("*", "*", "cancel")):
+            self._cancel_subs.append(await self.nc.subscribe(subject, cb=self._on_cancel))
+        # The users before the registry: a server is then served with its grants at once.
+        self.users = UserDirectory(await open_users_bucket(
+            self.state.js, self.names.users_bucket, self.state.servers))
+        users_ready = asyncio.Event()
+        self._background.append(asyncio.create_task(self.users.watch(self._on_users, users_ready)))
+        try:
+            await asyncio.wait_for(users_ready.wait(), timeout=10)
+        except TimeoutError:
+            log.warning("the users did not load within 10 s; serving their grants as they arrive")
         ready = asyncio.Event()
         self._background.append(asyncio.create_task(self.registry.watch(self._on_registry, ready)))
         self._background.append(asyncio.create_task(self._reap_idle()))
@@ -261,8 +289,9 @@ class PluginHost:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         self._background.clear()
-        if self._cancel_sub is not None:
-            await self._cancel_sub.unsubscribe()
+        for sub in self._cancel_subs:
+            await sub.unsubscribe()
+        self._cancel_subs.clear()
         for name in list(self.served):
             await self.unserve(name, shutting_down=True)
         for task in list(self._tasks):
@@ -318,6 +347,8 @@ class PluginHost:
                 await self.unserve(name)
             else:
                 current.server = server
+                async with self._serve_lock:
+                    await self._sync_grants(current)  # its roles or labels may have changed
                 return
         if transport is not None and transport.serves_registered and transport.accepts(server):
             await self.serve(server.transport, server)
@@ -327,6 +358,7 @@ class PluginHost:
         async with self._serve_lock:
             if server.name in self.served:
                 self.served[server.name].server = server
+                await self._sync_grants(self.served[server.name])
                 return
             # A queue group for every transport: where two processes answer one server
             # at once (workers sharing the registry, or two gateways while one takes an
@@ -334,17 +366,19 @@ class PluginHost:
             queue = self.names.queue_group(transport)
             served = Served(server=server, transport=transport, sub=None,  # type: ignore[arg-type]
                              slots=asyncio.Semaphore(server.max_concurrency))
+            identify = self.identify
 
             def on_msg(msg: Msg) -> None:
                 # Called from nats-py's read loop as the request is parsed (dispatch.py).
                 if msg.subject.endswith(".cancel"):
                     return  # answered by _on_cancel, which every host receives
-                if msg.reply and not self.replies.allows(msg.reply):
+                identity = identify(msg.headers)
+                if msg.reply and not self.reply_allowed(msg.reply, identity):
                     return  # its reply would be fleetbus publishing where the requester chose
-                ticket = self._admit(msg)
+                ticket = self._admit(msg, identity)
                 if ticket is None:
                     return
-                task = asyncio.create_task(self.commands.handle(served, msg, ticket))
+                task = asyncio.create_task(self.commands.handle(served, msg, ticket, identity))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
@@ -356,8 +390,10 @@ class PluginHost:
                 pending_msgs_limit=limits.max_waiting,
                 pending_bytes_limit=limits.max_waiting_bytes + MAX_REQUEST_BYTES,
             )
+            served.dispatch = on_msg
             self.served[server.name] = served
             self.metrics.served.labels(transport).inc()
+            await self._sync_grants(served)
         await self._set_status(server.name, "online", transport)
         log.info("serving %s (%s)", server.name, transport)
         if server.name in self.served:  # not unserved while its status was written
@@ -395,12 +431,14 @@ class PluginHost:
             if served is None:
                 return
             self.metrics.served.labels(served.transport).dec()
-            try:
-                await served.sub.unsubscribe()
-            except Exception:
-                pass
-            if served.reader is not None:
-                served.reader.cancel()
+            for sub, reader in [(served.sub, served.reader), *served.grant_subs.values()]:
+                try:
+                    await sub.unsubscribe()
+                except Exception:
+                    pass
+                if reader is not None:
+                    reader.cancel()
+            served.grant_subs.clear()
         if not shutting_down:
             for task in served.running.values():
                 task.cancel()
@@ -421,6 +459,68 @@ class PluginHost:
             return
         await self.services.report_status(name, state, self.transport_classes[transport].version)
 
+    # grants --------------------------------------------------------------------------
+    async def _on_users(self) -> None:
+        """A user or grant changed: every served server's grant subjects follow."""
+        self._user_replies.clear()  # a user's name may have changed with its record
+        async with self._serve_lock:
+            for served in list(self.served.values()):
+                await self._sync_grants(served)
+
+    async def _sync_grants(self, served: Served) -> None:
+        """Subscribe the grant subjects of every grant that selects ``served``'s server,
+        and only those, in the transport's queue group. Called holding the serve lock."""
+        if self.users is None or served.dispatch is None:
+            return
+        server = served.server
+        wanted = {grant.id for grant in self.users.grants() if grant.covers(server)}
+        for grant_id in set(served.grant_subs) - wanted:
+            sub, reader = served.grant_subs.pop(grant_id)
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass
+            if reader is not None:
+                reader.cancel()
+        limits = self.settings.admission
+        for grant_id in sorted(wanted - set(served.grant_subs)):
+            served.grant_subs[grant_id] = await subscribe_direct(
+                self.nc, self.names.grant(grant_id, server.name, "*"), served.dispatch,
+                queue=self.names.queue_group(served.transport), pending_msgs_limit=limits.max_waiting,
+                pending_bytes_limit=limits.max_waiting_bytes + MAX_REQUEST_BYTES)
+        if wanted:
+            log.debug("%s served through grants %s", server.name, ", ".join(sorted(wanted)))
+
+    # who asks ------------------------------------------------------------------------
+    def identify(self, headers: Mapping[str, str] | None) -> Identity:
+        """Who sent a request (subjects.identity_in), with the user's name from the users
+        bucket; called from the read loop for every request, so cheap for the owner."""
+        identity = identity_in(headers)
+        if identity.is_owner or self.users is None:
+            return identity
+        name = self.users.name_of(identity.user)
+        return identity if name is None else dataclasses.replace(identity, name=name)
+
+    def reply_allowed(self, reply: str, identity: Identity) -> bool:
+        """Whether to answer a request from ``identity`` on ``reply`` (subjects.reply_allowed)."""
+        return reply_allowed(self.replies, reply, identity)
+
+    def replies_for(self, identity: Identity) -> ReplySubjects:
+        """Where fleetbus may publish for ``identity``: the reply namespace for the
+        owner, a user's own inboxes ``_I.<user>.`` for a user."""
+        if identity.is_owner:
+            return self.replies
+        found = self._user_replies.get(identity)
+        if found is None:
+            if len(self._user_replies) >= 4096:
+                self._user_replies.clear()  # users are few; this only bounds the cache
+            found = self._user_replies[identity] = ReplySubjects.for_identity(identity, self.names.prefix)
+        return found
+
+    def denied(self, identity: Identity, op: str) -> None:
+        """Count a request fleetbus refused as ``forbidden``."""
+        self.metrics.denied.labels(identity.user, op).inc()
+
     # cancel ------------------------------------------------------------------------
     async def _on_cancel(self, msg: Msg) -> None:
         server, _ = Names.server_op(msg.subject)
@@ -430,20 +530,41 @@ class PluginHost:
             return  # not ours to answer: another host may hold it, none should guess
         served = self.served.get(server)
         task = served.running.get(req.id) if served else None
-        if task is None:
+        if task is None or served is None:
             return
-        if msg.reply and not self.replies.allows(msg.reply):
+        identity = self.identify(msg.headers)
+        if msg.reply and not self.reply_allowed(msg.reply, identity):
             return  # not a reply subject: neither cancel nor answer
+        sender = served.senders.get(req.id)
+        if sender is not None and sender.key != identity.key and not identity.is_owner:
+            # Another user's command: its id is no secret (it is in audit records and
+            # job results), so knowing it must not be enough to stop it.
+            await self._refuse_cancel(msg, served, req.id, identity, sender)
+            return
         task.cancel("cancelled by request")
         if msg.reply:
             await self.nc.publish(msg.reply, json.dumps({"ok": True, "id": req.id, "cancelled": True}).encode())
 
+    async def _refuse_cancel(self, msg: Msg, served: Served, command_id: str, identity: Identity,
+                             sender: Identity) -> None:
+        """Answer a cancel of another identity's command ``forbidden``; counted, audited."""
+        error = Forbidden(f"command {command_id} on {served.server.name} was sent by another user; "
+                          "only its sender (or the owner) may cancel it")
+        self.denied(identity, "cancel")
+        if msg.reply:
+            await self.nc.publish(msg.reply, reply_body(error_reply(command_id, error)))
+        await self.auditor.record({
+            "ts": utcnow(), "id": command_id, "server": served.server.name, "transport": served.transport,
+            "op": "cancel", "requester": requester_in(msg.headers), "identity": identity.record(),
+            "outcome": error.code, "duration_s": 0.0, "worker": self.settings.worker_id,
+        })
+
     # admission -----------------------------------------------------------------------
-    def _admit(self, msg: Msg) -> Ticket | None:
+    def _admit(self, msg: Msg, identity: Identity) -> Ticket | None:
         """Weigh a request before any work is done on it (admission.py); None when it
         was answered already, ``too_large`` or ``busy``, without being read."""
         size = len(msg.data)
-        requester = requester_of(msg.reply)
+        requester = requester_of(msg.reply, identity)
         if size > MAX_REQUEST_BYTES:
             self._shed(msg, requester, too_large_body(size))
             return None

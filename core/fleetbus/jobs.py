@@ -48,7 +48,7 @@ from .registry import Registry
 from .registryview import RegistryView
 from .replies import Replies
 from .selection import resolve
-from .subjects import ReplySubjects, requester_in
+from .subjects import ReplySubjects, identity_in, requester_in
 
 log = logging.getLogger("fleetbus.jobs")
 
@@ -162,11 +162,12 @@ class JobService:
             requester = requester_in(req.headers)
             answered = await answer(req, self.replies, lambda body: handler(body, requester))
             if answered is not None and verb in ("start", "cancel", "rerun"):
-                await self._audit(verb, requester, answered[1], started)
+                await self._audit(verb, requester, identity_in(req.headers).record(), answered[1], started)
 
         return serve
 
-    async def _audit(self, verb: str, requester: str, reply: dict[str, Any], started: float) -> None:
+    async def _audit(self, verb: str, requester: str, identity: dict[str, Any], reply: dict[str, Any],
+                     started: float) -> None:
         """Who started or cancelled which job (each server's command is audited by its worker)."""
         error = reply.get("error") or {}
         job = str(reply.get("id") or "")
@@ -175,7 +176,8 @@ class JobService:
             summary += f" on {len(reply['targets'])} servers" + (" (dry run)" if reply.get("dry_run") else "")
         await self.auditor.record(AuditRecord(
             ts=utcnow(), id=job or uuid.uuid4().hex, server="", transport="jobs", op=f"jobs.{verb}",
-            requester=requester, outcome="ok" if reply.get("ok") else str(error.get("code", "internal")),
+            requester=requester, identity=identity,
+            outcome="ok" if reply.get("ok") else str(error.get("code", "internal")),
             duration_s=round(time.monotonic() - started, 6), worker="core", summary=summary), admin=True)
 
     # endpoints ---------------------------------------------------------------------------

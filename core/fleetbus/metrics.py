@@ -2,7 +2,8 @@
 
 Conventions (https://prometheus.io/docs/practices/naming/): base units (seconds, bytes),
 ``_total`` for counters, and labels with small fixed value sets. The only label whose
-values grow with the fleet is ``server`` (on the per-server check gauges); nothing
+values grow with the fleet is ``server`` (on the per-server check gauges), and ``user``
+on ``fleetbus_denied_total`` grows with the users an operator made; nothing
 that could hold a secret (arguments, paths, keys) is ever a label value.
 """
 
@@ -33,6 +34,11 @@ class Metrics:
         r = self.registry
         self.info = Info("fleetbus", "fleetbus build information", registry=r)
         self.info.info({"version": __version__})
+        self.denied = Counter(
+            "fleetbus_denied", "Requests fleetbus refused as forbidden, by the user NATS "
+            "authenticated (owner for fleetbus's own account) and operation. NATS's own "
+            "permission refusals never reach fleetbus and are not counted here.",
+            ["user", "op"], registry=r)
         self.commands = Counter(
             "fleetbus_commands", "Commands handled by this process, by outcome (ok or an error code).",
             ["transport", "op", "outcome"], registry=r)

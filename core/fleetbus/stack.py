@@ -40,6 +40,8 @@ from .records import Server
 from .registry import Registry
 from .replication import choose_replicas
 from .subjects import Names
+from .userperms import UserSync
+from .users import UserStore, open_users
 from .vault import MasterKey, Vault
 
 log = logging.getLogger("fleetbus.stack")
@@ -85,6 +87,7 @@ class Running:
     metrics_server: MetricsServer | None = None
     checker: ServerChecker | None = None
     worker_service: Any = None
+    user_sync: UserSync | None = None
     extra: dict[str, str] = field(default_factory=dict)
     replicas: int = 1
 
@@ -126,7 +129,7 @@ async def start_stack(opts: StackOptions, stack: AsyncExitStack, *, embedded_nat
     """Start the requested parts; ``stack`` stops them in reverse order."""
     embedded = None
     if embedded_nats:
-        embedded = EmbeddedNats(opts.home, opts.nats_host, opts.nats_port)
+        embedded = EmbeddedNats(opts.home, opts.nats_host, opts.nats_port, prefix=opts.prefix or "fleetbus")
         await embedded.start()
         stack.push_async_callback(embedded.stop)
     nc, settings = await _connect(opts, embedded, "fleetbus-" + ("up" if embedded else "core" if core else "worker"))
@@ -147,10 +150,17 @@ async def start_stack(opts: StackOptions, stack: AsyncExitStack, *, embedded_nat
         running.metrics_server = serve_metrics(metrics, opts.metrics_addr)
         stack.callback(running.metrics_server.stop)
     if core:
+        users = await open_users(nc.jetstream(timeout=10), names.users_bucket, replicas)
+        if embedded is not None:
+            # This process runs the NATS server: it keeps the USERS account equal to the bucket.
+            running.user_sync = UserSync(users, names, embedded.apply_users)
+            await running.user_sync.start()
+            stack.push_async_callback(running.user_sync.stop)
         running.admin = AdminService(nc, names, Registry(state.servers, state.status), vault,
                                      AgentKeys(state.agent_keys), state.gateways,
                                      plugins.transports,
-                                     names.reply_subjects(opts.host_settings.reply_prefixes))
+                                     names.reply_subjects(opts.host_settings.reply_prefixes),
+                                     users=UserStore(users), user_sync=running.user_sync)
         await running.admin.start()
         stack.push_async_callback(running.admin.stop)
         if opts.check_interval_s > 0:

@@ -2,7 +2,9 @@
 
 Subjects are built by :class:`Names` and read back by :meth:`Names.server_op`; the
 request headers fleetbus sets are written by :func:`request_headers` and read by
-:func:`requester_in` and :func:`deadline_in`, and nowhere else.
+:func:`requester_in` and :func:`deadline_in`, and nowhere else. Who NATS authenticated
+(the ``Nats-Request-Info`` header nats-server writes on a request crossing a service
+import) is read by :func:`identity_in` into an :class:`Identity`.
 
 Also the reply namespace (:class:`ReplySubjects`): the only subjects a requester may
 name for fleetbus to publish on (``output_subject``, streamed-transfer subjects).
@@ -10,12 +12,14 @@ name for fleetbus to publish on (``output_subject``, streamed-transfer subjects)
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
-from .errors import InvalidRequest
+from .errors import Forbidden, InvalidRequest
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 # A reply prefix: one or more plain tokens (no wildcards, no spaces), ending in a dot.
@@ -27,6 +31,19 @@ DEFAULT_REPLY_PREFIXES: tuple[str, ...] = ("_INBOX.",)
 ENV_REPLY_PREFIXES = "FLEETBUS_REPLY_PREFIXES"
 #: Who sent a request, as the requester declares it (recorded in the audit trail).
 HDR_REQUESTER = "Fleetbus-Requester"
+#: Who NATS authenticated: nats-server writes it (JSON) on every request that crosses a
+#: service import, replacing any the client sent (docs/bus-api.md, "Identity").
+HDR_REQUEST_INFO = "Nats-Request-Info"
+#: The reply subjects nats-server makes for a request crossing a service import: one
+#: prefix per exporting account, shared by every requester (so never a requester's key).
+IMPORT_REPLY_PREFIX = "_R_."
+#: The root of users' inboxes: a user's are ``_I.<name>.``, the only subjects its NATS
+#: permissions let it subscribe to, so the only ones fleetbus publishes on for it.
+USER_INBOX_ROOT = "_I"
+# A user's name as a subject token (the users module's rule is narrower).
+_USER_TOKEN_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+#: The most of each Nats-Request-Info field that is kept.
+MAX_IDENTITY_CHARS = 128
 #: When the requester stops waiting for the reply: seconds since the Unix epoch on its
 #: clock (docs/bus-api.md, "Conventions"). A request a worker reaches later than that,
 #: plus the host's allowance for clocks that disagree, is answered `timeout`, never run.
@@ -94,6 +111,28 @@ class Names:
         """
         _, server, op = subject.rsplit(".", 2)
         return server, op
+
+    def grant(self, grant_id: str, server: str, op: str) -> str:
+        """An operation on a server sent through a user's grant (users.py); ``server`` may be ``*``.
+        Its last two tokens are the server and operation, as :meth:`server_op` reads them."""
+        return f"{self.prefix}.v1.grants.{grant_id}.{server}.{op}"
+
+    @staticmethod
+    def user_inbox(user: str) -> str:
+        """The inbox prefix of a user (with its final dot): the only subjects it may subscribe to."""
+        return f"{USER_INBOX_ROOT}.{user}."
+
+    @property
+    def user_services(self) -> tuple[str, ...]:
+        """The subjects a user's account imports as services from fleetbus's: server and
+        grant commands, the admin and job services, the worker's side of transfers."""
+        p = f"{self.prefix}.v1"
+        return (f"{p}.servers.*.*", f"{p}.grants.*.*.*", f"{p}.admin.>", f"{p}.jobs.>", f"{p}.xfer.>")
+
+    @staticmethod
+    def user_inboxes() -> str:
+        """Every user's inboxes, which fleetbus's account exports to the users' as a stream."""
+        return f"{USER_INBOX_ROOT}.>"
 
     def admin(self, endpoint: str) -> str:
         return f"{self.prefix}.v1.admin.{endpoint}"
@@ -170,6 +209,11 @@ class Names:
         return f"{self._b}_gateway_state"
 
     @property
+    def users_bucket(self) -> str:
+        """Users and their grants (users.py); public keys only."""
+        return f"{self._b}_users"
+
+    @property
     def files_bucket(self) -> str:
         return f"{self._b}_files"
 
@@ -217,9 +261,19 @@ class ReplySubjects:
 
     prefixes: tuple[str, ...] = DEFAULT_REPLY_PREFIXES
     own_prefix: str | None = None
+    #: Set for a user's namespace (:meth:`for_identity`): a subject outside it is then
+    #: ``forbidden`` (the user may not read there), not ``invalid_request``.
+    user: str | None = field(default=None, compare=False)
+
+    @classmethod
+    def for_identity(cls, identity: Identity, own_prefix: str | None = None) -> ReplySubjects:
+        """A user's namespace: its own inboxes ``_I.<name>.`` only (none at all for a
+        user without a name in the users bucket: then every subject is ``forbidden``)."""
+        prefix = identity.inbox_prefix
+        return cls((prefix,) if prefix else (), own_prefix, user=identity.name or identity.user or "?")
 
     def __post_init__(self) -> None:
-        if not self.prefixes:
+        if not self.prefixes and self.user is None:
             raise InvalidRequest("give at least one reply prefix (the default is _INBOX.)")
         for prefix in self.prefixes:
             if not _REPLY_PREFIX_RE.fullmatch(prefix):
@@ -252,8 +306,15 @@ class ReplySubjects:
         return subject.startswith(self.prefixes)
 
     def check(self, subject: str) -> str:
-        """``subject`` if allowed, else ValueError naming the rule (pydantic's error)."""
+        """``subject`` if allowed, else ValueError naming the rule (pydantic's error), or
+        for a user's namespace :class:`Forbidden`, which pydantic does not wrap."""
         if not self.allows(subject):
+            if self.user is not None:
+                raise Forbidden(
+                    f"{subject[:64]!r} is not one of your inboxes: fleetbus publishes for you only "
+                    f"under {self.prefixes[0] if self.prefixes else f'{USER_INBOX_ROOT}.<name>.'} "
+                    "(and only as a user fleetbus knows)",
+                    before_start=True)
             raise ValueError(
                 f"not a reply subject: fleetbus publishes for a requester only under "
                 f"{' or '.join(self.prefixes)}, never on its own, $JS, $KV, $O, $SYS or $SRV subjects"
@@ -289,3 +350,97 @@ def deadline_in(headers: Mapping[str, str] | None) -> float | None:
     except ValueError:
         return None
     return deadline if math.isfinite(deadline) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who sent a request, as NATS authenticated it, not as the request says.
+
+    ``account`` is None for the owner: a request without ``Nats-Request-Info`` came
+    from inside fleetbus's own account (the owner, or fleetbus itself), where no
+    header is added. Otherwise ``account`` and ``user`` are the header's ``acc`` and
+    ``user`` (a user name, or an nkey or JWT public key), ``name_tag`` a JWT user's
+    name. ``name`` is not NATS's: the name of the user record holding that public key
+    (grants.UserDirectory), filled in by whoever follows the users bucket. The header
+    is trusted because nats-server writes it on the import itself
+    and removes any the client sent; a user never reaches fleetbus's services but
+    through the import (docs/bus-api.md, "Identity").
+    """
+
+    account: str | None
+    user: str
+    name_tag: str | None = None
+    name: str | None = None
+
+    @property
+    def is_owner(self) -> bool:
+        return self.account is None
+
+    @property
+    def key(self) -> str:
+        """One string per identity, for claims, fairness and comparisons."""
+        return "owner" if self.account is None else f"{self.account}:{self.user}"
+
+    @property
+    def inbox_prefix(self) -> str | None:
+        """``_I.<name>.``, where this user's NATS permissions let it subscribe; None for
+        the owner (whose inboxes are the deployment's reply prefixes) and for a user
+        whose name is not known."""
+        if self.account is None or self.name is None or not _USER_TOKEN_RE.fullmatch(self.name):
+            return None
+        return Names.user_inbox(self.name)
+
+    def record(self) -> dict[str, Any]:
+        """The audit record's ``identity`` field (the owner's is one shared dict: read it,
+        never change it)."""
+        if self.account is None and self.user == "owner":
+            return _OWNER_RECORD  # every command of the owner: no dict built per record
+        out: dict[str, Any] = {"account": self.account, "user": self.user}
+        if self.name_tag is not None:
+            out["name_tag"] = self.name_tag
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+#: The identity of every request without ``Nats-Request-Info``.
+OWNER = Identity(account=None, user="owner")
+_OWNER_RECORD: dict[str, Any] = {"account": None, "user": "owner"}
+# A header that is there but unreadable cannot have come from nats-server: only from
+# inside fleetbus's own account, which can claim anything anyway. It is no user's, so
+# it is recorded as such and fleetbus publishes nowhere for it.
+_UNREADABLE = Identity(account="?", user="?")
+
+
+def identity_in(headers: Mapping[str, str] | None) -> Identity:
+    """Who NATS authenticated for a request: :data:`OWNER` without
+    ``Nats-Request-Info``, else its ``acc``, ``user`` and ``name_tag`` (bounded)."""
+    value = headers.get(HDR_REQUEST_INFO) if headers else None
+    if value is None:
+        return OWNER
+    try:
+        info = json.loads(value)
+    except ValueError:
+        return _UNREADABLE
+    if not isinstance(info, dict) or not isinstance(info.get("acc"), str) or not info["acc"]:
+        return _UNREADABLE
+    user = info.get("user")
+    tag = info.get("name_tag")
+    return Identity(
+        account=info["acc"][:MAX_IDENTITY_CHARS],
+        # Without `share: true` on the import NATS names only the account.
+        user=user[:MAX_IDENTITY_CHARS] if isinstance(user, str) else "",
+        name_tag=tag[:MAX_IDENTITY_CHARS] if isinstance(tag, str) and tag else None,
+    )
+
+
+def reply_allowed(replies: ReplySubjects, reply: str, identity: Identity) -> bool:
+    """Whether to answer a request on its reply subject ``reply``.
+
+    A user's request crossed the service import, so its reply is one nats-server made
+    (``_R_.``), which it maps back to the user's own; the owner's must be in the reply
+    namespace ``replies`` (docs/bus-api.md, "Reply subjects"). A ``_R_.`` reply without
+    an identity is not nats-server's doing and is not answered."""
+    if identity.is_owner:
+        return replies.allows(reply)
+    return reply.startswith(IMPORT_REPLY_PREFIX)

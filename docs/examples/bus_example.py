@@ -68,7 +68,8 @@ async def run(url, token, prefix, remote_path):
     async def on_error(exc):  # one line instead of nats-py's default traceback
         print(f"nats: {exc}", file=sys.stderr)
 
-    nc = await nats.connect(url, token=token, name="fleetbus-bus-example",
+    # The embedded NATS's token is the password of its user "owner" (docs/security.md).
+    nc = await nats.connect(url, user="owner", password=token, name="fleetbus-bus-example",
                             connect_timeout=5, max_reconnect_attempts=1, error_cb=on_error)
     try:
         # 1. exec with live output: chunks arrive on our inbox as raw bytes, the stream

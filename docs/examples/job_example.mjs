@@ -51,8 +51,9 @@ async function main() {
 
   let nc;
   try {
-    // A token from the environment, never on a command line others can read.
-    nc = await connect({ servers: url, token: process.env.FLEETBUS_NATS_TOKEN, name: "fleetbus-job-example" });
+    // The embedded NATS's token, from the environment (never on a command line others
+    // can read), is the password of its user "owner" (docs/security.md).
+    nc = await connect({ servers: url, user: "owner", pass: process.env.FLEETBUS_NATS_TOKEN, name: "fleetbus-job-example" });
   } catch (err) {
     console.error(`job_example: cannot connect to ${url}: ${err.message}`);
     return EXIT.cannotStart;

@@ -15,6 +15,7 @@ from .jobs import jobs
 from .plugins_cmd import plugins
 from .servers import servers
 from .stack_cmds import core, up, worker
+from .users import users
 
 
 @click.group(cls=PluginGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,7 +41,7 @@ def cli(ctx: click.Context, nats: str | None, nats_creds: str | None, nats_conte
 
 # Installed transports add their own commands (e.g. `gateway`) through the fleetbus_cli hook.
 for command in (up, core, worker, servers, credentials, run, put, get, info, ping, jobs, plugins,
-                agent, admin):
+                agent, admin, users):
     cli.add_command(command)
 
 

@@ -141,7 +141,7 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None,
             metrics_url = running.metrics_server.url if running.metrics_server else None
             served = ", ".join(running.host.transports) if running.host and running.host.transports else "none"
             _say(f"fleetbus {__version__} is up in {time.monotonic() - started:.2f} s")
-            _say(f"  nats      {running.nats_shown}" + (" (embedded, token required)" if running.embedded
+            _say(f"  nats      {running.nats_shown}" + (" (embedded; user owner, its password the token)" if running.embedded
                                                      else f" (replicas {running.replicas})"))
             _say(f"  home      {home.path}")
             if running.embedded:

@@ -1,0 +1,164 @@
+"""``fleetbus users ...``: NATS identities with scoped permissions (docs/security.md).
+
+``add`` and ``rotate`` make the nkey here and send only its public key: the seed is
+written once, 0600, to ``--out`` (or printed once when there is none) and never crosses
+the bus, so neither fleetbus nor its audit trail ever holds it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import click
+import nkeys
+
+from .context import Globals, client_call, fail, pass_globals
+from .render import emit_json, table
+
+#: Users changes wait for nats-server to have them (admin.USERS_APPLY_WAIT_S) and more.
+USERS_TIMEOUT_S = 30.0
+
+
+def new_user_key() -> tuple[bytes, str]:
+    """A fresh nkey user key pair: (seed, public key)."""
+    keys = nkeys.from_seed(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))
+    return bytes(keys.seed), keys.public_key.decode()
+
+
+def _write_seed(path: str, seed: bytes) -> None:
+    """Create ``path`` 0600 with the seed; refuses to overwrite (a seed is not replaced silently)."""
+    target = Path(path).expanduser()
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        fail(f"{target} exists; choose another --out (nothing was changed)")
+    except OSError as exc:
+        fail(f"cannot create {target}: {exc.strerror}")
+    try:
+        os.write(fd, seed + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _hand_over(seed: bytes, out: str | None, name: str, as_json: bool) -> None:
+    if out:
+        click.echo(f"nkey seed for {name} written to {out} (mode 0600); it is not kept anywhere else",
+                   err=as_json)
+        return
+    # Shown this once: fleetbus keeps only the public key.
+    click.echo(f"nkey seed for {name} (shown once, keep it secret): {seed.decode()}", err=True)
+
+
+@click.group("users")
+def users() -> None:
+    """Add, list, show, remove and rotate users: NATS identities with scoped permissions."""
+
+
+@users.command("add")
+@click.argument("name")
+@click.option("--allow", "grants", multiple=True, metavar="OPS:SELECTOR",
+              help="A grant, e.g. 'exec,put:role=web', 'info,ping:all', 'get:label team=pay', "
+                   "'exec:db1 web-*' (repeatable; docs/security.md).")
+@click.option("--admin", "admin", multiple=True, metavar="ENDPOINT[,ENDPOINT...]",
+              help="Admin endpoints the user may call, e.g. servers.list (repeatable).")
+@click.option("--expires", metavar="DURATION", help="Expire after this long: 90d, 12h, 2w (default: never).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the nkey seed to this new file (0600).")
+@click.option("--json", "as_json", is_flag=True, help="Print the stored record as JSON.")
+@pass_globals
+def add(g: Globals, name: str, grants: tuple[str, ...], admin: tuple[str, ...], expires: str | None,
+        out: str | None, as_json: bool) -> None:
+    """Add the user NAME, allowed only what --allow and --admin say."""
+    if out and Path(out).expanduser().exists():
+        fail(f"{out} exists; choose another --out (nothing was changed)")
+    seed, public = new_user_key()
+    endpoints = [e.strip() for item in admin for e in item.split(",") if e.strip()]
+    body: dict[str, Any] = {"name": name, "public_key": public, "allow": list(grants), "admin": endpoints,
+                            "expires_in": expires}
+    reply = client_call(g, lambda c: c.admin("users.add", body, USERS_TIMEOUT_S))
+    if out:
+        _write_seed(out, seed)
+    _report(reply, as_json, f"added user {name}")
+    _hand_over(seed, out, name, as_json)
+
+
+@users.command("rotate")
+@click.argument("name")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the new nkey seed to this new file (0600).")
+@click.option("--json", "as_json", is_flag=True, help="Print the stored record as JSON.")
+@pass_globals
+def rotate(g: Globals, name: str, out: str | None, as_json: bool) -> None:
+    """Give NAME a new nkey; the old one is refused from now on, its connections closed."""
+    if out and Path(out).expanduser().exists():
+        fail(f"{out} exists; choose another --out (nothing was changed)")
+    seed, public = new_user_key()
+    reply = client_call(g, lambda c: c.admin("users.rotate", {"name": name, "public_key": public},
+                                             USERS_TIMEOUT_S))
+    if out:
+        _write_seed(out, seed)
+    _report(reply, as_json, f"rotated the key of user {name}")
+    _hand_over(seed, out, name, as_json)
+
+
+@users.command("remove")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the reply as JSON.")
+@pass_globals
+def remove(g: Globals, name: str, as_json: bool) -> None:
+    """Remove NAME; its connections are closed."""
+    reply = client_call(g, lambda c: c.admin("users.remove", {"name": name}, USERS_TIMEOUT_S))
+    _report(reply, as_json, f"removed user {name}")
+
+
+@users.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_globals
+def list_(g: Globals, as_json: bool) -> None:
+    """List users: names, grants, admin endpoints, expiry."""
+    found = client_call(g, lambda c: c.admin("users.list", {}))["users"]
+    if as_json:
+        emit_json(found)
+        return
+    if not found:
+        click.echo("no users")
+        return
+    table(["name", "allow", "admin", "expires", "public key"],
+          [[u["name"], "; ".join(gr["text"] for gr in u["grants"]) or "-", ",".join(u["admin"]) or "-",
+            ("expired " if u["expired"] else "") + (u["expires"] or "never"), u["public_key"][:12] + "..."]
+           for u in found])
+
+
+@users.command("show")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@pass_globals
+def show(g: Globals, name: str, as_json: bool) -> None:
+    """Show NAME's record: its public key, grants (with ids), admin endpoints, dates."""
+    user = client_call(g, lambda c: c.admin("users.show", {"name": name}))["user"]
+    if as_json:
+        emit_json(user)
+        return
+    _describe(user)
+
+
+def _describe(user: dict[str, Any]) -> None:
+    click.echo(f"user        {user['name']}")
+    click.echo(f"public key  {user['public_key']}")
+    for grant in user["grants"]:
+        click.echo(f"allow       {grant['text']}   (grant {grant['id']})")
+    click.echo(f"admin       {', '.join(user['admin']) or '-'}")
+    click.echo(f"expires     {user['expires'] or 'never'}{' (expired)' if user['expired'] else ''}")
+    click.echo(f"created     {user['created']}" + (f", rotated {user['rotated']}" if user.get("rotated") else ""))
+
+
+def _report(reply: dict[str, Any], as_json: bool, done: str) -> None:
+    if as_json:
+        emit_json({k: v for k, v in reply.items() if k != "ok"})
+    else:
+        click.echo(done + ("" if reply.get("applied") else " (stored; not yet in NATS)"))
+        if reply.get("user"):
+            _describe(reply["user"])
+    for warning in reply.get("warnings", []):
+        click.echo(f"fleetbus: warning: {warning}", err=True)
