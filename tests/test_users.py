@@ -404,3 +404,11 @@ async def test_without_out_the_seed_is_shown_once_on_stderr(fleet: Fleet) -> Non
     assert seed not in done.stdout
     again = fleet.cli("users", "show", "shown-once")
     assert again.returncode == 0 and seed not in again.stdout + again.stderr
+
+
+def test_an_out_file_that_cannot_be_written_adds_no_user(fleet: Fleet, tmp_path: Path) -> None:
+    # The seed file comes first: a user whose seed was lost could never connect.
+    done = fleet.cli("users", "add", "lostseed", "--allow", "ping:local",
+                     "--out", str(tmp_path / "no-such-dir" / "lost.nk"))
+    assert done.returncode != 0 and "cannot create" in done.stderr, done.stderr
+    assert fleet.cli("users", "show", "lostseed").returncode != 0

@@ -52,6 +52,26 @@ def _hand_over(seed: bytes, out: str | None, name: str, as_json: bool) -> None:
     click.echo(f"nkey seed for {name} (shown once, keep it secret): {seed.decode()}", err=True)
 
 
+def _issue_key(g: Globals, name: str, out: str | None, as_json: bool, endpoint: str,
+               body: dict[str, Any], done: str) -> None:
+    """Make an nkey, have ``endpoint`` store its public key, and hand the seed over.
+
+    The seed file is created first: an ``--out`` that cannot be written changes nothing
+    on the server, and a refused request leaves no seed file behind.
+    """
+    seed, public = new_user_key()
+    if out:
+        _write_seed(out, seed)
+    try:
+        reply = client_call(g, lambda c: c.admin(endpoint, {**body, "public_key": public}, USERS_TIMEOUT_S))
+    except BaseException:
+        if out:
+            Path(out).expanduser().unlink(missing_ok=True)
+        raise
+    _report(reply, as_json, done)
+    _hand_over(seed, out, name, as_json)
+
+
 @click.group("users")
 def users() -> None:
     """Add, list, show, remove and rotate users: NATS identities with scoped permissions."""
@@ -71,17 +91,10 @@ def users() -> None:
 def add(g: Globals, name: str, grants: tuple[str, ...], admin: tuple[str, ...], expires: str | None,
         out: str | None, as_json: bool) -> None:
     """Add the user NAME, allowed only what --allow and --admin say."""
-    if out and Path(out).expanduser().exists():
-        fail(f"{out} exists; choose another --out (nothing was changed)")
-    seed, public = new_user_key()
     endpoints = [e.strip() for item in admin for e in item.split(",") if e.strip()]
-    body: dict[str, Any] = {"name": name, "public_key": public, "allow": list(grants), "admin": endpoints,
-                            "expires_in": expires}
-    reply = client_call(g, lambda c: c.admin("users.add", body, USERS_TIMEOUT_S))
-    if out:
-        _write_seed(out, seed)
-    _report(reply, as_json, f"added user {name}")
-    _hand_over(seed, out, name, as_json)
+    _issue_key(g, name, out, as_json, "users.add",
+               {"name": name, "allow": list(grants), "admin": endpoints, "expires_in": expires},
+               f"added user {name}")
 
 
 @users.command("rotate")
@@ -91,15 +104,7 @@ def add(g: Globals, name: str, grants: tuple[str, ...], admin: tuple[str, ...], 
 @pass_globals
 def rotate(g: Globals, name: str, out: str | None, as_json: bool) -> None:
     """Give NAME a new nkey; the old one is refused from now on, its connections closed."""
-    if out and Path(out).expanduser().exists():
-        fail(f"{out} exists; choose another --out (nothing was changed)")
-    seed, public = new_user_key()
-    reply = client_call(g, lambda c: c.admin("users.rotate", {"name": name, "public_key": public},
-                                             USERS_TIMEOUT_S))
-    if out:
-        _write_seed(out, seed)
-    _report(reply, as_json, f"rotated the key of user {name}")
-    _hand_over(seed, out, name, as_json)
+    _issue_key(g, name, out, as_json, "users.rotate", {"name": name}, f"rotated the key of user {name}")
 
 
 @users.command("remove")
