@@ -24,8 +24,8 @@ or vanished peer ends the transfer with ``timeout`` instead of holding a worker.
 
 Where each side listens. The requester's side is one of its own inboxes (``_INBOX.``
 for the owner, ``_I.<name>.`` for a user), which the request names and the worker
-checks like any reply subject. The worker's side is ``<p>.v1.xfer.<token>`` (
-:meth:`Names.xfer`), a fresh random token per transfer, for every requester: fleetbus's
+checks like any reply subject. The worker's side is ``<p>.v1.xfer.<token>``
+(:meth:`Names.xfer`), a fresh random token per transfer, for every requester: fleetbus's
 account exports ``<p>.v1.xfer.>`` to the users' as a service, and users may publish
 there, so a user's data and credit reach the worker across the import. The requester
 learns the subject from the worker's first message (``Fleetbus-Subject``) and accepts
@@ -36,7 +36,7 @@ otherwise have it publish a file.
 Who may write to the worker's side. Any user may publish on ``<p>.v1.xfer.>``, so the
 worker accepts a message only from the identity that sent the command
 (``Nats-Request-Info``, :func:`subjects.identity_in`). Measured on nats-server 2.15.1
-(/work/research21/e9_xfer_publish.py): a PLAIN publish, without a reply subject,
+(issue 21 research, e9; tests/test_users_transfer.py checks it): a PLAIN publish, without a reply subject,
 crossing the ``share: true`` service import carries ``Nats-Request-Info`` just as a
 request does, with the publishing user's ``acc`` and ``user``; one the client wrote
 itself is replaced (bob forging alice's key arrives as bob), a message without headers
