@@ -117,6 +117,16 @@ class Names:
         Its last two tokens are the server and operation, as :meth:`server_op` reads them."""
         return f"{self.prefix}.v1.grants.{grant_id}.{server}.{op}"
 
+    def xfer(self, token: str) -> str:
+        """The worker's side of one streamed transfer (streams.py): what the requester
+        sends data, credit and aborts to. ``token`` is one random subject token."""
+        return f"{self.prefix}.v1.xfer.{token}"
+
+    @property
+    def xfer_root(self) -> str:
+        """What every :meth:`xfer` subject starts with (with its final dot)."""
+        return f"{self.prefix}.v1.xfer."
+
     @staticmethod
     def user_inbox(user: str) -> str:
         """The inbox prefix of a user (with its final dot): the only subjects it may subscribe to."""
