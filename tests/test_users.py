@@ -356,7 +356,8 @@ def test_permissions_are_exactly_the_grants(names: Names) -> None:
             "fleetbus.v1.grants.g00000001.*.exec", "fleetbus.v1.grants.g00000001.*.cancel",
             "fleetbus.v1.grants.g00000002.*.ping", "fleetbus.v1.grants.g00000002.*.cancel",
             "fleetbus.v1.servers.db1.ping", "fleetbus.v1.servers.db1.cancel",
-            "fleetbus.v1.admin.servers.list", "fleetbus.v1.xfer.>"]),
+            "fleetbus.v1.admin.servers.list", "fleetbus.v1.xfer.>",
+            *(f"fleetbus.v1.jobs.{verb}" for verb in ("start", "get", "list", "cancel", "rerun"))]),
         "subscribe": ["_I.ci.>"],
     }
     expired = user.model_copy(update={"name": "gone", "expires": utcnow() - timedelta(seconds=1)})
