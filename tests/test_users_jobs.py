@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import re
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -196,3 +197,44 @@ def test_the_on_behalf_header_counts_only_inside_fleetbus() -> None:
     assert on_behalf_in({HDR_ON_BEHALF_OF: "not json"}, OWNER) is None
     assert on_behalf_in({}, OWNER) is None
     assert re.fullmatch(r"[A-Za-z-]+", HDR_ON_BEHALF_OF)
+
+
+async def test_a_grant_gone_mid_job_makes_that_servers_result_forbidden(
+        fleet: Fleet, fleet_nc: NATS, servers: None, tmp_path: Path) -> None:
+    seed, made = add_user(fleet, tmp_path, "leaver", "--allow", "exec:role=web")
+    grant = made["user"]["grants"][0]["id"]
+    await served_through(fleet_nc, grant, WEB)
+    # The first command waits for this file (the local transport may run it as an
+    # unprivileged user: a folder anyone may read).
+    folder = Path(tempfile.mkdtemp(prefix="fb-jobs-"))
+    folder.chmod(0o755)
+    gate = folder / "go"
+    user, client = await as_user(fleet, seed, "leaver")
+    owner = Client(fleet_nc, NAMES)
+    try:
+        job = (await client.start_job({
+            "selection": {"role": "web"}, "op": "exec", "max_concurrency": 1, "timeout_s": 60,
+            "exec": {"argv": ["sh", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done"]}}))["id"]
+        removed = fleet.cli("users", "remove", "leaver")
+        assert removed.returncode == 0, removed.stderr
+        # The worker drops the grant's subjects once the users bucket says so.
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                await fleet_nc.request(NAMES.grant(grant, WEB[0], "ping"), b"{}", timeout=5)
+            except nats.errors.NoRespondersError:
+                break
+            assert time.monotonic() < deadline, "the removed user's grant is still served"
+            await asyncio.sleep(0.05)
+        gate.touch()
+        records = await followed(owner, job)
+        results = [body for kind, body in records if kind == "result"]
+        assert sorted(r["outcome"] for r in results) == ["error", "ok"], results
+        (refused,) = [r for r in results if r["outcome"] == "error"]
+        assert refused["error"]["code"] == "forbidden" and "no longer cover" in refused["error"]["message"]
+        assert records[-1][1]["state"] == "failed"
+    finally:
+        await owner.replies.close()
+        await user.close()
+        gate.unlink(missing_ok=True)
+        folder.rmdir()

@@ -49,7 +49,7 @@ from .registry import Registry
 from .registryview import RegistryView
 from .replies import Replies
 from .selection import resolve
-from .subjects import ReplySubjects, requester_in
+from .subjects import OWNER, Identity, ReplySubjects, requester_in
 
 log = logging.getLogger("fleetbus.jobs")
 
@@ -59,7 +59,9 @@ STOP_GRACE_S = 10.0
 # from the records instead (that core answers at once unless it is dying).
 COUNTS_WAIT_S = 1.0
 
-Handler = Callable[[dict[str, Any], Asker], Awaitable[dict[str, Any]]]
+# (body, declared requester, identity NATS authenticated): called from inside the core
+# (tests, a sibling service) without an identity, a request is the owner's.
+Handler = Callable[[dict[str, Any], str, Identity], Awaitable[dict[str, Any]]]
 
 
 class JobService:
@@ -165,7 +167,7 @@ class JobService:
         async def serve(req: MicroRequest) -> None:
             started = time.monotonic()
             asker = self.access.asker(req.headers, requester_in(req.headers))
-            answered = await answer(req, self.replies, lambda body: handler(body, asker))
+            answered = await answer(req, self.replies, lambda body: handler(body, asker.requester, asker.identity))
             if answered is not None and verb in ("start", "cancel", "rerun"):
                 await self._audit(verb, asker.requester, asker.identity.record(), answered[1], started)
 
@@ -186,7 +188,8 @@ class JobService:
             duration_s=round(time.monotonic() - started, 6), worker="core", summary=summary), admin=True)
 
     # endpoints ---------------------------------------------------------------------------
-    async def start_job(self, body: dict[str, Any], asker: Asker) -> dict[str, Any]:
+    async def start_job(self, body: dict[str, Any], requester: str, identity: Identity = OWNER) -> dict[str, Any]:
+        asker = Asker(requester, identity)
         replies = self.access.replies_for(asker, self.replies)
         return await self._start(JobRequest.model_validate(body, context=reply_context(replies)), asker)
 
@@ -198,10 +201,11 @@ class JobService:
             raise NotFound(f"no job with id {job}")
         return definition
 
-    async def rerun_job(self, body: dict[str, Any], asker: Asker) -> dict[str, Any]:
+    async def rerun_job(self, body: dict[str, Any], requester: str, identity: Identity = OWNER) -> dict[str, Any]:
         """The same request again, on every target of a job that has ended, or (``failed``)
         on those whose result was not ``ok``. Each server's command gets a new id: a
         rerun runs again what failed."""
+        asker = Asker(requester, identity)
         ask = JobRerun.model_validate(body)
         definition = await self._visible(ask.id, asker)
         if await self.store.summary(ask.id) is None:
@@ -304,7 +308,8 @@ class JobService:
         self.metrics.jobs_finished.labels(run.spec.op, summary.state, summary.stop_reason or "none").inc()
         self.metrics.job_seconds.observe(summary.duration_s)
 
-    async def get_job(self, body: dict[str, Any], asker: Asker) -> dict[str, Any]:
+    async def get_job(self, body: dict[str, Any], requester: str, identity: Identity = OWNER) -> dict[str, Any]:
+        asker = Asker(requester, identity)
         job = JobId.model_validate(body).id
         definition = await self._visible(job, asker)
         summary = await self.store.summary(job)
@@ -342,7 +347,8 @@ class JobService:
         return count(len(definition.targets), [r.outcome for r in results], running=running,
                      pending=max(0, len(definition.targets) - len(done) - running))
 
-    async def list_jobs(self, body: dict[str, Any], asker: Asker) -> dict[str, Any]:
+    async def list_jobs(self, body: dict[str, Any], requester: str, identity: Identity = OWNER) -> dict[str, Any]:
+        asker = Asker(requester, identity)
         ask = JobList.model_validate(body)
         if ask.before is not None:
             await self._visible(ask.before, asker)  # another's id is unknown here too
@@ -380,7 +386,8 @@ class JobService:
             before = page[-1].id
         return out[:limit]
 
-    async def cancel_job(self, body: dict[str, Any], asker: Asker) -> dict[str, Any]:
+    async def cancel_job(self, body: dict[str, Any], requester: str, identity: Identity = OWNER) -> dict[str, Any]:
+        asker = Asker(requester, identity)
         job = JobId.model_validate(body).id
         run = self.running.get(job)
         if run is None:
