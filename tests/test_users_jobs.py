@@ -238,3 +238,21 @@ async def test_a_grant_gone_mid_job_makes_that_servers_result_forbidden(
         await user.close()
         gate.unlink(missing_ok=True)
         folder.rmdir()
+
+
+async def test_the_cli_follows_a_users_job_by_polling(
+        fleet: Fleet, fleet_nc: NATS, servers: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fleetbus.cli.jobs import follow
+
+    seed, made = add_user(fleet, tmp_path, "follower", "--allow", "exec:role=web")
+    await served_through(fleet_nc, made["user"]["grants"][0]["id"], WEB)
+    user, client = await as_user(fleet, seed, "follower")
+    try:
+        started = await client.start_job({"selection": {"role": "web"}, "op": "exec",
+                                          "exec": {"argv": ["echo", "followed"]}})
+        assert await follow(client, started, as_json=True) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+        assert {line.get("server") for line in lines if line.get("outcome") == "ok"} == set(WEB), lines
+        assert not user.errors  # no subscription NATS refused (job events are not the user's)
+    finally:
+        await user.close()
