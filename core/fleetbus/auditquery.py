@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from contextlib import aclosing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -39,7 +39,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .errors import InvalidRequest
+from .errors import InvalidRequest, NotFound
 from .names import check_server_name
 from .records import utcnow
 from .subjects import Names
@@ -147,10 +147,13 @@ class _Scan:
 
 @dataclass
 class _Found:
+    """One message read: its sequence, when the stream stored it, the record (empty
+    when unreadable) and what it adds to the reply."""
+
     seq: int
     stored: datetime
     record: dict[str, Any]
-    size: int = field(default=0)
+    size: int = 0
 
 
 class AuditReader:
@@ -161,8 +164,10 @@ class AuditReader:
         self.names = names
 
     def subject(self, query: AuditQuery) -> str:
+        """The consumer's subject filter: nats-server drops other servers and ops."""
         server = query.server or "*"
-        return self.names.audit(server, query.op) if query.op else f"{self.names.audit(server, '>')}"
+        # Admin endpoints have a dot in them (users.add): without an op, `>` takes them too.
+        return self.names.audit(server, query.op or ">")
 
     async def query(self, query: AuditQuery) -> dict[str, Any]:
         """The reply of ``audit.query``: ``records`` oldest first, ``next``, ``truncated``."""
@@ -204,7 +209,10 @@ class AuditReader:
 
     async def _backward(self, query: AuditQuery, wanted: _Filter,
                         scan: _Scan) -> tuple[list[_Found], dict[str, int] | None]:
-        info = await self.js.stream_info(self.names.audit_stream)
+        try:
+            info = await self.js.stream_info(self.names.audit_stream)
+        except NotFoundError:
+            raise NotFound(f"no audit stream {self.names.audit_stream}") from None
         first = max(info.state.first_seq, 1)
         upper = min(query.before_seq or info.state.last_seq + 1, info.state.last_seq + 1)
         found: deque[_Found] = deque()
@@ -260,7 +268,7 @@ class AuditReader:
         try:
             info = await self.js.add_consumer(stream, config)
         except NotFoundError:
-            raise InvalidRequest(f"no audit stream {stream}") from None
+            raise NotFound(f"no audit stream {stream}") from None
         psub = await self.js.pull_subscribe_bind(consumer=info.name, stream=stream)
         try:
             pending = info.num_pending
