@@ -20,7 +20,7 @@ from fleetbus.audit import encode_record
 from fleetbus.auditquery import AuditQuery, AuditReader
 from fleetbus.subjects import HDR_REQUESTER, Names
 from nats.aio.client import Client as NATS
-from support.processes import Fleet
+from support.processes import FLEETBUS, Fleet
 from test_users import UserClient, add_user
 
 NAMES = Names("fleetbus")
@@ -101,6 +101,34 @@ async def test_owner_filters_pages_and_times_the_trail(fleet: Fleet, fleet_nc: N
     as_json = fleet.cli("audit", "--server", "aq-b", "--json")
     assert as_json.returncode == 0, as_json.stderr
     assert [r["summary"] for r in json.loads(as_json.stdout)["records"] if r["op"] == "exec"] == ['["echo", "two"]']
+
+
+async def test_follow_prints_new_records_as_they_are_written(fleet: Fleet) -> None:
+    added = fleet.cli("servers", "add", "aq-f", "--transport", "local")
+    assert added.returncode == 0, added.stderr
+    proc = await asyncio.create_subprocess_exec(
+        FLEETBUS, "audit", "--follow", "--server", "aq-f", "--op", "exec", env=fleet.environ(),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None
+    lines: list[str] = []
+
+    async def line_with(word: str) -> None:
+        while not any(word in line for line in lines):
+            raw = await proc.stdout.readline()  # type: ignore[union-attr]
+            assert raw, (lines, await proc.stderr.read())  # type: ignore[union-attr]
+            lines.append(raw.decode())
+
+    try:
+        run(fleet, "aq-f", "first-one")
+        await asyncio.wait_for(line_with("first-one"), 30)
+        # Written after the first line was printed: only a later poll can show it.
+        run(fleet, "aq-f", "second-one")
+        await asyncio.wait_for(line_with("second-one"), 30)
+        assert [line.count("first-one") for line in lines].count(1) == 1, lines
+        assert all("aq-f" in line and "owner (declared: " in line for line in lines), lines
+    finally:
+        proc.terminate()
+        await proc.wait()
 
 
 async def test_an_auditor_user_reads_who_ran_what(fleet: Fleet, fleet_nc: NATS, tmp_path: Path) -> None:
@@ -230,3 +258,14 @@ async def test_paging_through_windows_and_truncated_scans_misses_nothing(
     assert found == ["c3", "c51"] and replies > 5
     found, replies = await _pages(reader, user="rare", before_seq=10**6)
     assert found == ["c3", "c51"] and replies > 5
+
+    # read_to: where a pass that read to the end stopped, so following on from it reads
+    # only what is new, not the records that did not match again.
+    monkeypatch.setattr(auditquery, "SCAN_LIMIT", 10_000)
+    whole = await reader.query(AuditQuery(user="rare", after_seq=0))
+    last_seq = (await nc.jetstream().stream_info(names.audit_stream)).state.last_seq
+    assert whole["next"] is None and whole["read_to"] == last_seq == 66, whole
+    again = await reader.query(AuditQuery(user="rare", after_seq=whole["read_to"]))
+    assert again["records"] == [] and again["scanned"] == 0 and again["read_to"] == last_seq
+    newest = await reader.query(AuditQuery(user="rare"))
+    assert newest["read_to"] == last_seq and [r["id"] for r in newest["records"]] == ["c3", "c51"]

@@ -177,26 +177,38 @@ class AuditReader:
         wanted = _Filter(query.user, query.outcome, since, until)
         scan = _Scan(time.monotonic() + QUERY_TIME_S)
         if query.after_seq is not None or (since is not None and query.before_seq is None):
-            found, nxt = await self._forward(query, wanted, since, scan)
+            found, nxt, read_to = await self._forward(query, wanted, since, scan)
         else:
-            found, nxt = await self._backward(query, wanted, scan)
+            found, nxt, read_to = await self._backward(query, wanted, scan)
         return {"ok": True, "records": [{"seq": f.seq, **f.record} for f in found], "next": nxt,
-                "truncated": scan.stopped, "scanned": scan.scanned}
+                "truncated": scan.stopped, "scanned": scan.scanned, "read_to": read_to}
+
+    async def _last_seq(self) -> tuple[int, int]:
+        """The audit stream's first and last sequence now."""
+        try:
+            info = await self.js.stream_info(self.names.audit_stream)
+        except NotFoundError:
+            raise NotFound(f"no audit stream {self.names.audit_stream}") from None
+        return max(info.state.first_seq, 1), info.state.last_seq
 
     async def _forward(self, query: AuditQuery, wanted: _Filter, since: datetime | None,
-                       scan: _Scan) -> tuple[list[_Found], dict[str, int] | None]:
+                       scan: _Scan) -> tuple[list[_Found], dict[str, int] | None, int]:
         if query.after_seq is not None:
             start = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
                                    opt_start_seq=query.after_seq + 1)
         else:
             start = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=since)
+        # Taken before the pass, which then reads at least to it: a pass that reaches the
+        # end has seen everything up to here (what `read_to` says, for following on).
+        _, end = await self._last_seq()
         found: list[_Found] = []
         size = 0
         last = query.after_seq or 0
-        more = False
+        more = past_until = False
         async with aclosing(self._read(query, start, None, scan)) as items:
             async for item in items:
                 if wanted.until is not None and item.stored > wanted.until:
+                    past_until = True
                     break  # the stream is in time order: nothing later can match
                 if item.record and wanted.matches(item.record, item.stored):
                     if len(found) == query.limit or size + item.size > REPLY_BUDGET_BYTES:
@@ -205,16 +217,17 @@ class AuditReader:
                     found.append(item)
                     size += item.size
                 last = item.seq
-        return found, ({"after_seq": last} if more or scan.stopped else None)
+        if past_until:  # nothing more to page to, and read only to here
+            return found, None, last
+        if more or scan.stopped:
+            return found, {"after_seq": last}, last
+        return found, None, max(last, end)
 
     async def _backward(self, query: AuditQuery, wanted: _Filter,
-                        scan: _Scan) -> tuple[list[_Found], dict[str, int] | None]:
-        try:
-            info = await self.js.stream_info(self.names.audit_stream)
-        except NotFoundError:
-            raise NotFound(f"no audit stream {self.names.audit_stream}") from None
-        first = max(info.state.first_seq, 1)
-        upper = min(query.before_seq or info.state.last_seq + 1, info.state.last_seq + 1)
+                        scan: _Scan) -> tuple[list[_Found], dict[str, int] | None, int]:
+        first, last = await self._last_seq()
+        upper = min(query.before_seq or last + 1, last + 1)
+        read_to = upper - 1
         found: deque[_Found] = deque()
         window = FIRST_WINDOW
         earlier = False  # a match before the oldest kept was seen
@@ -249,10 +262,10 @@ class AuditReader:
             size -= records.pop(0).size
             earlier = True
         if scan.stopped:  # nothing below upper was read whole
-            return records, ({"before_seq": upper} if upper > first else None)
+            return records, ({"before_seq": upper} if upper > first else None), read_to
         if records and (earlier or upper > first):
-            return records, {"before_seq": records[0].seq}
-        return records, None
+            return records, {"before_seq": records[0].seq}, read_to
+        return records, None, read_to
 
     async def _read(self, query: AuditQuery, config: ConsumerConfig, upper: int | None,
                     scan: _Scan) -> AsyncIterator[_Found]:
