@@ -7,6 +7,7 @@ import click
 from .. import __version__, tuning
 from .admin_cmds import admin
 from .agent_cmds import agent
+from .audit_cmds import audit
 from .commands import get, info, ping, put, run
 from .context import Globals
 from .credentials import credentials
@@ -42,7 +43,7 @@ def cli(ctx: click.Context, nats: str | None, nats_creds: str | None, nats_conte
 
 # Installed transports add their own commands (e.g. `gateway`) through the fleetbus_cli hook.
 for command in (up, core, worker, servers, credentials, run, put, get, info, ping, jobs, plugins,
-                agent, admin, users, nats):
+                agent, admin, users, nats, audit):
     cli.add_command(command)
 
 
