@@ -23,7 +23,6 @@ from fleetbus.admission import requester_of
 from fleetbus.audit import AuditRecord
 from fleetbus.client import Client
 from fleetbus.errors import Forbidden
-from fleetbus.grants import open_users_bucket
 from fleetbus.home import Home
 from fleetbus.host import HostSettings, PluginHost
 from fleetbus.jetstream import open_state
@@ -68,7 +67,7 @@ async def bus(tmp_path: Path, prefix: str) -> AsyncIterator[Bus]:
     owner = await server.owner()
     state = await open_state(owner, names)
     # What `users add` writes (the users module): the serving side reads it (grants.py).
-    users = await open_users_bucket(state.js, names.users_bucket, state.servers)
+    users = state.users
     await users.put("alice", alice.record([WEB_GRANT]))
     await users.put("bob", bob.record())
     registry = Registry(state.servers, state.status)

@@ -27,10 +27,6 @@ import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BadRequestError
-from nats.js.errors import NotFoundError as KVNotFound
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 from pydantic import ValidationError
 
@@ -86,18 +82,6 @@ def parse_user(key: str, raw: bytes) -> UserView | None:
         log.warning("ignoring an unreadable users record for %r", key[:64])
         return None
     return UserView(name, public_key, tuple(grants))
-
-
-async def open_users_bucket(js: JetStreamContext, bucket: str, like: KeyValue) -> KeyValue:
-    """The users bucket, created (with the replicas of ``like``, the registry) if no core
-    made it yet: a worker must be able to follow it from its first start."""
-    try:
-        return await js.key_value(bucket)
-    except (KVNotFound, BadRequestError):
-        status = await like.status()
-        replicas = status.stream_info.config.num_replicas or 1
-        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=5, replicas=replicas,
-                                                        storage=StorageType.FILE))
 
 
 Change = Callable[[], Awaitable[None]]

@@ -48,7 +48,7 @@ from .dedupe import CommandMemory
 from .dispatch import subscribe_direct
 from .errors import Busy, FleetbusError, Forbidden, InternalError
 from .gatewaystate import GatewayState
-from .grants import UserDirectory, open_users_bucket
+from .grants import UserDirectory
 from .home import Home
 from .jetstream import State
 from .keys import AgentKeys
@@ -263,8 +263,7 @@ class PluginHost:
         for subject in (self.names.server("*", "cancel"), self.names.grant("*", "*", "cancel")):
             self._cancel_subs.append(await self.nc.subscribe(subject, cb=self._on_cancel))
         # The users before the registry: a server is then served with its grants at once.
-        self.users = UserDirectory(await open_users_bucket(
-            self.state.js, self.names.users_bucket, self.state.servers))
+        self.users = UserDirectory(self.state.users)
         users_ready = asyncio.Event()
         self._background.append(asyncio.create_task(self.users.watch(self._on_users, users_ready)))
         try:

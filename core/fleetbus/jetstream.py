@@ -61,6 +61,8 @@ class State:
     workers: KeyValue
     # What gateways share: the deployment CA and which gateway holds each server's agent.
     gateway_state: KeyValue
+    # Users and their grants (users.py writes, grants.py follows): history 5, who had which grants lately.
+    users: KeyValue
 
 
 # JetStream's "no suitable peers for placement": too few servers it counts as online to
@@ -178,10 +180,14 @@ async def open_state(nc: NATS, names: Names, replicas: int = 1,
         js, KeyValueConfig(bucket=names.gateway_state_bucket, history=1, replicas=replicas,
                            storage=StorageType.FILE)
     )
+    users = await _kv(
+        js, KeyValueConfig(bucket=names.users_bucket, history=5, replicas=replicas, storage=StorageType.FILE)
+    )
     await warn_if_under_replicated(nc, names, replicas)
     return State(js=js, names=names, servers=servers, status=status, credentials=credentials,
                  commands=commands, agent_keys=agent_keys, gateways=gateways, files=files,
-                 job_cores=job_cores, jobs_live=jobs_live, workers=workers, gateway_state=gateway_state)
+                 job_cores=job_cores, jobs_live=jobs_live, workers=workers, gateway_state=gateway_state,
+                 users=users)
 
 
 async def _add_stream(js: JetStreamContext, config: StreamConfig) -> None:

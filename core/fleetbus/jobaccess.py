@@ -29,11 +29,10 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from .errors import Forbidden
-from .grants import UserDirectory, open_users_bucket
+from .grants import UserDirectory
 from .jobrecords import JobDefinition
 from .jobrequest import JobRequest
 from .metrics import Metrics
@@ -65,17 +64,15 @@ class JobAccess:
     """The users bucket, followed, and the job service's rules for users.
     ``start``/``stop`` in that order."""
 
-    def __init__(self, js: JetStreamContext, names: Names, registry_kv: KeyValue,
-                 metrics: Metrics) -> None:
-        self.js = js
+    def __init__(self, users_kv: KeyValue, names: Names, metrics: Metrics) -> None:
+        self.users_kv = users_kv
         self.names = names
-        self.registry_kv = registry_kv  # whose replicas a users bucket made here gets
         self.metrics = metrics
         self.users: UserDirectory | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self.users = UserDirectory(await open_users_bucket(self.js, self.names.users_bucket, self.registry_kv))
+        self.users = UserDirectory(self.users_kv)
         ready = asyncio.Event()
 
         async def nothing() -> None:

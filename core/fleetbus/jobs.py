@@ -83,7 +83,7 @@ class JobService:
         self.auditor = Auditor(nc, names)
         self.files = ObjectFiles(state.js, names.files_bucket)  # a put job's content, for reruns
         # Users' grants and names: the rules of a deputy (jobaccess.py).
-        self.access = JobAccess(state.js, names, state.servers, self.metrics)
+        self.access = JobAccess(state.users, names, self.metrics)
         self.running: dict[str, JobRun] = {}
         self.service: Service | None = None
         self._handoffs: list[Subscription] = []

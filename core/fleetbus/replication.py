@@ -45,7 +45,7 @@ def state_streams(names: Names) -> dict[str, str]:
         names.servers_bucket, names.status_bucket, names.credentials_bucket,
         names.commands_bucket, names.agent_keys_bucket, names.gateways_bucket,
         names.job_cores_bucket, names.jobs_live_bucket, names.workers_bucket,
-        names.gateway_state_bucket)}
+        names.gateway_state_bucket, names.users_bucket)}
     out[f"OBJ_{names.files_bucket}"] = f"object store {names.files_bucket}"
     out[names.audit_stream] = "stream"
     out[names.jobs_stream] = "stream"

@@ -42,7 +42,7 @@ from .registry import Registry
 from .replication import choose_replicas
 from .subjects import Names
 from .userperms import UserSync
-from .users import UserStore, open_users
+from .users import UserStore
 from .vault import MasterKey, Vault
 
 log = logging.getLogger("fleetbus.stack")
@@ -153,7 +153,7 @@ async def start_stack(opts: StackOptions, stack: AsyncExitStack, *, embedded_nat
         running.metrics_server = serve_metrics(metrics, opts.metrics_addr)
         stack.callback(running.metrics_server.stop)
     if core:
-        users = await open_users(nc.jetstream(timeout=10), names.users_bucket, replicas)
+        users = state.users
         # Where this process runs the NATS server, or sits beside a shared one whose users
         # file it was given, it keeps the USERS account equal to the bucket.
         users_file = (embedded.users_file if embedded is not None else

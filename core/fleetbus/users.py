@@ -36,9 +36,7 @@ import secrets
 from datetime import datetime, timedelta
 
 import nkeys
-from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
-from nats.js.errors import BadRequestError, KeyWrongLastSequenceError
+from nats.js.errors import KeyWrongLastSequenceError
 from nats.js.errors import NotFoundError as KVNotFound
 from nats.js.kv import KeyValue
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -213,15 +211,6 @@ class UserRecord(BaseModel):
 
     def expired(self, now: datetime | None = None) -> bool:
         return self.expires is not None and self.expires <= (now or utcnow())
-
-
-async def open_users(js: JetStreamContext, bucket: str, replicas: int = 1) -> KeyValue:
-    """The users bucket, created if missing (history 5: who had which grants, lately)."""
-    try:
-        return await js.key_value(bucket)
-    except (KVNotFound, BadRequestError):
-        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=5, replicas=replicas,
-                                                        storage=StorageType.FILE))
 
 
 class UserStore:
