@@ -6,7 +6,7 @@ Each user's permissions are a pure function of its record (:func:`permissions`):
   ``.cancel``; ``<p>.v1.servers.<name>.<op>`` (and ``.cancel``) for servers a grant names
   outright; ``<p>.v1.admin.<endpoint>`` per admin endpoint granted; ``<p>.v1.xfer.>``
   (the worker's side of a streamed transfer);
-- subscribe: ``_I.<user>.>`` only, the user's own inbox.
+- subscribe: ``_I.<its public key>.>`` only, the user's own inbox.
 
 Nothing else: no ``$JS.API``, no events, no other user's inbox. An expired user is left
 out altogether, which nats-server treats as removed (its connection is closed).
@@ -47,7 +47,7 @@ def permissions(names: Names, user: UserRecord) -> dict[str, list[str]]:
             publish.add(names.grant(grant.id, "*", op))
             publish.update(names.server(server, op) for server in grant.by_name())
     publish.update(names.admin(endpoint) for endpoint in user.admin)
-    return {"publish": sorted(publish), "subscribe": [names.user_inbox(user.name) + ">"]}
+    return {"publish": sorted(publish), "subscribe": [names.user_inbox(user.public_key) + ">"]}
 
 
 def render_users(names: Names, users: Iterable[UserRecord], now: datetime | None = None) -> str:
