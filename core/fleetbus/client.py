@@ -12,6 +12,11 @@ the bus error code. A request to a server no process serves fails at once: NATS 
 A command with an id whose worker dies while running it raises :class:`Lost` within
 seconds (the client reads the command's claim while it waits); see docs/bus-api.md,
 "Command ids and at-most-once".
+
+Connected with a user's nkey seed or creds file (docs/security.md, "Connecting as a
+user"), the client takes its inboxes under ``_I.<its public key>`` and sends a server's
+operations on the subjects its grants allow (:mod:`fleetbus.userroutes`); it reads no
+JetStream, which a user may not (so no claim watching: ``lost`` is not reported early).
 """
 
 from __future__ import annotations
@@ -40,11 +45,12 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
-from .connection import NatsSettings, connect
+from .connection import NatsSettings, connect, user_inbox_prefix
 from .dedupe import CommandMemory
 from .errors import (
     Cancelled,
     FleetbusError,
+    Forbidden,
     InvalidRequest,
     Lost,
     NotFound,
@@ -61,6 +67,7 @@ from .output import HDR_END, HDR_STREAM
 from .replies import Replies
 from .streams import Receiver, Sender, chunk_limit
 from .subjects import Names, request_headers
+from .userroutes import UserRoutes, ask_user_info
 
 _log = logging.getLogger("fleetbus.client")
 OutputCallback = Callable[[str, bytes], Awaitable[None] | None]
@@ -109,10 +116,13 @@ def default_requester() -> str:
 
 
 class Client:
-    def __init__(self, nc: NATS, names: Names, requester: str | None = None) -> None:
+    def __init__(self, nc: NATS, names: Names, requester: str | None = None,
+                 routes: UserRoutes | None = None) -> None:
         self.nc = nc
         self.names = names
         self.requester = requester or default_requester()
+        #: Set when connected as a user: where its permissions let it send (userroutes).
+        self.routes = routes
         self.files = ObjectFiles(nc.jetstream(timeout=30), names.files_bucket)
         self.replies = Replies(nc)
         self._memory: CommandMemory | None = None  # opened when a command is first watched
@@ -127,8 +137,19 @@ class Client:
         requester: str | None = None,
     ) -> Client:
         settings = settings or NatsSettings.resolve(url=url, home=Home.resolve(home))
-        nc = await connect(settings, name="fleetbus-client", reconnect_forever=False)
-        return cls(nc, Names(settings.prefix), requester)
+        names = Names(settings.prefix)
+        inbox = user_inbox_prefix(settings)
+        nc = await connect(settings, name="fleetbus-client", reconnect_forever=False, user_inbox=True)
+        if inbox is None:
+            return cls(nc, names, requester)
+        # An nkey or creds: a user's, unless NATS lets it subscribe anywhere (the owner, or
+        # fleetbus's own identity on a shared NATS), whose replies are answered on _INBOX.
+        routes = await ask_user_info(nc, names, inbox)
+        if routes is not None and not routes.restricted:
+            await nc.close()
+            nc = await connect(settings, name="fleetbus-client", reconnect_forever=False)
+            return cls(nc, names, requester)
+        return cls(nc, names, requester, routes or UserRoutes(names, "?", (), restricted=True))
 
     async def close(self) -> None:
         if not self.nc.is_closed:
@@ -168,6 +189,11 @@ class Client:
     async def _nobody_serves(self, server: str | None) -> FleetbusError:
         if server is None:
             return ServerOffline("the fleetbus core is not running (nobody answers the admin API)")
+        if self.routes is not None:
+            # A user cannot ask the registry, and a grant that does not cover the server
+            # looks to NATS exactly like a server nobody serves.
+            return _NoGrantReaches(f"no grant of yours reaches {server}: it is outside your grants, "
+                                   "or nobody serves it right now")
         try:
             found = await self.get_server(server)
         except NotFound:
@@ -188,6 +214,8 @@ class Client:
 
     async def _server(self, server: str, op: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         check_server_name(server)
+        if self.routes is not None:
+            return await self._through_grants(server, op, body, timeout)
         subject = self.names.server(server, op)
         loop = asyncio.get_running_loop()
         give_up = loop.time() + NOT_YET_SERVED_WAIT_S
@@ -204,6 +232,19 @@ class Client:
                 if loop.time() >= give_up:
                     raise
                 await asyncio.sleep(0.05)
+
+    async def _through_grants(self, server: str, op: str, body: dict[str, Any],
+                              timeout: float) -> dict[str, Any]:
+        """A user's request: on each subject its permissions allow for ``op`` on
+        ``server`` in turn (userroutes), until one has a responder."""
+        assert self.routes is not None
+        subjects = self.routes.subjects(server, op) or [self.names.server(server, op)]
+        for subject in subjects[:-1]:
+            try:
+                return await self._request(subject, body, timeout, server=server)
+            except _NoGrantReaches:
+                continue  # nobody received it: nothing ran
+        return await self._request(subjects[-1], body, timeout, server=server)
 
     async def _watched(self, send: Callable[[], Awaitable[dict[str, Any]]], server: str, op: str,
                        command_id: str, resendable: bool) -> dict[str, Any]:
@@ -344,8 +385,11 @@ class Client:
         """Ask whoever runs ``command_id`` on ``server`` to stop it; False if none did."""
         check_server_name(server)
         try:
-            await self._request(self.names.server(server, "cancel"), {"id": command_id}, timeout, server)
-        except (Timeout, ServerOffline, NotFound):
+            if self.routes is not None:
+                await self._through_grants(server, "cancel", {"id": command_id}, timeout)
+            else:
+                await self._request(self.names.server(server, "cancel"), {"id": command_id}, timeout, server)
+        except (Timeout, ServerOffline, NotFound, _NoGrantReaches):
             return False
         return True
 
@@ -833,6 +877,10 @@ async def _stream_to_file(dest: Path, chunks: AsyncIterator[bytes], size: int,
                 progress(done, size)
     finally:
         await asyncio.to_thread(fh.close)
+
+
+class _NoGrantReaches(Forbidden):
+    """A user's request that nobody received on a grant subject (see _nobody_serves)."""
 
 
 class _NotServedYet(ServerOffline):

@@ -5,7 +5,8 @@ Each user's permissions are a pure function of its record (:func:`permissions`):
 - publish: ``<p>.v1.grants.<grant id>.*.<op>`` for each operation a grant allows, plus
   ``.cancel``; ``<p>.v1.servers.<name>.<op>`` (and ``.cancel``) for servers a grant names
   outright; ``<p>.v1.admin.<endpoint>`` per admin endpoint granted; ``<p>.v1.xfer.>``
-  (the worker's side of a streamed transfer);
+  (the worker's side of a streamed transfer); ``$SYS.REQ.USER.INFO`` (nats-server
+  answers it with the user's own permissions: how its client finds its grant subjects);
 - subscribe: ``_I.<its public key>.>`` only, the user's own inbox.
 
 Nothing else: no ``$JS.API``, no events, no other user's inbox. An expired user is left
@@ -28,7 +29,7 @@ from datetime import datetime
 from nats.js.kv import KeyValue
 
 from .records import utcnow
-from .subjects import Names
+from .subjects import NATS_USER_INFO, Names
 from .users import UserRecord, UserStore
 
 log = logging.getLogger("fleetbus.userperms")
@@ -41,7 +42,7 @@ RETRY_S = 5.0
 
 def permissions(names: Names, user: UserRecord) -> dict[str, list[str]]:
     """What ``user`` may publish and subscribe to, as NATS subjects (sorted, unique)."""
-    publish: set[str] = {f"{names.prefix}.v1.xfer.>"}
+    publish: set[str] = {f"{names.prefix}.v1.xfer.>", NATS_USER_INFO}
     for grant in user.grants:
         for op in (*grant.ops, "cancel"):
             publish.add(names.grant(grant.id, "*", op))

@@ -1,0 +1,123 @@
+"""Where a user's client sends a server's operation: its grant subjects, from NATS itself.
+
+A user (docs/security.md) may publish a server's operation only on the subjects its
+permissions list: ``<p>.v1.grants.<grant id>.*.<op>`` for each grant allowing ``op``
+(the worker serving a server the grant's selector matches answers there) and, for
+grants naming servers outright, ``<p>.v1.servers.<name>.<op>``. The client learns that
+list from nats-server, not from fleetbus: ``$SYS.REQ.USER.INFO`` (every account imports
+it; a user's permissions allow it) answers with the caller's own account, public key
+and permissions. So a user needs nothing but its seed, and no admin endpoint.
+
+Which grant covers a server is the selector's business, which the user cannot read; a
+grant that does not cover it has no responder there, which NATS answers at once, so the
+client tries the grant subjects in turn (:meth:`UserRoutes.subjects`). A request nobody
+received ran nowhere, so trying the next one cannot run a command twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .subjects import NATS_USER_INFO, Names
+
+log = logging.getLogger("fleetbus.userroutes")
+
+#: How long to wait for nats-server's answer (it answers from memory, in a millisecond).
+USER_INFO_TIMEOUT_S = 3.0
+
+
+class _Allow(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    allow: list[str] = []
+
+
+class _Permissions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    publish: _Allow | None = None
+    subscribe: _Allow | None = None
+
+
+class _UserInfo(BaseModel):
+    """The ``data`` of nats-server's answer to ``$SYS.REQ.USER.INFO`` (the parts used)."""
+
+    model_config = ConfigDict(extra="ignore")
+    user: str
+    account: str
+    permissions: _Permissions | None = None
+
+
+@dataclass(frozen=True)
+class UserRoutes:
+    """A user's publish permissions, read as routes to servers."""
+
+    names: Names
+    account: str
+    publish: tuple[str, ...]
+    #: Whether NATS restricts what it may subscribe to: a user's connection is; the
+    #: owner's (or one of fleetbus's own processes, with an nkey on a shared NATS) is not.
+    restricted: bool
+
+    def subjects(self, server: str, op: str) -> list[str]:
+        """The subjects to try, in order, to send ``op`` to ``server``: the server's own
+        subject if a grant names it outright, then each grant allowing ``op``. Empty
+        when no permission allows ``op`` anywhere."""
+        allowed = set(self.publish)
+        out = []
+        direct = self.names.server(server, op)
+        if direct in allowed:
+            out.append(direct)
+        for subject in self.publish:
+            grant_id = self._grant_of(subject, op)
+            if grant_id is not None:
+                out.append(self.names.grant(grant_id, server, op))
+        return out
+
+    def _grant_of(self, subject: str, op: str) -> str | None:
+        """The grant id of a permission ``<p>.v1.grants.<id>.*.<op>``, else None."""
+        head = f"{self.names.prefix}.v1.grants."
+        tail = f".*.{op}"
+        if not (subject.startswith(head) and subject.endswith(tail)):
+            return None
+        grant_id = subject[len(head):-len(tail)]
+        return grant_id if grant_id and "." not in grant_id and grant_id not in ("*", ">") else None
+
+
+async def ask_user_info(nc: NATS, names: Names, inbox_prefix: str) -> UserRoutes | None:
+    """nats-server's account of this connection (see the module), read as routes; None
+    when it does not answer or may not be asked (then the caller falls back to the
+    servers' own subjects, and NATS's refusal is the answer).
+
+    The answer comes to an explicit subscription under ``inbox_prefix`` (the
+    connection's own inboxes): no use of nats-py's shared request inbox, whose
+    subscription a user's permissions might refuse."""
+    reply = f"{inbox_prefix}info.{secrets.token_hex(11)}"
+    sub = await nc.subscribe(reply, max_msgs=1)
+    try:
+        await nc.publish(NATS_USER_INFO, b"", reply=reply)
+        try:
+            msg: Msg = await sub.next_msg(timeout=USER_INFO_TIMEOUT_S)
+        except Exception as exc:  # a timeout, or the subscription refused
+            log.debug("no answer to %s: %s", NATS_USER_INFO, type(exc).__name__)
+            return None
+    finally:
+        try:
+            await sub.unsubscribe()
+        except Exception:
+            pass  # max_msgs already removed it
+    try:
+        info = _UserInfo.model_validate(json.loads(msg.data).get("data") or {})
+    except (ValueError, ValidationError, AttributeError):
+        log.debug("unreadable answer to %s", NATS_USER_INFO)
+        return None
+    perms = info.permissions
+    publish = tuple(perms.publish.allow) if perms and perms.publish else ()
+    restricted = bool(perms and perms.subscribe and perms.subscribe.allow
+                      and not {">", "_INBOX.>"} & set(perms.subscribe.allow))
+    return UserRoutes(names, info.account, publish, restricted)
