@@ -27,6 +27,7 @@ from fleetbus.connection import ENV_NKEY, NatsSettings
 from fleetbus.errors import Forbidden, InvalidRequest
 from fleetbus.home import Home
 from fleetbus.subjects import HDR_REQUEST_INFO, HDR_REQUESTER, Names
+from fleetbus.userroutes import ask_user_info
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from support.auditread import audit_records
@@ -176,6 +177,24 @@ async def test_output_under_another_users_public_key_is_refused(
         assert stolen == []
     finally:
         await other.close()
+
+
+async def test_nats_says_who_is_a_user_and_where_its_grants_lead(
+        fleet: Fleet, fleet_nc: NATS, granted: Granted) -> None:
+    # The owner may subscribe anywhere: not a user, so the client keeps _INBOX for it
+    # (an owner or fleetbus process with an nkey on a shared NATS is answered there).
+    owner = await ask_user_info(fleet_nc, NAMES, (f"_I.{granted.public_key}.", "_INBOX."))
+    assert owner is not None and not owner.restricted
+    nc = await nats.connect(fleet.nats_url, nkeys_seed=str(granted.seed))  # default _INBOX prefix
+    try:
+        # Its _INBOX subscription is refused; the answer comes on its own inbox.
+        routes = await ask_user_info(nc, NAMES, (f"_I.{granted.public_key}.", "_INBOX."))
+    finally:
+        await nc.close()
+    assert routes is not None and routes.restricted and routes.account == "USERS"
+    assert routes.subjects("web8", "exec") == [NAMES.grant(granted.grant, "web8", "exec")]
+    assert routes.subjects("web8", "cancel") == [NAMES.grant(granted.grant, "web8", "cancel")]
+    assert routes.subjects("web8", "get") == []
 
 
 def test_users_add_says_how_to_use_the_seed_file(fleet: Fleet, tmp_path: Path) -> None:

@@ -66,7 +66,7 @@ from .objects import ObjectFiles
 from .output import HDR_END, HDR_STREAM
 from .replies import Replies
 from .streams import Receiver, Sender, chunk_limit
-from .subjects import Names, request_headers
+from .subjects import DEFAULT_REPLY_PREFIXES, Names, request_headers
 from .userroutes import UserRoutes, ask_user_info
 
 _log = logging.getLogger("fleetbus.client")
@@ -142,14 +142,15 @@ class Client:
         nc = await connect(settings, name="fleetbus-client", reconnect_forever=False, user_inbox=True)
         if inbox is None:
             return cls(nc, names, requester)
-        # An nkey or creds: a user's, unless NATS lets it subscribe anywhere (the owner, or
-        # fleetbus's own identity on a shared NATS), whose replies are answered on _INBOX.
-        routes = await ask_user_info(nc, names, inbox)
-        if routes is not None and not routes.restricted:
+        # An nkey or creds: a user's, whose permissions restrict it to its own inboxes (and
+        # let it ask; userperms.permissions). Anyone else (the owner, fleetbus's own
+        # identity on a shared NATS, an operator's creds) is answered on _INBOX as before.
+        routes = await ask_user_info(nc, names, (inbox, DEFAULT_REPLY_PREFIXES[0]))
+        if routes is None or not routes.restricted:
             await nc.close()
             nc = await connect(settings, name="fleetbus-client", reconnect_forever=False)
             return cls(nc, names, requester)
-        return cls(nc, names, requester, routes or UserRoutes(names, "?", (), restricted=True))
+        return cls(nc, names, requester, routes)
 
     async def close(self) -> None:
         if not self.nc.is_closed:

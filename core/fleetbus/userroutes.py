@@ -16,6 +16,7 @@ received ran nowhere, so trying the next one cannot run a command twice.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -89,28 +90,34 @@ class UserRoutes:
         return grant_id if grant_id and "." not in grant_id and grant_id not in ("*", ">") else None
 
 
-async def ask_user_info(nc: NATS, names: Names, inbox_prefix: str) -> UserRoutes | None:
+async def ask_user_info(nc: NATS, names: Names, inbox_prefixes: tuple[str, ...]) -> UserRoutes | None:
     """nats-server's account of this connection (see the module), read as routes; None
-    when it does not answer or may not be asked (then the caller falls back to the
-    servers' own subjects, and NATS's refusal is the answer).
+    when it does not answer or may not be asked.
 
-    The answer comes to an explicit subscription under ``inbox_prefix`` (the
-    connection's own inboxes): no use of nats-py's shared request inbox, whose
-    subscription a user's permissions might refuse."""
-    reply = f"{inbox_prefix}info.{secrets.token_hex(11)}"
-    sub = await nc.subscribe(reply, max_msgs=1)
+    Asked once per prefix in ``inbox_prefixes`` (with their final dots), each answer on
+    an explicit subscription under it, and the first answer is taken: a connection's
+    permissions may refuse the subscriptions under all but one of them (a user's allow
+    only ``_I.<key>.``; an operator's own restricted creds perhaps only ``_INBOX.``),
+    and a refused subscription simply receives nothing."""
+    token = secrets.token_hex(11)
+    answers: asyncio.Queue[Msg] = asyncio.Queue()
+    subs = []
     try:
-        await nc.publish(NATS_USER_INFO, b"", reply=reply)
+        for prefix in inbox_prefixes:
+            reply = f"{prefix}info.{token}"
+            subs.append(await nc.subscribe(reply, cb=answers.put, max_msgs=1))
+            await nc.publish(NATS_USER_INFO, b"", reply=reply)
         try:
-            msg: Msg = await sub.next_msg(timeout=USER_INFO_TIMEOUT_S)
-        except Exception as exc:  # a timeout, or the subscription refused
-            log.debug("no answer to %s: %s", NATS_USER_INFO, type(exc).__name__)
+            msg = await asyncio.wait_for(answers.get(), USER_INFO_TIMEOUT_S)
+        except TimeoutError:
+            log.debug("no answer to %s", NATS_USER_INFO)
             return None
     finally:
-        try:
-            await sub.unsubscribe()
-        except Exception:
-            pass  # max_msgs already removed it
+        for sub in subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                pass  # max_msgs already removed it
     try:
         info = _UserInfo.model_validate(json.loads(msg.data).get("data") or {})
     except (ValueError, ValidationError, AttributeError):
