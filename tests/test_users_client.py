@@ -24,7 +24,7 @@ import nkeys
 import pytest
 from fleetbus.client import Client
 from fleetbus.connection import ENV_NKEY, NatsSettings
-from fleetbus.errors import Forbidden, InvalidRequest
+from fleetbus.errors import Cancelled, Forbidden, InvalidRequest
 from fleetbus.home import Home
 from fleetbus.subjects import HDR_REQUEST_INFO, HDR_REQUESTER, Names
 from fleetbus.userroutes import ask_user_info
@@ -105,6 +105,21 @@ async def test_the_python_client_as_a_user_runs_within_its_grant_and_is_audited_
     (record,) = records[command_id]
     assert record["identity"] == {"account": "USERS", "user": granted.public_key, "name": granted.name}
     assert record["requester"] == "someone-else@forged"  # what it declared, recorded as declared only
+
+
+async def test_a_user_cancels_its_own_command_through_its_grant(as_user: Client) -> None:
+    started = asyncio.Event()
+    command_id = f"stop-{uuid.uuid4().hex[:12]}"
+    running = asyncio.create_task(as_user.exec(
+        "web8", shell="echo started; sleep 60", command_id=command_id, timeout_s=120,
+        on_output=lambda _stream, data: started.set()))
+    try:
+        await asyncio.wait_for(started.wait(), 30)
+        assert await as_user.cancel("web8", command_id) is True
+        with pytest.raises(Cancelled):
+            await asyncio.wait_for(running, 30)
+    finally:
+        running.cancel()
 
 
 async def test_the_cli_as_a_user(fleet: Fleet, fleet_nc: NATS, granted: Granted, as_user: Client) -> None:
