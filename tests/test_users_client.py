@@ -202,8 +202,11 @@ async def test_nats_says_who_is_a_user_and_where_its_grants_lead(
     assert owner is not None and not owner.restricted
     nc = await nats.connect(fleet.nats_url, nkeys_seed=str(granted.seed))  # default _INBOX prefix
     try:
-        # Its _INBOX subscription is refused; the answer comes on its own inbox.
         routes = await ask_user_info(nc, NAMES, (f"_I.{granted.public_key}.", "_INBOX."))
+        # Asked first where it may not subscribe: NATS's refusal moves it on to its own inbox
+        # (waiting for an answer that cannot come would end in None).
+        refused_first = await ask_user_info(nc, NAMES, ("_INBOX.", f"_I.{granted.public_key}."))
+        assert refused_first is not None and set(refused_first.publish) == set(routes.publish)
     finally:
         await nc.close()
     assert routes is not None and routes.restricted and routes.account == "USERS"

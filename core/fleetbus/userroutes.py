@@ -26,6 +26,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from .connection import watch_errors
 from .subjects import NATS_USER_INFO, Names
 
 log = logging.getLogger("fleetbus.userroutes")
@@ -94,30 +95,22 @@ async def ask_user_info(nc: NATS, names: Names, inbox_prefixes: tuple[str, ...])
     """nats-server's account of this connection (see the module), read as routes; None
     when it does not answer or may not be asked.
 
-    Asked once per prefix in ``inbox_prefixes`` (with their final dots), each answer on
-    an explicit subscription under it, and the first answer is taken: a connection's
-    permissions may refuse the subscriptions under all but one of them (a user's allow
-    only ``_I.<key>.``; an operator's own restricted creds perhaps only ``_INBOX.``),
-    and a refused subscription simply receives nothing."""
+    Asked on an explicit subscription under the first of ``inbox_prefixes`` (with their
+    final dots), then, only if NATS refuses that subscription, under the next: a user's
+    permissions allow only ``_I.<key>.``, an operator's own restricted creds perhaps only
+    ``_INBOX.``. A refusal comes back as an error on the connection, so nothing waits
+    on a clock for it, and a user's log shows no refused ``_INBOX.`` subscription."""
     token = secrets.token_hex(11)
-    answers: asyncio.Queue[Msg] = asyncio.Queue()
-    subs = []
-    try:
-        for prefix in inbox_prefixes:
-            reply = f"{prefix}info.{token}"
-            subs.append(await nc.subscribe(reply, cb=answers.put, max_msgs=1))
-            await nc.publish(NATS_USER_INFO, b"", reply=reply)
+    msg = None
+    for prefix in inbox_prefixes:
         try:
-            msg = await asyncio.wait_for(answers.get(), USER_INFO_TIMEOUT_S)
-        except TimeoutError:
-            log.debug("no answer to %s", NATS_USER_INFO)
-            return None
-    finally:
-        for sub in subs:
-            try:
-                await sub.unsubscribe()
-            except Exception:
-                pass  # max_msgs already removed it
+            msg = await _ask(nc, f"{prefix}info.{token}")
+            break
+        except _Refused:
+            continue
+    if msg is None:
+        log.debug("no answer to %s", NATS_USER_INFO)
+        return None
     try:
         info = _UserInfo.model_validate(json.loads(msg.data).get("data") or {})
     except (ValueError, ValidationError, AttributeError):
@@ -128,3 +121,36 @@ async def ask_user_info(nc: NATS, names: Names, inbox_prefixes: tuple[str, ...])
     restricted = bool(perms and perms.subscribe and perms.subscribe.allow
                       and not {">", "_INBOX.>"} & set(perms.subscribe.allow))
     return UserRoutes(names, info.account, publish, restricted)
+
+
+class _Refused(Exception):
+    """NATS refused the subscription for the answer."""
+
+
+async def _ask(nc: NATS, reply: str) -> Msg | None:
+    """nats-server's answer to ``$SYS.REQ.USER.INFO`` on ``reply``; None without an
+    answer; :class:`_Refused` when NATS refuses to let us subscribe there."""
+    answer: asyncio.Future[Msg] = asyncio.get_running_loop().create_future()
+    refusal = f'permissions violation for subscription to "{reply.lower()}"'
+
+    def refused(exc: Exception) -> None:
+        if refusal in str(exc).lower() and not answer.done():
+            answer.set_exception(_Refused())
+
+    async def answered(msg: Msg) -> None:
+        if not answer.done():
+            answer.set_result(msg)
+
+    watch_errors(nc, refused)  # stays chained, and does nothing once answered
+    sub = await nc.subscribe(reply, cb=answered, max_msgs=1)
+    try:
+        await nc.publish(NATS_USER_INFO, b"", reply=reply)
+        try:
+            return await asyncio.wait_for(answer, USER_INFO_TIMEOUT_S)
+        except TimeoutError:
+            return None
+    finally:
+        try:
+            await sub.unsubscribe()
+        except Exception:
+            pass  # max_msgs already removed it

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from .. import __version__, tuning
+from ..connection import ENV_NKEY
 from .admin_cmds import admin
 from .agent_cmds import agent
 from .commands import get, info, ping, put, run
@@ -38,6 +41,11 @@ from .users import users
 def cli(ctx: click.Context, nats: str | None, nats_creds: str | None, nats_nkey: str | None,
         nats_context: str | None, home: str | None, prefix: str | None) -> None:
     """Register a server once, then run commands and move files on it by name."""
+    if nats_nkey:
+        # `up --nats ...`, `core` and `worker` resolve their NATS settings from the
+        # environment (stack.py): the flag must reach them as the variable would. A path,
+        # not a secret.
+        os.environ[ENV_NKEY] = nats_nkey
     ctx.obj = Globals(nats=nats, home=home, prefix=prefix, nats_creds=nats_creds,
                       nats_context=nats_context, nats_nkey=nats_nkey)
 
