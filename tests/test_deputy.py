@@ -181,7 +181,7 @@ async def test_the_client_sends_no_file_where_a_fake_worker_points_it(fake, tmp_
     await _serve(client, worker, f"{prefix}.v1.servers.ghost.put", misdirect)
     src = tmp_path / "src.bin"
     src.write_bytes(b"s" * (2 * 1024 * 1024))
-    with pytest.raises(TransportError, match="not a reply subject"):
+    with pytest.raises(TransportError, match="not a worker.s transfer subject"):
         await client.put("ghost", src, "/anywhere", idle_s=5)
 
     async def misdirect_get(msg: Msg) -> None:  # data whose sender names the admin API for credit
@@ -190,7 +190,7 @@ async def test_the_client_sends_no_file_where_a_fake_worker_points_it(fake, tmp_
                                                        "Fleetbus-Subject": target})
 
     await _serve(client, worker, f"{prefix}.v1.servers.ghost.get", misdirect_get)
-    with pytest.raises(TransportError, match="not a reply subject"):
+    with pytest.raises(TransportError, match="not a worker.s transfer subject"):
         await client.get("ghost", "/anywhere", tmp_path / "dest.bin", idle_s=5)
     await worker.flush()
     await client.nc.flush()

@@ -22,7 +22,7 @@ import nats.errors
 import pytest
 from fleetbus.client import Client
 from fleetbus.connection import NatsSettings
-from fleetbus.errors import InvalidRequest, Timeout
+from fleetbus.errors import InvalidRequest, Timeout, TransportError
 from fleetbus.subjects import Names
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -387,7 +387,7 @@ async def test_client_put_to_a_vanished_worker_times_out(fake, tmp_path: Path) -
     async def vanish(msg: Msg) -> None:  # grants a little, then never speaks again
         to = json.loads(msg.data)["stream"]["subject"]
         await send(worker, to, "credit", **{"Fleetbus-Credit": str(64 * KIB),
-                                            "Fleetbus-Subject": worker.new_inbox()})
+                                            "Fleetbus-Subject": client.names.xfer(uuid.uuid4().hex)})
 
     await serve(client, worker, f"{subject}.put", vanish)
     src = tmp_path / "src.bin"
@@ -401,7 +401,7 @@ async def test_client_get_from_a_vanished_worker_times_out_and_keeps_dest(fake, 
 
     async def vanish(msg: Msg) -> None:  # one chunk, then silence
         to = json.loads(msg.data)["stream"]["subject"]
-        await send(worker, to, "data", b"partial", **{"Fleetbus-Seq": "1", "Fleetbus-Subject": worker.new_inbox()})
+        await send(worker, to, "data", b"partial", **{"Fleetbus-Seq": "1", "Fleetbus-Subject": client.names.xfer(uuid.uuid4().hex)})
 
     await serve(client, worker, f"{subject}.get", vanish)
     dest = tmp_path / "dest.bin"
@@ -417,7 +417,7 @@ async def test_client_refuses_a_get_whose_content_does_not_match(fake, tmp_path:
 
     async def corrupt(msg: Msg) -> None:
         to = json.loads(msg.data)["stream"]["subject"]
-        await send(worker, to, "data", b"content", **{"Fleetbus-Seq": "1", "Fleetbus-Subject": worker.new_inbox()})
+        await send(worker, to, "data", b"content", **{"Fleetbus-Seq": "1", "Fleetbus-Subject": client.names.xfer(uuid.uuid4().hex)})
         await send(worker, to, "end", **{"Fleetbus-Size": "7", "Fleetbus-Sha256": "f" * 64})
         await msg.respond(json.dumps({"ok": True, "id": "x", "path": "/p", "size": 7, "sha256": "f" * 64,
                                       "mode": None}).encode())
@@ -426,3 +426,31 @@ async def test_client_refuses_a_get_whose_content_does_not_match(fake, tmp_path:
     with pytest.raises(InvalidRequest, match="sha256"):
         await client.get("ghost", "/p", tmp_path / "dest.bin")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("named", ["_INBOX.worker", "{p}.v1.servers.other.exec", "{p}.v1.admin.servers.remove",
+                                   "{p}.v1.xfer.one.two", "fleetbus.v1.xfer.elsewhere", "{p}.v1.xfer."])
+async def test_client_sends_only_to_a_worker_transfer_subject(fake, tmp_path: Path, named: str) -> None:
+    # The first credit names where the data goes; anything but one token under this
+    # deployment's xfer root (an inbox, another server's command, an admin subject,
+    # another deployment's transfer) would have the client publish the file there.
+    client, worker, subject = fake
+    named = named.format(p=client.names.prefix)
+    seen: list[Msg] = []
+
+    async def on_misdirected(msg: Msg) -> None:
+        seen.append(msg)
+
+    await worker.subscribe(named.rstrip("."), cb=on_misdirected)
+
+    async def mislead(msg: Msg) -> None:
+        to = json.loads(msg.data)["stream"]["subject"]
+        await send(worker, to, "credit", **{"Fleetbus-Credit": str(4 * MIB), "Fleetbus-Subject": named})
+
+    await serve(client, worker, f"{subject}.put", mislead)
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(2 * MIB))
+    with pytest.raises(TransportError, match="not a worker's transfer subject"):
+        await client.put("ghost", src, "/nowhere", idle_s=5)
+    await worker.flush()
+    assert seen == []

@@ -309,11 +309,11 @@ async def test_a_users_file_nats_refuses_leaves_the_running_users(tmp_path: Path
     embedded = EmbeddedNats(Home(tmp_path / "home"), port=0)
     await embedded.start()
     try:
-        before = embedded.users_path.read_text()
+        before = embedded.users_file.path.read_text()
         with pytest.raises(InvalidRequest, match="refused"):
-            await embedded.apply_users('users: [ {nkey: "not-a-key"} ]\n')
-        assert embedded.users_path.read_text() == before
-        assert await embedded.apply_users(before) is False  # unchanged: no reload
+            await embedded.users_file.apply('users: [ {nkey: "not-a-key"} ]\n')
+        assert embedded.users_file.path.read_text() == before
+        assert await embedded.users_file.apply(before) is False  # unchanged: no reload
     finally:
         await embedded.stop()
 

@@ -353,8 +353,9 @@ class AdminService:
             reply["user"] = self._shown(record)
         if not applied:
             reply["warnings"] = [
-                "this core does not run the NATS server (fleetbus up does), so the change is "
-                "stored but not in NATS yet; see docs/security.md for a shared NATS"
+                "this core neither runs the NATS server (fleetbus up does) nor keeps a shared "
+                "one's users (fleetbus core --nats-users-file), so the change is stored but not "
+                "in NATS yet; see docs/operations.md, 'Users on a shared NATS'"
                 if self.user_sync is None else
                 "the change is stored; NATS had not applied it within "
                 f"{USERS_APPLY_WAIT_S:g} s (see the core's log)"]

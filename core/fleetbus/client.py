@@ -66,7 +66,7 @@ from .objects import ObjectFiles
 from .output import HDR_END, HDR_STREAM
 from .replies import Replies
 from .streams import Receiver, Sender, chunk_limit
-from .subjects import DEFAULT_REPLY_PREFIXES, Names, request_headers
+from .subjects import DEFAULT_REPLY_PREFIXES, USER_INBOX_ROOT, Names, request_headers
 from .userroutes import UserRoutes, ask_user_info
 
 _log = logging.getLogger("fleetbus.client")
@@ -92,6 +92,10 @@ CLAIM_CHECK_S = 1.0
 UNCLAIMED_RESEND_S = 5.0
 MAX_RESENDS = 5
 FILE_CHUNK = 256 * 1024
+# A user (whose connection's inboxes are _I.<its public key>.) reaches none of fleetbus's JetStream:
+# asking the object store would only time out.
+_USERS_STREAM_ONLY = ("the object store is fleetbus's own: as a user, move files by streaming "
+                      "(via='stream', the default)")
 
 
 @dataclass(frozen=True)
@@ -412,10 +416,14 @@ class Client:
 
         Content above the inline limit is streamed straight to the worker (``via
         "stream"``) or goes through the object store (``via="object"``). ``idle_s``:
-        a worker silent this long mid-transfer ends it with :class:`Timeout`.
+        a worker silent this long mid-transfer ends it with :class:`Timeout`. A user
+        (a connection whose inboxes are ``_I.<public key>.``) may only stream: ``via="object"``
+        raises :class:`Forbidden` at once.
         """
         if via not in ("stream", "object"):
             raise ValueError("via must be 'stream' or 'object'")
+        if via == "object" and self.nc.new_inbox().startswith(f"{USER_INBOX_ROOT}."):
+            raise Forbidden(_USERS_STREAM_ONLY, before_start=True)
         body: dict[str, Any] = {"path": path, "make_parents": make_parents}
         if command_id is not None:
             body["id"] = command_id
@@ -443,7 +451,8 @@ class Client:
     async def _put_stream(self, server: str, source: bytes | Path, size: int, body: dict[str, Any],
                           progress: ProgressCallback | None, timeout_s: float,
                           idle_s: float) -> dict[str, Any]:
-        sender = Sender(self.nc, None, 0, idle_s, "worker")
+        # The worker names its side in its first credit: one token under our xfer root.
+        sender = Sender(self.nc, None, 0, idle_s, "worker", peer_root=self.names.xfer_root)
         body["stream"] = {"subject": await sender.open(), "size": size, "idle_s": idle_s}
         request = asyncio.ensure_future(self._server(server, "put", body, timeout_s))
         digest = hashlib.sha256()
@@ -493,11 +502,14 @@ class Client:
         """Read ``path`` from ``server``: into ``dest`` if given (any size), else into memory.
 
         A file above the inline limit is streamed from the worker (``via="stream"``) or
-        fetched through the object store (``via="object"``). ``dest`` is replaced only
-        once the whole file arrived and matched its sha256.
+        fetched through the object store (``via="object"``, not for a user: raises
+        :class:`Forbidden`). ``dest`` is replaced only once the whole file arrived and
+        matched its sha256.
         """
         if via not in ("stream", "object"):
             raise ValueError("via must be 'stream' or 'object'")
+        if via == "object" and self.nc.new_inbox().startswith(f"{USER_INBOX_ROOT}."):
+            raise Forbidden(_USERS_STREAM_ONLY, before_start=True)
         if via == "stream":
             return await self._get_stream(server, path, dest, progress, timeout_s, idle_s, window)
         body: dict[str, Any] = {"path": path}
@@ -523,7 +535,7 @@ class Client:
                           progress: ProgressCallback | None, timeout_s: float, idle_s: float,
                           window: int) -> tuple[dict[str, Any], bytes | None]:
         check_server_name(server)
-        receiver = Receiver(self.nc, None, window, idle_s, "worker")
+        receiver = Receiver(self.nc, None, window, idle_s, "worker", peer_root=self.names.xfer_root)
         body = {"path": path, "stream": {"subject": await receiver.open(), "window": window,
                                          "idle_s": idle_s}}
         request = asyncio.ensure_future(self._server(server, "get", body, timeout_s))

@@ -320,7 +320,8 @@ class CommandRunner:
                                         "started", before_start=True)
                 started = True
                 with mapped_errors(RUNNING, f"{served.transport} transport failed"):
-                    return await self.host.operations.run(session, target, command.op, req, command.id)
+                    return await self.host.operations.run(session, target, command.op, req, command.id,
+                                                          command.identity)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             assert task is not None

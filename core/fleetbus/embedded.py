@@ -10,9 +10,10 @@ appears neither in the config file nor in argv. That environment is built from s
 (:func:`nats_environment`): nats-server inherits nothing else of ours, no fleetbus secret
 in particular.
 
-The USERS account's users live in their own file (:attr:`EmbeddedNats.users_path`,
-included by the main config), which :meth:`EmbeddedNats.apply_users` replaces
-atomically, checks with ``nats-server -t`` and makes nats-server re-read with SIGHUP: a
+The accounts block is :func:`fleetbus.natsaccounts.account_config`, the one a shared
+NATS includes too. The USERS account's users live in their own file
+(:attr:`EmbeddedNats.users_file`, :class:`fleetbus.natsaccounts.UsersFile`), replaced
+atomically, checked with ``nats-server -t`` and re-read on a SIGHUP to the child: a
 removed user's connection is closed and changed permissions apply to live connections
 within milliseconds, nothing else is disturbed (research for issue 21, Q3).
 """
@@ -36,7 +37,7 @@ from pathlib import Path
 from .connection import OWNER_TOKEN_RE, OWNER_USER
 from .errors import InvalidRequest, ServerOffline
 from .home import Home, create_private, write_private
-from .subjects import Names
+from .natsaccounts import FLEETBUS_ACCOUNT, NO_USERS, UsersFile, account_config
 
 log = logging.getLogger("fleetbus.embedded")
 
@@ -49,15 +50,6 @@ MAX_PAYLOAD = 8 * 1024 * 1024
 # headroom for such moments, not the fix; it costs memory only while a client lags.
 MAX_PENDING = 256 * 1024 * 1024
 START_TIMEOUT_S = 20.0
-FLEETBUS_ACCOUNT = "FLEETBUS"
-USERS_ACCOUNT = "USERS"
-#: How long a reply to a user's request may take to cross the service import. nats-server
-#: forgets the reverse mapping after its default of 2 min and the reply is lost, so it
-#: is the longest a command waits (put/get of large files).
-RESPONSE_THRESHOLD = "6h"
-#: The users file before fleetbus has written any user: an empty USERS account.
-NO_USERS = "users: []\n"
-CHECK_TIMEOUT_S = 20.0
 
 
 # The token's form is how clients tell it is the FLEETBUS owner's password (connection.py).
@@ -116,40 +108,6 @@ def nats_environment(token: str) -> dict[str, str]:
     return env
 
 
-def account_config(prefix: str, users_file: str) -> list[str]:
-    """The ``accounts`` block: FLEETBUS exports fleetbus's services and the users'
-    inboxes, USERS imports them (``share: true``, so every request carries the
-    authenticated user in ``Nats-Request-Info``) and includes its users from
-    ``users_file``, a name beside the config file (nats-server reads an include
-    relative to the including file, even an absolute-looking one)."""
-    names = Names(prefix)
-    services = names.user_services
-    inboxes = json.dumps(names.user_inboxes())
-    # Several messages may answer one request (response_type: stream), for as long as
-    # the longest command may take (RESPONSE_THRESHOLD).
-    exports = [f"      {{service: {json.dumps(s)}, response_type: stream, "
-               f"response_threshold: {json.dumps(RESPONSE_THRESHOLD)}}}" for s in services]
-    # Live output and transfer messages fleetbus publishes on a user's own inbox.
-    exports.append(f"      {{stream: {inboxes}}}")
-    imports = [f"      {{service: {{account: {FLEETBUS_ACCOUNT}, subject: {json.dumps(s)}}}, share: true}}"
-               for s in services]
-    imports.append(f"      {{stream: {{account: {FLEETBUS_ACCOUNT}, subject: {inboxes}}}}}")
-    return [
-        "accounts {",
-        f"  {FLEETBUS_ACCOUNT} {{",
-        "    jetstream: enabled",
-        f"    users: [ {{user: {OWNER_USER}, password: ${TOKEN_ENV}}} ]",
-        "    exports: [", *exports, "    ]",
-        "  }",
-        f"  {USERS_ACCOUNT} {{",
-        # An include inside `users: [...]` is a parse error: the file holds the whole list.
-        f"    include {json.dumps(users_file)}",
-        "    imports: [", *imports, "    ]",
-        "  }",
-        "}",
-    ]
-
-
 def adopt_global_jetstream(store: Path) -> bool:
     """Move JetStream data a stack kept before accounts (the global account ``$G``) to
     the FLEETBUS account, so an upgraded home keeps its registry, vault and audit trail.
@@ -171,9 +129,11 @@ class EmbeddedNats:
         self.proc: asyncio.subprocess.Process | None = None
         self.token = ""
         self.log_path = home.path / "nats.log"
-        #: The USERS account's users, written by :meth:`apply_users` only.
-        self.users_path = home.path / "nats-users.conf"
-        self._applying = asyncio.Lock()
+        #: The USERS account's users (``users_file.apply``), checked with the token in
+        #: the environment, since the config refers to it.
+        self.users_file = UsersFile(home.path / "nats-users.conf", self.reload,
+                                    binary=nats_server_binary(), config=home.nats_config,
+                                    env=lambda: nats_environment(self.token))
 
     @property
     def url(self) -> str:
@@ -190,7 +150,8 @@ class EmbeddedNats:
                 f"max_pending: {MAX_PENDING}",
                 f"ports_file_dir: {json.dumps(str(self.home.path))}",
                 f"jetstream {{ store_dir: {store} }}",
-                *account_config(self.prefix, self.users_path.name),
+                *account_config(self.prefix, self.users_file.path.name,
+                                [f"{{user: {OWNER_USER}, password: ${TOKEN_ENV}}}"]),
                 "",
             ]
         )
@@ -214,7 +175,7 @@ class EmbeddedNats:
             log.info("moved JetStream data from the global account to %s", FLEETBUS_ACCOUNT)
         # The users the last run wrote stay until the core, moments after start, writes
         # them anew from the users bucket (userperms.UserSync), dropping expired ones.
-        create_private(self.users_path, NO_USERS.encode())
+        create_private(self.users_file.path, NO_USERS.encode())
         self.home.nats_config.write_text(self._config())
         for stale in self.home.path.glob("nats-server_*.ports"):
             stale.unlink(missing_ok=True)
@@ -256,49 +217,6 @@ class EmbeddedNats:
             return False
         writer.close()
         return True
-
-    async def apply_users(self, text: str) -> bool:
-        """Make ``text`` the USERS account's users (a ``users: [...]`` block) in the
-        running nats-server; False when it already was. Raises InvalidRequest, leaving
-        the running users as they were, when nats-server refuses the new config."""
-        async with self._applying:
-            try:
-                if self.users_path.read_text() == text:
-                    return False
-            except FileNotFoundError:
-                pass
-            previous = self.users_path.with_name(self.users_path.name + ".previous")
-            if self.users_path.exists():
-                os.replace(self.users_path, previous)
-            write_private(self.users_path, text.encode())
-            problem = await self._check_config()
-            if problem is not None:
-                if previous.exists():
-                    os.replace(previous, self.users_path)
-                raise InvalidRequest(f"nats-server refused the generated users: {problem}")
-            previous.unlink(missing_ok=True)
-            self.reload()
-            return True
-
-    async def _check_config(self) -> str | None:
-        """``nats-server -t`` on the whole config: None if it parses, else its complaint."""
-        check = await asyncio.create_subprocess_exec(
-            nats_server_binary(), "-t", "-c", str(self.home.nats_config),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            stdin=asyncio.subprocess.DEVNULL, env=nats_environment(self.token),
-        )
-        try:
-            out, _ = await asyncio.wait_for(check.communicate(), CHECK_TIMEOUT_S)
-        except TimeoutError:
-            check.kill()
-            await check.wait()
-            return f"the check took longer than {CHECK_TIMEOUT_S:g} s"
-        if check.returncode == 0:
-            return None
-        # Its last line names the users file's line at fault: keys and subjects, never a
-        # secret (the file holds public keys only; the token stays a variable reference).
-        lines = out.decode(errors="replace").strip().splitlines()
-        return lines[-1][:300] if lines else f"exit status {check.returncode}"
 
     def reload(self) -> None:
         """Make the running nats-server re-read its config (SIGHUP); a no-op once stopped."""

@@ -209,8 +209,7 @@ class PluginHost:
             self.settings.admission, behind=lambda: unread_bytes(nc) > READING_BEHIND_BYTES)
         self.metrics.requests_waiting.set_function(lambda: self.admission.waiting)
         self.metrics.requests_waiting_bytes.set_function(lambda: self.admission.waiting_bytes)
-        self.operations = Operations(nc, self.settings, self.files, self.objects,
-                                     self.names.files_bucket)
+        self.operations = Operations(nc, self.settings, self.files, self.objects, self.names)
         self.commands = CommandRunner(self)
         self._shed_report = ShedReport(lambda reason: self.metrics.requests_shed.labels(reason).inc())
         self.pool = ThreadPoolExecutor(

@@ -7,7 +7,9 @@ here the operation itself runs under its time limit and becomes the reply's body
 inline content, a stream from the requester (:mod:`fleetbus.streams`) or the object
 store, ``get`` back the same three ways, ``info`` and ``ping``. Failures are raised
 (fleetbus errors, or ``TimeoutError`` turned into ``timeout`` here); the command's one
-error ladder in :mod:`fleetbus.commandrun` turns them into the reply.
+error ladder in :mod:`fleetbus.commandrun` turns them into the reply. A transfer's
+worker side listens on a fresh ``<p>.v1.xfer.<token>`` and takes messages from the
+command's own requester only (:mod:`fleetbus.streams` says why).
 """
 
 from __future__ import annotations
@@ -22,14 +24,24 @@ from typing import TYPE_CHECKING, Any
 
 from nats.aio.client import Client as NATS
 
-from .errors import Cancelled, FleetbusError, InternalError, InvalidRequest, Timeout, TooLarge, TransportError
+from .errors import (
+    Cancelled,
+    FleetbusError,
+    Forbidden,
+    InternalError,
+    InvalidRequest,
+    Timeout,
+    TooLarge,
+    TransportError,
+)
 from .limits import MAX_INLINE_BYTES
 from .messages import ExecRequest, GetRequest, PutRequest, Request
 from .objects import ObjectFiles
 from .objectshare import SharedObjects, SharedRead
 from .output import BusOutput
 from .records import Server
-from .streams import BackgroundHash, Receiver, Sender, chunk_limit
+from .streams import BackgroundHash, Receiver, Sender, chunk_limit, xfer_token
+from .subjects import OWNER, Identity, Names
 from .transport import ExecSpec, PutSpec, Session
 
 if TYPE_CHECKING:
@@ -75,24 +87,26 @@ class Operations:
     """Runs exec, put, get, info and ping against an open session."""
 
     def __init__(self, nc: NATS, settings: HostSettings, files: ObjectFiles,
-                 objects: SharedObjects, files_bucket: str) -> None:
+                 objects: SharedObjects, names: Names) -> None:
         self.nc = nc
         self.settings = settings
         self.files = files
         self.objects = objects
-        self.files_bucket = files_bucket
+        self.names = names
+        self.files_bucket = names.files_bucket
 
     async def run(self, session: Session, target: Target, op: str, req: Request,
-                  command_id: str) -> Outcome:
+                  command_id: str, identity: Identity = OWNER) -> Outcome:
         """Run ``req`` (operation ``op``) on ``session``, under its time limit: an exec's
-        own ``timeout_s``, the transfer or quick limit of the host's settings."""
+        own ``timeout_s``, the transfer or quick limit of the host's settings.
+        ``identity``: who sent the command, the only one a transfer takes messages from."""
         if isinstance(req, ExecRequest):
             return await self._exec(session, req, command_id)
         if isinstance(req, PutRequest):
-            return await limited(self._put(session, req, command_id),
+            return await limited(self._put(session, req, command_id, identity),
                                  self.settings.transfer_timeout_s, "put")
         if isinstance(req, GetRequest):
-            return await limited(self._get(session, target.server, req, command_id),
+            return await limited(self._get(session, target.server, req, command_id, identity),
                                  self.settings.transfer_timeout_s, "get")
         if op == "info":
             return await limited(self._info(session, target, command_id),
@@ -147,7 +161,7 @@ class Operations:
         }
         return Outcome(reply=reply, exit_code=result.exit_code, bytes=output.bytes_out)
 
-    async def _put(self, session: Session, req: PutRequest, command_id: str) -> Outcome:
+    async def _put(self, session: Session, req: PutRequest, command_id: str, identity: Identity) -> Outcome:
         content = req.content()
         if content is not None and len(content) > MAX_INLINE_BYTES:
             raise TooLarge(f"inline content is {len(content)} bytes; above {MAX_INLINE_BYTES} "
@@ -165,8 +179,8 @@ class Operations:
         elif req.stream is not None:
             # The requester streams the content to us: one NATS hop, no object store.
             receiver = Receiver(self.nc, req.stream.subject, self.settings.stream_window,
-                                req.stream.idle_s, "requester")
-            await receiver.open()
+                                req.stream.idle_s, "requester", sender=identity.key)
+            await receiver.open(self.names.xfer(xfer_token()))
             size = req.stream.size
             source = receiver.chunks(grant_first=True)
         else:
@@ -217,7 +231,8 @@ class Operations:
                  "sha256": sha256, "mode": None if stat.mode is None else f"{stat.mode:04o}"}
         return Outcome(reply=reply, bytes=stat.size)
 
-    async def _get(self, session: Session, server: Server, req: GetRequest, command_id: str) -> Outcome:
+    async def _get(self, session: Session, server: Server, req: GetRequest, command_id: str,
+                   identity: Identity) -> Outcome:
         remote = await session.get(req.path)
         digest = hashlib.sha256()
         reply: dict[str, Any] = {"ok": True, "id": command_id, "path": req.path,
@@ -232,9 +247,14 @@ class Operations:
                 digest.update(data)
                 reply.update(size=len(data), content_b64=base64.b64encode(data).decode())
             elif req.stream is not None:
-                sent, sha256 = await self._send_stream(req, remote.size, remote.chunks)
+                sent, sha256 = await self._send_stream(req, remote.size, remote.chunks, identity)
                 reply.update(size=sent, sha256=sha256)
             else:
+                if not identity.is_owner:
+                    # The object store is fleetbus's own (commandrun refuses a user's named
+                    # object): fleetbus must not write a user's file there either.
+                    raise Forbidden(f"{req.path} is above the inline limit: as a user, get it with a "
+                                    "streamed transfer (stream)", before_start=True)
                 name = req.object or f"get/{server.name}/{command_id}"
 
                 async def counted() -> AsyncIterator[bytes]:
@@ -249,13 +269,14 @@ class Operations:
         reply.setdefault("sha256", digest.hexdigest())
         return Outcome(reply=reply, bytes=reply["size"])
 
-    async def _send_stream(self, req: GetRequest, size: int,
-                           chunks: AsyncIterator[bytes]) -> tuple[int, str]:
+    async def _send_stream(self, req: GetRequest, size: int, chunks: AsyncIterator[bytes],
+                           identity: Identity) -> tuple[int, str]:
         """Stream a file to the requester's subject within the credit it grants."""
         assert req.stream is not None
-        sender = Sender(self.nc, req.stream.subject, req.stream.window, req.stream.idle_s, "requester")
+        sender = Sender(self.nc, req.stream.subject, req.stream.window, req.stream.idle_s, "requester",
+                        sender=identity.key)
         sender.total = size or None
-        await sender.open()
+        await sender.open(self.names.xfer(xfer_token()))
         limit = chunk_limit(self.nc)
         hashing = BackgroundHash()
         try:

@@ -27,7 +27,7 @@ from .admin import AdminService
 from .checks import ServerChecker
 from .connection import ENV_TOKEN, NatsSettings, connect
 from .discovery import start_worker_service
-from .embedded import EmbeddedNats
+from .embedded import EmbeddedNats, nats_server_binary
 from .home import Home
 from .host import HostSettings, PluginHost
 from .jetstream import State, open_state
@@ -35,6 +35,7 @@ from .jobs import JobService
 from .keys import AgentKeys
 from .leases import CHECKS_LEADER_KEY, LeaderLease
 from .metrics import Metrics, MetricsServer, serve_metrics
+from .natsaccounts import SharedUsers
 from .plugins import load_plugins
 from .records import Server
 from .registry import Registry
@@ -70,6 +71,8 @@ class StackOptions:
     check_interval_s: float = 30.0
     check_timeout_s: float = 10.0
     job_retention_s: float | None = None  # None: the jobs stream's default or current setting
+    #: A core beside a shared nats-server keeps its USERS account (docs/operations.md).
+    shared_users: SharedUsers | None = None
 
 
 @dataclass
@@ -151,9 +154,12 @@ async def start_stack(opts: StackOptions, stack: AsyncExitStack, *, embedded_nat
         stack.callback(running.metrics_server.stop)
     if core:
         users = await open_users(nc.jetstream(timeout=10), names.users_bucket, replicas)
-        if embedded is not None:
-            # This process runs the NATS server: it keeps the USERS account equal to the bucket.
-            running.user_sync = UserSync(users, names, embedded.apply_users)
+        # Where this process runs the NATS server, or sits beside a shared one whose users
+        # file it was given, it keeps the USERS account equal to the bucket.
+        users_file = (embedded.users_file if embedded is not None else
+                      opts.shared_users.open(nats_server_binary()) if opts.shared_users else None)
+        if users_file is not None:
+            running.user_sync = UserSync(users, names, users_file.apply)
             await running.user_sync.start()
             stack.push_async_callback(running.user_sync.stop)
         running.admin = AdminService(nc, names, Registry(state.servers, state.status), vault,

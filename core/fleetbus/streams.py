@@ -21,6 +21,30 @@ transfers"):
 
 Every wait has a deadline (``idle_s`` without a message from the peer), so a stalled
 or vanished peer ends the transfer with ``timeout`` instead of holding a worker.
+
+Where each side listens. The requester's side is one of its own inboxes (``_INBOX.``
+for the owner, ``_I.<public key>.`` for a user), which the request names and the worker
+checks like any reply subject. The worker's side is ``<p>.v1.xfer.<token>``
+(:meth:`Names.xfer`), a fresh random token per transfer, for every requester: fleetbus's
+account exports ``<p>.v1.xfer.>`` to the users' as a service, and users may publish
+there, so a user's data and credit reach the worker across the import. The requester
+learns the subject from the worker's first message (``Fleetbus-Subject``) and accepts
+exactly that form, one token under its deployment's ``xfer`` root: never an inbox,
+another server's command or an admin subject, where a forged first message would
+otherwise have it publish a file.
+
+Who may write to the worker's side. Any user may publish on ``<p>.v1.xfer.>``, so the
+worker accepts a message only from the identity that sent the command
+(``Nats-Request-Info``, :func:`subjects.identity_in`). Measured on nats-server 2.15.1
+(issue 21 research, e9; tests/test_users_transfer.py checks it): a PLAIN publish, without a reply subject,
+crossing the ``share: true`` service import carries ``Nats-Request-Info`` just as a
+request does, with the publishing user's ``acc`` and ``user``; one the client wrote
+itself is replaced (bob forging alice's key arrives as bob), a message without headers
+gets it too, and a publish inside fleetbus's own account gets none (the owner).
+A stranger's message is dropped and counted, never allowed to end the transfer (else
+bob could abort alice's upload with one message). The token is random (128 bits, not a
+sequential nuid) and kept out of logs and the audit trail, so a stranger cannot even
+aim at a transfer it did not see.
 """
 
 from __future__ import annotations
@@ -28,6 +52,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
+import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -39,8 +66,10 @@ from nats.aio.subscription import Subscription
 
 from .errors import Cancelled, FleetbusError, InvalidRequest, Timeout, TransportError
 from .limits import DEFAULT_STREAM_IDLE_S, DEFAULT_STREAM_WINDOW
-from .subjects import HDR_CREDIT, HDR_ERROR, HDR_SEQ, HDR_SHA256, HDR_SIZE, HDR_SUBJECT, ReplySubjects
+from .subjects import HDR_CREDIT, HDR_ERROR, HDR_SEQ, HDR_SHA256, HDR_SIZE, HDR_SUBJECT, identity_in
 from .subjects import HDR_TRANSFER as HDR_KIND
+
+_log = logging.getLogger("fleetbus.streams")
 
 KIND_DATA = "data"
 KIND_END = "end"
@@ -58,9 +87,22 @@ _HEADROOM = 16 * 1024
 ALIVE_EVERY_S = 5.0
 # Credit goes back in batches of this fraction of the window.
 _GRANT_FRACTION = 4
-# A peer learned from a message (the client's side) names its own inbox: fleetbus's
-# processes use nats-py's default, _INBOX. Anything else is not where a worker listens.
-_PEER_SUBJECTS = ReplySubjects()
+# The token of a worker's subject: what xfer_token makes (token_urlsafe's alphabet).
+_XFER_TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def xfer_token() -> str:
+    """A fresh token for a worker's side of a transfer (:meth:`Names.xfer`): 128 random
+    bits, so nobody who did not see it can aim at the transfer (a nuid is sequential)."""
+    return secrets.token_urlsafe(16)
+
+
+def is_worker_subject(root: str, subject: str) -> bool:
+    """Whether ``subject`` is a worker's side of a transfer: exactly one token under
+    ``root`` (:attr:`Names.xfer_root`). What a requester learns from a first message
+    must be that and nothing else: whoever wrote it must not choose where the
+    requester publishes a file."""
+    return subject.startswith(root) and _XFER_TOKEN_RE.fullmatch(subject[len(root):]) is not None
 
 
 class BackgroundHash:
@@ -123,10 +165,12 @@ class _Peer:
     """One side of a transfer: its own inbox, the peer's subject once known, when the
     peer was last heard from, and a task that tells the peer we are still here."""
 
-    def __init__(self, nc: NATS, own: str, peer: str | None, idle_s: float, who: str) -> None:
+    def __init__(self, nc: NATS, own: str, peer: str | None, idle_s: float, who: str,
+                 peer_root: str | None) -> None:
         self.nc = nc
         self.own = own
         self.peer = peer
+        self.peer_root = peer_root
         self.idle_s = idle_s
         self.who = who
         self.heard = time.monotonic()
@@ -153,10 +197,10 @@ class _Peer:
         headers = msg.headers or {}
         if self.peer is None and headers.get(HDR_SUBJECT):
             peer = headers[HDR_SUBJECT]
-            if not _PEER_SUBJECTS.allows(peer):
+            if self.peer_root is None or not is_worker_subject(self.peer_root, peer):
                 # Whoever wrote to our inbox must not choose where we publish a file.
                 raise TransportError(f"the {self.who} named {peer[:64]!r} as its subject, "
-                                     "which is not a reply subject")
+                                     f"which is not a worker's transfer subject ({self.peer_root or '?'}<token>)")
             self.peer = peer
         kind = headers.get(HDR_KIND, "")
         if kind == KIND_ABORT:
@@ -182,15 +226,43 @@ def _subscribe_limits(window: int) -> dict[str, int]:
 
 
 class _Endpoint:
-    """What both ends of a transfer share: the own inbox, the link to the peer, closing."""
+    """What both ends of a transfer share: the own subject, the link to the peer, who may
+    write to us, closing.
 
-    def __init__(self, nc: NATS, peer: str | None, idle_s: float, who: str) -> None:
+    The requester's side learns the worker's subject (``peer`` None) and must be given
+    ``peer_root``, the deployment's :attr:`Names.xfer_root`. The worker's side knows the
+    requester's subject and is given ``sender``, the :attr:`Identity.key` of the command's
+    requester: a message from any other identity is dropped and counted in ``strangers``.
+    """
+
+    def __init__(self, nc: NATS, peer: str | None, idle_s: float, who: str, *,
+                 peer_root: str | None = None, sender: str | None = None) -> None:
         self.nc = nc
         self.who = who
         self.idle_s = idle_s
         self._peer_subject = peer
+        self._peer_root = peer_root
+        self._sender = sender
+        self.strangers = 0  # messages dropped because another identity sent them
         self.sub: Subscription | None = None
         self.link: _Peer | None = None
+
+    def _own_subject(self, own: str | None) -> str:
+        return own if own is not None else self.nc.new_inbox()
+
+    def _stranger(self, msg: Msg) -> bool:
+        """Whether ``msg`` came from someone other than the command's requester (then it
+        is dropped: never heard, never counted against credit, never an abort)."""
+        if self._sender is None:
+            return False
+        found = identity_in(msg.headers).key
+        if found == self._sender:
+            return False
+        self.strangers += 1
+        if self.strangers == 1 or self.strangers % 1000 == 0:
+            # The subject stays out of the log: it is what a stranger would aim at.
+            _log.debug("transfer: dropped %d message(s) from %s, not the %s", self.strangers, found[:80], self.who)
+        return True
 
     async def close(self) -> None:
         if self.link is not None:
@@ -217,8 +289,9 @@ class Receiver(_Endpoint):
     ``peer`` is where credit goes; when None it is learned from the first message.
     """
 
-    def __init__(self, nc: NATS, peer: str | None, window: int, idle_s: float, who: str) -> None:
-        super().__init__(nc, peer, idle_s, who)
+    def __init__(self, nc: NATS, peer: str | None, window: int, idle_s: float, who: str, *,
+                 peer_root: str | None = None, sender: str | None = None) -> None:
+        super().__init__(nc, peer, idle_s, who, peer_root=peer_root, sender=sender)
         self.window = window
         self._inbox: asyncio.Queue[Msg] = asyncio.Queue()
         self._queued = 0  # bytes in _inbox
@@ -228,13 +301,14 @@ class Receiver(_Endpoint):
         self.sha256: str | None = None  # the content's digest, once the end matched it
         self.digest = BackgroundHash()
 
-    async def open(self) -> str:
-        """Subscribe to a fresh inbox; returns it (the subject the sender sends to)."""
-        own = self.nc.new_inbox()
+    async def open(self, own: str | None = None) -> str:
+        """Subscribe to ``own`` (a worker's :meth:`Names.xfer` subject), by default a fresh
+        inbox; returns it (the subject the sender sends to)."""
+        own = self._own_subject(own)
         # A callback into our own queue: nats-py's next_msg costs a task, a wait_for and a
         # uuid4 per message.
         self.sub = await self.nc.subscribe(own, cb=self._on_msg, **_subscribe_limits(self.window))
-        self.link = _Peer(self.nc, own, self._peer_subject, self.idle_s, self.who)
+        self.link = _Peer(self.nc, own, self._peer_subject, self.idle_s, self.who, self._peer_root)
         return own
 
     async def close(self) -> None:
@@ -244,6 +318,8 @@ class Receiver(_Endpoint):
     async def _on_msg(self, msg: Msg) -> None:
         # Credit bounds what an honest sender has in flight; one that ignores it must not
         # fill our memory: drop, and fail the transfer when the consumer gets there.
+        if self._stranger(msg):
+            return
         if self._overrun or self._queued + len(msg.data) > self.window + _HEADROOM:
             self._overrun = True
             return
@@ -321,8 +397,9 @@ class Sender(_Endpoint):
     ``peer`` is where data goes; when None it is learned from the first credit.
     """
 
-    def __init__(self, nc: NATS, peer: str | None, credit: int, idle_s: float, who: str) -> None:
-        super().__init__(nc, peer, idle_s, who)
+    def __init__(self, nc: NATS, peer: str | None, credit: int, idle_s: float, who: str, *,
+                 peer_root: str | None = None, sender: str | None = None) -> None:
+        super().__init__(nc, peer, idle_s, who, peer_root=peer_root, sender=sender)
         self.credit = credit
         self.seq = 0
         self.size = 0
@@ -330,16 +407,19 @@ class Sender(_Endpoint):
         self._changed = asyncio.Event()
         self._error: FleetbusError | None = None
 
-    async def open(self) -> str:
-        """Subscribe to a fresh inbox for credit; returns it."""
-        own = self.nc.new_inbox()
-        self.link = _Peer(self.nc, own, self._peer_subject, self.idle_s, self.who)
+    async def open(self, own: str | None = None) -> str:
+        """Subscribe to ``own`` for credit (a worker's :meth:`Names.xfer` subject), by
+        default a fresh inbox; returns it."""
+        own = self._own_subject(own)
+        self.link = _Peer(self.nc, own, self._peer_subject, self.idle_s, self.who, self._peer_root)
         self.sub = await self.nc.subscribe(own, cb=self._on_msg, pending_msgs_limit=1 << 16)
         self.link.start()
         return own
 
     async def _on_msg(self, msg: Msg) -> None:
         assert self.link is not None
+        if self._stranger(msg):
+            return
         try:
             if self.link.hear(msg) == KIND_CREDIT:
                 self.credit += _int_header(msg, HDR_CREDIT)

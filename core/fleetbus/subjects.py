@@ -121,6 +121,16 @@ class Names:
         Its last two tokens are the server and operation, as :meth:`server_op` reads them."""
         return f"{self.prefix}.v1.grants.{grant_id}.{server}.{op}"
 
+    def xfer(self, token: str) -> str:
+        """The worker's side of one streamed transfer (streams.py): what the requester
+        sends data, credit and aborts to. ``token`` is one random subject token."""
+        return f"{self.prefix}.v1.xfer.{token}"
+
+    @property
+    def xfer_root(self) -> str:
+        """What every :meth:`xfer` subject starts with (with its final dot)."""
+        return f"{self.prefix}.v1.xfer."
+
     @staticmethod
     def user_inbox(public_key: str) -> str:
         """The inbox prefix (with its final dot) of the user with nkey ``public_key``: the

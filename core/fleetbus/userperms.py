@@ -14,7 +14,8 @@ out altogether, which nats-server treats as removed (its connection is closed).
 
 :class:`UserSync` runs beside the embedded NATS: it watches the users bucket and writes
 the USERS account's users anew on every change and when the next user expires, then
-nats-server reloads (:meth:`fleetbus.embedded.EmbeddedNats.apply_users`).
+nats-server reloads (:meth:`fleetbus.natsaccounts.UsersFile.apply`: the embedded NATS's
+or, beside a shared one, the file ``fleetbus core --nats-users-file`` names).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from nats.js.kv import KeyValue
 
@@ -92,8 +93,8 @@ Apply = Callable[[str], Awaitable[bool]]
 class UserSync:
     """Keeps the running nats-server's USERS account equal to the users bucket.
 
-    ``apply`` takes the rendered users and returns whether they changed (the embedded
-    NATS's :meth:`~fleetbus.embedded.EmbeddedNats.apply_users`). One task: a watch on the
+    ``apply`` takes the rendered users and returns whether they changed
+    (:meth:`fleetbus.natsaccounts.UsersFile.apply`). One task: a watch on the
     bucket wakes it; it also wakes when the next user expires, and every
     :data:`RECHECK_S` s regardless.
     """
@@ -112,8 +113,14 @@ class UserSync:
         self._applied_event = asyncio.Event()
 
     async def start(self) -> None:
-        # Before start returns: the users are in place, the expired ones already out.
-        next_at = await self.sync_once()
+        # Before start returns: the users are in place, the expired ones already out. If
+        # they cannot be (a users file that cannot be written, nats-server refusing it or
+        # out of reach) the core serves all the same and the task tries again shortly.
+        try:
+            next_at = await self.sync_once()
+        except Exception as exc:
+            log.warning("could not update NATS users: %s", exc)
+            next_at = utcnow() + timedelta(seconds=RETRY_S)
         self._tasks = [asyncio.create_task(self._watch(), name="fleetbus-users-watch"),
                        asyncio.create_task(self._run(next_at), name="fleetbus-users-sync")]
 

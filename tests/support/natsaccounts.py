@@ -1,13 +1,14 @@
-"""A real nats-server with fleetbus's two accounts, configured by hand (issue 21).
+"""A real nats-server with fleetbus's two accounts, as a shared NATS has them (issue 21).
 
 ``FLEETBUS`` holds JetStream, fleetbus's processes and the owner (user ``owner`` with a
 password); ``USERS`` holds nkey users, each with its own publish permissions and the
 subscribe permission ``_I.<its public key>.>`` (its inboxes). FLEETBUS exports the
-server, grant, admin and jobs subjects as services (``response_type: stream``, replies
+server, grant, admin, jobs and transfer subjects as services (``response_type: stream``, replies
 allowed for 6 h) and its users' inboxes ``_I.>`` as a stream; USERS imports them, the
 services with ``share: true`` so that ``Nats-Request-Info`` names the user. This is the
-research's layout (/work/briefs/issue21-research.md, Q1, Q2, Q7), written out for the
-tests before fleetbus generates it itself.
+research's layout (/work/briefs/issue21-research.md, Q1, Q2, Q7), rendered by
+fleetbus's own ``account_config``; the users, with whatever permissions a test gives
+them, are written by hand.
 """
 
 from __future__ import annotations
@@ -21,9 +22,12 @@ from pathlib import Path
 
 import nats
 import nkeys
+from fleetbus.natsaccounts import account_config
 from nats.aio.client import Client as NATS
 
 from .processes import NATS_SERVER, stop_process, wait_for
+
+USERS_FILE = "users.conf"
 
 
 @dataclass(frozen=True)
@@ -63,48 +67,35 @@ class AccountsNats:
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""
 
-    def config(self) -> str:
-        p = self.prefix
-        services = [f"{p}.v1.servers.*.*", f"{p}.v1.grants.*.*.*", f"{p}.v1.admin.>", f"{p}.v1.jobs.>"]
-        exports = "\n".join(
-            f'      {{service: "{s}", response_type: stream, response_threshold: "6h"}}' for s in services)
-        imports = "\n".join(
-            f'      {{service: {{account: FLEETBUS, subject: "{s}"}}, share: true}}' for s in services)
+    def users_config(self) -> str:
+        """The USERS account's users file: each user with the permissions it was given."""
         users = "\n".join(
-            f"      {{nkey: {u.public}, permissions: {{publish: {{allow: {json.dumps(list(u.publish))}}}, "
+            f"  {{nkey: {u.public}, permissions: {{publish: {{allow: {json.dumps(list(u.publish))}}}, "
             f"subscribe: {{allow: [\"{u.inbox}.>\"]}}}}}}" for u in self.users)
+        return f"users: [\n{users}\n]\n"
+
+    def config(self) -> str:
+        """The server's config: fleetbus's own accounts block (the one the embedded NATS
+        runs and `fleetbus nats accounts` prints), with the owner as a password user."""
         store = self.workdir / "js"
+        accounts = account_config(self.prefix, USERS_FILE,
+                                  [json.dumps({"user": "owner", "password": self.password})])
         # The password is in the config file (0600), never on argv.
-        return f"""host: "127.0.0.1"
-port: -1
-ports_file_dir: {json.dumps(str(self.workdir))}
-jetstream {{ store_dir: {json.dumps(str(store))} }}
-accounts {{
-  FLEETBUS {{
-    jetstream: enabled
-    users: [ {{user: owner, password: {json.dumps(self.password)}}} ]
-    exports: [
-{exports}
-      {{stream: "_I.>"}}
-    ]
-  }}
-  USERS {{
-    users: [
-{users}
-    ]
-    imports: [
-{imports}
-      {{stream: {{account: FLEETBUS, subject: "_I.>"}}}}
-    ]
-  }}
-}}
-"""
+        return "\n".join([
+            'host: "127.0.0.1"',
+            "port: -1",
+            f"ports_file_dir: {json.dumps(str(self.workdir))}",
+            f"jetstream {{ store_dir: {json.dumps(str(store))} }}",
+            *accounts,
+            "",
+        ])
 
     def start(self) -> AccountsNats:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "nats.conf"
         conf.touch(mode=0o600)
         conf.write_text(self.config())
+        (self.workdir / USERS_FILE).write_text(self.users_config())
         with open(self.workdir / "nats.log", "ab") as log:
             self.proc = subprocess.Popen([NATS_SERVER, "-c", str(conf)],
                                          stdout=log, stderr=log, stdin=subprocess.DEVNULL)

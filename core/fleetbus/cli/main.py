@@ -15,6 +15,7 @@ from .context import Globals
 from .credentials import credentials
 from .extend import PluginGroup
 from .jobs import jobs
+from .nats_cmds import nats
 from .plugins_cmd import plugins
 from .servers import servers
 from .stack_cmds import core, up, worker
@@ -52,7 +53,7 @@ def cli(ctx: click.Context, nats: str | None, nats_creds: str | None, nats_nkey:
 
 # Installed transports add their own commands (e.g. `gateway`) through the fleetbus_cli hook.
 for command in (up, core, worker, servers, credentials, run, put, get, info, ping, jobs, plugins,
-                agent, admin, users):
+                agent, admin, users, nats):
     cli.add_command(command)
 
 

@@ -7,6 +7,8 @@ import os
 import sys
 import time
 from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -15,6 +17,9 @@ from ..errors import FleetbusError
 from ..home import Home
 from .context import Globals, choose_event_loop, fail, parse_options, pass_globals, run_async
 from .extend import flag_values, registry, takes_plugin_flags
+
+if TYPE_CHECKING:
+    from ..natsaccounts import SharedUsers
 
 
 def _logging(verbose: int) -> None:
@@ -86,6 +91,20 @@ def _reply_prefixes(own_prefix: str) -> tuple[str, ...]:
         return ReplySubjects.parse(os.environ.get(ENV_REPLY_PREFIXES), own_prefix).prefixes
     except FleetbusError as exc:
         fail(f"{ENV_REPLY_PREFIXES}: {exc.message}")
+
+
+def _shared_users(users_file: str | None, pid_file: str | None, config: str | None) -> SharedUsers | None:
+    """The core's --nats-users-file, --nats-pid-file and --nats-config, checked together."""
+    from ..natsaccounts import SharedUsers
+
+    if users_file is None:
+        if pid_file is not None or config is not None:
+            fail("--nats-pid-file and --nats-config go with --nats-users-file")
+        return None
+    if pid_file is None:
+        fail("--nats-users-file needs --nats-pid-file: the pid of the nats-server to make re-read it")
+    return SharedUsers(Path(users_file).expanduser().absolute(), Path(pid_file).expanduser().absolute(),
+                       Path(config).expanduser().absolute() if config else None)
 
 
 def _say(text: str) -> None:
@@ -177,9 +196,17 @@ def up(g: Globals, nats_host: str, nats_port: int, transports: str | None,
               help="Seconds a server check waits for the server's answer.")
 @click.option("--job-retention", type=click.FloatRange(min=0.01), metavar="DAYS",
               help="Days job records are kept (default: as set before, else 30).")
+@click.option("--nats-users-file", type=click.Path(dir_okay=False), metavar="PATH",
+              help="Keep this nats-server's users file (the one `fleetbus nats accounts` names) equal "
+                   "to fleetbus's users and make the server re-read it (needs --nats-pid-file).")
+@click.option("--nats-pid-file", type=click.Path(dir_okay=False), metavar="PATH",
+              help="The pid_file of the nats-server that --nats-users-file is for (SIGHUP reloads it).")
+@click.option("--nats-config", type=click.Path(dir_okay=False), metavar="PATH",
+              help="That nats-server's config, checked with `nats-server -t` before each reload.")
 @pass_globals
 def core(g: Globals, verbose: int, replicas: int | None, metrics_addr: str, check_interval: float,
-         check_timeout: float, job_retention: float | None) -> None:
+         check_timeout: float, job_retention: float | None, nats_users_file: str | None,
+         nats_pid_file: str | None, nats_config: str | None) -> None:
     """Run the core alone (admin API, vault, registry) against a shared NATS."""
     from ..host import HostSettings
     from ..stack import StackOptions, start_stack, wait_for_signal
@@ -190,7 +217,8 @@ def core(g: Globals, verbose: int, replicas: int | None, metrics_addr: str, chec
                         nats_creds=g.nats_creds, nats_context=g.nats_context,
                         host_settings=HostSettings(reply_prefixes=_reply_prefixes(g.prefix)),
                         metrics_addr=_metrics(metrics_addr), check_interval_s=check_interval,
-                        check_timeout_s=check_timeout, job_retention_s=_days(job_retention))
+                        check_timeout_s=check_timeout, job_retention_s=_days(job_retention),
+                        shared_users=_shared_users(nats_users_file, nats_pid_file, nats_config))
 
     async def main() -> None:
         async with AsyncExitStack() as stack:

@@ -7,41 +7,18 @@ the bus, so neither fleetbus nor its audit trail ever holds it.
 
 from __future__ import annotations
 
-import os
 import shlex
 from pathlib import Path
 from typing import Any
 
 import click
-import nkeys
 
-from .context import Globals, client_call, fail, pass_globals
+from .context import Globals, client_call, pass_globals
+from .nkeyfiles import new_user_key, write_seed
 from .render import emit_json, table
 
 #: Users changes wait for nats-server to have them (admin.USERS_APPLY_WAIT_S) and more.
 USERS_TIMEOUT_S = 30.0
-
-
-def new_user_key() -> tuple[bytes, str]:
-    """A fresh nkey user key pair: (seed, public key)."""
-    keys = nkeys.from_seed(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))
-    return bytes(keys.seed), keys.public_key.decode()
-
-
-def _write_seed(path: str, seed: bytes) -> None:
-    """Create ``path`` 0600 with the seed; refuses to overwrite (a seed is not replaced silently)."""
-    target = Path(path).expanduser()
-    try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        fail(f"{target} exists; choose another --out (nothing was changed)")
-    except OSError as exc:
-        fail(f"cannot create {target}: {exc.strerror}")
-    try:
-        os.write(fd, seed + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _hand_over(seed: bytes, out: str | None, name: str, as_json: bool) -> None:
@@ -64,7 +41,7 @@ def _issue_key(g: Globals, name: str, out: str | None, as_json: bool, endpoint: 
     """
     seed, public = new_user_key()
     if out:
-        _write_seed(out, seed)
+        write_seed(out, seed, "--out")
     try:
         reply = client_call(g, lambda c: c.admin(endpoint, {**body, "public_key": public}, USERS_TIMEOUT_S))
     except BaseException:
