@@ -140,7 +140,7 @@ async def test_the_cli_as_a_user(fleet: Fleet, fleet_nc: NATS, granted: Granted,
     assert done.returncode != 0
     line = _one_line(done.stderr)
     assert "forbidden" in line and "servers.list" in line, line
-    # The owner's token file in the same home is not used when an nkey is given.
+    # Audited as the user, not the owner: the token file in the same home was not sent.
     records = await audit_records(fleet_nc, NAMES.audit_stream, NAMES.audit_all, {command_id})
     (record,) = records[command_id]
     assert record["identity"] == {"account": "USERS", "user": granted.public_key, "name": granted.name}

@@ -140,6 +140,10 @@ class Client:
         home: str | Path | None = None,
         requester: str | None = None,
     ) -> Client:
+        """Connect with ``settings`` (default: :meth:`NatsSettings.resolve`, so the
+        environment, a context or ``fleetbus up``'s run file). With a user's nkey seed or
+        creds file, the client is that user's (see the module); ``requester`` is what the
+        audit trail records as declared, beside the identity NATS authenticated."""
         settings = settings or NatsSettings.resolve(url=url, home=Home.resolve(home))
         names = Names(settings.prefix)
         inbox = user_inbox_prefix(settings)
