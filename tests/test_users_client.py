@@ -199,7 +199,7 @@ async def test_nats_says_who_is_a_user_and_where_its_grants_lead(
     # The owner may subscribe anywhere: not a user, so the client keeps _INBOX for it
     # (an owner or fleetbus process with an nkey on a shared NATS is answered there).
     owner = await ask_user_info(fleet_nc, NAMES, (f"_I.{granted.public_key}.", "_INBOX."))
-    assert owner is not None and not owner.restricted
+    assert owner is not None and not owner.is_user
     nc = await nats.connect(fleet.nats_url, nkeys_seed=str(granted.seed))  # default _INBOX prefix
     try:
         routes = await ask_user_info(nc, NAMES, (f"_I.{granted.public_key}.", "_INBOX."))
@@ -209,7 +209,7 @@ async def test_nats_says_who_is_a_user_and_where_its_grants_lead(
         assert refused_first is not None and set(refused_first.publish) == set(routes.publish)
     finally:
         await nc.close()
-    assert routes is not None and routes.restricted and routes.account == "USERS"
+    assert routes is not None and routes.is_user and routes.account == "USERS"
     assert routes.subjects("web8", "exec") == [NAMES.grant(granted.grant, "web8", "exec")]
     assert routes.subjects("web8", "cancel") == [NAMES.grant(granted.grant, "web8", "cancel")]
     assert routes.subjects("web8", "get") == []

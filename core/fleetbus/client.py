@@ -150,11 +150,11 @@ class Client:
         nc = await connect(settings, name="fleetbus-client", reconnect_forever=False, user_inbox=True)
         if inbox is None:
             return cls(nc, names, requester)
-        # An nkey or creds: a user's, whose permissions restrict it to its own inboxes (and
-        # let it ask; userperms.permissions). Anyone else (the owner, fleetbus's own
-        # identity on a shared NATS, an operator's creds) is answered on _INBOX as before.
+        # An nkey or creds: a user's when NATS says its subscriptions are its own inboxes
+        # (userperms.permissions, which also let it ask). Anyone else (the owner, fleetbus's
+        # own identity on a shared NATS, an operator's creds) is answered on _INBOX as before.
         routes = await ask_user_info(nc, names, (inbox, DEFAULT_REPLY_PREFIXES[0]))
-        if routes is None or not routes.restricted:
+        if routes is None or not routes.is_user:
             await nc.close()
             nc = await connect(settings, name="fleetbus-client", reconnect_forever=False)
             return cls(nc, names, requester)

@@ -62,9 +62,10 @@ class UserRoutes:
     names: Names
     account: str
     publish: tuple[str, ...]
-    #: Whether NATS restricts what it may subscribe to: a user's connection is; the
-    #: owner's (or one of fleetbus's own processes, with an nkey on a shared NATS) is not.
-    restricted: bool
+    #: Whether it is a user as fleetbus makes them: its subscribe permissions are its own
+    #: inboxes ``_I.<key>.>`` (userperms.permissions). The owner, fleetbus's own
+    #: processes with an nkey on a shared NATS, or an operator's own creds are not.
+    is_user: bool
 
     def subjects(self, server: str, op: str) -> list[str]:
         """The subjects to try, in order, to send ``op`` to ``server``: the server's own
@@ -118,9 +119,8 @@ async def ask_user_info(nc: NATS, names: Names, inbox_prefixes: tuple[str, ...])
         return None
     perms = info.permissions
     publish = tuple(perms.publish.allow) if perms and perms.publish else ()
-    restricted = bool(perms and perms.subscribe and perms.subscribe.allow
-                      and not {">", "_INBOX.>"} & set(perms.subscribe.allow))
-    return UserRoutes(names, info.account, publish, restricted)
+    subscribe = perms.subscribe.allow if perms and perms.subscribe else []
+    return UserRoutes(names, info.account, publish, is_user=Names.user_inbox(info.user) + ">" in subscribe)
 
 
 class _Refused(Exception):
