@@ -19,6 +19,7 @@ import nats
 import pytest
 from fleetbus.admin import CredentialAdd, CredentialRemove, NameBody, ServerAdd
 from fleetbus.audit import AuditRecord
+from fleetbus.auditquery import AuditQuery
 from fleetbus.errors import ERROR_CODES
 from fleetbus.messages import REQUEST_MODELS, CancelRequest
 from fleetbus.output import HDR_COMMAND, HDR_END, HDR_ERROR, HDR_EXIT, HDR_SEQ, HDR_STREAM
@@ -124,7 +125,8 @@ def test_admin_record_fields_are_documented(doc: str, model: type) -> None:
         assert f"| `{name}` |" in text, f"{model.__name__}.{name}"
 
 
-@pytest.mark.parametrize("model", [ServerAdd, NameBody, CredentialRemove, ServerStatus, CredentialInfo])
+@pytest.mark.parametrize("model", [ServerAdd, NameBody, CredentialRemove, ServerStatus, CredentialInfo,
+                                   AuditQuery])
 def test_admin_bodies_are_documented(doc: str, model: type) -> None:
     text = doc.split("## Admin API", 1)[1].split("\n## ", 1)[0]
     for name in model.model_fields:

@@ -1176,6 +1176,8 @@ ADMIN_ENDPOINTS = {
     "users.show": False,
     "users.remove": True,
     "users.rotate": True,
+    # Reads the audit stream through a consumer of its own, deleted after each query.
+    "audit.query": False,
 }
 
 SAFE_PROGRAMS = frozenset({"true", "echo", "printf", "/bin/true", "/bin/echo", "pwd"})
@@ -1231,6 +1233,8 @@ def _valid_body(rng: random.Random, subject: str, workdir: Path, index: int) -> 
         "users.show": {"name": name},
         "users.remove": {"name": name},
         "users.rotate": {"name": name, "public_key": _user_key(rng)},
+        "audit.query": rng.choice(({}, {"server": "local", "op": "exec", "limit": 5}, {"since": "1h"},
+                                   {"after_seq": 0, "user": "owner", "limit": 3})),
     }.get(subject, {})
 
 

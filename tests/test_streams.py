@@ -28,6 +28,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from support.pagecache import require_droppable_cache, resident_fraction
 from support.processes import Fleet, NatsServer
+from support.transfermsgs import Inbox, send
 
 S = "fleetbus.v1.servers.local"
 KIB = 1024
@@ -38,32 +39,6 @@ def no_temp_files(folder: Path) -> bool:
     return not [p for p in folder.iterdir() if ".fleetbus-" in p.name]
 
 
-class Inbox:
-    """A subscription whose messages we await with a deadline (never a sleep)."""
-
-    def __init__(self, nc: NATS) -> None:
-        self.nc = nc
-        self.subject = nc.new_inbox()
-        self.queue: asyncio.Queue[Msg] = asyncio.Queue()
-        self.sub: Any = None
-
-    async def start(self) -> Inbox:
-        async def on_msg(msg: Msg) -> None:
-            await self.queue.put(msg)
-
-        self.sub = await self.nc.subscribe(self.subject, cb=on_msg)
-        return self
-
-    async def next(self, kind: str | None = None, timeout: float = 30) -> Msg:
-        async with asyncio.timeout(timeout):
-            while True:
-                msg = await self.queue.get()
-                if kind is None or (msg.headers or {}).get("Fleetbus-Transfer") == kind:
-                    return msg
-
-
-async def send(nc: NATS, subject: str, kind: str, body: bytes = b"", **headers: str) -> None:
-    await nc.publish(subject, body, headers={"Fleetbus-Transfer": kind, **headers})
 
 
 def request(nc: NATS, op: str, body: dict[str, Any], timeout: float = 60) -> asyncio.Task[dict[str, Any]]:

@@ -125,11 +125,12 @@ async def test_user_may_publish_only_what_it_was_granted(fleet: Fleet, fleet_nc:
         reply = await user.nc.request(names.grant(grant, "web1", "exec"), b"{}", timeout=10)  # type: ignore[union-attr]
         assert json.loads(reply.data) == {"ok": True, "via": names.grant(grant, "web1", "exec")}
         for allowed in (names.grant(grant, "web1", "put"), names.grant(grant, "web1", "cancel"),
-                        names.server("local", "info"), names.admin("servers.list")):
+                        names.server("local", "info"), names.admin("servers.list"),
+                        names.jobs("start"), names.jobs("get")):  # jobs: checked by the job service
             assert not await user.refused(allowed), (allowed, user.errors)
         for denied in (names.grant(grant, "web1", "get"), names.server("db1", "exec"),
                        names.server("local", "exec"), names.admin("servers.add"),
-                       names.admin("users.add"), names.jobs("start"), names.event("x"),
+                       names.admin("users.add"), names.event("x"), names.job_event("x", "progress"),
                        "$JS.API.STREAM.NAMES", "$KV.fleetbus_servers.local"):
             assert await user.refused(denied), (denied, user.errors)
         # It may read its own inbox only.
@@ -363,7 +364,8 @@ def test_permissions_are_exactly_the_grants(names: Names) -> None:
             "fleetbus.v1.grants.g00000001.*.exec", "fleetbus.v1.grants.g00000001.*.cancel",
             "fleetbus.v1.grants.g00000002.*.ping", "fleetbus.v1.grants.g00000002.*.cancel",
             "fleetbus.v1.servers.db1.ping", "fleetbus.v1.servers.db1.cancel",
-            "fleetbus.v1.admin.servers.list", "fleetbus.v1.xfer.>", "$SYS.REQ.USER.INFO"]),
+            "fleetbus.v1.admin.servers.list", "fleetbus.v1.xfer.>", "$SYS.REQ.USER.INFO",
+            *(f"fleetbus.v1.jobs.{verb}" for verb in ("start", "get", "list", "cancel", "rerun"))]),
         # Its inboxes are its public key's: the client and the worker know them without its name.
         "subscribe": [f"_I.{key}.>"],
     }

@@ -147,6 +147,21 @@ async def test_the_cli_as_a_user(fleet: Fleet, fleet_nc: NATS, granted: Granted,
     assert record["outcome"] == "ok" and record["server"] == "web8"
 
 
+async def test_a_users_cli_job_and_audit_query(fleet: Fleet, granted: Granted, as_user: Client,
+                                                tmp_path: Path) -> None:
+    env = {ENV_NKEY: str(granted.seed)}
+    # A job over the role its grant covers: the job service checks it, the CLI polls it.
+    done = fleet.cli("run", "--role", "web", "--json", "--", "echo", "job as user", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "job as user" in done.stdout
+    # An auditor reads the trail with the same CLI, as itself.
+    seed, _ = add_user(fleet, tmp_path, "auditor8", "--admin", "audit.query")
+    done = fleet.cli("audit", "--server", "web8", "--op", "exec", "--json", env={ENV_NKEY: str(seed)})
+    assert done.returncode == 0, done.stderr
+    names = {(r.get("identity") or {}).get("name") for r in json.loads(done.stdout)["records"]}
+    assert granted.name in names, names
+
+
 async def test_a_raw_client_forging_its_requester_is_audited_as_itself(
         fleet: Fleet, fleet_nc: NATS, granted: Granted, as_user: Client) -> None:
     nc = await nats.connect(fleet.nats_url, nkeys_seed=str(granted.seed),

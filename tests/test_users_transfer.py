@@ -26,6 +26,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from support.auditread import audit_records
 from support.processes import Fleet
+from support.transfermsgs import Inbox, send
 from test_users import UserClient, add_user
 
 NAMES = Names("fleetbus")
@@ -64,32 +65,6 @@ async def bob(fleet: Fleet, users: dict[str, Any]) -> AsyncIterator[UserClient]:
     await user.close()
 
 
-class Inbox:
-    """One of a user's inboxes, whose messages the test awaits with a deadline."""
-
-    def __init__(self, nc: NATS) -> None:
-        self.nc = nc
-        self.subject = nc.new_inbox()
-        self.queue: asyncio.Queue[Msg] = asyncio.Queue()
-
-    async def start(self) -> Inbox:
-        async def on_msg(msg: Msg) -> None:
-            self.queue.put_nowait(msg)
-
-        await self.nc.subscribe(self.subject, cb=on_msg)
-        await self.nc.flush()
-        return self
-
-    async def next(self, kind: str | None = None, timeout: float = 30) -> Msg:
-        async with asyncio.timeout(timeout):
-            while True:
-                msg = await self.queue.get()
-                if kind is None or (msg.headers or {}).get("Fleetbus-Transfer") == kind:
-                    return msg
-
-
-async def send(nc: NATS, subject: str, kind: str, body: bytes = b"", **headers: str) -> None:
-    await nc.publish(subject, body, headers={"Fleetbus-Transfer": kind, **headers})
 
 
 def request(nc: NATS, op: str, body: dict[str, Any]) -> asyncio.Task[dict[str, Any]]:

@@ -12,6 +12,9 @@ transport not installed beside the core cannot be checked: such a server is regi
 with a warning saying so (a deployment may run that plugin on its workers only), and its
 options are first checked when a worker opens a session to it.
 
+``audit.query`` reads the audit trail back (auditquery.py); like the other reads it is
+not itself audited.
+
 ``users.add|list|show|remove|rotate`` keep the users bucket (users.py). They take and
 show public keys only: whoever adds a user makes its nkey and keeps the seed (the CLI
 writes it to a 0600 file), so no seed ever crosses the bus. Where this process runs the
@@ -38,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import __version__
 from .audit import Auditor, AuditRecord
+from .auditquery import AuditQuery, AuditReader
 from .endpoint import answer
 from .errors import InvalidRequest
 from .keys import AgentKeys
@@ -122,6 +126,7 @@ class AdminService:
         self.agent_keys = agent_keys
         self.gateways = gateways
         self.auditor = Auditor(nc, names)
+        self.audit_reader = AuditReader(nc.jetstream(), names)
         self._gateway_cache: tuple[float, list[dict[str, Any]]] | None = None
         #: The transport classes installed beside the core, by name: their declarations.
         self.transports = dict(transports)
@@ -140,6 +145,7 @@ class AdminService:
             "credentials.add": self.credentials_add,
             "credentials.list": self.credentials_list,
             "credentials.remove": self.credentials_remove,
+            "audit.query": self.audit_query,
         }
         if users is not None:
             self.endpoints.update({
@@ -179,7 +185,7 @@ class AdminService:
                      started: float) -> None:
         """Who changed the registry or the vault: names only, never a secret."""
         endpoint = req.subject[len(self.names.admin_root) + 1:]
-        if endpoint.endswith((".list", ".get", ".show")):
+        if endpoint.endswith((".list", ".get", ".show", ".query")):
             return  # reads are not changes
         server_body = body.get("server")
         target = body.get("name") or (server_body.get("name") if isinstance(server_body, dict) else None)
@@ -329,6 +335,11 @@ class AdminService:
         await self._event("credentials", name, "removed")
         return {"ok": True, "name": name, "was_used_by": users}
 
+
+    # audit -------------------------------------------------------------------------
+    async def audit_query(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Records of the audit trail (auditquery.py): for the owner and for a user granted it."""
+        return await self.audit_reader.query(AuditQuery.model_validate(body))
 
     # users -------------------------------------------------------------------------
     def _store(self) -> UserStore:

@@ -79,6 +79,8 @@ class AuditIdentity(BaseModel):
     name_tag: str | None = None
     #: The user record holding that key (the users bucket), where the worker knew it.
     name: str | None = None
+    #: A command fleetbus sent for this user (``jobs``): the user is who asked, not who sent it.
+    via: str | None = None
 
 
 class AuditRecord(BaseModel):

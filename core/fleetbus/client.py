@@ -96,6 +96,8 @@ FILE_CHUNK = 256 * 1024
 # asking the object store would only time out.
 _USERS_STREAM_ONLY = ("the object store is fleetbus's own: as a user, move files by streaming "
                       "(via='stream', the default)")
+# How often a user's client asks for a job it follows (users cannot read job events).
+JOB_POLL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,9 @@ class Client:
         self.files = ObjectFiles(nc.jetstream(timeout=30), names.files_bucket)
         self.replies = Replies(nc)
         self._memory: CommandMemory | None = None  # opened when a command is first watched
+        # How the job service says this connection follows jobs ("events": the jobs
+        # stream; "poll": jobs.get, for a user); learned from its replies.
+        self._job_follow: str | None = None
 
     @classmethod
     async def connect(
@@ -594,10 +599,16 @@ class Client:
         return await self._server(server, "ping", {}, timeout_s)
 
     # jobs --------------------------------------------------------------------------------
+    async def _jobs(self, verb: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
+        reply = await self._request(self.names.jobs(verb), body, timeout)
+        if reply.get("follow") in ("events", "poll"):
+            self._job_follow = reply["follow"]
+        return reply
+
     async def start_job(self, request: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
         """Start a job (the body of ``jobs.start``: docs/bus-api.md, "Jobs"); returns at
         once with its ``id`` and ``targets`` (with ``dry_run``: the targets only)."""
-        return await self._request(self.names.jobs("start"), request, timeout)
+        return await self._jobs("start", request, timeout)
 
     async def rerun_job(self, job: str, failed: bool = False, dry_run: bool = False,
                         client_notes: dict[str, Any] | None = None, put_object: str | None = None) -> dict[str, Any]:
@@ -609,10 +620,10 @@ class Client:
             body["client_notes"] = client_notes
         if put_object is not None:
             body["put_object"] = put_object
-        return await self._request(self.names.jobs("rerun"), body, 30.0)
+        return await self._jobs("rerun", body, 30.0)
 
     async def get_job(self, job: str) -> dict[str, Any]:
-        return await self._request(self.names.jobs("get"), {"id": job}, 30.0)
+        return await self._jobs("get", {"id": job}, 30.0)
 
     async def list_jobs(self, limit: int = 50, before: str | None = None) -> list[dict[str, Any]]:
         """The newest ``limit`` jobs, newest first; ``before``: those older than that job."""
@@ -622,13 +633,27 @@ class Client:
     async def cancel_job(self, job: str) -> dict[str, Any]:
         return await self._request(self.names.jobs("cancel"), {"id": job}, 10.0)
 
+    async def follows_by_polling(self, job: str) -> bool:
+        """Whether this connection follows ``job`` by polling ``jobs.get`` (a user's:
+        users may not read job events) rather than from the jobs stream; asks the job
+        service once when no reply has said yet."""
+        if self._job_follow is None:
+            await self.get_job(job)
+        return self._job_follow == "poll"
+
     async def follow_job(self, job: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
         """A job's kept records from its start, as they come: ``("started", definition)``,
         ``("result", server result)`` ..., then ``("finished", summary)``, where it ends.
 
-        Read from the jobs stream, so none is missed however late this begins. Close it
-        (``contextlib.aclosing``) when leaving early.
+        Read from the jobs stream, so none is missed however late this begins; a user's
+        connection asks ``jobs.get`` every :data:`JOB_POLL_S` instead, and also yields
+        ``("progress", {"job", "counts"})`` each time. Close it (``contextlib.aclosing``)
+        when leaving early.
         """
+        if await self.follows_by_polling(job):
+            async for item in self._poll_job(job):
+                yield item
+            return
         sub = await self.nc.jetstream().subscribe(
             self.names.job_event(job, "*"), stream=self.names.jobs_stream, ordered_consumer=True,
             deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0)
@@ -642,6 +667,27 @@ class Client:
         finally:
             with contextlib.suppress(nats.errors.Error):  # closing anyway: the consumer expires
                 await sub.unsubscribe()
+
+    async def _poll_job(self, job: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """:meth:`follow_job` through ``jobs.get``: results are kept in order, so the new
+        ones are those past the count already yielded."""
+        seen = -1  # results yielded; -1: not even the definition yet
+        started = time.monotonic()
+        while True:
+            got = await self.get_job(job)
+            if seen < 0:
+                yield "started", got["job"]
+                seen = 0
+            results = got.get("results") or []
+            for result in results[seen:]:
+                yield "result", result
+            seen = max(seen, len(results))
+            if got.get("summary") is not None:
+                yield "finished", got["summary"]
+                return
+            yield "progress", {"job": job, "counts": got.get("counts") or {},
+                               "elapsed_s": round(time.monotonic() - started, 3)}
+            await asyncio.sleep(JOB_POLL_S)
 
     # admin -------------------------------------------------------------------------------
     async def add_server(self, server: dict[str, Any], replace: bool = False) -> dict[str, Any]:

@@ -59,7 +59,7 @@ from .operations import Outcome, Target
 from .output import BusOutput
 from .records import utcnow
 from .streams import keep_alive
-from .subjects import Identity, Names, deadline_in, requester_in
+from .subjects import Identity, Names, deadline_in, on_behalf_in, requester_in
 
 if TYPE_CHECKING:
     from .host import PluginHost, Served
@@ -100,6 +100,8 @@ class _Command:
     deadline: float | None
     started: float
     body: dict[str, Any]
+    #: The audit identity of a command the job service sent for a user (subjects.on_behalf_in).
+    on_behalf: dict[str, Any] | None = None
 
 
 class CommandRunner:
@@ -120,7 +122,8 @@ class CommandRunner:
         host = self.host
         _, op = Names.server_op(msg.subject)
         command = _Command(served=served, op=op, id=host.new_id(), requester=requester_in(msg.headers),
-                           identity=identity, deadline=deadline_in(msg.headers), started=time.monotonic(), body={})
+                           identity=identity, deadline=deadline_in(msg.headers), started=time.monotonic(), body={},
+                           on_behalf=on_behalf_in(msg.headers, identity))
         claimed: str | None = None  # this request holds the command id's claim (its fingerprint)
         replayed = False
         running = False  # the command was handed to a slot: from here an error may have run it
@@ -378,7 +381,7 @@ class CommandRunner:
         return self.host.auditor.stage({
             "ts": utcnow(), "id": command.id, "server": served.server.name,
             "transport": served.transport, "op": label_op, "requester": command.requester,
-            "identity": command.identity.record(),
+            "identity": command.on_behalf or command.identity.record(),
             "outcome": result, "exit_code": outcome.exit_code, "duration_s": round(elapsed, 6),
             "worker": self.host.settings.worker_id, "summary": summarize(op, command.body),
             "bytes": outcome.bytes, "replayed": replayed,

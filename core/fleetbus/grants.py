@@ -120,6 +120,19 @@ class UserDirectory:
         """Every user's grants."""
         return [grant for user in self._users.values() for grant in user.grants]
 
+    def user(self, name: str) -> UserView | None:
+        """The user named ``name``, None when there is none (removed, or not read yet)."""
+        return self._users.get(name)
+
+    def grant_for(self, name: str, server: Server, op: str) -> GrantView | None:
+        """A grant of user ``name`` allowing ``op`` on ``server`` (the first, in the order
+        of its record), None when none does: whether the user could send it itself."""
+        user = self._users.get(name)
+        for grant in user.grants if user is not None else ():
+            if op in grant.ops and grant.covers(server):
+                return grant
+        return None
+
     def _apply(self, key: str, user: UserView | None) -> None:
         old = self._users.pop(key, None)
         if old is not None and self._names.get(old.public_key) == key:

@@ -54,6 +54,10 @@ class JobDefinition(_Record):
     batch: int | None
     canary: int
     rerun_of: str | None = None
+    identity_key: str | None = Field(
+        default=None, description="Who started it, as NATS authenticated it (subjects.Identity.key): "
+                                  "a user sees only its own jobs. None: kept before identities were (the owner).")
+    identity: dict[str, Any] | None = Field(default=None, description="Its Identity.record().")
     command_origins: dict[str, str] = Field(
         default_factory=dict,
         description="Servers whose command keeps the id (and FLEETBUS_JOB) of an earlier job: "

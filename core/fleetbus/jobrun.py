@@ -52,7 +52,7 @@ from .lastseen import last_seen
 from .names import COMMAND_ID_RE
 from .records import ServerStatus
 from .replies import Replies
-from .subjects import Names, request_headers
+from .subjects import HDR_ON_BEHALF_OF, Names, request_headers
 
 log = logging.getLogger("fleetbus.jobs")
 
@@ -94,6 +94,11 @@ class JobSpec:
     timeout_s: float
     deadline_s: float | None
     wait_online_s: float | None = None  # how long an offline server may wait to come online
+    #: A user's job: server -> the grant its command is sent through (jobaccess.py), so
+    #: the worker's subscription checks the grant again; None: the servers' own subjects.
+    grants: dict[str, str] | None = None
+    #: A user's job: the ``Fleetbus-On-Behalf-Of`` header naming the user to the worker.
+    on_behalf: str | None = None
 
 
 @dataclass
@@ -403,11 +408,15 @@ class JobRun:
             wait = self.spec.timeout_s + REPLY_GRACE_S
             # A worker that reaches the request after the job stopped waiting (it was
             # stopped, or far behind) answers `timeout` instead of running it unseen.
-            msg = await request(
-                self.names.server(server, self.spec.op), json.dumps(body).encode(), timeout=wait,
-                headers=request_headers(self.requester, time.time() + wait))
+            headers = request_headers(self.requester, time.time() + wait)
+            if self.spec.on_behalf is not None:
+                headers[HDR_ON_BEHALF_OF] = self.spec.on_behalf
+            msg = await request(self._subject(server), json.dumps(body).encode(), timeout=wait, headers=headers)
             reply = json.loads(msg.data)
         except nats.errors.NoRespondersError:
+            refused = await self._grant_gone(server, cid, started)
+            if refused is not None:
+                return refused
             self._unserved.add(server)
             return ServerResult(job=self.id, server=server, outcome="offline", command_id=cid,
                                 duration_s=_since(started),
@@ -426,6 +435,33 @@ class JobRun:
         except ValueError:
             reply = {"ok": False, "error": {"code": "internal", "message": "unreadable reply"}}
         return _result(self.id, server, cid, reply, _since(started))
+
+    def _subject(self, server: str) -> str:
+        """Where ``server``'s command goes: a user's grant subject, else the server's own."""
+        grants = self.spec.grants
+        if grants is not None:
+            return self.names.grant(grants[server], server, self.spec.op)
+        return self.names.server(server, self.spec.op)
+
+    async def _grant_gone(self, server: str, cid: str, started: float) -> ServerResult | None:
+        """A user's command found nobody on its grant subject while the server is
+        online: the grant no longer selects it (changed or removed mid-job), so the
+        worker's check refused it. ``forbidden`` then; None when the server is not
+        online (an offline server, handled as for any job)."""
+        if self.spec.grants is None or self.status is None:
+            return None
+        try:
+            entry = await asyncio.wait_for(self.status.get(server), STATUS_READ_S)
+            online = ServerStatus.model_validate_json(entry.value or b"").state == "online"
+        except Exception:  # no record, or the bucket is unavailable: say offline
+            return None
+        if not online:
+            return None
+        return ServerResult(job=self.id, server=server, outcome="error", command_id=cid,
+                            duration_s=_since(started),
+                            error={"code": "forbidden", "message": (
+                                f"{server} is online but not served through grant {self.spec.grants[server]}: "
+                                "the user's grants no longer cover it; nothing was run")})
 
     def _origin(self, server: str) -> str:
         """The job whose id ``server``'s command carries: a rerun keeps an abandoned

@@ -35,6 +35,7 @@ from .audit import Auditor, AuditRecord
 from .endpoint import answer
 from .errors import InvalidRequest, NotFound
 from .jetstream import State
+from .jobaccess import Asker, JobAccess
 from .jobleases import JobLeases
 from .jobplan import JobPlan
 from .jobrecords import JobCounts, JobDefinition, JobStore, JobSummary, ServerResult, count
@@ -48,7 +49,7 @@ from .registry import Registry
 from .registryview import RegistryView
 from .replies import Replies
 from .selection import resolve
-from .subjects import ReplySubjects, identity_in, requester_in
+from .subjects import OWNER, Identity, ReplySubjects, requester_in
 
 log = logging.getLogger("fleetbus.jobs")
 
@@ -58,7 +59,9 @@ STOP_GRACE_S = 10.0
 # from the records instead (that core answers at once unless it is dying).
 COUNTS_WAIT_S = 1.0
 
-Handler = Callable[[dict[str, Any], str], Awaitable[dict[str, Any]]]
+# (body, declared requester, identity NATS authenticated): called from inside the core
+# (tests, a sibling service) without an identity, a request is the owner's.
+Handler = Callable[[dict[str, Any], str, Identity], Awaitable[dict[str, Any]]]
 
 
 class JobService:
@@ -79,12 +82,15 @@ class JobService:
         self.leases = JobLeases(state.job_cores, state.jobs_live, self._abandon)
         self.auditor = Auditor(nc, names)
         self.files = ObjectFiles(state.js, names.files_bucket)  # a put job's content, for reruns
+        # Users' grants and names: the rules of a deputy (jobaccess.py).
+        self.access = JobAccess(state.js, names, state.servers, self.metrics)
         self.running: dict[str, JobRun] = {}
         self.service: Service | None = None
         self._handoffs: list[Subscription] = []
 
     async def start(self) -> None:
         await self.view.start()
+        await self.access.start()  # before serving: a user's first start is checked
         self.service = await add_service(
             self.nc, name="fleetbus-jobs", version=__version__,
             description="fleetbus jobs: one operation on many servers",
@@ -128,6 +134,7 @@ class JobService:
         if tasks:
             await asyncio.wait(tasks, timeout=STOP_GRACE_S)
         await self.leases.stop()
+        await self.access.stop()
         await self.view.aclose()
         await self.requests.close()
         await self.auditor.close()
@@ -159,10 +166,10 @@ class JobService:
     def _wrap(self, verb: str, handler: Handler) -> Callable[[MicroRequest], Awaitable[None]]:
         async def serve(req: MicroRequest) -> None:
             started = time.monotonic()
-            requester = requester_in(req.headers)
-            answered = await answer(req, self.replies, lambda body: handler(body, requester))
+            asker = self.access.asker(req.headers, requester_in(req.headers))
+            answered = await answer(req, self.replies, lambda body: handler(body, asker.requester, asker.identity))
             if answered is not None and verb in ("start", "cancel", "rerun"):
-                await self._audit(verb, requester, identity_in(req.headers).record(), answered[1], started)
+                await self._audit(verb, asker.requester, asker.identity.record(), answered[1], started)
 
         return serve
 
@@ -181,16 +188,26 @@ class JobService:
             duration_s=round(time.monotonic() - started, 6), worker="core", summary=summary), admin=True)
 
     # endpoints ---------------------------------------------------------------------------
-    async def start_job(self, body: dict[str, Any], requester: str) -> dict[str, Any]:
-        return await self._start(JobRequest.model_validate(body, context=reply_context(self.replies)),
-                                 requester)
+    async def start_job(self, body: dict[str, Any], requester: str, identity: Identity = OWNER) -> dict[str, Any]:
+        asker = Asker(requester, identity)
+        replies = self.access.replies_for(asker, self.replies)
+        return await self._start(JobRequest.model_validate(body, context=reply_context(replies)), asker)
 
-    async def rerun_job(self, body: dict[str, Any], requester: str) -> dict[str, Any]:
+    async def _visible(self, job: str, asker: Asker) -> JobDefinition:
+        """The job's definition, if ``asker`` may see it; else the ``not_found`` of an
+        unknown id, so that a user learns nothing of another's jobs."""
+        definition = await self.store.definition(job)
+        if not self.access.visible(definition, asker.identity):
+            raise NotFound(f"no job with id {job}")
+        return definition
+
+    async def rerun_job(self, body: dict[str, Any], requester: str, identity: Identity = OWNER) -> dict[str, Any]:
         """The same request again, on every target of a job that has ended, or (``failed``)
         on those whose result was not ``ok``. Each server's command gets a new id: a
         rerun runs again what failed."""
+        asker = Asker(requester, identity)
         ask = JobRerun.model_validate(body)
-        definition = await self.store.definition(ask.id)
+        definition = await self._visible(ask.id, asker)
         if await self.store.summary(ask.id) is None:
             raise InvalidRequest(f"job {ask.id} has not ended; cancel it or wait for it first")
         request = dict(definition.request)
@@ -217,8 +234,9 @@ class JobService:
             command.pop("output_subject", None)  # the first requester's, gone with it
             request["exec"] = command
         request.update(selection={"servers": servers}, dry_run=ask.dry_run)
-        req = JobRequest.model_validate(request, context=reply_context(self.replies))
-        return await self._start(req, requester, rerun_of=ask.id, origins=origins)
+        req = JobRequest.model_validate(request, context=reply_context(self.access.replies_for(asker, self.replies)))
+        # A user's rerun is checked against its grants as they are now (in _start).
+        return await self._start(req, asker, rerun_of=ask.id, origins=origins)
 
     async def _put_content(self, ask: JobRerun, put: dict[str, Any]) -> dict[str, Any]:
         """A ``put`` job's content for its rerun: the object the rerun names, else the
@@ -241,18 +259,26 @@ class JobService:
             raise InvalidRequest(f"object {name} does not hold what job {ask.id} put (its sha256 differs)")
         return {**put, "object": name}
 
-    async def _start(self, req: JobRequest, requester: str, rerun_of: str | None = None,
+    async def _start(self, req: JobRequest, asker: Asker, rerun_of: str | None = None,
                      origins: dict[str, str] | None = None) -> dict[str, Any]:
-        targets = [s.name for s in resolve(req.selection, await self.view.servers())]
+        verb = "start" if rerun_of is None else "rerun"
+        self.access.check_request(req, asker, verb)
+        servers = resolve(req.selection, await self.view.servers())
+        # Before a dry run too: the targets it lists would name servers outside the grants.
+        routes = self.access.routes(asker, req.op, servers, verb)
+        targets = [s.name for s in servers]
+        follow = "events" if asker.identity.is_owner else "poll"
         if req.dry_run:
-            return {"ok": True, "id": None, "dry_run": True, "targets": targets}
+            return {"ok": True, "id": None, "dry_run": True, "targets": targets, "follow": follow}
+        requester = asker.requester
         job_id = uuid.uuid4().hex[:16]
         plan = JobPlan(targets, req.plan_options())
         definition = JobDefinition(
             id=job_id, requester=requester, created=utcnow(),
             request=req.kept(), targets=targets,
             max_concurrency=plan.concurrency, max_errors=plan.error_limit, batch=plan.batch_size,
-            canary=plan.canary, rerun_of=rerun_of, command_origins=origins or {})
+            canary=plan.canary, rerun_of=rerun_of, command_origins=origins or {},
+            identity_key=asker.identity.key, identity=asker.identity.record())
         # Kept before the reply: whoever gets the id can `get` the job at once. The run
         # starts meanwhile (its jobs_live write goes out beside this one) and sends no
         # command before this is acknowledged.
@@ -260,7 +286,8 @@ class JobService:
         run = JobRun(self.nc, self.names, self.store,
                      JobSpec(definition=definition, plan=plan, op=req.op, body=req.server_body(),
                              timeout_s=req.timeout_s, deadline_s=req.deadline_s,
-                             wait_online_s=req.wait_online_s),
+                             wait_online_s=req.wait_online_s, grants=routes,
+                             on_behalf=self.access.on_behalf(asker.identity)),
                      requester=f"{requester} (job {job_id})", replies=self.requests, leases=self.leases,
                      status=self.registry.status_kv, kept=kept)
         self.running[job_id] = run
@@ -269,7 +296,7 @@ class JobService:
         self.metrics.jobs_running.inc()
         run.start().add_done_callback(lambda task: self._ended(run, task))
         await kept
-        return {"ok": True, "id": job_id, "targets": targets,
+        return {"ok": True, "id": job_id, "targets": targets, "follow": follow,
                 "events": self.names.job_events(job_id), "definition": definition.model_dump(mode="json")}
 
     def _ended(self, run: JobRun, _task: asyncio.Task[None]) -> None:
@@ -281,14 +308,16 @@ class JobService:
         self.metrics.jobs_finished.labels(run.spec.op, summary.state, summary.stop_reason or "none").inc()
         self.metrics.job_seconds.observe(summary.duration_s)
 
-    async def get_job(self, body: dict[str, Any], _requester: str) -> dict[str, Any]:
+    async def get_job(self, body: dict[str, Any], requester: str, identity: Identity = OWNER) -> dict[str, Any]:
+        asker = Asker(requester, identity)
         job = JobId.model_validate(body).id
-        definition = await self.store.definition(job)
+        definition = await self._visible(job, asker)
         summary = await self.store.summary(job)
         results = await self.store.results(job)
         counts = summary.counts if summary else await self._live_counts(definition, results)
         return {
-            "ok": True, "job": definition.model_dump(mode="json"),
+            "ok": True, "follow": "events" if asker.identity.is_owner else "poll",
+            "job": definition.model_dump(mode="json"),
             "state": summary.state if summary else "running",
             "counts": counts.model_dump(),
             "results": [r.model_dump(mode="json") for r in results],
@@ -318,8 +347,11 @@ class JobService:
         return count(len(definition.targets), [r.outcome for r in results], running=running,
                      pending=max(0, len(definition.targets) - len(done) - running))
 
-    async def list_jobs(self, body: dict[str, Any], _requester: str) -> dict[str, Any]:
+    async def list_jobs(self, body: dict[str, Any], requester: str, identity: Identity = OWNER) -> dict[str, Any]:
+        asker = Asker(requester, identity)
         ask = JobList.model_validate(body)
+        if ask.before is not None and not identity.is_owner:
+            await self._visible(ask.before, asker)  # another user's id is unknown here too
 
         async def listed(definition: JobDefinition) -> dict[str, Any]:
             summary = await self.store.summary(definition.id)
@@ -335,16 +367,36 @@ class JobService:
 
         # Each job's reads at once: one round trip for the page, not one per job, and a
         # dying core's running jobs cost one COUNTS_WAIT_S together, not one each.
-        newest = await self.store.newest(ask.limit, ask.before)
+        newest = await self._newest(ask.limit, ask.before, asker)
         return {"ok": True, "jobs": list(await asyncio.gather(*(listed(d) for d in newest)))}
 
-    async def cancel_job(self, body: dict[str, Any], _requester: str) -> dict[str, Any]:
+    async def _newest(self, limit: int, before: str | None, asker: Asker) -> list[JobDefinition]:
+        """The newest ``limit`` jobs ``asker`` may see. A user's are read page after page
+        of everyone's until ``limit`` are found or the stream's start is reached: the
+        stream is not indexed by starter, so a user with few jobs costs a read of the
+        kept jobs (30 days by default)."""
+        if asker.identity.is_owner:
+            return await self.store.newest(limit, before)
+        out: list[JobDefinition] = []
+        while len(out) < limit:
+            page = await self.store.newest(limit, before)
+            out += [d for d in page if self.access.visible(d, asker.identity)]
+            if len(page) < limit:
+                break
+            before = page[-1].id
+        return out[:limit]
+
+    async def cancel_job(self, body: dict[str, Any], requester: str, identity: Identity = OWNER) -> dict[str, Any]:
+        asker = Asker(requester, identity)
         job = JobId.model_validate(body).id
         run = self.running.get(job)
+        if run is None:
+            await self._visible(job, asker)  # NotFound for an unknown id, or another user's job
+        elif not self.access.visible(run.spec.definition, asker.identity):
+            raise NotFound(f"no job with id {job}")
         if run is not None and not run.spec.plan.done:  # done: only recording its end is left
             run.cancel()
             return {"ok": True, "id": job, "cancelled": True, "state": "running"}
-        await self.store.definition(job)  # NotFound for an unknown id
         summary = await self.store.summary(job)
         if summary is None and run is None and await self.leases.owner(job) is not None:
             # Another live core runs it.

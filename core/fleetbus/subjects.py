@@ -35,6 +35,11 @@ HDR_REQUESTER = "Fleetbus-Requester"
 #: Who NATS authenticated: nats-server writes it (JSON) on every request that crosses a
 #: service import, replacing any the client sent (docs/bus-api.md, "Identity").
 HDR_REQUEST_INFO = "Nats-Request-Info"
+#: Whom fleetbus's job service sends a command for (JSON: the starting user's
+#: ``Identity.record()`` and ``via``). Trusted only on a request without
+#: ``Nats-Request-Info``, one from inside fleetbus's own account, where only fleetbus and
+#: the owner connect; a user's request carrying it is that user's (:func:`on_behalf_in`).
+HDR_ON_BEHALF_OF = "Fleetbus-On-Behalf-Of"
 #: The reply subjects nats-server makes for a request crossing a service import: one
 #: prefix per exporting account, shared by every requester (so never a requester's key).
 IMPORT_REPLY_PREFIX = "_R_."
@@ -462,3 +467,25 @@ def reply_allowed(replies: ReplySubjects, reply: str, identity: Identity) -> boo
     if identity.is_owner:
         return replies.allows(reply)
     return reply.startswith(IMPORT_REPLY_PREFIX)
+
+
+def on_behalf_in(headers: Mapping[str, str] | None, identity: Identity) -> dict[str, Any] | None:
+    """The audit record's identity for a command fleetbus sent for a user (the job
+    service, a deputy: docs/bus-api.md, "Jobs"): the ``Fleetbus-On-Behalf-Of`` record,
+    bounded, with ``via``. None unless ``identity`` is the owner, i.e. the request came
+    from inside fleetbus's own account: a user's own request with the header is that
+    user's, whatever it claims. Reply and namespace rules stay ``identity``'s."""
+    value = headers.get(HDR_ON_BEHALF_OF) if headers and identity.is_owner else None
+    if value is None:
+        return None
+    try:
+        info = json.loads(value)
+    except ValueError:
+        return None
+    if not isinstance(info, dict) or not isinstance(info.get("user"), str):
+        return None
+    out: dict[str, Any] = {"account": info.get("account") if isinstance(info.get("account"), str) else None}
+    for key in ("user", "name_tag", "name", "via"):
+        if isinstance(info.get(key), str):
+            out[key] = info[key][:MAX_IDENTITY_CHARS]
+    return out

@@ -7,6 +7,9 @@ Each user's permissions are a pure function of its record (:func:`permissions`):
   outright; ``<p>.v1.admin.<endpoint>`` per admin endpoint granted; ``<p>.v1.xfer.>``
   (the worker's side of a streamed transfer); ``$SYS.REQ.USER.INFO`` (nats-server
   answers it with the user's own permissions: how its client finds its grant subjects);
+  ``<p>.v1.jobs.start|get|list|cancel|rerun``
+  for a user with a grant (the job service checks every selected server against its
+  grants, and shows a user only its own jobs);
 - subscribe: ``_I.<its public key>.>`` only, the user's own inbox.
 
 Nothing else: no ``$JS.API``, no events, no other user's inbox. An expired user is left
@@ -49,6 +52,8 @@ def permissions(names: Names, user: UserRecord) -> dict[str, list[str]]:
             publish.add(names.grant(grant.id, "*", op))
             publish.update(names.server(server, op) for server in grant.by_name())
     publish.update(names.admin(endpoint) for endpoint in user.admin)
+    if user.grants:  # jobs over the servers its grants cover, checked by the job service
+        publish.update(names.jobs(verb) for verb in ("start", "get", "list", "cancel", "rerun"))
     return {"publish": sorted(publish), "subscribe": [names.user_inbox(user.public_key) + ">"]}
 
 

@@ -270,12 +270,16 @@ async def _render(c: Client, job: str, targets: list[str], as_json: bool, cancel
     assert following is not None
     on_interrupt.add_done_callback(lambda t: t.cancelled() or following.cancel())
     progress = ticker = None
+    # A user follows by polling jobs.get (its follow_job yields the counts as progress):
+    # job events are fleetbus's own subjects, which NATS does not let users subscribe to.
+    polled = await c.follows_by_polling(job)
     if printer.line is not None:
         async def on_progress(msg: Msg) -> None:
             with contextlib.suppress(ValueError):
                 printer.progress(json.loads(msg.data))
 
-        progress = await c.nc.subscribe(c.names.job_event(job, "progress"), cb=on_progress)
+        if not polled:
+            progress = await c.nc.subscribe(c.names.job_event(job, "progress"), cb=on_progress)
         ticker = asyncio.create_task(_tick(printer))
     # Results whose hook (a download) is still running: printed as each one ends, so
     # one slow file holds up nothing else.
@@ -295,7 +299,9 @@ async def _render(c: Client, job: str, targets: list[str], as_json: bool, cancel
     try:
         async with contextlib.aclosing(c.follow_job(job)) as records:
             async for kind, body in records:
-                if kind == "result":
+                if kind == "progress":
+                    printer.progress(body)
+                elif kind == "result":
                     printer.kept(body)
                     if on_result is None:
                         printer.result(body)

@@ -10,6 +10,7 @@ from .. import __version__, tuning
 from ..connection import ENV_NKEY
 from .admin_cmds import admin
 from .agent_cmds import agent
+from .audit_cmds import audit
 from .commands import get, info, ping, put, run
 from .context import Globals
 from .credentials import credentials
@@ -53,7 +54,7 @@ def cli(ctx: click.Context, nats: str | None, nats_creds: str | None, nats_nkey:
 
 # Installed transports add their own commands (e.g. `gateway`) through the fleetbus_cli hook.
 for command in (up, core, worker, servers, credentials, run, put, get, info, ping, jobs, plugins,
-                agent, admin, users, nats):
+                agent, admin, users, nats, audit):
     cli.add_command(command)
 
 
