@@ -107,10 +107,15 @@ def test_identity_is_read_from_nats_request_info_only() -> None:
     info = {HDR_REQUEST_INFO: json.dumps({"acc": "USERS", "user": "UABC", "name_tag": "ci", "rtt": 1})}
     alice = identity_in(info)
     assert alice == Identity("USERS", "UABC", "ci")
-    # Its inboxes are its user record's name's, not NATS's (the users bucket says it).
+    # Its inboxes are its public key's, as NATS names it: no users bucket needed.
+    key = NkeyUser.new("alice", []).public
+    assert replace(alice, user=key).inbox_prefix == f"_I.{key}."
+    assert replace(alice, user=key, name="alice").inbox_prefix == f"_I.{key}."
+    # Not an nkey (a user/password user, a key with a dot or a wildcard), or the owner: none.
     assert alice.inbox_prefix is None and OWNER.inbox_prefix is None
-    assert replace(alice, name="alice").inbox_prefix == "_I.alice."
-    assert replace(alice, name="a.b").inbox_prefix is None
+    assert replace(alice, user="bob").inbox_prefix is None
+    assert replace(alice, user=key[:-1] + ".").inbox_prefix is None
+    assert replace(alice, user=key[:-1] + ">").inbox_prefix is None
     # Unreadable: not nats-server's; no user's.
     assert identity_in({HDR_REQUEST_INFO: "{"}).account == "?"
     # Fairness keys on the identity: every user's reply starts with the same _R_.<acc>.

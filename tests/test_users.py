@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nkeys
 import pytest
 from fleetbus.subjects import Names
 from nats.aio.client import Client as NATS
@@ -32,6 +33,9 @@ class UserClient:
         self.sent = 0
         self.closed = False
         self.nc: NATS | None = None
+        self.name = ""
+        #: Its inbox prefix, ``_I.<its public key>.`` (with the dot).
+        self.inbox = ""
 
     async def connect(self, url: str, seed_file: Path, user: str, **opts: Any) -> UserClient:
         async def on_error(exc: Exception) -> None:
@@ -40,7 +44,10 @@ class UserClient:
         async def on_closed() -> None:
             self.closed = True
 
-        self.nc = await nats.connect(url, nkeys_seed=str(seed_file), inbox_prefix=f"_I.{user}",
+        self.name = user
+        public = nkeys.from_seed(bytearray(seed_file.read_bytes().strip())).public_key.decode()
+        self.inbox = Names.user_inbox(public)
+        self.nc = await nats.connect(url, nkeys_seed=str(seed_file), inbox_prefix=self.inbox.rstrip("."),
                                      error_cb=on_error, closed_cb=on_closed, allow_reconnect=False,
                                      **opts)
         return self
@@ -357,13 +364,16 @@ def test_permissions_are_exactly_the_grants(names: Names) -> None:
             "fleetbus.v1.grants.g00000001.*.exec", "fleetbus.v1.grants.g00000001.*.cancel",
             "fleetbus.v1.grants.g00000002.*.ping", "fleetbus.v1.grants.g00000002.*.cancel",
             "fleetbus.v1.servers.db1.ping", "fleetbus.v1.servers.db1.cancel",
-            "fleetbus.v1.admin.servers.list", "fleetbus.v1.xfer.>",
+            "fleetbus.v1.admin.servers.list", "fleetbus.v1.xfer.>", "$SYS.REQ.USER.INFO",
             *(f"fleetbus.v1.jobs.{verb}" for verb in ("start", "get", "list", "cancel", "rerun"))]),
-        "subscribe": ["_I.ci.>"],
+        # Its inboxes are its public key's: the client and the worker know them without its name.
+        "subscribe": [f"_I.{key}.>"],
     }
-    expired = user.model_copy(update={"name": "gone", "expires": utcnow() - timedelta(seconds=1)})
+    gone = new_user_key()[1]
+    expired = user.model_copy(update={"name": "gone", "public_key": gone,
+                                      "expires": utcnow() - timedelta(seconds=1)})
     text = render_users(names, [user, expired])
-    assert text.count('"nkey"') == 1 and "_I.ci.>" in text and "_I.gone" not in text
+    assert text.count('"nkey"') == 1 and f"_I.{key}.>" in text and gone not in text
 
 
 def test_fleetbus_clients_send_the_embedded_token_as_owner() -> None:

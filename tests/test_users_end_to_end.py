@@ -32,7 +32,7 @@ async def test_a_user_runs_where_its_grant_reaches_and_is_audited_as_itself(
     user = await UserClient().connect(fleet.nats_url, seed, "deployer")
     try:
         assert user.nc is not None
-        output = f"_I.deployer.out.{uuid.uuid4().hex}"
+        output = f"{user.inbox}out.{uuid.uuid4().hex}"
         chunks: list[bytes] = []
 
         async def keep(msg: Msg) -> None:

@@ -12,6 +12,11 @@ the bus error code. A request to a server no process serves fails at once: NATS 
 A command with an id whose worker dies while running it raises :class:`Lost` within
 seconds (the client reads the command's claim while it waits); see docs/bus-api.md,
 "Command ids and at-most-once".
+
+Connected with a user's nkey seed or creds file (docs/security.md, "Connecting as a
+user"), the client takes its inboxes under ``_I.<its public key>`` and sends a server's
+operations on the subjects its grants allow (:mod:`fleetbus.userroutes`); it reads no
+JetStream, which a user may not (so no claim watching: ``lost`` is not reported early).
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
-from .connection import NatsSettings, connect
+from .connection import NatsSettings, connect, user_inbox_prefix
 from .dedupe import CommandMemory
 from .errors import (
     Cancelled,
@@ -61,7 +66,8 @@ from .objects import ObjectFiles
 from .output import HDR_END, HDR_STREAM
 from .replies import Replies
 from .streams import Receiver, Sender, chunk_limit
-from .subjects import USER_INBOX_ROOT, Names, request_headers
+from .subjects import DEFAULT_REPLY_PREFIXES, USER_INBOX_ROOT, Names, request_headers
+from .userroutes import UserRoutes, ask_user_info
 
 _log = logging.getLogger("fleetbus.client")
 OutputCallback = Callable[[str, bytes], Awaitable[None] | None]
@@ -86,7 +92,7 @@ CLAIM_CHECK_S = 1.0
 UNCLAIMED_RESEND_S = 5.0
 MAX_RESENDS = 5
 FILE_CHUNK = 256 * 1024
-# A user (whose connection's inboxes are _I.<name>.) reaches none of fleetbus's JetStream:
+# A user (whose connection's inboxes are _I.<its public key>.) reaches none of fleetbus's JetStream:
 # asking the object store would only time out.
 _USERS_STREAM_ONLY = ("the object store is fleetbus's own: as a user, move files by streaming "
                       "(via='stream', the default)")
@@ -116,10 +122,13 @@ def default_requester() -> str:
 
 
 class Client:
-    def __init__(self, nc: NATS, names: Names, requester: str | None = None) -> None:
+    def __init__(self, nc: NATS, names: Names, requester: str | None = None,
+                 routes: UserRoutes | None = None) -> None:
         self.nc = nc
         self.names = names
         self.requester = requester or default_requester()
+        #: Set when connected as a user: where its permissions let it send (userroutes).
+        self.routes = routes
         self.files = ObjectFiles(nc.jetstream(timeout=30), names.files_bucket)
         self.replies = Replies(nc)
         self._memory: CommandMemory | None = None  # opened when a command is first watched
@@ -136,9 +145,25 @@ class Client:
         home: str | Path | None = None,
         requester: str | None = None,
     ) -> Client:
+        """Connect with ``settings`` (default: :meth:`NatsSettings.resolve`, so the
+        environment, a context or ``fleetbus up``'s run file). With a user's nkey seed or
+        creds file, the client is that user's (see the module); ``requester`` is what the
+        audit trail records as declared, beside the identity NATS authenticated."""
         settings = settings or NatsSettings.resolve(url=url, home=Home.resolve(home))
-        nc = await connect(settings, name="fleetbus-client", reconnect_forever=False)
-        return cls(nc, Names(settings.prefix), requester)
+        names = Names(settings.prefix)
+        inbox = user_inbox_prefix(settings)
+        nc = await connect(settings, name="fleetbus-client", reconnect_forever=False, user_inbox=True)
+        if inbox is None:
+            return cls(nc, names, requester)
+        # An nkey or creds: a user's when NATS says its subscriptions are its own inboxes
+        # (userperms.permissions, which also let it ask). Anyone else (the owner, fleetbus's
+        # own identity on a shared NATS, an operator's creds) is answered on _INBOX as before.
+        routes = await ask_user_info(nc, names, (inbox, DEFAULT_REPLY_PREFIXES[0]))
+        if routes is None or not routes.is_user:
+            await nc.close()
+            nc = await connect(settings, name="fleetbus-client", reconnect_forever=False)
+            return cls(nc, names, requester)
+        return cls(nc, names, requester, routes)
 
     async def close(self) -> None:
         if not self.nc.is_closed:
@@ -178,6 +203,11 @@ class Client:
     async def _nobody_serves(self, server: str | None) -> FleetbusError:
         if server is None:
             return ServerOffline("the fleetbus core is not running (nobody answers the admin API)")
+        if self.routes is not None:
+            # A user cannot ask the registry, and a grant that does not cover the server
+            # looks to NATS exactly like a server nobody serves.
+            return _NoGrantReaches(f"no grant of yours reaches {server}: it is outside your grants, "
+                                   "or nobody serves it right now")
         try:
             found = await self.get_server(server)
         except NotFound:
@@ -198,6 +228,8 @@ class Client:
 
     async def _server(self, server: str, op: str, body: dict[str, Any], timeout: float) -> dict[str, Any]:
         check_server_name(server)
+        if self.routes is not None:
+            return await self._through_grants(server, op, body, timeout)
         subject = self.names.server(server, op)
         loop = asyncio.get_running_loop()
         give_up = loop.time() + NOT_YET_SERVED_WAIT_S
@@ -214,6 +246,19 @@ class Client:
                 if loop.time() >= give_up:
                     raise
                 await asyncio.sleep(0.05)
+
+    async def _through_grants(self, server: str, op: str, body: dict[str, Any],
+                              timeout: float) -> dict[str, Any]:
+        """A user's request: on each subject its permissions allow for ``op`` on
+        ``server`` in turn (userroutes), until one has a responder."""
+        assert self.routes is not None
+        subjects = self.routes.subjects(server, op) or [self.names.server(server, op)]
+        for subject in subjects[:-1]:
+            try:
+                return await self._request(subject, body, timeout, server=server)
+            except _NoGrantReaches:
+                continue  # nobody received it: nothing ran
+        return await self._request(subjects[-1], body, timeout, server=server)
 
     async def _watched(self, send: Callable[[], Awaitable[dict[str, Any]]], server: str, op: str,
                        command_id: str, resendable: bool) -> dict[str, Any]:
@@ -354,8 +399,11 @@ class Client:
         """Ask whoever runs ``command_id`` on ``server`` to stop it; False if none did."""
         check_server_name(server)
         try:
-            await self._request(self.names.server(server, "cancel"), {"id": command_id}, timeout, server)
-        except (Timeout, ServerOffline, NotFound):
+            if self.routes is not None:
+                await self._through_grants(server, "cancel", {"id": command_id}, timeout)
+            else:
+                await self._request(self.names.server(server, "cancel"), {"id": command_id}, timeout, server)
+        except (Timeout, ServerOffline, NotFound, _NoGrantReaches):
             return False
         return True
 
@@ -378,7 +426,7 @@ class Client:
         Content above the inline limit is streamed straight to the worker (``via
         "stream"``) or goes through the object store (``via="object"``). ``idle_s``:
         a worker silent this long mid-transfer ends it with :class:`Timeout`. A user
-        (a connection whose inboxes are ``_I.<name>.``) may only stream: ``via="object"``
+        (a connection whose inboxes are ``_I.<public key>.``) may only stream: ``via="object"``
         raises :class:`Forbidden` at once.
         """
         if via not in ("stream", "object"):
@@ -892,6 +940,10 @@ async def _stream_to_file(dest: Path, chunks: AsyncIterator[bytes], size: int,
                 progress(done, size)
     finally:
         await asyncio.to_thread(fh.close)
+
+
+class _NoGrantReaches(Forbidden):
+    """A user's request that nobody received on a grant subject (see _nobody_serves)."""
 
 
 class _NotServedYet(ServerOffline):

@@ -9,8 +9,15 @@ never shows in a process list. Since the embedded NATS runs with accounts, its t
 the password of its user ``owner`` (a NATS token cannot sit beside account users): a
 token of the embedded form (``fbn_`` and 64 hex digits, :data:`OWNER_TOKEN_RE`) is sent
 as ``owner``'s password, any other token as a NATS token. A ``.creds`` file (``--nats-creds`` /
-``FLEETBUS_NATS_CREDS``) or a context's user, password, nkey or TLS files are the other
-ways to authenticate.
+``FLEETBUS_NATS_CREDS``), an nkey seed file (``--nats-nkey`` / ``FLEETBUS_NATS_NKEY``, as
+``fleetbus users add --out`` writes it) or a context's user, password, nkey or TLS files
+are the other ways to authenticate; given an nkey or creds file, the home folder's token
+file is not read (the caller chose who to be).
+
+A connection that authenticates with an nkey seed or a creds file is a user's
+(docs/security.md): its inboxes are ``_I.<its public key>`` (nats-py's ``inbox_prefix``),
+the only subjects its permissions let it subscribe to. The public key comes from the
+seed, which is read for that and never logged or put in an error.
 """
 
 from __future__ import annotations
@@ -26,11 +33,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
+import nkeys
 from nats.aio.client import Client as NATS
 
 from .errors import InvalidRequest, ServerOffline
 from .home import Home
 from .natsconfig import ENV_CONTEXT, NatsContext, redact, split_urls
+from .subjects import Names
 
 # Publishing that writes to nats-py's socket at once where tuning allows it
 # (fleetbus.tuning.natspy); the plugin host and the client import it from here.
@@ -39,6 +48,7 @@ from .tuning.natspy import publish_now, publish_soon, send_now  # noqa: F401
 ENV_URL = "FLEETBUS_NATS_URL"
 ENV_TOKEN = "FLEETBUS_NATS_TOKEN"
 ENV_CREDS = "FLEETBUS_NATS_CREDS"
+ENV_NKEY = "FLEETBUS_NATS_NKEY"
 ENV_PREFIX = "FLEETBUS_PREFIX"
 DEFAULT_PREFIX = "fleetbus"
 #: A token the embedded NATS made (embedded.new_token): the password of OWNER_USER there.
@@ -84,6 +94,7 @@ class NatsSettings:
         prefix: str | None = None,
         creds_file: str | None = None,
         context: str | None = None,
+        nkey_file: str | None = None,
     ) -> NatsSettings:
         """The settings from flags, then the environment, then a context, then run.json."""
         home = home or Home.resolve()
@@ -91,6 +102,9 @@ class NatsSettings:
         ctx = NatsContext.load(context) if context else None
         token = os.environ.get(ENV_TOKEN) or (ctx.token if ctx else None) or None
         creds = creds_file or os.environ.get(ENV_CREDS) or (ctx.creds if ctx else None) or None
+        nkey = nkey_file or os.environ.get(ENV_NKEY) or (ctx.nkey if ctx else None) or None
+        # An nkey or creds file says who to be: the owner's token file must not ride along.
+        chosen = bool(nkey or creds)
         prefix = prefix or os.environ.get(ENV_PREFIX) or DEFAULT_PREFIX
         source = ("--nats" if url else ENV_URL if os.environ.get(ENV_URL)
                   else f"the NATS context {ctx.name}" if ctx and ctx.url else "the run file")
@@ -110,13 +124,26 @@ class NatsSettings:
                 ctx = NatsContext.load(str(run["nats_context"]))
                 token = token or ctx.token
             creds = creds or (str(run["nats_creds"]) if run.get("nats_creds") else None)
-            if token is None and home.nats_token.exists():
+            if token is None and not chosen and home.nats_token.exists():
                 token = home.nats_token.read_text().strip()
         split_urls(url, source)  # a bad list is one clear line now, not nats-py's later
         return cls(url=url, token=token, creds_file=creds, prefix=prefix,
                    user=ctx.user if ctx else None, password=ctx.password if ctx else None,
-                   nkey_file=ctx.nkey if ctx else None, tls_ca=ctx.ca if ctx else None,
+                   nkey_file=nkey, tls_ca=ctx.ca if ctx else None,
                    tls_cert=ctx.cert if ctx else None, tls_key=ctx.key if ctx else None)
+
+    def user_public_key(self) -> str | None:
+        """The nkey public key this connection authenticates as, read from the nkey seed
+        file or the creds file's seed; None when it uses neither (the owner, a password).
+        InvalidRequest naming the file when it cannot be read or holds no user seed."""
+        if self.creds_file:
+            path = _readable(self.creds_file, "NATS credentials file")
+            return _public_key(_creds_seed(_read_small(path, "NATS credentials file")), path,
+                               "NATS credentials file")
+        if self.nkey_file:
+            path = _readable(self.nkey_file, "NATS nkey seed file")
+            return _public_key(_read_small(path, "NATS nkey seed file").strip(), path, "NATS nkey seed file")
+        return None
 
     def auth_options(self) -> dict[str, object]:
         """nats-py ``connect`` options for these credentials; InvalidRequest when a named
@@ -149,6 +176,42 @@ def _readable(path: str, what: str) -> str:
     if not os.access(full, os.R_OK) or not full.is_file():
         raise InvalidRequest(f"cannot read the {what} {full}")
     return str(full)
+
+
+#: Larger than any creds file; a seed file is a line.
+_MAX_KEY_FILE = 64 * 1024
+_CREDS_SEED_RE = re.compile(rb"-{3,}BEGIN USER NKEY SEED-{3,}\s+(\S+)")
+
+
+def _read_small(path: str, what: str) -> bytes:
+    """A key file's bytes (a few hundred; read once per connect, so read directly)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(_MAX_KEY_FILE + 1)
+    except OSError:
+        raise InvalidRequest(f"cannot read the {what} {path}") from None
+    if len(data) > _MAX_KEY_FILE:
+        raise InvalidRequest(f"the {what} {path} is larger than 64 KiB; that is not a key file")
+    return data
+
+
+def _creds_seed(data: bytes) -> bytes:
+    """The seed in a creds file's ``BEGIN USER NKEY SEED`` block (empty when it has none)."""
+    found = _CREDS_SEED_RE.search(data)
+    return found.group(1) if found else b""
+
+
+def _public_key(seed: bytes, path: str, what: str) -> str:
+    """The user public key of ``seed``; InvalidRequest naming ``path``, never the seed."""
+    try:
+        keys = nkeys.from_seed(bytearray(seed))
+        public = keys.public_key.decode()
+        keys.wipe()
+    except Exception:
+        raise InvalidRequest(f"the {what} {path} holds no nkey user seed") from None
+    if not public.startswith("U"):
+        raise InvalidRequest(f"the {what} {path} holds no nkey user seed")
+    return public
 
 
 def unread_bytes(nc: NATS) -> int:
@@ -192,12 +255,16 @@ def watch_errors(nc: NATS, listener: Callable[[Exception], None]) -> None:
 
 
 async def connect(
-    settings: NatsSettings, name: str, reconnect_forever: bool = True, **kwargs: object
+    settings: NatsSettings, name: str, reconnect_forever: bool = True, user_inbox: bool = False,
+    **kwargs: object,
 ) -> NATS:
     """Connect to NATS; an unreachable server is a one-line ServerOffline.
 
     The first connection fails fast (a CLI must not hang on a stopped stack); once
-    connected, long-running processes reconnect forever.
+    connected, long-running processes reconnect forever. With ``user_inbox`` (the
+    client's), a connection authenticating with an nkey seed or creds file takes its
+    inboxes under ``_I.<its public key>`` (:func:`user_inbox_prefix`); fleetbus's own
+    processes keep ``_INBOX``, which is where their replies are answered.
     """
 
     # nats-py ends a failed first connect with NoServersError whatever went wrong; what
@@ -221,6 +288,8 @@ async def connect(
         "error_cb": _quiet,
     }
     opts.update(settings.auth_options())
+    if user_inbox and (prefix := user_inbox_prefix(settings)) is not None:
+        opts["inbox_prefix"] = prefix.rstrip(".")
     opts.update(kwargs)
     try:
         nc = await nats.connect(**opts)  # type: ignore[arg-type]
@@ -233,6 +302,13 @@ async def connect(
     # fail-fast first connect while long-running processes ride out NATS restarts.
     nc.options["max_reconnect_attempts"] = -1 if reconnect_forever else 3
     return nc
+
+
+def user_inbox_prefix(settings: NatsSettings) -> str | None:
+    """``_I.<public key>.`` for a connection authenticating with an nkey seed or creds
+    file, the only inboxes a user may subscribe to (userperms.permissions); else None."""
+    public_key = settings.user_public_key()
+    return None if public_key is None else Names.user_inbox(public_key)
 
 
 def _reason(exc: Exception, settings: NatsSettings) -> str:

@@ -14,8 +14,9 @@ A record (JSON under the user's name)::
     {"name": "ci-deploy", "public_key": "UA...",
      "grants": [{"id": "g1a2b3c4d", "ops": ["exec", "put"], "selector": {"role": "web"}}], ...}
 
-:class:`UserDirectory` follows the bucket: the name of each public key (users' inboxes
-are ``_I.<name>.``) and every grant, calling back on each change.
+:class:`UserDirectory` follows the bucket: the name of each public key (for the audit
+trail; users' inboxes are ``_I.<public key>.``, known without it) and every grant,
+calling back on each change.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class GrantView:
 
 @dataclass(frozen=True)
 class UserView:
-    """One user: its name (its inboxes are ``_I.<name>.``), key and grants."""
+    """One user: its name, key (its inboxes are ``_I.<key>.``) and grants."""
 
     name: str
     public_key: str

@@ -492,7 +492,9 @@ class PluginHost:
     # who asks ------------------------------------------------------------------------
     def identify(self, headers: Mapping[str, str] | None) -> Identity:
         """Who sent a request (subjects.identity_in), with the user's name from the users
-        bucket; called from the read loop for every request, so cheap for the owner."""
+        bucket for the audit trail (where fleetbus publishes for a user follows from its
+        public key alone, Identity.inbox_prefix); called from the read loop for every
+        request, so cheap for the owner."""
         identity = identity_in(headers)
         if identity.is_owner or self.users is None:
             return identity
@@ -505,7 +507,7 @@ class PluginHost:
 
     def replies_for(self, identity: Identity) -> ReplySubjects:
         """Where fleetbus may publish for ``identity``: the reply namespace for the
-        owner, a user's own inboxes ``_I.<user>.`` for a user."""
+        owner, a user's own inboxes ``_I.<its public key>.`` for a user."""
         if identity.is_owner:
             return self.replies
         found = self._user_replies.get(identity)

@@ -17,6 +17,10 @@ SERVER_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 CREDENTIAL_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,61}[a-z0-9])?$")
 COMMAND_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 LABEL_KEY_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_.-]{0,61}[a-z0-9])?$")
+#: An nkey user's public key: 'U' and 55 more base32 characters (users.is_user_key also
+#: checks the checksum). Here, not in users.py, because subjects.py needs it for a
+#: user's inbox prefix and users.py imports subjects.py (through messages.py).
+USER_KEY_RE = re.compile(r"^U[A-Z2-7]{55}$")
 
 
 def _shown(value: object) -> str:

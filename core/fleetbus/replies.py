@@ -99,7 +99,7 @@ class Replies:
             # Our reply inbox: no reply can arrive, for any request waiting.
             tokens = set(self._waiting)
             error = Forbidden(f"NATS refused the subscription to {subject}: your permissions do "
-                              "not allow it (a user's inbox prefix is _I.<user>)")
+                              "not allow it (a user's inbox prefix is _I.<its public key>)")
         else:
             return
         for token in tokens:

@@ -23,7 +23,7 @@ Every wait has a deadline (``idle_s`` without a message from the peer), so a sta
 or vanished peer ends the transfer with ``timeout`` instead of holding a worker.
 
 Where each side listens. The requester's side is one of its own inboxes (``_INBOX.``
-for the owner, ``_I.<name>.`` for a user), which the request names and the worker
+for the owner, ``_I.<public key>.`` for a user), which the request names and the worker
 checks like any reply subject. The worker's side is ``<p>.v1.xfer.<token>``
 (:meth:`Names.xfer`), a fresh random token per transfer, for every requester: fleetbus's
 account exports ``<p>.v1.xfer.>`` to the users' as a service, and users may publish

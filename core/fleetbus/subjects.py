@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import Forbidden, InvalidRequest
+from .names import USER_KEY_RE
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 # A reply prefix: one or more plain tokens (no wildcards, no spaces), ending in a dot.
@@ -42,11 +43,14 @@ HDR_ON_BEHALF_OF = "Fleetbus-On-Behalf-Of"
 #: The reply subjects nats-server makes for a request crossing a service import: one
 #: prefix per exporting account, shared by every requester (so never a requester's key).
 IMPORT_REPLY_PREFIX = "_R_."
-#: The root of users' inboxes: a user's are ``_I.<name>.``, the only subjects its NATS
-#: permissions let it subscribe to, so the only ones fleetbus publishes on for it.
+#: The root of users' inboxes: a user's are ``_I.<its public key>.``, the only subjects
+#: its NATS permissions let it subscribe to, so the only ones fleetbus publishes on for it.
+#: Keyed by the public key, not the name: a client knows it from its own seed alone, and
+#: a worker from ``Nats-Request-Info`` alone, whether or not the users bucket has caught up.
 USER_INBOX_ROOT = "_I"
-# A user's name as a subject token (the users module's rule is narrower).
-_USER_TOKEN_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+#: nats-server's own answer to "who am I and what may I do" (account, public key,
+#: permissions), which every account imports: how a user's client finds its grant subjects.
+NATS_USER_INFO = "$SYS.REQ.USER.INFO"
 #: The most of each Nats-Request-Info field that is kept.
 MAX_IDENTITY_CHARS = 128
 #: When the requester stops waiting for the reply: seconds since the Unix epoch on its
@@ -133,9 +137,10 @@ class Names:
         return f"{self.prefix}.v1.xfer."
 
     @staticmethod
-    def user_inbox(user: str) -> str:
-        """The inbox prefix of a user (with its final dot): the only subjects it may subscribe to."""
-        return f"{USER_INBOX_ROOT}.{user}."
+    def user_inbox(public_key: str) -> str:
+        """The inbox prefix (with its final dot) of the user with nkey ``public_key``: the
+        only subjects it may subscribe to. nats-py's ``inbox_prefix`` is this without the dot."""
+        return f"{USER_INBOX_ROOT}.{public_key}."
 
     @property
     def user_services(self) -> tuple[str, ...]:
@@ -282,8 +287,9 @@ class ReplySubjects:
 
     @classmethod
     def for_identity(cls, identity: Identity, own_prefix: str | None = None) -> ReplySubjects:
-        """A user's namespace: its own inboxes ``_I.<name>.`` only (none at all for a
-        user without a name in the users bucket: then every subject is ``forbidden``)."""
+        """A user's namespace: its own inboxes ``_I.<public key>.`` only (none at all for
+        an identity whose ``user`` is not an nkey public key: then every subject is
+        ``forbidden``)."""
         prefix = identity.inbox_prefix
         return cls((prefix,) if prefix else (), own_prefix, user=identity.name or identity.user or "?")
 
@@ -327,8 +333,8 @@ class ReplySubjects:
             if self.user is not None:
                 raise Forbidden(
                     f"{subject[:64]!r} is not one of your inboxes: fleetbus publishes for you only "
-                    f"under {self.prefixes[0] if self.prefixes else f'{USER_INBOX_ROOT}.<name>.'} "
-                    "(and only as a user fleetbus knows)",
+                    f"under {self.prefixes[0] if self.prefixes else f'{USER_INBOX_ROOT}.<your public key>.'} "
+                    "(and only for a user with an nkey)",
                     before_start=True)
             raise ValueError(
                 f"not a reply subject: fleetbus publishes for a requester only under "
@@ -376,7 +382,8 @@ class Identity:
     header is added. Otherwise ``account`` and ``user`` are the header's ``acc`` and
     ``user`` (a user name, or an nkey or JWT public key), ``name_tag`` a JWT user's
     name. ``name`` is not NATS's: the name of the user record holding that public key
-    (grants.UserDirectory), filled in by whoever follows the users bucket. The header
+    (grants.UserDirectory), filled in by whoever follows the users bucket, for the
+    audit trail only: a user's inboxes follow from ``user`` (:attr:`inbox_prefix`). The header
     is trusted because nats-server writes it on the import itself
     and removes any the client sent; a user never reaches fleetbus's services but
     through the import (docs/bus-api.md, "Identity").
@@ -398,12 +405,13 @@ class Identity:
 
     @property
     def inbox_prefix(self) -> str | None:
-        """``_I.<name>.``, where this user's NATS permissions let it subscribe; None for
-        the owner (whose inboxes are the deployment's reply prefixes) and for a user
-        whose name is not known."""
-        if self.account is None or self.name is None or not _USER_TOKEN_RE.fullmatch(self.name):
+        """``_I.<user>.``, where this user's NATS permissions let it subscribe, for a user
+        NATS names by its nkey (or JWT) public key; None for the owner (whose inboxes are
+        the deployment's reply prefixes) and for any other ``user`` (a user/password
+        user, or an import without ``share``), for which fleetbus publishes nowhere."""
+        if self.account is None or not USER_KEY_RE.fullmatch(self.user):
             return None
-        return Names.user_inbox(self.name)
+        return Names.user_inbox(self.user)
 
     def record(self) -> dict[str, Any]:
         """The audit record's ``identity`` field (the owner's is one shared dict: read it,

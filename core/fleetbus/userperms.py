@@ -5,10 +5,12 @@ Each user's permissions are a pure function of its record (:func:`permissions`):
 - publish: ``<p>.v1.grants.<grant id>.*.<op>`` for each operation a grant allows, plus
   ``.cancel``; ``<p>.v1.servers.<name>.<op>`` (and ``.cancel``) for servers a grant names
   outright; ``<p>.v1.admin.<endpoint>`` per admin endpoint granted; ``<p>.v1.xfer.>``
-  (the worker's side of a streamed transfer); ``<p>.v1.jobs.start|get|list|cancel|rerun``
+  (the worker's side of a streamed transfer); ``$SYS.REQ.USER.INFO`` (nats-server
+  answers it with the user's own permissions: how its client finds its grant subjects);
+  ``<p>.v1.jobs.start|get|list|cancel|rerun``
   for a user with a grant (the job service checks every selected server against its
   grants, and shows a user only its own jobs);
-- subscribe: ``_I.<user>.>`` only, the user's own inbox.
+- subscribe: ``_I.<its public key>.>`` only, the user's own inbox.
 
 Nothing else: no ``$JS.API``, no events, no other user's inbox. An expired user is left
 out altogether, which nats-server treats as removed (its connection is closed).
@@ -31,7 +33,7 @@ from datetime import datetime, timedelta
 from nats.js.kv import KeyValue
 
 from .records import utcnow
-from .subjects import Names
+from .subjects import NATS_USER_INFO, Names
 from .users import UserRecord, UserStore
 
 log = logging.getLogger("fleetbus.userperms")
@@ -44,7 +46,7 @@ RETRY_S = 5.0
 
 def permissions(names: Names, user: UserRecord) -> dict[str, list[str]]:
     """What ``user`` may publish and subscribe to, as NATS subjects (sorted, unique)."""
-    publish: set[str] = {f"{names.prefix}.v1.xfer.>"}
+    publish: set[str] = {f"{names.prefix}.v1.xfer.>", NATS_USER_INFO}
     for grant in user.grants:
         for op in (*grant.ops, "cancel"):
             publish.add(names.grant(grant.id, "*", op))
@@ -52,7 +54,7 @@ def permissions(names: Names, user: UserRecord) -> dict[str, list[str]]:
     publish.update(names.admin(endpoint) for endpoint in user.admin)
     if user.grants:  # jobs over the servers its grants cover, checked by the job service
         publish.update(names.jobs(verb) for verb in ("start", "get", "list", "cancel", "rerun"))
-    return {"publish": sorted(publish), "subscribe": [names.user_inbox(user.name) + ">"]}
+    return {"publish": sorted(publish), "subscribe": [names.user_inbox(user.public_key) + ">"]}
 
 
 def render_users(names: Names, users: Iterable[UserRecord], now: datetime | None = None) -> str:

@@ -43,15 +43,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import InvalidRequest, NotFound
 from .messages import OPERATIONS
+from .names import USER_KEY_RE
 from .records import utcnow
 from .registry import kv_snapshot
 from .selection import Selection
 
-# A user's name is a subject token (its inbox is _I.<name>.>): lowercase, no dots.
+# A user's name is a KV key and shows in audit records and metrics: lowercase, no dots.
 USER_NAME_RE = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,30}[a-z0-9])?$")
 GRANT_ID_RE = re.compile(r"^g[0-9a-f]{8}$")
-# An nkey user's public key: 'U' and 55 more base32 characters.
-USER_KEY_RE = re.compile(r"^U[A-Z2-7]{55}$")
 ADMIN_ENDPOINT_RE = re.compile(r"^[a-z]+\.[a-z-]+$")
 #: Names that are not users: the FLEETBUS account's owner.
 RESERVED_NAMES = frozenset({"owner"})

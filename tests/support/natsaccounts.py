@@ -2,7 +2,7 @@
 
 ``FLEETBUS`` holds JetStream, fleetbus's processes and the owner (user ``owner`` with a
 password); ``USERS`` holds nkey users, each with its own publish permissions and the
-subscribe permission ``_I.<its name>.>`` (its inboxes). FLEETBUS exports the
+subscribe permission ``_I.<its public key>.>`` (its inboxes). FLEETBUS exports the
 server, grant, admin, jobs and transfer subjects as services (``response_type: stream``, replies
 allowed for 6 h) and its users' inboxes ``_I.>`` as a stream; USERS imports them, the
 services with ``share: true`` so that ``Nats-Request-Info`` names the user. This is the
@@ -47,8 +47,9 @@ class NkeyUser:
 
     @property
     def inbox(self) -> str:
-        """Its inbox prefix (without the final dot), as nats-py's ``inbox_prefix``."""
-        return f"_I.{self.name}"
+        """Its inbox prefix (without the final dot), as nats-py's ``inbox_prefix``: its
+        public key's (subjects.Names.user_inbox)."""
+        return f"_I.{self.public}"
 
     def record(self, grants: Sequence[dict[str, object]] = ()) -> bytes:
         """Its record in the users bucket (the public parts: grants.py reads them)."""
@@ -119,7 +120,7 @@ class AccountsNats:
         return await nats.connect(self.url, user="owner", password=self.password)
 
     async def user(self, name: str, errors: list[Exception] | None = None) -> NATS:
-        """A raw nats-py connection as USERS user ``name``, its inboxes under ``_I.<name>``;
+        """A raw nats-py connection as USERS user ``name``, its inboxes under ``_I.<public key>``;
         NATS's errors (permission violations) are appended to ``errors``."""
         found = next(u for u in self.users if u.name == name)
 

@@ -18,7 +18,7 @@ import click
 
 from ..client import Client
 from ..connection import NatsSettings
-from ..errors import FleetbusError
+from ..errors import FleetbusError, Forbidden
 from ..home import Home
 from .render import shown
 
@@ -35,13 +35,16 @@ class Globals:
     prefix: str | None
     nats_creds: str | None = None
     nats_context: str | None = None
+    #: ``--nats-nkey``: an nkey seed file, a user's (``fleetbus users add --out``).
+    nats_nkey: str | None = None
 
     def home_dir(self) -> Home:
         return Home.resolve(self.home)
 
     def settings(self) -> NatsSettings:
         return NatsSettings.resolve(url=self.nats, home=self.home_dir(), prefix=self.prefix,
-                                    creds_file=self.nats_creds, context=self.nats_context)
+                                    creds_file=self.nats_creds, context=self.nats_context,
+                                    nkey_file=self.nats_nkey)
 
 
 pass_globals = click.make_pass_decorator(Globals)
@@ -85,7 +88,8 @@ def run_async(
         return asyncio.run(coro_fn())  # type: ignore[arg-type]
     except FleetbusError as exc:
         code = next((v for k, v in (exits or {}).items() if isinstance(exc, k)), error_exit)
-        fail(exc.message, code)
+        # A refusal says so first: the rest of the line says by whom and why.
+        fail(f"forbidden: {exc.message}" if isinstance(exc, Forbidden) else exc.message, code)
     except KeyboardInterrupt:
         click.echo("fleetbus: interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import click
 
 from .. import __version__, tuning
+from ..connection import ENV_NKEY
 from .admin_cmds import admin
 from .agent_cmds import agent
 from .audit_cmds import audit
@@ -27,6 +30,9 @@ from .users import users
                    "Env: FLEETBUS_NATS_URL.")
 @click.option("--nats-creds", envvar="FLEETBUS_NATS_CREDS", metavar="FILE",
               help="A NATS credentials (.creds) file. Env: FLEETBUS_NATS_CREDS.")
+@click.option("--nats-nkey", envvar="FLEETBUS_NATS_NKEY", metavar="FILE",
+              help="A NATS nkey seed file: connect as the user `fleetbus users add --out` made. "
+                   "Env: FLEETBUS_NATS_NKEY.")
 @click.option("--nats-context", envvar="FLEETBUS_NATS_CONTEXT", metavar="NAME",
               help="A `nats` CLI context (~/.config/nats/context/NAME.json): servers, token, "
                    "user, creds, nkey, TLS files. Env: FLEETBUS_NATS_CONTEXT.")
@@ -34,11 +40,16 @@ from .users import users
               help="Data folder (default ~/.fleetbus). Env: FLEETBUS_HOME.")
 @click.option("--prefix", envvar="FLEETBUS_PREFIX", help="Subject prefix (default fleetbus).")
 @click.pass_context
-def cli(ctx: click.Context, nats: str | None, nats_creds: str | None, nats_context: str | None,
-        home: str | None, prefix: str | None) -> None:
+def cli(ctx: click.Context, nats: str | None, nats_creds: str | None, nats_nkey: str | None,
+        nats_context: str | None, home: str | None, prefix: str | None) -> None:
     """Register a server once, then run commands and move files on it by name."""
+    if nats_nkey:
+        # `up --nats ...`, `core` and `worker` resolve their NATS settings from the
+        # environment (stack.py): the flag must reach them as the variable would. A path,
+        # not a secret.
+        os.environ[ENV_NKEY] = nats_nkey
     ctx.obj = Globals(nats=nats, home=home, prefix=prefix, nats_creds=nats_creds,
-                      nats_context=nats_context)
+                      nats_context=nats_context, nats_nkey=nats_nkey)
 
 
 # Installed transports add their own commands (e.g. `gateway`) through the fleetbus_cli hook.

@@ -7,6 +7,7 @@ the bus, so neither fleetbus nor its audit trail ever holds it.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ def _hand_over(seed: bytes, out: str | None, name: str, as_json: bool) -> None:
     if out:
         click.echo(f"nkey seed for {name} written to {out} (mode 0600); it is not kept anywhere else",
                    err=as_json)
+        # The path, never the seed: the command line can be copied into a script.
+        click.echo(f"use it with: FLEETBUS_NATS_NKEY={shlex.quote(out)} fleetbus ...", err=as_json)
         return
     # Shown this once: fleetbus keeps only the public key.
     click.echo(f"nkey seed for {name} (shown once, keep it secret): {seed.decode()}", err=True)
