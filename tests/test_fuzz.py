@@ -1178,6 +1178,8 @@ ADMIN_ENDPOINTS = {
     "users.rotate": True,
     # Reads the audit stream through a consumer of its own, deleted after each query.
     "audit.query": False,
+    # Reads the registry and the users bucket about the asker; changes nothing.
+    "users.reach": False,
 }
 
 SAFE_PROGRAMS = frozenset({"true", "echo", "printf", "/bin/true", "/bin/echo", "pwd"})
@@ -1233,6 +1235,7 @@ def _valid_body(rng: random.Random, subject: str, workdir: Path, index: int) -> 
         "users.show": {"name": name},
         "users.remove": {"name": name},
         "users.rotate": {"name": name, "public_key": _user_key(rng)},
+        "users.reach": {"server": rng.choice(("local", name)), "op": rng.choice(("exec", "get", "ping"))},
         "audit.query": rng.choice(({}, {"server": "local", "op": "exec", "limit": 5}, {"since": "1h"},
                                    {"after_seq": 0, "user": "owner", "limit": 3})),
     }.get(subject, {})

@@ -365,6 +365,7 @@ def test_permissions_are_exactly_the_grants(names: Names) -> None:
             "fleetbus.v1.grants.g00000002.*.ping", "fleetbus.v1.grants.g00000002.*.cancel",
             "fleetbus.v1.servers.db1.ping", "fleetbus.v1.servers.db1.cancel",
             "fleetbus.v1.admin.servers.list", "fleetbus.v1.xfer.>", "$SYS.REQ.USER.INFO",
+            "fleetbus.v1.admin.users.reach",
             *(f"fleetbus.v1.jobs.{verb}" for verb in ("start", "get", "list", "cancel", "rerun"))]),
         # Its inboxes are its public key's: the client and the worker know them without its name.
         "subscribe": [f"_I.{key}.>"],

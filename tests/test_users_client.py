@@ -24,7 +24,7 @@ import nkeys
 import pytest
 from fleetbus.client import Client
 from fleetbus.connection import ENV_NKEY, NatsSettings
-from fleetbus.errors import Cancelled, Forbidden, InvalidRequest
+from fleetbus.errors import Cancelled, Forbidden, InvalidRequest, ServerOffline
 from fleetbus.home import Home
 from fleetbus.subjects import HDR_REQUEST_INFO, HDR_REQUESTER, Names
 from fleetbus.userroutes import ask_user_info
@@ -72,7 +72,7 @@ async def as_user(fleet: Fleet, granted: Granted) -> AsyncIterator[Client]:
             try:
                 await client.info("web8", timeout_s=10)
                 break
-            except Forbidden:  # nobody serves web8 on the grant yet
+            except (Forbidden, ServerOffline):  # nobody serves web8 on the grant yet
                 assert time.monotonic() < deadline, "web8 never reachable through the user's grant"
                 await asyncio.sleep(0.05)
         yield client
@@ -105,6 +105,33 @@ async def test_the_python_client_as_a_user_runs_within_its_grant_and_is_audited_
     (record,) = records[command_id]
     assert record["identity"] == {"account": "USERS", "user": granted.public_key, "name": granted.name}
     assert record["requester"] == "someone-else@forged"  # what it declared, recorded as declared only
+
+
+async def test_nobody_answering_a_user_says_outside_its_grants_or_offline(
+        fleet: Fleet, as_user: Client) -> None:
+    # NATS answers "no responders" alike for a server outside the user's grants and for
+    # one inside them that nobody serves; the core's users.reach tells them apart, and
+    # names no server the user could not reach anyway.
+    added = fleet.cli("servers", "add", "web9", "--transport", "agent-outbound", "--role", "web")
+    assert added.returncode == 0, added.stderr  # no agent will connect: nobody serves it
+    try:
+        with pytest.raises(ServerOffline) as offline:
+            await as_user.exec("web9", ["true"])
+    finally:  # the other tests' jobs over role web must not meet it
+        assert fleet.cli("servers", "remove", "web9").returncode == 0
+    assert not isinstance(offline.value, Forbidden)
+    assert "nobody serves web9" in str(offline.value) and "never seen" in str(offline.value)
+    with pytest.raises(Forbidden, match="db8 is outside your grants for exec"):
+        await as_user.exec("db8", ["true"])
+    with pytest.raises(Forbidden, match="nosuch9 is outside your grants for exec"):
+        await as_user.exec("nosuch9", ["true"])  # the same words: no hint that it is not registered
+    # Asked directly: only about itself, nothing about a server outside its grants.
+    reach = await as_user.admin("users.reach", {"server": "db8", "op": "exec"})
+    assert reach == {"ok": True, "server": "db8", "op": "exec", "reach": "outside"}
+    reach = await as_user.admin("users.reach", {"server": "web8", "op": "exec"})
+    assert reach["reach"] == "granted" and reach["status"]["state"] == "online"
+    with pytest.raises(InvalidRequest):
+        await as_user.admin("users.reach", {"server": "web8", "op": "format-disk"})
 
 
 async def test_a_user_cancels_its_own_command_through_its_grant(as_user: Client) -> None:

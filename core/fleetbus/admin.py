@@ -45,10 +45,11 @@ from .auditquery import AuditQuery, AuditReader
 from .endpoint import answer
 from .errors import InvalidRequest
 from .keys import AgentKeys
+from .messages import OPERATIONS
 from .names import check_credential_name, check_server_name
 from .records import CredentialInfo, CredentialType, Server, utcnow
 from .registry import Registry, kv_snapshot
-from .subjects import Names, ReplySubjects, identity_in, requester_in
+from .subjects import Identity, Names, ReplySubjects, identity_in, requester_in
 from .transport import Transport
 from .userperms import UserSync
 from .users import UserRecord, UserStore, check_user_name, parse_duration, parse_grant
@@ -87,6 +88,13 @@ class CredentialAdd(_Body):
 class CredentialRemove(_Body):
     name: str
     force: bool = False
+
+
+class UserReach(_Body):
+    """``users.reach``: may the asker send ``op`` to ``server``, and is it served?"""
+
+    server: str = Field(max_length=256)
+    op: str = Field(max_length=32)
 
 
 class UserAdd(_Body):
@@ -154,7 +162,11 @@ class AdminService:
                 "users.show": self.users_show,
                 "users.remove": self.users_remove,
                 "users.rotate": self.users_rotate,
+                "users.reach": self.users_reach,
             })
+        #: Endpoints whose answer depends on who asks: called with the verified identity.
+        self._per_identity: dict[str, Callable[[dict[str, Any], Identity], Awaitable[dict[str, Any]]]] = {
+            "users.reach": self.users_reach}
 
     async def start(self) -> None:
         self.service = await add_service(
@@ -164,7 +176,7 @@ class AdminService:
         for subject, handler in self.endpoints.items():
             await self.service.add_endpoint(
                 name=subject.replace(".", "-"), subject=self.names.admin(subject),
-                handler=self._wrap(handler),
+                handler=self._wrap(handler, subject),
             )
 
     async def stop(self) -> None:
@@ -172,10 +184,16 @@ class AdminService:
             await self.service.stop()
         await self.auditor.close()
 
-    def _wrap(self, handler: Handler) -> Callable[[MicroRequest], Awaitable[None]]:
+    def _wrap(self, handler: Handler, endpoint: str) -> Callable[[MicroRequest], Awaitable[None]]:
+        per_identity = self._per_identity.get(endpoint)
+
         async def run(req: MicroRequest) -> None:
             started = time.monotonic()
-            answered = await answer(req, self.replies, handler)
+            if per_identity is not None:
+                identity = identity_in(req.headers)
+                answered = await answer(req, self.replies, lambda body: per_identity(body, identity))
+            else:
+                answered = await answer(req, self.replies, handler)
             if answered is not None:
                 await self._audit(req, *answered, started)
 
@@ -185,7 +203,7 @@ class AdminService:
                      started: float) -> None:
         """Who changed the registry or the vault: names only, never a secret."""
         endpoint = req.subject[len(self.names.admin_root) + 1:]
-        if endpoint.endswith((".list", ".get", ".show", ".query")):
+        if endpoint.endswith((".list", ".get", ".show", ".query", ".reach")):
             return  # reads are not changes
         server_body = body.get("server")
         target = body.get("name") or (server_body.get("name") if isinstance(server_body, dict) else None)
@@ -404,6 +422,37 @@ class AdminService:
     async def users_show(self, body: dict[str, Any]) -> dict[str, Any]:
         record = await self._store().get(NameBody.model_validate(body).name)
         return {"ok": True, "user": self._shown(record)}
+
+    async def users_reach(self, body: dict[str, Any], identity: Identity | None = None) -> dict[str, Any]:
+        """Whether the asker may send ``op`` to ``server`` and, if so, the server's status.
+
+        A user's client asks this when nothing answered its request on any of its grant
+        subjects, which NATS says alike for a server outside its grants and for one
+        nobody serves (docs/security.md). Every user may ask (userperms), and only about
+        itself: a server outside its grants, or not registered, is ``outside`` either way,
+        so the answer names no server the user could not reach anyway.
+        """
+        req = UserReach.model_validate(body)
+        if req.op not in OPERATIONS:
+            raise InvalidRequest(f"unknown operation {req.op[:32]!r} (one of {', '.join(OPERATIONS)})")
+        identity = identity or identity_in(None)
+        server = await self.registry.find(check_server_name(req.server))
+        grant_id: str | None = None
+        if server is not None and not identity.is_owner:
+            record = next((u for u in await self._store().list()
+                           if u.public_key == identity.user and not u.expired()), None)
+            grant = next((g for g in (record.grants if record is not None else ())
+                          if req.op in g.ops and not g.selector.is_empty() and g.selector.matches(server)),
+                         None)
+            if grant is None:
+                server = None
+            else:
+                grant_id = grant.id
+        if server is None:
+            return {"ok": True, "server": req.server, "op": req.op, "reach": "outside"}
+        status = await self.registry.status(server.name)
+        return {"ok": True, "server": server.name, "op": req.op, "reach": "granted", "grant": grant_id,
+                "created": server.created.isoformat(), "status": status.model_dump(mode="json") if status else None}
 
     async def users_remove(self, body: dict[str, Any]) -> dict[str, Any]:
         name = check_user_name(NameBody.model_validate(body).name)

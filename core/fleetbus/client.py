@@ -80,6 +80,8 @@ REPLY_GRACE_S = 30.0
 # that happened after the request went out). A request finding nobody then is
 # retried for this long.
 JUST_REGISTERED_S = 10.0
+# users.reach answers from the registry and the users bucket, both in the core's reach.
+ADMIN_REACH_TIMEOUT_S = 5.0
 NOT_YET_SERVED_WAIT_S = 2.0
 # A command with an id that has not answered within this is watched: its claim is read
 # every CLAIM_CHECK_S, so a worker that died running it is known within seconds (the
@@ -250,15 +252,47 @@ class Client:
     async def _through_grants(self, server: str, op: str, body: dict[str, Any],
                               timeout: float) -> dict[str, Any]:
         """A user's request: on each subject its permissions allow for ``op`` on
-        ``server`` in turn (userroutes), until one has a responder."""
+        ``server`` in turn (userroutes), until one has a responder; when none has, the
+        error says why (:meth:`_unreached`), after a short wait for a server that a
+        worker is just starting to serve."""
         assert self.routes is not None
         subjects = self.routes.subjects(server, op) or [self.names.server(server, op)]
-        for subject in subjects[:-1]:
-            try:
-                return await self._request(subject, body, timeout, server=server)
-            except _NoGrantReaches:
-                continue  # nobody received it: nothing ran
-        return await self._request(subjects[-1], body, timeout, server=server)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + NOT_YET_SERVED_WAIT_S
+        while True:
+            for subject in subjects:
+                try:
+                    return await self._request(subject, body, timeout, server=server)
+                except _NoGrantReaches:
+                    continue  # nobody received it: nothing ran
+            if op == "cancel":  # nothing to explain: nobody runs the command there
+                raise _NoGrantReaches(f"nobody runs that command on {server} through your grants")
+            why = await self._unreached(server, op)
+            if not isinstance(why, _NotServedYet) or loop.time() >= give_up:
+                raise why
+            await asyncio.sleep(0.05)  # nobody received it, so sending again cannot run it twice
+
+    async def _unreached(self, server: str, op: str) -> FleetbusError:
+        """Why none of a user's grant subjects for ``op`` on ``server`` had a responder:
+        the core's ``users.reach`` tells a server outside the user's grants (forbidden)
+        from one inside them that nobody serves (server_offline, with when it was last
+        seen), which NATS answers alike."""
+        try:
+            reach = await self._request(self.names.admin("users.reach"), {"server": server, "op": op},
+                                        ADMIN_REACH_TIMEOUT_S)
+        except FleetbusError:
+            # No core answering, or one from before users.reach: both stay possible.
+            return _NoGrantReaches(f"no grant of yours reaches {server}: it is outside your grants, "
+                                   "or nobody serves it right now")
+        if reach.get("reach") != "granted":
+            return _NoGrantReaches(f"{server} is outside your grants for {op}")
+        status = reach.get("status")
+        message = f"nobody serves {server} right now ({last_seen(status)})"
+        if status is None:
+            fresh = age_s(reach.get("created")) < JUST_REGISTERED_S
+        else:
+            fresh = status.get("state") == "online" and age_s(status.get("since")) < JUST_REGISTERED_S
+        return _NotServedYet(message) if fresh else ServerOffline(message)
 
     async def _watched(self, send: Callable[[], Awaitable[dict[str, Any]]], server: str, op: str,
                        command_id: str, resendable: bool) -> dict[str, Any]:

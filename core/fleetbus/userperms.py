@@ -46,7 +46,8 @@ RETRY_S = 5.0
 
 def permissions(names: Names, user: UserRecord) -> dict[str, list[str]]:
     """What ``user`` may publish and subscribe to, as NATS subjects (sorted, unique)."""
-    publish: set[str] = {f"{names.prefix}.v1.xfer.>", NATS_USER_INFO}
+    # users.reach: why nothing answered on its grant subjects (outside them, or offline).
+    publish: set[str] = {f"{names.prefix}.v1.xfer.>", NATS_USER_INFO, names.admin("users.reach")}
     for grant in user.grants:
         for op in (*grant.ops, "cancel"):
             publish.add(names.grant(grant.id, "*", op))
