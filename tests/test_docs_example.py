@@ -17,7 +17,7 @@ from pathlib import Path
 
 import nats
 import pytest
-from fleetbus.admin import CredentialAdd, CredentialRemove, NameBody, ServerAdd, UserReach
+from fleetbus.admin import CredentialAdd, CredentialRemove, NameBody, ServerAdd, UserChange, UserReach
 from fleetbus.audit import AuditRecord
 from fleetbus.auditquery import AuditQuery
 from fleetbus.errors import ERROR_CODES
@@ -126,7 +126,7 @@ def test_admin_record_fields_are_documented(doc: str, model: type) -> None:
 
 
 @pytest.mark.parametrize("model", [ServerAdd, NameBody, CredentialRemove, ServerStatus, CredentialInfo,
-                                   AuditQuery, UserReach])
+                                   AuditQuery, UserReach, UserChange])
 def test_admin_bodies_are_documented(doc: str, model: type) -> None:
     text = doc.split("## Admin API", 1)[1].split("\n## ", 1)[0]
     for name in model.model_fields:

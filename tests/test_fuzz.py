@@ -1176,6 +1176,7 @@ ADMIN_ENDPOINTS = {
     "users.show": False,
     "users.remove": True,
     "users.rotate": True,
+    "users.change": True,
     # Reads the audit stream through a consumer of its own, deleted after each query.
     "audit.query": False,
     # Reads the registry and the users bucket about the asker; changes nothing.
@@ -1235,6 +1236,8 @@ def _valid_body(rng: random.Random, subject: str, workdir: Path, index: int) -> 
         "users.show": {"name": name},
         "users.remove": {"name": name},
         "users.rotate": {"name": name, "public_key": _user_key(rng)},
+        "users.change": {"name": name, "allow": rng.choice(([], ["info:local"])),
+                         "expires_in": rng.choice((None, "never", "2h"))},
         "users.reach": {"server": rng.choice(("local", name)), "op": rng.choice(("exec", "get", "ping"))},
         "audit.query": rng.choice(({}, {"server": "local", "op": "exec", "limit": 5}, {"since": "1h"},
                                    {"after_seq": 0, "user": "owner", "limit": 3})),

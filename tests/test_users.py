@@ -217,6 +217,37 @@ async def test_rotated_key_replaces_the_old_one(fleet: Fleet, tmp_path: Path, na
     assert stat.S_IMODE(os.stat(new).st_mode) == 0o600
 
 
+async def test_changed_grants_apply_to_the_connected_client(fleet: Fleet, tmp_path: Path, names: Names) -> None:
+    _, made = add_user(fleet, tmp_path, "shifter", "--allow", "ping:local", "--expires", "1d")
+    ping_grant = made["user"]["grants"][0]["id"]
+    user = await UserClient().connect(fleet.nats_url, tmp_path / "shifter.nk", "shifter")
+    try:
+        assert await user.refused(names.server("local", "exec"))
+        done = fleet.cli("users", "change", "shifter", "--allow", "exec:local", "--revoke", ping_grant,
+                         "--admin", "servers.list", "--expires", "never", "--json")
+        assert done.returncode == 0, done.stderr
+        changed = json.loads(done.stdout)
+        assert changed["applied"] is True
+        assert [g["text"] for g in changed["user"]["grants"]] == ["exec:local"]
+        assert changed["user"]["admin"] == ["servers.list"] and changed["user"]["expires"] is None
+        assert changed["user"]["public_key"] == made["user"]["public_key"]  # the same key
+        # Applied to the connection it already has: no reconnect, new permissions.
+        assert not await user.refused(names.server("local", "exec"))
+        assert await user.refused(names.server("local", "ping"))
+        assert not await user.refused(names.admin("servers.list"))
+        assert not user.closed
+        # Taking the rest away by text; nothing left is refused, as is a grant it lacks.
+        done = fleet.cli("users", "change", "shifter", "--revoke", "exec:local", "--revoke-admin", "servers.list")
+        assert done.returncode != 0 and "could do nothing" in done.stderr, done.stderr
+        done = fleet.cli("users", "change", "shifter", "--revoke", "g00000000")
+        assert done.returncode != 0 and "no grant 'g00000000'" in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+        done = fleet.cli("users", "show", "shifter", "--json")
+        assert [g["text"] for g in json.loads(done.stdout)["grants"]] == ["exec:local"]  # unchanged
+    finally:
+        await user.close()
+
+
 async def test_expired_user_is_removed_from_nats(fleet: Fleet, tmp_path: Path) -> None:
     seed, added = add_user(fleet, tmp_path, "brief", "--allow", "ping:local", "--expires", "1s")
     assert added["user"]["expires"]

@@ -30,6 +30,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -37,15 +38,15 @@ from nats.js.kv import KeyValue
 from nats.micro import add_service
 from nats.micro.request import Request as MicroRequest
 from nats.micro.service import Service
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
 from .audit import Auditor, AuditRecord
 from .auditquery import AuditQuery, AuditReader
 from .endpoint import answer
-from .errors import InvalidRequest
+from .errors import InvalidRequest, NotFound
 from .keys import AgentKeys
-from .messages import OPERATIONS
+from .messages import OPERATIONS, describe_validation_error
 from .names import check_credential_name, check_server_name
 from .records import CredentialInfo, CredentialType, Server, utcnow
 from .registry import Registry, kv_snapshot
@@ -106,6 +107,21 @@ class UserAdd(_Body):
     expires_in: str | None = Field(default=None, description="Like 90d, 12h; none: never.")
 
 
+class UserChange(_Body):
+    """``users.change``: grants and admin endpoints added or taken away, a new expiry;
+    the key, and the ids of the grants kept, stay."""
+
+    name: str
+    allow: list[str] = Field(default_factory=list, max_length=64,
+                             description="Grants to add, each OPS:SELECTOR.")
+    revoke: list[str] = Field(default_factory=list, max_length=64,
+                              description="Grants to take away: ids (g1a2b3c4d) or their text.")
+    admin: list[str] = Field(default_factory=list, max_length=64, description="Admin endpoints to add.")
+    revoke_admin: list[str] = Field(default_factory=list, max_length=64,
+                                    description="Admin endpoints to take away.")
+    expires_in: str | None = Field(default=None, description="Like 90d, or 'never'; none: unchanged.")
+
+
 class UserRotate(_Body):
     name: str
     public_key: str
@@ -163,6 +179,7 @@ class AdminService:
                 "users.remove": self.users_remove,
                 "users.rotate": self.users_rotate,
                 "users.reach": self.users_reach,
+                "users.change": self.users_change,
             })
         #: Endpoints whose answer depends on who asks: called with the verified identity.
         self._per_identity: dict[str, Callable[[dict[str, Any], Identity], Awaitable[dict[str, Any]]]] = {
@@ -392,9 +409,7 @@ class AdminService:
 
     async def users_add(self, body: dict[str, Any]) -> dict[str, Any]:
         req = UserAdd.model_validate(body)
-        unknown = [e for e in req.admin if e not in self.endpoints]
-        if unknown:
-            raise InvalidRequest(f"no admin endpoint {unknown[0][:64]!r} (one of {', '.join(sorted(self.endpoints))})")
+        self._known_endpoints(req.admin)
         if not req.allow and not req.admin:
             raise InvalidRequest("a user with no grant and no admin endpoint could do nothing: "
                                  "give --allow or --admin")
@@ -408,6 +423,11 @@ class AdminService:
         await self._key_unused(record.public_key)
         await self._store().add(record)
         return self._reply(record, await self._applied())
+
+    def _known_endpoints(self, endpoints: list[str]) -> None:
+        unknown = [e for e in endpoints if e not in self.endpoints]
+        if unknown:
+            raise InvalidRequest(f"no admin endpoint {unknown[0][:64]!r} (one of {', '.join(sorted(self.endpoints))})")
 
     async def _key_unused(self, public_key: str) -> None:
         """One key, one user: NATS could not tell them apart."""
@@ -458,6 +478,38 @@ class AdminService:
         name = check_user_name(NameBody.model_validate(body).name)
         await self._store().remove(name)
         return self._reply(None, await self._applied(), name=name)
+
+    async def users_change(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Change what a user may do without a new key: connected clients keep their
+        connection and get the new permissions at the next apply."""
+        req = UserChange.model_validate(body)
+        self._known_endpoints(req.admin)
+        added = [parse_grant(text) for text in req.allow]
+        expires: datetime | None | bool = False  # False: unchanged
+        if req.expires_in is not None:
+            expires = None if req.expires_in == "never" else utcnow() + parse_duration(req.expires_in)
+
+        def change(record: UserRecord) -> UserRecord:
+            unknown = [g for g in req.revoke if not any(g in (have.id, have.text) for have in record.grants)]
+            if unknown:
+                raise NotFound(f"user {record.name} has no grant {unknown[0][:64]!r} "
+                               f"(its grants: {', '.join(g.id for g in record.grants) or 'none'})")
+            kept = [g for g in record.grants if g.id not in req.revoke and g.text not in req.revoke]
+            grants = kept + [g for g in added if g.text not in {k.text for k in kept}]
+            admin = sorted((set(record.admin) | set(req.admin)) - set(req.revoke_admin))
+            if not grants and not admin:
+                raise InvalidRequest(f"user {record.name} would have no grant and no admin endpoint, "
+                                     "and could do nothing: remove the user instead")
+            update: dict[str, Any] = {"grants": grants, "admin": admin}
+            if expires is not False:
+                update["expires"] = expires
+            try:
+                return UserRecord.model_validate({**record.model_dump(), **update})
+            except ValidationError as exc:
+                raise InvalidRequest(describe_validation_error(exc)) from None
+
+        record = await self._store().change(check_user_name(req.name), change)
+        return self._reply(record, await self._applied())
 
     async def users_rotate(self, body: dict[str, Any]) -> dict[str, Any]:
         req = UserRotate.model_validate(body)

@@ -33,6 +33,7 @@ import base64
 import binascii
 import re
 import secrets
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 import nkeys
@@ -241,6 +242,17 @@ class UserStore:
         record, revision = await self._get(name)
         updated = record.model_copy(update={"public_key": public_key, "rotated": utcnow()})
         UserRecord.model_validate(updated.model_dump())  # the new key's form
+        try:
+            await self.kv.update(name, updated.model_dump_json().encode(), last=revision)
+        except KeyWrongLastSequenceError:
+            raise InvalidRequest(f"user {name} changed meanwhile; try again") from None
+        return updated
+
+    async def change(self, name: str, change: Callable[[UserRecord], UserRecord]) -> UserRecord:
+        """Store ``change(record)`` for ``name``, compare-and-set: a concurrent change is
+        ``invalid_request`` (try again), never lost. ``change`` raises to refuse."""
+        record, revision = await self._get(name)
+        updated = change(record)
         try:
             await self.kv.update(name, updated.model_dump_json().encode(), last=revision)
         except KeyWrongLastSequenceError:

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from .context import Globals, client_call, pass_globals
+from .context import Globals, client_call, fail, pass_globals
 from .nkeyfiles import new_user_key, write_seed
 from .render import emit_json, table
 
@@ -71,10 +71,38 @@ def users() -> None:
 def add(g: Globals, name: str, grants: tuple[str, ...], admin: tuple[str, ...], expires: str | None,
         out: str | None, as_json: bool) -> None:
     """Add the user NAME, allowed only what --allow and --admin say."""
-    endpoints = [e.strip() for item in admin for e in item.split(",") if e.strip()]
     _issue_key(g, name, out, as_json, "users.add",
-               {"name": name, "allow": list(grants), "admin": endpoints, "expires_in": expires},
+               {"name": name, "allow": list(grants), "admin": _endpoints(admin), "expires_in": expires},
                f"added user {name}")
+
+
+@users.command("change")
+@click.argument("name")
+@click.option("--allow", "grants", multiple=True, metavar="OPS:SELECTOR",
+              help="Add a grant, written as for users add (repeatable).")
+@click.option("--revoke", multiple=True, metavar="GRANT",
+              help="Take a grant away: its id (users show lists them) or its text (repeatable).")
+@click.option("--admin", "admin", multiple=True, metavar="ENDPOINT[,ENDPOINT...]",
+              help="Add admin endpoints (repeatable).")
+@click.option("--revoke-admin", multiple=True, metavar="ENDPOINT[,ENDPOINT...]",
+              help="Take admin endpoints away (repeatable).")
+@click.option("--expires", metavar="DURATION|never", help="Expire this long from now (90d, 12h), or never.")
+@click.option("--json", "as_json", is_flag=True, help="Print the stored record as JSON.")
+@pass_globals
+def change(g: Globals, name: str, grants: tuple[str, ...], revoke: tuple[str, ...], admin: tuple[str, ...],
+           revoke_admin: tuple[str, ...], expires: str | None, as_json: bool) -> None:
+    """Change what NAME may do, keeping its key: its connections stay and get the new
+    permissions within seconds."""
+    if not (grants or revoke or admin or revoke_admin or expires):
+        fail("nothing to change: give --allow, --revoke, --admin, --revoke-admin or --expires")
+    body = {"name": name, "allow": list(grants), "revoke": list(revoke), "admin": _endpoints(admin),
+            "revoke_admin": _endpoints(revoke_admin), "expires_in": expires}
+    reply = client_call(g, lambda c: c.admin("users.change", body, USERS_TIMEOUT_S))
+    _report(reply, as_json, f"changed user {name}")
+
+
+def _endpoints(values: tuple[str, ...]) -> list[str]:
+    return [e.strip() for item in values for e in item.split(",") if e.strip()]
 
 
 @users.command("rotate")
