@@ -109,6 +109,42 @@ async def test_a_users_job_runs_on_its_grants_servers_and_is_audited_as_the_user
         await user.close()
 
 
+async def test_a_users_job_streams_live_output_to_its_own_inbox_only(
+        fleet: Fleet, fleet_nc: NATS, servers: None, tmp_path: Path) -> None:
+    seed, made = add_user(fleet, tmp_path, "watcher", "--allow", "exec:role=web")
+    await served_through(fleet_nc, made["user"]["grants"][0]["id"], WEB)
+    user, client = await as_user(fleet, seed, "watcher")
+    try:
+        assert user.nc is not None
+        inbox = user.nc.new_inbox()
+        ends: dict[str, bytes] = {}
+        chunks: list[bytes] = []
+        done = asyncio.Event()
+
+        async def on_output(msg: Any) -> None:
+            headers = msg.headers or {}
+            if headers.get("Fleetbus-End") == "1":
+                ends[headers["Fleetbus-Command"]] = msg.data
+                if len(ends) == len(WEB):
+                    done.set()
+            else:
+                chunks.append(msg.data)
+
+        await user.nc.subscribe(inbox, cb=on_output)
+        started = await client.start_job({"selection": {"role": "web"}, "op": "exec",
+                                          "exec": {"argv": ["echo", "live for watcher"], "output_subject": inbox}})
+        await asyncio.wait_for(done.wait(), 30)  # each server's end marker, on the user's own inbox
+        assert chunks.count(b"live for watcher\n") == len(WEB), chunks
+        assert (await followed(client, started["id"]))[-1][1]["state"] == "succeeded"
+        # Another user's inbox is not its to name: the job service refuses before any job.
+        other = Names.user_inbox("U" + "A" * 55) + "stolen"
+        with pytest.raises(Forbidden):
+            await client.start_job({"selection": {"role": "web"}, "op": "exec",
+                                    "exec": {"argv": ["true"], "output_subject": other}})
+    finally:
+        await user.close()
+
+
 async def test_a_selection_reaching_outside_the_grants_starts_nothing(
         fleet: Fleet, fleet_nc: NATS, servers: None, tmp_path: Path) -> None:
     seed, made = add_user(fleet, tmp_path, "narrow", "--allow", "exec:role=web")

@@ -59,7 +59,7 @@ from .operations import Outcome, Target
 from .output import BusOutput
 from .records import utcnow
 from .streams import keep_alive
-from .subjects import Identity, Names, deadline_in, on_behalf_in, requester_in
+from .subjects import Identity, Names, deadline_in, on_behalf_identity, on_behalf_in, requester_in
 
 if TYPE_CHECKING:
     from .host import PluginHost, Served
@@ -174,7 +174,10 @@ class CommandRunner:
         async with self.host.admission.parse_turn(ticket):
             # A user's output and transfer subjects must be its own inboxes (forbidden
             # otherwise): fleetbus publishes them in its own account, as itself.
-            command.body, req = parse_request(command.op, msg.data, self.host.replies_for(command.identity))
+            # A user's job command (from the job service, for the user): its live output goes
+            # where that user may subscribe, not into fleetbus's own reply namespace.
+            whose = command.identity if command.on_behalf is None else on_behalf_identity(command.on_behalf)
+            command.body, req = parse_request(command.op, msg.data, self.host.replies_for(whose))
             if (not command.identity.is_owner and isinstance(req, PutRequest | GetRequest)
                     and req.object is not None):
                 # The object store is fleetbus's own and holds every requester's files: a

@@ -122,13 +122,6 @@ class JobAccess:
             raise Forbidden(f"a {req.op} job moves its files through the object store, which is "
                             "fleetbus's own: users may not use it (send put/get to each server with "
                             "a streamed transfer instead)", before_start=True)
-        if req.exec is not None and req.exec.output_subject is not None:
-            # The worker publishes live output on the subject the core names, under the
-            # core's own rules; users read each server's output tail in its result.
-            self.denied(asker, verb)
-            raise Forbidden("jobs do not send live output to users: each server's result keeps "
-                            "the tail of its output (jobs get); leave output_subject out",
-                            before_start=True)
 
     def routes(self, asker: Asker, op: str, servers: list[Server], verb: str) -> dict[str, str] | None:
         """For a user: the grant each of ``servers`` is reached through (server -> grant

@@ -489,3 +489,12 @@ def on_behalf_in(headers: Mapping[str, str] | None, identity: Identity) -> dict[
         if isinstance(info.get(key), str):
             out[key] = info[key][:MAX_IDENTITY_CHARS]
     return out
+
+
+def on_behalf_identity(record: Mapping[str, Any]) -> Identity:
+    """The user an :func:`on_behalf_in` record names, as an :class:`Identity`: whose
+    inboxes a job's live output may go to (the job service checked the subject against
+    that user's namespace before it sent the command)."""
+    account = record.get("account")
+    return Identity(account=account if isinstance(account, str) and account else "?",
+                    user=str(record.get("user", "")), name=record.get("name"))
