@@ -181,6 +181,11 @@ async def test_a_users_cli_job_and_audit_query(fleet: Fleet, granted: Granted, a
     done = fleet.cli("run", "--role", "web", "--json", "--", "echo", "job as user", env=env)
     assert done.returncode == 0, done.stderr
     assert "job as user" in done.stdout
+    # The owner's list names who started it as NATS verified it, beside what it declared.
+    listed = fleet.cli("jobs", "list")
+    assert listed.returncode == 0, listed.stderr
+    row = next(line for line in listed.stdout.splitlines() if "echo job as user" in line)
+    assert "cliuser (declared: " in row, listed.stdout
     # An auditor reads the trail with the same CLI, as itself.
     seed, _ = add_user(fleet, tmp_path, "auditor8", "--admin", "audit.query")
     done = fleet.cli("audit", "--server", "web8", "--op", "exec", "--json", env={ENV_NKEY: str(seed)})

@@ -357,7 +357,7 @@ class JobService:
             summary = await self.store.summary(definition.id)
             counts = summary.counts if summary else await self._live_counts(definition)
             return {
-                "id": definition.id, "requester": definition.requester,
+                "id": definition.id, "requester": definition.requester, "identity": definition.identity,
                 "created": definition.created.isoformat(), "op": definition.request.get("op"),
                 "what": _what(definition.request), "targets": len(definition.targets),
                 "state": summary.state if summary else "running",

@@ -15,7 +15,7 @@ import click
 
 from ..client import Client
 from .context import Globals, client_call, pass_globals
-from .render import emit_json, shown, table
+from .render import emit_json, shown, table, who
 
 #: The core reads for up to 5 s (auditquery.QUERY_TIME_S); the answer needs a little more.
 AUDIT_TIMEOUT_S = 15.0
@@ -24,17 +24,9 @@ FOLLOW_EVERY_S = 1.0
 
 
 def identity_text(record: dict[str, Any]) -> str:
-    """``owner``, the user's name (or its key), with ``(declared: X)`` when the
-    requester the request declared is not that identity."""
-    identity = record.get("identity")
-    if identity is None:  # written before verified identities were recorded
-        who = "?"
-    elif identity.get("account") is None:
-        who = "owner"
-    else:
-        who = identity.get("name") or identity.get("name_tag") or identity.get("user") or "?"
-    declared = record.get("requester")
-    return who if declared in (None, who) else f"{who} (declared: {declared})"
+    """Who an audit record names (render.who); ``?`` for a record written before
+    verified identities were recorded."""
+    return who(record.get("identity"), record.get("requester"), unknown="?")
 
 
 def _outcome(record: dict[str, Any]) -> str:

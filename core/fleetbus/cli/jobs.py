@@ -26,7 +26,7 @@ from ..errors import FleetbusError
 from .context import EXIT_INTERRUPTED, Globals, client_call, pass_globals, run_async, with_client
 from .joboutput import JobOutput, Mode
 from .progress import ProgressLine, wanted
-from .render import emit_json, human_bytes, shown, table
+from .render import emit_json, human_bytes, shown, table, who
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -386,10 +386,10 @@ def list_jobs(g: Globals, limit: int, before: str | None, as_json: bool) -> None
     rows = []
     for j in listed:
         c = j.get("counts") or {}
-        rows.append((j["id"], j["created"][:19].replace("T", " "), j["requester"], j["what"],
+        rows.append((j["id"], j["created"][:19].replace("T", " "), who(j.get("identity"), j["requester"]), j["what"],
                      j["targets"], c.get("ok", ""), c.get("failed", ""), c.get("skipped", ""),
                      j["state"] + (f" ({j['stop_reason']})" if j.get("stop_reason") not in (None, "cancelled") else "")))
-    table(("id", "created", "requester", "what", "targets", "ok", "failed", "skipped", "state"), rows)
+    table(("id", "created", "by", "what", "targets", "ok", "failed", "skipped", "state"), rows)
 
 
 @jobs.command("show")
@@ -406,7 +406,7 @@ def show_job(g: Globals, job: str, as_json: bool) -> None:
     request = definition["request"]
     command = request.get("exec") or {}
     what = command.get("shell") or " ".join(command.get("argv") or []) or request.get("op")
-    click.echo(f"job {shown(definition['id'])}  {shown(got['state'])}  by {shown(definition['requester'])}  "
+    click.echo(f"job {shown(definition['id'])}  {shown(got['state'])}  by {shown(who(definition.get('identity'), definition['requester']))}  "
                f"at {definition['created'][:19].replace('T', ' ')}")
     click.echo(f"  {shown(request.get('op'))}: {shown(what)}")
     if got.get("summary"):

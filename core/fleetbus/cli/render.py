@@ -22,6 +22,19 @@ def shown(value: Any) -> str:
     return "" if value is None else printable(str(value))
 
 
+def who(identity: dict[str, Any] | None, declared: str | None, unknown: str = "owner") -> str:
+    """Whom a record names (its verified ``identity``, subjects.Identity.record): ``owner``
+    or the user's name (else its key), with ``(declared: X)`` when the requester the
+    request declared is another; ``unknown`` for a record kept before identities were."""
+    if identity is None:
+        name = unknown
+    elif identity.get("account") is None:
+        name = "owner"
+    else:
+        name = str(identity.get("name") or identity.get("name_tag") or identity.get("user") or "?")
+    return name if declared in (None, name) else f"{name} (declared: {declared})"
+
+
 def emit_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True, default=str))
 
