@@ -155,8 +155,10 @@ async def test_output_goes_only_to_the_users_own_inbox(bus: Bus) -> None:
         bobs = await _watch(bob, f"{bus.bob.inbox}.>")
         fleetbus_inbox = await _watch(bus.owner, "_INBOX.stolen.>")
         admin = await _watch(bus.owner, bus.names.admin("servers.remove"))
+        other_server = await _watch(bus.owner, bus.names.server("web2", "exec"))
         exec_subject = bus.names.server("web1", "exec")
-        for subject in (f"{bus.bob.inbox}.out", "_INBOX.stolen.out", bus.names.admin("servers.remove")):
+        for subject in (f"{bus.bob.inbox}.out", "_INBOX.stolen.out", bus.names.admin("servers.remove"),
+                        bus.names.server("web2", "exec")):
             reply = await _ask(alice, exec_subject, {"argv": ["echo", "x"], "output_subject": subject})
             assert reply["error"]["code"] == "forbidden", (subject, reply)
             put = await _ask(alice, bus.names.server("web1", "put"),
@@ -182,10 +184,10 @@ async def test_output_goes_only_to_the_users_own_inbox(bus: Bus) -> None:
         await asyncio.wait_for(ended.wait(), 10)
         await bob.flush()
         await bus.owner.flush()
-        assert (bobs, fleetbus_inbox, admin) == ([], [], [])
+        assert (bobs, fleetbus_inbox, admin, other_server) == ([], [], [], [])
         denied = bus.host.metrics.denied
-        assert denied.labels(bus.alice.public, "exec")._value.get() == 3
-        assert denied.labels(bus.alice.public, "put")._value.get() == 4
+        assert denied.labels(bus.alice.public, "exec")._value.get() == 4
+        assert denied.labels(bus.alice.public, "put")._value.get() == 5
         assert denied.labels(bus.alice.public, "get")._value.get() == 1
     finally:
         await alice.close()
