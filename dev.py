@@ -57,6 +57,12 @@ def setup(extras: str) -> Path:
         target = f".[{extras}]" if extras else "."
         subprocess.run([py, "-m", "pip", "install", "-q", "-e", target], check=True, cwd=ROOT)
         STAMP.write_text(want)
+    # An editable install leaves fleetbus's own modules uncompiled, and where
+    # PYTHONDONTWRITEBYTECODE is set (as on some CI machines) every start of `fleetbus
+    # up` compiled them all again: 180-350 ms of a ~0.7 s start (docs/performance.md).
+    # compileall writes bytecode whatever that variable says, and only for changed files.
+    subprocess.run([str(venv_python()), "-m", "compileall", "-q", "core", "plugins", "agent"],
+                   check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return venv_python()
 
 
