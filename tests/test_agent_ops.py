@@ -221,9 +221,26 @@ async def test_exec_without_pidfds_waits_in_a_thread(monkeypatch: pytest.MonkeyP
 
 async def test_exec_leaves_no_descriptor_or_zombie_behind() -> None:
     def open_fds() -> set[str]:
-        return set(os.listdir("/proc/self/fd"))
+        """The descriptors an exec could leave behind: pipes, pidfds, /dev/null. Others
+        are not counted: a thread an earlier test left (a server's, an executor's) may
+        open or close a socket or file meanwhile."""
+        out = set()
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue  # closed meanwhile (the listing's own descriptor among them)
+            if target.startswith("pipe:") or "pidfd" in target or target == "/dev/null":
+                out.add(f"{fd} {target}")
+        return out
+
+    def waiting_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("fleetbus-waitpid-")]
 
     child_module._devnull()  # the one /dev/null every child's stdin shares, kept open
+    # A waiting thread (pidfds unavailable, or an earlier test's) closes what it holds a
+    # moment after its result is in: count descriptors with none of them running.
+    await wait_until(lambda: not waiting_threads())
     before = open_fds()
     pids = []
     for spec in (ExecSpec(shell="echo $$"), ExecSpec(shell="echo $$; cat", stdin=b"x"),
@@ -233,7 +250,8 @@ async def test_exec_leaves_no_descriptor_or_zombie_behind() -> None:
         pids.append(int(out.data("stdout").split()[0]))
     with pytest.raises(OpError):
         await run_process(ExecSpec(argv=["fleetbus-no-such-command"]), RecordingSink().write)
-    assert open_fds() == before
+    await wait_until(lambda: not waiting_threads())
+    assert open_fds() == before, (sorted(open_fds() - before), sorted(before - open_fds()))
     # Reaped, not left as zombies (a zombie keeps its /proc entry).
     assert not [pid for pid in pids if os.path.exists(f"/proc/{pid}")]
 
