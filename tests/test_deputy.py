@@ -22,6 +22,7 @@ from fleetbus.subjects import Names
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from support.processes import Fleet, NatsServer
+from support.watching import watch
 
 S = "fleetbus.v1.servers"
 
@@ -32,17 +33,6 @@ DEPUTY_SUBJECTS = [
     "fleetbus.v1.audit.web2.exec",  # a forged audit record (web2 runs nothing here)
     "$JS.API.STREAM.DELETE.FLEETBUS_AUDIT",
 ]
-
-
-async def _watch(nc: NATS, subject: str) -> list[Msg]:
-    seen: list[Msg] = []
-
-    async def note(msg: Msg) -> None:
-        seen.append(msg)
-
-    await nc.subscribe(subject, cb=note)
-    await nc.flush()
-    return seen
 
 
 async def _request(nc: NATS, op: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -71,7 +61,7 @@ async def _a_later_command_completes(nc: NATS) -> None:
 async def test_no_output_transfer_or_end_marker_goes_to_a_non_reply_subject(
     fleet_nc: NATS, tmp_path: Path, subject: str
 ) -> None:
-    seen = await _watch(fleet_nc, subject)
+    seen = await watch(fleet_nc, subject)
     src = tmp_path / "file"
     src.write_bytes(b"x" * 1024)
     attempts = {
@@ -140,7 +130,7 @@ async def test_the_client_and_cli_use_inboxes(fleet: Fleet, tmp_path: Path) -> N
 async def test_a_reply_subject_outside_the_namespace_gets_no_reply(fleet_nc: NATS, op: str) -> None:
     # The reply of a request is published by fleetbus too: here, into the audit stream
     # as a record about web3 that nobody ran.
-    seen = await _watch(fleet_nc, "fleetbus.v1.audit.web3.exec")
+    seen = await watch(fleet_nc, "fleetbus.v1.audit.web3.exec")
     await fleet_nc.publish(f"fleetbus.v1.{op}", b"{}", reply="fleetbus.v1.audit.web3.exec")
     # The same endpoint answers in order (the admin service one request at a time).
     assert json.loads((await fleet_nc.request(f"fleetbus.v1.{op}", b"{}", timeout=10)).data)["ok"]
@@ -171,7 +161,7 @@ async def _serve(client: Client, worker: NATS, subject: str, cb: Any) -> None:
 async def test_the_client_sends_no_file_where_a_fake_worker_points_it(fake, tmp_path: Path) -> None:
     client, worker, prefix = fake
     target = f"{prefix}.v1.admin.servers.remove"
-    seen = await _watch(worker, target)
+    seen = await watch(worker, target)
 
     async def misdirect(msg: Msg) -> None:  # grants credit, naming the admin API as its inbox
         to = json.loads(msg.data)["stream"]["subject"]

@@ -39,6 +39,7 @@ from nats.js.kv import KeyValue
 from support.auditread import audit_records
 from support.natsaccounts import AccountsNats, NkeyUser
 from support.processes import own_user
+from support.watching import watch
 
 # alice's grant: exec on every server in role web, sent on its grant subjects.
 WEB_GRANT = {"id": "gweb0001", "ops": ["exec"], "selector": {"role": "web"}}
@@ -91,17 +92,6 @@ async def _ask(nc: NATS, subject: str, body: dict[str, Any], headers: dict[str, 
     return json.loads(msg.data)
 
 
-async def _watch(nc: NATS, subject: str) -> list[Msg]:
-    seen: list[Msg] = []
-
-    async def note(msg: Msg) -> None:
-        seen.append(msg)
-
-    await nc.subscribe(subject, cb=note)
-    await nc.flush()
-    return seen
-
-
 def test_identity_is_read_from_nats_request_info_only() -> None:
     assert identity_in(None) is OWNER and identity_in({HDR_REQUESTER: "alice"}) is OWNER
     info = {HDR_REQUEST_INFO: json.dumps({"acc": "USERS", "user": "UABC", "name_tag": "ci", "rtt": 1})}
@@ -152,10 +142,10 @@ async def test_output_goes_only_to_the_users_own_inbox(bus: Bus) -> None:
     alice = await bus.nats.user("alice")
     bob = await bus.nats.user("bob")
     try:
-        bobs = await _watch(bob, f"{bus.bob.inbox}.>")
-        fleetbus_inbox = await _watch(bus.owner, "_INBOX.stolen.>")
-        admin = await _watch(bus.owner, bus.names.admin("servers.remove"))
-        other_server = await _watch(bus.owner, bus.names.server("web2", "exec"))
+        bobs = await watch(bob, f"{bus.bob.inbox}.>")
+        fleetbus_inbox = await watch(bus.owner, "_INBOX.stolen.>")
+        admin = await watch(bus.owner, bus.names.admin("servers.remove"))
+        other_server = await watch(bus.owner, bus.names.server("web2", "exec"))
         exec_subject = bus.names.server("web1", "exec")
         for subject in (f"{bus.bob.inbox}.out", "_INBOX.stolen.out", bus.names.admin("servers.remove"),
                         bus.names.server("web2", "exec")):

@@ -461,8 +461,7 @@ class AdminService:
         if server is not None and not identity.is_owner:
             record = next((u for u in await self._store().list()
                            if u.public_key == identity.user and not u.expired()), None)
-            grant = next((g for g in (record.grants if record is not None else ())
-                          if req.op in g.ops and not g.selector.is_empty() and g.selector.matches(server)),
+            grant = next((g for g in (record.grants if record is not None else ()) if g.reaches(server, req.op)),
                          None)
             if grant is None:
                 server = None

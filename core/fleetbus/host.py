@@ -430,12 +430,7 @@ class PluginHost:
                 return
             self.metrics.served.labels(served.transport).dec()
             for sub, reader in [(served.sub, served.reader), *served.grant_subs.values()]:
-                try:
-                    await sub.unsubscribe()
-                except Exception:
-                    pass
-                if reader is not None:
-                    reader.cancel()
+                await _stop_reading(sub, reader)
             served.grant_subs.clear()
         if not shutting_down:
             for task in served.running.values():
@@ -473,13 +468,7 @@ class PluginHost:
         server = served.server
         wanted = {grant.id for grant in self.users.grants() if grant.covers(server)}
         for grant_id in set(served.grant_subs) - wanted:
-            sub, reader = served.grant_subs.pop(grant_id)
-            try:
-                await sub.unsubscribe()
-            except Exception:
-                pass
-            if reader is not None:
-                reader.cancel()
+            await _stop_reading(*served.grant_subs.pop(grant_id))
         limits = self.settings.admission
         for grant_id in sorted(wanted - set(served.grant_subs)):
             served.grant_subs[grant_id] = await subscribe_direct(
@@ -592,3 +581,14 @@ def _audit_spool(folder: Path) -> AuditSpool | None:
     except OSError as exc:
         log_unkept(folder, exc)
         return None
+
+
+async def _stop_reading(sub: Subscription, reader: asyncio.Task[None] | None) -> None:
+    """Unsubscribe one of a served server's subscriptions and stop its reader, if any; a
+    connection already gone has nothing left to unsubscribe."""
+    try:
+        await sub.unsubscribe()
+    except Exception:
+        pass
+    if reader is not None:
+        reader.cancel()

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import InvalidRequest, NotFound
 from .messages import OPERATIONS
 from .names import USER_KEY_RE
-from .records import utcnow
+from .records import Server, utcnow
 from .registry import kv_snapshot
 from .selection import Selection
 
@@ -114,6 +114,11 @@ class Grant(BaseModel):
             if op not in OPERATIONS:
                 raise ValueError(f"unknown operation {op[:32]!r} (one of {', '.join(OPERATIONS)})")
         return sorted(set(v), key=OPERATIONS.index)
+
+    def reaches(self, server: Server, op: str) -> bool:
+        """Whether the grant allows ``op`` on ``server`` (what the workers serving the
+        grant's subjects decide by its selector, grants.GrantView.covers)."""
+        return op in self.ops and not self.selector.is_empty() and self.selector.matches(server)
 
     def by_name(self) -> list[str]:
         """The servers the grant names outright (no glob, no other criterion), else []."""
