@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import fleetbus.plugin
 from fleetbus.coreservices import CoreServices
@@ -28,7 +30,7 @@ PLUGIN_SURFACE = [
     "PutSpec", "RemoteFile", "Server", "ServerDraft", "ServerFacts", "ServerOffline",
     "ServerOptions", "Services", "Session", "StreamName", "Timeout", "TooLarge",
     "Transport", "TransportContext", "TransportError", "TransportSettings", "Undo", "error_for_code",
-    "fail", "hookimpl", "mapped_errors",
+    "fail", "hookimpl", "mapped_errors", "require_installed",
 ]
 
 
@@ -121,3 +123,34 @@ def test_the_plugin_surface_does_not_load_nats() -> None:
     probe = "import sys, fleetbus.plugin; print(sorted(m for m in sys.modules if m.split('.')[0] == 'nats'))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _load_plugins_in_a_fresh_python(prelude: str) -> dict[str, Any]:
+    code = (f"{prelude}\n"
+            "import json, sys\n"
+            "from fleetbus.plugins import load_plugins\n"
+            "found = load_plugins()\n"
+            "print(json.dumps({'transports': sorted(found.transports), 'errors': found.errors,\n"
+            "                  'imported': sorted(m for m in ('paramiko', 'winrm', 'requests')\n"
+            "                                     if m in sys.modules)}))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_loading_the_plugins_leaves_paramiko_and_pywinrm_for_the_first_session() -> None:
+    # Every `fleetbus up` and worker loads the plugins; the client libraries of ssh and
+    # wmi are ~0.1 s of a start that a fleet without those servers never needs.
+    loaded = _load_plugins_in_a_fresh_python("")
+    assert {"ssh", "wmi"} <= set(loaded["transports"]) and not loaded["errors"]
+    assert loaded["imported"] == []
+
+
+def test_a_missing_client_library_still_fails_the_plugin_at_load() -> None:
+    # sys.modules[name] = None is how Python spells "not importable": find_spec and
+    # import both see the library as missing.
+    loaded = _load_plugins_in_a_fresh_python(
+        "import sys; sys.modules['paramiko'] = None; sys.modules['winrm'] = None")
+    assert "ssh" not in loaded["transports"] and "wmi" not in loaded["transports"]
+    assert "local" in loaded["transports"]
+    assert "No module named 'paramiko'" in loaded["errors"]["ssh"]
+    assert "No module named 'winrm'" in loaded["errors"]["wmi"]

@@ -18,11 +18,16 @@ The built-in transports are registered exactly this way.
 
 Keep the module the entry point names cheap to import: fleetbus imports it to list
 plugins and to build its CLI. Import the transport (and its client libraries) inside
-``fleetbus_transports``, and click and your CLI module inside ``fleetbus_cli``.
+``fleetbus_transports``, and click and your CLI module inside ``fleetbus_cli``. A
+transport may go further and import its client library when it first opens a session
+(ssh and wmi do: paramiko and pywinrm are ~0.1 s of every start); it then calls
+:func:`require_installed` in ``fleetbus_transports`` so a missing library is still
+reported when the plugin loads, not at the first command.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING
 
 import pluggy
@@ -37,6 +42,19 @@ ENTRY_POINT_GROUP = "fleetbus.plugins"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+def require_installed(*modules: str) -> None:
+    """Raise :class:`ModuleNotFoundError` for the first of ``modules`` that is not installed,
+    without importing any of them.
+
+    For a transport that imports its client library lazily: call it in
+    ``fleetbus_transports`` and the plugin fails to load (``fleetbus plugins list`` says
+    why) exactly as if the library had been imported there.
+    """
+    for name in modules:
+        if importlib.util.find_spec(name) is None:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
 
 @hookspec

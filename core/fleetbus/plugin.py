@@ -18,7 +18,8 @@ The rest of ``fleetbus`` is the product's inside and may change without notice.
 - The errors to raise, each one bus error code (docs/bus-api.md), and the one mapping of
   OS errors onto them (:func:`mapped_errors` with :data:`REACHING` while connecting,
   :data:`RUNNING` once a command runs), as httpx's ``map_exceptions`` does.
-- The hooks: :data:`hookimpl` on ``fleetbus_transports`` and ``fleetbus_cli``, with the
+- The hooks: :data:`hookimpl` (and :func:`require_installed` for a transport that
+  imports its client library at first use) on ``fleetbus_transports`` and ``fleetbus_cli``, with the
   CLI's :class:`CliRegistry` and :class:`ServerDraft` (fleetbus.hookspecs has the specs),
   and :func:`fail`, the CLI's one-line error and exit, for a plugin's own commands.
 """
@@ -45,7 +46,7 @@ from .errors import (
     error_for_code,
     mapped_errors,
 )
-from .hookspecs import hookimpl
+from .hookspecs import hookimpl, require_installed
 from .records import Server
 from .services import GatewayIdentity, GatewayRecord, LinkClaim, Services
 from .transport import (
@@ -121,4 +122,5 @@ __all__ = [
     "fail",
     "hookimpl",
     "mapped_errors",
+    "require_installed",
 ]

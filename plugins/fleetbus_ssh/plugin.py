@@ -1,10 +1,12 @@
 """Registers the ``ssh`` transport through the ``fleetbus.plugins`` entry point."""
 
-from fleetbus.hookspecs import hookimpl
+from fleetbus.hookspecs import hookimpl, require_installed
 
 
 @hookimpl
 def fleetbus_transports():
+    # paramiko itself is imported at the first session (see transport.py).
+    require_installed("paramiko")
     from .transport import SshTransport
 
     return [SshTransport]

@@ -29,15 +29,20 @@ group kill), :mod:`.sftp_files` (put/get), :mod:`.facts` (info), :mod:`.slots`.
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import fleetbus
 from fleetbus.errors import InvalidRequest, NotFound
 from fleetbus.records import Server
 from fleetbus.transport import Capabilities, Credential, Session, Transport, TransportContext
 
-from .connection import Hop, SshConnection, connect
-from .session import SshSession
 from .settings import SshOptions, SshSettings
+
+if TYPE_CHECKING:
+    # paramiko comes with .connection and .session, imported at the first open: ~40-70
+    # ms of every `fleetbus up` and worker start that a fleet without ssh servers never
+    # needs (plugin.py checks at load that it is installed).
+    from .connection import Hop, SshConnection
 
 
 class SshTransport(Transport):
@@ -57,6 +62,9 @@ class SshTransport(Transport):
         self.idle_timeout_s = self.settings.idle_timeout_s
 
     async def open(self, server: Server, credential: Credential | None) -> Session:
+        from .connection import connect
+        from .session import SshSession
+
         hops = await self._route(server, credential)
         max_sessions = self._max_sessions(server)
         task = asyncio.ensure_future(
@@ -90,6 +98,8 @@ class SshTransport(Transport):
 
     async def _route(self, server: Server, credential: Credential | None) -> list[Hop]:
         """The hops to ``server``: its jump hosts (outermost first), then itself."""
+        from .connection import Hop
+
         hops = [Hop(server, credential)]
         seen = {server.name}
         current = server

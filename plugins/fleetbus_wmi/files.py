@@ -62,13 +62,16 @@ import ntpath
 import re
 import uuid
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 from fleetbus.errors import FleetbusError, InvalidRequest, TransportError, error_for_code
 from fleetbus.transport import FileStat, PutSpec, RemoteFile
 from fleetbus_base.text import one_line, shorten
 
 from .commands import powershell_line, ps_quote
-from .shell import Connection, RunningCommand
+
+if TYPE_CHECKING:  # annotations only: shell imports pywinrm, which loads at first session
+    from .shell import Connection, RunningCommand
 
 TEMP_PREFIX = ".fleetbus-"
 DEFAULT_PUT_CHUNK = 192 * 1024
