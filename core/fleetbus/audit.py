@@ -157,6 +157,9 @@ class StagedRecord:
 
 # Built once: json.dumps with any option builds a new encoder per call.
 _RECORD_JSON = json.JSONEncoder(separators=(",", ":"))
+# The fields a prepared record encodes ahead (PreparedRecord), in AuditRecord's order.
+_HEAD = ("id", "server", "transport", "op", "requester", "identity")
+_TAIL = ("worker", "summary")
 
 
 def encode_record(fields: Mapping[str, Any]) -> bytes:
@@ -168,9 +171,43 @@ def encode_record(fields: Mapping[str, Any]) -> bytes:
     out = dict(fields)
     ts = out["ts"]
     if isinstance(ts, datetime):
-        # pydantic writes UTC as "Z"; readers get the same text either way.
-        out["ts"] = ts.isoformat().replace("+00:00", "Z")
+        out["ts"] = _iso(ts)
     return _RECORD_JSON.encode(out).encode()
+
+
+def _iso(ts: datetime) -> str:
+    # pydantic writes UTC as "Z"; readers get the same text either way.
+    return ts.isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRecord:
+    """A command's audit record with the fields known before it ran already encoded.
+
+    The worker prepares it while the command's process runs (it waits for the child
+    anyway), so that between the exit and the reply only the outcome's fields are
+    encoded (:meth:`Auditor.stage_prepared`). The pieces are the record's own JSON, cut
+    where the outcome's fields go, so the joined text is byte for byte what
+    :func:`encode_record` writes for the same fields.
+    """
+
+    command_id: str
+    subject: str
+    #: ``"id":…,"server":…,"transport":…,"op":…,"requester":…,"identity":…``
+    head: bytes
+    #: ``"worker":…,"summary":…``
+    tail: bytes
+
+
+def _value(value: str | float | None) -> bytes:
+    """One scalar field as JSON, as :data:`_RECORD_JSON` writes it."""
+    if value is None:
+        return b"null"
+    if value is True:
+        return b"true"
+    if value is False:
+        return b"false"
+    return _RECORD_JSON.encode(value).encode()
 
 
 class Auditor:
@@ -228,8 +265,28 @@ class Auditor:
             return None
         # Server names cannot start with "_", so admin records never share a subject with one.
         server = "_admin" if admin else str(fields["server"])
-        record = StagedRecord(str(fields["id"]), self.names.audit(server, str(fields["op"])),
-                         encode_record(fields), next(self._msg_ids), asyncio.get_running_loop().time())
+        return self._keep(str(fields["id"]), self.names.audit(server, str(fields["op"])),
+                          encode_record(fields))
+
+    def prepare(self, fields: Mapping[str, Any]) -> PreparedRecord:
+        """Encode the fields of a command's record known before it runs: ``id``,
+        ``server``, ``transport``, ``op``, ``requester``, ``identity``, ``worker`` and
+        ``summary`` (a server command's record, never an admin one)."""
+        head = _RECORD_JSON.encode({key: fields[key] for key in _HEAD}).encode()
+        tail = _RECORD_JSON.encode({key: fields[key] for key in _TAIL}).encode()
+        return PreparedRecord(str(fields["id"]), self.names.audit(str(fields["server"]), str(fields["op"])),
+                              head[1:-1], tail[1:-1])
+
+    def stage_prepared(self, prepared: PreparedRecord, ts: datetime, outcome: str, exit_code: int | None,
+                       duration_s: float, nbytes: int | None, replayed: bool) -> StagedRecord:
+        """:meth:`stage` for a record from :meth:`prepare`, given the fields its run decided."""
+        data = b'{"ts":"%s",%s,"outcome":%s,"exit_code":%s,"duration_s":%s,%s,"bytes":%s,"replayed":%s}' % (
+            _iso(ts).encode(), prepared.head, _value(outcome), _value(exit_code), _value(duration_s),
+            prepared.tail, _value(nbytes), _value(replayed))
+        return self._keep(prepared.command_id, prepared.subject, data)
+
+    def _keep(self, command_id: str, subject: str, data: bytes) -> StagedRecord:
+        record = StagedRecord(command_id, subject, data, next(self._msg_ids), asyncio.get_running_loop().time())
         if self.spool is not None:
             record.segment = self.spool.append(record.msg_id, record.subject, record.data)
         return record
