@@ -41,7 +41,7 @@ from nats.aio.msg import Msg
 from nats.js.api import Header
 from pydantic import BaseModel, ConfigDict
 
-from .auditspool import AuditSpool, Segment
+from .auditspool import AuditSpool, Kept
 from .dispatch import ReplyInbox
 from .subjects import Names
 
@@ -152,7 +152,7 @@ class StagedRecord:
     first: float  # loop time of the first send
     sent: float = 0.0  # loop time of the latest send
     pause: float = RESEND_FIRST_PAUSE_S
-    segment: Segment | None = None  # where the spool keeps it until stored
+    kept: Kept | None = None  # where the spool keeps it until stored
 
 
 # Built once: json.dumps with any option builds a new encoder per call.
@@ -288,7 +288,7 @@ class Auditor:
     def _keep(self, command_id: str, subject: str, data: bytes) -> StagedRecord:
         record = StagedRecord(command_id, subject, data, next(self._msg_ids), asyncio.get_running_loop().time())
         if self.spool is not None:
-            record.segment = self.spool.append(record.msg_id, record.subject, record.data)
+            record.kept = self.spool.append(record.msg_id, record.subject, record.data)
         return record
 
     async def send(self, record: StagedRecord | None) -> None:
@@ -316,14 +316,14 @@ class Auditor:
         found = self.spool.adopt()
         for spooled in found:
             await self.send(StagedRecord(spooled.command_id, spooled.subject, spooled.data, spooled.msg_id,
-                                    loop.time(), segment=spooled.segment))
+                                    loop.time(), kept=spooled.kept))
         return len(found)
 
     def _done(self, record: StagedRecord) -> None:
         """``record`` leaves the spool: stored, refused for good, or its window spent."""
-        if self.spool is not None and record.segment is not None:
-            self.spool.settle(record.segment)
-            record.segment = None
+        if self.spool is not None and record.kept is not None:
+            self.spool.settle(record.kept)
+            record.kept = None
 
     async def _send(self, record: StagedRecord) -> str:
         token, reply = await self._inbox.reply_to()
