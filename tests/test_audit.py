@@ -64,8 +64,8 @@ async def test_a_prepared_record_is_the_record_encode_record_writes(nc: NATS, pr
     data = {key: given[key] for key in AuditRecord.model_fields}  # in the order the worker writes
     auditor = Auditor(nc, Names(prefix))
     whole = auditor.stage(data)
-    prepared = auditor.prepare({key: data[key] for key in (
-        "id", "server", "transport", "op", "requester", "identity", "worker", "summary")})
+    prepared = auditor.prepare(*(data[key] for key in (  # type: ignore[arg-type]
+        "id", "server", "transport", "op", "requester", "identity", "worker", "summary")))
     joined = auditor.stage_prepared(prepared, data["ts"], data["outcome"], data["exit_code"],  # type: ignore[arg-type]
                                     data["duration_s"], data["bytes"], data["replayed"])  # type: ignore[arg-type]
     assert whole is not None

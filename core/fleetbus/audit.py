@@ -28,6 +28,7 @@ import asyncio
 import itertools
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -157,9 +158,6 @@ class StagedRecord:
 
 # Built once: json.dumps with any option builds a new encoder per call.
 _RECORD_JSON = json.JSONEncoder(separators=(",", ":"))
-# The fields a prepared record encodes ahead (PreparedRecord), in AuditRecord's order.
-_HEAD = ("id", "server", "transport", "op", "requester", "identity")
-_TAIL = ("worker", "summary")
 
 
 def encode_record(fields: Mapping[str, Any]) -> bytes:
@@ -194,20 +192,29 @@ class PreparedRecord:
     command_id: str
     subject: str
     #: ``"id":…,"server":…,"transport":…,"op":…,"requester":…,"identity":…``
-    head: bytes
+    head: str
     #: ``"worker":…,"summary":…``
-    tail: bytes
+    tail: str
 
 
-def _value(value: str | float | None) -> bytes:
-    """One scalar field as JSON, as :data:`_RECORD_JSON` writes it."""
+# What the encoder writes for a string (ensure_ascii), without a whole encode() per field.
+_json_str = json.encoder.encode_basestring_ascii
+
+
+def _scalar(value: Any) -> str:
+    """One field's JSON, as :data:`_RECORD_JSON` writes it, the common types directly."""
     if value is None:
-        return b"null"
+        return "null"
     if value is True:
-        return b"true"
+        return "true"
     if value is False:
-        return b"false"
-    return _RECORD_JSON.encode(value).encode()
+        return "false"
+    kind = type(value)
+    if kind is str:
+        return _json_str(value)
+    if kind is int or (kind is float and math.isfinite(value)):
+        return repr(value)  # what the encoder writes for an int and a finite float
+    return _RECORD_JSON.encode(value)
 
 
 class Auditor:
@@ -268,22 +275,22 @@ class Auditor:
         return self._keep(str(fields["id"]), self.names.audit(server, str(fields["op"])),
                           encode_record(fields))
 
-    def prepare(self, fields: Mapping[str, Any]) -> PreparedRecord:
-        """Encode the fields of a command's record known before it runs: ``id``,
-        ``server``, ``transport``, ``op``, ``requester``, ``identity``, ``worker`` and
-        ``summary`` (a server command's record, never an admin one)."""
-        head = _RECORD_JSON.encode({key: fields[key] for key in _HEAD}).encode()
-        tail = _RECORD_JSON.encode({key: fields[key] for key in _TAIL}).encode()
-        return PreparedRecord(str(fields["id"]), self.names.audit(str(fields["server"]), str(fields["op"])),
-                              head[1:-1], tail[1:-1])
+    def prepare(self, command_id: str, server: str, transport: str, op: str, requester: str,
+                identity: Mapping[str, Any], worker: str, summary: str | None) -> PreparedRecord:
+        """Encode the fields of a command's record known before it runs (a server
+        command's record, never an admin one)."""
+        head = (f'"id":{_scalar(command_id)},"server":{_scalar(server)},"transport":{_scalar(transport)},'
+                f'"op":{_scalar(op)},"requester":{_scalar(requester)},"identity":{_RECORD_JSON.encode(identity)}')
+        tail = f'"worker":{_scalar(worker)},"summary":{_scalar(summary)}'
+        return PreparedRecord(command_id, self.names.audit(server, op), head, tail)
 
     def stage_prepared(self, prepared: PreparedRecord, ts: datetime, outcome: str, exit_code: int | None,
                        duration_s: float, nbytes: int | None, replayed: bool) -> StagedRecord:
         """:meth:`stage` for a record from :meth:`prepare`, given the fields its run decided."""
-        data = b'{"ts":"%s",%s,"outcome":%s,"exit_code":%s,"duration_s":%s,%s,"bytes":%s,"replayed":%s}' % (
-            _iso(ts).encode(), prepared.head, _value(outcome), _value(exit_code), _value(duration_s),
-            prepared.tail, _value(nbytes), _value(replayed))
-        return self._keep(prepared.command_id, prepared.subject, data)
+        data = (f'{{"ts":"{_iso(ts)}",{prepared.head},"outcome":{_scalar(outcome)},'
+                f'"exit_code":{_scalar(exit_code)},"duration_s":{_scalar(duration_s)},{prepared.tail},'
+                f'"bytes":{_scalar(nbytes)},"replayed":{_scalar(replayed)}}}')
+        return self._keep(prepared.command_id, prepared.subject, data.encode())
 
     def _keep(self, command_id: str, subject: str, data: bytes) -> StagedRecord:
         record = StagedRecord(command_id, subject, data, next(self._msg_ids), asyncio.get_running_loop().time())

@@ -55,7 +55,7 @@ from .errors import (
     TooLarge,
     mapped_errors,
 )
-from .messages import OPERATIONS, ExecRequest, GetRequest, PutRequest, Request, parse_request
+from .messages import OPERATIONS, REQUEST_MODELS, ExecRequest, GetRequest, PutRequest, Request, parse_request
 from .operations import Outcome, Target
 from .output import BusOutput
 from .records import utcnow
@@ -77,6 +77,11 @@ CHECKER_REQUESTER = "fleetbus-checker"
 # How often a request finds the claim of its command id dropped under it before it
 # gives up with `busy`.
 CLAIM_ATTEMPTS = 3
+# The model of an empty body (what clients send for these) is always the same, and a
+# request's model is never changed once parsed: one instance serves every such command,
+# with no JSON parse or validation.
+_EMPTY_BODIES = (b"{}", b"")
+_EMPTY_REQUESTS: dict[str, Request] = {op: REQUEST_MODELS[op].model_validate({}) for op in ("ping", "info")}
 
 
 def reply_body(reply: dict[str, Any]) -> bytes:
@@ -143,7 +148,7 @@ class CommandRunner:
                 claimed = None if replayed else body_fp
             if outcome is None:
                 running = True
-                if not _unaudited(command):
+                if command.op in _WAITING_OPS:
                     # Runs in the loop turn after the command first waits (its process
                     # started), so the record's fixed fields cost no latency.
                     command.preparing = asyncio.get_running_loop().call_soon(self._prepare, command)
@@ -181,6 +186,10 @@ class CommandRunner:
     # 1. parse ------------------------------------------------------------------------
     async def _parse(self, command: _Command, msg: Msg, ticket: Ticket) -> tuple[Request, str | None]:
         """The request's model, and its fingerprint when it runs at most once by id."""
+        if msg.data in _EMPTY_BODIES:
+            empty = _EMPTY_REQUESTS.get(command.op)
+            if empty is not None:
+                return empty, None  # command.body stays {}
         if command.op not in OPERATIONS:
             raise InvalidRequest(f"unknown operation {command.op[:32]!r}; use one of {', '.join(OPERATIONS)}")
         body_fp: str | None = None
@@ -380,30 +389,30 @@ class CommandRunner:
         """Encode the fields of the command's record that its run cannot change."""
         command.preparing = None
         served = command.served
-        command.prepared = self.host.auditor.prepare({
-            "id": command.id, "server": served.server.name, "transport": served.transport,
-            "op": _label_op(command.op), "requester": command.requester,
-            "identity": command.on_behalf or command.identity.record(),
-            "worker": self.host.settings.worker_id, "summary": summarize(command.op, command.body),
-        })
+        command.prepared = self.host.auditor.prepare(
+            command.id, served.server.name, served.transport, _label_op(command.op), command.requester,
+            command.on_behalf or command.identity.record(), self.host.settings.worker_id,
+            summarize(command.op, command.body))
 
     def _stage(self, command: _Command, outcome: Outcome, replayed: bool) -> StagedRecord | None:
         """Stage the command's audit record (None when it has none)."""
         command.elapsed = time.monotonic() - command.started
-        if command.preparing is not None:  # the run never waited: prepare it now
+        if command.preparing is not None:  # the run never waited
             command.preparing.cancel()
-            self._prepare(command)
+            command.preparing = None
         if _unaudited(command):
             return None
         result = _result(outcome)
-        prepared = command.prepared
-        if prepared is not None and prepared.command_id == command.id:
-            return self.host.auditor.stage_prepared(prepared, utcnow(), result, outcome.exit_code,
-                                                    round(command.elapsed, 6), outcome.bytes, replayed)
-        served = command.served
         # A malformed request's record may be skipped while the audit stream lags, so a
         # flood of them cannot crowd out the records of commands that ran (audit.py).
         malformed = not outcome.ran and result in (InvalidRequest.code, TooLarge.code)
+        if not malformed:
+            if command.prepared is None or command.prepared.command_id != command.id:
+                self._prepare(command)  # a ping or info, or a run that never waited
+            assert command.prepared is not None
+            return self.host.auditor.stage_prepared(command.prepared, utcnow(), result, outcome.exit_code,
+                                                    round(command.elapsed, 6), outcome.bytes, replayed)
+        served = command.served
         # The fields of an AuditRecord, from our own values: building and validating a
         # model on every command would only cost time.
         return self.host.auditor.stage({
@@ -434,6 +443,11 @@ def _result(outcome: Outcome) -> str:
     if outcome.reply.get("ok"):
         return "ok"
     return str((outcome.reply.get("error") or {}).get("code", "internal"))
+
+
+# Operations whose run waits (for a process, a transfer): their record is prepared in
+# that wait. A ping or info is prepared after its run, in one go, which costs less CPU.
+_WAITING_OPS = frozenset(("exec", "put", "get"))
 
 
 def _unaudited(command: _Command) -> bool:
