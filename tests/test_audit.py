@@ -9,9 +9,10 @@ import logging
 from datetime import UTC, datetime
 
 import pytest
-from fleetbus.audit import Auditor, AuditRecord, encode_record
+from fleetbus.audit import MAX_SUMMARY_CHARS, Auditor, AuditRecord, encode_record, summarize
 from fleetbus.jetstream import open_state
 from fleetbus.subjects import Names
+from fleetbus_base.text import shorten
 from nats.aio.client import Client as NATS
 from support.ops_helpers import wait_until
 
@@ -53,6 +54,15 @@ def test_encoded_record_reads_back_as_the_model_writes_it(changes: dict[str, obj
     assert as_the_model_reads_it(encoded) == (model, model.model_dump_json())
     # Same text for the timestamp, so readers that compare strings see no change.
     assert json.loads(encoded)["ts"] == json.loads(model.model_dump_json())["ts"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["true"], ["echo", "zoë \"q\"\n\u2028 \U0001f600"], ["x" * 80] * 2, ["x" * 84] * 2, ["y" * 2000],
+    ["a"] * 300, ["a", 1, None], [],
+])
+def test_an_exec_summary_is_its_argv_as_json_cut_at_the_limit(argv: list[object]) -> None:
+    # A short argv is encoded in one call, a long one piece by piece: the same text.
+    assert summarize("exec", {"argv": argv}) == shorten(json.dumps(argv, default=str), MAX_SUMMARY_CHARS)
 
 
 @pytest.mark.parametrize("changes", RECORD_CASES)
