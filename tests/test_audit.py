@@ -9,9 +9,10 @@ import logging
 from datetime import UTC, datetime
 
 import pytest
-from fleetbus.audit import Auditor, AuditRecord, encode_record
+from fleetbus.audit import MAX_SUMMARY_CHARS, Auditor, AuditRecord, encode_record, summarize
 from fleetbus.jetstream import open_state
 from fleetbus.subjects import Names
+from fleetbus_base.text import shorten
 from nats.aio.client import Client as NATS
 from support.ops_helpers import wait_until
 
@@ -27,17 +28,61 @@ def fields(command_id: str, **changes: object) -> dict[str, object]:
     return base
 
 
-@pytest.mark.parametrize("changes", [
+RECORD_CASES = [
     {},
     {"ts": datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC), "exit_code": None, "summary": None,
      "bytes": 1 << 40, "replayed": True, "duration_s": 1e-05, "requester": "zoë \"quoted\""},
-])
+    {"identity": {"account": "AUSERS", "user": "UKEY", "name_tag": "bob", "name": "bob", "via": None},
+     "outcome": "forbidden", "exit_code": -9, "duration_s": 12.5, "summary": "a\nb\u2028{\"x\": [1]}",
+     "ts": datetime(2026, 12, 31, 23, 59, 59, 999999, tzinfo=UTC), "server": "web-2.example", "op": "get"},
+    {"identity": {"account": None, "user": "fleetbus", "name_tag": None, "name": None, "via": "jobs"},
+     "duration_s": 0.0, "bytes": 0, "transport": "agent-outbound", "op": "ping"},
+]
+
+
+def as_the_model_reads_it(encoded: bytes) -> tuple[AuditRecord, str]:
+    """What a reader of the trail gets from a record: the model, and its JSON again."""
+    record = AuditRecord.model_validate_json(encoded)
+    return record, record.model_dump_json()
+
+
+@pytest.mark.parametrize("changes", RECORD_CASES)
 def test_encoded_record_reads_back_as_the_model_writes_it(changes: dict[str, object]) -> None:
     data = fields("c1", **changes)
     encoded = encode_record(data)
-    assert AuditRecord.model_validate_json(encoded) == AuditRecord(**data)  # type: ignore[arg-type]
+    model = AuditRecord(**data)  # type: ignore[arg-type]
+    assert as_the_model_reads_it(encoded) == (model, model.model_dump_json())
     # Same text for the timestamp, so readers that compare strings see no change.
-    assert json.loads(encoded)["ts"] == json.loads(AuditRecord(**data).model_dump_json())["ts"]  # type: ignore[arg-type]
+    assert json.loads(encoded)["ts"] == json.loads(model.model_dump_json())["ts"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["true"], ["echo", "zoë \"q\"\n\u2028 \U0001f600"], ["x" * 80] * 2, ["x" * 84] * 2, ["y" * 2000],
+    ["a"] * 300, ["a", 1, None], [],
+])
+def test_an_exec_summary_is_its_argv_as_json_cut_at_the_limit(argv: list[object]) -> None:
+    # A short argv is encoded in one call, a long one piece by piece: the same text.
+    assert summarize("exec", {"argv": argv}) == shorten(json.dumps(argv, default=str), MAX_SUMMARY_CHARS)
+
+
+@pytest.mark.parametrize("changes", RECORD_CASES)
+async def test_a_prepared_record_is_the_record_encode_record_writes(nc: NATS, prefix: str,
+                                                                   changes: dict[str, object]) -> None:
+    # The worker encodes a command's fixed fields while it runs and the rest after it:
+    # the joined record must be the same bytes, on the same subject.
+    given = fields("c1", **{"identity": {"account": None, "user": "fleetbus"}, **changes})
+    data = {key: given[key] for key in AuditRecord.model_fields}  # in the order the worker writes
+    auditor = Auditor(nc, Names(prefix))
+    whole = auditor.stage(data)
+    prepared = auditor.prepare(*(data[key] for key in (  # type: ignore[arg-type]
+        "id", "server", "transport", "op", "requester", "identity", "worker", "summary")))
+    joined = auditor.stage_prepared(prepared, data["ts"], data["outcome"], data["exit_code"],  # type: ignore[arg-type]
+                                    data["duration_s"], data["bytes"], data["replayed"])  # type: ignore[arg-type]
+    assert whole is not None
+    assert (joined.command_id, joined.subject, joined.data) == (whole.command_id, whole.subject, whole.data)
+    model = AuditRecord(**data)  # type: ignore[arg-type]
+    assert as_the_model_reads_it(joined.data) == (model, model.model_dump_json())
+    await auditor.close()
 
 
 async def test_records_are_stored_and_acknowledged(nc: NATS, prefix: str) -> None:

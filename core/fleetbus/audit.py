@@ -28,6 +28,7 @@ import asyncio
 import itertools
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -41,7 +42,7 @@ from nats.aio.msg import Msg
 from nats.js.api import Header
 from pydantic import BaseModel, ConfigDict
 
-from .auditspool import AuditSpool, Segment
+from .auditspool import AuditSpool, Kept
 from .dispatch import ReplyInbox
 from .subjects import Names
 
@@ -127,6 +128,8 @@ def _bounded(value: Any, as_json: bool = True) -> str:
         return value[: MAX_SUMMARY_CHARS + 1]
     if not as_json and not isinstance(value, list | dict):
         return str(value)[: MAX_SUMMARY_CHARS + 1]
+    if type(value) is list and _short_strings(value):
+        return _SUMMARY_JSON.encode(value)  # the C encoder: the same text, in one call
     out: list[str] = []
     size = 0
     # The pure-Python iterencode yields piece by piece, so this stops early.
@@ -139,6 +142,21 @@ def _bounded(value: Any, as_json: bool = True) -> str:
 
 
 _SUMMARY_JSON = json.JSONEncoder(default=str)
+# The most ASCII JSON one character can become: a non-BMP one is two \uXXXX escapes.
+_JSON_CHAR_MAX = 12
+
+
+def _short_strings(value: list[Any]) -> bool:
+    """Whether ``value`` (an argv) is strings whose JSON surely fits in the summary, so
+    encoding it whole costs no more than the summary's bound."""
+    if len(value) > MAX_SUMMARY_CHARS // 4:
+        return False
+    size = 0
+    for item in value:
+        if type(item) is not str:
+            return False
+        size += len(item) * _JSON_CHAR_MAX + 4  # quotes and ", "
+    return size <= MAX_SUMMARY_CHARS
 
 
 @dataclass(eq=False)
@@ -152,7 +170,7 @@ class StagedRecord:
     first: float  # loop time of the first send
     sent: float = 0.0  # loop time of the latest send
     pause: float = RESEND_FIRST_PAUSE_S
-    segment: Segment | None = None  # where the spool keeps it until stored
+    kept: Kept | None = None  # where the spool keeps it until stored
 
 
 # Built once: json.dumps with any option builds a new encoder per call.
@@ -168,9 +186,52 @@ def encode_record(fields: Mapping[str, Any]) -> bytes:
     out = dict(fields)
     ts = out["ts"]
     if isinstance(ts, datetime):
-        # pydantic writes UTC as "Z"; readers get the same text either way.
-        out["ts"] = ts.isoformat().replace("+00:00", "Z")
+        out["ts"] = _iso(ts)
     return _RECORD_JSON.encode(out).encode()
+
+
+def _iso(ts: datetime) -> str:
+    # pydantic writes UTC as "Z"; readers get the same text either way.
+    return ts.isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedRecord:
+    """A command's audit record with the fields known before it ran already encoded.
+
+    The worker prepares it while the command's process runs (it waits for the child
+    anyway), so that between the exit and the reply only the outcome's fields are
+    encoded (:meth:`Auditor.stage_prepared`). The pieces are the record's own JSON, cut
+    where the outcome's fields go, so the joined text is byte for byte what
+    :func:`encode_record` writes for the same fields.
+    """
+
+    command_id: str
+    subject: str
+    #: ``"id":…,"server":…,"transport":…,"op":…,"requester":…,"identity":…``
+    head: str
+    #: ``"worker":…,"summary":…``
+    tail: str
+
+
+# What the encoder writes for a string (ensure_ascii), without a whole encode() per field.
+_json_str = json.encoder.encode_basestring_ascii
+
+
+def _scalar(value: Any) -> str:
+    """One field's JSON, as :data:`_RECORD_JSON` writes it, the common types directly."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    kind = type(value)
+    if kind is str:
+        return _json_str(value)
+    if kind is int or (kind is float and math.isfinite(value)):
+        return repr(value)  # what the encoder writes for an int and a finite float
+    return _RECORD_JSON.encode(value)
 
 
 class Auditor:
@@ -228,10 +289,30 @@ class Auditor:
             return None
         # Server names cannot start with "_", so admin records never share a subject with one.
         server = "_admin" if admin else str(fields["server"])
-        record = StagedRecord(str(fields["id"]), self.names.audit(server, str(fields["op"])),
-                         encode_record(fields), next(self._msg_ids), asyncio.get_running_loop().time())
+        return self._keep(str(fields["id"]), self.names.audit(server, str(fields["op"])),
+                          encode_record(fields))
+
+    def prepare(self, command_id: str, server: str, transport: str, op: str, requester: str,
+                identity: Mapping[str, Any], worker: str, summary: str | None) -> PreparedRecord:
+        """Encode the fields of a command's record known before it runs (a server
+        command's record, never an admin one)."""
+        head = (f'"id":{_scalar(command_id)},"server":{_scalar(server)},"transport":{_scalar(transport)},'
+                f'"op":{_scalar(op)},"requester":{_scalar(requester)},"identity":{_RECORD_JSON.encode(identity)}')
+        tail = f'"worker":{_scalar(worker)},"summary":{_scalar(summary)}'
+        return PreparedRecord(command_id, self.names.audit(server, op), head, tail)
+
+    def stage_prepared(self, prepared: PreparedRecord, ts: datetime, outcome: str, exit_code: int | None,
+                       duration_s: float, nbytes: int | None, replayed: bool) -> StagedRecord:
+        """:meth:`stage` for a record from :meth:`prepare`, given the fields its run decided."""
+        data = (f'{{"ts":"{_iso(ts)}",{prepared.head},"outcome":{_scalar(outcome)},'
+                f'"exit_code":{_scalar(exit_code)},"duration_s":{_scalar(duration_s)},{prepared.tail},'
+                f'"bytes":{_scalar(nbytes)},"replayed":{_scalar(replayed)}}}')
+        return self._keep(prepared.command_id, prepared.subject, data.encode())
+
+    def _keep(self, command_id: str, subject: str, data: bytes) -> StagedRecord:
+        record = StagedRecord(command_id, subject, data, next(self._msg_ids), asyncio.get_running_loop().time())
         if self.spool is not None:
-            record.segment = self.spool.append(record.msg_id, record.subject, record.data)
+            record.kept = self.spool.append(record.msg_id, record.subject, record.data)
         return record
 
     async def send(self, record: StagedRecord | None) -> None:
@@ -259,14 +340,14 @@ class Auditor:
         found = self.spool.adopt()
         for spooled in found:
             await self.send(StagedRecord(spooled.command_id, spooled.subject, spooled.data, spooled.msg_id,
-                                    loop.time(), segment=spooled.segment))
+                                    loop.time(), kept=spooled.kept))
         return len(found)
 
     def _done(self, record: StagedRecord) -> None:
         """``record`` leaves the spool: stored, refused for good, or its window spent."""
-        if self.spool is not None and record.segment is not None:
-            self.spool.settle(record.segment)
-            record.segment = None
+        if self.spool is not None and record.kept is not None:
+            self.spool.settle(record.kept)
+            record.kept = None
 
     async def _send(self, record: StagedRecord) -> str:
         token, reply = await self._inbox.reply_to()

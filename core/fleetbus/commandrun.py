@@ -14,8 +14,9 @@ where it goes, in order:
    (operations.py);
 5. **reply** on the requester's reply subject, then the claim is settled (the reply
    stored, or the claim dropped when the command never started);
-6. **audit**: the metrics and the audit record, staged on the worker's disk before
-   the reply leaves (auditspool.py) and sent to the audit stream after it.
+6. **audit**: the audit record, its fixed fields encoded while the command runs, staged
+   on the worker's disk before the reply leaves (auditspool.py) and sent to the audit
+   stream after it; the metrics are counted after the reply.
 
 Every failure on that path ends in one place, :meth:`CommandRunner._handle`'s ladder
 (as nats-py's ``micro`` ``Endpoint`` turns a handler's exception into an error reply):
@@ -37,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from nats.aio.msg import Msg
 
 from .admission import Ticket
-from .audit import StagedRecord, summarize
+from .audit import PreparedRecord, StagedRecord, summarize
 from .connection import publish_now, send_now
 from .dedupe import fingerprint
 from .errors import (
@@ -54,7 +55,7 @@ from .errors import (
     TooLarge,
     mapped_errors,
 )
-from .messages import OPERATIONS, ExecRequest, GetRequest, PutRequest, Request, parse_request
+from .messages import OPERATIONS, REQUEST_MODELS, ExecRequest, GetRequest, PutRequest, Request, parse_request
 from .operations import Outcome, Target
 from .output import BusOutput
 from .records import utcnow
@@ -76,6 +77,11 @@ CHECKER_REQUESTER = "fleetbus-checker"
 # How often a request finds the claim of its command id dropped under it before it
 # gives up with `busy`.
 CLAIM_ATTEMPTS = 3
+# The model of an empty body (what clients send for these) is always the same, and a
+# request's model is never changed once parsed: one instance serves every such command,
+# with no JSON parse or validation.
+_EMPTY_BODIES = (b"{}", b"")
+_EMPTY_REQUESTS: dict[str, Request] = {op: REQUEST_MODELS[op].model_validate({}) for op in ("ping", "info")}
 
 
 def reply_body(reply: dict[str, Any]) -> bytes:
@@ -102,6 +108,11 @@ class _Command:
     body: dict[str, Any]
     #: The audit identity of a command the job service sent for a user (subjects.on_behalf_in).
     on_behalf: dict[str, Any] | None = None
+    #: Its audit record's fixed fields, encoded while it runs (CommandRunner._prepare).
+    prepared: PreparedRecord | None = None
+    preparing: asyncio.Handle | None = None
+    #: Seconds from the request to its outcome, for the record and the metrics.
+    elapsed: float = 0.0
 
 
 class CommandRunner:
@@ -137,6 +148,10 @@ class CommandRunner:
                 claimed = None if replayed else body_fp
             if outcome is None:
                 running = True
+                if command.op in _WAITING_OPS:
+                    # Runs in the loop turn after the command first waits (its process
+                    # started), so the record's fixed fields cost no latency.
+                    command.preparing = asyncio.get_running_loop().call_soon(self._prepare, command)
                 outcome = await self._run_tracked(command, req, ticket)
         except FleetbusError as exc:
             outcome = Outcome(reply=error_reply(command.id, exc), ran=running and not exc.before_start)
@@ -144,8 +159,9 @@ class CommandRunner:
             # Our own shutdown: tell the requester rather than leaving it to time out. The
             # claim stays: the command may have started, and this worker's lease ends.
             outcome = Outcome(reply=error_reply(command.id, Cancelled("the worker is shutting down")))
-            staged = self._audit(command, outcome, replayed)
+            staged = self._stage(command, outcome, replayed)
             await self._respond(msg, outcome.reply)
+            self._count(command, outcome)
             await self.host.auditor.send(staged)
             raise
         except Exception:
@@ -158,9 +174,11 @@ class CommandRunner:
         # this loop turn for nats-py's flusher, which the bookkeeping below holds back by
         # a few microseconds; yielding to it here cost every command a loop turn.
         # The record is on disk before the reply leaves: a worker that dies after replying
-        # still has it for the next start (auditspool.py).
-        staged = self._audit(command, outcome, replayed)
+        # still has it for the next start (auditspool.py). Metrics promise nothing of the
+        # kind, so they are counted after it.
+        staged = self._stage(command, outcome, replayed)
         await self._respond(msg, outcome.reply)
+        self._count(command, outcome)
         if claimed is not None:
             await self._settle(command, claimed, outcome)
         await self.host.auditor.send(staged)
@@ -168,6 +186,10 @@ class CommandRunner:
     # 1. parse ------------------------------------------------------------------------
     async def _parse(self, command: _Command, msg: Msg, ticket: Ticket) -> tuple[Request, str | None]:
         """The request's model, and its fingerprint when it runs at most once by id."""
+        if msg.data in _EMPTY_BODIES:
+            empty = _EMPTY_REQUESTS.get(command.op)
+            if empty is not None:
+                return empty, None  # command.body stays {}
         if command.op not in OPERATIONS:
             raise InvalidRequest(f"unknown operation {command.op[:32]!r}; use one of {', '.join(OPERATIONS)}")
         body_fp: str | None = None
@@ -363,32 +385,74 @@ class CommandRunner:
             log.error("could not store the reply of command %s: %s", command.id, type(exc).__name__)
 
     # 6. audit ------------------------------------------------------------------------
-    def _audit(self, command: _Command, outcome: Outcome, replayed: bool) -> StagedRecord | None:
-        """Count the command and stage its audit record (None when it has none)."""
+    def _prepare(self, command: _Command) -> None:
+        """Encode the fields of the command's record that its run cannot change."""
+        command.preparing = None
         served = command.served
-        op = command.op
-        error = outcome.reply.get("error") or {}
-        if op == "ping" and command.requester == CHECKER_REQUESTER:
-            return None  # health checks have their own metrics and would drown the trail
-        elapsed = time.monotonic() - command.started
-        label_op = op if op in OPERATIONS else "invalid"
-        result = "ok" if outcome.reply.get("ok") else str(error.get("code", "internal"))
-        if result == Forbidden.code:
-            self.host.denied(command.identity, label_op)
-        self.host.metrics.for_transport(served.transport).finished(label_op, result, elapsed, outcome.bytes)
+        command.prepared = self.host.auditor.prepare(
+            command.id, served.server.name, served.transport, _label_op(command.op), command.requester,
+            command.on_behalf or command.identity.record(), self.host.settings.worker_id,
+            summarize(command.op, command.body))
+
+    def _stage(self, command: _Command, outcome: Outcome, replayed: bool) -> StagedRecord | None:
+        """Stage the command's audit record (None when it has none)."""
+        command.elapsed = time.monotonic() - command.started
+        if command.preparing is not None:  # the run never waited
+            command.preparing.cancel()
+            command.preparing = None
+        if _unaudited(command):
+            return None
+        result = _result(outcome)
         # A malformed request's record may be skipped while the audit stream lags, so a
         # flood of them cannot crowd out the records of commands that ran (audit.py).
         malformed = not outcome.ran and result in (InvalidRequest.code, TooLarge.code)
+        if not malformed:
+            if command.prepared is None or command.prepared.command_id != command.id:
+                self._prepare(command)  # a ping or info, or a run that never waited
+            assert command.prepared is not None
+            return self.host.auditor.stage_prepared(command.prepared, utcnow(), result, outcome.exit_code,
+                                                    round(command.elapsed, 6), outcome.bytes, replayed)
+        served = command.served
         # The fields of an AuditRecord, from our own values: building and validating a
         # model on every command would only cost time.
         return self.host.auditor.stage({
             "ts": utcnow(), "id": command.id, "server": served.server.name,
-            "transport": served.transport, "op": label_op, "requester": command.requester,
+            "transport": served.transport, "op": _label_op(command.op), "requester": command.requester,
             "identity": command.on_behalf or command.identity.record(),
-            "outcome": result, "exit_code": outcome.exit_code, "duration_s": round(elapsed, 6),
-            "worker": self.host.settings.worker_id, "summary": summarize(op, command.body),
+            "outcome": result, "exit_code": outcome.exit_code, "duration_s": round(command.elapsed, 6),
+            "worker": self.host.settings.worker_id, "summary": summarize(command.op, command.body),
             "bytes": outcome.bytes, "replayed": replayed,
         }, skippable=malformed)
+
+    def _count(self, command: _Command, outcome: Outcome) -> None:
+        """The command's metrics (after the reply: they promise nothing to the requester)."""
+        label_op = _label_op(command.op)
+        result = _result(outcome)
+        if result == Forbidden.code:
+            self.host.denied(command.identity, label_op)
+        self.host.metrics.for_transport(command.served.transport).finished(
+            label_op, result, command.elapsed, outcome.bytes)
+
+
+def _label_op(op: str) -> str:
+    return op if op in OPERATIONS else "invalid"
+
+
+def _result(outcome: Outcome) -> str:
+    """``ok`` or the error code the command ended with."""
+    if outcome.reply.get("ok"):
+        return "ok"
+    return str((outcome.reply.get("error") or {}).get("code", "internal"))
+
+
+# Operations whose run waits (for a process, a transfer): their record is prepared in
+# that wait. A ping or info is prepared after its run, in one go, which costs less CPU.
+_WAITING_OPS = frozenset(("exec", "put", "get"))
+
+
+def _unaudited(command: _Command) -> bool:
+    # Health checks have their own metrics and would drown the trail.
+    return command.op == "ping" and command.requester == CHECKER_REQUESTER
 
 
 def _check_deadline(deadline: float | None, command_id: str) -> None:

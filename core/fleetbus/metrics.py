@@ -151,22 +151,23 @@ class TransportMetrics:
         self.transport = transport
         self.inflight = metrics.inflight.labels(transport)
         self.queued = metrics.queued.labels(transport)
-        self._commands: dict[tuple[str, str], Any] = {}
-        self._seconds: dict[str, Any] = {}
-        self._bytes: dict[str, Any] = {}
+        # (op, outcome) -> the command counter and the op's latency histogram: one lookup
+        # per command.
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._bytes: dict[str, Any] = {}  # made on the first bytes, so no op shows a 0
 
     def finished(self, op: str, outcome: str, seconds: float, nbytes: int | None) -> None:
-        m = self._metrics
-        counter = self._commands.get((op, outcome))
-        if counter is None:
-            counter = self._commands[(op, outcome)] = m.commands.labels(self.transport, op, outcome)
+        """Count one command that ended with ``outcome`` after ``seconds``."""
+        children = self._children.get((op, outcome))
+        if children is None:
+            m = self._metrics
+            children = self._children[(op, outcome)] = (
+                m.commands.labels(self.transport, op, outcome), m.command_seconds.labels(self.transport, op))
+        counter, histogram = children
         counter.inc()
-        histogram = self._seconds.get(op)
-        if histogram is None:
-            histogram = self._seconds[op] = m.command_seconds.labels(self.transport, op)
         histogram.observe(seconds)
         if nbytes:
             moved = self._bytes.get(op)
             if moved is None:
-                moved = self._bytes[op] = m.bytes.labels(self.transport, op)
+                moved = self._bytes[op] = self._metrics.bytes.labels(self.transport, op)
             moved.inc(nbytes)
