@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -135,6 +136,21 @@ async def test_a_hung_controller_is_noticed_by_the_agent_within_its_bound(tls: T
     assert agent.close_reason == "controller connection lost: heartbeat timeout"
     assert elapsed >= bound - interval
     assert agent.stats.pings_sent >= AGENT_DEAD_AFTER_HEARTBEATS - 2  # one per silent interval
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux's TCP options")
+async def test_both_ends_set_tcp_keepalive_as_a_belt(tls: Tls) -> None:
+    interval = 2.0
+    async with connected(tls, heartbeat_s=interval) as pair:
+        for conn in (pair.controller, pair.agent):
+            sock = conn._writer.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == conn.dead_after_s
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == interval
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == conn.dead_after_s * 1000
+        assert pair.controller.dead_after_s == DEAD_AFTER_HEARTBEATS * interval
+        assert pair.agent.dead_after_s == AGENT_DEAD_AFTER_HEARTBEATS * interval
 
 
 # ------------------------------------------------------------- real processes

@@ -894,5 +894,5 @@ def tune_socket(sock: Any, heartbeat_s: float, dead_after_s: float) -> None:
             continue
         try:
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
-        except OSError:
+        except (OSError, OverflowError):  # refused or out of this platform's range: a belt only
             pass
