@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -54,6 +56,16 @@ async def hold(workdir: Path, agents: int, heartbeat_s: float) -> Stack:
     await stack.swarm(workdir / "swarms", keys, processes=max(1, min(4, agents // 250)))
     await stack.wait_answering(names, timeout=900)
     return stack
+
+
+async def release(stack: Stack) -> None:
+    """Stop the stack, and its nats-server should `fleetbus up` not have stopped it in
+    time (at 15,000 agents its own stop can outlast the harness's patience)."""
+    nats = _children(stack.pid)
+    await stack.stop()
+    for pid in nats:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
 
 
 def groups(stack: Stack) -> dict[str, list[int]]:
@@ -102,7 +114,7 @@ async def idle_row(workdir: Path, agents: int = 3000, heartbeat_s: float = 10.0,
                 "load": round(os.getloadavg()[0], 2), "gateway_rss_mib": rss_bytes(stack.pid) >> 20,
                 **figures(pct, agents, heartbeat_s)}
     finally:
-        await stack.stop()
+        await release(stack)
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -113,7 +125,7 @@ async def serve(args: argparse.Namespace) -> None:
         print(json.dumps(groups(stack)), flush=True)
         await asyncio.to_thread(sys.stdin.read)
     finally:
-        await stack.stop()
+        await release(stack)
 
 
 def _line(label: str, pct: dict[str, float], args: argparse.Namespace, seconds: float) -> str:
