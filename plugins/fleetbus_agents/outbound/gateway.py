@@ -112,7 +112,9 @@ class GatewaySettings(TransportSettings):
 
     listen: str = "0.0.0.0:7443"
     advertise: str | None = None
-    # 10 s: 15,000 idle agents within 10% of a core (bench/idlebench.py), bounds 30/60 s.
+    # 10 s: 15,000 idle protocol-3 agents cost ~9-10% of a core (bench/idlebench.py; 15 s
+    # saved little at that size), and a dead agent is noticed within 30 s, a hung gateway
+    # within 60 s.
     heartbeat_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
     handshake_timeout_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
     max_handshakes: int = Field(default=MAX_HANDSHAKES, ge=1)
