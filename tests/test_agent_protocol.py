@@ -278,12 +278,15 @@ async def connected(
     ops: Ops | None = None,
     heartbeat_s: float = 5.0,
     inbound: bool = False,
+    controller_versions: tuple[int, ...] = protocol.SUPPORTED_VERSIONS,
+    agent_versions: tuple[int, ...] = protocol.SUPPORTED_VERSIONS,
     **limits: int,
 ) -> AsyncIterator[Pair]:
     """A controller and an agent Connection over real TLS, started; closed afterwards.
 
     Outbound (default): the controller listens and the agent dials, as with the
     gateway. ``inbound=True``: the agent listens and the controller dials.
+    ``*_versions``: what each side offers (an older peer speaks fewer).
     """
     ops = ops or Ops()
     accepted: asyncio.Future[Connection] = asyncio.get_running_loop().create_future()
@@ -292,7 +295,7 @@ async def connected(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> Connection:
         acc = await controller_handshake(
-            reader, writer, authenticate, heartbeat_s=heartbeat_s, **limits
+            reader, writer, authenticate, heartbeat_s=heartbeat_s, versions=controller_versions, **limits
         )
         conn = Connection.from_accepted(reader, writer, acc)
         conn.start()
@@ -300,7 +303,8 @@ async def connected(
 
     async def agent_side(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Connection:
         welcome = await agent_handshake(
-            reader, writer, {"method": "key", "key": KEY}, {"hostname": "web-1"}, **limits
+            reader, writer, {"method": "key", "key": KEY}, {"hostname": "web-1"}, versions=agent_versions,
+            **limits
         )
         conn = Connection.from_welcome(reader, writer, welcome, ops)
         conn.start()
@@ -352,13 +356,15 @@ async def dial(tls: Tls, port: int) -> tuple[asyncio.StreamReader, asyncio.Strea
     )
 
 
-def started_controllers(conns: asyncio.Queue[Connection], heartbeat_s: float
+def started_controllers(conns: asyncio.Queue[Connection], heartbeat_s: float,
+                        versions: tuple[int, ...] = protocol.SUPPORTED_VERSIONS,
                         ) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
     """A listener handler: handshake each agent as the controller, start the connection
     and hand it to ``conns``."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        accepted = await controller_handshake(reader, writer, authenticate, heartbeat_s=heartbeat_s)
+        accepted = await controller_handshake(reader, writer, authenticate, heartbeat_s=heartbeat_s,
+                                              versions=versions)
         conn = Connection.from_accepted(reader, writer, accepted)
         conn.start()
         await conns.put(conn)
@@ -1110,7 +1116,7 @@ async def test_inbound_wire_format_and_replayed_proof(tls: Tls) -> None:
         assert header.pop("agent").startswith("fleetbus-agent/")
         assert header == {
             "t": "challenge",
-            "versions": [1, 2],
+            "versions": [1, 2, 3],
             "facts": {"hostname": "web-1"},
             "max_body": 8192,
             "window": 16384,
@@ -1266,7 +1272,7 @@ async def test_inbound_unsupported_version(tls: Tls) -> None:
         assert isinstance(agent_err, HandshakeError) and isinstance(controller_err, HandshakeError)
         assert agent_err.code == controller_err.code == "unsupported_version"
         assert not isinstance(agent_err, AuthError) and not isinstance(controller_err, AuthError)
-        assert "[1, 2]" in agent_err.message  # what the controller speaks
+        assert "[1, 2, 3]" in agent_err.message  # what the controller speaks
         assert run.agent_io[1].transport.is_closing()
         assert run.controller_io[1].transport.is_closing()
 
@@ -1693,7 +1699,8 @@ async def test_goaway_from_the_agent_fails_controller_streams_with_its_message(t
 
 
 async def test_heartbeats_keep_an_idle_connection_alive(tls: Tls) -> None:
-    async with connected(tls, heartbeat_s=0.1) as pair:
+    # Version 2's rules (the controller pings); version 3's are in test_heartbeat.py.
+    async with connected(tls, heartbeat_s=0.1, controller_versions=(1, 2)) as pair:
         await asyncio.sleep(0.6)  # six heartbeat intervals with no traffic of its own
         assert not pair.controller.closed and not pair.agent.closed
         assert pair.controller.stats.frames_received >= 4  # pongs to its pings
@@ -1737,7 +1744,8 @@ async def test_silent_controller_is_declared_dead_by_heartbeat(tls: Tls) -> None
     done = asyncio.Event()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await controller_handshake(reader, writer, authenticate, heartbeat_s=0.2)
+        # Version 2's bound (3 intervals); version 3's is in test_heartbeat.py.
+        await controller_handshake(reader, writer, authenticate, heartbeat_s=0.2, versions=(1, 2))
         writer.transport.pause_reading()
         await done.wait()  # handshaken, then silent
         writer.close()
@@ -1903,7 +1911,7 @@ async def test_wire_format_and_forward_compatibility(tls: Tls) -> None:
     async with listener(tls, handler) as port:
         reader, writer = await dial(tls, port)
         hello = await asyncio.wait_for(read_frame(reader), DEADLINE_S)
-        assert hello.type == "hello" and hello.header["versions"] == [1, 2]
+        assert hello.type == "hello" and hello.header["versions"] == [1, 2, 3]
         assert hello.header["auth"] == {"method": "key", "key": KEY}
         writer.write(
             encode_frame(

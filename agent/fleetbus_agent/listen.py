@@ -39,6 +39,7 @@ from fleetbus_base.fdbudget import raise_nofile_limit
 from fleetbus_base.heap import trim_heap
 from fleetbus_base.throttle import AuthThrottle, FailureLog
 from fleetbus_base.wire import AuthError, Connection, HandshakeError, Welcome
+from fleetbus_base.wire.connection import AGENT_PINGS_VERSION
 
 from . import DEFAULT_LISTEN_BIND, DEFAULT_LISTEN_PORT, __version__
 from .handlers import Handler
@@ -310,7 +311,12 @@ class Listener:
     async def _run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                    welcome: Welcome, remote: str) -> None:
         if self.opts.heartbeat_s:
-            welcome = dataclasses.replace(welcome, heartbeat_s=float(self.opts.heartbeat_s))
+            ours = float(self.opts.heartbeat_s)
+            if welcome.version >= AGENT_PINGS_VERSION:
+                # From version 3 this side's pings keep the link alive and the controller
+                # drops it after 3 of *its* intervals: ours may only be shorter.
+                ours = min(ours, welcome.heartbeat_s)
+            welcome = dataclasses.replace(welcome, heartbeat_s=ours)
         conn = Connection.from_welcome(reader, writer, welcome, on_open=self.handler)
         self.connections.add(conn)
         try:

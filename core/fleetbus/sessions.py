@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -43,6 +44,9 @@ class SessionPool:
         self.credentials = credentials
         self.open_timeout_s = open_timeout_s
         self.entries: dict[str, _Entry] = {}
+        # The same entries, least recently released first: close_idle looks only at the
+        # front (the ones idle long enough) instead of every session on every tick.
+        self._by_use: OrderedDict[str, _Entry] = OrderedDict()
         self._closing: set[asyncio.Task[None]] = set()
         # Sessions replaced while commands still used them: closed when the last one ends.
         self._users: dict[int, int] = {}
@@ -56,7 +60,7 @@ class SessionPool:
     async def _acquire(self, server: Server) -> tuple[_Entry, Session]:
         entry = self.entries.get(server.name)
         if entry is None:
-            entry = self.entries[server.name] = _Entry()
+            entry = self.entries[server.name] = self._by_use[server.name] = _Entry()
         # The common case, a live session for the same definition and nobody opening
         # one, needs neither the lock nor an event-loop step.
         if entry.lock.locked() or not _current(entry, server):
@@ -78,9 +82,11 @@ class SessionPool:
         self._users[id(session)] = self._users.get(id(session), 0) + 1
         return entry, session
 
-    def _release(self, entry: _Entry, session: Session) -> None:
+    def _release(self, entry: _Entry, session: Session, name: str) -> None:
         entry.in_use -= 1
         entry.last_used = time.monotonic()
+        if self._by_use.get(name) is entry:
+            self._by_use.move_to_end(name)
         left = self._users[id(session)] - 1
         if left:
             self._users[id(session)] = left
@@ -115,17 +121,35 @@ class SessionPool:
 
     async def drop(self, name: str) -> None:
         entry = self.entries.pop(name, None)
+        self._by_use.pop(name, None)
         if entry is not None and entry.session is not None:
             await self._close(entry.session)
 
     async def close_idle(self, idle_s: float) -> None:
+        """Close sessions unused for more than ``idle_s`` and forget their entries.
+
+        Walks the entries least recently released first and stops at the first one used
+        within ``idle_s``, so a tick costs the expired entries, not every server (15,000
+        agents on a gateway). An entry in use or being opened goes to the back: its
+        release puts it there anyway, with a fresh time.
+        """
         now = time.monotonic()
-        for name, entry in list(self.entries.items()):
-            if entry.in_use == 0 and entry.session is not None and now - entry.last_used > idle_s:
+        order = self._by_use
+        for _ in range(len(order)):
+            if not order:
+                break
+            name, entry = next(iter(order.items()))
+            if now - entry.last_used <= idle_s:
+                break
+            if entry.in_use or entry.lock.locked():
+                order.move_to_end(name)
+                continue
+            del order[name]
+            if self.entries.get(name) is entry:
+                del self.entries[name]
+            if entry.session is not None:
                 session, entry.session = entry.session, None
                 await self._close(session)
-            if entry.session is None and entry.in_use == 0 and not entry.lock.locked():
-                self.entries.pop(name, None)
 
     async def close_all(self) -> None:
         for name in list(self.entries):
@@ -153,4 +177,4 @@ class _Use:
 
     async def __aexit__(self, *exc: object) -> None:
         if self._entry is not None and self._session is not None:
-            self._pool._release(self._entry, self._session)
+            self._pool._release(self._entry, self._session, self._server.name)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import socket
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -39,7 +41,30 @@ log = logging.getLogger(__name__)
 
 
 DEAD_AFTER_HEARTBEATS = 3
-"""A connection with no frame received for this many heartbeat intervals is dead."""
+"""A connection with no frame received for this many heartbeat intervals is dead: both
+sides up to version 2, the controller from version 3. With the default 10 s interval a
+gateway notices a dead or frozen agent within 30 s (plus one timer's lateness)."""
+
+AGENT_PINGS_VERSION = 3
+"""From this protocol version the agent keeps an idle link alive and the controller
+only listens (see :meth:`Connection._heartbeat`)."""
+
+QUIET_PONG_HEARTBEATS = 4
+"""Version 3: the controller answers a heartbeat ping only once it has sent nothing to
+that agent for this many intervals. The agent pings every interval it has been silent,
+so an idle agent hears a pong about every fifth interval: its proof that the controller
+process still runs, at a fifth of the writes of answering every ping."""
+
+AGENT_DEAD_AFTER_HEARTBEATS = 6
+"""Version 3: the agent takes the controller for dead after this many intervals with
+nothing received. A live controller's silence ends by a pong within
+``QUIET_PONG_HEARTBEATS + 1`` intervals (the next ping after its fourth silent interval),
+so this leaves one interval of margin. With the default 10 s interval an agent notices a
+hung controller within 60 s; a dead host or path is noticed sooner, by the TCP
+keepalive and ``TCP_USER_TIMEOUT`` set on the socket (:func:`tune_socket`)."""
+
+KEEPALIVE_PROBES = 3
+"""TCP keepalive probes unanswered before the kernel drops an idle link."""
 
 
 # Control frames up to this size go straight to an idle socket (see Connection._write_now).
@@ -191,6 +216,8 @@ class Connection:
         self._write_blocked_since: Optional[float] = None
         self._ping_seq = 0
         self._next_ping = 0.0
+        self._last_tx = 0.0  # when this side last wrote a frame (version 3's rules use it)
+        self._agent_pings = version >= AGENT_PINGS_VERSION
         self._heartbeat_timer: Optional[asyncio.TimerHandle] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._closing = False
@@ -251,8 +278,9 @@ class Connection:
             raise RuntimeError("connection already started or closed")
         loop = asyncio.get_running_loop()
         self._loop = loop
-        self._last_rx = now = time.monotonic()
+        self._last_rx = self._last_tx = now = time.monotonic()
         label = self.name or "?"
+        tune_socket(self._writer.get_extra_info("socket"), self.heartbeat_s, self.dead_after_s)
         self._tasks = [loop.create_task(self._write_loop(), name=f"fleetbus-proto-write-{label}")]
         self._next_ping = now + self.heartbeat_s
         self._heartbeat_timer = loop.call_at(self._next_ping, self._heartbeat)
@@ -525,6 +553,7 @@ class Connection:
             return False
         self.stats.frames_sent += 1
         self.stats.bytes_sent += len(frame)
+        self._last_tx = time.monotonic()
         return True
 
     def _enqueue_data(self, stream_id: int, frame: bytes, nbytes: int) -> None:
@@ -610,7 +639,7 @@ class Connection:
                 self.stats.frames_sent += 1
                 self.stats.bytes_sent += len(frame)
                 # Recorded so the heartbeat timer can drop a peer that stopped reading.
-                self._write_blocked_since = time.monotonic()
+                self._write_blocked_since = self._last_tx = time.monotonic()
                 await writer.drain()
                 self._write_blocked_since = None
         except asyncio.CancelledError:
@@ -704,6 +733,11 @@ class Connection:
     def _dispatch(self, frame: Frame) -> None:
         t = frame.type
         if t == "ping":
+            if (self._agent_pings and self.role == "controller"
+                    and self._last_rx - self._last_tx < QUIET_PONG_HEARTBEATS * self.heartbeat_s):
+                # The ping proved the agent alive to us; the agent needs proof of us only
+                # once we have been silent a while (_last_rx is now: this frame's arrival).
+                return
             n = frame.header.get("n")
             n = n if is_int(n) else 0
             # Straight to an idle socket: waking the writer task for it was a loop
@@ -761,6 +795,13 @@ class Connection:
 
     # ------------------------------------------------------------------ heartbeat
 
+    @property
+    def dead_after_s(self) -> float:
+        """How long this side waits, with nothing received, before it closes the link."""
+        if self._agent_pings and self.role == "agent":
+            return AGENT_DEAD_AFTER_HEARTBEATS * self.heartbeat_s
+        return DEAD_AFTER_HEARTBEATS * self.heartbeat_s
+
     def _heartbeat(self) -> None:
         """Check liveness and ping a quiet link; runs from a loop timer, not a task.
 
@@ -770,17 +811,19 @@ class Connection:
         large part of its idle CPU.
 
         A ping is only needed where nothing else has arrived: any frame proves the peer
-        alive, and a ping's pong proves it to the pinger while the ping proves it to the
-        other side. So only the controller pings an idle link; the agent pings only once
-        the controller has been silent for two intervals. One ping and one pong per
-        interval per idle connection, instead of two each.
+        alive. Up to version 2 only the controller pings an idle link (after one
+        interval with nothing received) and the agent only once the controller has
+        been silent for two; every ping is answered. From version 3 the agent pings
+        once it has *sent* nothing for an interval, and the controller never pings: an
+        idle gateway only receives, which costs it about half as much per agent. The
+        controller answers a ping only after :data:`QUIET_PONG_HEARTBEATS` silent
+        intervals of its own (see :attr:`dead_after_s` for each side's bound).
         """
         self._heartbeat_timer = None
         if self._closing:
             return
         interval = self.heartbeat_s
-        dead_after = DEAD_AFTER_HEARTBEATS * interval
-        quiet_for = interval if self.role == "controller" else 2 * interval
+        dead_after = self.dead_after_s
         now = time.monotonic()
         last_rx = self._last_rx
         if now - last_rx >= dead_after:
@@ -790,13 +833,23 @@ class Connection:
         if blocked is not None and now - blocked >= dead_after:
             self._begin_close(f"{self._peer} connection lost: write timeout", None, None, True)
             return
-        if now >= self._next_ping:
-            if now - last_rx >= quiet_for:
+        if not self._agent_pings:
+            quiet_for = interval if self.role == "controller" else 2 * interval
+            if now >= self._next_ping:
+                if now - last_rx >= quiet_for:
+                    self._send_ping()
+                    self._next_ping = now + interval
+                else:
+                    self._next_ping = last_rx + quiet_for  # heard from recently: wait until quiet
+            wake_at = min(self._next_ping, last_rx + dead_after)
+        elif self.role == "agent":
+            due = self._last_tx + interval
+            if now >= due:
                 self._send_ping()
-                self._next_ping = now + interval
-            else:
-                self._next_ping = last_rx + quiet_for  # heard from recently: wait until quiet
-        wake_at = min(self._next_ping, last_rx + dead_after)
+                due = now + interval  # also when the ping waits behind other frames
+            wake_at = min(due, last_rx + dead_after)
+        else:
+            wake_at = last_rx + dead_after  # the controller only listens
         if blocked is not None:
             wake_at = min(wake_at, blocked + dead_after)
         assert self._loop is not None
@@ -809,3 +862,37 @@ class Connection:
             return
         self._ping = self._ping_seq
         self._wake.set()
+
+
+def tune_socket(sock: Any, heartbeat_s: float, dead_after_s: float) -> None:
+    """TCP keepalive and ``TCP_USER_TIMEOUT`` on a link's socket: a belt under the heartbeat.
+
+    The heartbeat notices a hung peer process; the kernel notices a vanished host or
+    path without any work in this process: keepalive probes a link idle for
+    ``dead_after_s`` (``KEEPALIVE_PROBES`` probes one ``heartbeat_s`` apart), and data
+    left unacknowledged for ``dead_after_s`` fails the socket, as a stuck write does
+    in the heartbeat. Options a platform lacks are skipped (the agent runs on other
+    systems than Linux); ``sock`` None (not a socket transport) is ignored.
+    """
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    except (OSError, AttributeError):
+        return
+    idle = max(1, math.ceil(dead_after_s))
+    options = (
+        ("TCP_KEEPIDLE", idle),
+        ("TCP_KEEPALIVE", idle),  # macOS's name for the idle time
+        ("TCP_KEEPINTVL", max(1, math.ceil(heartbeat_s))),
+        ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+        ("TCP_USER_TIMEOUT", max(1000, math.ceil(dead_after_s * 1000))),
+    )
+    for name, value in options:
+        option = getattr(socket, name, None)
+        if option is None:
+            continue
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+        except (OSError, OverflowError):  # refused or out of this platform's range: a belt only
+            pass

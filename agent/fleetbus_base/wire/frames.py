@@ -22,12 +22,15 @@ from json.encoder import c_make_encoder as _c_make_encoder  # None without the C
 from json.encoder import encode_basestring as _encode_str
 from typing import Any, Callable, Dict, Optional, Union
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 """The newest protocol version this module speaks. Version 2 adds one thing: an
 ``exec`` may send its stdin as ``data`` frames (``stdin_size`` in its args) instead of
-base64 in the open frame's header, whose 64 KiB limit capped stdin near 48 KiB."""
+base64 in the open frame's header, whose 64 KiB limit capped stdin near 48 KiB.
+Version 3 changes only who keeps an idle link alive: the agent pings, the controller
+listens and answers rarely (see ``Connection._heartbeat``), so an idle agent costs its
+gateway one received frame per interval instead of a ping sent and a pong received."""
 
-SUPPORTED_VERSIONS = (1, 2)
+SUPPORTED_VERSIONS = (1, 2, 3)
 """Every protocol version this module can speak, announced in ``hello``."""
 
 MAX_HEADER = 0xFFFF

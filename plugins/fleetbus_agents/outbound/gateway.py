@@ -21,7 +21,8 @@ failed keys by address and key id; failures are logged in aggregate.
 
 Settings (``ctx.settings``): ``listen`` ("HOST:PORT", default "0.0.0.0:7443"),
 ``advertise`` (the address agents should dial, default this host's name and the port),
-``heartbeat_s`` (5), ``handshake_timeout_s`` (5: TLS and hello together),
+``heartbeat_s`` (10: with protocol-3 agents a dead agent is noticed within 30 s, a hung
+gateway by its agents within 60 s; see docs/agent-protocol.md), ``handshake_timeout_s`` (5: TLS and hello together),
 ``max_handshakes`` (64: agents in their TLS and key handshake at once; more wait,
 accepted), ``handshake_wait_s`` (as handshake_timeout_s: longest wait for a slot),
 ``max_unauthenticated`` (8192), ``max_unauthenticated_per_address`` (8192: a fleet
@@ -111,7 +112,10 @@ class GatewaySettings(TransportSettings):
 
     listen: str = "0.0.0.0:7443"
     advertise: str | None = None
-    heartbeat_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    # 10 s: 15,000 idle protocol-3 agents cost ~9-10% of a core (bench/idlebench.py; 15 s
+    # saved little at that size), and a dead agent is noticed within 30 s, a hung gateway
+    # within 60 s.
+    heartbeat_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
     handshake_timeout_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
     max_handshakes: int = Field(default=MAX_HANDSHAKES, ge=1)
     handshake_wait_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
