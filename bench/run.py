@@ -23,12 +23,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from clusterbench import cluster_rows
-from figures import Row, Sizes, agents_scale, describe, exec_agent, exec_local, put_agent, up_to_first_command
+from figures import Row, Sizes, describe, exec_agent, exec_local, put_agent, up_to_first_command
 from floors import floor_rows
+from gatewaybench import gateway_rows, split_rows
 from getjobbench import get_job_rows
 from harness import Stack
 from jobbench import job_rows
 from jobputbench import job_put_rows
+from scalebench import raise_fd_limit, scale_rows
 
 
 def machine() -> dict[str, str]:
@@ -103,8 +105,12 @@ async def main(args: argparse.Namespace) -> list[Row]:
                 # Before the scale rows, whose thousands of agents would load the
                 # baseline's `fleetbus up`; its own processes are stopped when it ends.
                 rows += await cluster_rows(stack, work, mode)
+            if on("gateway"):
+                # Their agents and gateways are stopped when each ends.
+                rows += await gateway_rows(stack, sizes, work, mode)
+                rows += await split_rows(stack, sizes, work, mode)
             if on("scale"):
-                rows += await agents_scale(stack, sizes, work)
+                rows += await scale_rows(stack, work, args.agents or sizes.agents_held)
         finally:
             await stack.stop()
         if on("ssh"):
@@ -121,8 +127,9 @@ def cli() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, under two minutes")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the benchmarks work")
-    parser.add_argument("--only", action="append", choices=["startup", "local", "agent", "put", "floors", "jobs", "cluster", "scale", "ssh"])
+    parser.add_argument("--only", action="append", choices=["startup", "local", "agent", "put", "floors", "jobs", "cluster", "gateway", "scale", "ssh"])
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--agents", type=int, help="agents for the scale rows (default: by mode; issue 22: 15000)")
     args = parser.parse_args()
     started = time.perf_counter()
     # This process spawns the local exec baseline with asyncio and is the client of the
@@ -131,6 +138,7 @@ def cli() -> int:
     from fleetbus import tuning
 
     tuning.apply((*tuning.TRANSFER, "pidfd_child_watcher"))
+    raise_fd_limit()  # the swarms it starts hold one descriptor per agent
     try:
         rows = asyncio.run(main(args))
     finally:
