@@ -31,6 +31,7 @@ from harness import Stack
 from jobbench import job_rows
 from jobputbench import job_put_rows
 from scalebench import raise_fd_limit, scale_rows
+from transfercpu import put_cpu_rows
 
 
 def machine() -> dict[str, str]:
@@ -93,6 +94,7 @@ async def main(args: argparse.Namespace) -> list[Row]:
                 rows += await exec_agent(stack, sizes, work)
             if on("put"):
                 rows += await put_agent(stack, sizes, work, scp)
+                rows += await put_cpu_rows(stack, sizes, work)
             if on("floors"):
                 # Before the scale rows: their thousands of agents stay connected.
                 rows += await floor_rows(stack, sizes, work, scp)
