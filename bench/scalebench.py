@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
 
-from figures import MS, Row
-from harness import Stack, metric_samples, rss_bytes, start_swarm, stop_process
+from figures import MS, Row, _children
+from harness import Stack, cpu_seconds, metric_samples, rss_bytes, start_swarm, stop_process
 from jobbench import PING_CONCURRENCY, Summaries, _checked, until_selected
 from support.processes import FLEETBUS
 
@@ -233,22 +233,37 @@ async def _storm(stack: Stack, gw: GatewayProcess, names: list[str],
                  swarms: list[subprocess.Popen[bytes]]) -> list[Row]:
     agents = len(names)
     rss_held = rss_bytes(gw.pid)
+
+    def others() -> dict[str, float]:
+        return {"swarms": sum(cpu_seconds(p.pid) for p in swarms),
+                "nats-server": sum(cpu_seconds(p) for p in _children(stack.pid)),
+                "fleetbus up": cpu_seconds(stack.pid)}
+
+    cpu0 = others()
     gw.kill()
     killed = time.perf_counter()
     await asyncio.sleep(RESTART_SEC)
     gw.start()
     held_s: float | None = None
+    # CPU seconds each part spent from the kill until the gateway held them all: where
+    # the storm's time goes (the restarted gateway's own total is all of it).
+    cpu_held: dict[str, float] = {}
     with RssSampler(gw.pid) as rss:
         async def all_held() -> int | None:
             nonlocal held_s
             count = await asyncio.to_thread(gw.connected)
             if count is not None and count >= agents and held_s is None:
                 held_s = time.perf_counter() - killed
+                cpu_held.update(others(), gateway=cpu_seconds(gw.pid))
             return count
 
         deadline = killed + max(300.0, 5 * STORM_TARGET_S)
+        marks = [10, 20, 30, 45, 60, 90, 120, 180, 240]
+        progress: list[str] = []  # agents held at each mark: how the storm drains
         while held_s is None and time.perf_counter() < deadline:
-            await all_held()
+            count = await all_held()
+            while marks and time.perf_counter() - killed >= marks[0]:
+                progress.append(f"{marks.pop(0)} s {count}")
             await asyncio.sleep(0.25)
         # Whether or not the count reached N, the pings decide "answering".
         missing = ""
@@ -259,12 +274,14 @@ async def _storm(stack: Stack, gw: GatewayProcess, names: list[str],
         answered_s = time.perf_counter() - killed
         held_now = gw.connected()
     held = f"{held_s:.1f} s" if held_s is not None else "NEVER"
+    spent = ", ".join(f"{k} {v - cpu0.get(k, 0.0):.1f}" for k, v in cpu_held.items())
     gave_up = _gave_up(swarms)
     ok = not missing and answered_s <= STORM_TARGET_S and not gave_up and rss.peak <= GiB
     return [Row(f"reconnect storm: {agents} agents answering after their gateway is killed and restarted",
                 answered_s, None, "s", "<= 60 s, none gives up, RSS <= 1024 MiB", ok,
                 note=(f"{missing}SIGKILL, restarted {RESTART_SEC:g} s later (RestartSec); "
-                      f"all held {held} after the kill (now {held_now}); "
+                      f"all held {held} after the kill (now {held_now}; held at {', '.join(progress) or '-'}; "
+                      f"CPU s until then: {spent or '-'}); "
                       f"gateway RSS peak {rss.peak / MiB:.0f} MiB over {rss.samples} samples "
                       f"(before the kill {rss_held / MiB:.0f} MiB); handshakes dropped: {gw.dropped()}; "
                       f"swarm processes exited: {gave_up}"))]
