@@ -3,6 +3,8 @@
     python3 dev.py bench            # full figures (several minutes)
     python3 dev.py bench --quick    # under two minutes
     .venv/bin/python bench/run.py --smoke --json   # seconds; what the test suite runs
+    .venv/bin/python bench/run.py --only gateway   # gateway vs its floor relay, one vs two gateways
+    .venv/bin/python bench/run.py --only scale --agents 15000   # issue 22's full scale and storm
 
 Absolute times on a shared machine drift; ratios against a baseline measured in the
 same run hold. The machine (cores, Python, kernel) is printed with every run.
