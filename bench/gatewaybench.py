@@ -122,11 +122,13 @@ async def split_rows(stack: Stack, sizes: Sizes, work: Path, mode: str) -> list[
     """ping/s over 2N agents on two gateway processes against the same on one."""
     half = sizes.agents_ping_rate
     total = 2 * half
-    one = GatewayProcess(stack, work / "split-one").start()
-    pair = [GatewayProcess(stack, work / f"split-{i}").start() for i in (1, 2)]
+    one = GatewayProcess(stack, work / "split-one")
+    pair = [GatewayProcess(stack, work / f"split-{i}") for i in (1, 2)]
     swarms: dict[str, list[subprocess.Popen[bytes]]] = {"one": [], "two": []}
     try:
-        records = [await gw.record() for gw in (one, *pair)]
+        records = []
+        for gw in (one, *pair):  # one at a time: each starts as a worker joining a running deployment
+            records.append(await gw.start().record())
         one_names = [f"split-one-{i:05d}" for i in range(total)]
         two_names = [f"split-two-{i:05d}" for i in range(total)]
         one_keys = await stack.add_agents(one_names)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import resource
 import signal
 import socket
@@ -62,9 +63,23 @@ def raise_fd_limit() -> int:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A free port below the kernel's ephemeral range. One inside it can be taken while
+    the process that should listen on it is down: thousands of agents dialling a killed
+    gateway pick their local ports there, and one that picks the gateway's own port
+    connects to itself (TCP simultaneous open), so the restarted gateway cannot bind."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randrange(max(1024, low // 2), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port below {low} on {host}")
 
 
 @dataclass
@@ -102,7 +117,8 @@ class GatewayProcess:
                 if record["address"] == self.listen:
                     return record
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"gateway worker exited with {self.proc.returncode}; see {self.home}/gateway.log")
+                log = (self.home / "gateway.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"gateway worker exited with {self.proc.returncode}:\n{log}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"gateway {self.listen} never published its record")
             await asyncio.sleep(0.2)
