@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -79,8 +80,10 @@ async def main(args: argparse.Namespace) -> list[Row]:
         scp = scp_baseline
     except ImportError:
         pass
-    with tempfile.TemporaryDirectory(prefix="fleetbus-bench-") as tmp:
+    keep = contextlib.nullcontext(args.workdir) if args.workdir else None
+    with keep or tempfile.TemporaryDirectory(prefix="fleetbus-bench-") as tmp:
         work = Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         wanted = set(args.only or [])
 
         def on(name: str) -> bool:
@@ -133,6 +136,8 @@ def cli() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the benchmarks work")
     parser.add_argument("--only", action="append", choices=["startup", "local", "agent", "put", "floors", "jobs", "cluster", "gateway", "scale", "ssh"])
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--workdir", help="keep every process's files and logs here (default: a temporary "
+                        "directory, removed at the end)")
     parser.add_argument("--agents", type=int, help="agents for the scale rows (default: by mode; issue 22: 15000)")
     args = parser.parse_args()
     started = time.perf_counter()
