@@ -117,7 +117,7 @@ async def main(args: argparse.Namespace) -> list[Row]:
                 rows += await gateway_rows(stack, sizes, work, mode)
                 rows += await split_rows(stack, sizes, work, mode)
             if on("scale"):
-                rows += await scale_rows(stack, work, args.agents or sizes.agents_held)
+                rows += await scale_rows(stack, work, args.agents or sizes.agents_held, args.gateway_setting)
         finally:
             await stack.stop()
         if on("ssh"):
@@ -136,6 +136,8 @@ def cli() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the benchmarks work")
     parser.add_argument("--only", action="append", choices=["startup", "local", "agent", "put", "floors", "jobs", "cluster", "gateway", "scale", "ssh"])
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--gateway-setting", action="append", metavar="KEY=VALUE",
+                        help="an agent-outbound setting for the scale rows' gateway (repeatable)")
     parser.add_argument("--workdir", help="keep every process's files and logs here (default: a temporary "
                         "directory, removed at the end)")
     parser.add_argument("--agents", type=int, help="agents for the scale rows (default: by mode; issue 22: 15000)")

@@ -198,10 +198,14 @@ def _gave_up(swarms: list[subprocess.Popen[bytes]]) -> int:
     return sum(1 for p in swarms if p.poll() is not None)
 
 
-async def scale_rows(stack: Stack, work: Path, agents: int, connect_timeout: float = 900) -> list[Row]:
-    """The rows above for ``agents`` agents; the gateway and swarms are stopped at the end."""
+async def scale_rows(stack: Stack, work: Path, agents: int, settings: list[str] | None = None,
+                     connect_timeout: float = 900) -> list[Row]:
+    """The rows above for ``agents`` agents; the gateway and swarms are stopped at the end.
+    ``settings`` ("KEY=VALUE") are the gateway's agent-outbound settings, for trying its
+    admission limits against a storm (the gateway's defaults otherwise)."""
     limit = raise_fd_limit()
-    gw = GatewayProcess(stack, work / "scale-gateway").start()
+    extra = [a for kv in settings or [] for a in ("--transport-setting", f"agent-outbound.{kv}")]
+    gw = GatewayProcess(stack, work / "scale-gateway", extra=extra).start()
     swarms: list[subprocess.Popen[bytes]] = []
     try:
         record = await gw.record()
@@ -220,7 +224,8 @@ async def scale_rows(stack: Stack, work: Path, agents: int, connect_timeout: flo
         fds = len(os.listdir(f"/proc/{gw.pid}/fd"))
         rows = [Row(f"agents held by one gateway ({agents})", rss / MiB, None, "MiB RSS",
                     f"{agents} answering, RSS <= 1024 MiB", rss <= GiB,
-                    note=(f"one `fleetbus worker` gateway; all answered {connect_s:.1f} s after {processes} swarm "
+                    note=(f"one `fleetbus worker` gateway{' with ' + ', '.join(settings) if settings else ''}; "
+                          f"all answered {connect_s:.1f} s after {processes} swarm "
                           f"processes started; {fds} descriptors open (limit {limit}); RSS before agents "
                           f"{rss_before / MiB:.0f} MiB; handshakes dropped: {gw.dropped()}"))]
 
