@@ -198,6 +198,17 @@ def _gave_up(swarms: list[subprocess.Popen[bytes]]) -> int:
     return sum(1 for p in swarms if p.poll() is not None)
 
 
+def _held_unless_gone(gw: GatewayProcess, swarms: list[subprocess.Popen[bytes]]) -> int | None:
+    """The gateway's count of agents, or an error at once when a swarm process exited
+    (its agents gave up: the first connect would otherwise wait out its whole timeout)."""
+    for proc in swarms:
+        if proc.poll() is not None:
+            log = Path(str(proc.args[-1])).parent / "swarm.log"
+            tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+            raise RuntimeError(f"a swarm process exited with {proc.returncode}:\n{tail}")
+    return gw.connected()
+
+
 async def scale_rows(stack: Stack, work: Path, agents: int, settings: list[str] | None = None,
                      connect_timeout: float = 900) -> list[Row]:
     """The rows above for ``agents`` agents; the gateway and swarms are stopped at the end.
@@ -217,7 +228,7 @@ async def scale_rows(stack: Stack, work: Path, agents: int, settings: list[str] 
         for i in range(processes):
             part = keys[i::processes]
             swarms.append(start_swarm(work / f"scale-swarm{i}", gw.listen, str(record["ca_fingerprint"]), part))
-        await stack.wait_answering(names, timeout=connect_timeout, held=gw.connected)
+        await stack.wait_answering(names, timeout=connect_timeout, held=lambda: _held_unless_gone(gw, swarms))
         connect_s = time.perf_counter() - t0
         await asyncio.sleep(1.0)  # settled: the handshake buffers freed
         rss = rss_bytes(gw.pid)
