@@ -45,7 +45,6 @@ class Sizes:
     agents_ping_rate: int
     ping_seconds: float
     agents_held: int
-    agents_fanout: int
     put_mib: int
     sftp_mib: int
     transfer_rounds: int
@@ -58,13 +57,13 @@ class Sizes:
     @classmethod
     def of(cls, mode: str) -> Sizes:
         if mode == "smoke":
-            return cls(exec_n=20, agents_ping_rate=10, ping_seconds=1, agents_held=10, agents_fanout=10,
+            return cls(exec_n=20, agents_ping_rate=10, ping_seconds=1, agents_held=10,
                        put_mib=8, sftp_mib=8, transfer_rounds=1, ssh_exec_n=10, job_agents=10)
         if mode == "quick":
             return cls(exec_n=200, agents_ping_rate=100, ping_seconds=3, agents_held=300,
-                       agents_fanout=300, put_mib=128, sftp_mib=64, transfer_rounds=2, ssh_exec_n=60, job_agents=200)
+                       put_mib=128, sftp_mib=64, transfer_rounds=2, ssh_exec_n=60, job_agents=200)
         return cls(exec_n=2000, agents_ping_rate=500, ping_seconds=10, agents_held=5000,
-                   agents_fanout=1000, put_mib=1024, sftp_mib=256, transfer_rounds=3, ssh_exec_n=200,
+                   put_mib=1024, sftp_mib=256, transfer_rounds=3, ssh_exec_n=200,
                    job_agents=1000)
 
 
@@ -286,56 +285,6 @@ async def request_rate(request: Callable[[int], Awaitable[Any]], count: int, sec
     per = {k: (sum(cpu_seconds(p) for p in pids) - cpu0[k]) / max(done, 1) for k, pids in parts.items()}
     per["client"] = (time.process_time() - client0) / max(done, 1)
     return done / elapsed, per
-
-
-async def _ping_rate(stack: Stack, names: list[str], seconds: float,
-                     window: int = 512) -> tuple[float, float, dict[str, float]]:
-    """Pings per second, the gateway's CPU (fraction of one core), and CPU per ping by process."""
-    parts = {"gateway (fleetbus up)": [stack.pid],
-             "nats-server": _children(stack.pid),
-             "agents": [p.pid for p in stack.swarms]}
-
-    async def ping(i: int) -> None:
-        await stack.client.ping(names[i], timeout_s=30)
-
-    rate, per_ping = await request_rate(ping, len(names), seconds, parts, window)
-    return rate, per_ping["gateway (fleetbus up)"] * rate, per_ping
-
-
-async def agents_scale(stack: Stack, sizes: Sizes, work: Path) -> list[Row]:
-    held = max(sizes.agents_held, sizes.agents_fanout, sizes.agents_ping_rate)
-    names = [f"bench-{i:05d}" for i in range(held)]
-    keys = await stack.add_agents(names)
-    rss_before = rss_bytes(stack.pid)
-    await stack.swarm(work / "swarms", keys, processes=max(1, min(4, held // 250)))
-    t0 = time.perf_counter()
-    await stack.wait_answering(names)
-    connect_s = time.perf_counter() - t0
-    rss = rss_bytes(stack.pid) / MiB
-    dropped = {name.split('reason="')[1].rstrip('"}'): int(v) for name, v in
-               (await asyncio.to_thread(stack.gateway_metrics, "fleetbus_gateway_handshakes_dropped_total{")).items()}
-    turned = ", ".join(f"{k} {v}" for k, v in sorted(dropped.items())) or "none"
-    rows = [Row(f"agents held by one gateway ({held})", rss, None, "MiB RSS",
-                f"{sizes.agents_held} answering, RSS <= 1024 MiB", rss <= 1024,
-                note=(f"all answered {connect_s:.1f} s after start; connections dropped before their "
-                      f"handshake finished: {turned}; RSS before agents {rss_before / MiB:.0f} MiB"))]
-    fan = names[: sizes.agents_fanout]
-    for _ in range(2):  # warm: first pings open sessions in the host
-        await asyncio.gather(*(stack.client.ping(n, timeout_s=30) for n in fan))
-    t0 = time.perf_counter()
-    await asyncio.gather(*(stack.client.ping(n, timeout_s=30) for n in fan))
-    fan_s = time.perf_counter() - t0
-    rows.append(Row(f"ping all {len(fan)} agents, concurrent", fan_s * MS, None, "ms", "<= 1000 ms",
-                    fan_s <= 1.0))
-    rate, cpu, per_ping = await _ping_rate(stack, names[: sizes.agents_ping_rate], sizes.ping_seconds)
-    total = sum(per_ping.values())
-    spent = ", ".join(f"{k} {v * 1e6:.0f}" for k, v in per_ping.items())
-    rows.append(Row(f"ping/s over {sizes.agents_ping_rate} agents, one gateway", rate, None, "cmd/s",
-                    ">= 5000/s on two cores", rate >= 5000,
-                    note=(f"gateway CPU {cpu * 100:.0f}% of one core; CPU us per ping: {spent}; "
-                          f"all processes {total * 1e6:.0f} us, so at most "
-                          f"{(os.cpu_count() or 1) / total:.0f}/s on {os.cpu_count()} cores")))
-    return rows
 
 
 def _write_file(path: Path, mib: int) -> str:

@@ -13,6 +13,7 @@ import statistics
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ __all__ = [
     "Stack",
     "cpu_seconds",
     "gateway_of",
+    "metric_samples",
     "percentile",
     "rss_bytes",
     "shipped_agent",
@@ -59,6 +61,23 @@ def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def metric_samples(url: str | None, prefix: str) -> dict[str, float]:
+    """The samples of a Prometheus endpoint whose name starts with ``prefix`` ({} if none answers)."""
+    if not url:
+        return {}
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            text = resp.read().decode()
+    except OSError:
+        return {}
+    found = {}
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            name, _, value = line.rpartition(" ")
+            found[name] = float(value)
+    return found
 
 
 def shipped_agent(workdir: Path) -> list[str]:
@@ -106,36 +125,27 @@ class Stack:
 
     def gateway_metrics(self, prefix: str) -> dict[str, float]:
         """The samples of `fleetbus up`'s /metrics whose name starts with ``prefix``."""
-        url = self.fleet.metrics_url
-        if not url:
-            return {}
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                text = resp.read().decode()
-        except OSError:
-            return {}
-        found = {}
-        for line in text.splitlines():
-            if line.startswith(prefix):
-                name, _, value = line.rpartition(" ")
-                found[name] = float(value)
-        return found
+        return metric_samples(self.fleet.metrics_url, prefix)
 
     def agents_connected(self) -> int | None:
         """The gateway's own count of connected agents (its /metrics gauge), or None."""
         value = self.gateway_metrics("fleetbus_gateway_agents_connected ").get("fleetbus_gateway_agents_connected")
         return None if value is None else int(value)
 
-    async def wait_answering(self, names: list[str], timeout: float = 300) -> None:
+    async def wait_answering(self, names: list[str], timeout: float = 300,
+                             held: Callable[[], int | None] | None = None) -> None:
+        """Until every one of ``names`` answers a ping; ``held`` counts the agents the
+        gateway holding them has (default: `fleetbus up`'s own gateway)."""
         pending = set(names)
         deadline = time.monotonic() + timeout
+        held = held or self.agents_connected
         # Ping only once the gateway holds them all. Pinging agents that are not connected
         # yet costs a no-responders reply and an admin lookup each, thousands a second in
         # the same process and JetStream the connecting agents need (key check, status):
         # the bench itself slowed the storm it measures. The pings below still decide.
         while time.monotonic() < deadline:
-            held = await asyncio.to_thread(self.agents_connected)
-            if held is None or held >= len(names):
+            count = await asyncio.to_thread(held)
+            if count is None or count >= len(names):
                 break
             await asyncio.sleep(0.5)
         sem = asyncio.Semaphore(512)

@@ -3,6 +3,8 @@
     python3 dev.py bench            # full figures (several minutes)
     python3 dev.py bench --quick    # under two minutes
     .venv/bin/python bench/run.py --smoke --json   # seconds; what the test suite runs
+    .venv/bin/python bench/run.py --only gateway   # gateway vs its floor relay, one vs two gateways
+    .venv/bin/python bench/run.py --only scale --agents 15000   # issue 22's full scale and storm
 
 Absolute times on a shared machine drift; ratios against a baseline measured in the
 same run hold. The machine (cores, Python, kernel) is printed with every run.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -23,12 +26,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from clusterbench import cluster_rows
-from figures import Row, Sizes, agents_scale, describe, exec_agent, exec_local, put_agent, up_to_first_command
+from figures import Row, Sizes, describe, exec_agent, exec_local, put_agent, up_to_first_command
 from floors import floor_rows
+from gatewaybench import gateway_rows, split_rows
 from getjobbench import get_job_rows
 from harness import Stack
 from jobbench import job_rows
 from jobputbench import job_put_rows
+from scalebench import raise_fd_limit, scale_rows
+from transfercpu import put_cpu_rows
 
 
 def machine() -> dict[str, str]:
@@ -74,8 +80,10 @@ async def main(args: argparse.Namespace) -> list[Row]:
         scp = scp_baseline
     except ImportError:
         pass
-    with tempfile.TemporaryDirectory(prefix="fleetbus-bench-") as tmp:
+    keep = contextlib.nullcontext(args.workdir) if args.workdir else None
+    with keep or tempfile.TemporaryDirectory(prefix="fleetbus-bench-") as tmp:
         work = Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         wanted = set(args.only or [])
 
         def on(name: str) -> bool:
@@ -91,6 +99,7 @@ async def main(args: argparse.Namespace) -> list[Row]:
                 rows += await exec_agent(stack, sizes, work)
             if on("put"):
                 rows += await put_agent(stack, sizes, work, scp)
+                rows += await put_cpu_rows(stack, sizes, work)
             if on("floors"):
                 # Before the scale rows: their thousands of agents stay connected.
                 rows += await floor_rows(stack, sizes, work, scp)
@@ -103,8 +112,12 @@ async def main(args: argparse.Namespace) -> list[Row]:
                 # Before the scale rows, whose thousands of agents would load the
                 # baseline's `fleetbus up`; its own processes are stopped when it ends.
                 rows += await cluster_rows(stack, work, mode)
+            if on("gateway"):
+                # Their agents and gateways are stopped when each ends.
+                rows += await gateway_rows(stack, sizes, work, mode)
+                rows += await split_rows(stack, sizes, work, mode)
             if on("scale"):
-                rows += await agents_scale(stack, sizes, work)
+                rows += await scale_rows(stack, work, args.agents or sizes.agents_held, args.gateway_setting)
         finally:
             await stack.stop()
         if on("ssh"):
@@ -121,8 +134,13 @@ def cli() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, under two minutes")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the benchmarks work")
-    parser.add_argument("--only", action="append", choices=["startup", "local", "agent", "put", "floors", "jobs", "cluster", "scale", "ssh"])
+    parser.add_argument("--only", action="append", choices=["startup", "local", "agent", "put", "floors", "jobs", "cluster", "gateway", "scale", "ssh"])
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--gateway-setting", action="append", metavar="KEY=VALUE",
+                        help="an agent-outbound setting for the scale rows' gateway (repeatable)")
+    parser.add_argument("--workdir", help="keep every process's files and logs here (default: a temporary "
+                        "directory, removed at the end)")
+    parser.add_argument("--agents", type=int, help="agents for the scale rows (default: by mode; issue 22: 15000)")
     args = parser.parse_args()
     started = time.perf_counter()
     # This process spawns the local exec baseline with asyncio and is the client of the
@@ -131,6 +149,7 @@ def cli() -> int:
     from fleetbus import tuning
 
     tuning.apply((*tuning.TRANSFER, "pidfd_child_watcher"))
+    raise_fd_limit()  # the swarms it starts hold one descriptor per agent
     try:
         rows = asyncio.run(main(args))
     finally:

@@ -8,9 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Every figure starts its own parts (a dozen stacks, gateways killed and restarted, an
+# sshd): about two minutes on a loaded two-core machine, over the suite's default.
+@pytest.mark.timeout(300)
 def test_bench_smoke_reports_every_figure() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--json"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
@@ -24,6 +29,12 @@ def test_bench_smoke_reports_every_figure() -> None:
         assert expected in figures, figures
     assert any(f.startswith("agents held by one gateway") for f in figures)
     assert any(f.startswith("ping all") for f in figures)
+    # Issue 22: the scale rows on a gateway process of its own, and the gateway against its floor.
+    for part in ("ping job over 10 agents on one gateway process", "reconnect storm: 10 agents",
+                 "gateway CPU per ping over 10 agents vs the floor relay", "ping/s over 10 agents, one gateway",
+                 "ping/s over 20 agents split over two gateway processes", "8 MiB put via outbound agent vs its floor",
+                 "CPU seconds per GiB, 8 MiB put via outbound agent vs scp + sshd"):
+        assert any(f.startswith(part) for f in figures), (part, figures)
     assert any("put via outbound agent" in f for f in figures)
     assert any("put on ssh" in f for f in figures) and any("get on ssh" in f for f in figures)
     # The floors: each figure again through the bus and transport layers alone.
