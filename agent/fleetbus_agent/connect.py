@@ -177,12 +177,18 @@ async def _open(target: Target, ctx: ssl.SSLContext, name: str,
     try:
         sock.setblocking(False)
         await asyncio.wait_for(loop.sock_connect(sock, address), tcp_timeout)
-        left = max(0.1, CONNECT_TIMEOUT_S - (loop.time() - started))
-        return await asyncio.wait_for(
-            asyncio.open_connection(sock=sock, ssl=ctx, server_hostname=_sni_name(name)), left)
     except BaseException:
         sock.close()
         raise
+    # From here the socket belongs to the transport asyncio makes of it, which closes it
+    # on failure. Closing it here as well was a bug: a wait_for timing out in the loop
+    # turn between the transport's creation and its connection_made left that transport
+    # registered on the descriptor, and the next socket given the same number failed
+    # with "File descriptor N is used by transport" (seen in a 15,000-agent reconnect
+    # storm). asyncio's own handshake timeout aborts the transport properly.
+    left = max(0.1, CONNECT_TIMEOUT_S - (loop.time() - started))
+    return await asyncio.open_connection(sock=sock, ssl=ctx, server_hostname=_sni_name(name),
+                                         ssl_handshake_timeout=left)
 
 
 async def _probe_ca(target: Target, tcp_timeout: float) -> bytes:
@@ -315,6 +321,11 @@ async def run_connect(opts: ConnectOptions, stop: asyncio.Event,
         except (OSError, asyncio.TimeoutError, socket.gaierror) as exc:
             log.warning("cannot reach the gateway at %s:%s (%s): %s", target.host, target.port, target.address,
                         exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__)
+        except Exception as exc:
+            # An agent never gives up on its gateway: anything unforeseen is logged and
+            # retried with the same backoff, instead of ending the process's only loop.
+            log.error("connecting to the gateway at %s:%s failed unexpectedly: %s: %s",
+                      target.host, target.port, type(exc).__name__, exc)
         if time.monotonic() - started > STABLE_AFTER_S:
             attempt = 0
         # The next gateway, whatever happened: the one that just failed or dropped us is
