@@ -5,6 +5,7 @@
     .venv/bin/python bench/run.py --smoke --json   # seconds; what the test suite runs
     .venv/bin/python bench/run.py --only gateway   # gateway vs its floor relay, one vs two gateways
     .venv/bin/python bench/run.py --only scale --agents 15000   # issue 22's full scale and storm
+    .venv/bin/python bench/run.py --only idle --agents 15000    # issue 22's idle cost, measured, not extrapolated
 
 Absolute times on a shared machine drift; ratios against a baseline measured in the
 same run hold. The machine (cores, Python, kernel) is printed with every run.
@@ -31,6 +32,7 @@ from floors import floor_rows
 from gatewaybench import gateway_rows, split_rows
 from getjobbench import get_job_rows
 from harness import Stack
+from idlebench import idle_rows
 from jobbench import job_rows
 from jobputbench import job_put_rows
 from scalebench import raise_fd_limit, scale_rows
@@ -116,6 +118,8 @@ async def main(args: argparse.Namespace) -> list[Row]:
                 # Their agents and gateways are stopped when each ends.
                 rows += await gateway_rows(stack, sizes, work, mode)
                 rows += await split_rows(stack, sizes, work, mode)
+            if on("idle"):
+                rows += await idle_rows(work / "idle", mode, args.agents)
             if on("scale"):
                 rows += await scale_rows(stack, work, args.agents or sizes.agents_held, args.gateway_setting)
         finally:
@@ -134,13 +138,13 @@ def cli() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes, under two minutes")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: checks the benchmarks work")
-    parser.add_argument("--only", action="append", choices=["startup", "local", "agent", "put", "floors", "jobs", "cluster", "gateway", "scale", "ssh"])
+    parser.add_argument("--only", action="append", choices=["startup", "local", "agent", "put", "floors", "jobs", "cluster", "gateway", "scale", "idle", "ssh"])
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--gateway-setting", action="append", metavar="KEY=VALUE",
                         help="an agent-outbound setting for the scale rows' gateway (repeatable)")
     parser.add_argument("--workdir", help="keep every process's files and logs here (default: a temporary "
                         "directory, removed at the end)")
-    parser.add_argument("--agents", type=int, help="agents for the scale rows (default: by mode; issue 22: 15000)")
+    parser.add_argument("--agents", type=int, help="agents for the scale and idle rows (default: by mode; issue 22: 15000)")
     args = parser.parse_args()
     started = time.perf_counter()
     # This process spawns the local exec baseline with asyncio and is the client of the

@@ -33,7 +33,8 @@ def test_bench_smoke_reports_every_figure() -> None:
     for part in ("ping job over 10 agents on one gateway process", "reconnect storm: 10 agents",
                  "gateway CPU per ping over 10 agents vs the floor relay", "ping/s over 10 agents, one gateway",
                  "ping/s over 20 agents split over two gateway processes", "8 MiB put via outbound agent vs its floor",
-                 "CPU seconds per GiB, 8 MiB put via outbound agent vs scp + sshd"):
+                 "CPU seconds per GiB, 8 MiB put via outbound agent vs scp + sshd",
+                 "idle CPU of one gateway, 20 idle agents"):
         assert any(f.startswith(part) for f in figures), (part, figures)
     assert any("put via outbound agent" in f for f in figures)
     assert any("put on ssh" in f for f in figures) and any("get on ssh" in f for f in figures)
