@@ -44,11 +44,16 @@ TARGET_AGENTS = 15_000
 async def hold(workdir: Path, agents: int, heartbeat_s: float) -> Stack:
     """A `fleetbus up` with ``agents`` connected agents, each having answered a ping."""
     stack = await Stack.start(workdir, "--transport-setting", f"agent-outbound.heartbeat_s={heartbeat_s:g}")
+    await connect(stack, workdir, agents)
+    return stack
+
+
+async def connect(stack: Stack, workdir: Path, agents: int) -> None:
+    """``agents`` agents added, connected and each having answered a ping."""
     names = [f"idle-{i:05d}" for i in range(agents)]
     keys = await stack.add_agents(names)
     await stack.swarm(workdir / "swarms", keys, processes=max(1, min(4, agents // 250)))
     await stack.wait_answering(names, timeout=900)
-    return stack
 
 
 async def release(stack: Stack) -> None:
@@ -84,14 +89,16 @@ async def window(pids: dict[str, list[int]], seconds: float) -> dict[str, float]
     return {k: 100 * (_cpu(v) - before[k]) / elapsed for k, v in pids.items()}
 
 
-def figures(pct: dict[str, float], agents: int, heartbeat_s: float) -> dict[str, float]:
+def figures(pct: dict[str, float], agents: int, heartbeat_s: float, base: float = 0.0) -> dict[str, float]:
+    """``base``: the same gateway's % with no agents, which does not grow with them."""
     gateway = pct["gateway"]
+    per_agent = max(0.0, gateway - base) / agents
     return {
         "gateway_pct": round(gateway, 2),
         "nats_pct": round(pct["nats"], 2),
         "agents_pct": round(pct["agents"], 2),
-        "us_per_agent_interval": round(gateway / 100 * heartbeat_s / agents * 1e6, 1),
-        "gateway_pct_at_15000": round(gateway * TARGET_AGENTS / agents, 1),
+        "us_per_agent_interval": round(per_agent / 100 * heartbeat_s * 1e6, 1),
+        "gateway_pct_at_15000": round(base + per_agent * TARGET_AGENTS, 1),
     }
 
 
@@ -99,14 +106,17 @@ async def idle_row(workdir: Path, agents: int = 3000, heartbeat_s: float = 10.0,
                    window_s: float = 40.0, settle_s: float | None = None) -> dict[str, Any]:
     """The gateway's idle CPU with ``agents`` idle agents, as a dict of figures."""
     raise_fd_limit()
-    stack = await hold(workdir, agents, heartbeat_s)
+    stack = await Stack.start(workdir, "--transport-setting", f"agent-outbound.heartbeat_s={heartbeat_s:g}")
     try:
+        # What the gateway costs with no agent at all, so only the growth is extrapolated.
+        base = (await window(groups(stack), max(2.0, window_s / 2)))["gateway"]
+        await connect(stack, workdir, agents)
         # Connects and status writes settle first (not a readiness wait: a quiet period).
         await asyncio.sleep(max(10.0, 2 * heartbeat_s) if settle_s is None else settle_s)
         pct = await window(groups(stack), window_s)
-        return {"agents": agents, "heartbeat_s": heartbeat_s, "window_s": window_s,
+        return {"agents": agents, "heartbeat_s": heartbeat_s, "window_s": window_s, "base_pct": round(base, 2),
                 "load": round(os.getloadavg()[0], 2), "gateway_rss_mib": rss_bytes(stack.pid) >> 20,
-                **figures(pct, agents, heartbeat_s)}
+                **figures(pct, agents, heartbeat_s, base)}
     finally:
         await release(stack)
 
@@ -122,8 +132,9 @@ async def idle_rows(workdir: Path, mode: str, agents: int | None = None) -> list
     at = got["gateway_pct_at_15000"]
     return [Row(f"idle CPU of one gateway, {got['agents']} idle agents at heartbeat {heartbeat_s:g} s",
                 got["gateway_pct"], None, "% of a core", "15,000 idle agents <= 10% (extrapolated here)",
-                at <= 10, note=(f"{got['us_per_agent_interval']:.0f} us per agent per interval, so "
-                                f"{at:.1f}% at 15,000 at this heartbeat; agent swarms {got['agents_pct']:.1f}%, nats-server "
+                at <= 10, note=(f"{got['us_per_agent_interval']:.0f} us per agent per interval over the "
+                                f"{got['base_pct']:.2f}% of the gateway alone, so {at:.1f}% at 15,000 at this "
+                                f"heartbeat; agent swarms {got['agents_pct']:.1f}%, nats-server "
                                 f"{got['nats_pct']:.1f}%; window {window_s:g} s at load {got['load']}; "
                                 f"gateway RSS {got['gateway_rss_mib']} MiB"))]
 
