@@ -1740,14 +1740,17 @@ async def test_silent_agent_is_declared_dead_by_heartbeat(tls: Tls) -> None:
     assert controller.close_reason == "agent connection lost: heartbeat timeout"
 
 
-async def test_silent_controller_is_declared_dead_by_heartbeat(tls: Tls) -> None:
+async def agent_of_a_silent_controller(tls: Tls, heartbeat_s: float, deadline_s: float,
+                                       versions: tuple[int, ...] | None = None) -> tuple[Connection, float]:
+    """An agent handshaken with a controller that then neither reads nor writes (its kernel
+    still acknowledges: only silence tells), once the agent gave it up, and how long that took."""
     done = asyncio.Event()
+    offered = {} if versions is None else {"versions": versions}
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # Version 2's bound (3 intervals); version 3's is in test_heartbeat.py.
-        await controller_handshake(reader, writer, authenticate, heartbeat_s=0.2, versions=(1, 2))
+        await controller_handshake(reader, writer, authenticate, heartbeat_s=heartbeat_s, **offered)
         writer.transport.pause_reading()
-        await done.wait()  # handshaken, then silent
+        await done.wait()
         writer.close()
 
     async with listener(tls, handler) as port:
@@ -1756,9 +1759,16 @@ async def test_silent_controller_is_declared_dead_by_heartbeat(tls: Tls) -> None
         agent = Connection.from_welcome(reader, writer, welcome, Ops())
         started = time.monotonic()
         agent.start()
-        await asyncio.wait_for(agent.wait_closed(), DEADLINE_S)
-        elapsed = time.monotonic() - started
-        done.set()
+        try:
+            await asyncio.wait_for(agent.wait_closed(), deadline_s)
+            return agent, time.monotonic() - started
+        finally:
+            done.set()
+
+
+async def test_silent_controller_is_declared_dead_by_heartbeat(tls: Tls) -> None:
+    # Version 2's bound (3 intervals); version 3's is in test_heartbeat.py.
+    agent, elapsed = await agent_of_a_silent_controller(tls, 0.2, DEADLINE_S, versions=(1, 2))
     assert agent.close_reason == "controller connection lost: heartbeat timeout"
     assert agent.stats.pings_sent >= 1  # a quiet controller is pinged before it is given up
     assert 0.4 <= elapsed < 1.5

@@ -19,7 +19,6 @@ import pytest
 from fleetbus_base.wire import (
     Connection,
     agent_handshake,
-    controller_handshake,
 )
 from fleetbus_base.wire.connection import (
     AGENT_DEAD_AFTER_HEARTBEATS,
@@ -33,7 +32,7 @@ from test_agent_protocol import (
     KEY,
     Ops,
     Tls,
-    authenticate,
+    agent_of_a_silent_controller,
     connected,
     dial,
     final_event,
@@ -116,23 +115,7 @@ async def test_a_frozen_agent_is_dropped_within_the_bound_and_a_healthy_one_is_n
 async def test_a_hung_controller_is_noticed_by_the_agent_within_its_bound(tls: Tls) -> None:
     interval = 0.2
     bound = AGENT_DEAD_AFTER_HEARTBEATS * interval
-    done = asyncio.Event()
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await controller_handshake(reader, writer, authenticate, heartbeat_s=interval)
-        writer.transport.pause_reading()  # its kernel still acknowledges: only silence tells
-        await done.wait()
-        writer.close()
-
-    async with listener(tls, handler) as port:
-        reader, writer = await dial(tls, port)
-        welcome = await agent_handshake(reader, writer, {"method": "key", "key": KEY})
-        agent = Connection.from_welcome(reader, writer, welcome, Ops())
-        started = time.monotonic()
-        agent.start()
-        await asyncio.wait_for(agent.wait_closed(), bound + MARGIN_S)
-        elapsed = time.monotonic() - started
-        done.set()
+    agent, elapsed = await agent_of_a_silent_controller(tls, interval, bound + MARGIN_S)
     assert agent.close_reason == "controller connection lost: heartbeat timeout"
     assert elapsed >= bound - interval
     assert agent.stats.pings_sent >= AGENT_DEAD_AFTER_HEARTBEATS - 2  # one per silent interval
