@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -26,18 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from harness import Stack, dumps, start_swarm, stop_process
+from support.ports import free_port
 from support.processes import FLEETBUS
 
 
 def _start_worker(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     with open(log_path, "ab") as log:
         return subprocess.Popen([FLEETBUS, *args], stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _gateway_records(stack: Stack) -> dict[str, dict[str, Any]]:
@@ -78,7 +72,7 @@ async def measure(work: Path, agents: int, processes: int) -> dict[str, Any]:
     worker: subprocess.Popen[bytes] | None = None
     try:
         fleet = stack.fleet
-        listen = f"127.0.0.1:{_free_port()}"
+        listen = f"127.0.0.1:{free_port()}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_") or k == "FLEETBUS_TUNING"}
         env.update(FLEETBUS_HOME=str(work / "gateway-a"), FLEETBUS_NATS_URL=fleet.nats_url,
                    FLEETBUS_NATS_TOKEN=fleet.token, FLEETBUS_MASTER_KEY_FILE=str(fleet.home / "master.key"))

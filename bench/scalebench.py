@@ -27,10 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import random
 import resource
 import signal
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from typing import Self
 from figures import MS, Row, _children
 from harness import Stack, cpu_seconds, metric_samples, rss_bytes, start_swarm, stop_process
 from jobbench import PING_CONCURRENCY, Summaries, _checked, until_selected
+from support.ports import free_port
 from support.processes import FLEETBUS
 
 MiB = 1024 * 1024
@@ -60,26 +59,6 @@ def raise_fd_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A free port below the kernel's ephemeral range. One inside it can be taken while
-    the process that should listen on it is down: thousands of agents dialling a killed
-    gateway pick their local ports there, and one that picks the gateway's own port
-    connects to itself (TCP simultaneous open), so the restarted gateway cannot bind."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    for _ in range(200):
-        port = random.randrange(max(1024, low // 2), low)
-        with socket.socket() as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port below {low} on {host}")
 
 
 @dataclass

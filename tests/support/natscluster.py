@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import secrets
 import signal
-import socket
 import subprocess
 import urllib.request
 from dataclasses import dataclass, field
@@ -22,15 +21,10 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 
+from .ports import free_port
 from .processes import NATS_SERVER, shared_env, stop_process, wait_for
 
 CLUSTER_NAME = "fbtest"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
