@@ -23,13 +23,8 @@ import pytest
 from nats.aio.client import Client as NATS
 from prometheus_client.parser import text_string_to_metric_families
 from support.agents import Agent, add_agent_server, gateway_of, start_swarm, wait_online
+from support.ports import free_port
 from support.processes import Fleet, pid_alive, stop_process, wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
