@@ -157,6 +157,21 @@ def _jitter() -> float:
     return 0.5 + int.from_bytes(os.urandom(2), "big") / 131072
 
 
+def backoff_delay(opts: ConnectOptions, attempt: int) -> float:
+    """Seconds to wait after ``attempt`` failed rounds (0 first): anywhere between half
+    the minimum and a ceiling that doubles from ``backoff_min_s`` to ``backoff_max_s``.
+
+    Drawn over the whole range ("full jitter"), not its upper half: after a gateway
+    restart thousands of agents back off together, and while the gateway works through
+    them each one turned away is a connection and a TLS hello spent on both sides. Spread
+    wide, they arrive at an even pace and the last come back sooner (15,000 agents of
+    the bench's reconnect storm: docs/performance.md).
+    """
+    ceiling = min(opts.backoff_max_s, opts.backoff_min_s * (2 ** attempt))
+    floor = opts.backoff_min_s / 2
+    return floor + max(0.0, ceiling - floor) * (int.from_bytes(os.urandom(2), "big") / 65536)
+
+
 class GatewayRejected(Exception):
     """The gateway is not who it should be (pin mismatch)."""
 
@@ -365,11 +380,10 @@ async def run_connect(opts: ConnectOptions, stop: asyncio.Event,
         index = (index + 1) % len(targets)
         if index == 0 and (len(targets) == 1 or time.monotonic() - started <= STABLE_AFTER_S):
             # A full round failed: back off before the next.
-            delay = min(opts.backoff_max_s, opts.backoff_min_s * (2 ** attempt))
+            delay = backoff_delay(opts, attempt)
             attempt = min(attempt + 1, 30)
         else:
-            delay = opts.backoff_min_s
-        delay *= _jitter()  # jitter: a gateway restart must not bring a thundering herd
+            delay = opts.backoff_min_s * _jitter()  # a gateway restart must not bring a thundering herd
         try:
             await asyncio.wait_for(stop.wait(), delay)
         except asyncio.TimeoutError:
