@@ -23,7 +23,7 @@ Settings (``ctx.settings``): ``listen`` ("HOST:PORT", default "0.0.0.0:7443"),
 ``advertise`` (the address agents should dial, default this host's name and the port),
 ``heartbeat_s`` (10: with protocol-3 agents a dead agent is noticed within 30 s, a hung
 gateway by its agents within 60 s; see docs/agent-protocol.md), ``handshake_timeout_s`` (5: TLS and hello together),
-``max_handshakes`` (64: agents in their TLS and key handshake at once; more wait,
+``max_handshakes`` (512: agents in their TLS and key handshake at once; more wait,
 accepted), ``handshake_wait_s`` (as handshake_timeout_s: longest wait for a slot),
 ``max_unauthenticated`` (8192), ``max_unauthenticated_per_address`` (8192: a fleet
 behind one NAT address reconnects at once too; fairness to other addresses comes from
@@ -85,7 +85,12 @@ TRIM_EVERY_S = 10.0
 # Agents in their handshake (TLS, hello, key check) at once; the rest wait, accepted,
 # with no TLS state yet (fleetbus_base.admission). When 5,000 agents dialled at once,
 # every handshake ran at the same time, most missed their deadlines and started over.
-MAX_HANDSHAKES = 64
+# A slot is held across the agent's round trips and the key check's, not only the
+# gateway's CPU: with 64, a 15,000-agent reconnect storm left the gateway under 40% of
+# a core while connections waited for a slot (125.6 s until all were back); with 512,
+# 102.4 s and half as many turned away (docs/performance.md). 512 handshakes of ~3 ms
+# of CPU each still end within their 5 s deadline.
+MAX_HANDSHAKES = 512
 # An address that keeps failing to authenticate may hold this many unauthenticated
 # connections at once instead of max_unauthenticated_per_address: penalised, not
 # banned, so a correct agent behind the same NAT address still gets a handshake.
