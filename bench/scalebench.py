@@ -50,6 +50,16 @@ PING_WINDOW = PING_CONCURRENCY
 RESTART_SEC = 2.0
 STORM_TARGET_S = 60.0
 AGENTS_PER_SWARM = 2000  # swarm processes for N agents: N / this, at least 1
+# Each swarm dials from loopback addresses of its own, as agents on several hosts would:
+# from one address, a storm runs into the gateway's cap on connections held per source
+# address before their handshake (8,192), which no real fleet of this size meets.
+SOURCES_PER_SWARM = 2
+
+
+def swarm_sources(i: int) -> list[str]:
+    """The loopback source addresses of swarm ``i`` (127.0.0.2 on; 127.0.0.1 is the gateway's)."""
+    return [f"127.0.{(n >> 8) & 255}.{n & 255}" for n in
+            range(2 + i * SOURCES_PER_SWARM, 2 + (i + 1) * SOURCES_PER_SWARM)]
 
 
 def raise_fd_limit() -> int:
@@ -206,7 +216,8 @@ async def scale_rows(stack: Stack, work: Path, agents: int, settings: list[str] 
         t0 = time.perf_counter()
         for i in range(processes):
             part = keys[i::processes]
-            swarms.append(start_swarm(work / f"scale-swarm{i}", gw.listen, str(record["ca_fingerprint"]), part))
+            swarms.append(start_swarm(work / f"scale-swarm{i}", gw.listen, str(record["ca_fingerprint"]), part,
+                                      sources=swarm_sources(i)))
         await stack.wait_answering(names, timeout=connect_timeout, held=lambda: _held_unless_gone(gw, swarms))
         connect_s = time.perf_counter() - t0
         await asyncio.sleep(1.0)  # settled: the handshake buffers freed
@@ -216,7 +227,8 @@ async def scale_rows(stack: Stack, work: Path, agents: int, settings: list[str] 
                     f"{agents} answering, RSS <= 1024 MiB", rss <= GiB,
                     note=(f"one `fleetbus worker` gateway{' with ' + ', '.join(settings) if settings else ''}; "
                           f"all answered {connect_s:.1f} s after {processes} swarm "
-                          f"processes started; {fds} descriptors open (limit {limit}); RSS before agents "
+                          f"processes started, from {processes * SOURCES_PER_SWARM} loopback addresses; "
+                          f"{fds} descriptors open (limit {limit}); RSS before agents "
                           f"{rss_before / MiB:.0f} MiB; handshakes dropped: {gw.dropped()}"))]
 
         await _ping_all(stack, names, PING_WINDOW)  # warm: the first pings open sessions in the host

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client as NATS
 from support.agents import AGENT
+from support.ports import free_port
 from support.processes import Fleet, stop_process, wait_for
 
 S = "fleetbus.v1.servers"
@@ -132,12 +133,6 @@ def test_pinned_agent_behaves_like_local(fleet: Fleet, listeners, tmp_path: Path
     assert listed["status"]["state"] == "online" and listed["status"]["agent_version"].startswith("fleetbus-agent/")
     assert agent.key not in fleet.output() and agent.key not in agent.log()
     assert agent.key not in fleet.cli("servers", "show", "db1", "--json").stdout
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_without_a_key_fleetbus_issues_one_and_the_printed_commands_work(fleet: Fleet, tmp_path: Path) -> None:

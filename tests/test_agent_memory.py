@@ -80,6 +80,18 @@ def test_the_reconnect_jitter_stays_in_its_range() -> None:
     assert max(draws) - min(draws) > 0.4  # spread, not a constant
 
 
+def test_the_backoff_spreads_over_its_whole_range() -> None:
+    from fleetbus_agent.connect import ConnectOptions, backoff_delay
+
+    opts = ConnectOptions(host="gw", port=1, key="k", backoff_min_s=0.5, backoff_max_s=30.0)
+    assert all(0.25 <= backoff_delay(opts, 0) < 0.5 for _ in range(200))  # jittered from the first
+    draws = [backoff_delay(opts, 10) for _ in range(4000)]  # the ceiling reached: 30 s
+    assert all(0.25 <= d < 30.0 for d in draws)
+    # The whole range, not its upper half: a storm's agents come back at an even pace.
+    assert sum(d < 15.0 for d in draws) > 1500 and sum(d < 7.5 for d in draws) > 700
+    assert all(0.25 <= backoff_delay(opts, 3) < 4.0 for _ in range(200))  # 0.5 s doubled three times
+
+
 def test_the_zipapp_runs_from_its_own_bytecode(tmp_path: Path) -> None:
     from fleetbus_agent.build import build_zipapp
 

@@ -23,13 +23,8 @@ import pytest
 from nats.aio.client import Client as NATS
 from prometheus_client.parser import text_string_to_metric_families
 from support.agents import Agent, add_agent_server, gateway_of, start_swarm, wait_online
+from support.ports import free_port
 from support.processes import Fleet, pid_alive, stop_process, wait_for
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -140,12 +135,21 @@ def test_second_connection_with_the_same_key_replaces_the_first(fleet: Fleet, ag
     key = add_agent_server(fleet, "twin")
     first = agent_factory(key, "first")
     wait_online(fleet, "twin")
-    second = agent_factory(key, "second")
+    # From another address, so the status shows which connection the gateway kept.
+    second = agent_factory(key, "second", extra=["--source-address", "127.0.0.2"])
     wait_for(lambda: "dropping its older connection" in fleet.output(), what="replacement logged")
     wait_for(lambda: "replaced by a newer connection" in first.log(), what="first agent told why")
+    # The server was served all along: its status record is written again for the new link.
+    wait_for(lambda: _status(fleet, "twin")["remote_address"].startswith("127.0.0.2:"),
+             what="the status names the newer connection")
     first.stop()
     wait_online(fleet, "twin")
     assert second.proc.poll() is None
+
+
+def _status(fleet: Fleet, name: str) -> dict:
+    listed = json.loads(fleet.cli("servers", "list", "--json").stdout)
+    return next(s for s in listed if s["name"] == name)["status"]
 
 
 def test_agent_killed_mid_command_fails_it_as_offline(fleet: Fleet, agent_factory, tmp_path: Path) -> None:
@@ -509,3 +513,10 @@ def test_agent_status_is_refreshed_in_shares_stalest_first() -> None:
     # Not all 15 due links in one burst: this tick's share, the stalest first.
     assert [link.server for link in stale] == [f"s{i}" for i in range(29, 29 - int(share), -1)]
     assert all(now - link.status_at >= STATUS_EVERY_S for link in stale)
+
+
+def test_the_agent_dials_from_the_source_address_it_is_given(fleet: Fleet, agent_factory) -> None:
+    # 127.0.0.2 is on loopback too, but the kernel never picks it by itself for 127.0.0.1.
+    agent_factory(add_agent_server(fleet, "src1"), extra=["--source-address", "127.0.0.2"])
+    wait_online(fleet, "src1")
+    assert _status(fleet, "src1")["remote_address"].startswith("127.0.0.2:")

@@ -15,6 +15,7 @@ import json
 import secrets
 import signal
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 from fleetbus.audit import encode_record
@@ -25,7 +26,7 @@ from fleetbus.jetstream import open_state
 from fleetbus.subjects import Names
 from nats.aio.client import Client as NATS
 from support.auditread import audit_records
-from support.processes import until
+from support.processes import Daemon, until
 from test_audit import fields
 from test_worker_crash import Deployment, add_server, conn, deployment  # noqa: F401 (fixtures)
 
@@ -41,6 +42,25 @@ def waiting(folder: Path) -> list[bytes]:
 
 def record_of(line: bytes) -> dict[str, object]:
     return json.loads(line.split(b" ", 3)[3])
+
+
+class OneWorker(NamedTuple):
+    """A deployment's one worker serving server s1, a client of it, and its audit spool."""
+
+    names: Names
+    worker: Daemon
+    fb: Client
+    spool: Path
+
+
+@pytest.fixture
+async def one_worker(
+        deployment: Deployment, conn: NATS) -> OneWorker:  # noqa: F811 (the fixtures imported above)
+    names = Names(deployment.prefix)
+    worker = deployment.add_worker()
+    await add_server(conn, deployment.prefix, "s1")
+    spool = Path(deployment.env["FLEETBUS_HOME"]) / "audit-spool"
+    return OneWorker(names, worker, Client(conn, names), spool)
 
 
 def test_a_stored_record_is_marked_and_a_full_segment_deleted_once_stored(tmp_path: Path) -> None:
@@ -114,11 +134,9 @@ def test_only_a_dead_process_segments_are_adopted_and_a_torn_line_is_skipped(tmp
 
 
 async def test_a_worker_killed_before_its_records_were_stored_loses_none(
-        deployment: Deployment, conn: NATS) -> None:  # noqa: F811 (the fixtures imported above)
-    names = Names(deployment.prefix)
-    worker = deployment.add_worker()
-    await add_server(conn, deployment.prefix, "s1")
-    fb = Client(conn, names)
+        deployment: Deployment, conn: NATS,  # noqa: F811 (the fixtures imported above)
+        one_worker: OneWorker) -> None:
+    names, worker, fb, spool = one_worker
     await fb.exec("s1", ["true"], timeout_s=10)  # served: the worker's session is open
     # Without the stream every record is refused (503), kept and sent again.
     js = conn.jetstream()
@@ -126,7 +144,6 @@ async def test_a_worker_killed_before_its_records_were_stored_loses_none(
     ids = [f"spool-{secrets.token_hex(3)}-{n}" for n in range(5)]
     for command_id in ids:
         await fb.exec("s1", ["true"], timeout_s=10, command_id=command_id)
-    spool = Path(deployment.env["FLEETBUS_HOME"]) / "audit-spool"
     held = {record_of(line)["id"] for line in spooled(spool) if line.startswith(b"+ ")}
     assert set(ids) <= held, held
     worker.stop(signal.SIGKILL)
@@ -142,15 +159,12 @@ async def test_a_worker_killed_before_its_records_were_stored_loses_none(
 
 
 async def test_a_worker_killed_after_its_records_were_stored_sends_none_again(
-        deployment: Deployment, conn: NATS) -> None:  # noqa: F811 (the fixtures imported above)
-    names = Names(deployment.prefix)
-    worker = deployment.add_worker()
-    await add_server(conn, deployment.prefix, "s1")
-    fb = Client(conn, names)
+        deployment: Deployment, conn: NATS,  # noqa: F811 (the fixtures imported above)
+        one_worker: OneWorker) -> None:
+    names, worker, fb, spool = one_worker
     ids = [f"drained-{secrets.token_hex(3)}-{n}" for n in range(5)]
     for command_id in ids:
         await fb.exec("s1", ["true"], timeout_s=10, command_id=command_id)
-    spool = Path(deployment.env["FLEETBUS_HOME"]) / "audit-spool"
     # Every record stored and marked so: the spool is drained, its file not emptied.
     await until(lambda: {record_of(line)["id"] for line in spooled(spool) if line.startswith(b"- ")} >= set(ids)
                 and not waiting(spool), 30, "the records marked stored")

@@ -26,14 +26,8 @@ from typing import Any
 
 import pytest
 from support.agents import Agent
+from support.ports import free_port
 from support.processes import FLEETBUS, NATS_SERVER, Daemon, NatsServer, wait_for
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

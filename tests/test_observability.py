@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import time
 import urllib.parse
@@ -28,6 +27,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from prometheus_client.parser import text_string_to_metric_families
 from support.agents import Agent, add_agent_server, gateway_of
+from support.ports import free_port
 from support.processes import Fleet, stop_process, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,12 +200,6 @@ def test_commands_are_counted_timed_and_sized(fleet: Fleet, tmp_path: Path) -> N
     assert val(after, "fleetbus_blocking_threads_max") > 0
     assert val(after, "fleetbus_server_up", server="local", transport="local") == 1
     assert [v for (n, _), v in after.items() if n == "fleetbus_info"] == [1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_no_secret_in_any_label_and_few_label_names(fleet: Fleet, tmp_path: Path) -> None:

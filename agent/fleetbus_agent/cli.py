@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fingerprint", action="append", metavar="sha256:HEX",
                    help="pin the gateways' CA or one gateway's certificate (repeatable: any matches)")
     c.add_argument("--server-name", metavar="NAME", help="host name to check the certificate against")
+    c.add_argument("--source-address", metavar="ADDR",
+                   help="local address to dial from (a host with several), else the system's choice")
     c.add_argument("-v", "--verbose", action="count", default=0)
     li = sub.add_parser("listen", help="listen for fleetbus to connect in (inbound agent)",
                         formatter_class=_HelpFormatter)
@@ -170,7 +172,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         (host, port), more = gateways[0], gateways[1:]
         opts = ConnectOptions(host=host, port=port, key=read_key(args.key_file), ca_file=args.ca,
                               fingerprint=pins[0] if pins else None, server_hostname=args.server_name,
-                              more_gateways=more, more_fingerprints=pins[1:])
+                              more_gateways=more, more_fingerprints=pins[1:],
+                              source_address=args.source_address)
     except UsageError as exc:
         print(f"fleetbus-agent: error: {exc}", file=sys.stderr)
         return 2

@@ -62,6 +62,8 @@ class ConnectOptions:
     """Gateways after ``host``:``port``, in the order they are tried."""
     more_fingerprints: List[str] = field(default_factory=list)
     """Further accepted pins (a CA's and an old gateway certificate's, while moving)."""
+    source_address: Optional[str] = None
+    """The local address to dial from (a host with several), else the kernel's choice."""
 
     def __repr__(self) -> str:  # the key stays out of any log or traceback
         return f"ConnectOptions(host={self.host!r}, port={self.port})"
@@ -84,10 +86,29 @@ class Target:
 
 
 class Trust:
-    """What the agent learnt while running: the pinned CA, once a gateway showed it."""
+    """What the agent learnt while running: the pinned CA, once a gateway showed it, and
+    the TLS contexts for the pinned paths, made once instead of per attempt (making one
+    and loading the CA into it was a fifth of an agent's CPU in a reconnect storm)."""
 
     def __init__(self) -> None:
         self.ca_der: Optional[bytes] = None
+        self._pinned_ctx: Optional[ssl.SSLContext] = None
+        self._ca_ctx: Optional[ssl.SSLContext] = None
+
+    def pinned_context(self, opts: ConnectOptions) -> ssl.SSLContext:
+        """The context for a pinned gateway (checked after the handshake); a ``--ca``
+        file is read again each attempt, so a renewed one is picked up."""
+        if opts.ca_file:
+            return client_context(opts)
+        if self._pinned_ctx is None:
+            self._pinned_ctx = client_context(opts)
+        return self._pinned_ctx
+
+    def ca_context(self, server_hostname: Optional[str]) -> ssl.SSLContext:
+        """The context that verifies gateways against the learnt CA."""
+        if self._ca_ctx is None:
+            self._ca_ctx = _ca_context(self.ca_der or b"", server_hostname)
+        return self._ca_ctx
 
 
 def normalize_fingerprint(value: str) -> str:
@@ -136,6 +157,21 @@ def _jitter() -> float:
     return 0.5 + int.from_bytes(os.urandom(2), "big") / 131072
 
 
+def backoff_delay(opts: ConnectOptions, attempt: int) -> float:
+    """Seconds to wait after ``attempt`` failed rounds (0 first): anywhere between half
+    the minimum and a ceiling that doubles from ``backoff_min_s`` to ``backoff_max_s``.
+
+    Drawn over the whole range ("full jitter"), not its upper half: after a gateway
+    restart thousands of agents back off together, and while the gateway works through
+    them each one turned away is a connection and a TLS hello spent on both sides. Spread
+    wide, they arrive at an even pace and the last come back sooner (15,000 agents of
+    the bench's reconnect storm: docs/performance.md).
+    """
+    ceiling = min(opts.backoff_max_s, opts.backoff_min_s * (2 ** attempt))
+    floor = opts.backoff_min_s / 2
+    return floor + max(0.0, ceiling - floor) * (int.from_bytes(os.urandom(2), "big") / 65536)
+
+
 class GatewayRejected(Exception):
     """The gateway is not who it should be (pin mismatch)."""
 
@@ -158,8 +194,8 @@ def _ca_context(ca_der: bytes, server_hostname: Optional[str]) -> ssl.SSLContext
     return ctx
 
 
-async def _open(target: Target, ctx: ssl.SSLContext, name: str,
-                tcp_timeout: float) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+async def _open(target: Target, ctx: ssl.SSLContext, name: str, tcp_timeout: float,
+                source: Optional[str] = None) -> Tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """TLS to ``target``: the TCP connect within ``tcp_timeout``, all of it within CONNECT_TIMEOUT_S."""
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -170,12 +206,15 @@ async def _open(target: Target, ctx: ssl.SSLContext, name: str,
         infos = []  # a name that did not resolve before: asyncio resolves and reports it
     if not infos:
         return await asyncio.wait_for(
-            asyncio.open_connection(target.address, target.port, ssl=ctx, server_hostname=_sni_name(name)),
+            asyncio.open_connection(target.address, target.port, ssl=ctx, server_hostname=_sni_name(name),
+                                    local_addr=(source, 0) if source else None),
             CONNECT_TIMEOUT_S)
     family, kind, proto, _canon, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
         sock.setblocking(False)
+        if source:
+            sock.bind((source, 0))
         await asyncio.wait_for(loop.sock_connect(sock, address), tcp_timeout)
     except BaseException:
         sock.close()
@@ -191,13 +230,13 @@ async def _open(target: Target, ctx: ssl.SSLContext, name: str,
                                          ssl_handshake_timeout=left)
 
 
-async def _probe_ca(target: Target, tcp_timeout: float) -> bytes:
+async def _probe_ca(target: Target, tcp_timeout: float, source: Optional[str] = None) -> bytes:
     """The CA certificate (DER) the gateway at ``target`` presents for ``CA_PROBE_NAME``."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    _reader, writer = await _open(target, ctx, CA_PROBE_NAME, tcp_timeout)
+    _reader, writer = await _open(target, ctx, CA_PROBE_NAME, tcp_timeout, source)
     try:
         ssl_object = writer.get_extra_info("ssl_object")
         return (ssl_object.getpeercert(binary_form=True) if ssl_object else None) or b""
@@ -215,30 +254,32 @@ async def _verified(opts: ConnectOptions, target: Target, trust: Trust,
     """
     name = opts.server_hostname or target.host
     pins = opts.pins()
+    source = opts.source_address
     if opts.ca_file:
-        reader, writer = await _open(target, client_context(opts), name, tcp_timeout)
+        reader, writer = await _open(target, client_context(opts), name, tcp_timeout, source)
         if pins and not _pinned(peer_fingerprint(writer), pins):  # both given: both must hold
             writer.close()
             raise GatewayRejected("the gateway's certificate does not match the pinned fingerprint")
         return reader, writer
     if trust.ca_der is not None:
         try:
-            return await _open(target, _ca_context(trust.ca_der, opts.server_hostname), name, tcp_timeout)
+            return await _open(target, trust.ca_context(opts.server_hostname), name, tcp_timeout, source)
         except ssl.SSLCertVerificationError:
             pass  # not signed by that CA; the certificate itself may still be pinned
-    reader, writer = await _open(target, client_context(opts), name, tcp_timeout)
+    reader, writer = await _open(target, trust.pinned_context(opts), name, tcp_timeout, source)
     if _pinned(peer_fingerprint(writer), pins):
         return reader, writer
     writer.close()
-    if trust.ca_der is None and await _learn_ca(target, pins, trust, tcp_timeout):
-        return await _open(target, _ca_context(trust.ca_der or b"", opts.server_hostname), name, tcp_timeout)
+    if trust.ca_der is None and await _learn_ca(target, pins, trust, tcp_timeout, source):
+        return await _open(target, trust.ca_context(opts.server_hostname), name, tcp_timeout, source)
     raise GatewayRejected("the gateway's certificate does not match the pinned fingerprint")
 
 
-async def _learn_ca(target: Target, pins: List[str], trust: Trust, tcp_timeout: float) -> bool:
+async def _learn_ca(target: Target, pins: List[str], trust: Trust, tcp_timeout: float,
+                    source: Optional[str] = None) -> bool:
     """Whether the CA the gateway at ``target`` presents is pinned (then ``trust`` keeps it)."""
     try:
-        ca_der = await _probe_ca(target, tcp_timeout)
+        ca_der = await _probe_ca(target, tcp_timeout, source)
     except ssl.SSLError:
         return False
     if ca_der and _pinned(sha256_hex(ca_der), pins):
@@ -280,7 +321,13 @@ async def resolve(gateways: List[Tuple[str, int]]) -> List[Target]:
     targets: List[Target] = []
     for host, port in gateways:
         try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            # An address needs no lookup: resolved here, not in the loop's thread pool,
+            # whose hand-off cost a busy agent (a reconnect storm) 7% of its CPU.
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST)
+        except (OSError, UnicodeError):
+            infos = []
+        try:
+            infos = infos or await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (OSError, UnicodeError):
             infos = []
         addresses: List[str] = []
@@ -333,11 +380,10 @@ async def run_connect(opts: ConnectOptions, stop: asyncio.Event,
         index = (index + 1) % len(targets)
         if index == 0 and (len(targets) == 1 or time.monotonic() - started <= STABLE_AFTER_S):
             # A full round failed: back off before the next.
-            delay = min(opts.backoff_max_s, opts.backoff_min_s * (2 ** attempt))
+            delay = backoff_delay(opts, attempt)
             attempt = min(attempt + 1, 30)
         else:
-            delay = opts.backoff_min_s
-        delay *= _jitter()  # jitter: a gateway restart must not bring a thundering herd
+            delay = opts.backoff_min_s * _jitter()  # a gateway restart must not bring a thundering herd
         try:
             await asyncio.wait_for(stop.wait(), delay)
         except asyncio.TimeoutError:

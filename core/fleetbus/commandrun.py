@@ -159,9 +159,10 @@ class CommandRunner:
             # Our own shutdown: tell the requester rather than leaving it to time out. The
             # claim stays: the command may have started, and this worker's lease ends.
             outcome = Outcome(reply=error_reply(command.id, Cancelled("the worker is shutting down")))
-            staged = self._stage(command, outcome, replayed)
+            result = _result(outcome)
+            staged = self._stage(command, outcome, result, replayed)
             await self._respond(msg, outcome.reply)
-            self._count(command, outcome)
+            self._count(command, outcome, result)
             await self.host.auditor.send(staged)
             raise
         except Exception:
@@ -176,9 +177,10 @@ class CommandRunner:
         # The record is on disk before the reply leaves: a worker that dies after replying
         # still has it for the next start (auditspool.py). Metrics promise nothing of the
         # kind, so they are counted after it.
-        staged = self._stage(command, outcome, replayed)
+        result = _result(outcome)
+        staged = self._stage(command, outcome, result, replayed)
         await self._respond(msg, outcome.reply)
-        self._count(command, outcome)
+        self._count(command, outcome, result)
         if claimed is not None:
             await self._settle(command, claimed, outcome)
         await self.host.auditor.send(staged)
@@ -394,20 +396,21 @@ class CommandRunner:
             command.on_behalf or command.identity.record(), self.host.settings.worker_id,
             summarize(command.op, command.body))
 
-    def _stage(self, command: _Command, outcome: Outcome, replayed: bool) -> StagedRecord | None:
-        """Stage the command's audit record (None when it has none)."""
+    def _stage(self, command: _Command, outcome: Outcome, result: str, replayed: bool) -> StagedRecord | None:
+        """Stage the command's audit record (None when it has none); ``result`` is
+        ``_result(outcome)``."""
         command.elapsed = time.monotonic() - command.started
         if command.preparing is not None:  # the run never waited
             command.preparing.cancel()
             command.preparing = None
         if _unaudited(command):
             return None
-        result = _result(outcome)
         # A malformed request's record may be skipped while the audit stream lags, so a
         # flood of them cannot crowd out the records of commands that ran (audit.py).
         malformed = not outcome.ran and result in (InvalidRequest.code, TooLarge.code)
         if not malformed:
-            if command.prepared is None or command.prepared.command_id != command.id:
+            # The id is final before anything prepares (_parse sets it from the request).
+            if command.prepared is None:
                 self._prepare(command)  # a ping or info, or a run that never waited
             assert command.prepared is not None
             return self.host.auditor.stage_prepared(command.prepared, utcnow(), result, outcome.exit_code,
@@ -424,10 +427,9 @@ class CommandRunner:
             "bytes": outcome.bytes, "replayed": replayed,
         }, skippable=malformed)
 
-    def _count(self, command: _Command, outcome: Outcome) -> None:
+    def _count(self, command: _Command, outcome: Outcome, result: str) -> None:
         """The command's metrics (after the reply: they promise nothing to the requester)."""
         label_op = _label_op(command.op)
-        result = _result(outcome)
         if result == Forbidden.code:
             self.host.denied(command.identity, label_op)
         self.host.metrics.for_transport(command.served.transport).finished(

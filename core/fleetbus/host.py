@@ -134,14 +134,14 @@ class _Context:
         finally:
             gauge.dec()
 
-    async def serve(self, server: Server) -> None:
-        await self.host.serve(self.transport_name, server)
+    async def serve(self, server: Server, status: Mapping[str, Any] | None = None) -> None:
+        await self.host.serve(self.transport_name, server, status)
 
     async def unserve(self, name: str) -> None:
         await self.host.unserve(name)
 
     async def lookup_server(self, name: str) -> Server | None:
-        return await self.host.registry.find(name)
+        return await self.host.find_server(name)
 
     async def credential(self, name: str) -> Credential:
         return await self.host._credential(name)
@@ -219,6 +219,10 @@ class PluginHost:
         self.transports: dict[str, Transport] = {}
         self.sessions: dict[str, SessionPool] = {}
         self.served: dict[str, Served] = {}
+        # Every registered server as the registry watch last delivered it: a lookup
+        # (a gateway checks one per agent that connects) costs a dict hit instead of a
+        # KV read through nats-server.
+        self.known: dict[str, Server] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[Any]] = []
         self._cancel_subs: list[Subscription] = []
@@ -331,7 +335,17 @@ class PluginHost:
         return await self.vault.get(name)
 
     # which servers we serve ------------------------------------------------------
+    async def find_server(self, name: str) -> Server | None:
+        """``name``'s registry record: as the watch delivered it, else read from the
+        bucket (a server added a moment ago may not have reached the watch yet)."""
+        known = self.known.get(name)
+        return known if known is not None else await self.registry.find(name)
+
     async def _on_registry(self, name: str, server: Server | None) -> None:
+        if server is None:
+            self.known.pop(name, None)
+        else:
+            self.known[name] = server
         current = self.served.get(name)
         if server is None:
             if current is not None:
@@ -351,54 +365,65 @@ class PluginHost:
         if transport is not None and transport.serves_registered and transport.accepts(server):
             await self.serve(server.transport, server)
 
-    async def serve(self, transport: str, server: Server) -> None:
-        """Answer ``server``'s subjects from this process."""
+    async def serve(self, transport: str, server: Server, status: Mapping[str, Any] | None = None) -> None:
+        """Answer ``server``'s subjects from this process and record it online, with the
+        transport's ``status`` fields (one status write: a gateway's agent connecting
+        costs a read and a write of the status bucket, not two of each)."""
         async with self._serve_lock:
-            if server.name in self.served:
-                self.served[server.name].server = server
-                await self._sync_grants(self.served[server.name])
-                return
-            # A queue group for every transport: where two processes answer one server
-            # at once (workers sharing the registry, or two gateways while one takes an
-            # agent over from the other), NATS hands each request to one of them.
-            queue = self.names.queue_group(transport)
-            served = Served(server=server, transport=transport, sub=None,  # type: ignore[arg-type]
-                             slots=asyncio.Semaphore(server.max_concurrency))
-            identify = self.identify
-
-            def on_msg(msg: Msg) -> None:
-                # Called from nats-py's read loop as the request is parsed (dispatch.py).
-                if msg.subject.endswith(".cancel"):
-                    return  # answered by _on_cancel, which every host receives
-                identity = identify(msg.headers)
-                if msg.reply and not self.reply_allowed(msg.reply, identity):
-                    return  # its reply would be fleetbus publishing where the requester chose
-                ticket = self._admit(msg, identity)
-                if ticket is None:
-                    return
-                task = asyncio.create_task(self.commands.handle(served, msg, ticket, identity))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-
-            # nats-py queues nothing on the direct path; where it must (its internals
-            # differ), the queue holds no more than admission would.
-            limits = self.settings.admission
-            served.sub, served.reader = await subscribe_direct(
-                self.nc, self.names.server_all(server.name), on_msg, queue=queue,
-                pending_msgs_limit=limits.max_waiting,
-                pending_bytes_limit=limits.max_waiting_bytes + MAX_REQUEST_BYTES,
-            )
-            served.dispatch = on_msg
-            self.served[server.name] = served
-            self.metrics.served.labels(transport).inc()
-            await self._sync_grants(served)
-        await self._set_status(server.name, "online", transport)
+            current = self.served.get(server.name)
+            if current is not None:
+                current.server = server
+                await self._sync_grants(current)
+            else:
+                await self._subscribe(transport, server)
+        if current is not None:
+            if status:
+                await self._set_status(server.name, "online", transport, status)
+            return
+        await self._set_status(server.name, "online", transport, status)
         log.info("serving %s (%s)", server.name, transport)
         if server.name in self.served:  # not unserved while its status was written
             self._online.add(server.name)
             for waiter in self._serve_waiters.pop(server.name, []):
                 if not waiter.done():
                     waiter.set_result(None)
+
+    async def _subscribe(self, transport: str, server: Server) -> None:
+        """Subscribe ``server``'s subjects (and its grants'); called holding the serve lock."""
+        # A queue group for every transport: where two processes answer one server
+        # at once (workers sharing the registry, or two gateways while one takes an
+        # agent over from the other), NATS hands each request to one of them.
+        queue = self.names.queue_group(transport)
+        served = Served(server=server, transport=transport, sub=None,  # type: ignore[arg-type]
+                         slots=asyncio.Semaphore(server.max_concurrency))
+        identify = self.identify
+
+        def on_msg(msg: Msg) -> None:
+            # Called from nats-py's read loop as the request is parsed (dispatch.py).
+            if msg.subject.endswith(".cancel"):
+                return  # answered by _on_cancel, which every host receives
+            identity = identify(msg.headers)
+            if msg.reply and not self.reply_allowed(msg.reply, identity):
+                return  # its reply would be fleetbus publishing where the requester chose
+            ticket = self._admit(msg, identity)
+            if ticket is None:
+                return
+            task = asyncio.create_task(self.commands.handle(served, msg, ticket, identity))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        # nats-py queues nothing on the direct path; where it must (its internals
+        # differ), the queue holds no more than admission would.
+        limits = self.settings.admission
+        served.sub, served.reader = await subscribe_direct(
+            self.nc, self.names.server_all(server.name), on_msg, queue=queue,
+            pending_msgs_limit=limits.max_waiting,
+            pending_bytes_limit=limits.max_waiting_bytes + MAX_REQUEST_BYTES,
+        )
+        served.dispatch = on_msg
+        self.served[server.name] = served
+        self.metrics.served.labels(transport).inc()
+        await self._sync_grants(served)
 
     async def wait_served(self, name: str, timeout: float) -> bool:
         """Wait until this process answers ``name``'s subjects; False after ``timeout`` s.
@@ -447,10 +472,11 @@ class PluginHost:
             await self._set_status(name, "offline", served.transport)
         log.info("stopped serving %s", name)
 
-    async def _set_status(self, name: str, state: str, transport: str) -> None:
+    async def _set_status(self, name: str, state: str, transport: str,
+                          fields: Mapping[str, Any] | None = None) -> None:
         if state == "offline" and await self.registry.find(name) is None:
             return
-        await self.services.report_status(name, state, self.transport_classes[transport].version)
+        await self.services.report_status(name, state, self.transport_classes[transport].version, **(fields or {}))
 
     # grants --------------------------------------------------------------------------
     async def _on_users(self) -> None:

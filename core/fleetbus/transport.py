@@ -144,8 +144,12 @@ class TransportContext(Protocol):
         """Run a blocking call in the host's bounded thread pool."""
         ...
 
-    async def serve(self, server: Server) -> None:
-        """Start answering the bus subjects of ``server`` (dynamic transports only)."""
+    async def serve(self, server: Server, status: Mapping[str, Any] | None = None) -> None:
+        """Start answering the bus subjects of ``server`` (dynamic transports only) and
+        record it online. ``status`` adds fields to that status record (what the
+        transport knows of the connection, e.g. ``agent_version`` and
+        ``remote_address``), written with it in one write; given for a server already
+        served, the record is written again with them."""
         ...
 
     async def unserve(self, name: str) -> None:

@@ -46,6 +46,8 @@ class Agent:
     proc: subprocess.Popen[bytes] | None = None
     more_gateways: list[str] = field(default_factory=list)
     """Further ``--gateway`` values, tried after ``gateway`` in this order."""
+    extra: list[str] = field(default_factory=list)
+    """Further arguments to ``connect``."""
 
     @property
     def log_path(self) -> Path:
@@ -64,6 +66,7 @@ class Agent:
             args += ["--fingerprint", self.fingerprint]
         if self.ca:
             args += ["--ca", self.ca, "--server-name", "localhost"]
+        args += self.extra
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETBUS_") or k == "FLEETBUS_TUNING"}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(args, stdout=log, stderr=log, stdin=subprocess.DEVNULL, env=env)
@@ -80,14 +83,17 @@ def wait_online(fleet: Fleet, server: str, timeout: float = 20) -> None:
     wait_for(lambda: fleet.cli("ping", server).returncode == 0, timeout=timeout, what=f"{server} online")
 
 
-def start_swarm(workdir: Path, gateway: str, fingerprint: str, keys: list[str]) -> subprocess.Popen[bytes]:
-    """Many real agent connections (fleetbus_agent.connect) in one process."""
+def start_swarm(workdir: Path, gateway: str, fingerprint: str, keys: list[str],
+                sources: list[str] | None = None) -> subprocess.Popen[bytes]:
+    """Many real agent connections (fleetbus_agent.connect) in one process; with
+    ``sources``, the agents dial from those local addresses in turn."""
     workdir.mkdir(parents=True, exist_ok=True)
     keys_file = workdir / "keys.json"
     fd = os.open(keys_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.write(fd, json.dumps(keys).encode())
     os.close(fd)
     with open(workdir / "swarm.log", "ab") as log:
-        proc = subprocess.Popen([sys.executable, SWARM, gateway, fingerprint, str(keys_file)],
+        proc = subprocess.Popen([sys.executable, SWARM, gateway, fingerprint, str(keys_file),
+                                 *([",".join(sources)] if sources else [])],
                                 stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     return proc

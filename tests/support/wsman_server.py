@@ -72,6 +72,8 @@ from pathlib import Path
 from typing import Any, Self
 from xml.sax.saxutils import escape
 
+from .ports import free_port
+
 NS = {
     "s": "http://www.w3.org/2003/05/soap-envelope",
     "a": "http://schemas.xmlsoap.org/ws/2004/08/addressing",
@@ -1208,13 +1210,6 @@ def _encrypt(ctx: Any, message: bytes) -> bytes:
             b"\tOriginalContent: type=application/soap+xml;charset=UTF-8;Length=" + str(len(message)).encode()
             + b"\r\n" + BOUNDARY + b"\r\n\tContent-Type: application/octet-stream\r\n"
             + struct.pack("<i", len(signature)) + signature + sealed + BOUNDARY + b"--\r\n")
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (bound, then closed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 __all__ = ["WsmanServer", "cmd_c", "free_port", "make_certs", "split_command_line"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Self, TypeVar
@@ -58,7 +58,8 @@ class FakeContext:
     ``run_blocking`` runs calls in a real thread pool of ``max_threads`` threads (the
     host's is bounded too, so a transport that starves it shows up here). ``servers``
     and ``credentials`` answer ``lookup_server`` and ``credential``; ``serve`` and
-    ``unserve`` are recorded in ``served`` (name -> record) and ``events`` (in order).
+    ``unserve`` are recorded in ``served`` (name -> record) and ``events`` (in order), and
+    ``serve``'s ``status`` fields in ``serve_status``.
     Call :meth:`aclose` (or use ``async with``) to shut the pool down.
     """
 
@@ -73,6 +74,7 @@ class FakeContext:
         self.servers: dict[str, Server] = dict(servers or {})
         self.credentials: dict[str, Credential] = dict(credentials or {})
         self.served: dict[str, Server] = {}
+        self.serve_status: dict[str, dict[str, Any]] = {}
         self.events: list[tuple[str, str]] = []
         self._pool = ThreadPoolExecutor(max_threads, thread_name_prefix=f"fake-ctx-{transport_name}")
 
@@ -80,9 +82,10 @@ class FakeContext:
         """Run ``fn(*args)`` in the context's bounded thread pool."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    async def serve(self, server: Server) -> None:
-        """Record that the transport asked to serve ``server``."""
+    async def serve(self, server: Server, status: Mapping[str, Any] | None = None) -> None:
+        """Record that the transport asked to serve ``server`` (and its ``status`` fields, in ``serve_status``)."""
         self.served[server.name] = server
+        self.serve_status[server.name] = dict(status or {})
         self.events.append(("serve", server.name))
 
     async def unserve(self, name: str) -> None:

@@ -23,7 +23,7 @@ Settings (``ctx.settings``): ``listen`` ("HOST:PORT", default "0.0.0.0:7443"),
 ``advertise`` (the address agents should dial, default this host's name and the port),
 ``heartbeat_s`` (10: with protocol-3 agents a dead agent is noticed within 30 s, a hung
 gateway by its agents within 60 s; see docs/agent-protocol.md), ``handshake_timeout_s`` (5: TLS and hello together),
-``max_handshakes`` (64: agents in their TLS and key handshake at once; more wait,
+``max_handshakes`` (512: agents in their TLS and key handshake at once; more wait,
 accepted), ``handshake_wait_s`` (as handshake_timeout_s: longest wait for a slot),
 ``max_unauthenticated`` (8192), ``max_unauthenticated_per_address`` (8192: a fleet
 behind one NAT address reconnects at once too; fairness to other addresses comes from
@@ -85,7 +85,12 @@ TRIM_EVERY_S = 10.0
 # Agents in their handshake (TLS, hello, key check) at once; the rest wait, accepted,
 # with no TLS state yet (fleetbus_base.admission). When 5,000 agents dialled at once,
 # every handshake ran at the same time, most missed their deadlines and started over.
-MAX_HANDSHAKES = 64
+# A slot is held across the agent's round trips and the key check's, not only the
+# gateway's CPU: with 64, a 15,000-agent reconnect storm left the gateway under 40% of
+# a core while connections waited for a slot (125.6 s until all were back); with 512,
+# 102.4 s and half as many turned away (docs/performance.md). 512 handshakes of ~3 ms
+# of CPU each still end within their 5 s deadline.
+MAX_HANDSHAKES = 512
 # An address that keeps failing to authenticate may hold this many unauthenticated
 # connections at once instead of max_unauthenticated_per_address: penalised, not
 # banned, so a correct agent behind the same NAT address still gets a handshake.
@@ -278,7 +283,7 @@ class GatewayTransport(Transport):
             tls.close()
             return None
         writer = asyncio.StreamWriter(tls, protocol, reader, loop)
-        matched: dict[str, str] = {}
+        matched: dict[str, Any] = {}
 
         async def authenticate(hello: dict[str, Any]) -> str:
             auth = hello.get("auth") if isinstance(hello.get("auth"), dict) else {}
@@ -305,7 +310,7 @@ class GatewayTransport(Transport):
                 self._auth_failed(ip, key_id, "wrong_transport")
                 raise AuthError("auth_failed", "unknown or revoked key")
             self.throttle.success(ip, match.key_id)
-            matched["key_id"] = match.key_id
+            matched.update(key_id=match.key_id, server=server)
             return match.server
 
         try:
@@ -317,10 +322,10 @@ class GatewayTransport(Transport):
                 self._dropped("hello")
             self.ctx.logger.debug("handshake from %s failed: %s", remote, getattr(exc, "message", exc))
             return None
-        return reader, writer, accepted, matched["key_id"], remote
+        return reader, writer, accepted, matched["key_id"], remote, matched["server"]
 
     async def _run_link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                        accepted: Accepted, key_id: str, remote: str) -> None:
+                        accepted: Accepted, key_id: str, remote: str, server: Server) -> None:
         conn = Connection.from_accepted(reader, writer, accepted)
         agent = str(accepted.hello.get("agent", "?"))[:100]
         link = Link(server=accepted.server, conn=conn, key_id=key_id, remote=remote, agent=agent)
@@ -334,19 +339,13 @@ class GatewayTransport(Transport):
                                     link.server, remote, old.remote)
             await old.conn.close(f"replaced by a newer connection from {remote}",
                                  code="server_offline", goaway=True)
-        server = await self.ctx.lookup_server(link.server)
-        if server is None:
-            await conn.close("the server was removed", code="auth_failed", goaway=True)
-            self.links.remove(link)
-            return
         assert self.cluster is not None
         # Claimed before serving: a gateway holding an older claim closes its link and
         # stops serving, and the host's queue group sends each request to one of us in
         # the moment both subscriptions exist, so no command is delivered twice.
         moved = await self.cluster.claim(link)
         if not conn.closed:
-            await self.ctx.serve(server)
-            await self._status(link, "online")
+            await self.ctx.serve(server, status=self._status_fields(link))
             link.status_at = time.monotonic()
             if moved:
                 self.cluster.confirm_status(link, lambda link: self._status(link, "online"))
@@ -377,9 +376,13 @@ class GatewayTransport(Transport):
             self.failure_log.flush()
 
     async def _status(self, link: Link, state: str, detail: str | None = None) -> None:
-        await self.ctx.services.report_status(
-            link.server, state, self.version, agent_version=link.agent,
-            remote_address=link.remote, detail=detail)
+        await self.ctx.services.report_status(link.server, state, self.version,
+                                              **self._status_fields(link, detail))
+
+    @staticmethod
+    def _status_fields(link: Link, detail: str | None = None) -> dict[str, Any]:
+        """What the gateway knows of an agent's link, for its status record."""
+        return {"agent_version": link.agent, "remote_address": link.remote, "detail": detail}
 
     # keys and records -----------------------------------------------------------------
     async def _watch_keys(self) -> None:
