@@ -57,7 +57,9 @@ class ConnectOptions:
     fingerprint: Optional[str] = None  # "sha256:<hex>"
     server_hostname: Optional[str] = None
     backoff_min_s: float = 0.5
-    backoff_max_s: float = 30.0
+    # 15 s, not 30: after a gateway restart the last agents back were the ones asleep in
+    # a 30 s backoff (15,000 agents: all back 69.6 s after the kill against 89.5 s).
+    backoff_max_s: float = 15.0
     more_gateways: List[Tuple[str, int]] = field(default_factory=list)
     """Gateways after ``host``:``port``, in the order they are tried."""
     more_fingerprints: List[str] = field(default_factory=list)
